@@ -1,0 +1,131 @@
+"""Binary token shards, compatible with llm.c / modded-nanogpt version-1 shards.
+
+A shard is a header of 256 little-endian int32 (1024 bytes) followed by the tokens as
+little-endian uint16. Header: [0] magic 20240520, [1] version 1, [2] number of tokens.
+Readers memory-map the token part, so a corpus never has to fit in RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+MAX_VOCAB = 2**16  # uint16 ids: 0..65535
+TOKEN_DTYPE = np.dtype("<u2")
+SPLITS = ("train", "val")
+
+# GPT-2's vocabulary, for llm.c / modded-nanogpt FineWeb shards that come without meta.json.
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOS_ID = 50256
+
+
+class ShardError(ValueError):
+    """A shard or dataset folder is not what the format requires; the message names the file."""
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
+    """Write one shard atomically: to `<name>.tmp`, fsync, then rename.
+
+    A process killed mid-write leaves at most a `.tmp` file, never a half shard under a
+    final name.
+    """
+    path = Path(path)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"{path}: tokens must be 1-D, got shape {tokens.shape}")
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= MAX_VOCAB):
+        raise ShardError(f"{path}: token ids must lie in [0, {MAX_VOCAB}) to fit uint16")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = MAGIC, VERSION, tokens.size
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_header(path: str | os.PathLike) -> int:
+    """Validate a shard's magic, version and size; return its number of tokens."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise ShardError(f"{path}: cannot read shard ({e.strerror})") from e
+    if len(raw) < HEADER_BYTES:
+        raise ShardError(
+            f"{path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte shard header"
+        )
+    header = np.frombuffer(raw, dtype="<i4")
+    if header[0] != MAGIC:
+        raise ShardError(f"{path}: bad magic number {header[0]} (expected {MAGIC}); not a token shard")
+    if header[1] != VERSION:
+        raise ShardError(f"{path}: unsupported shard version {header[1]} (expected {VERSION})")
+    n_tokens = int(header[2])
+    expected = HEADER_BYTES + 2 * n_tokens
+    if size != expected:
+        raise ShardError(
+            f"{path}: size is {size} bytes but the header promises {n_tokens} tokens "
+            f"({expected} bytes); the shard is truncated or corrupt"
+        )
+    return n_tokens
+
+
+def open_shard(path: str | os.PathLike) -> np.memmap:
+    """Memory-map a shard's tokens (read-only) after validating its header."""
+    n_tokens = read_header(path)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.bin"
+
+
+def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """The shards of one split, in order.
+
+    Accepts our names (`train_000000.bin`) and llm.c / modded-nanogpt names
+    (`fineweb_train_000001.bin`).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    data_dir = Path(data_dir)
+    pattern = re.compile(rf"^(?:.*_)?{split}_\d+\.bin$")
+    return sorted(p for p in data_dir.glob("*.bin") if pattern.match(p.name))
+
+
+def load_meta(data_dir: str | os.PathLike) -> dict:
+    """The dataset's meta.json; for bare llm.c / FineWeb shard folders, GPT-2's vocabulary."""
+    data_dir = Path(data_dir)
+    meta_path = data_dir / "meta.json"
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ShardError(f"{meta_path}: cannot read dataset metadata ({e})") from e
+        for key in ("tokenizer", "vocab_size"):
+            if key not in meta:
+                raise ShardError(f"{meta_path}: missing key {key!r}")
+        return meta
+    if list_shards(data_dir, "train"):
+        return {
+            "tokenizer": "gpt2",
+            "vocab_size": GPT2_VOCAB_SIZE,
+            "eos_id": GPT2_EOS_ID,
+            "source": f"llm.c-style shards in {data_dir}",
+        }
+    raise ShardError(
+        f"{data_dir}: no dataset here (no meta.json and no train_*.bin shards). "
+        f"Make one with: python data_prep/prepare.py --input YOUR_TEXT --out {data_dir}"
+    )
