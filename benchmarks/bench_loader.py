@@ -1,0 +1,125 @@
+"""Throughput of gpt.loader.TokenLoader on a synthetic ~50M-token shard.
+
+    python benchmarks/bench_loader.py [--tokens N] [--batches N] [--repeats N] [--data-dir DIR]
+
+Prints batches/s and tokens/s (median of the repeats) for each (batch, block, order) and writes
+benchmarks/results/loader.json. The shard is written to a temporary folder in chunks (never
+held in memory) and removed afterwards unless --data-dir names an existing dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt.loader import TokenLoader
+from gpt.shards import HEADER_INTS, MAGIC, VERSION, shard_name
+
+CASES = [(12, 64), (8, 1024)]  # (batch_size, block_size)
+ORDERS = ("random", "sequential")
+RESULTS = Path(__file__).parent / "results" / "loader.json"
+
+
+def write_synthetic_shard(path: Path, n_tokens: int, chunk: int = 8_000_000) -> None:
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = [MAGIC, VERSION, n_tokens]
+    rng = np.random.default_rng(0)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        for begin in range(0, n_tokens, chunk):
+            n = min(chunk, n_tokens - begin)
+            f.write(rng.integers(0, 50257, size=n, dtype=np.uint16).astype("<u2").tobytes())
+
+
+def time_loader(
+    data_dir: Path, batch: int, block: int, order: str, n_batches: int, repeats: int
+) -> dict:
+    loader = TokenLoader(data_dir, "train", batch, block, order=order, seed=0)
+    for _ in range(min(n_batches, 50)):  # warm up: first-touch page faults, allocator
+        loader.next_batch()
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            loader.next_batch()
+        seconds.append(time.perf_counter() - t0)
+    median = statistics.median(seconds)
+    return {
+        "batch_size": batch,
+        "block_size": block,
+        "order": order,
+        "batches_per_s": n_batches / median,
+        "tokens_per_s": n_batches * batch * block / median,
+        "us_per_batch": 1e6 * median / n_batches,
+        "repeats_s": seconds,
+    }
+
+
+def bench_loader(data_dir: Path, n_batches: int, repeats: int) -> list[dict]:
+    rows = []
+    for batch, block in CASES:
+        for order in ORDERS:
+            row = time_loader(data_dir, batch, block, order, n_batches, repeats)
+            print(
+                f"loader batch={batch:3d} block={block:5d} {order:10s} "
+                f"{row['batches_per_s']:10.0f} batches/s "
+                f"{row['tokens_per_s'] / 1e6:8.1f} M tokens/s "
+                f"({row['us_per_batch']:.1f} us/batch)",
+                flush=True,
+            )
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tokens", type=int, default=50_000_000)
+    parser.add_argument("--batches", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="read this existing dataset instead"
+    )
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.data_dir
+        if data_dir is None:
+            data_dir = Path(tmp)
+            write_synthetic_shard(data_dir / shard_name("train", 0), args.tokens)
+        rows = bench_loader(data_dir, args.batches, args.repeats)
+        num_tokens = TokenLoader(data_dir, "train", 1, 1).num_tokens
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "benchmark": "loader",
+        "num_tokens": num_tokens,
+        "batches_per_repeat": args.batches,
+        "repeats": args.repeats,
+        "statistic": "median over repeats",
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "numpy": np.__version__,
+            "torch": torch.__version__,
+        },
+        "results": rows,
+    }
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

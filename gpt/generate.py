@@ -1,0 +1,173 @@
+"""Autoregressive sampling from a GPT: pick the next token, append it, repeat.
+
+Two ways to get the next token's logits, which give the same numbers:
+- with a KV cache (default): the prompt is run once (prefill), then each step feeds only the
+  newest token, which attends to the keys/values cached from the earlier ones;
+- without (`use_cache=False`, `generate_no_cache`): every step re-runs the whole context. It is
+  the reference the cached path is tested against, and the baseline of the speed benchmark.
+
+Sliding window. The model has learned *absolute* position embeddings for positions
+0 .. block_size-1, so once the context is longer than block_size it is cropped to its last
+block_size tokens, which then sit at positions 0 .. block_size-1. Cropping shifts every token's
+position, so every cached key and value is stale: when the cache is full and another token
+comes, the cache is emptied and rebuilt by prefilling the last block_size tokens of the
+context (the newest included). This is exact (it matches full recomputation step for step) and
+costs one full-window forward per step once the context is full, like the uncached path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from gpt.model import GPT, KVCache
+
+
+def _check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 (or None), got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1] (or None), got {top_p!r}")
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row from logits [B, V]; returns token ids [B, 1] (int64).
+
+    temperature 0 is greedy (argmax; top_k and top_p are then irrelevant). Otherwise the logits
+    are divided by the temperature, then top_k keeps exactly the k largest (ties at the edge are
+    broken by torch.topk), then top_p keeps the smallest set of most likely tokens whose
+    probabilities sum to at least top_p (always at least the most likely one), and one token is
+    drawn from what is left. `generator` (on the logits' device) makes the draw reproducible.
+    """
+    _check_sampling_args(temperature, top_k, top_p)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape [batch, vocab], got {tuple(logits.shape)}")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kept = torch.topk(logits, top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, kept.indices, kept.values)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        # A token is dropped when the more likely tokens already reach top_p; the first token
+        # has mass_before 0 < top_p, so at least one survives.
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.empty_like(logits).scatter(-1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def next_token_logits(
+    model: GPT, context: torch.Tensor, kv_cache: KVCache | None, n_new: int
+) -> torch.Tensor:
+    """Logits [B, V] for the token after `context` [B, T] (T >= 1).
+
+    Without a cache the last block_size tokens are run in full. With one, the cache must hold
+    the window's tokens except the last `n_new` of `context`; those are fed and cached. When
+    they would not fit, the cache is rebuilt from the last block_size tokens (sliding window,
+    see the module docstring).
+    """
+    block_size = model.config.block_size
+    if kv_cache is None:
+        logits, _ = model(context[:, -block_size:])
+    else:
+        if kv_cache.length + n_new > block_size:
+            kv_cache.reset()
+            n_new = min(context.size(1), block_size)
+        logits, _ = model(context[:, -n_new:], kv_cache=kv_cache)
+    return logits[:, -1, :]
+
+
+def generate(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Continue the prompts idx [B, T] (T >= 1), yielding each new token [B, 1] as it is chosen.
+
+    Yields at most max_new_tokens tokens; max_new_tokens = 0 yields nothing. With eos_id, a row
+    that has produced eos_id keeps emitting eos_id from then on, and generation stops as soon as
+    every row has produced it. Prompts longer than block_size are cropped to their last
+    block_size tokens. The model runs in eval mode (dropout off) while the iterator is live and
+    gets its previous mode back when it is exhausted or closed. The KV cache is kept in the
+    dtype and on the device of the model's parameters; run under torch.autocast for bf16.
+    """
+    _check_sampling_args(temperature, top_k, top_p)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if idx.dim() != 2 or idx.size(1) == 0:
+        raise ValueError(f"idx must have shape [batch, time] with time >= 1, got {tuple(idx.shape)}")
+    return _generate(
+        model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, use_cache
+    )
+
+
+@torch.no_grad()
+def _generate(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_id: int | None,
+    generator: torch.Generator | None,
+    use_cache: bool,
+) -> Iterator[torch.Tensor]:
+    # A separate generator function so that bad arguments raise when generate() is called,
+    # not at the first next().
+    if max_new_tokens == 0:
+        return
+
+    was_training = model.training
+    model.eval()
+    try:
+        block_size = model.config.block_size
+        kv_cache = None
+        if use_cache:
+            param = next(model.parameters())
+            kv_cache = KVCache(model.config, idx.size(0), device=param.device, dtype=param.dtype)
+        context = idx[:, -block_size:]
+        n_new = context.size(1)
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            logits = next_token_logits(model, context, kv_cache, n_new)
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                token = torch.where(finished[:, None], torch.full_like(token, eos_id), token)
+                finished |= token[:, 0] == eos_id
+            # Only the last block_size tokens can ever be attended to again.
+            context = torch.cat([context, token], dim=1)[:, -block_size:]
+            n_new = 1
+            yield token
+            if eos_id is not None and bool(finished.all()):
+                return
+    finally:
+        model.train(was_training)
+
+
+def generate_no_cache(model: GPT, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> Iterator[torch.Tensor]:
+    """`generate` recomputing the whole (cropped) context every step: the reference path."""
+    return generate(model, idx, max_new_tokens, use_cache=False, **kwargs)

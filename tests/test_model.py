@@ -1,0 +1,157 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from gpt.model import GPT, GPTConfig, KVCache, closed_form_num_params
+
+TINY = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+def make_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(dataclasses.replace(TINY, **overrides))
+
+
+def random_tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY.vocab_size, (batch, length), generator=g)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_future_tokens_never_change_earlier_logits(attention):
+    model = make_model(attention=attention).eval()
+    idx = random_tokens(2, TINY.block_size)
+    logits, _ = model(idx)
+    for t in (0, 7, TINY.block_size - 1):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % TINY.vocab_size
+        logits2, _ = model(changed)
+        torch.testing.assert_close(logits2[:, :t], logits[:, :t], rtol=0, atol=0)
+        assert not torch.allclose(logits2[:, t], logits[:, t])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_sdpa_equals_explicit_formula(dropout):
+    sdpa = make_model(attention="sdpa", dropout=dropout).eval()
+    explicit = make_model(attention="explicit", dropout=dropout).eval()
+    explicit.load_state_dict(sdpa.state_dict())
+    idx = random_tokens(3, TINY.block_size)
+    torch.testing.assert_close(explicit(idx)[0], sdpa(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_cached_forward_equals_full_forward_in_chunks(attention):
+    # Chunks of 5, 1, 3, 7 exercise prefill, single-token and multi-token-after-cache masks.
+    model = make_model(attention=attention).eval()
+    idx = random_tokens(2, TINY.block_size)
+    full, _ = model(idx)
+    cache = KVCache(TINY, 2)
+    pieces, start = [], 0
+    for n in (5, 1, 3, 7):
+        pieces.append(model(idx[:, start : start + n], kv_cache=cache)[0])
+        start += n
+    assert cache.length == TINY.block_size
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="block_size 16"):
+        model(idx[:, :1], kv_cache=cache)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"bias": False}, {"tie_weights": False}, {"bias": False, "tie_weights": False},
+     {"n_layer": 3, "n_head": 4, "n_embd": 48, "vocab_size": 7, "block_size": 5}],
+)
+def test_param_count_matches_closed_form(overrides):
+    model = make_model(**overrides)
+    assert model.num_params() == closed_form_num_params(model.config)
+    assert model.num_params(exclude_position_embedding=True) == (
+        closed_form_num_params(model.config) - model.config.block_size * model.config.n_embd
+    )
+
+
+def test_weights_are_tied_by_default_and_untied_on_request():
+    tied = make_model()
+    assert tied.lm_head.weight is tied.tok_emb.weight
+    untied = make_model(tie_weights=False)
+    assert untied.lm_head.weight is not untied.tok_emb.weight
+
+
+def test_init_statistics():
+    cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=4, n_head=4, n_embd=128)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    residual = torch.cat([w.flatten() for b in model.blocks for w in (b.attn.proj.weight, b.mlp.proj.weight)])
+    assert residual.std().item() == pytest.approx(0.02 / math.sqrt(2 * cfg.n_layer), rel=0.05)
+    others = torch.cat([model.tok_emb.weight.flatten()] + [b.mlp.fc.weight.flatten() for b in model.blocks])
+    assert others.std().item() == pytest.approx(0.02, rel=0.05)
+    assert all((b.attn.qkv.bias == 0).all() for b in model.blocks)
+    assert all((b.ln1.weight == 1).all() and (b.ln1.bias == 0).all() for b in model.blocks)
+
+
+def test_loss_at_init_is_about_log_vocab():
+    model = make_model()
+    idx = random_tokens(4, TINY.block_size, seed=2)
+    targets = random_tokens(4, TINY.block_size, seed=3)
+    logits, loss = model(idx, targets)
+    assert logits.shape == (4, TINY.block_size, TINY.vocab_size)
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - math.log(TINY.vocab_size)) < 0.5
+    assert model(idx)[1] is None
+
+
+def test_ignore_index_minus_one_skips_targets():
+    model = make_model().eval()
+    idx = random_tokens(2, 8)
+    targets = random_tokens(2, 8, seed=5)
+    masked = targets.clone()
+    masked[:, 4:] = -1
+    _, loss_masked = model(idx, masked)
+    logits, _ = model(idx)
+    expected = torch.nn.functional.cross_entropy(logits[:, :4].reshape(-1, TINY.vocab_size), targets[:, :4].reshape(-1))
+    torch.testing.assert_close(loss_masked, expected)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_bf16_autocast_forward_backward_on_cpu(attention):
+    model = make_model(attention=attention, dropout=0.1)
+    idx = random_tokens(2, TINY.block_size)
+    targets = random_tokens(2, TINY.block_size, seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, targets)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_sequence_longer_than_block_size_raises():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"sequence length 17 .* block_size 16"):
+        model(random_tokens(1, TINY.block_size + 1))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"n_embd": 30, "n_head": 4}, {"n_layer": 0}, {"vocab_size": -1}, {"block_size": 0},
+     {"attention": "flash"}, {"dropout": 1.0}],
+)
+def test_config_validation(bad):
+    with pytest.raises(ValueError):
+        dataclasses.replace(TINY, **bad)
+
+
+def test_large_vocab_is_not_a_model_concern():
+    GPTConfig(vocab_size=100_000, block_size=4, n_layer=1, n_head=1, n_embd=4)
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_flops_per_token_formula(tie_weights):
+    cfg = dataclasses.replace(TINY, tie_weights=tie_weights)
+    model = GPT(cfg)
+    n = closed_form_num_params(cfg) - cfg.block_size * cfg.n_embd
+    if not tie_weights:
+        n -= cfg.vocab_size * cfg.n_embd  # the token table is a lookup; lm_head is counted
+    L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+    assert model.flops_per_token() == 6 * n + 12 * L * H * Q * T
