@@ -1,0 +1,169 @@
+"""Entry points behind train.py and sample.py: turn expected failures into one-line errors.
+
+A user who mistypes a key or points at a missing folder should read what to fix, not a
+traceback; unexpected errors still show their traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, parse_args
+from .shards import ShardError
+
+USER_ERRORS = (ConfigError, CheckpointError, ShardError, FileNotFoundError)
+
+
+def report_errors(main: Callable[[], int | None]) -> int:
+    try:
+        return main() or 0
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+def run_train(argv: Sequence[str], default_config: Path | None = None) -> int:
+    def main() -> None:
+        # Only use the default file when the user did not name one.
+        config = parse_args(argv, default_config=str(default_config) if default_config else None)
+        from .trainer import train  # after parsing, so --help and typos answer instantly
+
+        train(config)
+
+    return report_errors(main)
+
+
+# ----------------------------------------------------------------------------------------
+# sample.py
+
+
+def _sample_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="sample.py",
+        description="Generate text from a trained run. Options may be spelled with '_' or '-'.",
+        allow_abbrev=False,
+    )
+
+    def add(name: str, **kwargs) -> None:
+        spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        parser.add_argument(*spellings, dest=name, **kwargs)
+
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--out_dir", "--out-dir", dest="out_dir", help="run folder (its latest checkpoint is used)")
+    source.add_argument("--ckpt", help="a checkpoint folder (out_dir/checkpoints/step_NNNNNNN)")
+    add("prompt", default="", help="text to continue (default: empty, an unconditional sample)")
+    add("prompt_file", default=None, help="read the prompt from this file instead")
+    add("max_new_tokens", type=int, default=500, help="tokens to generate per sample (default: 500)")
+    add("temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default: 0.8)")
+    add("top_k", type=int, default=200, help="sample from the k likeliest tokens; 0 is off (default: 200)")
+    add("top_p", type=float, default=1.0, help="nucleus sampling: smallest set with this total probability (default: 1.0 = off)")
+    add("num_samples", type=int, default=1, help="how many samples (default: 1)")
+    add("seed", type=int, default=1337, help="random seed (default: 1337)")
+    add("device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
+    add("dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute precision (default: auto = bfloat16 on capable GPUs, else float32)")
+    add("no_kv_cache", action="store_true", help="recompute the whole context each token (slow; for checking)")
+    return parser
+
+
+def run_sample(argv: Sequence[str]) -> int:
+    def main() -> None:
+        args = _sample_parser().parse_args(argv)
+        sample(args)
+
+    return report_errors(main)
+
+
+def sample(args) -> None:
+    import contextlib
+
+    import torch
+
+    from . import checkpoint as ckpt
+    from .distributed import pick_device
+    from .generate import generate
+    from .model import GPT, GPTConfig
+    from .tokenizer import Tokenizer
+    from .trainer import resolve_dtype
+
+    if args.max_new_tokens <= 0:
+        raise ConfigError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise ConfigError(f"--top_k must be >= 0 (0 is off), got {args.top_k}")
+    if args.num_samples <= 0:
+        raise ConfigError(f"--num_samples must be positive, got {args.num_samples}")
+
+    path = ckpt.resolve_checkpoint(args.out_dir or args.ckpt)
+    ckpt.verify_checkpoint(path)
+    state = ckpt.read_state(path)
+    tokenizer_file = path / ckpt.TOKENIZER_FILE
+    if not tokenizer_file.exists():
+        raise CheckpointError(f"{path} has no {ckpt.TOKENIZER_FILE}; copy the dataset's tokenizer.json there")
+    tokenizer = Tokenizer.from_file(tokenizer_file)
+
+    device = pick_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model = GPT(GPTConfig(**state["model_config"]))
+    ckpt.load_model_weights(path, model, device)
+    model.to(device).eval()
+
+    prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+    try:
+        ids = tokenizer.encode(prompt)
+    except ValueError as e:
+        raise ConfigError(f"the prompt cannot be encoded with this model's vocabulary: {e}") from None
+    if not ids:
+        # An empty prompt asks for an unconditional sample: start where documents start.
+        if tokenizer.eos_id is not None:
+            ids = [tokenizer.eos_id]
+        else:
+            try:
+                ids = tokenizer.encode("\n")
+            except ValueError:
+                raise ConfigError("this vocabulary has no end-of-text token or newline; give a --prompt") from None
+    block = model.config.block_size
+    if len(ids) > block:
+        print(f"warning: the prompt is {len(ids)} tokens; keeping its last {block} (the context window)",
+              file=sys.stderr, flush=True)
+        ids = ids[-block:]
+
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+    prompt_text = prompt if prompt else ""
+    for i in range(args.num_samples):
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        print(prompt_text, end="", flush=True)
+        new_ids: list[int] = []
+        printed = ""
+        with autocast:
+            for token in generate(
+                model, idx, args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
+                eos_id=tokenizer.eos_id, generator=generator, use_cache=not args.no_kv_cache,
+            ):
+                tok = int(token[0, 0])
+                if tok == tokenizer.eos_id:
+                    break
+                new_ids.append(tok)
+                # Decode the whole continuation each time: a byte-level token can be half a
+                # character, which only becomes printable once its other half arrives.
+                text = tokenizer.decode(new_ids)
+                if not text.endswith("\ufffd"):
+                    print(text[len(printed):], end="", flush=True)
+                    printed = text
+        print(tokenizer.decode(new_ids)[len(printed):], flush=True)
+        if i < args.num_samples - 1:
+            print("-" * 40, flush=True)

@@ -1,0 +1,256 @@
+"""Run configuration: one dataclass, filled from defaults <- a TOML file <- command-line overrides.
+
+Every field of `TrainConfig` is a key of the TOML files in `configs/` and a `--key=value`
+option of `train.py`. Unknown keys and ill-typed values are errors that name the key, so a
+typo can never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the key and what is allowed."""
+
+
+def _opt(default: Any, help: str, choices: Sequence[str] | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # --- where things live ---
+    out_dir: str = _opt("out/default", "run folder: checkpoints/, metrics.jsonl, config.json")
+    data_dir: str = _opt("data/stdlib", "dataset folder with train_*.bin / val_*.bin shards and meta.json")
+    prepare_source: str = _opt(
+        "stdlib",
+        "what to prepare into data_dir when it holds no dataset: 'stdlib' (the embedded Python "
+        "standard library corpus) or 'none' (never prepare; a missing dataset is an error)",
+        ("stdlib", "none"),
+    )
+    prepare_tokenizer: str = _opt("bpe", "tokenizer to build when preparing data_dir", ("bpe", "char"))
+    prepare_vocab_size: int = _opt(4096, "BPE vocabulary size when preparing data_dir")
+    init_from: str = _opt("", "start from this checkpoint's weights (a run folder or checkpoint folder) to fine-tune")
+    resume: str = _opt("auto", "'auto' resumes from out_dir's latest checkpoint if there is one", ("auto", "never"))
+
+    # --- hardware and precision ---
+    device: str = _opt("auto", "device to train on", ("auto", "cpu", "cuda", "mps"))
+    dtype: str = _opt(
+        "auto",
+        "compute precision; 'auto' is bfloat16 on GPUs that support it, float32 elsewhere",
+        ("auto", "float32", "bfloat16", "float16"),
+    )
+    compile: bool = _opt(False, "torch.compile the model")
+    parallel: str = _opt(
+        "auto", "multi-process strategy; 'auto' is ddp when launched on more than one process",
+        ("auto", "none", "ddp", "fsdp"),
+    )
+    seed: int = _opt(1337, "seed for weights, dropout and data order")
+
+    # --- model ---
+    n_layer: int = _opt(4, "number of transformer blocks")
+    n_head: int = _opt(4, "attention heads per block")
+    n_embd: int = _opt(128, "embedding width")
+    block_size: int = _opt(128, "context length in tokens")
+    dropout: float = _opt(0.0, "dropout probability")
+    bias: bool = _opt(True, "biases in Linear and LayerNorm layers")
+    tie_weights: bool = _opt(True, "tie the output projection to the token embedding")
+    attention: str = _opt("sdpa", "attention implementation; 'explicit' is the reference formula", ("sdpa", "explicit"))
+
+    # --- data and batch ---
+    batch_size: int = _opt(16, "micro-batch size per process (sequences)")
+    tokens_per_step: int = _opt(
+        0,
+        "tokens per optimizer step across all processes; gradient accumulation makes up the "
+        "difference (0: one micro-batch per process per step)",
+    )
+    data_order: str = _opt("random", "how training windows are drawn", ("random", "sequential"))
+
+    # --- optimization ---
+    max_steps: int = _opt(1000, "optimizer steps to train for")
+    learning_rate: float = _opt(1e-3, "peak learning rate")
+    min_lr: float = _opt(1e-4, "learning rate floor at the end of cosine decay")
+    warmup_steps: int = _opt(100, "linear warmup steps")
+    lr_decay_steps: int = _opt(0, "step at which cosine decay reaches min_lr (0: max_steps)")
+    weight_decay: float = _opt(0.1, "AdamW weight decay, applied to matrices only")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)")
+
+    # --- eval, logging, checkpoints ---
+    eval_interval: int = _opt(250, "evaluate and checkpoint every this many steps (0: only at the end)")
+    eval_iters: int = _opt(20, "validation batches per evaluation")
+    log_interval: int = _opt(10, "print and record metrics every this many steps")
+    keep_last: int = _opt(2, "checkpoints to keep (older ones are deleted after a new one is complete)")
+    peak_tflops: float = _opt(
+        0.0, "device peak TFLOP/s for MFU (0: look up the GPU, or measure a matmul on CPU)"
+    )
+    wandb_mode: str = _opt("disabled", "Weights & Biases logging", ("disabled", "offline", "online"))
+    wandb_project: str = _opt("gpt", "Weights & Biases project")
+    wandb_run_name: str = _opt("", "Weights & Biases run name (default: out_dir's name)")
+
+    def validate(self) -> "TrainConfig":
+        """Reject impossible values with a message that names the key."""
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name} = {value!r} is not allowed; choose one of {', '.join(choices)}")
+        positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_steps",
+                    "log_interval", "eval_iters", "keep_last", "prepare_vocab_size")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        non_negative = ("tokens_per_step", "warmup_steps", "lr_decay_steps", "eval_interval",
+                        "weight_decay", "grad_clip", "min_lr", "peak_tflops")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.min_lr > self.learning_rate:
+            raise ConfigError(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------
+# Parsing: TOML file and command line
+
+
+def _coerce(name: str, value: Any, typ: str, where: str) -> Any:
+    """Check/convert one value to the field's type; `where` says where the value came from."""
+    if typ == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+    elif typ == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+    elif typ == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ == "str":
+        if isinstance(value, str):
+            return value
+    kind = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}[typ]
+    raise ConfigError(f"{where}: {name} must be {kind}, got {value!r}")
+
+
+def _field_types() -> dict[str, str]:
+    # `from __future__ import annotations` makes f.type a string such as "int".
+    return {f.name: str(f.type) for f in fields(TrainConfig)}
+
+
+def _unknown_key(name: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(name, _field_types().keys(), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ConfigError(f"{where}: unknown key {name!r}{hint}; `python train.py --help` lists every key")
+
+
+def apply_overrides(config: TrainConfig, values: dict[str, Any], where: str) -> TrainConfig:
+    types = _field_types()
+    updates = {}
+    for name, value in values.items():
+        key = name.replace("-", "_")
+        if key not in types:
+            raise _unknown_key(name, where)
+        updates[key] = _coerce(key, value, types[key], where)
+    return dataclasses.replace(config, **updates)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        configs = sorted(p.name for p in Path("configs").glob("*.toml")) if Path("configs").is_dir() else []
+        hint = f" (available in configs/: {', '.join(configs)})" if configs else ""
+        raise ConfigError(f"config file {path} does not exist{hint}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    nested = [k for k, v in data.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError(f"{path}: tables are not used; put keys at the top level (found [{nested[0]}])")
+    return data
+
+
+def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description=(
+            "Train a GPT. Settings come from dataclass defaults, then --config FILE, then "
+            "--key=value overrides (keys may be spelled with '_' or '-')."
+        ),
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--config", default=default_config,
+        help="TOML file of settings (see configs/)",
+    )
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        spellings = [f"--{f.name}"]
+        if "_" in f.name:
+            spellings.append(f"--{f.name.replace('_', '-')}")
+        choices = f.metadata.get("choices")
+        help_text = f.metadata["help"]
+        if choices:
+            help_text += f" {{{', '.join(choices)}}}"
+        parser.add_argument(
+            *spellings, dest=f.name, default=None, metavar=str(f.type).upper(),
+            help=f"{help_text} (default: {getattr(defaults, f.name)!r})",
+        )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None, default_config: str | None = None) -> TrainConfig:
+    """defaults <- --config TOML <- --key=value; then validate."""
+    parser = build_parser(default_config)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        name = unknown[0].lstrip("-").split("=")[0]
+        raise _unknown_key(name, "command line")
+    config = TrainConfig()
+    if args.config:
+        config = apply_overrides(config, load_toml(args.config), str(args.config))
+    cli = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    config = apply_overrides(config, cli, "command line")
+    return config.validate()

@@ -1,0 +1,92 @@
+"""Process-group start-up and teardown: one process per device, from torchrun's environment.
+
+Without torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK) the run is a single process and
+no process group is created, so `python train.py` needs nothing distributed at all.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+    """'auto' takes a GPU (cuda, then mps) when present; an explicit choice must be available."""
+    if preference == "auto":
+        if torch.cuda.is_available():
+            preference = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            preference = "mps"
+        else:
+            preference = "cpu"
+    if preference == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device = 'cuda' but no CUDA GPU is visible; use --device=cpu or auto")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if preference == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise RuntimeError("device = 'mps' but MPS is not available; use --device=cpu or auto")
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def init_distributed(device_preference: str, timeout_minutes: float = 10.0) -> DistInfo:
+    """Join the process group torchrun set up, or run as a single process.
+
+    The timeout bounds every collective: if a rank dies, the others fail with an error
+    instead of waiting forever.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_preference, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            **({"device_id": device} if device.type == "cuda" else {}),
+        )
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.is_distributed:
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Mean of a tensor over all ranks (the tensor itself on one process)."""
+    if info.is_distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= info.world_size
+    return value
+
+
+def shutdown() -> None:
+    """Destroy the process group so gloo/nccl threads exit cleanly before the interpreter does."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

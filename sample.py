@@ -1,0 +1,15 @@
+"""Generate text from a trained run: `python sample.py --out_dir out/default --prompt "def "`.
+
+Loads the run's latest checkpoint (or --ckpt), streams tokens as they are generated, and uses
+a KV cache so each new token costs one position of compute. `--help` lists every option.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpt.cli import run_sample  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_sample(sys.argv[1:]))

@@ -1,0 +1,16 @@
+"""Train a GPT: `python train.py [--config FILE] [--key=value ...]`.
+
+With no arguments it runs configs/default.toml: the embedded Python-stdlib corpus (prepared on
+first use, no download) and a model small enough for a laptop CPU. The same script runs under
+`torchrun --nproc_per_node=N train.py ...`. See `python train.py --help` for every key.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpt.cli import run_train  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_train(sys.argv[1:], default_config=Path(__file__).resolve().parent / "configs" / "default.toml"))
