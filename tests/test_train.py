@@ -1,0 +1,242 @@
+"""End-to-end single-process training: learning, metrics, exact resume, checkpoints, sampling."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from gpt import checkpoint as ckpt
+from gpt.config import TrainConfig
+from gpt.metrics import read_metrics
+from gpt.prepare import prepare
+from gpt.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def run_script(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory) -> Path:
+    """A char-level tiny-Shakespeare dataset (the first 300 kB) made by the real prep code."""
+    if not SHAKESPEARE.exists():
+        pytest.skip(f"{SHAKESPEARE} is not present")
+    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
+    text = SHAKESPEARE.read_text()[:300_000]
+    prepare(out, [text], tokenizer="char", val_fraction=0.1, val_rule="tail", progress=False)
+    return out
+
+
+def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
+    base = TrainConfig(
+        out_dir=str(out_dir), data_dir=str(data_dir), prepare_source="none", device="cpu",
+        dtype="float32", n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=8,
+        max_steps=30, learning_rate=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=10,
+        eval_iters=4, log_interval=5, keep_last=5, peak_tflops=1.0,
+    )
+    return replace(base, **overrides).validate()
+
+
+def test_short_run_learns_and_logs(char_data, tmp_path):
+    config = tiny_config(char_data, tmp_path / "run", max_steps=100, eval_interval=50)
+    result = train(config)
+    vocab = json.loads((char_data / "meta.json").read_text())["vocab_size"]
+    # Uniform guessing is ln(vocab) ~ 4.1 and character unigram statistics ~ 3.3 nats:
+    # below 2.8 the model has learned which characters follow which.
+    assert result.val_loss < 2.8 < math.log(vocab)
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == list(range(5, 101, 5))
+    for key in ("loss", "lr", "tokens", "tokens_per_s", "tokens_per_s_per_device", "mfu",
+                "step_ms", "elapsed_s", "eta_s"):
+        assert all(key in r for r in records), key
+    assert [r["step"] for r in records if "val_loss" in r] == [50, 100]
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0
+    assert records[-1]["tokens"] == 100 * 8 * 64
+    assert (tmp_path / "run" / "latest").read_text().strip() == "step_0000100"
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(ckpt.latest_checkpoint(run) / ckpt.MODEL_FILE))
+
+
+def learning_records(run: Path) -> list[dict]:
+    """metrics.jsonl without its timing fields, which differ from run to run."""
+    timing = {"tokens_per_s", "tokens_per_s_per_device", "mfu", "step_ms", "elapsed_s", "eta_s"}
+    return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(run)]
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_is_exact(char_data, tmp_path, accum):
+    """A run restarted from its step-20 checkpoint continues bit for bit like the original."""
+    overrides = dict(dropout=0.1, tokens_per_step=8 * 64 * accum)  # dropout: the RNG must resume too
+    full = tmp_path / "full"
+    train(tiny_config(char_data, full, **overrides))
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000030")
+    (resumed / "latest").write_text("step_0000020\n")
+    result = train(tiny_config(char_data, resumed, **overrides))
+    assert result.step == 30
+
+    assert learning_records(resumed) == learning_records(full)
+    a, b = final_weights(full), final_weights(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_init_from_fine_tunes_from_weights(char_data, tmp_path):
+    base = tmp_path / "base"
+    first = train(tiny_config(char_data, base, max_steps=40, eval_interval=40))
+    tuned = train(tiny_config(char_data, tmp_path / "tuned", init_from=str(base), max_steps=5,
+                              eval_interval=5, warmup_steps=1, learning_rate=1e-4, min_lr=1e-5))
+    # Starting from trained weights, the loss starts where the base run ended, not at ln(vocab).
+    assert abs(tuned.val_loss - first.val_loss) < 0.15
+
+
+def test_resume_refuses_another_model_shape(char_data, tmp_path):
+    train(tiny_config(char_data, tmp_path / "run", max_steps=10))
+    with pytest.raises(ckpt.CheckpointError, match=r"n_embd: checkpoint 64 vs config 32"):
+        train(tiny_config(char_data, tmp_path / "run", n_embd=32, max_steps=20))
+
+
+def test_corrupt_and_malicious_checkpoints_are_refused(char_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=10))
+    latest = ckpt.latest_checkpoint(run)
+
+    # A truncated weights file is caught by the manifest before anything is loaded.
+    model_file = latest / ckpt.MODEL_FILE
+    data = model_file.read_bytes()
+    model_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="truncated or corrupt"):
+        train(tiny_config(char_data, run, max_steps=20))
+    model_file.write_bytes(data)
+
+    # A pickle that would run code on load.
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"state": Evil()}, latest / ckpt.OPTIMIZER_FILE)
+    manifest = json.loads((latest / ckpt.MANIFEST_FILE).read_text())
+    manifest[ckpt.OPTIMIZER_FILE] = {"bytes": (latest / ckpt.OPTIMIZER_FILE).stat().st_size,
+                                     "sha256": ckpt._sha256(latest / ckpt.OPTIMIZER_FILE)}
+    (latest / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CheckpointError, match="refused to load"):
+        train(tiny_config(char_data, run, max_steps=20))
+    assert not (tmp_path / "pwned").exists()
+
+    # `latest` naming a folder that is gone.
+    (run / "latest").write_text("step_0000999\n")
+    with pytest.raises(ckpt.CheckpointError, match="missing or incomplete"):
+        train(tiny_config(char_data, run, max_steps=20))
+
+
+def test_keep_last_prunes_only_older_checkpoints(char_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=40, eval_interval=10, keep_last=2))
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step_0000030", "step_0000040"]
+
+
+def test_sigterm_saves_and_exits_then_resumes(char_data, tmp_path):
+    run = tmp_path / "run"
+    args = ["train.py", f"--data_dir={char_data}", f"--out_dir={run}", "--prepare_source=none",
+            "--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64",
+            "--batch_size=8", "--max_steps=100000", "--eval_interval=0", "--log_interval=1",
+            "--peak_tflops=1"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step") and "/100000" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, out
+    saved = ckpt.latest_checkpoint(run)
+    step = ckpt.read_state(saved)["step"]
+    assert step >= 1 and "received signal" in out
+
+    done = run_script(*[a.replace("--max_steps=100000", f"--max_steps={step + 3}") for a in args])
+    assert done.returncode == 0, done.stderr
+    assert f"resumed from {saved}" in done.stdout
+
+
+def test_sample_cli_prints_text_from_a_trained_run(char_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=20))
+    result = run_script("sample.py", f"--out_dir={run}", "--prompt", "ROMEO:", "--max-new-tokens", "60",
+                        "--device", "cpu", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ROMEO:")
+    assert len(result.stdout) >= len("ROMEO:") + 60
+
+    again = run_script("sample.py", f"--out_dir={run}", "--prompt", "ROMEO:", "--max-new-tokens", "60",
+                       "--device", "cpu", "--seed", "1", "--no-kv-cache")
+    assert again.stdout == result.stdout  # the KV cache changes speed, never the text
+
+    bad = run_script("sample.py", f"--out_dir={run}", "--prompt", "héllo ✓", "--device", "cpu")
+    assert bad.returncode == 2 and "error:" in bad.stderr and "✓" in bad.stderr
+
+    for option, value in [("--max_new_tokens", "0"), ("--temperature", "-1"), ("--top_p", "1.5")]:
+        bad = run_script("sample.py", f"--out_dir={run}", option, value)
+        assert bad.returncode == 2 and option in bad.stderr, (option, bad.stderr)
+
+    missing = run_script("sample.py", "--out_dir", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_train_cli_errors_name_the_key(tmp_path):
+    result = run_script("train.py", "--n_lyer=3")
+    assert result.returncode == 2
+    assert "unknown key 'n_lyer'" in result.stderr and "n_layer" in result.stderr
+
+    result = run_script("train.py", "--n_head=3")
+    assert result.returncode == 2 and "n_embd (128) must be divisible by n_head (3)" in result.stderr
+
+    result = run_script("train.py", "--config", str(tmp_path / "missing.toml"))
+    assert result.returncode == 2 and "missing.toml does not exist" in result.stderr
+
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text('n_layer = "four"\n')
+    result = run_script("train.py", "--config", str(bad_toml))
+    assert result.returncode == 2 and "n_layer must be an integer" in result.stderr
+
+    result = run_script("train.py", f"--data_dir={tmp_path / 'nothing'}", "--prepare_source=none",
+                        f"--out_dir={tmp_path / 'out'}")
+    assert result.returncode == 2 and "prepare.py" in result.stderr
+
+
+def test_help_lists_every_key():
+    result = run_script("train.py", "--help")
+    assert result.returncode == 0
+    for name in TrainConfig.__dataclass_fields__:
+        assert f"--{name}" in result.stdout, name
+
+
+def test_shipped_configs_parse():
+    from gpt.config import parse_args
+
+    configs = sorted((REPO / "configs").glob("*.toml"))
+    assert {p.name for p in configs} >= {"default.toml", "shakespeare_char.toml",
+                                          "shakespeare_char_cpu.toml", "gpt2_124m.toml"}
+    for path in configs:
+        parse_args(["--config", str(path)])
