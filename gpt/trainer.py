@@ -158,6 +158,18 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         self.signal = signum
 
+    def agreed(self, info: DistInfo) -> bool:
+        """True on every rank if any rank was signalled.
+
+        Ranks receive a signal at slightly different moments; without agreeing, one rank
+        would stop at step N while another waits in step N+1's all-reduce forever.
+        """
+        if not info.is_distributed:
+            return self.signal is not None
+        flag = torch.tensor(float(self.signal is not None), device=info.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", i.e. requeue and resume
 
@@ -319,8 +331,9 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
             if do_eval:
                 last_ckpt = save(step, val_loss)
             interval_start = time.perf_counter()
-        if stop.signal is not None:
-            log(info, f"received signal {stop.signal}: saving a checkpoint at step {step} and exiting")
+        if stop.agreed(info):
+            log(info, f"received a stop signal: saving a checkpoint at step {step} and exiting "
+                      f"with code {PREEMPTED_EXIT_CODE} (run again to resume)")
             save(step, val_loss)
             raise SystemExit(PREEMPTED_EXIT_CODE)
 

@@ -173,7 +173,7 @@ def test_sigterm_saves_and_exits_then_resumes(char_data, tmp_path):
     assert proc.returncode == 75, out
     saved = ckpt.latest_checkpoint(run)
     step = ckpt.read_state(saved)["step"]
-    assert step >= 1 and "received signal" in out
+    assert step >= 1 and "received a stop signal" in out
 
     done = run_script(*[a.replace("--max_steps=100000", f"--max_steps={step + 3}") for a in args])
     assert done.returncode == 0, done.stderr
