@@ -129,3 +129,58 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
         f"{data_dir}: no dataset here (no meta.json and no train_*.bin shards). "
         f"Make one with: python data_prep/prepare.py --input YOUR_TEXT --out {data_dir}"
     )
+
+
+class ShardWriter:
+    """Streams one split's tokens into successive shards of `shard_tokens` tokens each.
+
+    Shards are numbered from 0 (`train_000000.bin`, ...) and each is written with `write_shard`,
+    so only complete shards ever carry a final name. Memory holds at most one shard's tokens.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, split: str, shard_tokens: int = 100_000_000):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be at least 1, got {shard_tokens}")
+        self.out_dir = Path(out_dir)
+        self.split = split
+        self.shard_tokens = shard_tokens
+        self.paths: list[Path] = []
+        self.tokens_written = 0  # accepted so far, flushed or not
+        # Grown on demand: a small split (val) should not reserve a full shard of memory.
+        self._buf = np.empty(min(shard_tokens, 1 << 20), dtype=TOKEN_DTYPE)
+        self._fill = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens)
+        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= MAX_VOCAB):
+            raise ShardError(f"{self.split} tokens must lie in [0, {MAX_VOCAB}) to fit uint16")
+        while tokens.size:
+            room = self.shard_tokens - self._fill
+            take = tokens[:room]
+            self._reserve(self._fill + take.size)
+            self._buf[self._fill : self._fill + take.size] = take
+            self._fill += take.size
+            self.tokens_written += take.size
+            tokens = tokens[take.size :]
+            if self._fill == self.shard_tokens:
+                self._flush()
+
+    def close(self) -> list[Path]:
+        """Write the last, partial shard; return every shard written, in order."""
+        if self._fill:
+            self._flush()
+        return list(self.paths)
+
+    def _reserve(self, size: int) -> None:
+        if size > self._buf.size:
+            grown = np.empty(min(self.shard_tokens, max(size, 2 * self._buf.size)), dtype=TOKEN_DTYPE)
+            grown[: self._fill] = self._buf[: self._fill]
+            self._buf = grown
+
+    def _flush(self) -> None:
+        path = self.out_dir / shard_name(self.split, len(self.paths))
+        write_shard(path, self._buf[: self._fill])
+        self.paths.append(path)
+        self._fill = 0

@@ -1,0 +1,107 @@
+"""End-to-end data prep throughput and peak memory, BPE and char, on tiny Shakespeare repeated.
+
+    python benchmarks/bench_data.py [--mb 100] [--tokenizers bpe char] [--vocab-size 8192]
+
+Builds one text file of about --mb MB (tiny Shakespeare repeated: one huge document, the case
+that most tests streaming) in a temporary folder, runs `python data_prep/prepare.py` on it in a
+child process per tokenizer, and prints wall time, MB/s of text, tokens/s and the child's peak
+RSS (its own ru_maxrss, from os.wait4, so one run's peak does not mask the next). Results go to
+benchmarks/results/data.json. Figures are measured, not asserted. The goal: at least 10 MB/s end
+to end for BPE, and peak RSS under 1.5 GB whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared/data/tinyshakespeare.txt"
+RESULTS = Path(__file__).parent / "results" / "data.json"
+
+
+def write_corpus(path: Path, source: Path, mb: float) -> int:
+    text = source.read_bytes()
+    copies = max(1, round(mb * 1e6 / len(text)))
+    with open(path, "wb") as f:
+        for _ in range(copies):
+            f.write(text)
+    return copies * len(text)
+
+
+def run_prep(corpus: Path, out: Path, tokenizer: str, vocab_size: int) -> dict:
+    cmd = [sys.executable, str(REPO / "data_prep/prepare.py"), "--input", str(corpus), "--out", str(out),
+           "--tokenizer", tokenizer, "--vocab-size", str(vocab_size), "--no-progress"]
+    log = out.with_suffix(".log")
+    with open(log, "w+") as output:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (peak RSS)
+        seconds = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        output.seek(0)
+        stdout = output.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"prep failed ({proc.returncode}):\n{stdout}")
+    meta = json.loads((out / "meta.json").read_text())
+    n_tokens = sum(meta["tokens"].values())
+    max_rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+    return {
+        "tokenizer": tokenizer,
+        "vocab_size": meta["vocab_size"],
+        "text_mb": meta["text_bytes"] / 1e6,
+        "tokens": n_tokens,
+        "seconds": round(seconds, 2),
+        "mb_per_s": round(meta["text_bytes"] / 1e6 / seconds, 2),
+        "tokens_per_s": round(n_tokens / seconds),
+        "bytes_per_token": round(meta["text_bytes"] / n_tokens, 3),
+        "peak_rss_mb": round(max_rss / 1e6, 1),
+        "summary": stdout.strip().splitlines()[-1] if stdout.strip() else "",
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--mb", type=float, default=100, help="corpus size in MB (default: 100)")
+    p.add_argument("--tokenizers", nargs="+", choices=["bpe", "char"], default=["bpe", "char"])
+    p.add_argument("--vocab-size", "--vocab_size", type=int, default=8192)
+    p.add_argument("--input", type=Path, default=SHAKESPEARE, help="text to repeat (default: tiny Shakespeare)")
+    args = p.parse_args()
+    if not args.input.exists():
+        raise SystemExit(f"error: {args.input} not found; pass --input TEXT_FILE")
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        size = write_corpus(corpus, args.input, args.mb)
+        print(f"corpus: {size / 1e6:.1f} MB ({args.input.name} repeated), {os.cpu_count()} CPUs")
+        for tokenizer in args.tokenizers:
+            r = run_prep(corpus, Path(tmp) / f"out_{tokenizer}", tokenizer, args.vocab_size)
+            results.append(r)
+            print(f"{tokenizer:>4}: {r['seconds']:7.1f} s  {r['mb_per_s']:6.2f} MB/s  {r['tokens_per_s']:>11,} tokens/s"
+                  f"  {r['bytes_per_token']:.2f} bytes/token  peak RSS {r['peak_rss_mb']:,.0f} MB")
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "benchmark": "data prep end to end (python data_prep/prepare.py)",
+        "corpus_mb": round(size / 1e6, 1),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "results": results,
+    }
+    tmp_path = RESULTS.with_name(RESULTS.name + ".tmp")
+    tmp_path.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp_path, RESULTS)
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Tiny Shakespeare as nanoGPT prepares it: first 90% of the text train, last 10% val.
+
+    python data_prep/shakespeare.py                         # downloads the text (1.1 MB)
+    python data_prep/shakespeare.py --input input.txt       # or uses a local copy
+    python data_prep/shakespeare.py --tokenizer bpe --out data/shakespeare_bpe
+
+With the char tokenizer the shards hold exactly nanoGPT's shakespeare_char train.bin / val.bin
+ids (the sorted characters of the text, 65 of them). Options take --name=value or --name value,
+spelled with - or _.
+"""
+
+import argparse
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from gpt.prepare import prepare  # noqa: E402
+from gpt.sources import LocalFiles, Texts  # noqa: E402
+
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+def download(url: str = URL, timeout: float = 30.0) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read().decode("utf-8")
+    except (urllib.error.URLError, OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"could not download {url} ({getattr(e, 'reason', e)}); "
+                         f"download it yourself and pass --input PATH") from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python data_prep/shakespeare.py", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
+    p.add_argument("--input", metavar="PATH", help="a local copy of the text (default: download it)")
+    p.add_argument("--out", metavar="DIR", help="dataset folder (default: data/shakespeare_char or "
+                                                 "data/shakespeare_bpe, after --tokenizer)")
+    p.add_argument("--tokenizer", choices=["char", "bpe"], default="char", help="default: char")
+    p.add_argument("--vocab-size", "--vocab_size", type=int, default=2048, metavar="N",
+                   help="BPE vocabulary size (default: 2048; the text is only 1.1 MB)")
+    p.add_argument("--min-val-tokens", "--min_val_tokens", type=int, default=1025, metavar="N",
+                   help="fewest tokens a split may have (default: 1025)")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    p.add_argument("--no-progress", "--no_progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = args.out or f"data/shakespeare_{args.tokenizer}"
+    try:
+        if args.input:
+            corpus = LocalFiles([args.input])
+        else:
+            print(f"downloading {URL}", flush=True)
+            corpus = Texts([download()], description=f"tiny Shakespeare from {URL}")
+        prepare(out, corpus, tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=0.1,
+                val_rule="tail", min_val_tokens=args.min_val_tokens, overwrite=args.overwrite,
+                progress=not args.no_progress, log=lambda line: print(line, flush=True))
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,464 @@
+"""Data prep: a corpus in, a dataset folder of token shards out.
+
+    prepare("data/stdlib", "stdlib", tokenizer="bpe", vocab_size=4096)
+    python data_prep/prepare.py --source stdlib --out data/stdlib --tokenizer bpe
+
+Steps (the corpus is streamed twice and never held in memory whole):
+1. Pass one reads the corpus, counts documents and bytes, and builds the tokenizer: BPE trained
+   with `train_from_iterator` (on at most `tokenizer_train_bytes` of text), or the character
+   vocabulary.
+2. Pass two encodes batches of document pieces on all cores (`encode_batch`), every document
+   prefixed with the end-of-text token where the tokenizer has one (as llm.c does), and routes
+   the token stream to the train and val splits.
+3. Shards are written into a staging folder `OUT/.prepare-staging` while the prep runs; when
+   it has succeeded they are moved into OUT next to `tokenizer.json`, and `meta.json` is written
+   last, atomically. A folder with meta.json is complete; a killed prep leaves no shard under a
+   final name in OUT (a leftover staging folder is cleared by the next prep).
+
+The train/val split (deterministic: the same corpus, options and seed give byte-identical shards)
+    val_rule="chunks" (default): the token stream (all documents in corpus order, end-of-text
+        ids included) is cut into consecutive chunks of `val_chunk_tokens` tokens; chunk i goes
+        to val when floor((i+1)*f + phase) > floor(i*f + phase), f = val_fraction and phase =
+        random.Random(seed).random(). That is one chunk in every 1/f, spread evenly across the
+        corpus (so val looks like the whole corpus, not like its last files), with the offset
+        within each cycle set by the seed (so there are about 1/f distinct splits); it works
+        alike for one huge document and for many small ones. A
+        window read across a chunk seam sees text that was not adjacent, as at a document
+        boundary.
+    val_rule="tail": the last `val_fraction` of the corpus's characters is val: train is the
+        text before character int(n * (1 - val_fraction)), encoded as one stream, val the text
+        after it. This is nanoGPT's split (first 90% train, last 10% val for Shakespeare); it
+        ignores the seed.
+    Either way a split with fewer than `min_val_tokens` tokens is an error (a val split must
+    hold at least one block plus its target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gpt.shards import MAX_VOCAB, SPLITS, ShardWriter, list_shards
+from gpt.sources import ENCODING_ERRORS, Corpus, HFDataset, LocalFiles, Piece, resolve_source
+from gpt.tokenizer import TOKENIZER_FILE, Tokenizer, char_tokenizer, check_vocab_size, train_bpe
+
+STAGING = ".prepare-staging"
+META_FILE = "meta.json"
+VAL_RULES = ("chunks", "tail")
+BATCH_CHARS = 2 << 20  # text per encode_batch call: ~32 pieces, enough to keep every core busy
+
+
+class PrepareError(ValueError):
+    """Bad input or options for data prep; the message names the file or option."""
+
+
+@dataclass
+class _Counts:
+    documents: int = 0
+    characters: int = 0
+    text_bytes: int = 0
+
+
+def prepare(
+    out_dir: str | os.PathLike,
+    source="stdlib",
+    *,
+    tokenizer: str | Tokenizer = "bpe",
+    vocab_size: int = 8192,
+    val_fraction: float = 0.01,
+    val_rule: str = "chunks",
+    val_chunk_tokens: int = 8192,
+    min_val_tokens: int = 1025,
+    seed: int = 0,
+    shard_tokens: int = 100_000_000,
+    tokenizer_train_bytes: int | None = 200_000_000,
+    encoding_errors: str = "strict",
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> dict:
+    """Tokenize a corpus into `out_dir` (shards, tokenizer.json, meta.json); return a summary.
+
+    source: "stdlib" (this Python's standard library sources: no download), a `pathlib.Path`
+        (a file or folder, each file one document), a list of str (the documents), or a corpus
+        from `gpt.sources` (`LocalFiles`, `HFDataset`, `Texts`).
+    tokenizer: "bpe" (byte-level BPE trained here to `vocab_size` ids), "char" (the corpus's
+        characters), or a `Tokenizer` to reuse as it is.
+    val_fraction, val_rule, val_chunk_tokens, seed: the train/val split (module docstring).
+    min_val_tokens: the fewest tokens each split may have; use at least block_size + 1.
+    shard_tokens: tokens per shard file (the last shard of a split holds the rest).
+    tokenizer_train_bytes: train BPE on at most this much text (the first bytes of the corpus),
+        so that tokenizer training memory stays bounded on huge corpora; None for all of it.
+    encoding_errors: non-UTF-8 bytes in local files: "strict" (error), "replace" or "skip".
+    overwrite: replace a dataset already in `out_dir` (refused otherwise).
+    progress: show progress bars (tqdm, on stderr).
+    log: called with the closing summary line (documents, tokens per split, bytes per token,
+        MB/s); None for silence.
+
+    The summary (also the content of meta.json, plus timing): tokenizer, vocab_size, eos_id,
+    tokens {"train", "val"}, shards {"train", "val"}, documents, text_bytes, source, seed,
+    val_rule, bytes_per_token, seconds, mb_per_s.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    corpus = resolve_source(source, encoding_errors)
+    _check_options(tokenizer, vocab_size, val_fraction, val_rule, val_chunk_tokens, min_val_tokens,
+                   shard_tokens, encoding_errors)
+    _check_out_dir(out_dir, overwrite)
+    created = not out_dir.exists()
+    staging = out_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed prep
+    staging.mkdir(parents=True)
+    published = False
+    try:
+        counts = _Counts()
+        tok = _fit_tokenizer(corpus, tokenizer, vocab_size, tokenizer_train_bytes, counts, progress)
+        if counts.documents == 0:
+            raise PrepareError(f"{corpus.description}: no text found (the input is empty)")
+        writers = {split: ShardWriter(staging, split, shard_tokens) for split in SPLITS}
+        _encode_corpus(corpus, tok, writers, counts, val_rule, val_fraction, val_chunk_tokens, seed, progress)
+        shards = {split: [p.name for p in w.close()] for split, w in writers.items()}
+        tokens = {split: w.tokens_written for split, w in writers.items()}
+        _check_split_sizes(tokens, min_val_tokens, val_fraction, val_rule, val_chunk_tokens)
+        tok.save(staging / TOKENIZER_FILE)
+        meta = {
+            "tokenizer": tok.kind,
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "tokens": tokens,
+            "shards": shards,
+            "documents": counts.documents,
+            "text_bytes": counts.text_bytes,
+            "characters": counts.characters,
+            "source": corpus.description,
+            "seed": seed,
+            "val_rule": _describe_rule(val_rule, val_fraction, val_chunk_tokens, seed),
+            "val_fraction": val_fraction,
+            "val_chunk_tokens": val_chunk_tokens if val_rule == "chunks" else None,
+            "shard_tokens": shard_tokens,
+        }
+        _publish(staging, out_dir, meta)
+        published = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not published and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a failed prep leaves no trace where there was nothing
+    seconds = time.perf_counter() - started
+    total = sum(tokens.values())
+    summary = dict(meta, out_dir=str(out_dir), seconds=round(seconds, 3),
+                   bytes_per_token=round(counts.text_bytes / max(total, 1), 4),
+                   mb_per_s=round(counts.text_bytes / 1e6 / max(seconds, 1e-9), 3),
+                   tokens_per_s=round(total / max(seconds, 1e-9)))
+    if log is not None:
+        log(_format_summary(summary))
+    return summary
+
+
+# ---- checks ---------------------------------------------------------------------------------
+def _check_options(tokenizer, vocab_size, val_fraction, val_rule, val_chunk_tokens, min_val_tokens,
+                   shard_tokens, encoding_errors) -> None:
+    if isinstance(tokenizer, str):
+        if tokenizer not in ("bpe", "char"):
+            raise PrepareError(f"--tokenizer must be bpe or char, got {tokenizer!r}")
+        if tokenizer == "bpe":
+            try:
+                check_vocab_size(vocab_size, "--vocab-size")
+            except ValueError as e:
+                raise PrepareError(str(e)) from None
+    elif not isinstance(tokenizer, Tokenizer):
+        raise PrepareError(f"tokenizer must be 'bpe', 'char' or a Tokenizer, got {type(tokenizer).__name__}")
+    if not 0 < val_fraction < 1:
+        raise PrepareError(f"--val-fraction must lie strictly between 0 and 1, got {val_fraction}")
+    if val_rule not in VAL_RULES:
+        raise PrepareError(f"--val-rule must be one of {', '.join(VAL_RULES)}, got {val_rule!r}")
+    for name, value in (("--val-chunk-tokens", val_chunk_tokens), ("--shard-tokens", shard_tokens),
+                        ("--min-val-tokens", min_val_tokens)):
+        if value < 1:
+            raise PrepareError(f"{name} must be at least 1, got {value}")
+    if encoding_errors not in ENCODING_ERRORS:
+        raise PrepareError(f"--encoding-errors must be one of {', '.join(ENCODING_ERRORS)}, got {encoding_errors!r}")
+
+
+def _existing_dataset(out_dir: Path) -> list[Path]:
+    found = [p for split in SPLITS for p in list_shards(out_dir, split)]
+    return found + [p for p in (out_dir / META_FILE, out_dir / TOKENIZER_FILE) if p.exists()]
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrepareError(f"--out {out_dir}: exists and is not a folder")
+    if out_dir.is_dir() and not overwrite:
+        found = _existing_dataset(out_dir)
+        if found:
+            raise PrepareError(f"--out {out_dir}: already holds a dataset ({found[0].name}, ...); "
+                               f"pass --overwrite to replace it, or choose another --out")
+
+
+def _check_split_sizes(tokens: dict, min_val_tokens: int, val_fraction: float, val_rule: str,
+                       val_chunk_tokens: int) -> None:
+    for split in ("val", "train"):
+        if tokens[split] < min_val_tokens:
+            hint = (f"raise --val-fraction (now {val_fraction})"
+                    + (f" or lower --val-chunk-tokens (now {val_chunk_tokens})" if val_rule == "chunks" else "")
+                    if split == "val" else "lower --val-fraction or use a larger corpus")
+            raise PrepareError(
+                f"the {split} split has {tokens[split]:,} tokens, fewer than --min-val-tokens "
+                f"{min_val_tokens:,} (one block plus its target); {hint}, or lower --min-val-tokens "
+                f"if your block_size is smaller"
+            )
+
+
+# ---- pass one: the tokenizer ----------------------------------------------------------------
+def _fit_tokenizer(corpus: Corpus, tokenizer, vocab_size: int, train_bytes: int | None,
+                   counts: _Counts, progress: bool) -> Tokenizer | None:
+    """Read the corpus once, counting it, and build the tokenizer (or reuse the one given)."""
+    chars: set[str] = set()
+    kind = tokenizer if isinstance(tokenizer, str) else None
+    desc = {"bpe": "training BPE", "char": "reading characters", None: "counting"}[kind]
+    bar = _progress_bar(progress, desc, total=None)
+
+    def texts() -> Iterator[str]:
+        fed = 0
+        for piece in corpus.iter_pieces():
+            n_bytes = len(piece.text.encode("utf-8"))
+            counts.documents += piece.starts_document
+            counts.characters += len(piece.text)
+            counts.text_bytes += n_bytes
+            bar.update(n_bytes)
+            if kind == "char":
+                chars.update(piece.text)
+            elif kind == "bpe" and (train_bytes is None or fed < train_bytes):
+                fed += n_bytes
+                yield piece.text
+
+    try:
+        if kind == "bpe":
+            return train_bpe(texts(), vocab_size)
+        for _ in texts():
+            pass
+    finally:
+        bar.close()
+    if kind == "char":
+        return char_tokenizer(chars) if chars else None  # None: empty corpus, reported by the caller
+    return tokenizer
+
+
+# ---- pass two: encoding and routing ---------------------------------------------------------
+def _encode_corpus(corpus: Corpus, tok: Tokenizer, writers: dict[str, ShardWriter], counts: _Counts,
+                   val_rule: str, val_fraction: float, val_chunk_tokens: int, seed: int,
+                   progress: bool) -> None:
+    bar = _progress_bar(progress, "encoding", total=counts.text_bytes)
+    pieces = corpus.iter_pieces()
+    if val_rule == "tail":
+        labelled = _tail_split(pieces, int(counts.characters * (1 - val_fraction)))
+        route = lambda ids, split: writers[split].write(ids)  # noqa: E731
+    else:
+        labelled = ((piece, None) for piece in pieces)
+        route = _ChunkRouter(writers, val_chunk_tokens, val_fraction, seed).write
+    eos = None if tok.eos_id is None else np.array([tok.eos_id], dtype=np.uint16)
+    try:
+        for batch in _batches(labelled, BATCH_CHARS):
+            arrays = tok.encode_batch_arrays([piece.text for piece, _ in batch])
+            for (piece, split), ids in zip(batch, arrays):
+                if piece.starts_document and eos is not None:
+                    route(eos, split)
+                route(ids, split)
+            bar.update(sum(len(piece.text.encode("utf-8")) for piece, _ in batch))
+    finally:
+        bar.close()
+
+
+def _batches(labelled, batch_chars: int) -> Iterator[list[tuple[Piece, str | None]]]:
+    batch, size = [], 0
+    for item in labelled:
+        batch.append(item)
+        size += len(item[0].text)
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _tail_split(pieces: Iterator[Piece], train_chars: int) -> Iterator[tuple[Piece, str]]:
+    """Label pieces train until `train_chars` characters have passed, val after (cutting one piece)."""
+    seen = 0
+    for piece in pieces:
+        n = len(piece.text)
+        if seen + n <= train_chars:
+            yield piece, "train"
+        elif seen >= train_chars:
+            yield piece, "val"
+        else:
+            cut = train_chars - seen
+            yield Piece(piece.text[:cut], piece.starts_document), "train"
+            yield Piece(piece.text[cut:], False), "val"
+        seen += n
+
+
+class _ChunkRouter:
+    """Sends the token stream, chunk by chunk, to train or val (val_rule "chunks")."""
+
+    def __init__(self, writers: dict[str, ShardWriter], chunk_tokens: int, val_fraction: float, seed: int):
+        self.writers = writers
+        self.chunk_tokens = chunk_tokens
+        self.fraction = val_fraction
+        self.phase = random.Random(seed).random()
+        self.position = 0  # tokens routed so far
+
+    def is_val(self, chunk: int) -> bool:
+        return math.floor((chunk + 1) * self.fraction + self.phase) > math.floor(chunk * self.fraction + self.phase)
+
+    def write(self, ids: np.ndarray, _split=None) -> None:
+        while ids.size:
+            chunk, offset = divmod(self.position, self.chunk_tokens)
+            take = ids[: self.chunk_tokens - offset]
+            self.writers["val" if self.is_val(chunk) else "train"].write(take)
+            self.position += take.size
+            ids = ids[take.size :]
+
+
+def _describe_rule(val_rule: str, val_fraction: float, val_chunk_tokens: int, seed: int) -> str:
+    if val_rule == "tail":
+        return f"tail: the last {val_fraction:g} of the corpus characters is val"
+    return (f"chunks: token stream cut into chunks of {val_chunk_tokens} tokens; chunk i is val iff "
+            f"floor((i+1)*{val_fraction:g} + phase) > floor(i*{val_fraction:g} + phase), "
+            f"phase = random.Random({seed}).random()")
+
+
+# ---- output ---------------------------------------------------------------------------------
+def _publish(staging: Path, out_dir: Path, meta: dict) -> None:
+    """Move the finished dataset from staging into out_dir; meta.json last, atomically."""
+    (out_dir / META_FILE).unlink(missing_ok=True)  # first: a half-replaced folder is never "complete"
+    for old in _existing_dataset(out_dir):
+        old.unlink()
+    for path in sorted(staging.iterdir()):
+        os.replace(path, out_dir / path.name)
+    tmp = out_dir / (META_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_dir / META_FILE)
+
+
+def _progress_bar(enabled: bool, desc: str, total: int | None):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True,
+                disable=not enabled, dynamic_ncols=True)
+
+
+def _format_summary(s: dict) -> str:
+    t, shards = s["tokens"], s["shards"]
+    return (
+        f"prepared {s['out_dir']}: {_plural(s['documents'], 'document')}, {s['text_bytes'] / 1e6:,.1f} MB of text "
+        f"-> train {t['train']:,} tokens ({_plural(len(shards['train']), 'shard')}), val {t['val']:,} "
+        f"tokens ({_plural(len(shards['val']), 'shard')}); {s['bytes_per_token']:.2f} bytes/token; {s['tokenizer']} "
+        f"vocabulary {s['vocab_size']:,}; {s['seconds']:.1f} s, {s['mb_per_s']:.2f} MB/s, "
+        f"{s['tokens_per_s']:,} tokens/s"
+    )
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+# ---- command line ---------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python data_prep/prepare.py",
+        description="Tokenize a text corpus into token shards (train_*.bin, val_*.bin), "
+                    "tokenizer.json and meta.json. Every option is accepted as --name=value or "
+                    "--name value, spelled with - or _.",
+        allow_abbrev=False,
+    )
+
+    def opt(name: str, **kwargs):
+        spellings = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
+        p.add_argument(*spellings, **kwargs)
+
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+", metavar="PATH",
+                     help="text files or folders (walked recursively, sorted); each file is one document")
+    src.add_argument("--source", choices=["stdlib"],
+                     help="a named corpus: stdlib = this Python's standard library .py files (no download)")
+    src.add_argument("--hf-dataset", "--hf_dataset", metavar="NAME",
+                     help="a Hugging Face dataset: a hub name, a builder (json, parquet, text, csv) with "
+                          "--hf-data-files, or a local data file or folder")
+    opt("--hf-config", metavar="C", help="dataset configuration (subset) name")
+    opt("--hf-split", default="train", metavar="S", help="dataset split to read (default: train)")
+    opt("--hf-data-files", nargs="+", metavar="FILE", help="data files for a builder such as json or parquet")
+    opt("--text-field", default="text", metavar="NAME", help="column holding the text (default: text)")
+    opt("--streaming", action="store_true", help="stream the dataset instead of downloading/caching it whole")
+    opt("--out", required=True, metavar="DIR", help="dataset folder to write")
+    opt("--tokenizer", choices=["bpe", "char"], default="bpe",
+        help="bpe: byte-level BPE trained on the corpus; char: one id per distinct character (default: bpe)")
+    opt("--vocab-size", type=int, default=8192, metavar="N",
+        help=f"BPE vocabulary size, end-of-text included, at most {MAX_VOCAB} (default: 8192)")
+    opt("--val-fraction", type=float, default=0.01, metavar="F",
+        help="share of the corpus held out for validation (default: 0.01)")
+    opt("--val-rule", choices=VAL_RULES, default="chunks",
+        help="chunks: every 1/F-th chunk of tokens, spread evenly (default); tail: the last F of the text")
+    opt("--val-chunk-tokens", type=int, default=8192, metavar="N",
+        help="chunk size of the chunks rule, in tokens (default: 8192)")
+    opt("--min-val-tokens", type=int, default=1025, metavar="N",
+        help="fewest tokens a split may have; at least block_size + 1 (default: 1025)")
+    opt("--seed", type=int, default=0, metavar="S", help="seed of the train/val split (default: 0)")
+    opt("--shard-tokens", type=int, default=100_000_000, metavar="N",
+        help="tokens per shard file (default: 100000000)")
+    opt("--tokenizer-train-mb", type=float, default=200, metavar="MB",
+        help="train BPE on at most this many MB of text, from the start of the corpus, so that its "
+             "memory stays bounded on huge corpora (default: 200)")
+    opt("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
+        help="non-UTF-8 bytes in input files: strict = stop with an error naming file and byte "
+             "offset (default); replace = use U+FFFD; skip = leave the file out, with a warning")
+    opt("--overwrite", action="store_true", help="replace a dataset already in --out")
+    opt("--no-progress", action="store_true", help="no progress bars (the closing summary is still printed)")
+    return p
+
+
+def corpus_from_args(args: argparse.Namespace) -> Corpus:
+    if args.input:
+        return LocalFiles(args.input, errors=args.encoding_errors)
+    if args.source:
+        return resolve_source(args.source)
+    return HFDataset(args.hf_dataset, config=args.hf_config, split=args.hf_split, text_field=args.text_field,
+                     streaming=args.streaming, data_files=args.hf_data_files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            prepare(
+                args.out, corpus_from_args(args), tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                val_fraction=args.val_fraction, val_rule=args.val_rule,
+                val_chunk_tokens=args.val_chunk_tokens, min_val_tokens=args.min_val_tokens,
+                seed=args.seed, shard_tokens=args.shard_tokens,
+                tokenizer_train_bytes=int(args.tokenizer_train_mb * 1e6),
+                encoding_errors=args.encoding_errors, overwrite=args.overwrite,
+                progress=not args.no_progress, log=lambda line: print(line, flush=True),
+            )
+        except (ValueError, OSError) as e:  # bad input: one line, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)

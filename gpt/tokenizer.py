@@ -1,0 +1,240 @@
+"""Text <-> token ids: byte-level BPE, a character vocabulary, or GPT-2's tokenizer.
+
+Every kind is a real `tokenizers.Tokenizer` saved as `tokenizer.json`, so any tool that reads
+Hugging Face tokenizers gets the same ids and the same text back as this project does.
+
+bpe   Byte-level BPE trained on the corpus (GPT-2's pre-tokenizer regex and byte alphabet, all
+      256 bytes in the initial alphabet, `<|endoftext|>` as end-of-text). No normalizer, so
+      decode(encode(t)) == t for any unicode text.
+char  The classic character vocabulary: each distinct character of the corpus, sorted, gets
+      the ids 0..n-1; no end-of-text token. Stored as a WordLevel model over single characters
+      (a pre-tokenizer that isolates every character, newlines and whitespace included, and a
+      decoder that joins without spaces). A character outside the vocabulary is an error,
+      never silently mapped to an unknown id.
+gpt2  GPT-2's own tokenizer (vocabulary 50257, end-of-text 50256), for llm.c / FineWeb shards.
+
+A literal "<|endoftext|>" inside a text is encoded as ordinary text: only the data pipeline
+inserts the end-of-text id, so a document can never fake a document boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+from gpt.shards import GPT2_EOS_ID, GPT2_VOCAB_SIZE, MAX_VOCAB, ShardError, load_meta
+
+EOS_TOKEN = "<|endoftext|>"
+KINDS = ("bpe", "char", "gpt2")
+TOKENIZER_FILE = "tokenizer.json"
+_EVERY_CHARACTER = r"[\s\S]"  # Oniguruma has no (?s); this class matches any code point
+
+
+def check_vocab_size(vocab_size: int, what: str = "vocab_size") -> None:
+    """Refuse vocabularies whose ids do not fit the uint16 shards."""
+    if vocab_size > MAX_VOCAB:
+        raise ValueError(
+            f"{what} {vocab_size:,} is over {MAX_VOCAB:,}: token shards store ids as uint16. "
+            f"Use a vocabulary of at most {MAX_VOCAB:,} tokens."
+        )
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus what the project needs to know about it.
+
+    Attributes: `kind` ("bpe" | "char" | "gpt2"), `vocab_size` (ids are 0..vocab_size-1),
+    `eos_id` (the end-of-text id, None for char), `inner` (the wrapped `tokenizers.Tokenizer`).
+    """
+
+    def __init__(self, inner: tokenizers.Tokenizer, kind: str):
+        if kind not in KINDS:
+            raise ValueError(f"tokenizer kind must be one of {KINDS}, got {kind!r}")
+        self.inner = inner
+        self.kind = kind
+        self.vocab_size = inner.get_vocab_size(with_added_tokens=True)
+        check_vocab_size(self.vocab_size, f"{kind} tokenizer vocabulary")
+        self.eos_id = None if kind == "char" else inner.token_to_id(EOS_TOKEN)
+        if kind != "char" and self.eos_id is None:
+            raise ValueError(f"{kind} tokenizer has no {EOS_TOKEN} token")
+        # Text that merely contains "<|endoftext|>" must stay text (see module docstring).
+        inner.encode_special_tokens = True
+        if kind == "char":
+            self._init_char_tables()
+
+    def _init_char_tables(self) -> None:
+        vocab = self.inner.get_vocab(with_added_tokens=False)
+        bad = [t for t in vocab if len(t) != 1]
+        if bad:
+            raise ValueError(f"char tokenizer tokens must be single characters, got {bad[:5]}")
+        # Code points sorted, with their ids: encoding is a vectorized binary search, much
+        # faster than the Rust pipeline's per-character token objects, and gives the same ids.
+        items = sorted((ord(t), i) for t, i in vocab.items())
+        self._codepoints = np.array([c for c, _ in items], dtype=np.uint32)
+        self._char_ids = np.array([i for _, i in items], dtype=np.int64)
+        self._id_to_char = {i: t for t, i in vocab.items()}
+
+    # ---- encoding -------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many texts at once; BPE runs on all cores (the Rust library's batch encoder)."""
+        return [a.tolist() for a in self.encode_batch_arrays(texts)]
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return self.encode_batch_arrays([text])[0]
+
+    def encode_batch_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Like `encode_batch`, as uint16 arrays (what shards store), without Python int lists."""
+        texts = list(texts)
+        if self.kind == "char":
+            return [self._encode_chars(t) for t in texts]
+        encode = getattr(self.inner, "encode_batch_fast", self.inner.encode_batch)  # no offsets
+        return [np.array(e.ids, dtype=np.uint16) for e in encode(texts, add_special_tokens=False)]
+
+    def _encode_chars(self, text: str) -> np.ndarray:
+        points = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+        idx = np.searchsorted(self._codepoints, points)
+        idx = np.minimum(idx, len(self._codepoints) - 1)
+        unknown = self._codepoints[idx] != points
+        if unknown.any():
+            raise ValueError(_unknown_chars_message(text, np.flatnonzero(unknown)))
+        return self._char_ids[idx].astype(np.uint16)
+
+    # ---- decoding -------------------------------------------------------------------------
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids` (a list, array or tensor); end-of-text ids come back as "<|endoftext|>"."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise ValueError(f"token id {bad} is outside this {self.kind} vocabulary (0..{self.vocab_size - 1})")
+        if self.kind == "char":
+            return "".join(map(self._id_to_char.__getitem__, ids))
+        return self.inner.decode(ids, skip_special_tokens=False)
+
+    # ---- files ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write tokenizer.json atomically (temporary name, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        self.inner.save(str(tmp))
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, kind: str | None = None) -> Tokenizer:
+        """Load a tokenizer.json; `kind` is inferred from the model when not given."""
+        path = Path(path)
+        try:
+            inner = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a bare Exception
+            raise ValueError(f"{path}: cannot load tokenizer ({e})") from e
+        return cls(inner, kind or _infer_kind(inner, path))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def _unknown_chars_message(text: str, positions: np.ndarray, show: int = 8) -> str:
+    first: dict[str, int] = {}
+    for p in positions.tolist():
+        first.setdefault(text[p], p)
+        if len(first) > show:
+            break
+    listed = ", ".join(f"{c!r} (U+{ord(c):04X}) at position {p}" for c, p in list(first.items())[:show])
+    more = " and more" if len(first) > show else ""
+    return (
+        f"{len(positions)} character(s) not in the char vocabulary: {listed}{more}. "
+        f"A char tokenizer encodes only the characters of the corpus it was built from."
+    )
+
+
+def _infer_kind(inner: tokenizers.Tokenizer, path: Path) -> str:
+    model = json.loads(inner.to_str())["model"]["type"]
+    if model == "WordLevel":
+        return "char"
+    if model == "BPE":
+        gpt2 = (inner.get_vocab_size() == GPT2_VOCAB_SIZE and inner.id_to_token(GPT2_EOS_ID) == EOS_TOKEN)
+        return "gpt2" if gpt2 else "bpe"
+    raise ValueError(f"{path}: unsupported tokenizer model {model!r} (expected BPE or WordLevel)")
+
+
+# ---- building -------------------------------------------------------------------------------
+def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 0,
+              show_progress: bool = False) -> Tokenizer:
+    """Train a byte-level BPE of `vocab_size` ids (end-of-text included) on a stream of texts.
+
+    The result may be smaller than `vocab_size` when the corpus has too few distinct pairs.
+    """
+    check_vocab_size(vocab_size)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 1:
+        raise ValueError(f"vocab_size {vocab_size} is too small for byte-level BPE: it needs at least "
+                         f"{len(alphabet) + 1} (256 bytes + {EOS_TOKEN})")
+    inner = tokenizers.Tokenizer(models.BPE())
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    inner.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS_TOKEN],
+        initial_alphabet=alphabet, show_progress=show_progress,
+    )
+    inner.train_from_iterator(texts, trainer)
+    return Tokenizer(inner, "bpe")
+
+
+def build_char(texts: Iterable[str]) -> Tokenizer:
+    """The character vocabulary of `texts` (one pass): sorted distinct characters -> 0..n-1."""
+    chars: set[str] = set()
+    for text in texts:
+        chars.update(text)
+    return char_tokenizer(chars)
+
+
+def char_tokenizer(chars: Iterable[str]) -> Tokenizer:
+    """A char tokenizer over exactly `chars` (sorted by code point)."""
+    alphabet = sorted(set(chars))
+    if not alphabet:
+        raise ValueError("cannot build a char vocabulary from empty text")
+    check_vocab_size(len(alphabet), "char vocabulary (distinct characters)")
+    inner = tokenizers.Tokenizer(models.WordLevel({c: i for i, c in enumerate(alphabet)}, unk_token=None))
+    inner.pre_tokenizer = pre_tokenizers.Split(Regex(_EVERY_CHARACTER), behavior="isolated")
+    inner.decoder = decoders.Fuse()
+    return Tokenizer(inner, "char")
+
+
+def gpt2_tokenizer() -> Tokenizer:
+    """GPT-2's tokenizer from the Hugging Face hub (or its local cache)."""
+    try:
+        inner = tokenizers.Tokenizer.from_pretrained("gpt2")
+    except Exception as e:
+        raise ValueError(
+            f"cannot load GPT-2's tokenizer from the Hugging Face hub ({e}); put GPT-2's "
+            f"tokenizer.json into the dataset folder instead"
+        ) from e
+    return Tokenizer(inner, "gpt2")
+
+
+def load_tokenizer(data_dir_or_file: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a dataset folder (its tokenizer.json, kind from meta.json), or of a file.
+
+    A folder of bare llm.c / FineWeb shards (no tokenizer.json) gets GPT-2's tokenizer.
+    """
+    path = Path(data_dir_or_file)
+    if path.is_file():
+        return Tokenizer.from_file(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such tokenizer file or dataset folder")
+    try:
+        kind = load_meta(path).get("tokenizer")
+    except ShardError:
+        kind = None
+    if (path / TOKENIZER_FILE).exists():
+        return Tokenizer.from_file(path / TOKENIZER_FILE, kind if kind in KINDS else None)
+    if kind == "gpt2":
+        return gpt2_tokenizer()
+    raise ValueError(f"{path}: no {TOKENIZER_FILE} here; prepare the dataset with data_prep/prepare.py")

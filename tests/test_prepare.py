@@ -1,0 +1,390 @@
+"""Data prep end to end: shards, meta.json, splits, bad input, kills, sources, command line."""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpt import shards as shards_module
+from gpt.prepare import STAGING, PrepareError, prepare
+from gpt.shards import list_shards, load_meta, open_shard, read_header
+from gpt.sources import HFDataset, LocalFiles, SourceError, Texts, stdlib_corpus
+from gpt.tokenizer import EOS_TOKEN, load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared/data/tinyshakespeare.txt"
+QUIET = dict(progress=False, log=None)
+
+
+@pytest.fixture(scope="module")
+def shakespeare() -> str:
+    if not SHAKESPEARE.exists():
+        pytest.skip(f"{SHAKESPEARE} not found")
+    return SHAKESPEARE.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def docs(shakespeare) -> list[str]:
+    """A few documents of varied size, cut from the play."""
+    cuts = [0, 30_000, 31_000, 80_000, 120_000]
+    return [shakespeare[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def tokens(out: Path, split: str) -> np.ndarray:
+    parts = [np.asarray(open_shard(p)) for p in list_shards(out, split)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint16)
+
+
+def stream_of_chunks(out: Path) -> np.ndarray:
+    """Undo the documented "chunks" rule: re-interleave train and val into the original stream."""
+    meta = load_meta(out)
+    f, size = meta["val_fraction"], meta["val_chunk_tokens"]
+    phase = random.Random(meta["seed"]).random()
+    train, val, parts, i = tokens(out, "train"), tokens(out, "val"), [], 0
+    while train.size or val.size:
+        is_val = math.floor((i + 1) * f + phase) > math.floor(i * f + phase)
+        src = val if is_val else train
+        parts.append(src[:size])
+        if is_val:
+            val = val[size:]
+        else:
+            train = train[size:]
+        i += 1
+    return np.concatenate(parts)
+
+
+def check_folder(out: Path) -> dict:
+    meta = load_meta(out)
+    for split in ("train", "val"):
+        paths = list_shards(out, split)
+        assert [p.name for p in paths] == meta["shards"][split]
+        assert sum(read_header(p) for p in paths) == meta["tokens"][split] > 0
+    assert not (out / STAGING).exists()
+    return meta
+
+
+# ---- end to end -------------------------------------------------------------------------------
+def test_char_tail_split_is_nanogpt(shakespeare, tmp_path):
+    summary = prepare(tmp_path, Texts([shakespeare]), tokenizer="char", val_fraction=0.1, val_rule="tail", **QUIET)
+    meta = check_folder(tmp_path)
+    assert meta["tokenizer"] == "char" and meta["vocab_size"] == 65 and meta["eos_id"] is None
+    assert meta["tokens"] == {"train": 1_003_854, "val": 111_540}  # nanoGPT's shakespeare_char counts
+    assert summary["documents"] == meta["documents"] == 1
+    tok = load_tokenizer(tmp_path)
+    n = int(len(shakespeare) * 0.9)
+    assert tok.decode(tokens(tmp_path, "train")) == shakespeare[:n]
+    assert tok.decode(tokens(tmp_path, "val")) == shakespeare[n:]
+
+
+def test_char_chunk_split_gives_the_text_back(shakespeare, tmp_path):
+    prepare(tmp_path, Texts([shakespeare[:300_000]]), tokenizer="char", val_fraction=0.2,
+            val_chunk_tokens=5000, **QUIET)
+    meta = check_folder(tmp_path)
+    assert abs(meta["tokens"]["val"] - 60_000) <= 5000  # the rule holds out f of the chunks
+    assert load_tokenizer(tmp_path).decode(stream_of_chunks(tmp_path)) == shakespeare[:300_000]
+
+
+def test_bpe_documents_with_eos_and_determinism(docs, tmp_path):
+    kwargs = dict(tokenizer="bpe", vocab_size=600, val_fraction=0.1, val_chunk_tokens=4096, seed=3, **QUIET)
+    prepare(tmp_path / "a", Texts(docs), **kwargs)
+    prepare(tmp_path / "b", Texts(docs), **kwargs)
+    meta = check_folder(tmp_path / "a")
+    assert meta["tokenizer"] == "bpe" and meta["vocab_size"] == 600 and meta["eos_id"] == 0
+    assert meta["documents"] == len(docs) and meta["seed"] == 3
+    for name in sorted(os.listdir(tmp_path / "a")):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    text = load_tokenizer(tmp_path / "a").decode(stream_of_chunks(tmp_path / "a"))
+    assert text == "".join(EOS_TOKEN + d for d in docs)
+    prepare(tmp_path / "c", Texts(docs), **dict(kwargs, seed=0))  # phase 0.84 vs 0.24: other chunks
+    assert tokens(tmp_path / "c", "val").tolist() != tokens(tmp_path / "a", "val").tolist()
+
+
+def test_shard_size_limit_makes_several_shards(docs, tmp_path):
+    prepare(tmp_path, Texts(docs), tokenizer="char", val_fraction=0.1, shard_tokens=10_000, **QUIET)
+    meta = check_folder(tmp_path)
+    train = list_shards(tmp_path, "train")
+    assert len(train) == math.ceil(meta["tokens"]["train"] / 10_000) > 5
+    assert all(read_header(p) == 10_000 for p in train[:-1]) and 0 < read_header(train[-1]) <= 10_000
+
+
+def test_reusing_a_tokenizer(docs, tmp_path):
+    prepare(tmp_path / "a", Texts(docs), tokenizer="bpe", vocab_size=400, val_fraction=0.1, **QUIET)
+    tok = load_tokenizer(tmp_path / "a")
+    prepare(tmp_path / "b", Texts(docs[:2]), tokenizer=tok, val_fraction=0.2, **QUIET)
+    assert (tmp_path / "b/tokenizer.json").read_text() == (tmp_path / "a/tokenizer.json").read_text()
+    assert check_folder(tmp_path / "b")["vocab_size"] == 400
+
+
+# ---- bad input --------------------------------------------------------------------------------
+def test_existing_dataset_is_refused_unless_overwrite(docs, tmp_path):
+    prepare(tmp_path, Texts(docs), tokenizer="char", val_fraction=0.1, shard_tokens=20_000, **QUIET)
+    before = len(list_shards(tmp_path, "train"))
+    with pytest.raises(PrepareError, match="already holds a dataset.*--overwrite"):
+        prepare(tmp_path, Texts(docs), tokenizer="char", val_fraction=0.1, **QUIET)
+    prepare(tmp_path, Texts(docs[:3]), tokenizer="char", val_fraction=0.1, overwrite=True, **QUIET)
+    meta = check_folder(tmp_path)
+    assert meta["documents"] == 3 and len(list_shards(tmp_path, "train")) == 1 < before
+
+
+def test_bad_options_are_named(docs, tmp_path):
+    with pytest.raises(PrepareError, match="--vocab-size 65,537 is over 65,536"):
+        prepare(tmp_path, Texts(docs), vocab_size=65_537, **QUIET)
+    with pytest.raises(PrepareError, match="--val-fraction"):
+        prepare(tmp_path, Texts(docs), val_fraction=1.0, **QUIET)
+    with pytest.raises(SourceError, match="unknown source 'nope'"):
+        prepare(tmp_path, "nope", **QUIET)
+    assert not any(tmp_path.iterdir())
+
+
+def test_empty_input(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(PrepareError, match="empty.txt.*no text found"):
+        prepare(tmp_path / "out", LocalFiles([tmp_path / "empty.txt"]), tokenizer="char", **QUIET)
+    with pytest.raises(PrepareError, match="no text found"):
+        prepare(tmp_path / "out", Texts(["", ""]), tokenizer="bpe", **QUIET)
+    with pytest.raises(SourceError, match="nothing: no input files"):
+        prepare(tmp_path / "out", LocalFiles([tmp_path / "nothing"]), **QUIET)
+    assert not (tmp_path / "out").exists()
+
+
+def test_val_split_too_small(docs, tmp_path):
+    with pytest.raises(PrepareError, match="val split has 0 tokens.*--val-fraction"):
+        prepare(tmp_path, Texts([docs[0]]), tokenizer="char", val_fraction=0.01, **QUIET)
+    with pytest.raises(PrepareError, match="val split has 100 tokens, fewer than --min-val-tokens 1,025"):
+        prepare(tmp_path, Texts(["x" * 1000]), tokenizer="char", val_fraction=0.1, val_rule="tail", **QUIET)
+    prepare(tmp_path, Texts(["x" * 1000]), tokenizer="char", val_fraction=0.1, val_rule="tail",
+            min_val_tokens=65, **QUIET)
+    assert load_meta(tmp_path)["tokens"] == {"train": 900, "val": 100}
+
+
+def bad_utf8_files(tmp_path: Path) -> tuple[Path, int]:
+    """A good file and a bad one whose invalid byte sits past the first 1 MiB read."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a_good.txt").write_text("good text\n" * 500)
+    head = ("é" * 524_287 + "x").encode() + "€".encode()  # a multi-byte char straddles 1 MiB
+    (folder / "b_bad.txt").write_bytes(head + b"abc \xff rest\n")
+    return folder, len(head) + 4
+
+
+def test_non_utf8_error_names_file_and_offset(tmp_path):
+    folder, offset = bad_utf8_files(tmp_path)
+    with pytest.raises(SourceError, match=f"b_bad.txt: not valid UTF-8 at byte offset {offset} "):
+        prepare(tmp_path / "out", LocalFiles([folder]), tokenizer="char", **QUIET)
+
+
+def test_non_utf8_replace_and_skip(tmp_path):
+    folder, _ = bad_utf8_files(tmp_path)
+    opts = dict(tokenizer="char", val_fraction=0.1, val_rule="tail", min_val_tokens=100, **QUIET)
+    prepare(tmp_path / "r", LocalFiles([folder], errors="replace"), **opts)
+    text = load_tokenizer(tmp_path / "r").decode(np.concatenate([tokens(tmp_path / "r", s) for s in ("train", "val")]))
+    assert text.endswith("abc \ufffd rest\n") and load_meta(tmp_path / "r")["documents"] == 2
+    with pytest.warns(UserWarning, match="skipping .*b_bad.txt: not valid UTF-8 at byte offset"):
+        prepare(tmp_path / "s", folder, encoding_errors="skip", **opts)
+    assert load_meta(tmp_path / "s")["documents"] == 1 and load_meta(tmp_path / "s")["characters"] == 5000
+
+
+def test_unreadable_file_is_named(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in/ok.txt").write_text("fine")
+    (tmp_path / "in/broken.txt").symlink_to(tmp_path / "missing")
+    with pytest.raises(SourceError, match="broken.txt: cannot read file"):
+        prepare(tmp_path / "out", LocalFiles([tmp_path / "in"]), tokenizer="char", **QUIET)
+    with pytest.raises(SourceError, match="missing: no such file"):
+        LocalFiles([tmp_path / "missing"])
+
+
+# ---- a prep that dies -------------------------------------------------------------------------
+def test_exception_between_shards_leaves_no_shard(docs, tmp_path, monkeypatch):
+    real = shards_module.write_shard
+    written = []
+
+    def write_then_die(path, toks):
+        if len(written) == 3:
+            raise OSError("disk full (injected)")
+        real(path, toks)
+        written.append(path)
+
+    monkeypatch.setattr(shards_module, "write_shard", write_then_die)
+    with pytest.raises(OSError, match="injected"):
+        prepare(tmp_path, Texts(docs), tokenizer="char", shard_tokens=5000, **QUIET)
+    assert len(written) == 3
+    assert sorted(os.listdir(tmp_path)) == []  # staging removed, nothing published
+
+
+def test_killed_prep_leaves_no_final_shard(shakespeare, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare * 2)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "data_prep/prepare.py", "--input", str(corpus), "--out", str(out),
+           "--tokenizer", "bpe", "--vocab-size", "300", "--shard-tokens", "1000", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list((out / STAGING).glob("train_*.bin"))) < 3:
+            if proc.poll() is not None:
+                pytest.fail("the prep ended before it could be killed mid-write")
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert list(out.glob("*.bin")) == [] and not (out / "meta.json").exists()
+    for shard in (out / STAGING).glob("*.bin"):
+        read_header(shard)  # whatever carries a shard name is a complete shard
+    # The next prep clears the leftovers and succeeds without --overwrite.
+    prepare(out, Texts([shakespeare[:50_000]]), tokenizer="char", val_fraction=0.1, **QUIET)
+    check_folder(out)
+
+
+# ---- sources ----------------------------------------------------------------------------------
+def test_big_file_streams_in_pieces(shakespeare, tmp_path):
+    (tmp_path / "big.txt").write_text(shakespeare)
+    pieces = list(LocalFiles([tmp_path / "big.txt"]).iter_pieces(piece_chars=100_000))
+    assert len(pieces) > 5 and max(len(p.text) for p in pieces) < 100_100
+    assert [p.starts_document for p in pieces] == [True] + [False] * (len(pieces) - 1)
+    assert "".join(p.text for p in pieces) == shakespeare
+
+
+def test_stdlib_corpus_lists_sources_in_order():
+    corpus = stdlib_corpus()
+    files = list(corpus.files())
+    assert len(files) > 500 and all(f.suffix == ".py" for f in files)
+    assert not any("site-packages" in f.parts for f in files)
+    assert files == list(stdlib_corpus().files())
+    assert "stdlib" in corpus.description
+
+
+@pytest.fixture
+def hf_files(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [{"id": i, "body": f"row {i}: Now is the winter of our discontent\n" * (i + 1)} for i in range(40)]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    parquet = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    (tmp_path / "folder").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:20]), tmp_path / "folder/part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[20:]), tmp_path / "folder/part-1.parquet")
+    text = tmp_path / "play.txt"
+    text.write_text("".join(r["body"] for r in rows))
+    return rows, jsonl, parquet, text
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "builder+data_files", "parquet-streaming", "text", "folder"])
+def test_hf_datasets_on_local_files(hf_files, tmp_path, kind):
+    rows, jsonl, parquet, text = hf_files
+    cache = str(tmp_path / "hf-cache")
+    corpus = {
+        "jsonl": HFDataset(str(jsonl), text_field="body", cache_dir=cache),
+        "builder+data_files": HFDataset("json", data_files=[str(jsonl)], text_field="body", cache_dir=cache),
+        "parquet-streaming": HFDataset(str(parquet), text_field="body", streaming=True, cache_dir=cache),
+        "text": HFDataset(str(text), cache_dir=cache),
+        "folder": HFDataset(str(parquet.parent / "folder"), text_field="body", cache_dir=cache),
+    }[kind]
+    expected = ["".join(r["body"] for r in rows)] if kind == "text" else [r["body"] for r in rows]
+    assert list(corpus) == expected
+    prepare(tmp_path / "out", corpus, tokenizer="char", val_fraction=0.1, val_rule="tail", min_val_tokens=10, **QUIET)
+    assert check_folder(tmp_path / "out")["documents"] == len(expected)
+
+
+def test_hf_missing_text_field_lists_columns(hf_files, tmp_path):
+    _, jsonl, _, _ = hf_files
+    for streaming in (False, True):
+        corpus = HFDataset(str(jsonl), streaming=streaming, cache_dir=str(tmp_path / "c"))
+        with pytest.raises(SourceError, match="--text-field 'text'.*columns are: id, body"):
+            list(corpus)
+
+
+# ---- command line -----------------------------------------------------------------------------
+def run_cli(script: str, *args: str, env_home: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if env_home is not None:
+        env.update(HF_HOME=str(env_home), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_cli_help_lists_every_option():
+    result = run_cli("data_prep/prepare.py", "--help")
+    assert result.returncode == 0
+    for option in ("--input", "--source", "--hf-dataset", "--hf-config", "--hf-split", "--hf-data-files",
+                   "--text-field", "--streaming", "--out", "--tokenizer", "--vocab-size", "--val-fraction",
+                   "--val-rule", "--seed", "--shard-tokens", "--overwrite", "--encoding-errors",
+                   "--min-val-tokens", "--vocab_size", "--val_fraction"):
+        assert option in result.stdout, option
+
+
+def test_cli_spellings(docs, tmp_path):
+    corpus = tmp_path / "in.txt"
+    corpus.write_text(docs[0])
+    a = run_cli("data_prep/prepare.py", f"--input={corpus}", "--out", str(tmp_path / "a"), "--tokenizer=char",
+                "--val-fraction", "0.1", "--val-chunk-tokens=1000", "--shard_tokens=9000", "--seed=1",
+                "--no-progress")
+    assert a.returncode == 0, a.stderr
+    assert "prepared" in a.stdout and "bytes/token" in a.stdout
+    b = run_cli("data_prep/prepare.py", "--input", str(corpus), "--out=" + str(tmp_path / "b"), "--tokenizer",
+                "char", "--val_fraction=0.1", "--val_chunk_tokens", "1000", "--shard-tokens", "9000", "--seed", "1",
+                "--no_progress")
+    assert b.returncode == 0, b.stderr
+    for name in os.listdir(tmp_path / "a"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    meta = check_folder(tmp_path / "a")
+    assert meta["seed"] == 1 and meta["tokens"]["val"] == 3000
+    assert len(meta["shards"]["train"]) == math.ceil(meta["tokens"]["train"] / 9000) == 3
+
+
+def test_cli_errors_are_one_line(docs, tmp_path):
+    corpus = tmp_path / "in.txt"
+    corpus.write_bytes(b"ok\n\xfe")
+    for args, message in [
+        (["--input", str(corpus), "--out", str(tmp_path / "o")], "in.txt: not valid UTF-8 at byte offset 3"),
+        (["--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "nope: no such file"),
+        (["--input", str(corpus), "--out", str(tmp_path / "o"), "--vocab-size=70000"], "65,536"),
+    ]:
+        result = run_cli("data_prep/prepare.py", *args)
+        assert result.returncode == 2
+        last = result.stderr.strip().splitlines()[-1]  # after any progress bar
+        assert last.startswith("error: ") and message in last
+        assert "Traceback" not in result.stderr
+
+
+def test_cli_hf_json(hf_files, tmp_path):
+    _, jsonl, _, _ = hf_files
+    result = run_cli("data_prep/prepare.py", "--hf-dataset", "json", "--hf-data-files", str(jsonl),
+                     "--text_field=body", "--out", str(tmp_path / "o"), "--tokenizer", "char",
+                     "--val-rule=tail", "--val-fraction=0.1", "--min-val-tokens=10", "--no-progress",
+                     env_home=tmp_path / "hf")
+    assert result.returncode == 0, result.stderr
+    assert check_folder(tmp_path / "o")["documents"] == 40
+
+
+def test_shakespeare_script(shakespeare, tmp_path):
+    result = run_cli("data_prep/shakespeare.py", "--input", str(SHAKESPEARE), "--out", str(tmp_path / "s"),
+                     "--no-progress")
+    assert result.returncode == 0, result.stderr
+    train = tokens(tmp_path / "s", "train")
+    chars = sorted(set(shakespeare))
+    n = int(len(shakespeare) * 0.9)
+    assert train.tolist() == [chars.index(c) for c in shakespeare[:n]]
+    assert len(tokens(tmp_path / "s", "val")) == len(shakespeare) - n
+
+
+def test_shakespeare_download_failure_suggests_input():
+    sys.path.insert(0, str(REPO / "data_prep"))
+    try:
+        import shakespeare as script
+    finally:
+        sys.path.remove(str(REPO / "data_prep"))
+    with pytest.raises(ValueError, match="could not download .*--input PATH"):
+        script.download("http://127.0.0.1:9/input.txt", timeout=5)
