@@ -12,9 +12,11 @@ from typing import Callable, Sequence
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, parse_args
+from .hf import HFError
+from .metrics import MetricsError
 from .shards import ShardError
 
-USER_ERRORS = (ConfigError, CheckpointError, ShardError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointError, ShardError, HFError, MetricsError, FileNotFoundError)
 
 
 def report_errors(main: Callable[[], int | None]) -> int:
