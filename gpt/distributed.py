@@ -1,13 +1,17 @@
 """Process-group start-up and teardown: one process per device, from torchrun's environment.
 
-Without torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK) the run is a single process and
-no process group is created, so `python train.py` needs nothing distributed at all.
+Without torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR) the run is a single
+process and no process group is created, so `python train.py` needs nothing distributed at all.
+Under torchrun a process group exists even for one process, so `torchrun --nproc_per_node=1
+train.py --parallel=fsdp` really runs FSDP (e.g. with CPU offload, or to check a multi-GPU
+config on one GPU).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +24,7 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    process_group: bool = False  # launched by torchrun: collectives and DDP/FSDP are available
 
     @property
     def is_main(self) -> bool:
@@ -60,7 +65,8 @@ def init_distributed(device_preference: str, timeout_minutes: float = 10.0) -> D
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_preference, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
+    if (world_size > 1 or launched) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -69,7 +75,8 @@ def init_distributed(device_preference: str, timeout_minutes: float = 10.0) -> D
             timeout=datetime.timedelta(minutes=timeout_minutes),
             **({"device_id": device} if device.type == "cuda" else {}),
         )
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
+                    process_group=dist.is_initialized())
 
 
 def barrier(info: DistInfo) -> None:
@@ -87,6 +94,17 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def shutdown() -> None:
-    """Destroy the process group so gloo/nccl threads exit cleanly before the interpreter does."""
-    if dist.is_initialized():
+    """Destroy the process group so gloo/nccl threads exit cleanly before the interpreter does.
+
+    Called from a `finally:`. After a normal finish, all ranks first meet at a barrier, so no rank
+    tears down its connections while a peer is still using them (gloo can abort the process at
+    exit otherwise). While an exception is propagating a barrier could wait for ranks that will
+    never arrive, so the group is destroyed at once.
+    """
+    if not dist.is_initialized():
+        return
+    try:
+        if sys.exc_info()[0] is None:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()

@@ -1,0 +1,306 @@
+"""Data parallelism from outside the model: DDP or FSDP2, activation checkpointing, compile.
+
+`parallelize(model, config, info, dtype)` is the one place that decides how a plain `GPT` runs on
+W processes. Every rank holds the same initial weights (same seed) and reads a disjoint share of
+each step's batch (see loader.py), so the strategy changes memory and speed, never the maths:
+the gradient is the mean over the global batch either way.
+
+    none  one process; the model as it is.
+    ddp   every rank keeps a full copy of weights, gradients and optimizer state; gradients are
+          all-reduced (averaged) in buckets during backward.
+    fsdp  FSDP2 (`fully_shard`): each rank keeps 1/W of every weight, gradient and AdamW state.
+          A block's weights are all-gathered just before it runs and freed after; gradients are
+          reduce-scattered. Memory per rank falls roughly W-fold for the parts that dominate it.
+
+Everything is applied in place where possible (activation checkpointing, compile, fully_shard),
+so parameter names stay those of the plain model: `model.named_parameters()` gives the same
+names under every strategy, which is what keeps one checkpoint format for all of them.
+
+Also here, because they depend on how the model was wrapped: switching gradient sync off during
+accumulation (`set_gradient_sync`), and gathering / loading full (unsharded) state dicts
+(`full_state_dicts`, `load_full_state_dicts`) in the single-process checkpoint format.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from .config import ConfigError, TrainConfig
+from .distributed import DistInfo
+
+REDUCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_strategy(config: TrainConfig, info: DistInfo) -> str:
+    """'none', 'ddp' or 'fsdp': what this run actually does on `info.world_size` processes.
+
+    'auto' is ddp on more than one process. An explicit ddp/fsdp needs a process group, i.e.
+    torchrun (even with one process); `python train.py` alone trains the plain model, so a config
+    written for 8 GPUs still runs as it is for a quick check.
+    """
+    strategy = config.parallel
+    if strategy == "auto":
+        return "ddp" if info.is_distributed else "none"
+    if not (info.process_group or info.is_distributed):
+        return "none"
+    return strategy
+
+
+def autocast_dtype(strategy: str, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype the training loop should autocast to, or None for no autocast.
+
+    Under FSDP the MixedPrecisionPolicy already casts the weights to `dtype` when it gathers them,
+    so every matmul runs in `dtype` while the sharded master weights stay fp32; autocast on top
+    would only add casts (torchtitan does the same).
+    """
+    if dtype == torch.float32 or strategy == "fsdp":
+        return None
+    return dtype
+
+
+def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, dtype: torch.dtype,
+                log: Callable[[str], None] = lambda message: None) -> nn.Module:
+    """Apply activation checkpointing, torch.compile and DDP/FSDP2 to `model` (a `GPT`).
+
+    Returns the module to call in the training loop. Under FSDP that is `model` itself (sharded in
+    place); under DDP a wrapper around it; either way `model` keeps its parameter names, and the
+    optimizer must be built from `model.parameters()` *after* this call (FSDP replaces them).
+    `log` receives one line saying what was applied.
+    """
+    strategy = resolve_strategy(config, info)
+    log(describe(strategy, config, info, dtype))
+    if config.activation_checkpointing:
+        for block in model.blocks:
+            checkpoint_activations(block)
+    if strategy == "fsdp":
+        if config.compile:
+            # Per block, before sharding (as torchtitan does): each compiled graph lies between
+            # FSDP's all-gather/reduce-scatter hooks, which therefore still overlap with compute.
+            for block in model.blocks:
+                block.compile()
+        shard_model(model, config, info, dtype)
+        return model
+    wrapped = model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        # DDP broadcasts rank 0's weights here, so ranks start identical even if seeds differed.
+        wrapped = DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None
+        )
+    if config.compile:
+        # In place (Module.compile), so names keep no `_orig_mod.` prefix; compiling the DDP
+        # wrapper (not the inner model) lets dynamo split graphs at DDP's buckets and overlap
+        # their all-reduce with the rest of backward.
+        wrapped.compile()
+    return wrapped
+
+
+def describe(strategy: str, config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> str:
+    """One line for the log: which strategy, and why when it is not the one asked for."""
+    extras = [name for name, on in (("activation checkpointing", config.activation_checkpointing),
+                                    ("compile", config.compile)) if on]
+    if strategy == "fsdp":
+        precision = f"{str(dtype).removeprefix('torch.')} compute, {config.fsdp_reduce_dtype} reduce-scatter"
+        line = (f"parallel: fsdp (FSDP2) over {info.world_size} process(es); {precision}; reshard after "
+                f"forward {config.fsdp_reshard_after_forward}" + ("; CPU offload" if config.fsdp_cpu_offload else ""))
+    elif strategy == "ddp":
+        line = f"parallel: ddp over {info.world_size} process(es)"
+    elif config.parallel in ("ddp", "fsdp"):
+        line = (f"parallel: none (parallel = {config.parallel!r} needs torchrun; this is one process "
+                f"without a process group, so the plain model trains)")
+    else:
+        line = "parallel: none (one process)"
+    return line + "".join(f"; {e}" for e in extras)
+
+
+def checkpoint_activations(block: nn.Module) -> None:
+    """Make `block` keep only its input in forward and recompute the rest during backward.
+
+    Trades one extra forward per block for not storing its activations (the bulk of memory at
+    long context). Done by replacing the instance's forward, not by wrapping the module, so
+    parameter names do not change. Non-reentrant checkpointing replays the same RNG state, so
+    dropout masks match the stored-activation run.
+    """
+    forward = block.forward
+
+    def checkpointed_forward(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = checkpointed_forward
+
+
+def shard_model(model: nn.Module, config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> None:
+    """FSDP2: `fully_shard` each transformer block, then the root (embeddings, final norm, head).
+
+    One FSDP unit per block means one all-gather per block in forward and one reduce-scatter per
+    block in backward, each overlapping with the neighbouring block's compute. The root unit
+    holds the rest, including the tied embedding / lm_head matrix (one parameter, one shard).
+    Unlike DDP, fully_shard broadcasts nothing: each rank keeps its slice of its *own* weights,
+    so ranks must start identical (the trainer seeds every rank alike before building the model).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    mp_policy = MixedPrecisionPolicy(
+        # Compute (gathered weights, activations) in `dtype`; the sharded master weights and
+        # optimizer state stay fp32.
+        param_dtype=None if dtype == torch.float32 else dtype,
+        # Summing W gradients in bf16 loses bits the update needs; fp32 costs 2x the traffic.
+        reduce_dtype=REDUCE_DTYPES[config.fsdp_reduce_dtype],
+    )
+    # Offload keeps sharded weights, gradients and the AdamW step on the CPU; pinned memory
+    # makes the host<->GPU copies asynchronous (and only exists with a GPU).
+    offload = (CPUOffloadPolicy(pin_memory=info.device.type == "cuda") if config.fsdp_cpu_offload
+               else OffloadPolicy())
+    n = len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, offload_policy=offload,
+                    reshard_after_forward=reshard_after_forward(config.fsdp_reshard_after_forward, i, n))
+    # The root's own parameters are needed first in backward; FSDP2 keeps them gathered anyway.
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
+
+
+def reshard_after_forward(policy: str, index: int, n_blocks: int) -> bool:
+    """Free block `index`'s gathered weights after its forward? 'always' saves the most memory
+    (ZeRO-3), 'never' saves the backward all-gather (ZeRO-2-like); 'auto' frees all but the last
+    block, whose weights backward needs immediately."""
+    if policy == "always":
+        return True
+    if policy == "never":
+        return False
+    if policy == "auto":
+        return index < n_blocks - 1
+    raise ConfigError(f"fsdp_reshard_after_forward = {policy!r} is not allowed; choose auto, always or never")
+
+
+# ----------------------------------------------------------------------------------------
+# Gradient accumulation
+
+
+def set_gradient_sync(wrapped: nn.Module, enabled: bool) -> None:
+    """Whether the next backward reduces gradients across ranks.
+
+    During gradient accumulation only the last micro-batch needs to: the others add into local
+    gradients. Set before the forward (DDP decides in forward, FSDP2 in backward) and left until
+    the next call. A no-op for the plain model.
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(wrapped, DistributedDataParallel):
+        # What DDP's own no_sync() context manager toggles; a plain setter fits a loop whose
+        # backward runs outside the forward's `with` block.
+        wrapped.require_backward_grad_sync = enabled
+    elif isinstance(wrapped, FSDPModule):
+        wrapped.set_requires_gradient_sync(enabled)
+
+
+# ----------------------------------------------------------------------------------------
+# Full (unsharded) state for checkpoints
+#
+# The checkpoint files hold the single-process format: `model.state_dict()` without tied aliases
+# (as safetensors.save_model writes it) and the native `optimizer.state_dict()` (parameters as
+# integers in param-group order). torch.distributed.checkpoint's state_dict helpers gather and
+# scatter those states under any wrapper, but name the optimizer's parameters by FQN; the two
+# functions below translate, using `model`'s parameter order.
+
+
+def _state_dict_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model state, optimizer state), unsharded and on the CPU, in the checkpoint file format.
+
+    A collective under FSDP: every rank must call it. Only rank 0 receives the tensors (the other
+    ranks get empty dicts), so only rank 0 needs the host memory for a whole copy.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    options = _state_dict_options(cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if not model_state:  # not rank 0
+        return {}, {}
+    return drop_tied_aliases(model_state, model), optimizer_state_by_index(optim_state)
+
+
+def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                          model_state: dict, optim_state: dict | None) -> None:
+    """Load full states (as read from a checkpoint, on every rank) into `model` and `optimizer`,
+    each rank keeping its own shard under FSDP. A collective under FSDP."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    options = _state_dict_options(strict=True)
+    set_model_state_dict(model, add_tied_aliases(model_state, model), options=options)
+    if optimizer is not None and optim_state is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state_by_name(optim_state, model, optimizer),
+                                 options=options)
+
+
+def tied_names(model: nn.Module) -> list[list[str]]:
+    """Groups of parameter names that are one tensor (the tied embedding and lm_head)."""
+    by_param: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_param.setdefault(id(param), []).append(name)
+    return [sorted(names) for names in by_param.values() if len(names) > 1]
+
+
+def drop_tied_aliases(state: dict, model: nn.Module) -> dict:
+    """Keep one name per tied tensor, the same one safetensors.save_model keeps (sorted first)."""
+    state = dict(state)
+    for names in tied_names(model):
+        for alias in names[1:]:
+            state.pop(alias, None)
+    return state
+
+
+def add_tied_aliases(state: dict, model: nn.Module) -> dict:
+    """Fill in the names `drop_tied_aliases` (or safetensors) left out, from the name that was kept."""
+    state = dict(state)
+    for names in tied_names(model):
+        present = [n for n in names if n in state]
+        for name in names:
+            if present and name not in state:
+                state[name] = state[present[0]]
+    return state
+
+
+def optimizer_state_by_index(state: dict) -> dict:
+    """FQN-keyed optimizer state (torch.distributed.checkpoint) -> `optimizer.state_dict()` format."""
+    index: dict[str, int] = {}
+    groups = []
+    for group in state["param_groups"]:
+        ids = [index.setdefault(name, len(index)) for name in group["params"]]
+        groups.append({**group, "params": ids})
+    return {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}
+
+
+def optimizer_state_by_name(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """`optimizer.state_dict()` format -> FQN-keyed, naming each index by this optimizer's params."""
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    saved_groups = state["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups) or any(
+        len(saved["params"]) != len(live["params"]) for saved, live in zip(saved_groups, optimizer.param_groups)
+    ):
+        shape = [len(g["params"]) for g in saved_groups]
+        raise ValueError(
+            f"optimizer state has parameter groups of sizes {shape}, this optimizer "
+            f"{[len(g['params']) for g in optimizer.param_groups]}"
+        )
+    by_name, groups = {}, []
+    for saved, live in zip(saved_groups, optimizer.param_groups):
+        names = [name_of[id(p)] for p in live["params"]]
+        groups.append({**saved, "params": names})
+        for index, name in zip(saved["params"], names):
+            if index in state["state"]:
+                by_name[name] = state["state"][index]
+    return {"state": by_name, "param_groups": groups}
