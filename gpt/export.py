@@ -1,0 +1,191 @@
+"""Export a checkpoint as a Hugging Face GPT-2 folder.
+
+    python -m gpt.export RUN --format hf --out DIR [--overwrite] [--no-check]
+
+RUN is a run folder (its latest checkpoint) or a checkpoint folder. DIR receives what
+`transformers.GPT2LMHeadModel.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`
+load offline:
+
+    config.json             GPT2Config with activation_function="gelu" (ours is exact GELU)
+    model.safetensors       the weights under GPT-2's names (see gpt/hf.py for the mapping)
+    tokenizer.json          the run's tokenizer, unchanged (BPE or char)
+    tokenizer_config.json   PreTrainedTokenizerFast, end-of-text as bos/eos/unk (BPE)
+
+Before DIR appears, the export loads it back with transformers and checks that the logits
+equal ours and that the tokenizer gives our ids (--no-check skips this). The folder is
+written under a temporary name and renamed when complete, so a failed export leaves nothing.
+Needs the `hf` extra: pip install 'gpt-from-scratch[hf]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import safetensors.torch
+import tokenizers
+import torch
+
+from . import checkpoint as ckpt
+from .hf import HFError, check_gpt2_shape, hf_config_dict, to_hf_state_dict
+from .model import GPT, GPTConfig
+from .tokenizer import EOS_TOKEN, Tokenizer
+
+FORMATS = ("hf",)
+
+
+def require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise HFError("exporting for Hugging Face needs the transformers package: "
+                      "pip install 'gpt-from-scratch[hf]' (or pip install transformers)") from None
+    return transformers
+
+
+def export_hf(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
+              check: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Write checkpoint `run` as a GPT-2 folder `out`; return `out`. See the module docstring."""
+    source = ckpt.resolve_checkpoint(run)
+    ckpt.verify_checkpoint(source)
+    state = ckpt.read_state(source)
+    config = GPTConfig(**state["model_config"])
+    check_gpt2_shape(config)  # before any work: say at once which option differs
+    out = Path(out)
+    _check_target(out, source, overwrite)
+    transformers = require_transformers()
+
+    model = GPT(config)
+    ckpt.load_model_weights(source, model)
+    model.eval()
+    tokenizer_file = source / ckpt.TOKENIZER_FILE
+    tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file.exists() else None
+    eos_id = tokenizer.eos_id if tokenizer is not None else None
+
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        transformers.GPT2Config(**hf_config_dict(config, eos_id)).save_pretrained(tmp)
+        # "format": "pt" is the metadata transformers itself writes and checks for.
+        safetensors.torch.save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"),
+                                    metadata={"format": "pt"})
+        if tokenizer is not None:
+            save_hf_tokenizer(tokenizer, tmp, config.block_size, transformers)
+        else:
+            log(f"warning: {source} has no {ckpt.TOKENIZER_FILE}; exported the model without a tokenizer")
+        if check:
+            log(check_export(tmp, model, tokenizer, transformers))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"exported {source} to {out} (Hugging Face GPT-2: GPT2LMHeadModel.from_pretrained({str(out)!r}))")
+    return out
+
+
+def _check_target(out: Path, source: Path, overwrite: bool) -> None:
+    if out.resolve() in (source.resolve(), *source.resolve().parents):
+        raise HFError(f"--out {out} would overwrite the checkpoint being exported; choose another folder")
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        if not overwrite:
+            raise HFError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
+        if out.is_dir() and ((out / ckpt.LATEST_FILE).exists() or (out / ckpt.CHECKPOINTS_DIR).is_dir()):
+            raise HFError(f"--out {out} is a training run folder; refusing to replace it even with --overwrite")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished folder to its name; an existing target is replaced only now."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old{os.getpid()}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    else:
+        os.rename(tmp, out)
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, out: Path, max_length: int, transformers) -> None:
+    """tokenizer.json plus the tokenizer_config.json that AutoTokenizer reads."""
+    special = {} if tokenizer.eos_id is None else {
+        "bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN}  # as GPT-2 does
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer.from_str(tokenizer.inner.to_str()),  # HF edits it
+        model_max_length=max_length,
+        clean_up_tokenization_spaces=False,  # decode must give the exact text back
+        # Ours encodes a literal "<|endoftext|>" in text as text (only data prep inserts the
+        # end-of-text id), so HF must too, or the ids would differ.
+        split_special_tokens=True,
+        **special,
+    )
+    fast.save_pretrained(out)
+    # Older transformers (4.x) know the class by this name; 5.x accepts it as well.
+    config_path = out / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(tok_config, indent=2) + "\n")
+
+
+def check_export(folder: Path, model: GPT, tokenizer: Tokenizer | None, transformers) -> str:
+    """Load `folder` with transformers; raise unless logits and token ids equal ours."""
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(folder, local_files_only=True).eval()
+    generator = torch.Generator().manual_seed(0)
+    T = min(model.config.block_size, 64)
+    x = torch.randint(0, model.config.vocab_size, (2, T), generator=generator)
+    with torch.no_grad():
+        ours = model(x)[0].float()
+        theirs = hf_model(x).logits.float()
+    diff = (ours - theirs).abs().max().item()
+    if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4):
+        raise HFError(f"check failed: logits of the exported model differ from ours by up to {diff:.3g}")
+    message = f"checked: Hugging Face logits equal ours (max |difference| {diff:.2g})"
+    if tokenizer is not None:
+        hf_tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        specials = {tokenizer.eos_id}
+        ids = [i for i in torch.randint(0, tokenizer.vocab_size, (T,), generator=generator).tolist()
+               if i not in specials]
+        text = tokenizer.decode(ids)
+        if hf_tok(text)["input_ids"] != tokenizer.encode(text):
+            raise HFError(f"check failed: the exported tokenizer encodes {text[:40]!r}... differently from ours")
+        if hf_tok.decode(ids) != text:
+            raise HFError("check failed: the exported tokenizer decodes differently from ours")
+        message += "; tokenizer ids and text equal ours"
+    return message
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt.export",
+        description="Export a checkpoint for other tools. Options may be spelled with '_' or '-'.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("run", help="run folder (its latest checkpoint) or checkpoint folder")
+    parser.add_argument("--format", default="hf", choices=FORMATS,
+                        help="hf: a Hugging Face GPT-2 folder (default)")
+    parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--no-check", "--no_check", dest="check", action="store_false",
+                        help="skip loading the export back with transformers to compare logits and ids")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .cli import report_errors
+
+    def run() -> None:
+        args = build_parser().parse_args(argv)
+        export_hf(args.run, args.out, overwrite=args.overwrite, check=args.check)
+
+    return report_errors(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

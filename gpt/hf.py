@@ -1,0 +1,313 @@
+"""Our GPT <-> Hugging Face GPT-2: the weight mapping, and reading a local GPT-2 folder.
+
+The two models compute the same function; only names and one layout differ:
+
+    ours                        Hugging Face GPT2LMHeadModel
+    tok_emb.weight              transformer.wte.weight
+    pos_emb.weight              transformer.wpe.weight
+    blocks.i.ln1                transformer.h.i.ln_1
+    blocks.i.attn.qkv           transformer.h.i.attn.c_attn     (transposed)
+    blocks.i.attn.proj          transformer.h.i.attn.c_proj     (transposed)
+    blocks.i.ln2                transformer.h.i.ln_2
+    blocks.i.mlp.fc             transformer.h.i.mlp.c_fc        (transposed)
+    blocks.i.mlp.proj           transformer.h.i.mlp.c_proj      (transposed)
+    ln_f                        transformer.ln_f
+    lm_head.weight              lm_head.weight                  (tied to wte: stored once)
+
+"Transposed": GPT-2 was written with `Conv1D` layers that store a [in, out] matrix and compute
+x @ W, where `nn.Linear` stores [out, in] and computes x @ W.T. The fused q, k, v order and the
+head layout inside c_attn are the same as ours. GPT-2's MLP activation is "gelu_new" (the tanh
+approximation); ours is the exact erf GELU, so an export says activation_function="gelu" and
+the two models give equal logits. Importing a "gelu_new" model (e.g. OpenAI's released GPT-2)
+works, with logits that differ slightly (the two GELUs differ by < 5e-4 per activation).
+
+Reading a GPT-2 folder needs only safetensors and JSON, not the transformers library: both
+the files transformers writes (keys "transformer.h.0...") and OpenAI's GPT-2 as uploaded to
+the hub (keys "h.0...", plus causal-mask buffers "h.0.attn.bias" that are not weights) load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import safetensors.torch
+import torch
+
+from .model import GPT, GPTConfig
+
+HF_PREFIX = "hf:"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # a model saved in several shards
+TORCH_WEIGHTS_FILE = "pytorch_model.bin"  # older uploads
+# Activations whose formula is GELU: "gelu" is ours exactly; the others approximate it.
+EXACT_GELU = "gelu"
+APPROXIMATE_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+class HFError(ValueError):
+    """A Hugging Face folder or config does not fit this project's GPT; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------
+# The name table, used in both directions
+
+
+def weight_names(n_layer: int) -> list[tuple[str, str, bool]]:
+    """(our name, HF name, transposed) for every weight of an n_layer GPT-2 (lm_head excluded)."""
+    names = [("tok_emb.weight", "transformer.wte.weight", False),
+             ("pos_emb.weight", "transformer.wpe.weight", False)]
+    for i in range(n_layer):
+        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
+        for a, b, transposed in (("ln1", "ln_1", False), ("attn.qkv", "attn.c_attn", True),
+                                 ("attn.proj", "attn.c_proj", True), ("ln2", "ln_2", False),
+                                 ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True)):
+            names.append((f"{ours}{a}.weight", f"{theirs}{b}.weight", transposed))
+            names.append((f"{ours}{a}.bias", f"{theirs}{b}.bias", False))
+    names += [("ln_f.weight", "transformer.ln_f.weight", False),
+              ("ln_f.bias", "transformer.ln_f.bias", False)]
+    return names
+
+
+def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under GPT-2's names and layout (contiguous fp32 copies, safe to save)."""
+    check_gpt2_shape(model.config)
+    ours = model.state_dict()
+    out = {theirs: (ours[name].t() if transposed else ours[name]).float().contiguous().clone()
+           for name, theirs, transposed in weight_names(model.config.n_layer)}
+    # Tied: lm_head.weight is wte. HF reties it on load, so it is stored once, as HF does.
+    return out
+
+
+def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig, where: str) -> dict[str, torch.Tensor]:
+    """GPT-2 weights (either naming) -> our state_dict for `config`; names what is missing."""
+    # OpenAI's upload has no "transformer." prefix; transformers' own saves have it.
+    normalized = {}
+    for key, value in tensors.items():
+        if key.startswith("h.") or key.split(".")[0] in ("wte", "wpe", "ln_f"):
+            key = "transformer." + key
+        normalized[key] = value
+    out: dict[str, torch.Tensor] = {}
+    missing = []
+    for name, theirs, transposed in weight_names(config.n_layer):
+        if theirs not in normalized:
+            missing.append(theirs)
+            continue
+        value = normalized[theirs]
+        out[name] = value.t().contiguous() if transposed else value
+    if config.tie_weights:
+        out["lm_head.weight"] = out.get("tok_emb.weight")
+    elif "lm_head.weight" in normalized:
+        out["lm_head.weight"] = normalized["lm_head.weight"]
+    else:
+        missing.append("lm_head.weight")
+    if missing:
+        raise HFError(f"{where}: weights missing for a {config.n_layer}-layer GPT-2: {missing[:5]}"
+                      + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    used = {theirs for _, theirs, _ in weight_names(config.n_layer)} | {"lm_head.weight"}
+    # Causal-mask buffers (attn.bias / attn.masked_bias) are constants, not weights.
+    extra = [k for k in normalized if k not in used and not k.endswith(("attn.bias", "attn.masked_bias"))]
+    if extra:
+        raise HFError(f"{where}: weights that a GPT-2 of this shape does not have: {extra[:5]}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Export side: is our model something GPT2LMHeadModel can hold?
+
+
+def check_gpt2_shape(config: GPTConfig) -> None:
+    """Refuse models GPT2LMHeadModel cannot represent, naming each option that differs."""
+    problems = []
+    if not config.bias:
+        problems.append("bias=False (GPT-2 has biases in every Linear and LayerNorm layer)")
+    if not config.tie_weights:
+        problems.append("tie_weights=False (GPT-2 ties lm_head to the token embedding)")
+    if problems:
+        raise HFError("this model is not GPT-2-shaped, so it cannot be exported for Hugging Face "
+                      "GPT2LMHeadModel: " + "; ".join(problems))
+
+
+def hf_config_dict(config: GPTConfig, eos_id: int | None) -> dict[str, Any]:
+    """The GPT2Config fields that describe our model (everything else keeps GPT-2's defaults)."""
+    return {
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,  # 4 * n_embd, as ours
+        "activation_function": EXACT_GELU,  # ours is nn.GELU() (erf); GPT-2's default is tanh
+        "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "tie_word_embeddings": True,
+        # A char vocabulary has no end-of-text token; GPT-2's default 50256 would be out of range.
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# Import side: a local GPT-2 folder -> our GPTConfig and weights
+
+
+def parse_init_from(init_from: str) -> Path | None:
+    """The folder of an `init_from = "hf:DIR"` setting, or None for any other value."""
+    if not init_from.startswith(HF_PREFIX):
+        return None
+    if not init_from[len(HF_PREFIX):]:
+        raise HFError(f"init_from = {init_from!r}: name a folder after '{HF_PREFIX}', e.g. {HF_PREFIX}models/gpt2")
+    path = Path(init_from[len(HF_PREFIX):]).expanduser()
+    if not path.is_dir():
+        raise HFError(f"init_from = {init_from!r}: {path} is not a folder (expected a local "
+                      f"Hugging Face GPT-2 folder with {CONFIG_FILE} and {WEIGHTS_FILE})")
+    return path
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(hf_dir) / CONFIG_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HFError(f"{path} does not exist: not a Hugging Face model folder") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise HFError(f"{path}: cannot read the model config ({e})") from e
+
+
+def gpt_config_from_hf(hf: dict[str, Any], where: str, *, dropout: float = 0.0,
+                       attention: str = "sdpa") -> GPTConfig:
+    """Our GPTConfig for a GPT-2 config.json; refuses what our model cannot compute.
+
+    dropout and attention are training/implementation choices, not part of the weights, so
+    they come from the caller.
+    """
+    model_type = hf.get("model_type")
+    if model_type != "gpt2":
+        raise HFError(f"{where}: model_type is {model_type!r}; only GPT-2 ('gpt2') models can be loaded")
+    n_embd = hf.get("n_embd", 768)
+    problems = []
+    activation = hf.get("activation_function", "gelu_new")
+    if activation != EXACT_GELU and activation not in APPROXIMATE_GELUS:
+        problems.append(f"activation_function={activation!r} (ours is GELU)")
+    if hf.get("n_inner") not in (None, 4 * n_embd):
+        problems.append(f"n_inner={hf['n_inner']} (ours is 4 * n_embd = {4 * n_embd})")
+    if not math.isclose(hf.get("layer_norm_epsilon", 1e-5), 1e-5, rel_tol=1e-6):
+        problems.append(f"layer_norm_epsilon={hf['layer_norm_epsilon']} (ours is 1e-5)")
+    if not hf.get("scale_attn_weights", True):
+        problems.append("scale_attn_weights=false (ours scales by 1/sqrt(head size))")
+    if hf.get("scale_attn_by_inverse_layer_idx", False):
+        problems.append("scale_attn_by_inverse_layer_idx=true")
+    if hf.get("add_cross_attention", False):
+        problems.append("add_cross_attention=true")
+    if problems:
+        raise HFError(f"{where}: this GPT-2 variant differs from our model: " + "; ".join(problems))
+    return GPTConfig(
+        vocab_size=hf.get("vocab_size", 50257),
+        block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+        n_layer=hf.get("n_layer", 12),
+        n_head=hf.get("n_head", 12),
+        n_embd=n_embd,
+        dropout=dropout,
+        bias=True,
+        tie_weights=hf.get("tie_word_embeddings", True),
+        attention=attention,
+    )
+
+
+def activation_note(hf: dict[str, Any]) -> str | None:
+    """A one-line warning when the folder's GELU is an approximation of ours, else None."""
+    activation = hf.get("activation_function", "gelu_new")
+    if activation == EXACT_GELU:
+        return None
+    return (f"note: the model was trained with activation_function={activation!r} (tanh "
+            f"approximation of GELU); ours computes exact GELU, so logits differ slightly from the "
+            f"original (fine for fine-tuning and sampling)")
+
+
+def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a GPT-2 folder: model.safetensors, a sharded index, or pytorch_model.bin."""
+    hf_dir = Path(hf_dir)
+    single, index, legacy = hf_dir / WEIGHTS_FILE, hf_dir / WEIGHTS_INDEX_FILE, hf_dir / TORCH_WEIGHTS_FILE
+    if single.exists():
+        return safetensors.torch.load_file(str(single))
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise HFError(f"{index}: cannot read the shard index ({e})") from e
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            tensors.update(safetensors.torch.load_file(str(hf_dir / shard)))
+        return tensors
+    if legacy.exists():
+        # weights_only: a pickle that tries to build arbitrary objects (run code) is refused.
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise HFError(f"{hf_dir}: no weights ({WEIGHTS_FILE}, {WEIGHTS_INDEX_FILE} or {TORCH_WEIGHTS_FILE})")
+
+
+def load_hf_weights(model: GPT, hf_dir: str | os.PathLike) -> None:
+    """Copy a GPT-2 folder's weights into `model` (whose config must match the folder's)."""
+    hf_dir = Path(hf_dir)
+    state = from_hf_state_dict(read_hf_weights(hf_dir), model.config, str(hf_dir))
+    expected = model.state_dict()
+    for name, value in state.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise HFError(f"{hf_dir}: {name} has shape {tuple(value.shape)}, the model from "
+                          f"{CONFIG_FILE} expects {tuple(expected[name].shape)}")
+    with torch.no_grad():
+        for name, value in state.items():
+            expected[name].copy_(value)  # state_dict tensors share storage with the parameters
+
+
+def load_hf_model(hf_dir: str | os.PathLike, *, dropout: float = 0.0, attention: str = "sdpa",
+                  log: Callable[[str], None] | None = None) -> GPT:
+    """Our GPT, built from a GPT-2 folder's config.json and filled with its weights."""
+    hf = read_hf_config(hf_dir)
+    model = GPT(gpt_config_from_hf(hf, str(Path(hf_dir) / CONFIG_FILE), dropout=dropout, attention=attention))
+    load_hf_weights(model, hf_dir)
+    note = activation_note(hf)
+    if note and log is not None:
+        log(note)
+    return model
+
+
+def init_from_hf(hf_dir: Path, gpt_config: GPTConfig, data_vocab_size: int,
+                 log: Callable[[str], None]) -> GPTConfig:
+    """The model config of a run with `init_from = "hf:DIR"`: the architecture is the folder's.
+
+    Prints which model keys of the run config were replaced by the folder's, and refuses a
+    dataset whose vocabulary differs (token ids would mean different things to the model).
+    """
+    where = str(hf_dir / CONFIG_FILE)
+    hf = read_hf_config(hf_dir)
+    new = gpt_config_from_hf(hf, where, dropout=gpt_config.dropout, attention=gpt_config.attention)
+    if new.vocab_size != data_vocab_size:
+        raise HFError(
+            f"{where} has vocab_size {new.vocab_size}, but the dataset's vocabulary has "
+            f"{data_vocab_size} ids. A model trained on one vocabulary needs data tokenized with "
+            f"the same tokenizer (for OpenAI's GPT-2: GPT-2's tokenizer, e.g. llm.c FineWeb shards)"
+        )
+    if gpt_config.block_size > new.block_size:
+        raise HFError(f"block_size = {gpt_config.block_size} is longer than the context of {where} "
+                      f"(n_positions = {new.block_size}); use block_size <= {new.block_size}")
+    taken = [f"{k} = {getattr(new, k)!r} (config: {getattr(gpt_config, k)!r})"
+             for k in ("n_layer", "n_head", "n_embd", "bias", "tie_weights")
+             if getattr(new, k) != getattr(gpt_config, k)]
+    if new.block_size != gpt_config.block_size:
+        # The position table keeps all its rows; training windows stay block_size long.
+        taken.append(f"context n_positions = {new.block_size} (training windows stay "
+                     f"block_size = {gpt_config.block_size})")
+    if taken:
+        log(f"init_from {HF_PREFIX}{hf_dir}: model settings taken from {where}: " + "; ".join(taken))
+    note = activation_note(hf)
+    if note:
+        log(note)
+    return new

@@ -1,0 +1,119 @@
+"""Plot training curves from runs' metrics.jsonl files into one PNG.
+
+    python -m gpt.plot RUN [RUN ...] [--out FILE] [--title TEXT]
+
+One row per quantity (train and val loss, learning rate, tokens/s), against optimizer steps in
+the left column and against tokens seen in the right one: runs with different batch sizes
+compare fairly on the token axis. Several runs are overlaid, one colour each (train loss
+solid, val loss dashed with dots). The default output is RUN/metrics.png for one run and
+./metrics.png for several. Needs the `plot` extra: pip install 'gpt-from-scratch[plot]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .metrics import METRICS_FILE, MetricsError, read_metrics
+
+ROWS = (
+    ("loss", "loss (nats/token)"),
+    ("lr", "learning rate"),
+    ("tokens_per_s", "tokens/s"),
+)
+X_AXES = (("step", "step"), ("tokens", "tokens seen"))
+
+
+def load_runs(runs: Sequence[str | Path]) -> dict[str, list[dict[str, Any]]]:
+    """{label: records} for each run folder (or metrics file); refuses runs with nothing to plot."""
+    loaded: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        path = Path(run)
+        records = read_metrics(path)
+        file = path / METRICS_FILE if path.is_dir() else path
+        if not records:
+            raise MetricsError(f"{file} is empty: the run has not logged a step yet")
+        label = (path if path.is_dir() else path.parent).resolve().name
+        while label in loaded:  # two runs of the same folder name stay apart in the legend
+            label += "'"
+        loaded[label] = records
+    return loaded
+
+
+def _series(records: list[dict[str, Any]], x_key: str, y_key: str) -> tuple[list[float], list[float]]:
+    points = [(r[x_key], r[y_key]) for r in records
+              if isinstance(r.get(x_key), (int, float)) and isinstance(r.get(y_key), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_runs(runs: Sequence[str | Path], out: str | Path, title: str | None = None) -> Path:
+    """Draw the runs' curves into the PNG `out`; return its path."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    except ImportError:
+        raise MetricsError("plotting needs matplotlib: pip install 'gpt-from-scratch[plot]' "
+                           "(or pip install matplotlib)") from None
+    loaded = load_runs(runs)
+    fig = Figure(figsize=(12, 10), layout="constrained")
+    axes = fig.subplots(len(ROWS), len(X_AXES), squeeze=False)
+    colors = [f"C{i % 10}" for i in range(len(loaded))]
+    for (label, records), color in zip(loaded.items(), colors):
+        for col, (x_key, x_label) in enumerate(X_AXES):
+            for row, (y_key, y_label) in enumerate(ROWS):
+                ax = axes[row][col]
+                xs, ys = _series(records, x_key, y_key)
+                name = f"{label} train" if y_key == "loss" else label
+                # A marker per point while there are few, so a short run is not invisible.
+                ax.plot(xs, ys, color=color, linewidth=1.2, label=name,
+                        marker="." if len(xs) < 30 else None)
+                if y_key == "loss":
+                    vx, vy = _series(records, x_key, "val_loss")
+                    if vx:
+                        ax.plot(vx, vy, color=color, linestyle="--", marker="o", markersize=3,
+                                label=f"{label} val")
+                ax.set_xlabel(x_label)
+                ax.set_ylabel(y_label)
+                ax.grid(True, alpha=0.3)
+    for ax in axes[0]:
+        ax.legend(fontsize="small")
+    fig.suptitle(title or "training curves: " + ", ".join(loaded))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def default_output(runs: Sequence[str]) -> Path:
+    if len(runs) == 1 and Path(runs[0]).is_dir():
+        return Path(runs[0]) / "metrics.png"
+    return Path("metrics.png")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt.plot",
+        description="Plot loss, learning rate and tokens/s of one or more runs from their metrics.jsonl.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder (out_dir) or metrics.jsonl file")
+    parser.add_argument("--out", default=None,
+                        help="PNG to write (default: RUN/metrics.png for one run, ./metrics.png for several)")
+    parser.add_argument("--title", default=None, help="figure title")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .cli import report_errors
+
+    def run() -> None:
+        args = build_parser().parse_args(argv)
+        out = plot_runs(args.runs, args.out or default_output(args.runs), args.title)
+        print(f"wrote {out}")
+
+    return report_errors(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

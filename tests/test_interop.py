@@ -1,0 +1,434 @@
+"""Interop and observability: Hugging Face export/import, wandb (offline), plots, evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+# Everything here works offline; make sure nothing reaches for the hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import transformers  # the `test` extra installs transformers, wandb and matplotlib
+
+from gpt import checkpoint as ckpt
+from gpt.cli import run_sample
+from gpt import eval as gpt_eval
+from gpt import export, hf, plot
+from gpt.config import ConfigError, TrainConfig
+from gpt.metrics import MetricsError, WandbSink, read_metrics
+from gpt.model import GPT, GPTConfig
+from gpt.prepare import prepare
+from gpt.shards import list_shards, open_shard
+from gpt.tokenizer import Tokenizer
+from gpt.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------
+# Fixtures: a corpus every Python has, two tiny datasets, two tiny trained runs
+
+
+def corpus() -> str:
+    """About 40 kB of real text: this Python's own json package sources."""
+    folder = Path(json.__file__).parent
+    text = "".join(p.read_text() for p in sorted(folder.glob("*.py")))
+    return text[:40_000]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    out = {}
+    for kind, vocab in (("char", 0), ("bpe", 300)):
+        out[kind] = root / kind
+        prepare(out[kind], [corpus()], tokenizer=kind, vocab_size=vocab or 8192, val_fraction=0.1,
+                val_rule="tail", progress=False, log=None)
+    return out
+
+
+def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
+    base = TrainConfig(
+        out_dir=str(out_dir), data_dir=str(data_dir), prepare_source="none", device="cpu",
+        dtype="float32", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4,
+        max_steps=12, learning_rate=3e-3, min_lr=3e-4, warmup_steps=2, eval_interval=6,
+        eval_iters=2, log_interval=2, keep_last=2, peak_tflops=1.0,
+    )
+    return replace(base, **overrides).validate()
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for kind in ("char", "bpe"):
+        out[kind] = root / f"{kind}_run"
+        train(tiny_config(data[kind], out[kind]))
+    return out
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Every parameter random (biases and LayerNorms too), so a wrong mapping cannot hide."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+
+
+def hf_gpt2(vocab_size: int, n_positions: int = 32, seed: int = 0, **kwargs):
+    config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=32,
+                                     n_layer=2, n_head=2, activation_function="gelu",
+                                     bos_token_id=None, eos_token_id=None, **kwargs)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    randomize(model, seed)
+    return model
+
+
+def our_model(run: Path) -> tuple[GPT, Tokenizer]:
+    source = ckpt.resolve_checkpoint(run)
+    model = GPT(GPTConfig(**ckpt.read_state(source)["model_config"]))
+    ckpt.load_model_weights(source, model)
+    return model.eval(), Tokenizer.from_file(source / ckpt.TOKENIZER_FILE)
+
+
+def val_text(data_dir: Path, tokenizer: Tokenizer, n: int = 400) -> str:
+    ids = open_shard(list_shards(data_dir, "val")[0])[:n].tolist()
+    return tokenizer.decode([i for i in ids if i != tokenizer.eos_id])
+
+
+# ----------------------------------------------------------------------------------------
+# The weight mapping, both ways, on small random models
+
+
+def test_ours_to_hf_logits_equal():
+    model = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    randomize(model)
+    model.eval()
+    theirs = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(**hf.hf_config_dict(model.config, eos_id=None))).eval()
+    missing, unexpected = theirs.load_state_dict(hf.to_hf_state_dict(model), strict=False)
+    assert missing == ["lm_head.weight"] and unexpected == []  # tied: HF reties it to wte
+    theirs.tie_weights()
+    x = torch.randint(0, 65, (3, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(model(x)[0], theirs(x).logits, atol=1e-5, rtol=0)
+
+
+def test_hf_to_ours_logits_equal(tmp_path):
+    theirs = hf_gpt2(vocab_size=50)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = hf.load_hf_model(tmp_path / "hf").eval()
+    assert (ours.config.vocab_size, ours.config.block_size, ours.config.n_layer) == (50, 32, 2)
+    x = torch.randint(0, 50, (3, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = theirs(x).logits
+        assert torch.allclose(ours(x)[0], expected, atol=1e-5, rtol=0)
+
+    # OpenAI's GPT-2 upload names weights without "transformer." and stores causal-mask buffers.
+    openai = tmp_path / "openai_style"
+    openai.mkdir()
+    tensors = safetensors.torch.load_file(str(tmp_path / "hf" / "model.safetensors"))
+    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items() if k != "lm_head.weight"}
+    for i in range(2):
+        tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+    safetensors.torch.save_file(tensors, str(openai / "model.safetensors"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (openai / "config.json").write_text(json.dumps(dict(config, activation_function="gelu_new")))
+    notes = []
+    approx = hf.load_hf_model(openai, log=notes.append).eval()
+    assert notes and "gelu_new" in notes[0]  # the user is told the activation is approximated
+    with torch.no_grad():
+        # Same weights; only tanh-GELU vs exact GELU separates the logits.
+        assert (approx(x)[0] - expected).abs().max() < 0.05
+
+
+def test_hf_config_refusals():
+    base = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 50}
+    with pytest.raises(hf.HFError, match="activation_function='relu'"):
+        hf.gpt_config_from_hf(dict(base, activation_function="relu"), "x/config.json")
+    with pytest.raises(hf.HFError, match="n_inner=64"):
+        hf.gpt_config_from_hf(dict(base, n_inner=64), "x/config.json")
+    with pytest.raises(hf.HFError, match="model_type is 'llama'"):
+        hf.gpt_config_from_hf(dict(base, model_type="llama"), "x/config.json")
+
+
+# ----------------------------------------------------------------------------------------
+# Export: run folder -> a folder transformers loads offline
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_export_loads_in_transformers(kind, runs, data, tmp_path, capsys):
+    out = tmp_path / f"{kind}_hf"
+    assert export.main([str(runs[kind]), "--format", "hf", "--out", str(out)]) == 0
+    assert "logits equal ours" in capsys.readouterr().out  # the export checked itself
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in out.iterdir()}
+
+    ours, tokenizer = our_model(runs[kind])
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(out, local_files_only=True).eval()
+    assert theirs.config.activation_function == "gelu"
+    text = val_text(data[kind], tokenizer)
+    ids = torch.tensor([tokenizer.encode(text)[:32]])
+    with torch.no_grad():
+        assert torch.allclose(ours(ids)[0], theirs(ids).logits, atol=1e-5, rtol=0)
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    for sample in (text, "\n\n    def f(x):\n        return x\n"):
+        assert hf_tok(sample)["input_ids"] == tokenizer.encode(sample)
+        assert hf_tok.decode(tokenizer.encode(sample)) == sample
+    # sample.py reads the exported folder directly.
+    assert run_sample(["--init_from", f"hf:{out}", "--prompt", sample[:8], "--max_new_tokens", "5",
+                       "--device", "cpu", "--seed", "1"]) == 0
+    if kind == "bpe":
+        assert hf_tok.eos_token_id == tokenizer.eos_id
+        # A literal end-of-text string in text is text, as in our tokenizer.
+        assert hf_tok("a<|endoftext|>b")["input_ids"] == tokenizer.encode("a<|endoftext|>b")
+
+
+def test_export_refuses_existing_target_unless_overwrite(runs, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert export.main([str(runs["char"]), "--format", "hf", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "already exists" in err and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert export.main([str(runs["char"]), "--out", str(out), "--overwrite", "--no-check"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    # Never over the run being exported, even with --overwrite.
+    assert export.main([str(runs["char"]), "--out", str(runs["char"]), "--overwrite"]) == 2
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"bias": False}, "bias=False"),
+    ({"tie_weights": False}, "tie_weights=False"),
+])
+def test_export_refuses_models_that_are_not_gpt2_shaped(option, message, tmp_path, capsys):
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, **option)
+    ckpt.save_checkpoint(tmp_path / "run", 1, GPT(config), None,
+                         {"step": 1, "model_config": asdict(config)})
+    assert export.main([str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and "not GPT-2-shaped" in err
+    assert not (tmp_path / "hf").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# Import: init_from = "hf:DIR"
+
+
+def test_init_from_hf_trains_and_resumes(data, tmp_path, capsys):
+    vocab = json.loads((data["char"] / "meta.json").read_text())["vocab_size"]
+    theirs = hf_gpt2(vocab_size=vocab, n_positions=64)
+    theirs.save_pretrained(tmp_path / "hf")
+    # A learning rate too small to move the weights: the trained checkpoint must still be
+    # the Hugging Face model, logit for logit.
+    config = tiny_config(data["char"], tmp_path / "run", init_from=f"hf:{tmp_path / 'hf'}",
+                         n_embd=64, max_steps=4, eval_interval=4, learning_rate=1e-12, min_lr=1e-12,
+                         weight_decay=0.0)
+    train(config)
+    out = capsys.readouterr().out
+    assert "taken from" in out and "n_embd = 32 (config: 64)" in out and "n_positions = 64" in out
+    ours, _ = our_model(tmp_path / "run")
+    assert ours.config.n_embd == 32 and ours.config.block_size == 64
+    x = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(ours(x)[0], theirs(x).logits, atol=1e-5, rtol=0)
+
+    # Resuming keeps the Hugging Face architecture (the checkpoint fits) and continues.
+    result = train(replace(config, max_steps=6, eval_interval=6))
+    assert result.step == 6 and "resumed from" in capsys.readouterr().out
+
+    # The same folder evaluates directly.
+    assert gpt_eval.main([f"hf:{tmp_path / 'hf'}", "--data_dir", str(data["char"]), "--max_batches", "2"]) == 0
+    assert "bits per byte" in capsys.readouterr().out
+
+
+def test_init_from_hf_refuses_other_vocabulary(data, tmp_path):
+    hf_gpt2(vocab_size=50).save_pretrained(tmp_path / "hf")
+    config = tiny_config(data["char"], tmp_path / "run", init_from=f"hf:{tmp_path / 'hf'}")
+    with pytest.raises(hf.HFError, match="vocab_size 50.*same tokenizer"):
+        train(config)
+    with pytest.raises(hf.HFError, match="not a folder"):
+        train(replace(config, init_from=f"hf:{tmp_path / 'missing'}"))
+
+
+# ----------------------------------------------------------------------------------------
+# wandb, for real, offline
+
+
+def wandb_records(path: Path):
+    """The protobuf records of a .wandb file (a LevelDB-style log of 32 KiB blocks: each
+    record is a 7-byte header, crc32 + length + type, then data; FULL=1, FIRST=2, MIDDLE=3,
+    LAST=4 chain records that cross a block)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # too little room for a header: padding to the next block
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            break
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def finished_records(run_file: Path, timeout: float = 60.0) -> list:
+    """The records once the run's exit record is on disk: wandb's service writes the file in
+    the background and may still be flushing it when finish() returns."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(wandb_records(run_file))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def wandb_history(records) -> dict[int, dict[str, float]]:
+    history = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
+            history[int(items["_step"])] = items
+    return history
+
+
+def test_wandb_offline_logs_metrics_and_resumes_same_run(data, tmp_path):
+    run = tmp_path / "run"
+    config = tiny_config(data["char"], run, wandb_mode="offline", wandb_project="interop-test",
+                         wandb_run_name="tiny", wandb_tags="test, cpu", max_steps=4, eval_interval=2,
+                         log_interval=2)
+    train(config)
+    run_id = (run / "wandb_run_id").read_text().strip()
+    files = list((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 1
+    logged = finished_records(files[0])
+    history = wandb_history(logged)
+    records = {r["step"]: r for r in read_metrics(run)}
+    assert sorted(history) == [2, 4] == sorted(records)
+    for step, record in records.items():
+        for key in ("loss", "lr", "tokens_per_s", "val_loss"):
+            assert history[step][key] == pytest.approx(record[key])
+    run_record = next(r.run for r in logged if r.WhichOneof("record_type") == "run")
+    assert run_record.project == "interop-test" and run_record.display_name == "tiny"
+    assert list(run_record.tags) == ["test", "cpu"]
+    logged_config = {i.key: json.loads(i.value_json) for i in run_record.config.update}
+    assert logged_config["learning_rate"] == config.learning_rate
+    assert logged_config["model_config"]["n_embd"] == 32
+
+    # Resumed from its checkpoint: the same wandb run id, continued at step 6.
+    train(replace(config, max_steps=6))
+    assert (run / "wandb_run_id").read_text().strip() == run_id
+    files = sorted((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 2  # one folder per process, both for the same run id
+    assert sorted(wandb_history(finished_records(files[-1]))) == [6]
+
+
+def test_wandb_missing_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
+    with pytest.raises(ConfigError, match=r"gpt-from-scratch\[wandb\]"):
+        WandbSink(tmp_path, mode="offline", project="p")
+
+
+# ----------------------------------------------------------------------------------------
+# Plots
+
+
+def test_plot_overlays_runs_into_a_png(runs, tmp_path):
+    png = tmp_path / "curves.png"
+    result = subprocess.run([sys.executable, "-m", "gpt.plot", str(runs["char"]), str(runs["bpe"]),
+                             "--out", str(png)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    from matplotlib.image import imread
+
+    pixels = imread(png)
+    assert pixels.shape[0] >= 800 and pixels.shape[1] >= 1000
+    # Not blank: many distinct colours (two runs' lines, text, grids).
+    assert len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 50
+    assert pixels[..., :3].std() > 0.05
+    # One run: the picture goes into the run folder by default.
+    assert plot.main([str(runs["char"])]) == 0
+    assert (runs["char"] / "metrics.png").stat().st_size > 10_000
+
+
+def test_plot_refuses_empty_or_malformed_metrics(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    assert plot.main([str(run)]) == 2
+    assert "is empty" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2, "loss": 1.0}\n')
+    assert plot.main([str(run)]) == 2
+    assert "metrics.jsonl:2: not valid JSON" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n["step"]\n')
+    with pytest.raises(MetricsError, match=r":2: expected a JSON object"):
+        read_metrics(run)
+    # A last line cut short by a kill mid-write is skipped, not an error.
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert [r["step"] for r in read_metrics(run)] == [1]
+    assert plot.main([str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_eval_prints_loss_perplexity_bits_per_byte(kind, runs, data, capsys):
+    assert gpt_eval.main([str(runs[kind]), "--split", "val"]) == 0
+    text = capsys.readouterr().out
+    assert "loss" in text and "perplexity" in text and "bits per byte" in text
+    assert gpt_eval.main([str(runs[kind]), "--split", "val", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+
+    stream = np.concatenate([open_shard(p) for p in list_shards(data[kind], "val")]).astype(np.int64)
+    tokenizer = Tokenizer.from_file(data[kind] / "tokenizer.json")
+    # Every token but the first is scored once; bytes are the text those tokens decode to.
+    targets = stream[1:].tolist()
+    assert result["tokens"] == len(targets)
+    text_ids = [t for t in targets if t != tokenizer.eos_id]  # end-of-text is not corpus text
+    assert result["bytes"] == len(tokenizer.decode(text_ids).encode("utf-8"))
+    assert result["bits_per_byte"] == pytest.approx(
+        result["loss"] * result["tokens"] / (math.log(2) * result["bytes"]), rel=1e-9)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-9)
+
+    # The loss itself, recomputed window by window from the model.
+    model, _ = our_model(runs[kind])
+    T = model.config.block_size
+    nats = 0.0
+    with torch.no_grad():
+        for start in range(0, len(stream) - 1, T):
+            window = torch.from_numpy(stream[start:start + T + 1])[None]
+            logits, _ = model(window[:, :-1])
+            nats += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+    assert result["loss"] == pytest.approx(nats / len(targets), rel=1e-5)
+    # A trained model beats uniform guessing.
+    assert result["loss"] < math.log(model.config.vocab_size)
+
+    assert gpt_eval.main([str(runs[kind]), "--max_batches", "1", "--batch_size", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 2 * T
