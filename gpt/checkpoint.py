@@ -144,18 +144,55 @@ def save_checkpoint(
 
     `model` is the plain (unwrapped) model; `state` must be JSON-serializable.
     """
+
+    def write_weights(folder: Path) -> None:
+        # save_model drops the duplicate name of tied weights, which safetensors refuses.
+        safetensors.torch.save_model(model, str(folder / MODEL_FILE))
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+
+    return _write_checkpoint(out_dir, step, write_weights, state, tokenizer_path, keep_last)
+
+
+def save_checkpoint_state(
+    out_dir: str | os.PathLike,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any] | None,
+    state: dict[str, Any],
+    tokenizer_path: str | os.PathLike | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """`save_checkpoint` from state dicts instead of live objects (e.g. gathered from FSDP shards).
+
+    `model_state` holds CPU tensors with one name per tied tensor (as `save_model` writes);
+    `optimizer_state` is in `optimizer.state_dict()` format. The files are the same.
+    """
+
+    def write_weights(folder: Path) -> None:
+        tensors = {name: t.detach().contiguous() for name, t in model_state.items()}
+        safetensors.torch.save_file(tensors, str(folder / MODEL_FILE), metadata={"format": "pt"})
+        if optimizer_state is not None:
+            torch.save(optimizer_state, folder / OPTIMIZER_FILE)
+
+    return _write_checkpoint(out_dir, step, write_weights, state, tokenizer_path, keep_last)
+
+
+def _write_checkpoint(out_dir, step, write_weights, state, tokenizer_path, keep_last) -> Path:
     root = Path(out_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp_*"):  # left by a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
     final = root / step_dir_name(step)
+    if (final / MANIFEST_FILE).exists():
+        # This step is already saved (a stop signal right after a scheduled save, say). Its
+        # content is the same, and replacing it would open a moment with no such folder.
+        write_text_atomic(Path(out_dir) / LATEST_FILE, final.name + "\n")
+        return final
     tmp = root / f".tmp_{final.name}_{os.getpid()}"
     tmp.mkdir()
     try:
-        # save_model drops the duplicate name of tied weights, which safetensors refuses.
-        safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        write_weights(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         if tokenizer_path is not None and Path(tokenizer_path).exists():
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
@@ -165,14 +202,18 @@ def save_checkpoint(
         for p in tmp.iterdir():
             _fsync_file(p)
         _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. after a resume): replace it
-            old = root / f".tmp_old_{final.name}_{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        if final.exists():  # an incomplete folder under the final name cannot come from us
+            shutil.rmtree(final)
+        os.rename(tmp, final)
         _fsync_dir(root)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(out_dir) if (Path(out_dir) / LATEST_FILE).exists() else None
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({type(e).__name__}: {e}); {kept}. "
+            f"Is the disk full or {root} not writable? Fix that and run again to resume"
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -268,7 +309,17 @@ def load_model_weights(ckpt_dir: Path, model: nn.Module, device: torch.device | 
         )
 
 
+def read_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The saved weights as CPU tensors (tied weights under one name, see `load_model_weights`)."""
+    return safetensors.torch.load_file(str(ckpt_dir / MODEL_FILE), device="cpu")
+
+
 def load_optimizer_state(ckpt_dir: Path, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.load_state_dict(read_optimizer_state(ckpt_dir))
+
+
+def read_optimizer_state(ckpt_dir: Path) -> dict[str, Any]:
+    """The saved `optimizer.state_dict()`, on the CPU, refusing anything but tensors and plain data."""
     path = ckpt_dir / OPTIMIZER_FILE
     try:
         # weights_only: a pickle that tries to build arbitrary objects (run code) is refused.
@@ -278,7 +329,7 @@ def load_optimizer_state(ckpt_dir: Path, optimizer: torch.optim.Optimizer) -> No
             f"{path}: refused to load: the file contains objects other than tensors and plain "
             f"data, which could run code. Only load checkpoints you trust. ({e})"
         ) from e
-    optimizer.load_state_dict(state)
+    return state
 
 
 def check_model_config(ckpt_dir: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:

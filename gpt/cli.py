@@ -61,6 +61,8 @@ def _sample_parser():
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--out_dir", "--out-dir", dest="out_dir", help="run folder (its latest checkpoint is used)")
     source.add_argument("--ckpt", help="a checkpoint folder (out_dir/checkpoints/step_NNNNNNN)")
+    source.add_argument("--init_from", "--init-from", dest="init_from",
+                        help="hf:DIR, a local Hugging Face GPT-2 folder with its tokenizer.json")
     add("prompt", default="", help="text to continue (default: empty, an unconditional sample)")
     add("prompt_file", default=None, help="read the prompt from this file instead")
     add("max_new_tokens", type=int, default=500, help="tokens to generate per sample (default: 500)")
@@ -90,6 +92,7 @@ def sample(args) -> None:
     import torch
 
     from . import checkpoint as ckpt
+    from . import hf
     from .distributed import pick_device
     from .generate import generate
     from .model import GPT, GPTConfig
@@ -107,18 +110,28 @@ def sample(args) -> None:
     if args.num_samples <= 0:
         raise ConfigError(f"--num_samples must be positive, got {args.num_samples}")
 
-    path = ckpt.resolve_checkpoint(args.out_dir or args.ckpt)
-    ckpt.verify_checkpoint(path)
-    state = ckpt.read_state(path)
-    tokenizer_file = path / ckpt.TOKENIZER_FILE
-    if not tokenizer_file.exists():
-        raise CheckpointError(f"{path} has no {ckpt.TOKENIZER_FILE}; copy the dataset's tokenizer.json there")
-    tokenizer = Tokenizer.from_file(tokenizer_file)
-
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    model = GPT(GPTConfig(**state["model_config"]))
-    ckpt.load_model_weights(path, model, device)
+    if args.init_from:
+        hf_dir = hf.parse_init_from(args.init_from)
+        if hf_dir is None:
+            raise ConfigError(f"--init_from must be {hf.HF_PREFIX}DIR (a Hugging Face GPT-2 folder), "
+                              f"got {args.init_from!r}; for a run use --out_dir or --ckpt")
+        tokenizer_file = hf_dir / ckpt.TOKENIZER_FILE
+        if not tokenizer_file.exists():
+            raise HFError(f"{hf_dir} has no {ckpt.TOKENIZER_FILE}; sampling needs the model's tokenizer")
+        tokenizer = Tokenizer.from_file(tokenizer_file)
+        model = hf.load_hf_model(hf_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
+    else:
+        path = ckpt.resolve_checkpoint(args.out_dir or args.ckpt)
+        ckpt.verify_checkpoint(path)
+        state = ckpt.read_state(path)
+        tokenizer_file = path / ckpt.TOKENIZER_FILE
+        if not tokenizer_file.exists():
+            raise CheckpointError(f"{path} has no {ckpt.TOKENIZER_FILE}; copy the dataset's tokenizer.json there")
+        tokenizer = Tokenizer.from_file(tokenizer_file)
+        model = GPT(GPTConfig(**state["model_config"]))
+        ckpt.load_model_weights(path, model, device)
     model.to(device).eval()
 
     prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt

@@ -57,6 +57,24 @@ class TrainConfig:
         "auto", "multi-process strategy; 'auto' is ddp when launched on more than one process",
         ("auto", "none", "ddp", "fsdp"),
     )
+    fsdp_reshard_after_forward: str = _opt(
+        "auto",
+        "parallel=fsdp: free each block's gathered weights after its forward and gather them again "
+        "in backward; 'always' uses the least memory, 'never' the least communication, 'auto' "
+        "frees all blocks but the last (backward needs it first)",
+        ("auto", "always", "never"),
+    )
+    fsdp_cpu_offload: bool = _opt(
+        False, "parallel=fsdp: keep sharded weights, gradients and optimizer state in CPU memory "
+        "(the optimizer step runs on the CPU); for models that do not fit otherwise"
+    )
+    fsdp_reduce_dtype: str = _opt(
+        "float32", "parallel=fsdp: precision of the gradient reduce-scatter", ("float32", "bfloat16"),
+    )
+    activation_checkpointing: bool = _opt(
+        False, "recompute each block's activations in backward instead of storing them "
+        "(about 1/3 more compute, much less activation memory)"
+    )
     seed: int = _opt(1337, "seed for weights, dropout and data order")
 
     # --- model ---
@@ -100,6 +118,7 @@ class TrainConfig:
     wandb_mode: str = _opt("disabled", "Weights & Biases logging", ("disabled", "offline", "online"))
     wandb_project: str = _opt("gpt", "Weights & Biases project")
     wandb_run_name: str = _opt("", "Weights & Biases run name (default: out_dir's name)")
+    wandb_tags: str = _opt("", "Weights & Biases tags, comma-separated")
 
     def validate(self) -> "TrainConfig":
         """Reject impossible values with a message that names the key."""
@@ -118,6 +137,15 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.parallel != "fsdp":
+            # These would be silently ignored otherwise; say so instead.
+            for name, default in (("fsdp_reshard_after_forward", "auto"), ("fsdp_cpu_offload", False),
+                                  ("fsdp_reduce_dtype", "float32")):
+                if getattr(self, name) != default:
+                    raise ConfigError(
+                        f"{name} = {getattr(self, name)!r} applies only with parallel = 'fsdp' "
+                        f"(parallel is {self.parallel!r})"
+                    )
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"

@@ -1,6 +1,10 @@
 """Where training numbers go: stdout, `out_dir/metrics.jsonl`, and optionally wandb.
 
 Also the device's peak FLOP/s, the denominator of MFU (model FLOPs utilization).
+
+A sink has `write(record)` and `close()`: `MetricsLog` (the JSONL file every run writes),
+`WandbSink` (Weights & Biases, when `wandb_mode` is offline or online), and `Sinks` (several
+as one, so the training loop calls a single `write`).
 """
 
 from __future__ import annotations
@@ -9,11 +13,18 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
+from .config import ConfigError
+
 METRICS_FILE = "metrics.jsonl"
+WANDB_RUN_ID_FILE = "wandb_run_id"
+
+
+class MetricsError(ValueError):
+    """A metrics file is missing, empty or malformed; the message names the file and line."""
 
 # Dense (no sparsity) datasheet peaks in TFLOP/s by dtype. Matched against
 # torch.cuda.get_device_name(); the first matching entry wins, so more specific names first.
@@ -113,9 +124,118 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def close(self) -> None:
+        pass  # every write already closed the file
+
+
+class WandbSink:
+    """Logs each record to a Weights & Biases run (rank 0 only; construct it there alone).
+
+    The run's files go under `out_dir/wandb/` (in offline mode they are all there is; upload
+    them later with `wandb sync out_dir/wandb/offline-run-*`). The run id is kept in
+    `out_dir/wandb_run_id`, so a run resumed from a checkpoint continues the same wandb run
+    instead of starting a new one; a fresh start in the same folder gets a new id.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, mode: str, project: str, name: str = "",
+                 tags: Sequence[str] = (), config: dict[str, Any] | None = None,
+                 resumed: bool = False) -> None:
+        if mode not in ("offline", "online"):
+            raise ValueError(f"WandbSink mode must be 'offline' or 'online', got {mode!r}")
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError(
+                f"wandb_mode = {mode!r} needs the wandb package, which is not installed: "
+                f"pip install 'gpt-from-scratch[wandb]' (or pip install wandb), or set "
+                f"wandb_mode = 'disabled'"
+            ) from None
+        out_dir = Path(out_dir)
+        id_file = out_dir / WANDB_RUN_ID_FILE
+        run_id = id_file.read_text().strip() if resumed and id_file.exists() else None
+        try:
+            self.run = wandb.init(
+                mode=mode, project=project, name=name or out_dir.resolve().name,
+                tags=list(tags) or None, config=config, dir=str(out_dir), id=run_id,
+                resume="allow" if run_id else None,
+            )
+        except Exception as e:  # wandb raises its own error types (no login, no network, ...)
+            raise ConfigError(
+                f"wandb_mode = {mode!r}: could not start the wandb run ({type(e).__name__}: {e}). "
+                f"For online mode log in first (wandb login, or set WANDB_API_KEY); "
+                f"wandb_mode = 'offline' needs no account"
+            ) from e
+        if run_id is None:
+            id_file.write_text(self.run.id + "\n")
+        # Online, a resumed run knows its last step; steps below it were logged before the
+        # interruption (and a resume repeats them exactly), and wandb would reject them.
+        self.first_step = self.run.step
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = record["step"]
+        if step < self.first_step:
+            return
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def wandb_tags(text: str) -> list[str]:
+    """'a, b,c' -> ['a', 'b', 'c'] (the config keeps tags as one comma-separated string)."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+class Sinks:
+    """Several sinks behind one `write` / `close`."""
+
+    def __init__(self, *sinks) -> None:
+        self.sinks = [s for s in sinks if s is not None]
+
+    def write(self, record: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (given the run folder or the file), in order.
+
+    A last line without its newline was cut short by a kill mid-write and is skipped; any other
+    line that is not a JSON object with an integer "step" is an error naming the file and line.
+    An empty file gives an empty list.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise MetricsError(f"{path} does not exist; give a run folder (out_dir) that has logged "
+                           f"at least one step") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MetricsError(f"{path}: cannot read ({e})") from e
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not text.endswith("\n"):
+                continue
+            raise MetricsError(f"{path}:{number}: not valid JSON ({e.msg}): {line[:60]!r}") from None
+        if not isinstance(record, dict) or isinstance(record.get("step"), bool) \
+                or not isinstance(record.get("step"), int):
+            raise MetricsError(f"{path}:{number}: expected a JSON object with an integer \"step\", "
+                               f"got {line[:60]!r}")
+        records.append(record)
+    return records

@@ -18,10 +18,12 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from . import hf
+from . import parallel
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
 from .loader import TokenLoader, eval_batches
-from .metrics import MetricsLog, format_duration, peak_flops
+from .metrics import MetricsLog, Sinks, WandbSink, format_duration, peak_flops, wandb_tags
 from .model import GPT, GPTConfig
 from .optim import build_optimizer, learning_rate_at
 from .shards import load_meta
@@ -101,22 +103,10 @@ def model_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
     )
 
 
-def wrap_model(model: GPT, config: TrainConfig, info: DistInfo) -> torch.nn.Module:
-    """Apply data parallelism and compilation from outside; the model itself stays plain."""
-    strategy = config.parallel
-    if strategy == "auto":
-        strategy = "ddp" if info.is_distributed else "none"
-    if strategy == "fsdp":
-        raise ConfigError("parallel = 'fsdp' is not available yet; use 'ddp' or 'none'")
-    if strategy == "ddp" and info.is_distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None
-        )
-    if config.compile:
-        model = torch.compile(model)
-    return model
+def wrap_model(model: GPT, config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> torch.nn.Module:
+    """Apply data parallelism (DDP/FSDP2), activation checkpointing and compilation from outside;
+    see parallel.py. Build the optimizer after this: FSDP replaces the parameters."""
+    return parallel.parallelize(model, config, info, dtype, log=lambda message: log(info, message))
 
 
 # ----------------------------------------------------------------------------------------
@@ -203,14 +193,23 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
     torch.manual_seed(config.seed)
     gpt_config = model_config(config, meta["vocab_size"])
     resume_from = ckpt.latest_checkpoint(out_dir) if config.resume == "auto" else None
+    # init_from = "hf:DIR": the architecture is the Hugging Face folder's, on resume too (so the
+    # checkpoint fits); its weights are loaded only when not resuming.
+    hf_dir = hf.parse_init_from(config.init_from)
+    if hf_dir is not None:
+        gpt_config = hf.init_from_hf(hf_dir, gpt_config, meta["vocab_size"], lambda m: log(info, m))
     model = GPT(gpt_config)
-    if resume_from is None and config.init_from:
+    if resume_from is None and hf_dir is not None:
+        hf.load_hf_weights(model, hf_dir)
+        log(info, f"initialized weights from {hf_dir} (Hugging Face GPT-2)")
+    elif resume_from is None and config.init_from:
         source = ckpt.resolve_checkpoint(config.init_from)
         saved = ckpt.read_state(source)["model_config"]
         ckpt.check_model_config(source, saved, asdict(gpt_config))
         ckpt.load_model_weights(source, model)
         log(info, f"initialized weights from {source}")
     model.to(device)
+    wrapped = wrap_model(model, config, info, dtype)
     optimizer = build_optimizer(model, config, device)
     loader = TokenLoader(
         config.data_dir, "train", config.batch_size, config.block_size, rank=info.rank,
@@ -222,8 +221,15 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
         ckpt.verify_checkpoint(resume_from)
         state = ckpt.read_state(resume_from)
         ckpt.check_model_config(resume_from, state["model_config"], asdict(gpt_config))
-        ckpt.load_model_weights(resume_from, model, device)
-        ckpt.load_optimizer_state(resume_from, optimizer)
+        # The files hold full tensors; under FSDP each rank keeps its shard of them.
+        model_state, optimizer_state = ckpt.read_model_state(resume_from), ckpt.read_optimizer_state(resume_from)
+        try:
+            parallel.load_full_state_dicts(model, optimizer, model_state, optimizer_state)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise ckpt.CheckpointError(
+                f"{resume_from}: the saved weights or optimizer state do not fit this model: {e}"
+            ) from e
+        del model_state, optimizer_state
         loader.load_state_dict(state["loader"])
         ckpt.restore_rng_state(state["rng"][str(info.rank)] if str(info.rank) in state["rng"] else state["rng"]["0"])
         step, tokens_seen = state["step"], state["tokens_seen"]
@@ -237,18 +243,26 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
               f"grad accumulation {accum}, {tokens_per_step:,} tokens/step; "
               f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
 
-    wrapped = wrap_model(model, config, info)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+    # Under FSDP the MixedPrecisionPolicy does the casting; elsewhere autocast does.
+    compute_dtype = parallel.autocast_dtype(parallel.resolve_strategy(config, info), dtype)
+    autocast = (torch.autocast(device.type, dtype=compute_dtype) if compute_dtype is not None
                 else contextlib.nullcontext())
     # fp16 has too little range for raw gradients; the scaler keeps them representable.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     metrics = MetricsLog(out_dir, enabled=info.is_main, resume_step=step if resume_from else None)
+    if info.is_main and config.wandb_mode != "disabled":
+        metrics = Sinks(metrics, WandbSink(
+            out_dir, mode=config.wandb_mode, project=config.wandb_project, name=config.wandb_run_name,
+            tags=wandb_tags(config.wandb_tags), config=dict(config.to_dict(), model_config=asdict(gpt_config)),
+            resumed=resume_from is not None))
     stop = StopFlag()
     stop.install()
 
     tokenizer_path = Path(config.data_dir) / "tokenizer.json"
 
     def save(at_step: int, val_loss: float | None) -> Path | None:
+        # A collective under FSDP (all ranks gather the shards); only rank 0 receives and writes.
+        model_state, optimizer_state = parallel.full_state_dicts(model, optimizer)
         if not info.is_main:
             barrier(info)
             return None
@@ -262,8 +276,8 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
             "train_config": config.to_dict(),
             "dataset": meta,
         }
-        path = ckpt.save_checkpoint(out_dir, at_step, model, optimizer, state,
-                                    tokenizer_path=tokenizer_path, keep_last=config.keep_last)
+        path = ckpt.save_checkpoint_state(out_dir, at_step, model_state, optimizer_state, state,
+                                          tokenizer_path=tokenizer_path, keep_last=config.keep_last)
         barrier(info)
         return path
 
@@ -279,14 +293,16 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
             group["lr"] = lr
         for micro in range(accum):
             x, y = loader.next_batch()
-            # DDP: only the last micro-batch all-reduces gradients; the others accumulate locally.
-            sync = micro == accum - 1 or not hasattr(wrapped, "no_sync")
-            with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast:
+            # Only the last micro-batch reduces gradients across ranks; the others accumulate locally.
+            parallel.set_gradient_sync(wrapped, micro == accum - 1)
+            with autocast:
                 _, loss = wrapped(x, y)
             loss_sum += loss.detach()
             scaler.scale(loss / accum).backward()
         if config.grad_clip > 0:
             scaler.unscale_(optimizer)
+            # Under FSDP2 the gradients are DTensor shards; clip_grad_norm_ reduces the norm over
+            # all of them, so every rank clips by the same global factor.
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         scaler.step(optimizer)
         scaler.update()
@@ -337,6 +353,7 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
             save(step, val_loss)
             raise SystemExit(PREEMPTED_EXIT_CODE)
 
+    metrics.close()
     log(info, f"done: {step} steps, {tokens_seen:,} tokens, {format_duration(time.perf_counter() - run_start)}"
               + (f", final val loss {val_loss:.4f}" if val_loss is not None else ""))
     return TrainResult(step=step, train_loss=train_loss, val_loss=val_loss, checkpoint=last_ckpt)

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,37 +19,14 @@ import torch
 from gpt import checkpoint as ckpt
 from gpt.config import TrainConfig
 from gpt.metrics import read_metrics
-from gpt.prepare import prepare
 from gpt.trainer import train
 
-REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+from conftest import REPO, tiny_config
 
 
 def run_script(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory) -> Path:
-    """A char-level tiny-Shakespeare dataset (the first 300 kB) made by the real prep code."""
-    if not SHAKESPEARE.exists():
-        pytest.skip(f"{SHAKESPEARE} is not present")
-    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
-    text = SHAKESPEARE.read_text()[:300_000]
-    prepare(out, [text], tokenizer="char", val_fraction=0.1, val_rule="tail", progress=False)
-    return out
-
-
-def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
-    base = TrainConfig(
-        out_dir=str(out_dir), data_dir=str(data_dir), prepare_source="none", device="cpu",
-        dtype="float32", n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=8,
-        max_steps=30, learning_rate=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=10,
-        eval_iters=4, log_interval=5, keep_last=5, peak_tflops=1.0,
-    )
-    return replace(base, **overrides).validate()
 
 
 def test_short_run_learns_and_logs(char_data, tmp_path):

@@ -1,0 +1,81 @@
+"""Train configs/shakespeare_char_cpu.toml on tiny-Shakespeare and report val loss, wall time, speed.
+
+    python benchmarks/bench_shakespeare.py [--key=value ...]   # extra keys go to train.py
+
+Reference point (measured on this project's 2-core CPU machines): the well-known nanoGPT CPU
+recipe of this shape (4 x 128, context 64, batch 12, 2000 iterations, lr 1e-3) reaches val loss
+1.886 in 1 min 58 s wall (54 ms per step, 14,200 tokens/s, 372 MB peak RSS).
+Goal: val loss <= 1.75 within the same wall time on the same machine. Run it on a quiet machine:
+another CPU-heavy job at the same time makes every figure meaningless.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gpt.metrics import read_metrics  # noqa: E402
+from gpt.prepare import prepare  # noqa: E402
+
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+REFERENCE = {"val_loss": 1.886, "wall_s": 118.0, "tokens_per_s": 14200, "peak_rss_mb": 372}
+GOAL_VAL_LOSS = 1.75
+
+
+def main(overrides: list[str]) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="bench_shakespeare_"))
+    data = work / "shakespeare_char"
+    # nanoGPT's split: first 90% of the characters train, last 10% val.
+    prepare(data, SHAKESPEARE, tokenizer="char", val_fraction=0.1, val_rule="tail", progress=False)
+    out = work / "run"
+    command = [sys.executable, "train.py", "--config", "configs/shakespeare_char_cpu.toml",
+               f"--data_dir={data}", f"--out_dir={out}", *overrides]
+    print("running:", " ".join(command), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True)
+    wall = time.perf_counter() - start
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+    records = read_metrics(out)
+    evals = [r for r in records if "val_loss" in r]
+    speeds = [r["tokens_per_s"] for r in records[1:]] or [records[0]["tokens_per_s"]]
+    step_ms = [r["step_ms"] for r in records[1:]] or [records[0]["step_ms"]]
+    result = {
+        "config": "configs/shakespeare_char_cpu.toml",
+        "overrides": overrides,
+        "steps": records[-1]["step"],
+        "val_loss": evals[-1]["val_loss"],
+        "best_val_loss": min(r["val_loss"] for r in evals),
+        "wall_s": round(wall, 1),
+        "tokens_per_s_median": round(statistics.median(speeds)),
+        "step_ms_median": round(statistics.median(step_ms), 1),
+        "peak_rss_mb": round(peak_rss_mb),
+        "reference_nanogpt": REFERENCE,
+        "goal": f"val_loss <= {GOAL_VAL_LOSS} within {REFERENCE['wall_s']:.0f} s wall",
+    }
+    result["goal_met"] = result["val_loss"] <= GOAL_VAL_LOSS and wall <= REFERENCE["wall_s"]
+    print()
+    print(f"{'':22}{'ours':>12}{'nanoGPT ref':>14}")
+    print(f"{'final val loss':22}{result['val_loss']:>12.4f}{REFERENCE['val_loss']:>14.3f}")
+    print(f"{'wall time (s)':22}{result['wall_s']:>12.1f}{REFERENCE['wall_s']:>14.1f}")
+    print(f"{'tokens/s (median)':22}{result['tokens_per_s_median']:>12,}{REFERENCE['tokens_per_s']:>14,}")
+    print(f"{'ms/step (median)':22}{result['step_ms_median']:>12.1f}{54.0:>14.1f}")
+    print(f"{'peak RSS (MB)':22}{result['peak_rss_mb']:>12,}{REFERENCE['peak_rss_mb']:>14,}")
+    print(f"goal ({result['goal']}): {'met' if result['goal_met'] else 'NOT met'}")
+    results = REPO / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "shakespeare_char_cpu.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,44 @@
+"""Fixtures shared by the test files: a small real dataset and tiny run configs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gpt.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory) -> Path:
+    """A char-level tiny-Shakespeare dataset (the first 300 kB) made by the real prep code."""
+    from gpt.prepare import prepare
+
+    if not SHAKESPEARE.exists():
+        pytest.skip(f"{SHAKESPEARE} is not present")
+    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
+    text = SHAKESPEARE.read_text()[:300_000]
+    prepare(out, [text], tokenizer="char", val_fraction=0.1, val_rule="tail", progress=False)
+    return out
+
+
+def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
+    """A 2-layer, 64-wide model on CPU in fp32: a few milliseconds per step."""
+    base = TrainConfig(
+        out_dir=str(out_dir), data_dir=str(data_dir), prepare_source="none", device="cpu",
+        dtype="float32", n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=8,
+        max_steps=30, learning_rate=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=10,
+        eval_iters=4, log_interval=5, keep_last=5, peak_tflops=1.0,
+    )
+    return replace(base, **overrides).validate()
+
+
+def tiny_args(data_dir: Path, out_dir: Path, **overrides) -> list[str]:
+    """The same tiny run as `train.py` command-line arguments."""
+    config = tiny_config(data_dir, out_dir, **overrides)
+    defaults = TrainConfig()
+    return [f"--{k}={v}" for k, v in config.to_dict().items() if v != getattr(defaults, k)]
