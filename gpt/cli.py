@@ -6,17 +6,26 @@ traceback; unexpected errors still show their traceback.
 
 from __future__ import annotations
 
+import faulthandler
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, parse_args
+from .errors import TrainingError
 from .hf import HFError
 from .metrics import MetricsError
+from .prepare import PrepareError
 from .shards import ShardError
+from .sources import SourceError
 
-USER_ERRORS = (ConfigError, CheckpointError, ShardError, HFError, MetricsError, FileNotFoundError)
+# Bad input or environment (exit 2), and a run that could not go on (exit 1): one line each,
+# no traceback. docs/errors.md lists the cases.
+USER_ERRORS = (ConfigError, CheckpointError, ShardError, HFError, MetricsError, PrepareError,
+               SourceError, FileNotFoundError, PermissionError, NotADirectoryError)
+RUN_ERRORS = (TrainingError,)
 
 
 def report_errors(main: Callable[[], int | None]) -> int:
@@ -25,12 +34,20 @@ def report_errors(main: Callable[[], int | None]) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RUN_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
+        print("interrupted: stopped at once, without saving; checkpoints already written are "
+              "intact (run again to resume from the last one)", file=sys.stderr, flush=True)
         return 130
 
 
 def run_train(argv: Sequence[str], default_config: Path | None = None) -> int:
+    # A crash below Python (a shard truncated in place while memory-mapped: SIGBUS) still
+    # prints where it happened.
+    faulthandler.enable()
+
     def main() -> None:
         # Only use the default file when the user did not name one.
         config = parse_args(argv, default_config=str(default_config) if default_config else None)
@@ -101,7 +118,7 @@ def sample(args) -> None:
 
     if args.max_new_tokens <= 0:
         raise ConfigError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
-    if args.temperature < 0:
+    if not math.isfinite(args.temperature) or args.temperature < 0:
         raise ConfigError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise ConfigError(f"--top_p must be in (0, 1], got {args.top_p}")
@@ -129,7 +146,10 @@ def sample(args) -> None:
         tokenizer_file = path / ckpt.TOKENIZER_FILE
         if not tokenizer_file.exists():
             raise CheckpointError(f"{path} has no {ckpt.TOKENIZER_FILE}; copy the dataset's tokenizer.json there")
-        tokenizer = Tokenizer.from_file(tokenizer_file)
+        try:
+            tokenizer = Tokenizer.from_file(tokenizer_file)  # JSON, parsed by `tokenizers`: data, never code
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         model = GPT(GPTConfig(**state["model_config"]))
         ckpt.load_model_weights(path, model, device)
     model.to(device).eval()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -106,12 +107,39 @@ class TrainConfig:
     beta1: float = _opt(0.9, "AdamW beta1")
     beta2: float = _opt(0.95, "AdamW beta2")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)")
+    nan_policy: str = _opt(
+        "stop",
+        "when a step's loss or gradient norm is not finite (NaN/Inf): 'stop' ends the run with an "
+        "error naming the step and keeps the last checkpoint (none is saved after the bad step); "
+        "'skip' drops that optimizer step (weights and AdamW state unchanged, the batch is "
+        "consumed), counts it and logs it. Checked on the device every step, read at log steps",
+        ("stop", "skip"),
+    )
+    max_skipped_steps: int = _opt(
+        10, "nan_policy=skip: end the run with an error once more than this many steps were "
+        "skipped in total (checked at log steps)"
+    )
 
     # --- eval, logging, checkpoints ---
     eval_interval: int = _opt(250, "evaluate and checkpoint every this many steps (0: only at the end)")
     eval_iters: int = _opt(20, "validation batches per evaluation")
     log_interval: int = _opt(10, "print and record metrics every this many steps")
     keep_last: int = _opt(2, "checkpoints to keep (older ones are deleted after a new one is complete)")
+    checkpoint_format: str = _opt(
+        "auto",
+        "how model and optimizer state are saved: 'full' gathers them to rank 0, which writes "
+        "model.safetensors + optimizer.pt; 'sharded' has every rank write its own shard with "
+        "torch.distributed.checkpoint (dcp/), needing no gather; 'auto' is sharded under "
+        "parallel=fsdp and full otherwise. Either resumes on any number of processes "
+        "(docs/checkpoints.md)",
+        ("auto", "full", "sharded"),
+    )
+    async_checkpoint: bool = _opt(
+        False,
+        "copy the state to CPU memory at the step boundary and write the checkpoint in a "
+        "background thread while training goes on (needs CPU memory for one more copy of the "
+        "state; at most one save in flight)",
+    )
     peak_tflops: float = _opt(
         0.0, "device peak TFLOP/s for MFU (0: look up the GPU, or measure a matmul on CPU)"
     )
@@ -127,16 +155,38 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise ConfigError(f"{f.name} = {value!r} is not allowed; choose one of {', '.join(choices)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            # nan passes every comparison below (nan <= 0 is False), so refuse it first.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        for name in ("out_dir", "data_dir"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} must name a folder, got an empty string")
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_steps",
                     "log_interval", "eval_iters", "keep_last", "prepare_vocab_size")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         non_negative = ("tokens_per_step", "warmup_steps", "lr_decay_steps", "eval_interval",
-                        "weight_decay", "grad_clip", "min_lr", "peak_tflops")
+                        "weight_decay", "grad_clip", "min_lr", "peak_tflops", "seed",
+                        "max_skipped_steps")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.prepare_source != "none":
+            # Token shards store ids as uint16; byte-level BPE needs the 256 bytes + end-of-text.
+            low = 257 if self.prepare_tokenizer == "bpe" else 1
+            if not low <= self.prepare_vocab_size <= 65536:
+                raise ConfigError(
+                    f"prepare_vocab_size must be between {low} and 65536 for the "
+                    f"{self.prepare_tokenizer} tokenizer (uint16 token shards), got {self.prepare_vocab_size}"
+                )
+        if self.nan_policy != "skip" and self.max_skipped_steps != _default("max_skipped_steps"):
+            raise ConfigError(
+                f"max_skipped_steps = {self.max_skipped_steps} applies only with nan_policy = 'skip' "
+                f"(nan_policy is {self.nan_policy!r})"
+            )
         if self.parallel != "fsdp":
             # These would be silently ignored otherwise; say so instead.
             for name, default in (("fsdp_reshard_after_forward", "auto"), ("fsdp_cpu_offload", False),
@@ -199,6 +249,10 @@ def _coerce(name: str, value: Any, typ: str, where: str) -> Any:
             return value
     kind = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}[typ]
     raise ConfigError(f"{where}: {name} must be {kind}, got {value!r}")
+
+
+def _default(name: str) -> Any:
+    return TrainConfig.__dataclass_fields__[name].default
 
 
 def _field_types() -> dict[str, str]:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -46,11 +48,11 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
             preference = "cpu"
     if preference == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device = 'cuda' but no CUDA GPU is visible; use --device=cpu or auto")
+            raise ConfigError("device = 'cuda' but no CUDA GPU is visible; use --device=cpu or auto")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if preference == "mps":
         if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise RuntimeError("device = 'mps' but MPS is not available; use --device=cpu or auto")
+            raise ConfigError("device = 'mps' but MPS is not available; use --device=cpu or auto")
         return torch.device("mps")
     return torch.device("cpu")
 

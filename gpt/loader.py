@@ -63,7 +63,12 @@ RANDOM_CHUNK = 1024
 
 
 class TokenLoader:
-    """This rank's share of each step's batch of windows; see the module docstring."""
+    """This rank's share of each step's batch of windows; see the module docstring.
+
+    With `vocab_size`, every batch is checked (a few microseconds, on the host) for ids outside
+    the vocabulary, which raise a ShardError naming the shard and position instead of reaching
+    the embedding (an index error on CPU, a device-side assert on CUDA).
+    """
 
     def __init__(
         self,
@@ -77,6 +82,7 @@ class TokenLoader:
         order: str = "random",
         seed: int = 0,
         device: str | torch.device = "cpu",
+        vocab_size: int | None = None,
     ) -> None:
         _check_positive_int("batch_size", batch_size)
         _check_positive_int("block_size", block_size)
@@ -97,6 +103,7 @@ class TokenLoader:
         self.order = order
         self.seed = seed
         self.device = torch.device(device)
+        self.vocab_size = vocab_size  # when given, every batch is checked against it
         self.windows_consumed = 0
 
         paths = _find_shards(self.data_dir, split)
@@ -110,7 +117,7 @@ class TokenLoader:
         self._begins = self._ends - self._lengths
         self.num_tokens = int(self._ends[-1]) if kept else 0
         if self.num_tokens < block_size + 1:
-            raise ValueError(
+            raise ShardError(
                 f"{self.data_dir}: {split} split too small for one block of {block_size} tokens "
                 f"(it has {self.num_tokens} tokens; a block needs {block_size + 1}); prepare "
                 f"with a larger --val-fraction or use a smaller block_size"
@@ -128,6 +135,10 @@ class TokenLoader:
         starts = self.window_starts(first, self.batch_size)
         self.windows_consumed += self.batch_size * self.world_size
         windows = self._gather(starts)  # uint16 [B, T+1]
+        # A few microseconds on the host, before any id reaches the device: an id past the
+        # embedding would be an index error on CPU and a device-side assert on CUDA.
+        if self.vocab_size is not None and int(windows.max()) >= self.vocab_size:
+            self._refuse_token(starts, windows)
         # astype copies into fresh C-contiguous arrays, so x and y support .view(-1).
         x = torch.from_numpy(windows[:, :-1].astype(np.int64))
         y = torch.from_numpy(windows[:, 1:].astype(np.int64))
@@ -144,6 +155,17 @@ class TokenLoader:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.next_batch()
+
+    def _refuse_token(self, starts: np.ndarray, windows: np.ndarray) -> None:
+        row, col = np.argwhere(windows >= self.vocab_size)[0]
+        position = int(starts[row]) + int(col)
+        shard = int(np.searchsorted(self._ends, position, side="right"))
+        raise ShardError(
+            f"{self.shard_paths[shard]}: token id {int(windows[row, col])} at position "
+            f"{position - int(self._begins[shard]):,} is outside the vocabulary (vocab_size "
+            f"{self.vocab_size:,}): the shard was made with another tokenizer, is corrupt, or was "
+            f"rewritten while this run read it"
+        )
 
     def window_starts(self, first: int, count: int) -> np.ndarray:
         """Stream positions (int64 [count]) where windows first .. first+count-1 begin."""
@@ -253,6 +275,7 @@ def eval_batches(
     world_size: int = 1,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    vocab_size: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The same `n_batches` random batches on every call (a fresh loader with a fixed seed).
 
@@ -263,6 +286,7 @@ def eval_batches(
     loader = TokenLoader(
         data_dir, split, batch_size, block_size,
         rank=rank, world_size=world_size, order="random", seed=seed, device=device,
+        vocab_size=vocab_size,
     )
     return (loader.next_batch() for _ in range(n_batches))
 

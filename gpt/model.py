@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt.loss import linear_cross_entropy
+
 ATTENTION_KINDS = ("sdpa", "explicit")
 
 
@@ -109,7 +111,10 @@ class KVCache:
         end = self.length + k.size(2)
         self.k[layer][:, :, self.length : end] = k
         self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end].to(k.dtype), self.v[layer][:, :, :end].to(v.dtype)
+        k_all, v_all = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        if k_all.dtype != k.dtype:  # under autocast: a wider cache, bf16 activations
+            k_all, v_all = k_all.to(k.dtype), v_all.to(v.dtype)
+        return k_all, v_all
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -259,15 +264,25 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        *,
+        last_only: bool = False,
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx [B, T] token ids -> (logits [B, T, V], loss or None).
 
         loss is the mean cross-entropy over all positions, in fp32, skipping targets equal to -1.
         With a kv_cache, idx holds only the tokens not yet in the cache; they are placed at
-        positions kv_cache.length onwards and written into the cache.
+        positions kv_cache.length onwards and written into the cache. last_only=True returns
+        the logits of the last position alone ([B, 1, V]): sampling needs nothing else, and a
+        prompt of T tokens then skips T-1 rows of the largest matmul (C x V per row).
+        return_logits=False (with targets; what training and evaluation use) returns
+        (None, loss), computing the loss chunk by chunk without the [B, T, V] logits
+        (gpt/loss.py): the same value, less memory traffic.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape [batch, time], got {tuple(idx.shape)}")
+        if last_only and targets is not None:
+            raise ValueError("last_only=True computes one position's logits; the loss needs all of them")
         B, T = idx.shape
         start = 0
         if kv_cache is not None:
@@ -278,13 +293,18 @@ class GPT(nn.Module):
             what = f"sequence length {T}" if start == 0 else f"cached {start} + new {T} tokens"
             raise ValueError(f"{what} exceeds the model's block_size {self.config.block_size}")
 
-        pos = torch.arange(start, start + T, device=idx.device)  # absolute positions in the window
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # [B, T, C]
+        # Positions start .. start+T-1 are consecutive rows of the table: a slice, not a lookup
+        # (no index tensor to build, and its gradient is a plain slice copy, not a scatter-add).
+        x = self.drop(self.tok_emb(idx) + self.pos_emb.weight[start : start + T])  # [B, T, C]
         for layer, block in enumerate(self.blocks):
             x = block(x, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if last_only:
+            x = x[:, -1:, :]
         x = self.ln_f(x)
+        if targets is not None and not return_logits:
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets)
         logits = self.lm_head(x)  # [B, T, V]
 
         loss = None

@@ -244,6 +244,17 @@ def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | N
     if optimizer is not None and optim_state is not None:
         set_optimizer_state_dict(model, optimizer, optimizer_state_by_name(optim_state, model, optimizer),
                                  options=options)
+        keep_tuples(optimizer)
+
+
+def keep_tuples(optimizer: torch.optim.Optimizer) -> None:
+    """set_optimizer_state_dict hands tuple hyperparameters (AdamW's betas) back as lists; make
+    them tuples again, as the optimizer built them, so a resumed run's later checkpoints are
+    identical to an uninterrupted run's."""
+    for group in optimizer.param_groups:
+        for key, value in group.items():
+            if key != "params" and isinstance(value, list):
+                group[key] = tuple(value)
 
 
 def tied_names(model: nn.Module) -> list[list[str]]:

@@ -340,19 +340,25 @@ def _describe_rule(val_rule: str, val_fraction: float, val_chunk_tokens: int, se
 
 # ---- output ---------------------------------------------------------------------------------
 def _publish(staging: Path, out_dir: Path, meta: dict) -> None:
-    """Move the finished dataset from staging into out_dir; meta.json last, atomically."""
-    (out_dir / META_FILE).unlink(missing_ok=True)  # first: a half-replaced folder is never "complete"
-    for old in _existing_dataset(out_dir):
-        old.unlink()
-    for path in sorted(staging.iterdir()):
-        os.replace(path, out_dir / path.name)
-    tmp = out_dir / (META_FILE + ".tmp")
-    with open(tmp, "w") as f:
+    """Move the finished dataset from staging into out_dir; meta.json last, atomically.
+
+    meta.json is written (into staging) before anything old is removed: from then on only
+    unlinks and renames remain, which need no disk space, so a disk that fills up cannot strike
+    between removing the old dataset and completing the new one.
+    """
+    pending = staging / (META_FILE + ".pending")
+    with open(pending, "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, out_dir / META_FILE)
+    (out_dir / META_FILE).unlink(missing_ok=True)  # first: a half-replaced folder is never "complete"
+    for old in _existing_dataset(out_dir):
+        old.unlink()
+    for path in sorted(staging.iterdir()):
+        if path != pending:
+            os.replace(path, out_dir / path.name)
+    os.replace(pending, out_dir / META_FILE)
 
 
 def _progress_bar(enabled: bool, desc: str, total: int | None):

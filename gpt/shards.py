@@ -46,12 +46,19 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = MAGIC, VERSION, tokens.size
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk (ENOSPC), a file size limit (EFBIG), a read-only folder
+        tmp.unlink(missing_ok=True)
+        raise ShardError(
+            f"could not write shard {path} ({e.strerror or e}): is the disk full or the folder "
+            f"not writable? No partial shard was left under that name"
+        ) from e
 
 
 def read_header(path: str | os.PathLike) -> int:
@@ -86,6 +93,27 @@ def open_shard(path: str | os.PathLike) -> np.memmap:
     """Memory-map a shard's tokens (read-only) after validating its header."""
     n_tokens = read_header(path)
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+
+def check_token_ids(paths: list[Path], vocab_size: int, chunk_tokens: int = 1 << 22) -> None:
+    """Refuse shards holding an id >= vocab_size (another tokenizer's shards, or corruption).
+
+    One streaming pass over the memory-mapped tokens, `chunk_tokens` at a time (several GB/s
+    once the pages are cached, and the pages then serve training). Without it such an id would
+    surface mid-run as an index error in the embedding, or on CUDA as a device-side assert.
+    """
+    for path in paths:
+        tokens = open_shard(path)
+        for start in range(0, tokens.size, chunk_tokens):
+            piece = tokens[start : start + chunk_tokens]
+            if piece.size and int(piece.max()) >= vocab_size:
+                where = start + int(np.argmax(piece >= vocab_size))
+                raise ShardError(
+                    f"{path}: token id {int(tokens[where])} at position {where:,} is outside the "
+                    f"vocabulary (vocab_size {vocab_size:,} of the dataset's tokenizer): the shard "
+                    f"was made with another tokenizer or is corrupt. Prepare the dataset again "
+                    f"(python data_prep/prepare.py ... --out {path.parent} --overwrite)"
+                )
 
 
 def shard_name(split: str, index: int) -> str:

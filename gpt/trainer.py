@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,11 +24,12 @@ from . import hf
 from . import parallel
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
+from .errors import TrainingError
 from .loader import TokenLoader, eval_batches
 from .metrics import MetricsLog, Sinks, WandbSink, format_duration, peak_flops, wandb_tags
 from .model import GPT, GPTConfig
 from .optim import build_optimizer, learning_rate_at
-from .shards import load_meta
+from .shards import check_token_ids, list_shards, load_meta, read_header
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,6 +79,118 @@ def ensure_dataset(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     return load_meta(data_dir)
 
 
+def prepare_out_dir(config: TrainConfig, out_dir: Path) -> None:
+    """Create out_dir and prove it writable, before any training time is spent; refuse to mix a
+    fresh run (resume = never) with checkpoints of an earlier one."""
+    probe = out_dir / f".write_test_{os.getpid()}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"out_dir {out_dir} is not writable ({e.strerror or e}): the run could save neither "
+            f"checkpoints nor metrics. Choose another --out_dir, or fix that folder's permissions "
+            f"or free space"
+        ) from None
+    existing = (out_dir / ckpt.LATEST_FILE).exists() or any((out_dir / ckpt.CHECKPOINTS_DIR).glob("step_*"))
+    if config.resume == "never" and existing:
+        raise ConfigError(
+            f"resume = 'never' but out_dir {out_dir} already holds checkpoints of an earlier run; a "
+            f"fresh run would mix its checkpoints with them. Use another --out_dir, resume = 'auto' "
+            f"to continue that run, or delete {out_dir / ckpt.CHECKPOINTS_DIR} and "
+            f"{out_dir / ckpt.LATEST_FILE} to start over"
+        )
+
+
+def check_dataset(config: TrainConfig, meta: dict[str, Any], info: DistInfo) -> TokenLoader:
+    """Refuse data that would fail only later, before any training time is spent: token ids
+    outside the vocabulary, a split missing or too small for one block (for val, the first eval
+    would find out after training). A train split smaller than one batch is allowed, with a note.
+
+    Returns the val loader the run evaluates with. It is opened once: its memory maps keep the
+    files of the start, so a dataset prepared again into data_dir during the run (prepare.py
+    replaces files by renaming) changes neither what the run trains on nor what it evaluates on.
+    """
+    data_dir = Path(config.data_dir)
+    paths = list_shards(data_dir, "train") + list_shards(data_dir, "val")
+    # Each rank scans its share; a rank that finds a bad id fails, and torchrun stops the others.
+    check_token_ids(paths[info.rank :: info.world_size], meta["vocab_size"])
+    loaders = {split: TokenLoader(data_dir, split, config.batch_size, config.block_size, rank=info.rank,
+                                  world_size=info.world_size, seed=config.seed, device=info.device,
+                                  vocab_size=meta["vocab_size"])
+               for split in ("train", "val")}
+    train_tokens = loaders["train"].num_tokens
+    batch_tokens = config.batch_size * config.block_size * info.world_size
+    if train_tokens < batch_tokens:
+        log(info, f"note: the train split has {train_tokens:,} tokens, fewer than one batch "
+                  f"({config.batch_size} x {config.block_size} x {info.world_size} processes = "
+                  f"{batch_tokens:,}): windows repeat within every batch")
+    return loaders["val"]
+
+
+def _tokenizer_vocab(path: Path) -> dict[str, int] | None:
+    import tokenizers  # parses JSON; a tokenizer file is data, never code
+
+    try:
+        return tokenizers.Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+    except Exception:  # unreadable: the caller compares meta.json's kind and size instead
+        return None
+
+
+def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str, Any],
+                               resuming: bool) -> None:
+    """A checkpoint must have been trained on this dataset's vocabulary (same ids for the same
+    tokens); a resumed run must also read the same train split in the same window order, or it
+    could not continue its exact window sequence. Reads only state.json and tokenizer.json."""
+    try:
+        state = ckpt.read_state(source)
+    except (OSError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{source}: cannot read {ckpt.STATE_FILE} ({e})") from e
+    data_dir = Path(config.data_dir)
+    saved = state.get("dataset") or {}
+    ours, theirs = data_dir / ckpt.TOKENIZER_FILE, source / ckpt.TOKENIZER_FILE
+    vocabs = (_tokenizer_vocab(ours), _tokenizer_vocab(theirs)) if ours.exists() and theirs.exists() else (None, None)
+    problem = None
+    if vocabs[0] is not None and vocabs[1] is not None:
+        if vocabs[0] != vocabs[1]:
+            problem = f"its {ckpt.TOKENIZER_FILE} maps tokens to other ids than {ours}"
+    elif saved and (saved.get("tokenizer"), saved.get("vocab_size")) != (meta.get("tokenizer"), meta.get("vocab_size")):
+        problem = (f"it was trained on {saved.get('tokenizer')} tokens (vocab_size {saved.get('vocab_size')}), "
+                   f"{data_dir} holds {meta.get('tokenizer')} tokens (vocab_size {meta.get('vocab_size')})")
+    if problem:
+        raise ckpt.CheckpointError(
+            f"{source} does not fit the dataset in {data_dir}: {problem}, so token ids would mean "
+            f"other text to the model. Use the dataset it was trained on (data_dir "
+            f"{state.get('train_config', {}).get('data_dir', '?')!r}, source "
+            f"{saved.get('source', '?')!r}), or prepare this data with that checkpoint's tokenizer"
+        )
+    saved_model = state.get("model_config", {})
+    if not resuming and config.block_size > saved_model.get("block_size", config.block_size):
+        raise ConfigError(
+            f"block_size = {config.block_size} is larger than the {saved_model['block_size']} "
+            f"positions the model in {source} (init_from) has position embeddings for; set "
+            f"block_size = {saved_model['block_size']}"
+        )
+    if not resuming:
+        return
+    loader_state = state.get("loader", {})
+    train_tokens = sum(read_header(p) for p in list_shards(data_dir, "train"))
+    mismatches = []
+    if loader_state.get("num_tokens", train_tokens) != train_tokens:
+        mismatches.append(f"train tokens: checkpoint {loader_state['num_tokens']:,} vs {data_dir} {train_tokens:,}")
+    if loader_state.get("order", config.data_order) != config.data_order:
+        mismatches.append(f"data_order: checkpoint {loader_state['order']!r} vs config {config.data_order!r}")
+    if config.data_order == "random" and loader_state.get("seed", config.seed) != config.seed:
+        mismatches.append(f"seed: checkpoint {loader_state['seed']} vs config {config.seed}")
+    if mismatches:
+        raise ckpt.CheckpointError(
+            f"cannot resume {source}: the run would not read the data it was reading "
+            f"({'; '.join(mismatches)}). Use the checkpoint's dataset and settings, or start a new "
+            f"run from its weights: --init_from={source} --out_dir=ANOTHER_FOLDER"
+        )
+
+
 def grad_accum_steps(config: TrainConfig, world_size: int) -> int:
     """How many micro-batches each process runs per optimizer step.
 
@@ -114,17 +229,25 @@ def wrap_model(model: GPT, config: TrainConfig, info: DistInfo, dtype: torch.dty
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, config: TrainConfig, info: DistInfo, autocast) -> float:
-    """Mean loss over a fixed set of val batches (the same windows at every eval), over all ranks."""
-    batches = eval_batches(
-        config.data_dir, "val", config.batch_size, config.block_size, config.eval_iters,
-        rank=info.rank, world_size=info.world_size, seed=config.seed, device=info.device,
-    )
+def evaluate(model: torch.nn.Module, config: TrainConfig, info: DistInfo, autocast,
+             val_loader: TokenLoader | None = None) -> float:
+    """Mean loss over a fixed set of val batches (the same windows at every eval), over all ranks.
+
+    `val_loader` (random order, seeded with config.seed) is rewound to its first window, which
+    gives the batches `eval_batches` gives; without it the val split is opened afresh."""
+    if val_loader is not None:
+        val_loader.windows_consumed = 0
+        batches = (val_loader.next_batch() for _ in range(config.eval_iters))
+    else:
+        batches = eval_batches(
+            config.data_dir, "val", config.batch_size, config.block_size, config.eval_iters,
+            rank=info.rank, world_size=info.world_size, seed=config.seed, device=info.device,
+        )
     model.eval()
     total = torch.zeros((), device=info.device)
     for x, y in batches:
         with autocast:
-            _, loss = model(x, y)
+            _, loss = model(x, y, return_logits=False)  # the loss alone: no [B, T, V] logits
         total += loss.float()
     model.train()
     return all_reduce_mean(total / config.eval_iters, info).item()
@@ -135,18 +258,50 @@ def evaluate(model: torch.nn.Module, config: TrainConfig, info: DistInfo, autoca
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (cluster preemption, time limits); checked at step boundaries so
-    a checkpoint is never taken mid-step."""
+    """Set by SIGTERM/SIGUSR1 (cluster preemption, time limits) and Ctrl-C (SIGINT); checked at
+    step boundaries so a checkpoint is never taken mid-step.
+
+    Installed before anything else in `train`, so a signal during set-up (dataset prep, model
+    build, resume) is remembered, not fatal: the run stops after its first step. A second Ctrl-C
+    aborts at once (KeyboardInterrupt) without saving; checkpoints are written atomically, so
+    that loses nothing but the steps since the last one. `restore` puts the previous handlers back.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        self.signal = signum
+        if signum == signal.SIGINT:
+            if self.signal is not None:
+                raise KeyboardInterrupt  # the second signal: stop now, without saving
+            if os.environ.get("RANK", "0") == "0":
+                # os.write: print() is not safe in a handler that may interrupt another print.
+                os.write(2, b"\nCtrl-C: finishing this step, then saving a checkpoint and exiting "
+                            b"(press Ctrl-C again to abort at once without saving)\n")
+        if self.signal is None:
+            self.signal = signum
+
+    @property
+    def exit_code(self) -> int:
+        return INTERRUPTED_EXIT_CODE if self.signal == signal.SIGINT else PREEMPTED_EXIT_CODE
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal is not None else "stop"
 
     def agreed(self, info: DistInfo) -> bool:
         """True on every rank if any rank was signalled.
@@ -162,6 +317,168 @@ class StopFlag:
 
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", i.e. requeue and resume
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+# ----------------------------------------------------------------------------------------
+# Non-finite losses and gradients
+
+
+class NonFiniteGuard:
+    """Finds the steps whose loss or gradients are not finite, without a host sync per step.
+
+    Every step leaves a 0-d bool on the device (`end_step`); `review` reads them all at once
+    where the loop syncs anyway (log steps) and before every save, so a model that went
+    non-finite is never saved. A step is bad when its loss is not finite (the interval's running
+    loss sum turns non-finite at the first bad step) or, except under float16, its global
+    gradient norm is not: the norm clipping computes anyway (computed for the check alone when
+    grad_clip = 0 and nan_policy = 'skip'). Under float16 GradScaler skips overflowing steps
+    itself as a matter of course, so there only the loss counts.
+
+    nan_policy 'stop': `review` raises TrainingError naming the first bad step.
+    nan_policy 'skip': the bad step's optimizer update is dropped on the device (fused AdamW
+    takes GradScaler's `found_inf` flag and leaves weights, moments and its step count as they
+    were; other optimizers: the flag is read at once, one sync per step, and the gradients are
+    dropped). The flag is agreed over ranks, its loss is left out of the logged mean, and
+    `review` logs the skipped steps and raises once more than max_skipped_steps were skipped.
+    """
+
+    def __init__(self, config: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler_enabled: bool, info: DistInfo, out_dir: Path) -> None:
+        self.config = config
+        self.policy = config.nan_policy
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = optimizer
+        self.scaler_enabled = scaler_enabled
+        self.on_device = bool(optimizer.defaults.get("fused"))
+        self.info = info
+        self.out_dir = out_dir
+        self.skipped = 0  # skipped steps in the whole run (kept in checkpoints)
+        self._flags: list[torch.Tensor] = []
+        self._first_step = 0
+        self._loss_before: torch.Tensor | None = None
+
+    def begin_step(self, loss_sum: torch.Tensor) -> None:
+        if self.policy == "skip":
+            self._loss_before = loss_sum.clone()
+
+    def end_step(self, step: int, loss_sum: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        """After backward and clipping, before the optimizer step; `step` as it will be logged."""
+        bad = ~torch.isfinite(loss_sum)
+        if not self.scaler_enabled:
+            if grad_norm is None and self.policy == "skip":
+                grad_norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in self.parameters if p.grad is not None])
+            if grad_norm is not None:
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor; all ranks must agree
+                    grad_norm = grad_norm.full_tensor()
+                bad = bad | ~torch.isfinite(grad_norm)
+        if not self._flags:
+            self._first_step = step
+        if self.policy == "skip":
+            if self.info.is_distributed:
+                flag = bad.float()
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                bad = flag > 0
+            loss_sum.copy_(torch.where(bad, self._loss_before, loss_sum))
+            if self.scaler_enabled:
+                pass  # the step's gradients are not finite either: GradScaler skips it
+            elif self.on_device:
+                self.optimizer.found_inf = bad.float()  # read by fused AdamW (GradScaler's mechanism)
+            elif bool(bad):
+                self.optimizer.zero_grad(set_to_none=True)  # AdamW leaves params without grads alone
+        self._flags.append(bad)
+
+    def review(self, step: int) -> int:
+        """Read the flags since the last review (one sync); return how many steps were skipped."""
+        if not self._flags:
+            return 0
+        flags = torch.stack(self._flags).float()
+        self._flags = []
+        if self.info.is_distributed:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        bad_steps = [self._first_step + i for i in flags.nonzero().flatten().tolist()]
+        if not bad_steps:
+            return 0
+        config = self.config
+        advice = self._advice()
+        if self.policy == "stop":
+            raise TrainingError(
+                f"the loss or gradient norm was not finite (NaN/Inf) at step {bad_steps[0]} "
+                f"(nan_policy = 'stop'). {self._last_checkpoint()}. To go on from there: "
+                f"{advice}; or set nan_policy=skip to skip such steps (their batches are dropped; "
+                f"at most max_skipped_steps = {_default_max_skipped()} by default)"
+            )
+        self.skipped += len(bad_steps)
+        log(self.info, f"skipped {len(bad_steps)} step(s) whose loss or gradient norm was not finite: "
+                       f"{', '.join(map(str, bad_steps[:10]))}{' ...' if len(bad_steps) > 10 else ''} "
+                       f"({self.skipped} skipped in this run, at most {config.max_skipped_steps})")
+        if self.skipped > config.max_skipped_steps:
+            raise TrainingError(
+                f"{self.skipped} steps had a non-finite loss or gradient norm, more than "
+                f"max_skipped_steps = {config.max_skipped_steps} (the last at step {bad_steps[-1]}). "
+                f"{self._last_checkpoint()}. The run is diverging: {advice}"
+            )
+        return len(bad_steps)
+
+    def check_val_loss(self, step: int, val_loss: float) -> None:
+        """An eval cannot be skipped: a model whose validation loss is not finite is broken
+        (under either policy), and is not saved."""
+        if not math.isfinite(val_loss):
+            raise TrainingError(
+                f"the validation loss was {val_loss} at step {step}: the model's outputs are not "
+                f"finite. {self._last_checkpoint()}. To go on from there: {self._advice()}"
+            )
+
+    def _advice(self) -> str:
+        config = self.config
+        return (f"lower learning_rate (now {config.learning_rate:g})"
+                + (f" or grad_clip (now {config.grad_clip:g})" if config.grad_clip > 0 else
+                   ", set grad_clip (now 0: off)")
+                + (", use dtype bfloat16 or float32 instead of float16" if config.dtype == "float16" else ""))
+
+    def _last_checkpoint(self) -> str:
+        try:
+            latest = ckpt.latest_checkpoint(self.out_dir)
+        except ckpt.CheckpointError:
+            latest = None
+        if latest is None:
+            return "No checkpoint was saved before it"
+        return f"Nothing was saved after it: the last good checkpoint, {latest}, is intact"
+
+
+def _default_max_skipped() -> int:
+    return TrainConfig.__dataclass_fields__["max_skipped_steps"].default
+
+
+# ----------------------------------------------------------------------------------------
+# Out of memory
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    # The CPU allocator and MPS raise a plain RuntimeError (not a subclass such as CheckpointError,
+    # whose message may quote an allocation failure but says more).
+    text = str(error)
+    return type(error) is RuntimeError and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def out_of_memory_message(config: TrainConfig, error: BaseException) -> str:
+    try:
+        latest = ckpt.latest_checkpoint(config.out_dir)
+    except ckpt.CheckpointError:
+        latest = None
+    kept = f"the last checkpoint, {latest}, is intact" if latest else "no checkpoint had been saved"
+    first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return (
+        f"out of memory ({first_line}) with batch_size {config.batch_size}, block_size "
+        f"{config.block_size}, n_layer {config.n_layer}, n_embd {config.n_embd}, dtype {config.dtype}; "
+        f"{kept}. Reduce batch_size (set tokens_per_step to keep the tokens per optimizer step: "
+        f"gradient accumulation makes up the difference), block_size, or the model size (n_layer, "
+        f"n_embd); or set activation_checkpointing=true, dtype=bfloat16, or on several GPUs "
+        f"parallel=fsdp (with fsdp_cpu_offload=true for the largest models)"
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -169,23 +486,38 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", i.e. requeue and res
 
 
 def train(config: TrainConfig) -> TrainResult:
-    info = init_distributed(config.device)
+    stop = StopFlag()
+    stop.install()  # first: a signal during set-up must not kill the run (see StopFlag)
     try:
-        return _train(config, info)
+        info = init_distributed(config.device)
+        try:
+            return _train(config, info, stop)
+        finally:
+            shutdown()
+    except (RuntimeError, MemoryError) as e:
+        if is_out_of_memory(e):
+            raise TrainingError(out_of_memory_message(config, e)) from e
+        raise
     finally:
-        shutdown()
+        stop.restore()
 
 
-def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
+def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
     device = info.device
     dtype = resolve_dtype(config.dtype, device)
+    if device.type == "cuda":
+        # fp32 matmuls (and the fp32 parts of a bf16 run) on TF32 tensor cores: ~8x the fp32
+        # rate on A100/H100 at ~1e-3 relative precision, which training does not notice.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     out_dir = Path(config.out_dir)
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        prepare_out_dir(config, out_dir)
         print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.to_dict().items()), flush=True)
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
     meta = ensure_dataset(config, info)
+    val_loader = check_dataset(config, meta, info)
     accum = grad_accum_steps(config, info.world_size)
     tokens_per_step = config.batch_size * config.block_size * accum * info.world_size
 
@@ -193,6 +525,11 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
     torch.manual_seed(config.seed)
     gpt_config = model_config(config, meta["vocab_size"])
     resume_from = ckpt.latest_checkpoint(out_dir) if config.resume == "auto" else None
+    if resume_from is not None:
+        check_checkpoint_fits_data(resume_from, config, meta, resuming=True)
+        if config.init_from:
+            log(info, f"out_dir holds {resume_from}: resuming from it; init_from = {config.init_from!r} "
+                      f"only gives the weights of a run's first start and is not used now")
     # init_from = "hf:DIR": the architecture is the Hugging Face folder's, on resume too (so the
     # checkpoint fits); its weights are loaded only when not resuming.
     hf_dir = hf.parse_init_from(config.init_from)
@@ -204,6 +541,7 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
         log(info, f"initialized weights from {hf_dir} (Hugging Face GPT-2)")
     elif resume_from is None and config.init_from:
         source = ckpt.resolve_checkpoint(config.init_from)
+        check_checkpoint_fits_data(source, config, meta, resuming=False)
         saved = ckpt.read_state(source)["model_config"]
         ckpt.check_model_config(source, saved, asdict(gpt_config))
         ckpt.load_model_weights(source, model)
@@ -214,24 +552,16 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
     loader = TokenLoader(
         config.data_dir, "train", config.batch_size, config.block_size, rank=info.rank,
         world_size=info.world_size, order=config.data_order, seed=config.seed, device=device,
+        vocab_size=meta["vocab_size"],
     )
 
     step, tokens_seen = 0, 0
     if resume_from is not None:
-        ckpt.verify_checkpoint(resume_from)
-        state = ckpt.read_state(resume_from)
-        ckpt.check_model_config(resume_from, state["model_config"], asdict(gpt_config))
-        # The files hold full tensors; under FSDP each rank keeps its shard of them.
-        model_state, optimizer_state = ckpt.read_model_state(resume_from), ckpt.read_optimizer_state(resume_from)
-        try:
-            parallel.load_full_state_dicts(model, optimizer, model_state, optimizer_state)
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise ckpt.CheckpointError(
-                f"{resume_from}: the saved weights or optimizer state do not fit this model: {e}"
-            ) from e
-        del model_state, optimizer_state
+        # Verifies the files, then loads either format at any world size (under FSDP each rank
+        # reads only its shard) and this rank's RNG state; a collective when distributed.
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, model_config=asdict(gpt_config),
+                                     rank=info.rank, world_size=info.world_size)
         loader.load_state_dict(state["loader"])
-        ckpt.restore_rng_state(state["rng"][str(info.rank)] if str(info.rank) in state["rng"] else state["rng"]["0"])
         step, tokens_seen = state["step"], state["tokens_seen"]
         log(info, f"resumed from {resume_from} at step {step}")
 
@@ -255,31 +585,37 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
             out_dir, mode=config.wandb_mode, project=config.wandb_project, name=config.wandb_run_name,
             tags=wandb_tags(config.wandb_tags), config=dict(config.to_dict(), model_config=asdict(gpt_config)),
             resumed=resume_from is not None))
-    stop = StopFlag()
-    stop.install()
+    guard = NonFiniteGuard(config, model, optimizer, scaler.is_enabled(), info, out_dir)
+    if resume_from is not None:
+        guard.skipped = ckpt.read_state(resume_from).get("skipped_steps", 0)
+    if step >= config.max_steps:
+        log(info, f"note: already at step {step}, max_steps is {config.max_steps}: nothing to train "
+                  f"(raise max_steps to train longer)")
 
     tokenizer_path = Path(config.data_dir) / "tokenizer.json"
 
-    def save(at_step: int, val_loss: float | None) -> Path | None:
-        # A collective under FSDP (all ranks gather the shards); only rank 0 receives and writes.
-        model_state, optimizer_state = parallel.full_state_dicts(model, optimizer)
-        if not info.is_main:
-            barrier(info)
-            return None
+    # Full (gathered to rank 0) or sharded (every rank writes its shard; auto under FSDP),
+    # synchronous or in a background thread: see gpt/checkpoint.py and docs/checkpoints.md.
+    checkpointer = ckpt.Checkpointer(
+        out_dir, format=ckpt.resolve_format(config.checkpoint_format, parallel.resolve_strategy(config, info)),
+        rank=info.rank, world_size=info.world_size, keep_last=config.keep_last,
+        tokenizer_path=tokenizer_path, async_save=config.async_checkpoint)
+
+    def save(at_step: int, val_loss: float | None) -> Path:
+        # A collective: every rank takes part (gathering to rank 0, or writing its own shard).
         state = {
             "step": at_step,
             "tokens_seen": tokens_seen,
             "loader": loader.state_dict(),
-            "rng": {str(info.rank): ckpt.capture_rng_state()},
+            "rng": ckpt.gather_rng_states(),  # every rank's: each draws its own dropout masks
+            "world_size": info.world_size,
             "val_loss": val_loss,
             "model_config": asdict(gpt_config),
             "train_config": config.to_dict(),
             "dataset": meta,
+            "skipped_steps": guard.skipped,
         }
-        path = ckpt.save_checkpoint_state(out_dir, at_step, model_state, optimizer_state, state,
-                                          tokenizer_path=tokenizer_path, keep_last=config.keep_last)
-        barrier(info)
-        return path
+        return checkpointer.save(at_step, model, optimizer, state)
 
     wrapped.train()
     train_loss = val_loss = None
@@ -291,19 +627,23 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
         lr = learning_rate_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        guard.begin_step(loss_sum)
         for micro in range(accum):
             x, y = loader.next_batch()
             # Only the last micro-batch reduces gradients across ranks; the others accumulate locally.
             parallel.set_gradient_sync(wrapped, micro == accum - 1)
             with autocast:
-                _, loss = wrapped(x, y)
+                # The loss alone, without the [B, T, V] logits (gpt/loss.py): less memory traffic.
+                _, loss = wrapped(x, y, return_logits=False)
             loss_sum += loss.detach()
             scaler.scale(loss / accum).backward()
+        grad_norm = None
         if config.grad_clip > 0:
             scaler.unscale_(optimizer)
             # Under FSDP2 the gradients are DTensor shards; clip_grad_norm_ reduces the norm over
             # all of them, so every rank clips by the same global factor.
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        guard.end_step(step + 1, loss_sum, grad_norm)  # device-only: flags a NaN/Inf step (or skips it)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -315,7 +655,10 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
         do_eval = last or (config.eval_interval > 0 and step % config.eval_interval == 0)
         if step % config.log_interval == 0 or do_eval or last:
             # The only host-device sync of the loop: reading the loss, on log steps alone.
-            train_loss = all_reduce_mean(loss_sum / (interval_steps * accum), info).item()
+            skipped = guard.review(step)  # nan_policy=stop: raises here, before any eval or save
+            kept_steps = interval_steps - skipped
+            train_loss = (all_reduce_mean(loss_sum / (kept_steps * accum), info).item() if kept_steps
+                          else float("nan"))
             elapsed = time.perf_counter() - interval_start
             step_time = elapsed / interval_steps
             tok_s = tokens_per_step / step_time
@@ -330,16 +673,14 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
             message = (f"step {step:>6}/{config.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
                        f"{tok_s:,.0f} tok/s | MFU {mfu * 100:.1f}% | {step_time * 1000:.0f} ms/step | "
                        f"ETA {format_duration(eta)}")
+            if guard.skipped:
+                record["skipped_steps"] = guard.skipped
+                message += f" | skipped {guard.skipped}"
             if do_eval:
-                val_loss = evaluate(wrapped, config, info, autocast)
+                val_loss = evaluate(wrapped, config, info, autocast, val_loader)
+                guard.check_val_loss(step, val_loss)  # a model that outputs NaN is never saved
                 record["val_loss"] = round(val_loss, 6)
                 message += f" | val loss {val_loss:.4f}"
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(
-                    f"training loss became {train_loss} at step {step}; the last good checkpoint "
-                    f"is kept. Lower learning_rate (now {config.learning_rate}) or grad_clip, or use "
-                    f"dtype=float32/bfloat16 instead of float16"
-                )
             metrics.write(record)
             log(info, message)
             loss_sum.zero_()
@@ -348,11 +689,14 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
                 last_ckpt = save(step, val_loss)
             interval_start = time.perf_counter()
         if stop.agreed(info):
-            log(info, f"received a stop signal: saving a checkpoint at step {step} and exiting "
-                      f"with code {PREEMPTED_EXIT_CODE} (run again to resume)")
+            guard.review(step)  # never save a model that went non-finite since the last log
+            log(info, f"received a stop signal ({stop.name}): saving a checkpoint at step {step} and "
+                      f"exiting with code {stop.exit_code} (run again to resume)")
             save(step, val_loss)
-            raise SystemExit(PREEMPTED_EXIT_CODE)
+            checkpointer.close()  # an async save completes before the exit code says it is saved
+            raise SystemExit(stop.exit_code)
 
+    checkpointer.close()  # wait for an async save in flight
     metrics.close()
     log(info, f"done: {step} steps, {tokens_seen:,} tokens, {format_duration(time.perf_counter() - run_start)}"
               + (f", final val loss {val_loss:.4f}" if val_loss is not None else ""))

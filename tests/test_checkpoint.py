@@ -1,23 +1,30 @@
-"""Checkpoints never lose work: kill -9 at random moments (mid-save too), full disks, resume exactly."""
+"""Checkpoints never lose work: kill -9 at random moments (mid-save too), full disks, resume exactly;
+the full and sharded formats, async saves and consolidation, in one process.
+(tests/test_checkpoint_distributed.py does the same under torchrun.)"""
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import safetensors.torch
 import torch
 
 from gpt import checkpoint as ckpt
 from gpt.metrics import read_metrics
+from gpt.trainer import train
 
-from conftest import REPO, tiny_args
+from conftest import REPO, tiny_args, tiny_config
 
 TIMING = {"tokens_per_s", "tokens_per_s_per_device", "mfu", "step_ms", "elapsed_s", "eta_s"}
 
@@ -132,3 +139,152 @@ def test_full_disk_during_save_keeps_previous_checkpoint(char_data, tmp_path):
                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr
     assert f"resumed from {before}" in third.stdout
+
+
+# ----------------------------------------------------------------------------------------
+# Formats (full / sharded), async saves, consolidate: one process
+
+
+def run_state(ckpt_dir: Path) -> tuple[dict, dict]:
+    """(weights, optimizer.state_dict()) of a checkpoint of either format, as CPU tensors."""
+    return ckpt.read_model_state(ckpt_dir), ckpt.read_optimizer_state(ckpt_dir)
+
+
+def assert_states_equal(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
+    (wa, oa), (wb, ob) = a, b
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for index, fields in oa["state"].items():
+        assert fields.keys() == ob["state"][index].keys()
+        assert all(torch.equal(v, ob["state"][index][k]) for k, v in fields.items())
+
+
+FORMAT_RUN = dict(max_steps=20, eval_interval=10, dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def full_sync_run(char_data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("formats") / "full_sync"
+    train(tiny_config(char_data, run, **FORMAT_RUN))
+    return run
+
+
+@pytest.mark.parametrize("fmt, async_save", [("sharded", False), ("full", True), ("sharded", True)])
+def test_sharded_and_async_checkpoints_hold_the_same_state_and_resume_exactly(
+        char_data, full_sync_run, tmp_path, fmt, async_save):
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, **FORMAT_RUN, checkpoint_format=fmt, async_checkpoint=async_save))
+    assert learning_records(run) == learning_records(full_sync_run)
+    for step in (10, 20):
+        name = ckpt.step_dir_name(step)
+        saved, reference = run / "checkpoints" / name, full_sync_run / "checkpoints" / name
+        assert ckpt.checkpoint_format(saved) == fmt
+        ckpt.verify_checkpoint(saved)
+        assert_states_equal(run_state(saved), run_state(reference))
+        if fmt == "full":  # written from a snapshot in a thread: the very same bytes
+            for file in (ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE):
+                assert (saved / file).read_bytes() == (reference / file).read_bytes()
+    state = ckpt.read_state(run / "checkpoints" / ckpt.step_dir_name(20))
+    assert state["format"] == fmt and state["world_size"] == 1 and list(state["rng"]) == ["0"]
+
+    # Resume from step 10: the continuation equals the uninterrupted full/sync run.
+    shutil.rmtree(run / "checkpoints" / ckpt.step_dir_name(20))
+    (run / "latest").write_text(ckpt.step_dir_name(10) + "\n")
+    train(tiny_config(char_data, run, **FORMAT_RUN, checkpoint_format=fmt, async_checkpoint=async_save))
+    assert learning_records(run) == learning_records(full_sync_run)
+    assert_states_equal(run_state(ckpt.latest_checkpoint(run)), run_state(ckpt.latest_checkpoint(full_sync_run)))
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_consolidate_a_sharded_checkpoint_and_sample_from_either(char_data, tmp_path, capsys):
+    from gpt.cli import run_sample
+
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=10, checkpoint_format="sharded"))
+    sharded = ckpt.latest_checkpoint(run)
+
+    done = subprocess.run([sys.executable, "-m", "gpt.checkpoint", "consolidate", str(run)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = run / "consolidated" / sharded.name  # the default: outside checkpoints/, never pruned
+    assert f"wrote {out}" in done.stdout
+    assert ckpt.checkpoint_format(out) == "full" and not (out / ckpt.OPTIMIZER_FILE).exists()
+    assert sorted(ckpt.verify_checkpoint(out)) == [ckpt.MODEL_FILE, ckpt.STATE_FILE, ckpt.TOKENIZER_FILE]
+    consolidated = ckpt.read_model_state(out)
+    original = ckpt.read_model_state(sharded)
+    assert consolidated.keys() == original.keys()
+    assert all(torch.equal(consolidated[k], original[k]) for k in original)
+    assert ckpt.read_state(out)["step"] == 10
+
+    capsys.readouterr()
+    assert ckpt.main(["consolidate", str(run)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+    # With the optimizer: a full checkpoint that resumes like the sharded one.
+    with_opt = tmp_path / "with_optimizer"
+    assert ckpt.main(["consolidate", str(sharded), "--out", str(with_opt), "--optimizer"]) == 0
+    assert_states_equal(run_state(with_opt), run_state(sharded))
+
+    # sample.py's code reads either format and prints the same text.
+    texts = []
+    for source in (["--out_dir", str(run)], ["--ckpt", str(out)]):
+        capsys.readouterr()
+        assert run_sample([*source, "--prompt", "ROMEO:", "--max_new_tokens", "40", "--device", "cpu",
+                           "--seed", "1"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].startswith("ROMEO:") and len(texts[0]) > 40
+
+
+def test_unsafe_or_corrupt_sharded_checkpoints_are_refused(char_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=5, eval_interval=5, checkpoint_format="sharded"))
+    saved = ckpt.latest_checkpoint(run)
+    metadata = saved / ckpt.DCP_DIR / ckpt.DCP_METADATA
+    shard = saved / ckpt.DCP_DIR / "__0_0.distcp"
+
+    def rewrite_manifest() -> None:
+        manifest = json.loads((saved / ckpt.MANIFEST_FILE).read_text())
+        for name in manifest:
+            manifest[name] = {"bytes": (saved / name).stat().st_size, "crc32": ckpt._crc32(saved / name)}
+        (saved / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+    # A truncated shard is caught by the manifest before anything is read.
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="truncated or corrupt"):
+        train(tiny_config(char_data, run, max_steps=10, checkpoint_format="sharded"))
+    shard.write_bytes(data)
+
+    # DCP itself would pickle.load this metadata file and run the code in it.
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    original = metadata.read_bytes()
+    metadata.write_bytes(pickle.dumps(Evil()))
+    rewrite_manifest()
+    with pytest.raises(ckpt.CheckpointError, match="refused to load"):
+        train(tiny_config(char_data, run, max_steps=10, checkpoint_format="sharded"))
+    with pytest.raises(ckpt.CheckpointError, match="refused to load"):
+        ckpt.read_model_state(saved)
+    assert not (tmp_path / "pwned").exists()
+
+    metadata.write_bytes(original)
+    rewrite_manifest()
+    result = train(tiny_config(char_data, run, max_steps=10, eval_interval=5, checkpoint_format="sharded"))
+    assert result.step == 10
+
+
+def test_rng_states_per_rank_and_across_world_sizes():
+    state = {"rng": {"0": "rank0", "1": "rank1"}, "world_size": 2}
+    assert [ckpt.rng_state_for(state, r, 2) for r in (0, 1)] == ["rank0", "rank1"]  # same world size
+    assert [ckpt.rng_state_for(state, r, 4) for r in range(4)] == ["rank0"] * 4  # another: rank 0's
+    assert ckpt.rng_state_for(state, 0, 1) == "rank0"
+    old = {"rng": {"0": "rank0"}}  # written before every rank's state was saved, by 2 ranks
+    assert ckpt.rng_state_for(old, 1, 2) == "rank0"
+    assert ckpt.gather_rng_states().keys() == {"0"}  # one process, no process group
+    assert ckpt.resolve_format("auto", "fsdp") == "sharded"
+    assert ckpt.resolve_format("auto", "ddp") == ckpt.resolve_format("auto", "none") == "full"
+    assert ckpt.resolve_format("sharded", "none") == "sharded"

@@ -216,3 +216,9 @@ def test_shipped_configs_parse():
                                           "shakespeare_char_cpu.toml", "gpt2_124m.toml"}
     for path in configs:
         parse_args(["--config", str(path)])
+
+
+def test_readme_documents_every_config_key():
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name in TrainConfig.__dataclass_fields__ if f"`{name}`" not in readme]
+    assert not missing, f"README's config reference lacks {missing}"

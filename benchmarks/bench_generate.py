@@ -1,0 +1,118 @@
+"""Generation tokens/s: ours with KV cache vs Hugging Face `generate` with its cache, and ours
+with vs without the cache; side by side in one process.
+
+    python -m benchmarks.bench_generate [--batches 1 8] [--new-tokens 255] [--no-cache-batches 1]
+
+Model: the shakespeare_char shape (6 x 384, context 256, 65 characters), random weights, copied
+into the peer (GPT2LMHeadModel, exact GELU, SDPA) so both compute the same function. Greedy
+decoding for both (temperature 0 / do_sample=False, min_new_tokens = max_new_tokens so neither
+stops early), from a 1-token prompt: 1 + 255 new tokens fill the 256-token context exactly (the
+peer's position table has 256 rows and cannot go further). The check: both produce the very
+same tokens. tokens/s = batch x new tokens / wall time of the whole call (prefill included).
+Writes benchmarks/results/generate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from benchmarks.common import interleave, load_average, log, machine, median, peer_available, write_json
+from benchmarks.bench_train import build_pair
+from gpt.generate import generate
+
+SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, batch_size=1)
+
+
+def ours_fn(model, idx: torch.Tensor, new_tokens: int, use_cache: bool):
+    def run() -> torch.Tensor:
+        return torch.cat(list(generate(model, idx, new_tokens, temperature=0.0, use_cache=use_cache)), dim=1)
+    return run
+
+
+def peer_fn(model, idx: torch.Tensor, new_tokens: int):
+    mask = torch.ones_like(idx)  # no padding; without it HF would guess a mask from pad_token_id
+
+    def run() -> torch.Tensor:
+        out = model.generate(idx, attention_mask=mask, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                             pad_token_id=0)
+        return out[:, idx.size(1):]
+    return run
+
+
+def run_case(batch: int, new_tokens: int, *, no_cache: bool, device: torch.device,
+             rounds: int = 3) -> dict[str, Any]:
+    ours, peer, check = build_pair(SHAPE, device)
+    ours.eval(), peer.eval()
+    g = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, SHAPE["vocab_size"], (batch, 1), generator=g).to(device)
+    contenders = {"ours_cache": ours_fn(ours, idx, new_tokens, True), "peer_cache": peer_fn(peer, idx, new_tokens)}
+    if no_cache:
+        contenders["ours_no_cache"] = ours_fn(ours, idx, new_tokens, False)
+    outputs = {name: fn() for name, fn in contenders.items()}  # also the warm-up
+    same = {name: bool(torch.equal(out, outputs["ours_cache"])) for name, out in outputs.items()}
+    load_before = load_average()
+    # The uncached path is slow (it recomputes the whole context every token): fewer rounds.
+    fast = {k: v for k, v in contenders.items() if k != "ours_no_cache"}
+    seconds = interleave(fast, rounds=rounds, warmup=0, device=device)
+    if no_cache:
+        seconds.update(interleave({"ours_no_cache": contenders["ours_no_cache"]},
+                                  rounds=max(1, rounds - 1), warmup=0, device=device))
+    rows = {}
+    for name, times in seconds.items():
+        m = median(times)
+        rows[name] = {"seconds": round(m, 3), "tokens_per_s": round(batch * new_tokens / m, 1),
+                      "seconds_all": [round(t, 3) for t in times]}
+    result = {
+        "batch": batch, "prompt_tokens": 1, "new_tokens": new_tokens, "shape": SHAPE | {"batch_size": batch},
+        "decoding": "greedy", "device": str(device), "rounds": rounds, **check,
+        "same_tokens_as_ours_cache": same,
+        "load_avg_before": load_before, "load_avg_after": load_average(), "results": rows,
+        "ratio_ours_over_peer": round(rows["peer_cache"]["seconds"] / rows["ours_cache"]["seconds"], 3),
+    }
+    if no_cache:
+        result["ratio_cache_over_no_cache"] = round(rows["ours_no_cache"]["seconds"] / rows["ours_cache"]["seconds"], 3)
+    return result
+
+
+def format_case(r: dict[str, Any]) -> str:
+    lines = [f"  {name:<14} {row['tokens_per_s']:9,.0f} tok/s ({row['seconds']:.2f} s)"
+             for name, row in r["results"].items()]
+    extra = (f"; cache / no cache: {r['ratio_cache_over_no_cache']:.1f}x" if "ratio_cache_over_no_cache" in r else "")
+    lines.append(f"  ours / peer: {r['ratio_ours_over_peer']:.2f}x{extra}; same tokens: "
+                 f"{all(r['same_tokens_as_ours_cache'].values())}  [load {r['load_avg_before']} -> "
+                 f"{r['load_avg_after']}, {r['rounds']} rounds]")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--new-tokens", type=int, default=255)
+    p.add_argument("--no-cache-batches", nargs="*", type=int, default=[1],
+                   help="batches at which to also time our uncached path (slow)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args(argv)
+    if not peer_available():
+        raise SystemExit("transformers is not installed: pip install transformers")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    for batch in args.batches:
+        log(f"generate batch {batch} ...")
+        r = run_case(batch, args.new_tokens, no_cache=batch in args.no_cache_batches,
+                     device=torch.device(args.device), rounds=args.rounds)
+        print(f"generate batch {batch}, 1 + {args.new_tokens} tokens:\n{format_case(r)}", flush=True)
+        results.append(r)
+    write_json("generate", {"benchmark": "generation vs Hugging Face generate", "machine": machine(),
+                            "results": results})
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Training-step throughput, ours vs Hugging Face GPT2LMHeadModel, side by side in one process.
+
+    python -m benchmarks.bench_train [--shapes default shakespeare_char] [--dtypes float32 bfloat16]
+                                     [--device cpu|cuda] [--compile] [--budget-s 40]
+
+One step = forward + backward + AdamW step (torch.optim.AdamW(fused=True) for both models, the
+same learning rate, no weight decay groups, no clipping), on one fixed random batch, dropout 0,
+both models in train mode. The peer is a GPT2Config of the same shape (layers, heads, width,
+n_positions = block, vocabulary) with exact GELU and SDPA attention, so both compute the same
+function: the script copies our weights into it and checks that the logits agree, and that
+the two parameter counts are equal. bf16 means torch.autocast(bfloat16) around the forward, for
+both. Prints tokens/s, the ratio and MFU; writes benchmarks/results/train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.common import (build_peer, count_params, interleave, load_average, log, machine,
+                               median, peer_available, write_json)
+from gpt.hf import to_hf_state_dict
+from gpt.model import GPT, GPTConfig
+
+# (layers, heads, width, context, batch, vocabulary)
+SHAPES: dict[str, dict[str, int]] = {
+    # configs/default.toml
+    "default": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, vocab_size=4096),
+    # configs/shakespeare_char.toml's model (6 x 384, context 256, 65 characters); batch 8
+    # instead of 64 so that a step takes seconds, not tens of seconds, on a 2-core CPU.
+    "shakespeare_char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, vocab_size=65),
+    # GPT-2 small, for GPUs (benchmarks/gpu.sh)
+    "gpt2_124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, vocab_size=50257),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def build_pair(shape: dict[str, int], device: torch.device, seed: int = 0) -> tuple[GPT, Any, dict[str, Any]]:
+    """Our GPT and the peer with the same weights; checks they compute the same logits."""
+    torch.manual_seed(seed)
+    dims = {k: v for k, v in shape.items() if k != "batch_size"}
+    ours = GPT(GPTConfig(**dims, dropout=0.0))
+    peer, implementation = build_peer(**dims)
+    missing, unexpected = peer.load_state_dict(to_hf_state_dict(ours), strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
+    peer.tie_weights()
+    ours.to(device), peer.to(device)
+    x = torch.randint(0, shape["vocab_size"], (2, min(32, shape["block_size"])), device=device)
+    with torch.no_grad():
+        ours.eval(), peer.eval()
+        diff = (ours(x)[0] - peer(x).logits).abs().max().item()
+    check = {
+        "params_ours": count_params(ours),
+        "params_peer": count_params(peer),
+        "peer_attention": implementation,
+        "max_abs_logit_diff_same_weights": diff,
+    }
+    if check["params_ours"] != check["params_peer"] or diff > 1e-3:
+        raise AssertionError(f"ours and the peer are not the same model: {check}")
+    return ours, peer, check
+
+
+def train_step_fn(model, optimizer, x, y, autocast, peer: bool):
+    if peer:
+        def forward():
+            return model(input_ids=x, labels=x).loss  # HF shifts the labels itself
+    else:
+        def forward():
+            return model(x, y, return_logits=False)[1]  # as the trainer calls it
+
+    def step():
+        with autocast:
+            loss = forward()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def run_case(shape_name: str, dtype_name: str, *, device: torch.device, compile_ours: bool = False,
+             budget_s: float = 40.0, min_rounds: int = 3, max_rounds: int = 10,
+             peak: dict[str, float] | None = None) -> dict[str, Any]:
+    shape = SHAPES[shape_name]
+    dtype = DTYPES[dtype_name]
+    ours, peer, check = build_pair(shape, device)
+    B, T, V = shape["batch_size"], shape["block_size"], shape["vocab_size"]
+    g = torch.Generator().manual_seed(1)
+    window = torch.randint(0, V, (B, T + 1), generator=g).to(device)
+    x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()
+    autocast = _autocast(device, dtype)
+    contenders = {}
+    compile_s = None
+    models = {"ours": ours, "peer": peer}
+    if compile_ours:
+        torch.manual_seed(0)
+        compiled = GPT(ours.config).to(device)
+        compiled.load_state_dict(ours.state_dict())
+        compiled.compile()
+        models["ours+compile"] = compiled
+    for name, model in models.items():
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0,
+                                      fused=device.type in ("cpu", "cuda"))
+        contenders[name] = train_step_fn(model, optimizer, x, y, autocast, peer=name == "peer")
+    if compile_ours:
+        start = time.perf_counter()
+        contenders["ours+compile"]()  # compiles forward and backward
+        compile_s = time.perf_counter() - start
+    # Warm-up: one step each, timed, to size the number of rounds to the budget.
+    first = interleave(contenders, rounds=1, warmup=1, device=device)
+    per_round = sum(v[0] for v in first.values())
+    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(per_round, 1e-6))))
+    load_before = load_average()
+    seconds = interleave(contenders, rounds=rounds, warmup=0, device=device)
+    tokens = B * T
+    flops_per_token = ours.flops_per_token()
+    rows = {}
+    for name, times in seconds.items():
+        m = median(times)
+        row = {"step_ms": round(m * 1e3, 2), "tokens_per_s": round(tokens / m, 1),
+               "step_ms_all": [round(t * 1e3, 2) for t in times]}
+        if peak:
+            achieved = flops_per_token * tokens / m
+            row["achieved_gflops"] = round(achieved / 1e9, 2)
+            for key, value in peak.items():
+                row[f"mfu_vs_{key}"] = round(achieved / value, 4)
+        rows[name] = row
+    result = {
+        "shape": shape_name, **shape, "dtype": dtype_name, "device": str(device),
+        "rounds": rounds, "statistic": "median of rounds, contenders alternated",
+        "flops_per_token": flops_per_token, **check,
+        "load_avg_before": load_before, "load_avg_after": load_average(),
+        "results": rows,
+        "ratio_ours_over_peer": round(rows["peer"]["step_ms"] / rows["ours"]["step_ms"], 3),
+    }
+    if compile_ours:
+        result["compile_s"] = round(compile_s, 1)
+        result["ratio_ours_compiled_over_peer"] = round(rows["peer"]["step_ms"] / rows["ours+compile"]["step_ms"], 3)
+    return result
+
+
+def format_case(r: dict[str, Any]) -> str:
+    lines = []
+    for name, row in r["results"].items():
+        mfu = "".join(f"  MFU {row[k] * 100:5.1f}% ({k.removeprefix('mfu_vs_')})"
+                      for k in row if k.startswith("mfu_vs_"))
+        lines.append(f"  {name:<13} {row['step_ms']:9.1f} ms/step {row['tokens_per_s']:10,.0f} tok/s{mfu}")
+    lines.append(f"  ours / peer: {r['ratio_ours_over_peer']:.2f}x"
+                 + (f"; compiled ours / peer: {r['ratio_ours_compiled_over_peer']:.2f}x "
+                    f"(compile {r['compile_s']:.0f} s)" if "compile_s" in r else "")
+                 + f"  [load {r['load_avg_before']} -> {r['load_avg_after']}, {r['rounds']} rounds]")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", default=["default", "shakespeare_char"], choices=list(SHAPES))
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd ours")
+    p.add_argument("--budget-s", type=float, default=40.0, help="timed seconds per case (sets the rounds)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args(argv)
+    if not peer_available():
+        raise SystemExit("transformers is not installed: pip install transformers")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    results = []
+    for shape in args.shapes:
+        for dtype in args.dtypes:
+            log(f"train {shape} {dtype} on {device} ...")
+            r = run_case(shape, dtype, device=device, compile_ours=args.compile, budget_s=args.budget_s)
+            print(f"{shape} {dtype}: params {r['params_ours']:,} (peer {r['params_peer']:,}, "
+                  f"attention {r['peer_attention']})\n{format_case(r)}", flush=True)
+            results.append(r)
+    write_json("train", {"benchmark": "train step vs Hugging Face GPT2LMHeadModel",
+                         "machine": machine(), "results": results})
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Shared pieces of the speed suite: side-by-side timing, the peer model, machine facts, results.
+
+Timing rule: every comparison runs its contenders in one process, round-robin (A B A B ...,
+the order reversed every other round so neither side always runs first), after warm-up, and
+reports the median of the rounds. Background load (other jobs on a shared machine) then hits
+both sides alike, so the *ratio* of medians is the figure to trust; absolute figures are
+quoted with the load average at the time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def load_average() -> float:
+    """1-minute load average (runnable processes); on 2 cores anything above ~2 is contention."""
+    return round(os.getloadavg()[0], 2)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
+        isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f" {f}" in flags]
+    except OSError:
+        isa = []
+    info = {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_isa": isa,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleave(
+    contenders: dict[str, Callable[[], Any]],
+    *,
+    rounds: int,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+) -> dict[str, list[float]]:
+    """Seconds per call of each contender, measured round-robin; see the module docstring."""
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            contenders[name]()
+    sync(device)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            contenders[name]()
+            sync(device)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# ----------------------------------------------------------------------------------------
+# The peer: Hugging Face transformers' GPT-2, built locally from a config (no hub access)
+
+
+def peer_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_peer(vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int):
+    """GPT2LMHeadModel of our shape: same widths, vocabulary, positions, biases, tied head,
+    exact GELU (ours is nn.GELU(); GPT-2's default 'gelu_new' is the tanh approximation),
+    LayerNorm eps 1e-5, dropout 0, SDPA attention. Returns (model, attention implementation)."""
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_layer=n_layer,
+        n_head=n_head, n_inner=None, activation_function="gelu", layer_norm_epsilon=1e-5,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=None, pad_token_id=0,
+    )
+    transformers.logging.set_verbosity_error()  # its notes about unset token ids are noise here
+    try:
+        model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+    except (TypeError, ValueError, ImportError):
+        model = transformers.GPT2LMHeadModel(config)
+    implementation = getattr(model.config, "_attn_implementation", None) or "eager"
+    return model, implementation
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Distinct parameters (a tied matrix counted once), the same rule for both models."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+# ----------------------------------------------------------------------------------------
+# Results
+
+
+def write_json(name: str, record: dict[str, Any]) -> Path:
+    """Write benchmarks/results/NAME.json atomically; returns the path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
