@@ -44,7 +44,7 @@ def peer_fn(model, idx: torch.Tensor, new_tokens: int):
 
 
 def run_case(batch: int, new_tokens: int, *, no_cache: bool, device: torch.device,
-             rounds: int = 3) -> dict[str, Any]:
+             rounds: int = 5, budget_s: float = 40.0) -> dict[str, Any]:
     ours, peer, check = build_pair(SHAPE, device)
     ours.eval(), peer.eval()
     g = torch.Generator().manual_seed(2)
@@ -52,11 +52,21 @@ def run_case(batch: int, new_tokens: int, *, no_cache: bool, device: torch.devic
     contenders = {"ours_cache": ours_fn(ours, idx, new_tokens, True), "peer_cache": peer_fn(peer, idx, new_tokens)}
     if no_cache:
         contenders["ours_no_cache"] = ours_fn(ours, idx, new_tokens, False)
-    outputs = {name: fn() for name, fn in contenders.items()}  # also the warm-up
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keeping(name, fn):
+        def run():
+            outputs[name] = fn()
+        return run
+    # The warm-up, timed; it also keeps each contender's tokens for the check.
+    warm = interleave({k: keeping(k, fn) for k, fn in contenders.items()}, rounds=1, warmup=0, device=device)
     same = {name: bool(torch.equal(out, outputs["ours_cache"])) for name, out in outputs.items()}
     load_before = load_average()
-    # The uncached path is slow (it recomputes the whole context every token): fewer rounds.
+    # Rounds: as many as fit the budget, between 2 and `rounds`. The uncached path is slow (it
+    # recomputes the whole context every token), so it gets one round fewer.
     fast = {k: v for k, v in contenders.items() if k != "ours_no_cache"}
+    per_round = sum(warm[k][0] for k in fast)
+    rounds = max(2, min(rounds, int(budget_s / max(per_round, 1e-6))))
     seconds = interleave(fast, rounds=rounds, warmup=0, device=device)
     if no_cache:
         seconds.update(interleave({"ours_no_cache": contenders["ours_no_cache"]},
@@ -94,7 +104,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--new-tokens", type=int, default=255)
     p.add_argument("--no-cache-batches", nargs="*", type=int, default=[1],
                    help="batches at which to also time our uncached path (slow)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5, help="at most this many (as many as fit --budget-s)")
+    p.add_argument("--budget-s", type=float, default=40.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
@@ -106,7 +117,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for batch in args.batches:
         log(f"generate batch {batch} ...")
         r = run_case(batch, args.new_tokens, no_cache=batch in args.no_cache_batches,
-                     device=torch.device(args.device), rounds=args.rounds)
+                     device=torch.device(args.device), rounds=args.rounds, budget_s=args.budget_s)
         print(f"generate batch {batch}, 1 + {args.new_tokens} tokens:\n{format_case(r)}", flush=True)
         results.append(r)
     write_json("generate", {"benchmark": "generation vs Hugging Face generate", "machine": machine(),

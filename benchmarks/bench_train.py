@@ -24,6 +24,7 @@ import torch
 from benchmarks.common import (build_peer, count_params, interleave, load_average, log, machine,
                                median, peer_available, write_json)
 from gpt.hf import to_hf_state_dict
+from gpt.metrics import peak_flops
 from gpt.model import GPT, GPTConfig
 
 # (layers, heads, width, context, batch, vocabulary)
@@ -180,7 +181,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for shape in args.shapes:
         for dtype in args.dtypes:
             log(f"train {shape} {dtype} on {device} ...")
-            r = run_case(shape, dtype, device=device, compile_ours=args.compile, budget_s=args.budget_s)
+            peak, source = peak_flops(device, DTYPES[dtype])
+            r = run_case(shape, dtype, device=device, compile_ours=args.compile, budget_s=args.budget_s,
+                         peak={"datasheet" if "datasheet" in source else "measured": peak})
             print(f"{shape} {dtype}: params {r['params_ours']:,} (peer {r['params_peer']:,}, "
                   f"attention {r['peer_attention']})\n{format_case(r)}", flush=True)
             results.append(r)

@@ -23,7 +23,7 @@ COMPILE=${COMPILE:-true}
 DATA=${DATA:-/tmp/gpt_scaleout_data}
 OUT=${OUT:-/tmp/gpt_scaleout_runs}
 STRATEGIES=${STRATEGIES:-"ddp fsdp"}
-RESULTS=benchmarks/results/gpu_scaleout.json
+RESULTS=${RESULTS:-benchmarks/results/gpu_scaleout.json}
 
 if [ "$NPROC" -lt 1 ]; then
     echo "error: no GPU visible (nvidia-smi -L lists none); set NPROC to override" >&2

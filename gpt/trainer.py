@@ -572,6 +572,9 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
               f"device {device} x {info.world_size}, {str(dtype).removeprefix('torch.')}, "
               f"grad accumulation {accum}, {tokens_per_step:,} tokens/step; "
               f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
+    if device.type == "cpu" and dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log(info, "note: this CPU has no native bf16 matmul (AVX512-BF16/AMX); bf16 runs several "
+                  "times slower than float32 here (benchmarks/: ~50x for a large matmul). Use dtype=float32")
 
     # Under FSDP the MixedPrecisionPolicy does the casting; elsewhere autocast does.
     compute_dtype = parallel.autocast_dtype(parallel.resolve_strategy(config, info), dtype)

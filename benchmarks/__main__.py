@@ -1,0 +1,232 @@
+"""The speed suite: us and a well-known peer (Hugging Face GPT2LMHeadModel) on the same machine,
+in one run, side by side; prints one table and writes benchmarks/results/*.json.
+
+    python -m benchmarks                      # the CPU suite (about 5-10 minutes on 2 quiet cores)
+    python -m benchmarks --parts train generate
+    python -m benchmarks --threads all        # every core even if other jobs are running (see below)
+    python -m benchmarks --full               # also the slow cases (bf16 at 6 x 384, no-cache at batch 8)
+    python -m benchmarks --compile            # also torch.compile'd ours in the training comparison
+
+Parts:
+  peak      measured fp32 and bf16 matmul FLOP/s (all threads) and, on GPUs, the datasheet peak
+  train     fwd+bwd+AdamW tokens/s, ours vs peer: default config shape (4 x 128, ctx 128, batch
+            16, vocab 4096) and shakespeare_char shape (6 x 384, ctx 256, batch 8, vocab 65),
+            fp32 and bf16 autocast; MFU against the measured peaks
+  generate  256-token greedy generation at batch 1 and 8: ours (KV cache) vs `generate` (its
+            cache), and ours with vs without the cache
+  loader    TokenLoader tokens/s (benchmarks/bench_loader.py, small shard)
+  data      data prep MB/s, char and BPE, on 8 MB of text (benchmarks/bench_data.py)
+  rss       peak RSS of a short `python train.py` run of the 6 x 384 model (a child process)
+
+Every comparison alternates its contenders in one process after warm-up and reports medians;
+read the ratios, and the load average printed with each (other jobs on the machine slow both
+sides, though not always alike: on a 2-core machine where another job holds one core, every
+multi-threaded op waits for a descheduled thread, so ops count more than FLOPs; hence the
+default --threads auto, which uses only the cores that are idle when the suite starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+from benchmarks import bench_generate, bench_resources, bench_train
+from benchmarks.common import load_average, log, machine, peer_available, write_json
+
+PARTS = ("peak", "train", "generate", "loader", "data", "rss")
+# The issue's goals, as numbers the table checks.
+GOAL_TRAIN_RATIO = 1.3
+GOAL_GENERATE_RATIO = 1.5
+GOAL_CACHE_RATIO = 5.0
+GOAL_MFU_OF_BF16 = 0.5
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--threads", default="auto",
+                   help="torch threads: a number, 'all' (torch's default: every core), or 'auto' "
+                        "(default: every core not already busy, by the 1-minute load average)")
+    p.add_argument("--full", action="store_true", help="also the slow cases")
+    p.add_argument("--compile", action="store_true", help="also torch.compile'd ours when training")
+    p.add_argument("--train-budget-s", type=float, default=30.0, help="timed seconds per training case")
+    args = p.parse_args(argv)
+    threads = choose_threads(args.threads)
+    torch.set_num_threads(threads)
+    device = torch.device(args.device)
+    if ("train" in args.parts or "generate" in args.parts) and not peer_available():
+        raise SystemExit("the peer needs transformers: pip install transformers (or --parts loader data rss peak)")
+
+    started = time.perf_counter()
+    suite: dict[str, Any] = {"machine": machine(), "load_avg_start": load_average(), "args": vars(args)}
+    log(f"speed suite on {device}, {torch.get_num_threads()} threads, load {suite['load_avg_start']}")
+
+    peak = bench_resources.peaks(device) if ({"peak", "train"} & set(args.parts)) else None
+    if peak:
+        suite["peak"] = peak
+        log(f"peak: fp32 {peak['measured_float32_gflops']} GFLOP/s, bf16 {peak['measured_bfloat16_gflops']} GFLOP/s (measured)")
+    # A CPU without native bf16 matmul (no AVX512-BF16 / AMX) runs bf16 far slower than fp32:
+    # time only the small bf16 case there unless --full.
+    slow_bf16 = bool(peak) and device.type == "cpu" and \
+        peak["measured_bfloat16_gflops"] < 0.5 * peak["measured_float32_gflops"]
+
+    if "train" in args.parts:
+        peaks_flops = {"fp32_peak": peak["measured_float32_gflops"] * 1e9,
+                       "bf16_peak": peak["measured_bfloat16_gflops"] * 1e9}
+        if device.type == "cuda":
+            peaks_flops = {k: v for k, v in (("datasheet_bf16", peak.get("datasheet_bfloat16_gflops")),
+                                             ("datasheet_fp32", peak.get("datasheet_float32_gflops"))) if v}
+            peaks_flops = {k: v * 1e9 for k, v in peaks_flops.items()}
+        cases = [("default", "float32"), ("shakespeare_char", "float32"), ("default", "bfloat16"),
+                 ("shakespeare_char", "bfloat16")]
+        suite["train"] = []
+        for shape, dtype in cases:
+            if dtype == "bfloat16" and slow_bf16 and shape != "default" and not args.full:
+                suite["train"].append({"shape": shape, "dtype": dtype, "skipped":
+                                       "this CPU's bf16 matmul is far slower than fp32 (see peak); --full runs it"})
+                continue
+            log(f"train {shape} {dtype} ...")
+            slow = dtype == "bfloat16" and slow_bf16
+            r = bench_train.run_case(shape, dtype, device=device, compile_ours=args.compile,
+                                     budget_s=args.train_budget_s, min_rounds=3,
+                                     max_rounds=3 if slow else 10, peak=peaks_flops)
+            log(bench_train.format_case(r))
+            suite["train"].append(r)
+        write_json("train", {"benchmark": "train step vs Hugging Face GPT2LMHeadModel",
+                             "machine": suite["machine"], "peak": peak, "results": suite["train"]})
+
+    if "generate" in args.parts:
+        suite["generate"] = []
+        for batch in (1, 8):
+            log(f"generate batch {batch} ...")
+            r = bench_generate.run_case(batch, 255, no_cache=batch == 1 or args.full, device=device)
+            log(bench_generate.format_case(r))
+            suite["generate"].append(r)
+        write_json("generate", {"benchmark": "generation vs Hugging Face generate",
+                                "machine": suite["machine"], "results": suite["generate"]})
+
+    if "loader" in args.parts:
+        log("loader ...")
+        suite["loader"] = bench_resources.loader()
+    if "data" in args.parts:
+        log("data prep ...")
+        suite["data"] = bench_resources.data_prep()
+    if "rss" in args.parts:
+        log("peak RSS of training ...")
+        suite["rss"] = bench_resources.training_rss()
+
+    suite["wall_s"] = round(time.perf_counter() - started, 1)
+    suite["load_avg_end"] = load_average()
+    suite["table"] = table(suite)
+    print("\n".join(suite["table"]))
+    path = write_json("suite", suite)
+    print(f"wrote {path}")
+    return suite
+
+
+def choose_threads(setting: str) -> int:
+    """'auto': one thread per core not already busy. Measured on a 2-core machine where another
+    job kept one core busy: with 2 threads every multi-threaded op waited for the descheduled
+    second thread (an erf GELU on 1,536 numbers: 8 ms instead of 24 us; a batch-8 decode step:
+    180 ms instead of 12 ms), so oversubscribing turns a compute benchmark into a scheduler one."""
+    cores = torch.get_num_threads()
+    if setting == "all":
+        return cores
+    if setting == "auto":
+        return max(1, min(cores, cores - round(load_average())))
+    return int(setting)
+
+
+def _goal(value: float | None, goal: float) -> str:
+    if value is None:
+        return ""
+    return f">= {goal:g}x: {'met' if value >= goal else 'NOT met'}"
+
+
+def table(s: dict[str, Any]) -> list[str]:
+    m = s["machine"]
+    lines = [f"machine: {m['cpu']} ({', '.join(m['cpu_isa']) or 'no AVX2'}), {m['cpus']} CPUs, "
+             f"{m['torch_threads']} torch threads; torch {m['torch']}, transformers {m['transformers']}; "
+             f"load {s['load_avg_start']} -> {s['load_avg_end']}; suite {s['wall_s']:.0f} s",
+             f"{'what':<46} {'ours':>12} {'peer':>12} {'ratio':>7}  goal / notes", "-" * 110]
+
+    def row(what, ours, peer, ratio, note=""):
+        def fmt(v):
+            if not isinstance(v, (int, float)):
+                return f"{v or '':>12}"
+            return f"{v:12,.0f}" if abs(v) >= 100 else f"{v:12.2f}"
+        r = f"{ratio:6.2f}x" if isinstance(ratio, (int, float)) else f"{'':>7}"
+        lines.append(f"{what:<46} {fmt(ours)} {fmt(peer)} {r}  {note}")
+
+    if "peak" in s:
+        pk = s["peak"]
+        row("peak matmul GFLOP/s, fp32 (measured)", pk["measured_float32_gflops"], None, None,
+            "datasheet " + str(pk.get("datasheet_float32_gflops")) if "gpu" in pk else "all threads")
+        row("peak matmul GFLOP/s, bf16 (measured)", pk["measured_bfloat16_gflops"], None, None,
+            "datasheet " + str(pk.get("datasheet_bfloat16_gflops")) if "gpu" in pk else
+            ("no native bf16 matmul on this CPU" if not m.get("mkldnn_bf16") else ""))
+    for r in s.get("train", []):
+        what = f"train tok/s {r['shape']} {r['dtype']}"
+        if "skipped" in r:
+            row(what, "skipped", None, None, r["skipped"])
+            continue
+        res = r["results"]
+        mfus = "; ".join(f"MFU {res['ours'][k] * 100:.1f}% of {k.removeprefix('mfu_vs_')}"
+                         for k in res["ours"] if k.startswith("mfu_vs_")
+                         and (r["dtype"] == "bfloat16") == ("bf16" in k))
+        row(what, res["ours"]["tokens_per_s"], res["peer"]["tokens_per_s"], r["ratio_ours_over_peer"],
+            f"{_goal(r['ratio_ours_over_peer'], GOAL_TRAIN_RATIO)}; {mfus}; load {r['load_avg_before']}")
+        if "ours+compile" in res:
+            row(f"  ... ours torch.compile'd", res["ours+compile"]["tokens_per_s"], res["peer"]["tokens_per_s"],
+                r["ratio_ours_compiled_over_peer"], f"compile {r['compile_s']:.0f} s")
+    shakespeare = [r for r in s.get("train", []) if r["shape"] == "shakespeare_char" and "results" in r]
+    if shakespeare and "peak" in s:
+        best = max(shakespeare, key=lambda r: r["results"]["ours"].get("achieved_gflops", 0))
+        achieved = best["results"]["ours"].get("achieved_gflops")
+        bf16 = s["peak"].get("datasheet_bfloat16_gflops") or s["peak"]["measured_bfloat16_gflops"]
+        fp32 = s["peak"].get("datasheet_float32_gflops") or s["peak"]["measured_float32_gflops"]
+        if achieved is not None:
+            row("MFU goal: 6x384 ctx 256 training, GFLOP/s", achieved, None, None,
+                f"best ours ({best['dtype']}) = {achieved / bf16 * 100:.0f}% of bf16 peak {bf16:g}, "
+                f"{achieved / fp32 * 100:.0f}% of fp32 peak {fp32:g}; goal >= {GOAL_MFU_OF_BF16:.0%} of bf16 peak: "
+                f"{'met' if achieved >= GOAL_MFU_OF_BF16 * bf16 and bf16 >= fp32 else 'NOT met'}"
+                + (" (bf16 slower than fp32 here)" if bf16 < fp32 else ""))
+    for r in s.get("generate", []):
+        res = r["results"]
+        row(f"generate tok/s batch {r['batch']}, cache vs peer cache", res["ours_cache"]["tokens_per_s"],
+            res["peer_cache"]["tokens_per_s"], r["ratio_ours_over_peer"],
+            f"{_goal(r['ratio_ours_over_peer'], GOAL_GENERATE_RATIO)}; same tokens "
+            f"{all(r['same_tokens_as_ours_cache'].values())}; load {r['load_avg_before']}")
+        if "ours_no_cache" in res:
+            row(f"generate tok/s batch {r['batch']}, cache vs no cache", res["ours_cache"]["tokens_per_s"],
+                res["ours_no_cache"]["tokens_per_s"], r["ratio_cache_over_no_cache"],
+                f"{_goal(r['ratio_cache_over_no_cache'], GOAL_CACHE_RATIO)} (peer column: ours, no cache)")
+    for r in s.get("loader", []):
+        row(f"loader tok/s batch {r['batch_size']} x {r['block_size']} {r['order']}", r["tokens_per_s"], None, None,
+            f"{r['us_per_batch']:.0f} us/batch")
+    for r in s.get("data", []):
+        if "skipped" in r:
+            row("data prep", "skipped", None, None, r["skipped"])
+            continue
+        row(f"data prep MB/s {r['tokenizer']} ({r['text_mb']:.1f} MB)", r["mb_per_s"], None, None,
+            f"{r['tokens_per_s']:,} tok/s, peak RSS {r['peak_rss_mb']:.0f} MB")
+    if "rss" in s:
+        r = s["rss"]
+        if "skipped" in r:
+            row("training peak RSS", "skipped", None, None, r["skipped"])
+        else:
+            sh = r["shape"]
+            row(f"training peak RSS MB ({sh['n_layer']}x{sh['n_embd']}, ctx {sh['block_size']}, "
+                f"batch {sh['batch_size']})", r["peak_rss_mb"], None, None,
+                f"train.py {r['steps']} steps: {r['trainer_tokens_per_s_median']:,.0f} tok/s, "
+                f"trainer MFU {r['trainer_mfu_median'] * 100:.1f}%")
+    return lines
+
+
+if __name__ == "__main__":
+    main()

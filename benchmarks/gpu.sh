@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU speed check, in one call of under 8 minutes on one H100/H200-class GPU:
+#
+#   bash benchmarks/gpu.sh            # everything below; the log goes to benchmarks/results/gpu.txt
+#
+# 1. GPT-2 small (12 x 12 x 768, block 1024), bf16, torch.compile, trained by train.py itself
+#    (fused AdamW, TF32, the chunked loss, pinned non-blocking batches) on synthetic shards with
+#    the vocabulary padded to 50,304 as nanoGPT does: tokens/s and MFU against the datasheet
+#    bf16 peak of the detected GPU (gpt/metrics.py). Goal: MFU >= 50%.
+#    Reuses benchmarks/gpu_scaleout.sh with one process and no DDP/FSDP wrapper.
+# 2. The same shape against Hugging Face GPT2LMHeadModel (vocab 50,257), side by side, bf16
+#    autocast, ours eager and compiled, peer eager (benchmarks/bench_train.py).
+# 3. Generation at batch 1 and 8, ours vs the peer's `generate` (benchmarks/bench_generate.py).
+#
+# Each stage has its own time limit so that one slow stage cannot take the whole call.
+# UNTESTED ON A GPU so far: written on a CPU-only machine (the CPU suite is `python -m benchmarks`).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+STEPS=${STEPS:-40}
+BATCH=${BATCH:-16}
+LOG=benchmarks/results/gpu.txt
+mkdir -p benchmarks/results
+
+{
+    echo "=== $(date -u +%FT%TZ) benchmarks/gpu.sh"
+    nvidia-smi -L || { echo "error: no GPU visible (nvidia-smi -L failed)"; exit 2; }
+    "$PYTHON" -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+
+    echo; echo "=== 1. train.py: GPT-2 124M, bf16, compile, batch $BATCH x 1024, $STEPS steps"
+    NPROC=1 STRATEGIES=none STEPS="$STEPS" SKIP=$((STEPS / 2)) BATCH="$BATCH" COMPILE=true \
+        RESULTS=benchmarks/results/gpu_train.json \
+        timeout 300 bash benchmarks/gpu_scaleout.sh || echo "stage 1 failed or timed out (exit $?)"
+
+    echo; echo "=== 2. ours vs Hugging Face GPT2LMHeadModel, GPT-2 124M, bf16 autocast"
+    timeout 150 "$PYTHON" -m benchmarks.bench_train --device cuda --shapes gpt2_124m --dtypes bfloat16 \
+        --compile --budget-s 10 || echo "stage 2 failed or timed out (exit $?)"
+
+    echo; echo "=== 3. generation, 6 x 384 char model, batch 1 and 8, 1 + 255 tokens"
+    timeout 60 "$PYTHON" -m benchmarks.bench_generate --device cuda --batches 1 8 --no-cache-batches 1 \
+        || echo "stage 3 failed or timed out (exit $?)"
+    echo "=== done $(date -u +%FT%TZ)"
+} 2>&1 | tee "$LOG"
+echo "wrote $LOG (and benchmarks/results/gpu_train.json, train.json, generate.json)"

@@ -1,0 +1,119 @@
+"""The fast paths compute what the plain paths compute: the chunked loss (gpt/loss.py), the
+last-position logits of generation, tokens handed out by generate(), the time-bounded peak
+measurement, and the benchmark's peer (same function as ours)."""
+
+import dataclasses
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpt.loss
+from gpt.generate import generate
+from gpt.metrics import measure_matmul_flops
+from gpt.model import GPT, GPTConfig
+
+CONFIG = GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+def model_and_batch(seed: int = 0):
+    torch.manual_seed(seed)
+    model = GPT(CONFIG)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randint(0, CONFIG.vocab_size, (3, CONFIG.block_size), generator=g)
+    y = torch.randint(0, CONFIG.vocab_size, (3, CONFIG.block_size), generator=g)
+    return model, x, y
+
+
+def loss_and_grads(model, x, y, **kwargs):
+    model.zero_grad(set_to_none=True)
+    _, loss = model(x, y, **kwargs)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("rows", [7, 1000])  # several chunks (the last one short), or one
+@pytest.mark.parametrize("ignore", [False, True])
+def test_chunked_loss_equals_plain_loss_and_gradients(monkeypatch, rows, ignore):
+    monkeypatch.setitem(gpt.loss.CHUNK_ELEMENTS, "cpu", rows * CONFIG.vocab_size)
+    model, x, y = model_and_batch()
+    if ignore:
+        y[:, 5:20] = -1
+    plain_loss, plain_grads = loss_and_grads(model, x, y)
+    loss, grads = loss_and_grads(model, x, y, return_logits=False)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_chunked_loss_untied_and_without_grad():
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(CONFIG, tie_weights=False))
+    _, x, y = model_and_batch()
+    plain_loss, plain_grads = loss_and_grads(model, x, y)
+    loss, grads = loss_and_grads(model, x, y, return_logits=False)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads["lm_head.weight"], plain_grads["lm_head.weight"], rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        logits, loss = model(x, y, return_logits=False)
+    assert logits is None
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_loss_under_bf16_autocast_is_as_close_to_fp32_as_the_plain_path():
+    model, x, y = model_and_batch()
+    fp32_loss, fp32_grads = loss_and_grads(model, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_loss, plain_grads = loss_and_grads(model, x, y)
+        loss, grads = loss_and_grads(model, x, y, return_logits=False)
+    assert loss.dtype == torch.float32
+    assert abs(loss - fp32_loss) <= 2 * abs(plain_loss - fp32_loss) + 1e-3
+    for name, grad in fp32_grads.items():
+        ours = (grads[name] - grad).norm() / grad.norm()
+        plain = (plain_grads[name] - grad).norm() / grad.norm()
+        assert ours <= 2 * plain + 1e-3, name
+
+
+def test_chunked_loss_with_every_target_ignored_is_nan_like_cross_entropy():
+    model, x, y = model_and_batch()
+    y[:] = -1
+    _, loss = model(x, y, return_logits=False)
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(torch.zeros(2, 3), torch.tensor([-1, -1]), ignore_index=-1))
+
+
+def test_last_only_logits_are_the_last_row():
+    model, x, _ = model_and_batch()
+    model.eval()
+    full, _ = model(x)
+    last, _ = model(x, last_only=True)
+    assert last.shape == (3, 1, CONFIG.vocab_size)
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="last_only"):
+        model(x, x, last_only=True)
+
+
+def test_generated_tokens_are_ordinary_tensors():
+    # generate() runs under inference_mode; what it yields must still be usable for training.
+    model, x, _ = model_and_batch()
+    tokens = torch.cat(list(generate(model, x[:1, :4], 6, temperature=0)), dim=1)
+    assert not tokens.is_inference()
+    model.train()
+    _, loss = model(tokens, tokens)
+    loss.backward()
+
+
+def test_peak_measurement_is_time_bounded():
+    start = time.perf_counter()
+    flops = measure_matmul_flops(torch.device("cpu"), torch.bfloat16, max_seconds=0.5)
+    assert flops > 0 and time.perf_counter() - start < 60  # minutes before, without AVX512-BF16
+
+
+def test_benchmark_peer_is_the_same_model():
+    pytest.importorskip("transformers")
+    from benchmarks.bench_train import build_pair
+
+    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, batch_size=2)
+    ours, peer, check = build_pair(shape, torch.device("cpu"))
+    assert check["params_ours"] == check["params_peer"] == ours.num_params()
+    assert check["max_abs_logit_diff_same_weights"] < 1e-4
