@@ -31,6 +31,7 @@ import torch
 from gpt import checkpoint as ckpt
 from gpt.metrics import read_metrics
 
+from test_checkpoint import wait_for_save_in_progress
 from test_distributed import (  # noqa: F401  (data is a fixture)
     TINY, STEPS, _worker_pids, data, launch, losses, output_of, run_complete, train_1proc, train_torchrun,
 )
@@ -107,16 +108,6 @@ def wait_for_progress(proc: subprocess.Popen, run: Path, beyond: int, log: Path,
             raise AssertionError(f"no checkpoint after step {beyond} (exit code {proc.poll()}):\n"
                                  + log.read_text()[-3000:])
         time.sleep(0.01)
-
-
-def wait_for_save_in_progress(proc: subprocess.Popen, run: Path, timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    root = run / ckpt.CHECKPOINTS_DIR
-    while time.monotonic() < deadline and proc.poll() is None:
-        if root.exists() and any(p.name.startswith(".tmp_step") for p in root.iterdir()):
-            return True
-        time.sleep(0.0005)
-    return False
 
 
 def assert_latest_is_complete(run: Path) -> None:
