@@ -45,7 +45,7 @@ GOAL_MFU_OF_BF16 = 0.5
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     suite: dict[str, Any] = {"machine": machine(), "load_avg_start": load_average(), "args": vars(args)}
     log(f"speed suite on {device}, {torch.get_num_threads()} threads, load {suite['load_avg_start']}")
 
-    peak = bench_resources.peaks(device) if ({"peak", "train"} & set(args.parts)) else None
+    peak = bench_resources.peaks(device) if ({"peak", "train", "rss"} & set(args.parts)) else None
     if peak:
         suite["peak"] = peak
         log(f"peak: fp32 {peak['measured_float32_gflops']} GFLOP/s, bf16 {peak['measured_bfloat16_gflops']} GFLOP/s (measured)")
@@ -118,7 +118,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         suite["data"] = bench_resources.data_prep()
     if "rss" in args.parts:
         log("peak RSS of training ...")
-        suite["rss"] = bench_resources.training_rss()
+        # MFU in the trainer's own log against the suite's measured fp32 peak (not its own
+        # start-up measurement, which a busy moment can make too low).
+        extra = (f"--peak_tflops={peak['measured_float32_gflops'] / 1e3}",) if peak else ()
+        suite["rss"] = bench_resources.training_rss(extra=extra)
 
     suite["wall_s"] = round(time.perf_counter() - started, 1)
     suite["load_avg_end"] = load_average()
@@ -166,7 +169,7 @@ def table(s: dict[str, Any]) -> list[str]:
     if "peak" in s:
         pk = s["peak"]
         row("peak matmul GFLOP/s, fp32 (measured)", pk["measured_float32_gflops"], None, None,
-            "datasheet " + str(pk.get("datasheet_float32_gflops")) if "gpu" in pk else "all threads")
+            "datasheet " + str(pk.get("datasheet_float32_gflops")) if "gpu" in pk else f"{pk['threads']} thread(s)")
         row("peak matmul GFLOP/s, bf16 (measured)", pk["measured_bfloat16_gflops"], None, None,
             "datasheet " + str(pk.get("datasheet_bfloat16_gflops")) if "gpu" in pk else
             ("no native bf16 matmul on this CPU" if not m.get("mkldnn_bf16") else ""))
@@ -176,7 +179,8 @@ def table(s: dict[str, Any]) -> list[str]:
             row(what, "skipped", None, None, r["skipped"])
             continue
         res = r["results"]
-        mfus = "; ".join(f"MFU {res['ours'][k] * 100:.1f}% of {k.removeprefix('mfu_vs_')}"
+        mfus = "; ".join(f"MFU ours {res['ours'][k] * 100:.1f}% / peer {res['peer'][k] * 100:.1f}% of "
+                         f"{k.removeprefix('mfu_vs_')}"
                          for k in res["ours"] if k.startswith("mfu_vs_")
                          and (r["dtype"] == "bfloat16") == ("bf16" in k))
         row(what, res["ours"]["tokens_per_s"], res["peer"]["tokens_per_s"], r["ratio_ours_over_peer"],

@@ -25,6 +25,41 @@ from gpt.metrics import gpu_peak_flops, measure_matmul_flops
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
+# Runs a script and, at exit, writes its own peak RSS (VmHWM: the high-water mark of *this*
+# process image) to $PEAK_RSS_FILE. Not ru_maxrss from wait4: on Linux a child's ru_maxrss
+# starts from the parent's RSS at fork/vfork time, so a child of this (large) benchmark process
+# would report at least the benchmark's own memory.
+_LAUNCHER = """
+import atexit, os, runpy, sys
+def _report():
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                open(os.environ["PEAK_RSS_FILE"], "w").write(line.split()[1])  # KiB
+    except OSError:
+        pass
+atexit.register(_report)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_measured(script: Path, args: list[str], log_path: Path) -> tuple[int, float, float | None, str]:
+    """Run `python script args` in a child; returns (exit code, wall seconds, peak RSS in MB or
+    None where /proc is missing, its output)."""
+    rss_file = log_path.with_suffix(".rss")
+    # The child uses as many threads as this process (torch reads OMP_NUM_THREADS at start).
+    env = dict(os.environ, PEAK_RSS_FILE=str(rss_file), OMP_NUM_THREADS=str(torch.get_num_threads()))
+    start = time.perf_counter()
+    with open(log_path, "w+") as output:
+        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, str(script), *args], cwd=REPO, env=env,
+                              stdout=output, stderr=subprocess.STDOUT)
+        output.seek(0)
+        text = output.read()
+    wall = time.perf_counter() - start
+    peak = int(rss_file.read_text()) * 1024 / 1e6 if rss_file.exists() else None
+    return proc.returncode, wall, peak, text
+
 
 def peaks(device: torch.device) -> dict[str, Any]:
     """Measured matmul FLOP/s for fp32 and bf16 (all threads torch uses), and on GPUs the
@@ -55,12 +90,30 @@ def loader(n_tokens: int = 5_000_000, n_batches: int = 200, repeats: int = 3) ->
 
 
 def data_prep(mb: float = 8.0, tokenizers: tuple[str, ...] = ("char", "bpe"), vocab_size: int = 4096) -> list[dict[str, Any]]:
+    """`python data_prep/prepare.py` on `mb` MB of tiny Shakespeare repeated (as
+    benchmarks/bench_data.py does, smaller): wall-clock MB/s of text, tokens/s, peak RSS."""
     if not SHAKESPEARE.exists():
         return [{"skipped": f"{SHAKESPEARE} not found"}]
+    rows = []
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         corpus = Path(tmp) / "corpus.txt"
         bench_data.write_corpus(corpus, SHAKESPEARE, mb)
-        return [bench_data.run_prep(corpus, Path(tmp) / f"out_{t}", t, vocab_size) for t in tokenizers]
+        for tokenizer in tokenizers:
+            out = Path(tmp) / f"out_{tokenizer}"
+            code, wall, peak, text = run_measured(
+                REPO / "data_prep" / "prepare.py",
+                ["--input", str(corpus), "--out", str(out), "--tokenizer", tokenizer,
+                 "--vocab-size", str(vocab_size), "--no-progress"], Path(tmp) / f"{tokenizer}.log")
+            if code != 0:
+                raise RuntimeError(f"data prep failed ({code}):\n{text[-3000:]}")
+            meta = json.loads((out / "meta.json").read_text())
+            n_tokens = sum(meta["tokens"].values())
+            rows.append({"tokenizer": tokenizer, "vocab_size": meta["vocab_size"],
+                         "text_mb": round(meta["text_bytes"] / 1e6, 2), "tokens": n_tokens,
+                         "seconds": round(wall, 2), "mb_per_s": round(meta["text_bytes"] / 1e6 / wall, 2),
+                         "tokens_per_s": round(n_tokens / wall), "peak_rss_mb": peak,
+                         "note": "wall time of the whole command, Python start-up included"})
+    return rows
 
 
 def training_rss(steps: int = 6, n_layer: int = 6, n_head: int = 6, n_embd: int = 384,
@@ -76,27 +129,21 @@ def training_rss(steps: int = 6, n_layer: int = 6, n_head: int = 6, n_embd: int 
         data = Path(tmp) / "data"
         prepare(data, SHAKESPEARE, tokenizer="char", val_fraction=0.1, val_rule="tail", progress=False)
         out = Path(tmp) / "run"
-        command = [sys.executable, str(REPO / "train.py"), f"--data_dir={data}", f"--out_dir={out}",
-                   "--prepare_source=none", "--device=cpu", "--resume=never", "--dropout=0",
-                   f"--n_layer={n_layer}", f"--n_head={n_head}", f"--n_embd={n_embd}",
-                   f"--block_size={block_size}", f"--batch_size={batch_size}", f"--max_steps={steps}",
-                   "--warmup_steps=1", "--eval_interval=0", "--eval_iters=2", "--log_interval=1", *extra]
-        start = time.perf_counter()
-        with open(Path(tmp) / "log.txt", "w+") as output:
-            proc = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
-            output.seek(0)
-            text = output.read()
-        wall = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"training run failed:\n{text[-3000:]}")
+        args = [f"--data_dir={data}", f"--out_dir={out}",
+                "--prepare_source=none", "--device=cpu", "--resume=never", "--dropout=0",
+                f"--n_layer={n_layer}", f"--n_head={n_head}", f"--n_embd={n_embd}",
+                f"--block_size={block_size}", f"--batch_size={batch_size}", f"--max_steps={steps}",
+                "--warmup_steps=1", "--eval_interval=0", "--eval_iters=2", "--log_interval=1", *extra]
+        code, wall, peak, text = run_measured(REPO / "train.py", args, Path(tmp) / "train.log")
+        if code != 0:
+            raise RuntimeError(f"training run failed ({code}):\n{text[-3000:]}")
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     timed = records[1:] or records  # the first step includes warm-up
     return {
-        "command": " ".join(command[1:]),
+        "command": "python train.py " + " ".join(args),
         "shape": dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, batch_size=batch_size),
         "steps": steps,
-        "peak_rss_mb": round(usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e6, 1),
+        "peak_rss_mb": peak,
         "wall_s": round(wall, 1),
         "trainer_tokens_per_s_median": round(statistics.median(r["tokens_per_s"] for r in timed), 1),
         "trainer_mfu_median": round(statistics.median(r["mfu"] for r in timed), 4),

@@ -153,8 +153,10 @@ def run_case(shape_name: str, dtype_name: str, *, device: torch.device, compile_
 def format_case(r: dict[str, Any]) -> str:
     lines = []
     for name, row in r["results"].items():
-        mfu = "".join(f"  MFU {row[k] * 100:5.1f}% ({k.removeprefix('mfu_vs_')})"
-                      for k in row if k.startswith("mfu_vs_"))
+        # MFU against the peak of the run's own dtype (or the only peak given).
+        keys = [k for k in row if k.startswith("mfu_vs_")]
+        own = [k for k in keys if ("bf16" in k) == (r["dtype"] == "bfloat16")] or keys
+        mfu = "".join(f"  MFU {row[k] * 100:5.1f}% ({k.removeprefix('mfu_vs_')})" for k in own)
         lines.append(f"  {name:<13} {row['step_ms']:9.1f} ms/step {row['tokens_per_s']:10,.0f} tok/s{mfu}")
     lines.append(f"  ours / peer: {r['ratio_ours_over_peer']:.2f}x"
                  + (f"; compiled ours / peer: {r['ratio_ours_compiled_over_peer']:.2f}x "
@@ -171,6 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd ours")
     p.add_argument("--budget-s", type=float, default=40.0, help="timed seconds per case (sets the rounds)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default="train", help="results file: benchmarks/results/OUT.json")
     args = p.parse_args(argv)
     if not peer_available():
         raise SystemExit("transformers is not installed: pip install transformers")
@@ -187,8 +190,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             print(f"{shape} {dtype}: params {r['params_ours']:,} (peer {r['params_peer']:,}, "
                   f"attention {r['peer_attention']})\n{format_case(r)}", flush=True)
             results.append(r)
-    write_json("train", {"benchmark": "train step vs Hugging Face GPT2LMHeadModel",
-                         "machine": machine(), "results": results})
+    path = write_json(args.out, {"benchmark": "train step vs Hugging Face GPT2LMHeadModel",
+                                 "machine": machine(), "results": results})
+    print(f"wrote {path}")
     return results
 
 
