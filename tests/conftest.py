@@ -14,6 +14,14 @@ SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 @pytest.fixture(scope="session")
+def shakespeare() -> str:
+    """The whole tiny-Shakespeare text from ../shared (the tests skip where it is absent)."""
+    if not SHAKESPEARE.exists():
+        pytest.skip(f"{SHAKESPEARE} not found")
+    return SHAKESPEARE.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
 def char_data(tmp_path_factory) -> Path:
     """A char-level tiny-Shakespeare dataset (the first 300 kB) made by the real prep code."""
     from gpt.prepare import prepare

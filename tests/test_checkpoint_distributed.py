@@ -212,6 +212,17 @@ def finished(proc: subprocess.Popen, run: Path, output: str) -> None:
         assert proc.returncode == 0, output[-4000:]
 
 
+def signal_rank_1(proc: subprocess.Popen, run: Path, log: Path, sig: int, timeout: float) -> None:
+    """Once the job trains, send `sig` to rank 1's worker alone and wait for torchrun to end."""
+    try:
+        wait_until_training(proc, run, log)
+        os.kill(_worker_pids(proc.pid)[1], sig)
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            kill_everything(proc)
+
+
 def test_sigterm_under_torchrun_max_restarts_saves_exits_75_restarts_and_resumes(data, ddp_reference, tmp_path):
     """SIGTERM to rank 1 only: the ranks agree at the next step boundary, save (rank 0 writes)
     and exit with 75; torchrun (--max-restarts=1) counts that as a worker failure and restarts
@@ -222,13 +233,7 @@ def test_sigterm_under_torchrun_max_restarts_saves_exits_75_restarts_and_resumes
     # Without this, the restarted workers may fail to reach the rendezvous store.
     proc = start(torchrun_cmd(args, options=("--max-restarts=1",)), log,
                  env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
-    try:
-        wait_until_training(proc, run, log)
-        os.kill(_worker_pids(proc.pid)[1], signal.SIGTERM)
-        proc.wait(timeout=180)
-    finally:
-        if proc.poll() is None:
-            kill_everything(proc)
+    signal_rank_1(proc, run, log, signal.SIGTERM, timeout=180)
     output = log.read_text()
     finished(proc, run, output)
     assert "received a stop signal" in output and "exiting with code 75" in output, output[-4000:]
@@ -247,13 +252,7 @@ def test_sigterm_to_one_rank_saves_exits_75_and_a_rerun_resumes_exactly(data, dd
     args = [f"--data_dir={data}", f"--out_dir={run}", *DDP]
     log = tmp_path / "first.log"
     proc = start(torchrun_cmd(args), log)
-    try:
-        wait_until_training(proc, run, log)
-        os.kill(_worker_pids(proc.pid)[1], signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            kill_everything(proc)
+    signal_rank_1(proc, run, log, signal.SIGTERM, timeout=120)
     output = log.read_text()
     assert proc.returncode != 0, output[-3000:]  # torchrun: a worker exited non-zero
     assert "exitcode  : 75" in output, output[-3000:]

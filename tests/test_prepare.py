@@ -25,13 +25,6 @@ QUIET = dict(progress=False, log=None)
 
 
 @pytest.fixture(scope="module")
-def shakespeare() -> str:
-    if not SHAKESPEARE.exists():
-        pytest.skip(f"{SHAKESPEARE} not found")
-    return SHAKESPEARE.read_text(encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
 def docs(shakespeare) -> list[str]:
     """A few documents of varied size, cut from the play."""
     cuts = [0, 30_000, 31_000, 80_000, 120_000]
