@@ -66,7 +66,7 @@ def peaks(device: torch.device) -> dict[str, Any]:
     datasheet figures for the device's name."""
     out: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(), "load_avg": load_average()}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        out[f"measured_{name}_gflops"] = round(measure_matmul_flops(device, dtype) / 1e9, 1)
+        out[f"measured_{name}_gflops"] = round(measure_matmul_flops(device, dtype, max_seconds=1.5) / 1e9, 1)
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
         out["gpu"] = gpu

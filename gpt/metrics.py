@@ -58,7 +58,7 @@ def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 4096, repeats: int = 3,
-                         max_seconds: float = 1.5) -> float:
+                         max_seconds: float = 0.25) -> float:
     """Best-of-`repeats` FLOP/s of a square matmul on all the device's cores (every thread torch
     uses): our stand-in peak where no datasheet applies.
 
@@ -66,7 +66,8 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 4096
     which makes MFU there a fair 'how close to the hardware are we'. The size doubles from 512
     up to `n` while one product stays under `max_seconds`, so a dtype the CPU has no fast
     kernel for (bf16 without AVX512-BF16/AMX runs ~100x slower than fp32) is measured in about
-    a second instead of minutes.
+    a second instead of minutes. The default budget stops at 2048 on a CPU (under a second in
+    all, paid at every training start); benchmarks/ asks for more.
     """
     def seconds(size: int) -> float:
         a = torch.randn(size, size, device=device, dtype=dtype)
