@@ -19,6 +19,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,7 +44,11 @@ def run_prep(corpus: Path, out: Path, tokenizer: str, vocab_size: int) -> dict:
     with open(log, "w+") as output:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT)
+        tree_peak = [0]
+        sampler = threading.Thread(target=sample_tree_rss, args=(proc.pid, tree_peak), daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (peak RSS)
+        sampler.join()
         seconds = time.perf_counter() - started
         proc.returncode = os.waitstatus_to_exitcode(status)
         output.seek(0)
@@ -63,8 +68,42 @@ def run_prep(corpus: Path, out: Path, tokenizer: str, vocab_size: int) -> dict:
         "tokens_per_s": round(n_tokens / seconds),
         "bytes_per_token": round(meta["text_bytes"] / n_tokens, 3),
         "peak_rss_mb": round(max_rss / 1e6, 1),
+        # The prep process and its encoding workers together, sampled every 20 ms; pages the
+        # forked workers share with their parent are counted in each (an upper bound).
+        "peak_rss_all_processes_mb": round(tree_peak[0] / 1e6, 1),
         "summary": stdout.strip().splitlines()[-1] if stdout.strip() else "",
     }
+
+
+def sample_tree_rss(pid: int, peak: list[int]) -> None:
+    """Keep peak[0] at the largest summed RSS (bytes) of `pid` and its descendants seen (Linux)."""
+    while os.path.exists(f"/proc/{pid}"):
+        total = sum(_rss(p) for p in _tree(pid))
+        peak[0] = max(peak[0], total)
+        time.sleep(0.02)
+
+
+def _tree(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in open(f"/proc/{p}/task/{task}/children").read().split()]
+        except OSError:
+            pass  # ended meanwhile
+    return found
+
+
+def _rss(pid: int) -> int:
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def main() -> None:
@@ -86,7 +125,8 @@ def main() -> None:
             r = run_prep(corpus, Path(tmp) / f"out_{tokenizer}", tokenizer, args.vocab_size)
             results.append(r)
             print(f"{tokenizer:>4}: {r['seconds']:7.1f} s  {r['mb_per_s']:6.2f} MB/s  {r['tokens_per_s']:>11,} tokens/s"
-                  f"  {r['bytes_per_token']:.2f} bytes/token  peak RSS {r['peak_rss_mb']:,.0f} MB")
+                  f"  {r['bytes_per_token']:.2f} bytes/token  peak RSS {r['peak_rss_mb']:,.0f} MB"
+                  f" ({r['peak_rss_all_processes_mb']:,.0f} MB with its workers)")
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     record = {

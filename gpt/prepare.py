@@ -7,7 +7,8 @@ Steps (the corpus is streamed twice and never held in memory whole):
 1. Pass one reads the corpus, counts documents and bytes, and builds the tokenizer: BPE trained
    with `train_from_iterator` (on at most `tokenizer_train_bytes` of text), or the character
    vocabulary.
-2. Pass two encodes batches of document pieces on all cores (`encode_batch`), every document
+2. Pass two encodes the document pieces on all cores (byte-level BPE through the word cache of
+   `gpt/wordcache.py` in worker processes, anything else with `encode_batch`), every document
    prefixed with the end-of-text token where the tokenizer has one (as llm.c does), and routes
    the token stream to the train and val splits.
 3. Shards are written into a staging folder `OUT/.prepare-staging` while the prep runs; when
@@ -44,6 +45,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,10 +55,16 @@ import numpy as np
 from gpt.shards import MAX_VOCAB, SPLITS, ShardWriter, list_shards
 from gpt.sources import ENCODING_ERRORS, Corpus, HFDataset, LocalFiles, Piece, resolve_source
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer, char_tokenizer, check_vocab_size, train_bpe
+from gpt.wordcache import encode_pieces, word_cache_applies
 
 STAGING = ".prepare-staging"
 META_FILE = "meta.json"
 VAL_RULES = ("chunks", "tail")
+# BPE merges are learned from the first 10 MB of the corpus by default: plenty for the vocabularies
+# of a few thousand ids used here, and training (the tokenizers library's own pre-tokenizer, ~3 MB/s
+# on 2 cores) would otherwise take longer than encoding the whole corpus. Raise it for large
+# vocabularies (GPT-2's 50k merges were learned from far more text).
+TOKENIZER_TRAIN_BYTES = 10_000_000
 BATCH_CHARS = 2 << 20  # text per encode_batch call: ~32 pieces, enough to keep every core busy
 
 
@@ -83,7 +91,7 @@ def prepare(
     min_val_tokens: int = 1025,
     seed: int = 0,
     shard_tokens: int = 100_000_000,
-    tokenizer_train_bytes: int | None = 200_000_000,
+    tokenizer_train_bytes: int | None = TOKENIZER_TRAIN_BYTES,
     encoding_errors: str = "strict",
     overwrite: bool = False,
     progress: bool = True,
@@ -100,7 +108,7 @@ def prepare(
     min_val_tokens: the fewest tokens each split may have; use at least block_size + 1.
     shard_tokens: tokens per shard file (the last shard of a split holds the rest).
     tokenizer_train_bytes: train BPE on at most this much text (the first bytes of the corpus),
-        so that tokenizer training memory stays bounded on huge corpora; None for all of it.
+        which bounds the time and memory of training on huge corpora; None for all of it.
     encoding_errors: non-UTF-8 bytes in local files: "strict" (error), "replace" or "skip".
     overwrite: replace a dataset already in `out_dir` (refused otherwise).
     progress: show progress bars (tqdm, on stderr).
@@ -269,15 +277,38 @@ def _encode_corpus(corpus: Corpus, tok: Tokenizer, writers: dict[str, ShardWrite
         route = _ChunkRouter(writers, val_chunk_tokens, val_fraction, seed).write
     eos = None if tok.eos_id is None else np.array([tok.eos_id], dtype=np.uint16)
     try:
-        for batch in _batches(labelled, BATCH_CHARS):
-            arrays = tok.encode_batch_arrays([piece.text for piece, _ in batch])
-            for (piece, split), ids in zip(batch, arrays):
-                if piece.starts_document and eos is not None:
-                    route(eos, split)
-                route(ids, split)
-            bar.update(sum(len(piece.text.encode("utf-8")) for piece, _ in batch))
+        for piece, split, ids in _encoded(tok, labelled):
+            if piece.starts_document and eos is not None:
+                route(eos, split)
+            route(ids, split)
+            bar.update(len(piece.text.encode("utf-8")))
     finally:
         bar.close()
+
+
+def _encoded(tok: Tokenizer, labelled: Iterator[tuple[Piece, str | None]]
+             ) -> Iterator[tuple[Piece, str | None, np.ndarray]]:
+    """(piece, split, ids) for each labelled piece, in order.
+
+    Byte-level BPE goes through the word cache in worker processes (gpt/wordcache.py: ~5x the
+    tokenizers pipeline on ASCII text, the same ids); anything else through `encode_batch`,
+    which runs the Rust pipeline on all cores."""
+    if word_cache_applies(tok.inner):
+        pending: deque[tuple[Piece, str | None]] = deque()  # pieces handed out, not yet encoded
+
+        def texts() -> Iterator[str]:
+            for item in labelled:
+                pending.append(item)
+                yield item[0].text
+
+        for ids in encode_pieces(tok.inner, texts()):
+            piece, split = pending.popleft()
+            yield piece, split, ids
+        return
+    for batch in _batches(labelled, BATCH_CHARS):
+        arrays = tok.encode_batch_arrays([piece.text for piece, _ in batch])
+        for (piece, split), ids in zip(batch, arrays):
+            yield piece, split, ids
 
 
 def _batches(labelled, batch_chars: int) -> Iterator[list[tuple[Piece, str | None]]]:
@@ -426,9 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--seed", type=int, default=0, metavar="S", help="seed of the train/val split (default: 0)")
     opt("--shard-tokens", type=int, default=100_000_000, metavar="N",
         help="tokens per shard file (default: 100000000)")
-    opt("--tokenizer-train-mb", type=float, default=200, metavar="MB",
-        help="train BPE on at most this many MB of text, from the start of the corpus, so that its "
-             "memory stays bounded on huge corpora (default: 200)")
+    opt("--tokenizer-train-mb", type=float, default=TOKENIZER_TRAIN_BYTES / 1e6, metavar="MB",
+        help="train BPE on at most this many MB of text, from the start of the corpus; raise it "
+             "for large vocabularies (default: 10)")
     opt("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
         help="non-UTF-8 bytes in input files: strict = stop with an error naming file and byte "
              "offset (default); replace = use U+FFFD; skip = leave the file out, with a warning")

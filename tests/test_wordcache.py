@@ -1,0 +1,89 @@
+"""The word-cache encoder (gpt/wordcache.py) gives exactly the tokenizers pipeline's ids."""
+
+import numpy as np
+import pytest
+import tokenizers
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from tokenizers import normalizers, pre_tokenizers
+
+import gpt.prepare as prepare_module
+import gpt.wordcache as wordcache
+from gpt.prepare import prepare
+from gpt.shards import list_shards, open_shard
+from gpt.sources import Texts
+from gpt.tokenizer import char_tokenizer, train_bpe
+from gpt.wordcache import WordCacheEncoder, encode_pieces, word_cache_applies
+
+PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Every ASCII character (controls included: \x1c-\x1f are whitespace to Python's \s but not to
+# GPT-2's regex), plus the runs and contractions the pattern treats specially.
+ASCII_PARTS = [chr(c) for c in range(128)] + ["  ", "\n\n", " \n ", "'s", "'ll", "'re", "'S", "12", " 3", "ab",
+                                              " ab", " a.", "\t ", ".  x", " ' s"]
+
+
+@pytest.fixture(scope="module")
+def bpe(shakespeare):
+    return train_bpe([shakespeare[:200_000], "12 345 'll 're \t\x1c\x00 éè 🎉"], 600)
+
+
+def reference(bpe, text: str) -> list[int]:
+    return bpe.inner.encode(text, add_special_tokens=False).ids
+
+
+@PROPERTY
+@given(text=st.lists(st.sampled_from(ASCII_PARTS), max_size=60).map("".join))
+@example(text="a\x1c b\x1f\x1e c \t\n\x0b\x0c\r  d")
+@example(text="x<|endoftext|>y  ")
+def test_ascii_text_gives_the_pipelines_ids(bpe, text):
+    encoder = WordCacheEncoder(bpe.inner.to_str())
+    assert encoder.encode(text).tolist() == reference(bpe, text)
+    assert encoder.encode(text).tolist() == reference(bpe, text)  # again, from the cache
+
+
+@PROPERTY
+@given(text=st.text())
+def test_any_text_gives_the_pipelines_ids(bpe, text):
+    assert WordCacheEncoder(bpe.inner.to_str()).encode(text).tolist() == reference(bpe, text)
+
+
+def test_shakespeare_pieces_and_a_tiny_cache(bpe, shakespeare):
+    encoder = WordCacheEncoder(bpe.inner.to_str(), max_segments=50)  # restarts its table many times
+    for start in range(0, 300_000, 30_000):
+        piece = shakespeare[start : start + 30_000]
+        assert encoder.encode(piece).tolist() == reference(bpe, piece)
+    assert encoder.encode("").dtype == np.uint16 and len(encoder.encode("")) == 0
+
+
+def test_worker_processes_keep_the_order(bpe, shakespeare):
+    texts = [shakespeare[i : i + 7000] for i in range(0, 210_000, 7000)]
+    texts[3] = "naïve café " + texts[3]  # not ASCII: the pipeline's path, in a worker
+    texts[5] = ""
+    got = list(encode_pieces(bpe.inner, iter(texts), workers=2, pool_after_chars=20_000))
+    assert [a.tolist() for a in got] == [reference(bpe, t) for t in texts]
+
+
+def test_which_tokenizers_the_cache_serves(bpe):
+    assert word_cache_applies(bpe.inner)
+    assert not word_cache_applies(char_tokenizer("abc").inner)
+    with_prefix = tokenizers.Tokenizer.from_str(bpe.inner.to_str())
+    with_prefix.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert not word_cache_applies(with_prefix)
+    normalized = tokenizers.Tokenizer.from_str(bpe.inner.to_str())
+    normalized.normalizer = normalizers.NFC()
+    assert not word_cache_applies(normalized)
+
+
+def test_prepare_writes_the_same_shards_with_and_without_the_cache(shakespeare, tmp_path, monkeypatch):
+    docs = [shakespeare[:400_000], "héllo wörld", shakespeare[400_000:700_000]]
+    kwargs = dict(tokenizer="bpe", vocab_size=500, val_fraction=0.1, val_chunk_tokens=4096,
+                  progress=False, log=None)
+    monkeypatch.setattr(wordcache, "POOL_AFTER_CHARS", 100_000)  # workers take over early
+    prepare(tmp_path / "cached", Texts(docs), **kwargs)
+    monkeypatch.setattr(prepare_module, "word_cache_applies", lambda inner: False)
+    prepare(tmp_path / "plain", Texts(docs), **kwargs)
+    for split in ("train", "val"):
+        cached, plain = list_shards(tmp_path / "cached", split), list_shards(tmp_path / "plain", split)
+        assert [p.name for p in cached] == [p.name for p in plain]
+        for a, b in zip(cached, plain):
+            assert np.array_equal(open_shard(a), open_shard(b))
