@@ -62,6 +62,12 @@ def autocast_dtype(strategy: str, dtype: torch.dtype) -> torch.dtype | None:
     return dtype
 
 
+def compile_enabled(config: TrainConfig, device: torch.device) -> bool:
+    """config.compile resolved: 'auto' compiles on CUDA, where fused kernels pay for the compile
+    time many times over; on CPU inductor's kernels were no faster than eager (benchmarks/)."""
+    return config.compile == "true" or (config.compile == "auto" and device.type == "cuda")
+
+
 def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, dtype: torch.dtype,
                 log: Callable[[str], None] = lambda message: None) -> nn.Module:
     """Apply activation checkpointing, torch.compile and DDP/FSDP2 to `model` (a `GPT`).
@@ -72,12 +78,13 @@ def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, dtype: to
     `log` receives one line saying what was applied.
     """
     strategy = resolve_strategy(config, info)
+    compile = compile_enabled(config, info.device)
     log(describe(strategy, config, info, dtype))
     if config.activation_checkpointing:
         for block in model.blocks:
             checkpoint_activations(block)
     if strategy == "fsdp":
-        if config.compile:
+        if compile:
             # Per block, before sharding (as torchtitan does): each compiled graph lies between
             # FSDP's all-gather/reduce-scatter hooks, which therefore still overlap with compute.
             for block in model.blocks:
@@ -92,7 +99,7 @@ def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, dtype: to
         wrapped = DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None
         )
-    if config.compile:
+    if compile:
         # In place (Module.compile), so names keep no `_orig_mod.` prefix; compiling the DDP
         # wrapper (not the inner model) lets dynamo split graphs at DDP's buckets and overlap
         # their all-reduce with the rest of backward.
@@ -103,7 +110,7 @@ def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, dtype: to
 def describe(strategy: str, config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> str:
     """One line for the log: which strategy, and why when it is not the one asked for."""
     extras = [name for name, on in (("activation checkpointing", config.activation_checkpointing),
-                                    ("compile", config.compile)) if on]
+                                    ("compile", compile_enabled(config, info.device))) if on]
     if strategy == "fsdp":
         precision = f"{str(dtype).removeprefix('torch.')} compute, {config.fsdp_reduce_dtype} reduce-scatter"
         line = (f"parallel: fsdp (FSDP2) over {info.world_size} process(es); {precision}; reshard after "

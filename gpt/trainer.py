@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import hf
@@ -272,6 +273,8 @@ class StopFlag:
     def __init__(self) -> None:
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
+        self._vote: tuple[Any, torch.Tensor] | None = None  # (all-reduce work, its CPU flag)
+        self._group = None  # the gloo group votes go over when the default one is NCCL
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -304,16 +307,33 @@ class StopFlag:
         return signal.Signals(self.signal).name if self.signal is not None else "stop"
 
     def agreed(self, info: DistInfo) -> bool:
-        """True on every rank if any rank was signalled.
+        """True on every rank, at the same step, once any rank was signalled.
 
         Ranks receive a signal at slightly different moments; without agreeing, one rank
-        would stop at step N while another waits in step N+1's all-reduce forever.
+        would stop at step N while another waits in step N+1's all-reduce forever. Each step
+        casts a vote, an asynchronous all-reduce (max) of a CPU flag, and reads the previous
+        step's: the ranks agree one step late, with no wait and no host-device sync in the
+        training loop (on GPUs the vote goes over a gloo group beside NCCL).
         """
         if not info.is_distributed:
             return self.signal is not None
-        flag = torch.tensor(float(self.signal is not None), device=info.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        if self._vote is not None:
+            work, flag = self._vote
+            work.wait()  # long done: it was started a whole step ago
+            self._vote = None
+            if flag.item():
+                return True
+        if self._group is None and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")  # every rank gets here at its first step
+        flag = torch.tensor([float(self.signal is not None)])
+        self._vote = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
+        return False
+
+    def settle(self) -> None:
+        """Wait for the vote in flight, so the process group never goes away under it."""
+        if self._vote is not None:
+            self._vote[0].wait()
+            self._vote = None
 
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", i.e. requeue and resume
@@ -699,6 +719,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
             checkpointer.close()  # an async save completes before the exit code says it is saved
             raise SystemExit(stop.exit_code)
 
+    stop.settle()
     checkpointer.close()  # wait for an async save in flight
     metrics.close()
     log(info, f"done: {step} steps, {tokens_seen:,} tokens, {format_duration(time.perf_counter() - run_start)}"

@@ -103,7 +103,7 @@ def run_copy(trained, tmp_path) -> Path:
 @pytest.mark.parametrize(("argv", "message"), [
     (["--n_lyer=3"], "unknown key 'n_lyer' (did you mean n_layer"),
     (["--n_layer=four"], "n_layer must be an integer, got 'four'"),
-    (["--compile=maybe"], "compile must be true or false, got 'maybe'"),
+    (["--bias=maybe"], "bias must be true or false, got 'maybe'"),
     (["--device=tpu"], "device = 'tpu' is not allowed; choose one of auto, cpu, cuda, mps"),
     (["--nan_policy=ignore"], "nan_policy = 'ignore' is not allowed; choose one of stop, skip"),
     (["--n_head=3"], "n_embd (128) must be divisible by n_head (3)"),

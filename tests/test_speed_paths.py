@@ -117,3 +117,20 @@ def test_benchmark_peer_is_the_same_model():
     ours, peer, check = build_pair(shape, torch.device("cpu"))
     assert check["params_ours"] == check["params_peer"] == ours.num_params()
     assert check["max_abs_logit_diff_same_weights"] < 1e-4
+
+
+def test_compile_auto_means_cuda_only(tmp_path):
+    from gpt.config import ConfigError, TrainConfig, apply_overrides, load_toml
+    from gpt.parallel import compile_enabled
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    auto = TrainConfig().validate()
+    assert auto.compile == "auto" and not compile_enabled(auto, cpu) and compile_enabled(auto, cuda)
+    # TOML booleans (configs/gpt2_124m.toml: compile = true) and CLI words both work.
+    (tmp_path / "c.toml").write_text("compile = true\n")
+    on = apply_overrides(TrainConfig(), load_toml(tmp_path / "c.toml"), "c.toml").validate()
+    assert on.compile == "true" and compile_enabled(on, cpu)
+    off = apply_overrides(TrainConfig(), {"compile": "false"}, "command line").validate()
+    assert not compile_enabled(off, cuda)
+    with pytest.raises(ConfigError, match="compile = 'maybe' is not allowed; choose one of auto, true, false"):
+        apply_overrides(TrainConfig(), {"compile": "maybe"}, "command line").validate()
