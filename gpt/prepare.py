@@ -240,7 +240,7 @@ def _fit_tokenizer(corpus: Corpus, tokenizer, vocab_size: int, train_bytes: int 
     def texts() -> Iterator[str]:
         fed = 0
         for piece in corpus.iter_pieces():
-            n_bytes = len(piece.text.encode("utf-8"))
+            n_bytes = _utf8_len(piece.text)
             counts.documents += piece.starts_document
             counts.characters += len(piece.text)
             counts.text_bytes += n_bytes
@@ -281,7 +281,7 @@ def _encode_corpus(corpus: Corpus, tok: Tokenizer, writers: dict[str, ShardWrite
             if piece.starts_document and eos is not None:
                 route(eos, split)
             route(ids, split)
-            bar.update(len(piece.text.encode("utf-8")))
+            bar.update(_utf8_len(piece.text))
     finally:
         bar.close()
 
@@ -309,6 +309,11 @@ def _encoded(tok: Tokenizer, labelled: Iterator[tuple[Piece, str | None]]
         arrays = tok.encode_batch_arrays([piece.text for piece, _ in batch])
         for (piece, split), ids in zip(batch, arrays):
             yield piece, split, ids
+
+
+def _utf8_len(text: str) -> int:
+    # str.isascii() is O(1) in CPython; encoding 100 MB just to count it is not free.
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 def _batches(labelled, batch_chars: int) -> Iterator[list[tuple[Piece, str | None]]]:
