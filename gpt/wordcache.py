@@ -97,6 +97,7 @@ class WordCacheEncoder:
     def _clear(self) -> None:
         # Segment i's ids are self._ids[self._start[i] : self._start[i] + self._length[i]].
         self._row: dict[str, int] = {"": 0}  # findall's empty match at the end of a text
+        self._word_ids: dict[str, list[int]] = {}  # BPE ids of each word seen in a segment
         self._ids = np.empty(1 << 16, dtype=np.uint16)
         self._start = np.zeros(1 << 14, dtype=np.int64)
         self._length = np.zeros(1 << 14, dtype=np.int64)
@@ -127,11 +128,15 @@ class WordCacheEncoder:
             self._clear()
             new = segments_of_text.difference(self._row)
         segments = list(new)
-        # A segment's ids are its words' ids, in order; each distinct word is BPE'd once.
+        # A segment's ids are its words' ids, in order; each distinct word is BPE'd once, ever
+        # (new segments of code or numbers are common, new words much rarer).
         words_of = [ASCII_PRETOKENIZER.findall(seg) for seg in segments]
-        distinct = list({w for words in words_of for w in words})
-        bpe = dict(zip(distinct, (e.ids for e in self._one_word.encode_batch_fast(distinct, add_special_tokens=False))))
-        encoded = [[i for w in words for i in bpe[w]] for words in words_of]
+        word_ids = self._word_ids
+        unseen = list({w for words in words_of for w in words}.difference(word_ids))
+        if unseen:
+            encoded_words = self._one_word.encode_batch_fast(unseen, add_special_tokens=False)
+            word_ids.update(zip(unseen, (e.ids for e in encoded_words)))
+        encoded = [list(chain.from_iterable(map(word_ids.__getitem__, words))) for words in words_of]
         first_row = len(self._row)
         n_ids = sum(map(len, encoded))
         self._start = _grow(self._start, first_row + len(segments))
@@ -140,7 +145,7 @@ class WordCacheEncoder:
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(segments))
         self._length[first_row : first_row + len(segments)] = lengths
         self._start[first_row : first_row + len(segments)] = self._ids_used + np.cumsum(lengths) - lengths
-        flat = np.fromiter((i for ids in encoded for i in ids), dtype=np.uint16, count=n_ids)
+        flat = np.fromiter(chain.from_iterable(encoded), dtype=np.uint16, count=n_ids)
         self._ids[self._ids_used : self._ids_used + n_ids] = flat
         self._ids_used += n_ids
         self._row.update(zip(segments, range(first_row, first_row + len(segments))))
