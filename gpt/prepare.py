@@ -499,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as e:  # bad input: one line, no traceback
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C: prepare() has already removed its staging folder
+            print(f"\ninterrupted: nothing was written to {args.out}", file=sys.stderr)
+            return 130
     return 0
 
 

@@ -37,6 +37,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import chain, islice
@@ -168,7 +169,7 @@ _worker_encoder: WordCacheEncoder | None = None
 def _start_worker(tokenizer_json: str) -> None:
     global _worker_encoder
     # Ctrl-C is the parent's to handle (it stops the pool); workers would only print tracebacks.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # already so when forked (see _pool); spawn too
     _worker_encoder = WordCacheEncoder(tokenizer_json)
 
 
@@ -207,7 +208,9 @@ def encode_pieces(inner: tokenizers.Tokenizer, texts: Iterable[str], *, workers:
         return
     texts = chain([first], texts)
     workers = workers or default_workers()
-    with _pool(workers, tokenizer_json) as pool:
+    pool, release_ctrl_c = _pool(workers, tokenizer_json)
+    try:
+        release_ctrl_c()  # a Ctrl-C held back during the forks is raised here, with `pool` bound
         in_flight: deque = deque()
         exhausted = False
         while True:
@@ -220,6 +223,13 @@ def encode_pieces(inner: tokenizers.Tokenizer, texts: Iterable[str], *, workers:
                 return
             for part in in_flight.popleft().get():
                 yield from part
+    finally:
+        release_ctrl_c()
+        # Explicitly, before the interpreter exits: left to multiprocessing's exit handler, the
+        # pool's maintenance thread can fork a replacement for a worker being terminated, and
+        # that orphan then waits forever on a queue lock the dead worker held.
+        pool.terminate()
+        pool.join()
 
 
 def _split(batch: list[str], parts: int) -> list[list[str]]:
@@ -229,17 +239,45 @@ def _split(batch: list[str], parts: int) -> list[list[str]]:
 
 
 def _pool(workers: int, tokenizer_json: str):
-    # fork on Linux: no re-import of the parent's modules (torch in train.py) in each worker.
-    # The workers never use OpenMP or the tokenizers thread pool (a forked child of a process
-    # that used threads must not); TOKENIZERS_PARALLELISM=false at the fork tells the library
-    # so, which also spares a warning per worker. Elsewhere (macOS, Windows) spawn.
+    """(a started Pool, a function that lets Ctrl-C through again).
+
+    fork on Linux: no re-import of the parent's modules (torch in train.py) in each worker.
+    The workers never use OpenMP or the tokenizers thread pool (a forked child of a process
+    that used threads must not); TOKENIZERS_PARALLELISM=false at the fork tells the library so,
+    which also spares a warning per worker. Elsewhere (macOS, Windows) spawn.
+
+    While the workers are forked, Ctrl-C is only noted: a KeyboardInterrupt raised in a child
+    just after fork would unwind through a copy of the parent's stack (running its clean-up
+    code) instead of becoming a worker, and the pool would fork a replacement that could be
+    orphaned. The caller calls the returned function once it holds the pool (so that it can
+    always terminate it): that restores the handler and hands it a noted Ctrl-C.
+    """
     method = "fork" if sys.platform == "linux" else "spawn"
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal() needs it
+    noted: list[int] = []
+    handler = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum)) if in_main_thread else None
     try:
-        return multiprocessing.get_context(method).Pool(workers, _start_worker, (tokenizer_json,))
+        pool = multiprocessing.get_context(method).Pool(workers, _start_worker, (tokenizer_json,))
+    except BaseException:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, handler)
+        raise
     finally:
         if previous is None:
             del os.environ["TOKENIZERS_PARALLELISM"]
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+    restored = not in_main_thread
+
+    def release_ctrl_c() -> None:
+        nonlocal restored
+        if not restored:
+            restored = True
+            signal.signal(signal.SIGINT, handler)
+            if noted and callable(handler):
+                handler(signal.SIGINT, None)  # Python's raises KeyboardInterrupt; the trainer's notes it
+
+    return pool, release_ctrl_c

@@ -239,6 +239,55 @@ def test_killed_prep_leaves_no_final_shard(shakespeare, tmp_path):
     check_folder(out)
 
 
+def test_ctrl_c_while_workers_encode_stops_everything_and_writes_nothing(shakespeare, tmp_path):
+    """SIGINT to the whole process group (what a terminal's Ctrl-C does) once the encoding
+    workers run: one line, exit 130, no worker left behind, no dataset folder."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare * 8)  # 9 MB: workers take over after the first 2 MB
+    out = tmp_path / "out"
+    cmd = [sys.executable, "data_prep/prepare.py", "--input", str(corpus), "--out", str(out),
+           "--vocab-size", "300", "--tokenizer-train-mb", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True,  # its own group, as under a terminal
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while not _children(proc.pid):
+            assert proc.poll() is None, "the prep ended before its workers started"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, output
+    assert output.strip().splitlines()[-1] == f"interrupted: nothing was written to {out}", output
+    assert "Traceback" not in output
+    deadline = time.monotonic() + 10
+    while _group_alive(proc.pid):  # the workers, and any replacement forked for one of them
+        assert time.monotonic() < deadline, "an encoding worker outlived the interrupted prep"
+        time.sleep(0.05)
+    assert not out.exists()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for task in os.listdir(f"/proc/{pid}/task")
+                for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+    except OSError:
+        return []
+
+
 # ---- sources ----------------------------------------------------------------------------------
 def test_big_file_streams_in_pieces(shakespeare, tmp_path):
     (tmp_path / "big.txt").write_text(shakespeare)
