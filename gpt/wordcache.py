@@ -21,7 +21,7 @@ per-word bookkeeping around it, not into BPE. Natural text repeats its words (Zi
 
 Only pure-ASCII pieces take this path (`str.isascii()` is O(1) in CPython); a piece with any
 other character goes through the `tokenizers` pipeline unchanged, so the ids are identical
-either way (tests/test_tokenizer.py compares them on random text). The fast path applies to
+either way (tests/test_wordcache.py compares them on random text). The fast path applies to
 byte-level BPE tokenizers whose only pre-tokenizer is GPT-2's ByteLevel regex and that have no
 normalizer (ours and GPT-2's; see `word_cache_applies`).
 
@@ -57,8 +57,8 @@ ASCII_PRETOKENIZER = re.compile(
 # pre-token can span such a cut (only whitespace runs hold a space past their first character,
 # and this space follows none); the pattern never looks behind, and looks ahead only after a
 # whitespace run, which cannot end at a cut. So a text's pre-tokens are its segments'
-# pre-tokens, in order (tests/test_wordcache.py checks it on random text). A segment (" further,", " speak.\n\nAll:")
-# holds ~1.8 words of English, so looking segments up costs half as much as looking up words.
+# pre-tokens, in order (tests/test_wordcache.py checks it on random text). A segment
+# (" further,", " speak.\n\nAll:") holds ~1.8 words of English: half the lookups of words.
 ASCII_SEGMENT = re.compile(rf" ?[^ ]*(?:(?<=[{WHITESPACE}]) [^ ]*)*")
 MAX_SEGMENTS = 1 << 19  # segments remembered per process (~100 MB at most); the table restarts beyond
 POOL_AFTER_CHARS = 2 << 20  # encode in this process until this much text has passed, then fork workers
