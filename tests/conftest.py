@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -50,3 +51,12 @@ def tiny_args(data_dir: Path, out_dir: Path, **overrides) -> list[str]:
     config = tiny_config(data_dir, out_dir, **overrides)
     defaults = TrainConfig()
     return [f"--{k}={v}" for k, v in config.to_dict().items() if v != getattr(defaults, k)]
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes `pid` started (from any of its threads), read from /proc; [] once it is gone."""
+    try:
+        return [int(c) for task in os.listdir(f"/proc/{pid}/task")
+                for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+    except OSError:
+        return []

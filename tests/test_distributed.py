@@ -35,6 +35,8 @@ from gpt.distributed import DistInfo
 from gpt.metrics import read_metrics
 from gpt.shards import write_shard
 
+from conftest import child_pids
+
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "scaleout_worker.py"
 
@@ -286,9 +288,8 @@ def test_checkpoints_resume_across_strategies_and_world_sizes(data, runs, tmp_pa
 
 def _worker_pids(torchrun_pid: int) -> dict[int, int]:
     """rank -> pid of torchrun's worker processes (its children), from their environment."""
-    children = Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read_text().split()
     ranks = {}
-    for pid in map(int, children):
+    for pid in child_pids(torchrun_pid):
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         rank = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
         if rank:

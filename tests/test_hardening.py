@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -62,6 +63,22 @@ def read_until(proc: subprocess.Popen, pattern: str, seen: list[str]) -> re.Matc
         if found:
             return found
     raise AssertionError(f"the process ended (code {proc.wait()}) before {pattern!r}:\n{''.join(seen)[-3000:]}")
+
+
+def train_and_interfere(args: list[str], at: str, act: Callable[[subprocess.Popen, list[str]], None]
+                        ) -> tuple[subprocess.Popen, str]:
+    """Start train.py, wait for an output line matching `at`, call act(proc, seen), then read
+    the output to the end; returns the ended process and all it printed."""
+    proc = start_training(args)
+    seen: list[str] = []
+    try:
+        read_until(proc, at, seen)
+        act(proc, seen)
+        seen.append(proc.communicate(timeout=120)[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc, "".join(seen)
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
@@ -282,20 +299,17 @@ def test_re_prep_during_training_does_not_disturb_the_running_loader(tmp_path):
     data = tmp_path / "data"
     prepare(data, [text], tokenizer="char", val_fraction=0.1, val_rule="tail", progress=False, log=None)
     run = tmp_path / "run"
-    proc = start_training(tiny_args(data, run, max_steps=100_000, eval_interval=5, log_interval=1))
-    seen: list[str] = []
-    try:
-        read_until(proc, r"^step +2/", seen)
+
+    def re_prep_then_stop(proc: subprocess.Popen, seen: list[str]) -> None:
         prepare(data, [text], tokenizer="char", val_fraction=0.2, val_rule="tail", overwrite=True,
                 progress=False, log=None)
         for _ in range(2):  # evals after the swap: the run keeps the val split it started with
             read_until(proc, r"^step +\d+/.*val loss", seen)
         proc.send_signal(signal.SIGTERM)
-        seen.append(proc.communicate(timeout=120)[0])
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 75, "".join(seen)[-3000:]
+
+    proc, out = train_and_interfere(tiny_args(data, run, max_steps=100_000, eval_interval=5, log_interval=1),
+                                    r"^step +2/", re_prep_then_stop)
+    assert proc.returncode == 75, out[-3000:]
     saved = ckpt.latest_checkpoint(run)
     ckpt.verify_checkpoint(saved)
     assert ckpt.read_state(saved)["loader"]["num_tokens"] == 270_000  # the old stream, throughout
@@ -311,16 +325,10 @@ def test_shard_truncated_in_place_while_training(tmp_path):
     data = tmp_path / "data"
     prepare(data, [text], tokenizer="char", val_fraction=0.1, val_rule="tail", progress=False, log=None)
     run = tmp_path / "run"
-    proc = start_training(tiny_args(data, run, max_steps=100_000, eval_interval=3, eval_iters=1, log_interval=1))
-    seen: list[str] = []
-    try:
-        read_until(proc, r"^step +4/", seen)
-        os.truncate(data / "train_000000.bin", 1024 + 2 * 100)  # in place: the same inode shrinks
-        seen.append(proc.communicate(timeout=120)[0])
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = "".join(seen)
+    proc, out = train_and_interfere(
+        tiny_args(data, run, max_steps=100_000, eval_interval=3, eval_iters=1, log_interval=1), r"^step +4/",
+        # In place: the same inode shrinks under the running job's memory map.
+        lambda proc, seen: os.truncate(data / "train_000000.bin", 1024 + 2 * 100))
     assert proc.returncode == -signal.SIGBUS and "Fatal Python error: Bus error" in out, out[-3000:]
     assert "gpt/loader.py" in out  # faulthandler shows where: reading the memory-mapped shard
     saved = ckpt.latest_checkpoint(run)
@@ -518,16 +526,8 @@ def test_out_of_memory_names_what_to_reduce_and_loses_nothing(char_data, run_cop
 
 def test_ctrl_c_finishes_the_step_saves_and_exits(char_data, tmp_path):
     run = tmp_path / "run"
-    proc = start_training(tiny_args(char_data, run, max_steps=100_000, eval_interval=0, log_interval=1))
-    seen: list[str] = []
-    try:
-        read_until(proc, r"^step +2/", seen)
-        proc.send_signal(signal.SIGINT)
-        seen.append(proc.communicate(timeout=120)[0])
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = "".join(seen)
+    proc, out = train_and_interfere(tiny_args(char_data, run, max_steps=100_000, eval_interval=0, log_interval=1),
+                                    r"^step +2/", lambda proc, seen: proc.send_signal(signal.SIGINT))
     assert proc.returncode == 130, out[-3000:]
     assert "Ctrl-C: finishing this step, then saving a checkpoint" in out and "Traceback" not in out
     stopped = re.search(r"received a stop signal \(SIGINT\): saving a checkpoint at step (\d+) and exiting with code 130", out)

@@ -19,6 +19,8 @@ from gpt.shards import list_shards, load_meta, open_shard, read_header
 from gpt.sources import HFDataset, LocalFiles, SourceError, Texts, stdlib_corpus
 from gpt.tokenizer import EOS_TOKEN, load_tokenizer
 
+from conftest import child_pids
+
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared/data/tinyshakespeare.txt"
 QUIET = dict(progress=False, log=None)
@@ -252,7 +254,7 @@ def test_ctrl_c_while_workers_encode_stops_everything_and_writes_nothing(shakesp
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
-        while not _children(proc.pid):
+        while not child_pids(proc.pid):
             assert proc.poll() is None, "the prep ended before its workers started"
             assert time.monotonic() < deadline
             time.sleep(0.01)
@@ -278,14 +280,6 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for task in os.listdir(f"/proc/{pid}/task")
-                for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
-    except OSError:
-        return []
 
 
 # ---- sources ----------------------------------------------------------------------------------
