@@ -78,13 +78,13 @@ def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, dtype: to
     `log` receives one line saying what was applied.
     """
     strategy = resolve_strategy(config, info)
-    compile = compile_enabled(config, info.device)
+    compiled = compile_enabled(config, info.device)
     log(describe(strategy, config, info, dtype))
     if config.activation_checkpointing:
         for block in model.blocks:
             checkpoint_activations(block)
     if strategy == "fsdp":
-        if compile:
+        if compiled:
             # Per block, before sharding (as torchtitan does): each compiled graph lies between
             # FSDP's all-gather/reduce-scatter hooks, which therefore still overlap with compute.
             for block in model.blocks:
@@ -99,7 +99,7 @@ def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, dtype: to
         wrapped = DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None
         )
-    if compile:
+    if compiled:
         # In place (Module.compile), so names keep no `_orig_mod.` prefix; compiling the DDP
         # wrapper (not the inner model) lets dynamo split graphs at DDP's buckets and overlap
         # their all-reduce with the rest of backward.

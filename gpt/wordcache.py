@@ -169,7 +169,8 @@ _worker_encoder: WordCacheEncoder | None = None
 def _start_worker(tokenizer_json: str) -> None:
     global _worker_encoder
     # Ctrl-C is the parent's to handle (it stops the pool); workers would only print tracebacks.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # already so when forked (see _pool); spawn too
+    # Forked while the parent only noted SIGINT (see _pool), so nothing was raised before this.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_encoder = WordCacheEncoder(tokenizer_json)
 
 
