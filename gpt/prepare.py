@@ -290,7 +290,7 @@ def _encoded(tok: Tokenizer, labelled: Iterator[tuple[Piece, str | None]]
              ) -> Iterator[tuple[Piece, str | None, np.ndarray]]:
     """(piece, split, ids) for each labelled piece, in order.
 
-    Byte-level BPE goes through the word cache in worker processes (gpt/wordcache.py: ~5x the
+    Byte-level BPE goes through the word cache in worker processes (gpt/wordcache.py: ~10x the
     tokenizers pipeline on ASCII text, the same ids); anything else through `encode_batch`,
     which runs the Rust pipeline on all cores."""
     if word_cache_applies(tok.inner):

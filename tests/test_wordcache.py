@@ -13,7 +13,7 @@ from gpt.prepare import prepare
 from gpt.shards import list_shards, open_shard
 from gpt.sources import Texts
 from gpt.tokenizer import char_tokenizer, train_bpe
-from gpt.wordcache import WordCacheEncoder, encode_pieces, word_cache_applies
+from gpt.wordcache import ASCII_SEGMENT, KeyTable, WordCacheEncoder, encode_pieces, segment_starts, word_cache_applies
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # Every ASCII character (controls included: \x1c-\x1f are whitespace to Python's \s but not to
@@ -24,7 +24,9 @@ ASCII_PARTS = [chr(c) for c in range(128)] + ["  ", "\n\n", " \n ", "'s", "'ll",
 
 @pytest.fixture(scope="module")
 def bpe(shakespeare):
-    return train_bpe([shakespeare[:200_000], "12 345 'll 're \t\x1c\x00 éè 🎉"], 600)
+    # Frequent Unicode whitespace next to spaces: merges that only the right cuts keep intact.
+    unicode_spaces = "a\u00a0  b\u3000  c\x85  d\u2028  e " * 3000
+    return train_bpe([shakespeare[:200_000], "12 345 'll 're \t\x1c\x00 éè 🎉", unicode_spaces], 600)
 
 
 def reference(bpe, text: str) -> list[int]:
@@ -47,12 +49,75 @@ def test_any_text_gives_the_pipelines_ids(bpe, text):
     assert WordCacheEncoder(bpe.inner.to_str()).encode(text).tolist() == reference(bpe, text)
 
 
+# Mostly ASCII with some other characters, whitespace among them (no-break space, NEL, line and
+# ideographic spaces are White_Space; U+200B is not): ASCII stretches take the fast path.
+MIXED_PARTS = ASCII_PARTS + ["é", "🎉", "\u00a0", "\x85", "\u2028", "\u3000", "\u200b", " é", "é ", "'é",
+                             "<|endoftext|>", "a b c d e f g h i j k l m n o p q r s t u v w x y z\n"]
+
+
+@PROPERTY
+@given(text=st.lists(st.sampled_from(MIXED_PARTS), max_size=60).map("".join))
+@example(text="a \u00a0 b\u3000 c é d\n\u2028 x")
+@example(text="x\u00a0  ab cd")  # no cut after the no-break space: its run holds the next space
+def test_mixed_text_gives_the_pipelines_ids(bpe, text):
+    encoder = WordCacheEncoder(bpe.inner.to_str(), min_ascii_run=1)  # every ASCII run on the fast path
+    assert encoder.encode(text).tolist() == reference(bpe, text)
+    assert encoder.encode(text).tolist() == reference(bpe, text)
+
+
 def test_shakespeare_pieces_and_a_tiny_cache(bpe, shakespeare):
     encoder = WordCacheEncoder(bpe.inner.to_str(), max_segments=50)  # restarts its table many times
     for start in range(0, 300_000, 30_000):
         piece = shakespeare[start : start + 30_000]
         assert encoder.encode(piece).tolist() == reference(bpe, piece)
     assert encoder.encode("").dtype == np.uint16 and len(encoder.encode("")) == 0
+
+
+@PROPERTY
+@given(text=st.lists(st.sampled_from(ASCII_PARTS), max_size=60).map("".join))
+def test_numpy_cuts_are_the_segment_patterns(text):
+    starts = segment_starts(np.frombuffer(text.encode("ascii"), dtype=np.uint8)).tolist() if text else []
+    segments = [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
+    assert segments == [s for s in ASCII_SEGMENT.findall(text) if s]
+
+
+def test_segments_sharing_a_key_go_through_the_pipeline(bpe, shakespeare):
+    class SharedKeys(WordCacheEncoder):
+        def _keys(self, b, starts, lengths):
+            return (lengths % 3).astype(np.uint64)  # a third of all segments share each key
+
+    encoder = SharedKeys(bpe.inner.to_str())
+    for start in range(0, 100_000, 20_000):
+        piece = shakespeare[start : start + 20_000]
+        assert encoder.encode(piece).tolist() == reference(bpe, piece)
+    assert encoder.collisions == 5
+    assert encoder.encode(" a a a").tolist() == reference(bpe, " a a a")  # one segment, three times: no clash
+
+
+def test_long_ascii_runs_between_other_characters(bpe, shakespeare):
+    encoder = WordCacheEncoder(bpe.inner.to_str())
+    text = "¿" + shakespeare[:5000] + " naïve " + shakespeare[5000:5100] + "é" + shakespeare[6000:9000] + "🎉"
+    assert encoder.encode(text).tolist() == reference(bpe, text)
+    assert encoder._text.rows > 500  # the long runs went through the table
+
+
+def test_long_texts_in_blocks_and_a_table_of_limited_text(bpe, shakespeare, monkeypatch):
+    monkeypatch.setattr(wordcache, "BLOCK_CHARS", 5000)
+    encoder = WordCacheEncoder(bpe.inner.to_str(), max_segment_chars=3000)  # restarts often
+    giant = "x" * 12_000  # a segment longer than two blocks: the pipeline's
+    for text in (shakespeare[:60_000], shakespeare[:7000] + giant + shakespeare[:7000], giant):
+        assert encoder.encode(text).tolist() == reference(bpe, text)
+
+
+def test_key_table_probes_past_shared_home_slots(monkeypatch):
+    rng = np.random.default_rng(0)
+    keys = rng.choice(1 << 62, size=5000, replace=False).astype(np.uint64)
+    for home in (KeyTable._home, lambda self, k: np.full(len(k), 7, dtype=np.int64)):  # all in one slot
+        monkeypatch.setattr(KeyTable, "_home", home)
+        table = KeyTable(slots=16)  # grows several times
+        table.insert(keys[:1000], np.arange(1000))
+        table.insert(keys[1000:3000], np.arange(1000, 3000))
+        assert table.lookup(keys).tolist() == list(range(3000)) + [-1] * 2000
 
 
 def test_worker_processes_keep_the_order(bpe, shakespeare):
