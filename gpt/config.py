@@ -109,6 +109,14 @@ class TrainConfig:
     warmup_steps: int = _opt(100, "linear warmup steps")
     lr_decay_steps: int = _opt(0, "step at which cosine decay reaches min_lr (0: max_steps)")
     weight_decay: float = _opt(0.1, "AdamW weight decay, applied to matrices only")
+    optimizer: str = _opt(
+        "adamw",
+        "adamw: AdamW for every parameter; muon: Muon for the blocks' weight matrices (not "
+        "decayed) and AdamW for embeddings, gains and biases (gpt/muon.py; not with parallel = 'fsdp')",
+        ("adamw", "muon"),
+    )
+    muon_lr: float = _opt(0.02, "optimizer=muon: peak step size of the Muon matrices (scheduled like learning_rate)")
+    muon_momentum: float = _opt(0.95, "optimizer=muon: Nesterov momentum of the Muon matrices")
     beta1: float = _opt(0.9, "AdamW beta1")
     beta2: float = _opt(0.95, "AdamW beta2")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)")
@@ -201,6 +209,19 @@ class TrainConfig:
                         f"{name} = {getattr(self, name)!r} applies only with parallel = 'fsdp' "
                         f"(parallel is {self.parallel!r})"
                     )
+        if self.optimizer == "muon":
+            if self.parallel == "fsdp":
+                raise ConfigError("optimizer = 'muon' needs whole weight matrices, and parallel = 'fsdp' "
+                                  "shards them: use parallel = 'ddp' or optimizer = 'adamw'")
+            if self.muon_lr <= 0:
+                raise ConfigError(f"muon_lr must be positive, got {self.muon_lr}")
+            if not 0.0 <= self.muon_momentum < 1.0:
+                raise ConfigError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        else:
+            for name in ("muon_lr", "muon_momentum"):
+                if getattr(self, name) != _default(name):
+                    raise ConfigError(f"{name} = {getattr(self, name)} applies only with optimizer = 'muon' "
+                                      f"(optimizer is {self.optimizer!r})")
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"

@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay on matrices only, and the warmup + cosine schedule."""
+"""The optimizer (AdamW with decoupled weight decay on matrices only, or Muon + AdamW) and the
+warmup + cosine schedule."""
 
 from __future__ import annotations
 
@@ -8,26 +9,35 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
+from .muon import MuonAdamW
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW where only >=2-D tensors (Linear and Embedding weights) are decayed.
+def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW where only >=2-D tensors (Linear and Embedding weights) are decayed; or, with
+    optimizer = "muon", Muon for the blocks' weight matrices and that AdamW for the rest.
 
     Biases and LayerNorm gains are left alone: decaying them pulls activations towards zero
     without regularizing anything (as in GPT-2 / nanoGPT). The fused kernel is several times
     faster than the per-tensor loop and exists for CPU and CUDA.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(
-        groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused
-    )
+    betas = (config.beta1, config.beta2)
+    if config.optimizer == "muon":
+        hidden = [p for name, p in named if p.dim() == 2 and name.startswith("blocks.")]
+        rest = [(name, p) for name, p in named if not (p.dim() == 2 and name.startswith("blocks."))]
+        groups = [
+            {"params": hidden, "muon": True, "lr_scale": config.muon_lr / config.learning_rate},
+            {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": config.weight_decay},
+            {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return MuonAdamW(groups, lr=config.learning_rate, betas=betas, momentum=config.muon_momentum,
+                         fused=fused)
+    groups = [
+        {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas, fused=fused)
 
 
 def learning_rate_at(step: int, config: TrainConfig) -> float:

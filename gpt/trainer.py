@@ -1,4 +1,4 @@
-"""The training loop: data -> model -> loss -> gradients -> AdamW, with eval, logs and checkpoints.
+"""The training loop: data -> model -> loss -> gradients -> optimizer (AdamW or Muon), with eval, logs and checkpoints.
 
 `train(config)` is everything `python train.py` does. The loop itself is short; the functions
 around it set up each piece (data, model, optimizer, resume) with explicit arguments.

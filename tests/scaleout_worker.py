@@ -9,7 +9,7 @@ rows of that batch (rank r takes rows [r*B, (r+1)*B), as the loader hands them o
 saves, per variant: the loss of each step (mean over ranks), the first step's full gradients,
 each step's clipped-gradient norm and the final full weights (gathered as checkpoints are).
 The loop is the trainer's: set_gradient_sync, autocast where the strategy wants it, loss / accum,
-clip_grad_norm_, AdamW.
+clip_grad_norm_, AdamW (or Muon + AdamW: "ddp_muon" against "reference_muon").
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ VARIANTS = {
     "fsdp_bf16": (dict(parallel="fsdp"), torch.bfloat16, 1),  # MixedPrecisionPolicy
     "ddp_fp16": (dict(parallel="ddp"), torch.float16, 1),  # autocast + GradScaler
     "fsdp_fp16": (dict(parallel="fsdp"), torch.float16, 1),  # MixedPrecisionPolicy + GradScaler
+    "ddp_muon": (dict(parallel="ddp", optimizer="muon"), torch.float32, 1),  # vs reference_muon
 }
 
 
@@ -130,6 +131,8 @@ def main(out: str) -> None:
         single = DistInfo(rank=0, local_rank=0, world_size=1, device=info.device)
         results = {"reference": run(BASE, single, torch.float32, 1, slice(None))}
         results["reference_bf16"] = run(BASE, single, torch.bfloat16, 1, slice(None))
+        results["reference_muon"] = run(replace(BASE, optimizer="muon").validate(), single, torch.float32, 1,
+                                        slice(None))
         per_rank = GLOBAL_BATCH // info.world_size
         rows = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
         for name, (overrides, dtype, accum) in VARIANTS.items():

@@ -190,6 +190,15 @@ def test_ddp_step_equals_single_process_step(steps):
     assert ref["norms"][0] > 0.5  # grad_clip=1.0 vs norms ~0.5-0.7: the clip factor is computed, not 1 by luck
 
 
+def test_ddp_muon_step_equals_single_process_muon_step(steps):
+    ref, got = steps["reference_muon"], steps["ddp_muon"]
+    torch.testing.assert_close(got["losses"], ref["losses"], **FP32)
+    assert_weights_close(got["weights"], ref["weights"], **FP32)
+    # Muon moved the block matrices elsewhere than AdamW did (the optimizer really changed).
+    name = "blocks.0.mlp.fc.weight"
+    assert (got["weights"][name] - steps["reference"]["weights"][name]).abs().max() > 1e-3
+
+
 def test_fsdp_matches_ddp_and_single_process(steps):
     ref, ddp = steps["reference"], steps["ddp"]
     for name in ("fsdp", "fsdp_accum2"):
