@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": args.repeats,
         "statistic": "median over repeats",
         "goal": f"synchronous save of the 124M model state under {GOAL_S} s on local disk",
-        "goal_met": sync_full["save_total_s"] < GOAL_S,
+        # What training waits for: a synchronous save returns once the new checkpoint is durable
+        # and `latest` names it; deleting the pruned one goes on in the background.
+        "goal_met": sync_full["training_stall_s"] < GOAL_S,
         "dir": str(args.dir or "/tmp"),
         "saves": saves,
         "loads": loads,
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(report, indent=2) + "\n")
     print(f"goal ({report['goal']}): {'met' if report['goal_met'] else 'not met'} "
-          f"({sync_full['save_total_s']:.2f} s); wrote {results}")
+          f"({sync_full['training_stall_s']:.2f} s; floor on this disk "
+          f"{sync_full['bytes'] / 1e9 / disk['durable_write_GB_per_s']:.2f} s); wrote {results}")
 
 
 if __name__ == "__main__":
