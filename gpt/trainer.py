@@ -175,6 +175,14 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
         )
     if not resuming:
         return
+    saved_optimizer = state.get("train_config", {}).get("optimizer", "adamw")
+    if saved_optimizer != config.optimizer:
+        raise ckpt.CheckpointError(
+            f"cannot resume {source}: it was trained with optimizer = {saved_optimizer!r} and this "
+            f"config says {config.optimizer!r} (their states differ). Resume with "
+            f"--optimizer={saved_optimizer}, or start a new run from its weights: "
+            f"--init_from={source} --out_dir=ANOTHER_FOLDER"
+        )
     loader_state = state.get("loader", {})
     train_tokens = sum(read_header(p) for p in list_shards(data_dir, "train"))
     mismatches = []

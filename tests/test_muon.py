@@ -5,10 +5,13 @@ tests/test_train.py and tests/test_distributed.py."""
 import pytest
 import torch
 
+from gpt import checkpoint as ckpt
 from gpt.config import ConfigError, TrainConfig
 from gpt.model import GPT, GPTConfig
 from gpt.muon import MuonAdamW, orthogonalize
 from gpt.optim import build_optimizer
+from gpt.trainer import train
+from conftest import tiny_config
 
 
 @pytest.mark.parametrize("shape", [(16, 48), (48, 16), (3, 24, 64), (128, 512)])
@@ -77,3 +80,9 @@ def test_muon_options_are_checked():
         TrainConfig(muon_lr=0.05).validate()
     with pytest.raises(ConfigError, match="muon_momentum must be in"):
         TrainConfig(optimizer="muon", muon_momentum=1.0).validate()
+
+
+def test_resuming_with_the_other_optimizer_says_how_to_go_on(char_data, tmp_path):
+    train(tiny_config(char_data, tmp_path / "run", max_steps=10))
+    with pytest.raises(ckpt.CheckpointError, match="trained with optimizer = 'adamw' and this config says 'muon'"):
+        train(tiny_config(char_data, tmp_path / "run", max_steps=20, optimizer="muon"))
