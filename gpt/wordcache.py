@@ -360,6 +360,11 @@ def _start_worker(tokenizer_json: str) -> None:
     # Ctrl-C is the parent's to handle (it stops the pool); workers would only print tracebacks.
     # Forked while the parent only noted SIGINT (see _pool), so nothing was raised before this.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A fork keeps the parent's Python handlers: train.py's SIGTERM/SIGUSR1 handler only notes
+    # the signal, so Pool.terminate() (SIGTERM) would not stop a worker waiting on the pool's
+    # queue lock, and the parent's join() would wait forever (seen at the end of a prep).
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
     _worker_encoder = WordCacheEncoder(tokenizer_json)
 
 

@@ -1,5 +1,8 @@
 """The word-cache encoder (gpt/wordcache.py) gives exactly the tokenizers pipeline's ids."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import tokenizers
@@ -8,6 +11,7 @@ from hypothesis import strategies as st
 from tokenizers import normalizers, pre_tokenizers
 
 import gpt.prepare as prepare_module
+from conftest import child_pids
 import gpt.wordcache as wordcache
 from gpt.prepare import prepare
 from gpt.shards import list_shards, open_shard
@@ -118,6 +122,35 @@ def test_key_table_probes_past_shared_home_slots(monkeypatch):
         table.insert(keys[:1000], np.arange(1000))
         table.insert(keys[1000:3000], np.arange(1000, 3000))
         assert table.lookup(keys).tolist() == list(range(3000)) + [-1] * 2000
+
+
+def caught_signals(pid: int) -> int:
+    """The bit mask of signals `pid` has a handler for (SigCgt in /proc/PID/status)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("SigCgt:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no SigCgt for {pid}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
+def test_workers_die_on_sigterm_under_a_parent_that_only_notes_it(bpe, shakespeare):
+    """train.py's SIGTERM handler only notes the signal; forked workers must not inherit that, or
+    Pool.terminate() cannot stop one stuck on the queue lock and the prep hangs at its end."""
+    noted = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
+    try:
+        texts = [shakespeare[i : i + 7000] for i in range(0, 140_000, 7000)]
+        pieces = encode_pieces(bpe.inner, iter(texts), workers=2, pool_after_chars=7000)
+        got = [next(pieces), next(pieces)]  # the second comes from a worker: the pool is running
+        workers = child_pids(os.getpid())
+        assert workers
+        for pid in workers:
+            assert not caught_signals(pid) & (1 << (signal.SIGTERM - 1)), "a worker catches SIGTERM"
+        got += list(pieces)
+        assert [a.tolist() for a in got] == [reference(bpe, t) for t in texts]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert noted == []
 
 
 def test_worker_processes_keep_the_order(bpe, shakespeare):
