@@ -161,6 +161,15 @@ class TrainConfig:
     wandb_run_name: str = _opt("", "Weights & Biases run name (default: out_dir's name)")
     wandb_tags: str = _opt("", "Weights & Biases tags, comma-separated")
 
+    def _only_with(self, key: str, value: str, names: tuple[str, ...]) -> None:
+        """Refuse `names` set away from their defaults unless `key` is `value` (they do nothing else)."""
+        if getattr(self, key) == value:
+            return
+        for name in names:
+            if getattr(self, name) != _default(name):
+                raise ConfigError(f"{name} = {getattr(self, name)!r} applies only with {key} = {value!r} "
+                                  f"({key} is {getattr(self, key)!r})")
+
     def validate(self) -> "TrainConfig":
         """Reject impossible values with a message that names the key."""
         for f in fields(self):
@@ -195,20 +204,10 @@ class TrainConfig:
                     f"prepare_vocab_size must be between {low} and 65536 for the "
                     f"{self.prepare_tokenizer} tokenizer (uint16 token shards), got {self.prepare_vocab_size}"
                 )
-        if self.nan_policy != "skip" and self.max_skipped_steps != _default("max_skipped_steps"):
-            raise ConfigError(
-                f"max_skipped_steps = {self.max_skipped_steps} applies only with nan_policy = 'skip' "
-                f"(nan_policy is {self.nan_policy!r})"
-            )
-        if self.parallel != "fsdp":
-            # These would be silently ignored otherwise; say so instead.
-            for name, default in (("fsdp_reshard_after_forward", "auto"), ("fsdp_cpu_offload", False),
-                                  ("fsdp_reduce_dtype", "float32")):
-                if getattr(self, name) != default:
-                    raise ConfigError(
-                        f"{name} = {getattr(self, name)!r} applies only with parallel = 'fsdp' "
-                        f"(parallel is {self.parallel!r})"
-                    )
+        # Keys that would be silently ignored otherwise: say so instead.
+        self._only_with("nan_policy", "skip", ("max_skipped_steps",))
+        self._only_with("parallel", "fsdp", ("fsdp_reshard_after_forward", "fsdp_cpu_offload", "fsdp_reduce_dtype"))
+        self._only_with("optimizer", "muon", ("muon_lr", "muon_momentum"))
         if self.optimizer == "muon":
             if self.parallel == "fsdp":
                 raise ConfigError("optimizer = 'muon' needs whole weight matrices, and parallel = 'fsdp' "
@@ -217,11 +216,6 @@ class TrainConfig:
                 raise ConfigError(f"muon_lr must be positive, got {self.muon_lr}")
             if not 0.0 <= self.muon_momentum < 1.0:
                 raise ConfigError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
-        else:
-            for name in ("muon_lr", "muon_momentum"):
-                if getattr(self, name) != _default(name):
-                    raise ConfigError(f"{name} = {getattr(self, name)} applies only with optimizer = 'muon' "
-                                      f"(optimizer is {self.optimizer!r})")
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
