@@ -112,7 +112,7 @@ class TrainConfig:
     optimizer: str = _opt(
         "adamw",
         "adamw: AdamW for every parameter; muon: Muon for the blocks' weight matrices (not "
-        "decayed) and AdamW for embeddings, gains and biases (gpt/muon.py; not with parallel = 'fsdp')",
+        "decayed) and AdamW for embeddings, gains and biases (gpt/muon.py)",
         ("adamw", "muon"),
     )
     muon_lr: float = _opt(0.02, "optimizer=muon: peak step size of the Muon matrices (scheduled like learning_rate)")
@@ -209,9 +209,6 @@ class TrainConfig:
         self._only_with("parallel", "fsdp", ("fsdp_reshard_after_forward", "fsdp_cpu_offload", "fsdp_reduce_dtype"))
         self._only_with("optimizer", "muon", ("muon_lr", "muon_momentum"))
         if self.optimizer == "muon":
-            if self.parallel == "fsdp":
-                raise ConfigError("optimizer = 'muon' needs whole weight matrices, and parallel = 'fsdp' "
-                                  "shards them: use parallel = 'ddp' or optimizer = 'adamw'")
             if self.muon_lr <= 0:
                 raise ConfigError(f"muon_lr must be positive, got {self.muon_lr}")
             if not 0.0 <= self.muon_momentum < 1.0:

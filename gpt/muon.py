@@ -13,14 +13,17 @@ tokens, whole val split): AdamW at its best learning rate 1.777, Muon (lr 0.02) 
 step costs more (five Newton-Schulz iterations per matrix, ~0.6 GFLOP per layer here), so see
 benchmarks/bench_shakespeare.py for the loss per second of wall time.
 
-Limits: the orthogonalization needs whole matrices, so FSDP (which shards them) is refused;
-DDP and single-device runs are fine (every rank computes the same update from the same
-averaged gradient).
+Scale-out: under DDP every rank computes the same update from the same averaged gradient.
+Under FSDP the orthogonalization still needs whole matrices: each rank all-gathers the momentum
+of every matrix, orthogonalizes all of them and keeps its own rows. That costs each rank the
+whole Newton-Schulz work and, for a moment, the whole matrices of one shape in memory; fine at
+the sizes this codebase trains, and the rest of the optimizer state stays sharded.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim.adamw import adamw
 
 # The quintic iteration's coefficients, chosen (Jordan et al.) to push every singular value in
@@ -92,6 +95,11 @@ class MuonAdamW(torch.optim.Optimizer):
             buffer = state["momentum_buffer"]
             buffer.mul_(momentum).add_(p.grad)
             nesterov = p.grad.add(buffer, alpha=momentum)
+            if isinstance(nesterov, DTensor):
+                # FSDP: the momentum is sharded like the weight (rows split across ranks), but
+                # U V^T needs the whole matrix. Every rank gathers it and orthogonalizes all of
+                # it, then keeps its own rows of the update (the same numbers on every rank).
+                nesterov = nesterov.full_tensor()
             wide = nesterov if p.size(0) <= p.size(1) else nesterov.mT
             by_shape.setdefault(wide.shape, []).append((p, wide))
         for pairs in by_shape.values():
@@ -99,6 +107,10 @@ class MuonAdamW(torch.optim.Optimizer):
             for (p, _), update in zip(pairs, updates):
                 if p.size(0) > p.size(1):
                     update = update.mT
+                if isinstance(p, DTensor):
+                    # src_data_rank=None: each rank cuts its shard from its own full copy, no
+                    # communication.
+                    update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
                 if group["weight_decay"]:
                     p.mul_(1.0 - lr * group["weight_decay"])
                 p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)

@@ -47,9 +47,12 @@ def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
 
 
 def tiny_args(data_dir: Path, out_dir: Path, **overrides) -> list[str]:
-    """The same tiny run as `train.py` command-line arguments."""
+    """The same tiny run as `train.py` command-line arguments: every key that differs from what
+    `train.py` alone would use (configs/default.toml over the dataclass defaults)."""
+    from gpt.cli import parse_args
+
     config = tiny_config(data_dir, out_dir, **overrides)
-    defaults = TrainConfig()
+    defaults = parse_args([], default_config=str(REPO / "configs" / "default.toml"))
     return [f"--{k}={v}" for k, v in config.to_dict().items() if v != getattr(defaults, k)]
 
 

@@ -9,7 +9,7 @@ rows of that batch (rank r takes rows [r*B, (r+1)*B), as the loader hands them o
 saves, per variant: the loss of each step (mean over ranks), the first step's full gradients,
 each step's clipped-gradient norm and the final full weights (gathered as checkpoints are).
 The loop is the trainer's: set_gradient_sync, autocast where the strategy wants it, loss / accum,
-clip_grad_norm_, AdamW (or Muon + AdamW: "ddp_muon" against "reference_muon").
+clip_grad_norm_, AdamW (or Muon + AdamW: "*_muon*" against "reference_muon").
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ VARIANTS = {
     "ddp_fp16": (dict(parallel="ddp"), torch.float16, 1),  # autocast + GradScaler
     "fsdp_fp16": (dict(parallel="fsdp"), torch.float16, 1),  # MixedPrecisionPolicy + GradScaler
     "ddp_muon": (dict(parallel="ddp", optimizer="muon"), torch.float32, 1),  # vs reference_muon
+    "fsdp_muon": (dict(parallel="fsdp", optimizer="muon"), torch.float32, 1),  # gathers, then slices
+    "fsdp_muon_offload": (dict(parallel="fsdp", optimizer="muon", fsdp_cpu_offload=True), torch.float32, 2),
 }
 
 

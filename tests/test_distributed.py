@@ -113,7 +113,9 @@ def train_torchrun(data: Path, out_dir: Path, *extra: str, fresh: bool = True, n
 def train_1proc(data: Path, out_dir: Path, *extra: str) -> None:
     from gpt.trainer import train
 
-    train(parse_args([f"--data_dir={data}", f"--out_dir={out_dir}", *TINY, *extra]))
+    # train.py's own defaults (configs/default.toml), so that only the launcher differs.
+    train(parse_args([f"--data_dir={data}", f"--out_dir={out_dir}", *TINY, *extra],
+                     default_config=str(REPO / "configs" / "default.toml")))
     assert run_complete(out_dir)()
 
 
@@ -190,10 +192,15 @@ def test_ddp_step_equals_single_process_step(steps):
     assert ref["norms"][0] > 0.5  # grad_clip=1.0 vs norms ~0.5-0.7: the clip factor is computed, not 1 by luck
 
 
-def test_ddp_muon_step_equals_single_process_muon_step(steps):
-    ref, got = steps["reference_muon"], steps["ddp_muon"]
-    torch.testing.assert_close(got["losses"], ref["losses"], **FP32)
-    assert_weights_close(got["weights"], ref["weights"], **FP32)
+def test_muon_step_under_ddp_and_fsdp_equals_single_process_muon_step(steps):
+    """Under FSDP each rank holds some rows of every matrix; Muon gathers the whole momentum,
+    orthogonalizes it and keeps its rows (with CPU offload and accumulation too)."""
+    ref = steps["reference_muon"]
+    for variant in ("ddp_muon", "fsdp_muon", "fsdp_muon_offload"):
+        got = steps[variant]
+        torch.testing.assert_close(got["losses"], ref["losses"], **FP32)
+        assert_weights_close(got["weights"], ref["weights"], **FP32)
+    got = steps["ddp_muon"]
     # Muon moved the block matrices elsewhere than AdamW did (the optimizer really changed).
     name = "blocks.0.mlp.fc.weight"
     assert (got["weights"][name] - steps["reference"]["weights"][name]).abs().max() > 1e-3
