@@ -40,6 +40,19 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas, fused=fused)
 
 
+def describe_optimizer(optimizer: torch.optim.Optimizer, config: TrainConfig) -> str:
+    """One log line: which parameters each rule steps, at what peak step size, and the schedule."""
+    def count(muon: bool) -> int:
+        return sum(len(g["params"]) for g in optimizer.param_groups if g.get("muon", False) == muon)
+    schedule = (f"warmup {config.warmup_steps} steps, cosine to {config.min_lr / config.learning_rate:g}x "
+                f"of the peak by step {config.lr_decay_steps or config.max_steps}")
+    if config.optimizer == "muon":
+        return (f"optimizer: Muon for {count(True)} block matrices (lr {config.muon_lr:g}, momentum "
+                f"{config.muon_momentum:g}), AdamW for the other {count(False)} tensors "
+                f"(lr {config.learning_rate:g}); {schedule}")
+    return f"optimizer: AdamW for {count(False)} tensors (lr {config.learning_rate:g}); {schedule}"
+
+
 def learning_rate_at(step: int, config: TrainConfig) -> float:
     """Linear warmup to the peak, then cosine decay to `min_lr` at `lr_decay_steps`, then flat.
 

@@ -29,7 +29,7 @@ from .errors import TrainingError
 from .loader import TokenLoader, eval_batches
 from .metrics import MetricsLog, Sinks, WandbSink, format_duration, peak_flops, wandb_tags
 from .model import GPT, GPTConfig
-from .optim import build_optimizer, learning_rate_at
+from .optim import build_optimizer, describe_optimizer, learning_rate_at
 from .shards import check_token_ids, list_shards, load_meta, read_header
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -600,6 +600,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
               f"device {device} x {info.world_size}, {str(dtype).removeprefix('torch.')}, "
               f"grad accumulation {accum}, {tokens_per_step:,} tokens/step; "
               f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
+    log(info, describe_optimizer(optimizer, config))
     if device.type == "cpu" and dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         log(info, "note: this CPU has no native bf16 matmul (AVX512-BF16/AMX); bf16 runs several "
                   "times slower than float32 here (benchmarks/: ~50x for a large matmul). Use dtype=float32")

@@ -2,6 +2,8 @@
 AdamW part against torch's own AdamW. Resume exactness and DDP equivalence with Muon are in
 tests/test_train.py and tests/test_distributed.py."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from gpt import checkpoint as ckpt
 from gpt.config import ConfigError, TrainConfig
 from gpt.model import GPT, GPTConfig
 from gpt.muon import MuonAdamW, orthogonalize
-from gpt.optim import build_optimizer
+from gpt.optim import build_optimizer, describe_optimizer
 from gpt.trainer import train
 from conftest import tiny_config
 
@@ -85,3 +87,14 @@ def test_resuming_with_the_other_optimizer_says_how_to_go_on(char_data, tmp_path
     train(tiny_config(char_data, tmp_path / "run", max_steps=10))
     with pytest.raises(ckpt.CheckpointError, match="trained with optimizer = 'adamw' and this config says 'muon'"):
         train(tiny_config(char_data, tmp_path / "run", max_steps=20, optimizer="muon"))
+
+
+def test_the_log_says_which_optimizer_steps_what():
+    model = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=4, n_head=2, n_embd=32))
+    config = TrainConfig(optimizer="muon", learning_rate=8e-3, min_lr=8e-4, warmup_steps=50, max_steps=1000).validate()
+    line = describe_optimizer(build_optimizer(model, config, torch.device("cpu")), config)
+    assert line == ("optimizer: Muon for 16 block matrices (lr 0.02, momentum 0.95), AdamW for the other "
+                    "36 tensors (lr 0.008); warmup 50 steps, cosine to 0.1x of the peak by step 1000")
+    config = replace(config, optimizer="adamw").validate()
+    line = describe_optimizer(build_optimizer(model, config, torch.device("cpu")), config)
+    assert line.startswith("optimizer: AdamW for 52 tensors (lr 0.008)")
