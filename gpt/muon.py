@@ -49,6 +49,11 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return x if g.dim() == 3 else x.squeeze(0)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP DTensor (a view: writing to it writes the DTensor), else t."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Param groups with "muon": True are stepped by Muon, the others by AdamW.
 
@@ -67,22 +72,32 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._fused_adamw = fused  # not in `defaults`: the trainer reads defaults["fused"] as "all fused"
 
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether step() honours a `found_inf` flag set on the optimizer (GradScaler's and
+        fused AdamW's mechanism): 1.0 leaves weights and state as they were, with no host sync."""
+        return self._fused_adamw
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None) if self._fused_adamw else None
         for group in self.param_groups:
             if group["muon"]:
-                self._muon_step(group)
+                self._muon_step(group, found_inf)
             else:
-                self._adamw_step(group)
+                self._adamw_step(group, found_inf)
         return loss
 
-    def _muon_step(self, group: dict) -> None:
+    def _muon_step(self, group: dict, found_inf: torch.Tensor | None) -> None:
         lr = group["lr"] * group["lr_scale"]
         momentum = group["momentum"]
+        # A skipped step must leave the momentum and the weight untouched, and a NaN gradient
+        # makes every product NaN: select with torch.where (on the device) rather than scale.
+        skip = None if found_inf is None else found_inf.to(torch.bool)
         # Matrices are orthogonalized in batches of one shape (tall ones transposed: U V^T of a
         # transpose is the transpose of U V^T), a few batched matmuls rather than many small ones.
         by_shape: dict[torch.Size, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -93,8 +108,13 @@ class MuonAdamW(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             buffer = state["momentum_buffer"]
-            buffer.mul_(momentum).add_(p.grad)
-            nesterov = p.grad.add(buffer, alpha=momentum)
+            if skip is None:
+                buffer.mul_(momentum).add_(p.grad)
+                nesterov = p.grad.add(buffer, alpha=momentum)
+            else:
+                updated = buffer.mul(momentum).add_(p.grad)
+                nesterov = p.grad.add(updated, alpha=momentum)
+                _local(buffer).copy_(torch.where(skip, _local(buffer), _local(updated)))
             if isinstance(nesterov, DTensor):
                 # FSDP: the momentum is sharded like the weight (rows split across ranks), but
                 # U V^T needs the whole matrix. Every rank gathers it and orthogonalizes all of
@@ -111,11 +131,16 @@ class MuonAdamW(torch.optim.Optimizer):
                     # src_data_rank=None: each rank cuts its shard from its own full copy, no
                     # communication.
                     update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
-                if group["weight_decay"]:
-                    p.mul_(1.0 - lr * group["weight_decay"])
-                p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                scale = -lr * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                if skip is None:
+                    if group["weight_decay"]:
+                        p.mul_(1.0 - lr * group["weight_decay"])
+                    p.add_(update, alpha=scale)
+                else:  # the same numbers out of place, kept only if the step is not skipped
+                    new = p.mul(1.0 - lr * group["weight_decay"]).add_(update, alpha=scale)
+                    _local(p).copy_(torch.where(skip, _local(p), _local(new)))
 
-    def _adamw_step(self, group: dict) -> None:
+    def _adamw_step(self, group: dict, found_inf: torch.Tensor | None) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
@@ -135,4 +160,4 @@ class MuonAdamW(torch.optim.Optimizer):
             adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=self._fused_adamw or None,
                   foreach=None if self._fused_adamw else True, amsgrad=False, beta1=beta1,
                   beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-                  maximize=False)
+                  maximize=False, found_inf=found_inf)

@@ -364,9 +364,9 @@ class NonFiniteGuard:
     itself as a matter of course, so there only the loss counts.
 
     nan_policy 'stop': `review` raises TrainingError naming the first bad step.
-    nan_policy 'skip': the bad step's optimizer update is dropped on the device (fused AdamW
-    takes GradScaler's `found_inf` flag and leaves weights, moments and its step count as they
-    were; other optimizers: the flag is read at once, one sync per step, and the gradients are
+    nan_policy 'skip': the bad step's optimizer update is dropped on the device (fused AdamW, and
+    MuonAdamW with its AdamW part fused, take GradScaler's `found_inf` flag and leave weights,
+    moments and step counts as they were; other optimizers: the flag is read at once, one sync per step, and the gradients are
     dropped). The flag is agreed over ranks, its loss is left out of the logged mean, and
     `review` logs the skipped steps and raises once more than max_skipped_steps were skipped.
     """
@@ -378,7 +378,8 @@ class NonFiniteGuard:
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = optimizer
         self.scaler_enabled = scaler_enabled
-        self.on_device = bool(optimizer.defaults.get("fused"))
+        # Fused AdamW, and MuonAdamW when its AdamW part is fused, honour a `found_inf` flag.
+        self.on_device = bool(getattr(optimizer, "skips_on_device", optimizer.defaults.get("fused")))
         self.info = info
         self.out_dir = out_dir
         self.skipped = 0  # skipped steps in the whole run (kept in checkpoints)
@@ -412,7 +413,7 @@ class NonFiniteGuard:
             if self.scaler_enabled:
                 pass  # the step's gradients are not finite either: GradScaler skips it
             elif self.on_device:
-                self.optimizer.found_inf = bad.float()  # read by fused AdamW (GradScaler's mechanism)
+                self.optimizer.found_inf = bad.float()  # read by the optimizer (GradScaler's mechanism)
             elif bool(bad):
                 self.optimizer.zero_grad(set_to_none=True)  # AdamW leaves params without grads alone
         self._flags.append(bad)

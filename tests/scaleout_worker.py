@@ -127,6 +127,47 @@ def overflow_on_one_rank(info: DistInfo) -> dict:
     return {"scales": scales, "changed": changed}
 
 
+def nan_skip_with_muon(info: DistInfo) -> dict:
+    """nan_policy = skip under FSDP with Muon: a NaN in one rank's gradient shard makes every
+    rank skip the step on the device, leaving weights and optimizer state as they were."""
+    from gpt.trainer import NonFiniteGuard
+
+    torch.manual_seed(0)
+    model = GPT(MODEL)
+    config = replace(BASE, parallel="fsdp", optimizer="muon", nan_policy="skip").validate()
+    wrapped = parallel.parallelize(model, config, info, torch.float32)
+    optimizer = build_optimizer(model, config, info.device)
+    guard = NonFiniteGuard(config, model, optimizer, scaler_enabled=False, info=info, out_dir=Path("."))
+    x, y = batches(0)
+
+    def step(poison: bool) -> None:
+        loss_sum = torch.zeros(())
+        guard.begin_step(loss_sum)
+        _, loss = wrapped(x, y)
+        loss.backward()
+        if poison and info.rank == info.world_size - 1:
+            model.blocks[0].mlp.fc.weight.grad.to_local().view(-1)[0] = float("nan")
+        loss_sum += loss.detach()
+        guard.end_step(1, loss_sum, torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(poison=False)  # a real step first, so that there is momentum to keep
+    before = parallel.full_state_dicts(model, optimizer)
+    step(poison=True)
+    after = parallel.full_state_dicts(model, optimizer)
+
+    def tensors(state) -> list[torch.Tensor]:
+        if isinstance(state, dict):
+            return [t for key in sorted(state, key=str) for t in tensors(state[key])]
+        if isinstance(state, (list, tuple)):
+            return [t for item in state for t in tensors(item)]
+        return [state] if isinstance(state, torch.Tensor) else []
+
+    return {"on_device": guard.on_device, "kept": len(tensors(before)),
+            "unchanged": all(torch.equal(a, b) for a, b in zip(tensors(before), tensors(after)))}
+
+
 def main(out: str) -> None:
     info = init_distributed("cpu")
     try:
@@ -140,6 +181,7 @@ def main(out: str) -> None:
         for name, (overrides, dtype, accum) in VARIANTS.items():
             results[name] = run(replace(BASE, **overrides).validate(), info, dtype, accum, rows)
         results["fp16_overflow"] = overflow_on_one_rank(info)
+        results["nan_skip_muon"] = nan_skip_with_muon(info)
         if info.is_main:
             torch.save(results, out)
         dist.barrier()

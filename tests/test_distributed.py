@@ -206,6 +206,13 @@ def test_muon_step_under_ddp_and_fsdp_equals_single_process_muon_step(steps):
     assert (got["weights"][name] - steps["reference"]["weights"][name]).abs().max() > 1e-3
 
 
+def test_fsdp_muon_skips_a_nan_step_on_every_rank(steps):
+    """A NaN in one rank's gradient shard: every rank skips on the device (no host sync), and the
+    gathered weights, momentum and AdamW moments are bit for bit those before the step."""
+    skip = steps["nan_skip_muon"]
+    assert skip["on_device"] and skip["unchanged"] and skip["kept"] > 40
+
+
 def test_fsdp_matches_ddp_and_single_process(steps):
     ref, ddp = steps["reference"], steps["ddp"]
     for name in ("fsdp", "fsdp_accum2"):

@@ -458,12 +458,14 @@ def test_a_model_with_a_non_finite_val_loss_is_never_saved(char_data, tmp_path):
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
 
 
-def test_a_skipped_step_leaves_weights_and_optimizer_untouched(char_data, tmp_path):
-    """The skip happens on the device (fused AdamW's found_inf): no update, no moment, no step count;
-    a finite step under nan_policy=skip gives the same numbers as under stop."""
+@pytest.mark.parametrize("optimizer_name", ["adamw", "muon"])
+def test_a_skipped_step_leaves_weights_and_optimizer_untouched(char_data, tmp_path, optimizer_name):
+    """The skip happens on the device (the optimizer reads GradScaler's found_inf flag): no update,
+    no moment or momentum, no step count; a finite step under nan_policy=skip gives the same
+    numbers as under stop."""
     results = {}
     for policy in ("stop", "skip"):
-        config = tiny_config(char_data, tmp_path, nan_policy=policy)
+        config = tiny_config(char_data, tmp_path, nan_policy=policy, optimizer=optimizer_name)
         torch.manual_seed(0)
         model = GPT(model_config(config, 62))
         optimizer = build_optimizer(model, config, torch.device("cpu"))
@@ -491,6 +493,8 @@ def test_a_skipped_step_leaves_weights_and_optimizer_untouched(char_data, tmp_pa
             loss_sum += loss.detach() * float("nan")
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             guard.end_step(3, loss_sum, norm)
+            # Not the fallback (drop the gradients after reading the flag): the optimizer skips.
+            assert guard.on_device and all(p.grad is not None for p in model.parameters())
             optimizer.step()
             for k, v in model.state_dict().items():
                 assert torch.equal(v, before[k]), k
