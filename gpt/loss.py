@@ -59,11 +59,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z = (xc[start:end] @ wc.t()).float()  # [n, V] logits of this chunk
                 t = safe_targets[start:end, None]
                 keep = valid[start:end, None]
+                target_logit = z.gather(1, t)
+                peak = z.amax(dim=1, keepdim=True)
                 # In place, one exp per logit: z <- exp(z - max), then normalised to softmax.
-                z.sub_(z.amax(dim=1, keepdim=True)).exp_()
+                z.sub_(peak).exp_()
                 total = z.sum(dim=1, keepdim=True)
-                # loss = log(sum exp(z - max)) - (z_t - max)
-                loss_sum += ((total.log() - z.gather(1, t).log()) * keep).sum()
+                # loss = logsumexp(z) - z_t = log(sum exp(z - max)) + max - z_t, from the logit
+                # itself: exp(z_t - max) underflows to 0 once z_t is ~104 below the max.
+                loss_sum += ((total.log() + peak - target_logit) * keep).sum()
                 if needs_grad:
                     keep = keep.to(z.dtype)
                     z.mul_(keep / total)  # softmax p; ignored rows contribute nothing

@@ -75,6 +75,24 @@ def test_chunked_loss_under_bf16_autocast_is_as_close_to_fp32_as_the_plain_path(
         assert ours <= 2 * plain + 1e-3, name
 
 
+def test_chunked_loss_stays_finite_when_the_target_is_far_below_the_best_logit():
+    """exp(z_t - max z) underflows to 0 once the target's logit is ~104 below the best one; the
+    loss, logsumexp(z) - z_t, is still finite (~200 here) and must be computed so."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(16, 8)
+    weight[3] = 0.0
+    weight[5] = 60 * x.detach()[0] / x.detach()[0].norm() ** 2 * 4  # row 0: logit 5 is 240, logit 3 is 0
+    targets = torch.tensor([3, 1, 2, 3])
+    plain = F.cross_entropy(x @ weight.t(), targets)
+    ours = gpt.loss.linear_cross_entropy(x, weight, targets)
+    assert plain > 50 and torch.isfinite(ours)
+    torch.testing.assert_close(ours, plain, rtol=1e-6, atol=1e-5)
+    (grad_plain,) = torch.autograd.grad(plain, x)
+    (grad_ours,) = torch.autograd.grad(ours, x)
+    torch.testing.assert_close(grad_ours, grad_plain, rtol=1e-5, atol=1e-6)
+
+
 def test_chunked_loss_with_every_target_ignored_is_nan_like_cross_entropy():
     model, x, y = model_and_batch()
     y[:] = -1
