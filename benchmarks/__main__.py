@@ -13,7 +13,7 @@ Parts:
             16, vocab 4096) and shakespeare_char shape (6 x 384, ctx 256, batch 8, vocab 65),
             fp32 and bf16 autocast; MFU against the measured peaks
   generate  256-token greedy generation at batch 1 and 8: ours (KV cache) vs `generate` (its
-            cache), and ours with vs without the cache
+            cache), and ours with vs without the cache; batch 1 under bf16 autocast too
   loader    TokenLoader tokens/s (benchmarks/bench_loader.py, small shard)
   data      data prep MB/s, char and BPE, on 8 MB of text (benchmarks/bench_data.py)
   rss       peak RSS of a short `python train.py` run of the 6 x 384 model (a child process)
@@ -102,9 +102,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if "generate" in args.parts:
         suite["generate"] = []
-        for batch in (1, 8):
-            log(f"generate batch {batch} ...")
-            r = bench_generate.run_case(batch, 255, no_cache=batch == 1 or args.full, device=device)
+        for batch, dtype in ((1, "float32"), (8, "float32"), (1, "bfloat16")):
+            log(f"generate batch {batch} {dtype} ...")
+            r = bench_generate.run_case(batch, 255, no_cache=dtype == "float32" and (batch == 1 or args.full),
+                                        device=device, dtype=dtype)
             log(bench_generate.format_case(r))
             suite["generate"].append(r)
         write_json("generate", {"benchmark": "generation vs Hugging Face generate",
@@ -202,7 +203,8 @@ def table(s: dict[str, Any]) -> list[str]:
                 + (" (bf16 slower than fp32 here)" if bf16 < fp32 else ""))
     for r in s.get("generate", []):
         res = r["results"]
-        row(f"generate tok/s batch {r['batch']}, cache vs peer cache", res["ours_cache"]["tokens_per_s"],
+        row(f"generate tok/s batch {r['batch']} {r.get('dtype', 'float32')}, cache vs peer cache",
+            res["ours_cache"]["tokens_per_s"],
             res["peer_cache"]["tokens_per_s"], r["ratio_ours_over_peer"],
             f"{_goal(r['ratio_ours_over_peer'], GOAL_GENERATE_RATIO)}; same tokens "
             f"{all(r['same_tokens_as_ours_cache'].values())}; load {r['load_avg_before']}")

@@ -9,6 +9,7 @@ decoding for both (temperature 0 / do_sample=False, min_new_tokens = max_new_tok
 stops early), from a 1-token prompt: 1 + 255 new tokens fill the 256-token context exactly (the
 peer's position table has 256 rows and cannot go further). The check: both produce the very
 same tokens. tokens/s = batch x new tokens / wall time of the whole call (prefill included).
+Also at batch 1 with both under bf16 autocast (how sample.py runs --dtype bfloat16).
 Writes benchmarks/results/generate.json.
 """
 
@@ -43,8 +44,19 @@ def peer_fn(model, idx: torch.Tensor, new_tokens: int):
     return run
 
 
+def under_autocast(fn, device: torch.device, dtype: str):
+    """fn run under torch.autocast(dtype), as sample.py runs --dtype bfloat16; float32 as it is."""
+    if dtype == "float32":
+        return fn
+
+    def run():
+        with torch.autocast(device.type, dtype=getattr(torch, dtype)):
+            return fn()
+    return run
+
+
 def run_case(batch: int, new_tokens: int, *, no_cache: bool, device: torch.device,
-             rounds: int = 5, budget_s: float = 40.0) -> dict[str, Any]:
+             rounds: int = 5, budget_s: float = 40.0, dtype: str = "float32") -> dict[str, Any]:
     ours, peer, check = build_pair(SHAPE, device)
     ours.eval(), peer.eval()
     g = torch.Generator().manual_seed(2)
@@ -52,6 +64,7 @@ def run_case(batch: int, new_tokens: int, *, no_cache: bool, device: torch.devic
     contenders = {"ours_cache": ours_fn(ours, idx, new_tokens, True), "peer_cache": peer_fn(peer, idx, new_tokens)}
     if no_cache:
         contenders["ours_no_cache"] = ours_fn(ours, idx, new_tokens, False)
+    contenders = {name: under_autocast(fn, device, dtype) for name, fn in contenders.items()}
     outputs: dict[str, torch.Tensor] = {}
 
     def keeping(name, fn):
@@ -77,7 +90,7 @@ def run_case(batch: int, new_tokens: int, *, no_cache: bool, device: torch.devic
         rows[name] = {"seconds": round(m, 3), "tokens_per_s": round(batch * new_tokens / m, 1),
                       "seconds_all": [round(t, 3) for t in times]}
     result = {
-        "batch": batch, "prompt_tokens": 1, "new_tokens": new_tokens, "shape": SHAPE | {"batch_size": batch},
+        "batch": batch, "dtype": dtype, "prompt_tokens": 1, "new_tokens": new_tokens, "shape": SHAPE | {"batch_size": batch},
         "decoding": "greedy", "device": str(device), "rounds": rounds, **check,
         "same_tokens_as_ours_cache": same,
         "load_avg_before": load_before, "load_avg_after": load_average(), "results": rows,
@@ -104,6 +117,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--new-tokens", type=int, default=255)
     p.add_argument("--no-cache-batches", nargs="*", type=int, default=[1],
                    help="batches at which to also time our uncached path (slow)")
+    p.add_argument("--bf16-batches", nargs="*", type=int, default=[1],
+                   help="batches at which to also compare both under bf16 autocast (the peer is slow there)")
     p.add_argument("--rounds", type=int, default=5, help="at most this many (as many as fit --budget-s)")
     p.add_argument("--budget-s", type=float, default=40.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -114,11 +129,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []
-    for batch in args.batches:
-        log(f"generate batch {batch} ...")
-        r = run_case(batch, args.new_tokens, no_cache=batch in args.no_cache_batches,
-                     device=torch.device(args.device), rounds=args.rounds, budget_s=args.budget_s)
-        print(f"generate batch {batch}, 1 + {args.new_tokens} tokens:\n{format_case(r)}", flush=True)
+    cases = [(b, "float32") for b in args.batches] + [(b, "bfloat16") for b in args.bf16_batches]
+    for batch, dtype in cases:
+        log(f"generate batch {batch} {dtype} ...")
+        r = run_case(batch, args.new_tokens, no_cache=dtype == "float32" and batch in args.no_cache_batches,
+                     device=torch.device(args.device), rounds=args.rounds, budget_s=args.budget_s, dtype=dtype)
+        print(f"generate batch {batch} {dtype}, 1 + {args.new_tokens} tokens:\n{format_case(r)}", flush=True)
         results.append(r)
     write_json("generate", {"benchmark": "generation vs Hugging Face generate", "machine": machine(),
                             "results": results})
