@@ -51,6 +51,7 @@ VARIANTS = {
     "ddp_muon": (dict(parallel="ddp", optimizer="muon"), torch.float32, 1),  # vs reference_muon
     "fsdp_muon": (dict(parallel="fsdp", optimizer="muon"), torch.float32, 1),  # gathers, then slices
     "fsdp_muon_offload": (dict(parallel="fsdp", optimizer="muon", fsdp_cpu_offload=True), torch.float32, 2),
+    "fsdp_muon_bf16": (dict(parallel="fsdp", optimizer="muon"), torch.bfloat16, 1),  # the GPU default
 }
 
 

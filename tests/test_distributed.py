@@ -200,6 +200,9 @@ def test_muon_step_under_ddp_and_fsdp_equals_single_process_muon_step(steps):
         got = steps[variant]
         torch.testing.assert_close(got["losses"], ref["losses"], **FP32)
         assert_weights_close(got["weights"], ref["weights"], **FP32)
+    # What `torchrun train.py --parallel=fsdp` runs on GPUs by default: bf16 compute under the
+    # MixedPrecisionPolicy, fp32 master weights and momentum (losses as close as the AdamW case's).
+    torch.testing.assert_close(steps["fsdp_muon_bf16"]["losses"], ref["losses"], rtol=0, atol=2e-3)
     got = steps["ddp_muon"]
     # Muon moved the block matrices elsewhere than AdamW did (the optimizer really changed).
     name = "blocks.0.mlp.fc.weight"
