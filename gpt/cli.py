@@ -9,6 +9,7 @@ from __future__ import annotations
 import faulthandler
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -183,6 +184,7 @@ def sample(args) -> None:
         print(prompt_text, end="", flush=True)
         new_ids: list[int] = []
         printed = ""
+        start = time.perf_counter()
         with autocast:
             for token in generate(
                 model, idx, args.max_new_tokens, temperature=args.temperature,
@@ -200,5 +202,10 @@ def sample(args) -> None:
                     print(text[len(printed):], end="", flush=True)
                     printed = text
         print(tokenizer.decode(new_ids)[len(printed):], flush=True)
+        seconds = time.perf_counter() - start
+        # On stderr, so that stdout stays the text alone (for pipes and files).
+        print(f"[{len(new_ids)} tokens in {seconds:.2f} s: {len(new_ids) / max(seconds, 1e-9):,.0f} tokens/s, "
+              f"{'with' if not args.no_kv_cache else 'without'} KV cache, {str(dtype).removeprefix('torch.')}]",
+              file=sys.stderr, flush=True)
         if i < args.num_samples - 1:
             print("-" * 40, flush=True)

@@ -645,7 +645,10 @@ def test_full_disk_during_shard_write_keeps_the_earlier_dataset(tmp_path):
 def test_sampling_edge_cases(trained, tmp_path, capsys):
     # An empty prompt is an unconditional sample.
     assert run_sample(["--out_dir", str(trained), "--prompt", "", "--max_new_tokens", "20", "--device", "cpu"]) == 0
-    assert len(capsys.readouterr().out) >= 20
+    printed = capsys.readouterr()
+    assert len(printed.out) >= 20
+    # The speed goes to stderr, so that stdout is the text alone.
+    assert re.fullmatch(r"\[\d+ tokens in [\d.]+ s: [\d,]+ tokens/s, with KV cache, float32\]\n", printed.err)
     for argv, message in [
         (["--top_p", "0"], "--top_p must be in (0, 1], got 0.0"),
         (["--temperature", "nan"], "--temperature must be >= 0 (0 is greedy), got nan"),
