@@ -205,7 +205,7 @@ def sample(args) -> None:
         seconds = time.perf_counter() - start
         # On stderr, so that stdout stays the text alone (for pipes and files).
         print(f"[{len(new_ids)} tokens in {seconds:.2f} s: {len(new_ids) / max(seconds, 1e-9):,.0f} tokens/s, "
-              f"{'with' if not args.no_kv_cache else 'without'} KV cache, {str(dtype).removeprefix('torch.')}]",
+              f"{'without' if args.no_kv_cache else 'with'} KV cache, {str(dtype).removeprefix('torch.')}]",
               file=sys.stderr, flush=True)
         if i < args.num_samples - 1:
             print("-" * 40, flush=True)

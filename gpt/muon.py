@@ -70,7 +70,9 @@ class MuonAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, muon=False, lr_scale=1.0,
                         momentum=momentum, ns_steps=ns_steps)
         super().__init__(params, defaults)
-        self._fused_adamw = fused  # not in `defaults`: the trainer reads defaults["fused"] as "all fused"
+        # Not in `defaults`, which would copy "fused" into every param group (and checkpoint):
+        # it applies to the AdamW groups only. `skips_on_device` is what the trainer asks.
+        self._fused_adamw = fused
 
     @property
     def skips_on_device(self) -> bool:

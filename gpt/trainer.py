@@ -366,8 +366,8 @@ class NonFiniteGuard:
     nan_policy 'stop': `review` raises TrainingError naming the first bad step.
     nan_policy 'skip': the bad step's optimizer update is dropped on the device (fused AdamW, and
     MuonAdamW with its AdamW part fused, take GradScaler's `found_inf` flag and leave weights,
-    moments and step counts as they were; other optimizers: the flag is read at once, one sync per step, and the gradients are
-    dropped). The flag is agreed over ranks, its loss is left out of the logged mean, and
+    moments and step counts as they were; other optimizers: the flag is read at once, one sync
+    per step, and the gradients are dropped). The flag is agreed over ranks, its loss is left out of the logged mean, and
     `review` logs the skipped steps and raises once more than max_skipped_steps were skipped.
     """
 
