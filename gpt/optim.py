@@ -44,8 +44,9 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, config: TrainConfig) ->
     """One log line: which parameters each rule steps, at what peak step size, and the schedule."""
     def count(muon: bool) -> int:
         return sum(len(g["params"]) for g in optimizer.param_groups if g.get("muon", False) == muon)
-    schedule = (f"warmup {config.warmup_steps} steps, cosine to {config.min_lr / config.learning_rate:g}x "
-                f"of the peak by step {config.lr_decay_steps or config.max_steps}")
+    floor = f"{config.min_lr / config.learning_rate:g}x of the peak" if config.min_lr else "0"
+    schedule = (f"warmup {config.warmup_steps} steps, cosine to {floor} "
+                f"by step {config.lr_decay_steps or config.max_steps}")
     if config.optimizer == "muon":
         return (f"optimizer: Muon for {count(True)} block matrices (lr {config.muon_lr:g}, momentum "
                 f"{config.muon_momentum:g}), AdamW for the other {count(False)} tensors "

@@ -98,3 +98,6 @@ def test_the_log_says_which_optimizer_steps_what():
     config = replace(config, optimizer="adamw").validate()
     line = describe_optimizer(build_optimizer(model, config, torch.device("cpu")), config)
     assert line.startswith("optimizer: AdamW for 52 tensors (lr 0.008)")
+    config = replace(config, min_lr=0.0).validate()
+    line = describe_optimizer(build_optimizer(model, config, torch.device("cpu")), config)
+    assert line.endswith("warmup 50 steps, cosine to 0 by step 1000")
