@@ -1,5 +1,5 @@
 """The accelerator's own paths, for a session lent a GPU: training in each dtype (autocast,
-GradScaler, pinned non-blocking batches, TF32), resume with the device's RNG, compile, the KV
+GradScaler, pinned non-blocking batches, TF32), resume with the device's RNG, DDP and FSDP under torchrun, compile, the KV
 cache, Muon and checkpoints written there and read on a CPU, and the datasheet peak for MFU.
 
 Deselected by default (no GPU in CI). GPT_TEST_DEVICE names the device, cuda unless set:
@@ -32,7 +32,7 @@ from gpt.muon import MuonAdamW
 from gpt.prepare import prepare
 from gpt.trainer import train
 
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_args, tiny_config
 
 DEVICE = torch.device(os.environ.get("GPT_TEST_DEVICE", "cuda"))
 ON_GPU = DEVICE.type == "cuda"
@@ -69,7 +69,8 @@ def exact_fp32():
 
 
 def on_device(data, out, **overrides):
-    return tiny_config(data, out, device=DEVICE.type, **overrides)
+    # compile = auto would compile every run on a GPU (~30 s each): one test below compiles.
+    return tiny_config(data, out, device=DEVICE.type, **{"compile": "false", **overrides})
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
@@ -110,6 +111,25 @@ def test_compiled_training_tracks_eager(code_data, tmp_path, exact_fp32):
     for x, y in zip(*losses):
         assert abs(x - y) < 1e-3 * x
     assert abs(eager.val_loss - compiled.val_loss) < 1e-3 * eager.val_loss
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_with_each_strategy_tracks_one_process(code_data, tmp_path, strategy):
+    """torchrun, one process per device (one here: NCCL on a GPU, gloo on a CPU), DDP or FSDP2
+    around the model: the same losses as the plain run."""
+    plain = tmp_path / "plain"
+    train(on_device(code_data, plain, max_steps=10, eval_interval=10))
+    wrapped = tmp_path / strategy
+    args = tiny_args(code_data, wrapped, device=DEVICE.type, compile="false", max_steps=10, eval_interval=10,
+                     parallel=strategy)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                             "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert f"parallel: {strategy}" in result.stdout
+    a, b = read_metrics(plain), read_metrics(wrapped)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(5, 11, 5))
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-4 * x["loss"], (x["step"], x["loss"], y["loss"])
 
 
 def test_kv_cache_logits_equal_full_recomputation(exact_fp32):
