@@ -1,6 +1,7 @@
 """The accelerator's own paths, for a session lent a GPU: training in each dtype (autocast,
-GradScaler, pinned non-blocking batches, TF32), resume with the device's RNG, DDP and FSDP under torchrun, compile, the KV
-cache, Muon and checkpoints written there and read on a CPU, and the datasheet peak for MFU.
+GradScaler, pinned non-blocking batches, TF32), resume with the device's RNG, DDP and FSDP
+under torchrun, compile, the KV cache, Muon, checkpoints written there and read on a CPU, and
+the datasheet peak for MFU.
 
 Deselected by default (no GPU in CI). GPT_TEST_DEVICE names the device, cuda unless set:
 
