@@ -87,7 +87,7 @@ def _sample_parser():
     add("temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default: 0.8)")
     add("top_k", type=int, default=200, help="sample from the k likeliest tokens; 0 is off (default: 200)")
     add("top_p", type=float, default=1.0, help="nucleus sampling: smallest set with this total probability (default: 1.0 = off)")
-    add("num_samples", type=int, default=1, help="how many samples (default: 1)")
+    add("num_samples", type=int, default=1, help="how many samples, drawn together as one batch (default: 1)")
     add("seed", type=int, default=1337, help="random seed (default: 1337)")
     add("device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
     add("dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -178,34 +178,40 @@ def sample(args) -> None:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext())
-    prompt_text = prompt if prompt else ""
-    for i in range(args.num_samples):
-        idx = torch.tensor([ids], dtype=torch.long, device=device)
-        print(prompt_text, end="", flush=True)
-        new_ids: list[int] = []
-        printed = ""
-        start = time.perf_counter()
-        with autocast:
-            for token in generate(
-                model, idx, args.max_new_tokens, temperature=args.temperature,
-                top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
-                eos_id=tokenizer.eos_id, generator=generator, use_cache=not args.no_kv_cache,
-            ):
-                tok = int(token[0, 0])
-                if tok == tokenizer.eos_id:
-                    break
-                new_ids.append(tok)
+    # All samples are rows of one batch (a batch of 8 decodes ~4-5x the tokens/s of one row on a
+    # CPU, more on a GPU); the first is printed as it is generated, the others once all are done.
+    rows = args.num_samples
+    idx = torch.tensor([ids] * rows, dtype=torch.long, device=device)
+    continuations: list[list[int]] = [[] for _ in range(rows)]
+    finished = [False] * rows
+    printed = ""
+    print(prompt, end="", flush=True)
+    start = time.perf_counter()
+    with autocast:
+        for token in generate(
+            model, idx, args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
+            eos_id=tokenizer.eos_id, generator=generator, use_cache=not args.no_kv_cache,
+        ):
+            for row, tok in enumerate(token[:, 0].tolist()):
+                finished[row] = finished[row] or tok == tokenizer.eos_id
+                if not finished[row]:
+                    continuations[row].append(tok)
+            if not finished[0]:
                 # Decode the whole continuation each time: a byte-level token can be half a
                 # character, which only becomes printable once its other half arrives.
-                text = tokenizer.decode(new_ids)
+                text = tokenizer.decode(continuations[0])
                 if not text.endswith("\ufffd"):
                     print(text[len(printed):], end="", flush=True)
                     printed = text
-        print(tokenizer.decode(new_ids)[len(printed):], flush=True)
-        seconds = time.perf_counter() - start
-        # On stderr, so that stdout stays the text alone (for pipes and files).
-        print(f"[{len(new_ids)} tokens in {seconds:.2f} s: {len(new_ids) / max(seconds, 1e-9):,.0f} tokens/s, "
-              f"{'without' if args.no_kv_cache else 'with'} KV cache, {str(dtype).removeprefix('torch.')}]",
-              file=sys.stderr, flush=True)
-        if i < args.num_samples - 1:
-            print("-" * 40, flush=True)
+    seconds = time.perf_counter() - start
+    print(tokenizer.decode(continuations[0])[len(printed):], flush=True)
+    for continuation in continuations[1:]:
+        print("-" * 40, flush=True)
+        print(prompt + tokenizer.decode(continuation), flush=True)
+    n_tokens = sum(len(c) for c in continuations)
+    # On stderr, so that stdout stays the text alone (for pipes and files).
+    samples = f"{rows} samples, " if rows > 1 else ""
+    print(f"[{samples}{n_tokens} tokens in {seconds:.2f} s: {n_tokens / max(seconds, 1e-9):,.0f} tokens/s, "
+          f"{'without' if args.no_kv_cache else 'with'} KV cache, {str(dtype).removeprefix('torch.')}]",
+          file=sys.stderr, flush=True)

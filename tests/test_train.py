@@ -185,6 +185,23 @@ def test_sample_cli_prints_text_from_a_trained_run(char_data, tmp_path):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
+def test_sample_cli_draws_num_samples_as_one_batch(char_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=20))
+    common = [f"--out_dir={run}", "--prompt", "ROMEO:", "--max_new_tokens", "40", "--device", "cpu"]
+    one = run_script("sample.py", *common, "--temperature", "0")
+    three = run_script("sample.py", *common, "--temperature", "0", "--num_samples", "3")
+    assert one.returncode == three.returncode == 0, three.stderr
+    # Greedy: each row of the batch is the one-sample text (rows never see each other).
+    assert three.stdout.split("-" * 40 + "\n") == [one.stdout] * 3
+    assert "[3 samples, 120 tokens in " in three.stderr and "[40 tokens in " in one.stderr
+
+    drawn = run_script("sample.py", *common, "--num_samples", "3", "--seed", "1")
+    samples = drawn.stdout.split("-" * 40 + "\n")
+    assert len(samples) == 3 and all(t.startswith("ROMEO:") for t in samples)
+    assert len(set(samples)) == 3  # each row draws its own tokens
+
+
 def test_train_cli_errors_name_the_key(tmp_path):
     result = run_script("train.py", "--n_lyer=3")
     assert result.returncode == 2
