@@ -10,7 +10,7 @@ stops early), from a 1-token prompt: 1 + 255 new tokens fill the 256-token conte
 peer's position table has 256 rows and cannot go further). The check: both produce the very
 same tokens. tokens/s = batch x new tokens / wall time of the whole call (prefill included).
 Also at batch 1 with both under bf16 autocast (how sample.py runs --dtype bfloat16).
-Writes benchmarks/results/generate.json.
+Writes benchmarks/results/generate.json (--out names another).
 """
 
 from __future__ import annotations
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--budget-s", type=float, default=40.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default="generate", help="results file: benchmarks/results/OUT.json")
     args = p.parse_args(argv)
     if not peer_available():
         raise SystemExit("transformers is not installed: pip install transformers")
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                      device=torch.device(args.device), rounds=args.rounds, budget_s=args.budget_s, dtype=dtype)
         print(f"generate batch {batch} {dtype}, 1 + {args.new_tokens} tokens:\n{format_case(r)}", flush=True)
         results.append(r)
-    write_json("generate", {"benchmark": "generation vs Hugging Face generate", "machine": machine(),
+    write_json(args.out, {"benchmark": "generation vs Hugging Face generate", "machine": machine(),
                             "results": results})
     return results
 
