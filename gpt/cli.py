@@ -183,7 +183,6 @@ def sample(args) -> None:
     rows = args.num_samples
     idx = torch.tensor([ids] * rows, dtype=torch.long, device=device)
     continuations: list[list[int]] = [[] for _ in range(rows)]
-    finished = [False] * rows
     printed = ""
     print(prompt, end="", flush=True)
     start = time.perf_counter()
@@ -193,11 +192,11 @@ def sample(args) -> None:
             top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
             eos_id=tokenizer.eos_id, generator=generator, use_cache=not args.no_kv_cache,
         ):
-            for row, tok in enumerate(token[:, 0].tolist()):
-                finished[row] = finished[row] or tok == tokenizer.eos_id
-                if not finished[row]:
-                    continuations[row].append(tok)
-            if not finished[0]:
+            new = token[:, 0].tolist()
+            for continuation, tok in zip(continuations, new):
+                if tok != tokenizer.eos_id:  # a row that has ended emits eos_id from then on
+                    continuation.append(tok)
+            if new[0] != tokenizer.eos_id:
                 # Decode the whole continuation each time: a byte-level token can be half a
                 # character, which only becomes printable once its other half arrives.
                 text = tokenizer.decode(continuations[0])
