@@ -79,9 +79,10 @@ from pathlib import Path
 import torch
 
 out, skip, results, nproc, batch, compile_ = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), *sys.argv[4:7]
+c = json.loads((out / sys.argv[7] / "config.json").read_text())  # what train.py really ran (shape, dtype, ...)
+vocab = json.loads((Path(c["data_dir"]) / "meta.json").read_text())["vocab_size"]
 rows = {}
 for strategy in sys.argv[7:]:
-    c = json.loads((out / strategy / "config.json").read_text())  # what train.py really ran
     records = [json.loads(l) for l in (out / strategy / "metrics.jsonl").read_text().splitlines() if l.strip()]
     timed = records[skip:] or records
     rows[strategy] = {
@@ -92,7 +93,6 @@ for strategy in sys.argv[7:]:
         "final_loss": records[-1]["loss"],
         "steps_timed": len(timed),
     }
-vocab = json.loads((Path(c["data_dir"]) / "meta.json").read_text())["vocab_size"]
 print(f"\n{c['n_layer']} x {c['n_head']} x {c['n_embd']}, block {c['block_size']}, {c['device']} {c['dtype']}, {c['optimizer']}")
 print(f"{'strategy':<8} {'tokens/s':>12} {'per GPU':>12} {'MFU':>7} {'ms/step':>9} {'loss':>7}")
 for strategy, r in rows.items():

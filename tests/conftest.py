@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,6 +55,19 @@ def tiny_args(data_dir: Path, out_dir: Path, **overrides) -> list[str]:
     config = tiny_config(data_dir, out_dir, **overrides)
     defaults = parse_args([], default_config=str(REPO / "configs" / "default.toml"))
     return [f"--{k}={v}" for k, v in config.to_dict().items() if v != getattr(defaults, k)]
+
+
+def rewound_copy(run: Path, copy: Path, step: int) -> Path:
+    """A copy of the run folder `run` as it was when its step-`step` checkpoint was the latest:
+    the later checkpoints removed, `latest` naming that one. Resuming it redoes the steps after."""
+    from gpt.checkpoint import step_dir_name
+
+    shutil.copytree(run, copy)
+    for folder in (copy / "checkpoints").glob("step_*"):
+        if int(folder.name.removeprefix("step_")) > step:
+            shutil.rmtree(folder)
+    (copy / "latest").write_text(step_dir_name(step) + "\n")
+    return copy
 
 
 def child_pids(pid: int) -> list[int]:

@@ -8,13 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def run_scaleout(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, "DATA": str(tmp_path / "data"), "RUNS": str(tmp_path / "runs"),
            "OUT": str(tmp_path / "out"), "RESULTS": str(tmp_path / "results.json"), **env}
-    return subprocess.run(["bash", "benchmarks/gpu_scaleout.sh"], cwd=ROOT, env=env,
+    return subprocess.run(["bash", "benchmarks/gpu_scaleout.sh"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

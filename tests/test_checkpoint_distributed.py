@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import torch
 from gpt import checkpoint as ckpt
 from gpt.metrics import read_metrics
 
+from conftest import rewound_copy
 from test_checkpoint import wait_for_save_in_progress
 from test_distributed import (  # noqa: F401  (data is a fixture)
     TINY, STEPS, _worker_pids, data, launch, losses, output_of, run_complete, train_1proc, train_torchrun,
@@ -294,10 +294,7 @@ def test_torchrun_max_restarts_resumes_after_a_worker_is_killed(data, ddp_refere
 
 def from_step_3(run: Path, copy: Path) -> Path:
     """A copy of `run` as it was when its step-3 checkpoint was the latest."""
-    shutil.copytree(run, copy)
-    shutil.rmtree(copy / "checkpoints" / ckpt.step_dir_name(STEPS))
-    (copy / "latest").write_text(ckpt.step_dir_name(3) + "\n")
-    return copy
+    return rewound_copy(run, copy, step=3)
 
 
 def test_fsdp_sharded_checkpoints_resume_on_one_and_two_ranks(data, tmp_path):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -33,7 +32,7 @@ from gpt.muon import MuonAdamW
 from gpt.prepare import prepare
 from gpt.trainer import train
 
-from conftest import REPO, tiny_args, tiny_config
+from conftest import REPO, rewound_copy, tiny_args, tiny_config
 
 DEVICE = torch.device(os.environ.get("GPT_TEST_DEVICE", "cuda"))
 ON_GPU = DEVICE.type == "cuda"
@@ -91,10 +90,7 @@ def test_resume_continues_the_same_run(code_data, tmp_path, optimizer):
     overrides = dict(dropout=0.1, optimizer=optimizer)
     full = tmp_path / "full"
     train(on_device(code_data, full, **overrides))
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_0000030")
-    (resumed / "latest").write_text("step_0000020\n")
+    resumed = rewound_copy(full, tmp_path / "resumed", step=20)
     assert train(on_device(code_data, resumed, **overrides)).step == 30
 
     a, b = read_metrics(full), read_metrics(resumed)

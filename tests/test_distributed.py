@@ -35,7 +35,7 @@ from gpt.distributed import DistInfo
 from gpt.metrics import read_metrics
 from gpt.shards import write_shard
 
-from conftest import child_pids
+from conftest import child_pids, rewound_copy
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "scaleout_worker.py"
@@ -291,11 +291,7 @@ def test_checkpoints_resume_across_strategies_and_world_sizes(data, runs, tmp_pa
     """One file format for every strategy: a 1-process checkpoint resumes under 2-process FSDP
     and an FSDP checkpoint on 1 process, each continuing the uninterrupted curve."""
     def from_step_3(run: Path, name: str) -> Path:
-        copy = tmp_path / name
-        shutil.copytree(run, copy)
-        shutil.rmtree(copy / "checkpoints" / ckpt.step_dir_name(STEPS))
-        (copy / "latest").write_text(ckpt.step_dir_name(3) + "\n")
-        return copy
+        return rewound_copy(run, tmp_path / name, step=3)
 
     fsdp_from_single = from_step_3(runs["single"], "fsdp_from_single")
     train_torchrun(data, fsdp_from_single, "--batch_size=2", "--parallel=fsdp", fresh=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from gpt.config import TrainConfig
 from gpt.metrics import read_metrics
 from gpt.trainer import train
 
-from conftest import REPO, tiny_config
+from conftest import REPO, rewound_copy, tiny_config
 
 
 def run_script(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
@@ -65,10 +64,7 @@ def test_resume_is_exact(char_data, tmp_path, accum, optimizer):
     full = tmp_path / "full"
     train(tiny_config(char_data, full, **overrides))
 
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_0000030")
-    (resumed / "latest").write_text("step_0000020\n")
+    resumed = rewound_copy(full, tmp_path / "resumed", step=20)
     result = train(tiny_config(char_data, resumed, **overrides))
     assert result.step == 30
 
