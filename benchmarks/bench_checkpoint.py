@@ -1,7 +1,7 @@
 """Checkpoint save/load time and size for the GPT-2 124M model (12 x 768, vocabulary 50304,
-block 1024) with its AdamW state, on CPU, through the trainer's own `Checkpointer`.
+block 1024) with its AdamW state, on CPU (or a GPU), through the trainer's own `Checkpointer`.
 
-    python benchmarks/bench_checkpoint.py [--repeats N] [--dir DIR]
+    python benchmarks/bench_checkpoint.py [--repeats N] [--dir DIR] [--device cpu|cuda] [--results NAME]
 
 Cases: full (model.safetensors + optimizer.pt) and sharded (torch.distributed.checkpoint, one
 process), each synchronous and asynchronous. For a synchronous save the training loop waits for
@@ -12,8 +12,9 @@ were just written). Also measured: the parts of a full save (serialize to the pa
 of the files, fsync, pruning an old checkpoint), the disk's durable write bandwidth, and sha256 vs
 CRC-32 throughput (the manifest checksum). Medians of --repeats runs. Results go to benchmarks/results/checkpoint.json.
 
-The checkpoint goes to --dir (default: a temporary folder under /tmp, i.e. local disk); every
-save fsyncs, so the disk's write bandwidth bounds a synchronous save.
+The checkpoint goes to --dir (default: a temporary folder under /tmp, i.e. local disk; the
+results name its filesystem type); every save fsyncs, so the disk's write bandwidth bounds a
+synchronous save. With --device cuda the model and optimizer live on the GPU (benchmarks/gpu.sh).
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ MODEL = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_em
 GOAL_S = 2.0
 
 
-def build() -> tuple[GPT, torch.optim.Optimizer]:
+def build(device: torch.device) -> tuple[GPT, torch.optim.Optimizer]:
     """The 124M model with a populated AdamW state (one step on random gradients: a real
     forward/backward at this size costs more than the benchmark itself on 2 cores)."""
     torch.manual_seed(0)
-    model = GPT(MODEL)
-    optimizer = build_optimizer(model, TrainConfig(), torch.device("cpu"))
+    model = GPT(MODEL).to(device)
+    optimizer = build_optimizer(model, TrainConfig(), device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     optimizer.step()
@@ -63,6 +64,21 @@ def build() -> tuple[GPT, torch.optim.Optimizer]:
 def state_json() -> dict:
     return {"step": 0, "tokens_seen": 0, "rng": ckpt.gather_rng_states(), "world_size": 1,
             "model_config": dataclasses.asdict(MODEL)}
+
+
+def filesystem(path: Path) -> str:
+    """The type of the filesystem holding `path` (ext4, xfs, tmpfs, overlay, ...) as /proc/mounts
+    says: whether a figure is a disk's or memory's."""
+    path, best, kind = str(path.resolve()), "", "unknown"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _, mount, fstype = line.split()[:3]
+            inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) >= len(best):
+                best, kind = mount, fstype
+    except OSError:
+        pass
+    return kind
 
 
 def folder_bytes(path: Path) -> int:
@@ -93,12 +109,12 @@ def bench_save(root: Path, model, optimizer, fmt: str, async_save: bool, repeats
     return row
 
 
-def bench_load(root: Path, fmt: str, repeats: int) -> dict:
+def bench_load(root: Path, fmt: str, repeats: int, device: torch.device) -> dict:
     path = ckpt.latest_checkpoint(root / f"{fmt}_sync")
     verify, load = [], []
     for _ in range(repeats):
-        model = GPT(MODEL)
-        optimizer = build_optimizer(model, TrainConfig(), torch.device("cpu"))
+        model = GPT(MODEL).to(device)
+        optimizer = build_optimizer(model, TrainConfig(), device)
         start = time.perf_counter()
         ckpt.verify_checkpoint(path)
         verify.append(time.perf_counter() - start)
@@ -109,6 +125,8 @@ def bench_load(root: Path, fmt: str, repeats: int) -> dict:
         else:
             parallel.load_full_state_dicts(model, optimizer, ckpt.read_model_state(path),
                                            ckpt.read_optimizer_state(path))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the copies to the GPU are done, not just queued
         load.append(time.perf_counter() - start)
         del model, optimizer
     row = {"format": fmt, "verify_s": median(verify), "read_and_load_s": median(load),
@@ -185,21 +203,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary folder in /tmp)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the model and optimizer live (cpu, cuda): from a GPU, a save "
+                             "includes copying the state to host memory and a load copying it back")
     parser.add_argument("--results", default=RESULTS.name,
                         help=f"file name in benchmarks/results/ (default: {RESULTS.name}); e.g. "
                              "checkpoint_tmpfs.json for a run with --dir /dev/shm, which shows what the "
                              "code costs when the disk is not the limit")
     args = parser.parse_args(argv)
 
-    model, optimizer = build()
+    device = torch.device(args.device)
+    model, optimizer = build(device)
     n_params = model.num_params()
     print(f"model: {n_params / 1e6:.1f}M parameters (+ AdamW exp_avg, exp_avg_sq)", flush=True)
     root = Path(tempfile.mkdtemp(prefix="bench_checkpoint_", dir=args.dir or "/tmp"))
+    print(f"state on {device}; writing to {root} ({filesystem(root)})", flush=True)
     load_before = os.getloadavg()
     try:
         saves = [bench_save(root, model, optimizer, fmt, async_save, args.repeats)
                  for fmt in ("full", "sharded") for async_save in (False, True)]
-        loads = [bench_load(root, fmt, args.repeats) for fmt in ("full", "sharded")]
+        loads = [bench_load(root, fmt, args.repeats, device) for fmt in ("full", "sharded")]
         parts = bench_parts(root, model, optimizer, args.repeats)
         checksums = bench_checksums(args.repeats)
         disk = bench_disk(root, args.repeats)
@@ -218,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
         # and `latest` names it; deleting the pruned one goes on in the background.
         "goal_met": sync_full["training_stall_s"] < GOAL_S,
         "dir": str(args.dir or "/tmp"),
+        "filesystem": filesystem(root.parent),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "saves": saves,
         "loads": loads,
         "full_save_parts": parts,

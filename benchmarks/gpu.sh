@@ -14,8 +14,11 @@
 # 3. Generation at batch 1 and 8, ours vs the peer's `generate` (benchmarks/bench_generate.py).
 # 4. Stage 1 with Muon (what configs/default.toml trains with): it runs on a GPU under compile
 #    and bf16, its loss falls like AdamW's, and what its step costs.
+# 5. Checkpoint save/load of the 124M model and its AdamW state from the GPU to this machine's
+#    disk (benchmarks/bench_checkpoint.py --device cuda; the results name the filesystem). Goal:
+#    a synchronous save under 2 s.
 #
-# Each stage has its own time limit (470 s in all) so that one slow stage cannot take the whole call.
+# Each stage has its own time limit (480 s in all) so that one slow stage cannot take the whole call.
 # UNTESTED ON A GPU so far: written on a CPU-only machine (the CPU suite is `python -m benchmarks`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,18 +40,22 @@ mkdir -p benchmarks/results
         timeout 170 bash benchmarks/gpu_scaleout.sh || echo "stage 1 failed or timed out (exit $?)"
 
     echo; echo "=== 2. ours vs Hugging Face GPT2LMHeadModel, GPT-2 124M, bf16 autocast"
-    timeout 115 "$PYTHON" -m benchmarks.bench_train --device cuda --shapes gpt2_124m --dtypes bfloat16 \
+    timeout 100 "$PYTHON" -m benchmarks.bench_train --device cuda --shapes gpt2_124m --dtypes bfloat16 \
         --compile --budget-s 10 --out gpu_train_vs_peer || echo "stage 2 failed or timed out (exit $?)"
 
     echo; echo "=== 3. generation, 6 x 384 char model, batch 1 and 8, 1 + 255 tokens"
-    timeout 75 "$PYTHON" -m benchmarks.bench_generate --device cuda --batches 1 8 --no-cache-batches 1 \
+    timeout 65 "$PYTHON" -m benchmarks.bench_generate --device cuda --batches 1 8 --no-cache-batches 1 \
         --budget-s 8 --out gpu_generate \
         || echo "stage 3 failed or timed out (exit $?)"
 
     echo; echo "=== 4. stage 1 with Muon, $STEPS steps"
     NPROC=1 STRATEGIES=none STEPS="$STEPS" SKIP=$((STEPS / 2)) BATCH="$BATCH" COMPILE=true \
         RESULTS=benchmarks/results/gpu_train_muon.json EXTRA_ARGS="--optimizer=muon" \
-        timeout 110 bash benchmarks/gpu_scaleout.sh || echo "stage 4 failed or timed out (exit $?)"
+        timeout 70 bash benchmarks/gpu_scaleout.sh || echo "stage 4 failed or timed out (exit $?)"
+
+    echo; echo "=== 5. checkpoint save/load, GPT-2 124M + AdamW state, from the GPU"
+    timeout 75 "$PYTHON" benchmarks/bench_checkpoint.py --device cuda --repeats 2 \
+        --results gpu_checkpoint.json || echo "stage 5 failed or timed out (exit $?)"
     echo "=== done $(date -u +%FT%TZ)"
 } 2>&1 | tee "$LOG"
 echo "wrote $LOG and benchmarks/results/gpu_*.json (the CPU results beside them are left alone)"

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ import torch
 
 from gpt import checkpoint as ckpt
 from gpt.metrics import read_metrics
+from gpt.model import GPT, GPTConfig
 from gpt.trainer import train
 
 from conftest import REPO, tiny_args, tiny_config
@@ -288,3 +290,30 @@ def test_rng_states_per_rank_and_across_world_sizes():
     assert ckpt.resolve_format("auto", "fsdp") == "sharded"
     assert ckpt.resolve_format("auto", "ddp") == ckpt.resolve_format("auto", "none") == "full"
     assert ckpt.resolve_format("sharded", "none") == "sharded"
+
+
+def test_optimizer_file_skips_the_zip_crc_and_still_checks_and_loads(tmp_path):
+    """optimizer.pt is written without torch.save's per-record zip CRC (the manifest's CRC-32
+    covers the file), the process-wide switch is restored, and the file loads and verifies."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
+    optimizer.step()
+    assert torch.serialization.get_crc32_options()
+    folder = ckpt.save_checkpoint(tmp_path / "run", 1, model, optimizer, {"step": 1})
+    assert torch.serialization.get_crc32_options()  # switched back on for everyone else
+
+    with zipfile.ZipFile(folder / ckpt.OPTIMIZER_FILE) as z:
+        tensor_records = [i for i in z.infolist() if "/data/" in i.filename]
+        assert tensor_records and all(i.CRC == 0 for i in tensor_records)
+    ckpt.verify_checkpoint(folder)
+    loaded = ckpt.read_optimizer_state(folder)
+    for index, entry in optimizer.state_dict()["state"].items():
+        assert torch.equal(loaded["state"][index]["exp_avg_sq"], entry["exp_avg_sq"])
+
+    data = bytearray((folder / ckpt.OPTIMIZER_FILE).read_bytes())  # a flipped byte is still caught
+    data[len(data) // 2] ^= 0xFF
+    (folder / ckpt.OPTIMIZER_FILE).write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match=ckpt.OPTIMIZER_FILE):
+        ckpt.verify_checkpoint(folder)
