@@ -46,8 +46,9 @@ def report_errors(main: Callable[[], int | None]) -> int:
 
 def run_train(argv: Sequence[str], default_config: Path | None = None) -> int:
     # A crash below Python (a shard truncated in place while memory-mapped: SIGBUS) still
-    # prints where it happened.
-    faulthandler.enable()
+    # prints where it happened. (Unless a handler is set already, e.g. by pytest or python -X faulthandler.)
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
 
     def main() -> None:
         # Only use the default file when the user did not name one.

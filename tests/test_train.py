@@ -16,6 +16,7 @@ import safetensors.torch
 import torch
 
 from gpt import checkpoint as ckpt
+from gpt.cli import run_sample, run_train
 from gpt.config import TrainConfig
 from gpt.metrics import read_metrics
 from gpt.trainer import train
@@ -26,6 +27,19 @@ from conftest import REPO, rewound_copy, tiny_config
 def run_script(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+def run_cli(capsys, script: str, *argv: str) -> subprocess.CompletedProcess:
+    """What `python SCRIPT ARGV...` does, in this process: the entry function the script calls
+    (same parsing, same error reporting and exit code) without 3-4 s of interpreter and torch
+    start-up per call. One test per script still runs it as a real subprocess."""
+    capsys.readouterr()
+    if script == "sample.py":
+        code = run_sample(list(argv))
+    else:
+        code = run_train(list(argv), default_config=REPO / "configs" / "default.toml")
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess([script, *argv], code, out.out, out.err)
 
 
 def test_short_run_learns_and_logs(char_data, tmp_path):
@@ -157,7 +171,7 @@ def test_sigterm_saves_and_exits_then_resumes(char_data, tmp_path):
     assert f"resumed from {saved}" in done.stdout
 
 
-def test_sample_cli_prints_text_from_a_trained_run(char_data, tmp_path):
+def test_sample_cli_prints_text_from_a_trained_run(char_data, tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny_config(char_data, run, max_steps=20))
     result = run_script("sample.py", f"--out_dir={run}", "--prompt", "ROMEO:", "--max-new-tokens", "60",
@@ -166,56 +180,56 @@ def test_sample_cli_prints_text_from_a_trained_run(char_data, tmp_path):
     assert result.stdout.startswith("ROMEO:")
     assert len(result.stdout) >= len("ROMEO:") + 60
 
-    again = run_script("sample.py", f"--out_dir={run}", "--prompt", "ROMEO:", "--max-new-tokens", "60",
-                       "--device", "cpu", "--seed", "1", "--no-kv-cache")
+    again = run_cli(capsys, "sample.py", f"--out_dir={run}", "--prompt", "ROMEO:", "--max-new-tokens", "60",
+                    "--device", "cpu", "--seed", "1", "--no-kv-cache")
     assert again.stdout == result.stdout  # the KV cache changes speed, never the text
 
-    bad = run_script("sample.py", f"--out_dir={run}", "--prompt", "héllo ✓", "--device", "cpu")
+    bad = run_cli(capsys, "sample.py", f"--out_dir={run}", "--prompt", "héllo ✓", "--device", "cpu")
     assert bad.returncode == 2 and "error:" in bad.stderr and "✓" in bad.stderr
 
     for option, value in [("--max_new_tokens", "0"), ("--temperature", "-1"), ("--top_p", "1.5")]:
-        bad = run_script("sample.py", f"--out_dir={run}", option, value)
+        bad = run_cli(capsys, "sample.py", f"--out_dir={run}", option, value)
         assert bad.returncode == 2 and option in bad.stderr, (option, bad.stderr)
 
-    missing = run_script("sample.py", "--out_dir", str(tmp_path / "nope"))
+    missing = run_cli(capsys, "sample.py", "--out_dir", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
-def test_sample_cli_draws_num_samples_as_one_batch(char_data, tmp_path):
+def test_sample_cli_draws_num_samples_as_one_batch(char_data, tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny_config(char_data, run, max_steps=20))
     common = [f"--out_dir={run}", "--prompt", "ROMEO:", "--max_new_tokens", "40", "--device", "cpu"]
-    one = run_script("sample.py", *common, "--temperature", "0")
-    three = run_script("sample.py", *common, "--temperature", "0", "--num_samples", "3")
+    one = run_cli(capsys, "sample.py", *common, "--temperature", "0")
+    three = run_cli(capsys, "sample.py", *common, "--temperature", "0", "--num_samples", "3")
     assert one.returncode == three.returncode == 0, three.stderr
     # Greedy: each row of the batch is the one-sample text (rows never see each other).
     assert three.stdout.split("-" * 40 + "\n") == [one.stdout] * 3
     assert "[3 samples, 120 tokens in " in three.stderr and "[40 tokens in " in one.stderr
 
-    drawn = run_script("sample.py", *common, "--num_samples", "3", "--seed", "1")
+    drawn = run_cli(capsys, "sample.py", *common, "--num_samples", "3", "--seed", "1")
     samples = drawn.stdout.split("-" * 40 + "\n")
     assert len(samples) == 3 and all(t.startswith("ROMEO:") for t in samples)
     assert len(set(samples)) == 3  # each row draws its own tokens
 
 
-def test_train_cli_errors_name_the_key(tmp_path):
+def test_train_cli_errors_name_the_key(tmp_path, capsys):
     result = run_script("train.py", "--n_lyer=3")
     assert result.returncode == 2
     assert "unknown key 'n_lyer'" in result.stderr and "n_layer" in result.stderr
 
-    result = run_script("train.py", "--n_head=3")
+    result = run_cli(capsys, "train.py", "--n_head=3")
     assert result.returncode == 2 and "n_embd (128) must be divisible by n_head (3)" in result.stderr
 
-    result = run_script("train.py", "--config", str(tmp_path / "missing.toml"))
+    result = run_cli(capsys, "train.py", "--config", str(tmp_path / "missing.toml"))
     assert result.returncode == 2 and "missing.toml does not exist" in result.stderr
 
     bad_toml = tmp_path / "bad.toml"
     bad_toml.write_text('n_layer = "four"\n')
-    result = run_script("train.py", "--config", str(bad_toml))
+    result = run_cli(capsys, "train.py", "--config", str(bad_toml))
     assert result.returncode == 2 and "n_layer must be an integer" in result.stderr
 
-    result = run_script("train.py", f"--data_dir={tmp_path / 'nothing'}", "--prepare_source=none",
-                        f"--out_dir={tmp_path / 'out'}")
+    result = run_cli(capsys, "train.py", f"--data_dir={tmp_path / 'nothing'}", "--prepare_source=none",
+                     f"--out_dir={tmp_path / 'out'}")
     assert result.returncode == 2 and "prepare.py" in result.stderr
 
 
