@@ -1,7 +1,7 @@
 """Training-step throughput, ours vs Hugging Face GPT2LMHeadModel, side by side in one process.
 
     python -m benchmarks.bench_train [--shapes default shakespeare_char] [--dtypes float32 bfloat16]
-                                     [--device cpu|cuda] [--compile] [--budget-s 40]
+                                     [--device cpu|cuda] [--compile] [--vocab-multiple 64] [--budget-s 40]
 
 One step = forward + backward + AdamW step (torch.optim.AdamW(fused=True) for both models, the
 same learning rate, no weight decay groups, no clipping), on one fixed random batch, dropout 0,
@@ -10,12 +10,17 @@ n_positions = block, vocabulary) with exact GELU and SDPA attention, so both com
 function: the script copies our weights into it and checks that the logits agree, and that
 the two parameter counts are equal. bf16 means torch.autocast(bfloat16) around the forward, for
 both. Prints tokens/s, the ratio and MFU; writes benchmarks/results/train.json.
+
+--vocab-multiple N also times ours (eager) with its vocabulary tables padded to a multiple of N,
+as train.py builds the model (vocab_multiple, default 64): the same weights and logits, matmul
+shapes that GPUs tile better (GPT-2's 50257 -> 50304 at 64).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import time
 from typing import Any
 
@@ -23,7 +28,7 @@ import torch
 
 from benchmarks.common import (build_peer, count_params, interleave, load_average, log, machine,
                                median, peer_available, write_json)
-from gpt.hf import to_hf_state_dict
+from gpt.hf import from_hf_state_dict, to_hf_state_dict
 from gpt.metrics import peak_flops
 from gpt.model import GPT, GPTConfig
 
@@ -88,8 +93,23 @@ def train_step_fn(model, optimizer, x, y, autocast, peer: bool):
     return step
 
 
+def padded_copy(ours: GPT, multiple: int) -> tuple[GPT, float]:
+    """Ours with its vocabulary tables padded to a multiple of `multiple` (zero rows, as train.py
+    starts them), same weights; and the largest logit difference from ours (the check)."""
+    config = dataclasses.replace(ours.config, vocab_multiple=multiple)
+    padded = GPT(config).to(next(ours.parameters()).device)
+    padded.load_state_dict(from_hf_state_dict(to_hf_state_dict(ours), config, "ours"))
+    x = torch.randint(0, config.vocab_size, (2, min(32, config.block_size)), device=padded.lm_head.weight.device)
+    with torch.no_grad():
+        ours.eval(), padded.eval()
+        diff = (ours(x)[0] - padded(x)[0]).abs().max().item()
+    if diff > 1e-3:
+        raise AssertionError(f"the padded model computes another function (max logit difference {diff})")
+    return padded, diff
+
+
 def run_case(shape_name: str, dtype_name: str, *, device: torch.device, compile_ours: bool = False,
-             budget_s: float = 40.0, min_rounds: int = 3, max_rounds: int = 10,
+             vocab_multiple: int = 1, budget_s: float = 40.0, min_rounds: int = 3, max_rounds: int = 10,
              peak: dict[str, float] | None = None) -> dict[str, Any]:
     shape = SHAPES[shape_name]
     dtype = DTYPES[dtype_name]
@@ -108,6 +128,9 @@ def run_case(shape_name: str, dtype_name: str, *, device: torch.device, compile_
         compiled.load_state_dict(ours.state_dict())
         compiled.compile()
         models["ours+compile"] = compiled
+    padded_name = f"ours+pad{vocab_multiple}"
+    if vocab_multiple > 1 and V % vocab_multiple:
+        models[padded_name], check["max_abs_logit_diff_padded"] = padded_copy(ours, vocab_multiple)
     for name, model in models.items():
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0,
@@ -144,6 +167,8 @@ def run_case(shape_name: str, dtype_name: str, *, device: torch.device, compile_
         "results": rows,
         "ratio_ours_over_peer": round(rows["peer"]["step_ms"] / rows["ours"]["step_ms"], 3),
     }
+    if padded_name in rows:
+        result["ratio_padded_over_ours"] = round(rows["ours"]["step_ms"] / rows[padded_name]["step_ms"], 3)
     if compile_ours:
         result["compile_s"] = round(compile_s, 1)
         result["ratio_ours_compiled_over_peer"] = round(rows["peer"]["step_ms"] / rows["ours+compile"]["step_ms"], 3)
@@ -161,6 +186,8 @@ def format_case(r: dict[str, Any]) -> str:
     lines.append(f"  ours / peer: {r['ratio_ours_over_peer']:.2f}x"
                  + (f"; compiled ours / peer: {r['ratio_ours_compiled_over_peer']:.2f}x "
                     f"(compile {r['compile_s']:.0f} s)" if "compile_s" in r else "")
+                 + (f"; padded vocabulary / ours: {r['ratio_padded_over_ours']:.2f}x"
+                    if "ratio_padded_over_ours" in r else "")
                  + f"  [load {r['load_avg_before']} -> {r['load_avg_after']}, {r['rounds']} rounds]")
     return "\n".join(lines)
 
@@ -171,6 +198,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd ours")
+    p.add_argument("--vocab-multiple", type=int, default=1,
+                   help="also time ours (eager) with the vocabulary padded to a multiple of this, as "
+                        "train.py does (shapes whose vocabulary is not a multiple already)")
     p.add_argument("--budget-s", type=float, default=40.0, help="timed seconds per case (sets the rounds)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="train", help="results file: benchmarks/results/OUT.json")
@@ -185,7 +215,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for dtype in args.dtypes:
             log(f"train {shape} {dtype} on {device} ...")
             peak, source = peak_flops(device, DTYPES[dtype])
-            r = run_case(shape, dtype, device=device, compile_ours=args.compile, budget_s=args.budget_s,
+            r = run_case(shape, dtype, device=device, compile_ours=args.compile,
+                         vocab_multiple=args.vocab_multiple, budget_s=args.budget_s,
                          peak={"datasheet" if "datasheet" in source else "measured": peak})
             print(f"{shape} {dtype}: params {r['params_ours']:,} (peer {r['params_peer']:,}, "
                   f"attention {r['peer_attention']})\n{format_case(r)}", flush=True)

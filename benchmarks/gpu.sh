@@ -10,7 +10,8 @@
 #    Megatron's figures are: Muon's Newton-Schulz matmuls (~10% more FLOPs here) are not model
 #    FLOPs. Reuses benchmarks/gpu_scaleout.sh with one process and no DDP/FSDP wrapper.
 # 2. The same shape against Hugging Face GPT2LMHeadModel (vocab 50,257), side by side, bf16
-#    autocast, ours eager and compiled, peer eager (benchmarks/bench_train.py).
+#    autocast, ours eager and compiled, peer eager, and ours eager with the vocabulary padded to
+#    50,304 as train.py pads it (vocab_multiple 64): what the padding is worth (benchmarks/bench_train.py).
 # 3. Generation at batch 1 and 8, ours vs the peer's `generate` (benchmarks/bench_generate.py).
 # 4. Stage 1 with Muon (what configs/default.toml trains with): it runs on a GPU under compile
 #    and bf16, its loss falls like AdamW's, and what its step costs.
@@ -41,7 +42,7 @@ mkdir -p benchmarks/results
 
     echo; echo "=== 2. ours vs Hugging Face GPT2LMHeadModel, GPT-2 124M, bf16 autocast"
     timeout 100 "$PYTHON" -m benchmarks.bench_train --device cuda --shapes gpt2_124m --dtypes bfloat16 \
-        --compile --budget-s 10 --out gpu_train_vs_peer || echo "stage 2 failed or timed out (exit $?)"
+        --compile --vocab-multiple 64 --budget-s 10 --out gpu_train_vs_peer || echo "stage 2 failed or timed out (exit $?)"
 
     echo; echo "=== 3. generation, 6 x 384 char model, batch 1 and 8, 1 + 255 tokens"
     timeout 65 "$PYTHON" -m benchmarks.bench_generate --device cuda --batches 1 8 --no-cache-batches 1 \

@@ -54,6 +54,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import parallel
+from .model import GPTConfig
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -964,6 +965,14 @@ def check_model_config(ckpt_dir: Path, saved: dict[str, Any], current: dict[str,
     keys = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_weights")
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in keys
              if saved.get(k) != current.get(k)]
+    if not diffs:
+        # Only the table size matters (a 4096-id vocabulary is 4096 rows at vocab_multiple 1 or
+        # 64); checkpoints from before vocab_multiple existed have none: no padding.
+        rows = [GPTConfig(**c).padded_vocab_size for c in (saved, current)]
+        if rows[0] != rows[1]:
+            multiple = saved.get("vocab_multiple", 1)
+            diffs.append(f"vocabulary tables: checkpoint {rows[0]} rows (vocab_multiple {multiple}) vs "
+                         f"config {rows[1]}; resume it with --vocab_multiple={multiple}")
     if diffs:
         raise CheckpointError(
             f"{ckpt_dir} holds a different model ({'; '.join(diffs)}). Use the checkpoint's "

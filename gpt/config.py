@@ -92,6 +92,9 @@ class TrainConfig:
     bias: bool = _opt(True, "biases in Linear and LayerNorm layers")
     tie_weights: bool = _opt(True, "tie the output projection to the token embedding")
     attention: str = _opt("sdpa", "attention implementation; 'explicit' is the reference formula", ("sdpa", "explicit"))
+    vocab_multiple: int = _opt(
+        64, "round the model's vocabulary tables up to a multiple of this (GPT-2's 50257 -> 50304): "
+        "matmul shapes GPUs run faster; the extra ids are never predicted; 1 = no padding")
 
     # --- data and batch ---
     batch_size: int = _opt(16, "micro-batch size per process (sequences)")
@@ -186,7 +189,7 @@ class TrainConfig:
             if not getattr(self, name).strip():
                 raise ConfigError(f"{name} must name a folder, got an empty string")
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_steps",
-                    "log_interval", "eval_iters", "keep_last", "prepare_vocab_size")
+                    "log_interval", "eval_iters", "keep_last", "prepare_vocab_size", "vocab_multiple")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

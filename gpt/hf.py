@@ -28,6 +28,7 @@ the hub (keys "h.0...", plus causal-mask buffers "h.0.attn.bias" that are not we
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -77,10 +78,20 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under GPT-2's names and layout (contiguous fp32 copies, safe to save)."""
     check_gpt2_shape(model.config)
     ours = model.state_dict()
+    # GPT-2's table has one row per id: padding rows (vocab_multiple) stay behind.
+    ours["tok_emb.weight"] = ours["tok_emb.weight"][: model.config.vocab_size]
     out = {theirs: (ours[name].t() if transposed else ours[name]).float().contiguous().clone()
            for name, theirs, transposed in weight_names(model.config.n_layer)}
     # Tied: lm_head.weight is wte. HF reties it on load, so it is stored once, as HF does.
     return out
+
+
+def _pad_vocab_rows(table: torch.Tensor, config: GPTConfig) -> torch.Tensor:
+    """A [vocab_size, C] table with zero rows added up to the model's padded table size."""
+    extra = config.padded_vocab_size - table.size(0)
+    if table.size(0) != config.vocab_size or extra == 0:
+        return table  # nothing to pad (or a size mismatch, which load_hf_weights reports)
+    return torch.cat([table, table.new_zeros(extra, table.size(1))])
 
 
 def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig, where: str) -> dict[str, torch.Tensor]:
@@ -99,10 +110,12 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig, wher
             continue
         value = normalized[theirs]
         out[name] = value.t().contiguous() if transposed else value
+    if "tok_emb.weight" in out:
+        out["tok_emb.weight"] = _pad_vocab_rows(out["tok_emb.weight"], config)
     if config.tie_weights:
         out["lm_head.weight"] = out.get("tok_emb.weight")
     elif "lm_head.weight" in normalized:
-        out["lm_head.weight"] = normalized["lm_head.weight"]
+        out["lm_head.weight"] = _pad_vocab_rows(normalized["lm_head.weight"], config)
     else:
         missing.append("lm_head.weight")
     if missing:
@@ -289,6 +302,7 @@ def init_from_hf(hf_dir: Path, gpt_config: GPTConfig, data_vocab_size: int,
     where = str(hf_dir / CONFIG_FILE)
     hf = read_hf_config(hf_dir)
     new = gpt_config_from_hf(hf, where, dropout=gpt_config.dropout, attention=gpt_config.attention)
+    new = dataclasses.replace(new, vocab_multiple=gpt_config.vocab_multiple)  # the run's padding
     if new.vocab_size != data_vocab_size:
         raise HFError(
             f"{where} has vocab_size {new.vocab_size}, but the dataset's vocabulary has "

@@ -31,21 +31,27 @@ CHUNK_ELEMENTS = {"cpu": 1 << 22}
 DEFAULT_CHUNK_ELEMENTS = 1 << 28
 
 
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         n_classes: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of logits x @ weight.T ([N, V]) against targets [N], ignoring -1;
-    equal to F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=-1)."""
+    equal to F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=-1).
+
+    n_classes < V: only the first n_classes rows of `weight` are classes; the rest (a vocabulary
+    padded for fast matmul shapes) are left out of the softmax, get zero gradient, and the loss
+    equals that of the first n_classes logits alone."""
     x2 = x.reshape(-1, x.size(-1))
     targets = targets.reshape(-1)
     device = x2.device.type
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x2.dtype
     rows = max(1, CHUNK_ELEMENTS.get(device, DEFAULT_CHUNK_ELEMENTS) // weight.size(0))
     needs_grad = torch.is_grad_enabled() and (x2.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(x2, weight, targets, compute_dtype, rows, needs_grad)
+    n_classes = weight.size(0) if n_classes is None else n_classes
+    return _LinearCrossEntropy.apply(x2, weight, targets, compute_dtype, rows, needs_grad, n_classes)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, compute_dtype, rows, needs_grad):
+    def forward(ctx, x, weight, targets, compute_dtype, rows, needs_grad, n_classes):
         valid = targets != -1
         safe_targets = targets.clamp(min=0)  # any real id for ignored rows; masked out below
         n_valid = valid.sum()
@@ -57,6 +63,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, x.size(0), rows):
                 end = min(start + rows, x.size(0))
                 z = (xc[start:end] @ wc.t()).float()  # [n, V] logits of this chunk
+                z[:, n_classes:] = float("-inf")  # padding: exp gives 0, so no probability, no gradient
                 t = safe_targets[start:end, None]
                 keep = valid[start:end, None]
                 target_logit = z.gather(1, t)
@@ -86,4 +93,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_x, grad_w, n_valid = ctx.saved_tensors
         scale = grad_loss / n_valid
         return (grad_x * scale.to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype),
-                None, None, None, None)
+                None, None, None, None, None)

@@ -36,9 +36,13 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2 has them)
     tie_weights: bool = True  # lm_head.weight is the token embedding (GPT-2, Press & Wolf 2017)
     attention: str = "sdpa"  # "sdpa" (fused kernel) | "explicit" (reference formula)
+    # The embedding and output tables get rows up to a multiple of this (GPT-2's 50257 -> 50304
+    # at 64): matmul shapes GPU kernels tile well. The extra ids are never predicted (their
+    # logits are cut off), so the model computes the same function as without them.
+    vocab_multiple: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
@@ -57,10 +61,15 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output tables: vocab_size rounded up to vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
 
 def closed_form_num_params(config: GPTConfig) -> int:
     """The parameter count of `GPT(config)`, by arithmetic on the config alone."""
-    d, V, L = config.n_embd, config.vocab_size, config.n_layer
+    d, V, L = config.n_embd, config.padded_vocab_size, config.n_layer
     b = 1 if config.bias else 0
     embeddings = V * d + config.block_size * d  # token table + position table
     layer_norm = d + b * d  # gain (+ shift)
@@ -231,12 +240,12 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.tok_emb = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd)  # learned, absolute
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_weights:
             # One matrix both reads tokens in and scores them out (Press & Wolf 2017).
             self.lm_head.weight = self.tok_emb.weight
@@ -246,10 +255,16 @@ class GPT(nn.Module):
         """GPT-2 initialisation: weights N(0, 0.02), biases 0, LayerNorm gain 1 / shift 0, and
         the two projections that write into the residual stream N(0, 0.02 / sqrt(2 n_layer)):
         each block adds two such terms, so this keeps the residual variance from growing with
-        depth (GPT-2 paper, section 2.3)."""
+        depth (GPT-2 paper, section 2.3). Padding rows of the vocabulary tables (vocab_multiple)
+        start at 0, and stay there: no id looks them up and no logit of theirs is used."""
+        V = self.config.vocab_size
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                weight = module.weight
+                if module is self.tok_emb or module is self.lm_head:
+                    nn.init.zeros_(weight[V:])
+                    weight = weight[:V]
+                nn.init.normal_(weight, mean=0.0, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
             if isinstance(module, nn.LayerNorm):
@@ -268,7 +283,7 @@ class GPT(nn.Module):
         last_only: bool = False,
         return_logits: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """idx [B, T] token ids -> (logits [B, T, V], loss or None).
+        """idx [B, T] token ids -> (logits [B, T, V], loss or None), V = config.vocab_size.
 
         loss is the mean cross-entropy over all positions, in fp32, skipping targets equal to -1.
         With a kv_cache, idx holds only the tokens not yet in the cache; they are placed at
@@ -303,15 +318,15 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:, :]
         x = self.ln_f(x)
+        V = self.config.vocab_size
         if targets is not None and not return_logits:
-            return None, linear_cross_entropy(x, self.lm_head.weight, targets)
-        logits = self.lm_head(x)  # [B, T, V]
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, n_classes=V)
+        # The matmul runs over every row of the (padded) table; the padding's logits are cut off.
+        logits = self.lm_head(x)[..., :V]  # [B, T, V]
 
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
-            )
+            loss = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def num_params(self, exclude_position_embedding: bool = False) -> int:

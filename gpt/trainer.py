@@ -223,7 +223,7 @@ def model_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
     return GPTConfig(
         vocab_size=vocab_size, block_size=config.block_size, n_layer=config.n_layer,
         n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias,
-        tie_weights=config.tie_weights, attention=config.attention,
+        tie_weights=config.tie_weights, attention=config.attention, vocab_multiple=config.vocab_multiple,
     )
 
 
@@ -601,6 +601,9 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
               f"device {device} x {info.world_size}, {str(dtype).removeprefix('torch.')}, "
               f"grad accumulation {accum}, {tokens_per_step:,} tokens/step; "
               f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
+    if model.config.padded_vocab_size != model.config.vocab_size:
+        log(info, f"vocabulary: {model.config.vocab_size:,} ids; embedding and output tables padded to "
+                  f"{model.config.padded_vocab_size:,} rows (vocab_multiple {model.config.vocab_multiple})")
     log(info, describe_optimizer(optimizer, config))
     if device.type == "cpu" and dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         log(info, "note: this CPU has no native bf16 matmul (AVX512-BF16/AMX); bf16 runs several "

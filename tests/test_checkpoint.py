@@ -4,6 +4,7 @@ the full and sharded formats, async saves and consolidation, in one process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -324,3 +325,15 @@ def test_saves_skip_the_zip_crc_and_files_still_check_and_load(fmt, tmp_path):
     biggest.write_bytes(bytes(data))
     with pytest.raises(ckpt.CheckpointError, match=biggest.name):
         ckpt.verify_checkpoint(folder)
+
+
+def test_checkpoints_from_before_vocab_padding_resume_when_the_tables_match():
+    """Checkpoints written before vocab_multiple existed have no such key (no padding): one
+    whose vocabulary is already a multiple of 64 resumes under the default; one that is not is
+    refused with the setting to use."""
+    config = dataclasses.asdict(GPTConfig(vocab_size=4096, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    old = {k: v for k, v in config.items() if k != "vocab_multiple"}
+    ckpt.check_model_config(Path("old"), old, {**config, "vocab_multiple": 64})  # 4096 rows either way
+    old_char, char = {**old, "vocab_size": 65}, {**config, "vocab_size": 65, "vocab_multiple": 64}
+    with pytest.raises(ckpt.CheckpointError, match="65 rows .* config 128; resume it with --vocab_multiple=1"):
+        ckpt.check_model_config(Path("old"), old_char, char)

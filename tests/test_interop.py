@@ -244,6 +244,7 @@ def test_init_from_hf_trains_and_resumes(data, tmp_path, capsys):
     assert "taken from" in out and "n_embd = 32 (config: 64)" in out and "n_positions = 64" in out
     ours, _ = our_model(tmp_path / "run")
     assert ours.config.n_embd == 32 and ours.config.block_size == 64
+    assert ours.tok_emb.weight.shape[0] == -(-vocab // 64) * 64 > vocab  # padded on import (vocab_multiple)
     x = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.allclose(ours(x)[0], theirs(x).logits, atol=1e-5, rtol=0)

@@ -61,7 +61,8 @@ def test_cached_forward_equals_full_forward_in_chunks(attention):
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"bias": False}, {"tie_weights": False}, {"bias": False, "tie_weights": False},
-     {"n_layer": 3, "n_head": 4, "n_embd": 48, "vocab_size": 7, "block_size": 5}],
+     {"n_layer": 3, "n_head": 4, "n_embd": 48, "vocab_size": 7, "block_size": 5},
+     {"vocab_multiple": 64}, {"vocab_multiple": 64, "tie_weights": False}],
 )
 def test_param_count_matches_closed_form(overrides):
     model = make_model(**overrides)
@@ -135,7 +136,7 @@ def test_sequence_longer_than_block_size_raises():
 @pytest.mark.parametrize(
     "bad",
     [{"n_embd": 30, "n_head": 4}, {"n_layer": 0}, {"vocab_size": -1}, {"block_size": 0},
-     {"attention": "flash"}, {"dropout": 1.0}],
+     {"attention": "flash"}, {"dropout": 1.0}, {"vocab_multiple": 0}],
 )
 def test_config_validation(bad):
     with pytest.raises(ValueError):
@@ -155,3 +156,46 @@ def test_flops_per_token_formula(tie_weights):
         n -= cfg.vocab_size * cfg.n_embd  # the token table is a lookup; lm_head is counted
     L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
     assert model.flops_per_token() == 6 * n + 12 * L * H * Q * T
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_padded_vocabulary_computes_the_same_function(tie_weights):
+    """vocab_multiple pads the tables (50 -> 64 rows) for matmul shapes; with the same weights
+    in the real rows, the model is the one without padding: same logits, losses (both paths)
+    and gradients, and the padding rows (which start at 0) get no gradient."""
+    plain = make_model(tie_weights=tie_weights)
+    padded = make_model(tie_weights=tie_weights, vocab_multiple=64)
+    assert padded.config.padded_vocab_size == 64 and padded.tok_emb.weight.shape == (64, TINY.n_embd)
+    assert padded.lm_head.weight.shape == (64, TINY.n_embd)
+    for table in (padded.tok_emb.weight, padded.lm_head.weight):
+        assert (table[TINY.vocab_size:] == 0).all() and (table[: TINY.vocab_size] != 0).all()
+    padded_state = padded.state_dict()
+    with torch.no_grad():
+        for name, value in plain.state_dict().items():
+            padded_state[name][: value.size(0)].copy_(value)
+
+    idx, targets = random_tokens(3, TINY.block_size), random_tokens(3, TINY.block_size, seed=5)
+    targets[0, :4] = -1
+    for model in (plain, padded):
+        model.zero_grad()
+    logits_plain, loss_plain = plain(idx, targets)
+    logits_padded, loss_padded = padded(idx, targets)
+    assert logits_padded.shape == logits_plain.shape == (3, TINY.block_size, TINY.vocab_size)
+    torch.testing.assert_close(logits_padded, logits_plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss_padded, loss_plain, rtol=1e-6, atol=1e-6)
+    _, chunked_plain = plain(idx, targets, return_logits=False)
+    _, chunked_padded = padded(idx, targets, return_logits=False)
+    torch.testing.assert_close(chunked_padded, chunked_plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chunked_padded, loss_plain, rtol=1e-6, atol=1e-6)
+    (chunked_plain + loss_plain).backward()
+    (chunked_padded + loss_padded).backward()
+    grads = dict(padded.named_parameters())
+    for name, p in plain.named_parameters():
+        g = grads[name].grad
+        torch.testing.assert_close(g[: p.size(0)], p.grad, rtol=1e-5, atol=1e-7)
+        if name in ("tok_emb.weight", "lm_head.weight"):
+            assert (g[TINY.vocab_size:] == 0).all(), name
+
+    # Generation never sees the padding: its logits stop at vocab_size.
+    last, _ = padded.eval()(idx, last_only=True)
+    assert last.shape == (3, 1, TINY.vocab_size)

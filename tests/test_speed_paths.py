@@ -137,6 +137,21 @@ def test_benchmark_peer_is_the_same_model():
     assert check["max_abs_logit_diff_same_weights"] < 1e-4
 
 
+def test_benchmark_times_the_padded_vocabulary_as_the_same_model(monkeypatch):
+    """bench_train --vocab-multiple (gpu.sh stage 2): a third contender, ours with the tables
+    padded as train.py pads them, checked to compute the same logits."""
+    pytest.importorskip("transformers")
+    from benchmarks import bench_train
+
+    monkeypatch.setitem(bench_train.SHAPES, "tiny", dict(n_layer=1, n_head=2, n_embd=32, block_size=16,
+                                                         vocab_size=50, batch_size=2))
+    r = bench_train.run_case("tiny", "float32", device=torch.device("cpu"), vocab_multiple=64,
+                             budget_s=0.1, min_rounds=1, max_rounds=1)
+    assert set(r["results"]) == {"ours", "peer", "ours+pad64"}
+    assert r["max_abs_logit_diff_padded"] < 1e-4 and r["ratio_padded_over_ours"] > 0
+    assert "padded vocabulary / ours" in bench_train.format_case(r)
+
+
 def test_compile_auto_means_cuda_only(tmp_path):
     from gpt.config import ConfigError, TrainConfig, apply_overrides, load_toml
     from gpt.parallel import compile_enabled

@@ -59,6 +59,17 @@ def test_short_run_learns_and_logs(char_data, tmp_path):
     assert records[-1]["tokens"] == 100 * 8 * 64
     assert (tmp_path / "run" / "latest").read_text().strip() == "step_0000100"
 
+    # The default vocab_multiple 64 pads the character vocabulary's tables to the next multiple
+    # of 64 rows; the padding rows get no gradient, so they are still the zeros they started as.
+    saved = ckpt.read_state(ckpt.latest_checkpoint(tmp_path / "run"))["model_config"]
+    assert (saved["vocab_size"], saved["vocab_multiple"]) == (vocab, 64) and vocab % 64
+    weights = final_weights(tmp_path / "run")  # the tied table is saved under one of its names
+    table = weights.get("tok_emb.weight", weights.get("lm_head.weight"))
+    assert table.shape[0] == -(-vocab // 64) * 64 > vocab
+    assert (table[vocab:] == 0).all() and (table[:vocab] != 0).all()
+    with pytest.raises(ckpt.CheckpointError, match="vocab_multiple=64"):  # resumed unpadded: says how
+        train(tiny_config(char_data, tmp_path / "run", max_steps=110, eval_interval=50, vocab_multiple=1))
+
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(str(ckpt.latest_checkpoint(run) / ckpt.MODEL_FILE))
