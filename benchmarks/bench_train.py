@@ -97,9 +97,10 @@ def padded_copy(ours: GPT, multiple: int) -> tuple[GPT, float]:
     """Ours with its vocabulary tables padded to a multiple of `multiple` (zero rows, as train.py
     starts them), same weights; and the largest logit difference from ours (the check)."""
     config = dataclasses.replace(ours.config, vocab_multiple=multiple)
-    padded = GPT(config).to(next(ours.parameters()).device)
+    device = next(ours.parameters()).device
+    padded = GPT(config).to(device)
     padded.load_state_dict(from_hf_state_dict(to_hf_state_dict(ours), config, "ours"))
-    x = torch.randint(0, config.vocab_size, (2, min(32, config.block_size)), device=padded.lm_head.weight.device)
+    x = torch.randint(0, config.vocab_size, (2, min(32, config.block_size)), device=device)
     with torch.no_grad():
         ours.eval(), padded.eval()
         diff = (ours(x)[0] - padded(x)[0]).abs().max().item()
