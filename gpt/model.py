@@ -133,6 +133,32 @@ class KVCache:
 # The transformer
 
 
+class Linear(nn.Linear):
+    """nn.Linear (y = x W^T + b; same parameters, same state dict) with one CPU speed path.
+
+    Decoding a batch of sequences feeds each linear one row per sequence, and a short prompt
+    one row per token. For 2 to ~100 rows, MKL's kernel for x W^T runs well below the speed
+    of streaming W once, while W x^T (transposed back) runs near it. Measured here on the
+    block linears with cold weights: 2x at 2-4 rows, 1.2-1.4x at 8-64 (6 x 384 and 12 x 768,
+    GPT-2's 50304-row output layer included: 1.6x at 8 rows); from ~128 rows on x W^T is the
+    faster, and at 1 row both are the same matrix-vector product. Only without autograd, so
+    that training's numbers never depend on the path (the two sum in different orders:
+    last-bit differences).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if not (x.is_cpu and 2 <= rows <= 64 and not torch.is_grad_enabled()):
+            return super().forward(x)
+        xt = x.reshape(rows, self.in_features).t()
+        if self.bias is None:
+            y = torch.mm(self.weight, xt)
+        else:
+            y = torch.addmm(self.bias[:, None], self.weight, xt)
+        return y.t().contiguous().view(*x.shape[:-1], self.out_features)
+
+
+
 def causal_mask(T: int, S: int, q_start: int, device: torch.device) -> torch.Tensor:
     """[T, S] bool, True where query i (at position q_start + i) may see key j: j <= q_start + i."""
     return torch.arange(S, device=device) <= (q_start + torch.arange(T, device=device))[:, None]
@@ -184,8 +210,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
         self.explicit = config.attention == "explicit"
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused q, k, v
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # residual output
+        self.qkv = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused q, k, v
+        self.proj = Linear(config.n_embd, config.n_embd, bias=config.bias)  # residual output
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -210,9 +236,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU()
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)  # residual output
+        self.proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)  # residual output
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -245,7 +271,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_weights:
             # One matrix both reads tokens in and scores them out (Press & Wolf 2017).
             self.lm_head.weight = self.tok_emb.weight

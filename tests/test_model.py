@@ -3,8 +3,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from gpt.model import GPT, GPTConfig, KVCache, closed_form_num_params
+from gpt.model import GPT, GPTConfig, KVCache, Linear, closed_form_num_params
 
 TINY = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -197,3 +198,30 @@ def test_padded_vocabulary_computes_the_same_function(tie_weights):
     # Generation never sees the padding: its logits stop at vocab_size.
     last, _ = padded.eval()(idx, last_only=True)
     assert last.shape == (3, 1, TINY.vocab_size)
+
+
+def addmm_input_shapes(fn) -> list[list]:
+    with torch.profiler.profile(record_shapes=True) as prof:
+        fn()
+    return [e.input_shapes for e in prof.events() if e.name == "aten::addmm"]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_few_rows_path_computes_nn_linear(bias):
+    # Without autograd, 2-64 rows on CPU are computed as W x^T (gpt.model.Linear): the same
+    # product up to summation order. With autograd it is nn.Linear's own, bit for bit.
+    torch.manual_seed(0)
+    layer = Linear(48, 80, bias=bias)
+    for shape in [(1, 48), (2, 48), (3, 5, 48), (64, 48), (65, 48), (2, 40, 48)]:
+        x = torch.randn(shape)
+        expected = F.linear(x, layer.weight, layer.bias)
+        with torch.no_grad():
+            y = layer(x)
+        assert y.shape == expected.shape and y.is_contiguous()
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(layer(x), expected)
+    if bias:  # which kernel ran: W [80, 48] is the first matrix only on the few-rows path
+        x = torch.randn(8, 48)
+        with torch.no_grad():
+            assert [80, 48] in addmm_input_shapes(lambda: layer(x))[0]
+        assert [80, 48] not in addmm_input_shapes(lambda: layer(x))[0]
