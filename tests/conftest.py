@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +15,12 @@ from gpt.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def run_script(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """`python ARGS...` run from the repository root, its output captured as text."""
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ checks that every test it names exists.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import re
@@ -41,13 +42,10 @@ from gpt.tokenizer import Tokenizer
 from gpt.trainer import NonFiniteGuard, StopFlag, model_config, train
 
 from conftest import REPO, SHAKESPEARE, tiny_args, tiny_config
+from conftest import run_script as run_python
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def run_script(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=ENV, **kwargs)
+run_script = functools.partial(run_python, env=ENV)
 
 
 def start_training(args: list[str]) -> subprocess.Popen:

@@ -21,12 +21,7 @@ from gpt.config import TrainConfig
 from gpt.metrics import read_metrics
 from gpt.trainer import train
 
-from conftest import REPO, rewound_copy, tiny_config
-
-
-def run_script(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+from conftest import REPO, rewound_copy, run_script, tiny_config
 
 
 def run_cli(capsys, script: str, *argv: str) -> subprocess.CompletedProcess:
