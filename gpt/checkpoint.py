@@ -42,7 +42,6 @@ import shutil
 import sys
 import threading
 import warnings
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -54,6 +53,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import parallel
+from .crc import file_crc32
 from .model import GPTConfig
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -125,18 +125,15 @@ def _sha256(path: Path) -> str:
 
 
 def _crc32(path: Path) -> str:
-    crc = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(BLOCK), b""):
-            crc = zlib.crc32(block, crc)  # releases the GIL: files are sealed in parallel threads
-    return f"{crc:08x}"
+    return f"{file_crc32(path):08x}"  # big files in parallel ranges (gpt/crc.py)
 
 
 def _seal(path: Path) -> dict[str, Any]:
     """Manifest entry of a just-written file (size and CRC-32, read back while it is still in
     the page cache), after fsyncing it to disk.
 
-    CRC-32 (zlib, ~2 GB/s) rather than sha256 (~1.2 GB/s): the manifest detects truncated and
+    CRC-32 (zlib, ~1.5 GB/s per thread, and a big file is read in parallel ranges) rather
+    than sha256 (~1.2 GB/s, one thread per file): the manifest detects truncated and
     corrupted files, and cannot prove authenticity anyway (it lies beside them)."""
     entry = {"bytes": path.stat().st_size, "crc32": _crc32(path)}
     _fsync_file(path)

@@ -337,3 +337,22 @@ def test_checkpoints_from_before_vocab_padding_resume_when_the_tables_match():
     old_char, char = {**old, "vocab_size": 65}, {**config, "vocab_size": 65, "vocab_multiple": 64}
     with pytest.raises(ckpt.CheckpointError, match="65 rows .* config 128; resume it with --vocab_multiple=1"):
         ckpt.check_model_config(Path("old"), old_char, char)
+
+
+def test_file_crc32_in_parallel_ranges_equals_zlib(tmp_path, monkeypatch):
+    import zlib
+
+    from gpt import crc
+
+    rng = random.Random(0)
+    for _ in range(200):  # the combination rule on its own, empty parts included
+        a, b = rng.randbytes(rng.randrange(0, 200)), rng.randbytes(rng.randrange(0, 200))
+        assert crc.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+    # Ranges of at least 1 kB instead of 64 MB, so that small files split the way big ones do.
+    monkeypatch.setattr(crc, "MIN_RANGE", 1024)
+    for size in (0, 1, 1023, 4096, 100_003):
+        path = tmp_path / f"f{size}"
+        data = rng.randbytes(size)
+        path.write_bytes(data)
+        for threads in (1, 2, 3, 7):
+            assert crc.file_crc32(path, threads) == zlib.crc32(data), (size, threads)
