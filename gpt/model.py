@@ -137,13 +137,12 @@ class Linear(nn.Linear):
     """nn.Linear (y = x W^T + b; same parameters, same state dict) with one CPU speed path.
 
     Decoding a batch of sequences feeds each linear one row per sequence, and a short prompt
-    one row per token. For 2 to ~100 rows, MKL's kernel for x W^T runs well below the speed
-    of streaming W once, while W x^T (transposed back) runs near it. Measured here on the
-    block linears with cold weights: 2x at 2-4 rows, 1.2-1.4x at 8-64 (6 x 384 and 12 x 768,
-    GPT-2's 50304-row output layer included: 1.6x at 8 rows); from ~128 rows on x W^T is the
-    faster, and at 1 row both are the same matrix-vector product. Only without autograd, so
-    that training's numbers never depend on the path (the two sum in different orders:
-    last-bit differences).
+    one row per token. For a few rows, MKL's kernel for x W^T runs well below the speed of
+    streaming W once, while W x^T (transposed back) runs near it. Measured here on the block
+    linears (6 x 384 and 12 x 768, GPT-2's 50304-row output layer included): 2x at 2-4 rows,
+    1.2-1.6x at 8-64, about even at 128, and from 256 rows on x W^T is the faster; at 1 row both
+    are the same matrix-vector product. Only without autograd, so that training's numbers never
+    depend on the path (the two sum in different orders: last-bit differences).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
