@@ -141,13 +141,16 @@ class Linear(nn.Linear):
     streaming W once, while W x^T (transposed back) runs near it. Measured here on the block
     linears (6 x 384 and 12 x 768, GPT-2's 50304-row output layer included): 2x at 2-4 rows,
     1.2-1.6x at 8-64, about even at 128, and from 256 rows on x W^T is the faster; at 1 row both
-    are the same matrix-vector product. Only without autograd, so that training's numbers never
-    depend on the path (the two sum in different orders: last-bit differences).
+    are the same matrix-vector product. fp32 only (under bf16 autocast it was slower: 0.84x at
+    batch 8), and only without autograd, so that training's numbers never depend on the path
+    (the two sum in different orders: last-bit differences).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if not (x.is_cpu and 2 <= rows <= 64 and not torch.is_grad_enabled()):
+        fp32_cpu = (x.is_cpu and x.dtype == self.weight.dtype == torch.float32
+                    and not torch.is_autocast_enabled("cpu"))
+        if not (2 <= rows <= 64 and fp32_cpu and not torch.is_grad_enabled()):
             return super().forward(x)
         xt = x.reshape(rows, self.in_features).t()
         if self.bias is None:

@@ -220,6 +220,8 @@ def test_linear_few_rows_path_computes_nn_linear(bias):
         assert y.shape == expected.shape and y.is_contiguous()
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
         assert torch.equal(layer(x), expected)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # bf16: nn.Linear's path
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     if bias:  # which kernel ran: W [80, 48] is the first matrix only on the few-rows path
         x = torch.randn(8, 48)
         with torch.no_grad():
