@@ -160,7 +160,6 @@ class Linear(nn.Linear):
         return y.t().contiguous().view(*x.shape[:-1], self.out_features)
 
 
-
 def causal_mask(T: int, S: int, q_start: int, device: torch.device) -> torch.Tensor:
     """[T, S] bool, True where query i (at position q_start + i) may see key j: j <= q_start + i."""
     return torch.arange(S, device=device) <= (q_start + torch.arange(T, device=device))[:, None]
