@@ -6,7 +6,8 @@
 
 The model is a plain `nn.Module`: no device, dtype, rank or distribution is baked in. DDP/FSDP2,
 activation checkpointing and torch.compile are applied from outside; the blocks live in an
-`nn.ModuleList` named `blocks` so FSDP2 can `fully_shard` each one.
+`nn.ModuleList` named `blocks` so FSDP2 can `fully_shard` each one. Its linear layers are
+`Linear`: nn.Linear with one CPU speed path for decoding a batch (same parameters, same result).
 
 Shapes: B batch, T sequence length, C = n_embd, H = n_head, D = C // H (head size), V vocab.
 """
@@ -130,7 +131,7 @@ class KVCache:
 
 
 # --------------------------------------------------------------------------------------------
-# The transformer
+# The linear layer: nn.Linear, plus one speed path for decoding on CPU
 
 
 class Linear(nn.Linear):
@@ -158,6 +159,10 @@ class Linear(nn.Linear):
         else:
             y = torch.addmm(self.bias[:, None], self.weight, xt)
         return y.t().contiguous().view(*x.shape[:-1], self.out_features)
+
+
+# --------------------------------------------------------------------------------------------
+# The transformer
 
 
 def causal_mask(T: int, S: int, q_start: int, device: torch.device) -> torch.Tensor:
