@@ -7,7 +7,8 @@
 The model is a plain `nn.Module`: no device, dtype, rank or distribution is baked in. DDP/FSDP2,
 activation checkpointing and torch.compile are applied from outside; the blocks live in an
 `nn.ModuleList` named `blocks` so FSDP2 can `fully_shard` each one. Its linear layers are
-`Linear`: nn.Linear with one CPU speed path for decoding a batch (same parameters, same result).
+`Linear`: nn.Linear with one CPU speed path for decoding a batch (same parameters, the same
+product summed in another order).
 
 Shapes: B batch, T sequence length, C = n_embd, H = n_head, D = C // H (head size), V vocab.
 """
