@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     n_params = model.num_params()
     print(f"model: {n_params / 1e6:.1f}M parameters (+ AdamW exp_avg, exp_avg_sq)", flush=True)
     root = Path(tempfile.mkdtemp(prefix="bench_checkpoint_", dir=args.dir or "/tmp"))
-    print(f"state on {device}; writing to {root} ({filesystem(root)})", flush=True)
+    fs = filesystem(root)
+    print(f"state on {device}; writing to {root} ({fs})", flush=True)
     load_before = os.getloadavg()
     try:
         saves = [bench_save(root, model, optimizer, fmt, async_save, args.repeats)
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         # and `latest` names it; deleting the pruned one goes on in the background.
         "goal_met": sync_full["training_stall_s"] < GOAL_S,
         "dir": str(args.dir or "/tmp"),
-        "filesystem": filesystem(root.parent),
+        "filesystem": fs,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "saves": saves,
         "loads": loads,

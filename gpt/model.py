@@ -149,10 +149,11 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or not x.is_cpu:  # training and GPUs: decided in one check
+            return super().forward(x)
         rows = x.numel() // self.in_features
-        fp32_cpu = (x.is_cpu and x.dtype == self.weight.dtype == torch.float32
-                    and not torch.is_autocast_enabled("cpu"))
-        if not (2 <= rows <= 64 and fp32_cpu and not torch.is_grad_enabled()):
+        fp32 = x.dtype == self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+        if not (2 <= rows <= 64 and fp32):
             return super().forward(x)
         xt = x.reshape(rows, self.in_features).t()
         if self.bias is None:
