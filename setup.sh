@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install this project with its test tools. Safe to run again (fast when done).
-# On a CPU machine pip takes the CPU build of torch 2.13.0; on a GPU machine install the CUDA
-# build of torch 2.13.0 into .venv first (see README) and this script keeps it.
+# Where a CPU build of torch 2.13.0 lies on local disk (the CI machines) pip takes it; elsewhere
+# on Linux PyPI's torch 2.13.0 is a CUDA build. A torch 2.13.0 already in .venv (a CUDA build of
+# your choice, see the README's "On a GPU machine") is kept.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}

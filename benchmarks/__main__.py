@@ -2,7 +2,7 @@
 in one run, side by side; prints one table and writes benchmarks/results/*.json.
 
     python -m benchmarks                      # the CPU suite (about 5-10 minutes on 2 quiet cores)
-    python -m benchmarks --parts train generate
+    python -m benchmarks --parts train generate   # some parts: results/suite_generate_train.json
     python -m benchmarks --threads all        # every core even if other jobs are running (see below)
     python -m benchmarks --full               # also the slow cases (bf16 at 6 x 384, no-cache at batch 8)
     python -m benchmarks --compile            # also torch.compile'd ours in the training comparison
@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     suite["load_avg_end"] = load_average()
     suite["table"] = table(suite)
     print("\n".join(suite["table"]))
-    path = write_json("suite", suite)
+    # A run of some parts must not replace the whole suite's record: it gets a file of its own.
+    name = "suite" if set(args.parts) == set(PARTS) else "suite_" + "_".join(sorted(args.parts))
+    path = write_json(name, suite)
     print(f"wrote {path}")
     return suite
 
@@ -187,7 +189,7 @@ def table(s: dict[str, Any]) -> list[str]:
         row(what, res["ours"]["tokens_per_s"], res["peer"]["tokens_per_s"], r["ratio_ours_over_peer"],
             f"{_goal(r['ratio_ours_over_peer'], GOAL_TRAIN_RATIO)}; {mfus}; load {r['load_avg_before']}")
         if "ours+compile" in res:
-            row(f"  ... ours torch.compile'd", res["ours+compile"]["tokens_per_s"], res["peer"]["tokens_per_s"],
+            row("  ... ours torch.compile'd", res["ours+compile"]["tokens_per_s"], res["peer"]["tokens_per_s"],
                 r["ratio_ours_compiled_over_peer"], f"compile {r['compile_s']:.0f} s")
     shakespeare = [r for r in s.get("train", []) if r["shape"] == "shakespeare_char" and "results" in r]
     if shakespeare and "peak" in s:

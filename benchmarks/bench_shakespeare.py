@@ -1,6 +1,9 @@
 """Train configs/shakespeare_char_cpu.toml on tiny-Shakespeare and report val loss, wall time, speed.
 
-    python benchmarks/bench_shakespeare.py [--key=value ...]   # extra keys go to train.py
+    python benchmarks/bench_shakespeare.py [--input TEXT] [--key=value ...]   # extra keys go to train.py
+
+--input: the tiny-Shakespeare text (default: ../shared/data/tinyshakespeare.txt beside the
+repository; data_prep/shakespeare.py's URL is where to download it).
 
 Reference point (measured on this project's 2-core CPU machines): the well-known nanoGPT CPU
 recipe of this shape (4 x 128, context 64, batch 12, 2000 iterations, lr 1e-3) reaches val loss
@@ -36,11 +39,32 @@ REFERENCE_MATMUL_GFLOPS = 180.0
 GOAL_VAL_LOSS = 1.75
 
 
-def main(overrides: list[str]) -> dict:
+def parse(argv: list[str]) -> tuple[Path, list[str]]:
+    """(the text file, the overrides for train.py); --help prints the module docstring."""
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        raise SystemExit(0)
+    text, overrides = SHAKESPEARE, []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--input":
+            text = Path(next(args, ""))
+        elif arg.startswith("--input="):
+            text = Path(arg.removeprefix("--input="))
+        else:
+            overrides.append(arg)
+    if not text.is_file():
+        raise SystemExit(f"error: {text} not found; pass --input with the tiny-Shakespeare text "
+                         f"(data_prep/shakespeare.py's URL is where to download it)")
+    return text, overrides
+
+
+def main(argv: list[str]) -> dict:
+    text, overrides = parse(argv)
     work = Path(tempfile.mkdtemp(prefix="bench_shakespeare_"))
     data = work / "shakespeare_char"
     # nanoGPT's split: first 90% of the characters train, last 10% val.
-    prepare(data, SHAKESPEARE, tokenizer="char", val_fraction=0.1, val_rule="tail", progress=False)
+    prepare(data, text, tokenizer="char", val_fraction=0.1, val_rule="tail", progress=False)
     out = work / "run"
     command = [sys.executable, "train.py", "--config", "configs/shakespeare_char_cpu.toml",
                f"--data_dir={data}", f"--out_dir={out}", *overrides]

@@ -6,7 +6,9 @@
 
 With the char tokenizer the shards hold exactly nanoGPT's shakespeare_char train.bin / val.bin
 ids (the sorted characters of the text, 65 of them). Options take --name=value or --name value,
-spelled with - or _.
+spelled with - or _. The tokenizer, split-size and output options are data_prep/prepare.py's
+(the same definitions, some defaults changed), so the errors they share name options this
+script takes too.
 """
 
 import argparse
@@ -17,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from gpt.prepare import prepare  # noqa: E402
+from gpt.prepare import add_shared_options, prepare  # noqa: E402
 from gpt.sources import LocalFiles, Texts  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -38,13 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", metavar="PATH", help="a local copy of the text (default: download it)")
     p.add_argument("--out", metavar="DIR", help="dataset folder (default: data/shakespeare_char or "
                                                  "data/shakespeare_bpe, after --tokenizer)")
-    p.add_argument("--tokenizer", choices=["char", "bpe"], default="char", help="default: char")
-    p.add_argument("--vocab-size", "--vocab_size", type=int, default=2048, metavar="N",
-                   help="BPE vocabulary size (default: 2048; the text is only 1.1 MB)")
-    p.add_argument("--min-val-tokens", "--min_val_tokens", type=int, default=1025, metavar="N",
-                   help="fewest tokens a split may have (default: 1025)")
-    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
-    p.add_argument("--no-progress", "--no_progress", action="store_true", help="no progress bars")
+    # nanoGPT's split: the last 10% of the text is val. A small BPE vocabulary: the text is only 1.1 MB.
+    add_shared_options(p, tokenizer="char", vocab_size=2048, val_fraction=0.1)
     return p
 
 
@@ -53,12 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or f"data/shakespeare_{args.tokenizer}"
     try:
         if args.input:
-            corpus = LocalFiles([args.input])
+            corpus = LocalFiles([args.input], errors=args.encoding_errors)
         else:
             print(f"downloading {URL}", flush=True)
             corpus = Texts([download()], description=f"tiny Shakespeare from {URL}")
-        prepare(out, corpus, tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=0.1,
-                val_rule="tail", min_val_tokens=args.min_val_tokens, overwrite=args.overwrite,
+        prepare(out, corpus, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                val_fraction=args.val_fraction, val_rule="tail", min_val_tokens=args.min_val_tokens,
+                shard_tokens=args.shard_tokens, tokenizer_train_bytes=int(args.tokenizer_train_mb * 1e6),
+                encoding_errors=args.encoding_errors, overwrite=args.overwrite,
                 progress=not args.no_progress, log=lambda line: print(line, flush=True))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -153,6 +153,20 @@ def _files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
+# The process's umask, read once at import. os.umask can only be read by setting it, so it is
+# set and put back at once; at import, before the trainer starts any thread, no other thread
+# can create a file in that instant with the wrong permissions.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def give_ordinary_permissions(path: str | os.PathLike) -> None:
+    """Give a file the permissions the user's umask gives ordinary new files (0644 under umask
+    022). safetensors' save_file and tempfile create theirs 0600, and on a shared cluster file
+    system the user's group could then not read the weights beside the other files."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace a small text file so readers see either the old or the new content, never half."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -353,6 +367,7 @@ def _full_writer(model_state: dict[str, torch.Tensor], optimizer_state: dict[str
     def write(folder: Path):
         tensors = {name: t.detach().contiguous() for name, t in model_state.items()}
         safetensors.torch.save_file(tensors, str(folder / MODEL_FILE), metadata={"format": "pt"})
+        give_ordinary_permissions(folder / MODEL_FILE)  # before sealing: the fsync makes it durable
         yield folder / MODEL_FILE
         if optimizer_state is not None:
             with _no_zip_crc():
@@ -701,14 +716,24 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     latest = out_dir / LATEST_FILE
     if not latest.exists():
         return None
-    name = latest.read_text().strip()
+    how_to_fix = (f"Point {latest} at a complete folder in {out_dir / CHECKPOINTS_DIR}, or start over "
+                  f"in another --out_dir")
+    try:
+        name = latest.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        if latest.is_dir():
+            what = "a folder"
+        elif isinstance(e, UnicodeDecodeError):
+            what = f"not text (byte {e.object[e.start]:#04x} at offset {e.start} is not UTF-8)"
+        else:
+            what = f"unreadable ({e.strerror or e})"
+        raise CheckpointError(
+            f"{latest} should be a text file holding the name of the newest checkpoint (such as "
+            f"{step_dir_name(250)!r}), but it is {what}. {how_to_fix}"
+        ) from None
     path = out_dir / CHECKPOINTS_DIR / name
     if not name or not (path / MANIFEST_FILE).exists():
-        raise CheckpointError(
-            f"{latest} names checkpoint {name!r}, but {path} is missing or incomplete. "
-            f"Point {latest} at a complete folder in {out_dir / CHECKPOINTS_DIR}, or start over "
-            f"with --resume=never"
-        )
+        raise CheckpointError(f"{latest} names checkpoint {name!r}, but {path} is missing or incomplete. {how_to_fix}")
     return path
 
 
@@ -722,15 +747,81 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         if found is not None:
             return found
         raise CheckpointError(f"{path} holds no checkpoint (no {LATEST_FILE} file and no {MANIFEST_FILE})")
+    if path.exists():
+        # Most likely a file of a checkpoint (model.safetensors) or of a run (latest): its folder is meant.
+        parent = path.parent
+        meant = (f" (did you mean {parent}?)"
+                 if (parent / MANIFEST_FILE).exists() or (parent / LATEST_FILE).is_file() else "")
+        raise CheckpointError(
+            f"{path} is a file, not a checkpoint folder: give a run folder (its {LATEST_FILE} "
+            f"checkpoint is used) or a checkpoint folder ({CHECKPOINTS_DIR}/step_N){meant}"
+        )
     raise CheckpointError(f"checkpoint path {path} does not exist")
 
 
-def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
-    manifest_path = ckpt_dir / MANIFEST_FILE
+# The end of every error about a manifest.json or state.json that is valid JSON of the wrong
+# shape: this project never writes such a file, and its checksum cannot help.
+_NOT_OURS = "it was edited or not written by this project. Restore the checkpoint from a copy, or use another one"
+
+
+def _json_kind(value: Any) -> str:
+    """How JSON calls the type of `value`, for error messages."""
+    if isinstance(value, bool):
+        return "true/false"
+    return {dict: "an object", list: "an array", str: "a string", type(None): "null"}.get(type(value), "a number")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    """What is wrong with the shape of a parsed manifest.json, or None. Its shape is
+    {path relative to the checkpoint folder: {"bytes": size, "crc32": 8 hex digits}}
+    ("sha256" instead of "crc32" in checkpoints written before CRC-32 was adopted)."""
+    if not isinstance(manifest, dict):
+        return f"expected an object mapping file names to their size and checksum, got {_json_kind(manifest)}"
+    for name, entry in manifest.items():
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts or name == MANIFEST_FILE:
+            return f"{name!r} is not the name of a file in the checkpoint folder"
+        if not isinstance(entry, dict):
+            return f"the entry for {name} should be an object with \"bytes\" and \"crc32\", got {_json_kind(entry)}"
+        if not _is_count(entry.get("bytes")):
+            return f"the entry for {name} has no size (\"bytes\": a whole number)"
+        if not (isinstance(entry.get("crc32"), str) or isinstance(entry.get("sha256"), str)):
+            return f"the entry for {name} has no checksum (\"crc32\")"
+    return None
+
+
+def read_manifest(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
+    """manifest.json, checked for its shape (see `_manifest_problem`), not yet against the files."""
+    manifest_path = Path(ckpt_dir) / MANIFEST_FILE
     try:
-        return json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = json.loads(manifest_path.read_bytes())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from e
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise CheckpointError(f"{manifest_path}: {problem}; {_NOT_OURS}")
+    return manifest
+
+
+def _files_readers_load(ckpt_dir: Path) -> list[str]:
+    """The files of a checkpoint that resuming or sampling reads, so the manifest must vouch for
+    each: state.json and the weights of its format (dcp/ holds the optimizer state too), and
+    optimizer.pt and tokenizer.json where the folder has them (a weights-only copy has no
+    optimizer.pt; a run without a tokenizer file, no tokenizer.json)."""
+    names = [STATE_FILE]
+    if checkpoint_format(ckpt_dir) == "sharded":
+        names += [p.relative_to(ckpt_dir).as_posix() for p in _files_under(ckpt_dir / DCP_DIR)]
+    else:
+        names.append(MODEL_FILE)
+        if (ckpt_dir / OPTIMIZER_FILE).exists():
+            names.append(OPTIMIZER_FILE)
+    if (ckpt_dir / TOKENIZER_FILE).exists():
+        names.append(TOKENIZER_FILE)
+    return names
 
 
 def verify_checkpoint(ckpt_dir: Path, part: tuple[int, int] = (0, 1)) -> dict[str, Any]:
@@ -740,6 +831,17 @@ def verify_checkpoint(ckpt_dir: Path, part: tuple[int, int] = (0, 1)) -> dict[st
     so n ranks verify a checkpoint together, each reading 1/n of it."""
     ckpt_dir = Path(ckpt_dir)
     manifest = read_manifest(ckpt_dir)
+    for name in _files_readers_load(ckpt_dir):
+        if name not in manifest:
+            if not (ckpt_dir / name).is_file():
+                raise CheckpointError(
+                    f"{ckpt_dir / name}: missing from the checkpoint (a {checkpoint_format(ckpt_dir)} "
+                    f"checkpoint needs it); restore the checkpoint from a copy, or use another one"
+                )
+            raise CheckpointError(
+                f"{ckpt_dir / MANIFEST_FILE}: lists no size and checksum for {name}, so that file "
+                f"cannot be checked; {_NOT_OURS}"
+            )
     names = sorted(manifest)
     for name in names:
         expected = manifest[name]
@@ -754,19 +856,60 @@ def verify_checkpoint(ckpt_dir: Path, part: tuple[int, int] = (0, 1)) -> dict[st
     index, count = part
     for name in names[index::count]:
         expected, path = manifest[name], ckpt_dir / name
-        if "crc32" in expected:
+        if isinstance(expected.get("crc32"), str):
             ok = _crc32(path) == expected["crc32"]
-        elif "sha256" in expected:  # checkpoints written before the manifest used CRC-32
+        else:  # checkpoints written before the manifest used CRC-32
             ok = _sha256(path) == expected["sha256"]
-        else:
-            raise CheckpointError(f"{ckpt_dir / MANIFEST_FILE}: no checksum for {name}")
         if not ok:
             raise CheckpointError(f"{path}: checksum does not match the manifest; the file is corrupt")
     return manifest
 
 
-def read_state(ckpt_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+# What each key of state.json must hold, where it is present: (what the message says, test).
+# The trainer writes all of them; tools and tests may write fewer (see `read_state`).
+_STATE_KEYS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "step": ("a whole number >= 0", _is_count),
+    "tokens_seen": ("a whole number >= 0", _is_count),
+    "skipped_steps": ("a whole number >= 0", _is_count),
+    "world_size": ("a whole number >= 1", lambda v: _is_count(v) and v >= 1),
+    "format": (f"one of {', '.join(FORMATS)}", lambda v: isinstance(v, str) and v in FORMATS),
+    "elapsed_s": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "rng": ('an object of RNG states by rank, with rank "0"', lambda v: isinstance(v, dict) and "0" in v),
+    "optimizer_param_groups": ("an array", lambda v: isinstance(v, list)),
+    **{key: ("an object", lambda v: isinstance(v, dict))
+       for key in ("model_config", "loader", "train_config", "dataset", "log_interval")},
+}
+# Every reader builds the model (model_config); resuming also needs where the run was.
+ALWAYS_IN_STATE = ("step", "model_config")
+RESUME_NEEDS = ("tokens_seen", "loader", "rng")
+
+
+def read_state(ckpt_dir: Path, require: tuple[str, ...] = ()) -> dict[str, Any]:
+    """state.json, checked: an object holding `ALWAYS_IN_STATE` and the keys in `require`,
+    each key of `_STATE_KEYS` it has of the expected type, and a model_config GPTConfig accepts;
+    else a CheckpointError naming the file and the key."""
+    path = Path(ckpt_dir) / STATE_FILE
+    try:
+        state = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise CheckpointError(f"{path}: unreadable ({e})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected an object, got {_json_kind(state)}; {_NOT_OURS}")
+    for key in (*ALWAYS_IN_STATE, *require):
+        if key not in state:
+            raise CheckpointError(f"{path}: the key {key!r} is missing; {_NOT_OURS}")
+    for key, (expected, valid) in _STATE_KEYS.items():
+        if key in state and not valid(state[key]):
+            got = json.dumps(state[key])
+            raise CheckpointError(
+                f"{path}: {key!r} should be {expected}, got {got if len(got) <= 40 else _json_kind(state[key])}; "
+                f"{_NOT_OURS}"
+            )
+    try:
+        GPTConfig(**state["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: 'model_config' is not a model configuration ({e}); {_NOT_OURS}") from None
+    return state
 
 
 def checkpoint_format(ckpt_dir: Path) -> str:
@@ -907,7 +1050,8 @@ def load_model_weights(ckpt_dir: Path, model: nn.Module, device: torch.device | 
         missing, unexpected = model.load_state_dict(parallel.add_tied_aliases(state, model), strict=False)
     else:
         source = ckpt_dir / MODEL_FILE
-        missing, unexpected = safetensors.torch.load_model(model, str(source), strict=False, device=str(device))
+        with _readable_safetensors(source):
+            missing, unexpected = safetensors.torch.load_model(model, str(source), strict=False, device=str(device))
     # Tied weights are stored once under one of their names; a missing alias is fine as long
     # as another name of the same tensor was loaded.
     tensors = model.state_dict(keep_vars=True)
@@ -926,7 +1070,20 @@ def read_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     ckpt_dir = Path(ckpt_dir)
     if checkpoint_format(ckpt_dir) == "sharded":
         return read_sharded_state(ckpt_dir)[0]
-    return safetensors.torch.load_file(str(ckpt_dir / MODEL_FILE), device="cpu")
+    with _readable_safetensors(ckpt_dir / MODEL_FILE):
+        return safetensors.torch.load_file(str(ckpt_dir / MODEL_FILE), device="cpu")
+
+
+@contextlib.contextmanager
+def _readable_safetensors(path: Path):
+    """Turn safetensors' errors for a missing, truncated or garbled file into a CheckpointError
+    naming it. (Callers that verify the checkpoint first never see one; init_from reads the
+    weights without verifying.)"""
+    try:
+        yield
+    except (OSError, safetensors.SafetensorError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); the file is missing, truncated "
+                              f"or corrupt") from None
 
 
 def load_optimizer_state(ckpt_dir: Path, optimizer: torch.optim.Optimizer) -> None:
@@ -937,7 +1094,8 @@ def read_optimizer_state(ckpt_dir: Path) -> dict[str, Any]:
     """The saved `optimizer.state_dict()`, on the CPU, refusing anything but tensors and plain data."""
     ckpt_dir = Path(ckpt_dir)
     if checkpoint_format(ckpt_dir) == "sharded":
-        groups = _param_groups_from_json(read_state(ckpt_dir)["optimizer_param_groups"])
+        state = read_state(ckpt_dir, require=("optimizer_param_groups",))
+        groups = _param_groups_from_json(state["optimizer_param_groups"])
         by_name = read_sharded_state(ckpt_dir)[1]
         return parallel.optimizer_state_by_index({"state": by_name, "param_groups": groups})
     path = ckpt_dir / OPTIMIZER_FILE
@@ -973,7 +1131,7 @@ def check_model_config(ckpt_dir: Path, saved: dict[str, Any], current: dict[str,
     if diffs:
         raise CheckpointError(
             f"{ckpt_dir} holds a different model ({'; '.join(diffs)}). Use the checkpoint's "
-            f"settings, another out_dir, or --resume=never"
+            f"settings, or another --out_dir for a new run"
         )
 
 
@@ -999,9 +1157,10 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
     A collective when distributed. Returns state.json (loader position, step, ...)."""
     ckpt_dir = Path(ckpt_dir)
     _verify_together(ckpt_dir, rank, world_size)
-    state = read_state(ckpt_dir)
-    check_model_config(ckpt_dir, state["model_config"], model_config)
     sharded = checkpoint_format(ckpt_dir) == "sharded"
+    needs = RESUME_NEEDS + (("optimizer_param_groups",) if sharded and optimizer is not None else ())
+    state = read_state(ckpt_dir, require=needs)
+    check_model_config(ckpt_dir, state["model_config"], model_config)
     try:
         if sharded:
             _load_sharded(ckpt_dir, model, optimizer, state)
@@ -1018,7 +1177,12 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
         raise CheckpointError(
             f"{ckpt_dir}: the saved weights or optimizer state do not fit this model: {e}"
         ) from None
-    restore_rng_state(rng_state_for(state, rank, world_size))
+    try:
+        restore_rng_state(rng_state_for(state, rank, world_size))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{ckpt_dir / STATE_FILE}: 'rng' holds no usable RNG state ({type(e).__name__}: {e}); {_NOT_OURS}"
+        ) from None
     return state
 
 
@@ -1105,7 +1269,9 @@ def main(argv: list[str] | None = None) -> int:
     cons = commands.add_parser("consolidate", help="write a single-file copy of a checkpoint")
     cons.add_argument("source", help="a run folder (its latest checkpoint) or a checkpoint folder")
     cons.add_argument("--out", default=None,
-                      help="output folder (default: RUN/consolidated/step_N, or CKPT_consolidated)")
+                      help="output folder (default: RUN/consolidated/step_N for a checkpoint of a run, "
+                           "given as the run or as RUN/checkpoints/step_N; CKPT_consolidated beside "
+                           "a checkpoint folder outside a run)")
     cons.add_argument("--optimizer", action="store_true",
                       help="include the optimizer state (optimizer.pt), so training can resume from the copy")
     args = parser.parse_args(argv)

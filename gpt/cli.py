@@ -105,6 +105,19 @@ def run_sample(argv: Sequence[str]) -> int:
     return report_errors(main)
 
 
+def read_prompt(args) -> str:
+    if not args.prompt_file:
+        return args.prompt
+    if args.prompt:
+        raise ConfigError("give --prompt or --prompt_file, not both")
+    try:
+        return Path(args.prompt_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--prompt_file {args.prompt_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"--prompt_file {args.prompt_file}: cannot read it ({e.strerror or e})") from None
+
+
 def sample(args) -> None:
     import contextlib
 
@@ -128,6 +141,9 @@ def sample(args) -> None:
         raise ConfigError(f"--top_k must be >= 0 (0 is off), got {args.top_k}")
     if args.num_samples <= 0:
         raise ConfigError(f"--num_samples must be positive, got {args.num_samples}")
+    if not 0 <= args.seed < 1 << 63:
+        raise ConfigError(f"--seed must be in 0..{(1 << 63) - 1}, got {args.seed}")
+    prompt = read_prompt(args)  # before the model loads: a wrong file is found at once
 
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -156,7 +172,6 @@ def sample(args) -> None:
         ckpt.load_model_weights(path, model, device)
     model.to(device).eval()
 
-    prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     try:
         ids = tokenizer.encode(prompt)
     except ValueError as e:

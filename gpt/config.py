@@ -43,7 +43,7 @@ class TrainConfig:
     )
     prepare_tokenizer: str = _opt("bpe", "tokenizer to build when preparing data_dir", ("bpe", "char"))
     prepare_vocab_size: int = _opt(4096, "BPE vocabulary size when preparing data_dir")
-    init_from: str = _opt("", "start from this checkpoint's weights (a run folder or checkpoint folder) to fine-tune")
+    init_from: str = _opt("", "start from these weights to fine-tune: a run folder, a checkpoint folder, or hf:DIR (a Hugging Face GPT-2 folder, whose architecture the model then takes)")
     resume: str = _opt("auto", "'auto' resumes from out_dir's latest checkpoint if there is one", ("auto", "never"))
 
     # --- hardware and precision ---
@@ -185,6 +185,9 @@ class TrainConfig:
             # nan passes every comparison below (nan <= 0 is False), so refuse it first.
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name} must be a finite number, got {value}")
+            # Python ints are unbounded; torch, numpy and the loader's arithmetic are int64.
+            if isinstance(value, int) and abs(value) >= 1 << 63:
+                raise ConfigError(f"{f.name} = {value} is too large (at most {(1 << 63) - 1})")
         for name in ("out_dir", "data_dir"):
             if not getattr(self, name).strip():
                 raise ConfigError(f"{name} must name a folder, got an empty string")
@@ -308,8 +311,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         configs = sorted(p.name for p in Path("configs").glob("*.toml")) if Path("configs").is_dir() else []
         hint = f" (available in configs/: {', '.join(configs)})" if configs else ""
         raise ConfigError(f"config file {path} does not exist{hint}") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    except OSError as e:  # a folder, no permission, ...
+        raise ConfigError(f"cannot read config file {path} ({e.strerror or e})") from None
     nested = [k for k, v in data.items() if isinstance(v, dict)]
     if nested:
         raise ConfigError(f"{path}: tables are not used; put keys at the top level (found [{nested[0]}])")
@@ -327,9 +332,11 @@ def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--config", default=default_config,
-        help="TOML file of settings (see configs/)",
+        help="TOML file of settings (see configs/)" + (f" (default: {default_config}; --config= for none)" if default_config else ""),
     )
     defaults = TrainConfig()
+    # What a plain run uses: the default config file's value where it sets the key.
+    from_file = load_toml(default_config) if default_config and Path(default_config).is_file() else {}
     for f in fields(TrainConfig):
         spellings = [f"--{f.name}"]
         if "_" in f.name:
@@ -340,7 +347,9 @@ def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
             help_text += f" {{{', '.join(choices)}}}"
         parser.add_argument(
             *spellings, dest=f.name, default=None, metavar=str(f.type).upper(),
-            help=f"{help_text} (default: {getattr(defaults, f.name)!r})",
+            help=f"{help_text} (default: " + (
+                f"{from_file[f.name]!r} from {Path(default_config).name}, built in {getattr(defaults, f.name)!r})"
+                if f.name in from_file else f"{getattr(defaults, f.name)!r})"),
         )
     return parser
 
@@ -351,6 +360,8 @@ def parse_args(argv: Sequence[str] | None = None, default_config: str | None = N
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         name = unknown[0].lstrip("-").split("=")[0]
+        if not unknown[0].startswith("-") and name.replace("-", "_") in TrainConfig.__dataclass_fields__:
+            raise ConfigError(f"command line: {unknown[0]!r} needs two dashes: --{unknown[0]}")
         raise _unknown_key(name, "command line")
     config = TrainConfig()
     if args.config:

@@ -95,6 +95,15 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def all_gather_floats(value: torch.Tensor, info: DistInfo) -> list[float]:
+    """A scalar tensor's value on every rank, in rank order (a collective when distributed)."""
+    if not info.is_distributed:
+        return [value.item()]
+    everyone = [torch.empty_like(value) for _ in range(info.world_size)]
+    dist.all_gather(everyone, value)
+    return [v.item() for v in everyone]
+
+
 def shutdown() -> None:
     """Destroy the process group so gloo/nccl threads exit cleanly before the interpreter does.
 

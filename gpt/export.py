@@ -34,6 +34,8 @@ import torch
 from . import checkpoint as ckpt
 from .hf import HFError, check_gpt2_shape, hf_config_dict, to_hf_state_dict
 from .model import GPT, GPTConfig
+from .prepare import training_output
+from .sources import holds_token_shards
 from .tokenizer import EOS_TOKEN, Tokenizer
 
 FORMATS = ("hf",)
@@ -75,6 +77,7 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool
         # "format": "pt" is the metadata transformers itself writes and checks for.
         safetensors.torch.save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"),
                                     metadata={"format": "pt"})
+        ckpt.give_ordinary_permissions(tmp / "model.safetensors")  # save_file makes it 0600
         if tokenizer is not None:
             save_hf_tokenizer(tokenizer, tmp, config.block_size, transformers)
         else:
@@ -95,8 +98,21 @@ def _check_target(out: Path, source: Path, overwrite: bool) -> None:
     if out.exists() and (out.is_file() or any(out.iterdir())):
         if not overwrite:
             raise HFError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
-        if out.is_dir() and ((out / ckpt.LATEST_FILE).exists() or (out / ckpt.CHECKPOINTS_DIR).is_dir()):
-            raise HFError(f"--out {out} is a training run folder; refusing to replace it even with --overwrite")
+        # --overwrite is for an earlier export (config.json, model.safetensors, tokenizer files):
+        # it never replaces training output or data, nor a file among them (metrics.jsonl).
+        what = training_output(out, anywhere_in_run=True) or _dataset(out)
+        if what is not None:
+            raise HFError(f"--out {out} {what}; refusing to replace it even with --overwrite; "
+                          f"choose another --out")
+
+
+def _dataset(out: Path) -> str | None:
+    """How `out` is part of a prepared dataset, in words, or None."""
+    if out.is_dir() and holds_token_shards(out):
+        return "holds a dataset (token shards)"
+    if holds_token_shards(out.resolve().parent):
+        return f"is inside the dataset folder {out.resolve().parent}"
+    return None
 
 
 def _publish(tmp: Path, out: Path) -> None:

@@ -292,6 +292,11 @@ def load_hf_model(hf_dir: str | os.PathLike, *, dropout: float = 0.0, attention:
     return model
 
 
+# The run-config keys a Hugging Face folder decides for `init_from = "hf:DIR"` (block_size is
+# the run's training window, which may be shorter than the folder's context).
+ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "tie_weights")
+
+
 def init_from_hf(hf_dir: Path, gpt_config: GPTConfig, data_vocab_size: int,
                  log: Callable[[str], None]) -> GPTConfig:
     """The model config of a run with `init_from = "hf:DIR"`: the architecture is the folder's.
@@ -313,8 +318,7 @@ def init_from_hf(hf_dir: Path, gpt_config: GPTConfig, data_vocab_size: int,
         raise HFError(f"block_size = {gpt_config.block_size} is longer than the context of {where} "
                       f"(n_positions = {new.block_size}); use block_size <= {new.block_size}")
     taken = [f"{k} = {getattr(new, k)!r} (config: {getattr(gpt_config, k)!r})"
-             for k in ("n_layer", "n_head", "n_embd", "bias", "tie_weights")
-             if getattr(new, k) != getattr(gpt_config, k)]
+             for k in ARCHITECTURE_KEYS if getattr(new, k) != getattr(gpt_config, k)]
     if new.block_size != gpt_config.block_size:
         # The position table keeps all its rows; training windows stay block_size long.
         taken.append(f"context n_positions = {new.block_size} (training windows stay "

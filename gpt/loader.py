@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt.shards import ShardError, list_shards, open_shard, read_header
+from gpt.shards import ShardError, list_shards, missing_dataset, open_shard, read_header
 
 ORDERS = ("random", "sequential")
 STATE_VERSION = 1
@@ -293,16 +293,10 @@ def eval_batches(
 
 def _find_shards(data_dir: Path, split: str) -> list[Path]:
     if not data_dir.is_dir():
-        raise ShardError(
-            f"{data_dir}: dataset folder does not exist. Make one with: "
-            f"python data_prep/prepare.py --input YOUR_TEXT --out {data_dir}"
-        )
+        raise missing_dataset(data_dir, "dataset folder does not exist")
     paths = list_shards(data_dir, split)
     if not paths:
-        raise ShardError(
-            f"{data_dir}: no {split} shards ({split}_*.bin) in this folder. Make them with: "
-            f"python data_prep/prepare.py --input YOUR_TEXT --out {data_dir}"
-        )
+        raise missing_dataset(data_dir, f"no {split} shards ({split}_*.bin) in this folder")
     return paths
 
 

@@ -48,14 +48,25 @@ def _series(records: list[dict[str, Any]], x_key: str, y_key: str) -> tuple[list
     return [p[0] for p in points], [p[1] for p in points]
 
 
+IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
+
+
 def plot_runs(runs: Sequence[str | Path], out: str | Path, title: str | None = None) -> Path:
-    """Draw the runs' curves into the PNG `out`; return its path."""
+    """Draw the runs' curves into the image `out` (.png, or .pdf / .svg; no suffix: .png);
+    return its path."""
+    out = Path(out)
+    if out.is_dir():
+        raise MetricsError(f"--out {out} is a folder; name the image file to write, e.g. {out / 'metrics.png'}")
+    if not out.suffix:
+        out = out.with_suffix(".png")
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise MetricsError(f"--out {out}: write a {', '.join(IMAGE_SUFFIXES)} file, not {out.suffix}")
+    loaded = load_runs(runs)  # before matplotlib: a bad run folder is the first thing to hear of
     try:
         from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
     except ImportError:
         raise MetricsError("plotting needs matplotlib: pip install 'gpt-from-scratch[plot]' "
                            "(or pip install matplotlib)") from None
-    loaded = load_runs(runs)
     fig = Figure(figsize=(12, 10), layout="constrained")
     axes = fig.subplots(len(ROWS), len(X_AXES), squeeze=False)
     colors = [f"C{i % 10}" for i in range(len(loaded))]
@@ -79,7 +90,6 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, title: str | None = N
     for ax in axes[0]:
         ax.legend(fontsize="small")
     fig.suptitle(title or "training curves: " + ", ".join(loaded))
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     return out

@@ -47,7 +47,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,12 @@ from gpt.wordcache import encode_pieces, word_cache_applies
 
 STAGING = ".prepare-staging"
 META_FILE = "meta.json"
+# The names gpt/checkpoint.py gives a run's files, repeated here rather than imported: that module
+# needs torch, which data prep does not (tests/test_interop.py checks that they agree).
+RUN_LATEST = "latest"
+RUN_CHECKPOINTS = "checkpoints"
+CHECKPOINT_MANIFEST = "manifest.json"
+CHECKPOINT_STATE = "state.json"
 VAL_RULES = ("chunks", "tail")
 # BPE merges are learned from the first 10 MB of the corpus by default: plenty for the vocabularies
 # of a few thousand ids used here, and training (the tokenizers library's own pre-tokenizer, ~3 MB/s
@@ -125,6 +131,11 @@ def prepare(
     _check_options(tokenizer, vocab_size, val_fraction, val_rule, val_chunk_tokens, min_val_tokens,
                    shard_tokens, encoding_errors)
     _check_out_dir(out_dir, overwrite)
+    if isinstance(corpus, LocalFiles):
+        # An input folder may hold --out: never read our own output (its staging folder fills
+        # with shards while the input is read a second time).
+        _check_input_not_out(corpus, out_dir)
+        corpus = replace(corpus, exclude=(*corpus.exclude, out_dir))
     created = not out_dir.exists()
     staging = out_dir / STAGING
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed prep
@@ -204,14 +215,59 @@ def _existing_dataset(out_dir: Path) -> list[Path]:
     return found + [p for p in (out_dir / META_FILE, out_dir / TOKENIZER_FILE) if p.exists()]
 
 
+def training_output(path: Path, anywhere_in_run: bool = False) -> str | None:
+    """What part of a training run `path` is or lies inside, in words ("is a checkpoint folder"),
+    or None when it is no part of one.
+
+    Replacing any of these would lose checkpoints or leave `latest` naming a broken one (a
+    checkpoint's tokenizer.json is in its manifest), so prep and export never write there. A run
+    folder holds `latest` or `checkpoints/`; a checkpoint folder holds manifest.json and
+    state.json. Other folders inside a run (not checkpoints/) count only with `anywhere_in_run`.
+    """
+    path = Path(path).resolve()
+    if _is_checkpoint(path):
+        return "is a checkpoint folder"
+    if (path / RUN_LATEST).is_file() or (path / RUN_CHECKPOINTS).is_dir():
+        return "is a training run folder"
+    for parent in path.parents:
+        if _is_checkpoint(parent):
+            return f"is inside the checkpoint folder {parent}"
+        # Two marks, not one: any folder may happen to hold a subfolder named "checkpoints".
+        if (parent / RUN_LATEST).is_file() and (parent / RUN_CHECKPOINTS).is_dir():
+            if path == parent / RUN_CHECKPOINTS:
+                return f"is the checkpoints folder of the training run {parent}"
+            if path.is_relative_to(parent / RUN_CHECKPOINTS):
+                return f"is inside the checkpoints folder of the training run {parent}"
+            if anywhere_in_run:
+                return f"is inside the training run folder {parent}"
+    return None
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    # Both files: manifest.json alone is common elsewhere (browser extensions, web apps).
+    return (folder / CHECKPOINT_MANIFEST).is_file() and (folder / CHECKPOINT_STATE).is_file()
+
+
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise PrepareError(f"--out {out_dir}: exists and is not a folder")
+    what = training_output(out_dir)
+    if what is not None:  # even with --overwrite: that replaces datasets, never checkpoints
+        raise PrepareError(f"--out {out_dir}: {what}; data prep never writes into a training run "
+                           f"(it would break its checkpoints); choose another --out")
     if out_dir.is_dir() and not overwrite:
         found = _existing_dataset(out_dir)
         if found:
             raise PrepareError(f"--out {out_dir}: already holds a dataset ({found[0].name}, ...); "
                                f"pass --overwrite to replace it, or choose another --out")
+
+
+def _check_input_not_out(corpus: LocalFiles, out_dir: Path) -> None:
+    """An --input folder that is --out itself would be read as it is being replaced."""
+    for path in corpus.paths:
+        if path.is_dir() and path.resolve() == out_dir.resolve():
+            raise PrepareError(f"--input {path}: is the --out folder, where the dataset is written; "
+                               f"choose an --out outside the input")
 
 
 def _check_split_sizes(tokens: dict, min_val_tokens: int, val_fraction: float, val_rule: str,
@@ -420,6 +476,46 @@ def _plural(n: int, noun: str) -> str:
 
 
 # ---- command line ---------------------------------------------------------------------------
+def add_option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Add option `name` under both spellings, --val-fraction and --val_fraction."""
+    spellings = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
+    parser.add_argument(*spellings, **kwargs)
+
+
+def add_shared_options(parser: argparse.ArgumentParser, **defaults) -> None:
+    """The options of the tokenizer, the split sizes and the output, which data_prep/shakespeare.py
+    accepts too (so that the errors of prepare() name options both scripts take). `defaults`
+    replaces a default by the option's name with _ (tokenizer="char"); help shows the one in use.
+    """
+    def opt(name: str, **kwargs):
+        key = name[2:].replace("-", "_")
+        if key in defaults:
+            kwargs["default"] = defaults.pop(key)
+        add_option(parser, name, **kwargs)
+
+    opt("--tokenizer", choices=["bpe", "char"], default="bpe",
+        help="bpe: byte-level BPE trained on the corpus; char: one id per distinct character "
+             "(default: %(default)s)")
+    opt("--vocab-size", type=int, default=8192, metavar="N",
+        help=f"BPE vocabulary size, end-of-text included, at most {MAX_VOCAB} (default: %(default)s)")
+    opt("--val-fraction", type=float, default=0.01, metavar="F",
+        help="share of the corpus held out for validation (default: %(default)s)")
+    opt("--min-val-tokens", type=int, default=1025, metavar="N",
+        help="fewest tokens a split may have; at least block_size + 1 (default: %(default)s)")
+    opt("--shard-tokens", type=int, default=100_000_000, metavar="N",
+        help="tokens per shard file (default: %(default)s)")
+    opt("--tokenizer-train-mb", type=float, default=TOKENIZER_TRAIN_BYTES / 1e6, metavar="MB",
+        help="train BPE on at most this many MB of text, from the start of the corpus; raise it "
+             "for large vocabularies (default: %(default)g)")
+    opt("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
+        help="non-UTF-8 bytes in input files: strict = stop with an error naming file and byte "
+             "offset (default); replace = use U+FFFD; skip = leave the file out, with a warning")
+    opt("--overwrite", action="store_true", help="replace a dataset already in --out")
+    opt("--no-progress", action="store_true", help="no progress bars (the closing summary is still printed)")
+    if defaults:
+        raise TypeError(f"add_shared_options: no such option: {', '.join(defaults)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python data_prep/prepare.py",
@@ -430,8 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     def opt(name: str, **kwargs):
-        spellings = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
-        p.add_argument(*spellings, **kwargs)
+        add_option(p, name, **kwargs)
 
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", nargs="+", metavar="PATH",
@@ -447,29 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--text-field", default="text", metavar="NAME", help="column holding the text (default: text)")
     opt("--streaming", action="store_true", help="stream the dataset instead of downloading/caching it whole")
     opt("--out", required=True, metavar="DIR", help="dataset folder to write")
-    opt("--tokenizer", choices=["bpe", "char"], default="bpe",
-        help="bpe: byte-level BPE trained on the corpus; char: one id per distinct character (default: bpe)")
-    opt("--vocab-size", type=int, default=8192, metavar="N",
-        help=f"BPE vocabulary size, end-of-text included, at most {MAX_VOCAB} (default: 8192)")
-    opt("--val-fraction", type=float, default=0.01, metavar="F",
-        help="share of the corpus held out for validation (default: 0.01)")
     opt("--val-rule", choices=VAL_RULES, default="chunks",
         help="chunks: every 1/F-th chunk of tokens, spread evenly (default); tail: the last F of the text")
     opt("--val-chunk-tokens", type=int, default=8192, metavar="N",
         help="chunk size of the chunks rule, in tokens (default: 8192)")
-    opt("--min-val-tokens", type=int, default=1025, metavar="N",
-        help="fewest tokens a split may have; at least block_size + 1 (default: 1025)")
     opt("--seed", type=int, default=0, metavar="S", help="seed of the train/val split (default: 0)")
-    opt("--shard-tokens", type=int, default=100_000_000, metavar="N",
-        help="tokens per shard file (default: 100000000)")
-    opt("--tokenizer-train-mb", type=float, default=TOKENIZER_TRAIN_BYTES / 1e6, metavar="MB",
-        help="train BPE on at most this many MB of text, from the start of the corpus; raise it "
-             "for large vocabularies (default: 10)")
-    opt("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
-        help="non-UTF-8 bytes in input files: strict = stop with an error naming file and byte "
-             "offset (default); replace = use U+FFFD; skip = leave the file out, with a warning")
-    opt("--overwrite", action="store_true", help="replace a dataset already in --out")
-    opt("--no-progress", action="store_true", help="no progress bars (the closing summary is still printed)")
+    add_shared_options(p)
     return p
 
 

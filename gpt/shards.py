@@ -133,19 +133,38 @@ def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
     return sorted(p for p in data_dir.glob("*.bin") if pattern.match(p.name))
 
 
+def missing_dataset(data_dir: Path, what: str) -> ShardError:
+    """The error for a dataset that is not there: what is missing, and the command that makes it."""
+    return ShardError(f"{data_dir}: {what}. Make one with: "
+                      f"python data_prep/prepare.py --input YOUR_TEXT --out {data_dir}")
+
+
 def load_meta(data_dir: str | os.PathLike) -> dict:
     """The dataset's meta.json; for bare llm.c / FineWeb shard folders, GPT-2's vocabulary."""
     data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise missing_dataset(data_dir, "dataset folder does not exist")
     meta_path = data_dir / "meta.json"
     if meta_path.exists():
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ShardError(f"{meta_path}: cannot read dataset metadata ({e})") from e
-        for key in ("tokenizer", "vocab_size"):
+        for key, kind in (("tokenizer", str), ("vocab_size", int)):
             if key not in meta:
                 raise ShardError(f"{meta_path}: missing key {key!r}")
+            if type(meta[key]) is not kind:  # not isinstance: a JSON true is no vocab_size
+                raise ShardError(f"{meta_path}: {key} must be a JSON {'string' if kind is str else 'integer'}, "
+                                 f"got {meta[key]!r}")
+        if not 1 <= meta["vocab_size"] <= 1 << 16:
+            raise ShardError(f"{meta_path}: vocab_size {meta['vocab_size']} is outside 1..65536 "
+                             f"(the shards hold uint16 token ids)")
         return meta
+    if (data_dir / "tokenizer.json").exists():
+        # Only a prep of ours writes tokenizer.json, always with meta.json; bare llm.c shard
+        # folders have neither. Without meta.json its shards would be read as GPT-2 ids.
+        raise missing_dataset(data_dir, "tokenizer.json but no meta.json here (an incomplete or "
+                                        "damaged dataset; prepare it again with --overwrite)")
     if list_shards(data_dir, "train"):
         return {
             "tokenizer": "gpt2",
@@ -153,10 +172,7 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
             "eos_id": GPT2_EOS_ID,
             "source": f"llm.c-style shards in {data_dir}",
         }
-    raise ShardError(
-        f"{data_dir}: no dataset here (no meta.json and no train_*.bin shards). "
-        f"Make one with: python data_prep/prepare.py --input YOUR_TEXT --out {data_dir}"
-    )
+    raise missing_dataset(data_dir, "no dataset here (no meta.json and no train_*.bin shards)")
 
 
 class ShardWriter:

@@ -11,7 +11,9 @@ one by one gives exactly the ids of encoding the whole document (tests check thi
 character vocabulary is indifferent to cuts anyway. Only a stretch of 16 × `piece_chars`
 characters (1M) without such a place is cut anywhere, which may change a few BPE ids there.
 
-Empty documents are skipped: they hold nothing to learn.
+Empty documents are skipped: they hold nothing to learn. So are, in an input folder, files that
+are not regular files (named pipes, sockets, devices: reading one could wait forever) and folders
+that hold a prepared dataset (token shards: binary, and an earlier prep's output), with a warning.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from __future__ import annotations
 import codecs
 import os
 import re
+import stat
 import sysconfig
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
+
+from gpt.shards import SPLITS, list_shards
 
 PIECE_CHARS = 1 << 16  # small enough that the BPE trainer's 256-item read-ahead stays ~16 MB
 READ_BYTES = 1 << 20
@@ -166,15 +171,57 @@ def _first_decode_error(path: Path) -> NotUTF8Error | None:
     return None
 
 
-def _walk_files(path: Path, skip_dirs: tuple[str, ...] = ()) -> Iterator[Path]:
-    """Files under `path` in sorted order, depth first; streams (never lists the whole tree)."""
+def holds_token_shards(folder: Path) -> bool:
+    """Whether `folder` holds a prepared dataset's token shards (train_*.bin, val_*.bin)."""
+    return any(list_shards(folder, split) for split in SPLITS)
+
+
+def _special_file(path: Path) -> str | None:
+    """What `path` is when it is neither a regular file nor a folder ("a named pipe"), else None.
+
+    Opening a named pipe or a device to read it can wait forever. A path that cannot be looked
+    at (a broken link) gives None: reading it then fails with an error that names it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "neither a file nor a folder"
+
+
+def _walk_files(path: Path, skip_dirs: tuple[str, ...] = (),
+                exclude: tuple[Path, ...] = ()) -> Iterator[tuple[Path, str | None]]:
+    """Files under `path` in sorted order, depth first, each with None (read it) or why it is
+    left out; also the folders left out, with why. Streams (never lists the whole tree).
+
+    Left out: folders named in `skip_dirs` (silently), folders in `exclude` (resolved paths),
+    folders holding token shards, and files that are not regular files."""
     if not path.is_dir():
-        yield path
+        yield path, None
         return
     for root, dirs, files in os.walk(path, onerror=_raise_walk_error):
+        folder = Path(root)
+        if folder.resolve() in exclude:
+            reason = "the folder this data prep writes (--out)"
+        elif holds_token_shards(folder):
+            reason = "a prepared dataset (token shards), not text"
+        else:
+            reason = None
+        if reason is not None:
+            dirs[:] = []  # nothing below it is read either
+            yield folder, reason
+            continue
         dirs[:] = sorted(d for d in dirs if d not in skip_dirs)
         for name in sorted(files):
-            yield Path(root) / name
+            special = _special_file(folder / name)
+            yield folder / name, None if special is None else f"not a regular file ({special})"
 
 
 def _raise_walk_error(e: OSError) -> None:
@@ -193,6 +240,7 @@ class LocalFiles(_DocumentsFromPieces):
     errors: str = "strict"
     suffixes: tuple[str, ...] | None = None  # e.g. (".py",); None reads every file
     skip_dirs: tuple[str, ...] = ()  # folder names to leave out wherever they occur
+    exclude: Sequence[str | os.PathLike] = ()  # folders never read (data prep passes its --out)
     warn_skips: bool = True
     description: str = ""
 
@@ -203,16 +251,28 @@ class LocalFiles(_DocumentsFromPieces):
         self.paths = [Path(p) for p in self.paths]
         if not self.paths:
             raise SourceError("--input: no paths given")
+        self.exclude = tuple(Path(p).resolve() for p in self.exclude)
         for p in self.paths:
             if not p.exists():
                 raise SourceError(f"{p}: no such file or folder (--input)")
+            special = _special_file(p)
+            if special is not None:
+                raise SourceError(f"{p}: not a regular file ({special}); --input takes text files "
+                                  f"and folders of them")
+            if p.is_dir() and holds_token_shards(p):
+                raise SourceError(f"{p}: is a prepared dataset (token shards), not text; --input "
+                                  f"takes text files and folders of them")
         if not self.description:
             self.description = "files: " + ", ".join(str(p) for p in self.paths)
 
     def files(self) -> Iterator[Path]:
         for root in self.paths:
             found = False
-            for path in _walk_files(root, self.skip_dirs):
+            for path, skip_reason in _walk_files(root, self.skip_dirs, self.exclude):
+                if skip_reason is not None:
+                    if self.warn_skips:
+                        warnings.warn(f"skipping {path}: {skip_reason}", stacklevel=2)
+                    continue
                 if self.suffixes is None or path.suffix in self.suffixes:
                     found = True
                     yield path

@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,13 @@ from . import checkpoint as ckpt
 from . import hf
 from . import parallel
 from .config import ConfigError, TrainConfig
-from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
+from .distributed import DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed, shutdown
 from .errors import TrainingError
 from .loader import TokenLoader, eval_batches
 from .metrics import MetricsLog, Sinks, WandbSink, format_duration, peak_flops, wandb_tags
 from .model import GPT, GPTConfig
 from .optim import build_optimizer, describe_optimizer, learning_rate_at
-from .shards import check_token_ids, list_shards, load_meta, read_header
+from .shards import ShardError, check_token_ids, list_shards, load_meta, read_header
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,6 +114,18 @@ def check_dataset(config: TrainConfig, meta: dict[str, Any], info: DistInfo) -> 
     replaces files by renaming) changes neither what the run trains on nor what it evaluates on.
     """
     data_dir = Path(config.data_dir)
+    # Every checkpoint copies the dataset's tokenizer.json, and sample.py decodes with it: one
+    # that does not load, or holds another vocabulary, would show only when sampling.
+    tokenizer_file = data_dir / "tokenizer.json"
+    if tokenizer_file.exists():
+        vocab = _tokenizer_vocab(tokenizer_file)
+        if vocab is None or len(vocab) != meta["vocab_size"]:
+            what = "cannot be loaded" if vocab is None else f"holds {len(vocab):,} ids"
+            raise ShardError(
+                f"{tokenizer_file} {what}, but {data_dir / 'meta.json'} says vocab_size "
+                f"{meta['vocab_size']:,}: the folder mixes files of different preps. Prepare it "
+                f"again: python data_prep/prepare.py --input YOUR_TEXT --out {data_dir} --overwrite"
+            )
     paths = list_shards(data_dir, "train") + list_shards(data_dir, "val")
     # Each rank scans its share; a rank that finds a bad id fails, and torchrun stops the others.
     check_token_ids(paths[info.rank :: info.world_size], meta["vocab_size"])
@@ -225,6 +237,17 @@ def model_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
         n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias,
         tie_weights=config.tie_weights, attention=config.attention, vocab_multiple=config.vocab_multiple,
     )
+
+
+def carried_loss_sum(saved: dict[str, Any], info: DistInfo, accum: int) -> float:
+    """This rank's loss sum for the log interval a checkpoint was saved in (`log_interval` in
+    state.json). On the same world size and accumulation: its own, bit for bit. Otherwise the
+    saved ranks' mean, rescaled to this run's micro-batches per step: the record's mean over
+    ranks and steps is the same, only its rounding differs."""
+    sums = saved["loss_sums"]
+    if len(sums) == info.world_size and saved["accum"] == accum:
+        return sums[info.rank]
+    return sum(sums) / len(sums) * accum / saved["accum"]
 
 
 def wrap_model(model: GPT, config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> torch.nn.Module:
@@ -543,7 +566,6 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
     if info.is_main:
         prepare_out_dir(config, out_dir)
         print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.to_dict().items()), flush=True)
-        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
     meta = ensure_dataset(config, info)
     val_loader = check_dataset(config, meta, info)
@@ -564,12 +586,17 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
     hf_dir = hf.parse_init_from(config.init_from)
     if hf_dir is not None:
         gpt_config = hf.init_from_hf(hf_dir, gpt_config, meta["vocab_size"], lambda m: log(info, m))
+        # Record the architecture the run really has (config.json, each checkpoint's train_config).
+        config = replace(config, **{k: getattr(gpt_config, k) for k in hf.ARCHITECTURE_KEYS})
+    if info.is_main:
+        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     model = GPT(gpt_config)
     if resume_from is None and hf_dir is not None:
         hf.load_hf_weights(model, hf_dir)
         log(info, f"initialized weights from {hf_dir} (Hugging Face GPT-2)")
     elif resume_from is None and config.init_from:
         source = ckpt.resolve_checkpoint(config.init_from)
+        ckpt.verify_checkpoint(source)  # sizes and checksums, before anything of it is read
         check_checkpoint_fits_data(source, config, meta, resuming=False)
         saved = ckpt.read_state(source)["model_config"]
         ckpt.check_model_config(source, saved, asdict(gpt_config))
@@ -593,6 +620,17 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
         loader.load_state_dict(state["loader"])
         step, tokens_seen = state["step"], state["tokens_seen"]
         log(info, f"resumed from {resume_from} at step {step}")
+    # The log interval in progress: this rank's summed micro-batch losses, its steps, its skipped
+    # steps. A stop signal saves mid-interval; the checkpoint carries the interval, so the first
+    # record after a resume averages the same steps as in a run never stopped.
+    loss_sum = torch.zeros((), device=device)
+    interval_steps = interval_skipped = 0
+    elapsed_before = 0.0  # training time of the earlier runs this one resumes (metrics' elapsed_s)
+    if resume_from is not None and "log_interval" in state:
+        carried = state["log_interval"]
+        loss_sum.fill_(carried_loss_sum(carried, info, accum))
+        interval_steps, interval_skipped = carried["steps"], carried["skipped"]
+        elapsed_before = state["elapsed_s"]
 
     n_params = model.num_params()
     flops_per_token = model.flops_per_token()
@@ -605,6 +643,10 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
         log(info, f"vocabulary: {model.config.vocab_size:,} ids; embedding and output tables padded to "
                   f"{model.config.padded_vocab_size:,} rows (vocab_multiple {model.config.vocab_multiple})")
     log(info, describe_optimizer(optimizer, config))
+    if config.warmup_steps > config.max_steps:
+        log(info, f"note: warmup_steps = {config.warmup_steps} is more than max_steps = {config.max_steps}: "
+                  f"the learning rate stops at {learning_rate_at(config.max_steps - 1, config):.2e}, "
+                  f"short of learning_rate = {config.learning_rate:.2e}")
     if device.type == "cpu" and dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         log(info, "note: this CPU has no native bf16 matmul (AVX512-BF16/AMX); bf16 runs several "
                   "times slower than float32 here (benchmarks/: ~50x for a large matmul). Use dtype=float32")
@@ -650,14 +692,16 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
             "train_config": config.to_dict(),
             "dataset": meta,
             "skipped_steps": guard.skipped,
+            "log_interval": {"steps": interval_steps, "skipped": interval_skipped, "accum": accum,
+                             "loss_sums": all_gather_floats(loss_sum, info)},
+            "elapsed_s": elapsed_before + time.perf_counter() - run_start,
         }
         return checkpointer.save(at_step, model, optimizer, state)
 
     wrapped.train()
     train_loss = val_loss = None
     last_ckpt = None
-    loss_sum = torch.zeros((), device=device)
-    interval_steps, interval_start = 0, time.perf_counter()
+    interval_start, timed_from = time.perf_counter(), step  # tokens/s counts this process's steps
     run_start = time.perf_counter()
     while step < config.max_steps:
         lr = learning_rate_at(step, config)
@@ -691,12 +735,12 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
         do_eval = last or (config.eval_interval > 0 and step % config.eval_interval == 0)
         if step % config.log_interval == 0 or do_eval or last:
             # The only host-device sync of the loop: reading the loss, on log steps alone.
-            skipped = guard.review(step)  # nan_policy=stop: raises here, before any eval or save
-            kept_steps = interval_steps - skipped
+            # nan_policy=stop: raises here, before any eval or save
+            kept_steps = interval_steps - interval_skipped - guard.review(step)
             train_loss = (all_reduce_mean(loss_sum / (kept_steps * accum), info).item() if kept_steps
                           else float("nan"))
             elapsed = time.perf_counter() - interval_start
-            step_time = elapsed / interval_steps
+            step_time = elapsed / (step - timed_from)
             tok_s = tokens_per_step / step_time
             mfu = flops_per_token * tok_s / (peak * info.world_size)
             eta = step_time * (config.max_steps - step)
@@ -704,7 +748,8 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
                 "step": step, "loss": round(train_loss, 6), "lr": lr, "tokens": tokens_seen,
                 "tokens_per_s": round(tok_s, 1), "tokens_per_s_per_device": round(tok_s / info.world_size, 1),
                 "mfu": round(mfu, 5), "step_ms": round(step_time * 1000, 2),
-                "elapsed_s": round(time.perf_counter() - run_start, 2), "eta_s": round(eta, 1),
+                "elapsed_s": round(elapsed_before + time.perf_counter() - run_start, 2),
+                "eta_s": round(eta, 1),
             }
             message = (f"step {step:>6}/{config.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
                        f"{tok_s:,.0f} tok/s | MFU {mfu * 100:.1f}% | {step_time * 1000:.0f} ms/step | "
@@ -720,12 +765,12 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
             metrics.write(record)
             log(info, message)
             loss_sum.zero_()
-            interval_steps = 0
+            interval_steps = interval_skipped = 0
             if do_eval:
                 last_ckpt = save(step, val_loss)
-            interval_start = time.perf_counter()
+            interval_start, timed_from = time.perf_counter(), step
         if stop.agreed(info):
-            guard.review(step)  # never save a model that went non-finite since the last log
+            interval_skipped += guard.review(step)  # never save a model gone non-finite since the last log
             log(info, f"received a stop signal ({stop.name}): saving a checkpoint at step {step} and "
                       f"exiting with code {stop.exit_code} (run again to resume)")
             save(step, val_loss)

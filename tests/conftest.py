@@ -78,6 +78,23 @@ def rewound_copy(run: Path, copy: Path, step: int) -> Path:
     return copy
 
 
+TIMING_KEYS = {"tokens_per_s", "tokens_per_s_per_device", "mfu", "step_ms", "elapsed_s", "eta_s"}
+
+
+def learning_records(run: Path) -> list[dict]:
+    """metrics.jsonl without its timing fields, which differ from run to run."""
+    from gpt.metrics import read_metrics
+
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(run)]
+
+
+def latest_weights(run: Path) -> dict:
+    """The model weights of the run's latest checkpoint (state dict of CPU tensors, either format)."""
+    from gpt import checkpoint as ckpt
+
+    return ckpt.read_model_state(ckpt.latest_checkpoint(run))
+
+
 def child_pids(pid: int) -> list[int]:
     """The processes `pid` started (from any of its threads), read from /proc; [] once it is gone."""
     try:

@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import random
+import re
 import resource
 import shutil
 import signal
@@ -19,26 +20,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 
 from gpt import checkpoint as ckpt
-from gpt.metrics import read_metrics
 from gpt.model import GPT, GPTConfig
 from gpt.trainer import train
 
-from conftest import REPO, tiny_args, tiny_config
-
-TIMING = {"tokens_per_s", "tokens_per_s_per_device", "mfu", "step_ms", "elapsed_s", "eta_s"}
-
-
-def learning_records(run: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(run)]
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return safetensors.torch.load_file(str(ckpt.latest_checkpoint(run) / ckpt.MODEL_FILE))
-
+from conftest import REPO, latest_weights, learning_records, tiny_args, tiny_config
 
 def assert_latest_is_complete(run: Path) -> None:
     """`latest` either does not exist yet or names a checkpoint whose every file checks out."""
@@ -107,7 +95,7 @@ def test_kill_9_at_random_moments_then_resume_matches_uninterrupted(char_data, t
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resumed from" in done.stdout
     assert learning_records(run) == learning_records(full)
-    a, b = weights(full), weights(run)
+    a, b = latest_weights(full), latest_weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     leftovers = [p.name for p in (run / ckpt.CHECKPOINTS_DIR).iterdir() if p.name.startswith(".")]
     assert leftovers == []
@@ -276,6 +264,12 @@ def test_unsafe_or_corrupt_sharded_checkpoints_are_refused(char_data, tmp_path):
 
     metadata.write_bytes(original)
     rewrite_manifest()
+    # A shard the manifest does not list cannot be checked, so it is not read.
+    listed = json.loads((saved / ckpt.MANIFEST_FILE).read_text())
+    (saved / ckpt.MANIFEST_FILE).write_text(json.dumps({k: v for k, v in listed.items() if k != "dcp/__0_0.distcp"}))
+    with pytest.raises(ckpt.CheckpointError, match="manifest.json: lists no size and checksum for dcp/__0_0.distcp"):
+        ckpt.verify_checkpoint(saved)
+    (saved / ckpt.MANIFEST_FILE).write_text(json.dumps(listed))
     result = train(tiny_config(char_data, run, max_steps=10, eval_interval=5, checkpoint_format="sharded"))
     assert result.step == 10
 
@@ -305,7 +299,7 @@ def test_saves_skip_the_zip_crc_and_files_still_check_and_load(fmt, tmp_path):
     optimizer.step()
     assert torch.serialization.get_crc32_options()
     saver = ckpt.Checkpointer(tmp_path / "run", format=fmt)
-    folder = saver.save(1, model, optimizer, {"step": 1})
+    folder = saver.save(1, model, optimizer, {"step": 1, "model_config": dataclasses.asdict(model.config)})
     saver.close()
     assert torch.serialization.get_crc32_options()  # switched back on for everyone else
 
@@ -356,3 +350,159 @@ def test_file_crc32_in_parallel_ranges_equals_zlib(tmp_path, monkeypatch):
         path.write_bytes(data)
         for threads in (1, 2, 3, 7):
             assert crc.file_crc32(path, threads) == zlib.crc32(data), (size, threads)
+
+
+# ----------------------------------------------------------------------------------------
+# Damaged or mistaken input: a CheckpointError naming the file and what is wrong
+
+
+def copy_of_run(run: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of `run` to damage, and its latest checkpoint."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy, ckpt.latest_checkpoint(copy)
+
+
+def reseal(folder: Path) -> None:
+    """Rewrite a checkpoint's manifest for its files as they are now, as if saved so."""
+    manifest = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "crc32": ckpt._crc32(p)}
+                for p in ckpt._files_under(folder) if p.name != ckpt.MANIFEST_FILE}
+    (folder / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def _without(mapping: dict, key: str) -> dict:
+    return {k: v for k, v in mapping.items() if k != key}
+
+
+def sample_args(*source: str) -> list[str]:
+    return [*source, "--prompt", "A", "--max_new_tokens", "2", "--device", "cpu"]
+
+
+def test_a_latest_file_that_names_nothing_readable_says_what_to_do(char_data, full_sync_run, tmp_path, capsys):
+    from gpt.cli import run_sample
+
+    run, _ = copy_of_run(full_sync_run, tmp_path)
+    latest = run / ckpt.LATEST_FILE
+    how_to_fix = re.escape(f". Point {latest} at a complete folder in {run / 'checkpoints'}, or start over "
+                           f"in another --out_dir")
+    latest.write_bytes(b"\x00\xffgarbage")
+    not_text = re.escape(f"{latest} should be a text file holding the name of the newest checkpoint (such as "
+                         f"'step_0000250'), but it is not text (byte 0xff at offset 1 is not UTF-8)") + how_to_fix
+    with pytest.raises(ckpt.CheckpointError, match=not_text):
+        train(tiny_config(char_data, run, **FORMAT_RUN))  # resume
+    capsys.readouterr()
+    assert run_sample(sample_args("--out_dir", str(run))) == 2
+    assert re.fullmatch(f"error: {not_text}\n", capsys.readouterr().err)
+
+    latest.unlink()
+    latest.mkdir()
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{latest} should be a text file") + ".*"
+                       + re.escape("but it is a folder") + how_to_fix):
+        ckpt.latest_checkpoint(run)
+
+
+@pytest.mark.parametrize("manifest, problem", [
+    ([1, 2], "expected an object mapping file names to their size and checksum, got an array"),
+    ({"model.safetensors": None}, 'the entry for model.safetensors should be an object with "bytes" and "crc32", got null'),
+    ({"model.safetensors": {"bytes": "5", "crc32": "0"}}, 'the entry for model.safetensors has no size ("bytes": a whole number)'),
+    ({"model.safetensors": {"bytes": 5}}, 'the entry for model.safetensors has no checksum ("crc32")'),
+    ({"../../elsewhere": {"bytes": 5, "crc32": "0"}}, "'../../elsewhere' is not the name of a file in the checkpoint folder"),
+    ({}, "lists no size and checksum for state.json, so that file cannot be checked"),
+])
+def test_a_manifest_of_the_wrong_shape_is_refused(full_sync_run, tmp_path, manifest, problem):
+    _, saved = copy_of_run(full_sync_run, tmp_path)
+    (saved / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(
+            f"{saved / ckpt.MANIFEST_FILE}: {problem}; it was edited or not written by this project. "
+            f"Restore the checkpoint from a copy, or use another one")):
+        ckpt.verify_checkpoint(saved)
+
+
+def test_the_manifest_must_list_every_file_that_is_read(full_sync_run, tmp_path, capsys):
+    from gpt.cli import run_sample
+
+    _, saved = copy_of_run(full_sync_run, tmp_path)
+    listed = json.loads((saved / ckpt.MANIFEST_FILE).read_text())
+    for name in (ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE, ckpt.TOKENIZER_FILE):
+        (saved / ckpt.MANIFEST_FILE).write_text(json.dumps(_without(listed, name)))
+        with pytest.raises(ckpt.CheckpointError, match=f"manifest.json: lists no size and checksum for {name},"):
+            ckpt.verify_checkpoint(saved)
+
+    # Truncated weights the manifest does not list: refused before safetensors reads them.
+    weights = saved / ckpt.MODEL_FILE
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (saved / ckpt.MANIFEST_FILE).write_text(json.dumps(_without(listed, ckpt.MODEL_FILE)))
+    capsys.readouterr()
+    assert run_sample(sample_args("--ckpt", str(saved))) == 2
+    assert capsys.readouterr().err.startswith(f"error: {saved / ckpt.MANIFEST_FILE}: lists no size and checksum "
+                                              f"for {ckpt.MODEL_FILE}")
+    weights.unlink()
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(
+            f"{weights}: missing from the checkpoint (a full checkpoint needs it)")):
+        ckpt.verify_checkpoint(saved)
+    # Read without verifying (as init_from does), damaged weights are named all the same.
+    weights.write_bytes(b"garbage")
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{weights}: not a readable safetensors file")):
+        ckpt.read_model_state(saved)
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda s: [s], "expected an object, got an array"),
+    (lambda s: {**s, "step": "x"}, "'step' should be a whole number >= 0, got \"x\""),
+    (lambda s: _without(s, "model_config"), "the key 'model_config' is missing"),
+    (lambda s: {**s, "model_config": {**s["model_config"], "n_layer": 0}},
+     "'model_config' is not a model configuration (GPTConfig.n_layer must be a positive integer, got 0)"),
+    (lambda s: {**s, "model_config": {**s["model_config"], "n_layers": 2}},
+     "'model_config' is not a model configuration (GPTConfig.__init__() got an unexpected keyword argument 'n_layers')"),
+    (lambda s: _without(s, "loader"), "the key 'loader' is missing"),  # needed to resume only
+    (lambda s: {**s, "rng": {"0": [1]}}, "'rng' holds no usable RNG state"),
+])
+def test_a_state_json_of_the_wrong_shape_names_the_key(char_data, full_sync_run, tmp_path, change, problem):
+    """state.json is covered by the manifest, so only an edited or foreign checkpoint can hold
+    such a file: reseal the manifest to get past the checksums."""
+    run, saved = copy_of_run(full_sync_run, tmp_path)
+    state_file = saved / ckpt.STATE_FILE
+    state_file.write_text(json.dumps(change(json.loads(state_file.read_text()))))
+    reseal(saved)
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{state_file}: {problem}")):
+        train(tiny_config(char_data, run, **FORMAT_RUN))  # resume
+
+
+def test_a_file_given_for_a_checkpoint_folder_is_named_for_what_it_is(full_sync_run, capsys):
+    from gpt.cli import run_sample
+
+    saved = ckpt.latest_checkpoint(full_sync_run)
+    expected = ("{} is a file, not a checkpoint folder: give a run folder (its latest checkpoint is used) "
+                "or a checkpoint folder (checkpoints/step_N) (did you mean {}?)")
+    for path, meant in ((saved / ckpt.MODEL_FILE, saved), (full_sync_run / ckpt.LATEST_FILE, full_sync_run)):
+        with pytest.raises(ckpt.CheckpointError, match=re.escape(expected.format(path, meant))):
+            ckpt.resolve_checkpoint(path)
+    weights = str(saved / ckpt.MODEL_FILE)
+    for command in (lambda: ckpt.main(["consolidate", weights]), lambda: run_sample(sample_args("--ckpt", weights)),
+                    lambda: run_sample(sample_args("--out_dir", weights))):
+        capsys.readouterr()
+        assert command() == 2
+        assert capsys.readouterr().err == f"error: {expected.format(weights, saved)}\n"
+
+
+def test_checkpoint_files_get_the_permissions_of_ordinary_files(tmp_path):
+    """Under umask 002 (a group sharing a cluster file system) every file is 0664, the weights
+    too (safetensors creates its files 0600)."""
+    script = """
+import dataclasses, sys, torch
+from gpt import checkpoint as ckpt
+from gpt.model import GPT, GPTConfig
+model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16))
+optimizer = torch.optim.AdamW(model.parameters())
+state = {"step": 1, "model_config": dataclasses.asdict(model.config)}
+for fmt in ("full", "sharded"):
+    saver = ckpt.Checkpointer(f"{sys.argv[1]}/{fmt}", format=fmt)
+    saver.save(1, model, optimizer, state)
+    saver.close()
+ckpt.consolidate(f"{sys.argv[1]}/sharded", f"{sys.argv[1]}/consolidated")
+"""
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, check=True, timeout=120,
+                   capture_output=True, preexec_fn=lambda: os.umask(0o002))
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in ckpt._files_under(tmp_path)}
+    assert "full/checkpoints/step_0000001/model.safetensors" in modes and "consolidated/model.safetensors" in modes
+    assert modes == dict.fromkeys(modes, "0o664")

@@ -28,9 +28,8 @@ import pytest
 import torch
 
 from gpt import checkpoint as ckpt
-from gpt.metrics import read_metrics
 
-from conftest import rewound_copy
+from conftest import learning_records, rewound_copy
 from test_checkpoint import wait_for_save_in_progress
 from test_distributed import (  # noqa: F401  (data is a fixture)
     TINY, STEPS, _worker_pids, data, launch, losses, output_of, run_complete, train_1proc, train_torchrun,
@@ -40,7 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").exists(),
                                 reason="finds torchrun's workers through /proc")
 
-TIMING = {"tokens_per_s", "tokens_per_s_per_device", "mfu", "step_ms", "elapsed_s", "eta_s"}
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 # 2-process DDP with dropout (the RNG states must come back too), a checkpoint every 3 steps
@@ -48,10 +46,6 @@ ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 DDP_STEPS = 40
 DDP = [*TINY, "--batch_size=4", f"--max_steps={DDP_STEPS}", "--eval_interval=3", "--eval_iters=1",
        "--dropout=0.1"]
-
-
-def learning_records(run: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(run)]
 
 
 def torchrun_cmd(args: list[str], nproc: int = 2, options: tuple[str, ...] = ()) -> list[str]:

@@ -37,8 +37,8 @@ from gpt.metrics import read_metrics
 from gpt.model import GPT
 from gpt.optim import build_optimizer
 from gpt.prepare import prepare
-from gpt.shards import ShardError, list_shards, open_shard, read_header, shard_name, write_shard
-from gpt.tokenizer import Tokenizer
+from gpt.shards import ShardError, shard_name, write_shard
+from gpt.tokenizer import Tokenizer, build_char
 from gpt.trainer import NonFiniteGuard, StopFlag, model_config, train
 
 from conftest import REPO, SHAKESPEARE, tiny_args, tiny_config
@@ -284,6 +284,32 @@ def test_missing_val_split_is_found_before_training(char_data, tmp_path):
     with pytest.raises(ShardError, match=f"{data}: no val shards .* --out {data}"):
         train(tiny_config(data, tmp_path / "run"))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not discovered at the first eval
+
+
+def test_a_dataset_whose_files_disagree_is_refused_before_training(char_data, tmp_path):
+    """meta.json, tokenizer.json and the shards come from one prep; a folder that mixes preps or
+    lost a file would train on the wrong vocabulary or fail only when sampling."""
+    def damaged(name: str, damage) -> Path:
+        data = tmp_path / name
+        shutil.copytree(char_data, data)
+        damage(data)
+        return data
+
+    cases = {
+        # Without meta.json, shards would be read as GPT-2 ids (what bare llm.c folders are).
+        "no_meta": (lambda d: (d / "meta.json").unlink(), "tokenizer.json but no meta.json"),
+        "garbage_tokenizer": (lambda d: (d / "tokenizer.json").write_text("zz\n"), "cannot be loaded"),
+        "other_tokenizer": (lambda d: build_char("abc").save(d / "tokenizer.json"), "holds 3 ids"),
+        "string_vocab_size": (lambda d: (d / "meta.json").write_text(json.dumps(
+            dict(json.loads((d / "meta.json").read_text()), vocab_size="65"))), "vocab_size must be a JSON integer"),
+        "huge_vocab_size": (lambda d: (d / "meta.json").write_text(json.dumps(
+            dict(json.loads((d / "meta.json").read_text()), vocab_size=70000))), "outside 1..65536"),
+    }
+    for name, (damage, message) in cases.items():
+        data = damaged(name, damage)
+        with pytest.raises(ShardError, match=message):
+            train(tiny_config(data, tmp_path / f"run_{name}"))
+        assert not (tmp_path / f"run_{name}" / "metrics.jsonl").exists(), name
 
 
 def math_finite(x) -> bool:
@@ -658,12 +684,18 @@ def test_sampling_edge_cases(trained, tmp_path, capsys):
     assert len(printed.out) >= 20
     # The speed goes to stderr, so that stdout is the text alone.
     assert re.fullmatch(r"\[\d+ tokens in [\d.]+ s: [\d,]+ tokens/s, with KV cache, float32\]\n", printed.err)
+    binary = tmp_path / "prompt.bin"
+    binary.write_bytes(b"A\xff\x00")
     for argv, message in [
         (["--top_p", "0"], "--top_p must be in (0, 1], got 0.0"),
         (["--temperature", "nan"], "--temperature must be >= 0 (0 is greedy), got nan"),
         (["--top_k", "-1"], "--top_k must be >= 0 (0 is off), got -1"),
         (["--num_samples", "0"], "--num_samples must be positive, got 0"),
-        (["--prompt_file", str(tmp_path / "nope.txt")], "No such file or directory"),
+        (["--prompt_file", str(tmp_path / "nope.txt")], f"--prompt_file {tmp_path / 'nope.txt'}: cannot read it (No such file or directory)"),
+        (["--prompt_file", str(tmp_path)], f"--prompt_file {tmp_path}: cannot read it (Is a directory)"),
+        (["--prompt_file", str(binary)], f"--prompt_file {binary}: not UTF-8 text (invalid start byte at byte 1)"),
+        (["--prompt_file", str(binary), "--prompt", "A"], "give --prompt or --prompt_file, not both"),
+        (["--seed", str(1 << 64)], f"--seed must be in 0..{(1 << 63) - 1}, got {1 << 64}"),
         (["--prompt", "Ω"], "Ω"),
     ]:
         assert run_sample(["--out_dir", str(trained), "--device", "cpu", *argv]) == 2, argv

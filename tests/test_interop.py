@@ -176,6 +176,8 @@ def test_export_loads_in_transformers(kind, runs, data, tmp_path, capsys):
     assert "logits equal ours" in capsys.readouterr().out  # the export checked itself
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in out.iterdir()}
+    # Every file readable as the umask allows (safetensors alone would make the weights 0600).
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o666 & ~ckpt._UMASK)}
 
     ours, tokenizer = our_model(runs[kind])
     theirs = transformers.GPT2LMHeadModel.from_pretrained(out, local_files_only=True).eval()
@@ -212,6 +214,41 @@ def test_export_refuses_existing_target_unless_overwrite(runs, tmp_path, capsys)
     assert export.main([str(runs["char"]), "--out", str(runs["char"]), "--overwrite"]) == 2
 
 
+def test_export_overwrite_never_replaces_runs_checkpoints_or_datasets(runs, data, tmp_path, capsys):
+    import shutil
+
+    from gpt import prepare as prep
+
+    # gpt/prepare.py repeats these names (it does not import torch): they must agree.
+    assert (prep.RUN_LATEST, prep.RUN_CHECKPOINTS, prep.CHECKPOINT_MANIFEST, prep.CHECKPOINT_STATE) == (
+        ckpt.LATEST_FILE, ckpt.CHECKPOINTS_DIR, ckpt.MANIFEST_FILE, ckpt.STATE_FILE)
+    other = shutil.copytree(runs["bpe"], tmp_path / "other_run")  # a copy: the bug would delete it
+    dataset = shutil.copytree(data["bpe"], tmp_path / "dataset")
+    step = ckpt.latest_checkpoint(other)
+
+    def listing() -> dict[str, bytes]:
+        return {str(p): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    before = listing()
+    for out, what in [(step, "is a checkpoint folder"),
+                      (other / "checkpoints", "is the checkpoints folder of the training run"),
+                      (other, "is a training run folder"),
+                      (other / "metrics.jsonl", "is inside the training run folder"),
+                      (dataset, "holds a dataset"),
+                      (dataset / "train_000000.bin", "is inside the dataset folder")]:
+        assert export.main([str(runs["char"]), "--out", str(out), "--overwrite", "--no-check"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out} {what}") and "choose another --out" in err, err
+    assert listing() == before
+    ckpt.verify_checkpoint(ckpt.latest_checkpoint(other))
+    # An earlier export is what --overwrite is for.
+    hf_dir = tmp_path / "hf"
+    assert export.main([str(runs["char"]), "--out", str(hf_dir), "--no-check"]) == 0
+    char_weights = (hf_dir / "model.safetensors").read_bytes()
+    assert export.main([str(runs["bpe"]), "--out", str(hf_dir), "--overwrite", "--no-check"]) == 0
+    assert (hf_dir / "model.safetensors").read_bytes() != char_weights
+
+
 @pytest.mark.parametrize("option, message", [
     ({"bias": False}, "bias=False"),
     ({"tie_weights": False}, "tie_weights=False"),
@@ -244,6 +281,8 @@ def test_init_from_hf_trains_and_resumes(data, tmp_path, capsys):
     assert "taken from" in out and "n_embd = 32 (config: 64)" in out and "n_positions = 64" in out
     ours, _ = our_model(tmp_path / "run")
     assert ours.config.n_embd == 32 and ours.config.block_size == 64
+    # The run's recorded config is the architecture it has, not the one the config asked for.
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["n_embd"] == 32
     assert ours.tok_emb.weight.shape[0] == -(-vocab // 64) * 64 > vocab  # padded on import (vocab_multiple)
     x = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -357,7 +396,7 @@ def test_wandb_missing_names_the_extra(monkeypatch, tmp_path):
 # Plots
 
 
-def test_plot_overlays_runs_into_a_png(runs, tmp_path):
+def test_plot_overlays_runs_into_a_png(runs, tmp_path, capsys):
     png = tmp_path / "curves.png"
     result = subprocess.run([sys.executable, "-m", "gpt.plot", str(runs["char"]), str(runs["bpe"]),
                              "--out", str(png)], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -374,6 +413,10 @@ def test_plot_overlays_runs_into_a_png(runs, tmp_path):
     # One run: the picture goes into the run folder by default.
     assert plot.main([str(runs["char"])]) == 0
     assert (runs["char"] / "metrics.png").stat().st_size > 10_000
+    # No suffix: a PNG, under the name it says it wrote.
+    assert plot.main([str(runs["char"]), "--out", str(tmp_path / "char")]) == 0
+    assert f"wrote {tmp_path / 'char.png'}" in capsys.readouterr().out
+    assert (tmp_path / "char.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_plot_refuses_empty_or_malformed_metrics(tmp_path, capsys):
@@ -393,6 +436,13 @@ def test_plot_refuses_empty_or_malformed_metrics(tmp_path, capsys):
     assert [r["step"] for r in read_metrics(run)] == [1]
     assert plot.main([str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # --out: an image file (a folder, or a suffix matplotlib cannot write, named before any work).
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    for out, message in [(tmp_path, f"--out {tmp_path} is a folder"),
+                         (tmp_path / "keep.txt", f"--out {tmp_path / 'keep.txt'}: write a .png, .pdf, .svg file")]:
+        assert plot.main([str(run), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "keep.txt").exists()
 
 
 # ----------------------------------------------------------------------------------------

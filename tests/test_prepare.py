@@ -198,6 +198,88 @@ def test_unreadable_file_is_named(tmp_path):
         LocalFiles([tmp_path / "missing"])
 
 
+def tiny_run(folder: Path) -> Path:
+    """A training run folder with one real checkpoint (tiny model, tokenizer.json included); its path."""
+    from gpt import checkpoint as ckpt
+    from gpt.model import GPT, GPTConfig
+    from gpt.tokenizer import char_tokenizer
+
+    char_tokenizer(set("abc")).save(folder.parent / "tok.json")
+    config = GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    return ckpt.save_checkpoint(folder, 10, GPT(config), None, {"step": 10},
+                                tokenizer_path=folder.parent / "tok.json")
+
+
+def test_prep_never_writes_into_a_training_run(tmp_path):
+    from gpt import checkpoint as ckpt
+
+    step = tiny_run(tmp_path / "run")
+    text = Texts(["abc " * 500])
+    opts = dict(tokenizer="char", val_fraction=0.1, val_rule="tail", min_val_tokens=10, overwrite=True, **QUIET)
+    for out, what in [(step, "is a checkpoint folder"),
+                      (step / "sub", f"is inside the checkpoint folder {step}"),
+                      (tmp_path / "run/checkpoints", "is the checkpoints folder of the training run"),
+                      (tmp_path / "run/checkpoints/step_0000011", "is inside the checkpoints folder"),
+                      (tmp_path / "run", "is a training run folder")]:
+        with pytest.raises(PrepareError, match=f"--out {out}: {what}.*choose another --out"):
+            prepare(out, text, **opts)
+    ckpt.verify_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))  # tokenizer.json untouched
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == [step.name]
+    result = run_cli("data_prep/prepare.py", "--input", str(tmp_path / "tok.json"), "--out", str(step),
+                     "--overwrite", "--tokenizer=char", "--no-progress")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --out {step}: is a checkpoint folder")
+    ckpt.verify_checkpoint(step)
+
+
+def test_files_that_are_not_regular_files_are_skipped_or_refused(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in/a.txt").write_text("hello world\n" * 100)
+    os.mkfifo(tmp_path / "in/pipe")  # opening it for reading would wait forever for a writer
+    corpus = LocalFiles([tmp_path / "in"])
+    with pytest.warns(UserWarning, match="skipping .*pipe: not a regular file \\(a named pipe\\)"):
+        assert list(corpus.files()) == [tmp_path / "in/a.txt"]
+    with pytest.raises(SourceError, match="pipe: not a regular file \\(a named pipe\\); --input"):
+        LocalFiles([tmp_path / "in/pipe"])
+    # End to end, with a time limit: before the fix the prep hung here with no message.
+    result = subprocess.run([sys.executable, "data_prep/prepare.py", "--input", str(tmp_path / "in"),
+                             "--out", str(tmp_path / "out"), "--tokenizer=char", "--val-rule=tail",
+                             "--val-fraction=0.1", "--min-val-tokens=10", "--no-progress"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "warning: skipping" in result.stderr and "pipe: not a regular file" in result.stderr
+    assert load_meta(tmp_path / "out")["documents"] == 1
+
+
+def test_prep_output_in_an_input_folder_is_not_read(tmp_path):
+    text = "hello world\n" * 300
+    opts = dict(tokenizer="char", val_fraction=0.1, val_rule="tail", min_val_tokens=10, **QUIET)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.txt").write_text(text)
+    prepare(folder / "old", Texts(["older text, other tokens"] * 50), **opts)  # an earlier dataset
+    notes = {f"skipping {folder / 'old'}: a prepared dataset (token shards), not text",
+             f"skipping {folder / 'new'}: the folder this data prep writes (--out)"}
+    # --out inside the input folder: its staging folder fills with shards while the input is read.
+    with pytest.warns(UserWarning) as caught:
+        prepare(folder / "new", LocalFiles([folder]), **opts)
+    assert {str(w.message) for w in caught} == notes
+    meta = load_meta(folder / "new")
+    assert meta["documents"] == 1
+    decoded = load_tokenizer(folder / "new").decode(np.concatenate([tokens(folder / "new", s) for s in ("train", "val")]))
+    assert decoded == text
+    # Again with --overwrite: "new" is now a dataset too, and is still not read.
+    with pytest.warns(UserWarning) as caught:
+        prepare(folder / "new", LocalFiles([folder]), overwrite=True, **opts)
+    assert {str(w.message) for w in caught} == notes
+    assert load_meta(folder / "new")["documents"] == 1
+    with pytest.raises(SourceError, match=f"{folder / 'old'}: is a prepared dataset.*not text"):
+        prepare(tmp_path / "x", LocalFiles([folder / "old"]), **opts)
+    with pytest.raises(PrepareError, match=f"--input {folder}: is the --out folder"):
+        prepare(folder, LocalFiles([folder]), overwrite=True, **opts)
+    assert load_meta(folder / "old")["documents"] == 50
+
+
 # ---- a prep that dies -------------------------------------------------------------------------
 def test_exception_between_shards_leaves_no_shard(docs, tmp_path, monkeypatch):
     real = shards_module.write_shard
@@ -424,3 +506,31 @@ def test_shakespeare_download_failure_suggests_input():
         sys.path.remove(str(REPO / "data_prep"))
     with pytest.raises(ValueError, match="could not download .*--input PATH"):
         script.download("http://127.0.0.1:9/input.txt", timeout=5)
+
+
+def shakespeare_main(capsys, *args: str) -> tuple[int, str]:
+    """data_prep/shakespeare.py run in this process: its exit code and last stderr line."""
+    sys.path.insert(0, str(REPO / "data_prep"))
+    try:
+        import shakespeare as script
+    finally:
+        sys.path.remove(str(REPO / "data_prep"))
+    code = script.main([*args, "--no-progress"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    return code, lines[-1] if lines else ""
+
+
+def test_shakespeare_errors_suggest_options_it_accepts(tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text("To be, or not to be\n" * 200)  # 4,000 characters: val 400 < 1,025
+    code, err = shakespeare_main(capsys, "--input", str(small), "--out", str(tmp_path / "a"))
+    assert code == 2 and "raise --val-fraction (now 0.1)" in err
+    assert shakespeare_main(capsys, "--input", str(small), "--out", str(tmp_path / "a"),
+                            "--val-fraction=0.5")[0] == 0
+    assert load_meta(tmp_path / "a")["tokens"]["val"] == 2000
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"To be\xff " * 300)
+    code, err = shakespeare_main(capsys, "--input", str(binary), "--out", str(tmp_path / "b"))
+    assert code == 2 and "--encoding-errors replace" in err
+    assert shakespeare_main(capsys, "--input", str(binary), "--out", str(tmp_path / "b"),
+                            "--encoding_errors", "replace", "--min-val-tokens=100")[0] == 0

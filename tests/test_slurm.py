@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 
 from gpt import checkpoint as ckpt
@@ -30,6 +29,8 @@ from gpt.metrics import read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slurm.cluster import ClusterError, SlurmCluster, missing_binaries  # noqa: E402
+
+from conftest import latest_weights, learning_records  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slurm
@@ -149,32 +150,13 @@ def submit_train(cluster: SlurmCluster, logs: Path, out_dir: Path, data: Path,
     return Job(cluster, job_id, logs / f"{name}-{job_id}.out", out_dir)
 
 
-def learning_records(run: Path) -> list[dict]:
-    timing = {"tokens_per_s", "tokens_per_s_per_device", "mfu", "step_ms", "elapsed_s", "eta_s"}
-    return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(run)]
-
-
-def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    return safetensors.torch.load_file(str(ckpt.latest_checkpoint(run) / ckpt.MODEL_FILE))
-
-
-def assert_same_end(run: Path, reference: Path, resumed_at: int) -> None:
-    """A run stopped at `resumed_at` and resumed ends exactly like the uninterrupted reference.
-
-    The train loss of a log record is the mean since the previous record, so the one record
-    whose interval spans the stop covers fewer steps after a resume; every other record, the
-    val losses and the final weights must be identical.
-    """
-    ours, ref = learning_records(run), learning_records(reference)
-    assert [r["step"] for r in ours] == [r["step"] for r in ref]
-    for a, b in zip(ours, ref):
-        spans_stop = a["step"] - LOG_INTERVAL < resumed_at < a["step"]
-        if spans_stop:
-            a, b = {k: v for k, v in a.items() if k != "loss"}, {k: v for k, v in b.items() if k != "loss"}
-        assert a == b, (a, b)
-    assert ours[-1]["step"] == MAX_STEPS and ours[-1]["loss"] == ref[-1]["loss"]
-    assert ours[-1]["val_loss"] == ref[-1]["val_loss"]
-    a, b = final_weights(run), final_weights(reference)
+def assert_same_end(run: Path, reference: Path) -> None:
+    """A run stopped and resumed ends exactly like the uninterrupted reference: every log record
+    (the one whose interval spans the stop too: the checkpoint carries the interval's losses),
+    the val losses and the final weights."""
+    assert learning_records(run) == learning_records(reference)
+    assert learning_records(run)[-1]["step"] == MAX_STEPS
+    a, b = latest_weights(run), latest_weights(reference)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
@@ -240,7 +222,7 @@ def test_signal_checkpoints_requeues_and_resumes_exactly(cluster, char_data, ref
     assert f"resumed from {job.out_dir}/checkpoints/step_{stop_step:07d} at step {stop_step}" in text
     assert text.count("x 2 process(es)") == 2 and text.count(f"device cpu x {WORLD}") == 2
     assert f"done: {MAX_STEPS} steps" in text
-    assert_same_end(job.out_dir, reference[0].out_dir, stop_step)
+    assert_same_end(job.out_dir, reference[0].out_dir)
 
 
 def test_preemption_requeues_then_resumes_and_completes(cluster, char_data, reference, tmp_path):
@@ -268,7 +250,7 @@ def test_preemption_requeues_then_resumes_and_completes(cluster, char_data, refe
     resumed = re.search(r"resumed from \S+ at step (\d+)", text)
     assert resumed, text
     assert f"done: {MAX_STEPS} steps" in text
-    assert_same_end(job.out_dir, reference[0].out_dir, int(resumed.group(1)))
+    assert_same_end(job.out_dir, reference[0].out_dir)
 
 
 def test_debug_sbatch_runs_one_process(cluster, char_data, tmp_path):

@@ -8,20 +8,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 
 from gpt import checkpoint as ckpt
 from gpt.cli import run_sample, run_train
 from gpt.config import TrainConfig
 from gpt.metrics import read_metrics
-from gpt.trainer import train
+from gpt.distributed import DistInfo
+from gpt.trainer import carried_loss_sum, train
 
-from conftest import REPO, rewound_copy, run_script, tiny_config
+from conftest import REPO, latest_weights, learning_records, rewound_copy, run_script, tiny_config
 
 
 def run_cli(capsys, script: str, *argv: str) -> subprocess.CompletedProcess:
@@ -58,22 +57,12 @@ def test_short_run_learns_and_logs(char_data, tmp_path):
     # of 64 rows; the padding rows get no gradient, so they are still the zeros they started as.
     saved = ckpt.read_state(ckpt.latest_checkpoint(tmp_path / "run"))["model_config"]
     assert (saved["vocab_size"], saved["vocab_multiple"]) == (vocab, 64) and vocab % 64
-    weights = final_weights(tmp_path / "run")  # the tied table is saved under one of its names
+    weights = latest_weights(tmp_path / "run")  # the tied table is saved under one of its names
     table = weights.get("tok_emb.weight", weights.get("lm_head.weight"))
     assert table.shape[0] == -(-vocab // 64) * 64 > vocab
     assert (table[vocab:] == 0).all() and (table[:vocab] != 0).all()
     with pytest.raises(ckpt.CheckpointError, match="vocab_multiple=64"):  # resumed unpadded: says how
         train(tiny_config(char_data, tmp_path / "run", max_steps=110, eval_interval=50, vocab_multiple=1))
-
-
-def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    return safetensors.torch.load_file(str(ckpt.latest_checkpoint(run) / ckpt.MODEL_FILE))
-
-
-def learning_records(run: Path) -> list[dict]:
-    """metrics.jsonl without its timing fields, which differ from run to run."""
-    timing = {"tokens_per_s", "tokens_per_s_per_device", "mfu", "step_ms", "elapsed_s", "eta_s"}
-    return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(run)]
 
 
 @pytest.mark.parametrize("accum, optimizer", [(1, "adamw"), (2, "adamw"), (1, "muon")])
@@ -89,7 +78,7 @@ def test_resume_is_exact(char_data, tmp_path, accum, optimizer):
     assert result.step == 30
 
     assert learning_records(resumed) == learning_records(full)
-    a, b = final_weights(full), final_weights(resumed)
+    a, b = latest_weights(full), latest_weights(resumed)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
@@ -102,6 +91,11 @@ def test_init_from_fine_tunes_from_weights(char_data, tmp_path):
                               eval_interval=5, warmup_steps=1, learning_rate=1e-4, min_lr=1e-5))
     # Starting from trained weights, the loss starts where the base run ended, not at ln(vocab).
     assert abs(tuned.val_loss - first.val_loss) < 0.15
+    # A damaged source is found by its manifest before a weight of it is read.
+    weights = ckpt.latest_checkpoint(base) / ckpt.MODEL_FILE
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # same size, other bytes
+    with pytest.raises(ckpt.CheckpointError, match="checksum does not match the manifest"):
+        train(tiny_config(char_data, tmp_path / "again", init_from=str(base), max_steps=5))
 
 
 def test_resume_refuses_another_model_shape(char_data, tmp_path):
@@ -154,27 +148,60 @@ def test_keep_last_prunes_only_older_checkpoints(char_data, tmp_path):
     assert names == ["step_0000030", "step_0000040"]
 
 
-def test_sigterm_saves_and_exits_then_resumes(char_data, tmp_path):
+def test_sigterm_saves_and_exits_then_resumes_exactly(char_data, tmp_path):
+    """SIGTERM between log steps: the run saves at the end of its step and exits 75; run again,
+    it resumes and its records equal an uninterrupted run's, the record whose log interval spans
+    the stop included (the checkpoint carries the interval's summed losses)."""
+    def args(run: Path, max_steps: int) -> list[str]:
+        # lr_decay_steps fixed: the schedule must not depend on max_steps, which differs here.
+        return ["train.py", f"--data_dir={char_data}", f"--out_dir={run}", "--prepare_source=none",
+                "--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64",
+                "--batch_size=8", f"--max_steps={max_steps}", "--lr_decay_steps=1000",
+                "--eval_interval=0", "--log_interval=5", "--peak_tflops=1"]
+
     run = tmp_path / "run"
-    args = ["train.py", f"--data_dir={char_data}", f"--out_dir={run}", "--prepare_source=none",
-            "--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64",
-            "--batch_size=8", "--max_steps=100000", "--eval_interval=0", "--log_interval=1",
-            "--peak_tflops=1"]
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, *args(run, 100000)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
-        if line.startswith("step") and "/100000" in line:
+        if line.startswith("step      5/100000"):
             break
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # lands a step or two after step 5: mid-interval
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 75, out
     saved = ckpt.latest_checkpoint(run)
-    step = ckpt.read_state(saved)["step"]
-    assert step >= 1 and "received a stop signal" in out
+    stopped = ckpt.read_state(saved)["step"]
+    assert stopped >= 5 and "received a stop signal" in out
 
-    done = run_script(*[a.replace("--max_steps=100000", f"--max_steps={step + 3}") for a in args])
+    end = (stopped // 5 + 2) * 5
+    done = run_script(*args(run, end))
     assert done.returncode == 0, done.stderr
     assert f"resumed from {saved}" in done.stdout
+    reference = run_script(*args(tmp_path / "reference", end))
+    assert reference.returncode == 0, reference.stderr
+    assert learning_records(run) == learning_records(tmp_path / "reference")
+    assert [r["step"] for r in learning_records(run)] == list(range(5, end + 1, 5))
+    a, b = latest_weights(run), latest_weights(tmp_path / "reference")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_run_shorter_than_its_warmup_says_so(char_data, tmp_path, capsys):
+    train(tiny_config(char_data, tmp_path / "run", max_steps=3, warmup_steps=10, eval_interval=3))
+    peak_reached = 3e-3 * 3 / 10  # tiny_config's learning_rate, 3 of 10 warmup steps in
+    assert (f"note: warmup_steps = 10 is more than max_steps = 3: the learning rate stops at "
+            f"{peak_reached:.2e}, short of learning_rate = 3.00e-03") in capsys.readouterr().out
+
+
+def test_a_log_interval_carried_to_another_world_size_keeps_its_mean():
+    # Saved by 2 ranks, 2 micro-batches per step, 3 steps into the interval: per-rank sums of 6
+    # micro-batch losses. The logged mean is sum / (steps * accum), averaged over ranks.
+    saved = {"steps": 3, "skipped": 0, "accum": 2, "loss_sums": [12.0, 18.0]}
+    def rank(r: int, world: int) -> DistInfo:
+        return DistInfo(rank=r, local_rank=r, world_size=world, device=torch.device("cpu"))
+
+    assert [carried_loss_sum(saved, rank(r, 2), accum=2) for r in (0, 1)] == [12.0, 18.0]  # its own
+    # 1 rank, 4 micro-batches per step (the same tokens per step): the mean stays 2.5.
+    one = carried_loss_sum(saved, rank(0, 1), accum=4)
+    assert one / (3 * 4) == (12.0 + 18.0) / 2 / (3 * 2) == 2.5
 
 
 def test_sample_cli_prints_text_from_a_trained_run(char_data, tmp_path, capsys):
@@ -223,6 +250,9 @@ def test_train_cli_errors_name_the_key(tmp_path, capsys):
     assert result.returncode == 2
     assert "unknown key 'n_lyer'" in result.stderr and "n_layer" in result.stderr
 
+    result = run_cli(capsys, "train.py", "max_steps=2")
+    assert result.returncode == 2 and "'max_steps=2' needs two dashes: --max_steps=2" in result.stderr
+
     result = run_cli(capsys, "train.py", "--n_head=3")
     assert result.returncode == 2 and "n_embd (128) must be divisible by n_head (3)" in result.stderr
 
@@ -237,6 +267,15 @@ def test_train_cli_errors_name_the_key(tmp_path, capsys):
     result = run_cli(capsys, "train.py", f"--data_dir={tmp_path / 'nothing'}", "--prepare_source=none",
                      f"--out_dir={tmp_path / 'out'}")
     assert result.returncode == 2 and "prepare.py" in result.stderr
+
+    (tmp_path / "latin1.toml").write_bytes(b"# caf\xe9\nn_layer = 2\n")
+    for config, message in [(tmp_path, f"cannot read config file {tmp_path} (Is a directory)"),
+                            (tmp_path / "latin1.toml", f"{tmp_path / 'latin1.toml'}: not valid TOML")]:
+        result = run_cli(capsys, "train.py", "--config", str(config))
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    result = run_cli(capsys, "train.py", f"--seed={1 << 64}", f"--out_dir={tmp_path / 'seed'}")
+    assert result.returncode == 2 and f"seed = {1 << 64} is too large" in result.stderr
+    assert not (tmp_path / "seed").exists()  # refused before anything is written
 
 
 def test_help_lists_every_key():
