@@ -1077,8 +1077,8 @@ def read_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 @contextlib.contextmanager
 def _readable_safetensors(path: Path):
     """Turn safetensors' errors for a missing, truncated or garbled file into a CheckpointError
-    naming it. (Callers that verify the checkpoint first never see one; init_from reads the
-    weights without verifying.)"""
+    naming it. (Callers that verify the checkpoint first, as the trainer, sample.py and init_from
+    do, never see one; read_model_state alone does not verify.)"""
     try:
         yield
     except (OSError, safetensors.SafetensorError) as e:

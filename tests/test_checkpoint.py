@@ -440,7 +440,7 @@ def test_the_manifest_must_list_every_file_that_is_read(full_sync_run, tmp_path,
     with pytest.raises(ckpt.CheckpointError, match=re.escape(
             f"{weights}: missing from the checkpoint (a full checkpoint needs it)")):
         ckpt.verify_checkpoint(saved)
-    # Read without verifying (as init_from does), damaged weights are named all the same.
+    # Read without verifying (a tool reading the weights alone), damaged weights are named all the same.
     weights.write_bytes(b"garbage")
     with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{weights}: not a readable safetensors file")):
         ckpt.read_model_state(saved)
