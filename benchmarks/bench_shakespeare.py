@@ -14,6 +14,7 @@ another CPU-heavy job at the same time makes every figure meaningless.
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import statistics
@@ -40,23 +41,15 @@ GOAL_VAL_LOSS = 1.75
 
 
 def parse(argv: list[str]) -> tuple[Path, list[str]]:
-    """(the text file, the overrides for train.py); --help prints the module docstring."""
-    if "-h" in argv or "--help" in argv:
-        print(__doc__)
-        raise SystemExit(0)
-    text, overrides = SHAKESPEARE, []
-    args = iter(argv)
-    for arg in args:
-        if arg == "--input":
-            text = Path(next(args, ""))
-        elif arg.startswith("--input="):
-            text = Path(arg.removeprefix("--input="))
-        else:
-            overrides.append(arg)
-    if not text.is_file():
-        raise SystemExit(f"error: {text} not found; pass --input with the tiny-Shakespeare text "
+    """(the text file, the overrides for train.py: every argument but --input)."""
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", type=Path, default=SHAKESPEARE, help="the tiny-Shakespeare text")
+    args, overrides = parser.parse_known_args(argv)
+    if not args.input.is_file():
+        raise SystemExit(f"error: {args.input} not found; pass --input with the tiny-Shakespeare text "
                          f"(data_prep/shakespeare.py's URL is where to download it)")
-    return text, overrides
+    return args.input, overrides
 
 
 def main(argv: list[str]) -> dict:

@@ -120,17 +120,23 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:06d}.bin"
 
 
-def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
-    """The shards of one split, in order.
+def is_shard_name(name: str, split: str | None = None) -> bool:
+    """Whether a file name is a shard's (of `split`, or of any split).
 
     Accepts our names (`train_000000.bin`) and llm.c / modded-nanogpt names
     (`fineweb_train_000001.bin`).
     """
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    splits = SPLITS if split is None else (split,)
+    return re.match(rf"^(?:.*_)?(?:{'|'.join(splits)})_\d+\.bin$", name) is not None
+
+
+def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """The shards of one split, in order (names as `is_shard_name` accepts them)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    data_dir = Path(data_dir)
-    pattern = re.compile(rf"^(?:.*_)?{split}_\d+\.bin$")
-    return sorted(p for p in data_dir.glob("*.bin") if pattern.match(p.name))
+    return sorted(p for p in Path(data_dir).glob("*.bin") if is_shard_name(p.name, split))
 
 
 def missing_dataset(data_dir: Path, what: str) -> ShardError:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from gpt.shards import SPLITS, list_shards
+from gpt.shards import is_shard_name
 
 PIECE_CHARS = 1 << 16  # small enough that the BPE trainer's 256-item read-ahead stays ~16 MB
 READ_BYTES = 1 << 20
@@ -173,7 +173,7 @@ def _first_decode_error(path: Path) -> NotUTF8Error | None:
 
 def holds_token_shards(folder: Path) -> bool:
     """Whether `folder` holds a prepared dataset's token shards (train_*.bin, val_*.bin)."""
-    return any(list_shards(folder, split) for split in SPLITS)
+    return any(is_shard_name(name) for name in os.listdir(folder))
 
 
 def _special_file(path: Path) -> str | None:
@@ -208,9 +208,9 @@ def _walk_files(path: Path, skip_dirs: tuple[str, ...] = (),
         return
     for root, dirs, files in os.walk(path, onerror=_raise_walk_error):
         folder = Path(root)
-        if folder.resolve() in exclude:
+        if exclude and folder.resolve() in exclude:
             reason = "the folder this data prep writes (--out)"
-        elif holds_token_shards(folder):
+        elif any(is_shard_name(name) for name in files):  # the listing os.walk already made
             reason = "a prepared dataset (token shards), not text"
         else:
             reason = None
