@@ -140,6 +140,48 @@ def _seal(path: Path) -> dict[str, Any]:
     return entry
 
 
+@contextlib.contextmanager
+def _writeback(folder: Path, pattern: str = "*", every_s: float = 0.1):
+    """Make the disk write files while they are still being serialized: a thread fsyncs the
+    files in `folder` matching `pattern` every `every_s` seconds until the body is done.
+
+    Left alone, the kernel starts writing dirty pages only when they pass
+    vm.dirty_background_ratio (10% of RAM) or are 30 s old, so a 1.5 GB checkpoint first fills
+    the page cache and then waits in fsync for the whole of it: serialize + write, instead of
+    about the slower of the two. A synchronous save of the 124M model and its AdamW state on
+    the development machine's disk (~0.5 GB/s durable, so a floor of ~2.9 s): 3.20 vs 3.71 s
+    (medians of 8, alternated). On tmpfs, with no disk behind the page cache, fsync is free."""
+    stop = threading.Event()
+    failed: list[OSError] = []
+
+    def flush() -> None:
+        while not stop.wait(every_s) and not failed:
+            for path in folder.glob(pattern):
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError:  # not created yet, or gone
+                    continue
+                try:
+                    os.fsync(fd)
+                except OSError as e:
+                    # Linux reports a write error to the fsyncs of the descriptors open when it
+                    # happened, so a later fsync on a fresh descriptor may not see it: keep it.
+                    failed.append(e)
+                    break
+                finally:
+                    os.close(fd)
+
+    thread = threading.Thread(target=flush, name="checkpoint-writeback", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    if failed:
+        raise failed[0]
+
+
 def _seal_all(paths: list[Path], base: Path) -> dict[str, dict[str, Any]]:
     """`_seal` for several files in parallel threads; keys are paths relative to `base`."""
     if not paths:
@@ -340,8 +382,9 @@ def _save_full_folder(out_dir: Path, step: int, write_weights: Callable[[Path], 
         with ThreadPoolExecutor(max_workers=2) as pool:
             # Seal each weights file while the next one is being serialized.
             sealed: dict[str, Future] = {}
-            for path in _write_weight_files(tmp, write_weights):
-                sealed[path.name] = pool.submit(_seal, path)
+            with _writeback(tmp):
+                for path in _write_weight_files(tmp, write_weights):
+                    sealed[path.name] = pool.submit(_seal, path)
             entries = {name: future.result() for name, future in sealed.items()}
         _complete(tmp, final, dict(state, format="full"), tokenizer_path, entries)
         _publish(out_dir, final, keep_last, remove)
@@ -639,7 +682,8 @@ class Checkpointer:
             error = None
             sealed: dict[str, Any] = {}
             try:
-                self._dcp_save(payload, tmp / DCP_DIR)
+                with _writeback(tmp / DCP_DIR, f"__{self.rank}_*"):
+                    self._dcp_save(payload, tmp / DCP_DIR)
                 # Each rank checksums and fsyncs the files it wrote (DCP names them __RANK_N).
                 mine = sorted((tmp / DCP_DIR).glob(f"__{self.rank}_*"))
                 sealed = _seal_all(mine, tmp)

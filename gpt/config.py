@@ -242,19 +242,25 @@ class TrainConfig:
 # Parsing: TOML file and command line
 
 
-def _coerce(name: str, value: Any, typ: str, where: str) -> Any:
-    """Check/convert one value to the field's type; `where` says where the value came from."""
+def _coerce(name: str, value: Any, typ: str, where: str, typed: bool = False) -> Any:
+    """Check/convert one value to the field's type; `where` says where the value came from.
+
+    `typed`: the value comes from a TOML file, which has real types, so it must already have the
+    field's type (an integer also serves a float key, a boolean a tri-state string key such as
+    `compile`); a quoted `n_layer = "2"` is a mistake, not a spelling of 2. Without it (the
+    command line, where every value arrives as a string) strings are converted.
+    """
     if typ == "bool":
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+        if isinstance(value, str) and not typed and value.lower() in ("true", "1", "yes", "on"):
             return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+        if isinstance(value, str) and not typed and value.lower() in ("false", "0", "no", "off"):
             return False
     elif typ == "int":
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str):
+        if isinstance(value, str) and not typed:
             try:
                 return int(value.replace("_", ""))
             except ValueError:
@@ -262,7 +268,7 @@ def _coerce(name: str, value: Any, typ: str, where: str) -> Any:
     elif typ == "float":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):
+        if isinstance(value, str) and not typed:
             try:
                 return float(value)
             except ValueError:
@@ -273,7 +279,17 @@ def _coerce(name: str, value: Any, typ: str, where: str) -> Any:
         if isinstance(value, bool):  # `compile = true` in TOML: a tri-state key given a bool
             return "true" if value else "false"
     kind = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}[typ]
-    raise ConfigError(f"{where}: {name} must be {kind}, got {value!r}")
+    hint = ""
+    if typed and isinstance(value, str) and typ != "str":
+        # What the command line would have made of it, written as a TOML value.
+        try:
+            meant = _coerce(name, value, typ, where)
+        except ConfigError:
+            hint = " (a string)"
+        else:
+            literal = str(meant).lower() if typ == "bool" else repr(meant)
+            hint = f" (a string; write {name} = {literal} without quotes)"
+    raise ConfigError(f"{where}: {name} must be {kind}, got {value!r}{hint}")
 
 
 def _default(name: str) -> Any:
@@ -291,14 +307,17 @@ def _unknown_key(name: str, where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key {name!r}{hint}; `python train.py --help` lists every key")
 
 
-def apply_overrides(config: TrainConfig, values: dict[str, Any], where: str) -> TrainConfig:
+def apply_overrides(config: TrainConfig, values: dict[str, Any], where: str, *,
+                    typed: bool = False) -> TrainConfig:
+    """Set `values` on `config`. `where` names their source in errors; `typed`: they come from a
+    TOML file and must already have each key's type (strings are not converted, see `_coerce`)."""
     types = _field_types()
     updates = {}
     for name, value in values.items():
         key = name.replace("-", "_")
         if key not in types:
             raise _unknown_key(name, where)
-        updates[key] = _coerce(key, value, types[key], where)
+        updates[key] = _coerce(key, value, types[key], where, typed)
     return dataclasses.replace(config, **updates)
 
 
@@ -365,7 +384,7 @@ def parse_args(argv: Sequence[str] | None = None, default_config: str | None = N
         raise _unknown_key(name, "command line")
     config = TrainConfig()
     if args.config:
-        config = apply_overrides(config, load_toml(args.config), str(args.config))
+        config = apply_overrides(config, load_toml(args.config), str(args.config), typed=True)
     cli = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     config = apply_overrides(config, cli, "command line")
     return config.validate()

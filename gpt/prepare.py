@@ -119,7 +119,8 @@ def prepare(
     overwrite: replace a dataset already in `out_dir` (refused otherwise).
     progress: show progress bars (tqdm, on stderr).
     log: called with the closing summary line (documents, tokens per split, bytes per token,
-        MB/s); None for silence.
+        MB/s), after a note when the val split came out far larger than val_fraction (a corpus
+        of only a few chunks); None for silence.
 
     The summary (also the content of meta.json, plus timing): tokenizer, vocab_size, eos_id,
     tokens {"train", "val"}, shards {"train", "val"}, documents, text_bytes, source, seed,
@@ -151,6 +152,7 @@ def prepare(
         shards = {split: [p.name for p in w.close()] for split, w in writers.items()}
         tokens = {split: w.tokens_written for split, w in writers.items()}
         _check_split_sizes(tokens, min_val_tokens, val_fraction, val_rule, val_chunk_tokens)
+        note = _val_share_note(tokens, val_fraction, val_rule, val_chunk_tokens)
         tok.save(staging / TOKENIZER_FILE)
         meta = {
             "tokenizer": tok.kind,
@@ -181,6 +183,8 @@ def prepare(
                    mb_per_s=round(counts.text_bytes / 1e6 / max(seconds, 1e-9), 3),
                    tokens_per_s=round(total / max(seconds, 1e-9)))
     if log is not None:
+        if note:
+            log(note)
         log(_format_summary(summary))
     return summary
 
@@ -282,6 +286,30 @@ def _check_split_sizes(tokens: dict, min_val_tokens: int, val_fraction: float, v
                 f"{min_val_tokens:,} (one block plus its target); {hint}, or lower --min-val-tokens "
                 f"if your block_size is smaller"
             )
+
+
+def _val_share_note(tokens: dict, val_fraction: float, val_rule: str, val_chunk_tokens: int) -> str | None:
+    """A note when val took far more of the tokens than val_fraction asked for, else None.
+
+    The chunks rule holds out whole chunks, so val is within about one chunk of val_fraction x
+    the corpus: on a corpus of only a few chunks that one chunk can be most of it (a 20,000-token
+    corpus with chunks of 8,192 tokens and val_fraction 0.1 puts 41% in val). Up to twice the
+    fraction asked for is the rounding a small corpus is expected to have; beyond that val is
+    eating train data the user meant to train on, so say so (not an error: the dataset is
+    usable). The tail rule cuts at a character position and lands near val_fraction anyway.
+    """
+    total = tokens["train"] + tokens["val"]
+    if val_rule != "chunks" or total == 0:
+        return None
+    share = tokens["val"] / total
+    if share <= 2 * val_fraction:
+        return None
+    asked = f"{val_fraction * 100:g}%"
+    return (f"note: the val split is {share:.1%} of the tokens ({tokens['val']:,} of {total:,}), not the "
+            f"{asked} of --val-fraction {val_fraction:g}: the chunks rule holds out whole chunks of "
+            f"{val_chunk_tokens:,} tokens (--val-chunk-tokens) and the corpus has only {total:,} tokens; "
+            f"for a val share near {asked} use a smaller --val-chunk-tokens (well under "
+            f"{round(total * val_fraction):,}) or --val-rule tail")
 
 
 # ---- pass one: the tokenizer ----------------------------------------------------------------

@@ -24,7 +24,8 @@ from . import checkpoint as ckpt
 from . import hf
 from . import parallel
 from .config import ConfigError, TrainConfig
-from .distributed import DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed, shutdown
+from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed, pick_device,
+                          shutdown)
 from .errors import TrainingError
 from .loader import TokenLoader, eval_batches
 from .metrics import MetricsLog, Sinks, WandbSink, format_duration, peak_flops, wandb_tags
@@ -58,6 +59,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return DTYPES[name]
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run at least as fast as fp32 here: a GPU that supports bf16, or a
+    CPU with native bf16 instructions (AVX512-BF16/AMX; without them oneDNN emulates bf16)."""
+    if device.type == "cpu":
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return True
 
 
 def ensure_dataset(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
@@ -516,20 +527,35 @@ def is_out_of_memory(error: BaseException) -> bool:
     return type(error) is RuntimeError and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
-def out_of_memory_message(config: TrainConfig, error: BaseException) -> str:
+def out_of_memory_message(config: TrainConfig, error: BaseException, device: torch.device | None = None) -> str:
+    """What ran out of memory, with the settings that size the run and what to change.
+
+    `device`: the run's device, picked from config.device when not given. The dtype named is the
+    one the run computes in (`resolve_dtype`: 'auto' is bfloat16 or float32), not the setting.
+    """
     try:
         latest = ckpt.latest_checkpoint(config.out_dir)
     except ckpt.CheckpointError:
         latest = None
     kept = f"the last checkpoint, {latest}, is intact" if latest else "no checkpoint had been saved"
     first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    dtype_name, suggest_bf16 = config.dtype, config.dtype != "bfloat16"
+    try:  # never let describing the error raise another one
+        device = device if device is not None else pick_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        dtype_name = str(dtype).removeprefix("torch.")
+        # bfloat16 halves activation memory, but not where the run already uses it, nor where it
+        # would be slow: a CPU without native bf16 matmul (see the note _train logs), a GPU without bf16.
+        suggest_bf16 = dtype != torch.bfloat16 and has_fast_bf16(device)
+    except Exception:
+        pass
     return (
         f"out of memory ({first_line}) with batch_size {config.batch_size}, block_size "
-        f"{config.block_size}, n_layer {config.n_layer}, n_embd {config.n_embd}, dtype {config.dtype}; "
+        f"{config.block_size}, n_layer {config.n_layer}, n_embd {config.n_embd}, dtype {dtype_name}; "
         f"{kept}. Reduce batch_size (set tokens_per_step to keep the tokens per optimizer step: "
         f"gradient accumulation makes up the difference), block_size, or the model size (n_layer, "
-        f"n_embd); or set activation_checkpointing=true, dtype=bfloat16, or on several GPUs "
-        f"parallel=fsdp (with fsdp_cpu_offload=true for the largest models)"
+        f"n_embd); or set activation_checkpointing=true, " + ("dtype=bfloat16, " if suggest_bf16 else "")
+        + "or on several GPUs parallel=fsdp (with fsdp_cpu_offload=true for the largest models)"
     )
 
 
@@ -647,7 +673,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
         log(info, f"note: warmup_steps = {config.warmup_steps} is more than max_steps = {config.max_steps}: "
                   f"the learning rate stops at {learning_rate_at(config.max_steps - 1, config):.2e}, "
                   f"short of learning_rate = {config.learning_rate:.2e}")
-    if device.type == "cpu" and dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device.type == "cpu" and dtype == torch.bfloat16 and not has_fast_bf16(device):
         log(info, "note: this CPU has no native bf16 matmul (AVX512-BF16/AMX); bf16 runs several "
                   "times slower than float32 here (benchmarks/: ~50x for a large matmul). Use dtype=float32")
 

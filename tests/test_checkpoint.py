@@ -352,6 +352,36 @@ def test_file_crc32_in_parallel_ranges_equals_zlib(tmp_path, monkeypatch):
             assert crc.file_crc32(path, threads) == zlib.crc32(data), (size, threads)
 
 
+def test_a_save_flushes_files_to_disk_while_they_are_still_being_written(tmp_path, monkeypatch):
+    """The writeback thread fsyncs a file before its writer is done with it (so a synchronous
+    save writes to disk during serialization), and a write error it meets is raised, not lost."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    path = tmp_path / "optimizer.pt"
+    with ckpt._writeback(tmp_path, every_s=0.01):
+        with open(path, "wb") as f:
+            f.write(b"x" * 4096)
+            f.flush()
+            deadline = time.monotonic() + 10
+            while str(path) not in synced and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert str(path) in synced  # while the file is still open for writing
+
+    def failing_fsync(fd):
+        raise OSError(5, "Input/output error (injected)")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="injected"):
+        with ckpt._writeback(tmp_path, every_s=0.01):
+            time.sleep(0.2)
+
+
 # ----------------------------------------------------------------------------------------
 # Damaged or mistaken input: a CheckpointError naming the file and what is wrong
 

@@ -39,7 +39,7 @@ from gpt.optim import build_optimizer
 from gpt.prepare import prepare
 from gpt.shards import ShardError, shard_name, write_shard
 from gpt.tokenizer import Tokenizer, build_char
-from gpt.trainer import NonFiniteGuard, StopFlag, model_config, train
+from gpt.trainer import NonFiniteGuard, StopFlag, model_config, out_of_memory_message, train
 
 from conftest import REPO, SHAKESPEARE, tiny_args, tiny_config
 from conftest import run_script as run_python
@@ -561,6 +561,24 @@ def test_out_of_memory_names_what_to_reduce_and_loses_nothing(char_data, run_cop
     assert f"the last checkpoint, {before}, is intact" in result.stderr
     assert ckpt.latest_checkpoint(run_copy) == before
     ckpt.verify_checkpoint(before)
+
+
+@pytest.mark.parametrize(("dtype", "fast_cpu_bf16", "shown", "bf16_advice"), [
+    ("auto", True, "float32", True),       # 'auto' is float32 on a CPU: name that, not 'auto'
+    ("auto", False, "float32", False),     # a CPU without native bf16 matmul: bf16 would be slower
+    ("bfloat16", True, "bfloat16", False),  # already bf16: nothing to suggest
+    ("float16", True, "float16", True),
+])
+def test_out_of_memory_message_names_the_dtype_in_use(tmp_path, monkeypatch, dtype, fast_cpu_bf16, shown,
+                                                      bf16_advice):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: fast_cpu_bf16)
+    config = TrainConfig(out_dir=str(tmp_path / "run"), device="cpu", dtype=dtype).validate()
+    error = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes")
+    text = out_of_memory_message(config, error)
+    assert text.startswith("out of memory (DefaultCPUAllocator: can't allocate memory: ")
+    assert f"n_embd 128, dtype {shown}; no checkpoint had been saved." in text
+    assert ("dtype=bfloat16" in text) == bf16_advice
+    assert "or set activation_checkpointing=true, " in text and "parallel=fsdp" in text
 
 
 def test_ctrl_c_finishes_the_step_saves_and_exits(char_data, tmp_path):

@@ -102,6 +102,29 @@ def test_bpe_documents_with_eos_and_determinism(docs, tmp_path):
     assert tokens(tmp_path / "c", "val").tolist() != tokens(tmp_path / "a", "val").tolist()
 
 
+def test_tiny_corpus_with_an_oversized_val_split_gets_a_note(shakespeare, tmp_path):
+    """Whole chunks of val_chunk_tokens go to val: on a corpus of a few chunks val can be far more
+    than val_fraction. Prep says so (not an error), with the share, the reason and the options."""
+    corpus = tmp_path / "small.txt"
+    corpus.write_text(shakespeare[:20_000])  # 20,000 char tokens: 3 chunks of 8,192, one of them val
+    lines = []
+    summary = prepare(tmp_path / "a", LocalFiles([corpus]), tokenizer="char", val_fraction=0.1,
+                      progress=False, log=lines.append)
+    assert summary["tokens"] == {"train": 11_808, "val": 8_192}
+    assert len(lines) == 2 and lines[1].startswith("prepared ")
+    assert lines[0] == (
+        "note: the val split is 41.0% of the tokens (8,192 of 20,000), not the 10% of --val-fraction 0.1: "
+        "the chunks rule holds out whole chunks of 8,192 tokens (--val-chunk-tokens) and the corpus has only "
+        "20,000 tokens; for a val share near 10% use a smaller --val-chunk-tokens (well under 2,000) "
+        "or --val-rule tail")
+    # Chunks small enough to spread val over the corpus, or the tail rule: no note.
+    for name, options in [("b", dict(val_chunk_tokens=500)), ("c", dict(val_rule="tail"))]:
+        lines = []
+        summary = prepare(tmp_path / name, LocalFiles([corpus]), tokenizer="char", val_fraction=0.1,
+                          progress=False, log=lines.append, **options)
+        assert summary["tokens"]["val"] <= 2_500 and len(lines) == 1 and lines[0].startswith("prepared "), lines
+
+
 def test_shard_size_limit_makes_several_shards(docs, tmp_path):
     prepare(tmp_path, Texts(docs), tokenizer="char", val_fraction=0.1, shard_tokens=10_000, **QUIET)
     meta = check_folder(tmp_path)

@@ -1,0 +1,42 @@
+"""Config parsing: a TOML file's values keep their TOML types; command-line strings are converted."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpt.config import ConfigError, parse_args
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('n_layer = "2"', "n_layer must be an integer, got '2' (a string; write n_layer = 2 without quotes)"),
+    ('learning_rate = "1e-3"',
+     "learning_rate must be a number, got '1e-3' (a string; write learning_rate = 0.001 without quotes)"),
+    ('bias = "false"', "bias must be true or false, got 'false' (a string; write bias = false without quotes)"),
+    ('tie_weights = "yes"', "tie_weights must be true or false, got 'yes' (a string; write tie_weights = true "
+                            "without quotes)"),
+    ('n_layer = "four"', "n_layer must be an integer, got 'four' (a string)"),
+    ("n_layer = 2.0", "n_layer must be an integer, got 2.0"),
+])
+def test_toml_strings_for_numbers_and_booleans_are_refused(tmp_path, line, message):
+    """A TOML file has real types: a quoted number or boolean is a mistake, named with the file and key."""
+    path = tmp_path / "run.toml"
+    path.write_text(line + "\n")
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--config", str(path)])
+    assert str(e.value) == f"{path}: {message}"
+
+
+def test_toml_types_that_fit_and_command_line_strings_are_accepted(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('n_layer = 2\nlearning_rate = 1\nmin_lr = 1e-4\nbias = false\ncompile = true\n'
+                    'device = "cpu"\n')
+    config = parse_args(["--config", str(path)])
+    # an integer for a float key; a TOML boolean for the tri-state string key `compile`
+    assert (config.n_layer, config.learning_rate, config.bias, config.compile) == (2, 1.0, False, "true")
+    assert type(config.learning_rate) is float
+    # On the command line every value arrives as a string and is converted, as before.
+    config = parse_args(["--config", str(path), "--n_layer=3", "--learning_rate=2e-3", "--bias=yes",
+                         "--compile=false"])
+    assert (config.n_layer, config.learning_rate, config.bias, config.compile) == (3, 2e-3, True, "false")
+    with pytest.raises(ConfigError, match="^command line: n_layer must be an integer, got 'four'$"):
+        parse_args(["--n_layer=four"])
