@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import faulthandler
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,14 +31,34 @@ USER_ERRORS = (ConfigError, CheckpointError, ShardError, HFError, MetricsError, 
 RUN_ERRORS = (TrainingError,)
 
 
+# How long a torchrun worker other than rank 0 holds back its error message (see `say_error`).
+PEER_ERROR_DELAY_S = 5.0
+
+
+def say_error(message: str) -> None:
+    """Print `message` as the run's error, once per job rather than once per process.
+
+    Under torchrun every rank usually meets the same error (a typo in the config, a missing
+    dataset), and 8 copies of it bury the one line that matters. Rank 0 prints at once and exits;
+    torchrun then stops the other workers (SIGTERM, within its 0.1 s monitor interval), which are
+    waiting here to print theirs. An error only some rank met, or one rank 0 never reports, is still
+    printed by that rank after the delay, with its rank: no message is lost, only delayed."""
+    rank, world_size = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size > 1 and rank != 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the trainer's stop handler is of no use now
+        time.sleep(PEER_ERROR_DELAY_S)
+        message = f"rank {rank}: {message}"
+    print(message, file=sys.stderr, flush=True)
+
+
 def report_errors(main: Callable[[], int | None]) -> int:
     try:
         return main() or 0
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        say_error(f"error: {e}")
         return 2
     except RUN_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        say_error(f"error: {e}")
         return 1
     except KeyboardInterrupt:
         print("interrupted: stopped at once, without saving; checkpoints already written are "

@@ -29,7 +29,7 @@ from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier,
 from .errors import TrainingError
 from .loader import TokenLoader, eval_batches
 from .metrics import MetricsLog, Sinks, WandbSink, format_duration, peak_flops, wandb_tags
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, closed_form_num_params
 from .optim import build_optimizer, describe_optimizer, learning_rate_at
 from .shards import ShardError, check_token_ids, list_shards, load_meta, read_header
 
@@ -248,6 +248,42 @@ def model_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
         n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias,
         tie_weights=config.tie_weights, attention=config.attention, vocab_multiple=config.vocab_multiple,
     )
+
+
+def total_memory(device: torch.device) -> tuple[int, str] | None:
+    """The memory a run on `device` allocates from, in bytes, and what to call it; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"GPU's ({torch.cuda.get_device_name(device)})"
+    try:  # the CPU, and Apple's MPS, whose GPU shares the machine's RAM
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "machine's RAM"
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_model_fits(gpt_config: GPTConfig, config: TrainConfig, info: DistInfo) -> None:
+    """Refuse, before building it, a model that cannot fit in memory.
+
+    Without this, a slip such as n_layer = 100000000 builds blocks until the machine runs out of
+    memory, and on Linux the kernel's OOM killer then ends the run (or another process) without a
+    word. The bound is a floor, so nothing that fits is refused: every process builds the whole
+    fp32 model in RAM and moves it to its device (FSDP shards it afterwards), and without FSDP
+    training also holds a gradient per weight (AdamW's two moments, activations: more still).
+    """
+    n_params = closed_form_num_params(gpt_config)
+    sharded = parallel.resolve_strategy(config, info) == "fsdp"
+    needs = {torch.device("cpu"): 4 * n_params}
+    needs[info.device] = max(needs.get(info.device, 0), 4 * n_params * (1 if sharded else 2))
+    for device, need in needs.items():
+        memory = total_memory(device)
+        if memory is None or need <= memory[0]:
+            continue
+        what = "its fp32 weights" + ("" if sharded or device.type != info.device.type else " and gradients")
+        raise ConfigError(
+            f"the model has {n_params:,} parameters (n_layer {gpt_config.n_layer}, n_embd "
+            f"{gpt_config.n_embd}, vocabulary {gpt_config.padded_vocab_size:,}, block_size "
+            f"{gpt_config.block_size}): {what} alone take {need / 1e9:,.1f} GB, more than this "
+            f"{memory[1]} {memory[0] / 1e9:,.1f} GB. Lower n_layer or n_embd"
+        )
 
 
 def carried_loss_sum(saved: dict[str, Any], info: DistInfo, accum: int) -> float:
@@ -614,6 +650,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
         gpt_config = hf.init_from_hf(hf_dir, gpt_config, meta["vocab_size"], lambda m: log(info, m))
         # Record the architecture the run really has (config.json, each checkpoint's train_config).
         config = replace(config, **{k: getattr(gpt_config, k) for k in hf.ARCHITECTURE_KEYS})
+    check_model_fits(gpt_config, config, info)
     if info.is_main:
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     model = GPT(gpt_config)

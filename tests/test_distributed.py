@@ -362,6 +362,28 @@ def test_impossible_tokens_per_step_names_the_key_under_two_processes(data, tmp_
     assert "tokens_per_step (768) must be a multiple of batch_size x block_size x processes" in result.stderr
     assert "8 x 32 x 2 = 512" in result.stderr
     assert not (out / "metrics.jsonl").exists()
+    # Both ranks met it; rank 0 says it once and torchrun stops rank 1 before it repeats it.
+    assert result.stderr.count("must be a multiple of batch_size") == 1, result.stderr[-4000:]
+    assert "rank 1: error:" not in result.stderr
+
+
+def test_an_error_on_one_rank_alone_is_printed_by_that_rank(tmp_path):
+    """The other half of say_error: when rank 0 does not fail, the rank that did still prints its
+    error (after its delay), naming itself."""
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from gpt.cli import report_errors\n"
+        "from gpt.config import ConfigError\n"
+        "def main():\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        raise ConfigError('only rank 1 has this problem')\n"
+        "    time.sleep(30)\n"  # rank 0 goes on working until torchrun stops it
+        "sys.exit(report_errors(main))\n")
+    result = torchrun([str(script)], complete=lambda: False, timeout=120)
+    assert result.returncode != 0
+    assert "rank 1: error: only rank 1 has this problem" in result.stderr, result.stderr[-4000:]
 
 
 # ----------------------------------------------------------------------------------------

@@ -563,6 +563,21 @@ def test_out_of_memory_names_what_to_reduce_and_loses_nothing(char_data, run_cop
     ckpt.verify_checkpoint(before)
 
 
+def test_a_model_too_big_for_memory_is_refused_before_it_is_built(char_data, tmp_path):
+    """n_layer = 100,000,000 (a slip of the keyboard) would build blocks until the kernel's OOM
+    killer ends the run without a word; it is refused at once, naming the sizes."""
+    run = tmp_path / "run"
+    started = time.monotonic()
+    result = run_script("train.py", *tiny_args(char_data, run, n_layer=100_000_000))
+    assert time.monotonic() - started < 60
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "error: the model has " in result.stderr and "parameters (n_layer 100000000, n_embd " in result.stderr
+    assert "its fp32 weights and gradients alone take " in result.stderr
+    assert "more than this machine's RAM " in result.stderr and "Lower n_layer or n_embd" in result.stderr
+    assert not (run / "checkpoints").exists()
+
+
 @pytest.mark.parametrize(("dtype", "fast_cpu_bf16", "shown", "bf16_advice"), [
     ("auto", True, "float32", True),       # 'auto' is float32 on a CPU: name that, not 'auto'
     ("auto", False, "float32", False),     # a CPU without native bf16 matmul: bf16 would be slower
