@@ -286,6 +286,69 @@ def check_model_fits(gpt_config: GPTConfig, config: TrainConfig, info: DistInfo)
         )
 
 
+def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
+                out_dir: Path) -> tuple[TrainConfig, GPT, Path | None]:
+    """The model this run trains, on the CPU, and the checkpoint to resume from, if any.
+
+    Its weights: GPT-2's initialisation, or init_from's (a checkpoint, or hf:DIR) on a run's
+    first start; a resumed run loads the checkpoint's later, with the optimizer. Returns the
+    config with the architecture the run really has (hf:DIR sets it), as config.json records it.
+    """
+    # Same seed on every rank: identical initial weights without a broadcast.
+    torch.manual_seed(config.seed)
+    gpt_config = model_config(config, meta["vocab_size"])
+    resume_from = ckpt.latest_checkpoint(out_dir) if config.resume == "auto" else None
+    if resume_from is not None:
+        check_checkpoint_fits_data(resume_from, config, meta, resuming=True)
+        if config.init_from:
+            log(info, f"out_dir holds {resume_from}: resuming from it; init_from = {config.init_from!r} "
+                      f"only gives the weights of a run's first start and is not used now")
+    # init_from = "hf:DIR": the architecture is the Hugging Face folder's, on resume too (so the
+    # checkpoint fits); its weights are loaded only when not resuming.
+    hf_dir = hf.parse_init_from(config.init_from)
+    if hf_dir is not None:
+        gpt_config = hf.init_from_hf(hf_dir, gpt_config, meta["vocab_size"], lambda m: log(info, m))
+        # Record the architecture the run really has (config.json, each checkpoint's train_config).
+        config = replace(config, **{k: getattr(gpt_config, k) for k in hf.ARCHITECTURE_KEYS})
+    check_model_fits(gpt_config, config, info)
+    if info.is_main:
+        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    model = GPT(gpt_config)
+    if resume_from is None and hf_dir is not None:
+        hf.load_hf_weights(model, hf_dir)
+        log(info, f"initialized weights from {hf_dir} (Hugging Face GPT-2)")
+    elif resume_from is None and config.init_from:
+        source = ckpt.resolve_checkpoint(config.init_from)
+        ckpt.verify_checkpoint(source)  # sizes and checksums, before anything of it is read
+        check_checkpoint_fits_data(source, config, meta, resuming=False)
+        saved = ckpt.read_state(source)["model_config"]
+        ckpt.check_model_config(source, saved, asdict(gpt_config))
+        ckpt.load_model_weights(source, model)
+        log(info, f"initialized weights from {source}")
+    return config, model, resume_from
+
+
+def describe_run(config: TrainConfig, info: DistInfo, model: GPT, optimizer: torch.optim.Optimizer,
+                 dtype: torch.dtype, accum: int, tokens_per_step: int, peak: float, peak_source: str) -> None:
+    """Log what is about to train (size, device, precision, batch, optimizer) and any setting
+    that will not do what it seems to."""
+    log(info, f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.1f} "
+              f"MFLOP/token; device {info.device} x {info.world_size}, {str(dtype).removeprefix('torch.')}, "
+              f"grad accumulation {accum}, {tokens_per_step:,} tokens/step; "
+              f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
+    if model.config.padded_vocab_size != model.config.vocab_size:
+        log(info, f"vocabulary: {model.config.vocab_size:,} ids; embedding and output tables padded to "
+                  f"{model.config.padded_vocab_size:,} rows (vocab_multiple {model.config.vocab_multiple})")
+    log(info, describe_optimizer(optimizer, config))
+    if config.warmup_steps > config.max_steps:
+        log(info, f"note: warmup_steps = {config.warmup_steps} is more than max_steps = {config.max_steps}: "
+                  f"the learning rate stops at {learning_rate_at(config.max_steps - 1, config):.2e}, "
+                  f"short of learning_rate = {config.learning_rate:.2e}")
+    if info.device.type == "cpu" and dtype == torch.bfloat16 and not has_fast_bf16(info.device):
+        log(info, "note: this CPU has no native bf16 matmul (AVX512-BF16/AMX); bf16 runs several "
+                  "times slower than float32 here (benchmarks/: ~50x for a large matmul). Use dtype=float32")
+
+
 def carried_loss_sum(saved: dict[str, Any], info: DistInfo, accum: int) -> float:
     """This rank's loss sum for the log interval a checkpoint was saved in (`log_interval` in
     state.json). On the same world size and accumulation: its own, bit for bit. Otherwise the
@@ -634,37 +697,8 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
     accum = grad_accum_steps(config, info.world_size)
     tokens_per_step = config.batch_size * config.block_size * accum * info.world_size
 
-    # Same seed on every rank: identical initial weights without a broadcast.
-    torch.manual_seed(config.seed)
-    gpt_config = model_config(config, meta["vocab_size"])
-    resume_from = ckpt.latest_checkpoint(out_dir) if config.resume == "auto" else None
-    if resume_from is not None:
-        check_checkpoint_fits_data(resume_from, config, meta, resuming=True)
-        if config.init_from:
-            log(info, f"out_dir holds {resume_from}: resuming from it; init_from = {config.init_from!r} "
-                      f"only gives the weights of a run's first start and is not used now")
-    # init_from = "hf:DIR": the architecture is the Hugging Face folder's, on resume too (so the
-    # checkpoint fits); its weights are loaded only when not resuming.
-    hf_dir = hf.parse_init_from(config.init_from)
-    if hf_dir is not None:
-        gpt_config = hf.init_from_hf(hf_dir, gpt_config, meta["vocab_size"], lambda m: log(info, m))
-        # Record the architecture the run really has (config.json, each checkpoint's train_config).
-        config = replace(config, **{k: getattr(gpt_config, k) for k in hf.ARCHITECTURE_KEYS})
-    check_model_fits(gpt_config, config, info)
-    if info.is_main:
-        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-    model = GPT(gpt_config)
-    if resume_from is None and hf_dir is not None:
-        hf.load_hf_weights(model, hf_dir)
-        log(info, f"initialized weights from {hf_dir} (Hugging Face GPT-2)")
-    elif resume_from is None and config.init_from:
-        source = ckpt.resolve_checkpoint(config.init_from)
-        ckpt.verify_checkpoint(source)  # sizes and checksums, before anything of it is read
-        check_checkpoint_fits_data(source, config, meta, resuming=False)
-        saved = ckpt.read_state(source)["model_config"]
-        ckpt.check_model_config(source, saved, asdict(gpt_config))
-        ckpt.load_model_weights(source, model)
-        log(info, f"initialized weights from {source}")
+    config, model, resume_from = build_model(config, info, meta, out_dir)
+    gpt_config = model.config
     model.to(device)
     wrapped = wrap_model(model, config, info, dtype)
     optimizer = build_optimizer(model, config, device)
@@ -695,24 +729,9 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
         interval_steps, interval_skipped = carried["steps"], carried["skipped"]
         elapsed_before = state["elapsed_s"]
 
-    n_params = model.num_params()
     flops_per_token = model.flops_per_token()
     peak, peak_source = peak_flops(device, dtype, config.peak_tflops)
-    log(info, f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
-              f"device {device} x {info.world_size}, {str(dtype).removeprefix('torch.')}, "
-              f"grad accumulation {accum}, {tokens_per_step:,} tokens/step; "
-              f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
-    if model.config.padded_vocab_size != model.config.vocab_size:
-        log(info, f"vocabulary: {model.config.vocab_size:,} ids; embedding and output tables padded to "
-                  f"{model.config.padded_vocab_size:,} rows (vocab_multiple {model.config.vocab_multiple})")
-    log(info, describe_optimizer(optimizer, config))
-    if config.warmup_steps > config.max_steps:
-        log(info, f"note: warmup_steps = {config.warmup_steps} is more than max_steps = {config.max_steps}: "
-                  f"the learning rate stops at {learning_rate_at(config.max_steps - 1, config):.2e}, "
-                  f"short of learning_rate = {config.learning_rate:.2e}")
-    if device.type == "cpu" and dtype == torch.bfloat16 and not has_fast_bf16(device):
-        log(info, "note: this CPU has no native bf16 matmul (AVX512-BF16/AMX); bf16 runs several "
-                  "times slower than float32 here (benchmarks/: ~50x for a large matmul). Use dtype=float32")
+    describe_run(config, info, model, optimizer, dtype, accum, tokens_per_step, peak, peak_source)
 
     # Under FSDP the MixedPrecisionPolicy does the casting; elsewhere autocast does.
     compute_dtype = parallel.autocast_dtype(parallel.resolve_strategy(config, info), dtype)
@@ -728,7 +747,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
             resumed=resume_from is not None))
     guard = NonFiniteGuard(config, model, optimizer, scaler.is_enabled(), info, out_dir)
     if resume_from is not None:
-        guard.skipped = ckpt.read_state(resume_from).get("skipped_steps", 0)
+        guard.skipped = state.get("skipped_steps", 0)
     if step >= config.max_steps:
         log(info, f"note: already at step {step}, max_steps is {config.max_steps}: nothing to train "
                   f"(raise max_steps to train longer)")
