@@ -19,6 +19,7 @@ that hold a prepared dataset (token shards: binary, and an earlier prep's output
 from __future__ import annotations
 
 import codecs
+import json
 import os
 import re
 import stat
@@ -322,7 +323,8 @@ class HFDataset(_DocumentsFromPieces):
     `name` is a hub name ("HuggingFaceFW/fineweb"), a packaged builder ("json", "parquet",
     "text", "csv") used with `data_files`, or a local file or folder: a local file's builder
     follows its extension (.jsonl/.json, .parquet, .csv, .arrow; .txt reads the whole file as
-    one document), and a local folder is read as `datasets` reads any data folder.
+    one document), and a local folder is read as `datasets` reads any data folder, or, when
+    written by `save_to_disk`, by its own splits (a saved Dataset is the split "train").
     """
 
     name: str
@@ -346,7 +348,13 @@ class HFDataset(_DocumentsFromPieces):
 
         path, kwargs = str(self.name), {}
         local = Path(self.name)
-        if local.is_file() and not self.data_files:
+        if not local.exists() and _looks_like_a_path(self.name):
+            # Else datasets looks for it on the Hub and says only that the Hub cannot be reached.
+            raise SourceError(f"--hf-dataset {self.name}: no such file or folder")
+        saved = _saved_to_disk(local) if local.is_dir() and not self.data_files else None
+        if saved is not None:
+            path, kwargs["data_files"] = "arrow", saved
+        elif local.is_file() and not self.data_files:
             builder = _HF_BUILDERS.get(local.suffix.lower())
             if builder is None:
                 raise SourceError(f"--hf-dataset {local}: cannot tell the file type from its extension; "
@@ -361,15 +369,34 @@ class HFDataset(_DocumentsFromPieces):
         try:
             return datasets.load_dataset(path, self.config, split=self.split, streaming=self.streaming, **kwargs)
         except Exception as e:  # datasets raises many types; the user needs the reason and the name
-            raise SourceError(f"--hf-dataset {self.name}: cannot load it ({type(e).__name__}: {e}). "
-                              f"No network? Point --hf-dataset at local files or a folder") from e
+            if local.is_dir() and type(e).__name__ in ("EmptyDatasetError", "DataFilesNotFoundError"):
+                raise SourceError(f"--hf-dataset {self.name}: no data files in this folder that datasets "
+                                  f"reads ({', '.join(sorted(_HF_BUILDERS))} files, or a folder written "
+                                  f"by save_to_disk); datasets says: {e}") from e
+            on_disk = local.exists() or (self.data_files and all(map(os.path.exists, self.data_files)))
+            hint = "" if on_disk else ". No network? Point --hf-dataset at local files or a folder"
+            raise SourceError(f"{self._named()}: cannot load it ({_reason(e)}){hint}") from e
+
+    def _named(self) -> str:
+        """The options that name the data, for errors: with a builder, the files are what is bad."""
+        files = f" --hf-data-files {' '.join(map(str, self.data_files))}" if self.data_files else ""
+        return f"--hf-dataset {self.name}{files}"
 
     def iter_pieces(self, piece_chars: int = PIECE_CHARS) -> Iterator[Piece]:
         dataset = self._load()
         columns = getattr(dataset, "column_names", None)
         if columns is not None:
             self._check_field(columns)
-        for row in dataset:
+        rows = iter(dataset)
+        while True:
+            # Rows are decoded as they are read (always so when streaming), so a bad file can fail
+            # here, with an error of datasets or pyarrow that names neither the file nor the option.
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except Exception as e:
+                raise SourceError(f"{self._named()}: cannot read its rows ({_reason(e)})") from e
             if self.text_field not in row:
                 self._check_field(list(row))
             text = row[self.text_field]
@@ -384,6 +411,50 @@ class HFDataset(_DocumentsFromPieces):
         if self.text_field not in columns:
             raise SourceError(f"--text-field {self.text_field!r}: {self.name} has no such column; "
                               f"its columns are: {', '.join(columns) or '(none)'}")
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """Whether an --hf-dataset name can only be a local path: absolute, ./ or ~, or a data file's
+    extension (Hub names are "owner/dataset")."""
+    return (os.path.isabs(name) or name.startswith((".", "~"))
+            or Path(name).suffix.lower() in _HF_BUILDERS)
+
+
+def _saved_to_disk(folder: Path) -> dict[str, list[str]] | None:
+    """The arrow files of a folder written by `save_to_disk`, by split, or None for other folders.
+
+    `load_dataset` refuses a saved Dataset, and takes a saved DatasetDict's splits from folder
+    names it knows (train, test, validation, ...), reading any other split as "train". Given its
+    files by split, the arrow builder reads either (slices such as "train[:100]" and streaming
+    included); a saved Dataset is the split "train"."""
+    try:
+        if (folder / "dataset_dict.json").is_file():
+            splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+            return {split: _saved_arrow_files(folder / split) for split in splits}
+        if (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file():
+            return {"train": _saved_arrow_files(folder)}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SourceError(f"--hf-dataset {folder}: looks like a folder written by save_to_disk, but "
+                          f"cannot read it ({type(e).__name__}: {e})") from e
+    return None
+
+
+def _saved_arrow_files(folder: Path) -> list[str]:
+    state = json.loads((folder / "state.json").read_text())
+    return [str(folder / f["filename"]) for f in state["_data_files"]]
+
+
+def _reason(e: BaseException) -> str:
+    """What went wrong inside datasets, in words: the cause that its wrapper errors hide."""
+    # DatasetGenerationError says only "An error occurred while generating the dataset".
+    while type(e).__name__ == "DatasetGenerationError" and e.__cause__ is not None:
+        e = e.__cause__
+    if isinstance(e, UnicodeDecodeError):
+        return (f"not valid UTF-8: byte 0x{e.object[e.start]:02x}, {e.reason}; convert the file to "
+                f"UTF-8 (--encoding-errors applies to --input files only)")
+    if isinstance(e, StopIteration):  # the json builder finds no first batch of rows
+        return "no rows: is the file empty?"
+    return f"{type(e).__name__}: {e}"
 
 
 def resolve_source(source, encoding_errors: str = "strict") -> Corpus:

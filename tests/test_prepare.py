@@ -447,6 +447,72 @@ def test_hf_missing_text_field_lists_columns(hf_files, tmp_path):
             list(corpus)
 
 
+
+def test_hf_folders_written_by_save_to_disk(tmp_path):
+    """A Dataset saved with save_to_disk (load_dataset refuses it), and a DatasetDict whose split
+    has a name other than train/validation/test (load_dataset read its rows as "train")."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"id": i, "body": f"row {i} of the saved set\n" * (i + 1)} for i in range(12)]
+    ds = datasets.Dataset.from_list(rows)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds.select(range(4)), "extra": ds.select(range(4, 12))}).save_to_disk(
+        str(tmp_path / "dict"))
+    datasets.DatasetDict({"mine": ds}).save_to_disk(str(tmp_path / "one"))
+    cache = str(tmp_path / "hf-cache")
+    bodies = [r["body"] for r in rows]
+    for streaming in (False, True):
+        assert list(HFDataset(str(tmp_path / "saved"), text_field="body", streaming=streaming,
+                              cache_dir=cache)) == bodies
+        assert list(HFDataset(str(tmp_path / "dict"), split="extra", text_field="body", streaming=streaming,
+                              cache_dir=cache)) == bodies[4:]
+        assert list(HFDataset(str(tmp_path / "dict"), text_field="body", streaming=streaming,
+                              cache_dir=cache)) == bodies[:4]
+        with pytest.raises(SourceError, match="one.*split.*mine"):
+            list(HFDataset(str(tmp_path / "one"), text_field="body", streaming=streaming, cache_dir=cache))
+    assert list(HFDataset(str(tmp_path / "dict"), split="extra[:2]", text_field="body",
+                          cache_dir=cache)) == bodies[4:6]
+
+
+def test_hf_bad_files_are_named_with_the_reason(tmp_path):
+    """Broken local data gives a SourceError naming the file and the real reason, whether datasets
+    fails while loading (its DatasetGenerationError hides the reason) or while rows are read."""
+    pytest.importorskip("datasets")
+    cache = str(tmp_path / "hf-cache")
+    files = {"latin1.jsonl": b'{"text": "caf\xe9"}\n', "latin1.txt": b"caf\xe9\n", "latin1.csv": b"text\ncaf\xe9\n",
+             "empty.jsonl": b"", "garbage.jsonl": b"not json\n", "garbage.parquet": b"not parquet\n" * 9}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    cases = [("latin1.jsonl", "not valid UTF-8"), ("latin1.txt", "not valid UTF-8"),
+             ("latin1.csv", "not valid UTF-8"), ("empty.jsonl", "no rows"),
+             ("garbage.jsonl", "JSON parse error"), ("garbage.parquet", "magic bytes")]
+    for name, reason in cases:
+        for streaming in (False, True):
+            corpus = HFDataset(str(tmp_path / name), streaming=streaming, cache_dir=cache)
+            with pytest.raises(SourceError, match=f"--hf-dataset {tmp_path / name}: .*{reason}") as info:
+                list(corpus)
+            assert "No network" not in str(info.value), (name, streaming)
+    with pytest.raises(SourceError, match="--hf-dataset json --hf-data-files .*latin1.jsonl: .*not valid UTF-8"):
+        list(HFDataset("json", data_files=[str(tmp_path / "latin1.jsonl")], cache_dir=cache))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs/readme.md").write_text("no data here")
+    for missing, reason in [(tmp_path / "nope.jsonl", "no such file or folder"),
+                            (Path("no/such/dir/rows.jsonl"), "no such file or folder"),
+                            (tmp_path / "docs", "no data files")]:
+        with pytest.raises(SourceError, match=f"--hf-dataset {missing}: .*{reason}") as info:
+            list(HFDataset(str(missing), cache_dir=cache))
+        assert "No network" not in str(info.value)
+
+
+def test_cli_hf_bad_rows_are_one_line(tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"text": "caf\xe9"}\n')
+    result = run_cli("data_prep/prepare.py", "--hf-dataset", str(bad), "--out", str(tmp_path / "o"),
+                     "--no-progress", env_home=tmp_path / "hf")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --hf-dataset {bad}: ") and "not valid UTF-8" in last, last
+    assert "Traceback" not in result.stderr
+
 # ---- command line -----------------------------------------------------------------------------
 def run_cli(script: str, *args: str, env_home: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
