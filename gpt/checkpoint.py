@@ -297,10 +297,11 @@ def _begin(out_dir: Path, step: int) -> Path | None:
     for stale in [*root.glob(".tmp_*"), *root.glob(f"{TRASH_PREFIX}*")]:  # left by a killed save or prune
         shutil.rmtree(stale, ignore_errors=True)
     final = root / step_dir_name(step)
-    if (final / MANIFEST_FILE).exists():
-        # This step is already saved (a stop signal right after a scheduled save, say). Its
-        # content is the same, and replacing it would open a moment with no such folder.
-        write_text_atomic(out_dir / LATEST_FILE, final.name + "\n")
+    if (final / MANIFEST_FILE).exists() and _latest_name(out_dir) == final.name:
+        # This step is this run's latest already (a stop signal right after a scheduled save, or
+        # right after resuming from it). Its content is the same, and replacing it would open a
+        # moment with no checkpoint that `latest` names. A complete step_N that `latest` does not
+        # name is left by another run or a killed save, and may hold another state: it is replaced.
         return None
     tmp = root / f".tmp_{final.name}_{os.getpid()}"
     tmp.mkdir()
@@ -323,10 +324,15 @@ def _complete(tmp: Path, final: Path, state: dict[str, Any], tokenizer_path: Pat
         os.fsync(f.fileno())
     for folder in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
         _fsync_dir(folder)
-    if final.exists():  # an incomplete folder under the final name cannot come from us
-        shutil.rmtree(final)
+    stale = None
+    if final.exists():  # not ours (see _begin); moved aside at once, so a kill while deleting
+        # it never leaves a half-deleted folder that still looks complete under the final name
+        stale = final.with_name(f"{TRASH_PREFIX}{final.name}_{os.getpid()}")
+        os.rename(final, stale)
     os.rename(tmp, final)
     _fsync_dir(final.parent)
+    if stale is not None:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _publish(out_dir: Path, final: Path, keep_last: int,
@@ -754,12 +760,35 @@ class Checkpointer:
 # Find and verify
 
 
+def _latest_name(out_dir: Path) -> str | None:
+    """What `latest` says, or None where it cannot be read."""
+    try:
+        return (out_dir / LATEST_FILE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def complete_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """The run's complete checkpoint folders (those with a manifest), oldest first."""
+    found = []
+    for folder in (Path(out_dir) / CHECKPOINTS_DIR).glob("step_*"):
+        step = folder.name.removeprefix("step_")
+        if step.isdigit() and (folder / MANIFEST_FILE).exists():
+            found.append((int(step), folder))
+    return [folder for _, folder in sorted(found)]
+
+
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint `latest` names, or None when the run folder has none yet."""
+    """The checkpoint `latest` names, or None when the run folder has none yet.
+
+    Without a `latest` file, the newest complete checkpoint folder: `latest` was deleted by hand,
+    or the process was killed between its first save's rename and writing `latest`. Starting
+    over instead would log every step twice and mix a new run's checkpoints with the old ones."""
     out_dir = Path(out_dir)
     latest = out_dir / LATEST_FILE
-    if not latest.exists():
-        return None
+    if not latest.exists() and not latest.is_symlink():
+        complete = complete_checkpoints(out_dir)
+        return complete[-1] if complete else None
     how_to_fix = (f"Point {latest} at a complete folder in {out_dir / CHECKPOINTS_DIR}, or start over "
                   f"in another --out_dir")
     try:
@@ -1277,6 +1306,12 @@ def consolidate(source: str | os.PathLike, out: str | os.PathLike | None = None,
     out = Path(out) if out is not None else default_consolidated_path(ckpt_dir)
     if out.exists():
         raise CheckpointError(f"{out} already exists; remove it or choose another --out")
+    from .prepare import training_output  # (data prep's module: imported only here)
+
+    inside = training_output(out)
+    if inside is not None:  # keep_last would delete it with the checkpoint (or checkpoints/) it is in
+        raise CheckpointError(f"--out {out} {inside}; choose another --out (the default is "
+                              f"{default_consolidated_path(ckpt_dir)})")
     try:
         model_state = read_model_state(ckpt_dir)
         optimizer_state = read_optimizer_state(ckpt_dir) if optimizer else None

@@ -120,12 +120,14 @@ def evaluate_split(model: GPT, data_dir: str | Path, tokenizer: Tokenizer, split
                    batch_size: int = 8, block_size: int | None = None, max_batches: int | None = None,
                    device: torch.device | str = "cpu", autocast=None) -> EvalResult:
     """Loss, perplexity and bits per byte of `model` on a whole split (module docstring)."""
-    block_size = block_size or model.config.block_size
+    # `is not None`, not `or`: --block_size 0 must be refused, not read as the default.
+    for name, value in (("block_size", block_size), ("batch_size", batch_size), ("max_batches", max_batches)):
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name} must be positive, got {value}")
+    block_size = block_size if block_size is not None else model.config.block_size
     if block_size > model.config.block_size:
         raise ConfigError(f"--block_size {block_size} is longer than the model's context "
                           f"({model.config.block_size})")
-    if batch_size < 1 or (max_batches is not None and max_batches < 1):
-        raise ConfigError("--batch_size and --max_batches must be positive")
     paths = list_shards(data_dir, split)
     if not paths:
         raise ShardError(f"{data_dir}: no {split} shards ({split}_*.bin) in this folder")

@@ -95,12 +95,20 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool
 def _check_target(out: Path, source: Path, overwrite: bool) -> None:
     if out.resolve() in (source.resolve(), *source.resolve().parents):
         raise HFError(f"--out {out} would overwrite the checkpoint being exported; choose another folder")
-    if out.exists() and (out.is_file() or any(out.iterdir())):
+    if not (out.exists() and (out.is_file() or any(out.iterdir()))):
+        # Even a new or empty folder: one inside a checkpoint (or checkpoints/) is deleted with
+        # it by keep_last, one inside a dataset by the next prep --overwrite.
+        what = training_output(out) or _dataset(out)
+        if what is not None:
+            raise HFError(f"--out {out} {what}; export never writes there; choose another --out")
+    else:
         if not overwrite:
             raise HFError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
         # --overwrite is for an earlier export (config.json, model.safetensors, tokenizer files):
         # it never replaces training output or data, nor a file among them (metrics.jsonl).
         what = training_output(out, anywhere_in_run=True) or _dataset(out)
+        if what is None and out.is_file():  # an export is a folder: this file is something else
+            what = "is a file, not an earlier export"
         if what is not None:
             raise HFError(f"--out {out} {what}; refusing to replace it even with --overwrite; "
                           f"choose another --out")
@@ -110,8 +118,9 @@ def _dataset(out: Path) -> str | None:
     """How `out` is part of a prepared dataset, in words, or None."""
     if out.is_dir() and holds_token_shards(out):
         return "holds a dataset (token shards)"
-    if holds_token_shards(out.resolve().parent):
-        return f"is inside the dataset folder {out.resolve().parent}"
+    parent = out.resolve().parent
+    if parent.is_dir() and holds_token_shards(parent):  # a new --out may have new parents too
+        return f"is inside the dataset folder {parent}"
     return None
 
 

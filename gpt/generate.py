@@ -56,7 +56,12 @@ def sample_next(
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
 
-    logits = logits.float() / temperature
+    # Shifted so the largest logit is 0 before dividing (softmax does not change): a tiny
+    # temperature (1e-40) then sends the others to -inf, not every logit to +-inf and NaN; one
+    # below fp32's range (1e-300 would round to 0 and give 0/0) is taken as its smallest normal.
+    logits = logits.float()
+    temperature = max(temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kept = torch.topk(logits, top_k, dim=-1)
         logits = torch.full_like(logits, float("-inf")).scatter(-1, kept.indices, kept.values)

@@ -311,6 +311,14 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
         # Record the architecture the run really has (config.json, each checkpoint's train_config).
         config = replace(config, **{k: getattr(gpt_config, k) for k in hf.ARCHITECTURE_KEYS})
     check_model_fits(gpt_config, config, info)
+    if resume_from is not None:
+        # Before config.json is rewritten: a refused resume leaves the run's record as it was.
+        saved = ckpt.read_state(resume_from)
+        ckpt.check_model_config(resume_from, saved["model_config"], asdict(gpt_config))
+        if not (out_dir / ckpt.LATEST_FILE).exists():
+            log(info, f"note: {out_dir / ckpt.LATEST_FILE} is missing; resuming from the newest complete "
+                      f"checkpoint, {resume_from.name} (to start over instead, use another --out_dir)")
+        note_changed_settings(saved.get("train_config") or {}, config, info)
     if info.is_main:
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     model = GPT(gpt_config)
@@ -326,6 +334,26 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
         ckpt.load_model_weights(source, model)
         log(info, f"initialized weights from {source}")
     return config, model, resume_from
+
+
+# Settings a resumed run may change without a note: where the run is, and how it was started.
+_QUIETLY_CHANGED = ("out_dir", "resume", "init_from")
+_SCHEDULE_KEYS = ("max_steps", "learning_rate", "min_lr", "warmup_steps", "lr_decay_steps", "muon_lr")
+
+
+def note_changed_settings(saved: dict[str, Any], config: TrainConfig, info: DistInfo) -> None:
+    """Say which settings differ from the checkpoint's: the resumed run trains with the new
+    values (the ones that cannot change were refused before), so a run extended with a larger
+    max_steps, say, visibly gets a new learning-rate schedule from the step it resumes at."""
+    changes = [f"{key} {saved[key]!r} -> {value!r}" for key, value in config.to_dict().items()
+               if key in saved and key not in _QUIETLY_CHANGED and saved[key] != value]
+    if not changes:
+        return
+    schedule = [key for key in _SCHEDULE_KEYS if key in saved and saved[key] != getattr(config, key)]
+    log(info, f"note: resuming with settings changed since the checkpoint: {', '.join(changes)}; the run "
+              f"goes on with the new values"
+              + (f" (the learning-rate schedule, a function of the step, follows the new {', '.join(schedule)} "
+                 f"from here)" if schedule else ""))
 
 
 def describe_run(config: TrainConfig, info: DistInfo, model: GPT, optimizer: torch.optim.Optimizer,
@@ -712,8 +740,13 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
     if resume_from is not None:
         # Verifies the files, then loads either format at any world size (under FSDP each rank
         # reads only its shard) and this rank's RNG state; a collective when distributed.
+        # The optimizer's saved state carries its hyperparameters too (weight_decay, betas, Muon's
+        # momentum and lr_scale); this run's config sets them, as it sets the learning rate.
+        hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         state = ckpt.load_checkpoint(resume_from, model, optimizer, model_config=asdict(gpt_config),
                                      rank=info.rank, world_size=info.world_size)
+        for group, values in zip(optimizer.param_groups, hyperparameters):
+            group.update(values)
         loader.load_state_dict(state["loader"])
         step, tokens_seen = state["step"], state["tokens_seen"]
         log(info, f"resumed from {resume_from} at step {step}")
@@ -739,7 +772,9 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
                 else contextlib.nullcontext())
     # fp16 has too little range for raw gradients; the scaler keeps them representable.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    metrics = MetricsLog(out_dir, enabled=info.is_main, resume_step=step if resume_from else None)
+    # A fresh start (step 0) keeps no records either: they are of a run killed before its first
+    # checkpoint, whose steps this one repeats.
+    metrics = MetricsLog(out_dir, enabled=info.is_main, resume_step=step)
     if info.is_main and config.wandb_mode != "disabled":
         metrics = Sinks(metrics, WandbSink(
             out_dir, mode=config.wandb_mode, project=config.wandb_project, name=config.wandb_run_name,

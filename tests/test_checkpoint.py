@@ -212,6 +212,11 @@ def test_consolidate_a_sharded_checkpoint_and_sample_from_either(char_data, tmp_
     capsys.readouterr()
     assert ckpt.main(["consolidate", str(run)]) == 2
     assert "already exists" in capsys.readouterr().err
+    # Never inside a checkpoint or checkpoints/: keep_last would delete it with them.
+    for inside in (sharded / "copy", run / ckpt.CHECKPOINTS_DIR / "copy"):
+        assert ckpt.main(["consolidate", str(run), "--out", str(inside)]) == 2
+        assert f"--out {inside} is inside the checkpoint" in capsys.readouterr().err
+        assert not inside.exists()
 
     # With the optimizer: a full checkpoint that resumes like the sharded one.
     with_opt = tmp_path / "with_optimizer"
@@ -536,3 +541,33 @@ ckpt.consolidate(f"{sys.argv[1]}/sharded", f"{sys.argv[1]}/consolidated")
     modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in ckpt._files_under(tmp_path)}
     assert "full/checkpoints/step_0000001/model.safetensors" in modes and "consolidated/model.safetensors" in modes
     assert modes == dict.fromkeys(modes, "0o664")
+
+
+def test_a_run_whose_latest_file_was_deleted_resumes_from_its_newest_checkpoint(char_data, tmp_path, capsys):
+    """Without `latest` (deleted by hand, or a kill between the first save's rename and `latest`)
+    the run used to start over at step 0 in the same folder: it logged every step twice and kept
+    the earlier run's step_N folders as if they were its own (then pruned them)."""
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=20, eval_interval=10))
+    saved = (run / "checkpoints" / "step_0000020" / "model.safetensors").read_bytes()
+    (run / "latest").unlink()
+    result = train(tiny_config(char_data, run, max_steps=30, eval_interval=10))
+    out = capsys.readouterr().out
+    assert f"resumed from {run / 'checkpoints' / 'step_0000020'} at step 20" in out
+    assert f"note: {run / 'latest'} is missing; resuming from the newest complete checkpoint" in out
+    assert result.step == 30 and (run / "latest").read_text() == "step_0000030\n"
+    assert [r["step"] for r in learning_records(run)] == [5, 10, 15, 20, 25, 30]
+    assert (run / "checkpoints" / "step_0000020" / "model.safetensors").read_bytes() == saved
+
+
+def test_a_complete_checkpoint_that_latest_does_not_name_is_replaced_not_adopted(char_data, tmp_path):
+    """A step_N left by another run (or a kill between rename and `latest`) is not this run's
+    state: saving step N writes the run's own (it used to point `latest` at the old folder)."""
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=20, eval_interval=10))
+    other = ckpt.read_state(run / "checkpoints" / "step_0000020")
+    (run / "latest").write_text("step_0000010\n")  # resume at 10, now with another learning rate
+    train(tiny_config(char_data, run, max_steps=20, eval_interval=10, learning_rate=1e-3))
+    state = ckpt.read_state(ckpt.latest_checkpoint(run))
+    assert state["train_config"]["learning_rate"] == 1e-3 != other["train_config"]["learning_rate"]
+    ckpt.verify_checkpoint(ckpt.latest_checkpoint(run))

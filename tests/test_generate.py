@@ -161,6 +161,15 @@ def test_greedy_cases_are_argmax():
     assert out.shape == (4, 1) and out.dtype == torch.long
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+def test_a_tiny_positive_temperature_is_greedy_not_a_crash(temperature):
+    # logits / temperature overflowed to inf (inf - inf = NaN in softmax), so
+    # `sample.py --temperature 1e-40` ended in multinomial's traceback.
+    logits = random_logits() * 10
+    draws = sample_next(logits, temperature=temperature, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draws, logits.argmax(-1, keepdim=True))
+
+
 def test_top_k_only_samples_the_top_k():
     logits = random_logits(batch=2, vocab=30).repeat(500, 1)  # 1000 draws in one call
     k = 4

@@ -483,3 +483,38 @@ def test_eval_prints_loss_perplexity_bits_per_byte(kind, runs, data, capsys):
 
     assert gpt_eval.main([str(runs[kind]), "--max_batches", "1", "--batch_size", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == 2 * T
+
+
+@pytest.mark.parametrize("option, value", [("--block_size", "-3"), ("--block_size", "0"),
+                                           ("--batch_size", "0"), ("--max_batches", "0")])
+def test_eval_refuses_a_window_or_batch_that_is_not_positive(option, value, runs, capsys):
+    # --block_size -3 ended in numpy's traceback; --block_size 0 silently meant the default.
+    assert gpt_eval.main([str(runs["char"]), option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {option} must be positive, got {value}"), err
+
+
+def test_export_never_writes_inside_checkpoints_nor_over_a_file(runs, data, tmp_path, capsys):
+    import shutil
+
+    # A new --out inside a checkpoint folder was written there (keep_last would later delete
+    # it with the checkpoint), and --overwrite replaced a plain file (the corpus, say) by a folder.
+    other = shutil.copytree(runs["bpe"], tmp_path / "other_run")
+    step = ckpt.latest_checkpoint(other)
+    text = tmp_path / "corpus.txt"
+    text.write_text("my only copy")
+    for out, args, what in [(step / "hf", [], f"is inside the checkpoint folder {step.resolve()}"),
+                            (other / "checkpoints" / "hf", [], "is inside the checkpoints folder"),
+                            (data["char"] / "hf", [], "is inside the dataset folder"),
+                            (text, ["--overwrite"], "is a file, not an earlier export")]:
+        assert export.main([str(runs["char"]), "--out", str(out), "--no-check", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out} {what}") and "choose another --out" in err, err
+    assert not any((p / "hf").exists() for p in (step, other / "checkpoints", data["char"]))
+    assert text.read_text() == "my only copy"
+    ckpt.verify_checkpoint(step)
+    # A new folder in the run folder itself, beside checkpoints/, is a fine place for an export.
+    assert export.main([str(runs["char"]), "--out", str(other / "hf"), "--no-check"]) == 0
+    assert (other / "hf" / "config.json").exists()
+    # So is a new folder whose parents do not exist yet.
+    assert export.main([str(runs["char"]), "--out", str(tmp_path / "a" / "b" / "hf"), "--no-check"]) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,8 +101,40 @@ def test_init_from_fine_tunes_from_weights(char_data, tmp_path):
 
 def test_resume_refuses_another_model_shape(char_data, tmp_path):
     train(tiny_config(char_data, tmp_path / "run", max_steps=10))
+    recorded = (tmp_path / "run" / "config.json").read_text()
     with pytest.raises(ckpt.CheckpointError, match=r"n_embd: checkpoint 64 vs config 32"):
         train(tiny_config(char_data, tmp_path / "run", n_embd=32, max_steps=20))
+    # The refused run leaves the run's record alone (it used to say n_embd 32 after this).
+    assert (tmp_path / "run" / "config.json").read_text() == recorded
+
+
+def test_resume_trains_with_the_optimizer_settings_it_is_given(char_data, tmp_path, capsys):
+    """Loading the optimizer's state used to bring back the saved weight_decay, betas, Muon
+    momentum and step size with it: the run logged the new values and trained with the old."""
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=10, optimizer="muon"))
+    changed = dict(weight_decay=0.3, beta2=0.99, muon_momentum=0.8, muon_lr=0.05, learning_rate=4e-3)
+    train(tiny_config(char_data, run, max_steps=12, optimizer="muon", **changed))
+    groups = ckpt.read_optimizer_state(ckpt.latest_checkpoint(run))["param_groups"]
+    assert ckpt.latest_checkpoint(run).name == "step_0000012"
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.3}
+    assert {tuple(g["betas"]) for g in groups} == {(0.9, 0.99)}
+    assert {g["momentum"] for g in groups} == {0.8}
+    assert {g["lr_scale"] for g in groups if g["muon"]} == {0.05 / 4e-3}
+    # and the run says what changed since the checkpoint (max_steps moves the cosine schedule)
+    out = capsys.readouterr().out
+    assert "note: resuming with settings changed since the checkpoint: " in out
+    assert "max_steps 10 -> 12" in out and "weight_decay 0.1 -> 0.3" in out
+
+
+def test_a_fresh_start_after_a_run_killed_before_its_first_checkpoint_logs_each_step_once(char_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=10, eval_interval=0))
+    # as if killed during its first save: records of steps 5 and 10, no checkpoint
+    shutil.rmtree(run / "checkpoints")
+    (run / "latest").unlink()
+    train(tiny_config(char_data, run, max_steps=10, eval_interval=0))
+    assert [r["step"] for r in read_metrics(run)] == [5, 10]
 
 
 def test_corrupt_and_malicious_checkpoints_are_refused(char_data, tmp_path):
