@@ -30,14 +30,16 @@ The window sequence and ranks
 
 State and resume
     `state_dict()` is `{"version": 1, "order", "seed", "block_size", "num_tokens",
-    "windows_consumed"}`: plain ints and strings, the same on every rank. `windows_consumed`
-    (global, summed over ranks) is the only moving part; for sequential order it is
-    epoch * W + position / block_size. A loader restored from it yields exactly the batches the
+    "fingerprint", "windows_consumed"}`: plain ints and strings, the same on every rank.
+    `windows_consumed` (global, summed over ranks) is the only moving part; for sequential order
+    it is epoch * W + position / block_size. A loader restored from it yields exactly the batches the
     uninterrupted loader would have yielded next. Restoring with a different world size or batch
     size continues the same window sequence from the same point: no window is skipped or
     repeated (in sequential order: no token of the stream is skipped or read twice within an
-    epoch). `load_state_dict` refuses a state from another order, block_size, dataset (different
-    token count) or, in random order, seed.
+    epoch). `load_state_dict` refuses a state from another order, block_size, dataset (a
+    different token count, or other tokens: `fingerprint` is a CRC-32 of tokens sampled at fixed
+    stream positions, so the same tokens cut into other shard sizes still resume) or, in random
+    order, seed. A state without `fingerprint` (saved before it existed) is not checked for it.
 
 Fixed evaluation batches
     `eval_batches(...)` yields the same `n_batches` batches every time it is called: a fresh
@@ -47,19 +49,24 @@ Fixed evaluation batches
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gpt.shards import ShardError, list_shards, missing_dataset, open_shard, read_header
+from gpt.shards import (
+    HEADER_BYTES, TOKEN_DTYPE, ShardError, list_shards, missing_dataset, read_header,
+)
 
 ORDERS = ("random", "sequential")
 STATE_VERSION = 1
 # Random window starts are drawn in chunks of this many windows per generator. It is part of
 # the data order: changing it changes which windows a seed gives.
 RANDOM_CHUNK = 1024
+# Tokens sampled, evenly spaced over the stream, for the state's fingerprint: one page read each.
+FINGERPRINT_SAMPLES = 256
 
 
 class TokenLoader:
@@ -111,7 +118,7 @@ class TokenLoader:
         lengths = [read_header(p) for p in paths]
         kept = [(p, n) for p, n in zip(paths, lengths) if n > 0]  # an empty shard adds nothing
         self.shard_paths = [p for p, _ in kept]
-        self._shards = [open_shard(p).view(np.ndarray) for p, _ in kept]  # still file-backed
+        self._shards = [_map_tokens(p, n) for p, n in kept]
         self._lengths = np.array([n for _, n in kept], dtype=np.int64)
         self._ends = np.cumsum(self._lengths)  # shard i covers stream [_begins[i], _ends[i])
         self._begins = self._ends - self._lengths
@@ -126,6 +133,7 @@ class TokenLoader:
         self.windows_per_epoch = (self.num_tokens - 1) // block_size
         self._window_offsets = np.arange(block_size + 1, dtype=np.int64)
         self._chunk_cache: tuple[int, np.ndarray] | None = None
+        self._fingerprint: int | None = None  # computed on first use (a state save or load)
 
     # -- iteration -------------------------------------------------------------------------
 
@@ -220,6 +228,21 @@ class TokenLoader:
 
     # -- state -----------------------------------------------------------------------------
 
+    def fingerprint(self) -> int:
+        """CRC-32 of the tokens at FINGERPRINT_SAMPLES evenly spaced stream positions.
+
+        A dataset prepared again (another --seed or input) can hold exactly as many tokens as
+        before; resuming on it would read another stream without a word. Positions are in the
+        stream, not in shards, so the same tokens in other shard sizes give the same value.
+        """
+        if self._fingerprint is None:
+            positions = np.unique(np.linspace(0, self.num_tokens - 1, FINGERPRINT_SAMPLES).astype(np.int64))
+            shards = np.searchsorted(self._ends, positions, side="right")
+            tokens = np.array([self._shards[s][p - self._begins[s]] for s, p in zip(shards, positions)],
+                              dtype=TOKEN_DTYPE)
+            self._fingerprint = zlib.crc32(tokens.tobytes())
+        return self._fingerprint
+
     def state_dict(self) -> dict:
         """JSON-serializable position; identical on every rank (windows are counted globally)."""
         return {
@@ -228,6 +251,7 @@ class TokenLoader:
             "seed": self.seed,
             "block_size": self.block_size,
             "num_tokens": self.num_tokens,
+            "fingerprint": self.fingerprint(),
             "windows_consumed": self.windows_consumed,
         }
 
@@ -253,6 +277,14 @@ class TokenLoader:
                     f"loader state has {key}={state[key]!r} but this loader has "
                     f"{key}={mine[key]!r}; cannot resume ({why})"
                 )
+        if "fingerprint" in state and state["fingerprint"] != self.fingerprint():
+            raise ShardError(
+                f"{self.data_dir} ({self.split}) holds {self.num_tokens:,} tokens as the saved loader "
+                f"state says, but not the tokens it was saved on (their fingerprint differs): the "
+                f"dataset was prepared again (another input, --seed or split rule). Cannot resume "
+                f"its token stream; use the dataset the run was trained on, or start a new run "
+                f"from its weights (init_from)"
+            )
         if self.order == "random" and state["seed"] != self.seed:
             raise ValueError(
                 f"loader state has seed={state['seed']!r} but this loader has seed={self.seed!r}; "
@@ -289,6 +321,21 @@ def eval_batches(
         vocab_size=vocab_size,
     )
     return (loader.next_batch() for _ in range(n_batches))
+
+
+def _map_tokens(path: Path, n_tokens: int) -> np.ndarray:
+    """A shard's tokens, memory-mapped read-only, without an open file descriptor.
+
+    np.memmap (Python's mmap) keeps a duplicate descriptor per map for as long as the map lives:
+    a dataset of ~1,000 shards, train and val loaders open together, ran into the common 1,024
+    open-files limit ("Too many open files"). torch.from_file closes its descriptor once the file
+    is mapped; the map alone keeps the pages readable, and a file renamed over (a new prep) keeps
+    its old inode alive for this run. shared=False maps it privately: nothing is written back.
+    """
+    mapped = torch.from_file(str(path), shared=False, size=HEADER_BYTES + 2 * n_tokens, dtype=torch.uint8)
+    tokens = mapped.numpy()[HEADER_BYTES:].view(TOKEN_DTYPE)  # the array keeps the map alive
+    tokens.flags.writeable = False
+    return tokens
 
 
 def _find_shards(data_dir: Path, split: str) -> list[Path]:

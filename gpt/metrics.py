@@ -10,6 +10,7 @@ as one, so the training loop calls a single `write`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -142,8 +143,12 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        # A loss that is not finite (NaN: every step of the interval skipped under nan_policy =
+        # skip) is written as null: json.dumps would write a bare NaN token, which is not JSON, and
+        # strict parsers (JavaScript's JSON.parse, Go, serde) reject the whole file over it.
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
 
     def close(self) -> None:
         pass  # every write already closed the file
@@ -173,7 +178,9 @@ class WandbSink:
             ) from None
         out_dir = Path(out_dir)
         id_file = out_dir / WANDB_RUN_ID_FILE
-        run_id = id_file.read_text().strip() if resumed and id_file.exists() else None
+        # An empty file (a run killed, or a disk full, while writing it) holds no run to continue:
+        # wandb refuses an empty id, which would stop every resume of this run folder.
+        run_id = (id_file.read_text().strip() or None) if resumed and id_file.exists() else None
         try:
             self.run = wandb.init(
                 mode=mode, project=project, name=name or out_dir.resolve().name,

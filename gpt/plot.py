@@ -5,8 +5,9 @@
 One row per quantity (train and val loss, learning rate, tokens/s), against optimizer steps in
 the left column and against tokens seen in the right one: runs with different batch sizes
 compare fairly on the token axis. Several runs are overlaid, one colour each (train loss
-solid, val loss dashed with dots). The default output is RUN/metrics.png for one run and
-./metrics.png for several. Needs the `plot` extra: pip install 'gpt-from-scratch[plot]'.
+solid, val loss dashed with dots). The default output is RUN/metrics.png for one run folder
+(out/a/metrics.jsonl given as a file: out/a/metrics.png too) and ./metrics.png for several.
+Needs the `plot` extra: pip install 'gpt-from-scratch[plot]'.
 """
 
 from __future__ import annotations
@@ -96,8 +97,11 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, title: str | None = N
 
 
 def default_output(runs: Sequence[str]) -> Path:
-    if len(runs) == 1 and Path(runs[0]).is_dir():
-        return Path(runs[0]) / "metrics.png"
+    if len(runs) == 1:
+        run = Path(runs[0])
+        # A run's metrics file given itself: the image goes beside it, as for its folder (not
+        # into the current folder, where it would replace another run's metrics.png).
+        return run / "metrics.png" if run.is_dir() else run.with_suffix(".png")
     return Path("metrics.png")
 
 
@@ -109,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder (out_dir) or metrics.jsonl file")
     parser.add_argument("--out", default=None,
-                        help="PNG to write (default: RUN/metrics.png for one run, ./metrics.png for several)")
-    parser.add_argument("--title", default=None, help="figure title")
+                        help="image to write: .png, .pdf or .svg; no suffix: .png (default: RUN/metrics.png for "
+                             "one run folder, FILE.png beside one metrics file, ./metrics.png for several runs)")
+    parser.add_argument("--title", default=None, help="figure title (default: 'training curves: ' and the run names)")
     return parser
 
 

@@ -386,6 +386,17 @@ def test_wandb_offline_logs_metrics_and_resumes_same_run(data, tmp_path):
     assert sorted(wandb_history(finished_records(files[-1]))) == [6]
 
 
+def test_wandb_resume_with_an_empty_run_id_file_starts_a_new_run(tmp_path):
+    """wandb_run_id left empty (a kill or a full disk while it was written): resuming used to fail
+    at every start with wandb's "Run ID cannot be empty" (told as a login problem)."""
+    (tmp_path / "wandb_run_id").write_text("")
+    sink = WandbSink(tmp_path, mode="offline", project="interop-test", resumed=True)
+    try:
+        assert sink.run_id and (tmp_path / "wandb_run_id").read_text().strip() == sink.run_id
+    finally:
+        sink.close()
+
+
 def test_wandb_missing_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
     with pytest.raises(ConfigError, match=r"gpt-from-scratch\[wandb\]"):
@@ -443,6 +454,20 @@ def test_plot_refuses_empty_or_malformed_metrics(tmp_path, capsys):
         assert plot.main([str(run), "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "keep.txt").exists()
+
+
+def test_plot_of_one_metrics_file_writes_beside_it(tmp_path, monkeypatch, capsys):
+    """`python -m gpt.plot out/a/metrics.jsonl` draws into out/a/metrics.png, as `out/a` does; it
+    wrote ./metrics.png in whatever folder it was run from (replacing another run's plot there)."""
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    run.mkdir()
+    elsewhere.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "tokens": 8}\n{"step": 2, "loss": null}\n')
+    monkeypatch.chdir(elsewhere)
+    assert plot.main([str(run / "metrics.jsonl")]) == 0
+    assert f"wrote {run / 'metrics.png'}" in capsys.readouterr().out
+    assert (run / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(elsewhere.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------------------

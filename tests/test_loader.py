@@ -319,3 +319,57 @@ def test_peak_memory_does_not_grow_with_the_shard(tmp_path):
     # Reading the large shard whole would add >= 400 MB. Mapped pages of the 20 random windows
     # do count (the kernel may map up to a 2 MB page-cache folio per window), hence the margin.
     assert growth_mib["large"] < 1.3 * growth_mib["small"] + 48, growth_mib
+
+
+# -- open files -----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs Linux /proc")
+def test_open_loaders_hold_no_file_descriptor_per_shard(tmp_path):
+    """A memory map needs no open file: np.memmap kept one descriptor per shard, so ~1,000 shards
+    (with a val loader beside the train loader) ran into the usual 1,024 open-files limit."""
+    make_split(tmp_path, [40] * 300)
+    make_split(tmp_path, [40] * 50, split="val")
+
+    def open_fds() -> int:
+        return len(list(Path("/proc/self/fd").iterdir()))
+
+    before = open_fds()
+    train = TokenLoader(tmp_path, "train", 4, 64, seed=1)
+    val = TokenLoader(tmp_path, "val", 4, 64, order="sequential")
+    assert open_fds() - before < 5
+    for _ in range(10):
+        x, y = train.next_batch()
+        assert_windows_match_stream(x, y, 64)
+    assert_windows_match_stream(*val.next_batch(), 64)
+    assert open_fds() - before < 5
+    assert not train._shards[0].flags.writeable  # read-only, as the memory map was
+
+
+def test_load_state_dict_refuses_other_tokens_of_the_same_count(tmp_path):
+    """A dataset prepared again (another --seed, another input of the same length) can hold as
+    many tokens as before: the count alone let a resume read another stream without a word.
+    The same tokens in other shard sizes are the same stream, and resume."""
+    make_split(tmp_path / "a", [500, 500])
+    make_split(tmp_path / "resharded", [300, 37, 663])
+    other = tmp_path / "other"
+    other.mkdir()
+    write_shard(other / shard_name("train", 0), (np.arange(1000) * 7 + 3) % 65536)
+    saved = TokenLoader(tmp_path / "a", "train", 2, 8, seed=1)
+    for _ in range(3):
+        saved.next_batch()
+    state = json.loads(json.dumps(saved.state_dict()))
+
+    with pytest.raises(ShardError, match="not the tokens it was saved on") as e:
+        TokenLoader(other, "train", 2, 8, seed=1).load_state_dict(state)
+    assert str(other) in str(e.value) and "1,000 tokens" in str(e.value)
+
+    resumed = TokenLoader(tmp_path / "resharded", "train", 2, 8, seed=1)
+    resumed.load_state_dict(state)
+    for _ in range(5):
+        xa, ya = saved.next_batch()
+        xb, yb = resumed.next_batch()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # A state saved before the check existed has no fingerprint: it resumes as it did.
+    old = {k: v for k, v in state.items() if k != "fingerprint"}
+    TokenLoader(other, "train", 2, 8, seed=1).load_state_dict(old)

@@ -137,6 +137,38 @@ def test_a_fresh_start_after_a_run_killed_before_its_first_checkpoint_logs_each_
     assert [r["step"] for r in read_metrics(run)] == [5, 10]
 
 
+def test_metrics_jsonl_is_strict_json_after_skipped_steps(char_data, tmp_path):
+    """nan_policy = skip, every step of an interval skipped: that record's loss is not a number.
+    It is written as null, not as a bare NaN token, which is not JSON: strict parsers (JavaScript's
+    JSON.parse, Go, serde) would refuse the whole file over one line."""
+    from gpt.errors import TrainingError
+
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match="max_skipped_steps = 2"):
+        train(tiny_config(char_data, run, learning_rate=1e6, min_lr=0.0, warmup_steps=0, grad_clip=0.0,
+                          nan_policy="skip", max_skipped_steps=2, log_interval=1, eval_interval=0))
+
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert [r.get("skipped_steps", 0) for r in records] == [0, 1, 2]
+    assert math.isfinite(records[0]["loss"]) and [r["loss"] for r in records[1:]] == [None, None]
+    assert read_metrics(run)[1]["loss"] is None
+
+
+def test_readme_documents_every_metrics_key(char_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=2, log_interval=1, eval_interval=2, eval_iters=1))
+    keys = {key for record in read_metrics(run) for key in record} | {"skipped_steps"}  # nan_policy=skip's
+    assert {"val_loss", "mfu", "eta_s"} <= keys
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## A run folder"):readme.index("## On a GPU machine")]
+    missing = sorted(key for key in keys if f"`{key}`" not in section)
+    assert not missing, f"README's run folder section does not explain metrics.jsonl's {missing}"
+
+
 def test_corrupt_and_malicious_checkpoints_are_refused(char_data, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(char_data, run, max_steps=10))
