@@ -359,7 +359,7 @@ def _prune(root: Path, keep_last: int, keep: str) -> list[Path]:
     """Move the complete checkpoints beyond the newest `keep_last` out of the way; return the
     folders to delete. A rename is instant and atomic, so no half-deleted folder ever looks like
     a checkpoint, and the deleting (~1 s for 1.5 GB) can happen while training goes on."""
-    complete = sorted(p for p in root.glob("step_*") if (p / MANIFEST_FILE).exists())
+    complete = complete_checkpoints(root.parent)
     doomed = []
     for old in complete[:-keep_last] if keep_last > 0 else []:
         if old.name != keep:

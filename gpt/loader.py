@@ -331,6 +331,8 @@ def _map_tokens(path: Path, n_tokens: int) -> np.ndarray:
     open-files limit ("Too many open files"). torch.from_file closes its descriptor once the file
     is mapped; the map alone keeps the pages readable, and a file renamed over (a new prep) keeps
     its old inode alive for this run. shared=False maps it privately: nothing is written back.
+    (Not in shards.open_shard, which data prep uses: prep never imports torch, and maps one shard
+    at a time.)
     """
     mapped = torch.from_file(str(path), shared=False, size=HEADER_BYTES + 2 * n_tokens, dtype=torch.uint8)
     tokens = mapped.numpy()[HEADER_BYTES:].view(TOKEN_DTYPE)  # the array keeps the map alive

@@ -163,10 +163,11 @@ def _tokenizer_vocab(path: Path) -> dict[str, int] | None:
 
 
 def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str, Any],
-                               resuming: bool) -> None:
+                               resuming: bool) -> dict[str, Any]:
     """A checkpoint must have been trained on this dataset's vocabulary (same ids for the same
     tokens); a resumed run must also read the same train split in the same window order, or it
-    could not continue its exact window sequence. Reads only state.json and tokenizer.json."""
+    could not continue its exact window sequence. Reads only state.json and tokenizer.json;
+    returns state.json."""
     try:
         state = ckpt.read_state(source)
     except (OSError, ValueError) as e:
@@ -197,7 +198,7 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
             f"block_size = {saved_model['block_size']}"
         )
     if not resuming:
-        return
+        return state
     saved_optimizer = state.get("train_config", {}).get("optimizer", "adamw")
     if saved_optimizer != config.optimizer:
         raise ckpt.CheckpointError(
@@ -221,6 +222,7 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
             f"({'; '.join(mismatches)}). Use the checkpoint's dataset and settings, or start a new "
             f"run from its weights: --init_from={source} --out_dir=ANOTHER_FOLDER"
         )
+    return state
 
 
 def grad_accum_steps(config: TrainConfig, world_size: int) -> int:
@@ -299,7 +301,7 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
     gpt_config = model_config(config, meta["vocab_size"])
     resume_from = ckpt.latest_checkpoint(out_dir) if config.resume == "auto" else None
     if resume_from is not None:
-        check_checkpoint_fits_data(resume_from, config, meta, resuming=True)
+        saved = check_checkpoint_fits_data(resume_from, config, meta, resuming=True)
         if config.init_from:
             log(info, f"out_dir holds {resume_from}: resuming from it; init_from = {config.init_from!r} "
                       f"only gives the weights of a run's first start and is not used now")
@@ -313,7 +315,6 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
     check_model_fits(gpt_config, config, info)
     if resume_from is not None:
         # Before config.json is rewritten: a refused resume leaves the run's record as it was.
-        saved = ckpt.read_state(resume_from)
         ckpt.check_model_config(resume_from, saved["model_config"], asdict(gpt_config))
         if not (out_dir / ckpt.LATEST_FILE).exists():
             log(info, f"note: {out_dir / ckpt.LATEST_FILE} is missing; resuming from the newest complete "
@@ -328,9 +329,8 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
     elif resume_from is None and config.init_from:
         source = ckpt.resolve_checkpoint(config.init_from)
         ckpt.verify_checkpoint(source)  # sizes and checksums, before anything of it is read
-        check_checkpoint_fits_data(source, config, meta, resuming=False)
-        saved = ckpt.read_state(source)["model_config"]
-        ckpt.check_model_config(source, saved, asdict(gpt_config))
+        saved = check_checkpoint_fits_data(source, config, meta, resuming=False)
+        ckpt.check_model_config(source, saved["model_config"], asdict(gpt_config))
         ckpt.load_model_weights(source, model)
         log(info, f"initialized weights from {source}")
     return config, model, resume_from
