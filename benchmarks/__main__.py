@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from benchmarks import bench_generate, bench_resources, bench_train
-from benchmarks.common import load_average, log, machine, peer_available, write_json
+from benchmarks.common import busy_cores, load_average, log, machine, peer_available, write_json
 
 PARTS = ("peak", "train", "generate", "loader", "data", "rss")
 # The goals, as numbers the table checks.
@@ -144,7 +144,7 @@ def choose_threads(setting: str) -> int:
     if setting == "all":
         return cores
     if setting == "auto":
-        return max(1, min(cores, cores - round(load_average())))
+        return max(1, min(cores, cores - round(busy_cores())))
     return int(setting)
 
 

@@ -29,6 +29,25 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def busy_cores(window_s: float = 1.0) -> float:
+    """How many cores other processes keep busy now: CPU time spent outside idle over a short
+    window, from /proc/stat. Unlike the load average (a 1-minute decaying mean, still ~1 a
+    minute after a job ends) it is zero once the machine is idle. Linux; elsewhere the load
+    average."""
+    def sample() -> tuple[int, int]:
+        fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])  # busy, total (steal and guest excluded)
+    try:
+        busy0, total0 = sample()
+        time.sleep(window_s)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return load_average()
+    cores = os.cpu_count() or 1
+    return round(cores * (busy1 - busy0) / max(total1 - total0, 1), 2)
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:

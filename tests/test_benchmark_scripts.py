@@ -41,3 +41,17 @@ def test_gpu_scaleout_script_without_a_gpu_says_so(tmp_path):
     r = run_scaleout(tmp_path, PATH=f"{tmp_path}:/usr/bin:/bin")  # no nvidia-smi on this PATH
     assert r.returncode == 2 and "no GPU visible" in r.stderr
     assert not (tmp_path / "data").exists()  # stopped before writing anything
+
+
+def test_busy_cores_counts_a_process_spinning_now():
+    # The suite's --threads auto leaves out the cores other jobs use now; the 1-minute load
+    # average it used before still read ~1 a minute after a job had ended.
+    from benchmarks.common import busy_cores
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy = busy_cores(window_s=1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert 0.6 <= busy <= os.cpu_count()

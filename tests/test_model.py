@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt.model import GPT, GPTConfig, KVCache, Linear, closed_form_num_params
+from gpt.model import GPT, GPTConfig, KVCache, Linear, attend, closed_form_num_params
 
 TINY = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -40,6 +40,23 @@ def test_sdpa_equals_explicit_formula(dropout):
     explicit.load_state_dict(sdpa.state_dict())
     idx = random_tokens(3, TINY.block_size)
     torch.testing.assert_close(explicit(idx)[0], sdpa(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_on_cpu_takes_the_formula_up_to_128_positions():
+    # Where SDPA's CPU flash kernel is the slower one (bf16, short contexts: gpt.model.attend).
+    g = torch.Generator().manual_seed(0)
+    for S, formula in [(16, True), (128, True), (129, False)]:
+        q, k, v = (torch.randn(2, 3, S, 8, generator=g).bfloat16() for _ in range(3))
+        fused = lambda: attend(q, k, v, q_start=0, dropout_p=0.0, explicit=False)  # noqa: E731
+        reference = attend(q, k, v, q_start=0, dropout_p=0.0, explicit=True)
+        assert ("aten::_scaled_dot_product_flash_attention_for_cpu" in aten_ops(fused)) != formula
+        if formula:
+            assert torch.equal(fused(), reference)
+        else:
+            torch.testing.assert_close(fused(), reference, rtol=2e-2, atol=2e-2)
+        q32, k32, v32 = q.float(), k.float(), v.float()  # fp32 keeps SDPA at every length
+        assert "aten::_scaled_dot_product_flash_attention_for_cpu" in aten_ops(
+            lambda: attend(q32, k32, v32, q_start=0, dropout_p=0.0, explicit=False))
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "explicit"])
@@ -200,19 +217,22 @@ def test_padded_vocabulary_computes_the_same_function(tie_weights):
     assert last.shape == (3, 1, TINY.vocab_size)
 
 
-def addmm_input_shapes(fn) -> list[list]:
-    with torch.profiler.profile(record_shapes=True) as prof:
+def aten_ops(fn) -> set[str]:
+    with torch.profiler.profile() as prof:
         fn()
-    return [e.input_shapes for e in prof.events() if e.name == "aten::addmm"]
+    return {e.name for e in prof.events()}
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_few_rows_path_computes_nn_linear(bias):
-    # Without autograd, 2-64 rows on CPU are computed as W x^T (gpt.model.Linear): the same
-    # product up to summation order. With autograd it is nn.Linear's own, bit for bit.
+@pytest.mark.parametrize("out_features", [80, 36, 35])
+def test_linear_few_rows_path_computes_nn_linear(bias, out_features):
+    # Without autograd, 1-64 rows on CPU are computed as one batched product of W's row blocks
+    # with x^T (gpt.model.Linear): the same product up to summation order. With autograd, and
+    # for more rows, it is nn.Linear's own, bit for bit. 80 rows make 8 blocks, 36 make 4, and
+    # 35 (odd) cannot be cut: nn.Linear's path.
     torch.manual_seed(0)
-    layer = Linear(48, 80, bias=bias)
-    for shape in [(1, 48), (2, 48), (3, 5, 48), (64, 48), (65, 48), (2, 40, 48)]:
+    layer = Linear(48, out_features, bias=bias)
+    for shape in [(1, 48), (2, 48), (1, 1, 48), (3, 5, 48), (64, 48), (65, 48), (2, 40, 48)]:
         x = torch.randn(shape)
         expected = F.linear(x, layer.weight, layer.bias)
         with torch.no_grad():
@@ -222,8 +242,9 @@ def test_linear_few_rows_path_computes_nn_linear(bias):
         assert torch.equal(layer(x), expected)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # bf16: nn.Linear's path
             assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-    if bias:  # which kernel ran: W [80, 48] is the first matrix only on the few-rows path
-        x = torch.randn(8, 48)
+    batched = "aten::baddbmm" if bias else "aten::bmm"
+    for rows, fast in [(1, True), (8, True), (64, True), (65, False)]:
+        x = torch.randn(rows, 48)
         with torch.no_grad():
-            assert [80, 48] in addmm_input_shapes(lambda: layer(x))[0]
-        assert [80, 48] not in addmm_input_shapes(lambda: layer(x))[0]
+            assert (batched in aten_ops(lambda: layer(x))) == (fast and out_features != 35)
+        assert batched not in aten_ops(lambda: layer(x))
