@@ -32,7 +32,7 @@ import tokenizers
 import torch
 
 from . import checkpoint as ckpt
-from .hf import HFError, check_gpt2_shape, hf_config_dict, to_hf_state_dict
+from .hf import HF_PREFIX, HFError, check_gpt2_shape, hf_config_dict, to_hf_state_dict
 from .model import GPT, GPTConfig
 from .prepare import training_output
 from .sources import holds_token_shards
@@ -53,6 +53,9 @@ def require_transformers():
 def export_hf(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
               check: bool = True, log: Callable[[str], None] = print) -> Path:
     """Write checkpoint `run` as a GPT-2 folder `out`; return `out`. See the module docstring."""
+    if str(run).startswith(HF_PREFIX) and not Path(run).exists():
+        raise HFError(f"{run}: export reads a run or checkpoint of this project and writes a Hugging "
+                      f"Face folder; 'hf:DIR' is how init_from names a Hugging Face folder to start from")
     source = ckpt.resolve_checkpoint(run)
     ckpt.verify_checkpoint(source)
     state = ckpt.read_state(source)

@@ -83,6 +83,9 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     out = {theirs: (ours[name].t() if transposed else ours[name]).float().contiguous().clone()
            for name, theirs, transposed in weight_names(model.config.n_layer)}
     # Tied: lm_head.weight is wte. HF reties it on load, so it is stored once, as HF does.
+    # Untied (tie_word_embeddings false in config.json), it is a weight of its own.
+    if not model.config.tie_weights:
+        out["lm_head.weight"] = ours["lm_head.weight"][: model.config.vocab_size].float().contiguous().clone()
     return out
 
 
@@ -138,8 +141,6 @@ def check_gpt2_shape(config: GPTConfig) -> None:
     problems = []
     if not config.bias:
         problems.append("bias=False (GPT-2 has biases in every Linear and LayerNorm layer)")
-    if not config.tie_weights:
-        problems.append("tie_weights=False (GPT-2 ties lm_head to the token embedding)")
     if problems:
         raise HFError("this model is not GPT-2-shaped, so it cannot be exported for Hugging Face "
                       "GPT2LMHeadModel: " + "; ".join(problems))
@@ -159,7 +160,7 @@ def hf_config_dict(config: GPTConfig, eos_id: int | None) -> dict[str, Any]:
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.dropout,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": config.tie_weights,
         # A char vocabulary has no end-of-text token; GPT-2's default 50256 would be out of range.
         "bos_token_id": eos_id,
         "eos_token_id": eos_id,

@@ -249,17 +249,31 @@ def test_export_overwrite_never_replaces_runs_checkpoints_or_datasets(runs, data
     assert (hf_dir / "model.safetensors").read_bytes() != char_weights
 
 
-@pytest.mark.parametrize("option, message", [
-    ({"bias": False}, "bias=False"),
-    ({"tie_weights": False}, "tie_weights=False"),
-])
-def test_export_refuses_models_that_are_not_gpt2_shaped(option, message, tmp_path, capsys):
-    config = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, **option)
+def test_untied_model_exports_with_its_own_lm_head_and_imports_back(tmp_path):
+    # GPT2LMHeadModel holds an untied lm_head when config.json says tie_word_embeddings false.
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_weights=False)
+    model = GPT(config)
+    randomize(model)
+    model.eval()
+    ckpt.save_checkpoint(tmp_path / "run", 1, model, None, {"step": 1, "model_config": asdict(config)})
+    assert export.main([str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0  # with its check
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert not torch.equal(theirs.lm_head.weight, theirs.transformer.wte.weight)
+    back = hf.load_hf_model(tmp_path / "hf").eval()
+    assert back.config.tie_weights is False
+    x = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(theirs(x).logits, model(x)[0], atol=1e-5, rtol=0)
+        assert torch.equal(back(x)[0], model(x)[0])
+
+
+def test_export_refuses_models_that_are_not_gpt2_shaped(tmp_path, capsys):
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, bias=False)
     ckpt.save_checkpoint(tmp_path / "run", 1, GPT(config), None,
                          {"step": 1, "model_config": asdict(config)})
     assert export.main([str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and message in err and "not GPT-2-shaped" in err
+    assert err.startswith("error:") and "bias=False" in err and "not GPT-2-shaped" in err
     assert not (tmp_path / "hf").exists()
 
 
@@ -543,3 +557,13 @@ def test_export_never_writes_inside_checkpoints_nor_over_a_file(runs, data, tmp_
     assert (other / "hf" / "config.json").exists()
     # So is a new folder whose parents do not exist yet.
     assert export.main([str(runs["char"]), "--out", str(tmp_path / "a" / "b" / "hf"), "--no-check"]) == 0
+
+
+def test_export_of_an_hf_folder_says_what_export_reads(tmp_path, capsys):
+    # "hf:DIR" names a Hugging Face folder for init_from; given to export it used to read
+    # "checkpoint path hf:... does not exist", which hid the mix-up.
+    hf_gpt2(vocab_size=50).save_pretrained(tmp_path / "hf")
+    assert export.main([f"hf:{tmp_path / 'hf'}", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "export reads a run or checkpoint" in err and "init_from" in err
+    assert not (tmp_path / "out").exists()
