@@ -71,6 +71,7 @@ VAL_RULES = ("chunks", "tail")
 # on 2 cores) would otherwise take longer than encoding the whole corpus. Raise it for large
 # vocabularies (GPT-2's 50k merges were learned from far more text).
 TOKENIZER_TRAIN_BYTES = 10_000_000
+MIN_BPE_VOCAB = 257  # the 256 byte tokens and end-of-text
 BATCH_CHARS = 2 << 20  # text per encode_batch call: ~32 pieces, enough to keep every core busy
 
 
@@ -130,17 +131,25 @@ def prepare(
     out_dir = Path(out_dir)
     corpus = resolve_source(source, encoding_errors)
     _check_options(tokenizer, vocab_size, val_fraction, val_rule, val_chunk_tokens, min_val_tokens,
-                   shard_tokens, encoding_errors)
+                   shard_tokens, tokenizer_train_bytes, encoding_errors)
     _check_out_dir(out_dir, overwrite)
     if isinstance(corpus, LocalFiles):
         # An input folder may hold --out: never read our own output (its staging folder fills
         # with shards while the input is read a second time).
         _check_input_not_out(corpus, out_dir)
         corpus = replace(corpus, exclude=(*corpus.exclude, out_dir))
+    if isinstance(corpus, HFDataset):
+        _check_hf_folder_not_out(corpus, out_dir)
+        if not progress:
+            corpus = replace(corpus, progress=False)
     created = not out_dir.exists()
     staging = out_dir / STAGING
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed prep
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as e:  # bare, the error named only the staging folder, never --out
+        raise PrepareError(f"--out {out_dir}: cannot create the dataset folder there ({e.strerror or e}); "
+                           f"is a part of the path a file, or the folder not writable?") from e
     published = False
     try:
         counts = _Counts()
@@ -191,7 +200,7 @@ def prepare(
 
 # ---- checks ---------------------------------------------------------------------------------
 def _check_options(tokenizer, vocab_size, val_fraction, val_rule, val_chunk_tokens, min_val_tokens,
-                   shard_tokens, encoding_errors) -> None:
+                   shard_tokens, tokenizer_train_bytes, encoding_errors) -> None:
     if isinstance(tokenizer, str):
         if tokenizer not in ("bpe", "char"):
             raise PrepareError(f"--tokenizer must be bpe or char, got {tokenizer!r}")
@@ -200,6 +209,15 @@ def _check_options(tokenizer, vocab_size, val_fraction, val_rule, val_chunk_toke
                 check_vocab_size(vocab_size, "--vocab-size")
             except ValueError as e:
                 raise PrepareError(str(e)) from None
+            # Here, not only in train_bpe: that runs after a first read of the whole corpus.
+            if vocab_size < MIN_BPE_VOCAB:
+                raise PrepareError(f"--vocab-size {vocab_size} is too small for byte-level BPE: it needs at "
+                                   f"least {MIN_BPE_VOCAB} (256 bytes + end-of-text)")
+            # A BPE trained on no text has no merges: one id per byte, with no word from the
+            # corpus, whatever --vocab-size asks for.
+            if tokenizer_train_bytes is not None and tokenizer_train_bytes < 1:
+                raise PrepareError(f"--tokenizer-train-mb must be positive (BPE needs text to learn its "
+                                   f"merges from), got {tokenizer_train_bytes / 1e6:g}")
     elif not isinstance(tokenizer, Tokenizer):
         raise PrepareError(f"tokenizer must be 'bpe', 'char' or a Tokenizer, got {type(tokenizer).__name__}")
     if not 0 < val_fraction < 1:
@@ -272,6 +290,20 @@ def _check_input_not_out(corpus: LocalFiles, out_dir: Path) -> None:
         if path.is_dir() and path.resolve() == out_dir.resolve():
             raise PrepareError(f"--input {path}: is the --out folder, where the dataset is written; "
                                f"choose an --out outside the input")
+
+
+def _check_hf_folder_not_out(corpus: HFDataset, out_dir: Path) -> None:
+    """datasets reads every data file under a local folder: with --out there (or inside), the next
+    read takes meta.json and tokenizer.json for data, or fails on the shards."""
+    folder = Path(corpus.name)
+    if corpus.data_files or not folder.is_dir():
+        return
+    folder, out = folder.resolve(), out_dir.resolve()
+    if out == folder or out.is_relative_to(folder):
+        where = "is" if out == folder else "is inside"
+        raise PrepareError(f"--out {out_dir}: {where} the --hf-dataset folder {corpus.name}, whose every data "
+                           f"file datasets reads (the dataset's meta.json and tokenizer.json would be read "
+                           f"as data); choose an --out outside it")
 
 
 def _check_split_sizes(tokens: dict, min_val_tokens: int, val_fraction: float, val_rule: str,
@@ -558,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", nargs="+", metavar="PATH",
-                     help="text files or folders (walked recursively, sorted); each file is one document")
+                     help="text files or folders (walked recursively, sorted, links followed, hidden "
+                          "files and folders left out); each file is one document")
     src.add_argument("--source", choices=["stdlib"],
                      help="a named corpus: stdlib = this Python's standard library .py files (no download)")
     src.add_argument("--hf-dataset", "--hf_dataset", metavar="NAME",

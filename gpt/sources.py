@@ -12,8 +12,9 @@ character vocabulary is indifferent to cuts anyway. Only a stretch of 16 × `pie
 characters (1M) without such a place is cut anywhere, which may change a few BPE ids there.
 
 Empty documents are skipped: they hold nothing to learn. So are, in an input folder, files that
-are not regular files (named pipes, sockets, devices: reading one could wait forever) and folders
-that hold a prepared dataset (token shards: binary, and an earlier prep's output), with a warning.
+are not regular files (named pipes, sockets, devices: reading one could wait forever), folders
+that hold a prepared dataset (token shards: binary, and an earlier prep's output), and hidden
+files and folders (.git, .DS_Store), with a warning. Links to files and folders are followed.
 """
 
 from __future__ import annotations
@@ -203,14 +204,22 @@ def _walk_files(path: Path, skip_dirs: tuple[str, ...] = (),
     left out; also the folders left out, with why. Streams (never lists the whole tree).
 
     Left out: folders named in `skip_dirs` (silently), folders in `exclude` (resolved paths),
-    folders holding token shards, and files that are not regular files."""
+    folders holding token shards, hidden files and folders (names starting with "."), a folder
+    reached a second time through links, and files that are not regular files."""
     if not path.is_dir():
         yield path, None
         return
-    for root, dirs, files in os.walk(path, onerror=_raise_walk_error):
+    # Links to folders are followed, as links to files are (os.walk alone would drop them without
+    # a word); a folder reached twice (a second link to it, or a link back up, which would
+    # otherwise loop forever) is read the first time only.
+    walked: dict[Path, Path] = {}  # resolved folder -> the path it was read under
+    for root, dirs, files in os.walk(path, onerror=_raise_walk_error, followlinks=True):
         folder = Path(root)
-        if exclude and folder.resolve() in exclude:
+        real = folder.resolve()
+        if exclude and real in exclude:
             reason = "the folder this data prep writes (--out)"
+        elif real in walked:
+            reason = f"the same folder as {walked[real]}, read already"
         elif any(is_shard_name(name) for name in files):  # the listing os.walk already made
             reason = "a prepared dataset (token shards), not text"
         else:
@@ -219,8 +228,16 @@ def _walk_files(path: Path, skip_dirs: tuple[str, ...] = (),
             dirs[:] = []  # nothing below it is read either
             yield folder, reason
             continue
-        dirs[:] = sorted(d for d in dirs if d not in skip_dirs)
+        walked[real] = folder
+        # Hidden entries (.git, .DS_Store, editor swap files) are a tool's state, not the corpus:
+        # a repository's .git alone would stop a prep at its first binary object.
+        for name in sorted(d for d in dirs if d.startswith(".")):
+            yield folder / name, "a hidden folder"
+        dirs[:] = sorted(d for d in dirs if d not in skip_dirs and not d.startswith("."))
         for name in sorted(files):
+            if name.startswith("."):
+                yield folder / name, "a hidden file"
+                continue
             special = _special_file(folder / name)
             yield folder / name, None if special is None else f"not a regular file ({special})"
 
@@ -231,7 +248,8 @@ def _raise_walk_error(e: OSError) -> None:
 
 @dataclass
 class LocalFiles(_DocumentsFromPieces):
-    """Files and folders (walked recursively, sorted); each file is one document.
+    """Files and folders (walked recursively, sorted, links followed, hidden entries left out);
+    each file is one document.
 
     errors: what to do with bytes that are not UTF-8: "strict" (an error naming the file and
     byte offset), "replace" (U+FFFD), or "skip" (leave the file out, with a warning).
@@ -335,6 +353,7 @@ class HFDataset(_DocumentsFromPieces):
     data_files: Sequence[str] | None = None
     cache_dir: str | None = None
     description: str = ""
+    progress: bool = True  # datasets' own progress bars ("Generating train split"); prep's --no-progress
 
     def __post_init__(self):
         if not self.description:
@@ -366,6 +385,10 @@ class HFDataset(_DocumentsFromPieces):
             kwargs["data_files"] = [str(f) for f in self.data_files]
         if self.cache_dir:
             kwargs["cache_dir"] = self.cache_dir
+        # datasets' switch is global: turned off for this call only, and back on only if it was on.
+        quiet = not self.progress and datasets.is_progress_bar_enabled()
+        if quiet:
+            datasets.disable_progress_bars()
         try:
             return datasets.load_dataset(path, self.config, split=self.split, streaming=self.streaming, **kwargs)
         except Exception as e:  # datasets raises many types; the user needs the reason and the name
@@ -376,6 +399,9 @@ class HFDataset(_DocumentsFromPieces):
             on_disk = local.exists() or (self.data_files and all(map(os.path.exists, self.data_files)))
             hint = "" if on_disk else ". No network? Point --hf-dataset at local files or a folder"
             raise SourceError(f"{self._named()}: cannot load it ({_reason(e)}){hint}") from e
+        finally:
+            if quiet:
+                datasets.enable_progress_bars()
 
     def _named(self) -> str:
         """The options that name the data, for errors: with a builder, the files are what is bad."""

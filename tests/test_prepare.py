@@ -162,6 +162,30 @@ def test_bad_options_are_named(docs, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_bpe_training_options_are_checked_before_reading(tmp_path):
+    class Unread(Texts):
+        def iter_pieces(self, piece_chars=0):
+            raise AssertionError("the corpus was read before the options were checked")
+
+    # --tokenizer-train-mb 0 trained BPE on no text: 257 ids, no merges, whatever --vocab-size said.
+    for train_bytes in (0, -1_000_000):
+        with pytest.raises(PrepareError, match="--tokenizer-train-mb must be positive"):
+            prepare(tmp_path / "out", Unread(["x"]), vocab_size=512, tokenizer_train_bytes=train_bytes, **QUIET)
+    with pytest.raises(PrepareError, match="--vocab-size 256 is too small for byte-level BPE.*257"):
+        prepare(tmp_path / "out", Unread(["x"]), vocab_size=256, **QUIET)
+    assert not (tmp_path / "out").exists()
+    # The char vocabulary trains nothing: neither option applies to it.
+    prepare(tmp_path / "out", Texts(["abc " * 100]), tokenizer="char", vocab_size=1, tokenizer_train_bytes=0,
+            val_fraction=0.5, val_chunk_tokens=10, min_val_tokens=10, **QUIET)
+
+
+def test_out_that_cannot_be_created_is_named(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    out = tmp_path / "a_file/data"
+    with pytest.raises(PrepareError, match=f"--out {out}: cannot create the dataset folder there \\(Not a directory"):
+        prepare(out, Texts(["abc " * 100]), tokenizer="char", **QUIET)
+
+
 def test_empty_input(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "nothing").mkdir()
@@ -301,6 +325,58 @@ def test_prep_output_in_an_input_folder_is_not_read(tmp_path):
     with pytest.raises(PrepareError, match=f"--input {folder}: is the --out folder"):
         prepare(folder, LocalFiles([folder]), overwrite=True, **opts)
     assert load_meta(folder / "old")["documents"] == 50
+
+
+def test_links_to_folders_are_followed_once_and_hidden_entries_left_out(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.txt").write_text("text behind a link to a folder\n")
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("a\n")
+    (folder / "sub/b.txt").write_text("b\n")
+    (folder / "linked").symlink_to(outside)  # os.walk alone dropped it without a word
+    (folder / "sub/again").symlink_to(outside)  # the same folder twice: read once
+    (folder / "sub/loop").symlink_to(folder)  # a link back up must not walk forever
+    (folder / ".git").mkdir()  # a repository's state: binary objects, not the corpus
+    (folder / ".git/index").write_bytes(b"DIRC\x00\x00\x00\x02\xff\xfe")
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1\xff")
+    with pytest.warns(UserWarning) as caught:
+        files = list(LocalFiles([folder]).files())
+    assert files == [folder / "a.txt", folder / "linked/x.txt", folder / "sub/b.txt"]
+    notes = {str(w.message) for w in caught}
+    assert notes == {f"skipping {folder / '.DS_Store'}: a hidden file",
+                     f"skipping {folder / '.git'}: a hidden folder",
+                     f"skipping {folder / 'sub/again'}: the same folder as {folder / 'linked'}, read already",
+                     f"skipping {folder / 'sub/loop'}: the same folder as {folder}, read already"}
+    # A hidden file named on the command line is read: only folders' hidden entries are left out.
+    assert list(LocalFiles([folder / ".DS_Store"], errors="replace").files()) == [folder / ".DS_Store"]
+
+
+def test_hf_folder_holding_out_is_refused(hf_files, tmp_path):
+    # datasets reads every data file in the folder: after one prep into it, the next read saw
+    # meta.json, tokenizer.json and the shards, and failed saying the folder had no data files.
+    _, _, parquet, _ = hf_files
+    folder = parquet.parent / "folder"
+    corpus = HFDataset(str(folder), text_field="body", cache_dir=str(tmp_path / "c"))
+    opts = dict(tokenizer="char", val_fraction=0.1, val_rule="tail", min_val_tokens=10, **QUIET)
+    for out, where in ((folder / "prepared", "is inside"), (folder, "is")):
+        with pytest.raises(PrepareError, match=f"--out {out}: {where} the --hf-dataset folder"):
+            prepare(out, corpus, **opts)
+    assert sorted(p.name for p in folder.iterdir()) == ["part-0.parquet", "part-1.parquet"]
+    prepare(tmp_path / "out", corpus, **opts)  # beside it is fine
+    assert check_folder(tmp_path / "out")["documents"] == 40
+
+
+def test_no_progress_silences_the_datasets_progress_bars(hf_files, tmp_path, capfd):
+    datasets = pytest.importorskip("datasets")
+    _, jsonl, _, _ = hf_files
+    corpus = HFDataset(str(jsonl), text_field="body", cache_dir=str(tmp_path / "c"))
+    prepare(tmp_path / "out", corpus, tokenizer="char", val_fraction=0.1, val_rule="tail",
+            min_val_tokens=10, progress=False, log=None)
+    captured = capfd.readouterr()
+    assert "Generating train split" not in captured.err + captured.out
+    assert datasets.is_progress_bar_enabled()  # datasets' global switch is back as it was
 
 
 # ---- a prep that dies -------------------------------------------------------------------------
@@ -528,7 +604,8 @@ def test_cli_help_lists_every_option():
     for option in ("--input", "--source", "--hf-dataset", "--hf-config", "--hf-split", "--hf-data-files",
                    "--text-field", "--streaming", "--out", "--tokenizer", "--vocab-size", "--val-fraction",
                    "--val-rule", "--seed", "--shard-tokens", "--overwrite", "--encoding-errors",
-                   "--min-val-tokens", "--vocab_size", "--val_fraction"):
+                   "--min-val-tokens", "--vocab_size", "--val_fraction", "--val-chunk-tokens",
+                   "--tokenizer-train-mb", "--no-progress", "--val-rule"):
         assert option in result.stdout, option
 
 
