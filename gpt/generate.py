@@ -122,7 +122,8 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
 ) -> Iterator[torch.Tensor]:
-    """Continue the prompts idx [B, T] (T >= 1), yielding each new token [B, 1] as it is chosen.
+    """Continue the prompts idx [B, T] (T >= 1; int64 or int32 ids below vocab_size), yielding each
+    new token [B, 1] as it is chosen.
 
     Yields at most max_new_tokens tokens; max_new_tokens = 0 yields nothing. With eos_id, a row
     that has produced eos_id keeps emitting eos_id from then on, and generation stops as soon as
@@ -137,6 +138,19 @@ def generate(
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if idx.dim() != 2 or idx.size(1) == 0:
         raise ValueError(f"idx must have shape [batch, time] with time >= 1, got {tuple(idx.shape)}")
+    vocab_size = model.config.vocab_size
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"idx must hold token ids as int64 or int32, got {idx.dtype}")
+    # With vocab_multiple the tables have padding rows, so an id from a larger vocabulary (a
+    # mismatched tokenizer) would be embedded as zeros without any error: check the range here.
+    if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < vocab_size:
+        raise ValueError(f"idx holds token ids outside the model's vocabulary 0..{vocab_size - 1} "
+                         f"(min {int(idx.min())}, max {int(idx.max())}): encode the prompt with the "
+                         f"tokenizer the model was trained with")
+    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int)
+                               or not 0 <= eos_id < vocab_size):
+        # Such an id is never sampled, so generation would silently never stop early.
+        raise ValueError(f"eos_id must be a token id in 0..{vocab_size - 1} (or None), got {eos_id!r}")
     # Inference mode is lighter per op than no_grad (no version counters; decode is many small
     # ops: ~9% faster here), but autocast does not keep its bf16 copies of the weights for
     # inference-mode calls and would re-cast every weight at every token: under autocast, no_grad.

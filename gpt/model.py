@@ -156,7 +156,10 @@ class Linear(nn.Linear):
         rows = x.numel() // self.in_features
         fp32 = x.dtype == self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
         blocks = math.gcd(self.out_features, 8)
-        if not (1 <= rows <= 64 and fp32 and blocks > 1):
+        # A wrong last dimension goes to nn.Linear, whose error names both shapes; the reshape
+        # below would fail with a message about sizes that appear nowhere in the caller's code.
+        fits = x.shape[-1:] == (self.in_features,)
+        if not (fits and 1 <= rows <= 64 and fp32 and blocks > 1):
             return super().forward(x)
         w = self.weight.view(blocks, self.out_features // blocks, self.in_features)
         xt = x.reshape(rows, self.in_features).t().expand(blocks, self.in_features, rows)

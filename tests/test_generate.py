@@ -204,3 +204,19 @@ def test_seeded_sampling_is_reproducible():
 def test_sample_next_invalid_args(bad):
     with pytest.raises(ValueError):
         sample_next(random_logits(), **bad)
+
+
+def test_generate_rejects_ids_the_model_cannot_have_made():
+    # With vocab_multiple the tables have padding rows: an id from a larger (mismatched)
+    # vocabulary was embedded as a zero row without any error, and an eos_id outside the
+    # vocabulary is never sampled, so generation silently ran to max_new_tokens.
+    torch.manual_seed(0)
+    padded = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32, vocab_multiple=64))
+    idx = prompt(2, 3)
+    assert len(list(generate(padded, idx, 2, eos_id=49))) >= 1
+    for bad_idx in (torch.full((1, 3), 55), torch.full((1, 3), -1), idx.float()):
+        with pytest.raises(ValueError, match="idx"):
+            generate(padded, bad_idx, 2)
+    for bad_eos in (50, -1, True, 3.0):
+        with pytest.raises(ValueError, match="eos_id"):
+            generate(padded, idx, 2, eos_id=bad_eos)

@@ -248,3 +248,15 @@ def test_linear_few_rows_path_computes_nn_linear(bias, out_features):
         with torch.no_grad():
             assert (batched in aten_ops(lambda: layer(x))) == (fast and out_features != 35)
         assert batched not in aten_ops(lambda: layer(x))
+
+
+def test_linear_few_rows_path_reports_a_wrong_input_width_like_nn_linear():
+    # The batched path reshaped by numel: x [2, 12] into a 8-wide layer failed with "shape
+    # '[2, 16]' is invalid for input of size 48", naming sizes the caller never wrote.
+    layer = Linear(8, 16)
+    for shape in [(2, 12), (4, 4), (3,)]:
+        x = torch.randn(shape)
+        with pytest.raises(RuntimeError, match="cannot be multiplied|size mismatch"):
+            layer(x)
+        with torch.no_grad(), pytest.raises(RuntimeError, match="cannot be multiplied|size mismatch"):
+            layer(x)
