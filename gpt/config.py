@@ -110,7 +110,7 @@ class TrainConfig:
     learning_rate: float = _opt(1e-3, "peak learning rate")
     min_lr: float = _opt(1e-4, "learning rate floor at the end of cosine decay")
     warmup_steps: int = _opt(100, "linear warmup steps")
-    lr_decay_steps: int = _opt(0, "step at which cosine decay reaches min_lr (0: max_steps)")
+    lr_decay_steps: int = _opt(0, "step at which cosine decay reaches min_lr (0: max_steps; else > warmup_steps)")
     weight_decay: float = _opt(0.1, "AdamW weight decay, applied to matrices only")
     optimizer: str = _opt(
         "adamw",
@@ -176,10 +176,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Reject impossible values with a message that names the key."""
         for f in fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value not in choices:
-                raise ConfigError(f"{f.name} = {value!r} is not allowed; choose one of {', '.join(choices)}")
+            _check_choice(f.name, getattr(self, f.name))
         for f in fields(self):
             value = getattr(self, f.name)
             # nan passes every comparison below (nan <= 0 is False), so refuse it first.
@@ -227,6 +224,13 @@ class TrainConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if 0 < self.lr_decay_steps <= self.warmup_steps:
+            # learning_rate_at would jump from the peak at the end of warmup straight to min_lr.
+            raise ConfigError(
+                f"lr_decay_steps ({self.lr_decay_steps}) must be greater than warmup_steps "
+                f"({self.warmup_steps}): the cosine decay runs from the end of warmup to lr_decay_steps "
+                f"(0: to max_steps)"
+            )
         if self.min_lr > self.learning_rate:
             raise ConfigError(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
         for name in ("beta1", "beta2"):
@@ -307,17 +311,29 @@ def _unknown_key(name: str, where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key {name!r}{hint}; `python train.py --help` lists every key")
 
 
+def _check_choice(key: str, value: Any, where: str = "") -> None:
+    choices = TrainConfig.__dataclass_fields__[key].metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}{key} = {value!r} is not allowed; choose one of {', '.join(choices)}")
+
+
 def apply_overrides(config: TrainConfig, values: dict[str, Any], where: str, *,
                     typed: bool = False) -> TrainConfig:
     """Set `values` on `config`. `where` names their source in errors; `typed`: they come from a
     TOML file and must already have each key's type (strings are not converted, see `_coerce`)."""
     types = _field_types()
-    updates = {}
+    updates, spelled = {}, {}
     for name, value in values.items():
         key = name.replace("-", "_")
         if key not in types:
             raise _unknown_key(name, where)
+        if key in spelled:
+            # TOML sees `n_layer` and `n-layer` as two keys; one would silently win over the other.
+            raise ConfigError(f"{where}: {key} is given twice, as {spelled[key]!r} and {name!r}; keep one")
+        spelled[key] = name
         updates[key] = _coerce(key, value, types[key], where, typed)
+        # Checked here as well as in validate(), which no longer knows which file a value came from.
+        _check_choice(key, updates[key], f"{where}: ")
     return dataclasses.replace(config, **updates)
 
 
@@ -364,8 +380,10 @@ def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
         help_text = f.metadata["help"]
         if choices:
             help_text += f" {{{', '.join(choices)}}}"
+        # A bool alone (`--activation_checkpointing`) means true, as flags do elsewhere.
+        flag = {"nargs": "?", "const": "true"} if str(f.type) == "bool" else {}
         parser.add_argument(
-            *spellings, dest=f.name, default=None, metavar=str(f.type).upper(),
+            *spellings, dest=f.name, default=None, metavar=str(f.type).upper(), **flag,
             help=f"{help_text} (default: " + (
                 f"{from_file[f.name]!r} from {Path(default_config).name}, built in {getattr(defaults, f.name)!r})"
                 if f.name in from_file else f"{getattr(defaults, f.name)!r})"),

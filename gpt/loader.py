@@ -124,10 +124,13 @@ class TokenLoader:
         self._begins = self._ends - self._lengths
         self.num_tokens = int(self._ends[-1]) if kept else 0
         if self.num_tokens < block_size + 1:
+            # A larger --val-fraction grows val at train's expense, so the advice depends on the split.
+            remedy = ("a larger --val-fraction" if split == "val"
+                      else "more text (or a smaller --val-fraction)")
             raise ShardError(
                 f"{self.data_dir}: {split} split too small for one block of {block_size} tokens "
                 f"(it has {self.num_tokens} tokens; a block needs {block_size + 1}); prepare "
-                f"with a larger --val-fraction or use a smaller block_size"
+                f"with {remedy} or use a smaller block_size"
             )
         # Sequential epoch length; random order draws starts from [0, num_tokens - block_size).
         self.windows_per_epoch = (self.num_tokens - 1) // block_size

@@ -45,6 +45,14 @@ def resolve_strategy(config: TrainConfig, info: DistInfo) -> str:
     strategy = config.parallel
     if strategy == "auto":
         return "ddp" if info.is_distributed else "none"
+    if strategy == "none" and info.is_distributed:
+        # Each process would train its own copy on its share of the data, never averaging
+        # gradients, while the log and checkpoints speak for rank 0's copy alone.
+        raise ConfigError(
+            f"parallel = 'none' but {info.world_size} processes were launched: each would train "
+            f"its own unsynchronized copy of the model. Use parallel = 'ddp', 'fsdp' or 'auto', "
+            f"or launch one process (torchrun --nproc_per_node=1, or plain python train.py)"
+        )
     if not (info.process_group or info.is_distributed):
         return "none"
     return strategy

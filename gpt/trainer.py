@@ -710,6 +710,7 @@ def train(config: TrainConfig) -> TrainResult:
 def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
     device = info.device
     dtype = resolve_dtype(config.dtype, device)
+    parallel.resolve_strategy(config, info)  # a strategy that cannot run here fails before any work
     if device.type == "cuda":
         # fp32 matmuls (and the fp32 parts of a bf16 run) on TF32 tensor cores: ~8x the fp32
         # rate on A100/H100 at ~1e-3 relative precision, which training does not notice.

@@ -40,3 +40,28 @@ def test_toml_types_that_fit_and_command_line_strings_are_accepted(tmp_path):
     assert (config.n_layer, config.learning_rate, config.bias, config.compile) == (3, 2e-3, True, "false")
     with pytest.raises(ConfigError, match="^command line: n_layer must be an integer, got 'four'$"):
         parse_args(["--n_layer=four"])
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('device = "CPU"', "device = 'CPU' is not allowed; choose one of auto, cpu, cuda, mps"),
+    ('compile = "yes"', "compile = 'yes' is not allowed; choose one of auto, true, false"),
+    ("n_layer = 2\nn-layer = 3", "n_layer is given twice, as 'n_layer' and 'n-layer'; keep one"),
+])
+def test_toml_value_errors_name_the_file(tmp_path, line, message):
+    """A value outside a key's choices, or a key spelled twice (TOML sees n_layer and n-layer as two
+    keys, so one would silently win), is named with the file it is in, as a type error is."""
+    path = tmp_path / "run.toml"
+    path.write_text(line + "\n")
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--config", str(path)])
+    assert str(e.value) == f"{path}: {message}"
+    with pytest.raises(ConfigError, match="^command line: device = 'gpu' is not allowed"):
+        parse_args(["--device=gpu"])
+
+
+def test_a_bool_key_alone_on_the_command_line_means_true():
+    """`--activation_checkpointing` as a flag (argparse refused it: 'expected one argument')."""
+    config = parse_args(["--activation_checkpointing", "--n_layer=2"])
+    assert config.activation_checkpointing is True and config.n_layer == 2
+    assert parse_args(["--tie-weights", "false"]).tie_weights is False  # a value still counts
+    assert parse_args(["--bias=no"]).bias is False

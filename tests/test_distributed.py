@@ -458,6 +458,15 @@ def test_one_process_runs_the_plain_model():
     assert [parallel.reshard_after_forward("auto", i, 3) for i in range(3)] == [True, True, False]
 
 
+def test_parallel_none_on_several_processes_is_refused():
+    """Each rank would train its own copy without ever averaging gradients, while the logs and
+    checkpoints show rank 0's alone: refused, naming the key and what to use instead."""
+    two = DistInfo(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), process_group=True)
+    with pytest.raises(ConfigError, match=r"parallel = 'none' but 2 processes were launched.*Use "
+                                          r"parallel = 'ddp', 'fsdp' or 'auto'"):
+        parallel.resolve_strategy(TrainConfig(parallel="none"), two)
+
+
 def test_activation_checkpointing_keeps_names_and_gradients():
     from gpt.model import GPT, GPTConfig
 

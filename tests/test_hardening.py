@@ -129,6 +129,8 @@ def run_copy(trained, tmp_path) -> Path:
     (["--learning_rate=nan"], "learning_rate must be a finite number, got nan"),
     (["--grad_clip=inf"], "grad_clip must be a finite number, got inf"),
     (["--min_lr=0.1"], "min_lr (0.1) must not exceed learning_rate (0.001)"),
+    # Warmup would end at the peak and the next step drop straight to min_lr, with no decay between.
+    (["--warmup_steps=100", "--lr_decay_steps=50"], "lr_decay_steps (50) must be greater than warmup_steps (100)"),
     (["--dropout=1"], "dropout must be in [0, 1), got 1.0"),
     (["--seed=-1"], "seed must be >= 0, got -1"),
     (["--out_dir="], "out_dir must name a folder, got an empty string"),

@@ -200,8 +200,12 @@ def test_split_too_small_for_one_block(tmp_path):
         TokenLoader(tmp_path, "val", 2, 64)
     msg = str(e.value)
     assert "val split too small for one block of 64 tokens" in msg
-    assert "--val-fraction" in msg and "smaller block_size" in msg and str(tmp_path) in msg
+    assert "larger --val-fraction" in msg and "smaller block_size" in msg and str(tmp_path) in msg
     TokenLoader(tmp_path, "val", 2, 63)  # exactly one window fits
+    make_split(tmp_path, [64], split="train")  # a larger --val-fraction would shrink train further
+    with pytest.raises(ValueError, match="train split too small") as e:
+        TokenLoader(tmp_path, "train", 2, 64)
+    assert "more text (or a smaller --val-fraction)" in str(e.value)
 
 
 def test_bad_shard_header_names_the_file(tmp_path):
