@@ -156,7 +156,7 @@ def sample(args) -> None:
     if args.max_new_tokens <= 0:
         raise ConfigError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
     if not math.isfinite(args.temperature) or args.temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise ConfigError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:

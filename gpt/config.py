@@ -161,7 +161,7 @@ class TrainConfig:
     )
     wandb_mode: str = _opt("disabled", "Weights & Biases logging", ("disabled", "offline", "online"))
     wandb_project: str = _opt("gpt", "Weights & Biases project")
-    wandb_run_name: str = _opt("", "Weights & Biases run name (default: out_dir's name)")
+    wandb_run_name: str = _opt("", "Weights & Biases run name ('': out_dir's name)")
     wandb_tags: str = _opt("", "Weights & Biases tags, comma-separated")
 
     def _only_with(self, key: str, value: str, names: tuple[str, ...]) -> None:
@@ -246,6 +246,10 @@ class TrainConfig:
 # Parsing: TOML file and command line
 
 
+TRUE_WORDS = ("true", "1", "yes", "on")  # how the command line may spell a bool
+FALSE_WORDS = ("false", "0", "no", "off")
+
+
 def _coerce(name: str, value: Any, typ: str, where: str, typed: bool = False) -> Any:
     """Check/convert one value to the field's type; `where` says where the value came from.
 
@@ -257,9 +261,9 @@ def _coerce(name: str, value: Any, typ: str, where: str, typed: bool = False) ->
     if typ == "bool":
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and not typed and value.lower() in ("true", "1", "yes", "on"):
+        if isinstance(value, str) and not typed and value.lower() in TRUE_WORDS:
             return True
-        if isinstance(value, str) and not typed and value.lower() in ("false", "0", "no", "off"):
+        if isinstance(value, str) and not typed and value.lower() in FALSE_WORDS:
             return False
     elif typ == "int":
         if isinstance(value, int) and not isinstance(value, bool):
@@ -278,7 +282,11 @@ def _coerce(name: str, value: Any, typ: str, where: str, typed: bool = False) ->
             except ValueError:
                 pass
     elif typ == "str":
+        tri_state = {"true", "false"} <= set(TrainConfig.__dataclass_fields__[name].metadata.get("choices") or ())
         if isinstance(value, str):
+            # --compile=True or =1 as a bool key would take them (a TOML string stays as written).
+            if tri_state and not typed and value.lower() in TRUE_WORDS + FALSE_WORDS:
+                return "true" if value.lower() in TRUE_WORDS else "false"
             return value
         if isinstance(value, bool):  # `compile = true` in TOML: a tri-state key given a bool
             return "true" if value else "false"

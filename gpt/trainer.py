@@ -399,6 +399,15 @@ def wrap_model(model: GPT, config: TrainConfig, info: DistInfo, dtype: torch.dty
 
 
 @torch.no_grad()
+def evals_left(step: int, config: TrainConfig) -> int:
+    """How many eval (and save) steps come after `step`: every eval_interval-th, and the last."""
+    if step >= config.max_steps:
+        return 0
+    every = config.eval_interval
+    periodic = (config.max_steps - 1) // every - step // every if every > 0 else 0
+    return periodic + 1
+
+
 def evaluate(model: torch.nn.Module, config: TrainConfig, info: DistInfo, autocast,
              val_loader: TokenLoader | None = None) -> float:
     """Mean loss over a fixed set of val batches (the same windows at every eval), over all ranks.
@@ -821,6 +830,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
     last_ckpt = None
     interval_start, timed_from = time.perf_counter(), step  # tokens/s counts this process's steps
     run_start = time.perf_counter()
+    pause_s = {"eval": 0.0, "save": 0.0}  # the latest eval's and save's seconds, for the ETA
     while step < config.max_steps:
         lr = learning_rate_at(step, config)
         for group in optimizer.param_groups:
@@ -861,7 +871,13 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
             step_time = elapsed / (step - timed_from)
             tok_s = tokens_per_step / step_time
             mfu = flops_per_token * tok_s / (peak * info.world_size)
-            eta = step_time * (config.max_steps - step)
+            if do_eval:
+                began = time.perf_counter()
+                val_loss = evaluate(wrapped, config, info, autocast, val_loader)
+                pause_s["eval"] = time.perf_counter() - began
+                guard.check_val_loss(step, val_loss)  # a model that outputs NaN is never saved
+            # Each eval step to come also evaluates and saves: priced at the latest ones.
+            eta = step_time * (config.max_steps - step) + evals_left(step, config) * sum(pause_s.values())
             record = {
                 "step": step, "loss": round(train_loss, 6), "lr": lr, "tokens": tokens_seen,
                 "tokens_per_s": round(tok_s, 1), "tokens_per_s_per_device": round(tok_s / info.world_size, 1),
@@ -876,8 +892,6 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
                 record["skipped_steps"] = guard.skipped
                 message += f" | skipped {guard.skipped}"
             if do_eval:
-                val_loss = evaluate(wrapped, config, info, autocast, val_loader)
-                guard.check_val_loss(step, val_loss)  # a model that outputs NaN is never saved
                 record["val_loss"] = round(val_loss, 6)
                 message += f" | val loss {val_loss:.4f}"
             metrics.write(record)
@@ -885,7 +899,9 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
             loss_sum.zero_()
             interval_steps = interval_skipped = 0
             if do_eval:
+                began = time.perf_counter()
                 last_ckpt = save(step, val_loss)
+                pause_s["save"] = time.perf_counter() - began
             interval_start, timed_from = time.perf_counter(), step
         if stop.agreed(info):
             interval_skipped += guard.review(step)  # never save a model gone non-finite since the last log

@@ -65,3 +65,10 @@ def test_a_bool_key_alone_on_the_command_line_means_true():
     assert config.activation_checkpointing is True and config.n_layer == 2
     assert parse_args(["--tie-weights", "false"]).tie_weights is False  # a value still counts
     assert parse_args(["--bias=no"]).bias is False
+
+
+def test_a_tri_state_key_takes_the_bool_spellings_on_the_command_line():
+    # compile is auto/true/false; --compile=True was refused where --bias=True was taken.
+    assert [parse_args([f"--compile={v}"]).compile for v in ("True", "1", "no", "auto")] == ["true", "true", "false", "auto"]
+    with pytest.raises(ConfigError, match="compile"):
+        parse_args(["--compile=maybe"])

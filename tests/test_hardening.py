@@ -723,7 +723,7 @@ def test_sampling_edge_cases(trained, tmp_path, capsys):
     binary.write_bytes(b"A\xff\x00")
     for argv, message in [
         (["--top_p", "0"], "--top_p must be in (0, 1], got 0.0"),
-        (["--temperature", "nan"], "--temperature must be >= 0 (0 is greedy), got nan"),
+        (["--temperature", "nan"], "--temperature must be a finite number >= 0 (0 is greedy), got nan"),
         (["--top_k", "-1"], "--top_k must be >= 0 (0 is off), got -1"),
         (["--num_samples", "0"], "--num_samples must be positive, got 0"),
         (["--prompt_file", str(tmp_path / "nope.txt")], f"--prompt_file {tmp_path / 'nope.txt'}: cannot read it (No such file or directory)"),

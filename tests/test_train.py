@@ -19,7 +19,7 @@ from gpt.cli import run_sample, run_train
 from gpt.config import TrainConfig
 from gpt.metrics import read_metrics
 from gpt.distributed import DistInfo
-from gpt.trainer import carried_loss_sum, train
+from gpt.trainer import carried_loss_sum, evals_left, train
 
 from conftest import REPO, latest_weights, learning_records, rewound_copy, run_script, tiny_config
 
@@ -364,3 +364,14 @@ def test_readme_documents_every_config_key():
     readme = (REPO / "README.md").read_text()
     missing = [name for name in TrainConfig.__dataclass_fields__ if f"`{name}`" not in readme]
     assert not missing, f"README's config reference lacks {missing}"
+
+
+def test_evals_left_counts_the_eval_steps_still_to_come():
+    # The ETA prices each of them at the latest eval + save (they pause training).
+    for max_steps in range(1, 13):
+        for interval in range(0, 14):
+            config = TrainConfig(max_steps=max_steps, eval_interval=interval)
+            for step in range(0, max_steps + 1):
+                expected = sum(1 for s in range(step + 1, max_steps + 1)
+                               if s == max_steps or (interval and s % interval == 0))
+                assert evals_left(step, config) == expected, (max_steps, interval, step)
