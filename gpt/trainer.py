@@ -216,6 +216,12 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
         mismatches.append(f"data_order: checkpoint {loader_state['order']!r} vs config {config.data_order!r}")
     if config.data_order == "random" and loader_state.get("seed", config.seed) != config.seed:
         mismatches.append(f"seed: checkpoint {loader_state['seed']} vs config {config.seed}")
+    # As many tokens, but other ones (prepared again with another --seed or input): checked here,
+    # before any weights are read, as well as by the loader itself.
+    if not mismatches and "fingerprint" in loader_state and (
+            TokenLoader(data_dir, "train", 1, config.block_size).fingerprint() != loader_state["fingerprint"]):
+        mismatches.append(f"train tokens: {data_dir} holds as many as the checkpoint's dataset, but not "
+                          f"the same ones (it was prepared again: another input, --seed or split rule)")
     if mismatches:
         raise ckpt.CheckpointError(
             f"cannot resume {source}: the run would not read the data it was reading "

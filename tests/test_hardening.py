@@ -221,6 +221,25 @@ def test_resume_with_another_data_order_or_seed_names_the_key(char_data, run_cop
     assert ckpt.latest_checkpoint(run_copy) == latest
 
 
+def test_resume_on_a_dataset_prepared_again_names_the_checkpoint(char_data, run_copy, tmp_path):
+    # As many tokens, other ones: refused before any weights are read, naming the checkpoint and
+    # the way to go on (the loader's own check came after the model and optimizer were loaded).
+    latest = ckpt.latest_checkpoint(run_copy)
+    other = tmp_path / "data_again"
+    shutil.copytree(char_data, other)
+    shard = other / "train_000000.bin"
+    tokens = np.fromfile(shard, dtype=np.uint16, offset=1024)
+    first = tokens[0]
+    with open(shard, "r+b") as f:  # the stream's first token is one the fingerprint samples
+        f.seek(1024)
+        f.write(np.array([(first + 1) % 60], dtype=np.uint16).tobytes())
+    with pytest.raises(ckpt.CheckpointError) as e:
+        train(tiny_config(other, run_copy, max_steps=20))
+    assert f"cannot resume {latest}" in str(e.value) and "not the same ones" in str(e.value)
+    assert f"--init_from={latest}" in str(e.value)
+    assert ckpt.latest_checkpoint(run_copy) == latest
+
+
 # ----------------------------------------------------------------------------------------
 # Data
 
