@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
 
 from gpt import checkpoint as ckpt
@@ -81,10 +80,6 @@ def train_and_interfere(args: list[str], at: str, act: Callable[[subprocess.Pope
 
 def files_of(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def weights_of(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return safetensors.torch.load_file(str(checkpoint / ckpt.MODEL_FILE))
 
 
 def make_dataset(folder: Path, train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> Path:
@@ -434,7 +429,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(char_
     assert ckpt.read_state(latest)["step"] == good
     assert max(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*")) == good
     ckpt.verify_checkpoint(latest)
-    assert all(torch.isfinite(t).all() for t in weights_of(latest).values())
+    assert all(torch.isfinite(t).all() for t in ckpt.read_model_state(latest).values())
     assert read_metrics(run)[-1]["step"] < first  # nothing logged after it either
 
 
@@ -455,7 +450,7 @@ def test_nan_policy_skip_drops_exactly_the_bad_steps_and_trains_on(char_data, tm
     assert {r["step"] for r in records if not math_finite(r["loss"])} <= set(bad_steps)
     assert records[-1]["val_loss"] < records[0]["val_loss"]  # it kept learning
     assert ckpt.read_state(ckpt.latest_checkpoint(run))["skipped_steps"] == len(bad_steps)
-    assert all(torch.isfinite(t).all() for t in weights_of(ckpt.latest_checkpoint(run)).values())
+    assert all(torch.isfinite(t).all() for t in ckpt.read_model_state(ckpt.latest_checkpoint(run)).values())
 
 
 def test_nan_policy_skip_gives_up_after_max_skipped_steps(char_data, tmp_path):
