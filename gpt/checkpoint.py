@@ -867,13 +867,29 @@ def _manifest_problem(manifest: Any) -> str | None:
     return None
 
 
+def _damaged_advice(ckpt_dir: Path) -> str:
+    """What to do about a checkpoint with a missing or damaged file. Inside a run with an earlier
+    complete checkpoint, going back to that one is usually the quickest fix, and resuming is
+    automatic, so name it and the file to edit."""
+    ckpt_dir = Path(ckpt_dir)
+    step = ckpt_dir.name.removeprefix("step_")
+    if ckpt_dir.parent.name == CHECKPOINTS_DIR and step.isdigit():
+        run = ckpt_dir.parent.parent
+        earlier = [p for p in complete_checkpoints(run) if int(p.name.removeprefix("step_")) < int(step)]
+        if earlier:
+            return (f"restore the checkpoint from a copy, or go back to the previous one: write "
+                    f"{earlier[-1].name!r} into {run / LATEST_FILE} and run again")
+    return "restore the checkpoint from a copy, or use another one"
+
+
 def read_manifest(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
     """manifest.json, checked for its shape (see `_manifest_problem`), not yet against the files."""
     manifest_path = Path(ckpt_dir) / MANIFEST_FILE
     try:
         manifest = json.loads(manifest_path.read_bytes())
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from e
+        raise CheckpointError(
+            f"{manifest_path}: unreadable manifest ({e}); {_damaged_advice(ckpt_dir)}") from e
     problem = _manifest_problem(manifest)
     if problem is not None:
         raise CheckpointError(f"{manifest_path}: {problem}; {_NOT_OURS}")
@@ -909,7 +925,7 @@ def verify_checkpoint(ckpt_dir: Path, part: tuple[int, int] = (0, 1)) -> dict[st
             if not (ckpt_dir / name).is_file():
                 raise CheckpointError(
                     f"{ckpt_dir / name}: missing from the checkpoint (a {checkpoint_format(ckpt_dir)} "
-                    f"checkpoint needs it); restore the checkpoint from a copy, or use another one"
+                    f"checkpoint needs it); {_damaged_advice(ckpt_dir)}"
                 )
             raise CheckpointError(
                 f"{ckpt_dir / MANIFEST_FILE}: lists no size and checksum for {name}, so that file "
@@ -920,11 +936,12 @@ def verify_checkpoint(ckpt_dir: Path, part: tuple[int, int] = (0, 1)) -> dict[st
         expected = manifest[name]
         path = ckpt_dir / name
         if not path.is_file():
-            raise CheckpointError(f"{path}: missing from the checkpoint")
+            raise CheckpointError(f"{path}: missing from the checkpoint; {_damaged_advice(ckpt_dir)}")
         size = path.stat().st_size
         if size != expected["bytes"]:
             raise CheckpointError(
-                f"{path}: {size} bytes, the manifest says {expected['bytes']}; the file is truncated or corrupt"
+                f"{path}: {size} bytes, the manifest says {expected['bytes']}; the file is truncated or "
+                f"corrupt; {_damaged_advice(ckpt_dir)}"
             )
     index, count = part
     for name in names[index::count]:
@@ -934,7 +951,8 @@ def verify_checkpoint(ckpt_dir: Path, part: tuple[int, int] = (0, 1)) -> dict[st
         else:  # checkpoints written before the manifest used CRC-32
             ok = _sha256(path) == expected["sha256"]
         if not ok:
-            raise CheckpointError(f"{path}: checksum does not match the manifest; the file is corrupt")
+            raise CheckpointError(
+                f"{path}: checksum does not match the manifest; the file is corrupt; {_damaged_advice(ckpt_dir)}")
     return manifest
 
 
@@ -965,7 +983,7 @@ def read_state(ckpt_dir: Path, require: tuple[str, ...] = ()) -> dict[str, Any]:
     try:
         state = json.loads(path.read_bytes())
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        raise CheckpointError(f"{path}: unreadable ({e})") from e
+        raise CheckpointError(f"{path}: unreadable ({e}); {_damaged_advice(Path(ckpt_dir))}") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected an object, got {_json_kind(state)}; {_NOT_OURS}")
     for key in (*ALWAYS_IN_STATE, *require):
@@ -986,8 +1004,21 @@ def read_state(ckpt_dir: Path, require: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 def checkpoint_format(ckpt_dir: Path) -> str:
-    """'sharded' (a dcp/ folder) or 'full' (model.safetensors)."""
-    return "sharded" if (Path(ckpt_dir) / DCP_DIR / DCP_METADATA).exists() else "full"
+    """'sharded' (a dcp/ folder) or 'full' (model.safetensors).
+
+    A sharded checkpoint that lost dcp/.metadata, or all of dcp/, is still sharded: the manifest
+    lists dcp/ files. Taken for full, its error would name a model.safetensors it never had."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / DCP_DIR).is_dir():
+        return "sharded"
+    if not (ckpt_dir / MODEL_FILE).exists():
+        try:
+            listed = json.loads((ckpt_dir / MANIFEST_FILE).read_bytes())
+        except (OSError, ValueError):
+            listed = None
+        if isinstance(listed, dict) and any(str(name).startswith(DCP_DIR + "/") for name in listed):
+            return "sharded"
+    return "full"
 
 
 # ----------------------------------------------------------------------------------------
@@ -1322,15 +1353,23 @@ def consolidate(source: str | os.PathLike, out: str | os.PathLike | None = None,
     state = {k: v for k, v in state.items() if k != "optimizer_param_groups"}
     state.update(format="full", consolidated_from=str(ckpt_dir))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp_{out.name}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         written = list(_write_weight_files(tmp, _full_writer(model_state, optimizer_state)))
         source_tokenizer = ckpt_dir / TOKENIZER_FILE
         _complete(tmp, out, state, source_tokenizer if source_tokenizer.exists() else None,
                   _seal_all(written, tmp))
+    except OSError as e:
+        # A full disk, a read-only folder, or a file where a folder of --out should be: nothing
+        # of the source was changed, so only this copy failed.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write {out} ({type(e).__name__}: {e}); {ckpt_dir} is unchanged. Is the disk "
+            f"full or {out.parent} not a writable folder? Fix that, or choose another --out"
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -461,10 +461,16 @@ class StopFlag:
         self._group = None  # the gloo group votes go over when the default one is NCCL
 
     def install(self) -> None:
+        """Handle SIGTERM, SIGUSR1 and SIGINT from now on. A signal that a handler installed
+        before this one noted in its `caught` list (train.py's, while torch imports) counts as
+        received here."""
         if threading.current_thread() is not threading.main_thread():
             return  # Python delivers signals to the main thread only
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        earlier = {id(h): h for h in self._previous.values()}.values()  # one handler may serve several
+        for signum in (s for handler in earlier for s in getattr(handler, "caught", ())):
+            self._handle(signum, None)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -472,15 +478,18 @@ class StopFlag:
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
+        # The flag is set before anything else: a second signal can run this handler again in
+        # the middle of the first (between its bytecodes), and must see the first one.
+        first = self.signal is None
+        if first:
+            self.signal = signum
         if signum == signal.SIGINT:
-            if self.signal is not None:
+            if not first:
                 raise KeyboardInterrupt  # the second signal: stop now, without saving
             if os.environ.get("RANK", "0") == "0":
                 # os.write: print() is not safe in a handler that may interrupt another print.
                 os.write(2, b"\nCtrl-C: finishing this step, then saving a checkpoint and exiting "
                             b"(press Ctrl-C again to abort at once without saving)\n")
-        if self.signal is None:
-            self.signal = signum
 
     @property
     def exit_code(self) -> int:

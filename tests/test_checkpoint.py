@@ -571,3 +571,80 @@ def test_a_complete_checkpoint_that_latest_does_not_name_is_replaced_not_adopted
     state = ckpt.read_state(ckpt.latest_checkpoint(run))
     assert state["train_config"]["learning_rate"] == 1e-3 != other["train_config"]["learning_rate"]
     ckpt.verify_checkpoint(ckpt.latest_checkpoint(run))
+
+
+# ----------------------------------------------------------------------------------------
+# Damaged checkpoints and odd inputs: every error names the file and says what to do
+
+
+def tiny_saved_run(run: Path, fmt: str, steps: tuple[int, ...]) -> list[Path]:
+    """A run folder with a checkpoint of a tiny model at each of `steps`, saved in `fmt`."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
+    optimizer.step()
+    saver = ckpt.Checkpointer(run, format=fmt, keep_last=len(steps))
+    folders = [saver.save(step, model, optimizer, {"step": step, "model_config": dataclasses.asdict(model.config)})
+               for step in steps]
+    saver.close()
+    return folders
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda c: (c / ckpt.MODEL_FILE).write_bytes(b"x"), "model.safetensors: 1 bytes, the manifest says"),
+    (lambda c: (c / ckpt.STATE_FILE).unlink(), "state.json: missing from the checkpoint"),
+    (lambda c: (c / ckpt.MANIFEST_FILE).write_text('{"model.saf'), "manifest.json: unreadable manifest"),
+    (lambda c: (c / ckpt.TOKENIZER_FILE).write_text('{"model": "bpe!"}'), "tokenizer.json: checksum does not match"),
+])
+def test_a_damaged_latest_checkpoint_names_the_previous_one_to_go_back_to(tmp_path, damage, problem):
+    run = tmp_path / "run"
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text('{"model": "char"}')
+    earlier, latest = tiny_saved_run(run, "full", (4, 8))
+    shutil.copyfile(tokenizer, latest / ckpt.TOKENIZER_FILE)  # (the tiny run has none)
+    reseal(latest)
+    damage(latest)
+    with pytest.raises(ckpt.CheckpointError) as caught:
+        ckpt.verify_checkpoint(latest)
+    message = str(caught.value)
+    assert problem in message
+    assert message.endswith(f"go back to the previous one: write '{earlier.name}' into {run / ckpt.LATEST_FILE} "
+                            f"and run again")
+    # The oldest has none before it; a folder outside a run has no run to go back in.
+    (earlier / ckpt.STATE_FILE).unlink()
+    for folder in (earlier, shutil.copytree(earlier, tmp_path / "loose")):
+        with pytest.raises(ckpt.CheckpointError, match=re.escape(
+                f"{folder / ckpt.STATE_FILE}: missing from the checkpoint; restore the checkpoint from a "
+                f"copy, or use another one")):
+            ckpt.verify_checkpoint(folder)
+
+
+@pytest.mark.parametrize("lost", [f"{ckpt.DCP_DIR}/{ckpt.DCP_METADATA}", ckpt.DCP_DIR])
+def test_a_sharded_checkpoint_that_lost_its_metadata_is_still_named_sharded(tmp_path, lost):
+    """Format detection used to look for dcp/.metadata alone, so a sharded checkpoint without
+    it was taken for a full one and the error named a model.safetensors it never had."""
+    (folder,) = tiny_saved_run(tmp_path / "run", "sharded", (3,))
+    path = folder / lost
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert ckpt.checkpoint_format(folder) == "sharded"
+    with pytest.raises(ckpt.CheckpointError) as caught:
+        ckpt.verify_checkpoint(folder)
+    assert str(caught.value).startswith(f"{folder / ckpt.DCP_DIR / ckpt.DCP_METADATA}: missing from the checkpoint")
+    assert ckpt.MODEL_FILE not in str(caught.value)
+
+
+def test_consolidate_into_a_folder_it_cannot_write_says_so_and_leaves_nothing(tmp_path, capsys):
+    (folder,) = tiny_saved_run(tmp_path / "run", "sharded", (3,))
+    before = {p: p.read_bytes() for p in ckpt._files_under(tmp_path / "run")}
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = blocker / "copy"  # its parent is a file: mkdir fails as on a read-only or full disk
+    capsys.readouterr()
+    assert ckpt.main(["consolidate", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: could not write {out} (FileExistsError") or \
+        err.startswith(f"error: could not write {out} (NotADirectoryError"), err
+    assert f"{folder} is unchanged" in err and "choose another --out" in err
+    assert {p: p.read_bytes() for p in ckpt._files_under(tmp_path / "run")} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "run"]
