@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from benchmarks import bench_generate, bench_resources, bench_train
+from benchmarks.cli import positive_float, positive_int
 from benchmarks.common import busy_cores, load_average, log, machine, peer_available, write_json
 
 PARTS = ("peak", "train", "generate", "loader", "data", "rss")
@@ -49,12 +50,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--threads", default="auto",
+    p.add_argument("--threads", default="auto", type=thread_setting,
                    help="torch threads: a number, 'all' (torch's default: every core), or 'auto' "
-                        "(default: every core not already busy, by the 1-minute load average)")
+                        "(default: every core not already busy, by CPU time used over 1 s)")
     p.add_argument("--full", action="store_true", help="also the slow cases")
     p.add_argument("--compile", action="store_true", help="also torch.compile'd ours when training")
-    p.add_argument("--train-budget-s", type=float, default=30.0, help="timed seconds per training case")
+    p.add_argument("--train-budget-s", type=positive_float, default=30.0, help="timed seconds per training case")
     args = p.parse_args(argv)
     threads = choose_threads(args.threads)
     torch.set_num_threads(threads)
@@ -133,6 +134,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = write_json(name, suite)
     print(f"wrote {path}")
     return suite
+
+
+def thread_setting(text: str) -> str:
+    """--threads: 'auto', 'all' or a positive count, checked before minutes of benchmarking."""
+    if text in ("auto", "all"):
+        return text
+    try:
+        positive_int(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; or 'auto' or 'all'") from None
+    return text
 
 
 def choose_threads(setting: str) -> int:

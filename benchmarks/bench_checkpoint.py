@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.cli import positive_int, results_name  # noqa: E402
 from gpt import checkpoint as ckpt  # noqa: E402
 from gpt import parallel  # noqa: E402
 from gpt.config import TrainConfig  # noqa: E402
@@ -204,12 +205,12 @@ def bench_checksums(repeats: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary folder in /tmp)")
     parser.add_argument("--device", default="cpu",
                         help="where the model and optimizer live (cpu, cuda): from a GPU, a save "
                              "includes copying the state to host memory and a load copying it back")
-    parser.add_argument("--results", default=RESULTS.name,
+    parser.add_argument("--results", type=results_name, default=RESULTS.name,
                         help=f"file name in benchmarks/results/ (default: {RESULTS.name}); e.g. "
                              "checkpoint_tmpfs.json for a run with --dir /dev/shm, which shows what the "
                              "code costs when the disk is not the limit")
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
         },
     }
-    results = RESULTS.with_name(args.results)
+    results = RESULTS.with_name(args.results + ".json")
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(report, indent=2) + "\n")
     print(f"goal ({report['goal']}): {'met' if report['goal_met'] else 'not met'} "

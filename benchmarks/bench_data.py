@@ -24,6 +24,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# `python benchmarks/bench_data.py` puts benchmarks/, not the repository, on sys.path.
+sys.path.insert(0, str(REPO))
+
+from benchmarks.cli import positive_float, positive_int  # noqa: E402
+
 SHAKESPEARE = REPO.parent / "shared/data/tinyshakespeare.txt"
 RESULTS = Path(__file__).parent / "results" / "data.json"
 
@@ -106,13 +111,13 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--mb", type=float, default=100, help="corpus size in MB (default: 100)")
+    p.add_argument("--mb", type=positive_float, default=100, help="corpus size in MB (default: 100)")
     p.add_argument("--tokenizers", nargs="+", choices=["bpe", "char"], default=["bpe", "char"])
-    p.add_argument("--vocab-size", "--vocab_size", type=int, default=8192)
+    p.add_argument("--vocab-size", "--vocab_size", type=positive_int, default=8192)
     p.add_argument("--input", type=Path, default=SHAKESPEARE, help="text to repeat (default: tiny Shakespeare)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not args.input.exists():
         raise SystemExit(f"error: {args.input} not found; pass --input TEXT_FILE")
 

@@ -16,13 +16,19 @@ Writes benchmarks/results/generate.json (--out names another).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import interleave, load_average, log, machine, median, peer_available, write_json
-from benchmarks.bench_train import build_pair
-from gpt.generate import generate
+# `python benchmarks/bench_*.py` puts benchmarks/, not the repository, on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.cli import non_negative_int, positive_float, positive_int, results_name  # noqa: E402
+from benchmarks.common import interleave, load_average, log, machine, median, peer_available, write_json  # noqa: E402
+from benchmarks.bench_train import build_pair  # noqa: E402
+from gpt.generate import generate  # noqa: E402
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, batch_size=1)
 
@@ -113,18 +119,22 @@ def format_case(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--new-tokens", type=int, default=255)
-    p.add_argument("--no-cache-batches", nargs="*", type=int, default=[1],
+    p.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8])
+    p.add_argument("--new-tokens", type=positive_int, default=255,
+                   help="tokens to generate after the 1-token prompt (at most 255: the context is 256)")
+    p.add_argument("--no-cache-batches", nargs="*", type=positive_int, default=[1],
                    help="batches at which to also time our uncached path (slow)")
-    p.add_argument("--bf16-batches", nargs="*", type=int, default=[1],
+    p.add_argument("--bf16-batches", nargs="*", type=positive_int, default=[1],
                    help="batches at which to also compare both under bf16 autocast (the peer is slow there)")
-    p.add_argument("--rounds", type=int, default=5, help="at most this many (as many as fit --budget-s)")
-    p.add_argument("--budget-s", type=float, default=40.0)
+    p.add_argument("--rounds", type=positive_int, default=5, help="at most this many (as many as fit --budget-s)")
+    p.add_argument("--budget-s", type=positive_float, default=40.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--out", default="generate", help="results file: benchmarks/results/OUT.json")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", type=results_name, default="generate", help="results file: benchmarks/results/OUT.json")
     args = p.parse_args(argv)
+    if args.new_tokens > SHAPE["block_size"] - 1:
+        p.error(f"--new-tokens {args.new_tokens}: at most {SHAPE['block_size'] - 1} (1 prompt token + new "
+                f"tokens must fit the peer's {SHAPE['block_size']}-position table)")
     if not peer_available():
         raise SystemExit("transformers is not installed: pip install transformers")
     if args.threads:
@@ -137,8 +147,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                      device=torch.device(args.device), rounds=args.rounds, budget_s=args.budget_s, dtype=dtype)
         print(f"generate batch {batch} {dtype}, 1 + {args.new_tokens} tokens:\n{format_case(r)}", flush=True)
         results.append(r)
-    write_json(args.out, {"benchmark": "generation vs Hugging Face generate", "machine": machine(),
-                            "results": results})
+    path = write_json(args.out, {"benchmark": "generation vs Hugging Face generate", "machine": machine(),
+                                 "results": results})
+    print(f"wrote {path}")
     return results
 
 

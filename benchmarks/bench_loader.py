@@ -22,8 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt.loader import TokenLoader
-from gpt.shards import HEADER_INTS, MAGIC, VERSION, shard_name
+# `python benchmarks/bench_loader.py` puts benchmarks/, not the repository, on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.cli import positive_int  # noqa: E402
+from gpt.loader import TokenLoader  # noqa: E402
+from gpt.shards import HEADER_INTS, MAGIC, VERSION, shard_name  # noqa: E402
 
 CASES = [(12, 64), (8, 1024)]  # (batch_size, block_size)
 ORDERS = ("random", "sequential")
@@ -85,13 +89,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tokens", type=int, default=50_000_000)
-    parser.add_argument("--batches", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=positive_int, default=50_000_000,
+                        help="tokens in the synthetic shard")
+    parser.add_argument("--batches", type=positive_int, default=500, help="batches per repeat")
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument(
         "--data-dir", type=Path, default=None, help="read this existing dataset instead"
     )
     args = parser.parse_args(argv)
+    least = max(block for _, block in CASES) + 1
+    if args.data_dir is None and args.tokens < least:
+        parser.error(f"--tokens {args.tokens}: the synthetic shard needs at least {least} tokens "
+                     f"(one window of the largest block, {least - 1}, plus its target)")
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir

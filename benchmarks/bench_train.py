@@ -21,16 +21,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import (build_peer, count_params, interleave, load_average, log, machine,
+# `python benchmarks/bench_*.py` puts benchmarks/, not the repository, on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.cli import non_negative_int, positive_float, positive_int, results_name  # noqa: E402
+from benchmarks.common import (build_peer, count_params, interleave, load_average, log, machine,  # noqa: E402
                                median, peer_available, write_json)
-from gpt.hf import from_hf_state_dict, to_hf_state_dict
-from gpt.metrics import peak_flops
-from gpt.model import GPT, GPTConfig
+from gpt.hf import from_hf_state_dict, to_hf_state_dict  # noqa: E402
+from gpt.metrics import peak_flops  # noqa: E402
+from gpt.model import GPT, GPTConfig  # noqa: E402
 
 # (layers, heads, width, context, batch, vocabulary)
 SHAPES: dict[str, dict[str, int]] = {
@@ -71,7 +77,8 @@ def build_pair(shape: dict[str, int], device: torch.device, seed: int = 0) -> tu
         "peer_attention": implementation,
         "max_abs_logit_diff_same_weights": diff,
     }
-    if check["params_ours"] != check["params_peer"] or diff > 1e-3:
+    # `not diff <= ...`: a NaN difference (NaN logits) must fail the check, not pass it.
+    if check["params_ours"] != check["params_peer"] or not diff <= 1e-3:
         raise AssertionError(f"ours and the peer are not the same model: {check}")
     return ours, peer, check
 
@@ -104,7 +111,7 @@ def padded_copy(ours: GPT, multiple: int) -> tuple[GPT, float]:
     with torch.no_grad():
         ours.eval(), padded.eval()
         diff = (ours(x)[0] - padded(x)[0]).abs().max().item()
-    if diff > 1e-3:
+    if not diff <= 1e-3:  # NaN fails too
         raise AssertionError(f"the padded model computes another function (max logit difference {diff})")
     return padded, diff
 
@@ -199,12 +206,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd ours")
-    p.add_argument("--vocab-multiple", type=int, default=1,
+    p.add_argument("--vocab-multiple", type=positive_int, default=1,
                    help="also time ours (eager) with the vocabulary padded to a multiple of this, as "
                         "train.py does (shapes whose vocabulary is not a multiple already)")
-    p.add_argument("--budget-s", type=float, default=40.0, help="timed seconds per case (sets the rounds)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--out", default="train", help="results file: benchmarks/results/OUT.json")
+    p.add_argument("--budget-s", type=positive_float, default=40.0, help="timed seconds per case (sets the rounds)")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", type=results_name, default="train", help="results file: benchmarks/results/OUT.json")
     args = p.parse_args(argv)
     if not peer_available():
         raise SystemExit("transformers is not installed: pip install transformers")

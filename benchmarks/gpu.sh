@@ -28,11 +28,19 @@ PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo pyth
 STEPS=${STEPS:-40}
 BATCH=${BATCH:-16}
 LOG=benchmarks/results/gpu.txt
+
+# Checked here, not inside the logged block below: an `exit` there leaves only the block's
+# subshell (it is a pipeline into tee), so the script went on and exited 0, having replaced the
+# last GPU log with this error.
+if ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "error: no GPU visible (nvidia-smi -L failed); benchmarks/gpu.sh needs a CUDA GPU" >&2
+    exit 2
+fi
 mkdir -p benchmarks/results
 
 {
     echo "=== $(date -u +%FT%TZ) benchmarks/gpu.sh"
-    nvidia-smi -L || { echo "error: no GPU visible (nvidia-smi -L failed)"; exit 2; }
+    nvidia-smi -L
     "$PYTHON" -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 
     echo; echo "=== 1. train.py: GPT-2 124M, bf16, compile, batch $BATCH x 1024, $STEPS steps"

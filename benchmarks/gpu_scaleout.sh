@@ -19,7 +19,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-NPROC=${NPROC:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}
+# One line per GPU ("GPU 0: ..."); with MIG on, `nvidia-smi -L` adds an indented "MIG ..." line
+# per instance, which are not more GPUs for torchrun.
+NPROC=${NPROC:-$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU ' || true)}
 STEPS=${STEPS:-30}
 SKIP=${SKIP:-10}            # logged steps to ignore: compilation and allocator warm-up
 BATCH=${BATCH:-16}          # sequences of 1024 per GPU per micro-step (16 fits 80 GB in bf16)
@@ -33,6 +35,11 @@ RUNS=${RUNS:-/tmp/gpt_scaleout_runs}  # not $OUT: the GPU machine's tool sets OU
 STRATEGIES=${STRATEGIES:-"ddp fsdp"}
 RESULTS=${RESULTS:-benchmarks/results/gpu_scaleout.json}
 
+case $NPROC in
+    '' | *[!0-9]*)
+        echo "error: NPROC=$NPROC is not a number of processes: set NPROC to a whole number such as 1" >&2
+        exit 2 ;;
+esac
 if [ "$NPROC" -lt 1 ]; then
     echo "error: no GPU visible (nvidia-smi -L lists none); set NPROC to override" >&2
     exit 2

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,6 @@ from slurm.cluster import ClusterError, SlurmCluster, missing_binaries  # noqa: 
 from conftest import latest_weights, learning_records  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slurm
 
 MAX_STEPS = 200  # ~40-70 ms each on 2 processes: the signal lands long before the end
 LOG_INTERVAL = 10
@@ -170,6 +170,7 @@ def reference(cluster, char_data, tmp_path_factory) -> tuple[Job, dict]:
     return job, job.wait_done()
 
 
+@pytest.mark.slurm
 def test_train_sbatch_runs_to_the_end_on_two_processes(reference):
     job, info = reference
     text = job.text()
@@ -196,6 +197,7 @@ def test_train_sbatch_runs_to_the_end_on_two_processes(reference):
     assert math.isfinite(records[-1]["loss"]) and records[-1]["loss"] < records[0]["loss"]
 
 
+@pytest.mark.slurm
 def test_signal_checkpoints_requeues_and_resumes_exactly(cluster, char_data, reference, tmp_path):
     """SIGUSR1 to the batch shell (as --signal=B:USR1@... sends before the time limit): the
     training stops at a step boundary with a checkpoint, the job requeues itself, and the second
@@ -225,6 +227,7 @@ def test_signal_checkpoints_requeues_and_resumes_exactly(cluster, char_data, ref
     assert_same_end(job.out_dir, reference[0].out_dir)
 
 
+@pytest.mark.slurm
 def test_preemption_requeues_then_resumes_and_completes(cluster, char_data, reference, tmp_path):
     """A job in the higher-priority partition preempts ours: ours checkpoints (the cluster sends
     its --signal at preemption), is requeued, waits for the preemptor to finish, resumes and
@@ -253,6 +256,7 @@ def test_preemption_requeues_then_resumes_and_completes(cluster, char_data, refe
     assert_same_end(job.out_dir, reference[0].out_dir)
 
 
+@pytest.mark.slurm
 def test_debug_sbatch_runs_one_process(cluster, char_data, tmp_path):
     job = submit_train(cluster, tmp_path / "logs", tmp_path / "run", char_data,
                        script="slurm/debug.sbatch", sbatch=("--gpus-per-node=1",), max_steps=20,
@@ -265,3 +269,68 @@ def test_debug_sbatch_runs_one_process(cluster, char_data, tmp_path):
     assert "(GPUs: 1)" in text and "device cpu x 1" in text
     assert "done: 20 steps" in text and "training exited with 0" in text
     assert (job.out_dir / "latest").read_text().strip() == "step_0000020"
+
+
+# ------------------------------------------------------------------------------------------
+# The batch scripts' own logic, without a cluster: `srun` and `scontrol` are stand-ins on PATH
+# that record how they were called, so these run everywhere in a second.
+
+FAKE_SRUN = """#!/bin/bash
+printf '%s\\n' "$@" > "$FAKE_LOG/srun.args"
+exit "${FAKE_SRUN_EXIT:-0}"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "$*" >> "$FAKE_LOG/scontrol.calls"
+if [ "$1 $2" = "show hostnames" ]; then echo node1; fi
+"""
+
+
+def run_sbatch_script(tmp_path: Path, script: str, *args: str, slurm: bool = True,
+                      **env: str) -> subprocess.CompletedProcess:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PYTHON", "VENV"))}
+    base.update(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(tmp_path), SLURM_SUBMIT_DIR=str(REPO))
+    if slurm:
+        base.update(SLURM_JOB_ID="1234", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="node1",
+                    SLURM_CPUS_PER_TASK="2", SLURM_GPUS_ON_NODE="2")
+    return subprocess.run(["bash", script, *args], cwd=REPO, env={**base, **env},
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("script", ["slurm/train.sbatch", "slurm/debug.sbatch"])
+def test_sbatch_script_outside_slurm_says_to_submit_it(tmp_path, script):
+    # Under set -u the first unset SLURM_* variable used to end it with "unbound variable".
+    r = run_sbatch_script(tmp_path, script, "--max_steps=1", slurm=False)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "not inside a SLURM job" in r.stderr and "sbatch" in r.stderr
+    assert "unbound variable" not in r.stderr
+    assert not (tmp_path / "srun.args").exists()
+
+
+@pytest.mark.parametrize("script", ["slurm/train.sbatch", "slurm/debug.sbatch"])
+def test_sbatch_script_runs_the_python_of_venv(tmp_path, script):
+    # VENV (a path with a space here) must win over the repository's own .venv.
+    venv = tmp_path / "my env"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text("VIRTUAL_ENV_ACTIVATED=1\n")
+    r = run_sbatch_script(tmp_path, script, "--out_dir=out/a b", VENV=str(venv))
+    assert r.returncode == 0, r.stdout + r.stderr
+    args = (tmp_path / "srun.args").read_text().splitlines()
+    assert str(venv / "bin" / "python") in args, args
+    assert args[-2:] == ["train.py", "--out_dir=out/a b"]  # passed on as one argument
+
+
+def test_train_sbatch_requeues_on_exit_75_and_reports_a_failed_requeue(tmp_path):
+    r = run_sbatch_script(tmp_path, "slurm/train.sbatch", FAKE_SRUN_EXIT="75")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "requeueing job 1234" in r.stdout
+    assert "requeue 1234" in (tmp_path / "scontrol.calls").read_text()
+    args = (tmp_path / "srun.args").read_text().splitlines()
+    assert "--nproc-per-node=2" in args and "--rdzv-endpoint=node1:30734" in args  # 29500 + 1234
+
+    r = run_sbatch_script(tmp_path, "slurm/train.sbatch", FAKE_SRUN_EXIT="3")
+    assert r.returncode == 3 and "training exited with 3" in r.stdout
