@@ -13,8 +13,9 @@ at a time, so each chunk's logits stay in cache, with one exp per logit: for row
 
 The gradients are formed in the forward pass (the loss is a mean, so they are known up to the
 incoming scalar) and scaled in backward: no [N, V] tensor is ever kept. Targets equal to -1
-are ignored (as F.cross_entropy's ignore_index=-1). Under autocast the two matmuls run in the
-autocast dtype and the softmax in fp32, as the plain path does.
+are ignored (as F.cross_entropy's ignore_index=-1). Under autocast the matmuls run in the
+autocast dtype and the softmax in fp32, as the plain path does; under fp16, dW's product is
+formed in fp32 (fp16's range is too small for it before the division by n_valid).
 """
 
 from __future__ import annotations
@@ -82,7 +83,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_x[start:end] = (dz @ wc).to(x.dtype)
                     if compute_dtype == torch.float32:
                         grad_w.addmm_(dz.t(), xc[start:end])
-                    else:  # accumulate the chunks' bf16 products in fp32
+                    elif compute_dtype == torch.float16:
+                        # dz is not yet divided by n_valid (nor scaled by GradScaler), so a
+                        # column of dz^T x sums up to `rows` terms of size |x|: a frequent target
+                        # overflows fp16's 65504 to inf, and since the loss scale is applied only
+                        # in backward, GradScaler would skip every step. fp32 has the range.
+                        grad_w.addmm_(z.t(), xc[start:end].float())
+                    else:  # accumulate the chunks' bf16 products in fp32 (bf16 has fp32's range)
                         grad_w += (dz.t() @ xc[start:end]).float()
         ctx.save_for_backward(grad_x, grad_w, n_valid)
         ctx.weight_dtype = weight.dtype

@@ -404,7 +404,6 @@ def wrap_model(model: GPT, config: TrainConfig, info: DistInfo, dtype: torch.dty
 # Evaluation
 
 
-@torch.no_grad()
 def evals_left(step: int, config: TrainConfig) -> int:
     """How many eval (and save) steps come after `step`: every eval_interval-th, and the last."""
     if step >= config.max_steps:
@@ -414,6 +413,7 @@ def evals_left(step: int, config: TrainConfig) -> int:
     return periodic + 1
 
 
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, config: TrainConfig, info: DistInfo, autocast,
              val_loader: TokenLoader | None = None) -> float:
     """Mean loss over a fixed set of val batches (the same windows at every eval), over all ranks.

@@ -167,3 +167,21 @@ def test_compile_auto_means_cuda_only(tmp_path):
     assert not compile_enabled(off, cuda)
     with pytest.raises(ConfigError, match="compile = 'maybe' is not allowed; choose one of auto, true, false"):
         apply_overrides(TrainConfig(), {"compile": "maybe"}, "command line").validate()
+
+
+def test_chunked_loss_weight_gradient_does_not_overflow_under_fp16_autocast():
+    """Under fp16 the chunk's dz^T x is formed before the 1/n_valid of the mean: 20,000 rows with
+    the same target and a feature of 4 sum to -80,000, past fp16's largest finite 65,504. The
+    plain path divides first, so its gradient is finite. GradScaler cannot help here (it scales
+    in backward), and an inf gradient would skip every step."""
+    n, width, vocab = 20_000, 8, 64
+    x = torch.full((n, width), 4.0, requires_grad=True)
+    weight = (torch.randn(vocab, width, generator=torch.Generator().manual_seed(0)) * 0.02).requires_grad_()
+    targets = torch.zeros(n, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.float16):
+        ours = gpt.loss.linear_cross_entropy(x, weight, targets)
+    grad_x, grad_w = torch.autograd.grad(ours, (x, weight))
+    exact_x, exact_w = torch.autograd.grad(F.cross_entropy(F.linear(x, weight), targets), (x, weight))
+    assert torch.isfinite(grad_w).all() and torch.isfinite(grad_x).all()
+    torch.testing.assert_close(grad_w, exact_w, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(grad_x, exact_x, rtol=1e-2, atol=1e-7)

@@ -19,7 +19,7 @@ from gpt.cli import run_sample, run_train
 from gpt.config import TrainConfig
 from gpt.metrics import read_metrics
 from gpt.distributed import DistInfo
-from gpt.trainer import carried_loss_sum, evals_left, train
+from gpt.trainer import carried_loss_sum, evals_left, evaluate, train
 
 from conftest import REPO, latest_weights, learning_records, rewound_copy, run_script, tiny_config
 
@@ -375,3 +375,33 @@ def test_evals_left_counts_the_eval_steps_still_to_come():
                 expected = sum(1 for s in range(step + 1, max_steps + 1)
                                if s == max_steps or (interval and s % interval == 0))
                 assert evals_left(step, config) == expected, (max_steps, interval, step)
+
+
+def test_evaluate_runs_without_autograd():
+    # With autograd on, the running total kept every eval batch's graph alive until the end:
+    # eval memory grew to eval_iters training steps' activations.
+    import contextlib
+
+    from gpt.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    grad_modes = []
+    forward = model.forward
+
+    def recording_forward(*args, **kwargs):
+        grad_modes.append(torch.is_grad_enabled())
+        return forward(*args, **kwargs)
+
+    model.forward = recording_forward
+
+    class Batches:
+        windows_consumed = 0
+
+        def next_batch(self):
+            x = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(len(grad_modes)))
+            return x, x
+
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    loss = evaluate(model, TrainConfig(eval_iters=3), info, contextlib.nullcontext(), Batches())
+    assert grad_modes == [False, False, False] and math.isfinite(loss)
+    assert model.training  # given back in training mode
