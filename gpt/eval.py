@@ -201,9 +201,18 @@ def load_for_eval(run: str, data_dir: str | None, device: torch.device) -> tuple
         state = ckpt.read_state(source)
         model = GPT(GPTConfig(**state["model_config"]))
         ckpt.load_model_weights(source, model)
-        data_dir = data_dir or state.get("train_config", {}).get("data_dir")
-        if not data_dir:
-            raise ConfigError(f"{source} does not name its dataset; give --data_dir")
+        if data_dir is None:
+            data_dir = state.get("train_config", {}).get("data_dir")
+            if not data_dir:
+                raise ConfigError(f"{source} does not name its dataset; give --data_dir")
+            if not Path(data_dir).is_dir():
+                # The run recorded data_dir as given to train.py: a relative one (the default
+                # data/stdlib) names a folder under where training ran, not under here.
+                where = (f"relative to the folder train.py ran in, not to this one ({Path.cwd()}): "
+                         f"run from that folder, or" if not Path(data_dir).is_absolute()
+                         else "it was moved or deleted:")
+                raise ConfigError(f"{source} trained on data_dir = {data_dir!r}, which is not a "
+                                  f"folder from here ({where} give --data_dir)")
         model_tokenizer = source / ckpt.TOKENIZER_FILE
     data_dir = Path(data_dir)
     meta = load_meta(data_dir)

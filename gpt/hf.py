@@ -45,9 +45,11 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # a model saved in several shards
 TORCH_WEIGHTS_FILE = "pytorch_model.bin"  # older uploads
-# Activations whose formula is GELU: "gelu" is ours exactly; the others approximate it.
+# Activations whose formula is GELU: "gelu" is ours exactly (so is "gelu_python", the same erf
+# formula in Python); the others approximate it (each within 5e-4 of it).
 EXACT_GELU = "gelu"
-APPROXIMATE_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+EXACT_GELUS = (EXACT_GELU, "gelu_python")
+APPROXIMATE_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_accurate")
 
 
 class HFError(ValueError):
@@ -209,8 +211,10 @@ def gpt_config_from_hf(hf: dict[str, Any], where: str, *, dropout: float = 0.0,
     n_embd = hf.get("n_embd", 768)
     problems = []
     activation = hf.get("activation_function", "gelu_new")
-    if activation != EXACT_GELU and activation not in APPROXIMATE_GELUS:
-        problems.append(f"activation_function={activation!r} (ours is GELU)")
+    if activation not in EXACT_GELUS + APPROXIMATE_GELUS:
+        # quick_gelu (up to 0.02 off) and clipped ones such as gelu_10 are not close enough.
+        problems.append(f"activation_function={activation!r} (ours is exact GELU; loadable: "
+                        f"{', '.join(EXACT_GELUS + APPROXIMATE_GELUS)})")
     if hf.get("n_inner") not in (None, 4 * n_embd):
         problems.append(f"n_inner={hf['n_inner']} (ours is 4 * n_embd = {4 * n_embd})")
     if not math.isclose(hf.get("layer_norm_epsilon", 1e-5), 1e-5, rel_tol=1e-6):
@@ -223,23 +227,26 @@ def gpt_config_from_hf(hf: dict[str, Any], where: str, *, dropout: float = 0.0,
         problems.append("add_cross_attention=true")
     if problems:
         raise HFError(f"{where}: this GPT-2 variant differs from our model: " + "; ".join(problems))
-    return GPTConfig(
-        vocab_size=hf.get("vocab_size", 50257),
-        block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-        n_layer=hf.get("n_layer", 12),
-        n_head=hf.get("n_head", 12),
-        n_embd=n_embd,
-        dropout=dropout,
-        bias=True,
-        tie_weights=hf.get("tie_word_embeddings", True),
-        attention=attention,
-    )
+    try:
+        return GPTConfig(
+            vocab_size=hf.get("vocab_size", 50257),
+            block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            n_layer=hf.get("n_layer", 12),
+            n_head=hf.get("n_head", 12),
+            n_embd=n_embd,
+            dropout=dropout,
+            bias=True,
+            tie_weights=hf.get("tie_word_embeddings", True),
+            attention=attention,
+        )
+    except (ValueError, TypeError) as e:  # e.g. n_embd not divisible by n_head: a broken config.json
+        raise HFError(f"{where}: not a model this project can build: {e}") from None
 
 
 def activation_note(hf: dict[str, Any]) -> str | None:
     """A one-line warning when the folder's GELU is an approximation of ours, else None."""
     activation = hf.get("activation_function", "gelu_new")
-    if activation == EXACT_GELU:
+    if activation in EXACT_GELUS:
         return None
     return (f"note: the model was trained with activation_function={activation!r} (tanh "
             f"approximation of GELU); ours computes exact GELU, so logits differ slightly from the "
@@ -251,20 +258,41 @@ def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     hf_dir = Path(hf_dir)
     single, index, legacy = hf_dir / WEIGHTS_FILE, hf_dir / WEIGHTS_INDEX_FILE, hf_dir / TORCH_WEIGHTS_FILE
     if single.exists():
-        return safetensors.torch.load_file(str(single))
+        return _load_safetensors(single)
     if index.exists():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, json.JSONDecodeError, KeyError) as e:
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise HFError(f"{index}: cannot read the shard index ({e})") from e
         tensors: dict[str, torch.Tensor] = {}
         for shard in shards:
-            tensors.update(safetensors.torch.load_file(str(hf_dir / shard)))
+            if not (hf_dir / shard).is_file():
+                raise HFError(f"{hf_dir / shard}: missing; {index} lists it as one of the model's "
+                              f"{len(shards)} shards (copy or download the folder again)")
+            tensors.update(_load_safetensors(hf_dir / shard))
         return tensors
     if legacy.exists():
-        # weights_only: a pickle that tries to build arbitrary objects (run code) is refused.
-        return torch.load(legacy, map_location="cpu", weights_only=True)
+        try:
+            # weights_only: a pickle that tries to build arbitrary objects (run code) is refused.
+            tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+            # torch's own message is long and advises unpickling anyway: the type name is enough.
+            raise HFError(f"{legacy}: cannot load it as plain tensors ({type(e).__name__}): a "
+                          f"damaged file, or a pickle "
+                          f"holding more than tensors, which is never unpickled (it could run code); "
+                          f"convert the folder to {WEIGHTS_FILE} where you trust it") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise HFError(f"{legacy}: expected a state dict (names -> tensors), found {type(tensors).__name__}")
+        return tensors
     raise HFError(f"{hf_dir}: no weights ({WEIGHTS_FILE}, {WEIGHTS_INDEX_FILE} or {TORCH_WEIGHTS_FILE})")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(str(path))
+    except Exception as e:  # SafetensorError is no ValueError: without this, a traceback
+        raise HFError(f"{path}: not a readable safetensors file ({e}); the file is damaged or "
+                      f"incomplete (copy or download it again)") from None
 
 
 def load_hf_weights(model: GPT, hf_dir: str | os.PathLike) -> None:

@@ -165,6 +165,71 @@ def test_hf_config_refusals():
         hf.gpt_config_from_hf(dict(base, model_type="llama"), "x/config.json")
 
 
+def test_hf_activations_exact_and_approximate_gelus_load_others_are_refused():
+    base = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 50}
+    # "gelu_python" is the same erf formula as ours: it was refused as "(ours is GELU)".
+    hf.gpt_config_from_hf(dict(base, activation_function="gelu_python"), "x/config.json")
+    assert hf.activation_note(dict(base, activation_function="gelu_python")) is None
+    # gelu_accurate is within 5e-4 of exact GELU, like gelu_new: loads, with the note.
+    hf.gpt_config_from_hf(dict(base, activation_function="gelu_accurate"), "x/config.json")
+    assert "gelu_accurate" in hf.activation_note(dict(base, activation_function="gelu_accurate"))
+    # quick_gelu is up to 0.02 off: refused, and the message says what would load.
+    with pytest.raises(hf.HFError, match="activation_function='quick_gelu'.*loadable: gelu, gelu_python"):
+        hf.gpt_config_from_hf(dict(base, activation_function="quick_gelu"), "x/config.json")
+
+
+def test_hf_config_our_model_cannot_build_is_an_error_naming_the_file():
+    # n_embd not divisible by n_head ended in GPTConfig's ValueError traceback, naming no file.
+    base = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 3, "vocab_size": 50}
+    with pytest.raises(hf.HFError, match=r"x/config\.json: .*divisible by n_head \(3\)"):
+        hf.gpt_config_from_hf(base, "x/config.json")
+
+
+def test_hf_damaged_weights_are_errors_naming_the_file(tmp_path, capsys):
+    # Each of these was a traceback (SafetensorError, UnpicklingError) from eval, sample, train.
+    hf_gpt2(vocab_size=50).save_pretrained(tmp_path / "good")
+    config = (tmp_path / "good" / "config.json").read_text()
+    weights = (tmp_path / "good" / "model.safetensors").read_bytes()
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "config.json").write_text(config)
+    (cut / "model.safetensors").write_bytes(weights[:100])
+    with pytest.raises(hf.HFError, match=rf"{cut / 'model.safetensors'}: not a readable safetensors file"):
+        hf.load_hf_model(cut)
+
+    sharded = tmp_path / "sharded"
+    hf_gpt2(vocab_size=50).save_pretrained(sharded, max_shard_size="20KB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    hf.load_hf_model(sharded)  # complete, it loads
+    shards[1].unlink()
+    with pytest.raises(hf.HFError, match=rf"{shards[1]}: missing; .*index.json lists it"):
+        hf.load_hf_model(sharded)
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "config.json").write_text(config)
+    torch.save({"x": Unpicklable()}, evil / "pytorch_model.bin")
+    capsys.readouterr()  # transformers' progress bars
+    assert gpt_eval.main([f"hf:{evil}", "--data_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {evil / 'pytorch_model.bin'}: cannot load it as plain tensors"), err
+    assert "never unpickled" in err and not Unpicklable.ran
+
+
+class Unpicklable:
+    """Unpickling it would run code: weights_only loading must refuse it."""
+    ran = False
+
+    def __reduce__(self):
+        return (Unpicklable._run, ())
+
+    @staticmethod
+    def _run():
+        Unpicklable.ran = True
+
+
 # ----------------------------------------------------------------------------------------
 # Export: run folder -> a folder transformers loads offline
 
@@ -531,6 +596,19 @@ def test_eval_refuses_a_window_or_batch_that_is_not_positive(option, value, runs
     assert gpt_eval.main([str(runs["char"]), option, value]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {option} must be positive, got {value}"), err
+
+
+def test_eval_of_a_run_whose_relative_data_dir_is_not_here_says_give_data_dir(tmp_path, monkeypatch, capsys):
+    # The default data_dir ("data/stdlib") is relative to where train.py ran; from elsewhere the
+    # error said to prepare a new dataset there ("Make one with: python data_prep/prepare.py").
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    ckpt.save_checkpoint(tmp_path / "run", 1, GPT(config), None,
+                         {"step": 1, "model_config": asdict(config), "train_config": {"data_dir": "data/stdlib"}})
+    monkeypatch.chdir(tmp_path)
+    assert gpt_eval.main([str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "data_dir = 'data/stdlib'" in err and "relative to the folder train.py ran in" in err, err
+    assert "give --data_dir" in err and "prepare.py" not in err
 
 
 def test_export_never_writes_inside_checkpoints_nor_over_a_file(runs, data, tmp_path, capsys):
