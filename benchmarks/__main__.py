@@ -1,7 +1,7 @@
 """The speed suite: us and a well-known peer (Hugging Face GPT2LMHeadModel) on the same machine,
 in one run, side by side; prints one table and writes benchmarks/results/*.json.
 
-    python -m benchmarks                      # the CPU suite (about 5-10 minutes on 2 quiet cores)
+    python -m benchmarks                      # the CPU suite (3-7 minutes on 2 quiet cores)
     python -m benchmarks --parts train generate   # some parts: results/suite_generate_train.json
     python -m benchmarks --threads all        # every core even if other jobs are running (see below)
     python -m benchmarks --full               # also the slow cases (bf16 at 6 x 384, no-cache at batch 8)

@@ -260,14 +260,24 @@ def gather_rng_states() -> dict[str, Any]:
 
 def rng_state_for(state: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
     """The RNG state rank `rank` of `world_size` resumes with: its own when the checkpoint was
-    saved by the same number of ranks, otherwise rank 0's (for every rank). A run resumed on
-    another world size draws other dropout masks anyway (each rank holds other rows of the
-    batch), so exactness there is out of reach; rank 0's state keeps it deterministic."""
+    saved by the same number of ranks, otherwise rank 0's (for every rank, then branched off by
+    `restore_rank_rng`). A run resumed on another world size draws other dropout masks anyway
+    (each rank holds other rows of the batch), so exactness there is out of reach; rank 0's
+    state keeps it deterministic."""
     saved = state["rng"]
     saved_world = state.get("world_size", len(saved))
     if saved_world == world_size and str(rank) in saved:
         return saved[str(rank)]
     return saved["0"]
+
+
+def restore_rank_rng(state: dict[str, Any], rank: int, world_size: int) -> None:
+    """Restore this rank's generators from a checkpoint's `state` (see `rng_state_for`). On
+    another world size, ranks other than 0 then reseed from a number drawn from rank 0's stream
+    (the same draw on every rank) plus their rank: each keeps drawing its own dropout masks."""
+    restore_rng_state(rng_state_for(state, rank, world_size))
+    if state.get("world_size", len(state["rng"])) != world_size and rank > 0:
+        torch.manual_seed(int(torch.randint(0, 2**62, ())) + rank)
 
 
 def _jsonable(value: Any) -> Any:
@@ -1282,7 +1292,7 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
             f"{ckpt_dir}: the saved weights or optimizer state do not fit this model: {e}"
         ) from None
     try:
-        restore_rng_state(rng_state_for(state, rank, world_size))
+        restore_rank_rng(state, rank, world_size)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(
             f"{ckpt_dir / STATE_FILE}: 'rng' holds no usable RNG state ({type(e).__name__}: {e}); {_NOT_OURS}"

@@ -754,6 +754,10 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
     gpt_config = model.config
     model.to(device)
     wrapped = wrap_model(model, config, info, dtype)
+    # The weights came from one seed on every rank (DDP and FSDP need them equal). From here each
+    # rank draws its own dropout masks, as one process drawing for the whole batch would give
+    # every row its own; a resume then restores each rank's generator (checkpoint.restore_rank_rng).
+    torch.manual_seed(config.seed + info.rank)
     optimizer = build_optimizer(model, config, device)
     loader = TokenLoader(
         config.data_dir, "train", config.batch_size, config.block_size, rank=info.rank,

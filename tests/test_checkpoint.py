@@ -279,6 +279,23 @@ def test_unsafe_or_corrupt_sharded_checkpoints_are_refused(char_data, tmp_path):
     assert result.step == 10
 
 
+def test_each_rank_draws_its_own_masks_after_a_resume_on_another_world_size():
+    # Restoring rank 0's state on every rank gave all ranks the same dropout masks.
+    torch.manual_seed(5)
+    first = ckpt.capture_rng_state()
+    torch.rand(3)
+    state = {"rng": {"0": first, "1": ckpt.capture_rng_state()}, "world_size": 2}
+    draws = {}
+    for world, rank in [(2, 0), (2, 1), (3, 0), (3, 1), (3, 2)]:
+        ckpt.restore_rank_rng(state, rank, world)
+        draws[world, rank] = torch.rand(4)
+    assert not torch.equal(draws[2, 0], draws[2, 1])  # the same world size: each its own state
+    assert torch.equal(draws[3, 0], draws[2, 0])  # rank 0 goes on with rank 0's stream
+    assert not torch.equal(draws[3, 1], draws[3, 0]) and not torch.equal(draws[3, 1], draws[3, 2])
+    ckpt.restore_rank_rng(state, 1, 3)
+    assert torch.equal(torch.rand(4), draws[3, 1])  # deterministic
+
+
 def test_rng_states_per_rank_and_across_world_sizes():
     state = {"rng": {"0": "rank0", "1": "rank1"}, "world_size": 2}
     assert [ckpt.rng_state_for(state, r, 2) for r in (0, 1)] == ["rank0", "rank1"]  # same world size

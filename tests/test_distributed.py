@@ -268,6 +268,9 @@ def test_one_and_two_processes_give_the_same_loss_curve(runs):
         np.testing.assert_allclose(losses(runs[name]), single, rtol=0, atol=1e-5)  # measured <= 5e-7
         assert [r["tokens"] for r in read_metrics(runs[name])] == [TOKENS_PER_STEP * s for s in range(1, STEPS + 1)]
         assert_weights_close(final_weights(runs[name]), final_weights(runs["single"]), **RUN_WEIGHTS)
+        # Each rank draws its own dropout masks: their generators were seeded apart (seed + rank).
+        rng = ckpt.read_state(ckpt.latest_checkpoint(runs[name]))["rng"]
+        assert rng["0"]["torch"] != rng["1"]["torch"]
 
 
 def test_gradient_accumulation_equals_one_big_batch(data, runs, tmp_path):

@@ -377,3 +377,43 @@ def test_load_state_dict_refuses_other_tokens_of_the_same_count(tmp_path):
     # A state saved before the check existed has no fingerprint: it resumes as it did.
     old = {k: v for k, v in state.items() if k != "fingerprint"}
     TokenLoader(other, "train", 2, 8, seed=1).load_state_dict(old)
+
+
+@pytest.mark.parametrize("order", ["random", "sequential"])
+def test_empty_and_one_window_shards_with_ranks_and_a_resume_at_the_epoch_boundary(tmp_path, order):
+    """Shards of 0 tokens and of exactly block_size + 1 (one window, whose last token is also the
+    next window's first) add nothing and exactly their tokens; 2 ranks still split the
+    single-process batch; a state saved at the epoch boundary, then past it, resumes on 3 ranks."""
+    block = 8
+    make_split(tmp_path, [0, block + 1, 0, 5, block + 1, 0, 32, block + 1])  # 64 tokens
+    single = TokenLoader(tmp_path, "train", 1, block, order=order, seed=3)
+    assert single.num_tokens == 64 and single.windows_per_epoch == 7  # 63 // 8: no 8th window
+
+    def ranks(world_size, batch):
+        return [TokenLoader(tmp_path, "train", batch, block, rank=r, world_size=world_size,
+                            order=order, seed=3) for r in range(world_size)]
+
+    def step(loaders):
+        parts = [loader.next_batch() for loader in loaders]
+        x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        assert_windows_match_stream(x, y, block)
+        assert max(starts_of(x)) <= 64 - block - 1
+        return starts_of(x)
+
+    reference = [int(s) for s in single.window_starts(0, 40)]
+    if order == "random":  # the last window that fits ends at the stream's last token
+        assert single.window_starts(0, 2000).max() == 64 - block - 1
+    seen, loaders = [], ranks(2, 2)
+    while len(seen) < 8:  # stops one window past the first epoch (7 windows)
+        seen += step(loaders)
+    for consumed in (7, 8):  # at the boundary, and beyond one epoch
+        resumed = ranks(3, 1)
+        state = json.loads(json.dumps(loaders[0].state_dict()))
+        state["windows_consumed"] = consumed
+        for loader in resumed:
+            loader.load_state_dict(state)
+        after = step(resumed) + step(resumed)
+        assert after == reference[consumed:consumed + 6]
+    assert seen == reference[:8]
+    if order == "sequential":  # each epoch reads every window once, in stream order
+        assert reference[:14] == 2 * list(range(0, 7 * block, block))
