@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -38,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cli import positive_int, results_name  # noqa: E402
+from benchmarks.common import write_json  # noqa: E402
 from gpt import checkpoint as ckpt  # noqa: E402
 from gpt import parallel  # noqa: E402
 from gpt.config import TrainConfig  # noqa: E402
@@ -260,9 +260,7 @@ def main(argv: list[str] | None = None) -> None:
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
         },
     }
-    results = RESULTS.with_name(args.results + ".json")
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(report, indent=2) + "\n")
+    results = write_json(args.results, report)
     print(f"goal ({report['goal']}): {'met' if report['goal_met'] else 'not met'} "
           f"({sync_full['training_stall_s']:.2f} s; floor on this disk "
           f"{sync_full['bytes'] / 1e9 / disk['durable_write_GB_per_s']:.2f} s); wrote {results}")

@@ -10,7 +10,6 @@ held in memory) and removed afterwards unless --data-dir names an existing datas
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,12 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cli import positive_int  # noqa: E402
+from benchmarks.common import write_json  # noqa: E402
 from gpt.loader import TokenLoader  # noqa: E402
 from gpt.shards import HEADER_INTS, MAGIC, VERSION, shard_name  # noqa: E402
 
 CASES = [(12, 64), (8, 1024)]  # (batch_size, block_size)
 ORDERS = ("random", "sequential")
-RESULTS = Path(__file__).parent / "results" / "loader.json"
 
 
 def write_synthetic_shard(path: Path, n_tokens: int, chunk: int = 8_000_000) -> None:
@@ -110,7 +109,6 @@ def main(argv: list[str] | None = None) -> None:
         rows = bench_loader(data_dir, args.batches, args.repeats)
         num_tokens = TokenLoader(data_dir, "train", 1, 1).num_tokens
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "loader",
         "num_tokens": num_tokens,
@@ -126,8 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "results": rows,
     }
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {write_json('loader', report)}")
 
 
 if __name__ == "__main__":

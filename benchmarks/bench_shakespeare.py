@@ -15,7 +15,6 @@ another CPU-heavy job at the same time makes every figure meaningless.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import subprocess
@@ -29,6 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import write_json  # noqa: E402
 from gpt.eval import evaluate_split, load_for_eval  # noqa: E402
 from gpt.metrics import measure_matmul_flops, read_metrics  # noqa: E402
 from gpt.prepare import prepare  # noqa: E402
@@ -115,9 +115,7 @@ def main(argv: list[str]) -> dict:
     print(f"{'fp32 matmul GFLOP/s':22}{result['fp32_matmul_gflops']:>12.1f}{REFERENCE_MATMUL_GFLOPS:>14.1f}"
           f"   (the machine's speed: the reference was timed on a faster one)")
     print(f"goal ({result['goal']}): {'met' if result['goal_met'] else 'NOT met'}")
-    results = REPO / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "shakespeare_char_cpu.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json("shakespeare_char_cpu", result)
     return result
 
 
