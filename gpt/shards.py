@@ -65,11 +65,18 @@ def read_header(path: str | os.PathLike) -> int:
     """Validate a shard's magic, version and size; return its number of tokens."""
     path = Path(path)
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
-            raw = f.read(HEADER_BYTES)
+            return _read_open_header(path, f)
     except OSError as e:
         raise ShardError(f"{path}: cannot read shard ({e.strerror})") from e
+
+
+def _read_open_header(path: Path, f) -> int:
+    # The size comes from the open file, not the path: a new prep may rename another shard
+    # over `path` at any moment, and a size from one file with a header from another would
+    # pass or fail by chance.
+    size = os.fstat(f.fileno()).st_size
+    raw = f.read(HEADER_BYTES)
     if len(raw) < HEADER_BYTES:
         raise ShardError(
             f"{path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte shard header"
@@ -90,9 +97,18 @@ def read_header(path: str | os.PathLike) -> int:
 
 
 def open_shard(path: str | os.PathLike) -> np.memmap:
-    """Memory-map a shard's tokens (read-only) after validating its header."""
-    n_tokens = read_header(path)
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+    """Memory-map a shard's tokens (read-only) after validating its header.
+
+    Header and tokens come from one open file: a shard renamed over `path` meanwhile (a new
+    prep) leaves this map on the file that was validated, never on a mix of the two.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            n_tokens = _read_open_header(path, f)
+            return np.memmap(f, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+    except OSError as e:
+        raise ShardError(f"{path}: cannot read shard ({e.strerror})") from e
 
 
 def check_token_ids(paths: list[Path], vocab_size: int, chunk_tokens: int = 1 << 22) -> None:

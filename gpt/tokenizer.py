@@ -59,6 +59,12 @@ class Tokenizer:
         self.kind = kind
         self.vocab_size = inner.get_vocab_size(with_added_tokens=True)
         check_vocab_size(self.vocab_size, f"{kind} tokenizer vocabulary")
+        # The model's embedding has vocab_size rows: an id past them (a vocabulary with holes,
+        # as a hand-made tokenizer.json may have) would fail mid-run as an index error.
+        ids = set(inner.get_vocab(with_added_tokens=True).values())
+        if len(ids) != self.vocab_size or min(ids, default=0) != 0 or max(ids, default=-1) != self.vocab_size - 1:
+            raise ValueError(f"{kind} tokenizer ids must be exactly 0..{self.vocab_size - 1} (one per token), "
+                             f"got {len(ids)} distinct ids from {min(ids, default=None)} to {max(ids, default=None)}")
         self.eos_id = None if kind == "char" else inner.token_to_id(EOS_TOKEN)
         if kind != "char" and self.eos_id is None:
             raise ValueError(f"{kind} tokenizer has no {EOS_TOKEN} token")
@@ -68,7 +74,8 @@ class Tokenizer:
             self._init_char_tables()
 
     def _init_char_tables(self) -> None:
-        vocab = self.inner.get_vocab(with_added_tokens=False)
+        # Added tokens too: decode looks every id up in this vocabulary.
+        vocab = self.inner.get_vocab(with_added_tokens=True)
         bad = [t for t in vocab if len(t) != 1]
         if bad:
             raise ValueError(f"char tokenizer tokens must be single characters, got {bad[:5]}")
@@ -134,7 +141,11 @@ class Tokenizer:
             inner = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises a bare Exception
             raise ValueError(f"{path}: cannot load tokenizer ({e})") from e
-        return cls(inner, kind or _infer_kind(inner, path))
+        kind = kind or _infer_kind(inner, path)
+        try:
+            return cls(inner, kind)
+        except ValueError as e:  # a vocabulary the project cannot use: say which file holds it
+            raise ValueError(f"{path}: not usable as a {kind} tokenizer: {e}") from e
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"

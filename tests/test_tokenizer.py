@@ -1,13 +1,17 @@
 """Tokenizers: exact round trips, tokenizer.json fidelity, piece cutting, vocabulary limits."""
 
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tokenizers
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from tokenizers import Regex, models, pre_tokenizers
 
-from gpt.shards import MAX_VOCAB
+import gpt.shards as shards
+from gpt.shards import MAX_VOCAB, open_shard, read_header, write_shard
 from gpt.sources import split_pieces
 from gpt.tokenizer import (EOS_TOKEN, Tokenizer, build_char, char_tokenizer, load_tokenizer,
                            train_bpe)
@@ -159,3 +163,56 @@ def test_from_file_infers_kind(bpe_file, char_file, tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot load tokenizer"):
         Tokenizer.from_file(tmp_path / "tokenizer.json")
+
+
+def test_tokenizer_json_the_project_cannot_use_is_refused_naming_the_file(tmp_path):
+    def saved(inner, name):
+        inner.save(str(tmp_path / name))
+        return tmp_path / name
+
+    every_char = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    holes = tokenizers.Tokenizer(models.WordLevel({"a": 0, "b": 5}, unk_token=None))
+    holes.pre_tokenizer = every_char
+    # Id 5 in a vocabulary of 2 would index past the embedding mid-run.
+    with pytest.raises(ValueError, match=r"holes\.json.*0\.\.1"):
+        load_tokenizer(saved(holes, "holes.json"))
+    with_eos = char_tokenizer("abc")
+    with_eos.inner.add_special_tokens([EOS_TOKEN])  # decode of its id had no character: KeyError
+    with pytest.raises(ValueError, match=r"added\.json.*single characters"):
+        load_tokenizer(saved(with_eos.inner, "added.json"))
+    words = tokenizers.Tokenizer(models.WordLevel({"ab": 0, "c": 1}, unk_token=None))
+    with pytest.raises(ValueError, match=r"words\.json.*single characters"):
+        load_tokenizer(saved(words, "words.json"))
+    with pytest.raises(ValueError, match=rf"no_eos\.json.*{EOS_TOKEN}"):
+        load_tokenizer(saved(tokenizers.Tokenizer(models.BPE({"a": 0, "b": 1}, [])), "no_eos.json"))
+
+
+def test_a_shard_renamed_over_while_it_is_opened(tmp_path, monkeypatch):
+    """A new prep may rename a shard over one being opened: header, size and tokens must all
+    come from one of the two files, never from a mix."""
+    path, newer = tmp_path / "train_000000.bin", tmp_path / "newer.bin"
+    old = np.arange(10, dtype=np.uint16)
+    write_shard(path, old)
+    real_open = open
+
+    def renamed_at_open(before: bool):
+        write_shard(newer, np.arange(3, dtype=np.uint16))
+
+        def hooked(file, *args, **kwargs):
+            if before:
+                os.replace(newer, file)
+            f = real_open(file, *args, **kwargs)
+            if not before:
+                os.replace(newer, file)
+            return f
+        return hooked
+
+    monkeypatch.setattr(shards, "open", renamed_at_open(before=True), raising=False)
+    assert read_header(path) == 3
+    monkeypatch.undo()
+    write_shard(path, old)
+    monkeypatch.setattr(shards, "open", renamed_at_open(before=False), raising=False)
+    assert open_shard(path).tolist() == old.tolist()
+    monkeypatch.undo()
+    write_shard(path, np.zeros(0, dtype=np.uint16))  # a shard of no tokens is the bare header
+    assert path.stat().st_size == 1024 and read_header(path) == 0 and open_shard(path).size == 0
