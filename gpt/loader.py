@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from gpt.shards import (
-    HEADER_BYTES, TOKEN_DTYPE, ShardError, list_shards, missing_dataset, read_header,
+    HEADER_BYTES, MAGIC, TOKEN_DTYPE, VERSION, ShardError, list_shards, missing_dataset, read_header,
 )
 
 ORDERS = ("random", "sequential")
@@ -337,7 +337,16 @@ def _map_tokens(path: Path, n_tokens: int) -> np.ndarray:
     (Not in shards.open_shard, which data prep uses: prep never imports torch, and maps one shard
     at a time.)
     """
-    mapped = torch.from_file(str(path), shared=False, size=HEADER_BYTES + 2 * n_tokens, dtype=torch.uint8)
+    # The header was read through another open (read_header): a new prep may have renamed
+    # another shard over the path since, so the mapped file's own header is checked again.
+    changed = (f"{path}: the shard changed while it was being opened (a new data prep renamed another "
+               f"over it?); run again once the prep is done")
+    try:
+        mapped = torch.from_file(str(path), shared=False, size=HEADER_BYTES + 2 * n_tokens, dtype=torch.uint8)
+    except RuntimeError as e:  # shorter than the header said
+        raise ShardError(changed) from e
+    if mapped[:12].numpy().view("<i4").tolist() != [MAGIC, VERSION, n_tokens]:
+        raise ShardError(changed)
     tokens = mapped.numpy()[HEADER_BYTES:].view(TOKEN_DTYPE)  # the array keeps the map alive
     tokens.flags.writeable = False
     return tokens

@@ -417,3 +417,18 @@ def test_empty_and_one_window_shards_with_ranks_and_a_resume_at_the_epoch_bounda
     assert seen == reference[:8]
     if order == "sequential":  # each epoch reads every window once, in stream order
         assert reference[:14] == 2 * list(range(0, 7 * block, block))
+
+
+def test_a_shard_replaced_between_its_header_read_and_its_map_is_named(tmp_path):
+    # The loader reads a shard's header, then maps the file through a second open: a new prep may
+    # rename another shard over the path in between (a larger count than the file holds gave
+    # torch's bare error; a smaller one mapped a mix of the two files).
+    from gpt.loader import _map_tokens
+
+    path = tmp_path / shard_name("train", 0)
+    write_shard(path, np.arange(100))
+    assert _map_tokens(path, 100).tolist() == list(range(100))
+    for stale_count in (200, 50):  # the count of the file that was there when the header was read
+        with pytest.raises(ShardError, match="the shard changed while it was being opened") as e:
+            _map_tokens(path, stale_count)
+        assert str(path) in str(e.value)
