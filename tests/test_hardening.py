@@ -333,10 +333,10 @@ def math_finite(x) -> bool:
     return x is not None and np.isfinite(x)
 
 
-def test_re_prep_during_training_does_not_disturb_the_running_loader(tmp_path):
+def test_re_prep_during_training_does_not_disturb_the_running_loader(shakespeare, tmp_path):
     """prepare.py replaces shards by rename, so a running job keeps reading the old files (their
     inodes live on while memory-mapped); the dataset change is then caught at resume."""
-    text = SHAKESPEARE.read_text()[:300_000]
+    text = shakespeare[:300_000]
     data = tmp_path / "data"
     prepare(data, [text], tokenizer="char", val_fraction=0.1, val_rule="tail", progress=False, log=None)
     run = tmp_path / "run"
@@ -359,10 +359,10 @@ def test_re_prep_during_training_does_not_disturb_the_running_loader(tmp_path):
     assert "train tokens: checkpoint 270,000 vs" in resumed.stderr and "240,000" in resumed.stderr
 
 
-def test_shard_truncated_in_place_while_training(tmp_path):
+def test_shard_truncated_in_place_while_training(shakespeare, tmp_path):
     """Rewriting a memory-mapped shard in place (not via prepare.py) can kill the job with SIGBUS;
     the checkpoints are intact and the restart names the damaged file."""
-    text = SHAKESPEARE.read_text()[:300_000]
+    text = shakespeare[:300_000]
     data = tmp_path / "data"
     prepare(data, [text], tokenizer="char", val_fraction=0.1, val_rule="tail", progress=False, log=None)
     run = tmp_path / "run"
@@ -743,9 +743,9 @@ def test_unwritable_out_dir_is_refused_before_training(char_data, tmp_path):
         train(tiny_config(char_data, tmp_path / "file" / "run"))
 
 
-def test_full_disk_during_shard_write_keeps_the_earlier_dataset(tmp_path):
+def test_full_disk_during_shard_write_keeps_the_earlier_dataset(shakespeare, tmp_path):
     text = tmp_path / "text.txt"
-    text.write_text(SHAKESPEARE.read_text()[:300_000])
+    text.write_text(shakespeare[:300_000])
     data = tmp_path / "data"
     prep = ["data_prep/prepare.py", "--input", str(text), "--out", str(data), "--tokenizer", "char",
             "--val-fraction", "0.1", "--val-rule", "tail", "--no-progress"]
