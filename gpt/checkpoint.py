@@ -6,8 +6,8 @@ Layout of a run folder (docs/checkpoints.md has the whole story):
       checkpoints/
         step_0000250/        one complete checkpoint, in one of two formats:
           model.safetensors    full: weights (safetensors: plain tensors, no code can hide in it)
-          optimizer.pt         full: AdamW state, loaded with torch.load(weights_only=True)
-          dcp/                 sharded: model + AdamW state as torch.distributed.checkpoint files,
+          optimizer.pt         full: optimizer state, loaded with torch.load(weights_only=True)
+          dcp/                 sharded: model + optimizer state as torch.distributed.checkpoint files,
             .metadata            written by every rank in parallel (one __RANK_0.distcp each);
             __0_0.distcp         any world size, or one process, can read them back
           state.json         step, tokens seen, loader position, every rank's RNG state, configs
@@ -67,7 +67,6 @@ TOKENIZER_FILE = "tokenizer.json"
 DCP_DIR = "dcp"  # the sharded format's torch.distributed.checkpoint folder
 DCP_METADATA = ".metadata"
 FORMATS = ("full", "sharded")
-
 
 
 def _quiet_dcp() -> None:
@@ -483,7 +482,8 @@ def save_checkpoint_state(
 ) -> Path:
     """`save_checkpoint` from state dicts instead of live objects (e.g. gathered from FSDP shards).
 
-    `model_state` holds CPU tensors with one name per tied tensor (as `save_model` writes);
+    `model_state` holds CPU tensors with one name per tied tensor (as `parallel.drop_tied_aliases`
+    leaves them, the name safetensors' save_model keeps);
     `optimizer_state` is in `optimizer.state_dict()` format. The files are the same.
     """
     return _save_full_folder(Path(out_dir), step, _full_writer(model_state, optimizer_state), state,
@@ -495,7 +495,7 @@ def save_checkpoint_state(
 
 
 def _live_storages(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> set[int]:
-    """Addresses of the memory training keeps mutating (parameters, buffers, AdamW state)."""
+    """Addresses of the memory training keeps mutating (parameters, buffers, optimizer state)."""
     def local(t: torch.Tensor) -> torch.Tensor:
         return t.to_local() if hasattr(t, "to_local") else t
 
@@ -1198,10 +1198,6 @@ def _readable_safetensors(path: Path):
     except (OSError, safetensors.SafetensorError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}); the file is missing, truncated "
                               f"or corrupt") from None
-
-
-def load_optimizer_state(ckpt_dir: Path, optimizer: torch.optim.Optimizer) -> None:
-    optimizer.load_state_dict(read_optimizer_state(ckpt_dir))
 
 
 def read_optimizer_state(ckpt_dir: Path) -> dict[str, Any]:

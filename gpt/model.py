@@ -109,7 +109,6 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.batch_size = batch_size
-        self.capacity = config.block_size
         self.length = 0
 
     def reset(self) -> None:

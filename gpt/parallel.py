@@ -8,7 +8,7 @@ the gradient is the mean over the global batch either way.
     none  one process; the model as it is.
     ddp   every rank keeps a full copy of weights, gradients and optimizer state; gradients are
           all-reduced (averaged) in buckets during backward.
-    fsdp  FSDP2 (`fully_shard`): each rank keeps 1/W of every weight, gradient and AdamW state.
+    fsdp  FSDP2 (`fully_shard`): each rank keeps 1/W of every weight, gradient and optimizer state.
           A block's weights are all-gathered just before it runs and freed after; gradients are
           reduce-scattered. Memory per rank falls roughly W-fold for the parts that dominate it.
 
@@ -18,7 +18,7 @@ names under every strategy, which is what keeps one checkpoint format for all of
 
 Also here, because they depend on how the model was wrapped: switching gradient sync off during
 accumulation (`set_gradient_sync`), and gathering / loading full (unsharded) state dicts
-(`full_state_dicts`, `load_full_state_dicts`) in the single-process checkpoint format.
+(`full_state_dicts`, `load_full_state_dicts`) for the full checkpoint format.
 """
 
 from __future__ import annotations

@@ -23,9 +23,8 @@ The train/val split (deterministic: the same corpus, options and seed give byte-
         random.Random(seed).random(). That is one chunk in every 1/f, spread evenly across the
         corpus (so val looks like the whole corpus, not like its last files), with the offset
         within each cycle set by the seed (so there are about 1/f distinct splits); it works
-        alike for one huge document and for many small ones. A
-        window read across a chunk seam sees text that was not adjacent, as at a document
-        boundary.
+        alike for one huge document and for many small ones. A window read across a chunk
+        seam sees text that was not adjacent, as at a document boundary.
     val_rule="tail": the last `val_fraction` of the corpus's characters is val: train is the
         text before character int(n * (1 - val_fraction)), encoded as one stream, val the text
         after it. This is nanoGPT's split (first 90% train, last 10% val for Shakespeare); it

@@ -158,7 +158,8 @@ def _tokenizer_vocab(path: Path) -> dict[str, int] | None:
 
     try:
         return tokenizers.Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
-    except Exception:  # unreadable: the caller compares meta.json's kind and size instead
+    except Exception:  # unreadable: check_dataset refuses it; check_checkpoint_fits_data compares
+        # the tokenizer kind and vocab_size recorded in meta.json and state.json instead
         return None
 
 
@@ -678,11 +679,11 @@ def is_out_of_memory(error: BaseException) -> bool:
     return type(error) is RuntimeError and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
-def out_of_memory_message(config: TrainConfig, error: BaseException, device: torch.device | None = None) -> str:
+def out_of_memory_message(config: TrainConfig, error: BaseException) -> str:
     """What ran out of memory, with the settings that size the run and what to change.
 
-    `device`: the run's device, picked from config.device when not given. The dtype named is the
-    one the run computes in (`resolve_dtype`: 'auto' is bfloat16 or float32), not the setting.
+    The dtype named is the one the run computes in (`resolve_dtype`: 'auto' is bfloat16 or
+    float32), not the setting.
     """
     try:
         latest = ckpt.latest_checkpoint(config.out_dir)
@@ -692,11 +693,11 @@ def out_of_memory_message(config: TrainConfig, error: BaseException, device: tor
     first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
     dtype_name, suggest_bf16 = config.dtype, config.dtype != "bfloat16"
     try:  # never let describing the error raise another one
-        device = device if device is not None else pick_device(config.device)
+        device = pick_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         dtype_name = str(dtype).removeprefix("torch.")
         # bfloat16 halves activation memory, but not where the run already uses it, nor where it
-        # would be slow: a CPU without native bf16 matmul (see the note _train logs), a GPU without bf16.
+        # would be slow: a CPU without native bf16 matmul (see describe_run's note), a GPU without bf16.
         suggest_bf16 = dtype != torch.bfloat16 and has_fast_bf16(device)
     except Exception:
         pass
