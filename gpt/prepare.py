@@ -57,6 +57,7 @@ from gpt.tokenizer import TOKENIZER_FILE, Tokenizer, char_tokenizer, check_vocab
 from gpt.wordcache import encode_pieces, word_cache_applies
 
 STAGING = ".prepare-staging"
+LOCK_FILE = ".prepare-lock"  # held (flock) by the prep writing the folder
 META_FILE = "meta.json"
 # The names gpt/checkpoint.py gives a run's files, repeated here rather than imported: that module
 # needs torch, which data prep does not (tests/test_interop.py checks that they agree).
@@ -143,10 +144,15 @@ def prepare(
             corpus = replace(corpus, progress=False)
     created = not out_dir.exists()
     staging = out_dir / STAGING
-    shutil.rmtree(staging, ignore_errors=True)  # left by a killed prep
+    lock = None
     try:
-        staging.mkdir(parents=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock_out_dir(out_dir)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed prep (never a live one: the lock)
+        staging.mkdir()
     except OSError as e:  # bare, the error named only the staging folder, never --out
+        if lock is not None:
+            _unlock_out_dir(out_dir, lock)
         raise PrepareError(f"--out {out_dir}: cannot create the dataset folder there ({e.strerror or e}); "
                            f"is a part of the path a file, or the folder not writable?") from e
     published = False
@@ -182,6 +188,7 @@ def prepare(
         published = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        _unlock_out_dir(out_dir, lock)
         if created and not published and not any(out_dir.iterdir()):
             out_dir.rmdir()  # a failed prep leaves no trace where there was nothing
     seconds = time.perf_counter() - started
@@ -195,6 +202,30 @@ def prepare(
             log(note)
         log(_format_summary(summary))
     return summary
+
+
+def _lock_out_dir(out_dir: Path):
+    """An open file holding an exclusive lock on out_dir's prep, or PrepareError when another
+    prep holds it: two preps into one folder would delete each other's staging folder."""
+    f = open(out_dir / LOCK_FILE, "a")
+    try:
+        import fcntl  # POSIX only; elsewhere preps are not guarded against each other
+    except ImportError:
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise PrepareError(f"--out {out_dir}: another data prep is writing this folder right now; "
+                           f"wait for it to finish (then use its dataset), or choose another --out") from None
+    return f
+
+
+def _unlock_out_dir(out_dir: Path, lock) -> None:
+    # Unlinked while still held, then released: a prep that opened the old file in between
+    # locks an unlinked file (a race of microseconds, between two preps started together).
+    (out_dir / LOCK_FILE).unlink(missing_ok=True)
+    lock.close()
 
 
 # ---- checks ---------------------------------------------------------------------------------

@@ -79,8 +79,11 @@ def ensure_dataset(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
         if info.is_main:
             from .prepare import prepare  # imported here: only this path needs the tokenizer trainer
 
-            print(f"{data_dir} holds no dataset; preparing it from '{config.prepare_source}' "
-                  f"({config.prepare_tokenizer}, vocab {config.prepare_vocab_size})", flush=True)
+            # Said in full: a mistyped --data_dir also lands here, and would train on this corpus.
+            state = "holds no dataset" if data_dir.is_dir() else "does not exist"
+            print(f"{data_dir} {state}; preparing the '{config.prepare_source}' corpus there "
+                  f"({config.prepare_tokenizer}, vocab {config.prepare_vocab_size}; prepare_source = "
+                  f"'none' makes a missing dataset an error instead)", flush=True)
             prepare(
                 out_dir=data_dir,
                 source=config.prepare_source,

@@ -700,3 +700,20 @@ def test_shakespeare_errors_suggest_options_it_accepts(tmp_path, capsys):
     assert code == 2 and "--encoding-errors replace" in err
     assert shakespeare_main(capsys, "--input", str(binary), "--out", str(tmp_path / "b"),
                             "--encoding_errors", "replace", "--min-val-tokens=100")[0] == 0
+
+
+def test_concurrent_prep_into_one_folder_is_refused_and_spares_the_other(docs, tmp_path):
+    """A second prep into a folder another prep is writing must not delete that prep's staging
+    folder (which made the first fail with a misleading "is the disk full?"); it is refused."""
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "ds"
+    (out / STAGING).mkdir(parents=True)
+    (out / STAGING / "train_000000.bin.tmp").write_bytes(b"in progress")
+    with open(out / ".prepare-lock", "a") as held:  # what a live prep holds
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(PrepareError, match="another data prep is writing"):
+            prepare(out, docs, tokenizer="char", **QUIET)
+    assert (out / STAGING / "train_000000.bin.tmp").read_bytes() == b"in progress"
+    prepare(out, docs, tokenizer="char", val_chunk_tokens=256, **QUIET)  # once it is gone, a prep goes ahead
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json", "train_000000.bin",
+                                                     "val_000000.bin"]
