@@ -465,16 +465,10 @@ class StopFlag:
         self._group = None  # the gloo group votes go over when the default one is NCCL
 
     def install(self) -> None:
-        """Handle SIGTERM, SIGUSR1 and SIGINT from now on. A signal that a handler installed
-        before this one noted in its `caught` list (train.py's, while torch imports) counts as
-        received here."""
         if threading.current_thread() is not threading.main_thread():
             return  # Python delivers signals to the main thread only
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
-        earlier = {id(h): h for h in self._previous.values()}.values()  # one handler may serve several
-        for signum in (s for handler in earlier for s in getattr(handler, "caught", ())):
-            self._handle(signum, None)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

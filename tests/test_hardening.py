@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import importlib.util
 import json
 import os
 import re
@@ -666,28 +665,6 @@ def test_a_second_ctrl_c_during_the_first_ones_message_aborts(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         stop._handle(signal.SIGINT, None)
     assert nested and stop.signal == signal.SIGINT
-
-
-def test_a_stop_signal_while_torch_imports_is_taken_over_by_the_trainer():
-    # train.py notes SIGTERM/SIGUSR1 before it imports torch (~1 s); by default they killed the
-    # run (rc -15, not the requeue code 75).
-    spec = importlib.util.spec_from_file_location("train_entry", REPO / "train.py")
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)  # defines EarlyStopSignals; installs nothing outside __main__
-    previous = {s: signal.getsignal(s) for s in StopFlag.SIGNALS}
-    try:
-        early = entry.EarlyStopSignals().install()
-        os.kill(os.getpid(), signal.SIGUSR1)
-        time.sleep(0.01)  # the handler runs at the next bytecode
-        assert early.caught == [signal.SIGUSR1]
-        stop = StopFlag()
-        stop.install()
-        assert stop.signal == signal.SIGUSR1 and stop.exit_code == 75
-        stop.restore()
-        assert signal.getsignal(signal.SIGUSR1) is early
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def test_a_signal_during_set_up_is_not_fatal(char_data, tmp_path, monkeypatch):
