@@ -10,7 +10,6 @@ quoted with the load average at the time.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from gpt.metrics import finite_or_null
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -167,19 +168,9 @@ def write_json(name: str, record: dict[str, Any]) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     # Strict JSON, as metrics.jsonl is: a NaN or Inf figure (a diverged loss, a zero-time
     # division) is written as null, not as the bare NaN that JSON readers other than Python's reject.
-    tmp.write_text(json.dumps(_finite(record), indent=1, default=str, allow_nan=False) + "\n")
+    tmp.write_text(json.dumps(finite_or_null(record), indent=1, default=str, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return path
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def log(message: str) -> None:

@@ -274,8 +274,9 @@ def restore_rank_rng(state: dict[str, Any], rank: int, world_size: int) -> None:
     """Restore this rank's generators from a checkpoint's `state` (see `rng_state_for`). On
     another world size, ranks other than 0 then reseed from a number drawn from rank 0's stream
     (the same draw on every rank) plus their rank: each keeps drawing its own dropout masks."""
-    restore_rng_state(rng_state_for(state, rank, world_size))
-    if state.get("world_size", len(state["rng"])) != world_size and rank > 0:
+    chosen = rng_state_for(state, rank, world_size)
+    restore_rng_state(chosen)
+    if chosen is not state["rng"].get(str(rank)):  # rank 0's state on another rank: branch off it
         torch.manual_seed(int(torch.randint(0, 2**62, ())) + rank)
 
 

@@ -116,6 +116,18 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def finite_or_null(value: Any) -> Any:
+    """`value` (nested dicts and lists) with every non-finite float as None: json.dumps writes
+    NaN and Infinity as bare tokens, which are not JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 class MetricsLog:
     """Appends one JSON object per record to `out_dir/metrics.jsonl` (rank 0 only)."""
 
@@ -146,9 +158,8 @@ class MetricsLog:
         # A loss that is not finite (NaN: every step of the interval skipped under nan_policy =
         # skip) is written as null: json.dumps would write a bare NaN token, which is not JSON, and
         # strict parsers (JavaScript's JSON.parse, Go, serde) reject the whole file over it.
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+            f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
 
     def close(self) -> None:
         pass  # every write already closed the file

@@ -53,7 +53,8 @@ import numpy as np
 
 from gpt.shards import MAX_VOCAB, SPLITS, ShardWriter, list_shards
 from gpt.sources import ENCODING_ERRORS, Corpus, HFDataset, LocalFiles, Piece, resolve_source
-from gpt.tokenizer import TOKENIZER_FILE, Tokenizer, char_tokenizer, check_vocab_size, train_bpe
+from gpt.tokenizer import (MIN_BPE_VOCAB, TOKENIZER_FILE, Tokenizer, char_tokenizer, check_vocab_size,
+                           train_bpe)
 from gpt.wordcache import encode_pieces, word_cache_applies
 
 STAGING = ".prepare-staging"
@@ -71,7 +72,6 @@ VAL_RULES = ("chunks", "tail")
 # on 2 cores) would otherwise take longer than encoding the whole corpus. Raise it for large
 # vocabularies (GPT-2's 50k merges were learned from far more text).
 TOKENIZER_TRAIN_BYTES = 10_000_000
-MIN_BPE_VOCAB = 257  # the 256 byte tokens and end-of-text
 BATCH_CHARS = 2 << 20  # text per encode_batch call: ~32 pieces, enough to keep every core busy
 
 

@@ -176,6 +176,9 @@ def _infer_kind(inner: tokenizers.Tokenizer, path: Path) -> str:
 
 
 # ---- building -------------------------------------------------------------------------------
+MIN_BPE_VOCAB = 257  # byte-level BPE's 256 byte tokens and end-of-text
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 0,
               show_progress: bool = False) -> Tokenizer:
     """Train a byte-level BPE of `vocab_size` ids (end-of-text included) on a stream of texts.
@@ -183,16 +186,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 0,
     The result may be smaller than `vocab_size` when the corpus has too few distinct pairs.
     """
     check_vocab_size(vocab_size)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < len(alphabet) + 1:
+    if vocab_size < MIN_BPE_VOCAB:
         raise ValueError(f"vocab_size {vocab_size} is too small for byte-level BPE: it needs at least "
-                         f"{len(alphabet) + 1} (256 bytes + {EOS_TOKEN})")
+                         f"{MIN_BPE_VOCAB} (256 bytes + {EOS_TOKEN})")
     inner = tokenizers.Tokenizer(models.BPE())
     inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     inner.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS_TOKEN],
-        initial_alphabet=alphabet, show_progress=show_progress,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
     )
     inner.train_from_iterator(texts, trainer)
     return Tokenizer(inner, "bpe")
