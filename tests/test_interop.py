@@ -457,7 +457,10 @@ def test_wandb_offline_logs_metrics_and_resumes_same_run(data, tmp_path):
     assert logged_config["learning_rate"] == config.learning_rate
     assert logged_config["model_config"]["n_embd"] == 32
 
-    # Resumed from its checkpoint: the same wandb run id, continued at step 6.
+    # Resumed from its checkpoint: the same wandb run id, continued at step 6. wandb names an
+    # offline folder by the second it starts in: on a fast machine both runs fit in one second
+    # and would share a folder, so the resume starts in the next one.
+    time.sleep(1.1)
     train(replace(config, max_steps=6))
     assert (run / "wandb_run_id").read_text().strip() == run_id
     files = sorted((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
