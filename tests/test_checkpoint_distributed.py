@@ -231,7 +231,10 @@ def test_sigterm_under_torchrun_max_restarts_saves_exits_75_restarts_and_resumes
     output = log.read_text()
     finished(proc, run, output)
     assert "received a stop signal" in output and "exiting with code 75" in output, output[-4000:]
-    assert "failed (exitcode: 75)" in output, output[-4000:]  # torchrun's report, before restarting
+    # torchrun's report before restarting: 75, or -6 where gloo's rare abort at interpreter exit
+    # (see `finished`) ended the worker after it had saved and said so
+    assert "failed (exitcode: 75)" in output or (
+        "failed (exitcode: -6)" in output and "SIGABRT" in output), output[-4000:]
     resumed = [line for line in output.splitlines() if "resumed from" in line]
     assert len(resumed) == 1, output[-4000:]
     stopped = int(resumed[0].rsplit("at step ", 1)[1].split()[0])
