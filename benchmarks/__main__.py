@@ -243,8 +243,8 @@ def table(s: dict[str, Any]) -> list[str]:
             sh = r["shape"]
             row(f"training peak RSS MB ({sh['n_layer']}x{sh['n_embd']}, ctx {sh['block_size']}, "
                 f"batch {sh['batch_size']})", r["peak_rss_mb"], None, None,
-                f"train.py {r['steps']} steps: {r['trainer_tokens_per_s_median']:,.0f} tok/s, "
-                f"trainer MFU {r['trainer_mfu_median'] * 100:.1f}%")
+                f"train.py {r['steps']} steps: {r['trainer_tokens_per_s_median']:,.0f} tok/s, trainer MFU "
+                + ("n/a" if r["trainer_mfu_median"] is None else f"{r['trainer_mfu_median'] * 100:.1f}%"))
     return lines
 
 

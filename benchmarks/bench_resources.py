@@ -1,15 +1,20 @@
 """Peak FLOP/s of the device, loader throughput, data-prep MB/s, and the peak RSS of training.
 
+    python benchmarks/bench_resources.py [--parts peak loader data rss] [--device cpu]
+        [--loader-tokens N] [--loader-batches N] [--repeats N] [--data-mb MB]
+        [--tokenizers char bpe] [--vocab-size N] [--rss-steps N] [--results NAME]
+
 Small, quick versions of benchmarks/bench_loader.py and benchmarks/bench_data.py (which they
-call), plus a short `python train.py` run in a child process whose own ru_maxrss is its peak
-resident memory. Used by `python -m benchmarks`.
+call), plus a short `python train.py` run in a child process that reports its own peak resident
+memory. Used by `python -m benchmarks` (its peak, loader, data and rss parts); alone, it prints
+each part's figures and writes benchmarks/results/NAME.json (default: resources.json).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,9 +24,18 @@ from typing import Any
 
 import torch
 
-from benchmarks import bench_data, bench_loader
-from benchmarks.common import REPO, load_average
-from gpt.metrics import gpu_peak_flops, measure_matmul_flops
+# `python benchmarks/bench_resources.py` puts benchmarks/, not the repository, on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import bench_data, bench_loader  # noqa: E402
+from benchmarks.cli import positive_float, positive_int, results_name  # noqa: E402
+from benchmarks.common import REPO, load_average, write_json  # noqa: E402
+from benchmarks.scaleout_summary import median_or_none  # noqa: E402
+from gpt.metrics import gpu_peak_flops, measure_matmul_flops  # noqa: E402
+from gpt.shards import MAX_VOCAB  # noqa: E402
+from gpt.tokenizer import MIN_BPE_VOCAB  # noqa: E402
+
+PARTS = ("peak", "loader", "data", "rss")
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -145,7 +159,72 @@ def training_rss(steps: int = 6, n_layer: int = 6, n_head: int = 6, n_embd: int 
         "steps": steps,
         "peak_rss_mb": peak,
         "wall_s": round(wall, 1),
-        "trainer_tokens_per_s_median": round(statistics.median(r["tokens_per_s"] for r in timed), 1),
-        "trainer_mfu_median": round(statistics.median(r["mfu"] for r in timed), 4),
+        "trainer_tokens_per_s_median": _rounded(median_or_none(r.get("tokens_per_s") for r in timed), 1),
+        # null where the trainer logged none (an MFU without a peak to measure it against)
+        "trainer_mfu_median": _rounded(median_or_none(r.get("mfu") for r in timed), 4),
         "load_avg_after": load_average(),
     }
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the peak FLOP/s are measured")
+    p.add_argument("--loader-tokens", "--loader_tokens", type=positive_int, default=5_000_000,
+                   help="tokens in the loader's synthetic shard (default: 5,000,000)")
+    p.add_argument("--loader-batches", "--loader_batches", type=positive_int, default=200,
+                   help="loader batches per repeat (default: 200)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="loader repeats, median kept (default: 3)")
+    p.add_argument("--data-mb", "--data_mb", type=positive_float, default=8.0,
+                   help="MB of text for the data-prep part (default: 8)")
+    p.add_argument("--tokenizers", nargs="+", choices=["char", "bpe"], default=["char", "bpe"],
+                   help="tokenizers the data-prep part prepares with (default: char bpe)")
+    p.add_argument("--vocab-size", "--vocab_size", type=positive_int, default=4096,
+                   help="BPE vocabulary of the data-prep part (default: 4096)")
+    p.add_argument("--rss-steps", "--rss_steps", type=positive_int, default=6,
+                   help="training steps of the peak-RSS run (default: 6)")
+    p.add_argument("--results", type=results_name, default="resources",
+                   help="file name in benchmarks/results/ (default: resources.json)")
+    args = p.parse_args(argv)
+    # Checked here, not after minutes of the parts before: each would fail only when reached.
+    least = max(block for _, block in bench_loader.CASES) + 1
+    if "loader" in args.parts and args.loader_tokens < least:
+        p.error(f"--loader-tokens {args.loader_tokens}: the synthetic shard needs at least {least} tokens "
+                f"(one window of the largest block, {least - 1}, plus its target)")
+    if "data" in args.parts and "bpe" in args.tokenizers and not MIN_BPE_VOCAB <= args.vocab_size <= MAX_VOCAB:
+        p.error(f"--vocab-size {args.vocab_size}: byte-level BPE needs {MIN_BPE_VOCAB} to {MAX_VOCAB} ids")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here")
+
+    record: dict[str, Any] = {"benchmark": "resources: peak FLOP/s, loader, data prep, training RSS",
+                              "load_avg_start": load_average(), "args": vars(args)}
+    if "peak" in args.parts:
+        record["peak"] = peaks(device)
+        print(f"peak: {json.dumps(record['peak'])}", flush=True)
+    if "loader" in args.parts:
+        record["loader"] = loader(args.loader_tokens, args.loader_batches, args.repeats)
+        for r in record["loader"]:
+            print(f"loader batch {r['batch_size']} x {r['block_size']} {r['order']}: "
+                  f"{r['tokens_per_s']:,.0f} tokens/s", flush=True)
+    if "data" in args.parts:
+        record["data"] = data_prep(args.data_mb, tuple(args.tokenizers), args.vocab_size)
+        for r in record["data"]:
+            print(f"data prep: {json.dumps(r)}", flush=True)
+    if "rss" in args.parts:
+        record["rss"] = training_rss(steps=args.rss_steps)
+        r = record["rss"]
+        print(f"training peak RSS: {r.get('peak_rss_mb', r.get('skipped'))} MB", flush=True)
+    print(f"wrote {write_json(args.results, record)}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

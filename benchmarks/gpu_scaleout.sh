@@ -79,39 +79,6 @@ for strategy in $STRATEGIES; do
         --log_interval=1 --eval_interval=0 --eval_iters=1 --keep_last=1 $EXTRA_ARGS
 done
 
-# 3. Summary from metrics.jsonl.
-"$PYTHON" - "$RUNS" "$SKIP" "$RESULTS" "$NPROC" "$BATCH" "$COMPILE" $STRATEGIES <<'EOF'
-import json, statistics, sys
-from pathlib import Path
-import torch
-
-out, skip, results, nproc, batch, compile_ = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), *sys.argv[4:7]
-c = json.loads((out / sys.argv[7] / "config.json").read_text())  # what train.py really ran (shape, dtype, ...)
-vocab = json.loads((Path(c["data_dir"]) / "meta.json").read_text())["vocab_size"]
-rows = {}
-for strategy in sys.argv[7:]:
-    records = [json.loads(l) for l in (out / strategy / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    timed = records[skip:] or records
-    rows[strategy] = {
-        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
-        "tokens_per_s_per_gpu": statistics.median(r["tokens_per_s_per_device"] for r in timed),
-        "mfu": statistics.median(r["mfu"] for r in timed),
-        "step_ms": statistics.median(r["step_ms"] for r in timed),
-        "final_loss": records[-1]["loss"],
-        "steps_timed": len(timed),
-    }
-print(f"\n{c['n_layer']} x {c['n_head']} x {c['n_embd']}, block {c['block_size']}, {c['device']} {c['dtype']}, {c['optimizer']}")
-print(f"{'strategy':<8} {'tokens/s':>12} {'per GPU':>12} {'MFU':>7} {'ms/step':>9} {'loss':>7}")
-for strategy, r in rows.items():
-    print(f"{strategy:<8} {r['tokens_per_s']:>12,.0f} {r['tokens_per_s_per_gpu']:>12,.0f} "
-          f"{r['mfu'] * 100:>6.1f}% {r['step_ms']:>9.1f} {r['final_loss']:>7.3f}")
-results.parent.mkdir(parents=True, exist_ok=True)
-results.write_text(json.dumps({
-    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    "torch": torch.__version__, "nproc": int(nproc), "batch_per_process": int(batch), "block": c["block_size"],
-    "compile": compile_ == "true", "device": c["device"], "dtype": c["dtype"], "optimizer": c["optimizer"],
-    "model": f"{c['n_layer']} x {c['n_head']} x {c['n_embd']}, vocab {vocab}",
-    "results": rows,
-}, indent=1))
-print(f"wrote {results}")
-EOF
+# 3. Summary from metrics.jsonl (a figure logged as null, such as MFU on a GPU without a
+#    datasheet peak, prints as n/a).
+"$PYTHON" benchmarks/scaleout_summary.py "$RUNS" "$SKIP" "$RESULTS" "$NPROC" "$BATCH" "$COMPILE" $STRATEGIES

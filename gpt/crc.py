@@ -69,9 +69,12 @@ def _range_crc32(path: Path, start: int, end: int) -> int:
     return crc
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: what taskset, cgroups' cpusets and
+    SLURM grant, not every core of the machine), at least 1. Here because data prep uses it too
+    (gpt/wordcache.py), and this module imports nothing heavy: no torch in data prep."""
     try:
-        return len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
 
@@ -81,7 +84,7 @@ def file_crc32(path: str | os.PathLike, threads: int | None = None) -> int:
     CPUs, at most 8, and no range under 64 MB)."""
     path = Path(path)
     size = path.stat().st_size
-    threads = threads or min(_usable_cpus(), MAX_THREADS)
+    threads = threads or min(usable_cpus(), MAX_THREADS)
     n = max(1, min(threads, size // MIN_RANGE))
     bounds = [size * i // n for i in range(n + 1)]
     if n == 1:

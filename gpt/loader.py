@@ -334,8 +334,9 @@ def _map_tokens(path: Path, n_tokens: int) -> np.ndarray:
     open-files limit ("Too many open files"). torch.from_file closes its descriptor once the file
     is mapped; the map alone keeps the pages readable, and a file renamed over (a new prep) keeps
     its old inode alive for this run. shared=False maps it privately: nothing is written back.
-    (Not in shards.open_shard, which data prep uses: prep never imports torch, and maps one shard
-    at a time.)
+    (Not in shards.open_shard: data prep imports gpt/shards.py and must not pull in torch, and
+    open_shard's callers, the vocabulary check before training and gpt/eval.py, map one shard
+    at a time and let it go, so its descriptor never piles up.)
     """
     # The header was read through another open (read_header): a new prep may have renamed
     # another shard over the path since, so the mapped file's own header is checked again.
@@ -357,7 +358,7 @@ def _find_shards(data_dir: Path, split: str) -> list[Path]:
         raise missing_dataset(data_dir, "dataset folder does not exist")
     paths = list_shards(data_dir, split)
     if not paths:
-        raise missing_dataset(data_dir, f"no {split} shards ({split}_*.bin) in this folder")
+        raise missing_dataset(data_dir, f"no {split} shards ({split}_*.bin) in this folder", split)
     return paths
 
 

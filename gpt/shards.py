@@ -128,7 +128,7 @@ def check_token_ids(paths: list[Path], vocab_size: int, chunk_tokens: int = 1 <<
                     f"{path}: token id {int(tokens[where])} at position {where:,} is outside the "
                     f"vocabulary (vocab_size {vocab_size:,} of the dataset's tokenizer): the shard "
                     f"was made with another tokenizer or is corrupt. Prepare the dataset again "
-                    f"(python data_prep/prepare.py ... --out {path.parent} --overwrite)"
+                    f"{prepare_again(path.parent)}"
                 )
 
 
@@ -155,10 +155,97 @@ def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
     return sorted(p for p in Path(data_dir).glob("*.bin") if is_shard_name(p.name, split))
 
 
-def missing_dataset(data_dir: Path, what: str) -> ShardError:
-    """The error for a dataset that is not there: what is missing, and the command that makes it."""
-    return ShardError(f"{data_dir}: {what}. Make one with: "
-                      f"python data_prep/prepare.py --input YOUR_TEXT --out {data_dir}")
+def missing_dataset(data_dir: Path, what: str, split: str | None = None) -> ShardError:
+    """The error for a dataset that is not there, or not all there: what is missing, and the
+    command that makes it.
+
+    An empty or absent folder gets the command for a new dataset. A folder holding part of one
+    (meta.json, tokenizer.json or shards: a half-copied dataset, or a file deleted) gets the
+    files meta.json lists that are gone, and the command that remakes it: prepare.py refuses such
+    a folder without --overwrite, and the same input and options give the same files again.
+    """
+    data_dir = Path(data_dir)
+    present = _dataset_files(data_dir)
+    if not present:
+        return ShardError(f"{data_dir}: {what}. Make one with: python data_prep/prepare.py --input YOUR_TEXT "
+                          f"--out {data_dir} (or --source stdlib in place of --input YOUR_TEXT: the "
+                          f"Python standard library's own source, no download)")
+    meta = _read_meta_quietly(data_dir)
+    listed = meta.get("shards", {}).get(split) if split and isinstance(meta.get("shards"), dict) else None
+    gone = [name for name in listed if not (data_dir / name).exists()] if isinstance(listed, list) else []
+    lost = (f", though its meta.json lists {_names(gone)}" if gone else "")
+    return ShardError(
+        f"{data_dir}: {what}{lost}: the dataset here is incomplete (half-copied, or a file deleted; "
+        f"{_names([p.name for p in present])} {'is' if len(present) == 1 else 'are'} here). Copy the "
+        f"missing files from where the dataset came from, or make it again {prepare_again(data_dir, meta)}"
+    )
+
+
+def prepare_again(data_dir: Path, meta: dict | None = None) -> str:
+    """How to remake the dataset in `data_dir` over what is there, to follow "make it again":
+    the prep command, with the corpus and tokenizer options that `meta` (its meta.json, read
+    here when not given) or else tokenizer.json records."""
+    meta = _read_meta_quietly(Path(data_dir)) if meta is None else meta
+    source = meta.get("source")
+    stdlib = isinstance(source, str) and source.startswith("stdlib:")
+    kind, vocab_size = meta.get("tokenizer"), meta.get("vocab_size")
+    if "tokenizer" not in meta:  # meta.json is what went missing: tokenizer.json says as much
+        kind, vocab_size = _tokenizer_file_kind(Path(data_dir) / "tokenizer.json")
+    options = ""
+    if kind == "char":
+        options = " --tokenizer char"
+    elif kind == "bpe" and isinstance(vocab_size, int):
+        options = f" --tokenizer bpe --vocab-size {vocab_size}"
+    came_from = (f" (meta.json says it was made from {source})" if isinstance(source, str) and not stdlib else "")
+    return (f"from the same input and options{came_from}, which give the same files: "
+            f"python data_prep/prepare.py {'--source stdlib' if stdlib else '--input YOUR_TEXT'}{options} "
+            f"--out {data_dir} --overwrite")
+
+
+def _dataset_files(data_dir: Path) -> list[Path]:
+    """The files of a dataset in `data_dir`: meta.json, tokenizer.json, shards (those present)."""
+    if not data_dir.is_dir():
+        return []
+    named = [data_dir / name for name in ("meta.json", "tokenizer.json") if (data_dir / name).exists()]
+    return named + [p for split in SPLITS for p in list_shards(data_dir, split)]
+
+
+def _tokenizer_file_kind(path: Path) -> tuple[str | None, int | None]:
+    """The kind ("char" for a WordLevel model, "bpe") and number of ids of a tokenizer.json,
+    read as plain JSON (this module does not load `tokenizers`); (None, None) if it cannot tell."""
+    try:
+        saved = json.loads(path.read_text())
+        model = saved["model"]
+        ids = {*model["vocab"].values(), *(t["id"] for t in saved.get("added_tokens") or [])}
+        kind = {"WordLevel": "char", "BPE": "bpe"}.get(model["type"])
+        return kind, (max(ids) + 1 if ids else None)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, None
+
+
+def _is_gpt2_tokenizer_file(path: Path) -> bool:
+    """Whether `path` is a tokenizer.json of GPT-2's vocabulary (BPE, 50257 ids, end-of-text
+    50256), read as plain JSON; False when absent or unreadable."""
+    kind, n_ids = _tokenizer_file_kind(path)
+    if kind != "bpe" or n_ids != GPT2_VOCAB_SIZE:
+        return False
+    saved = json.loads(path.read_text())
+    eos = {t.get("content"): t.get("id") for t in saved.get("added_tokens") or []}.get("<|endoftext|>")
+    return (saved["model"]["vocab"].get("<|endoftext|>") if eos is None else eos) == GPT2_EOS_ID
+
+
+def _read_meta_quietly(data_dir: Path) -> dict:
+    """meta.json as a dict, or {} when it is absent or unreadable (for advice, never for data)."""
+    try:
+        meta = json.loads((data_dir / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _names(names: list[str], show: int = 3) -> str:
+    more = f" and {len(names) - show} more" if len(names) > show else ""
+    return ", ".join(names[:show]) + more
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
@@ -172,6 +259,8 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ShardError(f"{meta_path}: cannot read dataset metadata ({e})") from e
+        if not isinstance(meta, dict):
+            raise ShardError(f"{meta_path}: must hold a JSON object, got {type(meta).__name__}")
         for key, kind in (("tokenizer", str), ("vocab_size", int)):
             if key not in meta:
                 raise ShardError(f"{meta_path}: missing key {key!r}")
@@ -182,11 +271,12 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
             raise ShardError(f"{meta_path}: vocab_size {meta['vocab_size']} is outside 1..65536 "
                              f"(the shards hold uint16 token ids)")
         return meta
-    if (data_dir / "tokenizer.json").exists():
+    gpt2_tokenizer = _is_gpt2_tokenizer_file(data_dir / "tokenizer.json")
+    if (data_dir / "tokenizer.json").exists() and not gpt2_tokenizer:
         # Only a prep of ours writes tokenizer.json, always with meta.json; bare llm.c shard
-        # folders have neither. Without meta.json its shards would be read as GPT-2 ids.
-        raise missing_dataset(data_dir, "tokenizer.json but no meta.json here (an incomplete or "
-                                        "damaged dataset; prepare it again with --overwrite)")
+        # folders have none, or GPT-2's own (which gpt/tokenizer.py asks for where the hub is out
+        # of reach). Without meta.json this one's shards would be read as GPT-2 ids.
+        raise missing_dataset(data_dir, "tokenizer.json but no meta.json here")
     if list_shards(data_dir, "train"):
         return {
             "tokenizer": "gpt2",
@@ -194,7 +284,7 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
             "eos_id": GPT2_EOS_ID,
             "source": f"llm.c-style shards in {data_dir}",
         }
-    raise missing_dataset(data_dir, "no dataset here (no meta.json and no train_*.bin shards)")
+    raise missing_dataset(data_dir, "no meta.json and no train shards (train_*.bin) here", "train")
 
 
 class ShardWriter:

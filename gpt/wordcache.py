@@ -53,6 +53,8 @@ import numpy as np
 import tokenizers
 from tokenizers import pre_tokenizers
 
+from gpt.crc import usable_cpus
+
 WHITESPACE = "\t\n\x0b\x0c\r "
 # The contractions share their apostrophe: the same matches (no contraction is a prefix of
 # another), and 1.5x the speed of seven separate alternatives in CPython's engine.
@@ -372,11 +374,6 @@ def _encode_in_worker(texts: list[str]) -> list[np.ndarray]:
     return [_worker_encoder.encode(t) for t in texts]
 
 
-def default_workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores)
-
-
 def encode_pieces(inner: tokenizers.Tokenizer, texts: Iterable[str], *, workers: int | None = None,
                   pool_after_chars: int | None = None) -> Iterator[np.ndarray]:
     """The ids of each text of `texts`, in order, as uint16 arrays (`inner` must pass
@@ -384,7 +381,7 @@ def encode_pieces(inner: tokenizers.Tokenizer, texts: Iterable[str], *, workers:
 
     The first `pool_after_chars` characters (default POOL_AFTER_CHARS) are encoded in this
     process (small corpora never pay for starting processes); the rest in `workers` processes
-    (default: one per core), in batches of WINDOW_PIECES texts with two batches in flight, so
+    (default: one per usable CPU), in batches of WINDOW_PIECES texts with two batches in flight, so
     only a few MB of text are held however long `texts` is.
     """
     tokenizer_json = inner.to_str()
@@ -402,7 +399,7 @@ def encode_pieces(inner: tokenizers.Tokenizer, texts: Iterable[str], *, workers:
     if first is None:
         return
     texts = chain([first], texts)
-    workers = workers or default_workers()
+    workers = workers or usable_cpus()
     pool, release_ctrl_c = _pool(workers, tokenizer_json)
     try:
         release_ctrl_c()  # a Ctrl-C held back during the forks is raised here, with `pool` bound
