@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import pickle
 import random
@@ -978,6 +979,11 @@ _STATE_KEYS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "elapsed_s": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
     "rng": ('an object of RNG states by rank, with rank "0"', lambda v: isinstance(v, dict) and "0" in v),
     "optimizer_param_groups": ("an array", lambda v: isinstance(v, list)),
+    "grad_scaler": ("null or an object with a number 'scale' > 0 and a whole number '_growth_tracker' >= 0",
+                    lambda v: v is None or (isinstance(v, dict) and _is_count(v.get("_growth_tracker"))
+                                            and isinstance(v.get("scale"), (int, float))
+                                            and not isinstance(v.get("scale"), bool)
+                                            and math.isfinite(v["scale"]) and v["scale"] > 0)),
     **{key: ("an object", lambda v: isinstance(v, dict))
        for key in ("model_config", "loader", "train_config", "dataset", "log_interval")},
 }
@@ -1226,8 +1232,10 @@ def read_optimizer_state(ckpt_dir: Path) -> dict[str, Any]:
     return state
 
 
-def check_model_config(ckpt_dir: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """A checkpoint of another model shape cannot be resumed: say which keys differ."""
+def check_model_config(ckpt_dir: Path, saved: dict[str, Any], current: dict[str, Any],
+                       init_from: bool = False) -> None:
+    """A checkpoint of another model shape cannot be resumed, nor its weights loaded into this
+    model (`init_from`): say which keys differ, and what to do in either case."""
     keys = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_weights")
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in keys
              if saved.get(k) != current.get(k)]
@@ -1239,6 +1247,17 @@ def check_model_config(ckpt_dir: Path, saved: dict[str, Any], current: dict[str,
             multiple = saved.get("vocab_multiple", 1)
             diffs.append(f"vocabulary tables: checkpoint {rows[0]} rows (vocab_multiple {multiple}) vs "
                          f"config {rows[1]}; resume it with --vocab_multiple={multiple}")
+    if diffs and init_from:
+        # A new run already: another out_dir would not help. Its weights load only as they are.
+        keys = ("block_size", "n_layer", "n_head", "n_embd", "bias", "tie_weights", "vocab_multiple")
+        settings = " ".join(f"--{k}={saved[k]}" for k in keys
+                            if k in saved and k in current and saved[k] != current[k])
+        raise CheckpointError(
+            f"init_from: {ckpt_dir} holds a different model ({'; '.join(diffs)}), and its weights load "
+            f"only into a model of the same shape. Fine-tune it with its model settings"
+            + (f" ({settings})" if settings else "") + ", or leave init_from empty to train this "
+            f"shape from scratch"
+        )
     if diffs:
         raise CheckpointError(
             f"{ckpt_dir} holds a different model ({'; '.join(diffs)}). Use the checkpoint's "

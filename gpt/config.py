@@ -44,7 +44,14 @@ class TrainConfig:
     prepare_tokenizer: str = _opt("bpe", "tokenizer to build when preparing data_dir", ("bpe", "char"))
     prepare_vocab_size: int = _opt(4096, "BPE vocabulary size when preparing data_dir")
     init_from: str = _opt("", "start from these weights to fine-tune: a run folder, a checkpoint folder, or hf:DIR (a Hugging Face GPT-2 folder, whose architecture the model then takes)")
-    resume: str = _opt("auto", "'auto' resumes from out_dir's latest checkpoint if there is one", ("auto", "never"))
+    resume: str = _opt(
+        "auto",
+        "'auto' resumes from out_dir's latest checkpoint if there is one (step, optimizer, data "
+        "position; changed settings are listed, those that cannot change are refused) and starts "
+        "fresh if there is none; 'never' always starts fresh, and refuses an out_dir that already "
+        "holds checkpoints",
+        ("auto", "never"),
+    )
 
     # --- hardware and precision ---
     device: str = _opt("auto", "device to train on", ("auto", "cpu", "cuda", "mps"))

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt import locks
 from gpt.shards import MAX_VOCAB, SPLITS, ShardWriter, list_shards
 from gpt.sources import ENCODING_ERRORS, Corpus, HFDataset, LocalFiles, Piece, resolve_source
 from gpt.tokenizer import (MIN_BPE_VOCAB, TOKENIZER_FILE, Tokenizer, char_tokenizer, check_vocab_size,
@@ -205,27 +206,21 @@ def prepare(
 
 
 def _lock_out_dir(out_dir: Path):
-    """An open file holding an exclusive lock on out_dir's prep, or PrepareError when another
-    prep holds it: two preps into one folder would delete each other's staging folder."""
-    f = open(out_dir / LOCK_FILE, "a")
+    """A lock (gpt/locks.py) held on out_dir's prep, or PrepareError when another prep holds it:
+    two preps into one folder would delete each other's staging folder."""
     try:
-        import fcntl  # POSIX only; elsewhere preps are not guarded against each other
-    except ImportError:
-        return f
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise PrepareError(f"--out {out_dir}: another data prep is writing this folder right now; "
+        lock = locks.acquire(out_dir / LOCK_FILE)
+    except locks.FolderBusy as e:
+        holder = f" ({e.holder})" if e.holder else ""
+        raise PrepareError(f"--out {out_dir}: another data prep is writing this folder right now{holder}; "
                            f"wait for it to finish (then use its dataset), or choose another --out") from None
-    return f
+    if lock.warning:
+        warnings.warn(lock.warning, stacklevel=3)
+    return lock
 
 
 def _unlock_out_dir(out_dir: Path, lock) -> None:
-    # Unlinked while still held, then released: a prep that opened the old file in between
-    # locks an unlinked file (a race of microseconds, between two preps started together).
-    (out_dir / LOCK_FILE).unlink(missing_ok=True)
-    lock.close()
+    lock.release()  # removes the lock file too (gpt/locks.py: safe against a prep that opened it)
 
 
 # ---- checks ---------------------------------------------------------------------------------

@@ -94,28 +94,59 @@ def ensure_dataset(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     return load_meta(data_dir)
 
 
-def prepare_out_dir(config: TrainConfig, out_dir: Path) -> None:
-    """Create out_dir and prove it writable, before any training time is spent; refuse to mix a
-    fresh run (resume = never) with checkpoints of an earlier one."""
+RUN_LOCK_FILE = ".run-lock"  # held (flock, gpt/locks.py) by the live run writing out_dir: its rank 0
+
+
+def prepare_out_dir(config: TrainConfig, out_dir: Path):
+    """Create out_dir, prove it writable and lock it for this run, before any training time is
+    spent; refuse to mix a fresh run (resume = never) with checkpoints of an earlier one.
+
+    Returns the lock (gpt/locks.py): hold it for the whole run; a second run into the same
+    out_dir is refused while it is held. It goes when released, garbage-collected, or when the
+    process dies (kill -9 included), so a restart, a requeue or a rerun is never refused. Called
+    by the process that writes the run's files (rank 0) only."""
+    import sys
+
+    from . import locks  # no torch there: data prep shares it
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out_dir {out_dir} is a file, not a folder: the run keeps its checkpoints and "
+                          f"metrics in a folder. Choose another --out_dir, or move that file away")
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise ConfigError(f"out_dir {out_dir} is a symbolic link to {os.readlink(out_dir)}, which does not "
+                          f"exist. Create that folder, or choose another --out_dir")
     probe = out_dir / f".write_test_{os.getpid()}"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
+        lock = locks.acquire(out_dir / RUN_LOCK_FILE, reentrant=True)
+    except locks.FolderBusy as e:
+        holder = f" ({e.holder})" if e.holder else ""
+        raise ConfigError(
+            f"out_dir {out_dir} is in use by another training run right now{holder}; two runs in one "
+            f"folder would mix their checkpoints and metrics. Wait for it to finish (run again then to "
+            f"resume), or use another --out_dir"
+        ) from None
     except OSError as e:
         raise ConfigError(
             f"out_dir {out_dir} is not writable ({e.strerror or e}): the run could save neither "
             f"checkpoints nor metrics. Choose another --out_dir, or fix that folder's permissions "
             f"or free space"
         ) from None
+    if lock.warning:
+        print(f"warning: {lock.warning} (out_dir is not guarded against a second run)", file=sys.stderr,
+              flush=True)
     existing = (out_dir / ckpt.LATEST_FILE).exists() or any((out_dir / ckpt.CHECKPOINTS_DIR).glob("step_*"))
     if config.resume == "never" and existing:
+        lock.release()
         raise ConfigError(
             f"resume = 'never' but out_dir {out_dir} already holds checkpoints of an earlier run; a "
             f"fresh run would mix its checkpoints with them. Use another --out_dir, resume = 'auto' "
             f"to continue that run, or delete {out_dir / ckpt.CHECKPOINTS_DIR} and "
             f"{out_dir / ckpt.LATEST_FILE} to start over"
         )
+    return lock
 
 
 def check_dataset(config: TrainConfig, meta: dict[str, Any], info: DistInfo) -> TokenLoader:
@@ -329,7 +360,7 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
         if not (out_dir / ckpt.LATEST_FILE).exists():
             log(info, f"note: {out_dir / ckpt.LATEST_FILE} is missing; resuming from the newest complete "
                       f"checkpoint, {resume_from.name} (to start over instead, use another --out_dir)")
-        note_changed_settings(saved.get("train_config") or {}, config, info)
+        note_changed_settings(saved.get("train_config") or {}, config, info, step=saved["step"])
     if info.is_main:
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     model = GPT(gpt_config)
@@ -340,7 +371,7 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
         source = ckpt.resolve_checkpoint(config.init_from)
         ckpt.verify_checkpoint(source)  # sizes and checksums, before anything of it is read
         saved = check_checkpoint_fits_data(source, config, meta, resuming=False)
-        ckpt.check_model_config(source, saved["model_config"], asdict(gpt_config))
+        ckpt.check_model_config(source, saved["model_config"], asdict(gpt_config), init_from=True)
         ckpt.load_model_weights(source, model)
         log(info, f"initialized weights from {source}")
     return config, model, resume_from
@@ -351,19 +382,37 @@ _QUIETLY_CHANGED = ("out_dir", "resume", "init_from")
 _SCHEDULE_KEYS = ("max_steps", "learning_rate", "min_lr", "warmup_steps", "lr_decay_steps", "muon_lr")
 
 
-def note_changed_settings(saved: dict[str, Any], config: TrainConfig, info: DistInfo) -> None:
+def note_changed_settings(saved: dict[str, Any], config: TrainConfig, info: DistInfo,
+                          step: int | None = None) -> None:
     """Say which settings differ from the checkpoint's: the resumed run trains with the new
     values (the ones that cannot change were refused before), so a run extended with a larger
-    max_steps, say, visibly gets a new learning-rate schedule from the step it resumes at."""
+    max_steps, say, visibly gets a new learning-rate schedule from the step it resumes at.
+
+    With `step` (the checkpoint's), a changed schedule is also said in numbers: the learning
+    rate the next step trains at, and the one the checkpoint's schedule gave it. Extending a
+    finished run re-stretches the cosine, so the rate jumps from min_lr back up; the note says
+    how to keep it at min_lr instead."""
     changes = [f"{key} {saved[key]!r} -> {value!r}" for key, value in config.to_dict().items()
                if key in saved and key not in _QUIETLY_CHANGED and saved[key] != value]
     if not changes:
         return
     schedule = [key for key in _SCHEDULE_KEYS if key in saved and saved[key] != getattr(config, key)]
+    detail = ""
+    if schedule and step is not None and step < config.max_steps:
+        before = replace(config, **{key: saved[key] for key in _SCHEDULE_KEYS if key in saved})
+        old, new = learning_rate_at(step, before), learning_rate_at(step, config)
+        if not math.isclose(old, new, rel_tol=1e-9):
+            detail = (f": step {step + 1} trains at lr {new:.2e}, where the checkpoint's schedule gave "
+                      f"{old:.2e}")
+            old_end = before.lr_decay_steps or before.max_steps
+            if new > old and step >= old_end > config.warmup_steps and (config.lr_decay_steps or 0) != old_end:
+                # The saved schedule had decayed to min_lr; ending the decay where it ended keeps it there.
+                detail += (f"; that schedule had reached min_lr at step {old_end}: to stay at min_lr, set "
+                           f"lr_decay_steps = {old_end}")
     log(info, f"note: resuming with settings changed since the checkpoint: {', '.join(changes)}; the run "
               f"goes on with the new values"
               + (f" (the learning-rate schedule, a function of the step, follows the new {', '.join(schedule)} "
-                 f"from here)" if schedule else ""))
+                 f"from here{detail})" if schedule else ""))
 
 
 def describe_run(config: TrainConfig, info: DistInfo, model: GPT, optimizer: torch.optim.Optimizer,
@@ -740,7 +789,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
         torch.backends.cudnn.allow_tf32 = True
     out_dir = Path(config.out_dir)
     if info.is_main:
-        prepare_out_dir(config, out_dir)
+        run_lock = prepare_out_dir(config, out_dir)  # noqa: F841 (held until _train returns)
         print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.to_dict().items()), flush=True)
 
     meta = ensure_dataset(config, info)
@@ -799,6 +848,13 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
                 else contextlib.nullcontext())
     # fp16 has too little range for raw gradients; the scaler keeps them representable.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if resume_from is not None and scaler.is_enabled() and state.get("grad_scaler"):
+        # The loss scale the run had reached, and its count of finite steps towards the next
+        # growth: a fresh scaler starts again at 65536 and skips (or under-scales) steps the
+        # uninterrupted run did not. A checkpoint saved in another dtype has none: a fresh one.
+        saved_scaler = state["grad_scaler"]
+        scaler.load_state_dict({**scaler.state_dict(), "scale": saved_scaler["scale"],
+                                "_growth_tracker": saved_scaler["_growth_tracker"]})
     # A fresh start (step 0) keeps no records either: they are of a run killed before its first
     # checkpoint, whose steps this one repeats.
     metrics = MetricsLog(out_dir, enabled=info.is_main, resume_step=step)
@@ -836,6 +892,8 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
             "train_config": config.to_dict(),
             "dataset": meta,
             "skipped_steps": guard.skipped,
+            # float16's loss scale (GradScaler's state: a few numbers); null in other dtypes
+            "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "log_interval": {"steps": interval_steps, "skipped": interval_skipped, "accum": accum,
                              "loss_sums": all_gather_floats(loss_sum, info)},
             "elapsed_s": elapsed_before + time.perf_counter() - run_start,
@@ -845,6 +903,11 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
     wrapped.train()
     train_loss = val_loss = None
     last_ckpt = None
+    if resume_from is not None:
+        # The run's latest eval and checkpoint until this one makes its own: a stop before the
+        # next eval saves that val loss again (not null), and a resume with nothing left to
+        # train reports the finished run's result.
+        val_loss, last_ckpt = state.get("val_loss"), resume_from
     interval_start, timed_from = time.perf_counter(), step  # tokens/s counts this process's steps
     run_start = time.perf_counter()
     pause_s = {"eval": 0.0, "save": 0.0}  # the latest eval's and save's seconds, for the ETA
