@@ -149,8 +149,15 @@ def prepare(
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = _lock_out_dir(out_dir)
+        # Again under the lock: a prep that held it until a moment ago may have published a
+        # dataset here since the check above (two train.py started on one new data_dir).
+        _check_out_dir(out_dir, overwrite)
         shutil.rmtree(staging, ignore_errors=True)  # left by a killed prep (never a live one: the lock)
         staging.mkdir()
+    except PrepareError:
+        if lock is not None:
+            _unlock_out_dir(out_dir, lock)
+        raise
     except OSError as e:  # bare, the error named only the staging folder, never --out
         if lock is not None:
             _unlock_out_dir(out_dir, lock)

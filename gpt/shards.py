@@ -165,7 +165,7 @@ def missing_dataset(data_dir: Path, what: str, split: str | None = None) -> Shar
     a folder without --overwrite, and the same input and options give the same files again.
     """
     data_dir = Path(data_dir)
-    present = _dataset_files(data_dir)
+    present = dataset_files(data_dir)
     if not present:
         return ShardError(f"{data_dir}: {what}. Make one with: python data_prep/prepare.py --input YOUR_TEXT "
                           f"--out {data_dir} (or --source stdlib in place of --input YOUR_TEXT: the "
@@ -202,7 +202,7 @@ def prepare_again(data_dir: Path, meta: dict | None = None) -> str:
             f"--out {data_dir} --overwrite")
 
 
-def _dataset_files(data_dir: Path) -> list[Path]:
+def dataset_files(data_dir: Path) -> list[Path]:
     """The files of a dataset in `data_dir`: meta.json, tokenizer.json, shards (those present)."""
     if not data_dir.is_dir():
         return []
@@ -248,9 +248,18 @@ def _names(names: list[str], show: int = 3) -> str:
     return ", ".join(names[:show]) + more
 
 
+def check_is_folder(data_dir: Path) -> None:
+    """A data_dir that is a file (the corpus itself, given by mistake) is said to be one."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ShardError(f"data_dir {data_dir} is a file, not a dataset folder (meta.json, tokenizer.json, "
+                         f"train_*.bin, val_*.bin): give the folder, or make one from this file with "
+                         f"python data_prep/prepare.py --input {data_dir} --out DIR")
+
+
 def load_meta(data_dir: str | os.PathLike) -> dict:
     """The dataset's meta.json; for bare llm.c / FineWeb shard folders, GPT-2's vocabulary."""
     data_dir = Path(data_dir)
+    check_is_folder(data_dir)
     if not data_dir.is_dir():
         raise missing_dataset(data_dir, "dataset folder does not exist")
     meta_path = data_dir / "meta.json"

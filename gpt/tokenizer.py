@@ -248,9 +248,10 @@ def load_tokenizer(data_dir_or_file: str | os.PathLike) -> Tokenizer:
     if not path.is_dir():
         raise ValueError(f"{path}: no such tokenizer file or dataset folder")
     try:
-        kind = load_meta(path).get("tokenizer")
+        meta = load_meta(path)
     except ShardError:
-        kind = None
+        meta = {}
+    kind = meta.get("tokenizer")
     file = path / TOKENIZER_FILE
     if file.exists():
         tokenizer = Tokenizer.from_file(file)
@@ -262,7 +263,10 @@ def load_tokenizer(data_dir_or_file: str | os.PathLike) -> Tokenizer:
             f"{file} is a {tokenizer.kind} tokenizer ({tokenizer.vocab_size:,} ids), but "
             f"{path / 'meta.json'} says the dataset's tokenizer is {kind!r}: the folder mixes files of "
             f"different preps (or an edited meta.json), and its shards may hold either one's ids. "
-            f"Copy the dataset whole from where it came from, or make it again {prepare_again(path)}"
+            f"Copy the dataset whole from where it came from, or make it again "
+            # With tokenizer.json's kind: meta.json's may be the wrong file (a char vocabulary of
+            # 39 ids as "bpe --vocab-size 39" would be refused by prep).
+            f"{prepare_again(path, {k: v for k, v in meta.items() if k not in ('tokenizer', 'vocab_size')})}"
         )
     if kind == "gpt2":
         return gpt2_tokenizer()

@@ -31,7 +31,8 @@ from .loader import TokenLoader, eval_batches
 from .metrics import MetricsLog, Sinks, WandbSink, format_duration, peak_flops, wandb_tags
 from .model import GPT, GPTConfig, closed_form_num_params
 from .optim import build_optimizer, describe_optimizer, learning_rate_at
-from .shards import ShardError, check_token_ids, list_shards, load_meta, read_header
+from .shards import (ShardError, check_is_folder, check_token_ids, dataset_files, list_shards, load_meta,
+                     prepare_again, read_header)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,26 +73,49 @@ def has_fast_bf16(device: torch.device) -> bool:
 
 
 def ensure_dataset(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
-    """Load the dataset's metadata, preparing the embedded default corpus if it is missing."""
-    data_dir = Path(config.data_dir)
-    has_data = (data_dir / "meta.json").exists() or any(data_dir.glob("*train_*.bin"))
-    if not has_data and config.prepare_source != "none":
-        if info.is_main:
-            from .prepare import prepare  # imported here: only this path needs the tokenizer trainer
+    """Load the dataset's metadata, preparing the embedded default corpus if it is missing.
 
-            # Said in full: a mistyped --data_dir also lands here, and would train on this corpus.
-            state = "holds no dataset" if data_dir.is_dir() else "does not exist"
-            print(f"{data_dir} {state}; preparing the '{config.prepare_source}' corpus there "
-                  f"({config.prepare_tokenizer}, vocab {config.prepare_vocab_size}; prepare_source = "
-                  f"'none' makes a missing dataset an error instead)", flush=True)
-            prepare(
-                out_dir=data_dir,
-                source=config.prepare_source,
-                tokenizer=config.prepare_tokenizer,
-                vocab_size=config.prepare_vocab_size,
-            )
+    Only into a folder holding no dataset file: a half-copied dataset gets load_meta's error,
+    which names what is missing, rather than a prep that would refuse it."""
+    data_dir = Path(config.data_dir)
+    check_is_folder(data_dir)
+    if not dataset_files(data_dir) and config.prepare_source != "none":
+        if info.is_main:
+            _prepare_default(config, data_dir)
         barrier(info)
     return load_meta(data_dir)
+
+
+def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
+    from . import locks
+    from .prepare import LOCK_FILE, PrepareError, prepare  # here: only this path needs the tokenizer trainer
+
+    # Said in full: a mistyped --data_dir also lands here, and would train on this corpus.
+    state = "holds no dataset" if data_dir.is_dir() else "does not exist"
+    print(f"{data_dir} {state}; preparing the '{config.prepare_source}' corpus there "
+          f"({config.prepare_tokenizer}, vocab {config.prepare_vocab_size}; prepare_source = "
+          f"'none' makes a missing dataset an error instead)", flush=True)
+    try:
+        prepare(out_dir=data_dir, source=config.prepare_source, tokenizer=config.prepare_tokenizer,
+                vocab_size=config.prepare_vocab_size)
+    except PrepareError:
+        # Another run started on the same new data_dir may be preparing it (prep locks the
+        # folder) or have just done so: wait for that prep to end and train on its dataset.
+        if not data_dir.is_dir():
+            raise
+        waited = False
+        while True:
+            try:
+                locks.acquire(data_dir / LOCK_FILE).release()
+                break
+            except locks.FolderBusy:
+                if not waited:
+                    print(f"another process is preparing {data_dir}; waiting for it to finish", flush=True)
+                    waited = True
+                time.sleep(1)
+        if not (data_dir / "meta.json").exists():
+            raise
+        print(f"{data_dir} was prepared by another process meanwhile; training on that dataset", flush=True)
 
 
 RUN_LOCK_FILE = ".run-lock"  # held (flock, gpt/locks.py) by the live run writing out_dir: its rank 0
@@ -168,8 +192,8 @@ def check_dataset(config: TrainConfig, meta: dict[str, Any], info: DistInfo) -> 
             what = "cannot be loaded" if vocab is None else f"holds {len(vocab):,} ids"
             raise ShardError(
                 f"{tokenizer_file} {what}, but {data_dir / 'meta.json'} says vocab_size "
-                f"{meta['vocab_size']:,}: the folder mixes files of different preps. Prepare it "
-                f"again: python data_prep/prepare.py --input YOUR_TEXT --out {data_dir} --overwrite"
+                f"{meta['vocab_size']:,}: the folder mixes files of different preps. Copy the dataset "
+                f"whole from where it came from, or make it again {prepare_again(data_dir, meta)}"
             )
     paths = list_shards(data_dir, "train") + list_shards(data_dir, "val")
     # Each rank scans its share; a rank that finds a bad id fails, and torchrun stops the others.

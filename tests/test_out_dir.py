@@ -262,15 +262,13 @@ def test_data_dir_that_is_a_file_is_one_line(char_data, tmp_path, capsys):
     assert (tmp_path / "data.txt").read_text() == "not a dataset"
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed yet (gpt/trainer.py ensure_dataset, gpt/shards.py load_meta): "
-                                       "a data_dir that is a file is said not to exist, or to be prep's --out")
 @pytest.mark.parametrize("prepare_source", ["none", "stdlib"])
 def test_data_dir_that_is_a_file_is_called_a_file(tmp_path, capsys, prepare_source):
     (tmp_path / "data.txt").write_text("not a dataset")
     r = run_cli(capsys, "train.py", f"--data_dir={tmp_path / 'data.txt'}", f"--out_dir={tmp_path / 'run'}",
                 f"--prepare_source={prepare_source}", "--device=cpu")
     assert r.returncode == 2 and f"data_dir {tmp_path / 'data.txt'} is a file" in r.stderr, r.stderr
-    assert "does not exist" not in r.stdout + r.stderr and "--out " not in r.stderr
+    assert "does not exist" not in r.stdout + r.stderr and "is not a folder" not in r.stderr
 
 
 def test_spaces_non_ascii_symlinks_and_a_moved_run(char_data, tmp_path, capsys):
@@ -319,3 +317,57 @@ def test_relative_out_dir_is_taken_from_the_working_directory(char_data, tmp_pat
     s = subprocess.run([sys.executable, str(REPO / "sample.py"), "--out_dir=runs/rel", "--max_new_tokens=5",
                         "--device=cpu"], cwd=work, capture_output=True, text=True, timeout=300, env=ENV)
     assert s.returncode == 0, s.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------
+# A new data_dir prepared by the default corpus
+
+
+def test_a_run_waits_for_another_prep_of_its_new_data_dir_and_trains_on_that_dataset(char_data, tmp_path):
+    """Two runs started at once on one new data_dir: the second finds the first's prep holding
+    the folder, waits for it and trains on what it published (it failed before, naming prep's
+    --out). The other prep is played by a process holding the lock and a copy into the folder."""
+    data = tmp_path / "data"
+    data.mkdir()
+    log = tmp_path / "run.log"
+    args = [arg for arg in tiny_args(data, tmp_path / "run", max_steps=5, eval_interval=5)
+            if not arg.startswith("--prepare_source")]  # the default: prepare the stdlib corpus
+    with held_by_another_process(data / ".prepare-lock"):
+        proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=open(log, "w"),
+                                stderr=subprocess.STDOUT, env=ENV)
+        wait_until(lambda: "waiting for it to finish" in log.read_text(), proc, log)
+        for file in char_data.iterdir():  # what the other prep publishes before it lets go
+            shutil.copy(file, data / file.name)
+    assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
+    output = log.read_text()
+    assert "was prepared by another process meanwhile; training on that dataset" in output
+    assert sorted(p.name for p in data.iterdir()) == sorted(p.name for p in char_data.iterdir())
+
+
+def test_a_half_copied_data_dir_is_named_not_prepared_over(char_data, tmp_path, capsys):
+    """A data_dir holding part of a dataset is not one to prepare the default corpus into (prep
+    refuses it, asking for an --overwrite train.py does not have): the error names what is missing."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for file in char_data.glob("val_*.bin"):
+        shutil.copy(file, data / file.name)
+    args = [arg for arg in tiny_args(data, tmp_path / "run") if not arg.startswith("--prepare_source")]
+    r = run_cli(capsys, "train.py", *args)
+    assert r.returncode == 2 and "the dataset here is incomplete" in r.stderr, r.stderr
+    assert "preparing" not in r.stdout and sorted(p.name for p in data.iterdir()) == sorted(
+        p.name for p in char_data.glob("val_*.bin"))
+
+
+def test_a_missing_data_dir_gets_the_default_corpus_prepared_once(tmp_path, capsys):
+    """train.py alone on a new data_dir prepares the embedded corpus there (char vocabulary
+    here, for speed: ~5 s), says so, trains on it; the next run uses it as it is."""
+    data, run = tmp_path / "new data", tmp_path / "run"
+    args = [f"--data_dir={data}", f"--out_dir={run}", "--prepare_tokenizer=char", "--prepare_vocab_size=65536",
+            "--max_steps=1", "--eval_interval=1", "--eval_iters=1", "--batch_size=2", "--device=cpu"]
+    r = run_cli(capsys, "train.py", *args)
+    assert r.returncode == 0, r.stderr
+    assert f"{data} does not exist; preparing the 'stdlib' corpus there (char" in r.stdout
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["tokenizer"] == "char" and meta["source"].startswith("stdlib:")
+    r = run_cli(capsys, "train.py", *args[:1], f"--out_dir={tmp_path / 'again'}", *args[2:])
+    assert r.returncode == 0 and "preparing" not in r.stdout, r.stderr
