@@ -51,7 +51,13 @@ def say_error(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def report_errors(main: Callable[[], int | None]) -> int:
+# What a Ctrl-C that reaches report_errors means for training (the trainer handles the first
+# one itself: it saves and exits); the other tools say what it means for them.
+TRAIN_INTERRUPTED = ("interrupted: stopped at once, without saving; checkpoints already written are "
+                     "intact (run again to resume from the last one)")
+
+
+def report_errors(main: Callable[[], int | None], interrupted: str = TRAIN_INTERRUPTED) -> int:
     try:
         return main() or 0
     except USER_ERRORS as e:
@@ -61,8 +67,7 @@ def report_errors(main: Callable[[], int | None]) -> int:
         say_error(f"error: {e}")
         return 1
     except KeyboardInterrupt:
-        print("interrupted: stopped at once, without saving; checkpoints already written are "
-              "intact (run again to resume from the last one)", file=sys.stderr, flush=True)
+        print(interrupted, file=sys.stderr, flush=True)
         return 130
 
 
@@ -105,7 +110,7 @@ def _sample_parser():
     source.add_argument("--init_from", "--init-from", dest="init_from",
                         help="hf:DIR, a local Hugging Face GPT-2 folder with its tokenizer.json")
     add("prompt", default="", help="text to continue (default: empty, an unconditional sample)")
-    add("prompt_file", default=None, help="read the prompt from this file instead")
+    add("prompt_file", default=None, help="read the prompt from this file instead ('-': standard input)")
     add("max_new_tokens", type=int, default=500, help="tokens to generate per sample (default: 500)")
     add("temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default: 0.8)")
     add("top_k", type=int, default=200, help="sample from the k likeliest tokens; 0 is off (default: 200)")
@@ -119,12 +124,29 @@ def _sample_parser():
     return parser
 
 
-def run_sample(argv: Sequence[str]) -> int:
-    def main() -> None:
-        args = _sample_parser().parse_args(argv)
-        sample(args)
+# Exit status when whatever reads stdout stops reading (`sample.py ... | head`): 128 + SIGPIPE,
+# what a shell tool killed by SIGPIPE reports.
+BROKEN_PIPE_EXIT = 141
 
-    return report_errors(main)
+
+def run_sample(argv: Sequence[str]) -> int:
+    def main() -> int | None:
+        args = _sample_parser().parse_args(argv)
+        try:
+            sample(args)
+        except BrokenPipeError:
+            # The reader has gone: stop without a traceback, and point stdout at /dev/null so
+            # that the interpreter's own flush at exit does not fail on the same pipe again.
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):  # stdout is not a real file (captured, in a test)
+                pass
+            return BROKEN_PIPE_EXIT
+        return None
+
+    return report_errors(main, interrupted="interrupted: stopped generating")
 
 
 def read_prompt(args) -> str:
@@ -133,6 +155,8 @@ def read_prompt(args) -> str:
     if args.prompt:
         raise ConfigError("give --prompt or --prompt_file, not both")
     try:
+        if args.prompt_file == "-":  # standard input, as most tools read it
+            return sys.stdin.buffer.read().decode("utf-8")
         return Path(args.prompt_file).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"--prompt_file {args.prompt_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
@@ -170,17 +194,28 @@ def sample(args) -> None:
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.init_from:
+        if args.init_from.startswith(hf.HF_PREFIX):
+            named = Path(args.init_from[len(hf.HF_PREFIX):]).expanduser()
+            kind = hf.project_folder_kind(named)
+            if kind:
+                raise ConfigError(f"--init_from {args.init_from}: {named} is {kind}, not a Hugging Face "
+                                  f"folder; sample it with --out_dir {named}")
         hf_dir = hf.parse_init_from(args.init_from)
         if hf_dir is None:
             raise ConfigError(f"--init_from must be {hf.HF_PREFIX}DIR (a Hugging Face GPT-2 folder), "
                               f"got {args.init_from!r}; for a run use --out_dir or --ckpt")
+        hf.read_hf_config(hf_dir)  # not a Hugging Face folder at all: say that, not "no tokenizer.json"
         tokenizer_file = hf_dir / ckpt.TOKENIZER_FILE
         if not tokenizer_file.exists():
             raise HFError(f"{hf_dir} has no {ckpt.TOKENIZER_FILE}; sampling needs the model's tokenizer")
         tokenizer = Tokenizer.from_file(tokenizer_file)
         model = hf.load_hf_model(hf_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
     else:
-        path = ckpt.resolve_checkpoint(args.out_dir or args.ckpt)
+        given = args.out_dir or args.ckpt
+        hint = hf.hf_folder_hint(given)
+        if hint:
+            raise ConfigError(f"{hint}: sample it with --init_from {hf.HF_PREFIX}{given}")
+        path = ckpt.resolve_checkpoint(given)
         ckpt.verify_checkpoint(path)
         state = ckpt.read_state(path)
         tokenizer_file = path / ckpt.TOKENIZER_FILE
@@ -221,28 +256,36 @@ def sample(args) -> None:
     rows = args.num_samples
     idx = torch.tensor([ids] * rows, dtype=torch.long, device=device)
     continuations: list[list[int]] = [[] for _ in range(rows)]
-    printed = ""
+    streamed = 0  # tokens of the first sample whose text is printed
     print(prompt, end="", flush=True)
     start = time.perf_counter()
-    with autocast:
-        for token in generate(
-            model, idx, args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
-            eos_id=tokenizer.eos_id, generator=generator, use_cache=not args.no_kv_cache,
-        ):
-            new = token[:, 0].tolist()
-            for continuation, tok in zip(continuations, new):
-                if tok != tokenizer.eos_id:  # a row that has ended emits eos_id from then on
-                    continuation.append(tok)
-            if new[0] != tokenizer.eos_id:
-                # Decode the whole continuation each time: a byte-level token can be half a
-                # character, which only becomes printable once its other half arrives.
-                text = tokenizer.decode(continuations[0])
-                if not text.endswith("\ufffd"):
-                    print(text[len(printed):], end="", flush=True)
-                    printed = text
+    try:
+        with autocast:
+            for token in generate(
+                model, idx, args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
+                eos_id=tokenizer.eos_id, generator=generator, use_cache=not args.no_kv_cache,
+            ):
+                new = token[:, 0].tolist()
+                for continuation, tok in zip(continuations, new):
+                    if tok != tokenizer.eos_id:  # a row that has ended emits eos_id from then on
+                        continuation.append(tok)
+                if new[0] != tokenizer.eos_id:
+                    # Decode the tokens not yet printed: a byte-level token can be half a
+                    # character, which only becomes printable once its other half arrives. (Not
+                    # the whole continuation each time: that made a long sample quadratic.)
+                    text = tokenizer.decode(continuations[0][streamed:])
+                    if not text.endswith("\ufffd"):
+                        print(text, end="", flush=True)
+                        streamed = len(continuations[0])
+    except KeyboardInterrupt:
+        # End the half-printed line, so that the "interrupted" message (stderr) and the shell's
+        # prompt start on a line of their own.
+        with contextlib.suppress(OSError):
+            print(flush=True)
+        raise
     seconds = time.perf_counter() - start
-    print(tokenizer.decode(continuations[0])[len(printed):], flush=True)
+    print(tokenizer.decode(continuations[0][streamed:]), flush=True)
     for continuation in continuations[1:]:
         print("-" * 40, flush=True)
         print(prompt + tokenizer.decode(continuation), flush=True)

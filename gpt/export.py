@@ -32,7 +32,7 @@ import tokenizers
 import torch
 
 from . import checkpoint as ckpt
-from .hf import HF_PREFIX, HFError, check_gpt2_shape, hf_config_dict, to_hf_state_dict
+from .hf import HF_PREFIX, HFError, check_gpt2_shape, hf_config_dict, hf_folder_hint, to_hf_state_dict
 from .model import GPT, GPTConfig
 from .prepare import training_output
 from .sources import holds_token_shards
@@ -56,6 +56,9 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool
     if str(run).startswith(HF_PREFIX) and not Path(run).exists():
         raise HFError(f"{run}: export reads a run or checkpoint of this project and writes a Hugging "
                       f"Face folder; 'hf:DIR' is how init_from names a Hugging Face folder to start from")
+    hint = hf_folder_hint(run)
+    if hint:
+        raise HFError(f"{hint}: it is in Hugging Face's format already, nothing to export")
     source = ckpt.resolve_checkpoint(run)
     ckpt.verify_checkpoint(source)
     state = ckpt.read_state(source)
@@ -164,7 +167,16 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out: Path, max_length: int, transfor
 
 def check_export(folder: Path, model: GPT, tokenizer: Tokenizer | None, transformers) -> str:
     """Load `folder` with transformers; raise unless logits and token ids equal ours."""
-    hf_model = transformers.GPT2LMHeadModel.from_pretrained(folder, local_files_only=True).eval()
+    # Quietly: transformers' progress bar for loading the weights is noise in an export's output.
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        hf_model = transformers.GPT2LMHeadModel.from_pretrained(folder, local_files_only=True).eval()
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     generator = torch.Generator().manual_seed(0)
     T = min(model.config.block_size, 64)
     x = torch.randint(0, model.config.vocab_size, (2, T), generator=generator)
@@ -181,7 +193,10 @@ def check_export(folder: Path, model: GPT, tokenizer: Tokenizer | None, transfor
         ids = [i for i in torch.randint(0, tokenizer.vocab_size, (T,), generator=generator).tolist()
                if i not in specials]
         text = tokenizer.decode(ids)
-        if hf_tok(text)["input_ids"] != tokenizer.encode(text):
+        # verbose=False: re-encoding T random ids can give more than the model's context in
+        # tokens, which transformers would warn "will result in indexing errors" about; these
+        # ids are only compared, never run through a model.
+        if hf_tok(text, verbose=False)["input_ids"] != tokenizer.encode(text):
             raise HFError(f"check failed: the exported tokenizer encodes {text[:40]!r}... differently from ours")
         if hf_tok.decode(ids) != text:
             raise HFError("check failed: the exported tokenizer decodes differently from ours")
@@ -212,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         export_hf(args.run, args.out, overwrite=args.overwrite, check=args.check)
 
-    return report_errors(run)
+    return report_errors(run, interrupted="interrupted: stopped exporting; the unfinished folder was removed")
 
 
 if __name__ == "__main__":

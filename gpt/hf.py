@@ -185,7 +185,36 @@ def parse_init_from(init_from: str) -> Path | None:
     if not path.is_dir():
         raise HFError(f"init_from = {init_from!r}: {path} is not a folder (expected a local "
                       f"Hugging Face GPT-2 folder with {CONFIG_FILE} and {WEIGHTS_FILE})")
+    kind = project_folder_kind(path)
+    if kind:
+        # Its config.json is a training config, which would be misread as a GPT-2 config.
+        raise HFError(f"init_from = {init_from!r}: {path} is {kind}, not a Hugging Face GPT-2 "
+                      f"folder: name it without '{HF_PREFIX}'")
     return path
+
+
+def project_folder_kind(path: str | os.PathLike) -> str | None:
+    """'a run folder of this project' or 'a checkpoint folder of this project' when `path` is
+    one (by its `latest` or manifest.json), else None."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return "a checkpoint folder of this project"
+    if (path / "latest").is_file():
+        return "a run folder of this project"
+    return None
+
+
+def hf_folder_hint(path: str | os.PathLike) -> str | None:
+    """When `path`, given where a run or checkpoint of this project is expected, is a Hugging
+    Face model folder instead (config.json and weights, no manifest.json or latest), what it is
+    in words; else None. Without this the user reads only that it "holds no checkpoint"."""
+    path = Path(path)
+    if not path.is_dir() or (path / "manifest.json").exists() or (path / "latest").exists():
+        return None
+    if (path / CONFIG_FILE).is_file() and any(
+            (path / name).is_file() for name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE, TORCH_WEIGHTS_FILE)):
+        return f"{path} is a Hugging Face model folder, not a run or checkpoint of this project"
+    return None
 
 
 def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:

@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = plot_runs(args.runs, args.out or default_output(args.runs), args.title)
         print(f"wrote {out}")
 
-    return report_errors(run)
+    return report_errors(run, interrupted="interrupted: stopped plotting")
 
 
 if __name__ == "__main__":
