@@ -823,8 +823,9 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """Accept a run folder (uses `latest`) or a checkpoint folder."""
-    path = Path(path)
+    """Accept a run folder (uses `latest`) or a checkpoint folder ('~' is home: no shell expands
+    it in `--out_dir=~/run`)."""
+    path = Path(path).expanduser()
     if (path / MANIFEST_FILE).exists():
         return path
     if path.is_dir():

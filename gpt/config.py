@@ -11,8 +11,9 @@ import argparse
 import dataclasses
 import difflib
 import math
+import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -420,4 +421,12 @@ def parse_args(argv: Sequence[str] | None = None, default_config: str | None = N
         config = apply_overrides(config, load_toml(args.config), str(args.config), typed=True)
     cli = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     config = apply_overrides(config, cli, "command line")
-    return config.validate()
+    return expand_home(config).validate()
+
+
+def expand_home(config: TrainConfig) -> TrainConfig:
+    """'~' in the folders, as a shell would have expanded it: it does not in `--out_dir=~/x`
+    (after '=') nor in a TOML file, where it made a folder named '~' in the working directory."""
+    prefix = "hf:" if config.init_from.startswith("hf:") else ""  # gpt/hf.py HF_PREFIX (no torch here)
+    return replace(config, out_dir=os.path.expanduser(config.out_dir), data_dir=os.path.expanduser(config.data_dir),
+                   init_from=prefix + os.path.expanduser(config.init_from[len(prefix):]))

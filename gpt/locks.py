@@ -18,8 +18,6 @@ What makes this safe to rely on:
   two holders never lock two different files under one name.
 - A filesystem without flock (some NFS or Lustre mounts: ENOLCK, EOPNOTSUPP, ENOSYS) does not stop
   the work: the lock comes back unheld, with `warning` saying that the folder is not guarded.
-- A process asking again for a lock it already holds (an earlier in-process run whose frame a
-  traceback keeps alive, as `pytest.raises` does) gets that same lock back when `reentrant`.
 
 No torch here: data prep uses this without it.
 """
@@ -38,8 +36,9 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
-# The locks this process holds, by their file's (device, inode): for `reentrant` and for closing
-# inherited copies in forked children. Weak: a lock nobody references is released and leaves.
+# The locks this process holds, by their file's (device, inode), to close inherited copies in
+# forked children. Weak: a lock nobody references is released and leaves. (A second acquire in
+# the same process is refused by flock itself: it locks open files, not processes.)
 _held: "weakref.WeakValueDictionary[tuple[int, int], FolderLock]" = weakref.WeakValueDictionary()
 
 
@@ -94,7 +93,7 @@ class FolderLock:
             self._fd = None
 
 
-def acquire(path: str | os.PathLike, *, reentrant: bool = False) -> FolderLock:
+def acquire(path: str | os.PathLike) -> FolderLock:
     """Lock `path` (created if missing) exclusively without waiting; FolderBusy if another holds it.
 
     OSError when the file cannot be opened (a missing or unwritable folder). Where the
@@ -106,12 +105,6 @@ def acquire(path: str | os.PathLike, *, reentrant: bool = False) -> FolderLock:
         try:
             stat = os.fstat(fd)
             key = (stat.st_dev, stat.st_ino)
-            mine = _held.get(key)
-            if mine is not None and mine.held and mine._owner == os.getpid():
-                if not reentrant:
-                    raise FolderBusy(path, _read_holder(fd))
-                os.close(fd)
-                return mine
             if fcntl is None:  # pragma: no cover
                 os.close(fd)
                 return FolderLock(path, None, f"cannot lock {path} on this platform (no fcntl)")

@@ -126,9 +126,9 @@ def prepare_out_dir(config: TrainConfig, out_dir: Path):
     spent; refuse to mix a fresh run (resume = never) with checkpoints of an earlier one.
 
     Returns the lock (gpt/locks.py): hold it for the whole run; a second run into the same
-    out_dir is refused while it is held. It goes when released, garbage-collected, or when the
-    process dies (kill -9 included), so a restart, a requeue or a rerun is never refused. Called
-    by the process that writes the run's files (rank 0) only."""
+    out_dir is refused while it is held. It goes when released, or when the process dies (kill -9
+    included), so a restart, a requeue or a rerun is never refused. Called by the process that
+    writes the run's files (rank 0) only."""
     import sys
 
     from . import locks  # no torch there: data prep shares it
@@ -144,7 +144,7 @@ def prepare_out_dir(config: TrainConfig, out_dir: Path):
         out_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
-        lock = locks.acquire(out_dir / RUN_LOCK_FILE, reentrant=True)
+        lock = locks.acquire(out_dir / RUN_LOCK_FILE)
     except locks.FolderBusy as e:
         holder = f" ({e.holder})" if e.holder else ""
         raise ConfigError(
@@ -790,10 +790,13 @@ def train(config: TrainConfig) -> TrainResult:
     stop.install()  # first: a signal during set-up must not kill the run (see StopFlag)
     try:
         info = init_distributed(config.device)
-        try:
-            return _train(config, info, stop)
-        finally:
-            shutdown()
+        # What the run holds until it ends, however it ends (out_dir's lock): released here, not
+        # when a traceback that keeps _train's frame alive is finally dropped.
+        with contextlib.ExitStack() as held:
+            try:
+                return _train(config, info, stop, held)
+            finally:
+                shutdown()
     except (RuntimeError, MemoryError) as e:
         if is_out_of_memory(e):
             raise TrainingError(out_of_memory_message(config, e)) from e
@@ -802,7 +805,7 @@ def train(config: TrainConfig) -> TrainResult:
         stop.restore()
 
 
-def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
+def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib.ExitStack) -> TrainResult:
     device = info.device
     dtype = resolve_dtype(config.dtype, device)
     parallel.resolve_strategy(config, info)  # a strategy that cannot run here fails before any work
@@ -813,7 +816,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag) -> TrainResult:
         torch.backends.cudnn.allow_tf32 = True
     out_dir = Path(config.out_dir)
     if info.is_main:
-        run_lock = prepare_out_dir(config, out_dir)  # noqa: F841 (held until _train returns)
+        held.enter_context(prepare_out_dir(config, out_dir))
         print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.to_dict().items()), flush=True)
 
     meta = ensure_dataset(config, info)

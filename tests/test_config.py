@@ -72,3 +72,16 @@ def test_a_tri_state_key_takes_the_bool_spellings_on_the_command_line():
     assert [parse_args([f"--compile={v}"]).compile for v in ("True", "1", "no", "auto")] == ["true", "true", "false", "auto"]
     with pytest.raises(ConfigError, match="compile"):
         parse_args(["--compile=maybe"])
+
+
+def test_home_in_folders_is_expanded_as_a_shell_would(tmp_path, monkeypatch):
+    """`--out_dir=~/x` reaches us unexpanded (no shell expands '~' after '='), as does a TOML
+    value: it made a folder literally named '~' in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    toml = tmp_path / "run.toml"
+    toml.write_text('data_dir = "~/data"\n')
+    config = parse_args(["--config", str(toml), "--out_dir=~/runs/a", "--init_from=hf:~/gpt2"])
+    assert (config.out_dir, config.data_dir, config.init_from) == (
+        str(tmp_path / "runs" / "a"), str(tmp_path / "data"), f"hf:{tmp_path / 'gpt2'}")
+    assert parse_args(["--init_from=~/run"]).init_from == str(tmp_path / "run")
+    assert parse_args(["--out_dir=out/~x"]).out_dir == "out/~x"  # only a leading ~ is home

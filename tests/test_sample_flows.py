@@ -148,3 +148,11 @@ def test_streaming_decodes_each_token_about_once(run, monkeypatch, capsys):
     first, second = capsys.readouterr().out.split("-" * 40 + "\n")
     assert first == second and len(first) == 1 + n + 1  # streamed text = the whole decode
     assert sum(decoded) <= 3 * n
+
+
+def test_sample_out_dir_with_home_is_expanded(tmp_path, monkeypatch):
+    from gpt import checkpoint as ckpt
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ckpt.CheckpointError, match=f"checkpoint path {tmp_path / 'nowhere'} does not exist"):
+        ckpt.resolve_checkpoint("~/nowhere")
