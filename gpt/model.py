@@ -318,6 +318,16 @@ class GPT(nn.Module):
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
 
+    def crop_block_size(self, block_size: int) -> None:
+        """Shorten the context to `block_size`, keeping the first rows of the position table:
+        fine-tuning a trained model at a shorter context (as nanoGPT does), where the positions
+        past it would never be seen. Nothing else depends on the context length."""
+        if not 0 < block_size <= self.config.block_size:
+            raise ValueError(f"block_size {block_size} must be in 1..{self.config.block_size} to crop to")
+        self.pos_emb.weight = nn.Parameter(self.pos_emb.weight.detach()[:block_size].clone())
+        self.pos_emb.num_embeddings = block_size
+        self.config.block_size = block_size
+
     def forward(
         self,
         idx: torch.Tensor,

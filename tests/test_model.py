@@ -260,3 +260,19 @@ def test_linear_few_rows_path_reports_a_wrong_input_width_like_nn_linear():
             layer(x)
         with torch.no_grad(), pytest.raises(RuntimeError, match="cannot be multiplied|size mismatch"):
             layer(x)
+
+
+def test_cropping_the_context_keeps_the_function_on_shorter_inputs():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)).eval()
+    x = torch.randint(0, 50, (2, 8))
+    before = model(x)[0]
+    first_rows = model.pos_emb.weight[:8].detach().clone()
+    model.crop_block_size(8)
+    assert model.config.block_size == 8 and model.pos_emb.weight.shape == (8, 16)
+    assert torch.equal(model.pos_emb.weight, first_rows)
+    assert torch.equal(model(x)[0], before)
+    with pytest.raises(ValueError, match="exceeds the model's block_size 8"):
+        model(torch.randint(0, 50, (1, 9)))
+    with pytest.raises(ValueError, match="must be in 1..8"):
+        model.crop_block_size(9)

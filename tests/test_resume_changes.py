@@ -108,11 +108,11 @@ def test_init_from_a_model_of_another_shape_says_to_use_its_settings(char_data, 
     base = tmp_path / "base"
     train(tiny_config(char_data, base, max_steps=5, eval_interval=5))
     with pytest.raises(ckpt.CheckpointError) as refused:
-        train(tiny_config(char_data, tmp_path / "tuned", init_from=str(base), n_embd=32, block_size=32))
+        train(tiny_config(char_data, tmp_path / "tuned", init_from=str(base), n_embd=32, n_head=4))
     message = str(refused.value)
     assert message.startswith(f"init_from: {ckpt.latest_checkpoint(base)} holds a different model "
-                              f"(block_size: checkpoint 64 vs config 32; n_embd: checkpoint 64 vs config 32)")
-    assert "Fine-tune it with its model settings (--block_size=64 --n_embd=64)" in message
+                              f"(n_head: checkpoint 2 vs config 4; n_embd: checkpoint 64 vs config 32)"), message
+    assert "Fine-tune it with its model settings (--n_head=2 --n_embd=64)" in message
     assert "--out_dir" not in message
     assert not (tmp_path / "tuned" / "checkpoints").exists()
 
@@ -121,3 +121,18 @@ def test_resume_help_says_what_each_choice_does():
     help_text = " ".join(build_parser().format_help().split())  # argparse wraps lines
     assert "starts fresh if there is none" in help_text
     assert "'never' always starts fresh, and refuses an out_dir that already holds checkpoints" in help_text
+
+
+def test_init_from_at_a_shorter_context_crops_the_position_table(char_data, tmp_path, capsys):
+    """Fine-tuning at a smaller block_size (as nanoGPT's crop_block_size): the first rows of the
+    trained position table; the fine-tune then saves and resumes at its own context."""
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    train(tiny_config(char_data, base, max_steps=5, eval_interval=5))
+    capsys.readouterr()
+    train(tiny_config(char_data, tuned, init_from=str(base), block_size=32, max_steps=4, eval_interval=2))
+    assert "cropped the position embeddings from block_size 64 to 32" in capsys.readouterr().out
+    state = ckpt.read_state(ckpt.latest_checkpoint(tuned))
+    assert state["model_config"]["block_size"] == 32
+    assert ckpt.read_model_state(ckpt.latest_checkpoint(tuned))["pos_emb.weight"].shape[0] == 32
+    result = train(tiny_config(char_data, tuned, init_from=str(base), block_size=32, max_steps=6, eval_interval=2))
+    assert result.step == 6 and "resumed from" in capsys.readouterr().out
