@@ -8,9 +8,16 @@ first use, no download) and a model small enough for a laptop CPU. The same scri
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from gpt.cli import run_train  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_train(sys.argv[1:], default_config=Path(__file__).resolve().parent / "configs" / "default.toml"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpt.early_signals import EarlyStopSignals  # no torch: in place before torch imports
+
+    early = EarlyStopSignals().install()
+    try:
+        from gpt.cli import run_train
+
+        code = run_train(sys.argv[1:], default_config=Path(__file__).resolve().parent / "configs" / "default.toml")
+    finally:
+        early.restore()
+    sys.exit(code)

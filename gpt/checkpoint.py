@@ -832,7 +832,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         found = latest_checkpoint(path)
         if found is not None:
             return found
-        raise CheckpointError(f"{path} holds no checkpoint (no {LATEST_FILE} file and no {MANIFEST_FILE})")
+        raise CheckpointError(_no_checkpoint_message(path))
     if path.exists():
         # Most likely a file of a checkpoint (model.safetensors) or of a run (latest): its folder is meant.
         parent = path.parent
@@ -843,6 +843,31 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             f"checkpoint is used) or a checkpoint folder ({CHECKPOINTS_DIR}/step_N){meant}"
         )
     raise CheckpointError(f"checkpoint path {path} does not exist")
+
+
+def _no_checkpoint_message(folder: Path) -> str:
+    """The error for a folder that holds no checkpoint, saying what it is instead and what was
+    meant where we can tell. Two look-alikes: a Hugging Face model folder written without 'hf:'
+    (`--init_from=DIR`), and a run's checkpoints/ folder itself (`--out_dir RUN/checkpoints`)."""
+    from .hf import HF_PREFIX, hf_folder_hint  # (imports only the model, as this module does)
+
+    hint = hf_folder_hint(folder)
+    if hint:
+        return (f"{hint}, so it holds no checkpoint. To start from its weights, name it with the "
+                f"'{HF_PREFIX}' prefix: init_from = '{HF_PREFIX}{folder}' (--init_from={HF_PREFIX}{folder})")
+    none = f"{folder} holds no checkpoint (no {LATEST_FILE} file and no {MANIFEST_FILE})"
+    steps = sorted((int(step.name.removeprefix("step_")), step.name) for step in folder.glob("step_*")
+                   if step.name.removeprefix("step_").isdigit() and (step / MANIFEST_FILE).is_file())
+    run = folder.parent
+    in_a_run = folder.name == CHECKPOINTS_DIR and ((run / LATEST_FILE).is_file() or bool(steps))
+    if not in_a_run and not steps:
+        return none
+    meant = [str(run)] if in_a_run else []
+    if steps:
+        meant.append(f"one of its step_N folders, such as {folder / steps[-1][1]}")
+    what = ("it is a run's folder of checkpoint folders (step_N), not itself a run or a checkpoint"
+            if in_a_run else "it holds checkpoint folders (step_N), but is not itself a run or a checkpoint")
+    return f"{none}: {what} (did you mean {', or '.join(meant)}?)"
 
 
 # The end of every error about a manifest.json or state.json that is valid JSON of the wrong
@@ -1257,7 +1282,7 @@ def check_model_config(ckpt_dir: Path, saved: dict[str, Any], current: dict[str,
             f"init_from: {ckpt_dir} holds a different model ({'; '.join(diffs)}), and its weights load "
             f"only into a model of the same shape. Fine-tune it with its model settings"
             + (f" ({settings})" if settings else "") + ", or leave init_from empty to train this "
-            f"shape from scratch"
+            "shape from scratch"
         )
     if diffs:
         raise CheckpointError(
@@ -1358,6 +1383,12 @@ def consolidate(source: str | os.PathLike, out: str | os.PathLike | None = None,
     state.json, tokenizer.json, manifest.json, and with `optimizer` also optimizer.pt (then the
     folder resumes training like any full checkpoint). Reads in one process: needs CPU memory for
     the whole model (and optimizer state). Returns `out`."""
+    from .hf import HF_PREFIX, hf_folder_hint
+
+    hint = hf_folder_hint(Path(source).expanduser())
+    if hint:
+        raise CheckpointError(f"{hint}: there is nothing to consolidate; a Hugging Face folder is used as "
+                              f"it is, named with the '{HF_PREFIX}' prefix (init_from = '{HF_PREFIX}{source}')")
     ckpt_dir = resolve_checkpoint(source)
     verify_checkpoint(ckpt_dir)
     state = read_state(ckpt_dir)
@@ -1419,14 +1450,23 @@ def main(argv: list[str] | None = None) -> int:
                            "a checkpoint folder outside a run)")
     cons.add_argument("--optimizer", action="store_true",
                       help="include the optimizer state (optimizer.pt), so training can resume from the copy")
-    args = parser.parse_args(argv)
-    try:
-        out = consolidate(args.source, args.out, optimizer=args.optimizer)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    from .cli import report_errors  # (cli imports this module)
+
+    def run() -> None:
+        args = parser.parse_args(argv)
+        try:
+            out = consolidate(args.source, args.out, optimizer=args.optimizer)
+        except OSError as e:
+            # Reading the source (a write error is a CheckpointError already): one line, not a
+            # traceback. Nothing was written.
+            raise CheckpointError(f"could not consolidate {args.source} ({type(e).__name__}: {e}); "
+                                  f"nothing was written") from e
+        print(f"wrote {out}")
+
+    # `consolidate` removes its unfinished copy on the way out (KeyboardInterrupt included), and
+    # never writes into the source checkpoint.
+    return report_errors(run, interrupted="interrupted: stopped consolidating; the checkpoint is unchanged "
+                                          "and no unfinished copy was left behind")
 
 
 if __name__ == "__main__":

@@ -116,6 +116,22 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def eta_seconds(step_time: float, steps_left: int, evals_left: int, eval_s: float | None, save_s: float,
+                eval_iters: int, accum: int) -> float:
+    """Seconds to the end of the run: the steps left at `step_time` each, plus each eval (and
+    the save after it) to come, priced at the latest ones (`eval_s`, `save_s`).
+
+    Before this process has timed an eval (the first log lines of a run, and of a resumed one),
+    `eval_s` is None and an eval is priced as what it does: `eval_iters` forward passes over one
+    micro-batch each, a third of a training micro-step (forward + backward ~ 3 forwards). The
+    ETA used to leave evals out until the first one, and on a run with a costly eval said a
+    fraction of the time really left.
+    """
+    if eval_s is None:
+        eval_s = step_time / accum * eval_iters / 3
+    return max(0.0, step_time * steps_left + evals_left * (eval_s + save_s))
+
+
 def finite_or_null(value: Any) -> Any:
     """`value` (nested dicts and lists) with every non-finite float as None: json.dumps writes
     NaN and Infinity as bare tokens, which are not JSON."""
@@ -207,8 +223,27 @@ class WandbSink:
         if run_id is None:
             id_file.write_text(self.run.id + "\n")
         # Online, a resumed run knows its last step; steps below it were logged before the
-        # interruption (and a resume repeats them exactly), and wandb would reject them.
+        # interruption (and a resume repeats them exactly), and wandb would reject them. Offline
+        # it says 0: the steps the earlier processes' run files hold tell instead.
         self.first_step = self.run.step
+        if run_id is not None:
+            self.first_step = max(self.first_step, wandb_last_step(out_dir / "wandb", run_id) + 1)
+            self._backfill(out_dir)
+
+    def _backfill(self, out_dir: Path) -> None:
+        """Log the records up to the checkpoint (metrics.jsonl, already cut back to it) that
+        the earlier processes' wandb files lack. wandb keeps up to 15 s of records in memory
+        (`x_transaction_log_flush_interval`); a process killed (kill -9, out of memory, a node
+        lost) loses them, and a resume re-logs only the steps after its checkpoint: the run's
+        wandb history had a hole up to the checkpoint (all of it for a short run)."""
+        try:
+            records = read_metrics(out_dir)
+        except MetricsError:
+            return
+        for record in records:
+            if record["step"] >= self.first_step:
+                self.write(record)
+                self.first_step = record["step"] + 1
 
     @property
     def run_id(self) -> str:
@@ -222,6 +257,64 @@ class WandbSink:
 
     def close(self) -> None:
         self.run.finish()
+
+
+def wandb_file_records(path: Path):
+    """The protobuf records of one wandb run file (`run-ID.wandb`, its transaction log): a
+    header, then 32 KiB blocks of chunks (crc32, length, kind: 1 whole, 2-4 first/middle/last).
+    Stops quietly at a chunk cut short or damaged by a kill, and yields nothing for a file it
+    cannot read."""
+    try:
+        from wandb.proto import wandb_internal_pb2 as pb
+
+        data = path.read_bytes()
+    except (ImportError, OSError):
+        return
+    if data[:4] != b":W&B":
+        return
+    block, pos, pending = 32768, 7, b""
+    while pos + 7 <= len(data):
+        room = block - pos % block
+        if room < 7:  # too little room for a chunk header: padding up to the next block
+            pos += room
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if (length == 0 and kind == 0) or pos + 7 + length > len(data) or kind not in (1, 2, 3, 4):
+            return
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            try:
+                record.ParseFromString(pending)
+            except Exception:  # protobuf's DecodeError: a damaged tail
+                return
+            pending = b""
+            yield record
+
+
+def wandb_last_step(wandb_dir: Path, run_id: str) -> int:
+    """The last step the run files of wandb run `run_id` under `wandb_dir` hold on disk (every
+    process of a resumed run writes its own folder, offline-run-*-ID or run-*-ID); -1 for none.
+
+    Newest folder first (named by its start time), stopping at the first with any step: a later
+    process logs only steps past the earlier ones', so the files of a long run are not all read."""
+    last = -1
+    folders = sorted(wandb_dir.glob(f"*-{run_id}/run-{run_id}.wandb"),
+                     key=lambda path: path.parent.name.removeprefix("offline-"), reverse=True)
+    for path in folders:
+        if last >= 0:
+            break
+        for record in wandb_file_records(path):
+            if record.WhichOneof("record_type") != "history":
+                continue
+            for item in record.history.item:
+                if (item.key or "/".join(item.nested_key)) == "_step":
+                    try:
+                        last = max(last, int(json.loads(item.value_json)))
+                    except (ValueError, TypeError):
+                        pass
+    return last
 
 
 def wandb_tags(text: str) -> list[str]:

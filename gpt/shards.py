@@ -165,6 +165,16 @@ def missing_dataset(data_dir: Path, what: str, split: str | None = None) -> Shar
     a folder without --overwrite, and the same input and options give the same files again.
     """
     data_dir = Path(data_dir)
+    run_part = _training_output(data_dir)
+    if run_part is not None:
+        # A run (or its checkpoint) given for the dataset: preparing into it is no fix (prep
+        # refuses to write there), and a checkpoint's tokenizer.json is no half of a dataset.
+        trained_on = _run_data_dir(data_dir)
+        return ShardError(
+            f"{data_dir}: {what}: it {run_part}, not a dataset folder (meta.json, tokenizer.json, "
+            f"train_*.bin, val_*.bin). Give the dataset folder instead"
+            + (f"; the run trained on data_dir = {trained_on!r} (as given to train.py)" if trained_on else "")
+        )
     present = dataset_files(data_dir)
     if not present:
         return ShardError(f"{data_dir}: {what}. Make one with: python data_prep/prepare.py --input YOUR_TEXT "
@@ -179,6 +189,35 @@ def missing_dataset(data_dir: Path, what: str, split: str | None = None) -> Shar
         f"{_names([p.name for p in present])} {'is' if len(present) == 1 else 'are'} here). Copy the "
         f"missing files from where the dataset came from, or make it again {prepare_again(data_dir, meta)}"
     )
+
+
+def _training_output(folder: Path) -> str | None:
+    """prepare.training_output (what part of a training run `folder` is, in words, or None),
+    imported here on use: prepare imports this module (and neither imports torch)."""
+    from .prepare import training_output
+
+    return training_output(folder)
+
+
+def _run_data_dir(folder: Path) -> str | None:
+    """The data_dir that the run `folder` is (or holds, or is in) was trained on, read from its
+    config.json or a checkpoint's state.json; None when there is none to read."""
+    folder = folder.resolve()  # (the parents of a relative "run" are ".", the current folder)
+    for place in (folder, folder.parent, folder.parent.parent):
+        for name, keys in (("config.json", ("data_dir",)), ("state.json", ("train_config", "data_dir"))):
+            value: object = _read_json_quietly(place / name)
+            for key in keys:
+                value = value.get(key) if isinstance(value, dict) else None
+            if isinstance(value, str) and value:
+                return value
+    return None
+
+
+def _read_json_quietly(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def prepare_again(data_dir: Path, meta: dict | None = None) -> str:

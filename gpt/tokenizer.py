@@ -152,15 +152,23 @@ class Tokenizer:
 
 
 def _unknown_chars_message(text: str, positions: np.ndarray, show: int = 8) -> str:
-    first: dict[str, int] = {}
-    for p in positions.tolist():
-        first.setdefault(text[p], p)
-        if len(first) > show:
-            break
-    listed = ", ".join(f"{c!r} (U+{ord(c):04X}) at position {p}" for c, p in list(first.items())[:show])
-    more = " and more" if len(first) > show else ""
+    # Each distinct character once, where it first occurs, and how often: the count names
+    # characters, as the list does ("4 characters ..." listing 3 was a repeated one counted twice).
+    # (Counted in numpy: a large text may hold millions of them.)
+    points = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")[positions]
+    distinct, first_at, times = np.unique(points, return_index=True, return_counts=True)
+    order = np.argsort(first_at)[:show]  # in the order they occur
+
+    def where(i: int) -> str:
+        again = int(times[i]) - 1
+        return (f"at position {int(positions[first_at[i]])}"
+                + (f" (and {again} more time{'s' if again > 1 else ''})" if again else ""))
+
+    listed = ", ".join(f"{chr(distinct[i])!r} (U+{int(distinct[i]):04X}) {where(i)}" for i in order)
+    n = len(distinct)
+    more = f" and {n - show} more" if n > show else ""
     return (
-        f"{len(positions)} character(s) not in the char vocabulary: {listed}{more}. "
+        f"{n} character{'s' if n != 1 else ''} not in the char vocabulary: {listed}{more}. "
         f"A char tokenizer encodes only the characters of the corpus it was built from."
     )
 

@@ -28,7 +28,7 @@ from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier,
                           shutdown)
 from .errors import TrainingError
 from .loader import TokenLoader, eval_batches
-from .metrics import MetricsLog, Sinks, WandbSink, format_duration, peak_flops, wandb_tags
+from .metrics import MetricsLog, Sinks, WandbSink, eta_seconds, format_duration, peak_flops, wandb_tags
 from .model import GPT, GPTConfig, closed_form_num_params
 from .optim import build_optimizer, describe_optimizer, learning_rate_at
 from .shards import (ShardError, check_is_folder, check_token_ids, dataset_files, list_shards, load_meta,
@@ -459,6 +459,9 @@ def describe_run(config: TrainConfig, info: DistInfo, model: GPT, optimizer: tor
         log(info, f"vocabulary: {model.config.vocab_size:,} ids; embedding and output tables padded to "
                   f"{model.config.padded_vocab_size:,} rows (vocab_multiple {model.config.vocab_multiple})")
     log(info, describe_optimizer(optimizer, config))
+    if config.activation_checkpointing:
+        log(info, "note: MFU counts model FLOPs only: activation checkpointing's recomputed forward "
+                  "(~1/3 more work per step) is not counted, so the hardware does more than MFU says")
     if config.warmup_steps > config.max_steps:
         log(info, f"note: warmup_steps = {config.warmup_steps} is more than max_steps = {config.max_steps}: "
                   f"the learning rate stops at {learning_rate_at(config.max_steps - 1, config):.2e}, "
@@ -546,10 +549,16 @@ class StopFlag:
         self._group = None  # the gloo group votes go over when the default one is NCCL
 
     def install(self) -> None:
+        """Handle SIGTERM, SIGUSR1 and SIGINT from now on. A signal that the handler installed
+        before this one noted in its `caught` list (train.py's EarlyStopSignals, while torch
+        imports) counts as received here."""
         if threading.current_thread() is not threading.main_thread():
             return  # Python delivers signals to the main thread only
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        earlier = {id(h): h for h in self._previous.values()}.values()  # one handler may serve several
+        for signum in (s for handler in earlier for s in getattr(handler, "caught", ())):
+            self._handle(signum, None)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -698,7 +707,7 @@ class NonFiniteGuard:
         if self.policy == "stop":
             raise TrainingError(
                 f"the loss or gradient norm was not finite (NaN/Inf) at step {bad_steps[0]} "
-                f"(nan_policy = 'stop'). {self._last_checkpoint()}. To go on from there: "
+                f"(nan_policy = 'stop'). {self._last_checkpoint()}: "
                 f"{advice}; or set nan_policy=skip to skip such steps (their batches are dropped; "
                 f"at most max_skipped_steps = {_default_max_skipped()} by default)"
             )
@@ -710,7 +719,7 @@ class NonFiniteGuard:
             raise TrainingError(
                 f"{self.skipped} steps had a non-finite loss or gradient norm, more than "
                 f"max_skipped_steps = {config.max_skipped_steps} (the last at step {bad_steps[-1]}). "
-                f"{self._last_checkpoint()}. The run is diverging: {advice}"
+                f"The run is diverging. {self._last_checkpoint()}: {advice}"
             )
         return len(bad_steps)
 
@@ -720,7 +729,7 @@ class NonFiniteGuard:
         if not math.isfinite(val_loss):
             raise TrainingError(
                 f"the validation loss was {val_loss} at step {step}: the model's outputs are not "
-                f"finite. {self._last_checkpoint()}. To go on from there: {self._advice()}"
+                f"finite. {self._last_checkpoint()}: {self._advice()}"
             )
 
     def _advice(self) -> str:
@@ -736,8 +745,9 @@ class NonFiniteGuard:
         except ckpt.CheckpointError:
             latest = None
         if latest is None:
-            return "No checkpoint was saved before it"
-        return f"Nothing was saved after it: the last good checkpoint, {latest}, is intact"
+            # Nothing to go on from: running again starts the run over (from its first step).
+            return "No checkpoint was saved before it, so running again starts the run over. Before you do"
+        return f"Nothing was saved after it: the last good checkpoint, {latest}, is intact. To go on from there"
 
 
 def _default_max_skipped() -> int:
@@ -945,7 +955,8 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
         val_loss, last_ckpt = state.get("val_loss"), resume_from
     interval_start, timed_from = time.perf_counter(), step  # tokens/s counts this process's steps
     run_start = time.perf_counter()
-    pause_s = {"eval": 0.0, "save": 0.0}  # the latest eval's and save's seconds, for the ETA
+    pause_s = {"eval": None, "save": 0.0}  # the latest eval's and save's seconds, for the ETA (None: none timed yet)
+    first_step_done = None  # when this process's first step ended: it carries warm-up (compile), left out of the ETA
     while step < config.max_steps:
         lr = learning_rate_at(step, config)
         for group in optimizer.param_groups:
@@ -973,6 +984,8 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
         step += 1
         tokens_seen += tokens_per_step
         interval_steps += 1
+        if first_step_done is None:
+            first_step_done = time.perf_counter()
 
         last = step == config.max_steps
         do_eval = last or (config.eval_interval > 0 and step % config.eval_interval == 0)
@@ -992,7 +1005,13 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
                 pause_s["eval"] = time.perf_counter() - began
                 guard.check_val_loss(step, val_loss)  # a model that outputs NaN is never saved
             # Each eval step to come also evaluates and saves: priced at the latest ones.
-            eta = step_time * (config.max_steps - step) + evals_left(step, config) * sum(pause_s.values())
+            # The first interval's first step also warmed up (torch.compile: a minute on a GPU):
+            # the ETA prices the steps to come at the interval's other steps.
+            steady = step_time
+            if first_step_done > interval_start and step - timed_from > 1:
+                steady = (interval_start + elapsed - first_step_done) / (step - timed_from - 1)
+            eta = eta_seconds(steady, config.max_steps - step, evals_left(step, config), pause_s["eval"],
+                              pause_s["save"], config.eval_iters, accum)
             record = {
                 "step": step, "loss": round(train_loss, 6), "lr": lr, "tokens": tokens_seen,
                 "tokens_per_s": round(tok_s, 1), "tokens_per_s_per_device": round(tok_s / info.world_size, 1),

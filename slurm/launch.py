@@ -8,13 +8,16 @@ that let a SLURM job checkpoint and requeue itself (see slurm/train.sbatch and d
    while the launcher keeps running and collects their exit codes. Left to itself, torchrun
    would die of SIGUSR1 (orphaning its workers) and answer SIGTERM by terminating them and
    killing them 30 s later, maybe in the middle of a checkpoint save. The workers inherit the
-   ignored signals until the trainer installs its own handlers (an early signal is dropped,
-   not fatal; slurm/train.sbatch repeats it).
+   ignored signals. train.py notes one that arrives while torch imports (the trainer then
+   stops after its first step), and puts the inherited SIG_IGN back for its exit: a worker
+   still exiting when another has exited ignores torchrun's clean-up SIGTERM and exits with
+   75 itself, also when the other died of gloo's rare abort at exit (-6). Only a signal in
+   the ~0.1 s before train.py runs is dropped; slurm/train.sbatch repeats it.
 2. It exits with 75 when a worker exited with 75 (the trainer's "checkpoint saved, run me
    again"), so the batch script can tell a stop that asks for a requeue from a crash; torchrun
    itself exits with 1 in both cases. One 75 is enough: the trainer exits with 75 only after
-   the checkpoint is complete on every rank, and a worker still exiting then may be killed
-   by torchrun's clean-up (SIGTERM, -15), which is harmless at that point.
+   the checkpoint is complete on every rank, and torchrun's clean-up of a worker still
+   exiting then (SIGTERM, which it ignores, and SIGKILL 30 s later) is harmless at that point.
 3. Under srun, the node with SLURM_NODEID=0 hosts the c10d rendezvous store (is_host), so the
    rendezvous works even where node names are not the machines' host names.
 """
