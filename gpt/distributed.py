@@ -57,11 +57,27 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_preference: str, timeout_minutes: float = 10.0) -> DistInfo:
+def process_group_backend(device: torch.device, cpu_collectives: bool = False) -> str:
+    """NCCL on GPUs, gloo elsewhere; with `cpu_collectives` on a GPU, gloo beside NCCL for
+    tensors kept in CPU memory (`cuda:nccl,cpu:gloo`: each collective goes to the backend of
+    its tensors' device).
+
+    FSDP's CPU offload needs it: the sharded gradients and weights then live in CPU memory, and
+    clip_grad_norm_'s norm, GradScaler's overflow flag, Muon's gather of each matrix and the
+    full-format checkpoint's gather are all collectives over them, which NCCL alone refuses
+    ("No backend type associated with device type cpu", pytorch/pytorch#148532)."""
+    if device.type != "cuda":
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
+
+
+def init_distributed(device_preference: str, timeout_minutes: float = 10.0,
+                     cpu_collectives: bool = False) -> DistInfo:
     """Join the process group torchrun set up, or run as a single process.
 
     The timeout bounds every collective: if a rank dies, the others fail with an error
-    instead of waiting forever.
+    instead of waiting forever. `cpu_collectives`: see `process_group_backend` (the trainer sets
+    it for fsdp_cpu_offload).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -69,7 +85,7 @@ def init_distributed(device_preference: str, timeout_minutes: float = 10.0) -> D
     device = pick_device(device_preference, local_rank)
     launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
     if (world_size > 1 or launched) and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = process_group_backend(device, cpu_collectives)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(

@@ -116,7 +116,8 @@ class MuonAdamW(torch.optim.Optimizer):
             else:
                 updated = buffer.mul(momentum).add_(p.grad)
                 nesterov = p.grad.add(updated, alpha=momentum)
-                _local(buffer).copy_(torch.where(skip, _local(buffer), _local(updated)))
+                # skip.to: under FSDP's CPU offload the flag is on the GPU, the shards in CPU memory.
+                _local(buffer).copy_(torch.where(skip.to(_local(buffer).device), _local(buffer), _local(updated)))
             if isinstance(nesterov, DTensor):
                 # FSDP: the momentum is sharded like the weight (rows split across ranks), but
                 # U V^T needs the whole matrix. Every rank gathers it and orthogonalizes all of
@@ -131,16 +132,19 @@ class MuonAdamW(torch.optim.Optimizer):
                     update = update.mT
                 if isinstance(p, DTensor):
                     # src_data_rank=None: each rank cuts its shard from its own full copy, no
-                    # communication.
-                    update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
+                    # communication. (distribute_tensor puts it on the mesh's device: under
+                    # FSDP's CPU offload the shard itself is in CPU memory, hence the .to below.)
+                    update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                weight = _local(p)  # this rank's rows (a view: writing to it writes p)
+                update = update.to(weight.device)
                 scale = -lr * max(1.0, p.size(0) / p.size(1)) ** 0.5
                 if skip is None:
                     if group["weight_decay"]:
-                        p.mul_(1.0 - lr * group["weight_decay"])
-                    p.add_(update, alpha=scale)
+                        weight.mul_(1.0 - lr * group["weight_decay"])
+                    weight.add_(update, alpha=scale)
                 else:  # the same numbers out of place, kept only if the step is not skipped
-                    new = p.mul(1.0 - lr * group["weight_decay"]).add_(update, alpha=scale)
-                    _local(p).copy_(torch.where(skip, _local(p), _local(new)))
+                    new = weight.mul(1.0 - lr * group["weight_decay"]).add_(update, alpha=scale)
+                    weight.copy_(torch.where(skip.to(weight.device), weight, new))
 
     def _adamw_step(self, group: dict, found_inf: torch.Tensor | None) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []

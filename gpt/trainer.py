@@ -807,7 +807,8 @@ def train(config: TrainConfig) -> TrainResult:
     stop = StopFlag()
     stop.install()  # first: a signal during set-up must not kill the run (see StopFlag)
     try:
-        info = init_distributed(config.device)
+        # CPU offload keeps FSDP's shards in CPU memory: their collectives need gloo beside NCCL.
+        info = init_distributed(config.device, cpu_collectives=config.fsdp_cpu_offload)
         # What the run holds until it ends, however it ends (out_dir's lock): released here, not
         # when a traceback that keeps _train's frame alive is finally dropped.
         with contextlib.ExitStack() as held:
