@@ -732,6 +732,24 @@ class NonFiniteGuard:
                 f"finite. {self._last_checkpoint()}: {self._advice()}"
             )
 
+    def check_loss_scale(self, step: int, scale: float) -> None:
+        """float16: GradScaler halves its scale at each step whose gradients overflow and skips
+        that step, with no non-finite loss for `review` to count. Below 1 the gradients overflow
+        float16 even unscaled: no step will be taken again, however long the run goes on."""
+        if scale >= MIN_LOSS_SCALE:
+            return
+        try:
+            latest = ckpt.latest_checkpoint(self.out_dir)
+        except ckpt.CheckpointError:
+            latest = None
+        where = (f"the latest checkpoint, {latest}, holds the weights as they last trained" if latest
+                 else "no checkpoint was saved")
+        raise TrainingError(
+            f"the float16 loss scale fell to {scale:g} by step {step}: the gradients overflow float16 "
+            f"even unscaled, so every step is skipped (GradScaler) and the model no longer learns "
+            f"({where}). {self._advice()[0].upper()}{self._advice()[1:]}"
+        )
+
     def _advice(self) -> str:
         config = self.config
         return (f"lower learning_rate (now {config.learning_rate:g})"
@@ -748,6 +766,11 @@ class NonFiniteGuard:
             # Nothing to go on from: running again starts the run over (from its first step).
             return "No checkpoint was saved before it, so running again starts the run over. Before you do"
         return f"Nothing was saved after it: the last good checkpoint, {latest}, is intact. To go on from there"
+
+
+# GradScaler starts at 65,536 and halves at each overflow; below 1 the gradients overflow float16
+# unscaled (a scale of 1 is training without one).
+MIN_LOSS_SCALE = 1.0
 
 
 def _default_max_skipped() -> int:
@@ -1029,8 +1052,12 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
             if do_eval:
                 record["val_loss"] = round(val_loss, 6)
                 message += f" | val loss {val_loss:.4f}"
+            if scaler.is_enabled():
+                record["loss_scale"] = scaler.get_scale()
             metrics.write(record)
             log(info, message)
+            if scaler.is_enabled():
+                guard.check_loss_scale(step, record["loss_scale"])
             loss_sum.zero_()
             interval_steps = interval_skipped = 0
             if do_eval:

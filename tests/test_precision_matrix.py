@@ -20,6 +20,7 @@ import torch
 from gpt import checkpoint as ckpt
 from gpt import model as model_module
 from gpt.metrics import read_metrics
+from gpt.errors import TrainingError
 from gpt.trainer import train
 
 from conftest import latest_weights, learning_records, rewound_copy, tiny_config
@@ -197,3 +198,29 @@ def test_fsdp_cpu_offload_on_a_gpu_trains_with_clipping_muon_and_float16(char_da
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     losses = [r["loss"] for r in read_metrics(out)]
     assert len(losses) == 6 and all(loss is not None and loss < 5 for loss in losses)
+
+
+def test_float16_gradients_that_always_overflow_stop_the_run_once_the_loss_scale_falls_below_1(
+        char_data, tmp_path, monkeypatch):
+    """A finite loss whose gradients overflow at every step: GradScaler skips each step and halves
+    its scale, and nothing non-finite reaches the loss for nan_policy to count, so the run went
+    on to max_steps without learning. Once the scale is below 1 it stops, naming the cause."""
+    original = model_module.GPT.forward
+
+    def forward(self, *args, **kwargs):
+        logits, loss = original(self, *args, **kwargs)
+        if self.training and loss is not None:
+            loss.register_hook(lambda grad: grad * float("inf"))
+        return logits, loss
+
+    monkeypatch.setattr(model_module.GPT, "forward", forward)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError) as stopped:
+        train(tiny_config(char_data, run, dtype="float16", max_steps=40, log_interval=1, eval_interval=10,
+                          eval_iters=1, batch_size=2, block_size=16, n_embd=32))
+    # 65536 = 2^16 halved 17 times: 0.5, at step 17
+    assert str(stopped.value).startswith("the float16 loss scale fell to 0.5 by step 17: the gradients "
+                                         "overflow float16 even unscaled"), stopped.value
+    assert "use dtype bfloat16 or float32 instead of float16" in str(stopped.value)
+    scales = [r["loss_scale"] for r in read_metrics(run)]
+    assert scales == [INITIAL_SCALE / 2 ** n for n in range(1, 18)]
