@@ -1274,7 +1274,8 @@ def check_model_config(ckpt_dir: Path, saved: dict[str, Any], current: dict[str,
             diffs.append(f"vocabulary tables: checkpoint {rows[0]} rows (vocab_multiple {multiple}) vs "
                          f"config {rows[1]}; resume it with --vocab_multiple={multiple}")
     if diffs and init_from:
-        # A new run already: another out_dir would not help. Its weights load only as they are.
+        # A new run already: another out_dir would not help. Its weights load only as they are
+        # (a longer trained block_size does not get here: the trainer loads it, then crops).
         keys = ("block_size", "n_layer", "n_head", "n_embd", "bias", "tie_weights", "vocab_multiple")
         settings = " ".join(f"--{k}={saved[k]}" for k in keys
                             if k in saved and k in current and saved[k] != current[k])

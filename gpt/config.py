@@ -44,7 +44,7 @@ class TrainConfig:
     )
     prepare_tokenizer: str = _opt("bpe", "tokenizer to build when preparing data_dir", ("bpe", "char"))
     prepare_vocab_size: int = _opt(4096, "BPE vocabulary size when preparing data_dir")
-    init_from: str = _opt("", "start from these weights to fine-tune: a run folder, a checkpoint folder, or hf:DIR (a Hugging Face GPT-2 folder, whose architecture the model then takes)")
+    init_from: str = _opt("", "start from these weights to fine-tune: a run folder, a checkpoint folder, or hf:DIR (a Hugging Face GPT-2 folder, whose architecture the model then takes); a smaller block_size than the checkpoint's fine-tunes at that context (the position table is cropped)")
     resume: str = _opt(
         "auto",
         "'auto' resumes from out_dir's latest checkpoint if there is one (step, optimizer, data "
@@ -408,7 +408,7 @@ def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None, default_config: str | None = None) -> TrainConfig:
-    """defaults <- --config TOML <- --key=value; then validate."""
+    """defaults <- --config TOML <- --key=value; then '~' expanded (expand_home) and validate."""
     parser = build_parser(default_config)
     args, unknown = parser.parse_known_args(argv)
     if unknown:

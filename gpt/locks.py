@@ -43,8 +43,8 @@ _held: "weakref.WeakValueDictionary[tuple[int, int], FolderLock]" = weakref.Weak
 
 
 class FolderBusy(Exception):
-    """Another process holds the lock; `holder` describes it ("pid 123 on node7 since 11:02:03
-    UTC"), or is "" when that process wrote nothing readable."""
+    """Another process holds the lock; `holder` describes it ("pid 123 on node7 since 2026-01-05
+    11:02:03 UTC"), or is "" when that process wrote nothing readable."""
 
     def __init__(self, path: Path, holder: str) -> None:
         super().__init__(f"{path} is locked by {holder or 'another process'}")

@@ -196,8 +196,9 @@ def attend(
     """
     T, S = q.size(-2), k.size(-2)
     # bf16 on CPU, short contexts: SDPA's CPU flash kernel is slower there than the formula's
-    # three ops (fwd+bwd on a CPU with native bf16: T 64 2.1 vs 7.3 ms, T 128 6.5 vs 18.0 ms;
-    # even at 256, 1.8x slower at 512), so training and prefill take the formula up to 128.
+    # three ops (fwd+bwd on a CPU with native bf16, formula vs SDPA: T 64 2.1 vs 7.3 ms, T 128
+    # 6.5 vs 18.0 ms; at 256 even within a training step; at 512 the formula is 1.8x slower),
+    # so training and prefill take the formula up to 128 positions.
     if explicit or (q.is_cpu and q.dtype == torch.bfloat16 and q_start == 0 and S <= 128):
         # Reference path, the formula of "Attention Is All You Need":
         #   softmax(Q K^T / sqrt(D) + M) V,  M = 0 where allowed and -inf where masked.
@@ -321,7 +322,8 @@ class GPT(nn.Module):
     def crop_block_size(self, block_size: int) -> None:
         """Shorten the context to `block_size`, keeping the first rows of the position table:
         fine-tuning a trained model at a shorter context (as nanoGPT does), where the positions
-        past it would never be seen. Nothing else depends on the context length."""
+        past it would never be seen. No other weight has a row per position (attention builds
+        its mask per call). Call it before building the optimizer: the table is a new Parameter."""
         if not 0 < block_size <= self.config.block_size:
             raise ValueError(f"block_size {block_size} must be in 1..{self.config.block_size} to crop to")
         self.pos_emb.weight = nn.Parameter(self.pos_emb.weight.detach()[:block_size].clone())

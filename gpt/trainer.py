@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
@@ -22,6 +23,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import hf
+from . import locks
 from . import parallel
 from .config import ConfigError, TrainConfig
 from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed, pick_device,
@@ -87,7 +89,6 @@ def ensure_dataset(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
 
 
 def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
-    from . import locks
     from .prepare import LOCK_FILE, PrepareError, prepare  # here: only this path needs the tokenizer trainer
 
     # Said in full: a mistyped --data_dir also lands here, and would train on this corpus.
@@ -121,7 +122,7 @@ def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
 RUN_LOCK_FILE = ".run-lock"  # held (flock, gpt/locks.py) by the live run writing out_dir: its rank 0
 
 
-def prepare_out_dir(config: TrainConfig, out_dir: Path):
+def prepare_out_dir(config: TrainConfig, out_dir: Path) -> locks.FolderLock:
     """Create out_dir, prove it writable and lock it for this run, before any training time is
     spent; refuse to mix a fresh run (resume = never) with checkpoints of an earlier one.
 
@@ -129,9 +130,6 @@ def prepare_out_dir(config: TrainConfig, out_dir: Path):
     out_dir is refused while it is held. It goes when released, or when the process dies (kill -9
     included), so a restart, a requeue or a rerun is never refused. Called by the process that
     writes the run's files (rank 0) only."""
-    import sys
-
-    from . import locks  # no torch there: data prep shares it
 
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out_dir {out_dir} is a file, not a folder: the run keeps its checkpoints and "
@@ -358,7 +356,8 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
     """The model this run trains, on the CPU, and the checkpoint to resume from, if any.
 
     Its weights: GPT-2's initialisation, or init_from's (a checkpoint, or hf:DIR) on a run's
-    first start; a resumed run loads the checkpoint's later, with the optimizer. Returns the
+    first start (a checkpoint trained at a longer block_size is cropped to this run's: see
+    GPT.crop_block_size); a resumed run loads the checkpoint's later, with the optimizer. Returns the
     config with the architecture the run really has (hf:DIR sets it), as config.json records it.
     """
     # Same seed on every rank: identical initial weights without a broadcast.
@@ -634,7 +633,8 @@ class NonFiniteGuard:
     loss sum turns non-finite at the first bad step) or, except under float16, its global
     gradient norm is not: the norm clipping computes anyway (computed for the check alone when
     grad_clip = 0 and nan_policy = 'skip'). Under float16 GradScaler skips overflowing steps
-    itself as a matter of course, so there only the loss counts.
+    itself as a matter of course, so there only the loss counts, and `check_loss_scale` stops
+    a run whose loss scale has collapsed (every step skipped, with a finite loss).
 
     nan_policy 'stop': `review` raises TrainingError naming the first bad step.
     nan_policy 'skip': the bad step's optimizer update is dropped on the device (fused AdamW, and
@@ -734,14 +734,11 @@ class NonFiniteGuard:
 
     def check_loss_scale(self, step: int, scale: float) -> None:
         """float16: GradScaler halves its scale at each step whose gradients overflow and skips
-        that step, with no non-finite loss for `review` to count. Below 1 the gradients overflow
-        float16 even unscaled: no step will be taken again, however long the run goes on."""
+        that step, with no non-finite loss for `review` to count. Below 1 the gradients overflowed
+        float16 even unscaled: stop, rather than skip step after step until max_steps."""
         if scale >= MIN_LOSS_SCALE:
             return
-        try:
-            latest = ckpt.latest_checkpoint(self.out_dir)
-        except ckpt.CheckpointError:
-            latest = None
+        latest = self._latest()
         where = (f"the latest checkpoint, {latest}, holds the weights as they last trained" if latest
                  else "no checkpoint was saved")
         raise TrainingError(
@@ -757,11 +754,15 @@ class NonFiniteGuard:
                    ", set grad_clip (now 0: off)")
                 + (", use dtype bfloat16 or float32 instead of float16" if config.dtype == "float16" else ""))
 
-    def _last_checkpoint(self) -> str:
+    def _latest(self) -> Path | None:
         try:
-            latest = ckpt.latest_checkpoint(self.out_dir)
+            return ckpt.latest_checkpoint(self.out_dir)
         except ckpt.CheckpointError:
-            latest = None
+            return None
+
+    def _last_checkpoint(self) -> str:
+        """The start of the advice's sentence, which the caller ends with ': ' and the advice."""
+        latest = self._latest()
         if latest is None:
             # Nothing to go on from: running again starts the run over (from its first step).
             return "No checkpoint was saved before it, so running again starts the run over. Before you do"
@@ -924,8 +925,8 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
         saved_scaler = state["grad_scaler"]
         scaler.load_state_dict({**scaler.state_dict(), "scale": saved_scaler["scale"],
                                 "_growth_tracker": saved_scaler["_growth_tracker"]})
-    # A fresh start (step 0) keeps no records either: they are of a run killed before its first
-    # checkpoint, whose steps this one repeats.
+    # Records past the step resumed from are dropped (the run repeats those steps); a fresh
+    # start (step 0) keeps none: they are of a run killed before its first checkpoint.
     metrics = MetricsLog(out_dir, enabled=info.is_main, resume_step=step)
     if info.is_main and config.wandb_mode != "disabled":
         metrics = Sinks(metrics, WandbSink(
@@ -1014,7 +1015,9 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
         last = step == config.max_steps
         do_eval = last or (config.eval_interval > 0 and step % config.eval_interval == 0)
         if step % config.log_interval == 0 or do_eval or last:
-            # The only host-device sync of the loop: reading the loss, on log steps alone.
+            # The loop's one host-device sync: reading the loss, on log steps alone. (One more per
+            # step: nan_policy=skip without a fused optimizer, see NonFiniteGuard; float16 with
+            # any optimizer but fused AdamW, whose GradScaler.step reads the overflow flag.)
             # nan_policy=stop: raises here, before any eval or save
             kept_steps = interval_steps - interval_skipped - guard.review(step)
             train_loss = (all_reduce_mean(loss_sum / (kept_steps * accum), info).item() if kept_steps
@@ -1028,12 +1031,12 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
                 val_loss = evaluate(wrapped, config, info, autocast, val_loader)
                 pause_s["eval"] = time.perf_counter() - began
                 guard.check_val_loss(step, val_loss)  # a model that outputs NaN is never saved
-            # Each eval step to come also evaluates and saves: priced at the latest ones.
             # The first interval's first step also warmed up (torch.compile: a minute on a GPU):
             # the ETA prices the steps to come at the interval's other steps.
             steady = step_time
             if first_step_done > interval_start and step - timed_from > 1:
                 steady = (interval_start + elapsed - first_step_done) / (step - timed_from - 1)
+            # Each eval step to come also evaluates and saves: priced at the latest ones.
             eta = eta_seconds(steady, config.max_steps - step, evals_left(step, config), pause_s["eval"],
                               pause_s["save"], config.eval_iters, accum)
             record = {
