@@ -87,6 +87,57 @@ def run_train(argv: Sequence[str], default_config: Path | None = None) -> int:
     return report_errors(main)
 
 
+def gloo_threads_running() -> bool:
+    """Whether this process still runs a gloo process group's threads (Linux; False elsewhere)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return False
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                if "gloo" in f.read():
+                    return True
+        except OSError:
+            pass  # a thread that just ended
+    return False
+
+
+def exit_process(code: int | str | None) -> None:
+    """End a train.py process with `code` (what sys.exit takes).
+
+    Normally that is sys.exit. But a torchrun worker whose gloo process group could not be freed
+    still runs the group's threads, and Python's finalization can abort it after its work is done
+    (see gpt/distributed.py init_distributed). What still holds a group: FSDP2's DeviceMesh, whose
+    modules a reference cycle through autograd keeps alive past the garbage collector. Such a process
+    ends the way finalization would, minus the part that aborts: non-daemon threads are joined,
+    atexit handlers run (logging's flush among them), stdout and stderr are flushed, then os._exit.
+    The trainer has closed its own files and joined its checkpoint threads before returning, so
+    no output is lost. Nothing is freed on the way: the last reference to such a group, dropped
+    outside destroy_process_group, joins its threads while holding the GIL, which one of them may
+    be waiting for (a hang instead of an abort)."""
+    if not (int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and gloo_threads_running()):
+        sys.exit(code)
+    import atexit
+    import threading
+
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)  # what the interpreter does with SystemExit("message")
+        code = 1
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass  # closed, or a broken pipe: as at a normal exit, nothing more can be written
+    os._exit(code & 0xFF)
+
+
 # ----------------------------------------------------------------------------------------
 # sample.py
 

@@ -10,6 +10,7 @@ config on one GPU).
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -88,6 +89,17 @@ def init_distributed(device_preference: str, timeout_minutes: float = 10.0,
         backend = process_group_backend(device, cpu_collectives)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        # Before the group exists. torch.distributed.nn's collectives take `group=group.WORLD` as
+        # a default argument, evaluated at its first import; imported after init (DDP's
+        # constructor imports torch._dynamo, which imports it; so does torch.compile), ten such
+        # defaults hold the group for good, destroy_process_group cannot free it, and its gloo
+        # threads live on into interpreter finalization. There one that drops the last reference
+        # to a finished collective (a checkpoint's broadcast_object_list) must take the GIL;
+        # Python ends such a thread mid-destructor and the process aborts (SIGABRT, 'terminate
+        # called without an active exception'): about 1 launch in 25 failed after its work was
+        # done. Imported first, the defaults are None. (FSDP2 can still hold the group through
+        # its mesh: gpt/cli.py exit_process covers that.)
+        import torch.distributed.nn  # noqa: F401 (imported for its side effect)
         dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(minutes=timeout_minutes),
@@ -134,4 +146,8 @@ def shutdown() -> None:
         if sys.exc_info()[0] is None:
             dist.barrier()
     finally:
+        # What only the garbage collector frees (a DDP reducer in a reference cycle) may hold the
+        # group: collected first, destroy_process_group drops its last reference and frees it
+        # (joining its threads) here rather than during finalization.
+        gc.collect()
         dist.destroy_process_group()

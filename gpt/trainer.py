@@ -838,8 +838,14 @@ def train(config: TrainConfig) -> TrainResult:
         with contextlib.ExitStack() as held:
             try:
                 return _train(config, info, stop, held)
+            except SystemExit as e:  # a stop signal: saved, exiting with 75 (or 130)
+                # Raised again below, once the process group is gone. Its traceback holds _train's
+                # frame, hence the model (a DDP reducer holds the group): dropped at the end of this
+                # block, so that shutdown's destroy_process_group frees the group and joins its threads.
+                exit_code = e.code
             finally:
                 shutdown()
+        raise SystemExit(exit_code)
     except (RuntimeError, MemoryError) as e:
         if is_out_of_memory(e):
             raise TrainingError(out_of_memory_message(config, e)) from e
