@@ -209,9 +209,9 @@ def test_under_torchrun_rank_0_locks_a_second_job_is_refused_once_and_a_restart_
                              stderr=subprocess.STDOUT, start_new_session=True,
                              # without it the restarted workers may fail to reach the rendezvous store
                              env={**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    ranks: dict[int, int] = {}
     try:
         wait_until(lambda: (run / "metrics.jsonl").exists(), a, log)
-        ranks = {}
         for pid in child_pids(a.pid):
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             ranks.update({int(e[5:]): pid for e in env if e.startswith(b"RANK=")})
@@ -230,8 +230,11 @@ def test_under_torchrun_rank_0_locks_a_second_job_is_refused_once_and_a_restart_
         time.sleep(1)
         assert a.poll() is None and "in use by another training run" not in log.read_text()
     finally:
-        if a.poll() is None:
-            os.killpg(a.pid, signal.SIGKILL)
+        # torchrun's workers run in sessions of their own: killing torchrun's group left the
+        # restarted ones training (max_steps 100,000) through the rest of the suite.
+        for pid in [a.pid, *child_pids(a.pid), *ranks.values()]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
         a.wait()
 
 
