@@ -72,21 +72,22 @@ def test_a_float16_run_resumes_with_its_loss_scale(char_data, tmp_path, monkeypa
         init(self, *args, **{**kwargs, "init_scale": 2.0 ** 24})
 
     monkeypatch.setattr(torch.amp.GradScaler, "__init__", high_initial_scale)
+    SMALL = dict(batch_size=2, block_size=32)  # float16 matmuls are slow on CPUs (36 s at the tiny default)
     full = tmp_path / "full"
-    train(tiny_config(char_data, full, max_steps=20, dtype="float16"))
+    train(tiny_config(char_data, full, max_steps=20, dtype="float16", **SMALL))
     saved = ckpt.read_state(full / "checkpoints" / "step_0000010")["grad_scaler"]
     assert 0 < saved["scale"] < 2.0 ** 24  # it backed off from the initial scale
 
     resumed = rewound_copy(full, tmp_path / "resumed", step=10)
-    train(tiny_config(char_data, resumed, max_steps=20, dtype="float16"))
+    train(tiny_config(char_data, resumed, max_steps=20, dtype="float16", **SMALL))
     assert learning_records(resumed) == learning_records(full)
     assert ckpt.read_state(ckpt.latest_checkpoint(resumed))["grad_scaler"] == \
         ckpt.read_state(ckpt.latest_checkpoint(full))["grad_scaler"]
 
     # Other dtypes hold no scaler state; switching dtypes either way resumes (a fresh scaler for float16).
-    train(tiny_config(char_data, resumed, max_steps=25, dtype="float32"))
+    train(tiny_config(char_data, resumed, max_steps=25, dtype="float32", **SMALL))
     assert ckpt.read_state(ckpt.latest_checkpoint(resumed))["grad_scaler"] is None
-    train(tiny_config(char_data, resumed, max_steps=30, dtype="float16"))
+    train(tiny_config(char_data, resumed, max_steps=30, dtype="float16", **SMALL))
     assert ckpt.read_state(ckpt.latest_checkpoint(resumed))["grad_scaler"]["scale"] > 0
     assert [r["step"] for r in read_metrics(resumed)][-2:] == [25, 30]
 
