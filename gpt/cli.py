@@ -110,7 +110,7 @@ def exit_process(code: int | str | None) -> None:
     still runs the group's threads, and Python's finalization can abort it after its work is done
     (see gpt/distributed.py init_distributed). What still holds a group: FSDP2's DeviceMesh, whose
     modules a reference cycle through autograd keeps alive past the garbage collector. Such a process
-    ends the way finalization would, minus the part that aborts: non-daemon threads are joined,
+    ends the way finalization would, minus the part that aborts: non-daemon threads are joined (as threading does at exit),
     atexit handlers run (logging's flush among them), stdout and stderr are flushed, then os._exit.
     The trainer has closed its own files and joined its checkpoint threads before returning, so
     no output is lost. Nothing is freed on the way: the last reference to such a group, dropped
@@ -126,9 +126,10 @@ def exit_process(code: int | str | None) -> None:
     elif not isinstance(code, int):
         print(code, file=sys.stderr)  # what the interpreter does with SystemExit("message")
         code = 1
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # What finalization does first, in its order: the threading module's exit hooks (they tell
+    # idle ThreadPoolExecutor workers, such as torch.compile's, to end), then the join of every
+    # non-daemon thread. Joining them without the hooks waited forever on such a worker.
+    threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

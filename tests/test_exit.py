@@ -80,8 +80,8 @@ def test_a_ddp_run_frees_its_process_group_and_threads(data, tmp_path):
 @needs_proc
 def test_exit_process_ends_a_leaked_group_without_losing_anything(tmp_path):
     """Where a group cannot be freed (its threads still run), exit_process ends the process without
-    finalization, but as finalization would: non-daemon threads joined, atexit handlers run,
-    buffered stdout written, and the exit code kept."""
+    finalization, but as finalization would: non-daemon threads joined (an idle pool's told to end
+    first), atexit handlers run, buffered stdout written, and the exit code kept."""
     worker = tmp_path / "worker.py"
     worker.write_text(textwrap.dedent(f"""
         import atexit, os, sys, threading, time
@@ -98,6 +98,11 @@ def test_exit_process_ends_a_leaked_group_without_losing_anything(tmp_path):
             time.sleep(0.5)
             open(os.path.join(out, "thread"), "w").write("done")
         threading.Thread(target=late).start()
+        # An idle pool worker (torch.compile keeps some): a non-daemon thread that ends only when
+        # told at exit; joined without being told, the exit waited forever.
+        from concurrent.futures import ThreadPoolExecutor
+        pool = ThreadPoolExecutor(2)
+        pool.submit(print, "pool", file=sys.stderr).result()
         for i in range(1000):
             print(i)  # stdout is a pipe, block-buffered: these 4 kB are written only if flushed
         exit_process(75)
