@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import importlib
 import os
 import sys
 from dataclasses import dataclass
@@ -99,7 +100,7 @@ def init_distributed(device_preference: str, timeout_minutes: float = 10.0,
         # called without an active exception'): about 1 launch in 25 failed after its work was
         # done. Imported first, the defaults are None. (FSDP2 can still hold the group through
         # its mesh: gpt/cli.py exit_process covers that.)
-        import torch.distributed.nn  # noqa: F401 (imported for its side effect)
+        importlib.import_module("torch.distributed.nn")  # for that side effect alone
         dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(minutes=timeout_minutes),
