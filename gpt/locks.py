@@ -36,10 +36,10 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
-# The locks this process holds, by their file's (device, inode), to close inherited copies in
-# forked children. Weak: a lock nobody references is released and leaves. (A second acquire in
-# the same process is refused by flock itself: it locks open files, not processes.)
-_held: "weakref.WeakValueDictionary[tuple[int, int], FolderLock]" = weakref.WeakValueDictionary()
+# The locks this process holds, to close inherited copies in forked children. Weak: a lock
+# nobody references is released and leaves. (A second acquire in the same process is refused
+# by flock itself: it locks open files, not processes.)
+_held: "weakref.WeakSet[FolderLock]" = weakref.WeakSet()
 
 
 class FolderBusy(Exception):
@@ -59,10 +59,6 @@ class FolderLock:
         self.warning = warning  # why the folder is not guarded, when it is not
         self._fd = fd
         self._owner = os.getpid()
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
 
     def release(self) -> None:
         """Remove the lock file and release the lock (idempotent; a no-op in a forked child)."""
@@ -136,7 +132,7 @@ def acquire(path: str | os.PathLike) -> FolderLock:
             raise
         _write_holder(fd)
         lock = FolderLock(path, fd)
-        _held[key] = lock
+        _held.add(lock)
         return lock
 
 
@@ -159,7 +155,7 @@ def _read_holder(fd: int) -> str:
 
 
 def _after_fork_in_child() -> None:
-    for lock in list(_held.values()):
+    for lock in list(_held):
         lock._forget_in_child()
 
 
