@@ -156,11 +156,11 @@ def prepare(
         staging.mkdir()
     except PrepareError:
         if lock is not None:
-            _unlock_out_dir(out_dir, lock)
+            lock.release()
         raise
     except OSError as e:  # bare, the error named only the staging folder, never --out
         if lock is not None:
-            _unlock_out_dir(out_dir, lock)
+            lock.release()
         raise PrepareError(f"--out {out_dir}: cannot create the dataset folder there ({e.strerror or e}); "
                            f"is a part of the path a file, or the folder not writable?") from e
     published = False
@@ -196,7 +196,7 @@ def prepare(
         published = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        _unlock_out_dir(out_dir, lock)
+        lock.release()  # removes the lock file too (gpt/locks.py: safe against a prep that opened it)
         if created and not published and not any(out_dir.iterdir()):
             out_dir.rmdir()  # a failed prep leaves no trace where there was nothing
     seconds = time.perf_counter() - started
@@ -224,10 +224,6 @@ def _lock_out_dir(out_dir: Path):
     if lock.warning:
         warnings.warn(lock.warning, stacklevel=3)
     return lock
-
-
-def _unlock_out_dir(out_dir: Path, lock) -> None:
-    lock.release()  # removes the lock file too (gpt/locks.py: safe against a prep that opened it)
 
 
 # ---- checks ---------------------------------------------------------------------------------
