@@ -214,6 +214,7 @@ def _run_data_dir(folder: Path) -> str | None:
 
 
 def _read_json_quietly(path: Path) -> object:
+    """The JSON in `path`, or None when it is absent or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -252,33 +253,32 @@ def dataset_files(data_dir: Path) -> list[Path]:
 def _tokenizer_file_kind(path: Path) -> tuple[str | None, int | None]:
     """The kind ("char" for a WordLevel model, "bpe") and number of ids of a tokenizer.json,
     read as plain JSON (this module does not load `tokenizers`); (None, None) if it cannot tell."""
+    return _tokenizer_json_kind(_read_json_quietly(path))
+
+
+def _tokenizer_json_kind(saved: object) -> tuple[str | None, int | None]:
     try:
-        saved = json.loads(path.read_text())
         model = saved["model"]
         ids = {*model["vocab"].values(), *(t["id"] for t in saved.get("added_tokens") or [])}
         kind = {"WordLevel": "char", "BPE": "bpe"}.get(model["type"])
         return kind, (max(ids) + 1 if ids else None)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None, None
 
 
 def _is_gpt2_tokenizer_file(path: Path) -> bool:
     """Whether `path` is a tokenizer.json of GPT-2's vocabulary (BPE, 50257 ids, end-of-text
-    50256), read as plain JSON; False when absent or unreadable."""
-    kind, n_ids = _tokenizer_file_kind(path)
-    if kind != "bpe" or n_ids != GPT2_VOCAB_SIZE:
+    50256), read as plain JSON (once: GPT-2's is 1.3 MB); False when absent or unreadable."""
+    saved = _read_json_quietly(path)
+    if _tokenizer_json_kind(saved) != ("bpe", GPT2_VOCAB_SIZE):
         return False
-    saved = json.loads(path.read_text())
     eos = {t.get("content"): t.get("id") for t in saved.get("added_tokens") or []}.get("<|endoftext|>")
     return (saved["model"]["vocab"].get("<|endoftext|>") if eos is None else eos) == GPT2_EOS_ID
 
 
 def _read_meta_quietly(data_dir: Path) -> dict:
     """meta.json as a dict, or {} when it is absent or unreadable (for advice, never for data)."""
-    try:
-        meta = json.loads((data_dir / "meta.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    meta = _read_json_quietly(data_dir / "meta.json")
     return meta if isinstance(meta, dict) else {}
 
 
