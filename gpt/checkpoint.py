@@ -822,9 +822,10 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return path
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
+def resolve_checkpoint(path: str | os.PathLike, hf_advice: str | None = None) -> Path:
     """Accept a run folder (uses `latest`) or a checkpoint folder ('~' is home: no shell expands
-    it in `--out_dir=~/run`)."""
+    it in `--out_dir=~/run`). `hf_advice`: what the caller's user should do when `path` is a
+    Hugging Face model folder instead (the default speaks of init_from's 'hf:' prefix)."""
     path = Path(path).expanduser()
     if (path / MANIFEST_FILE).exists():
         return path
@@ -832,7 +833,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         found = latest_checkpoint(path)
         if found is not None:
             return found
-        raise CheckpointError(_no_checkpoint_message(path))
+        raise CheckpointError(_no_checkpoint_message(path, hf_advice))
     if path.exists():
         # Most likely a file of a checkpoint (model.safetensors) or of a run (latest): its folder is meant.
         parent = path.parent
@@ -845,13 +846,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"checkpoint path {path} does not exist")
 
 
-def _no_checkpoint_message(folder: Path) -> str:
+def _no_checkpoint_message(folder: Path, hf_advice: str | None = None) -> str:
     """The error for a folder that holds no checkpoint, saying what it is instead and what was
     meant where we can tell. Two look-alikes: a Hugging Face model folder written without 'hf:'
     (`--init_from=DIR`), and a run's checkpoints/ folder itself (`--out_dir RUN/checkpoints`)."""
     from .hf import HF_PREFIX, hf_folder_hint  # (imports only the model, as this module does)
 
     hint = hf_folder_hint(folder)
+    if hint and hf_advice:
+        return f"{hint}: {hf_advice}"
     if hint:
         return (f"{hint}, so it holds no checkpoint. To start from its weights, name it with the "
                 f"'{HF_PREFIX}' prefix: init_from = '{HF_PREFIX}{folder}' (--init_from={HF_PREFIX}{folder})")
@@ -1384,13 +1387,11 @@ def consolidate(source: str | os.PathLike, out: str | os.PathLike | None = None,
     state.json, tokenizer.json, manifest.json, and with `optimizer` also optimizer.pt (then the
     folder resumes training like any full checkpoint). Reads in one process: needs CPU memory for
     the whole model (and optimizer state). Returns `out`."""
-    from .hf import HF_PREFIX, hf_folder_hint
+    from .hf import HF_PREFIX
 
-    hint = hf_folder_hint(Path(source).expanduser())
-    if hint:
-        raise CheckpointError(f"{hint}: there is nothing to consolidate; a Hugging Face folder is used as "
-                              f"it is, named with the '{HF_PREFIX}' prefix (init_from = '{HF_PREFIX}{source}')")
-    ckpt_dir = resolve_checkpoint(source)
+    ckpt_dir = resolve_checkpoint(source, hf_advice=(
+        f"there is nothing to consolidate; a Hugging Face folder is used as it is, named with the "
+        f"'{HF_PREFIX}' prefix (init_from = '{HF_PREFIX}{source}')"))
     verify_checkpoint(ckpt_dir)
     state = read_state(ckpt_dir)
     out = Path(out) if out is not None else default_consolidated_path(ckpt_dir)

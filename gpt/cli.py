@@ -264,10 +264,7 @@ def sample(args) -> None:
         model = hf.load_hf_model(hf_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
     else:
         given = args.out_dir or args.ckpt
-        hint = hf.hf_folder_hint(given)
-        if hint:
-            raise ConfigError(f"{hint}: sample it with --init_from {hf.HF_PREFIX}{given}")
-        path = ckpt.resolve_checkpoint(given)
+        path = ckpt.resolve_checkpoint(given, hf_advice=f"sample it with --init_from {hf.HF_PREFIX}{given}")
         ckpt.verify_checkpoint(path)
         state = ckpt.read_state(path)
         tokenizer_file = path / ckpt.TOKENIZER_FILE

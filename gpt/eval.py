@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .config import ConfigError
-from .hf import HF_PREFIX, hf_folder_hint, load_hf_model, parse_init_from
+from .hf import HF_PREFIX, load_hf_model, parse_init_from
 from .model import GPT, GPTConfig
 from .shards import ShardError, list_shards, load_meta, open_shard
 from .tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
@@ -196,10 +196,7 @@ def load_for_eval(run: str, data_dir: str | None, device: torch.device) -> tuple
         model = load_hf_model(hf_dir, log=lambda m: print(m, file=sys.stderr))
         model_tokenizer = hf_dir / TOKENIZER_FILE
     else:
-        hint = hf_folder_hint(run)
-        if hint:
-            raise ConfigError(f"{hint}: evaluate it as {HF_PREFIX}{run} (with --data_dir)")
-        source = ckpt.resolve_checkpoint(run)
+        source = ckpt.resolve_checkpoint(run, hf_advice=f"evaluate it as {HF_PREFIX}{run} (with --data_dir)")
         ckpt.verify_checkpoint(source)
         state = ckpt.read_state(source)
         model = GPT(GPTConfig(**state["model_config"]))

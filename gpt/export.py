@@ -32,7 +32,7 @@ import tokenizers
 import torch
 
 from . import checkpoint as ckpt
-from .hf import HF_PREFIX, HFError, check_gpt2_shape, hf_config_dict, hf_folder_hint, to_hf_state_dict
+from .hf import HF_PREFIX, HFError, check_gpt2_shape, hf_config_dict, to_hf_state_dict
 from .model import GPT, GPTConfig
 from .prepare import training_output
 from .sources import holds_token_shards
@@ -56,10 +56,7 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool
     if str(run).startswith(HF_PREFIX) and not Path(run).exists():
         raise HFError(f"{run}: export reads a run or checkpoint of this project and writes a Hugging "
                       f"Face folder; 'hf:DIR' is how init_from names a Hugging Face folder to start from")
-    hint = hf_folder_hint(run)
-    if hint:
-        raise HFError(f"{hint}: it is in Hugging Face's format already, nothing to export")
-    source = ckpt.resolve_checkpoint(run)
+    source = ckpt.resolve_checkpoint(run, hf_advice="it is in Hugging Face's format already, nothing to export")
     ckpt.verify_checkpoint(source)
     state = ckpt.read_state(source)
     config = GPTConfig(**state["model_config"])
