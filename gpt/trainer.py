@@ -130,7 +130,6 @@ def prepare_out_dir(config: TrainConfig, out_dir: Path) -> locks.FolderLock:
     out_dir is refused while it is held. It goes when released, or when the process dies (kill -9
     included), so a restart, a requeue or a rerun is never refused. Called by the process that
     writes the run's files (rank 0) only."""
-
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out_dir {out_dir} is a file, not a folder: the run keeps its checkpoints and "
                           f"metrics in a folder. Choose another --out_dir, or move that file away")
@@ -738,13 +737,13 @@ class NonFiniteGuard:
         float16 even unscaled: stop, rather than skip step after step until max_steps."""
         if scale >= MIN_LOSS_SCALE:
             return
-        latest = self._latest()
+        latest, advice = self._latest(), self._advice()
         where = (f"the latest checkpoint, {latest}, holds the weights as they last trained" if latest
                  else "no checkpoint was saved")
         raise TrainingError(
             f"the float16 loss scale fell to {scale:g} by step {step}: the gradients overflow float16 "
             f"even unscaled, so every step is skipped (GradScaler) and the model no longer learns "
-            f"({where}). {self._advice()[0].upper()}{self._advice()[1:]}"
+            f"({where}). {advice[0].upper()}{advice[1:]}"
         )
 
     def _advice(self) -> str:
