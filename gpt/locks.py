@@ -89,8 +89,9 @@ class FolderLock:
             self._fd = None
 
 
-def acquire(path: str | os.PathLike) -> FolderLock:
-    """Lock `path` (created if missing) exclusively without waiting; FolderBusy if another holds it.
+def acquire(path: str | os.PathLike, *, wait: bool = False) -> FolderLock:
+    """Lock `path` (created if missing) exclusively without waiting (FolderBusy if another holds
+    it), or with `wait`, once the holder lets go.
 
     OSError when the file cannot be opened (a missing or unwritable folder). Where the
     filesystem cannot flock, an unheld FolderLock whose `warning` says so.
@@ -105,7 +106,7 @@ def acquire(path: str | os.PathLike) -> FolderLock:
                 os.close(fd)
                 return FolderLock(path, None, f"cannot lock {path} on this platform (no fcntl)")
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise FolderBusy(path, _read_holder(fd)) from None
             except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS...: this filesystem does not lock

@@ -104,16 +104,11 @@ def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
         # folder) or have just done so: wait for that prep to end and train on its dataset.
         if not data_dir.is_dir():
             raise
-        waited = False
-        while True:
-            try:
-                locks.acquire(data_dir / LOCK_FILE).release()
-                break
-            except locks.FolderBusy:
-                if not waited:
-                    print(f"another process is preparing {data_dir}; waiting for it to finish", flush=True)
-                    waited = True
-                time.sleep(1)
+        try:
+            locks.acquire(data_dir / LOCK_FILE).release()
+        except locks.FolderBusy:
+            print(f"another process is preparing {data_dir}; waiting for it to finish", flush=True)
+            locks.acquire(data_dir / LOCK_FILE, wait=True).release()
         if not (data_dir / "meta.json").exists():
             raise
         print(f"{data_dir} was prepared by another process meanwhile; training on that dataset", flush=True)
