@@ -14,16 +14,13 @@ if __name__ == "__main__":
     from gpt.early_signals import EarlyStopSignals  # no torch: in place before torch imports
 
     early = EarlyStopSignals().install()
-    stopped = None
     try:
         from gpt.cli import exit_process, run_train
 
         code = run_train(sys.argv[1:], default_config=Path(__file__).resolve().parent / "configs" / "default.toml")
     except SystemExit as e:  # the trainer's own exit code: 75 (or 130) after a stop signal, once saved
-        # Held until the process ends: its traceback keeps the trainer's frames, hence the model and
-        # any process group it holds, alive; freeing them here could free that group while one of its
-        # threads waits for the GIL that this thread holds (see gpt/cli.py exit_process).
-        stopped, code = e, e.code
+        # (raised after the process group was shut down: gpt/trainer.py train), ended the same way
+        code = e.code
     finally:
         early.restore()
     exit_process(code)
