@@ -17,13 +17,14 @@ costs one full-window forward per step once the context is full, like the uncach
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from gpt.model import GPT, KVCache
+from gpt.model import GPT, KVCache, packed_for_decoding
 
 
 def _check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -177,30 +178,34 @@ def _decode(
     was_training = model.training
     model.eval()
     try:
-        block_size = model.config.block_size
-        kv_cache = None
-        if use_cache:
-            param = next(model.parameters())
-            kv_cache = KVCache(model.config, idx.size(0), device=param.device, dtype=kv_cache_dtype(model))
-        context = idx[:, -block_size:]
-        n_new = context.size(1)
-        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            logits = next_token_logits(model, context, kv_cache, n_new)
-            token = sample_next(logits, temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                token = torch.where(finished[:, None], torch.full_like(token, eos_id), token)
-                finished |= token[:, 0] == eos_id
-            # Only the last block_size tokens can ever be attended to again.
-            context = torch.cat([context, token], dim=1)[:, -block_size:]
-            n_new = 1
-            with torch.inference_mode(False):
-                # A normal tensor for the caller: an inference tensor could not be saved for
-                # backward if the tokens were later trained on.
-                out = token.clone()
-            yield out
-            if eos_id is not None and bool(finished.all()):
-                return
+        # oneDNN copies of the CPU weights for the loop (gpt.model.Linear), where its products
+        # have 3 rows or more (batch >= 3, or no cache); at 1-2 rows they would go unused.
+        pack = idx.size(0) >= 3 or not use_cache
+        with packed_for_decoding(model) if pack else contextlib.nullcontext():
+            block_size = model.config.block_size
+            kv_cache = None
+            if use_cache:
+                param = next(model.parameters())
+                kv_cache = KVCache(model.config, idx.size(0), device=param.device, dtype=kv_cache_dtype(model))
+            context = idx[:, -block_size:]
+            n_new = context.size(1)
+            finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+            for _ in range(max_new_tokens):
+                logits = next_token_logits(model, context, kv_cache, n_new)
+                token = sample_next(logits, temperature, top_k, top_p, generator)
+                if eos_id is not None:
+                    token = torch.where(finished[:, None], torch.full_like(token, eos_id), token)
+                    finished |= token[:, 0] == eos_id
+                # Only the last block_size tokens can ever be attended to again.
+                context = torch.cat([context, token], dim=1)[:, -block_size:]
+                n_new = 1
+                with torch.inference_mode(False):
+                    # A normal tensor for the caller: an inference tensor could not be saved for
+                    # backward if the tokens were later trained on.
+                    out = token.clone()
+                yield out
+                if eos_id is not None and bool(finished.all()):
+                    return
     finally:
         model.train(was_training)
 

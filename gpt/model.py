@@ -7,7 +7,7 @@
 The model is a plain `nn.Module`: no device, dtype, rank or distribution is baked in. DDP/FSDP2,
 activation checkpointing and torch.compile are applied from outside; the blocks live in an
 `nn.ModuleList` named `blocks` so FSDP2 can `fully_shard` each one. Its linear layers are
-`Linear`: nn.Linear with one CPU speed path for decoding (same parameters, the same product
+`Linear`: nn.Linear with CPU speed paths for decoding (same parameters, the same product
 summed in another order).
 
 Shapes: B batch, T sequence length, C = n_embd, H = n_head, D = C // H (head size), V vocab.
@@ -15,7 +15,9 @@ Shapes: B batch, T sequence length, C = n_embd, H = n_head, D = C // H (head siz
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -135,30 +137,46 @@ class KVCache:
 
 
 class Linear(nn.Linear):
-    """nn.Linear (y = x W^T + b; same parameters, same state dict) with one CPU speed path.
+    """nn.Linear (y = x W^T + b; same parameters, same state dict) with two CPU speed paths for
+    decoding, both fp32 only and only without autograd, so that training's numbers never depend
+    on them (they sum in other orders: last-bit differences).
 
-    Decoding feeds each linear one row per sequence (a short prompt: one row per token). For
-    1-64 rows MKL's kernel for x W^T runs well below the speed of streaming W once: it takes
-    the matrix-vector route, on one core. Cutting W's rows into `blocks` equal slices (a view,
-    no copy) and multiplying them with x^T as one batched product goes through MKL's batched
-    GEMM instead, which streams W 2-3x faster at one row and 1.0-1.3x at 2-64 (measured here,
-    the 24 block linears of 6 x 384 and 12 x 768: 1.2 vs 3.8 ms and 11.7 vs 23.3 ms at one
-    row; 8 blocks and 4 were within 5%, 16 slower, 1 is the slow route again). fp32 only
-    (under bf16 autocast a transposed product was slower: 0.84x at batch 8), and only without
-    autograd, so that training's numbers never depend on the path (the two sum in different
-    orders: last-bit differences).
+    Decoding feeds each linear one row per sequence (a short prompt: one row per token), where
+    MKL's kernel for x W^T runs well below the speed of streaming W once:
+    - 1-2 rows (and 3-64 without a packed copy): cutting W's rows into `blocks` equal slices (a
+      view, no copy) and multiplying them with x^T as one batched product goes through MKL's
+      batched GEMM instead, which streams W 2-3x faster at one row (the 24 block linears of
+      6 x 384 and 12 x 768: 1.2 vs 3.8 ms and 11.7 vs 23.3 ms; 8 blocks and 4 were within 5%,
+      16 slower, 1 is the slow route again). Under bf16 autocast it was slower (0.84x at batch 8).
+    - 3 rows or more, while `packed_for_decoding` holds a copy of W in oneDNN's blocked layout:
+      oneDNN's product with it (the 24 block linears of 6 x 384, ms, nn.Linear / batched /
+      packed: 4 rows 5.9 / 2.7 / 1.6, 8 rows 6.1 / 4.0 / 2.0, 64 rows 13.6 / 12.0 / 7.4, 256
+      rows 33 / 37 / 27; 12 x 768 at 8 rows 42 / 36 / 14). At 1-2 rows the batched product
+      is faster (1 row 1.3 vs 2.2 ms), so it keeps those.
     """
+
+    # (oneDNN's copy of weight, weight._version when copied): set by `packed_for_decoding`.
+    packed: tuple[torch.Tensor, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or not x.is_cpu:  # training and GPUs: decided in one check
             return super().forward(x)
         rows = x.numel() // self.in_features
         fp32 = x.dtype == self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-        blocks = math.gcd(self.out_features, 8)
-        # A wrong last dimension goes to nn.Linear, whose error names both shapes; the reshape
+        # A wrong last dimension goes to nn.Linear, whose error names both shapes; the reshapes
         # below would fail with a message about sizes that appear nowhere in the caller's code.
         fits = x.shape[-1:] == (self.in_features,)
-        if not (fits and 1 <= rows <= 64 and fp32 and blocks > 1):
+        if not (fits and fp32):
+            return super().forward(x)
+        packed = self.packed
+        # The version check: a weight changed in place since it was copied (an optimizer step
+        # between two tokens) makes the copy stale; nn.Linear's path is then the right one.
+        if packed is not None and rows >= 3 and packed[1] == self.weight._version:
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, self.in_features), packed[0],
+                                                  self.bias, "none", [], "")
+            return y.view(*x.shape[:-1], self.out_features)
+        blocks = math.gcd(self.out_features, 8)
+        if not (1 <= rows <= 64 and blocks > 1):
             return super().forward(x)
         w = self.weight.view(blocks, self.out_features // blocks, self.in_features)
         xt = x.reshape(rows, self.in_features).t().expand(blocks, self.in_features, rows)
@@ -168,6 +186,35 @@ class Linear(nn.Linear):
             y = torch.baddbmm(self.bias.view(blocks, -1, 1), w, xt)
         # y is [blocks, out / blocks, rows]: W x^T with its rows in order
         return y.view(self.out_features, rows).t().contiguous().view(*x.shape[:-1], self.out_features)
+
+
+@contextlib.contextmanager
+def packed_for_decoding(model: nn.Module) -> Iterator[None]:
+    """While the block is active, every `Linear` of `model` whose weight is a plain fp32 CPU
+    tensor also holds a copy of it in oneDNN's blocked layout, which its no-grad forward uses
+    for 3 rows or more (see `Linear`). The copies cost the linears' weights once more in memory
+    (GPT-2 124M: ~490 MB) and a pass over them to make; decoding hundreds of tokens repays that
+    many times. Where this torch has no oneDNN, or the weights live elsewhere (a GPU, sharded,
+    another dtype), nothing is packed and the forward takes its other paths."""
+    linears = [m for m in model.modules() if isinstance(m, Linear) and _packable(m.weight)]
+    if torch.is_autocast_enabled("cpu"):  # bf16 matmuls then: the fp32 copies would go unused
+        linears = []
+    try:
+        for m in linears:
+            with torch.no_grad():
+                # The batch-size hint only picks among layouts: 8 and the exact row count ran
+                # within 5% of each other from 1 to 256 rows.
+                m.packed = (torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 8), m.weight._version)
+        yield
+    finally:
+        for m in linears:
+            m.packed = None
+
+
+def _packable(weight: torch.Tensor) -> bool:
+    return (weight.is_cpu and weight.dtype == torch.float32 and type(weight.data) is torch.Tensor
+            and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 # --------------------------------------------------------------------------------------------

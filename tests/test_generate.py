@@ -1,8 +1,11 @@
+import contextlib
+
 import pytest
 import torch
 
+import gpt.generate
 from gpt.generate import generate, generate_no_cache, kv_cache_dtype, next_token_logits, sample_next
-from gpt.model import GPT, GPTConfig, KVCache
+from gpt.model import GPT, GPTConfig, KVCache, Linear
 
 TINY = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -220,3 +223,28 @@ def test_generate_rejects_ids_the_model_cannot_have_made():
     for bad_eos in (50, -1, True, 3.0):
         with pytest.raises(ValueError, match="eos_id"):
             generate(padded, idx, 2, eos_id=bad_eos)
+
+
+def test_decoding_uses_packed_weights_and_drops_them_after(model, monkeypatch):
+    # On a CPU in fp32, generate() holds oneDNN copies of the linears' weights for the loop
+    # (batch 4: 4 rows per product, the packed path) and lets them go when it ends or is
+    # closed early; at batch 1-2 it makes none (they would go unused). The tokens are those
+    # of the unpacked paths.
+    def packed_copies() -> int:
+        return sum(m.packed is not None for m in model.modules() if isinstance(m, Linear))
+
+    idx = prompt(4, 3)
+    with torch.profiler.profile() as prof:
+        tokens = run(generate(model, idx, 12, temperature=0.0))
+    assert "mkldnn::_linear_pointwise" in {e.name for e in prof.events()}
+    assert packed_copies() == 0
+    it = generate(model, idx, 12, temperature=0.0)
+    next(it)
+    assert packed_copies() == len([m for m in model.modules() if isinstance(m, Linear)])
+    it.close()
+    assert packed_copies() == 0
+    it = generate(model, prompt(2, 3), 12, temperature=0.0)  # 2 rows: the batched product's
+    next(it)
+    assert packed_copies() == 0
+    monkeypatch.setattr(gpt.generate, "packed_for_decoding", lambda model: contextlib.nullcontext())
+    assert torch.equal(run(generate(model, idx, 12, temperature=0.0)), tokens)

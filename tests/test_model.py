@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt.model import GPT, GPTConfig, KVCache, Linear, attend, closed_form_num_params
+from gpt.model import GPT, GPTConfig, KVCache, Linear, attend, closed_form_num_params, packed_for_decoding
 
 TINY = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -248,6 +248,53 @@ def test_linear_few_rows_path_computes_nn_linear(bias, out_features):
         with torch.no_grad():
             assert (batched in aten_ops(lambda: layer(x))) == (fast and out_features != 35)
         assert batched not in aten_ops(lambda: layer(x))
+
+
+PACKED_OP = "mkldnn::_linear_pointwise"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_packed_copy_serves_three_rows_or_more_while_decoding(bias):
+    # Inside packed_for_decoding, no-grad fp32 products of 3+ rows go through oneDNN with its
+    # blocked copy of W (the same product up to summation order); 1-2 rows keep the batched
+    # product; autograd keeps nn.Linear's own; a weight changed in place since it was copied
+    # is never read from the stale copy. Odd out_features (35: no batched path) are packed too.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Linear(48, 80, bias=bias), Linear(80, 35, bias=bias))
+    layer, odd = model
+    with torch.no_grad(), packed_for_decoding(model):
+        assert all(m.packed is not None for m in model)
+        for lin, shape in [(layer, (3, 48)), (layer, (2, 5, 48)), (layer, (64, 48)), (layer, (300, 48)),
+                           (odd, (4, 80))]:
+            x = torch.randn(shape)
+            y = lin(x)
+            expected = F.linear(x, lin.weight, lin.bias)
+            assert y.shape == expected.shape and y.is_contiguous()
+            torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+            assert PACKED_OP in aten_ops(lambda: lin(x))
+        batched = "aten::baddbmm" if bias else "aten::bmm"
+        for rows in (1, 2):
+            ops = aten_ops(lambda: layer(torch.randn(rows, 48)))
+            assert PACKED_OP not in ops and batched in ops
+        with torch.enable_grad():
+            x = torch.randn(4, 48)
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        layer.weight.mul_(2)
+        x = torch.randn(100, 48)
+        assert PACKED_OP not in aten_ops(lambda: layer(x))
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert all(m.packed is None for m in model)
+
+
+def test_nothing_is_packed_under_autocast_or_for_other_dtypes():
+    model = torch.nn.Sequential(Linear(16, 32), Linear(16, 32).double())
+    with torch.autocast("cpu", dtype=torch.bfloat16), packed_for_decoding(model):
+        assert all(m.packed is None for m in model)  # its matmuls run in bf16: a copy would go unused
+    with packed_for_decoding(model):
+        assert model[0].packed is not None and model[1].packed is None
+        with torch.no_grad():
+            x = torch.randn(5, 16, dtype=torch.float64)
+            assert torch.equal(model[1](x), F.linear(x, model[1].weight, model[1].bias))
 
 
 def test_linear_few_rows_path_reports_a_wrong_input_width_like_nn_linear():
