@@ -17,7 +17,6 @@ costs one full-window forward per step once the context is full, like the uncach
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator
 
@@ -178,10 +177,10 @@ def _decode(
     was_training = model.training
     model.eval()
     try:
-        # oneDNN copies of the CPU weights for the loop (gpt.model.Linear), where its products
-        # have 3 rows or more (batch >= 3, or no cache); at 1-2 rows they would go unused.
-        pack = idx.size(0) >= 3 or not use_cache
-        with packed_for_decoding(model) if pack else contextlib.nullcontext():
+        # oneDNN copies of the CPU weights for the loop (gpt.model.Linear). Its products have
+        # a row per sequence with the cache, up to a row per context position without.
+        rows = idx.size(0) * (1 if use_cache else model.config.block_size)
+        with packed_for_decoding(model, rows):
             block_size = model.config.block_size
             kv_cache = None
             if use_cache:

@@ -136,47 +136,60 @@ class KVCache:
 # The linear layer: nn.Linear, plus one speed path for decoding on CPU
 
 
+@dataclass
+class PackedWeight:
+    """A Linear's weight (and bias) copied into oneDNN's blocked layout, for decoding."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    dtype: torch.dtype  # float32, or bfloat16 for decoding under bf16 autocast
+    min_rows: int  # products of fewer rows take Linear's other paths (faster there)
+    versions: tuple[int, int]  # the weight's and bias's version counters when copied
+
+
 class Linear(nn.Linear):
     """nn.Linear (y = x W^T + b; same parameters, same state dict) with two CPU speed paths for
-    decoding, both fp32 only and only without autograd, so that training's numbers never depend
-    on them (they sum in other orders: last-bit differences).
+    decoding, both only without autograd, so that training's numbers never depend on them (they
+    sum in other orders: last-bit differences).
 
     Decoding feeds each linear one row per sequence (a short prompt: one row per token), where
     MKL's kernel for x W^T runs well below the speed of streaming W once:
-    - 1-2 rows (and 3-64 without a packed copy): cutting W's rows into `blocks` equal slices (a
-      view, no copy) and multiplying them with x^T as one batched product goes through MKL's
-      batched GEMM instead, which streams W 2-3x faster at one row (the 24 block linears of
-      6 x 384 and 12 x 768: 1.2 vs 3.8 ms and 11.7 vs 23.3 ms; 8 blocks and 4 were within 5%,
-      16 slower, 1 is the slow route again). Under bf16 autocast it was slower (0.84x at batch 8).
-    - 3 rows or more, while `packed_for_decoding` holds a copy of W in oneDNN's blocked layout:
-      oneDNN's product with it (the 24 block linears of 6 x 384, ms, nn.Linear / batched /
-      packed: 4 rows 5.9 / 2.7 / 1.6, 8 rows 6.1 / 4.0 / 2.0, 64 rows 13.6 / 12.0 / 7.4, 256
-      rows 33 / 37 / 27; 12 x 768 at 8 rows 42 / 36 / 14). At 1-2 rows the batched product
-      is faster (1 row 1.3 vs 2.2 ms), so it keeps those.
+    - While `packed_for_decoding` holds a copy of W in oneDNN's blocked layout: oneDNN's product
+      with it. The 24 block linears of 6 x 384, ms, fp32, nn.Linear / batched (below) / packed:
+      4 rows 5.9 / 2.7 / 1.6, 8 rows 6.1 / 4.0 / 2.0, 64 rows 13.6 / 12.0 / 7.4, 256 rows
+      33 / 37 / 27; 12 x 768 at 8 rows 42 / 36 / 14. At 1-2 rows the batched product is faster
+      in fp32 (1 row 1.3 vs 2.2 ms), so fp32 copies serve 3 rows or more. Under bf16 autocast a
+      bf16 copy serves every row count: 1 row 1.7 ms (F.linear on bf16 weights cast once) vs
+      0.8, 8 rows 2.2 vs 1.2 (and half the bytes: 6 x 384's weights then fit in a 32 MB L3).
+    - fp32, 1-64 rows otherwise: cutting W's rows into `blocks` equal slices (a view, no copy)
+      and multiplying them with x^T as one batched product goes through MKL's batched GEMM
+      instead, which streams W 2-3x faster at one row (the 24 block linears of 6 x 384 and
+      12 x 768: 1.2 vs 3.8 ms and 11.7 vs 23.3 ms; 8 blocks and 4 were within 5%, 16 slower, 1
+      is the slow route again). Under bf16 autocast it was slower (0.84x at batch 8).
     """
 
-    # (oneDNN's copy of weight, weight._version when copied): set by `packed_for_decoding`.
-    packed: tuple[torch.Tensor, int] | None = None
+    packed: PackedWeight | None = None  # set by `packed_for_decoding`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or not x.is_cpu:  # training and GPUs: decided in one check
             return super().forward(x)
         rows = x.numel() // self.in_features
-        fp32 = x.dtype == self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+        autocast = torch.is_autocast_enabled("cpu")
         # A wrong last dimension goes to nn.Linear, whose error names both shapes; the reshapes
         # below would fail with a message about sizes that appear nowhere in the caller's code.
         fits = x.shape[-1:] == (self.in_features,)
-        if not (fits and fp32):
-            return super().forward(x)
         packed = self.packed
         # The version check: a weight changed in place since it was copied (an optimizer step
-        # between two tokens) makes the copy stale; nn.Linear's path is then the right one.
-        if packed is not None and rows >= 3 and packed[1] == self.weight._version:
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, self.in_features), packed[0],
-                                                  self.bias, "none", [], "")
+        # between two tokens) makes the copy stale; the other paths are then the right ones.
+        if (fits and packed is not None and rows >= packed.min_rows
+                and packed.dtype == (torch.get_autocast_dtype("cpu") if autocast else x.dtype)
+                and packed.versions == _versions(self)):
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, self.in_features).to(packed.dtype),
+                                                  packed.weight, packed.bias, "none", [], "")
             return y.view(*x.shape[:-1], self.out_features)
+        fp32 = x.dtype == self.weight.dtype == torch.float32 and not autocast
         blocks = math.gcd(self.out_features, 8)
-        if not (1 <= rows <= 64 and blocks > 1):
+        if not (fits and fp32 and 1 <= rows <= 64 and blocks > 1):
             return super().forward(x)
         w = self.weight.view(blocks, self.out_features // blocks, self.in_features)
         xt = x.reshape(rows, self.in_features).t().expand(blocks, self.in_features, rows)
@@ -188,23 +201,36 @@ class Linear(nn.Linear):
         return y.view(self.out_features, rows).t().contiguous().view(*x.shape[:-1], self.out_features)
 
 
+def _versions(linear: Linear) -> tuple[int, int]:
+    return linear.weight._version, 0 if linear.bias is None else linear.bias._version
+
+
 @contextlib.contextmanager
-def packed_for_decoding(model: nn.Module) -> Iterator[None]:
+def packed_for_decoding(model: nn.Module, rows: int) -> Iterator[None]:
     """While the block is active, every `Linear` of `model` whose weight is a plain fp32 CPU
-    tensor also holds a copy of it in oneDNN's blocked layout, which its no-grad forward uses
-    for 3 rows or more (see `Linear`). The copies cost the linears' weights once more in memory
-    (GPT-2 124M: ~490 MB) and a pass over them to make; decoding hundreds of tokens repays that
-    many times. Where this torch has no oneDNN, or the weights live elsewhere (a GPU, sharded,
-    another dtype), nothing is packed and the forward takes its other paths."""
-    linears = [m for m in model.modules() if isinstance(m, Linear) and _packable(m.weight)]
-    if torch.is_autocast_enabled("cpu"):  # bf16 matmuls then: the fp32 copies would go unused
-        linears = []
+    tensor also holds a copy of it in oneDNN's blocked layout (bf16 under bf16 autocast), which
+    its no-grad forward uses (see `Linear`). `rows` is how many rows the products will mostly
+    have (the batch, when decoding with a cache): where the copies would go unused (fp32 at 1-2
+    rows), none is made. They cost the linears' weights once more in memory (GPT-2 124M: ~490
+    MB in fp32, half in bf16) and ~0.2 s to make (124M); decoding hundreds of tokens repays
+    that many times. Where this torch has no oneDNN, or the weights live elsewhere (a GPU,
+    sharded, another dtype), nothing is packed and the forward takes its other paths."""
+    if torch.is_autocast_enabled("cpu"):
+        # bf16 only where the CPU has native bf16 (without, oneDNN emulates it: ~1 GFLOP/s)
+        dtype = torch.get_autocast_dtype("cpu")
+        usable = dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        min_rows = 1
+    else:
+        dtype, usable, min_rows = torch.float32, rows >= 3, 3
+    linears = [m for m in model.modules() if isinstance(m, Linear) and _packable(m.weight)] if usable else []
     try:
-        for m in linears:
-            with torch.no_grad():
+        with torch.no_grad():
+            for m in linears:
                 # The batch-size hint only picks among layouts: 8 and the exact row count ran
                 # within 5% of each other from 1 to 256 rows.
-                m.packed = (torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 8), m.weight._version)
+                weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype), 8)
+                bias = None if m.bias is None else m.bias.detach().to(dtype)
+                m.packed = PackedWeight(weight, bias, dtype, min_rows, _versions(m))
         yield
     finally:
         for m in linears:
@@ -213,8 +239,9 @@ def packed_for_decoding(model: nn.Module) -> Iterator[None]:
 
 def _packable(weight: torch.Tensor) -> bool:
     return (weight.is_cpu and weight.dtype == torch.float32 and type(weight.data) is torch.Tensor
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and torch.backends.mkldnn.is_available()  # oneDNN's two ops are private (inductor's):
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")  # a torch without them
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))  # decodes on the other paths
 
 
 # --------------------------------------------------------------------------------------------

@@ -228,8 +228,9 @@ def test_generate_rejects_ids_the_model_cannot_have_made():
 def test_decoding_uses_packed_weights_and_drops_them_after(model, monkeypatch):
     # On a CPU in fp32, generate() holds oneDNN copies of the linears' weights for the loop
     # (batch 4: 4 rows per product, the packed path) and lets them go when it ends or is
-    # closed early; at batch 1-2 it makes none (they would go unused). The tokens are those
-    # of the unpacked paths.
+    # closed early; at batch 1-2 it makes none (they would go unused); under bf16 autocast, on
+    # a CPU with native bf16, bf16 copies at any batch. The tokens are those of the unpacked
+    # paths.
     def packed_copies() -> int:
         return sum(m.packed is not None for m in model.modules() if isinstance(m, Linear))
 
@@ -246,5 +247,10 @@ def test_decoding_uses_packed_weights_and_drops_them_after(model, monkeypatch):
     it = generate(model, prompt(2, 3), 12, temperature=0.0)  # 2 rows: the batched product's
     next(it)
     assert packed_copies() == 0
-    monkeypatch.setattr(gpt.generate, "packed_for_decoding", lambda model: contextlib.nullcontext())
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+        run(generate(model, prompt(1, 3), 4, temperature=0.0))  # bf16 copies: from one row on
+    assert ("mkldnn::_linear_pointwise" in {e.name for e in prof.events()}) == native_bf16
+    assert packed_copies() == 0
+    monkeypatch.setattr(gpt.generate, "packed_for_decoding", lambda model, rows: contextlib.nullcontext())
     assert torch.equal(run(generate(model, idx, 12, temperature=0.0)), tokens)

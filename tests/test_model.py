@@ -262,7 +262,7 @@ def test_linear_packed_copy_serves_three_rows_or_more_while_decoding(bias):
     torch.manual_seed(0)
     model = torch.nn.Sequential(Linear(48, 80, bias=bias), Linear(80, 35, bias=bias))
     layer, odd = model
-    with torch.no_grad(), packed_for_decoding(model):
+    with torch.no_grad(), packed_for_decoding(model, rows=3):
         assert all(m.packed is not None for m in model)
         for lin, shape in [(layer, (3, 48)), (layer, (2, 5, 48)), (layer, (64, 48)), (layer, (300, 48)),
                            (odd, (4, 80))]:
@@ -286,15 +286,37 @@ def test_linear_packed_copy_serves_three_rows_or_more_while_decoding(bias):
     assert all(m.packed is None for m in model)
 
 
-def test_nothing_is_packed_under_autocast_or_for_other_dtypes():
+def test_nothing_is_packed_where_it_would_go_unused():
     model = torch.nn.Sequential(Linear(16, 32), Linear(16, 32).double())
-    with torch.autocast("cpu", dtype=torch.bfloat16), packed_for_decoding(model):
-        assert all(m.packed is None for m in model)  # its matmuls run in bf16: a copy would go unused
-    with packed_for_decoding(model):
-        assert model[0].packed is not None and model[1].packed is None
+    with packed_for_decoding(model, rows=2):  # fp32 at 1-2 rows: the batched product is faster
+        assert all(m.packed is None for m in model)
+    with torch.autocast("cpu", dtype=torch.float16), packed_for_decoding(model, rows=8):
+        assert all(m.packed is None for m in model)
+    with packed_for_decoding(model, rows=3):
+        assert model[0].packed is not None and model[1].packed is None  # float64: not packed
         with torch.no_grad():
             x = torch.randn(5, 16, dtype=torch.float64)
             assert torch.equal(model[1](x), F.linear(x, model[1].weight, model[1].bias))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_copies_serve_every_row_count_under_autocast_on_cpus_with_native_bf16(bias):
+    # Under bf16 autocast a bf16 copy beats autocast's own product from one row on, where the
+    # CPU has native bf16; without it (oneDNN emulates bf16) nothing is packed.
+    torch.manual_seed(0)
+    layer = Linear(48, 80, bias=bias)
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), packed_for_decoding(layer, rows=1):
+        assert (layer.packed is not None) == native
+        for shape in [(1, 48), (2, 1, 48), (8, 48), (100, 48)]:
+            x = torch.randn(shape)
+            expected = F.linear(x, layer.weight, layer.bias)  # autocast's bf16 product
+            y = layer(x)
+            assert y.dtype == expected.dtype == torch.bfloat16 and y.shape == expected.shape
+            torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-3)
+            assert (PACKED_OP in aten_ops(lambda: layer(x))) == native
+    with torch.no_grad(), packed_for_decoding(layer, rows=1):  # fp32 outside autocast: not this copy
+        assert layer.packed is None
 
 
 def test_linear_few_rows_path_reports_a_wrong_input_width_like_nn_linear():
