@@ -131,7 +131,9 @@ def generate(
     block_size tokens. The model runs in eval mode (dropout off) while the iterator is live and
     gets its previous mode back when it is exhausted or closed. The KV cache is kept on the
     device of the model's parameters, in `kv_cache_dtype(model)` as of the first token. For bf16,
-    call generate() and iterate under torch.autocast.
+    call generate() and iterate under torch.autocast. On a CPU the linear layers' weights are
+    copied once more for the loop, in oneDNN's layout (`gpt.model.packed_for_decoding`; not at
+    batch 1-2 in fp32, where they would go unused).
     """
     _check_sampling_args(temperature, top_k, top_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
