@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: as prepare.py says it (prepare() has removed its staging)
+        print(f"\ninterrupted: nothing was written to {out}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -336,11 +336,15 @@ def _check_hf_folder_not_out(corpus: HFDataset, out_dir: Path) -> None:
 
 def _check_split_sizes(tokens: dict, min_val_tokens: int, val_fraction: float, val_rule: str,
                        val_chunk_tokens: int) -> None:
+    total = tokens["train"] + tokens["val"]
     for split in ("val", "train"):
         if tokens[split] < min_val_tokens:
             hint = (f"raise --val-fraction (now {val_fraction})"
                     + (f" or lower --val-chunk-tokens (now {val_chunk_tokens})" if val_rule == "chunks" else "")
                     if split == "val" else "lower --val-fraction or use a larger corpus")
+            if total < 2 * min_val_tokens:  # then no --val-fraction helps: do not suggest one
+                hint = (f"the whole corpus has only {total:,} tokens, too few for two splits of "
+                        f"{min_val_tokens:,}: use more text")
             raise PrepareError(
                 f"the {split} split has {tokens[split]:,} tokens, fewer than --min-val-tokens "
                 f"{min_val_tokens:,} (one block plus its target); {hint}, or lower --min-val-tokens "
@@ -403,6 +407,10 @@ def _fit_tokenizer(corpus: Corpus, tokenizer, vocab_size: int, train_bytes: int 
     finally:
         bar.close()
     if kind == "char":
+        if len(chars) > MAX_VOCAB:  # char_tokenizer's own error names neither the input nor a remedy
+            raise PrepareError(f"{corpus.description}: has {len(chars):,} distinct characters, more than the "
+                               f"{MAX_VOCAB:,} ids --tokenizer char can store (token shards hold uint16 ids); "
+                               f"use --tokenizer bpe, whose byte-level vocabulary covers any text")
         return char_tokenizer(chars) if chars else None  # None: empty corpus, reported by the caller
     return tokenizer
 

@@ -14,12 +14,14 @@ characters (1M) without such a place is cut anywhere, which may change a few BPE
 Empty documents are skipped: they hold nothing to learn. So are, in an input folder, files that
 are not regular files (named pipes, sockets, devices: reading one could wait forever), folders
 that hold a prepared dataset (token shards: binary, and an earlier prep's output), and hidden
-files and folders (.git, .DS_Store), with a warning. Links to files and folders are followed.
+files and folders (.git, .DS_Store), with a warning. Links to files and folders are followed;
+a file or folder reached twice (through a link, or named twice) is read once.
 """
 
 from __future__ import annotations
 
 import codecs
+import glob
 import json
 import os
 import re
@@ -27,7 +29,7 @@ import stat
 import sysconfig
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -97,11 +99,17 @@ def split_pieces(chunks: Iterable[str], piece_chars: int = PIECE_CHARS,
     """
     buf, start = "", 0
     limit = max_chars or 16 * piece_chars
+    scanned = 0  # buf holds no clean cut before this index (searched already)
     for chunk in chunks:
         buf = buf[start:] + chunk
+        scanned = max(scanned - start, 0)
         start = 0
         while len(buf) - start > piece_chars:
-            match = _CLEAN_CUT.search(buf, start + piece_chars, start + limit)
+            # Not from start + piece_chars every time: a long run without a clean cut would be
+            # searched again for each piece cut from it (16 searches of 1M characters per MB).
+            end = min(start + limit, len(buf))
+            match = _CLEAN_CUT.search(buf, max(start + piece_chars, scanned), end)
+            scanned = end if match is None else match.start()
             if match:
                 cut = match.start()
             elif len(buf) - start >= limit:
@@ -261,6 +269,8 @@ class LocalFiles(_DocumentsFromPieces):
     skip_dirs: tuple[str, ...] = ()  # folder names to leave out wherever they occur
     exclude: Sequence[str | os.PathLike] = ()  # folders never read (data prep passes its --out)
     warn_skips: bool = True
+    # Paths already warned about: data prep reads the corpus twice, and says each skip once.
+    _warned: set = field(default_factory=set, init=False, repr=False, compare=False)
     description: str = ""
 
     def __post_init__(self):
@@ -285,18 +295,34 @@ class LocalFiles(_DocumentsFromPieces):
             self.description = "files: " + ", ".join(str(p) for p in self.paths)
 
     def files(self) -> Iterator[Path]:
+        # A file reached twice (a link to a file of the corpus, a file named besides its folder,
+        # a path given twice) is read once: twice, it would sit in both splits (val then measures
+        # recall of train text) and weigh double in training.
+        read: dict[str, str] = {}  # resolved file -> the path it was read under (str: compact)
         for root in self.paths:
             found = False
             for path, skip_reason in _walk_files(root, self.skip_dirs, self.exclude):
+                if skip_reason is None and (self.suffixes is None or path.suffix in self.suffixes):
+                    found = True
+                    real = str(path.resolve())
+                    if real in read:
+                        skip_reason = ("given twice, read once" if read[real] == str(path)
+                                       else f"the same file as {read[real]}, read already")
+                    else:
+                        read[real] = str(path)
                 if skip_reason is not None:
                     if self.warn_skips:
-                        warnings.warn(f"skipping {path}: {skip_reason}", stacklevel=2)
+                        self._warn_once(path, f"skipping {path}: {skip_reason}")
                     continue
                 if self.suffixes is None or path.suffix in self.suffixes:
-                    found = True
                     yield path
             if not found:
                 raise SourceError(f"{root}: no input files in this folder")
+
+    def _warn_once(self, path: Path, message: str) -> None:
+        if path not in self._warned:
+            self._warned.add(path)
+            warnings.warn(message, stacklevel=3)
 
     def iter_pieces(self, piece_chars: int = PIECE_CHARS) -> Iterator[Piece]:
         for path in self.files():
@@ -304,8 +330,7 @@ class LocalFiles(_DocumentsFromPieces):
                 error = _first_decode_error(path)  # before any piece: skip the file whole
                 if error is not None:
                     if self.warn_skips:
-                        warnings.warn(f"skipping {path}: not valid UTF-8 at byte offset {error.offset}",
-                                      stacklevel=2)
+                        self._warn_once(path, f"skipping {path}: not valid UTF-8 at byte offset {error.offset}")
                     continue
             yield from _document_pieces(_read_chunks(path, self.errors), piece_chars)
 
@@ -370,6 +395,16 @@ class HFDataset(_DocumentsFromPieces):
         if not local.exists() and _looks_like_a_path(self.name):
             # Else datasets looks for it on the Hub and says only that the Hub cannot be reached.
             raise SourceError(f"--hf-dataset {self.name}: no such file or folder")
+        for file in self.data_files or ():
+            # Else datasets' "Unable to find" came with a hint about the network; globs and URLs
+            # are datasets' to resolve.
+            file = str(file)
+            if "://" in file or os.path.exists(file):
+                continue
+            if not any(c in file for c in "*?["):
+                raise SourceError(f"--hf-data-files {file}: no such file or folder")
+            if not glob.glob(os.path.expanduser(file), recursive=True):
+                raise SourceError(f"--hf-data-files {file}: the pattern matches no file")
         saved = _saved_to_disk(local) if local.is_dir() and not self.data_files else None
         if saved is not None:
             path, kwargs["data_files"] = "arrow", saved
@@ -396,7 +431,8 @@ class HFDataset(_DocumentsFromPieces):
                 raise SourceError(f"--hf-dataset {self.name}: no data files in this folder that datasets "
                                   f"reads ({', '.join(sorted(_HF_BUILDERS))} files, or a folder written "
                                   f"by save_to_disk); datasets says: {e}") from e
-            on_disk = local.exists() or (self.data_files and all(map(os.path.exists, self.data_files)))
+            # (Local data files exist, or their patterns match: checked above.)
+            on_disk = local.exists() or (self.data_files and all("://" not in str(f) for f in self.data_files))
             hint = "" if on_disk else ". No network? Point --hf-dataset at local files or a folder"
             raise SourceError(f"{self._named()}: cannot load it ({_reason(e)}){hint}") from e
         finally:
@@ -480,7 +516,7 @@ def _reason(e: BaseException) -> str:
                 f"UTF-8 (--encoding-errors applies to --input files only)")
     if isinstance(e, StopIteration):  # the json builder finds no first batch of rows
         return "no rows: is the file empty?"
-    return f"{type(e).__name__}: {e}"
+    return f"{type(e).__name__}: " + " ".join(str(e).split())  # one line (pyarrow's span several)
 
 
 def resolve_source(source, encoding_errors: str = "strict") -> Corpus:
