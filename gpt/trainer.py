@@ -818,6 +818,240 @@ def out_of_memory_message(config: TrainConfig, error: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------------------
+# The run's pieces, in the order `_train` uses them
+
+
+def claim_out_dir(config: TrainConfig, info: DistInfo, held: contextlib.ExitStack) -> Path:
+    """out_dir, locked (by rank 0) until the run ends; rank 0 prints the config."""
+    out_dir = Path(config.out_dir)
+    if info.is_main:
+        held.enter_context(prepare_out_dir(config, out_dir))
+        print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.to_dict().items()), flush=True)
+    return out_dir
+
+
+def use_tf32(device: torch.device) -> None:
+    if device.type == "cuda":
+        # fp32 matmuls (and the fp32 parts of a bf16 run) on TF32 tensor cores: ~8x the fp32
+        # rate on A100/H100 at ~1e-3 relative precision, which training does not notice.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def train_loader(config: TrainConfig, info: DistInfo, meta: dict[str, Any]) -> TokenLoader:
+    return TokenLoader(
+        config.data_dir, "train", config.batch_size, config.block_size, rank=info.rank,
+        world_size=info.world_size, order=config.data_order, seed=config.seed, device=info.device,
+        vocab_size=meta["vocab_size"],
+    )
+
+
+def restore_checkpoint(resume_from: Path, model: GPT, optimizer: torch.optim.Optimizer, loader: TokenLoader,
+                       info: DistInfo) -> dict[str, Any]:
+    """Load the checkpoint to resume into the model, the optimizer and the train loader; return
+    its state.json (step, tokens_seen, the log interval in progress, the loss scale, ...).
+
+    Verifies the files, then loads either format at any world size (under FSDP each rank
+    reads only its shard) and this rank's RNG state; a collective when distributed."""
+    # The optimizer's saved state carries its hyperparameters too (weight_decay, betas, Muon's
+    # momentum and lr_scale); this run's config sets them, as it sets the learning rate.
+    hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    state = ckpt.load_checkpoint(resume_from, model, optimizer, model_config=asdict(model.config),
+                                 rank=info.rank, world_size=info.world_size)
+    for group, values in zip(optimizer.param_groups, hyperparameters):
+        group.update(values)
+    loader.load_state_dict(state["loader"])
+    log(info, f"resumed from {resume_from} at step {state['step']}")
+    return state
+
+
+@dataclass
+class LogInterval:
+    """The log interval in progress: this rank's summed micro-batch losses, its steps, its skipped
+    steps. A stop signal saves mid-interval; the checkpoint carries the interval, so the first
+    record after a resume averages the same steps as in a run never stopped."""
+    loss_sum: torch.Tensor
+    steps: int = 0
+    skipped: int = 0
+
+
+def carried_interval(state: dict[str, Any], info: DistInfo, accum: int) -> LogInterval:
+    """The interval a resumed checkpoint was saved in (an empty one for a fresh start)."""
+    interval = LogInterval(torch.zeros((), device=info.device))
+    if "log_interval" in state:
+        carried = state["log_interval"]
+        interval.loss_sum.fill_(carried_loss_sum(carried, info, accum))
+        interval.steps, interval.skipped = carried["steps"], carried["skipped"]
+    return interval
+
+
+def autocast_context(config: TrainConfig, info: DistInfo, dtype: torch.dtype):
+    # Under FSDP the MixedPrecisionPolicy does the casting; elsewhere autocast does.
+    compute_dtype = parallel.autocast_dtype(parallel.resolve_strategy(config, info), dtype)
+    return (torch.autocast(info.device.type, dtype=compute_dtype) if compute_dtype is not None
+            else contextlib.nullcontext())
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype, state: dict[str, Any]) -> torch.amp.GradScaler:
+    # fp16 has too little range for raw gradients; the scaler keeps them representable.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if scaler.is_enabled() and state.get("grad_scaler"):
+        # The loss scale the run had reached, and its count of finite steps towards the next
+        # growth: a fresh scaler starts again at 65536 and skips (or under-scales) steps the
+        # uninterrupted run did not. A checkpoint saved in another dtype has none: a fresh one.
+        saved_scaler = state["grad_scaler"]
+        scaler.load_state_dict({**scaler.state_dict(), "scale": saved_scaler["scale"],
+                                "_growth_tracker": saved_scaler["_growth_tracker"]})
+    return scaler
+
+
+def open_metrics(config: TrainConfig, info: DistInfo, out_dir: Path, gpt_config: GPTConfig, step: int,
+                 resumed: bool) -> MetricsLog | Sinks:
+    # Records past the step resumed from are dropped (the run repeats those steps); a fresh
+    # start (step 0) keeps none: they are of a run killed before its first checkpoint.
+    metrics = MetricsLog(out_dir, enabled=info.is_main, resume_step=step)
+    if info.is_main and config.wandb_mode != "disabled":
+        metrics = Sinks(metrics, WandbSink(
+            out_dir, mode=config.wandb_mode, project=config.wandb_project, name=config.wandb_run_name,
+            tags=wandb_tags(config.wandb_tags), config=dict(config.to_dict(), model_config=asdict(gpt_config)),
+            resumed=resumed))
+    return metrics
+
+
+@dataclass
+class Clock:
+    """The run's timings, for tokens/s and MFU, the ETA and metrics' elapsed_s."""
+    elapsed_before: float  # training time of the earlier runs this one resumes (metrics' elapsed_s)
+    timed_from: int  # the step the log interval's timing starts after: tokens/s counts this process's steps
+    interval_start: float  # time.perf_counter() where the log interval's timing starts
+    run_start: float  # time.perf_counter() where this process's training starts
+    # When this process's first step ended: it carries warm-up (compile), left out of the ETA.
+    first_step_done: float | None = None
+    eval_s: float | None = None  # the latest eval's seconds, for the ETA (None: none timed yet)
+    save_s: float = 0.0  # the latest save's seconds, for the ETA
+
+
+def run_seconds(clock: Clock) -> float:
+    """Training time so far, the earlier runs this one resumes included."""
+    return clock.elapsed_before + time.perf_counter() - clock.run_start
+
+
+def checkpoint_state(at_step: int, val_loss: float | None, tokens_seen: int, loader: TokenLoader,
+                     interval: LogInterval, clock: Clock, guard: NonFiniteGuard, scaler: torch.amp.GradScaler,
+                     config: TrainConfig, gpt_config: GPTConfig, meta: dict[str, Any], info: DistInfo,
+                     accum: int) -> dict[str, Any]:
+    """A checkpoint's state.json: where the run is and how it runs. A collective (every rank's
+    RNG state and log-interval loss sum are gathered, in this order)."""
+    return {
+        "step": at_step,
+        "tokens_seen": tokens_seen,
+        "loader": loader.state_dict(),
+        "rng": ckpt.gather_rng_states(),  # every rank's: each draws its own dropout masks
+        "world_size": info.world_size,
+        "val_loss": val_loss,
+        "model_config": asdict(gpt_config),
+        "train_config": config.to_dict(),
+        "dataset": meta,
+        "skipped_steps": guard.skipped,
+        # float16's loss scale (GradScaler's state: a few numbers); null in other dtypes
+        "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "log_interval": {"steps": interval.steps, "skipped": interval.skipped, "accum": accum,
+                         "loss_sums": all_gather_floats(interval.loss_sum, info)},
+        "elapsed_s": run_seconds(clock),
+    }
+
+
+def train_step(wrapped: torch.nn.Module, model: GPT, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, loader: TokenLoader, guard: NonFiniteGuard, loss_sum: torch.Tensor,
+               autocast, accum: int, config: TrainConfig, step: int, lr: float) -> None:
+    """One optimizer step after `step` steps, at learning rate `lr`: `accum` micro-batches forward
+    and backward (their losses added to `loss_sum`), clipping, the non-finite check, the update."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    guard.begin_step(loss_sum)
+    for micro in range(accum):
+        x, y = loader.next_batch()
+        # Only the last micro-batch reduces gradients across ranks; the others accumulate locally.
+        parallel.set_gradient_sync(wrapped, micro == accum - 1)
+        with autocast:
+            # The loss alone, without the [B, T, V] logits (gpt/loss.py): less memory traffic.
+            _, loss = wrapped(x, y, return_logits=False)
+        loss_sum += loss.detach()
+        scaler.scale(loss / accum).backward()
+    grad_norm = None
+    if config.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        # Under FSDP2 the gradients are DTensor shards; clip_grad_norm_ reduces the norm over
+        # all of them, so every rank clips by the same global factor.
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    guard.end_step(step + 1, loss_sum, grad_norm)  # device-only: flags a NaN/Inf step (or skips it)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def interval_loss(interval: LogInterval, guard: NonFiniteGuard, step: int, accum: int, info: DistInfo) -> float:
+    """The log interval's mean loss over ranks and its kept steps (NaN when every one was skipped).
+    Reads the steps' non-finite flags first: nan_policy=stop raises here, before any eval or save."""
+    kept_steps = interval.steps - interval.skipped - guard.review(step)
+    return (all_reduce_mean(interval.loss_sum / (kept_steps * accum), info).item() if kept_steps
+            else float("nan"))
+
+
+def timed_evaluate(wrapped: torch.nn.Module, config: TrainConfig, info: DistInfo, autocast,
+                   val_loader: TokenLoader | None, guard: NonFiniteGuard, clock: Clock, step: int) -> float:
+    """The val loss at `step`, its seconds kept in `clock` for the ETA."""
+    began = time.perf_counter()
+    val_loss = evaluate(wrapped, config, info, autocast, val_loader)
+    clock.eval_s = time.perf_counter() - began
+    guard.check_val_loss(step, val_loss)  # a model that outputs NaN is never saved
+    return val_loss
+
+
+def interval_step_time(clock: Clock, step: int) -> tuple[float, float]:
+    """Seconds per step over the log interval ending at `step`, and the same for the ETA: the
+    first interval's first step also warmed up (torch.compile: a minute on a GPU), so the ETA
+    prices the steps to come at the interval's other steps."""
+    elapsed = time.perf_counter() - clock.interval_start
+    step_time = steady = elapsed / (step - clock.timed_from)
+    if clock.first_step_done > clock.interval_start and step - clock.timed_from > 1:
+        steady = (clock.interval_start + elapsed - clock.first_step_done) / (step - clock.timed_from - 1)
+    return step_time, steady
+
+
+def log_record(step: int, config: TrainConfig, info: DistInfo, *, lr: float, tokens_seen: int,
+               train_loss: float, val_loss: float | None, step_time: float, steady: float, clock: Clock,
+               accum: int, tokens_per_step: int, flops_per_token: float, peak: float, skipped: int,
+               loss_scale: float | None) -> tuple[dict[str, Any], str]:
+    """A log step's metrics record and printed line: loss, speed (tokens/s, MFU), ETA; then the
+    skipped steps (if any), the val loss (eval steps) and float16's loss scale (not printed).
+    `step_time` and `steady` as `interval_step_time` gives them."""
+    # Each eval step to come also evaluates and saves: priced at the latest ones.
+    eta = eta_seconds(steady, config.max_steps - step, evals_left(step, config), clock.eval_s,
+                      clock.save_s, config.eval_iters, accum)
+    tok_s = tokens_per_step / step_time
+    mfu = flops_per_token * tok_s / (peak * info.world_size)
+    record = {
+        "step": step, "loss": round(train_loss, 6), "lr": lr, "tokens": tokens_seen,
+        "tokens_per_s": round(tok_s, 1), "tokens_per_s_per_device": round(tok_s / info.world_size, 1),
+        "mfu": round(mfu, 5), "step_ms": round(step_time * 1000, 2), "elapsed_s": round(run_seconds(clock), 2),
+        "eta_s": round(eta, 1),
+    }
+    message = (f"step {step:>6}/{config.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+               f"{tok_s:,.0f} tok/s | MFU {mfu * 100:.1f}% | {step_time * 1000:.0f} ms/step | "
+               f"ETA {format_duration(eta)}")
+    if skipped:
+        record["skipped_steps"] = skipped
+        message += f" | skipped {skipped}"
+    if val_loss is not None:
+        record["val_loss"] = round(val_loss, 6)
+        message += f" | val loss {val_loss:.4f}"
+    if loss_scale is not None:
+        record["loss_scale"] = loss_scale
+    return record, message
+
+
+# ----------------------------------------------------------------------------------------
 # The run
 
 
@@ -852,15 +1086,8 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     device = info.device
     dtype = resolve_dtype(config.dtype, device)
     parallel.resolve_strategy(config, info)  # a strategy that cannot run here fails before any work
-    if device.type == "cuda":
-        # fp32 matmuls (and the fp32 parts of a bf16 run) on TF32 tensor cores: ~8x the fp32
-        # rate on A100/H100 at ~1e-3 relative precision, which training does not notice.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    out_dir = Path(config.out_dir)
-    if info.is_main:
-        held.enter_context(prepare_out_dir(config, out_dir))
-        print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.to_dict().items()), flush=True)
+    use_tf32(device)
+    out_dir = claim_out_dir(config, info, held)
 
     meta = ensure_dataset(config, info)
     val_loader = check_dataset(config, meta, info)
@@ -868,7 +1095,6 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     tokens_per_step = config.batch_size * config.block_size * accum * info.world_size
 
     config, model, resume_from = build_model(config, info, meta, out_dir)
-    gpt_config = model.config
     model.to(device)
     wrapped = wrap_model(model, config, info, dtype)
     # The weights came from one seed on every rank (DDP and FSDP need them equal). From here each
@@ -876,141 +1102,56 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     # every row its own; a resume then restores each rank's generator (checkpoint.restore_rank_rng).
     torch.manual_seed(config.seed + info.rank)
     optimizer = build_optimizer(model, config, device)
-    loader = TokenLoader(
-        config.data_dir, "train", config.batch_size, config.block_size, rank=info.rank,
-        world_size=info.world_size, order=config.data_order, seed=config.seed, device=device,
-        vocab_size=meta["vocab_size"],
-    )
+    loader = train_loader(config, info, meta)
 
-    step, tokens_seen = 0, 0
-    if resume_from is not None:
-        # Verifies the files, then loads either format at any world size (under FSDP each rank
-        # reads only its shard) and this rank's RNG state; a collective when distributed.
-        # The optimizer's saved state carries its hyperparameters too (weight_decay, betas, Muon's
-        # momentum and lr_scale); this run's config sets them, as it sets the learning rate.
-        hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, model_config=asdict(gpt_config),
-                                     rank=info.rank, world_size=info.world_size)
-        for group, values in zip(optimizer.param_groups, hyperparameters):
-            group.update(values)
-        loader.load_state_dict(state["loader"])
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        log(info, f"resumed from {resume_from} at step {step}")
-    # The log interval in progress: this rank's summed micro-batch losses, its steps, its skipped
-    # steps. A stop signal saves mid-interval; the checkpoint carries the interval, so the first
-    # record after a resume averages the same steps as in a run never stopped.
-    loss_sum = torch.zeros((), device=device)
-    interval_steps = interval_skipped = 0
-    elapsed_before = 0.0  # training time of the earlier runs this one resumes (metrics' elapsed_s)
-    if resume_from is not None and "log_interval" in state:
-        carried = state["log_interval"]
-        loss_sum.fill_(carried_loss_sum(carried, info, accum))
-        interval_steps, interval_skipped = carried["steps"], carried["skipped"]
-        elapsed_before = state["elapsed_s"]
+    # A fresh start has no saved state: {} gives every setting below its fresh value.
+    state = {} if resume_from is None else restore_checkpoint(resume_from, model, optimizer, loader, info)
+    step, tokens_seen = state.get("step", 0), state.get("tokens_seen", 0)
+    interval = carried_interval(state, info, accum)
 
     flops_per_token = model.flops_per_token()
     peak, peak_source = peak_flops(device, dtype, config.peak_tflops)
     describe_run(config, info, model, optimizer, dtype, accum, tokens_per_step, peak, peak_source)
 
-    # Under FSDP the MixedPrecisionPolicy does the casting; elsewhere autocast does.
-    compute_dtype = parallel.autocast_dtype(parallel.resolve_strategy(config, info), dtype)
-    autocast = (torch.autocast(device.type, dtype=compute_dtype) if compute_dtype is not None
-                else contextlib.nullcontext())
-    # fp16 has too little range for raw gradients; the scaler keeps them representable.
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if resume_from is not None and scaler.is_enabled() and state.get("grad_scaler"):
-        # The loss scale the run had reached, and its count of finite steps towards the next
-        # growth: a fresh scaler starts again at 65536 and skips (or under-scales) steps the
-        # uninterrupted run did not. A checkpoint saved in another dtype has none: a fresh one.
-        saved_scaler = state["grad_scaler"]
-        scaler.load_state_dict({**scaler.state_dict(), "scale": saved_scaler["scale"],
-                                "_growth_tracker": saved_scaler["_growth_tracker"]})
-    # Records past the step resumed from are dropped (the run repeats those steps); a fresh
-    # start (step 0) keeps none: they are of a run killed before its first checkpoint.
-    metrics = MetricsLog(out_dir, enabled=info.is_main, resume_step=step)
-    if info.is_main and config.wandb_mode != "disabled":
-        metrics = Sinks(metrics, WandbSink(
-            out_dir, mode=config.wandb_mode, project=config.wandb_project, name=config.wandb_run_name,
-            tags=wandb_tags(config.wandb_tags), config=dict(config.to_dict(), model_config=asdict(gpt_config)),
-            resumed=resume_from is not None))
+    autocast = autocast_context(config, info, dtype)
+    scaler = grad_scaler(device, dtype, state)
+    metrics = open_metrics(config, info, out_dir, model.config, step, resumed=resume_from is not None)
     guard = NonFiniteGuard(config, model, optimizer, scaler.is_enabled(), info, out_dir)
-    if resume_from is not None:
-        guard.skipped = state.get("skipped_steps", 0)
+    guard.skipped = state.get("skipped_steps", 0)
     if step >= config.max_steps:
         log(info, f"note: already at step {step}, max_steps is {config.max_steps}: nothing to train "
                   f"(raise max_steps to train longer)")
-
-    tokenizer_path = Path(config.data_dir) / "tokenizer.json"
 
     # Full (gathered to rank 0) or sharded (every rank writes its shard; auto under FSDP),
     # synchronous or in a background thread: see gpt/checkpoint.py and docs/checkpoints.md.
     checkpointer = ckpt.Checkpointer(
         out_dir, format=ckpt.resolve_format(config.checkpoint_format, parallel.resolve_strategy(config, info)),
         rank=info.rank, world_size=info.world_size, keep_last=config.keep_last,
-        tokenizer_path=tokenizer_path, async_save=config.async_checkpoint)
+        tokenizer_path=Path(config.data_dir) / "tokenizer.json", async_save=config.async_checkpoint)
 
     def save(at_step: int, val_loss: float | None) -> Path:
         # A collective: every rank takes part (gathering to rank 0, or writing its own shard).
-        state = {
-            "step": at_step,
-            "tokens_seen": tokens_seen,
-            "loader": loader.state_dict(),
-            "rng": ckpt.gather_rng_states(),  # every rank's: each draws its own dropout masks
-            "world_size": info.world_size,
-            "val_loss": val_loss,
-            "model_config": asdict(gpt_config),
-            "train_config": config.to_dict(),
-            "dataset": meta,
-            "skipped_steps": guard.skipped,
-            # float16's loss scale (GradScaler's state: a few numbers); null in other dtypes
-            "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "log_interval": {"steps": interval_steps, "skipped": interval_skipped, "accum": accum,
-                             "loss_sums": all_gather_floats(loss_sum, info)},
-            "elapsed_s": elapsed_before + time.perf_counter() - run_start,
-        }
+        state = checkpoint_state(at_step, val_loss, tokens_seen, loader, interval, clock, guard, scaler,
+                                 config, model.config, meta, info, accum)
         return checkpointer.save(at_step, model, optimizer, state)
 
     wrapped.train()
-    train_loss = val_loss = None
-    last_ckpt = None
-    if resume_from is not None:
-        # The run's latest eval and checkpoint until this one makes its own: a stop before the
-        # next eval saves that val loss again (not null), and a resume with nothing left to
-        # train reports the finished run's result.
-        val_loss, last_ckpt = state.get("val_loss"), resume_from
-    interval_start, timed_from = time.perf_counter(), step  # tokens/s counts this process's steps
-    run_start = time.perf_counter()
-    pause_s = {"eval": None, "save": 0.0}  # the latest eval's and save's seconds, for the ETA (None: none timed yet)
-    first_step_done = None  # when this process's first step ended: it carries warm-up (compile), left out of the ETA
+    train_loss = None
+    # The run's latest eval and checkpoint until this one makes its own: a stop before the
+    # next eval saves that val loss again (not null), and a resume with nothing left to
+    # train reports the finished run's result.
+    val_loss, last_ckpt = state.get("val_loss"), resume_from
+    clock = Clock(elapsed_before=state.get("elapsed_s", 0.0), timed_from=step,
+                  interval_start=time.perf_counter(), run_start=time.perf_counter())
     while step < config.max_steps:
         lr = learning_rate_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        guard.begin_step(loss_sum)
-        for micro in range(accum):
-            x, y = loader.next_batch()
-            # Only the last micro-batch reduces gradients across ranks; the others accumulate locally.
-            parallel.set_gradient_sync(wrapped, micro == accum - 1)
-            with autocast:
-                # The loss alone, without the [B, T, V] logits (gpt/loss.py): less memory traffic.
-                _, loss = wrapped(x, y, return_logits=False)
-            loss_sum += loss.detach()
-            scaler.scale(loss / accum).backward()
-        grad_norm = None
-        if config.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            # Under FSDP2 the gradients are DTensor shards; clip_grad_norm_ reduces the norm over
-            # all of them, so every rank clips by the same global factor.
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        guard.end_step(step + 1, loss_sum, grad_norm)  # device-only: flags a NaN/Inf step (or skips it)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(wrapped, model, optimizer, scaler, loader, guard, interval.loss_sum, autocast, accum, config,
+                   step, lr)
         step += 1
         tokens_seen += tokens_per_step
-        interval_steps += 1
-        if first_step_done is None:
-            first_step_done = time.perf_counter()
+        interval.steps += 1
+        if clock.first_step_done is None:
+            clock.first_step_done = time.perf_counter()
 
         last = step == config.max_steps
         do_eval = last or (config.eval_interval > 0 and step % config.eval_interval == 0)
@@ -1018,58 +1159,29 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
             # The loop's one host-device sync: reading the loss, on log steps alone. (One more per
             # step: nan_policy=skip without a fused optimizer, see NonFiniteGuard; float16 with
             # any optimizer but fused AdamW, whose GradScaler.step reads the overflow flag.)
-            # nan_policy=stop: raises here, before any eval or save
-            kept_steps = interval_steps - interval_skipped - guard.review(step)
-            train_loss = (all_reduce_mean(loss_sum / (kept_steps * accum), info).item() if kept_steps
-                          else float("nan"))
-            elapsed = time.perf_counter() - interval_start
-            step_time = elapsed / (step - timed_from)
-            tok_s = tokens_per_step / step_time
-            mfu = flops_per_token * tok_s / (peak * info.world_size)
+            train_loss = interval_loss(interval, guard, step, accum, info)
+            step_time, steady = interval_step_time(clock, step)  # before the eval: tokens/s times training alone
             if do_eval:
-                began = time.perf_counter()
-                val_loss = evaluate(wrapped, config, info, autocast, val_loader)
-                pause_s["eval"] = time.perf_counter() - began
-                guard.check_val_loss(step, val_loss)  # a model that outputs NaN is never saved
-            # The first interval's first step also warmed up (torch.compile: a minute on a GPU):
-            # the ETA prices the steps to come at the interval's other steps.
-            steady = step_time
-            if first_step_done > interval_start and step - timed_from > 1:
-                steady = (interval_start + elapsed - first_step_done) / (step - timed_from - 1)
-            # Each eval step to come also evaluates and saves: priced at the latest ones.
-            eta = eta_seconds(steady, config.max_steps - step, evals_left(step, config), pause_s["eval"],
-                              pause_s["save"], config.eval_iters, accum)
-            record = {
-                "step": step, "loss": round(train_loss, 6), "lr": lr, "tokens": tokens_seen,
-                "tokens_per_s": round(tok_s, 1), "tokens_per_s_per_device": round(tok_s / info.world_size, 1),
-                "mfu": round(mfu, 5), "step_ms": round(step_time * 1000, 2),
-                "elapsed_s": round(elapsed_before + time.perf_counter() - run_start, 2),
-                "eta_s": round(eta, 1),
-            }
-            message = (f"step {step:>6}/{config.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
-                       f"{tok_s:,.0f} tok/s | MFU {mfu * 100:.1f}% | {step_time * 1000:.0f} ms/step | "
-                       f"ETA {format_duration(eta)}")
-            if guard.skipped:
-                record["skipped_steps"] = guard.skipped
-                message += f" | skipped {guard.skipped}"
-            if do_eval:
-                record["val_loss"] = round(val_loss, 6)
-                message += f" | val loss {val_loss:.4f}"
-            if scaler.is_enabled():
-                record["loss_scale"] = scaler.get_scale()
+                val_loss = timed_evaluate(wrapped, config, info, autocast, val_loader, guard, clock, step)
+            loss_scale = scaler.get_scale() if scaler.is_enabled() else None
+            record, message = log_record(
+                step, config, info, lr=lr, tokens_seen=tokens_seen, train_loss=train_loss,
+                val_loss=val_loss if do_eval else None, step_time=step_time, steady=steady, clock=clock,
+                accum=accum, tokens_per_step=tokens_per_step, flops_per_token=flops_per_token, peak=peak,
+                skipped=guard.skipped, loss_scale=loss_scale)
             metrics.write(record)
             log(info, message)
-            if scaler.is_enabled():
-                guard.check_loss_scale(step, record["loss_scale"])
-            loss_sum.zero_()
-            interval_steps = interval_skipped = 0
+            if loss_scale is not None:
+                guard.check_loss_scale(step, loss_scale)
+            interval.loss_sum.zero_()
+            interval.steps = interval.skipped = 0
             if do_eval:
                 began = time.perf_counter()
                 last_ckpt = save(step, val_loss)
-                pause_s["save"] = time.perf_counter() - began
-            interval_start, timed_from = time.perf_counter(), step
+                clock.save_s = time.perf_counter() - began
+            clock.interval_start, clock.timed_from = time.perf_counter(), step
         if stop.agreed(info):
-            interval_skipped += guard.review(step)  # never save a model gone non-finite since the last log
+            interval.skipped += guard.review(step)  # never save a model gone non-finite since the last log
             log(info, f"received a stop signal ({stop.name}): saving a checkpoint at step {step} and "
                       f"exiting with code {stop.exit_code} (run again to resume)")
             save(step, val_loss)
@@ -1079,6 +1191,6 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     stop.settle()
     checkpointer.close()  # wait for an async save in flight
     metrics.close()
-    log(info, f"done: {step} steps, {tokens_seen:,} tokens, {format_duration(time.perf_counter() - run_start)}"
+    log(info, f"done: {step} steps, {tokens_seen:,} tokens, {format_duration(time.perf_counter() - clock.run_start)}"
               + (f", final val loss {val_loss:.4f}" if val_loss is not None else ""))
     return TrainResult(step=step, train_loss=train_loss, val_loss=val_loss, checkpoint=last_ckpt)
