@@ -354,23 +354,52 @@ def _publish(out_dir: Path, final: Path, keep_last: int,
     remove(_prune(final.parent, keep_last, keep=final.name))
 
 
+def _failure_text(error: BaseException) -> str:
+    """`error` as "Type: message". DCP's CheckpointException prints every failed rank's whole
+    traceback (~90 lines in a 2-rank save to a full disk), which then filled the error a user
+    reads: keep each rank's exception alone."""
+    failures = getattr(error, "failures", None)
+    if type(error).__name__ == "CheckpointException" and isinstance(failures, dict) and failures:
+        parts = []
+        for rank, failure in sorted(failures.items()):
+            inner = failure[0] if isinstance(failure, tuple) and failure else failure
+            parts.append(f"rank {rank}: " + (_failure_text(inner) if isinstance(inner, BaseException) else str(inner)))
+        return "; ".join(parts)
+    return f"{type(error).__name__}: {error}"
+
+
 def _write_error(out_dir: Path, final: Path, error: BaseException) -> CheckpointError:
     try:
         previous = latest_checkpoint(out_dir)
     except CheckpointError:
         previous = None
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-    return CheckpointError(
-        f"could not write checkpoint {final} ({type(error).__name__}: {error}); {kept}. "
-        f"Is the disk full or {final.parent} not writable? Fix that and run again to resume"
-    )
+    # A full disk often shows only as the writer's own error (torch.save: "unexpected pos 4096
+    # vs 3988"), never as ENOSPC: say so where the free space cannot hold another checkpoint.
+    cause = f"Is the disk full or {final.parent} not writable? Fix that and run again to resume"
+    try:
+        free = shutil.disk_usage(out_dir).free
+        needed = sum(entry["bytes"] for entry in read_manifest(previous).values()) if previous else 0
+    except (OSError, CheckpointError):
+        free = needed = 0
+    if free < needed:
+        cause = (f"The disk is full: the file system holding {out_dir} has {free:,} bytes free, and the "
+                 f"previous checkpoint takes {needed:,} (a save needs room for one more: older ones are "
+                 f"deleted only after it is complete). Free space there, then run again to resume")
+    return CheckpointError(f"could not write checkpoint {final} ({type(error).__name__}: {error}); {kept}. {cause}")
 
 
 def _prune(root: Path, keep_last: int, keep: str) -> list[Path]:
     """Move the complete checkpoints beyond the newest `keep_last` out of the way; return the
     folders to delete. A rename is instant and atomic, so no half-deleted folder ever looks like
-    a checkpoint, and the deleting (~1 s for 1.5 GB) can happen while training goes on."""
-    complete = complete_checkpoints(root.parent)
+    a checkpoint, and the deleting (~1 s for 1.5 GB) can happen while training goes on.
+
+    Only checkpoints up to the new one count: a later step_N is not this run's history but one
+    a rewound run (`latest` set back by hand) left behind. Counting it pruned the run's own
+    checkpoints (the one just resumed from included) and kept that one, which a lost `latest`
+    would then resume from; it is left alone, and replaced if the run reaches its step."""
+    newest = int(keep.removeprefix("step_"))
+    complete = [p for p in complete_checkpoints(root.parent) if int(p.name.removeprefix("step_")) <= newest]
     doomed = []
     for old in complete[:-keep_last] if keep_last > 0 else []:
         if old.name != keep:
@@ -710,9 +739,11 @@ class Checkpointer:
                     if self.is_main:  # KeyboardInterrupt, say: abandon this save
                         shutil.rmtree(tmp, ignore_errors=True)
                     raise
-                error = f"rank {self.rank}: {type(e).__name__}: {e}"
+                # DCP's CheckpointException names the ranks (every rank gets the same one).
+                error = (_failure_text(e) if type(e).__name__ == "CheckpointException"
+                         else f"rank {self.rank}: {type(e).__name__}: {e}")
             results = self._all_gather((sealed, error))
-            errors = [err for _, err in results if err]
+            errors = list(dict.fromkeys(err for _, err in results if err))
             outcome = None
             if self.is_main:
                 try:
@@ -818,7 +849,15 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
         ) from None
     path = out_dir / CHECKPOINTS_DIR / name
     if not name or not (path / MANIFEST_FILE).exists():
-        raise CheckpointError(f"{latest} names checkpoint {name!r}, but {path} is missing or incomplete. {how_to_fix}")
+        # Name the checkpoint to go back to, as _damaged_advice does for a damaged file.
+        complete = complete_checkpoints(out_dir)
+        if complete:
+            how_to_fix = (f"Point {latest} at a complete folder in {out_dir / CHECKPOINTS_DIR} (the newest is "
+                          f"{complete[-1].name}: write {complete[-1].name!r} into it), or start over in "
+                          f"another --out_dir")
+        what = (f"is empty (it should name the newest checkpoint, such as {step_dir_name(250)!r})" if not name
+                else f"names checkpoint {name!r}, but {path} is missing or incomplete")
+        raise CheckpointError(f"{latest} {what}. {how_to_fix}")
     return path
 
 
@@ -1289,9 +1328,14 @@ def check_model_config(ckpt_dir: Path, saved: dict[str, Any], current: dict[str,
             "shape from scratch"
         )
     if diffs:
+        shorter = (len(diffs) == 1 and isinstance(current.get("block_size"), int)
+                   and isinstance(saved.get("block_size"), int) and current["block_size"] < saved["block_size"])
         raise CheckpointError(
             f"{ckpt_dir} holds a different model ({'; '.join(diffs)}). Use the checkpoint's "
             f"settings, or another --out_dir for a new run"
+            + (f" (to train its weights on at the shorter context, start one from them: "
+               f"--init_from={ckpt_dir} --out_dir=ANOTHER_FOLDER, which crops the position table)"
+               if shorter else "")
         )
 
 

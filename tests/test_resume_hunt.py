@@ -1,0 +1,136 @@
+"""Resuming in unusual states, as a user gets there: a run rewound by hand (`latest` set back to
+an earlier checkpoint, as the error about a damaged checkpoint advises), an emptied `latest`, a
+full disk (its error in the full and sharded formats), a shorter block_size."""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import signal
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt import checkpoint as ckpt
+from gpt.model import GPT, GPTConfig
+
+
+def tiny_model() -> tuple[GPT, GPTConfig]:
+    config = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    torch.manual_seed(0)
+    return GPT(config), config
+
+
+def save(run: Path, step: int, keep_last: int) -> Path:
+    model, config = tiny_model()
+    state = {"step": step, "tokens_seen": step, "model_config": asdict(config)}
+    return ckpt.save_checkpoint(run, step, model, None, state, keep_last=keep_last)
+
+
+def steps_in(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / ckpt.CHECKPOINTS_DIR).iterdir())
+
+
+def test_pruning_after_a_rewind_keeps_the_runs_own_checkpoints(tmp_path):
+    """A run rewound to step 20 (its step_30 left from before) saves step 25 with keep_last = 2.
+    The checkpoints to keep are the run's two newest, 20 and 25. Pruning used to count the
+    abandoned step_30 as the newest: it deleted step_20 (the one just resumed from) and kept
+    step_30, which a lost `latest` would then resume from."""
+    run = tmp_path / "run"
+    for step in (10, 20, 30):
+        save(run, step, keep_last=2)
+    assert steps_in(run) == ["step_0000020", "step_0000030"]
+    (run / ckpt.LATEST_FILE).write_text("step_0000020\n")  # rewound by hand
+
+    save(run, 25, keep_last=2)
+    assert ckpt.latest_checkpoint(run).name == "step_0000025"
+    # The later one is not this run's history: left alone (not counted, not deleted).
+    assert steps_in(run) == ["step_0000020", "step_0000025", "step_0000030"]
+
+    # Reaching step 30 replaces the abandoned one with the run's own; then two are kept.
+    save(run, 30, keep_last=2)
+    assert steps_in(run) == ["step_0000025", "step_0000030"]
+    assert ckpt.read_state(run / "checkpoints" / "step_0000030")["tokens_seen"] == 30
+
+
+def test_an_empty_latest_says_so_and_names_the_checkpoint_to_write(tmp_path):
+    """`latest` emptied (by hand, or a file system that lost its content) used to give
+    "latest names checkpoint '', but RUN/checkpoints is missing or incomplete"; a `latest` naming
+    a missing folder did not say which complete one there is to go back to."""
+    run = tmp_path / "run"
+    save(run, 10, keep_last=2)
+    (run / ckpt.LATEST_FILE).write_text("")
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.latest_checkpoint(run)
+    assert f"{run / 'latest'} is empty" in str(error.value)
+    assert "write 'step_0000010' into it" in str(error.value)
+
+    (run / ckpt.LATEST_FILE).write_text("step_0000099\n")
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.latest_checkpoint(run)
+    assert "step_0000099 is missing or incomplete. Point" in str(error.value)
+    assert "(the newest is step_0000010: write 'step_0000010' into it)" in str(error.value)
+
+
+def test_a_full_disk_is_named_when_the_writer_hides_it(tmp_path, monkeypatch):
+    """torch.save on a full disk fails with "unexpected pos 4096 vs 3988", not ENOSPC: the error
+    now says the disk is full, with the free space and the size of a checkpoint."""
+    run = tmp_path / "run"
+    previous = save(run, 10, keep_last=2)
+    size = sum(p.stat().st_size for p in previous.iterdir() if p.name != ckpt.MANIFEST_FILE)
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 3988")
+
+    monkeypatch.setattr(ckpt.safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(ckpt.CheckpointError) as error:
+        save(run, 20, keep_last=2)
+    message = str(error.value)
+    assert "unexpected pos 4096" in message and f"the previous checkpoint {previous} is intact" in message
+    assert f"The disk is full: the file system holding {run} has 4,096 bytes free" in message
+    assert f"previous checkpoint takes {size:,}" in message
+    assert ckpt.latest_checkpoint(run) == previous
+    assert steps_in(run) == ["step_0000010"]
+
+
+def test_a_resume_at_a_shorter_context_points_to_init_from(tmp_path):
+    """block_size cannot change on resume; a shorter one can start a new run from the weights
+    (init_from crops the position table), which the error now says."""
+    model, config = tiny_model()
+    saved = asdict(config)
+    with pytest.raises(ckpt.CheckpointError, match=r"block_size: checkpoint 8 vs config 4\).*--init_from=CK "
+                                                   r"--out_dir=ANOTHER_FOLDER, which crops"):
+        ckpt.check_model_config(Path("CK"), saved, dict(saved, block_size=4))
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.check_model_config(Path("CK"), saved, dict(saved, block_size=16))
+    assert "init_from" not in str(error.value)
+
+
+def test_a_failed_sharded_save_says_each_ranks_error_in_one_line(tmp_path):
+    """DCP's CheckpointException prints every failed rank's whole traceback; the save error used
+    to carry it (~90 lines under torchrun on a full disk). Now: each rank's exception, one line."""
+    run = tmp_path / "run"
+    model, config = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = {"step": 10, "tokens_seen": 10, "model_config": asdict(config)}
+    saver = ckpt.Checkpointer(run, format="sharded", keep_last=2)
+    previous = saver.save(10, model, optimizer, state)
+    saver.close()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))  # a disk that fills up mid-save
+    try:
+        with pytest.raises(ckpt.CheckpointError) as error:
+            saver.save(20, model, optimizer, dict(state, step=20))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+        saver.close()
+    message = str(error.value)
+    assert "Traceback" not in message and "\n" not in message, message
+    assert "rank 0: " in message and "CheckpointException" not in message
+    assert f"the previous checkpoint {previous} is intact" in message
+    assert ckpt.latest_checkpoint(run) == previous and steps_in(run) == ["step_0000010"]
