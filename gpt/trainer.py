@@ -132,10 +132,16 @@ def prepare_out_dir(config: TrainConfig, out_dir: Path) -> locks.FolderLock:
         raise ConfigError(f"out_dir {out_dir} is a symbolic link to {os.readlink(out_dir)}, which does not "
                           f"exist. Create that folder, or choose another --out_dir")
     probe = out_dir / f".write_test_{os.getpid()}"
+    subject = f"out_dir {out_dir}"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
+        if (out_dir / ckpt.CHECKPOINTS_DIR).is_dir():  # an earlier run's: saves go there
+            subject = f"{out_dir / ckpt.CHECKPOINTS_DIR}, where the run saves its checkpoints,"
+            probe = out_dir / ckpt.CHECKPOINTS_DIR / probe.name
+            probe.write_bytes(b"")
+            probe.unlink()
         lock = locks.acquire(out_dir / RUN_LOCK_FILE)
     except locks.FolderBusy as e:
         holder = f" ({e.holder})" if e.holder else ""
@@ -146,7 +152,7 @@ def prepare_out_dir(config: TrainConfig, out_dir: Path) -> locks.FolderLock:
         ) from None
     except OSError as e:
         raise ConfigError(
-            f"out_dir {out_dir} is not writable ({e.strerror or e}): the run could save neither "
+            f"{subject} is not writable ({e.strerror or e}): the run could save neither "
             f"checkpoints nor metrics. Choose another --out_dir, or fix that folder's permissions "
             f"or free space"
         ) from None
@@ -352,7 +358,7 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
     Its weights: GPT-2's initialisation, or init_from's (a checkpoint, or hf:DIR) on a run's
     first start (a checkpoint trained at a longer block_size is cropped to this run's: see
     GPT.crop_block_size); a resumed run loads the checkpoint's later, with the optimizer. Returns the
-    config with the architecture the run really has (hf:DIR sets it), as config.json records it.
+    config with the architecture the run really has (hf:DIR sets it), for config.json to record.
     """
     # Same seed on every rank: identical initial weights without a broadcast.
     torch.manual_seed(config.seed)
@@ -372,14 +378,12 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
         config = replace(config, **{k: getattr(gpt_config, k) for k in hf.ARCHITECTURE_KEYS})
     check_model_fits(gpt_config, config, info)
     if resume_from is not None:
-        # Before config.json is rewritten: a refused resume leaves the run's record as it was.
         ckpt.check_model_config(resume_from, saved["model_config"], asdict(gpt_config))
         if not (out_dir / ckpt.LATEST_FILE).exists():
             log(info, f"note: {out_dir / ckpt.LATEST_FILE} is missing; resuming from the newest complete "
                       f"checkpoint, {resume_from.name} (to start over instead, use another --out_dir)")
         note_changed_settings(saved.get("train_config") or {}, config, info, step=saved["step"])
-    if info.is_main:
-        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        note_changed_batch(saved, config, info)
     model = GPT(gpt_config)
     if resume_from is None and hf_dir is not None:
         hf.load_hf_weights(model, hf_dir)
@@ -400,6 +404,23 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
             log(info, f"cropped the position embeddings from block_size {trained_context} to "
                       f"{gpt_config.block_size} (the first {gpt_config.block_size} positions)")
     return config, model, resume_from
+
+
+def note_changed_batch(saved: dict[str, Any], config: TrainConfig, info: DistInfo) -> None:
+    """Say so when the tokens per optimizer step differ from the checkpoint's. Without
+    tokens_per_step they follow the number of processes (batch_size x block_size each): a run
+    resumed on fewer GPUs would train on smaller batches with no setting changed."""
+    saved_config = saved.get("train_config") or {}
+    accum = (saved.get("log_interval") or {}).get("accum")
+    factors = (saved_config.get("batch_size"), saved_config.get("block_size"), accum, saved.get("world_size"))
+    if not all(isinstance(f, int) and not isinstance(f, bool) for f in factors):
+        return  # a checkpoint from before these were recorded: nothing to compare
+    before = factors[0] * factors[1] * factors[2] * factors[3]
+    now = config.batch_size * config.block_size * grad_accum_steps(config, info.world_size) * info.world_size
+    if now != before:
+        log(info, f"note: {now:,} tokens per optimizer step, the checkpoint's run took {before:,} "
+                  f"({factors[3]} process(es) then, {info.world_size} now); the learning-rate schedule "
+                  f"is unchanged. To keep its batch, set tokens_per_step = {before}")
 
 
 # Settings a resumed run may change without a note: where the run is, and how it was started.
@@ -1106,6 +1127,8 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
 
     # A fresh start has no saved state: {} gives every setting below its fresh value.
     state = {} if resume_from is None else restore_checkpoint(resume_from, model, optimizer, loader, info)
+    if info.is_main:  # once the weights are in: a refused start leaves the run's record as it was
+        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     step, tokens_seen = state.get("step", 0), state.get("tokens_seen", 0)
     interval = carried_interval(state, info, accum)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import resource
 import shutil
 import signal
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -134,3 +134,70 @@ def test_a_failed_sharded_save_says_each_ranks_error_in_one_line(tmp_path):
     assert "rank 0: " in message and "CheckpointException" not in message
     assert f"the previous checkpoint {previous} is intact" in message
     assert ckpt.latest_checkpoint(run) == previous and steps_in(run) == ["step_0000010"]
+
+
+# ----------------------------------------------------------------------------------------
+# What a refused start leaves behind, and what a resume on another number of processes says
+
+
+def test_a_refused_resume_leaves_config_json_as_it_was(char_data, tmp_path):
+    """config.json was rewritten with the new settings before the checkpoint's files were
+    verified: a resume refused for a damaged checkpoint left the run's record saying it had
+    trained with settings it never ran. A first start refused (init_from at a longer context)
+    left an out_dir holding only a config.json."""
+    from conftest import tiny_config
+    from gpt.trainer import train
+
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=10, eval_interval=10))
+    recorded = (run / "config.json").read_text()
+    model_file = run / ckpt.CHECKPOINTS_DIR / "step_0000010" / ckpt.MODEL_FILE
+    model_file.write_bytes(model_file.read_bytes()[:100])  # truncated
+    with pytest.raises(ckpt.CheckpointError):
+        train(tiny_config(char_data, run, max_steps=20, eval_interval=10, learning_rate=1e-3))
+    assert (run / "config.json").read_text() == recorded
+
+    other = tmp_path / "other"
+    with pytest.raises(ckpt.CheckpointError):  # a larger block_size than the checkpoint's
+        train(tiny_config(char_data, other, block_size=128, init_from=str(run / ckpt.CHECKPOINTS_DIR / "step_0000010")))
+    assert not (other / "config.json").exists()
+
+
+def test_a_read_only_checkpoints_folder_is_refused_before_training(char_data, tmp_path):
+    """out_dir was proved writable at start, but its checkpoints/ (an earlier run's) was not:
+    the run trained every step and failed at its first save."""
+    from conftest import tiny_config
+    from gpt.config import ConfigError
+    from gpt.trainer import train
+    from test_hardening import read_only_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    undo = read_only_folder(run / ckpt.CHECKPOINTS_DIR)
+    try:
+        with pytest.raises(ConfigError) as error:
+            train(tiny_config(char_data, run, max_steps=10, eval_interval=10))
+        assert f"{run / ckpt.CHECKPOINTS_DIR}, where the run saves its checkpoints, is not writable" in str(error.value)
+        assert not (run / "metrics.jsonl").exists()  # refused before any step
+    finally:
+        undo()
+
+
+def test_a_resume_on_another_number_of_processes_says_the_batch_changed(capsys):
+    """Without tokens_per_step the tokens per optimizer step follow the number of processes: a
+    run saved on 2 and resumed on 1 trained on half the batch, and nothing said so."""
+    from gpt.config import TrainConfig
+    from gpt.distributed import DistInfo
+    from gpt.trainer import note_changed_batch
+
+    config = TrainConfig(batch_size=8, block_size=64)
+    saved = {"train_config": config.to_dict(), "world_size": 2, "log_interval": {"accum": 1}}
+    one = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    note_changed_batch(saved, config, one)
+    assert capsys.readouterr().out == (
+        "note: 512 tokens per optimizer step, the checkpoint's run took 1,024 (2 process(es) then, 1 now); "
+        "the learning-rate schedule is unchanged. To keep its batch, set tokens_per_step = 1024\n")
+    note_changed_batch(saved, replace(config, tokens_per_step=1024), one)  # accumulation keeps it
+    note_changed_batch({**saved, "world_size": 1}, config, one)  # the same
+    note_changed_batch({"train_config": {}}, config, one)  # an older checkpoint: nothing to compare
+    assert capsys.readouterr().out == ""
