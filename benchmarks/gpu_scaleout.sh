@@ -17,6 +17,11 @@
 # Not run in CI: it needs a CUDA GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A stage limit in benchmarks/gpu.sh (`timeout`) signals this script and torchrun alike. Without a
+# trap bash dies at once, `timeout` returns and gpu.sh starts its next stage while torchrun still
+# stops its workers (train.py finishes its step and saves a checkpoint; torchrun kills them 30 s
+# later), on the same GPU. With it, bash first waits for torchrun to exit, then exits itself.
+trap 'echo "gpu_scaleout.sh: stopped by a signal; torchrun has exited" >&2; exit 143' TERM INT
 
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 # One line per GPU ("GPU 0: ..."); with MIG on, `nvidia-smi -L` adds an indented "MIG ..." line

@@ -32,6 +32,8 @@ class MetricsError(ValueError):
 # float32 is the TF32 tensor-core rate where the GPU has one: the trainer enables TF32 on CUDA.
 GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
     ("B200", {"bfloat16": 2250.0, "float16": 2250.0, "float32": 1100.0}),
+    # "NVIDIA H200 NVL" (PCIe, 600 W): 1,671 TFLOP/s bf16 with sparsity, so 835.5 dense, not the SXM's.
+    ("H200 NVL", {"bfloat16": 835.5, "float16": 835.5, "float32": 417.5}),
     ("H200", {"bfloat16": 989.5, "float16": 989.5, "float32": 494.7}),  # SXM (GH200 matches too: same GPU)
     ("H100 NVL", {"bfloat16": 835.5, "float16": 835.5, "float32": 417.5}),
     ("H100 PCIe", {"bfloat16": 756.5, "float16": 756.5, "float32": 378.0}),

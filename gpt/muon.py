@@ -74,6 +74,18 @@ class MuonAdamW(torch.optim.Optimizer):
         # it applies to the AdamW groups only. `skips_on_device` is what the trainer asks.
         self._fused_adamw = fused
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch moves a loaded AdamW "step" onto its parameter's device only for groups marked
+        # "fused" or "capturable", which these are not (see __init__); the fused kernel wants it
+        # there: a Muon run resumed on a GPU failed at its first step ("state_steps is on cpu").
+        if self._fused_adamw:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    step = self.state.get(p, {}).get("step")
+                    if isinstance(step, torch.Tensor) and step.device != p.device:
+                        self.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
+
     @property
     def skips_on_device(self) -> bool:
         """Whether step() honours a `found_inf` flag set on the optimizer (GradScaler's and

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,6 +41,21 @@ def char_data(tmp_path_factory) -> Path:
         pytest.skip(f"{SHAKESPEARE} is not present")
     out = tmp_path_factory.mktemp("data") / "shakespeare_char"
     text = SHAKESPEARE.read_text()[:300_000]
+    prepare(out, [text], tokenizer="char", val_fraction=0.1, val_rule="tail", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def code_data(tmp_path_factory) -> Path:
+    """A char-level dataset of 300 kB of this Python's standard library, for the tests that run on
+    a GPU machine: it is lent a copy of the repository alone (../shared, with tiny-Shakespeare,
+    stays behind, so char_data would skip there)."""
+    from gpt.prepare import prepare
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    text = "".join(f.read_text(encoding="utf-8", errors="replace") for f in files[:40])[:300_000]
+    assert len(text) == 300_000
+    out = tmp_path_factory.mktemp("data") / "code_char"
     prepare(out, [text], tokenizer="char", val_fraction=0.1, val_rule="tail", progress=False)
     return out
 

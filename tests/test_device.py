@@ -18,8 +18,6 @@ import math
 import os
 import subprocess
 import sys
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +27,6 @@ from gpt.generate import generate
 from gpt.metrics import gpu_peak_flops, peak_flops, read_metrics
 from gpt.model import GPT, GPTConfig, KVCache
 from gpt.muon import MuonAdamW
-from gpt.prepare import prepare
 from gpt.trainer import train
 
 from conftest import REPO, rewound_copy, tiny_args, tiny_config
@@ -45,18 +42,6 @@ pytestmark = [
     pytest.mark.skipif(ON_GPU and not torch.cuda.is_available(),
                        reason="no CUDA GPU visible (GPT_TEST_DEVICE=cpu runs these checks on the CPU)"),
 ]
-
-
-@pytest.fixture(scope="module")
-def code_data(tmp_path_factory) -> Path:
-    """A char-level dataset of 300 kB of this Python's standard library: a GPU machine is lent a
-    copy of the repository alone (../shared, with tiny-Shakespeare, stays behind)."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    text = "".join(f.read_text(encoding="utf-8", errors="replace") for f in files[:40])[:300_000]
-    assert len(text) == 300_000
-    out = tmp_path_factory.mktemp("data") / "code_char"
-    prepare(out, [text], tokenizer="char", val_fraction=0.1, val_rule="tail", progress=False)
-    return out
 
 
 @pytest.fixture

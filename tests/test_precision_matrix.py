@@ -184,12 +184,12 @@ def test_cpu_offload_gets_a_cpu_backend_beside_nccl(monkeypatch):
 
 @pytest.mark.device
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")
-def test_fsdp_cpu_offload_on_a_gpu_trains_with_clipping_muon_and_float16(char_data, tmp_path):
+def test_fsdp_cpu_offload_on_a_gpu_trains_with_clipping_muon_and_float16(code_data, tmp_path):
     """One GPU under torchrun, FSDP with CPU offload: gradient clipping, GradScaler (float16),
     Muon and nan_policy = skip (Muon's skip flag is on the GPU, its shards in CPU memory), and a
     full-format checkpoint, all collectives over CPU tensors."""
     out = tmp_path / "run"
-    args = [f"--data_dir={char_data}", f"--out_dir={out}", "--prepare_source=none", "--device=cuda",
+    args = [f"--data_dir={code_data}", f"--out_dir={out}", "--prepare_source=none", "--device=cuda",
             "--compile=false", "--dtype=float16", "--optimizer=muon", "--nan_policy=skip", "--grad_clip=1.0",
             "--parallel=fsdp", "--fsdp_cpu_offload=true", "--checkpoint_format=full", "--n_layer=2",
             "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--max_steps=6",
