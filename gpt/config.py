@@ -357,7 +357,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            # utf-8-sig: a byte-order mark (Windows Notepad writes one) is not TOML, and tomllib
+            # refused it as "Invalid statement (at line 1, column 1)", naming nothing to fix.
+            data = tomllib.loads(f.read().decode("utf-8-sig"))
     except FileNotFoundError:
         configs = sorted(p.name for p in Path("configs").glob("*.toml")) if Path("configs").is_dir() else []
         hint = f" (available in configs/: {', '.join(configs)})" if configs else ""
@@ -381,13 +383,21 @@ def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
         ),
         allow_abbrev=False,
     )
+    # What a plain run uses: the default config file's value where it sets the key. A file that
+    # cannot be read is reported by the run that uses it (parse_args); here it only loses its
+    # values in the help: it stopped `--config other.toml` runs, which never read it, too.
+    from_file, unreadable = {}, ""
+    if default_config and Path(default_config).is_file():
+        try:
+            from_file = load_toml(default_config)
+        except ConfigError as e:
+            unreadable = f"; it cannot be used now: {e}"
     parser.add_argument(
         "--config", default=default_config,
-        help="TOML file of settings (see configs/)" + (f" (default: {default_config}; --config= for none)" if default_config else ""),
+        help=("TOML file of settings (see configs/)" + (f" (default: {default_config}; --config= for none{unreadable})"
+                                                          if default_config else "")).replace("%", "%%"),
     )
     defaults = TrainConfig()
-    # What a plain run uses: the default config file's value where it sets the key.
-    from_file = load_toml(default_config) if default_config and Path(default_config).is_file() else {}
     for f in fields(TrainConfig):
         spellings = [f"--{f.name}"]
         if "_" in f.name:
@@ -396,13 +406,17 @@ def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
         help_text = f.metadata["help"]
         if choices:
             help_text += f" {{{', '.join(choices)}}}"
-        # A bool alone (`--activation_checkpointing`) means true, as flags do elsewhere.
-        flag = {"nargs": "?", "const": "true"} if str(f.type) == "bool" else {}
+        # A bool alone (`--activation_checkpointing`) means true, as flags do elsewhere; so does
+        # a tri-state key whose choices include true (`--compile`, as `--compile=true`).
+        tri_state = {"true", "false"} <= set(choices or ())
+        flag = {"nargs": "?", "const": "true"} if str(f.type) == "bool" or tri_state else {}
         parser.add_argument(
             *spellings, dest=f.name, default=None, metavar=str(f.type).upper(), **flag,
-            help=f"{help_text} (default: " + (
+            # argparse %-formats help texts: a '%' in a value of the default config file
+            # (wandb_run_name = "lr 50%") made --help fail with a ValueError traceback.
+            help=(f"{help_text} (default: " + (
                 f"{from_file[f.name]!r} from {Path(default_config).name}, built in {getattr(defaults, f.name)!r})"
-                if f.name in from_file else f"{getattr(defaults, f.name)!r})"),
+                if f.name in from_file else f"{getattr(defaults, f.name)!r})")).replace("%", "%%"),
         )
     return parser
 
@@ -410,18 +424,80 @@ def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None, default_config: str | None = None) -> TrainConfig:
     """defaults <- --config TOML <- --key=value; then '~' expanded (expand_home) and validate."""
     parser = build_parser(default_config)
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     if unknown:
         name = unknown[0].lstrip("-").split("=")[0]
-        if not unknown[0].startswith("-") and name.replace("-", "_") in TrainConfig.__dataclass_fields__:
-            raise ConfigError(f"command line: {unknown[0]!r} needs two dashes: --{unknown[0]}")
+        if not unknown[0].startswith("--") and name.replace("-", "_") in TrainConfig.__dataclass_fields__:
+            # `n_layer=2` or `-n_layer=2`: said to be an unknown key 'n_layer' (did you mean n_layer?).
+            raise ConfigError(f"command line: {unknown[0]!r} needs two dashes: --{unknown[0].lstrip('-')}")
         raise _unknown_key(name, "command line")
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a == "--config" or a.startswith("--config=")]
+    if len(given) > 1:
+        # argparse kept the last file and silently dropped every setting of the others.
+        raise ConfigError(f"command line: --config is given {len(given)} times; settings come from one file "
+                          f"(the others would be ignored): merge them into one, or override single keys "
+                          f"with --key=value")
     config = TrainConfig()
     if args.config:
         config = apply_overrides(config, load_toml(args.config), str(args.config), typed=True)
     cli = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     config = apply_overrides(config, cli, "command line")
-    return expand_home(config).validate()
+    config = expand_home(config).validate()
+    check_launch_environment(os.environ)
+    return config
+
+
+def _join_negative_values(argv: Sequence[str]) -> list[str]:
+    """`--key -1e-3` as `--key=-1e-3`: argparse takes a value that starts with '-' for an option
+    unless it looks like a plain negative number (-1, -0.5), and answered `--learning_rate -1e-3`
+    with "expected one argument" instead of the key's own error. Bool keys take no such value."""
+    types = _field_types()
+    out = list(argv)
+    for i in range(len(out) - 1):
+        if out[i] is None:  # the value joined to the key before it
+            continue
+        key = out[i][2:].replace("-", "_") if out[i].startswith("--") and "=" not in out[i] else None
+        if key in types and types[key] != "bool" and out[i + 1].startswith("-"):
+            try:
+                float(out[i + 1].replace("_", ""))
+            except ValueError:
+                continue
+            out[i], out[i + 1] = f"{out[i]}={out[i + 1]}", None
+    return [a for a in out if a is not None]
+
+
+LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")  # integers that torchrun sets
+RENDEZVOUS_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what env:// needs
+
+
+def check_launch_environment(environ: Any) -> None:
+    """Refuse torchrun's variables set in a way gpt/distributed.py cannot use, naming the variable:
+    a non-integer WORLD_SIZE or RANK failed with a ValueError traceback, and a WORLD_SIZE > 1 (or
+    RANK with MASTER_ADDR) left over in a shell without torchrun's other variables failed in
+    torch.distributed's rendezvous with one."""
+    for name in LAUNCH_VARIABLES:
+        value = environ.get(name)
+        try:
+            valid = value is None or int(value) >= 0
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ConfigError(f"environment variable {name}={value!r} is not a non-negative integer; torchrun "
+                              f"sets it: unset it to train in one process")
+    world_size = int(environ.get("WORLD_SIZE", "1"))
+    if world_size == 0:
+        raise ConfigError("environment variable WORLD_SIZE=0: the number of processes must be at least 1; "
+                          "unset it to train in one process")
+    launched = "RANK" in environ and "MASTER_ADDR" in environ  # as gpt/distributed.py decides
+    missing = [name for name in RENDEZVOUS_VARIABLES if name not in environ]
+    if (world_size > 1 or launched) and missing:
+        raise ConfigError(
+            f"environment variables WORLD_SIZE={environ.get('WORLD_SIZE', '(unset)')}, RANK="
+            f"{environ.get('RANK', '(unset)')} ask for a multi-process run, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set: launch with `torchrun --nproc_per_node=N "
+            f"train.py ...`, or unset WORLD_SIZE and RANK to train in one process")
+    if "RANK" in environ and int(environ["RANK"]) >= world_size > 1:
+        raise ConfigError(f"environment variable RANK={environ['RANK']} must be less than WORLD_SIZE={world_size}")
 
 
 def expand_home(config: TrainConfig) -> TrainConfig:
