@@ -6,6 +6,8 @@ traceback; unexpected errors still show their traceback.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import faulthandler
 import math
 import os
@@ -184,6 +186,11 @@ BROKEN_PIPE_EXIT = 141
 def run_sample(argv: Sequence[str]) -> int:
     def main() -> int | None:
         args = _sample_parser().parse_args(argv)
+        # Text the terminal or file encoding cannot hold (a generated CJK character or U+FFFD
+        # on a Windows code page, `PYTHONIOENCODING=ascii`) is shown replaced, not a
+        # UnicodeEncodeError traceback halfway through the sample.
+        with contextlib.suppress(AttributeError, ValueError):
+            sys.stdout.reconfigure(errors="replace")
         try:
             sample(args)
         except BrokenPipeError:
@@ -208,17 +215,21 @@ def read_prompt(args) -> str:
         raise ConfigError("give --prompt or --prompt_file, not both")
     try:
         if args.prompt_file == "-":  # standard input, as most tools read it
-            return sys.stdin.buffer.read().decode("utf-8")
-        return Path(args.prompt_file).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"--prompt_file {args.prompt_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            data = sys.stdin.buffer.read()
+        else:
+            data = Path(args.prompt_file).read_bytes()
     except OSError as e:
         raise ConfigError(f"--prompt_file {args.prompt_file}: cannot read it ({e.strerror or e})") from None
+    # The byte-order mark some editors (Notepad) write first is not part of the text: kept, it
+    # was a character no char vocabulary has (and junk tokens for a BPE).
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--prompt_file {args.prompt_file}: not UTF-8 text ({e.reason} at byte {bom + e.start})") from None
 
 
 def sample(args) -> None:
-    import contextlib
-
     import torch
 
     from . import checkpoint as ckpt
@@ -277,6 +288,13 @@ def sample(args) -> None:
         model = GPT(GPTConfig(**state["model_config"]))
         ckpt.load_model_weights(path, model, device)
     model.to(device).eval()
+    if tokenizer.vocab_size != model.config.vocab_size:
+        # Another vocabulary's ids mean other text: a prompt would crash generate() (ids past the
+        # model's table), an empty one would give text decoded with the wrong table.
+        error = HFError if args.init_from else CheckpointError
+        raise error(f"{tokenizer_file} has {tokenizer.vocab_size} token ids but the model has "
+                    f"{model.config.vocab_size}: it is not this model's tokenizer; put the tokenizer.json "
+                    f"of the data the model was trained on there")
 
     try:
         ids = tokenizer.encode(prompt)

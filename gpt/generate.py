@@ -18,6 +18,7 @@ costs one full-window forward per step once the context is full, like the uncach
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -129,7 +130,8 @@ def generate(
     that has produced eos_id keeps emitting eos_id from then on, and generation stops as soon as
     every row has produced it. Prompts longer than block_size are cropped to their last
     block_size tokens. The model runs in eval mode (dropout off) while the iterator is live and
-    gets its previous mode back when it is exhausted or closed. The KV cache is kept on the
+    gets its previous mode back when it is exhausted or closed (with several generators live on
+    one model: when the last of them is). The KV cache is kept on the
     device of the model's parameters, in `kv_cache_dtype(model)` as of the first token. For bf16,
     call generate() and iterate under torch.autocast. On a CPU the linear layers' weights are
     copied once more for the loop, in oneDNN's layout (`gpt.model.packed_for_decoding`; not at
@@ -176,7 +178,11 @@ def _decode(
     if max_new_tokens == 0:
         return
 
-    was_training = model.training
+    # Several generators may be live on one model (interleaved): the first records the mode,
+    # the last to end restores it, so that none of them decodes with dropout on because
+    # another one ended first (and the model gets back the mode it had before them all).
+    live = _live_decoders.setdefault(model, [0, model.training])
+    live[0] += 1
     model.eval()
     try:
         # oneDNN copies of the CPU weights for the loop (gpt.model.Linear). Its products have
@@ -192,6 +198,8 @@ def _decode(
             n_new = context.size(1)
             finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
             for _ in range(max_new_tokens):
+                if model.training:  # set by the caller between two tokens
+                    model.eval()
                 logits = next_token_logits(model, context, kv_cache, n_new)
                 token = sample_next(logits, temperature, top_k, top_p, generator)
                 if eos_id is not None:
@@ -208,7 +216,15 @@ def _decode(
                 if eos_id is not None and bool(finished.all()):
                     return
     finally:
-        model.train(was_training)
+        live[0] -= 1
+        if live[0] == 0:
+            if _live_decoders.get(model) is live:
+                del _live_decoders[model]
+            model.train(live[1])
+
+
+# model -> [generators live on it, its mode before the first of them]
+_live_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # Each wraps every resumption of the generator (the caller's own code between tokens keeps its mode).

@@ -144,7 +144,11 @@ class PackedWeight:
     bias: torch.Tensor | None
     dtype: torch.dtype  # float32, or bfloat16 for decoding under bf16 autocast
     min_rows: int  # products of fewer rows take Linear's other paths (faster there)
-    versions: tuple[int, int]  # the weight's and bias's version counters when copied
+    # The weight's and bias's version counters and storage addresses when copied: see `_versions`.
+    versions: tuple[int, int, int, int]
+    # The tensors copied (aliases, no memory of their own while they stay the module's): held so
+    # that a replaced weight's memory cannot be reused by another tensor at the same address.
+    sources: tuple[torch.Tensor, torch.Tensor | None] = ()
 
 
 class Linear(nn.Linear):
@@ -201,8 +205,21 @@ class Linear(nn.Linear):
         return y.view(self.out_features, rows).t().contiguous().view(*x.shape[:-1], self.out_features)
 
 
-def _versions(linear: Linear) -> tuple[int, int]:
-    return linear.weight._version, 0 if linear.bias is None else linear.bias._version
+def _versions(linear: Linear) -> tuple[int, int, int, int]:
+    """What tells a packed copy is stale: an in-place change bumps the version counter; a new
+    tensor put in (`linear.weight = nn.Parameter(...)`, `weight.data = ...`, `load_state_dict(...,
+    assign=True)`) may have the same count, but never the same address while the old one is held.
+    (A change through `weight.data.add_(...)` is not seen: `.data` has a counter of its own.)
+    An inference tensor (made under torch.inference_mode) has no counter: -1, which no copy has
+    (none is made of one), so a weight put in from inference mode is never served by a copy."""
+    weight, bias = linear.weight, linear.bias
+    if bias is None:
+        return _version(weight), weight.data_ptr(), 0, 0
+    return _version(weight), weight.data_ptr(), _version(bias), bias.data_ptr()
+
+
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version
 
 
 @contextlib.contextmanager
@@ -222,7 +239,11 @@ def packed_for_decoding(model: nn.Module, rows: int) -> Iterator[None]:
         min_rows = 1
     else:
         dtype, usable, min_rows = torch.float32, rows >= 3, 3
-    linears = [m for m in model.modules() if isinstance(m, Linear) and _packable(m.weight)] if usable else []
+    # Weights made under torch.inference_mode (a model built or loaded in it) have no version
+    # counter, so an in-place change to them could not be told from a fresh copy: not packed.
+    linears = [m for m in model.modules()
+               if isinstance(m, Linear) and _packable(m.weight) and -1 not in _versions(m)] if usable else []
+    made: list[tuple[Linear, PackedWeight]] = []
     try:
         with torch.no_grad():
             for m in linears:
@@ -230,11 +251,16 @@ def packed_for_decoding(model: nn.Module, rows: int) -> Iterator[None]:
                 # within 5% of each other from 1 to 256 rows.
                 weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype), 8)
                 bias = None if m.bias is None else m.bias.detach().to(dtype)
-                m.packed = PackedWeight(weight, bias, dtype, min_rows, _versions(m))
+                sources = (m.weight.detach(), None if m.bias is None else m.bias.detach())
+                m.packed = PackedWeight(weight, bias, dtype, min_rows, _versions(m), sources)
+                made.append((m, m.packed))
         yield
     finally:
-        for m in linears:
-            m.packed = None
+        for m, packed in made:
+            # Only this block's own copies: another decoder of the same model that packed after
+            # this one (two generators interleaved) keeps using its copies until it ends itself.
+            if m.packed is packed:
+                m.packed = None
 
 
 def _packable(weight: torch.Tensor) -> bool:
