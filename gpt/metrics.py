@@ -108,9 +108,14 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float 
 
 
 def format_duration(seconds: float) -> str:
+    """A duration as a log line shows it: 45s, 12m05s, 7h03m, 3d04h (a long run's ETA)."""
+    if not math.isfinite(seconds):  # an ETA from a step time of 0 or NaN: nothing to show
+        return "?"
     seconds = max(0, int(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
+    if hours >= 24:
+        return f"{hours // 24}d{hours % 24:02d}h"
     if hours:
         return f"{hours}h{minutes:02d}m"
     if minutes:

@@ -558,6 +558,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.training = False  # set by _train when its first step starts: what Ctrl-C's note says
         self._previous: dict[int, Any] = {}
         self._vote: tuple[Any, torch.Tensor] | None = None  # (all-reduce work, its CPU flag)
         self._group = None  # the gloo group votes go over when the default one is NCCL
@@ -590,8 +591,13 @@ class StopFlag:
                 raise KeyboardInterrupt  # the second signal: stop now, without saving
             if os.environ.get("RANK", "0") == "0":
                 # os.write: print() is not safe in a handler that may interrupt another print.
-                os.write(2, b"\nCtrl-C: finishing this step, then saving a checkpoint and exiting "
-                            b"(press Ctrl-C again to abort at once without saving)\n")
+                if self.training:
+                    os.write(2, b"\nCtrl-C: finishing this step, then saving a checkpoint and exiting "
+                                b"(press Ctrl-C again to abort at once without saving)\n")
+                else:  # set-up (data prep, model build, resume) goes on first: it can take minutes
+                    os.write(2, b"\nCtrl-C: training has not started; the run finishes its set-up and "
+                                b"one step, then saves a checkpoint and exits (press Ctrl-C again to "
+                                b"abort at once without saving)\n")
 
     @property
     def exit_code(self) -> int:
@@ -1166,6 +1172,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     val_loss, last_ckpt = state.get("val_loss"), resume_from
     clock = Clock(elapsed_before=state.get("elapsed_s", 0.0), timed_from=step,
                   interval_start=time.perf_counter(), run_start=time.perf_counter())
+    stop.training = True
     while step < config.max_steps:
         lr = learning_rate_at(step, config)
         train_step(wrapped, model, optimizer, scaler, loader, guard, interval.loss_sum, autocast, accum, config,

@@ -625,6 +625,21 @@ def test_ctrl_c_finishes_the_step_saves_and_exits(char_data, tmp_path):
     assert ckpt.read_state(saved)["step"] == int(stopped.group(1))
 
 
+def test_ctrl_c_before_training_says_that_set_up_and_one_step_come_first(capfd):
+    # Ctrl-C during set-up (an automatic data prep can take minutes) said "finishing this step"
+    # while the run went on with the whole set-up and a first step before stopping.
+    stop = StopFlag()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs at the next bytecode
+    finally:
+        stop.restore()
+    assert stop.signal == signal.SIGINT
+    assert ("Ctrl-C: training has not started; the run finishes its set-up and one step, then saves a "
+            "checkpoint and exits") in capfd.readouterr().err
+
+
 def test_second_ctrl_c_aborts_at_once(capsys):
     previous = signal.getsignal(signal.SIGINT)
     stop = StopFlag()

@@ -245,3 +245,11 @@ def test_wandb_resume_from_an_older_checkpoint_logs_no_step_twice(char_data, tmp
     assert len(files) == 2
     assert sorted(wandb_history(finished_records(files[-1]))) == [10]
     assert [r["step"] for r in read_metrics(run)] == [2, 4, 6, 8, 10]
+
+
+def test_durations_read_in_days_past_one_and_never_fail():
+    from gpt.metrics import format_duration
+
+    assert [format_duration(s) for s in (0, 45, 725, 25_380, 86_399, 273_600, 9600 * 3600)] == \
+        ["0s", "45s", "12m05s", "7h03m", "23h59m", "3d04h", "400d00h"]
+    assert format_duration(float("inf")) == format_duration(float("nan")) == "?"  # was OverflowError/ValueError
