@@ -577,6 +577,21 @@ def _param_groups_from_json(groups: list[dict]) -> list[dict]:
             for g in groups]
 
 
+def _default_group_timeout():
+    """The timeout the default process group was created with (init_process_group's), or None
+    (new_group's own default) where this torch does not tell."""
+    try:
+        group = dist.distributed_c10d._get_default_group()
+    except Exception:
+        return None
+    for device in ("cpu", "cuda"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout
+        except Exception:
+            continue
+    return None
+
+
 class Checkpointer:
     """Saves the trainer's checkpoints; every rank makes the same calls at the same steps.
 
@@ -609,8 +624,11 @@ class Checkpointer:
         self.distributed = dist.is_available() and dist.is_initialized()
         self.group = None
         if async_save and format == "sharded" and self.distributed:
-            # A collective; every rank constructs the Checkpointer at the same point.
-            self.group = dist.new_group(backend="gloo")
+            # A collective; every rank constructs the Checkpointer at the same point. With the
+            # default group's timeout: new_group's own default for gloo is 30 minutes, so a hung
+            # rank held the background save (and the process's exit, which waits for it) 20
+            # minutes past the 10 after which training's collectives give up.
+            self.group = dist.new_group(backend="gloo", timeout=_default_group_timeout())
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if async_save else None
         self._pending: Future | None = None
         self._pruning: threading.Thread | None = None  # a synchronous save's old checkpoints being deleted

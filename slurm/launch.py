@@ -1,6 +1,6 @@
 """torchrun, for batch jobs: `python slurm/launch.py [torchrun options] train.py [train options]`.
 
-The same launcher as `torchrun` (it calls `torch.distributed.run.main`), with three changes
+The same launcher as `torchrun` (it calls `torch.distributed.run.main`), with four changes
 that let a SLURM job checkpoint and requeue itself (see slurm/train.sbatch and docs/slurm.md):
 
 1. The launcher ignores SIGUSR1 and SIGTERM. SLURM signals every process of a job step; the
@@ -20,6 +20,8 @@ that let a SLURM job checkpoint and requeue itself (see slurm/train.sbatch and d
    exiting then (SIGTERM, which it ignores, and SIGKILL 30 s later) is harmless at that point.
 3. Under srun, the node with SLURM_NODEID=0 hosts the c10d rendezvous store (is_host), so the
    rendezvous works even where node names are not the machines' host names.
+4. With --max-restarts above 0 it sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (unless set), which
+   restarted workers need to reach the rendezvous (otherwise they hang silently).
 """
 
 from __future__ import annotations
@@ -49,6 +51,35 @@ def _torchrun_knows(option: str) -> bool:
     return any(option in action.option_strings for action in get_args_parser()._actions)
 
 
+def _option_value(argv: list[str], name: str) -> str | None:
+    """The value of a torchrun option (`--name=V` or `--name V`, '-' or '_') before the script."""
+    spellings = {f"--{name}", f"--{name.replace('-', '_')}"}
+    for i, arg in enumerate(argv):
+        if not arg.startswith("-"):
+            return None
+        key, eq, value = arg.partition("=")
+        if key in spellings:
+            return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
+
+
+def torchrun_env(argv: list[str], env: dict[str, str]) -> dict[str, str]:
+    """Environment variables to add for torchrun. With --max-restarts above 0, torchrun's
+    default of sharing its rendezvous TCP store with the workers makes the restarted workers
+    hang in init_process_group (seen for minutes, nothing printed) or fail there with gloo's
+    "Connection refused" (the store still holds the first workers' addresses; torch 2.13), so the
+    restart promised by --max-restarts never trains; TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (see
+    docs/checkpoints.md) makes them start their own store, and the restart resumes from `latest`."""
+    restarts = _option_value(argv, "max-restarts") or env.get("PET_MAX_RESTARTS", "0")
+    try:
+        restarting = int(restarts) > 0
+    except ValueError:
+        restarting = False  # torchrun itself names the bad value
+    if restarting and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in env:
+        return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    return {}
+
+
 def torchrun_args(argv: list[str], env: dict[str, str]) -> list[str]:
     extra = []
     # torchrun handles SIGTERM itself unless told otherwise (in versions that have the option).
@@ -67,6 +98,7 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    os.environ.update(torchrun_env(argv, dict(os.environ)))
     try:
         torchrun(torchrun_args(argv, dict(os.environ)))
     except ChildFailedError as e:
