@@ -1070,8 +1070,16 @@ _STATE_KEYS: dict[str, tuple[str, Callable[[Any], bool]]] = {
                                             and isinstance(v.get("scale"), (int, float))
                                             and not isinstance(v.get("scale"), bool)
                                             and math.isfinite(v["scale"]) and v["scale"] > 0)),
+    # The log interval in progress (gpt/trainer.py carried_interval): its steps, skipped steps,
+    # micro-batches per step and each rank's loss sum.
+    "log_interval": ("an object with whole numbers 'steps', 'skipped' >= 0, 'accum' >= 1 and an array of "
+                     "numbers 'loss_sums'",
+                     lambda v: isinstance(v, dict) and _is_count(v.get("steps")) and _is_count(v.get("skipped"))
+                     and _is_count(v.get("accum")) and v["accum"] >= 1 and isinstance(v.get("loss_sums"), list)
+                     and len(v["loss_sums"]) >= 1
+                     and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v["loss_sums"])),
     **{key: ("an object", lambda v: isinstance(v, dict))
-       for key in ("model_config", "loader", "train_config", "dataset", "log_interval")},
+       for key in ("model_config", "loader", "train_config", "dataset")},
 }
 # Every reader builds the model (model_config); resuming also needs where the run was.
 ALWAYS_IN_STATE = ("step", "model_config")

@@ -4,6 +4,7 @@ full disk (its error in the full and sharded formats), a shorter block_size."""
 
 from __future__ import annotations
 
+import json
 import resource
 import shutil
 import signal
@@ -201,3 +202,20 @@ def test_a_resume_on_another_number_of_processes_says_the_batch_changed(capsys):
     note_changed_batch({**saved, "world_size": 1}, config, one)  # the same
     note_changed_batch({"train_config": {}}, config, one)  # an older checkpoint: nothing to compare
     assert capsys.readouterr().out == ""
+
+
+def test_a_state_json_whose_log_interval_lacks_a_key_is_refused_naming_it(tmp_path):
+    """Only 'an object' was checked: a log_interval without 'loss_sums' (or 'accum', 'steps',
+    'skipped') failed the resume with a bare KeyError deep in the trainer."""
+    run = tmp_path / "run"
+    ckpt_dir = save(run, 10, keep_last=2)
+    path = ckpt_dir / ckpt.STATE_FILE
+    state = json.loads(path.read_text())
+    good = {"steps": 3, "skipped": 0, "accum": 1, "loss_sums": [12.5]}
+    for bad in ({k: v for k, v in good.items() if k != "loss_sums"}, {**good, "accum": 0},
+                {**good, "loss_sums": []}, {**good, "steps": "3"}):
+        path.write_text(json.dumps({**state, "log_interval": bad}))
+        with pytest.raises(ckpt.CheckpointError, match="'log_interval' should be an object with whole numbers"):
+            ckpt.read_state(ckpt_dir)
+    path.write_text(json.dumps({**state, "log_interval": good}))
+    assert ckpt.read_state(ckpt_dir)["log_interval"] == good
