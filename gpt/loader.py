@@ -144,7 +144,6 @@ class TokenLoader:
         """This rank's (x, y), each int64 [batch_size, block_size] on `device`; advances a step."""
         first = self.windows_consumed + self.rank * self.batch_size
         starts = self.window_starts(first, self.batch_size)
-        self.windows_consumed += self.batch_size * self.world_size
         windows = self._gather(starts)  # uint16 [B, T+1]
         # A few microseconds on the host, before any id reaches the device: an id past the
         # embedding would be an index error on CPU and a device-side assert on CUDA.
@@ -159,6 +158,9 @@ class TokenLoader:
             y = y.pin_memory().to(self.device, non_blocking=True)
         elif self.device.type != "cpu":
             x, y = x.to(self.device), y.to(self.device)
+        # Counted only once the batch is made: a batch that raised (an id outside the
+        # vocabulary) stays unconsumed, so neither a retry nor a saved state skips its windows.
+        self.windows_consumed += self.batch_size * self.world_size
         return x, y
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
