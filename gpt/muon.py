@@ -35,8 +35,11 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """Approximately U V^T for each matrix of `g` ([m, n] or [batch, m, n]; U S V^T its SVD)."""
     a, b, c = NEWTON_SCHULZ
     x = g if g.dim() == 3 else g.unsqueeze(0)
-    # Dividing by the Frobenius norm brings every singular value to at most 1.
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    # Dividing by the Frobenius norm brings every singular value to at most 1. The norm is taken
+    # in float32: in float16 a matrix whose norm passes 65504 would get an infinite norm and so
+    # a zero update (the division's float32 result is cast back; every entry is then <= 1).
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=torch.float32)
+    x = (x / (norm + 1e-7)).to(g.dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the smaller Gram matrix x x^T
         x = x.mT
