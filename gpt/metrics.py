@@ -22,6 +22,7 @@ from .config import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_RUN_ID_FILE = "wandb_run_id"
+WANDB_TAG_MAX = 64  # characters in one wandb tag
 
 
 class MetricsError(ValueError):
@@ -164,16 +165,28 @@ class MetricsLog:
         """A resumed run repeats the steps after its checkpoint: drop their old records so
         the file reads as one uninterrupted run."""
         kept = []
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
-            if record.get("step", 0) <= step:
+            # A line that is no record (damaged: a bare number, a list, a step that is no number)
+            # is dropped with the torn ones; it stopped the resume with an AttributeError.
+            if isinstance(record, dict) and isinstance(record.get("step", 0), (int, float)) \
+                    and record.get("step", 0) <= step:
                 kept.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        except OSError as e:  # a full disk: metrics.jsonl itself is untouched
+            tmp.unlink(missing_ok=True)
+            raise self._write_error(e) from e
+
+    def _write_error(self, error: OSError) -> MetricsError:
+        return MetricsError(f"could not write {self.path} ({error.strerror or error}): is the disk full or "
+                            f"the folder not writable? Fix that and run again to resume from the last "
+                            f"checkpoint")
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -181,8 +194,28 @@ class MetricsLog:
         # A loss that is not finite (NaN: every step of the interval skipped under nan_policy =
         # skip) is written as null: json.dumps would write a bare NaN token, which is not JSON, and
         # strict parsers (JavaScript's JSON.parse, Go, serde) reject the whole file over it.
-        with open(self.path, "a") as f:
-            f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
+        line = (json.dumps(finite_or_null(record), allow_nan=False) + "\n").encode()
+        # A full disk (ENOSPC, a quota, a file size limit) stopped the run with an OSError
+        # traceback and could leave part of the line: the next record then ran into it, one
+        # invalid line in the middle of the file, which read_metrics and gpt.plot refuse. The
+        # file is cut back to its last whole record, and the error says what happened.
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise self._write_error(e) from e
+        try:
+            size = os.fstat(fd).st_size
+            view = memoryview(line)
+            while view:  # a write cut short by a full disk reports how much it wrote; the next one fails
+                view = view[os.write(fd, view):]
+        except OSError as e:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise self._write_error(e) from e
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         pass  # every write already closed the file
@@ -210,6 +243,12 @@ class WandbSink:
                 f"pip install 'gpt-from-scratch[wandb]' (or pip install wandb), or set "
                 f"wandb_mode = 'disabled'"
             ) from None
+        for tag in tags:
+            # wandb refuses these only in wandb.init, whose error was reported as a failed start
+            # with a hint to log in.
+            if not 1 <= len(tag) <= WANDB_TAG_MAX:
+                raise ConfigError(f"wandb_tags: the tag {tag[:70]!r} is {len(tag)} characters; wandb takes "
+                                  f"tags of 1 to {WANDB_TAG_MAX} characters")
         out_dir = Path(out_dir)
         id_file = out_dir / WANDB_RUN_ID_FILE
         # An empty file (a run killed, or a disk full, while writing it) holds no run to continue:
@@ -235,6 +274,10 @@ class WandbSink:
         self.first_step = self.run.step
         if run_id is not None:
             self.first_step = max(self.first_step, wandb_last_step(out_dir / "wandb", run_id) + 1)
+        if resumed:
+            # A resume that starts a new wandb run (wandb turned on at this resume, or an id file
+            # lost or empty) fills it from the start too: it began at the checkpoint, every step
+            # before it missing from the run's charts.
             self._backfill(out_dir)
 
     def _backfill(self, out_dir: Path) -> None:

@@ -91,8 +91,12 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, title: str | None = N
     for ax in axes[0]:
         ax.legend(fontsize="small")
     fig.suptitle(title or "training curves: " + ", ".join(loaded))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=100)
+    except OSError as e:  # a parent that is a file, a full disk, a read-only file system: was a traceback
+        raise MetricsError(f"--out {out}: cannot write the image ({e}); choose another "
+                           f"--out") from None
     return out
 
 
