@@ -852,9 +852,24 @@ def claim_out_dir(config: TrainConfig, info: DistInfo, held: contextlib.ExitStac
     """out_dir, locked (by rank 0) until the run ends; rank 0 prints the config."""
     out_dir = Path(config.out_dir)
     if info.is_main:
+        created = not out_dir.exists()
         held.enter_context(prepare_out_dir(config, out_dir))
+        if created:  # runs before the lock's release (an ExitStack unwinds last in, first out)
+            held.callback(remove_if_unused, out_dir)
         print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.to_dict().items()), flush=True)
     return out_dir
+
+
+def remove_if_unused(out_dir: Path) -> None:
+    """Remove an out_dir this run made if it holds nothing but the run's lock: a run refused
+    during set-up (a dataset missing, tokens_per_step that does not divide) left an empty folder
+    that looked like a run's."""
+    try:
+        if [p.name for p in out_dir.iterdir()] == [RUN_LOCK_FILE]:
+            (out_dir / RUN_LOCK_FILE).unlink()
+            out_dir.rmdir()
+    except OSError:
+        pass  # something else wrote there meanwhile, or it is gone: leave it
 
 
 def use_tf32(device: torch.device) -> None:

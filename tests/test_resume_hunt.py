@@ -219,3 +219,27 @@ def test_a_state_json_whose_log_interval_lacks_a_key_is_refused_naming_it(tmp_pa
             ckpt.read_state(ckpt_dir)
     path.write_text(json.dumps({**state, "log_interval": good}))
     assert ckpt.read_state(ckpt_dir)["log_interval"] == good
+
+
+def test_a_run_refused_during_set_up_leaves_no_empty_out_dir(char_data, tmp_path):
+    """A new out_dir was made (and locked) before the dataset and tokens_per_step were checked:
+    a refused run left an empty folder behind that looked like a run's. One that existed before
+    the run is left as it was."""
+    from conftest import tiny_config
+    from gpt.config import ConfigError
+    from gpt.shards import ShardError
+    from gpt.trainer import train
+
+    run = tmp_path / "new" / "run"
+    with pytest.raises(ConfigError, match="tokens_per_step"):
+        train(tiny_config(char_data, run, tokens_per_step=1000))  # not a multiple of 8 x 64
+    assert not run.exists() and (tmp_path / "new").exists()
+    with pytest.raises(ShardError, match="dataset folder does not exist"):
+        train(tiny_config(tmp_path / "no_data", run))
+    assert not run.exists()
+    run.mkdir()
+    with pytest.raises(ShardError):
+        train(tiny_config(tmp_path / "no_data", run))
+    assert run.is_dir()  # the user's own folder stays
+    train(tiny_config(char_data, tmp_path / "ok", max_steps=5, eval_interval=5))
+    assert (tmp_path / "ok" / "latest").exists()
