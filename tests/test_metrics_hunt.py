@@ -24,10 +24,11 @@ def record(step: int) -> dict:
     return {"step": step, "loss": 3.0 - step / 100, "lr": 1e-3, "tokens": 128 * step, "tokens_per_s": 1000.0}
 
 
-def run_under_file_size_limit(out_dir: Path, code: str, room: int = 20) -> subprocess.CompletedProcess:
-    """`code` (with `MetricsLog`, `MetricsError` and `out_dir` at hand) in a child process whose
-    files cannot grow past metrics.jsonl's size + `room` bytes: a full disk as a write meets it
-    (part of the data written, then an error), without filling one."""
+def run_under_file_size_limit(out_dir: Path, statement: str, room: int = 20) -> subprocess.CompletedProcess:
+    """`statement` (with `MetricsLog` and `out_dir` at hand) in a child process whose files cannot
+    grow past metrics.jsonl's size + `room` bytes: a full disk as a write meets it (part of the
+    data written, then an error), without filling one. The child prints a MetricsError and exits
+    0; an OSError (the traceback's kind) exits 3, and no error at all 4."""
     limit = (out_dir / "metrics.jsonl").stat().st_size + room
     script = textwrap.dedent(f"""
         import resource, signal, sys
@@ -36,7 +37,17 @@ def run_under_file_size_limit(out_dir: Path, code: str, room: int = 20) -> subpr
         resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
         from gpt.metrics import MetricsError, MetricsLog
         out_dir = Path({str(out_dir)!r})
-    """) + textwrap.dedent(code)
+        try:
+            {statement}
+        except MetricsError as e:
+            print("MetricsError:", e)
+            sys.exit(0)
+        except OSError as e:
+            print("OSError:", e)
+            sys.exit(3)
+        print("no error")
+        sys.exit(4)
+    """)
     return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
@@ -49,16 +60,8 @@ def test_a_record_cut_short_by_a_full_disk_leaves_no_partial_line(tmp_path):
     log = MetricsLog(tmp_path)
     log.write(record(2))
     before = (tmp_path / "metrics.jsonl").read_bytes()
-    done = run_under_file_size_limit(tmp_path, """
-        try:
-            MetricsLog(out_dir).write({"step": 4, "loss": 2.5, "lr": 0.001, "tokens": 512, "note": "x" * 200})
-        except MetricsError as e:
-            print("MetricsError:", e)
-            sys.exit(0)
-        except OSError as e:
-            print("OSError:", e)
-            sys.exit(3)
-    """)
+    done = run_under_file_size_limit(
+        tmp_path, 'MetricsLog(out_dir).write({"step": 4, "loss": 2.5, "lr": 0.001, "tokens": 512, "note": "x" * 200})')
     assert done.returncode == 0, done.stdout + done.stderr
     assert "disk full" in done.stdout
     assert (tmp_path / "metrics.jsonl").read_bytes() == before
@@ -74,17 +77,7 @@ def test_cutting_back_at_a_resume_on_a_full_disk_keeps_the_file_and_no_temporary
         log.write(record(step))
     before = (tmp_path / "metrics.jsonl").read_bytes()
     # Room for half the records the copy keeps (all of them: the checkpoint is past them).
-    done = run_under_file_size_limit(tmp_path, """
-        try:
-            MetricsLog(out_dir, resume_step=100)
-        except MetricsError as e:
-            print("MetricsError:", e)
-            sys.exit(0)
-        except OSError as e:
-            print("OSError:", e)
-            sys.exit(3)
-        print("no error")
-    """, room=-len(before) // 2)
+    done = run_under_file_size_limit(tmp_path, "MetricsLog(out_dir, resume_step=100)", room=-len(before) // 2)
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "metrics.jsonl").read_bytes() == before
     assert not (tmp_path / "metrics.jsonl.tmp").exists()
