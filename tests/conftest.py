@@ -60,6 +60,27 @@ def code_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """A real SLURM cluster on localhost (tests/slurm/cluster.py), one per test module using it.
+    Those modules put tests/ first on sys.path, so that `slurm` is tests/slurm, not the
+    repository's slurm/ folder of batch scripts."""
+    from slurm.cluster import ClusterError, SlurmCluster, missing_binaries
+
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"SLURM is not installed (missing {', '.join(missing)}); .ci/run installs it: "
+                    "apt-get install --no-install-recommends slurmctld slurmd slurm-client munge")
+    if os.geteuid() != 0:
+        pytest.skip("the SLURM test cluster needs root (slurmd launches jobs as their user)")
+    try:
+        c = SlurmCluster.start()
+    except ClusterError as e:
+        pytest.fail(f"could not start the SLURM test cluster: {e}")
+    yield c
+    c.stop()
+
+
 def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
     """A 2-layer, 64-wide model on CPU in fp32: a few milliseconds per step."""
     base = TrainConfig(

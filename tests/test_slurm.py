@@ -29,7 +29,7 @@ from gpt import checkpoint as ckpt
 from gpt.metrics import read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm.cluster import ClusterError, SlurmCluster, missing_binaries  # noqa: E402
+from slurm.cluster import SlurmCluster  # noqa: E402 (tests/slurm: conftest.py's cluster fixture needs this path too)
 
 from conftest import latest_weights, learning_records  # noqa: E402
 
@@ -41,22 +41,6 @@ EVAL_INTERVAL = 50
 WORLD = 2  # = the cluster's pretend GPUs per node
 SIGNAL_AFTER_STEP = LOG_INTERVAL  # signal once the log shows the first step line
 JOB_TIMEOUT = 240  # seconds for any one job to finish (including requeues)
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    missing = missing_binaries()
-    if missing:
-        pytest.skip(f"SLURM is not installed (missing {', '.join(missing)}); .ci/run installs it: "
-                    "apt-get install --no-install-recommends slurmctld slurmd slurm-client munge")
-    if os.geteuid() != 0:
-        pytest.skip("the SLURM test cluster needs root (slurmd launches jobs as their user)")
-    try:
-        c = SlurmCluster.start()
-    except ClusterError as e:
-        pytest.fail(f"could not start the SLURM test cluster: {e}")
-    yield c
-    c.stop()
 
 
 def _free_port() -> int:

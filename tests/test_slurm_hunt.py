@@ -11,24 +11,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm.cluster import ClusterError, SlurmCluster, missing_binaries  # noqa: E402
+from slurm.cluster import SlurmCluster  # noqa: E402 (tests/slurm: conftest.py's cluster fixture needs this path too)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    missing = missing_binaries()
-    if missing:
-        pytest.skip(f"SLURM is not installed (missing {', '.join(missing)})")
-    if os.geteuid() != 0:
-        pytest.skip("the SLURM test cluster needs root (slurmd launches jobs as their user)")
-    try:
-        c = SlurmCluster.start()
-    except ClusterError as e:
-        pytest.fail(f"could not start the SLURM test cluster: {e}")
-    yield c
-    c.stop()
 
 
 def tiny_args(data: Path, out_dir: Path, max_steps: int) -> list[str]:
