@@ -307,6 +307,11 @@ def grad_accum_steps(config: TrainConfig, world_size: int) -> int:
     return config.tokens_per_step // per_micro_step
 
 
+def tokens_per_optimizer_step(config: TrainConfig, world_size: int) -> int:
+    """Tokens in one optimizer step: all processes' micro-batches (tokens_per_step when set)."""
+    return config.batch_size * config.block_size * grad_accum_steps(config, world_size) * world_size
+
+
 def model_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
     return GPTConfig(
         vocab_size=vocab_size, block_size=config.block_size, n_layer=config.n_layer,
@@ -416,7 +421,7 @@ def note_changed_batch(saved: dict[str, Any], config: TrainConfig, info: DistInf
     if not all(isinstance(f, int) and not isinstance(f, bool) for f in factors):
         return  # a checkpoint from before these were recorded: nothing to compare
     before = factors[0] * factors[1] * factors[2] * factors[3]
-    now = config.batch_size * config.block_size * grad_accum_steps(config, info.world_size) * info.world_size
+    now = tokens_per_optimizer_step(config, info.world_size)
     if now != before:
         log(info, f"note: {now:,} tokens per optimizer step, the checkpoint's run took {before:,} "
                   f"({factors[3]} process(es) then, {info.world_size} now); the learning-rate schedule "
@@ -1134,7 +1139,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     meta = ensure_dataset(config, info)
     val_loader = check_dataset(config, meta, info)
     accum = grad_accum_steps(config, info.world_size)
-    tokens_per_step = config.batch_size * config.block_size * accum * info.world_size
+    tokens_per_step = tokens_per_optimizer_step(config, info.world_size)
 
     config, model, resume_from = build_model(config, info, meta, out_dir)
     model.to(device)
