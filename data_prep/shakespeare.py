@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from gpt.prepare import add_shared_options, prepare  # noqa: E402
+from gpt.prepare import add_shared_options, prepare, vocab_size_option  # noqa: E402
 from gpt.sources import LocalFiles, Texts  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -28,7 +28,7 @@ URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshake
 def download(url: str = URL, timeout: float = 30.0) -> str:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.read().decode("utf-8")
+            return response.read().decode("utf-8-sig")  # -sig: a leading byte order mark is no text
     except (urllib.error.URLError, OSError, UnicodeDecodeError) as e:
         raise ValueError(f"could not download {url} ({getattr(e, 'reason', e)}); "
                          f"download it yourself and pass --input PATH") from e
@@ -49,12 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = args.out or f"data/shakespeare_{args.tokenizer}"
     try:
+        vocab_size = vocab_size_option(args)  # first: an error here downloads, reads and writes nothing
         if args.input:
             corpus = LocalFiles([args.input], errors=args.encoding_errors)
         else:
             print(f"downloading {URL}", flush=True)
             corpus = Texts([download()], description=f"tiny Shakespeare from {URL}")
-        prepare(out, corpus, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        prepare(out, corpus, tokenizer=args.tokenizer, vocab_size=vocab_size,
                 val_fraction=args.val_fraction, val_rule="tail", min_val_tokens=args.min_val_tokens,
                 shard_tokens=args.shard_tokens, tokenizer_train_bytes=int(args.tokenizer_train_mb * 1e6),
                 encoding_errors=args.encoding_errors, overwrite=args.overwrite,

@@ -111,7 +111,8 @@ def prepare(
         (a file or folder, each file one document), a list of str (the documents), or a corpus
         from `gpt.sources` (`LocalFiles`, `HFDataset`, `Texts`).
     tokenizer: "bpe" (byte-level BPE trained here to `vocab_size` ids), "char" (the corpus's
-        characters), or a `Tokenizer` to reuse as it is.
+        characters), or a `Tokenizer` to reuse as it is. `vocab_size` is BPE's alone: "char" has
+        one id per distinct character (the CLIs refuse a --vocab-size given with it).
     val_fraction, val_rule, val_chunk_tokens, seed: the train/val split (module docstring).
     min_val_tokens: the fewest tokens each split may have; use at least block_size + 1.
     shard_tokens: tokens per shard file (the last shard of a split holds the rest).
@@ -592,8 +593,13 @@ def add_shared_options(parser: argparse.ArgumentParser, **defaults) -> None:
     opt("--tokenizer", choices=["bpe", "char"], default="bpe",
         help="bpe: byte-level BPE trained on the corpus; char: one id per distinct character "
              "(default: %(default)s)")
-    opt("--vocab-size", type=int, default=8192, metavar="N",
-        help=f"BPE vocabulary size, end-of-text included, at most {MAX_VOCAB} (default: %(default)s)")
+    # Default None, so that a --vocab-size given with --tokenizer char is told apart (and refused by
+    # vocab_size_option) from the BPE default, which sits in the namespace as bpe_vocab_size.
+    bpe_vocab_size = defaults.pop("vocab_size", 8192)
+    parser.set_defaults(bpe_vocab_size=bpe_vocab_size)
+    add_option(parser, "--vocab-size", type=int, default=None, metavar="N",
+               help=f"BPE vocabulary size, end-of-text included, at most {MAX_VOCAB} (default: "
+                    f"{bpe_vocab_size}); --tokenizer bpe only: a char vocabulary is sized by the corpus")
     opt("--val-fraction", type=float, default=0.01, metavar="F",
         help="share of the corpus held out for validation (default: %(default)s)")
     opt("--min-val-tokens", type=int, default=1025, metavar="N",
@@ -610,6 +616,19 @@ def add_shared_options(parser: argparse.ArgumentParser, **defaults) -> None:
     opt("--no-progress", action="store_true", help="no progress bars (the closing summary is still printed)")
     if defaults:
         raise TypeError(f"add_shared_options: no such option: {', '.join(defaults)}")
+
+
+def vocab_size_option(args: argparse.Namespace) -> int | None:
+    """--vocab-size for prepare(): the one given, else the BPE default; None with --tokenizer char,
+    where a --vocab-size given is an error (it was ignored: a char vocabulary is one id per distinct
+    character of the corpus). Call it before reading anything, so that nothing is written."""
+    if args.tokenizer == "char":
+        if args.vocab_size is not None:
+            raise PrepareError(f"--vocab-size {args.vocab_size} cannot be used with --tokenizer char: a char "
+                               f"vocabulary is sized by the corpus (one id per distinct character); "
+                               f"drop --vocab-size, or use --tokenizer bpe")
+        return None
+    return args.bpe_vocab_size if args.vocab_size is None else args.vocab_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -662,8 +681,9 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
+            vocab_size = vocab_size_option(args)  # first: an error here reads and writes nothing
             prepare(
-                args.out, corpus_from_args(args), tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                args.out, corpus_from_args(args), tokenizer=args.tokenizer, vocab_size=vocab_size,
                 val_fraction=args.val_fraction, val_rule=args.val_rule,
                 val_chunk_tokens=args.val_chunk_tokens, min_val_tokens=args.min_val_tokens,
                 seed=args.seed, shard_tokens=args.shard_tokens,

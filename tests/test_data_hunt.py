@@ -185,3 +185,90 @@ def test_a_file_reached_twice_is_read_once(tmp_path):
     # The same folder named twice is no error ("no input files") either.
     with pytest.warns(UserWarning):
         assert list(LocalFiles([folder, folder]).files()) == [folder / "a.txt", folder / "b.txt"]
+
+
+def _shakespeare_module(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "data_prep" / "shakespeare.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vocab_size_with_the_char_tokenizer_is_an_error_before_any_work(tmp_path, capsys):
+    """--vocab-size with --tokenizer char was silently ignored (a char vocabulary is one id per
+    distinct character): the user got a vocabulary of another size than asked, and no word."""
+    from gpt import prepare as prepare_module
+
+    corpus = tmp_path / "in.txt"
+    corpus.write_text("to be or not to be, that is the question\n" * 100)
+    out = tmp_path / "out"
+    for size in ("500", "8192"):  # the BPE default, given, is given too
+        code = prepare_module.main(["--input", str(corpus), "--out", str(out), "--tokenizer", "char",
+                                    f"--vocab-size={size}", "--val-rule=tail", "--val-fraction=0.1",
+                                    "--min-val-tokens=10", "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, err
+        assert err[-1].startswith("error: ") and "--vocab-size" in err[-1] and "--tokenizer char" in err[-1]
+        assert "sized by the corpus" in err[-1]
+        assert not out.exists()
+    # data_prep/shakespeare.py, char by default: its --vocab-size alone is the same mistake, refused
+    # before the text is downloaded or read.
+    script = _shakespeare_module("hunt_shakespeare_vocab")
+    script.download = lambda *a, **k: pytest.fail("downloaded before the options were checked")
+    assert script.main(["--out", str(out), "--vocab-size", "2048", "--no-progress"]) == 2
+    assert "--tokenizer char" in capsys.readouterr().err
+    assert not out.exists()
+    # Not given: char as before, and BPE gets each script's default.
+    assert prepare_module.main(["--input", str(corpus), "--out", str(out), "--tokenizer", "char",
+                                "--val-rule=tail", "--val-fraction=0.1", "--min-val-tokens=10", "--no-progress"]) == 0
+    ns = prepare_module.build_parser().parse_args(["--source", "stdlib", "--out", "o"])
+    assert prepare_module.vocab_size_option(ns) == 8192
+    ns = script.build_parser().parse_args(["--tokenizer", "bpe"])
+    assert prepare_module.vocab_size_option(ns) == 2048
+    ns = script.build_parser().parse_args(["--tokenizer", "bpe", "--vocab-size", "600"])
+    assert prepare_module.vocab_size_option(ns) == 600
+
+
+def test_a_byte_order_mark_that_starts_a_file_is_not_text(tmp_path, monkeypatch):
+    """A file starting with a UTF-8 byte order mark (EF BB BF) had U+FEFF as its first character,
+    and so in the char vocabulary. It is left out now, in every chunking of the file; a U+FEFF
+    elsewhere is text and stays; error offsets still count the mark's bytes."""
+    from gpt.prepare import prepare
+    from gpt.sources import LocalFiles, NotUTF8Error
+    from gpt.tokenizer import load_tokenizer
+
+    bom = b"\xef\xbb\xbf"
+    text = "to be or not to be, that is the question\n" * 100
+    with_bom = tmp_path / "bom.txt"
+    with_bom.write_bytes(bom + text.encode())
+    middle = tmp_path / "middle.txt"
+    middle.write_bytes(b"ab" + bom + b"cd")
+    for read_bytes in (1, 2, 4, 1 << 20):  # the mark cut across reads, or not
+        monkeypatch.setattr(sources_module, "READ_BYTES", read_bytes)
+        assert "".join(LocalFiles([with_bom])) == text
+        assert "".join(LocalFiles([middle])) == "ab\ufeffcd"
+    monkeypatch.undo()
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(bom + b"ok\n\xfe")
+    with pytest.raises(NotUTF8Error, match="byte offset 6"):
+        list(LocalFiles([bad]))
+    prepare(tmp_path / "out", with_bom, tokenizer="char", val_rule="tail", val_fraction=0.1, min_val_tokens=10,
+            progress=False, log=None)
+    tok = load_tokenizer(tmp_path / "out")
+    assert tok.vocab_size == len(set(text))
+    assert tok.decode(range(tok.vocab_size)) == "".join(sorted(set(text)))
+
+
+def test_a_byte_order_mark_that_starts_a_text_file_read_by_datasets_is_not_text(tmp_path):
+    """The same for --hf-dataset on a .txt file (datasets' text builder decoded it as utf-8)."""
+    pytest.importorskip("datasets")
+    from gpt.sources import HFDataset
+
+    path = tmp_path / "doc.txt"
+    path.write_bytes(b"\xef\xbb\xbfline one\nline two\n")
+    assert list(HFDataset(str(path), cache_dir=str(tmp_path / "hf-cache"), progress=False)) == [
+        "line one\nline two\n"]
