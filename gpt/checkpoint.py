@@ -43,6 +43,7 @@ import shutil
 import sys
 import threading
 import warnings
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -536,35 +537,117 @@ def _live_storages(model: nn.Module, optimizer: torch.optim.Optimizer | None) ->
     return {local(t).untyped_storage().data_ptr() for t in tensors}
 
 
-def _snapshot(obj: Any, live: set[int], buffers: dict, path: tuple = ()) -> Any:
-    """A copy of a state dict in CPU memory that training can no longer change: tensors that
-    share memory with the live model or optimizer (or sit on an accelerator) are copied, fresh
-    CPU tensors (gathered for the full format, say) are kept as they are.
-
-    Copies go into `buffers` (kept by the caller between saves, keyed by position in the state
-    dict), so after the first save a snapshot is a memcpy, without allocating and page-faulting
-    fresh memory each time."""
-    def copy(t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
-        buffer = buffers.get(path)
-        if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
-            buffer = buffers[path] = torch.empty(t.shape, dtype=t.dtype, device="cpu")
-        return buffer.copy_(t)
-
-    if hasattr(obj, "to_local") and hasattr(obj, "device_mesh"):  # DTensor: copy the local shard
+def _map_copies(obj: Any, live: set[int], copy: Callable[[tuple, torch.Tensor], torch.Tensor],
+                path: tuple = ()) -> Any:
+    """`obj` (a state dict) with `copy(path, tensor)` in place of each tensor that training can
+    still change: those sharing memory with the live model or optimizer (`live`) or sitting on an
+    accelerator. Fresh CPU tensors (gathered for the full format, say) are kept as they are.
+    `path` is the tensor's position in the state dict; a DTensor's local shard is copied."""
+    if hasattr(obj, "to_local") and hasattr(obj, "device_mesh"):  # DTensor
         from torch.distributed.tensor import DTensor
 
-        return DTensor.from_local(copy(obj.to_local()), obj.device_mesh, obj.placements, run_check=False,
+        local = copy(path, obj.to_local().detach())
+        return DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False,
                                   shape=obj.size(), stride=obj.stride())
     if isinstance(obj, torch.Tensor):
         if obj.device.type != "cpu" or obj.untyped_storage().data_ptr() in live:
-            return copy(obj)
+            return copy(path, obj.detach())
         return obj
     if isinstance(obj, dict):
-        return {k: _snapshot(v, live, buffers, path + (k,)) for k, v in obj.items()}
+        return {k: _map_copies(v, live, copy, path + (k,)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_snapshot(v, live, buffers, path + (i,)) for i, v in enumerate(obj))
+        return type(obj)(_map_copies(v, live, copy, path + (i,)) for i, v in enumerate(obj))
     return obj
+
+
+class _Staging:
+    """CPU memory a checkpoint's state is copied into, so that training can go on changing its
+    own: what an async save writes from, and where a save from a GPU lands first. Kept from save
+    to save (keyed by each tensor's position in the state dict): after the first save a copy is a
+    memcpy, without allocating and page-faulting fresh memory each time.
+
+    From a CUDA GPU the copies go into one page-locked block (registered with cudaHostRegister),
+    queued without waiting; `ready()` waits for them. A GPU copies into pageable memory through a
+    small pinned bounce buffer, synchronously: the 124M model and its AdamW state (1.5 GB) took
+    0.80 s of a 2.6 s synchronous save on an H200 (1.9 GB/s). One block of exactly the bytes
+    needed, rather than a pinned tensor per entry: PyTorch's pinned allocator rounds each
+    allocation up to a power of two (a 154 MB embedding would pin 256 MB)."""
+
+    ALIGN = 64  # bytes; every dtype's alignment, and a cache line
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self._block: torch.Tensor | None = None  # the page-locked memory behind the GPU copies
+        self._block_layout: list | None = None
+        self._event = None  # recorded after the last GPU copy was queued
+        self._unpin: Callable[[], Any] = lambda: None
+
+    def snapshot(self, obj: Any, live: set[int] = frozenset()) -> Any:
+        """`_map_copies(obj, live, ...)` into this staging memory; call `ready()` before reading it."""
+        from_gpu: dict[tuple, torch.Tensor] = {}
+
+        def note(path: tuple, t: torch.Tensor) -> torch.Tensor:
+            if t.device.type == "cuda":
+                from_gpu[path] = t
+            return t
+
+        _map_copies(obj, live, note)
+        if from_gpu:
+            self._pin_for(from_gpu)
+        copied = _map_copies(obj, live, self._copy)
+        self._event = None
+        if from_gpu:
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(next(iter(from_gpu.values())).device))
+        return copied
+
+    def ready(self) -> None:
+        """Wait until the copies from a GPU have landed."""
+        if self._event is not None:
+            self._event.synchronize()
+
+    def _copy(self, path: tuple, t: torch.Tensor) -> torch.Tensor:
+        buffer = self.buffers.get(path)
+        if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
+            buffer = self.buffers[path] = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+        # Asynchronous only into the page-locked block; the stream orders the copy before any
+        # later kernel of the training step that changes `t`.
+        return buffer.copy_(t, non_blocking=t.device.type == "cuda")
+
+    def _pin_for(self, tensors: dict[tuple, torch.Tensor]) -> None:
+        """Give each GPU tensor a view of one page-locked block (the same block as last time when
+        the shapes are the same)."""
+        layout = [(path, tuple(t.shape), t.dtype) for path, t in tensors.items()]
+        if layout == self._block_layout:
+            return
+        self.release()
+        offsets, total = [], 0
+        for _, shape, dtype in layout:
+            offsets.append(total)
+            nbytes = math.prod(shape) * dtype.itemsize
+            total += -(-nbytes // self.ALIGN) * self.ALIGN
+        block = torch.empty(max(total, 1), dtype=torch.uint8)
+        cudart = torch.cuda.cudart()
+        error = int(cudart.cudaHostRegister(block.data_ptr(), block.numel(), 0))
+        if error:  # the copies still work, synchronously
+            warnings.warn(f"checkpoint: could not page-lock {total / 1e9:.2f} GB of host memory for copies "
+                          f"off the GPU (cudaHostRegister error {error}); saves will copy more slowly")
+        else:
+            # Unpinned when the block is dropped (release(), or this object's end), before its
+            # memory can go back to the allocator still registered.
+            self._unpin = weakref.finalize(block, cudart.cudaHostUnregister, block.data_ptr())
+            self._block = block
+        for (path, shape, dtype), offset in zip(layout, offsets):
+            nbytes = math.prod(shape) * dtype.itemsize
+            self.buffers[path] = block[offset:offset + nbytes].view(dtype).view(shape)
+        self._block_layout = layout
+
+    def release(self) -> None:
+        """Unpin the block (its views stay usable as ordinary memory until dropped)."""
+        if self._block is not None:
+            self.ready()  # no copy may still be landing in it
+            self._unpin()
+        self._block = self._block_layout = None
 
 
 def _param_groups_to_json(groups: list[dict]) -> list[dict]:
@@ -632,7 +715,7 @@ class Checkpointer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if async_save else None
         self._pending: Future | None = None
         self._pruning: threading.Thread | None = None  # a synchronous save's old checkpoints being deleted
-        self._buffers: dict = {}  # async snapshots' CPU memory, reused from save to save
+        self._staging = _Staging()  # the CPU memory saves copy the state into, reused
 
     @property
     def is_main(self) -> bool:
@@ -675,6 +758,7 @@ class Checkpointer:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            self._staging.release()
 
     def _remove(self, folders: list[Path]) -> None:
         """Delete pruned checkpoints: in the save's own thread when that is a background one,
@@ -689,17 +773,15 @@ class Checkpointer:
 
     def _prepare_full(self, step, model, optimizer, state) -> Callable[[], None] | None:
         # A collective under FSDP (all ranks gather the shards); only rank 0 receives them.
-        model_state, optimizer_state = parallel.full_state_dicts(model, optimizer)
+        model_state, optimizer_state = self._gather_full(model, optimizer)
         if not self.is_main:
             if self._executor is None:
                 self._agree(None)  # wait for rank 0's outcome; raise if it failed
             return None
-        if self._executor is not None:
-            model_state, optimizer_state = _snapshot((model_state, optimizer_state),
-                                                     _live_storages(model, optimizer), self._buffers)
 
         def job() -> None:
             try:
+                self._staging.ready()
                 _save_full_folder(self.out_dir, step, _full_writer(model_state, optimizer_state),
                                   state, self.tokenizer_path, self.keep_last, self._remove)
             except CheckpointError as e:
@@ -710,6 +792,22 @@ class Checkpointer:
                 self._agree(None)
 
         return job
+
+    def _gather_full(self, model, optimizer) -> tuple[dict, dict]:
+        """The full-format state to write (empty dicts on ranks other than 0), in memory that
+        training no longer changes once `self._staging.ready()` returns."""
+        # An unsharded model's live tensors, copied below straight into page-locked memory when
+        # they are on a GPU (rather than into fresh pageable memory, then again for an async save).
+        model_state, optimizer_state = parallel.full_state_dicts(model, optimizer, to_cpu=False)
+        if not self.is_main:
+            return {}, {}
+        return self._stage((model_state, optimizer_state), model, optimizer)
+
+    def _stage(self, obj: Any, model, optimizer) -> Any:
+        """`obj` (state dicts) with its tensors on a GPU copied to CPU memory, as are, for an async
+        save, the CPU tensors training goes on changing."""
+        live = _live_storages(model, optimizer) if self._executor is not None else frozenset()
+        return self._staging.snapshot(obj, live)
 
     # -- sharded format -----------------------------------------------------------------
 
@@ -723,8 +821,7 @@ class Checkpointer:
                    "optimizer": optimizer_state["state"]}
         state = dict(state, format="sharded",
                      optimizer_param_groups=_param_groups_to_json(optimizer_state["param_groups"]))
-        if self._executor is not None:
-            payload = _snapshot(payload, _live_storages(model, optimizer), self._buffers)
+        payload = self._stage(payload, model, optimizer)
 
         # Rank 0 creates the temporary folder; every rank learns its name (or that this step is
         # saved already, or why it could not be created).
@@ -747,6 +844,7 @@ class Checkpointer:
             error = None
             sealed: dict[str, Any] = {}
             try:
+                self._staging.ready()
                 with _writeback(tmp / DCP_DIR, f"__{self.rank}_*"):
                     self._dcp_save(payload, tmp / DCP_DIR)
                 # Each rank checksums and fsyncs the files it wrote (DCP names them __RANK_N).

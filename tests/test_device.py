@@ -181,3 +181,44 @@ def test_mfu_uses_the_datasheet_peak_of_this_gpu():
     name = torch.cuda.get_device_name(DEVICE)
     assert gpu_peak_flops(name, torch.bfloat16) is not None, f"add {name!r} to GPU_PEAK_TFLOPS (gpt/metrics.py)"
     assert (peak, source) == (gpu_peak_flops(name, torch.bfloat16), f"{name} datasheet")
+
+
+@pytest.mark.parametrize("fmt", ["full", "sharded"])
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_save_holds_the_state_of_its_step_while_training_goes_on(tmp_path, fmt, async_save):
+    """A save copies the state off the device (into page-locked memory on a GPU, queued without
+    waiting) and training's next step changes it at once: the files hold the saved step's values,
+    and the second save reuses the first one's memory."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)).to(DEVICE)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=ON_GPU)
+    x = torch.randint(0, 64, (4, 16), device=DEVICE)
+
+    def step() -> None:
+        model(x, x)[1].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    saver = ckpt.Checkpointer(tmp_path / "run", format=fmt, async_save=async_save)
+    blocks = []
+    for n in (1, 2):
+        step()
+        weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        moments = {k: v.cpu().clone() for k, v in optimizer.state_dict()["state"][0].items()}
+        path = saver.save(n, model, optimizer, {"step": n})
+        step()  # changes every weight and moment while an async save may still be writing
+        saver.wait()
+        saved = ckpt.read_model_state(path)
+        for name, value in saved.items():
+            assert torch.equal(value, weights[name]), name
+        state = ckpt.read_optimizer_state(path) if fmt == "full" else None
+        if state is not None:
+            for key, value in state["state"][0].items():
+                assert torch.equal(value.cpu(), moments[key]), key
+        if ON_GPU:
+            buffers = saver._staging.buffers.values()
+            assert buffers and all(b.is_pinned() for b in buffers)
+            blocks.append(saver._staging._block.data_ptr())
+    saver.close()
+    if ON_GPU:
+        assert blocks[0] == blocks[1] and saver._staging._block is None  # reused; unpinned at close
