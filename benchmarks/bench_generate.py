@@ -10,6 +10,9 @@ stops early), from a 1-token prompt: 1 + 255 new tokens fill the 256-token conte
 peer's position table has 256 rows and cannot go further). The check: both produce the very
 same tokens. tokens/s = batch x new tokens / wall time of the whole call (prefill included).
 Also at batch 1 with both under bf16 autocast (how sample.py runs --dtype bfloat16).
+On a GPU, ours_cache replays each decode step as a CUDA graph (generate's default there) and
+the row ours_cache_no_graph is the same call with cuda_graph=False: one run shows the speedup
+(ratio_graph_over_no_graph).
 Writes benchmarks/results/generate.json (--out names another).
 """
 
@@ -33,9 +36,10 @@ from gpt.generate import generate  # noqa: E402
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, batch_size=1)
 
 
-def ours_fn(model, idx: torch.Tensor, new_tokens: int, use_cache: bool):
+def ours_fn(model, idx: torch.Tensor, new_tokens: int, use_cache: bool, cuda_graph: bool | None = None):
     def run() -> torch.Tensor:
-        return torch.cat(list(generate(model, idx, new_tokens, temperature=0.0, use_cache=use_cache)), dim=1)
+        return torch.cat(list(generate(model, idx, new_tokens, temperature=0.0, use_cache=use_cache,
+                                       cuda_graph=cuda_graph)), dim=1)
     return run
 
 
@@ -68,6 +72,9 @@ def run_case(batch: int, new_tokens: int, *, no_cache: bool, device: torch.devic
     g = torch.Generator().manual_seed(2)
     idx = torch.randint(0, SHAPE["vocab_size"], (batch, 1), generator=g).to(device)
     contenders = {"ours_cache": ours_fn(ours, idx, new_tokens, True), "peer_cache": peer_fn(peer, idx, new_tokens)}
+    graphs = device.type == "cuda"  # ours_cache replays CUDA graphs there: also time it without
+    if graphs:
+        contenders["ours_cache_no_graph"] = ours_fn(ours, idx, new_tokens, True, cuda_graph=False)
     if no_cache:
         contenders["ours_no_cache"] = ours_fn(ours, idx, new_tokens, False)
     contenders = {name: under_autocast(fn, device, dtype) for name, fn in contenders.items()}
@@ -102,15 +109,20 @@ def run_case(batch: int, new_tokens: int, *, no_cache: bool, device: torch.devic
         "load_avg_before": load_before, "load_avg_after": load_average(), "results": rows,
         "ratio_ours_over_peer": round(rows["peer_cache"]["seconds"] / rows["ours_cache"]["seconds"], 3),
     }
+    if graphs:
+        result["ratio_graph_over_no_graph"] = round(
+            rows["ours_cache_no_graph"]["seconds"] / rows["ours_cache"]["seconds"], 3)
     if no_cache:
         result["ratio_cache_over_no_cache"] = round(rows["ours_no_cache"]["seconds"] / rows["ours_cache"]["seconds"], 3)
     return result
 
 
 def format_case(r: dict[str, Any]) -> str:
-    lines = [f"  {name:<14} {row['tokens_per_s']:9,.0f} tok/s ({row['seconds']:.2f} s)"
+    lines = [f"  {name:<19} {row['tokens_per_s']:9,.0f} tok/s ({row['seconds']:.2f} s)"
              for name, row in r["results"].items()]
     extra = (f"; cache / no cache: {r['ratio_cache_over_no_cache']:.1f}x" if "ratio_cache_over_no_cache" in r else "")
+    if "ratio_graph_over_no_graph" in r:
+        extra += f"; CUDA graph / none: {r['ratio_graph_over_no_graph']:.2f}x"
     lines.append(f"  ours / peer: {r['ratio_ours_over_peer']:.2f}x{extra}; same tokens: "
                  f"{all(r['same_tokens_as_ours_cache'].values())}  [load {r['load_avg_before']} -> "
                  f"{r['load_avg_after']}, {r['rounds']} rounds]")

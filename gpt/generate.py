@@ -13,6 +13,13 @@ position, so every cached key and value is stale: when the cache is full and ano
 comes, the cache is emptied and rebuilt by prefilling the last block_size tokens of the
 context (the newest included). This is exact (it matches full recomputation step for step) and
 costs one full-window forward per step once the context is full, like the uncached path.
+
+CUDA graphs (`cuda_graph`, on by default for a model on a CUDA device with the cache). Each
+token after the prompt is then one replay of a recorded decode step (`gpt.static_decode`)
+instead of ~80 kernel launches from Python. The prompt is prefilled on the ordinary path,
+into the same cache, and so is every step of the sliding window once the context is full
+(a rebuild of the whole cache: the step of fixed shapes only appends one token). Sampling
+runs outside the graph. The step's logits equal the ordinary path's to float rounding.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.model import GPT, KVCache, packed_for_decoding
+from gpt.static_decode import StaticDecoder
 
 
 def _check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -122,6 +130,7 @@ def generate(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    cuda_graph: bool | None = None,
 ) -> Iterator[torch.Tensor]:
     """Continue the prompts idx [B, T] (T >= 1; int64 or int32 ids below vocab_size), yielding each
     new token [B, 1] as it is chosen.
@@ -136,6 +145,12 @@ def generate(
     call generate() and iterate under torch.autocast. On a CPU the linear layers' weights are
     copied once more for the loop, in oneDNN's layout (`gpt.model.packed_for_decoding`; not at
     batch 1-2 in fp32, where they would go unused).
+
+    cuda_graph: decode each token after the prompt with one replay of a CUDA graph (see the
+    module docstring). None (default): when the model's parameters are on a CUDA device and
+    use_cache is on. True elsewhere runs the same fixed-shape step eagerly (for tests; on a
+    CPU the ordinary path is as fast). It needs use_cache. The graph is captured at the first
+    token after the prompt (a few steps' time) and freed with the iterator.
     """
     _check_sampling_args(temperature, top_k, top_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -155,11 +170,17 @@ def generate(
                                or not 0 <= eos_id < vocab_size):
         # Such an id is never sampled, so generation would silently never stop early.
         raise ValueError(f"eos_id must be a token id in 0..{vocab_size - 1} (or None), got {eos_id!r}")
+    on_cuda = next(model.parameters()).is_cuda
+    if cuda_graph is None:
+        cuda_graph = on_cuda and use_cache
+    elif cuda_graph and not use_cache:
+        raise ValueError("cuda_graph=True replays a decode step with the KV cache: it needs use_cache=True")
     # Inference mode is lighter per op than no_grad (no version counters; decode is many small
     # ops: ~9% faster here), but autocast does not keep its bf16 copies of the weights for
     # inference-mode calls and would re-cast every weight at every token: under autocast, no_grad.
     decode = _decode_no_grad if _autocast_dtype(model) else _decode_inference
-    return decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, use_cache)
+    static = "graph" if cuda_graph and on_cuda else "eager" if cuda_graph else None
+    return decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, use_cache, static)
 
 
 def _decode(
@@ -172,6 +193,7 @@ def _decode(
     eos_id: int | None,
     generator: torch.Generator | None,
     use_cache: bool,
+    static: str | None,
 ) -> Iterator[torch.Tensor]:
     # A separate generator function so that bad arguments raise when generate() is called,
     # not at the first next().
@@ -194,13 +216,19 @@ def _decode(
             if use_cache:
                 param = next(model.parameters())
                 kv_cache = KVCache(model.config, idx.size(0), device=param.device, dtype=kv_cache_dtype(model))
+            # The fixed-shape step ("graph": replayed as a CUDA graph, "eager": run as it is)
+            # for each single new token that still fits the cache; the ordinary path otherwise.
+            step = StaticDecoder(model, kv_cache, graph=static == "graph") if static else None
             context = idx[:, -block_size:]
             n_new = context.size(1)
             finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
             for _ in range(max_new_tokens):
                 if model.training:  # set by the caller between two tokens
                     model.eval()
-                logits = next_token_logits(model, context, kv_cache, n_new)
+                if step is not None and n_new == 1 and kv_cache.length < block_size:
+                    logits = step.step(context[:, -1:])
+                else:
+                    logits = next_token_logits(model, context, kv_cache, n_new)
                 token = sample_next(logits, temperature, top_k, top_p, generator)
                 if eos_id is not None:
                     token = torch.where(finished[:, None], torch.full_like(token, eos_id), token)
