@@ -67,6 +67,14 @@ class TrainConfig:
         "cost 37 s to compile a 4 x 128 model and made its steps no faster)",
         ("auto", "true", "false"),
     )
+    loss: str = _opt(
+        "auto",
+        "how the training loss is computed: 'chunked' a slice of rows at a time without the "
+        "[batch, time, vocab] logits (gpt/loss.py; less memory traffic in eager mode), 'plain' one "
+        "cross-entropy over the whole logits (which torch.compile fuses); 'auto' is plain where the "
+        "whole model is compiled on a CUDA GPU, chunked elsewhere",
+        ("auto", "chunked", "plain"),
+    )
     parallel: str = _opt(
         "auto", "multi-process strategy; 'auto' is ddp when launched on more than one process",
         ("auto", "none", "ddp", "fsdp"),

@@ -391,6 +391,10 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # How forward(..., return_logits=False) computes the loss: chunk by chunk without the
+        # [B, T, V] logits (gpt/loss.py), or from the whole logits in one cross-entropy, which
+        # torch.compile fuses into a few kernels on a GPU (the trainer's `loss` setting decides).
+        self.chunked_loss = True
         if config.tie_weights:
             # One matrix both reads tokens in and scores them out (Press & Wolf 2017).
             self.lm_head.weight = self.tok_emb.weight
@@ -448,7 +452,7 @@ class GPT(nn.Module):
         prompt of T tokens then skips T-1 rows of the largest matmul (C x V per row).
         return_logits=False (with targets; what training and evaluation use) returns
         (None, loss), computing the loss chunk by chunk without the [B, T, V] logits
-        (gpt/loss.py): the same value, less memory traffic.
+        (gpt/loss.py; unless chunked_loss is False): the same value, less memory traffic.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape [batch, time], got {tuple(idx.shape)}")
@@ -475,7 +479,7 @@ class GPT(nn.Module):
             x = x[:, -1:, :]
         x = self.ln_f(x)
         V = self.config.vocab_size
-        if targets is not None and not return_logits:
+        if targets is not None and not return_logits and self.chunked_loss:
             return None, linear_cross_entropy(x, self.lm_head.weight, targets, n_classes=V)
         # The matmul runs over every row of the (padded) table; the padding's logits are cut off.
         logits = self.lm_head(x)[..., :V]  # [B, T, V]
@@ -483,7 +487,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     def num_params(self, exclude_position_embedding: bool = False) -> int:
         """Number of parameters, counting the tied token-embedding / lm_head matrix once."""

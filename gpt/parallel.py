@@ -76,6 +76,15 @@ def compile_enabled(config: TrainConfig, device: torch.device) -> bool:
     return config.compile == "true" or (config.compile == "auto" and device.type == "cuda")
 
 
+def chunked_loss_enabled(config: TrainConfig, strategy: str, device: torch.device) -> bool:
+    """config.loss resolved. 'auto': the plain cross-entropy where the whole model (its loss
+    included) is compiled on a CUDA GPU, where inductor fuses it; chunked elsewhere, including
+    FSDP, whose compiled units are the blocks (the loss stays eager)."""
+    if config.loss != "auto":
+        return config.loss == "chunked"
+    return not (compile_enabled(config, device) and device.type == "cuda" and strategy != "fsdp")
+
+
 def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, dtype: torch.dtype,
                 log: Callable[[str], None] = lambda message: None) -> nn.Module:
     """Apply activation checkpointing, torch.compile and DDP/FSDP2 to `model` (a `GPT`).
@@ -87,6 +96,7 @@ def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, dtype: to
     """
     strategy = resolve_strategy(config, info)
     compiled = compile_enabled(config, info.device)
+    model.chunked_loss = chunked_loss_enabled(config, strategy, info.device)
     log(describe(strategy, config, info, dtype))
     if config.activation_checkpointing:
         for block in model.blocks:

@@ -185,3 +185,35 @@ def test_chunked_loss_weight_gradient_does_not_overflow_under_fp16_autocast():
     assert torch.isfinite(grad_w).all() and torch.isfinite(grad_x).all()
     torch.testing.assert_close(grad_w, exact_w, rtol=1e-2, atol=1e-3)
     torch.testing.assert_close(grad_x, exact_x, rtol=1e-2, atol=1e-7)
+
+
+def test_a_model_told_not_to_chunk_its_loss_returns_the_plain_loss_alone(monkeypatch):
+    model, x, y = model_and_batch()
+    plain_loss, plain_grads = loss_and_grads(model, x, y)
+    model.chunked_loss = False
+    called = []
+    monkeypatch.setattr("gpt.model.linear_cross_entropy", lambda *a, **k: called.append(1))
+    logits, loss = model(x, y, return_logits=False)
+    assert logits is None and not called
+    loss, grads = loss_and_grads(model, x, y, return_logits=False)
+    assert torch.equal(loss, plain_loss)
+    for name, grad in grads.items():
+        assert torch.equal(grad, plain_grads[name]), name
+
+
+@pytest.mark.parametrize("setting, compile, device, strategy, chunked", [
+    ("auto", "auto", "cuda", "none", False),   # the whole model compiled: inductor fuses the plain loss
+    ("auto", "auto", "cuda", "ddp", False),
+    ("auto", "auto", "cuda", "fsdp", True),    # blocks compiled one by one: the loss stays eager
+    ("auto", "false", "cuda", "none", True),
+    ("auto", "true", "cpu", "none", True),
+    ("auto", "auto", "cpu", "none", True),
+    ("plain", "false", "cpu", "none", False),
+    ("chunked", "auto", "cuda", "none", True),
+])
+def test_the_loss_setting_resolves_per_device_compile_and_strategy(setting, compile, device, strategy, chunked):
+    from gpt.config import TrainConfig
+    from gpt.parallel import chunked_loss_enabled
+
+    config = TrainConfig(loss=setting, compile=compile)
+    assert chunked_loss_enabled(config, strategy, torch.device(device)) is chunked
