@@ -665,3 +665,23 @@ def test_consolidate_into_a_folder_it_cannot_write_says_so_and_leaves_nothing(tm
     assert f"{folder} is unchanged" in err and "choose another --out" in err
     assert {p: p.read_bytes() for p in ckpt._files_under(tmp_path / "run")} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "run"]
+
+
+def test_tensors_carved_from_one_staging_block_save_only_their_own_bytes():
+    """The GPU staging block (page-locked, one allocation) is cut into tensors with storages of
+    their own: views of the block made torch.save write the whole block into optimizer.pt."""
+    import io
+
+    shapes = [((100_000,), torch.float32), ((300, 500), torch.bfloat16), ((), torch.float32),
+              ((0, 4), torch.float32), ((7,), torch.int64)]
+    block = torch.zeros(ckpt._packed_bytes(shapes), dtype=torch.uint8)
+    tensors = ckpt._carve(block, shapes)
+    assert [(tuple(t.shape), t.dtype) for t in tensors] == shapes
+    for t in tensors:
+        t.fill_(3)
+        data = io.BytesIO()
+        torch.save(t, data)
+        assert len(data.getvalue()) < t.numel() * t.element_size() + 2000  # not the block's 700 kB
+    assert int(block.sum()) > 0  # the writes landed in the block itself
+    del block  # the tensors keep its memory alive
+    assert all(torch.equal(t, torch.full_like(t, 3)) for t in tensors)

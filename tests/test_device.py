@@ -215,6 +215,10 @@ def test_a_save_holds_the_state_of_its_step_while_training_goes_on(tmp_path, fmt
         if state is not None:
             for key, value in state["state"][0].items():
                 assert torch.equal(value.cpu(), moments[key]), key
+            # Each tensor was written alone, not the whole staging block the weights share.
+            state_bytes = sum(v.nbytes for s in optimizer.state.values() for v in s.values())
+            weight_bytes = sum(p.nbytes for p in model.parameters())
+            assert (path / ckpt.OPTIMIZER_FILE).stat().st_size < state_bytes + weight_bytes / 2
         if ON_GPU:
             buffers = saver._staging.buffers.values()
             assert buffers and all(b.is_pinned() for b in buffers)
