@@ -18,11 +18,15 @@
 # 5. Checkpoint save/load of the 124M model and its AdamW state from the GPU to this machine's
 #    disk (benchmarks/bench_checkpoint.py --device cuda; the results name the filesystem). Goal:
 #    a synchronous save under 2 s.
+# 6. The 124M training step with the chunked loss, the plain one, and the plain one at batch 32,
+#    each compiled afresh in one process (benchmarks/bench_mfu.py): what each is worth.
 #
-# Each stage has its own time limit (480 s in all, each with a kill -k grace after it: 580 s at
-# worst) so that one slow stage cannot take the whole call. Run once on one H200 (torch 2.11,
-# fresh inductor cache): 281 s in all; stages 64 / 53 / 58 / 47 / 55 s (stage 1's first step,
-# the compile, 24 s; stage 4 reuses its inductor cache: 12 s).
+# Each stage has its own time limit (480 s in all, each with a kill -k grace after it: 590 s at
+# worst) so that one slow stage cannot take the whole call. Stages 1-5 run once on one H200
+# (torch 2.11, fresh inductor cache): 281 s in all; 64 / 53 / 58 / 47 / 55 s (stage 1's first
+# step, the compile, 24 s; stage 4 reuses its inductor cache: 12 s). Run alone in later
+# sessions: stage 3 (with the CUDA-graph rows, 2 rounds) 45 s, stage 5 (3 repeats) 53 s, stage
+# 6's three variants ~65 s (each compile ~20 s). The whole script has not run since stage 6 was added.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,25 +52,29 @@ mkdir -p benchmarks/results
     echo; echo "=== 1. train.py: GPT-2 124M, bf16, compile, batch $BATCH x 1024, $STEPS steps [t=${SECONDS}s]"
     NPROC=1 STRATEGIES=none STEPS="$STEPS" SKIP=$((STEPS / 2)) BATCH="$BATCH" COMPILE=true \
         RESULTS=benchmarks/results/gpu_train.json EXTRA_ARGS="--optimizer=adamw" \
-        timeout -k 35 140 bash benchmarks/gpu_scaleout.sh || echo "stage 1 failed or timed out (exit $?)"
+        timeout -k 35 110 bash benchmarks/gpu_scaleout.sh || echo "stage 1 failed or timed out (exit $?)"
 
     echo; echo "=== 2. ours vs Hugging Face GPT2LMHeadModel, GPT-2 124M, bf16 autocast [t=${SECONDS}s]"
-    timeout -k 10 100 "$PYTHON" -m benchmarks.bench_train --device cuda --shapes gpt2_124m --dtypes bfloat16 \
+    timeout -k 10 80 "$PYTHON" -m benchmarks.bench_train --device cuda --shapes gpt2_124m --dtypes bfloat16 \
         --compile --vocab-multiple 64 --budget-s 10 --out gpu_train_vs_peer || echo "stage 2 failed or timed out (exit $?)"
 
     echo; echo "=== 3. generation, 6 x 384 char model, batch 1 and 8, 1 + 255 tokens [t=${SECONDS}s]"
-    timeout -k 10 90 "$PYTHON" -m benchmarks.bench_generate --device cuda --batches 1 8 --no-cache-batches 1 \
-        --budget-s 8 --out gpu_generate \
+    timeout -k 10 70 "$PYTHON" -m benchmarks.bench_generate --device cuda --batches 1 8 --no-cache-batches 1 \
+        --rounds 2 --budget-s 6 --out gpu_generate \
         || echo "stage 3 failed or timed out (exit $?)"
 
     echo; echo "=== 4. stage 1 with Muon, $STEPS steps [t=${SECONDS}s]"
     NPROC=1 STRATEGIES=none STEPS="$STEPS" SKIP=$((STEPS / 2)) BATCH="$BATCH" COMPILE=true \
         RESULTS=benchmarks/results/gpu_train_muon.json EXTRA_ARGS="--optimizer=muon" \
-        timeout -k 35 70 bash benchmarks/gpu_scaleout.sh || echo "stage 4 failed or timed out (exit $?)"
+        timeout -k 35 60 bash benchmarks/gpu_scaleout.sh || echo "stage 4 failed or timed out (exit $?)"
 
     echo; echo "=== 5. checkpoint save/load, GPT-2 124M + AdamW state, from the GPU [t=${SECONDS}s]"
-    timeout -k 10 80 "$PYTHON" benchmarks/bench_checkpoint.py --device cuda --repeats 2 \
+    timeout -k 10 70 "$PYTHON" benchmarks/bench_checkpoint.py --device cuda --repeats 3 \
         --results gpu_checkpoint.json || echo "stage 5 failed or timed out (exit $?)"
+
+    echo; echo "=== 6. what the loss path and a larger batch are worth, one process [t=${SECONDS}s]"
+    timeout -k 10 90 "$PYTHON" -m benchmarks.bench_mfu --variants chunked plain plain,batch=32 --out gpu_mfu \
+        || echo "stage 6 failed or timed out (exit $?)"
     echo "=== done $(date -u +%FT%TZ) [t=${SECONDS}s]"
 } 2>&1 | tee "$LOG"
 echo "wrote $LOG and benchmarks/results/gpu_*.json (the CPU results beside them are left alone)"

@@ -72,7 +72,8 @@ class TrainConfig:
         "how the training loss is computed: 'chunked' a slice of rows at a time without the "
         "[batch, time, vocab] logits (gpt/loss.py; less memory traffic in eager mode), 'plain' one "
         "cross-entropy over the whole logits (which torch.compile fuses); 'auto' is plain where the "
-        "whole model is compiled on a CUDA GPU, chunked elsewhere",
+        "whole model is compiled on a CUDA GPU (as fast there, and less peak memory: 9.1 vs 10.2 GB "
+        "for GPT-2 124M at batch 16), chunked elsewhere",
         ("auto", "chunked", "plain"),
     )
     parallel: str = _opt(
