@@ -43,7 +43,8 @@ class TrainConfig:
         ("stdlib", "none"),
     )
     prepare_tokenizer: str = _opt("bpe", "tokenizer to build when preparing data_dir", ("bpe", "char"))
-    prepare_vocab_size: int = _opt(4096, "BPE vocabulary size when preparing data_dir")
+    prepare_vocab_size: int = _opt(4096, "BPE vocabulary size when preparing data_dir (prepare_tokenizer = bpe "
+                                         "only: a char vocabulary has one id per distinct character)")
     init_from: str = _opt("", "start from these weights to fine-tune: a run folder, a checkpoint folder, or hf:DIR (a Hugging Face GPT-2 folder, whose architecture the model then takes); a smaller block_size than the checkpoint's fine-tunes at that context (the position table is cropped)")
     resume: str = _opt(
         "auto",
@@ -216,15 +217,16 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.prepare_source != "none":
+        if self.prepare_source != "none" and self.prepare_tokenizer == "bpe":
             # Token shards store ids as uint16; byte-level BPE needs the 256 bytes + end-of-text.
-            low = 257 if self.prepare_tokenizer == "bpe" else 1
-            if not low <= self.prepare_vocab_size <= 65536:
+            if not 257 <= self.prepare_vocab_size <= 65536:
                 raise ConfigError(
-                    f"prepare_vocab_size must be between {low} and 65536 for the "
-                    f"{self.prepare_tokenizer} tokenizer (uint16 token shards), got {self.prepare_vocab_size}"
+                    f"prepare_vocab_size must be between 257 and 65536 for the "
+                    f"bpe tokenizer (uint16 token shards), got {self.prepare_vocab_size}"
                 )
-        # Keys that would be silently ignored otherwise: say so instead.
+        # Keys that would be silently ignored otherwise: say so instead. (A char vocabulary is
+        # one id per distinct character of the corpus: no size to choose.)
+        self._only_with("prepare_tokenizer", "bpe", ("prepare_vocab_size",))
         self._only_with("nan_policy", "skip", ("max_skipped_steps",))
         self._only_with("parallel", "fsdp", ("fsdp_reshard_after_forward", "fsdp_cpu_offload", "fsdp_reduce_dtype"))
         self._only_with("optimizer", "muon", ("muon_lr", "muon_momentum"))

@@ -132,6 +132,8 @@ def run_copy(trained, tmp_path) -> Path:
     (["--prepare_vocab_size=70000"], "prepare_vocab_size must be between 257 and 65536"),
     (["--max_skipped_steps=3"], "max_skipped_steps = 3 applies only with nan_policy = 'skip'"),
     (["--fsdp_cpu_offload=true"], "fsdp_cpu_offload = True applies only with parallel = 'fsdp'"),
+    (["--prepare_tokenizer=char", "--prepare_vocab_size=512"],
+     "prepare_vocab_size = 512 applies only with prepare_tokenizer = 'bpe'"),
 ])
 def test_config_errors_name_the_key_and_what_is_allowed(argv, message):
     with pytest.raises(ConfigError) as e:

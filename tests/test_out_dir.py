@@ -369,7 +369,7 @@ def test_a_missing_data_dir_gets_the_default_corpus_prepared_once(tmp_path, caps
     """train.py alone on a new data_dir prepares the embedded corpus there (char vocabulary
     here, for speed: ~5 s), says so, trains on it; the next run uses it as it is."""
     data, run = tmp_path / "new data", tmp_path / "run"
-    args = [f"--data_dir={data}", f"--out_dir={run}", "--prepare_tokenizer=char", "--prepare_vocab_size=65536",
+    args = [f"--data_dir={data}", f"--out_dir={run}", "--prepare_tokenizer=char",
             "--max_steps=1", "--eval_interval=1", "--eval_iters=1", "--batch_size=2", "--device=cpu"]
     r = run_cli(capsys, "train.py", *args)
     assert r.returncode == 0, r.stderr
