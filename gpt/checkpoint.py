@@ -87,6 +87,12 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
+def step_of(name: str) -> int | None:
+    """The step a checkpoint folder's name (`step_dir_name`) holds; None for any other name."""
+    digits = name.removeprefix("step_")
+    return int(digits) if name.startswith("step_") and digits.isdigit() else None
+
+
 def resolve_format(setting: str, strategy: str) -> str:
     """The format a run saves in: config `checkpoint_format` ('auto' is sharded under FSDP, where
     every rank holds only a shard, and full otherwise) for the resolved parallel strategy."""
@@ -399,8 +405,8 @@ def _prune(root: Path, keep_last: int, keep: str) -> list[Path]:
     a rewound run (`latest` set back by hand) left behind. Counting it pruned the run's own
     checkpoints (the one just resumed from included) and kept that one, which a lost `latest`
     would then resume from; it is left alone, and replaced if the run reaches its step."""
-    newest = int(keep.removeprefix("step_"))
-    complete = [p for p in complete_checkpoints(root.parent) if int(p.name.removeprefix("step_")) <= newest]
+    newest = step_of(keep)
+    complete = [p for p in complete_checkpoints(root.parent) if step_of(p.name) <= newest]
     doomed = []
     for old in complete[:-keep_last] if keep_last > 0 else []:
         if old.name != keep:
@@ -949,9 +955,9 @@ def complete_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     """The run's complete checkpoint folders (those with a manifest), oldest first."""
     found = []
     for folder in (Path(out_dir) / CHECKPOINTS_DIR).glob("step_*"):
-        step = folder.name.removeprefix("step_")
-        if step.isdigit() and (folder / MANIFEST_FILE).exists():
-            found.append((int(step), folder))
+        step = step_of(folder.name)
+        if step is not None and (folder / MANIFEST_FILE).exists():
+            found.append((step, folder))
     return [folder for _, folder in sorted(found)]
 
 
@@ -1032,8 +1038,8 @@ def _no_checkpoint_message(folder: Path, hf_advice: str | None = None) -> str:
         return (f"{hint}, so it holds no checkpoint. To start from its weights, name it with the "
                 f"'{HF_PREFIX}' prefix: init_from = '{HF_PREFIX}{folder}' (--init_from={HF_PREFIX}{folder})")
     none = f"{folder} holds no checkpoint (no {LATEST_FILE} file and no {MANIFEST_FILE})"
-    steps = sorted((int(step.name.removeprefix("step_")), step.name) for step in folder.glob("step_*")
-                   if step.name.removeprefix("step_").isdigit() and (step / MANIFEST_FILE).is_file())
+    steps = sorted((step_of(step.name), step.name) for step in folder.glob("step_*")
+                   if step_of(step.name) is not None and (step / MANIFEST_FILE).is_file())
     run = folder.parent
     in_a_run = folder.name == CHECKPOINTS_DIR and ((run / LATEST_FILE).is_file() or bool(steps))
     if not in_a_run and not steps:
@@ -1086,10 +1092,10 @@ def _damaged_advice(ckpt_dir: Path) -> str:
     complete checkpoint, going back to that one is usually the quickest fix, and resuming is
     automatic, so name it and the file to edit."""
     ckpt_dir = Path(ckpt_dir)
-    step = ckpt_dir.name.removeprefix("step_")
-    if ckpt_dir.parent.name == CHECKPOINTS_DIR and step.isdigit():
+    step = step_of(ckpt_dir.name)
+    if ckpt_dir.parent.name == CHECKPOINTS_DIR and step is not None:
         run = ckpt_dir.parent.parent
-        earlier = [p for p in complete_checkpoints(run) if int(p.name.removeprefix("step_")) < int(step)]
+        earlier = [p for p in complete_checkpoints(run) if step_of(p.name) < step]
         if earlier:
             return (f"restore the checkpoint from a copy, or go back to the previous one: write "
                     f"{earlier[-1].name!r} into {run / LATEST_FILE} and run again")
