@@ -3,11 +3,17 @@
 Nothing here imports torch (or anything slow): the point is to be in place within ~0.1 s of the
 process starting, while the trainer's own handler (gpt/trainer.py StopFlag) comes a second or
 more later, once torch has been imported.
+
+Also here, armed as early for the same reason: `PARENT_WATCH`, which stops a torchrun worker whose
+torchrun has gone (see ParentWatch).
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
+import time
 
 
 class EarlyStopSignals:
@@ -35,6 +41,7 @@ class EarlyStopSignals:
     def install(self) -> "EarlyStopSignals":
         for sig in self.SIGNALS:
             self.replaced[sig] = signal.signal(sig, self)
+        PARENT_WATCH.arm()  # under torchrun: from now on, a torchrun that dies stops this worker
         return self
 
     def restore(self) -> None:
@@ -43,3 +50,63 @@ class EarlyStopSignals:
         for sig, previous in self.replaced.items():
             if signal.getsignal(sig) is self:
                 signal.signal(sig, previous)
+
+
+class ParentWatch:
+    """Stops a torchrun worker whose torchrun has died, as SIGUSR1 would: the trainer finishes the
+    step, all ranks agree, save a checkpoint and exit with 75.
+
+    torchrun dies of any signal it does not handle; SIGUSR1 (SLURM's warning signal, `scancel
+    --signal=USR1`, a `kill -USR1` of the launcher) is the usual one: its default action ends the
+    process (-10), and torchrun does not pass it on. Its workers, each in a session of its own, then
+    went on training with no parent (adopted by init or a subreaper): nothing saved, no exit code,
+    no one to stop them but kill -9 (SIGTERM, SIGINT, SIGHUP and SIGQUIT torchrun catches and
+    passes on as SIGTERM, so those already stopped the run cleanly). PR_SET_PDEATHSIG does not fit:
+    it fires when the *thread* that started the worker ends, and torchrun starts workers from
+    threads.
+
+    So each worker polls `os.getppid()` in a daemon thread, once a second, against the parent it
+    had when armed; when that changes, it calls the SIGUSR1 handler in place (EarlyStopSignals
+    while torch imports, then the trainer's StopFlag), exactly as a delivered SIGUSR1 would. All
+    workers lose their parent at the same moment, but even if they notice it a second apart, the
+    trainer's per-step vote (StopFlag.agreed) makes them stop at the same step; the collectives of
+    the vote, the save and the shutdown go between the workers, which still run. Armed only under
+    torchrun (TORCHELASTIC_RUN_ID set), never for a plain process, whose parent (a shell) may go
+    away on purpose (nohup). Where no Python handler is in place (the process is exiting), it
+    does nothing."""
+
+    INTERVAL_S = 1.0
+
+    def __init__(self) -> None:
+        self.parent: int | None = None
+        self.orphaned = threading.Event()  # set once the parent is gone: what StopFlag.name says
+        self._thread: threading.Thread | None = None
+
+    def arm(self) -> bool:
+        """Start watching (once per process; later calls do nothing). True if armed by this call."""
+        if self._thread is not None or "TORCHELASTIC_RUN_ID" not in os.environ:
+            return False
+        self.parent = os.getppid()
+        self._thread = threading.Thread(target=self._watch, name="parent-watch", daemon=True)
+        self._thread.start()
+        return True
+
+    def _watch(self) -> None:
+        while os.getppid() == self.parent:
+            time.sleep(self.INTERVAL_S)
+        self.orphaned.set()
+        if os.environ.get("RANK", "0") == "0":
+            try:
+                os.write(2, f"torchrun (pid {self.parent}) has exited: stopping as on SIGUSR1 (finish "
+                            f"the step, save a checkpoint, exit with 75)\n".encode())
+            except OSError:
+                pass  # nowhere left to say it: stop all the same
+        called = []
+        # The handler can be replaced while it runs (EarlyStopSignals by StopFlag, which has then
+        # maybe read its notes already): the new one is told too (a stop twice is a stop once).
+        while callable(handler := signal.getsignal(signal.SIGUSR1)) and handler not in called:
+            called.append(handler)
+            handler(signal.SIGUSR1, None)
+
+
+PARENT_WATCH = ParentWatch()  # one per process

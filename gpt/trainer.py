@@ -576,6 +576,9 @@ class StopFlag:
             return  # Python delivers signals to the main thread only
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        from .early_signals import PARENT_WATCH
+
+        PARENT_WATCH.arm()  # a torchrun worker whose torchrun dies stops as on SIGUSR1 (train.py arms it first)
         earlier = {id(h): h for h in self._previous.values()}.values()  # one handler may serve several
         for signum in (s for handler in earlier for s in getattr(handler, "caught", ())):
             self._handle(signum, None)
@@ -610,6 +613,10 @@ class StopFlag:
 
     @property
     def name(self) -> str:
+        from .early_signals import PARENT_WATCH
+
+        if self.signal == signal.SIGUSR1 and PARENT_WATCH.orphaned.is_set():
+            return f"torchrun (pid {PARENT_WATCH.parent}) exited"  # gpt/early_signals.py ParentWatch
         return signal.Signals(self.signal).name if self.signal is not None else "stop"
 
     def agreed(self, info: DistInfo) -> bool:

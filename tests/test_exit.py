@@ -5,6 +5,9 @@ called without an active exception') after all its work was done: `torch.distrib
 after init_process_group (by DistributedDataParallel's constructor, through torch._dynamo), holds the
 default group in its functions' default arguments, so destroy_process_group could not free it and
 its threads ran on into finalization (see gpt/distributed.py init_distributed and gpt/cli.py exit_process).
+
+And a run whose torchrun dies exits too: its workers save a checkpoint and exit with 75 instead of
+training on as orphans (gpt/early_signals.py ParentWatch).
 """
 
 from __future__ import annotations
@@ -130,3 +133,116 @@ def test_finished_torchrun_launches_never_abort_at_exit(data, tmp_path):
             failures.append((i, result.returncode, (result.stdout + result.stderr)[-2000:]))
         assert (out / "latest").read_text().strip().endswith("4")
     assert not failures, failures
+
+
+# Run by the test below: a subreaper (PR_SET_CHILD_SUBREAPER) that starts torchrun and reaps every
+# process that ends under it, torchrun's orphaned workers included (they are adopted by it, not by
+# init), writing "pid exit-code" per line to its stdout, the first line being torchrun's pid.
+SUBREAPER = """
+import ctypes, os, subprocess, sys
+if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+    sys.exit("prctl(PR_SET_CHILD_SUBREAPER) failed")
+with open(sys.argv[1], "w") as log:
+    proc = subprocess.Popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
+print(proc.pid, flush=True)
+while True:
+    try:
+        pid, status = os.wait()
+    except ChildProcessError:
+        break
+    print(pid, os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+@needs_proc
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_CHILD_SUBREAPER is Linux's")
+def test_workers_whose_torchrun_dies_of_sigusr1_save_and_exit_75(data, tmp_path):
+    """SIGUSR1 to torchrun itself (not its workers) kills it (-10: it neither handles nor passes
+    on SIGUSR1). Its workers, each in its own session, used to train on with no parent, for ever;
+    now they notice (gpt/early_signals.py ParentWatch), stop at the same step, save a complete
+    checkpoint and exit with 75, within seconds."""
+    import signal
+    import time
+
+    from conftest import child_pids
+    from gpt import checkpoint as ckpt
+    from gpt.metrics import read_metrics
+
+    run, log, reaped = tmp_path / "run", tmp_path / "log", tmp_path / "reaped"
+    script = tmp_path / "subreaper.py"
+    script.write_text(SUBREAPER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           f"--data_dir={data}", f"--out_dir={run}", *TINY, "--max_steps=1000000", "--eval_interval=1000000"]
+    with open(reaped, "w") as out:
+        harness = subprocess.Popen([sys.executable, str(script), str(log), *cmd], cwd=REPO, env=ENV, stdout=out)
+    workers: list[int] = []
+    torchrun_pid = None
+
+    def output() -> str:
+        return log.read_text()[-3000:] if log.exists() else ""
+
+    def codes() -> dict[int, int]:
+        lines = reaped.read_text().split("\n")[1:]
+        return {int(p): int(c) for p, c in (line.split() for line in lines if line.strip())}
+
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # training has started: a few steps logged
+            assert harness.poll() is None and time.monotonic() < deadline, output()
+            try:
+                if len(read_metrics(run)) >= 3:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        torchrun_pid = int(reaped.read_text().split("\n")[0])
+        workers = child_pids(torchrun_pid)
+        assert len(workers) == 2, (workers, output())
+        os.kill(torchrun_pid, signal.SIGUSR1)
+        signalled = time.monotonic()
+        while set(codes()) < {torchrun_pid, *workers} and time.monotonic() < signalled + 60:
+            time.sleep(0.2)
+        took = time.monotonic() - signalled
+        assert not [pid for pid in workers if _alive(pid)], f"orphaned workers still run after {took:.0f} s\n{output()}"
+        assert codes() == {torchrun_pid: -signal.SIGUSR1, **{pid: 75 for pid in workers}}, output()
+        assert took < 30, took
+        text = output()
+        # Rank 0 names torchrun when its own watch noticed first; else the stop came by the vote.
+        assert "exiting with code 75" in text, text
+        assert "received a stop signal (torchrun (pid" in text or "received a stop signal (stop)" in text, text
+        last_step = read_metrics(run)[-1]["step"]
+        found = ckpt.latest_checkpoint(run)  # `latest` names a complete checkpoint...
+        assert found is not None, text
+        assert ckpt.read_state(found)["step"] == last_step, text  # ...of the step the workers stopped at
+    finally:  # nothing left running, whatever failed: workers, torchrun, then the subreaper
+        if torchrun_pid is None and reaped.read_text().strip():
+            torchrun_pid = int(reaped.read_text().split("\n")[0])
+        if torchrun_pid is not None:
+            workers += child_pids(torchrun_pid)
+        for pid in [*workers, *([torchrun_pid] if torchrun_pid else [])]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if harness.poll() is None:
+            harness.kill()
+        harness.wait(30)
+
+
+def test_the_parent_watch_is_armed_under_torchrun_only(monkeypatch):
+    """A plain process (no TORCHELASTIC_RUN_ID) is never stopped for losing its parent: a shell
+    that goes away on purpose (nohup) must not stop the run."""
+    from gpt.early_signals import ParentWatch
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    watch = ParentWatch()
+    assert not watch.arm() and watch.parent is None
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert watch.arm() and watch.parent == os.getppid()
+    assert not watch.arm()  # once per process
+    assert not watch.orphaned.wait(0.1)  # the parent (pytest's) is still there
