@@ -1,7 +1,9 @@
 """Generate text from a trained run: `python sample.py --out_dir out/default --prompt "def "`.
 
 Loads the run's latest checkpoint (or --ckpt), streams tokens as they are generated, and uses
-a KV cache so each new token costs one position of compute. `--help` lists every option.
+a KV cache so each new token costs one position of compute (on a CUDA GPU each token after the
+prompt is one CUDA-graph replay of the decode step: gpt/static_decode.py). `--help` lists every
+option.
 """
 
 import sys

@@ -175,6 +175,9 @@ def _sample_parser():
     add("dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
         help="compute precision (default: auto = bfloat16 on capable GPUs, else float32)")
     add("no_kv_cache", action="store_true", help="recompute the whole context each token (slow; for checking)")
+    add("cuda_graph", default="auto", choices=["auto", "true", "false"],
+        help="decode each token after the prompt as one CUDA-graph replay (default: auto = on a CUDA "
+             "GPU with the KV cache; false: launch every kernel from Python, for checking)")
     return parser
 
 
@@ -252,6 +255,8 @@ def sample(args) -> None:
         raise ConfigError(f"--num_samples must be positive, got {args.num_samples}")
     if not 0 <= args.seed < 1 << 63:
         raise ConfigError(f"--seed must be in 0..{(1 << 63) - 1}, got {args.seed}")
+    if args.cuda_graph == "true" and args.no_kv_cache:
+        raise ConfigError("--cuda_graph true replays a decode step with the KV cache: drop --no_kv_cache")
     prompt = read_prompt(args)  # before the model loads: a wrong file is found at once
 
     device = pick_device(args.device)
@@ -332,6 +337,7 @@ def sample(args) -> None:
                 model, idx, args.max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
                 eos_id=tokenizer.eos_id, generator=generator, use_cache=not args.no_kv_cache,
+                cuda_graph={"auto": None, "true": True, "false": False}[args.cuda_graph],
             ):
                 new = token[:, 0].tolist()
                 for continuation, tok in zip(continuations, new):

@@ -144,7 +144,11 @@ def generate(
     device of the model's parameters, in `kv_cache_dtype(model)` as of the first token. For bf16,
     call generate() and iterate under torch.autocast. On a CPU the linear layers' weights are
     copied once more for the loop, in oneDNN's layout (`gpt.model.packed_for_decoding`; not at
-    batch 1-2 in fp32, where they would go unused).
+    batch 1-2 in fp32, where they would go unused). A weight changed in place between two tokens
+    (an optimizer step, `load_state_dict`, `with torch.no_grad(): w.add_(...)`) is used from the
+    next token on; a change made through `.data` (`w.data.add_(...)`) is not seen by those
+    copies (it bypasses the version counter they are checked by): make it under
+    torch.no_grad() instead.
 
     cuda_graph: decode each token after the prompt with one replay of a CUDA graph (see the
     module docstring). None (default): when the model's parameters are on a CUDA device and
@@ -170,6 +174,9 @@ def generate(
                                or not 0 <= eos_id < vocab_size):
         # Such an id is never sampled, so generation would silently never stop early.
         raise ValueError(f"eos_id must be a token id in 0..{vocab_size - 1} (or None), got {eos_id!r}")
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        # A string from a config or command line ("false", "off") is truthy: it turned graphs on.
+        raise ValueError(f"cuda_graph must be True, False or None (automatic), got {cuda_graph!r}")
     on_cuda = next(model.parameters()).is_cuda
     if cuda_graph is None:
         cuda_graph = on_cuda and use_cache

@@ -185,7 +185,10 @@ class Linear(nn.Linear):
         packed = self.packed
         # The version check: a weight changed in place since it was copied (an optimizer step
         # between two tokens) makes the copy stale; the other paths are then the right ones.
-        if (fits and packed is not None and rows >= packed.min_rows
+        # Not while torch.compile traces (a model compiled with Module.compile() or
+        # torch.compile, decoding on a CPU): inductor lowers oneDNN's product only for a weight
+        # that is a constant of the graph (freezing), and failed on the copy (InductorError).
+        if (fits and packed is not None and not torch.compiler.is_compiling() and rows >= packed.min_rows
                 and packed.dtype == (torch.get_autocast_dtype("cpu") if autocast else x.dtype)
                 and packed.versions == _versions(self)):
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, self.in_features).to(packed.dtype),

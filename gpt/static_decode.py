@@ -110,7 +110,10 @@ class StaticDecoder:
         while the graph would still read their memory. It also means a weight changed in place
         between tokens is seen by the next replay; a weight *replaced* by another tensor is not
         (the graph reads the memory it was captured with)."""
-        with self._no_autocast_cache():
+        # On the cache's GPU, not the current one (a model on cuda:1 while cuda:0 is current):
+        # the streams below are made on the current device, and a capture there would not
+        # record the step's kernels, which run on the other GPU's streams.
+        with torch.cuda.device(self.token.device), self._no_autocast_cache():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

@@ -161,3 +161,71 @@ def test_text_the_output_encoding_cannot_hold_is_replaced_not_a_traceback(tmp_pa
                       "--max_new_tokens", "3", env={**os.environ, "PYTHONIOENCODING": "ascii"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("h?") and "Traceback" not in done.stderr
+
+
+def test_a_model_compiled_with_module_compile_decodes_on_a_cpu():
+    # Module.compile() (or torch.compile) then generate() on a CPU at batch 3+ (any batch under
+    # bf16 autocast): the packed oneDNN product was traced into the graph, and inductor, which
+    # lowers it only for a frozen (constant) weight, failed: InductorError at the first token.
+    # Compiled, the linears take their unpacked paths: the tokens of the uncompiled model.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32)).eval()
+    idx = torch.randint(0, 65, (3, 4), generator=torch.Generator().manual_seed(1))
+    want = tokens(generate(model, idx, 3, temperature=0.0))
+    torch._dynamo.reset()
+    model.compile()
+    try:
+        assert torch.equal(tokens(generate(model, idx, 3, temperature=0.0)), want)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_a_weight_changed_in_place_between_tokens_is_used_from_the_next_token(cuda_graph):
+    # An optimizer step or a no_grad in-place change between two tokens of a live generator is
+    # seen at the next token, on the ordinary path (its oneDNN copies are checked by version)
+    # and on the fixed-shape step (which reads the model's own weights). A change through
+    # `.data` is not seen by the oneDNN copies (documented in generate()).
+    def change(model):
+        with torch.no_grad():
+            for block in model.blocks:
+                block.mlp.fc.weight.mul_(3.0)
+                block.attn.qkv.bias.add_(0.5)
+
+    def decode(packed: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = GPT(TINY).eval()
+        idx = torch.randint(0, 65, (4, 3), generator=torch.Generator().manual_seed(1))
+        real = gpt.generate.packed_for_decoding
+        if not packed:
+            gpt.generate.packed_for_decoding = lambda model, rows: contextlib.nullcontext()
+        try:
+            it = generate(model, idx, 8, temperature=0.0, cuda_graph=cuda_graph)
+            first = [next(it), next(it)]
+            change(model)
+            return torch.cat(first + list(it), dim=1)
+        finally:
+            gpt.generate.packed_for_decoding = real
+
+    assert torch.equal(decode(packed=True), decode(packed=False))
+
+
+@pytest.mark.parametrize("flag,want", [(None, None), ("auto", None), ("true", True), ("false", False)])
+def test_sample_cuda_graph_option_reaches_generate(run, monkeypatch, capsys, flag, want):
+    # On a CUDA GPU generate() replays CUDA graphs by default; --cuda_graph false turns them off
+    # (and true forces the fixed-shape step, eager on a CPU).
+    seen = []
+    real = gpt.generate.generate
+    monkeypatch.setattr(gpt.generate, "generate", lambda *a, **k: seen.append(k["cuda_graph"]) or real(*a, **k))
+    argv = ["--out_dir", str(run), "--device", "cpu", "--prompt", "ab", "--max_new_tokens", "3"]
+    assert run_sample(argv + (["--cuda_graph", flag] if flag else [])) == 0
+    assert seen == [want]
+    capsys.readouterr()
+
+
+def test_sample_cuda_graph_option_is_checked(run, capsys):
+    assert run_sample(["--out_dir", str(run), "--cuda_graph", "true", "--no_kv_cache"]) == 2
+    assert "--cuda_graph true" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_sample(["--out_dir", str(run), "--cuda_graph", "yes"])
+    assert "--cuda_graph" in capsys.readouterr().err

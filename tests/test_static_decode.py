@@ -156,3 +156,39 @@ def test_cuda_graph_generate_replays_a_graph_and_gives_the_eager_tokens(dtype, m
         torch.backends.cuda.matmul.allow_tf32 = saved
     assert graphed.shape == (3, 80) and torch.equal(graphed, eager)
     assert torch.equal(sampled[0], sampled[1])
+
+
+@pytest.mark.parametrize("bad", ["false", "off", 0, 1])
+def test_cuda_graph_must_be_a_bool_or_none(model, bad):
+    # A string from a config or a command line ("false") is truthy: it turned the step on.
+    with pytest.raises(ValueError, match="cuda_graph must be True, False or None"):
+        generate(model, prompt(1, 3), 4, cuda_graph=bad)
+
+
+# around block_size 16: 2, 1 or 0 positions left for the step, or a cropped prompt
+@pytest.mark.parametrize("prompt_len,n", [(14, 5), (15, 0), (15, 1), (15, 2), (15, 5), (16, 1), (16, 5), (17, 5)])
+def test_static_step_at_the_edge_of_the_window_and_short_runs(model, prompt_len, n):
+    """The step hands over to the sliding window where the ordinary path does, and short runs
+    end where they do; greedy, and sampled with top_k/top_p and eos (rows ending at different
+    tokens) from an int32 prompt."""
+    idx = prompt(3, prompt_len, seed=prompt_len)
+    for kwargs in (dict(temperature=0.0), dict(temperature=1.5, top_k=5, top_p=0.9, eos_id=7)):
+        ids = idx.int() if "eos_id" in kwargs else idx
+        got = [list(generate(model, ids, n, generator=torch.Generator().manual_seed(2), cuda_graph=flag,
+                             **kwargs)) for flag in (False, True)]
+        assert len(got[0]) == len(got[1]) <= n
+        if got[0]:
+            assert torch.equal(torch.cat(got[0], 1), torch.cat(got[1], 1))
+
+
+def test_interleaved_generators_each_have_their_own_step_and_cache(model):
+    """Two generators on one model, stepped in turn: each gets the tokens it gets alone."""
+    a, b = prompt(2, 3, seed=4), prompt(3, 6, seed=5)
+    alone = [run(generate(model, p, 20, temperature=0)) for p in (a, b)]
+    ga = generate(model, a, 20, temperature=0, cuda_graph=True)
+    gb = generate(model, b, 20, temperature=0, cuda_graph=True)
+    got_a, got_b = [], []
+    for _ in range(20):
+        got_a.append(next(ga))
+        got_b.append(next(gb))
+    assert torch.equal(torch.cat(got_a, 1), alone[0]) and torch.equal(torch.cat(got_b, 1), alone[1])
