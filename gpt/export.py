@@ -39,6 +39,10 @@ from .sources import holds_token_shards
 from .tokenizer import EOS_TOKEN, Tokenizer
 
 FORMATS = ("hf",)
+# What an export folder may hold, so that --overwrite may replace it: what export writes (and
+# what transformers 4.x's tokenizer save adds, and generation settings a user may add).
+EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                          "tokenizer_config.json", "special_tokens_map.json"})
 
 
 def require_transformers():
@@ -72,10 +76,13 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool
     tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file.exists() else None
     eos_id = tokenizer.eos_id if tokenizer is not None else None
 
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    # The absolute, normalized path: "--out ." (or "x/..") has no name of its own to put the
+    # temporary folder beside, and would put it inside the target instead.
+    target = Path(os.path.abspath(out))
+    tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         transformers.GPT2Config(**hf_config_dict(config, eos_id)).save_pretrained(tmp)
         # "format": "pt" is the metadata transformers itself writes and checks for.
         safetensors.torch.save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"),
@@ -87,7 +94,14 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool
             log(f"warning: {source} has no {ckpt.TOKENIZER_FILE}; exported the model without a tokenizer")
         if check:
             log(check_export(tmp, model, tokenizer, transformers))
-        _publish(tmp, out)
+        _publish(tmp, target)
+    except OSError as e:
+        # A full disk, a read-only folder, a file where a folder of --out should be: one line,
+        # not a traceback; the checkpoint was only read.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HFError(f"could not write {out} ({type(e).__name__}: {e}); {source} is unchanged. Is "
+                      f"the disk full or {target.parent} not a writable folder? Fix that, or choose "
+                      f"another --out") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -112,6 +126,13 @@ def _check_target(out: Path, source: Path, overwrite: bool) -> None:
         what = training_output(out, anywhere_in_run=True) or _dataset(out)
         if what is None and out.is_file():  # an export is a folder: this file is something else
             what = "is a file, not an earlier export"
+        if what is None:
+            # Replacing the folder deletes everything in it: only what an export writes may be
+            # there (not notes, a model card, a hub clone's .git, another project).
+            others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+            if others:
+                what = (f"holds files an export does not write ({', '.join(others[:5])}"
+                        f"{', ...' if len(others) > 5 else ''}), so it is not only an earlier export")
         if what is not None:
             raise HFError(f"--out {out} {what}; refusing to replace it even with --overwrite; "
                           f"choose another --out")
@@ -133,7 +154,7 @@ def _publish(tmp: Path, out: Path) -> None:
         old = out.parent / f".{out.name}.old{os.getpid()}"
         os.rename(out, old)
         os.rename(tmp, out)
-        if old.is_dir():
+        if old.is_dir() and not old.is_symlink():  # a link to an earlier export: only the link goes
             shutil.rmtree(old)
         else:
             old.unlink()

@@ -246,8 +246,10 @@ def gpt_config_from_hf(hf: dict[str, Any], where: str, *, dropout: float = 0.0,
                         f"{', '.join(EXACT_GELUS + APPROXIMATE_GELUS)})")
     if hf.get("n_inner") not in (None, 4 * n_embd):
         problems.append(f"n_inner={hf['n_inner']} (ours is 4 * n_embd = {4 * n_embd})")
-    if not math.isclose(hf.get("layer_norm_epsilon", 1e-5), 1e-5, rel_tol=1e-6):
-        problems.append(f"layer_norm_epsilon={hf['layer_norm_epsilon']} (ours is 1e-5)")
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if (isinstance(eps, bool) or not isinstance(eps, (int, float))  # null or "1e-5": no TypeError
+            or not math.isclose(eps, 1e-5, rel_tol=1e-6)):
+        problems.append(f"layer_norm_epsilon={eps!r} (ours is 1e-5)")
     if not hf.get("scale_attn_weights", True):
         problems.append("scale_attn_weights=false (ours scales by 1/sqrt(head size))")
     if hf.get("scale_attn_by_inverse_layer_idx", False):

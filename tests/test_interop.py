@@ -273,8 +273,14 @@ def test_export_refuses_existing_target_unless_overwrite(runs, tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.startswith("error:") and "already exists" in err and "--overwrite" in err
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces an earlier export only: a folder holding other files is refused.
+    assert export.main([str(runs["char"]), "--out", str(out), "--overwrite", "--no-check"]) == 2
+    assert "holds files an export does not write (keep.txt)" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert export.main([str(runs["char"]), "--out", str(out), "--no-check"]) == 0  # empty: no --overwrite
     assert export.main([str(runs["char"]), "--out", str(out), "--overwrite", "--no-check"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert (out / "config.json").exists()
     # Never over the run being exported, even with --overwrite.
     assert export.main([str(runs["char"]), "--out", str(runs["char"]), "--overwrite"]) == 2
 

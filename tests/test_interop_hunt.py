@@ -1,0 +1,91 @@
+"""Hugging Face export/import: the cases a bug hunt found wrong (each test failed before its fix)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+from gpt import checkpoint as ckpt
+from gpt import export, hf
+from gpt.model import GPT, GPTConfig
+
+pytest.importorskip("transformers")
+
+
+def tiny_run(root: Path) -> Path:
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    ckpt.save_checkpoint(root, 1, GPT(config), None, {"step": 1, "model_config": asdict(config)})
+    return root
+
+
+def test_overwrite_never_deletes_files_an_export_does_not_write(tmp_path, capsys):
+    # --overwrite replaced the whole folder: a user's notes, a hub clone's .git, went with it.
+    run = tiny_run(tmp_path / "run")
+    mine = tmp_path / "mine"
+    (mine / ".git").mkdir(parents=True)
+    (mine / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (mine / "notes.txt").write_text("precious")
+    (mine / "config.json").write_text("{}")
+    assert export.main([str(run), "--out", str(mine), "--overwrite", "--no-check"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {mine} holds files an export does not write (.git, notes.txt)"), err
+    assert (mine / "notes.txt").read_text() == "precious" and (mine / ".git" / "HEAD").exists()
+    assert (mine / "config.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # An earlier export (all of its files) is still what --overwrite replaces.
+    assert export.main([str(run), "--out", str(tmp_path / "hf"), "--no-check"]) == 0
+    assert export.main([str(run), "--out", str(tmp_path / "hf"), "--overwrite", "--no-check"]) == 0
+
+
+def test_overwrite_through_a_symlink_finishes_cleanly(tmp_path, capsys):
+    # The export was published, then rmtree refused the renamed link: an OSError traceback after
+    # success, and a ".link.oldPID" left behind.
+    run = tiny_run(tmp_path / "run")
+    assert export.main([str(run), "--out", str(tmp_path / "v1"), "--no-check"]) == 0
+    (tmp_path / "latest").symlink_to(tmp_path / "v1")
+    assert export.main([str(run), "--out", str(tmp_path / "latest"), "--overwrite", "--no-check"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "run", "v1"]
+    assert hf.load_hf_model(tmp_path / "latest").config.n_layer == 1
+    assert (tmp_path / "v1" / "model.safetensors").exists()  # the link's target is left alone
+
+
+def test_export_to_dot_writes_the_current_folder(tmp_path, monkeypatch):
+    # "--out ." put the temporary folder inside "." and then tried os.rename(".", ...): EBUSY.
+    run = tiny_run(tmp_path / "run")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert export.main([str(run), "--out", ".", "--no-check"]) == 0
+    assert sorted(p.name for p in here.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "run"]
+
+
+def test_a_write_error_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    # A full disk was a traceback (OSError is no user error), unlike consolidate's message.
+    run = tiny_run(tmp_path / "run")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export.safetensors.torch, "save_file", full)
+    assert export.main([str(run), "--out", str(tmp_path / "hf"), "--no-check"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: could not write {tmp_path / 'hf'} (OSError: [Errno 28]"), err
+    assert "is unchanged" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("eps", [None, "1e-5"])
+def test_hf_config_with_a_non_number_epsilon_is_an_hf_error(eps):
+    # Was a TypeError traceback from math.isclose (sample, eval and train alike).
+    with pytest.raises(hf.HFError, match=r"config.json: this GPT-2 variant differs .*layer_norm_epsilon="):
+        hf.gpt_config_from_hf({"model_type": "gpt2", "layer_norm_epsilon": eps}, "x/config.json")
