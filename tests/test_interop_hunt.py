@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -12,7 +11,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest
-import torch
 
 from gpt import checkpoint as ckpt
 from gpt import export, hf
