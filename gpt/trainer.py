@@ -93,8 +93,10 @@ def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
 
     # Said in full: a mistyped --data_dir also lands here, and would train on this corpus.
     state = "holds no dataset" if data_dir.is_dir() else "does not exist"
+    # A char vocabulary's size is the corpus's count of distinct characters, known only later.
+    vocab = f", vocab {config.prepare_vocab_size}" if config.prepare_tokenizer == "bpe" else ""
     print(f"{data_dir} {state}; preparing the '{config.prepare_source}' corpus there "
-          f"({config.prepare_tokenizer}, vocab {config.prepare_vocab_size}; prepare_source = "
+          f"({config.prepare_tokenizer}{vocab}; prepare_source = "
           f"'none' makes a missing dataset an error instead)", flush=True)
     try:
         prepare(out_dir=data_dir, source=config.prepare_source, tokenizer=config.prepare_tokenizer,

@@ -373,7 +373,7 @@ def test_a_missing_data_dir_gets_the_default_corpus_prepared_once(tmp_path, caps
             "--max_steps=1", "--eval_interval=1", "--eval_iters=1", "--batch_size=2", "--device=cpu"]
     r = run_cli(capsys, "train.py", *args)
     assert r.returncode == 0, r.stderr
-    assert f"{data} does not exist; preparing the 'stdlib' corpus there (char" in r.stdout
+    assert f"{data} does not exist; preparing the 'stdlib' corpus there (char; " in r.stdout  # no BPE size
     meta = json.loads((data / "meta.json").read_text())
     assert meta["tokenizer"] == "char" and meta["source"].startswith("stdlib:")
     r = run_cli(capsys, "train.py", *args[:1], f"--out_dir={tmp_path / 'again'}", *args[2:])
