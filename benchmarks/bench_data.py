@@ -42,9 +42,15 @@ def write_corpus(path: Path, source: Path, mb: float) -> int:
     return copies * len(text)
 
 
+def prep_args(corpus: Path, out: Path, tokenizer: str, vocab_size: int) -> list[str]:
+    """data_prep/prepare.py's arguments; --vocab-size only for BPE (prep refuses it with char,
+    whose vocabulary is the corpus's characters)."""
+    size = ["--vocab-size", str(vocab_size)] if tokenizer == "bpe" else []
+    return ["--input", str(corpus), "--out", str(out), "--tokenizer", tokenizer, *size, "--no-progress"]
+
+
 def run_prep(corpus: Path, out: Path, tokenizer: str, vocab_size: int) -> dict:
-    cmd = [sys.executable, str(REPO / "data_prep/prepare.py"), "--input", str(corpus), "--out", str(out),
-           "--tokenizer", tokenizer, "--vocab-size", str(vocab_size), "--no-progress"]
+    cmd = [sys.executable, str(REPO / "data_prep/prepare.py"), *prep_args(corpus, out, tokenizer, vocab_size)]
     log = out.with_suffix(".log")
     with open(log, "w+") as output:
         started = time.perf_counter()

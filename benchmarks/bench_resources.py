@@ -116,8 +116,7 @@ def data_prep(mb: float = 8.0, tokenizers: tuple[str, ...] = ("char", "bpe"), vo
             out = Path(tmp) / f"out_{tokenizer}"
             code, wall, peak, text = run_measured(
                 REPO / "data_prep" / "prepare.py",
-                ["--input", str(corpus), "--out", str(out), "--tokenizer", tokenizer,
-                 "--vocab-size", str(vocab_size), "--no-progress"], Path(tmp) / f"{tokenizer}.log")
+                bench_data.prep_args(corpus, out, tokenizer, vocab_size), Path(tmp) / f"{tokenizer}.log")
             if code != 0:
                 raise RuntimeError(f"data prep failed ({code}):\n{text[-3000:]}")
             meta = json.loads((out / "meta.json").read_text())
