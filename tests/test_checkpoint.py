@@ -674,8 +674,10 @@ def test_tensors_carved_from_one_staging_block_save_only_their_own_bytes():
 
     shapes = [((100_000,), torch.float32), ((300, 500), torch.bfloat16), ((), torch.float32),
               ((0, 4), torch.float32), ((7,), torch.int64)]
-    block = torch.zeros(ckpt._packed_bytes(shapes), dtype=torch.uint8)
-    tensors = ckpt._carve(block, shapes)
+    from gpt.staging import carve, packed_bytes
+
+    block = torch.zeros(packed_bytes(shapes), dtype=torch.uint8)
+    tensors = carve(block, shapes)
     assert [(tuple(t.shape), t.dtype) for t in tensors] == shapes
     for t in tensors:
         t.fill_(3)
