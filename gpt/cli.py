@@ -260,6 +260,8 @@ def sample(args) -> None:
     prompt = read_prompt(args)  # before the model loads: a wrong file is found at once
 
     device = pick_device(args.device)
+    if args.cuda_graph == "true" and device.type != "cuda":
+        raise ConfigError(f"--cuda_graph true needs a CUDA GPU; the device is {device.type} (drop the option)")
     dtype = resolve_dtype(args.dtype, device)
     if args.init_from:
         if args.init_from.startswith(hf.HF_PREFIX):

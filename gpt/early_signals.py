@@ -67,8 +67,8 @@ class ParentWatch:
 
     So each worker polls `os.getppid()` in a daemon thread, once a second, against the parent it
     had when armed; when that changes, it calls the SIGUSR1 handler in place (EarlyStopSignals
-    while torch imports, then the trainer's StopFlag), exactly as a delivered SIGUSR1 would. All
-    workers lose their parent at the same moment, but even if they notice it a second apart, the
+    while torch imports, then the trainer's StopFlag), as a delivered SIGUSR1 would, but from this
+    thread rather than the main one (both only record the stop). All workers lose their parent at the same moment, but even if they notice it a second apart, the
     trainer's per-step vote (StopFlag.agreed) makes them stop at the same step; the collectives of
     the vote, the save and the shutdown go between the workers, which still run. Armed only under
     torchrun (TORCHELASTIC_RUN_ID set), never for a plain process, whose parent (a shell) may go
@@ -106,7 +106,13 @@ class ParentWatch:
         # maybe read its notes already): the new one is told too (a stop twice is a stop once).
         while callable(handler := signal.getsignal(signal.SIGUSR1)) and handler not in called:
             called.append(handler)
-            handler(signal.SIGUSR1, None)
+            try:
+                handler(signal.SIGUSR1, None)
+            except BaseException as e:  # this thread's end would swallow it: say it at least
+                try:
+                    os.write(2, f"parent watch: the stop handler failed: {type(e).__name__}: {e}\n".encode())
+                except OSError:
+                    pass
 
 
 PARENT_WATCH = ParentWatch()  # one per process

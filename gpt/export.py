@@ -153,11 +153,19 @@ def _publish(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.parent / f".{out.name}.old{os.getpid()}"
         os.rename(out, old)
-        os.rename(tmp, out)
-        if old.is_dir() and not old.is_symlink():  # a link to an earlier export: only the link goes
-            shutil.rmtree(old)
-        else:
-            old.unlink()
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            os.rename(old, out)  # the earlier export back under its name, not left hidden
+            raise
+        try:
+            if old.is_dir() and not old.is_symlink():  # a link to an earlier export: only the link goes
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        except OSError as e:  # the export itself is done: not a failure to write it
+            print(f"warning: exported to {out}, but could not delete the earlier export moved to {old} "
+                  f"({e}); delete it yourself", file=sys.stderr)
     else:
         os.rename(tmp, out)
 

@@ -474,6 +474,8 @@ class GPT(nn.Module):
         # Positions start .. start+T-1 are consecutive rows of the table: a slice, not a lookup
         # (no index tensor to build, and its gradient is a plain slice copy, not a scatter-add).
         x = self.drop(self.tok_emb(idx) + self.pos_emb.weight[start : start + T])  # [B, T, C]
+        # (gpt/static_decode.py repeats this forward for one token with fixed shapes, for CUDA
+        # graphs: a change here goes there too; its tests compare the two.)
         for layer, block in enumerate(self.blocks):
             x = block(x, kv_cache, layer)
         if kv_cache is not None:
@@ -490,7 +492,9 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), ignore_index=-1)
-        return (logits if return_logits else None), loss
+        # return_logits=False drops them only where a loss replaces them (without targets the
+        # logits are the result).
+        return (None if targets is not None and not return_logits else logits), loss
 
     def num_params(self, exclude_position_embedding: bool = False) -> int:
         """Number of parameters, counting the tied token-embedding / lm_head matrix once."""

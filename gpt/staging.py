@@ -75,6 +75,22 @@ def carve(block: torch.Tensor, shapes: list[tuple[tuple, torch.dtype]]) -> list[
     return tensors
 
 
+def _clear_last_cuda_error() -> None:
+    """Read back (and so clear) the CUDA runtime's last error after a failed cudaHostRegister:
+    left there, the next kernel launch's check reports it as its own failure. Best effort,
+    through the libcudart this process has loaded (torch's bindings do not expose the call);
+    not run on a GPU yet: registration has not failed on the one GPU machine tried."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            libraries = {line.split()[-1] for line in maps if "libcudart" in line}
+        for library in libraries:
+            ctypes.CDLL(library).cudaGetLastError()
+    except (OSError, AttributeError):
+        pass
+
+
 class Staging:
     """CPU memory a checkpoint's state is copied into, so that training can go on changing its
     own: what an async save writes from, and where a save from a GPU lands first. Kept from save
@@ -134,12 +150,15 @@ class Staging:
         layout = [(path, tuple(t.shape), t.dtype) for path, t in tensors.items()]
         if layout == self._block_layout:
             return
+        for path, _, _ in self._block_layout or ():  # views of the old block keep it allocated
+            self.buffers.pop(path, None)
         self.release()
         shapes = [(shape, dtype) for _, shape, dtype in layout]
         block = torch.empty(max(packed_bytes(shapes), 1), dtype=torch.uint8)
         cudart = torch.cuda.cudart()
         error = int(cudart.cudaHostRegister(block.data_ptr(), block.numel(), 0))
         if error:  # the copies still work, synchronously
+            _clear_last_cuda_error()
             warnings.warn(f"checkpoint: could not page-lock {block.numel() / 1e9:.2f} GB of host memory for "
                           f"copies off the GPU (cudaHostRegister error {error}); saves will copy more slowly")
         else:

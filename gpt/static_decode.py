@@ -124,6 +124,10 @@ class StaticDecoder:
             with torch.cuda.graph(graph):
                 self.logits = self.forward()
         self.graph = graph
+        # The graph reads these tensors' memory at every replay: held, so that a parameter
+        # replaced meanwhile (load_state_dict(assign=True), `p.data = ...`) cannot hand its memory
+        # to another tensor the replay would then read. The replaced weight itself is not seen.
+        self._captured = [*self.model.parameters(), *self.model.buffers()]
 
     def _no_autocast_cache(self) -> contextlib.AbstractContextManager:
         if not torch.is_autocast_enabled("cuda"):

@@ -541,7 +541,7 @@ def evaluate(model: torch.nn.Module, config: TrainConfig, info: DistInfo, autoca
     total = torch.zeros((), device=info.device)
     for x, y in batches:
         with autocast:
-            _, loss = model(x, y, return_logits=False)  # the loss alone: no [B, T, V] logits
+            _, loss = model(x, y, return_logits=False)  # the loss alone (chunked: no [B, T, V] logits)
         total += loss.float()
     model.train()
     return all_reduce_mean(total / config.eval_iters, info).item()

@@ -687,3 +687,21 @@ def test_tensors_carved_from_one_staging_block_save_only_their_own_bytes():
     assert int(block.sum()) > 0  # the writes landed in the block itself
     del block  # the tensors keep its memory alive
     assert all(torch.equal(t, torch.full_like(t, 3)) for t in tensors)
+
+
+def test_a_new_staging_block_drops_every_view_of_the_old_one(monkeypatch):
+    """When the state's layout changes, entries gone from it must not keep tensors carved from
+    the old block (each holds that whole block allocated for the Checkpointer's life)."""
+    from types import SimpleNamespace
+
+    from gpt.staging import Staging
+
+    registered = []
+    fake = SimpleNamespace(cudaHostRegister=lambda ptr, size, flags: registered.append(size) or 0,
+                           cudaHostUnregister=lambda ptr: 0)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    staging = Staging()
+    staging._pin_for({("a",): torch.zeros(1000), ("b",): torch.zeros(250_000)})
+    staging._pin_for({("a",): torch.zeros(1000), ("c",): torch.zeros(10)})
+    assert set(staging.buffers) == {("a",), ("c",)} and len(registered) == 2
+    staging.release()

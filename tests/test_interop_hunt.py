@@ -87,3 +87,37 @@ def test_hf_config_with_a_non_number_epsilon_is_an_hf_error(eps):
     # Was a TypeError traceback from math.isclose (sample, eval and train alike).
     with pytest.raises(hf.HFError, match=r"config.json: this GPT-2 variant differs .*layer_norm_epsilon="):
         hf.gpt_config_from_hf({"model_type": "gpt2", "layer_norm_epsilon": eps}, "x/config.json")
+
+
+def test_publish_puts_the_earlier_export_back_if_the_new_one_cannot_take_its_name(tmp_path, monkeypatch):
+    out, tmp = tmp_path / "out", tmp_path / ".out.tmp"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    tmp.mkdir()
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(src) == tmp:
+            raise OSError(errno.EIO, "I/O error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError):
+        export._publish(tmp, out)
+    assert (out / "config.json").read_text() == "old"  # not left hidden as .out.old<pid>
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp", "out"]
+
+
+def test_publish_that_cannot_delete_the_earlier_export_warns_and_succeeds(tmp_path, monkeypatch, capsys):
+    out, tmp = tmp_path / "out", tmp_path / ".out.tmp"
+    out.mkdir()
+    tmp.mkdir()
+    (tmp / "config.json").write_text("new")
+
+    def rmtree(path, *args, **kwargs):
+        raise OSError(errno.EBUSY, "busy")
+
+    monkeypatch.setattr(export.shutil, "rmtree", rmtree)
+    export._publish(tmp, out)
+    assert (out / "config.json").read_text() == "new"
+    assert "warning: exported to" in capsys.readouterr().err

@@ -210,10 +210,9 @@ def test_a_weight_changed_in_place_between_tokens_is_used_from_the_next_token(cu
     assert torch.equal(decode(packed=True), decode(packed=False))
 
 
-@pytest.mark.parametrize("flag,want", [(None, None), ("auto", None), ("true", True), ("false", False)])
+@pytest.mark.parametrize("flag,want", [(None, None), ("auto", None), ("false", False)])
 def test_sample_cuda_graph_option_reaches_generate(run, monkeypatch, capsys, flag, want):
-    # On a CUDA GPU generate() replays CUDA graphs by default; --cuda_graph false turns them off
-    # (and true forces the fixed-shape step, eager on a CPU).
+    # On a CUDA GPU generate() replays CUDA graphs by default; --cuda_graph false turns them off.
     seen = []
     real = gpt.generate.generate
     monkeypatch.setattr(gpt.generate, "generate", lambda *a, **k: seen.append(k["cuda_graph"]) or real(*a, **k))
@@ -226,6 +225,9 @@ def test_sample_cuda_graph_option_reaches_generate(run, monkeypatch, capsys, fla
 def test_sample_cuda_graph_option_is_checked(run, capsys):
     assert run_sample(["--out_dir", str(run), "--cuda_graph", "true", "--no_kv_cache"]) == 2
     assert "--cuda_graph true" in capsys.readouterr().err
+    # true on a CPU: there is no graph to replay (it ran the fixed-shape step eagerly, silently)
+    assert run_sample(["--out_dir", str(run), "--device", "cpu", "--cuda_graph", "true"]) == 2
+    assert "--cuda_graph true needs a CUDA GPU; the device is cpu" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run_sample(["--out_dir", str(run), "--cuda_graph", "yes"])
     assert "--cuda_graph" in capsys.readouterr().err

@@ -217,3 +217,9 @@ def test_the_loss_setting_resolves_per_device_compile_and_strategy(setting, comp
 
     config = TrainConfig(loss=setting, compile=compile)
     assert chunked_loss_enabled(config, strategy, torch.device(device)) is chunked
+
+
+def test_return_logits_false_without_targets_still_returns_the_logits():
+    model, x, _ = model_and_batch()
+    logits, loss = model(x, return_logits=False)
+    assert loss is None and logits is not None and logits.shape == (*x.shape, CONFIG.vocab_size)
