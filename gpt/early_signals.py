@@ -68,12 +68,12 @@ class ParentWatch:
     So each worker polls `os.getppid()` in a daemon thread, once a second, against the parent it
     had when armed; when that changes, it calls the SIGUSR1 handler in place (EarlyStopSignals
     while torch imports, then the trainer's StopFlag), as a delivered SIGUSR1 would, but from this
-    thread rather than the main one (both only record the stop). All workers lose their parent at the same moment, but even if they notice it a second apart, the
-    trainer's per-step vote (StopFlag.agreed) makes them stop at the same step; the collectives of
-    the vote, the save and the shutdown go between the workers, which still run. Armed only under
-    torchrun (TORCHELASTIC_RUN_ID set), never for a plain process, whose parent (a shell) may go
-    away on purpose (nohup). Where no Python handler is in place (the process is exiting), it
-    does nothing."""
+    thread rather than the main one (both only record the stop). All workers lose their parent at
+    the same moment, but even if they notice it a second apart, the trainer's per-step vote
+    (StopFlag.agreed) makes them stop at the same step; the collectives of the vote, the save and
+    the shutdown go between the workers, which still run. Armed only under torchrun
+    (TORCHELASTIC_RUN_ID set), never for a plain process, whose parent (a shell) may go away on
+    purpose (nohup). Where no Python handler is in place (the process is exiting), it does nothing."""
 
     INTERVAL_S = 1.0
 

@@ -179,17 +179,15 @@ def generate(
     if cuda_graph is not None and not isinstance(cuda_graph, bool):
         # A string from a config or command line ("false", "off") is truthy: it turned graphs on.
         raise ValueError(f"cuda_graph must be True, False or None (automatic), got {cuda_graph!r}")
-    on_cuda = next(model.parameters()).is_cuda
     if cuda_graph is None:
-        cuda_graph = on_cuda and use_cache
+        cuda_graph = next(model.parameters()).is_cuda and use_cache
     elif cuda_graph and not use_cache:
         raise ValueError("cuda_graph=True replays a decode step with the KV cache: it needs use_cache=True")
     # Inference mode is lighter per op than no_grad (no version counters; decode is many small
     # ops: ~9% faster here), but autocast does not keep its bf16 copies of the weights for
     # inference-mode calls and would re-cast every weight at every token: under autocast, no_grad.
     decode = _decode_no_grad if _autocast_dtype(model) else _decode_inference
-    static = "graph" if cuda_graph and on_cuda else "eager" if cuda_graph else None
-    return decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, use_cache, static)
+    return decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, use_cache, cuda_graph)
 
 
 def _decode(
@@ -202,7 +200,7 @@ def _decode(
     eos_id: int | None,
     generator: torch.Generator | None,
     use_cache: bool,
-    static: str | None,
+    fixed_step: bool,
 ) -> Iterator[torch.Tensor]:
     # A separate generator function so that bad arguments raise when generate() is called,
     # not at the first next().
@@ -225,9 +223,9 @@ def _decode(
             if use_cache:
                 param = next(model.parameters())
                 kv_cache = KVCache(model.config, idx.size(0), device=param.device, dtype=kv_cache_dtype(model))
-            # The fixed-shape step ("graph": replayed as a CUDA graph, "eager": run as it is)
+            # The fixed-shape step (replayed as a CUDA graph on a GPU, run as it is elsewhere)
             # for each single new token that still fits the cache; the ordinary path otherwise.
-            step = StaticDecoder(model, kv_cache, graph=static == "graph") if static else None
+            step = StaticDecoder(model, kv_cache, graph=kv_cache.k[0].is_cuda) if fixed_step else None
             context = idx[:, -block_size:]
             n_new = context.size(1)
             finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)

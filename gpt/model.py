@@ -336,11 +336,15 @@ class CausalSelfAttention(nn.Module):
         self.proj = Linear(config.n_embd, config.n_embd, bias=config.bias)  # residual output
         self.resid_dropout = nn.Dropout(config.dropout)
 
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, C] -> q, k, v, each [B, H, T, D]: heads become a batch dimension for the matmuls."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # [B, T, 3C] -> three [B, T, C]
+        return tuple(t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        # [B, T, 3C] -> three [B, H, T, D]: heads become a batch dimension for the matmuls.
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.heads(x)
         q_start = 0
         if kv_cache is not None:
             q_start = kv_cache.length

@@ -54,8 +54,16 @@ def map_copies(obj: Any, live: set[int], copy: Callable[[tuple, torch.Tensor], t
 ALIGN = 64  # bytes between tensors carved from one block: every dtype's alignment, a cache line
 
 
+def _bytes(shape: tuple, dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
 def packed_bytes(shapes: list[tuple[tuple, torch.dtype]]) -> int:
-    return sum(-(-math.prod(shape) * dtype.itemsize // ALIGN) * ALIGN for shape, dtype in shapes)
+    return sum(_aligned(_bytes(shape, dtype)) for shape, dtype in shapes)
 
 
 def carve(block: torch.Tensor, shapes: list[tuple[tuple, torch.dtype]]) -> list[torch.Tensor]:
@@ -66,12 +74,12 @@ def carve(block: torch.Tensor, shapes: list[tuple[tuple, torch.dtype]]) -> list[
     memory = block.numpy()
     tensors, offset = [], 0
     for shape, dtype in shapes:
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = _bytes(shape, dtype)
         if nbytes == 0:
             tensors.append(torch.empty(shape, dtype=dtype))
         else:  # keeps `memory` (and so the block) alive while the tensor lives
             tensors.append(torch.frombuffer(memory[offset:offset + nbytes], dtype=dtype).view(shape))
-        offset += -(-nbytes // ALIGN) * ALIGN
+        offset += _aligned(nbytes)
     return tensors
 
 

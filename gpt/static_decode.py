@@ -89,8 +89,7 @@ class StaticDecoder:
     def _attention(self, attn: CausalSelfAttention, x: torch.Tensor, layer: int,
                    visible: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape  # T = 1
-        q, k, v = attn.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = attn.heads(x)
         keys, values = self.cache.k[layer], self.cache.v[layer]  # [B, H, block_size, D]
         keys.index_copy_(2, self.position, k.to(keys.dtype))
         values.index_copy_(2, self.position, v.to(values.dtype))
