@@ -5,7 +5,8 @@ import torch
 
 import gpt.generate
 from gpt.generate import generate, generate_no_cache, kv_cache_dtype, next_token_logits, sample_next
-from gpt.model import GPT, GPTConfig, KVCache, Linear
+from gpt.linear import Linear
+from gpt.model import GPT, GPTConfig, KVCache
 
 TINY = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
 

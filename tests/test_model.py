@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt.model import GPT, GPTConfig, KVCache, Linear, attend, closed_form_num_params, packed_for_decoding
+from gpt.linear import Linear, packed_for_decoding
+from gpt.model import GPT, GPTConfig, KVCache, attend, closed_form_num_params
 
 TINY = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -227,7 +228,7 @@ def aten_ops(fn) -> set[str]:
 @pytest.mark.parametrize("out_features", [80, 36, 35])
 def test_linear_few_rows_path_computes_nn_linear(bias, out_features):
     # Without autograd, 1-64 rows on CPU are computed as one batched product of W's row blocks
-    # with x^T (gpt.model.Linear): the same product up to summation order. With autograd, and
+    # with x^T (gpt.linear.Linear): the same product up to summation order. With autograd, and
     # for more rows, it is nn.Linear's own, bit for bit. 80 rows make 8 blocks, 36 make 4, and
     # 35 (odd) cannot be cut: nn.Linear's path.
     torch.manual_seed(0)

@@ -15,7 +15,8 @@ import torch.nn as nn
 import gpt.generate
 from gpt.cli import run_sample
 from gpt.generate import generate
-from gpt.model import GPT, GPTConfig, Linear, packed_for_decoding
+from gpt.linear import Linear, packed_for_decoding
+from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import char_tokenizer
 from gpt.trainer import train
 
