@@ -170,10 +170,10 @@ class MetricsLog:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
-            # A line that is no record (damaged: a bare number, a list, a step that is no number)
-            # is dropped with the torn ones; it stopped the resume with an AttributeError.
-            if isinstance(record, dict) and isinstance(record.get("step", 0), (int, float)) \
-                    and record.get("step", 0) <= step:
+            # A line that is no record (damaged: a bare number, a list, no step or one that is no
+            # integer) is dropped with the torn ones: it stopped the resume with an AttributeError,
+            # and one kept made the file unreadable to read_metrics (gpt.plot, wandb's backfill).
+            if is_record(record) and record["step"] <= step:
                 kept.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
@@ -387,6 +387,12 @@ class Sinks:
             sink.close()
 
 
+def is_record(record: Any) -> bool:
+    """Whether a parsed metrics line is a record: a JSON object with an integer "step"."""
+    step = record.get("step") if isinstance(record, dict) else None
+    return isinstance(step, int) and not isinstance(step, bool)
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a run's metrics.jsonl (given the run folder or the file), in order.
 
@@ -415,8 +421,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
             if number == len(lines) and not text.endswith("\n"):
                 continue
             raise MetricsError(f"{path}:{number}: not valid JSON ({e.msg}): {line[:60]!r}") from None
-        if not isinstance(record, dict) or isinstance(record.get("step"), bool) \
-                or not isinstance(record.get("step"), int):
+        if not is_record(record):
             raise MetricsError(f"{path}:{number}: expected a JSON object with an integer \"step\", "
                                f"got {line[:60]!r}")
         records.append(record)

@@ -1240,10 +1240,16 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
                 clock.save_s = time.perf_counter() - began
             clock.interval_start, clock.timed_from = time.perf_counter(), step
         if stop.agreed(info):
+            if last:  # the final step's checkpoint is saved: nothing is left to resume or requeue
+                log(info, f"received a stop signal ({stop.name}) as the last step ended: the run is complete")
+                break
             interval.skipped += guard.review(step)  # never save a model gone non-finite since the last log
             log(info, f"received a stop signal ({stop.name}): saving a checkpoint at step {step} and "
                       f"exiting with code {stop.exit_code} (run again to resume)")
-            save(step, val_loss)
+            # An eval step has just saved this very state: writing it again would only spend the
+            # time a preempted job has left before it is killed (twice as long for a large model).
+            if not do_eval:
+                save(step, val_loss)
             checkpointer.close()  # an async save completes before the exit code says it is saved
             raise SystemExit(stop.exit_code)
 

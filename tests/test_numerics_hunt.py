@@ -1,0 +1,135 @@
+"""The training loop's numbers and saves against what they should be: found by a numerics hunt."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import gpt.trainer as trainer
+from gpt import checkpoint as ckpt
+from gpt.distributed import DistInfo
+from gpt.loader import TokenLoader
+from gpt.metrics import MetricsLog, read_metrics
+from gpt.model import GPT
+from gpt.optim import build_optimizer
+from gpt.shards import load_meta
+from gpt.trainer import NonFiniteGuard, model_config, train, train_step
+
+from conftest import tiny_config
+
+
+def test_a_stop_signal_at_an_eval_step_saves_that_step_once(char_data, tmp_path, monkeypatch):
+    """SIGTERM during an eval step (4): the eval's checkpoint of step 4 is the stop's checkpoint.
+    The stop saved step 4 a second time, the same state again, which doubled the time a preempted
+    job spends saving before it is killed. The resume goes on from it, each step logged once."""
+    real_lr, real_save = trainer.learning_rate_at, ckpt.Checkpointer.save
+    saved = []
+
+    def signal_in_step_4(step, config):  # called at the start of each step (0-based)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr(step, config)
+
+    def counted_save(self, step, *args, **kwargs):
+        saved.append(step)
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "learning_rate_at", signal_in_step_4)
+    monkeypatch.setattr(ckpt.Checkpointer, "save", counted_save)
+    run = tmp_path / "run"
+    config = tiny_config(char_data, run, n_embd=32, block_size=32, batch_size=4, max_steps=6, log_interval=2,
+                         eval_interval=4, eval_iters=2)
+    with pytest.raises(SystemExit) as e:
+        train(config)
+    assert e.value.code == trainer.PREEMPTED_EXIT_CODE
+    assert saved == [4]
+    assert ckpt.read_state(ckpt.latest_checkpoint(run))["step"] == 4
+
+    monkeypatch.setattr(trainer, "learning_rate_at", real_lr)
+    assert train(config).step == 6
+    assert saved == [4, 6]
+    assert [r["step"] for r in read_metrics(run)] == [2, 4, 6]
+
+
+def test_a_stop_signal_during_the_last_step_ends_the_run_as_complete(char_data, tmp_path, monkeypatch, capsys):
+    """SIGTERM during the last step: the run finishes (its final checkpoint saved once) and
+    returns as a complete run. It exited with 75, "run again to resume", so a SLURM job
+    preempted in its last step was requeued to wait in the queue for a run with nothing to do."""
+    real_lr, real_save = trainer.learning_rate_at, ckpt.Checkpointer.save
+    saved = []
+
+    steps = []
+
+    def signal_in_last_step(step, config):  # the loop asks for each step's rate in turn
+        steps.append(step)
+        if steps[-config.max_steps:] == list(range(config.max_steps)):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr(step, config)
+
+    def counted_save(self, step, *args, **kwargs):
+        saved.append(step)
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "learning_rate_at", signal_in_last_step)
+    monkeypatch.setattr(ckpt.Checkpointer, "save", counted_save)
+    run = tmp_path / "run"
+    config = tiny_config(char_data, run, n_embd=32, block_size=32, batch_size=4, max_steps=4, log_interval=2,
+                         eval_interval=0, eval_iters=2)
+    result = train(config)
+    assert result.step == 4 and result.val_loss is not None
+    assert saved == [4]
+    assert "the run is complete" in capsys.readouterr().out
+    assert ckpt.read_state(ckpt.latest_checkpoint(run))["step"] == 4
+
+
+def test_a_resume_leaves_no_line_that_read_metrics_refuses(tmp_path):
+    """Cutting the file back at a resume kept damaged lines that are JSON objects without an
+    integer step ({}, a float or bool step); read_metrics refuses those, so gpt.plot (and wandb's
+    backfill) could never read the run's metrics again."""
+    lines = [{"step": 2, "loss": 1.0}, {}, {"loss": 3.0}, {"step": 3.5}, {"step": True}, {"step": 4, "loss": 0.5},
+             {"step": 6, "loss": 0.4}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    MetricsLog(tmp_path, resume_step=4)
+    assert read_metrics(tmp_path) == [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.5}]
+
+
+
+def _step_gradients(data_dir, tmp_path, batch_size: int, accum: int, grad_clip: float) -> tuple[float, dict]:
+    """One real train_step of a fresh tiny model: its logged loss sum / micro-batches, and the
+    gradients the optimizer steps with (read by a step pre-hook, after clipping)."""
+    torch.manual_seed(0)
+    config = tiny_config(data_dir, tmp_path, n_embd=32, block_size=32, batch_size=batch_size, grad_clip=grad_clip)
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    model = GPT(model_config(config, vocab_size=load_meta(data_dir)["vocab_size"]))
+    optimizer = build_optimizer(model, config, info.device)
+    seen = {}
+    optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.update({n: p.grad.clone() for n, p in model.named_parameters()}))
+    loader = TokenLoader(data_dir, "train", batch_size, config.block_size, seed=config.seed)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    guard = NonFiniteGuard(config, model, optimizer, False, info, tmp_path)
+    loss_sum = torch.zeros(())
+    train_step(model, model, optimizer, scaler, loader, guard, loss_sum, contextlib.nullcontext(), accum, config,
+               step=0, lr=1e-3)
+    return loss_sum.item() / accum, seen
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.05])
+def test_two_micro_batches_of_4_give_the_gradients_of_one_batch_of_8(char_data, tmp_path, grad_clip):
+    """Gradient accumulation: the same 8 windows, each micro-batch's loss divided by the
+    micro-batches, clipped once on the whole step's gradient (0.05: the step clips), give the
+    gradients of one batch of 8. (Compared as gradients: AdamW and Muon updates are blind to
+    their scale, so the weights alone would not show a wrong division.)"""
+    loss, grads = _step_gradients(char_data, tmp_path, batch_size=8, accum=1, grad_clip=grad_clip)
+    accumulated_loss, accumulated = _step_gradients(char_data, tmp_path, batch_size=4, accum=2, grad_clip=grad_clip)
+    assert accumulated_loss == pytest.approx(loss, rel=1e-6)
+    norm = torch.nn.utils.get_total_norm(list(grads.values())).item()
+    if grad_clip:
+        assert norm == pytest.approx(grad_clip, rel=1e-4)
+    for name, grad in grads.items():
+        assert torch.allclose(accumulated[name], grad, rtol=1e-4, atol=1e-6 * norm), name
