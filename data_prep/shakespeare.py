@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from gpt.prepare import add_shared_options, prepare, vocab_size_option  # noqa: E402
+from gpt.prepare import add_shared_options, prepare, train_bytes_option, vocab_size_option  # noqa: E402
 from gpt.sources import LocalFiles, Texts  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or f"data/shakespeare_{args.tokenizer}"
     try:
         vocab_size = vocab_size_option(args)  # first: an error here downloads, reads and writes nothing
+        train_bytes = train_bytes_option(args)
         if args.input:
             corpus = LocalFiles([args.input], errors=args.encoding_errors)
         else:
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             corpus = Texts([download()], description=f"tiny Shakespeare from {URL}")
         prepare(out, corpus, tokenizer=args.tokenizer, vocab_size=vocab_size,
                 val_fraction=args.val_fraction, val_rule="tail", min_val_tokens=args.min_val_tokens,
-                shard_tokens=args.shard_tokens, tokenizer_train_bytes=int(args.tokenizer_train_mb * 1e6),
+                shard_tokens=args.shard_tokens, tokenizer_train_bytes=train_bytes,
                 encoding_errors=args.encoding_errors, overwrite=args.overwrite,
                 progress=not args.no_progress, log=lambda line: print(line, flush=True))
     except (ValueError, OSError) as e:

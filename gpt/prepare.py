@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt import locks
-from gpt.shards import MAX_VOCAB, SPLITS, ShardWriter, list_shards
+from gpt.shards import MAX_SHARD_TOKENS, MAX_VOCAB, SPLITS, ShardWriter, list_shards
 from gpt.sources import ENCODING_ERRORS, Corpus, HFDataset, LocalFiles, Piece, resolve_source
 from gpt.tokenizer import (MIN_BPE_VOCAB, TOKENIZER_FILE, Tokenizer, char_tokenizer, check_vocab_size,
                            train_bpe)
@@ -171,7 +171,8 @@ def prepare(
         if counts.documents == 0:
             raise PrepareError(f"{corpus.description}: no text found (the input is empty)")
         writers = {split: ShardWriter(staging, split, shard_tokens) for split in SPLITS}
-        _encode_corpus(corpus, tok, writers, counts, val_rule, val_fraction, val_chunk_tokens, seed, progress)
+        _encode_corpus(corpus, tok, writers, counts, val_rule, val_fraction, val_chunk_tokens, seed, progress,
+                       built_here=isinstance(tokenizer, str))
         shards = {split: [p.name for p in w.close()] for split, w in writers.items()}
         tokens = {split: w.tokens_written for split, w in writers.items()}
         _check_split_sizes(tokens, min_val_tokens, val_fraction, val_rule, val_chunk_tokens)
@@ -257,6 +258,11 @@ def _check_options(tokenizer, vocab_size, val_fraction, val_rule, val_chunk_toke
                         ("--min-val-tokens", min_val_tokens)):
         if value < 1:
             raise PrepareError(f"{name} must be at least 1, got {value}")
+    # A shard's header counts its tokens in an int32: a larger shard failed only once that many
+    # tokens (4 GB of them, held in memory) had been encoded, with numpy's OverflowError.
+    if shard_tokens > MAX_SHARD_TOKENS:
+        raise PrepareError(f"--shard-tokens {shard_tokens:,} is over {MAX_SHARD_TOKENS:,}, the most a shard's "
+                           f"int32 header can count; use a smaller --shard-tokens (several shards)")
     if encoding_errors not in ENCODING_ERRORS:
         raise PrepareError(f"--encoding-errors must be one of {', '.join(ENCODING_ERRORS)}, got {encoding_errors!r}")
 
@@ -419,7 +425,9 @@ def _fit_tokenizer(corpus: Corpus, tokenizer, vocab_size: int, train_bytes: int 
 # ---- pass two: encoding and routing ---------------------------------------------------------
 def _encode_corpus(corpus: Corpus, tok: Tokenizer, writers: dict[str, ShardWriter], counts: _Counts,
                    val_rule: str, val_fraction: float, val_chunk_tokens: int, seed: int,
-                   progress: bool) -> None:
+                   progress: bool, built_here: bool = False) -> None:
+    """Encode the corpus (read a second time) into the writers; `counts` is what pass one read,
+    `built_here` whether the tokenizer was built from that read."""
     bar = _progress_bar(progress, "encoding", total=counts.text_bytes)
     pieces = corpus.iter_pieces()
     if val_rule == "tail":
@@ -429,23 +437,37 @@ def _encode_corpus(corpus: Corpus, tok: Tokenizer, writers: dict[str, ShardWrite
         labelled = ((piece, None) for piece in pieces)
         route = _ChunkRouter(writers, val_chunk_tokens, val_fraction, seed).write
     eos = None if tok.eos_id is None else np.array([tok.eos_id], dtype=np.uint16)
+    # A corpus that is not what pass one read (a file still being written, a streamed dataset
+    # updated on the hub) would give shards that disagree with meta.json's counts, a tail split
+    # off its fraction, or characters the char vocabulary lacks.
+    changed = (f"{corpus.description}: changed between data prep's two reads of it (a file still being "
+               f"written, or documents that can be read only once?); run the prep again once nothing "
+               f"writes to the input")
+    unknown = changed if built_here else f"{corpus.description}: cannot encode it with the tokenizer given"
+    read = _Counts()
     try:
-        for piece, split, ids in _encoded(tok, labelled):
+        for piece, split, ids in _encoded(tok, labelled, unknown):
+            read.documents += piece.starts_document
+            read.characters += len(piece.text)
             if piece.starts_document and eos is not None:
                 route(eos, split)
             route(ids, split)
             bar.update(_utf8_len(piece.text))
     finally:
         bar.close()
+    if (read.documents, read.characters) != (counts.documents, counts.characters):
+        raise PrepareError(f"{changed} (first {_plural(counts.characters, 'character')} in "
+                           f"{_plural(counts.documents, 'document')}, then {read.characters:,} in {read.documents:,})")
 
 
-def _encoded(tok: Tokenizer, labelled: Iterator[tuple[Piece, str | None]]
+def _encoded(tok: Tokenizer, labelled: Iterator[tuple[Piece, str | None]], unknown: str = "cannot encode it"
              ) -> Iterator[tuple[Piece, str | None, np.ndarray]]:
     """(piece, split, ids) for each labelled piece, in order.
 
     Byte-level BPE goes through the word cache in worker processes (gpt/wordcache.py: ~10x the
     tokenizers pipeline on ASCII text, the same ids); anything else through `encode_batch`,
-    which runs the Rust pipeline on all cores."""
+    which runs the Rust pipeline on all cores. A character a char vocabulary lacks is a
+    PrepareError that starts with `unknown`."""
     if word_cache_applies(tok.inner):
         pending: deque[tuple[Piece, str | None]] = deque()  # pieces handed out, not yet encoded
 
@@ -459,7 +481,10 @@ def _encoded(tok: Tokenizer, labelled: Iterator[tuple[Piece, str | None]]
             yield piece, split, ids
         return
     for batch in _batches(labelled, BATCH_CHARS):
-        arrays = tok.encode_batch_arrays([piece.text for piece, _ in batch])
+        try:
+            arrays = tok.encode_batch_arrays([piece.text for piece, _ in batch])
+        except ValueError as e:  # the char tokenizer's: the characters, but not the corpus
+            raise PrepareError(f"{unknown}: {e}") from None
         for (piece, split), ids in zip(batch, arrays):
             yield piece, split, ids
 
@@ -608,7 +633,7 @@ def add_shared_options(parser: argparse.ArgumentParser, **defaults) -> None:
         help="tokens per shard file (default: %(default)s)")
     opt("--tokenizer-train-mb", type=float, default=TOKENIZER_TRAIN_BYTES / 1e6, metavar="MB",
         help="train BPE on at most this many MB of text, from the start of the corpus; raise it "
-             "for large vocabularies (default: %(default)g)")
+             "for large vocabularies, inf for all of it (default: %(default)g)")
     opt("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
         help="non-UTF-8 bytes in input files: strict = stop with an error naming file and byte "
              "offset (default); replace = use U+FFFD; skip = leave the file out, with a warning")
@@ -616,6 +641,18 @@ def add_shared_options(parser: argparse.ArgumentParser, **defaults) -> None:
     opt("--no-progress", action="store_true", help="no progress bars (the closing summary is still printed)")
     if defaults:
         raise TypeError(f"add_shared_options: no such option: {', '.join(defaults)}")
+
+
+def train_bytes_option(args: argparse.Namespace) -> int | None:
+    """--tokenizer-train-mb in bytes for prepare(): None for inf (train on the whole corpus).
+
+    int() of inf raised OverflowError, which the CLIs' error handling does not catch (a
+    traceback), and of nan a ValueError that named no option."""
+    mb = args.tokenizer_train_mb
+    if math.isnan(mb):
+        raise PrepareError("--tokenizer-train-mb must be a number of MB, got nan; use inf to train "
+                           "BPE on the whole corpus")
+    return None if math.isinf(mb) and mb > 0 else int(max(mb, -1.0) * 1e6)
 
 
 def vocab_size_option(args: argparse.Namespace) -> int | None:
@@ -667,6 +704,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_hf_options(args: argparse.Namespace) -> None:
+    """The --hf-* options, --text-field and --streaming only with --hf-dataset: with --input they were
+    ignored without a word (--input rows.jsonl --text-field body trained on the JSON syntax)."""
+    if args.hf_dataset is not None:
+        return
+    given = [name for name, value, default in (
+        ("--hf-config", args.hf_config, None), ("--hf-split", args.hf_split, "train"),
+        ("--hf-data-files", args.hf_data_files, None), ("--text-field", args.text_field, "text"),
+        ("--streaming", args.streaming, False)) if value != default]
+    if given:
+        source = "--input (each file read as plain text, one document)" if args.input else "--source"
+        raise PrepareError(f"{', '.join(given)}: {'applies' if len(given) == 1 else 'apply'} to --hf-dataset only, "
+                           f"not to {source}; for the rows of a json, parquet or csv file use "
+                           f"--hf-dataset FILE")
+
+
 def corpus_from_args(args: argparse.Namespace) -> Corpus:
     if args.input:
         return LocalFiles(args.input, errors=args.encoding_errors)
@@ -682,12 +735,14 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _show_warning
         try:
             vocab_size = vocab_size_option(args)  # first: an error here reads and writes nothing
+            train_bytes = train_bytes_option(args)
+            _check_hf_options(args)
             prepare(
                 args.out, corpus_from_args(args), tokenizer=args.tokenizer, vocab_size=vocab_size,
                 val_fraction=args.val_fraction, val_rule=args.val_rule,
                 val_chunk_tokens=args.val_chunk_tokens, min_val_tokens=args.min_val_tokens,
                 seed=args.seed, shard_tokens=args.shard_tokens,
-                tokenizer_train_bytes=int(args.tokenizer_train_mb * 1e6),
+                tokenizer_train_bytes=train_bytes,
                 encoding_errors=args.encoding_errors, overwrite=args.overwrite,
                 progress=not args.no_progress, log=lambda line: print(line, flush=True),
             )

@@ -19,6 +19,7 @@ VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 MAX_VOCAB = 2**16  # uint16 ids: 0..65535
+MAX_SHARD_TOKENS = 2**31 - 1  # the header's token count is an int32
 TOKEN_DTYPE = np.dtype("<u2")
 SPLITS = ("train", "val")
 
@@ -43,6 +44,9 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
         raise ValueError(f"{path}: tokens must be 1-D, got shape {tokens.shape}")
     if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= MAX_VOCAB):
         raise ShardError(f"{path}: token ids must lie in [0, {MAX_VOCAB}) to fit uint16")
+    if tokens.size > MAX_SHARD_TOKENS:  # numpy's OverflowError in the header named nothing
+        raise ShardError(f"{path}: {tokens.size:,} tokens are more than a shard's int32 header can count "
+                         f"({MAX_SHARD_TOKENS:,}); write them as several shards")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = MAGIC, VERSION, tokens.size
     tmp = path.with_name(path.name + ".tmp")
@@ -345,8 +349,9 @@ class ShardWriter:
     def __init__(self, out_dir: str | os.PathLike, split: str, shard_tokens: int = 100_000_000):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if shard_tokens < 1:
-            raise ValueError(f"shard_tokens must be at least 1, got {shard_tokens}")
+        if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
+            raise ValueError(f"shard_tokens must lie in 1..{MAX_SHARD_TOKENS:,} (the header's int32 count), "
+                             f"got {shard_tokens:,}")
         self.out_dir = Path(out_dir)
         self.split = split
         self.shard_tokens = shard_tokens

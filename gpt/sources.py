@@ -4,9 +4,9 @@ Hugging Face dataset.
 A corpus is re-iterable (BPE training reads it twice) and never held in memory whole.
 Iterating a corpus yields its documents as strings. Data prep reads `iter_pieces()` instead:
 the same text as `Piece`s of about `piece_chars` characters, so that one huge document (a 10 GB
-text file) streams in bounded memory too. Pieces are cut only just before a space or
-newline that follows a non-whitespace character. GPT-2's pre-tokenizer regex (used by the
-byte-level BPE) always ends a pre-token there and has no look-behind, so encoding the pieces
+text file) streams in bounded memory too. Pieces are cut only just before a space, tab, newline
+or carriage return that follows a non-whitespace character. GPT-2's pre-tokenizer regex (used by
+the byte-level BPE) always ends a pre-token there and has no look-behind, so encoding the pieces
 one by one gives exactly the ids of encoding the whole document (tests check this); a
 character vocabulary is indifferent to cuts anyway. Only a stretch of 16 × `piece_chars`
 characters (1M) without such a place is cut anywhere, which may change a few BPE ids there.
@@ -15,7 +15,9 @@ Empty documents are skipped: they hold nothing to learn. So are, in an input fol
 are not regular files (named pipes, sockets, devices: reading one could wait forever), folders
 that hold a prepared dataset (token shards: binary, and an earlier prep's output), and hidden
 files and folders (.git, .DS_Store), with a warning. Links to files and folders are followed;
-a file or folder reached twice (through a link, or named twice) is read once.
+a file or folder reached twice (through a link, or named twice) is read once. A file that
+changes while it is read, or between two reads of one `LocalFiles` (data prep reads it twice),
+is an error naming it: the vocabulary and meta.json would not match the shards.
 """
 
 from __future__ import annotations
@@ -85,9 +87,11 @@ class _DocumentsFromPieces:
 
 
 # ---- cutting text into pieces ---------------------------------------------------------------
-# A clean cut: just before a newline or space that follows a non-whitespace character. Python's
-# \S is "not str.isspace()", which implies not whitespace for the tokenizer's regex either.
-_CLEAN_CUT = re.compile(r"(?<=\S)[\n ]")
+# A clean cut: just before a newline, carriage return, tab or space that follows a non-whitespace
+# character. Python's \S is "not str.isspace()", which implies not whitespace for the tokenizer's
+# regex either. (\r and \t too: a file of CRLF lines or tab-separated fields without a space was
+# cut mid-word every piece_chars, which changed BPE ids at each cut.)
+_CLEAN_CUT = re.compile(r"(?<=\S)[\n\r\t ]")
 
 
 def split_pieces(chunks: Iterable[str], piece_chars: int = PIECE_CHARS,
@@ -150,17 +154,22 @@ def _check_errors_option(errors: str) -> None:
         raise SourceError(f"--encoding-errors must be one of {', '.join(ENCODING_ERRORS)}, got {errors!r}")
 
 
-def _read_chunks(path: Path, errors: str) -> Iterator[str]:
+def _read_chunks(path: Path, errors: str, stamps: dict[str, tuple[int, int]] | None = None) -> Iterator[str]:
     """Decode a UTF-8 file chunk by chunk; strict errors name the file and byte offset.
 
     A byte order mark (U+FEFF) that starts the file is left out, as the utf-8-sig codec does
     (editors on Windows write one; kept, it became a character of the text and of a char
-    vocabulary); one anywhere else is text and kept. Offsets in errors still count its bytes."""
+    vocabulary); one anywhere else is text and kept. Offsets in errors still count its bytes.
+
+    With `stamps` (path -> size and modification time, from earlier reads), a file that changes
+    while it is read, or since an earlier read, is a SourceError naming it."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace" if errors == "replace" else "strict")
     offset = 0
     first = True  # the first text decoded starts at the file's first character
     try:
         with open(path, "rb") as f:
+            if stamps is not None:
+                stamp = _check_stamp(path, f, stamps.get(str(path)))
             while True:
                 data = f.read(READ_BYTES)
                 try:
@@ -175,10 +184,26 @@ def _read_chunks(path: Path, errors: str) -> Iterator[str]:
                 if text:
                     yield text
                 if not data:
+                    if stamps is not None:
+                        stamps[str(path)] = _check_stamp(path, f, stamp)
                     return
                 offset += len(data)
     except OSError as e:
         raise SourceError(f"{path}: cannot read file ({e.strerror or e})") from e
+
+
+def _check_stamp(path: Path, f, expected: tuple[int, int] | None) -> tuple[int, int]:
+    """The open file's (size, modification time); a SourceError when it is not `expected`.
+
+    Data prep reads the corpus twice (vocabulary, then tokens): a file that grows or is rewritten
+    in between gives shards that disagree with the vocabulary and with meta.json's counts."""
+    st = os.fstat(f.fileno())
+    stamp = (st.st_size, st.st_mtime_ns)
+    if expected is not None and stamp != expected:
+        raise SourceError(f"{path}: changed while data prep read it ({expected[0]:,} bytes, then {stamp[0]:,}; "
+                          f"a file still being written?); run the prep again once it is complete, or "
+                          f"leave it out of --input")
+    return stamp
 
 
 def _first_decode_error(path: Path) -> NotUTF8Error | None:
@@ -280,6 +305,8 @@ class LocalFiles(_DocumentsFromPieces):
     warn_skips: bool = True
     # Paths already warned about: data prep reads the corpus twice, and says each skip once.
     _warned: set = field(default_factory=set, init=False, repr=False, compare=False)
+    # Each file's size and modification time when read: a file that changes between reads is an error.
+    _stamps: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     description: str = ""
 
     def __post_init__(self):
@@ -341,7 +368,7 @@ class LocalFiles(_DocumentsFromPieces):
                     if self.warn_skips:
                         self._warn_once(path, f"skipping {path}: not valid UTF-8 at byte offset {error.offset}")
                     continue
-            yield from _document_pieces(_read_chunks(path, self.errors), piece_chars)
+            yield from _document_pieces(_read_chunks(path, self.errors, self._stamps), piece_chars)
 
 
 # ---- the Python standard library ------------------------------------------------------------
@@ -452,9 +479,12 @@ class HFDataset(_DocumentsFromPieces):
                 datasets.enable_progress_bars()
 
     def _named(self) -> str:
-        """The options that name the data, for errors: with a builder, the files are what is bad."""
+        """The options that name the data, for errors: with a builder, the files are what is bad;
+        a configuration or split other than the default may be (datasets' "Unknown split")."""
         files = f" --hf-data-files {' '.join(map(str, self.data_files))}" if self.data_files else ""
-        return f"--hf-dataset {self.name}{files}"
+        config = f" --hf-config {self.config}" if self.config else ""
+        split = f" --hf-split {self.split}" if self.split != "train" else ""
+        return f"--hf-dataset {self.name}{config}{files}{split}"
 
     def iter_pieces(self, piece_chars: int = PIECE_CHARS) -> Iterator[Piece]:
         dataset = self._load()
