@@ -39,6 +39,12 @@ class DistInfo:
         return self.world_size > 1
 
 
+def log(info: DistInfo, message: str) -> None:
+    """Print a line of the run's log: once, from the main process (rank 0)."""
+    if info.is_main:
+        print(message, flush=True)
+
+
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     """'auto' takes a GPU (cuda, then mps) when present; an explicit choice must be available."""
     if preference == "auto":

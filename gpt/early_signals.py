@@ -1,7 +1,7 @@
 """The stop signals that arrive before the trainer listens: imported by train.py before torch.
 
 Nothing here imports torch (or anything slow): the point is to be in place within ~0.1 s of the
-process starting, while the trainer's own handler (gpt/trainer.py StopFlag) comes a second or
+process starting, while the trainer's own handler (gpt/stop.py StopFlag) comes a second or
 more later, once torch has been imported.
 
 Also here, armed as early for the same reason: `PARENT_WATCH`, which stops a torchrun worker whose

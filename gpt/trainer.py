@@ -10,31 +10,30 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import hf
 from . import locks
 from . import parallel
 from .config import ConfigError, TrainConfig
-from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed, pick_device,
-                          shutdown)
+from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed, log,
+                          pick_device, shutdown)
 from .errors import TrainingError
 from .loader import TokenLoader, eval_batches
 from .metrics import MetricsLog, Sinks, WandbSink, eta_seconds, format_duration, peak_flops, wandb_tags
 from .model import GPT, GPTConfig, closed_form_num_params
+from .nonfinite import NonFiniteGuard
 from .optim import build_optimizer, describe_optimizer, learning_rate_at
 from .shards import (ShardError, check_is_folder, check_token_ids, dataset_files, list_shards, load_meta,
                      prepare_again, read_header)
+from .stop import StopFlag
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,11 +44,6 @@ class TrainResult:
     train_loss: float | None
     val_loss: float | None
     checkpoint: Path | None
-
-
-def log(info: DistInfo, message: str) -> None:
-    if info.is_main:
-        print(message, flush=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -545,272 +539,6 @@ def evaluate(model: torch.nn.Module, config: TrainConfig, info: DistInfo, autoca
         total += loss.float()
     model.train()
     return all_reduce_mean(total / config.eval_iters, info).item()
-
-
-# ----------------------------------------------------------------------------------------
-# Preemption: finish the step, save, exit
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (cluster preemption, time limits) and Ctrl-C (SIGINT); checked at
-    step boundaries so a checkpoint is never taken mid-step.
-
-    Installed before anything else in `train`, so a signal during set-up (dataset prep, model
-    build, resume) is remembered, not fatal: the run stops after its first step. A second Ctrl-C
-    aborts at once (KeyboardInterrupt) without saving; checkpoints are written atomically, so
-    that loses nothing but the steps since the last one. `restore` puts the previous handlers back.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self.training = False  # set by _train when its first step starts: what Ctrl-C's note says
-        self._previous: dict[int, Any] = {}
-        self._vote: tuple[Any, torch.Tensor] | None = None  # (all-reduce work, its CPU flag)
-        self._group = None  # the gloo group votes go over when the default one is NCCL
-
-    def install(self) -> None:
-        """Handle SIGTERM, SIGUSR1 and SIGINT from now on. A signal that the handler installed
-        before this one noted in its `caught` list (train.py's EarlyStopSignals, while torch
-        imports) counts as received here."""
-        if threading.current_thread() is not threading.main_thread():
-            return  # Python delivers signals to the main thread only
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        from .early_signals import PARENT_WATCH
-
-        PARENT_WATCH.arm()  # a torchrun worker whose torchrun dies stops as on SIGUSR1 (train.py arms it first)
-        earlier = {id(h): h for h in self._previous.values()}.values()  # one handler may serve several
-        for signum in (s for handler in earlier for s in getattr(handler, "caught", ())):
-            self._handle(signum, None)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        # The flag is set before anything else: a second signal can run this handler again in
-        # the middle of the first (between its bytecodes), and must see the first one.
-        first = self.signal is None
-        if first:
-            self.signal = signum
-        if signum == signal.SIGINT:
-            if not first:
-                raise KeyboardInterrupt  # the second signal: stop now, without saving
-            if os.environ.get("RANK", "0") == "0":
-                # os.write: print() is not safe in a handler that may interrupt another print.
-                if self.training:
-                    os.write(2, b"\nCtrl-C: finishing this step, then saving a checkpoint and exiting "
-                                b"(press Ctrl-C again to abort at once without saving)\n")
-                else:  # set-up (data prep, model build, resume) goes on first: it can take minutes
-                    os.write(2, b"\nCtrl-C: training has not started; the run finishes its set-up and "
-                                b"one step, then saves a checkpoint and exits (press Ctrl-C again to "
-                                b"abort at once without saving)\n")
-
-    @property
-    def exit_code(self) -> int:
-        return INTERRUPTED_EXIT_CODE if self.signal == signal.SIGINT else PREEMPTED_EXIT_CODE
-
-    @property
-    def name(self) -> str:
-        from .early_signals import PARENT_WATCH
-
-        if self.signal == signal.SIGUSR1 and PARENT_WATCH.orphaned.is_set():
-            return f"torchrun (pid {PARENT_WATCH.parent}) exited"  # gpt/early_signals.py ParentWatch
-        return signal.Signals(self.signal).name if self.signal is not None else "stop"
-
-    def agreed(self, info: DistInfo) -> bool:
-        """True on every rank, at the same step, once any rank was signalled.
-
-        Ranks receive a signal at slightly different moments; without agreeing, one rank
-        would stop at step N while another waits in step N+1's all-reduce forever. Each step
-        casts a vote, an asynchronous all-reduce (max) of a CPU flag, and reads the previous
-        step's: the ranks agree one step late, with no wait and no host-device sync in the
-        training loop (on GPUs the vote goes over a gloo group beside NCCL).
-        """
-        if not info.is_distributed:
-            return self.signal is not None
-        if self._vote is not None:
-            work, flag = self._vote
-            work.wait()  # long done: it was started a whole step ago
-            self._vote = None
-            if flag.item():
-                return True
-        if self._group is None and dist.get_backend() != "gloo":
-            self._group = dist.new_group(backend="gloo")  # every rank gets here at its first step
-        flag = torch.tensor([float(self.signal is not None)])
-        self._vote = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
-        return False
-
-    def settle(self) -> None:
-        """Wait for the vote in flight, so the process group never goes away under it."""
-        if self._vote is not None:
-            self._vote[0].wait()
-            self._vote = None
-
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", i.e. requeue and resume
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C
-
-
-# ----------------------------------------------------------------------------------------
-# Non-finite losses and gradients
-
-
-class NonFiniteGuard:
-    """Finds the steps whose loss or gradients are not finite, without a host sync per step.
-
-    Every step leaves a 0-d bool on the device (`end_step`); `review` reads them all at once
-    where the loop syncs anyway (log steps) and before every save, so a model that went
-    non-finite is never saved. A step is bad when its loss is not finite (the interval's running
-    loss sum turns non-finite at the first bad step) or, except under float16, its global
-    gradient norm is not: the norm clipping computes anyway (computed for the check alone when
-    grad_clip = 0 and nan_policy = 'skip'). Under float16 GradScaler skips overflowing steps
-    itself as a matter of course, so there only the loss counts, and `check_loss_scale` stops
-    a run whose loss scale has collapsed (every step skipped, with a finite loss).
-
-    nan_policy 'stop': `review` raises TrainingError naming the first bad step.
-    nan_policy 'skip': the bad step's optimizer update is dropped on the device (fused AdamW, and
-    MuonAdamW with its AdamW part fused, take GradScaler's `found_inf` flag and leave weights,
-    moments and step counts as they were; other optimizers: the flag is read at once, one sync
-    per step, and the gradients are dropped). The flag is agreed over ranks, its loss is left out of the logged mean, and
-    `review` logs the skipped steps and raises once more than max_skipped_steps were skipped.
-    """
-
-    def __init__(self, config: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler_enabled: bool, info: DistInfo, out_dir: Path) -> None:
-        self.config = config
-        self.policy = config.nan_policy
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = optimizer
-        self.scaler_enabled = scaler_enabled
-        # Fused AdamW, and MuonAdamW when its AdamW part is fused, honour a `found_inf` flag.
-        self.on_device = bool(getattr(optimizer, "skips_on_device", optimizer.defaults.get("fused")))
-        self.info = info
-        self.out_dir = out_dir
-        self.skipped = 0  # skipped steps in the whole run (kept in checkpoints)
-        self._flags: list[torch.Tensor] = []
-        self._first_step = 0
-        self._loss_before: torch.Tensor | None = None
-
-    def begin_step(self, loss_sum: torch.Tensor) -> None:
-        if self.policy == "skip":
-            self._loss_before = loss_sum.clone()
-
-    def end_step(self, step: int, loss_sum: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
-        """After backward and clipping, before the optimizer step; `step` as it will be logged."""
-        bad = ~torch.isfinite(loss_sum)
-        if not self.scaler_enabled:
-            if grad_norm is None and self.policy == "skip":
-                grad_norm = torch.nn.utils.get_total_norm(
-                    [p.grad for p in self.parameters if p.grad is not None])
-            if grad_norm is not None:
-                if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor; all ranks must agree
-                    grad_norm = grad_norm.full_tensor()
-                bad = bad | ~torch.isfinite(grad_norm)
-        if not self._flags:
-            self._first_step = step
-        if self.policy == "skip":
-            if self.info.is_distributed:
-                flag = bad.float()
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                bad = flag > 0
-            loss_sum.copy_(torch.where(bad, self._loss_before, loss_sum))
-            if self.scaler_enabled:
-                pass  # the step's gradients are not finite either: GradScaler skips it
-            elif self.on_device:
-                self.optimizer.found_inf = bad.float()  # read by the optimizer (GradScaler's mechanism)
-            elif bool(bad):
-                self.optimizer.zero_grad(set_to_none=True)  # AdamW leaves params without grads alone
-        self._flags.append(bad)
-
-    def review(self, step: int) -> int:
-        """Read the flags since the last review (one sync); return how many steps were skipped."""
-        if not self._flags:
-            return 0
-        flags = torch.stack(self._flags).float()
-        self._flags = []
-        if self.info.is_distributed:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        bad_steps = [self._first_step + i for i in flags.nonzero().flatten().tolist()]
-        if not bad_steps:
-            return 0
-        config = self.config
-        advice = self._advice()
-        if self.policy == "stop":
-            raise TrainingError(
-                f"the loss or gradient norm was not finite (NaN/Inf) at step {bad_steps[0]} "
-                f"(nan_policy = 'stop'). {self._last_checkpoint()}: "
-                f"{advice}; or set nan_policy=skip to skip such steps (their batches are dropped; "
-                f"at most max_skipped_steps = {_default_max_skipped()} by default)"
-            )
-        self.skipped += len(bad_steps)
-        log(self.info, f"skipped {len(bad_steps)} step(s) whose loss or gradient norm was not finite: "
-                       f"{', '.join(map(str, bad_steps[:10]))}{' ...' if len(bad_steps) > 10 else ''} "
-                       f"({self.skipped} skipped in this run, at most {config.max_skipped_steps})")
-        if self.skipped > config.max_skipped_steps:
-            raise TrainingError(
-                f"{self.skipped} steps had a non-finite loss or gradient norm, more than "
-                f"max_skipped_steps = {config.max_skipped_steps} (the last at step {bad_steps[-1]}). "
-                f"The run is diverging. {self._last_checkpoint()}: {advice}"
-            )
-        return len(bad_steps)
-
-    def check_val_loss(self, step: int, val_loss: float) -> None:
-        """An eval cannot be skipped: a model whose validation loss is not finite is broken
-        (under either policy), and is not saved."""
-        if not math.isfinite(val_loss):
-            raise TrainingError(
-                f"the validation loss was {val_loss} at step {step}: the model's outputs are not "
-                f"finite. {self._last_checkpoint()}: {self._advice()}"
-            )
-
-    def check_loss_scale(self, step: int, scale: float) -> None:
-        """float16: GradScaler halves its scale at each step whose gradients overflow and skips
-        that step, with no non-finite loss for `review` to count. Below 1 the gradients overflowed
-        float16 even unscaled: stop, rather than skip step after step until max_steps."""
-        if scale >= MIN_LOSS_SCALE:
-            return
-        latest, advice = self._latest(), self._advice()
-        where = (f"the latest checkpoint, {latest}, holds the weights as they last trained" if latest
-                 else "no checkpoint was saved")
-        raise TrainingError(
-            f"the float16 loss scale fell to {scale:g} by step {step}: the gradients overflow float16 "
-            f"even unscaled, so every step is skipped (GradScaler) and the model no longer learns "
-            f"({where}). {advice[0].upper()}{advice[1:]}"
-        )
-
-    def _advice(self) -> str:
-        config = self.config
-        return (f"lower learning_rate (now {config.learning_rate:g})"
-                + (f" or grad_clip (now {config.grad_clip:g})" if config.grad_clip > 0 else
-                   ", set grad_clip (now 0: off)")
-                + (", use dtype bfloat16 or float32 instead of float16" if config.dtype == "float16" else ""))
-
-    def _latest(self) -> Path | None:
-        try:
-            return ckpt.latest_checkpoint(self.out_dir)
-        except ckpt.CheckpointError:
-            return None
-
-    def _last_checkpoint(self) -> str:
-        """The start of the advice's sentence, which the caller ends with ': ' and the advice."""
-        latest = self._latest()
-        if latest is None:
-            # Nothing to go on from: running again starts the run over (from its first step).
-            return "No checkpoint was saved before it, so running again starts the run over. Before you do"
-        return f"Nothing was saved after it: the last good checkpoint, {latest}, is intact. To go on from there"
-
-
-# GradScaler starts at 65,536 and halves at each overflow; below 1 the gradients overflow float16
-# unscaled (a scale of 1 is training without one).
-MIN_LOSS_SCALE = 1.0
-
-
-def _default_max_skipped() -> int:
-    return TrainConfig.__dataclass_fields__["max_skipped_steps"].default
 
 
 # ----------------------------------------------------------------------------------------

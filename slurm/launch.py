@@ -30,7 +30,7 @@ import os
 import signal
 import sys
 
-PREEMPTED_EXIT_CODE = 75  # gpt.trainer.PREEMPTED_EXIT_CODE (not imported: keep start-up light)
+PREEMPTED_EXIT_CODE = 75  # gpt.stop.PREEMPTED_EXIT_CODE (not imported: keep start-up light)
 IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 

@@ -131,7 +131,7 @@ def overflow_on_one_rank(info: DistInfo) -> dict:
 def nan_skip_with_muon(info: DistInfo) -> dict:
     """nan_policy = skip under FSDP with Muon: a NaN in one rank's gradient shard makes every
     rank skip the step on the device, leaving weights and optimizer state as they were."""
-    from gpt.trainer import NonFiniteGuard
+    from gpt.nonfinite import NonFiniteGuard
 
     torch.manual_seed(0)
     model = GPT(MODEL)

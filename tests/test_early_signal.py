@@ -75,7 +75,7 @@ def signal_in_window(proc: subprocess.Popen, pids, sig: int, count: int = 1, tim
 
 
 def test_early_handler_hands_over_to_the_trainer_and_restores_what_it_replaced():
-    from gpt.trainer import StopFlag
+    from gpt.stop import StopFlag
 
     from gpt.early_signals import EarlyStopSignals as early_cls
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}

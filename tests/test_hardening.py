@@ -38,7 +38,9 @@ from gpt.optim import build_optimizer
 from gpt.prepare import prepare
 from gpt.shards import ShardError, shard_name, write_shard
 from gpt.tokenizer import Tokenizer, build_char
-from gpt.trainer import NonFiniteGuard, StopFlag, model_config, out_of_memory_message, train
+from gpt.nonfinite import NonFiniteGuard
+from gpt.stop import StopFlag
+from gpt.trainer import model_config, out_of_memory_message, train
 
 from conftest import REPO, SHAKESPEARE, tiny_args, tiny_config
 from conftest import run_script as run_python

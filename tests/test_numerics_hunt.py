@@ -18,7 +18,9 @@ from gpt.metrics import MetricsLog, read_metrics
 from gpt.model import GPT
 from gpt.optim import build_optimizer
 from gpt.shards import load_meta
-from gpt.trainer import NonFiniteGuard, model_config, train, train_step
+from gpt.nonfinite import NonFiniteGuard
+from gpt.stop import PREEMPTED_EXIT_CODE
+from gpt.trainer import model_config, train, train_step
 
 from conftest import tiny_config
 
@@ -46,7 +48,7 @@ def test_a_stop_signal_at_an_eval_step_saves_that_step_once(char_data, tmp_path,
                          eval_interval=4, eval_iters=2)
     with pytest.raises(SystemExit) as e:
         train(config)
-    assert e.value.code == trainer.PREEMPTED_EXIT_CODE
+    assert e.value.code == PREEMPTED_EXIT_CODE
     assert saved == [4]
     assert ckpt.read_state(ckpt.latest_checkpoint(run))["step"] == 4
 
