@@ -122,8 +122,11 @@ def _check_target(out: Path, source: Path, overwrite: bool) -> None:
         if not overwrite:
             raise HFError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
         # --overwrite is for an earlier export (config.json, model.safetensors, tokenizer files):
-        # it never replaces training output or data, nor a file among them (metrics.jsonl).
-        what = training_output(out, anywhere_in_run=True) or _dataset(out)
+        # it never replaces training output or data, nor a file among them (metrics.jsonl). An
+        # earlier export inside a run folder (out/default/hf, which a new --out may be) is
+        # replaced like any other, or a run could be exported there only once.
+        in_run = not _earlier_export(out)
+        what = training_output(out, anywhere_in_run=in_run) or _dataset(out)
         if what is None and out.is_file():  # an export is a folder: this file is something else
             what = "is a file, not an earlier export"
         if what is None:
@@ -136,6 +139,14 @@ def _check_target(out: Path, source: Path, overwrite: bool) -> None:
         if what is not None:
             raise HFError(f"--out {out} {what}; refusing to replace it even with --overwrite; "
                           f"choose another --out")
+
+
+def _earlier_export(out: Path) -> bool:
+    """Whether `out` is a folder holding only what an export writes, its weights among them."""
+    if not out.is_dir() or out.is_symlink():
+        return False
+    names = {p.name for p in out.iterdir()}
+    return {"config.json", "model.safetensors"} <= names <= EXPORT_FILES
 
 
 def _dataset(out: Path) -> str | None:

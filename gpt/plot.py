@@ -32,6 +32,10 @@ def load_runs(runs: Sequence[str | Path]) -> dict[str, list[dict[str, Any]]]:
     loaded: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         path = Path(run)
+        inside = _run_above(path)
+        if inside is not None:
+            raise MetricsError(f"{path} is inside the run folder {inside}, which holds its {METRICS_FILE}: "
+                               f"plot that folder (python -m gpt.plot {inside})")
         records = read_metrics(path)
         file = path / METRICS_FILE if path.is_dir() else path
         if not records:
@@ -41,6 +45,17 @@ def load_runs(runs: Sequence[str | Path]) -> dict[str, list[dict[str, Any]]]:
             label += "'"
         loaded[label] = records
     return loaded
+
+
+def _run_above(path: Path) -> Path | None:
+    """The run folder a folder without metrics lies in (a checkpoint, checkpoints/, an export
+    in the run), or None: those are what a newcomer passes in place of the run itself."""
+    if not path.is_dir() or (path / METRICS_FILE).exists():
+        return None
+    # A run's marks beside its metrics (gpt/checkpoint.py's names), so that a stray
+    # metrics.jsonl higher up (a home folder) is not taken for one.
+    return next((p for p in path.resolve().parents if (p / METRICS_FILE).is_file()
+                 and ((p / "latest").is_file() or (p / "checkpoints").is_dir())), None)
 
 
 def _series(records: list[dict[str, Any]], x_key: str, y_key: str) -> tuple[list[float], list[float]]:

@@ -1,0 +1,81 @@
+"""Found by walking through docs/checkpoints.md, docs/interop.md and docs/scale-out.md as a
+newcomer: each test is one flow the docs describe that did not work as they say."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import torch
+
+from gpt import checkpoint as ckpt
+from gpt import export, plot
+from gpt.model import GPT, GPTConfig
+
+CONFIG = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)
+
+
+def save_step(run: Path, step: int, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = GPT(CONFIG)
+    return ckpt.save_checkpoint(run, step, model, None, {"step": step, "model_config": asdict(CONFIG)})
+
+
+def test_export_overwrite_replaces_an_earlier_export_inside_the_run(tmp_path, capsys):
+    # docs/interop.md: a new --out such as out/default/hf is fine, and --overwrite replaces an
+    # earlier export. Exporting the same run there again after more training was refused:
+    # "--out out/default/hf is inside the training run folder out/default; refusing to replace it".
+    run = tmp_path / "run"
+    save_step(run, 1, seed=1)
+    hf_dir = run / "hf"
+    assert export.main([str(run), "--out", str(hf_dir), "--no-check"]) == 0
+    first = (hf_dir / "model.safetensors").read_bytes()
+    save_step(run, 2, seed=2)
+    capsys.readouterr()
+    assert export.main([str(run), "--out", str(hf_dir), "--overwrite", "--no-check"]) == 0, capsys.readouterr().err
+    assert (hf_dir / "model.safetensors").read_bytes() != first
+    assert json.loads((hf_dir / "config.json").read_text())["n_embd"] == CONFIG.n_embd
+
+    # Other folders of the run stay refused, even one that looks like an export plus something.
+    notes = run / "notes"
+    notes.mkdir()
+    for name in ("config.json", "model.safetensors", "mine.txt"):
+        (notes / name).write_text("keep")
+    wandb = run / "wandb"
+    wandb.mkdir()
+    (wandb / "debug.log").write_text("keep")
+    for out in (notes, wandb, run / "config.json"):
+        if not out.exists():
+            out.write_text("{}")
+        assert export.main([str(run), "--out", str(out), "--overwrite", "--no-check"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out} is inside the training run folder {run}"), err
+    assert (notes / "mine.txt").read_text() == "keep" and (wandb / "debug.log").read_text() == "keep"
+    ckpt.verify_checkpoint(ckpt.latest_checkpoint(run))
+
+
+def test_plot_of_a_folder_inside_a_run_names_the_run(tmp_path, capsys):
+    # `python -m gpt.plot out/default/checkpoints/step_N` said only "…/step_N/metrics.jsonl does
+    # not exist; give a run folder": not which one.
+    run = tmp_path / "run"
+    step = save_step(run, 1, seed=1)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.5, "lr": 1e-3, "tokens": 64}) + "\n")
+    for folder in (step, run / "checkpoints"):
+        assert plot.main([str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: {folder} is inside the run folder {run}, which holds its metrics.jsonl: "
+                       f"plot that folder (python -m gpt.plot {run})\n"), err
+    assert not (step / "metrics.png").exists()
+    # A folder outside any run keeps the plain message, as does one under a folder that holds
+    # a metrics.jsonl but is no run.
+    assert plot.main([str(tmp_path / "elsewhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "notes").mkdir()
+    assert plot.main([str(tmp_path / "notes")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'notes' / 'metrics.jsonl'} does not exist")
