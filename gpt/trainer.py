@@ -452,7 +452,7 @@ def note_changed_settings(saved: dict[str, Any], config: TrainConfig, info: Dist
             detail = (f": step {step + 1} trains at lr {new:.2e}, where the checkpoint's schedule gave "
                       f"{old:.2e}")
             old_end = before.lr_decay_steps or before.max_steps
-            if new > old and step >= old_end > config.warmup_steps and (config.lr_decay_steps or 0) != old_end:
+            if new > old and step >= old_end > before.warmup_steps and (config.lr_decay_steps or 0) != old_end:
                 # The saved schedule had decayed to min_lr; ending the decay where it ended keeps it there.
                 detail += (f"; that schedule had reached min_lr at step {old_end}: to stay at min_lr, set "
                            f"lr_decay_steps = {old_end}")

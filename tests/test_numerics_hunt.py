@@ -6,21 +6,23 @@ import contextlib
 import json
 import os
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
 
 import gpt.trainer as trainer
 from gpt import checkpoint as ckpt
+from gpt.config import TrainConfig
 from gpt.distributed import DistInfo
 from gpt.loader import TokenLoader
 from gpt.metrics import MetricsLog, read_metrics
 from gpt.model import GPT
+from gpt.nonfinite import NonFiniteGuard
 from gpt.optim import build_optimizer
 from gpt.shards import load_meta
-from gpt.nonfinite import NonFiniteGuard
 from gpt.stop import PREEMPTED_EXIT_CODE
-from gpt.trainer import model_config, train, train_step
+from gpt.trainer import model_config, note_changed_settings, train, train_step
 
 from conftest import tiny_config
 
@@ -135,3 +137,18 @@ def test_two_micro_batches_of_4_give_the_gradients_of_one_batch_of_8(char_data, 
         assert norm == pytest.approx(grad_clip, rel=1e-4)
     for name, grad in grads.items():
         assert torch.allclose(accumulated[name], grad, rtol=1e-4, atol=1e-6 * norm), name
+
+
+def test_the_schedule_note_says_min_lr_was_reached_only_when_it_was(capsys):
+    """A run of 20 steps with warmup_steps 100 never left its warmup, so it never reached min_lr;
+    extended with --max_steps=40 --warmup_steps=2 the note said it had "reached min_lr at step
+    20" (it compared the old decay's end with the new warmup). With a warmup that did end, the
+    note still says it."""
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    base = TrainConfig(max_steps=20, warmup_steps=100)
+    note_changed_settings(base.to_dict(), replace(base, max_steps=40, warmup_steps=2), info, step=20)
+    note = capsys.readouterr().out
+    assert "step 21 trains at lr" in note and "reached min_lr" not in note
+    finished = replace(base, warmup_steps=2)
+    note_changed_settings(finished.to_dict(), replace(finished, max_steps=40), info, step=20)
+    assert "that schedule had reached min_lr at step 20" in capsys.readouterr().out
