@@ -73,9 +73,14 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 4096
     a second instead of minutes. The default budget stops at 2048 on a CPU (under a second in
     all, paid at every training start); benchmarks/ asks for more.
     """
+    # Its own generator: drawing from torch's global one moved the run's random stream (dropout
+    # masks) by an amount that depends on how fast the machine was at that moment (the number of
+    # sizes tried), so a resume, which measures after restoring the RNG state, was not exact.
+    generator = torch.Generator().manual_seed(0)
+
     def seconds(size: int) -> float:
-        a = torch.randn(size, size, device=device, dtype=dtype)
-        b = torch.randn(size, size, device=device, dtype=dtype)
+        a = torch.randn(size, size, generator=generator).to(device, dtype)
+        b = torch.randn(size, size, generator=generator).to(device, dtype)
         a @ b  # warm-up: thread pools, kernel selection
         best = float("inf")
         for _ in range(repeats):
