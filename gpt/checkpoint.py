@@ -43,10 +43,15 @@ import shutil
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+try:
+    import fcntl  # POSIX; elsewhere (Windows) a reader's checkpoint is not guarded from pruning
+except ImportError:  # pragma: no cover
+    fcntl = None
 import numpy as np
 import safetensors.torch
 import torch
@@ -69,6 +74,7 @@ TOKENIZER_FILE = "tokenizer.json"
 DCP_DIR = "dcp"  # the sharded format's torch.distributed.checkpoint folder
 DCP_METADATA = ".metadata"
 FORMATS = ("full", "sharded")
+READ_PIN_TRIES = 20  # resolves of `latest` while a run prunes what it named (each try is a save apart)
 
 
 def _quiet_dcp() -> None:
@@ -410,10 +416,36 @@ def _prune(root: Path, keep_last: int, keep: str) -> list[Path]:
     doomed = []
     for old in complete[:-keep_last] if keep_last > 0 else []:
         if old.name != keep:
-            trash = root / f"{TRASH_PREFIX}{old.name}_{os.getpid()}"
-            os.rename(old, trash)
+            with _unread(old) as free:
+                if not free:  # a reader holds it: a later save prunes it once the reader is gone
+                    continue
+                trash = root / f"{TRASH_PREFIX}{old.name}_{os.getpid()}"
+                os.rename(old, trash)
             doomed.append(trash)
     return doomed
+
+
+@contextlib.contextmanager
+def _unread(ckpt_dir: Path):
+    """Yield whether no process reads `ckpt_dir` (see `reading`), holding an exclusive lock on
+    its manifest meanwhile so that no reader pins it while it is moved away."""
+    try:
+        fd = os.open(ckpt_dir / MANIFEST_FILE, os.O_RDONLY)
+    except OSError:
+        yield True
+        return
+    try:
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            free = True
+        except BlockingIOError:
+            free = False
+        except OSError:  # no flock on this file system
+            free = True
+        yield free
+    finally:
+        os.close(fd)
 
 
 def _remove(folders: list[Path]) -> None:
@@ -862,7 +894,8 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 def resolve_checkpoint(path: str | os.PathLike, hf_advice: str | None = None) -> Path:
     """Accept a run folder (uses `latest`) or a checkpoint folder ('~' is home: no shell expands
     it in `--out_dir=~/run`). `hf_advice`: what the caller's user should do when `path` is a
-    Hugging Face model folder instead (the default speaks of init_from's 'hf:' prefix)."""
+    Hugging Face model folder instead (the default speaks of init_from's 'hf:' prefix). To read
+    the checkpoint while a run may still be saving into its folder, use `reading`."""
     path = Path(path).expanduser()
     if (path / MANIFEST_FILE).exists():
         return path
@@ -881,6 +914,60 @@ def resolve_checkpoint(path: str | os.PathLike, hf_advice: str | None = None) ->
             f"checkpoint is used) or a checkpoint folder ({CHECKPOINTS_DIR}/step_N){meant}"
         )
     raise CheckpointError(f"checkpoint path {path} does not exist")
+
+
+class _Pruned(Exception):
+    """The checkpoint was pruned (or is being) before it could be pinned for reading."""
+
+
+def _pin(ckpt_dir: Path) -> int | None:
+    """A descriptor of `ckpt_dir`'s manifest under a shared flock, which keeps a run's pruning
+    off the folder (`_unread`) until it is closed; None where the file system cannot flock."""
+    manifest = ckpt_dir / MANIFEST_FILE
+    try:
+        fd = os.open(manifest, os.O_RDONLY)
+    except FileNotFoundError:
+        raise _Pruned from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        now, held = os.stat(manifest), os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            raise FileNotFoundError(manifest)  # moved away between our open and our lock
+    except (BlockingIOError, FileNotFoundError):
+        os.close(fd)
+        raise _Pruned from None
+    except OSError:  # no flock on this file system: read unguarded
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike, hf_advice: str | None = None) -> Iterator[Path]:
+    """`resolve_checkpoint(path, hf_advice)`, kept from a training run's pruning for the block.
+
+    A run that saves often prunes every few seconds: sample.py, gpt.eval or gpt.export reading
+    its `latest` meanwhile lost the folder between resolving it and reading its weights ("not a
+    readable safetensors file"). Inside the block the checkpoint's manifest is held under a
+    shared flock, and pruning passes over a folder so held (a later save prunes it). Where the
+    file system has no flock (or no fcntl: Windows), reads are unguarded."""
+    for _ in range(READ_PIN_TRIES):
+        ckpt_dir = resolve_checkpoint(path, hf_advice)
+        if fcntl is None:
+            fd = None
+            break
+        try:
+            fd = _pin(ckpt_dir)
+            break
+        except _Pruned:
+            continue  # pruned between resolving and pinning: `latest` names a newer one now
+    else:
+        fd = None
+    try:
+        yield ckpt_dir
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _no_checkpoint_message(folder: Path, hf_advice: str | None = None) -> str:
@@ -1439,9 +1526,13 @@ def consolidate(source: str | os.PathLike, out: str | os.PathLike | None = None,
     the whole model (and optimizer state). Returns `out`."""
     from .hf import HF_PREFIX
 
-    ckpt_dir = resolve_checkpoint(source, hf_advice=(
-        f"there is nothing to consolidate; a Hugging Face folder is used as it is, named with the "
-        f"'{HF_PREFIX}' prefix (init_from = '{HF_PREFIX}{source}')"))
+    with reading(source, hf_advice=(
+            f"there is nothing to consolidate; a Hugging Face folder is used as it is, named with the "
+            f"'{HF_PREFIX}' prefix (init_from = '{HF_PREFIX}{source}')")) as ckpt_dir:
+        return _consolidate(ckpt_dir, out, optimizer)
+
+
+def _consolidate(ckpt_dir: Path, out: str | os.PathLike | None, optimizer: bool) -> Path:
     verify_checkpoint(ckpt_dir)
     state = read_state(ckpt_dir)
     out = Path(out) if out is not None else default_consolidated_path(ckpt_dir)

@@ -282,18 +282,18 @@ def sample(args) -> None:
         model = hf.load_hf_model(hf_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
     else:
         given = args.out_dir or args.ckpt
-        path = ckpt.resolve_checkpoint(given, hf_advice=f"sample it with --init_from {hf.HF_PREFIX}{given}")
-        ckpt.verify_checkpoint(path)
-        state = ckpt.read_state(path)
-        tokenizer_file = path / ckpt.TOKENIZER_FILE
-        if not tokenizer_file.exists():
-            raise CheckpointError(f"{path} has no {ckpt.TOKENIZER_FILE}; copy the dataset's tokenizer.json there")
-        try:
-            tokenizer = Tokenizer.from_file(tokenizer_file)  # JSON, parsed by `tokenizers`: data, never code
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None
-        model = GPT(GPTConfig(**state["model_config"]))
-        ckpt.load_model_weights(path, model, device)
+        with ckpt.reading(given, hf_advice=f"sample it with --init_from {hf.HF_PREFIX}{given}") as path:
+            ckpt.verify_checkpoint(path)
+            state = ckpt.read_state(path)
+            tokenizer_file = path / ckpt.TOKENIZER_FILE
+            if not tokenizer_file.exists():
+                raise CheckpointError(f"{path} has no {ckpt.TOKENIZER_FILE}; copy the dataset's tokenizer.json there")
+            try:
+                tokenizer = Tokenizer.from_file(tokenizer_file)  # JSON, parsed by `tokenizers`: data, never code
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+            model = GPT(GPTConfig(**state["model_config"]))
+            ckpt.load_model_weights(path, model, device)
     model.to(device).eval()
     if tokenizer.vocab_size != model.config.vocab_size:
         # Another vocabulary's ids mean other text: a prompt would crash generate() (ids past the

@@ -195,12 +195,15 @@ def load_for_eval(run: str, data_dir: str | None, device: torch.device) -> tuple
             raise ConfigError(f"{run}: give --data_dir (a Hugging Face folder does not name its dataset)")
         model = load_hf_model(hf_dir, log=lambda m: print(m, file=sys.stderr))
         model_tokenizer = hf_dir / TOKENIZER_FILE
+        own_tokenizer = _tokenizer_if_any(model_tokenizer)
     else:
-        source = ckpt.resolve_checkpoint(run, hf_advice=f"evaluate it as {HF_PREFIX}{run} (with --data_dir)")
-        ckpt.verify_checkpoint(source)
-        state = ckpt.read_state(source)
-        model = GPT(GPTConfig(**state["model_config"]))
-        ckpt.load_model_weights(source, model)
+        with ckpt.reading(run, hf_advice=f"evaluate it as {HF_PREFIX}{run} (with --data_dir)") as source:
+            ckpt.verify_checkpoint(source)
+            state = ckpt.read_state(source)
+            model = GPT(GPTConfig(**state["model_config"]))
+            ckpt.load_model_weights(source, model)
+            model_tokenizer = source / ckpt.TOKENIZER_FILE
+            own_tokenizer = _tokenizer_if_any(model_tokenizer)
         if data_dir is None:
             data_dir = state.get("train_config", {}).get("data_dir")
             if not data_dir:
@@ -213,7 +216,6 @@ def load_for_eval(run: str, data_dir: str | None, device: torch.device) -> tuple
                          else "it was moved or deleted:")
                 raise ConfigError(f"{source} trained on data_dir = {data_dir!r}, which is not a "
                                   f"folder from here ({where} give --data_dir)")
-        model_tokenizer = source / ckpt.TOKENIZER_FILE
     data_dir = Path(data_dir)
     meta = load_meta(data_dir)
     if meta["vocab_size"] != model.config.vocab_size:
@@ -221,15 +223,19 @@ def load_for_eval(run: str, data_dir: str | None, device: torch.device) -> tuple
                          f"{model.config.vocab_size}: evaluate on data made with the model's tokenizer")
     if (data_dir / TOKENIZER_FILE).exists():
         tokenizer = load_tokenizer(data_dir)
-        if model_tokenizer.exists() and \
-                Tokenizer.from_file(model_tokenizer).inner.get_vocab() != tokenizer.inner.get_vocab():
+        if own_tokenizer is not None and own_tokenizer.inner.get_vocab() != tokenizer.inner.get_vocab():
             raise ShardError(f"{data_dir / TOKENIZER_FILE} differs from the model's tokenizer "
                              f"({model_tokenizer}): the same ids would mean other text")
-    elif model_tokenizer.exists():  # bare llm.c shards: the model's copy of GPT-2's tokenizer
-        tokenizer = Tokenizer.from_file(model_tokenizer)
+    elif own_tokenizer is not None:  # bare llm.c shards: the model's copy of GPT-2's tokenizer
+        tokenizer = own_tokenizer
     else:
         tokenizer = load_tokenizer(data_dir)
     return model.to(device), data_dir, tokenizer
+
+
+def _tokenizer_if_any(path: Path) -> Tokenizer | None:
+    """The model's own tokenizer file, read while its checkpoint is pinned; None without one."""
+    return Tokenizer.from_file(path) if path.exists() else None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,12 +60,15 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool
     if str(run).startswith(HF_PREFIX) and not Path(run).exists():
         raise HFError(f"{run}: export reads a run or checkpoint of this project and writes a Hugging "
                       f"Face folder; 'hf:DIR' is how init_from names a Hugging Face folder to start from")
-    source = ckpt.resolve_checkpoint(run, hf_advice="it is in Hugging Face's format already, nothing to export")
+    with ckpt.reading(run, hf_advice="it is in Hugging Face's format already, nothing to export") as source:
+        return _export(source, Path(out), overwrite, check, log)
+
+
+def _export(source: Path, out: Path, overwrite: bool, check: bool, log: Callable[[str], None]) -> Path:
     ckpt.verify_checkpoint(source)
     state = ckpt.read_state(source)
     config = GPTConfig(**state["model_config"])
     check_gpt2_shape(config)  # before any work: say at once which option differs
-    out = Path(out)
     _check_target(out, source, overwrite)
     transformers = require_transformers()
 

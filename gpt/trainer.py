@@ -390,20 +390,20 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
         hf.load_hf_weights(model, hf_dir)
         log(info, f"initialized weights from {hf_dir} (Hugging Face GPT-2)")
     elif resume_from is None and config.init_from:
-        source = ckpt.resolve_checkpoint(config.init_from)
-        ckpt.verify_checkpoint(source)  # sizes and checksums, before anything of it is read
-        saved = check_checkpoint_fits_data(source, config, meta, resuming=False)
-        trained_context = saved["model_config"].get("block_size")
-        crop = isinstance(trained_context, int) and trained_context > gpt_config.block_size
-        if crop:  # fine-tuning at a shorter context: load at the trained one, then crop
-            model = GPT(replace(gpt_config, block_size=trained_context))
-        ckpt.check_model_config(source, saved["model_config"], asdict(model.config), init_from=True)
-        ckpt.load_model_weights(source, model)
-        log(info, f"initialized weights from {source}")
-        if crop:
-            model.crop_block_size(gpt_config.block_size)
-            log(info, f"cropped the position embeddings from block_size {trained_context} to "
-                      f"{gpt_config.block_size} (the first {gpt_config.block_size} positions)")
+        with ckpt.reading(config.init_from) as source:
+            ckpt.verify_checkpoint(source)  # sizes and checksums, before anything of it is read
+            saved = check_checkpoint_fits_data(source, config, meta, resuming=False)
+            trained_context = saved["model_config"].get("block_size")
+            crop = isinstance(trained_context, int) and trained_context > gpt_config.block_size
+            if crop:  # fine-tuning at a shorter context: load at the trained one, then crop
+                model = GPT(replace(gpt_config, block_size=trained_context))
+            ckpt.check_model_config(source, saved["model_config"], asdict(model.config), init_from=True)
+            ckpt.load_model_weights(source, model)
+            log(info, f"initialized weights from {source}")
+            if crop:
+                model.crop_block_size(gpt_config.block_size)
+                log(info, f"cropped the position embeddings from block_size {trained_context} to "
+                          f"{gpt_config.block_size} (the first {gpt_config.block_size} positions)")
     return config, model, resume_from
 
 
