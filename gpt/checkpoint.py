@@ -320,6 +320,8 @@ def _begin(out_dir: Path, step: int) -> Path | None:
     root.mkdir(parents=True, exist_ok=True)
     for stale in [*root.glob(".tmp_*"), *root.glob(f"{TRASH_PREFIX}*")]:  # left by a killed save or prune
         shutil.rmtree(stale, ignore_errors=True)
+    for stale in out_dir.glob(f".{LATEST_FILE}.tmp*"):  # `latest` half-replaced by a killed process
+        stale.unlink(missing_ok=True)
     final = root / step_dir_name(step)
     if (final / MANIFEST_FILE).exists() and _latest_name(out_dir) == final.name:
         # This step is this run's latest already (a stop signal right after a scheduled save, or

@@ -93,3 +93,17 @@ def test_reading_many_times_leaves_no_descriptor_and_never_stops_this_process_pr
     save_steps(saver, model, optimizer, [43])
     saver.close()
     assert sorted(p.name for p in (run / ckpt.CHECKPOINTS_DIR).iterdir()) == ["step_0000042", "step_0000043"]
+
+
+def test_a_latest_left_half_replaced_by_a_kill_is_cleared_by_the_next_save(tmp_path):
+    """write_text_atomic writes `.latest.tmpPID` then renames it over `latest`; a kill -9 between
+    the two left the file in the run folder for ever (each process has another PID)."""
+    run = tmp_path / "run"
+    model, optimizer = tiny_model()
+    saver = ckpt.Checkpointer(run, keep_last=1)
+    save_steps(saver, model, optimizer, [1])
+    (run / ".latest.tmp99999").write_text("step_0000001\n")  # as a killed process leaves it
+    save_steps(saver, model, optimizer, [2])
+    saver.close()
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "latest"]
+    assert ckpt.latest_checkpoint(run).name == "step_0000002"
