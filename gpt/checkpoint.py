@@ -990,6 +990,11 @@ def _no_checkpoint_message(folder: Path, hf_advice: str | None = None) -> str:
     run = folder.parent
     in_a_run = folder.name == CHECKPOINTS_DIR and ((run / LATEST_FILE).is_file() or bool(steps))
     if not in_a_run and not steps:
+        from .sources import holds_token_shards  # (data prep's module: imported only here)
+
+        if holds_token_shards(folder):  # --out_dir given the dataset (data_dir) instead of the run
+            return (f"{none}: it is a prepared dataset (token shards), not a training run; give the run "
+                    f"folder that trained on it (train.py's out_dir)")
         return none
     meant = [str(run)] if in_a_run else []
     if steps:

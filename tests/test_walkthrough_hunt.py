@@ -11,6 +11,7 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+import pytest
 import torch
 
 from gpt import checkpoint as ckpt
@@ -79,3 +80,11 @@ def test_plot_of_a_folder_inside_a_run_names_the_run(tmp_path, capsys):
     (tmp_path / "notes").mkdir()
     assert plot.main([str(tmp_path / "notes")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'notes' / 'metrics.jsonl'} does not exist")
+
+
+def test_sampling_a_dataset_folder_says_it_is_a_dataset_not_a_run(char_data):
+    # `sample.py --out_dir data/shakespeare_char` (the data_dir for the out_dir): "holds no
+    # checkpoint" alone left the newcomer to work out what the folder was instead.
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.resolve_checkpoint(char_data)
+    assert "holds no checkpoint" in str(e.value) and "prepared dataset" in str(e.value) and "out_dir" in str(e.value)
