@@ -1533,6 +1533,9 @@ def consolidate(source: str | os.PathLike, out: str | os.PathLike | None = None,
     the whole model (and optimizer state). Returns `out`."""
     from .hf import HF_PREFIX
 
+    if str(source).startswith(HF_PREFIX) and not Path(source).exists():
+        raise CheckpointError(f"{source}: consolidate reads a sharded checkpoint of this project; a Hugging "
+                              f"Face folder ('{HF_PREFIX}DIR', as init_from names one) is used as it is")
     with reading(source, hf_advice=(
             f"there is nothing to consolidate; a Hugging Face folder is used as it is, named with the "
             f"'{HF_PREFIX}' prefix (init_from = '{HF_PREFIX}{source}')")) as ckpt_dir:

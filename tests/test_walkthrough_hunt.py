@@ -88,3 +88,9 @@ def test_sampling_a_dataset_folder_says_it_is_a_dataset_not_a_run(char_data):
     with pytest.raises(ckpt.CheckpointError) as e:
         ckpt.resolve_checkpoint(char_data)
     assert "holds no checkpoint" in str(e.value) and "prepared dataset" in str(e.value) and "out_dir" in str(e.value)
+
+
+def test_consolidating_an_hf_prefixed_folder_explains_the_prefix(tmp_path):
+    # `python -m gpt.checkpoint consolidate hf:DIR` said "checkpoint path hf:DIR does not exist".
+    with pytest.raises(ckpt.CheckpointError, match="used as it is"):
+        ckpt.consolidate(f"hf:{tmp_path}")
