@@ -379,7 +379,7 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
         config = replace(config, **{k: getattr(gpt_config, k) for k in hf.ARCHITECTURE_KEYS})
     check_model_fits(gpt_config, config, info)
     if resume_from is not None:
-        ckpt.check_model_config(resume_from, saved["model_config"], asdict(gpt_config))
+        check_resumed_model(resume_from, saved, asdict(gpt_config), config)
         if not (out_dir / ckpt.LATEST_FILE).exists():
             log(info, f"note: {out_dir / ckpt.LATEST_FILE} is missing; resuming from the newest complete "
                       f"checkpoint, {resume_from.name} (to start over instead, use another --out_dir)")
@@ -405,6 +405,20 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
                 log(info, f"cropped the position embeddings from block_size {trained_context} to "
                           f"{gpt_config.block_size} (the first {gpt_config.block_size} positions)")
     return config, model, resume_from
+
+
+def check_resumed_model(resume_from: Path, saved: dict[str, Any], current: dict[str, Any],
+                        config: TrainConfig) -> None:
+    """`ckpt.check_model_config` for a resume, saying so when the run took its shape from a
+    Hugging Face folder that this command no longer names (its shape comes from init_from)."""
+    try:
+        ckpt.check_model_config(resume_from, saved["model_config"], current)
+    except ckpt.CheckpointError as e:
+        started = (saved.get("train_config") or {}).get("init_from") or ""
+        if config.init_from or hf.parse_init_from(started) is None:
+            raise
+        raise ckpt.CheckpointError(f"{e}. This run took its model's shape from init_from = {started!r}: "
+                                   f"resume it with --init_from={started} as it started") from None
 
 
 def note_changed_batch(saved: dict[str, Any], config: TrainConfig, info: DistInfo) -> None:

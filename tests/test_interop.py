@@ -376,6 +376,9 @@ def test_init_from_hf_trains_and_resumes(data, tmp_path, capsys):
     # Resuming keeps the Hugging Face architecture (the checkpoint fits) and continues.
     result = train(replace(config, max_steps=6, eval_interval=6))
     assert result.step == 6 and "resumed from" in capsys.readouterr().out
+    # Without init_from the command asks for the config's own shape: the error says what to add.
+    with pytest.raises(ckpt.CheckpointError, match=f"resume it with --init_from=hf:{tmp_path / 'hf'}"):
+        train(replace(config, init_from="", max_steps=8))
 
     # The same folder evaluates directly.
     assert gpt_eval.main([f"hf:{tmp_path / 'hf'}", "--data_dir", str(data["char"]), "--max_batches", "2"]) == 0
