@@ -42,6 +42,7 @@ import random
 import shutil
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -74,7 +75,7 @@ TOKENIZER_FILE = "tokenizer.json"
 DCP_DIR = "dcp"  # the sharded format's torch.distributed.checkpoint folder
 DCP_METADATA = ".metadata"
 FORMATS = ("full", "sharded")
-READ_PIN_TRIES = 20  # resolves of `latest` while a run prunes what it named (each try is a save apart)
+READ_PIN_TRIES = 10  # resolves of `latest` while a run prunes what it names (`reading`), 0.05 s more apart each
 
 
 def _quiet_dcp() -> None:
@@ -952,8 +953,12 @@ def reading(path: str | os.PathLike, hf_advice: str | None = None) -> Iterator[P
     its `latest` meanwhile lost the folder between resolving it and reading its weights ("not a
     readable safetensors file"). Inside the block the checkpoint's manifest is held under a
     shared flock, and pruning passes over a folder so held (a later save prunes it). Where the
-    file system has no flock (or no fcntl: Windows), reads are unguarded."""
-    for _ in range(READ_PIN_TRIES):
+    file system has no flock (or no fcntl: Windows), reads are unguarded; so they are, in effect,
+    on NFS, whose client turns flock into POSIX locks, which a process drops when it closes any
+    descriptor of the file (the reader opens the manifest again to verify it), and on file systems
+    mounted with node-local locks (a reader on a login node does not hold off a compute node)."""
+    for attempt in range(READ_PIN_TRIES):
+        time.sleep(0.05 * attempt)  # a save, its rename and its pruning take a moment
         ckpt_dir = resolve_checkpoint(path, hf_advice)
         if fcntl is None:
             fd = None
@@ -963,7 +968,7 @@ def reading(path: str | os.PathLike, hf_advice: str | None = None) -> Iterator[P
             break
         except _Pruned:
             continue  # pruned between resolving and pinning: `latest` names a newer one now
-    else:
+    else:  # pruned under us every time (2 s): read unguarded, as without flock
         fd = None
     try:
         yield ckpt_dir

@@ -649,10 +649,12 @@ def train_bytes_option(args: argparse.Namespace) -> int | None:
     int() of inf raised OverflowError, which the CLIs' error handling does not catch (a
     traceback), and of nan a ValueError that named no option."""
     mb = args.tokenizer_train_mb
-    if math.isnan(mb):
-        raise PrepareError("--tokenizer-train-mb must be a number of MB, got nan; use inf to train "
-                           "BPE on the whole corpus")
-    return None if math.isinf(mb) and mb > 0 else int(max(mb, -1.0) * 1e6)
+    if math.isnan(mb) or (args.tokenizer == "bpe" and not mb > 0):  # no text, no merges
+        raise PrepareError(f"--tokenizer-train-mb must be a positive number of MB, got {mb:g}; use inf to "
+                           f"train BPE on the whole corpus")
+    if math.isinf(mb) or args.tokenizer != "bpe":
+        return None  # the whole corpus (a char vocabulary is not trained: unused)
+    return max(1, math.ceil(mb * 1e6))  # 1e-9 MB is still some text
 
 
 def vocab_size_option(args: argparse.Namespace) -> int | None:

@@ -12,11 +12,13 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import hf
@@ -390,7 +392,7 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
         hf.load_hf_weights(model, hf_dir)
         log(info, f"initialized weights from {hf_dir} (Hugging Face GPT-2)")
     elif resume_from is None and config.init_from:
-        with ckpt.reading(config.init_from) as source:
+        with init_source(config.init_from, info) as source:
             ckpt.verify_checkpoint(source)  # sizes and checksums, before anything of it is read
             saved = check_checkpoint_fits_data(source, config, meta, resuming=False)
             trained_context = saved["model_config"].get("block_size")
@@ -405,6 +407,21 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
                 log(info, f"cropped the position embeddings from block_size {trained_context} to "
                           f"{gpt_config.block_size} (the first {gpt_config.block_size} positions)")
     return config, model, resume_from
+
+
+@contextlib.contextmanager
+def init_source(init_from: str, info: DistInfo) -> Iterator[Path]:
+    """The checkpoint `init_from` names, pinned for reading (`ckpt.reading`) on every rank. Rank 0
+    resolves it and the others take its answer: with a run still saving into that folder, ranks
+    resolving `latest` each for itself could get different steps, and FSDP ranks, which keep the
+    shards of their own load (nothing is broadcast), a model made of two checkpoints."""
+    with contextlib.ExitStack() as pinned:
+        if not info.is_distributed:
+            yield pinned.enter_context(ckpt.reading(init_from))
+            return
+        chosen = [str(pinned.enter_context(ckpt.reading(init_from)))] if info.is_main else [None]
+        dist.broadcast_object_list(chosen, src=0)  # rank 0 holds its pin meanwhile
+        yield Path(chosen[0]) if info.is_main else pinned.enter_context(ckpt.reading(chosen[0]))
 
 
 def check_resumed_model(resume_from: Path, saved: dict[str, Any], current: dict[str, Any],

@@ -44,6 +44,9 @@ def test_tokenizer_train_mb_inf_trains_on_everything_and_nan_is_named(tmp_path, 
     line = _last_error_line(capsys)
     assert line.startswith("error: --tokenizer-train-mb") and "nan" in line
     assert not (tmp_path / "b").exists()
+    for given in ("-inf", "0"):  # the value given, not what became of it ("got -1" for -inf)
+        assert main([*common, "--out", str(tmp_path / "b"), f"--tokenizer-train-mb={given}"]) == 2
+        assert f"got {float(given):g};" in _last_error_line(capsys)
 
     shakespeare = _shakespeare_script()
     assert shakespeare.main(["--input", str(text), "--out", str(tmp_path / "s"), "--tokenizer", "bpe",

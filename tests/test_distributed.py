@@ -307,6 +307,17 @@ def test_checkpoints_resume_across_strategies_and_world_sizes(data, runs, tmp_pa
     assert_weights_close(final_weights(single_from_fsdp), final_weights(runs["fsdp"]), **RUN_WEIGHTS)
 
 
+def test_init_from_under_fsdp_starts_every_rank_from_rank_0s_checkpoint(data, runs, tmp_path):
+    """init_from a run: rank 0 resolves its latest and the others take that folder (trainer
+    init_source), each pinned for reading; FSDP ranks keep the shards of their own load, so two
+    resolutions of a run still saving could have mixed two checkpoints. The fine-tune starts
+    from the trained weights: its first loss is the trained run's level, not a fresh model's."""
+    out = tmp_path / "finetune"
+    output = train_torchrun(data, out, "--batch_size=2", "--parallel=fsdp", f"--init_from={runs['single']}")
+    assert f"initialized weights from {runs['single'] / 'checkpoints' / ckpt.step_dir_name(STEPS)}" in output
+    assert losses(out)[0] < losses(runs["single"])[0] - 0.1
+
+
 # ----------------------------------------------------------------------------------------
 # Failures
 

@@ -669,7 +669,7 @@ def test_second_ctrl_c_aborts_at_once(capsys):
 def test_a_second_ctrl_c_during_the_first_ones_message_aborts(monkeypatch):
     # Two quick Ctrl-Cs: the second runs the handler again while the first is still writing its
     # message; it must see the first (it used to, only once the message was out: save and exit).
-    import gpt.trainer as trainer
+    import gpt.stop
 
     stop = StopFlag()
     nested = []
@@ -680,7 +680,7 @@ def test_a_second_ctrl_c_during_the_first_ones_message_aborts(monkeypatch):
             stop._handle(signal.SIGINT, None)
         return len(data)
 
-    monkeypatch.setattr(trainer.os, "write", write_interrupted_by_a_second_ctrl_c)
+    monkeypatch.setattr(gpt.stop.os, "write", write_interrupted_by_a_second_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         stop._handle(signal.SIGINT, None)
     assert nested and stop.signal == signal.SIGINT
