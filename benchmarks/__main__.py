@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from benchmarks import bench_generate, bench_resources, bench_train
-from benchmarks.cli import positive_float, positive_int
+from benchmarks.cli import device as device_name, positive_float, positive_int
 from benchmarks.common import busy_cores, load_average, log, machine, peer_available, write_json
 
 PARTS = ("peak", "train", "generate", "loader", "data", "rss")
@@ -48,8 +48,8 @@ GOAL_MFU_OF_BF16 = 0.5
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m benchmarks",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--parts", nargs="+", choices=PARTS, help=f"default: all ({' '.join(PARTS)})")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", default="auto", type=thread_setting,
                    help="torch threads: a number, 'all' (torch's default: every core), or 'auto' "
                         "(default: every core not already busy, by CPU time used over 1 s)")
@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = choose_threads(args.threads)
     torch.set_num_threads(threads)
     device = torch.device(args.device)
-    if ("train" in args.parts or "generate" in args.parts) and not peer_available():
-        raise SystemExit("the peer needs transformers: pip install transformers (or --parts loader data rss peak)")
+    args.parts = parts_to_run(args.parts)
 
     started = time.perf_counter()
     suite: dict[str, Any] = {"machine": machine(), "load_avg_start": load_average(), "args": vars(args)}
@@ -134,6 +133,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = write_json(name, suite)
     print(f"wrote {path}")
     return suite
+
+
+def parts_to_run(asked: list[str] | None) -> list[str]:
+    """The parts given, or all of them. Without transformers the whole suite used to stop at
+    once, its peer-free parts too: they still run, and the two that time the peer are skipped
+    with a note; asked for by name, they are an error."""
+    peer_parts = [part for part in ("train", "generate") if part in (asked or PARTS)]
+    if not peer_parts or peer_available():
+        return list(asked or PARTS)
+    if asked:
+        raise SystemExit(f"--parts {' '.join(peer_parts)}: these time the peer, which needs transformers: "
+                         "pip install transformers (or leave them out)")
+    log("transformers is not installed: skipping the train and generate parts (both time the peer, "
+        "Hugging Face GPT-2); pip install transformers to run them")
+    return [part for part in PARTS if part not in peer_parts]
 
 
 def thread_setting(text: str) -> str:

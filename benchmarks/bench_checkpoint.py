@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.cli import positive_int, results_name  # noqa: E402
+from benchmarks.cli import device as device_name, positive_int, results_name  # noqa: E402
 from benchmarks.common import write_json  # noqa: E402
 from gpt import checkpoint as ckpt  # noqa: E402
 from gpt import parallel  # noqa: E402
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary folder in /tmp)")
-    parser.add_argument("--device", default="cpu",
+    parser.add_argument("--device", type=device_name, default="cpu",
                         help="where the model and optimizer live (cpu, cuda): from a GPU, a save "
                              "includes copying the state to host memory and a load copying it back")
     parser.add_argument("--results", type=results_name, default=RESULTS.name,

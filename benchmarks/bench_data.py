@@ -6,8 +6,8 @@ Builds one text file of about --mb MB (tiny Shakespeare repeated: one huge docum
 that most tests streaming) in a temporary folder, runs `python data_prep/prepare.py` on it in a
 child process per tokenizer, and prints wall time, MB/s of text, tokens/s and the child's peak
 RSS (its own ru_maxrss, from os.wait4, so one run's peak does not mask the next). Results go to
-benchmarks/results/data.json. Figures are measured, not asserted. The goal: at least 10 MB/s end
-to end for BPE, and peak RSS under 1.5 GB whatever the corpus size.
+benchmarks/results/data.json (--out names another). Figures are measured, not asserted.
+The goal: at least 10 MB/s end to end for BPE, and peak RSS under 1.5 GB whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 # `python benchmarks/bench_data.py` puts benchmarks/, not the repository, on sys.path.
 sys.path.insert(0, str(REPO))
 
-from benchmarks.cli import positive_float, positive_int  # noqa: E402
+from benchmarks.cli import positive_float, positive_int, results_name  # noqa: E402
 
 SHAKESPEARE = REPO.parent / "shared/data/tinyshakespeare.txt"
-RESULTS = Path(__file__).parent / "results" / "data.json"
+RESULTS_DIR = Path(__file__).parent / "results"
 
 
 def write_corpus(path: Path, source: Path, mb: float) -> int:
@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizers", nargs="+", choices=["bpe", "char"], default=["bpe", "char"])
     p.add_argument("--vocab-size", "--vocab_size", type=positive_int, default=8192)
     p.add_argument("--input", type=Path, default=SHAKESPEARE, help="text to repeat (default: tiny Shakespeare)")
+    # Without it every run replaced the committed results/data.json, a trial run's too.
+    p.add_argument("--out", type=results_name, default="data",
+                   help="results file: benchmarks/results/OUT.json (default: data)")
     args = p.parse_args(argv)
     if not args.input.exists():
         raise SystemExit(f"error: {args.input} not found; pass --input TEXT_FILE")
@@ -139,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"  {r['bytes_per_token']:.2f} bytes/token  peak RSS {r['peak_rss_mb']:,.0f} MB"
                   f" ({r['peak_rss_all_processes_mb']:,.0f} MB with its workers)")
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{args.out}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": "data prep end to end (python data_prep/prepare.py)",
         "corpus_mb": round(size / 1e6, 1),
@@ -148,10 +152,10 @@ def main(argv: list[str] | None = None) -> None:
         "python": platform.python_version(),
         "results": results,
     }
-    tmp_path = RESULTS.with_name(RESULTS.name + ".tmp")
+    tmp_path = path.with_name(path.name + ".tmp")
     tmp_path.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp_path, RESULTS)
-    print(f"wrote {RESULTS}")
+    os.replace(tmp_path, path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 # `python benchmarks/bench_*.py` puts benchmarks/, not the repository, on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.cli import non_negative_int, positive_float, positive_int, results_name  # noqa: E402
+from benchmarks.cli import device as device_name, non_negative_int, positive_float, positive_int, results_name  # noqa: E402
 from benchmarks.common import interleave, load_average, log, machine, median, peer_available, write_json  # noqa: E402
 from benchmarks.bench_train import build_pair  # noqa: E402
 from gpt.generate import generate  # noqa: E402
@@ -88,11 +88,12 @@ def run_case(batch: int, new_tokens: int, *, no_cache: bool, device: torch.devic
     warm = interleave({k: keeping(k, fn) for k, fn in contenders.items()}, rounds=1, warmup=0, device=device)
     same = {name: bool(torch.equal(out, outputs["ours_cache"])) for name, out in outputs.items()}
     load_before = load_average()
-    # Rounds: as many as fit the budget, between 2 and `rounds`. The uncached path is slow (it
-    # recomputes the whole context every token), so it gets one round fewer.
+    # Rounds: as many as fit the budget, at least 2 but never more than `rounds` (--rounds 1 ran
+    # 2). The uncached path is slow (it recomputes the whole context every token), so it gets
+    # one round fewer.
     fast = {k: v for k, v in contenders.items() if k != "ours_no_cache"}
     per_round = sum(warm[k][0] for k in fast)
-    rounds = max(2, min(rounds, int(budget_s / max(per_round, 1e-6))))
+    rounds = min(rounds, max(2, int(budget_s / max(per_round, 1e-6))))
     seconds = interleave(fast, rounds=rounds, warmup=0, device=device)
     if no_cache:
         seconds.update(interleave({"ours_no_cache": contenders["ours_no_cache"]},
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    help="batches at which to also compare both under bf16 autocast (the peer is slow there)")
     p.add_argument("--rounds", type=positive_int, default=5, help="at most this many (as many as fit --budget-s)")
     p.add_argument("--budget-s", type=positive_float, default=40.0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=results_name, default="generate", help="results file: benchmarks/results/OUT.json")
     args = p.parse_args(argv)

@@ -3,7 +3,7 @@
     python benchmarks/bench_loader.py [--tokens N] [--batches N] [--repeats N] [--data-dir DIR]
 
 Prints batches/s and tokens/s (median of the repeats) for each (batch, block, order) and writes
-benchmarks/results/loader.json. The shard is written to a temporary folder in chunks (never
+benchmarks/results/loader.json (--out names another). The shard is written to a temporary folder in chunks (never
 held in memory) and removed afterwards unless --data-dir names an existing dataset.
 """
 
@@ -24,7 +24,7 @@ import torch
 # `python benchmarks/bench_loader.py` puts benchmarks/, not the repository, on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.cli import positive_int  # noqa: E402
+from benchmarks.cli import positive_int, results_name  # noqa: E402
 from benchmarks.common import write_json  # noqa: E402
 from gpt.loader import TokenLoader  # noqa: E402
 from gpt.shards import HEADER_INTS, MAGIC, VERSION, shard_name  # noqa: E402
@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--data-dir", type=Path, default=None, help="read this existing dataset instead"
     )
+    # Without it every run replaced the committed results/loader.json, a trial run's too.
+    parser.add_argument("--out", type=results_name, default="loader",
+                        help="results file: benchmarks/results/OUT.json (default: loader)")
     args = parser.parse_args(argv)
     least = max(block for _, block in CASES) + 1
     if args.data_dir is None and args.tokens < least:
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "results": rows,
     }
-    print(f"wrote {write_json('loader', report)}")
+    print(f"wrote {write_json(args.out, report)}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.cli import non_negative_int, positive_int, results_name  # noqa: E402
 from benchmarks.common import median, write_json  # noqa: E402
 from gpt.config import TrainConfig  # noqa: E402
 from gpt.metrics import peak_flops  # noqa: E402
@@ -124,11 +125,12 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["chunked", "plain"],
                         help="variants to measure, each a comma-separated list (module docstring)")
-    parser.add_argument("--batch", type=int, default=16, help="sequences of 1024 per step (default: 16)")
-    parser.add_argument("--warmup", type=int, default=3, help="steps after the compiling one (default: 3)")
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed group (default: 5)")
-    parser.add_argument("--groups", type=int, default=3, help="timed groups (default: 3)")
-    parser.add_argument("--out", default="gpu_mfu", help="results file name (default: gpu_mfu)")
+    parser.add_argument("--batch", type=positive_int, default=16, help="sequences of 1024 per step (default: 16)")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="steps after the compiling one (default: 3)")
+    parser.add_argument("--steps", type=positive_int, default=5, help="steps per timed group (default: 5)")
+    parser.add_argument("--groups", type=positive_int, default=3, help="timed groups (default: 3)")
+    parser.add_argument("--out", type=results_name, default="gpu_mfu",
+                        help="results file: benchmarks/results/OUT.json (default: gpu_mfu)")
     args = parser.parse_args(argv)
     variants = [parse_variant(v, args.batch) for v in args.variants]
     if not torch.cuda.is_available():

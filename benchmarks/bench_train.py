@@ -31,7 +31,7 @@ import torch
 # `python benchmarks/bench_*.py` puts benchmarks/, not the repository, on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.cli import non_negative_int, positive_float, positive_int, results_name  # noqa: E402
+from benchmarks.cli import device as device_name, non_negative_int, positive_float, positive_int, results_name  # noqa: E402
 from benchmarks.common import (build_peer, count_params, interleave, load_average, log, machine,  # noqa: E402
                                median, peer_available, write_json)
 from gpt.hf import from_hf_state_dict, to_hf_state_dict  # noqa: E402
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=["default", "shakespeare_char"], choices=list(SHAPES))
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd ours")
     p.add_argument("--vocab-multiple", type=positive_int, default=1,
                    help="also time ours (eager) with the vocabulary padded to a multiple of this, as "

@@ -45,3 +45,24 @@ def results_name(text: str) -> str:
             f"{text!r} is not a file name: give a bare name such as 'gpu_train' (the file is "
             "benchmarks/results/NAME.json)")
     return name
+
+
+def device(text: str) -> str:
+    """--device: cpu or cuda[:N], checked before a model is built; a CPU-only torch used to end
+    in "Torch not compiled with CUDA enabled" deep in a traceback."""
+    import torch  # here, not at the top: see the module docstring
+
+    try:
+        kind = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: give cpu or cuda") from None
+    if kind.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the benchmarks run on cpu or cuda")
+    if kind.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device here (torch {torch.__version__}); "
+                                             "give cpu")
+        if kind.index is not None and kind.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: only {count} CUDA device(s) here")
+    return text

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU speed check, in one call of under 8 minutes on one H100/H200-class GPU:
 #
-#   bash benchmarks/gpu.sh            # everything below; the log goes to benchmarks/results/gpu.txt
+#   bash benchmarks/gpu.sh            # everything below; the log goes to benchmarks/results/gpu.txt (or $GPU_LOG)
 #
 # 1. GPT-2 small (12 x 12 x 768, block 1024), bf16, torch.compile, trained by train.py itself
 #    (fused AdamW, TF32, the chunked loss, pinned non-blocking batches) on synthetic shards with
@@ -33,7 +33,15 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 STEPS=${STEPS:-40}
 BATCH=${BATCH:-16}
-LOG=benchmarks/results/gpu.txt
+LOG=${GPU_LOG:-benchmarks/results/gpu.txt}  # not $LOG: too common a name to read from the environment
+
+# A failed stage does not stop the others (each is worth its GPU minutes), but the script's exit
+# status says so: it was always 0, a run whose every stage failed included.
+failed_stages=""
+stage_failed() {
+    echo "stage $1 failed or timed out (exit $2)"
+    failed_stages+=" $1"
+}
 
 # Checked here, not inside the logged block below: an `exit` there leaves only the block's
 # subshell (it is a pipeline into tee), so the script went on and exited 0, having replaced the
@@ -52,29 +60,33 @@ mkdir -p benchmarks/results
     echo; echo "=== 1. train.py: GPT-2 124M, bf16, compile, batch $BATCH x 1024, $STEPS steps [t=${SECONDS}s]"
     NPROC=1 STRATEGIES=none STEPS="$STEPS" SKIP=$((STEPS / 2)) BATCH="$BATCH" COMPILE=true \
         RESULTS=benchmarks/results/gpu_train.json EXTRA_ARGS="--optimizer=adamw" \
-        timeout -k 35 110 bash benchmarks/gpu_scaleout.sh || echo "stage 1 failed or timed out (exit $?)"
+        timeout -k 35 110 bash benchmarks/gpu_scaleout.sh || stage_failed 1 $?
 
     echo; echo "=== 2. ours vs Hugging Face GPT2LMHeadModel, GPT-2 124M, bf16 autocast [t=${SECONDS}s]"
     timeout -k 10 80 "$PYTHON" -m benchmarks.bench_train --device cuda --shapes gpt2_124m --dtypes bfloat16 \
-        --compile --vocab-multiple 64 --budget-s 10 --out gpu_train_vs_peer || echo "stage 2 failed or timed out (exit $?)"
+        --compile --vocab-multiple 64 --budget-s 10 --out gpu_train_vs_peer || stage_failed 2 $?
 
     echo; echo "=== 3. generation, 6 x 384 char model, batch 1 and 8, 1 + 255 tokens [t=${SECONDS}s]"
     timeout -k 10 70 "$PYTHON" -m benchmarks.bench_generate --device cuda --batches 1 8 --no-cache-batches 1 \
         --rounds 2 --budget-s 6 --out gpu_generate \
-        || echo "stage 3 failed or timed out (exit $?)"
+        || stage_failed 3 $?
 
     echo; echo "=== 4. stage 1 with Muon, $STEPS steps [t=${SECONDS}s]"
     NPROC=1 STRATEGIES=none STEPS="$STEPS" SKIP=$((STEPS / 2)) BATCH="$BATCH" COMPILE=true \
         RESULTS=benchmarks/results/gpu_train_muon.json EXTRA_ARGS="--optimizer=muon" \
-        timeout -k 35 60 bash benchmarks/gpu_scaleout.sh || echo "stage 4 failed or timed out (exit $?)"
+        timeout -k 35 60 bash benchmarks/gpu_scaleout.sh || stage_failed 4 $?
 
     echo; echo "=== 5. checkpoint save/load, GPT-2 124M + AdamW state, from the GPU [t=${SECONDS}s]"
     timeout -k 10 70 "$PYTHON" benchmarks/bench_checkpoint.py --device cuda --repeats 3 \
-        --results gpu_checkpoint.json || echo "stage 5 failed or timed out (exit $?)"
+        --results gpu_checkpoint.json || stage_failed 5 $?
 
     echo; echo "=== 6. what the loss path and a larger batch are worth, one process [t=${SECONDS}s]"
     timeout -k 10 90 "$PYTHON" -m benchmarks.bench_mfu --variants chunked plain plain,batch=32 --out gpu_mfu \
-        || echo "stage 6 failed or timed out (exit $?)"
-    echo "=== done $(date -u +%FT%TZ) [t=${SECONDS}s]"
+        || stage_failed 6 $?
+    echo "=== done $(date -u +%FT%TZ) [t=${SECONDS}s]${failed_stages:+; failed stages:$failed_stages}"
+    # The block is a subshell (a pipeline into tee): its exit status carries the failures out.
+    [ -z "$failed_stages" ]
 } 2>&1 | tee "$LOG"
+status=${PIPESTATUS[0]}
 echo "wrote $LOG and benchmarks/results/gpu_*.json (the CPU results beside them are left alone)"
+exit "$status"

@@ -1,0 +1,158 @@
+"""The benchmark scripts used as a user would: device and option checks, where results go, the
+suite without the peer installed, and gpu.sh's exit status. No timing is asserted."""
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+
+
+def _usage_error(capsys, module: str, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+@pytest.mark.parametrize("module", ["benchmarks.__main__", "benchmarks.bench_train", "benchmarks.bench_generate",
+                                    "benchmarks.bench_checkpoint"])
+def test_cuda_device_without_a_gpu_is_a_usage_error(capsys, module):
+    # Before: "Torch not compiled with CUDA enabled" at the end of a traceback, after the peak
+    # measurement or a 124M model's build.
+    err = _usage_error(capsys, module, ["--device", "cuda"])
+    assert "--device" in err and "no CUDA device" in err, err
+
+
+@pytest.mark.parametrize("value", ["foo", "mps"])
+def test_device_that_is_not_cpu_or_cuda_is_a_usage_error(capsys, value):
+    err = _usage_error(capsys, "benchmarks.bench_train", ["--device", value])
+    assert "--device" in err and "cpu or cuda" in err, err
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--out", "a/b"], "--out"),
+    (["--steps", "0"], "--steps"),
+    (["--groups", "0"], "--groups"),
+    (["--batch", "0"], "--batch"),
+    (["--warmup", "-1"], "--warmup"),
+])
+def test_bench_mfu_options_are_checked_before_the_gpu(capsys, argv, option):
+    # Before: plain ints and any --out, so --steps 0 divided by zero and --groups 0 took the
+    # median of nothing, each after a 124M model had compiled on the GPU.
+    err = _usage_error(capsys, "benchmarks.bench_mfu", argv)
+    assert option in err, err
+
+
+def test_generate_never_runs_more_rounds_than_asked(monkeypatch):
+    # --rounds 1 ran 2 rounds: the floor of 2 was applied after the cap.
+    from benchmarks import bench_generate
+
+    monkeypatch.setattr(bench_generate, "SHAPE", dict(n_layer=1, n_head=2, n_embd=32, block_size=16,
+                                                     vocab_size=64, batch_size=1))
+    r = bench_generate.run_case(1, 4, no_cache=False, device=torch.device("cpu"), rounds=1, budget_s=60)
+    assert r["rounds"] == 1
+    assert all(len(row["seconds_all"]) == 1 for row in r["results"].values()), r["results"]
+    r = bench_generate.run_case(1, 4, no_cache=False, device=torch.device("cpu"), rounds=5, budget_s=1e-9)
+    assert r["rounds"] == 2  # a budget too small for one round still gets two
+
+
+def test_bench_loader_writes_where_out_says(tmp_path, monkeypatch):
+    # It had no --out: every run, a trial's too, replaced the committed results/loader.json.
+    from benchmarks import bench_loader, common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    bench_loader.main(["--tokens", "2000", "--batches", "2", "--repeats", "1", "--out", "trial.json"])
+    assert [p.name for p in tmp_path.iterdir()] == ["trial.json"]
+    assert json.loads((tmp_path / "trial.json").read_text())["benchmark"] == "loader"
+
+
+def test_bench_data_writes_where_out_says(tmp_path, monkeypatch):
+    from benchmarks import bench_data
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(4000)))
+    results = tmp_path / "results"
+    monkeypatch.setattr(bench_data, "RESULTS_DIR", results, raising=False)
+    bench_data.main(["--mb", "0.1", "--tokenizers", "char", "--input", str(corpus), "--out", "trial"])
+    assert [p.name for p in results.iterdir()] == ["trial.json"]
+    assert json.loads((results / "trial.json").read_text())["results"][0]["tokenizer"] == "char"
+
+
+def _stub_resources(monkeypatch, tmp_path):
+    from benchmarks import bench_resources, common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(bench_resources, "peaks", lambda device: {
+        "device": "cpu", "threads": 1, "load_avg": 0.0,
+        "measured_float32_gflops": 100.0, "measured_bfloat16_gflops": 200.0})
+    monkeypatch.setattr(bench_resources, "loader", lambda: [])
+    monkeypatch.setattr(bench_resources, "data_prep", lambda: [{"skipped": "stubbed"}])
+    monkeypatch.setattr(bench_resources, "training_rss", lambda extra=(): {"skipped": "stubbed"})
+
+
+def test_suite_without_transformers_runs_its_other_parts(tmp_path, monkeypatch, capsys):
+    # It stopped at once ("the peer needs transformers"), its peer-free parts too.
+    suite_module = importlib.import_module("benchmarks.__main__")
+    monkeypatch.setattr(suite_module, "peer_available", lambda: False)
+    _stub_resources(monkeypatch, tmp_path)
+    suite = suite_module.main(["--threads", "1"])
+    out, err = capsys.readouterr()
+    assert "skipping the train and generate parts" in err and "pip install transformers" in err, err
+    assert "train" not in suite and "generate" not in suite and "peak" in suite
+    assert "peak matmul GFLOP/s, fp32" in out
+    # Not the whole suite: the committed suite.json is not replaced.
+    assert [p.name for p in tmp_path.iterdir()] == ["suite_data_loader_peak_rss.json"]
+
+
+def test_suite_parts_that_need_transformers_asked_by_name_are_refused(monkeypatch):
+    suite_module = importlib.import_module("benchmarks.__main__")
+    monkeypatch.setattr(suite_module, "peer_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        suite_module.main(["--threads", "1", "--parts", "generate", "loader"])
+    assert "--parts generate" in str(e.value) and "transformers" in str(e.value)
+
+
+def _gpu_script_copy(tmp_path: Path, python_exit: int) -> tuple[Path, dict]:
+    """gpu.sh copied into a scratch tree (it writes its log beside itself, never into the
+    repository's results), with a fake nvidia-smi and a Python that exits `python_exit`."""
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(REPO / "benchmarks" / "gpu.sh", tmp_path / "benchmarks" / "gpu.sh")
+    (tmp_path / "benchmarks" / "gpu_scaleout.sh").write_text(f"exit {python_exit}\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: Fake GPU (UUID: GPU-0)"\n')
+    (bin_dir / "python").write_text(f"#!/bin/sh\nexit {python_exit}\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHON": str(bin_dir / "python")}
+    env.pop("GPU_LOG", None)
+    return tmp_path / "benchmarks" / "gpu.sh", env
+
+
+def test_gpu_script_exit_status_says_a_stage_failed(tmp_path):
+    # Every stage failing still ended in exit 0: the failures were echoed inside a pipeline.
+    script, env = _gpu_script_copy(tmp_path, python_exit=3)
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    log = (tmp_path / "benchmarks" / "results" / "gpu.txt").read_text()
+    assert "stage 2 failed or timed out (exit 3)" in log and "failed stages: 1 2 3 4 5 6" in log, log
+
+
+def test_gpu_script_exits_0_when_every_stage_succeeds(tmp_path):
+    script, env = _gpu_script_copy(tmp_path, python_exit=0)
+    r = subprocess.run(["bash", str(script)], env={**env, "GPU_LOG": str(tmp_path / "elsewhere.txt")},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "failed" not in (tmp_path / "elsewhere.txt").read_text()
+    assert not (tmp_path / "benchmarks" / "results" / "gpu.txt").exists()
