@@ -200,9 +200,10 @@ def _check_stamp(path: Path, f, expected: tuple[int, int] | None) -> tuple[int, 
     st = os.fstat(f.fileno())
     stamp = (st.st_size, st.st_mtime_ns)
     if expected is not None and stamp != expected:
-        raise SourceError(f"{path}: changed while data prep read it ({expected[0]:,} bytes, then {stamp[0]:,}; "
-                          f"a file still being written?); run the prep again once it is complete, or "
-                          f"leave it out of --input")
+        how = (f"{expected[0]:,} bytes, then {stamp[0]:,}" if stamp[0] != expected[0]
+               else f"rewritten at the same size, {stamp[0]:,} bytes")
+        raise SourceError(f"{path}: changed while data prep read it ({how}; a file still being written?); "
+                          f"run the prep again once it is complete, or leave it out of --input")
     return stamp
 
 

@@ -1,6 +1,7 @@
 """Data prep edge cases found by a second bug hunt: each test failed on the code before its fix."""
 
 import importlib.util
+import os
 import random
 from pathlib import Path
 
@@ -99,6 +100,13 @@ def test_a_file_that_changes_between_the_two_reads_is_named(tmp_path):
         "".join(corpus)
     # A new corpus (as each prep makes) reads the file as it is now.
     assert "".join(LocalFiles([path])).endswith("zzz more text\n")
+    # Rewritten at the same size: said so (it read "4,000 bytes, then 4,000").
+    corpus = LocalFiles([path])
+    size = len("".join(corpus))
+    path.write_text("x" * (size - 1) + "\n")
+    os.utime(path, ns=(1, 1))  # another time of change, whatever the clock's resolution
+    with pytest.raises(SourceError, match=f"rewritten at the same size, {size:,} bytes"):
+        "".join(corpus)
 
 
 class _Growing(list):

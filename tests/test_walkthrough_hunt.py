@@ -80,6 +80,11 @@ def test_plot_of_a_folder_inside_a_run_names_the_run(tmp_path, capsys):
     (tmp_path / "notes").mkdir()
     assert plot.main([str(tmp_path / "notes")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'notes' / 'metrics.jsonl'} does not exist")
+    # A run of its own inside the run (a fine-tune into out/default/ft) that has not logged yet
+    # is that run, not the outer one: its own plain message.
+    (run / "ft" / "checkpoints").mkdir(parents=True)
+    assert plot.main([str(run / "ft")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {run / 'ft' / 'metrics.jsonl'} does not exist")
 
 
 def test_sampling_a_dataset_folder_says_it_is_a_dataset_not_a_run(char_data):
