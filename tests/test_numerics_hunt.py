@@ -27,15 +27,16 @@ from gpt.trainer import model_config, note_changed_settings, train, train_step
 from conftest import tiny_config
 
 
-def test_a_stop_signal_at_an_eval_step_saves_that_step_once(char_data, tmp_path, monkeypatch):
-    """SIGTERM during an eval step (4): the eval's checkpoint of step 4 is the stop's checkpoint.
-    The stop saved step 4 a second time, the same state again, which doubled the time a preempted
-    job spends saving before it is killed. The resume goes on from it, each step logged once."""
+def stop_signal_in_step(monkeypatch, index: int) -> list[int]:
+    """SIGTERM at the start of the training loop's 0-based step `index` of a fresh run (the loop
+    asks learning_rate_at for each step's rate in turn; a resume starts past it and is left
+    alone). Returns the list that the steps of the run's saves go into."""
     real_lr, real_save = trainer.learning_rate_at, ckpt.Checkpointer.save
-    saved = []
+    asked, saved = [], []
 
-    def signal_in_step_4(step, config):  # called at the start of each step (0-based)
-        if step == 3:
+    def rate(step, config):
+        asked.append(step)
+        if asked[-(index + 1):] == list(range(index + 1)):
             os.kill(os.getpid(), signal.SIGTERM)
         return real_lr(step, config)
 
@@ -43,8 +44,16 @@ def test_a_stop_signal_at_an_eval_step_saves_that_step_once(char_data, tmp_path,
         saved.append(step)
         return real_save(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "learning_rate_at", signal_in_step_4)
+    monkeypatch.setattr(trainer, "learning_rate_at", rate)
     monkeypatch.setattr(ckpt.Checkpointer, "save", counted_save)
+    return saved
+
+
+def test_a_stop_signal_at_an_eval_step_saves_that_step_once(char_data, tmp_path, monkeypatch):
+    """SIGTERM during an eval step (4): the eval's checkpoint of step 4 is the stop's checkpoint.
+    The stop saved step 4 a second time, the same state again, which doubled the time a preempted
+    job spends saving before it is killed. The resume goes on from it, each step logged once."""
+    saved = stop_signal_in_step(monkeypatch, 3)
     run = tmp_path / "run"
     config = tiny_config(char_data, run, n_embd=32, block_size=32, batch_size=4, max_steps=6, log_interval=2,
                          eval_interval=4, eval_iters=2)
@@ -54,7 +63,6 @@ def test_a_stop_signal_at_an_eval_step_saves_that_step_once(char_data, tmp_path,
     assert saved == [4]
     assert ckpt.read_state(ckpt.latest_checkpoint(run))["step"] == 4
 
-    monkeypatch.setattr(trainer, "learning_rate_at", real_lr)
     assert train(config).step == 6
     assert saved == [4, 6]
     assert [r["step"] for r in read_metrics(run)] == [2, 4, 6]
@@ -64,23 +72,7 @@ def test_a_stop_signal_during_the_last_step_ends_the_run_as_complete(char_data, 
     """SIGTERM during the last step: the run finishes (its final checkpoint saved once) and
     returns as a complete run. It exited with 75, "run again to resume", so a SLURM job
     preempted in its last step was requeued to wait in the queue for a run with nothing to do."""
-    real_lr, real_save = trainer.learning_rate_at, ckpt.Checkpointer.save
-    saved = []
-
-    steps = []
-
-    def signal_in_last_step(step, config):  # the loop asks for each step's rate in turn
-        steps.append(step)
-        if steps[-config.max_steps:] == list(range(config.max_steps)):
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_lr(step, config)
-
-    def counted_save(self, step, *args, **kwargs):
-        saved.append(step)
-        return real_save(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(trainer, "learning_rate_at", signal_in_last_step)
-    monkeypatch.setattr(ckpt.Checkpointer, "save", counted_save)
+    saved = stop_signal_in_step(monkeypatch, 3)
     run = tmp_path / "run"
     config = tiny_config(char_data, run, n_embd=32, block_size=32, batch_size=4, max_steps=4, log_interval=2,
                          eval_interval=0, eval_iters=2)
