@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
                                            "padded_vocab_size": MODEL.padded_vocab_size},
                                  "variants": rows})
     print(f"wrote {path}")
+    if all("error" in row for row in rows):  # nothing measured: gpu.sh counts the stage as failed
+        raise SystemExit(f"error: every variant failed ({len(rows)}); see {path}")
 
 
 if __name__ == "__main__":

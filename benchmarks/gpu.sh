@@ -28,12 +28,13 @@
 # sessions: stage 3 (with the CUDA-graph rows, 2 rounds) 45 s, stage 5 (3 repeats) 53 s, stage
 # 6's three variants ~65 s (each compile ~20 s). The whole script has not run since stage 6 was added.
 set -uo pipefail
+# The log's path is taken before the cd below: a relative GPU_LOG means from where it was run.
+LOG=$(realpath -m "${GPU_LOG:-$(dirname "$0")/results/gpu.txt}")  # not $LOG: too common a name to read
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 STEPS=${STEPS:-40}
 BATCH=${BATCH:-16}
-LOG=${GPU_LOG:-benchmarks/results/gpu.txt}  # not $LOG: too common a name to read from the environment
 
 # A failed stage does not stop the others (each is worth its GPU minutes), but the script's exit
 # status says so: it was always 0, a run whose every stage failed included.
@@ -50,7 +51,7 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
     echo "error: no GPU visible (nvidia-smi -L failed); benchmarks/gpu.sh needs a CUDA GPU" >&2
     exit 2
 fi
-mkdir -p benchmarks/results
+mkdir -p benchmarks/results "$(dirname "$LOG")"
 
 {
     echo "=== $(date -u +%FT%TZ) benchmarks/gpu.sh"
@@ -87,6 +88,10 @@ mkdir -p benchmarks/results
     # The block is a subshell (a pipeline into tee): its exit status carries the failures out.
     [ -z "$failed_stages" ]
 } 2>&1 | tee "$LOG"
-status=${PIPESTATUS[0]}
+statuses=("${PIPESTATUS[@]}")
+if [ "${statuses[1]}" != 0 ]; then
+    echo "error: could not write the log $LOG" >&2
+    exit 1
+fi
 echo "wrote $LOG and benchmarks/results/gpu_*.json (the CPU results beside them are left alone)"
-exit "$status"
+exit "${statuses[0]}"

@@ -968,7 +968,7 @@ def reading(path: str | os.PathLike, hf_advice: str | None = None) -> Iterator[P
             break
         except _Pruned:
             continue  # pruned between resolving and pinning: `latest` names a newer one now
-    else:  # pruned under us every time (2 s): read unguarded, as without flock
+    else:  # pruned under us every time (2.25 s): read unguarded, as without flock
         fd = None
     try:
         yield ckpt_dir

@@ -649,12 +649,13 @@ def train_bytes_option(args: argparse.Namespace) -> int | None:
     int() of inf raised OverflowError, which the CLIs' error handling does not catch (a
     traceback), and of nan a ValueError that named no option."""
     mb = args.tokenizer_train_mb
-    if math.isnan(mb) or (args.tokenizer == "bpe" and not mb > 0):  # no text, no merges
+    if args.tokenizer != "bpe":
+        return None  # a char vocabulary is not trained: unused
+    if not mb > 0:  # nan too; a BPE trained on no text has no merges
         raise PrepareError(f"--tokenizer-train-mb must be a positive number of MB, got {mb:g}; use inf to "
                            f"train BPE on the whole corpus")
-    if math.isinf(mb) or args.tokenizer != "bpe":
-        return None  # the whole corpus (a char vocabulary is not trained: unused)
-    return max(1, math.ceil(mb * 1e6))  # 1e-9 MB is still some text
+    nbytes = mb * 1e6  # 1e305 MB overflows to inf here
+    return None if math.isinf(nbytes) else max(1, math.ceil(nbytes))  # 1e-9 MB is still some text
 
 
 def vocab_size_option(args: argparse.Namespace) -> int | None:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Iterator
@@ -419,9 +420,20 @@ def init_source(init_from: str, info: DistInfo) -> Iterator[Path]:
         if not info.is_distributed:
             yield pinned.enter_context(ckpt.reading(init_from))
             return
-        chosen = [str(pinned.enter_context(ckpt.reading(init_from)))] if info.is_main else [None]
-        dist.broadcast_object_list(chosen, src=0)  # rank 0 holds its pin meanwhile
-        yield Path(chosen[0]) if info.is_main else pinned.enter_context(ckpt.reading(chosen[0]))
+        # Rank 0's outcome, a folder or an error, goes to every rank: a bad init_from raised on
+        # rank 0 alone left the others in the broadcast, to die with tracebacks of their own.
+        outcome: list[Any] = [None, None]
+        if info.is_main:
+            try:
+                outcome[0] = str(pinned.enter_context(ckpt.reading(init_from)))
+            except Exception as e:
+                outcome[1], failure = str(e), e
+        dist.broadcast_object_list(outcome, src=0)  # rank 0 holds its pin meanwhile
+        if outcome[1] is not None:
+            raise failure if info.is_main else ckpt.CheckpointError(outcome[1])
+        source = Path(outcome[0]) if info.is_main else pinned.enter_context(ckpt.reading(outcome[0]))
+        barrier(info)  # rank 0 keeps its pin until every rank holds one
+        yield source
 
 
 def check_resumed_model(resume_from: Path, saved: dict[str, Any], current: dict[str, Any],
@@ -432,10 +444,10 @@ def check_resumed_model(resume_from: Path, saved: dict[str, Any], current: dict[
         ckpt.check_model_config(resume_from, saved["model_config"], current)
     except ckpt.CheckpointError as e:
         started = (saved.get("train_config") or {}).get("init_from") or ""
-        if config.init_from or hf.parse_init_from(started) is None:
+        if config.init_from or not started.startswith(hf.HF_PREFIX):  # (the folder may be gone since)
             raise
         raise ckpt.CheckpointError(f"{e}. This run took its model's shape from init_from = {started!r}: "
-                                   f"resume it with --init_from={started} as it started") from None
+                                   f"resume it with --init_from={shlex.quote(started)} as it started") from None
 
 
 def note_changed_batch(saved: dict[str, Any], config: TrainConfig, info: DistInfo) -> None:

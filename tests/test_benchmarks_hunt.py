@@ -82,7 +82,7 @@ def test_bench_data_writes_where_out_says(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(4000)))
     results = tmp_path / "results"
-    monkeypatch.setattr(bench_data, "RESULTS_DIR", results, raising=False)
+    monkeypatch.setattr(bench_data, "RESULTS_DIR", results)
     bench_data.main(["--mb", "0.1", "--tokenizers", "char", "--input", str(corpus), "--out", "trial"])
     assert [p.name for p in results.iterdir()] == ["trial.json"]
     assert json.loads((results / "trial.json").read_text())["results"][0]["tokenizer"] == "char"
@@ -155,3 +155,18 @@ def test_gpu_script_exits_0_when_every_stage_succeeds(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "failed" not in (tmp_path / "elsewhere.txt").read_text()
     assert not (tmp_path / "benchmarks" / "results" / "gpu.txt").exists()
+
+
+def test_gpu_script_log_is_where_gpu_log_says_or_the_script_fails(tmp_path):
+    # A relative GPU_LOG was taken after the script's cd (the repository root, not the caller's
+    # folder); a log that could not be written still ended "wrote ..." with exit 0.
+    script, env = _gpu_script_copy(tmp_path, python_exit=0)
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    r = subprocess.run(["bash", str(script)], env={**env, "GPU_LOG": "mine/log.txt"}, cwd=caller,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and (caller / "mine" / "log.txt").exists(), r.stdout + r.stderr
+    (tmp_path / "a_file").write_text("")
+    r = subprocess.run(["bash", str(script)], env={**env, "GPU_LOG": str(tmp_path / "a_file" / "log.txt")},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "could not write the log" in r.stderr, r.stdout + r.stderr

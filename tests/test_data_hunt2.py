@@ -48,6 +48,8 @@ def test_tokenizer_train_mb_inf_trains_on_everything_and_nan_is_named(tmp_path, 
     for given in ("-inf", "0"):  # the value given, not what became of it ("got -1" for -inf)
         assert main([*common, "--out", str(tmp_path / "b"), f"--tokenizer-train-mb={given}"]) == 2
         assert f"got {float(given):g};" in _last_error_line(capsys)
+    assert main([*common, "--out", str(tmp_path / "c"), "--tokenizer-train-mb=1e305"]) == 0  # bytes overflow: all
+    assert (tmp_path / "c/tokenizer.json").read_bytes() == (tmp_path / "whole/tokenizer.json").read_bytes()
 
     shakespeare = _shakespeare_script()
     assert shakespeare.main(["--input", str(text), "--out", str(tmp_path / "s"), "--tokenizer", "bpe",

@@ -318,6 +318,20 @@ def test_init_from_under_fsdp_starts_every_rank_from_rank_0s_checkpoint(data, ru
     assert losses(out)[0] < losses(runs["single"])[0] - 0.1
 
 
+def test_a_bad_init_from_under_torchrun_is_one_error_line(data, tmp_path):
+    """Rank 0 resolves init_from; its error goes to every rank with the broadcast. The other
+    ranks were left waiting in it and died with gloo tracebacks of their own ("Connection closed
+    by peer") under the one line that said what was wrong."""
+    (tmp_path / "empty").mkdir()
+    result = torchrun(["train.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", *TINY,
+                       "--batch_size=4", f"--init_from={tmp_path / 'empty'}"], complete=lambda: False)
+    output = output_of(result)
+    assert result.returncode != 0
+    assert f"error: {tmp_path / 'empty'} holds no checkpoint" in output, output
+    # (torchrun prints a traceback of its own for any failed worker: the ranks' are what count)
+    assert "broadcast_object_list" not in output and "Connection closed" not in output, output
+
+
 # ----------------------------------------------------------------------------------------
 # Failures
 

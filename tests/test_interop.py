@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -377,8 +378,13 @@ def test_init_from_hf_trains_and_resumes(data, tmp_path, capsys):
     result = train(replace(config, max_steps=6, eval_interval=6))
     assert result.step == 6 and "resumed from" in capsys.readouterr().out
     # Without init_from the command asks for the config's own shape: the error says what to add.
-    with pytest.raises(ckpt.CheckpointError, match=f"resume it with --init_from=hf:{tmp_path / 'hf'}"):
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"resume it with --init_from=hf:{tmp_path / 'hf'}")):
         train(replace(config, init_from="", max_steps=8))
+    # The folder moved away since: the same shape error and hint, not one about the folder.
+    (tmp_path / "hf").rename(tmp_path / "hf_moved")
+    with pytest.raises(ckpt.CheckpointError, match="holds a different model.*resume it with --init_from=hf:"):
+        train(replace(config, init_from="", max_steps=8))
+    (tmp_path / "hf_moved").rename(tmp_path / "hf")
 
     # The same folder evaluates directly.
     assert gpt_eval.main([f"hf:{tmp_path / 'hf'}", "--data_dir", str(data["char"]), "--max_batches", "2"]) == 0
