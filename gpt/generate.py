@@ -25,6 +25,7 @@ runs outside the graph. The step's logits equal the ordinary path's to float rou
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from collections.abc import Iterator
 
@@ -36,13 +37,29 @@ from gpt.model import GPT, KVCache
 from gpt.static_decode import StaticDecoder
 
 
-def _check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def _integer(value: object) -> int | None:
+    """`value` as an int when it is an integer of any kind (a numpy or 0-d tensor one from a
+    sweep or a tokenizer, too), else None; True and False are not token counts or ids."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> int | None:
+    """Raise on a bad argument; returns top_k as an int (or None)."""
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1 (or None), got {top_k!r}")
+    if top_k is not None:
+        k = _integer(top_k)
+        if k is None or k < 1:
+            raise ValueError(f"top_k must be an integer >= 1 (or None), got {top_k!r}")
+        top_k = k
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must lie in (0, 1] (or None), got {top_p!r}")
+    return top_k
 
 
 def sample_next(
@@ -60,7 +77,7 @@ def sample_next(
     probabilities sum to at least top_p (always at least the most likely one), and one token is
     drawn from what is left. `generator` (on the logits' device) makes the draw reproducible.
     """
-    _check_sampling_args(temperature, top_k, top_p)
+    top_k = _check_sampling_args(temperature, top_k, top_p)
     if logits.dim() != 2:
         raise ValueError(f"logits must have shape [batch, vocab], got {tuple(logits.shape)}")
     if temperature == 0:
@@ -159,9 +176,14 @@ def generate(
     CPU the ordinary path is as fast). It needs use_cache. The graph is captured at the first
     token after the prompt (a few steps' time) and freed with the iterator.
     """
-    _check_sampling_args(temperature, top_k, top_p)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    top_k = _check_sampling_args(temperature, top_k, top_p)
+    n = _integer(max_new_tokens)
+    if n is None or n < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    max_new_tokens = n
+    if not isinstance(idx, torch.Tensor):
+        raise ValueError(f"idx must be a tensor of token ids [batch, time], got {type(idx).__name__}: "
+                         f"pass torch.tensor([ids])")
     if idx.dim() != 2 or idx.size(1) == 0:
         raise ValueError(f"idx must have shape [batch, time] with time >= 1, got {tuple(idx.shape)}")
     vocab_size = model.config.vocab_size
@@ -173,10 +195,12 @@ def generate(
         raise ValueError(f"idx holds token ids outside the model's vocabulary 0..{vocab_size - 1} "
                          f"(min {int(idx.min())}, max {int(idx.max())}): encode the prompt with the "
                          f"tokenizer the model was trained with")
-    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int)
-                               or not 0 <= eos_id < vocab_size):
-        # Such an id is never sampled, so generation would silently never stop early.
-        raise ValueError(f"eos_id must be a token id in 0..{vocab_size - 1} (or None), got {eos_id!r}")
+    if eos_id is not None:
+        eos = _integer(eos_id)
+        if eos is None or not 0 <= eos < vocab_size:
+            # Such an id is never sampled, so generation would silently never stop early.
+            raise ValueError(f"eos_id must be a token id in 0..{vocab_size - 1} (or None), got {eos_id!r}")
+        eos_id = eos
     if cuda_graph is not None and not isinstance(cuda_graph, bool):
         # A string from a config or command line ("false", "off") is truthy: it turned graphs on.
         raise ValueError(f"cuda_graph must be True, False or None (automatic), got {cuda_graph!r}")

@@ -130,6 +130,19 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def check_fits(self, config: GPTConfig, n_new: int) -> None:
+        """Refuse a cache made for another model: with fewer positions than `length + n_new`, the
+        keys past its end were dropped without an error (a slice past the end is empty, and a
+        length-1 write broadcasts into it), so the newest token attended to all but itself."""
+        layers, (_, heads, positions, head_dim) = len(self.k), self.k[0].shape
+        if (layers, heads, head_dim) != (config.n_layer, config.n_head, config.head_dim):
+            raise ValueError(f"kv_cache holds {layers} layers x {heads} heads of size {head_dim}, the model has "
+                             f"{config.n_layer} x {config.n_head} of size {config.head_dim}: make it with "
+                             f"KVCache(model.config, batch_size)")
+        if self.length + n_new > positions:
+            raise ValueError(f"kv_cache has room for {positions} positions, not cached {self.length} + new "
+                             f"{n_new}: make it with KVCache(model.config, batch_size)")
+
 
 # --------------------------------------------------------------------------------------------
 # The transformer
@@ -246,6 +259,22 @@ class Block(nn.Module):
         return x
 
 
+TOKEN_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding looks up
+
+
+def _checked_targets(targets: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """targets as the loss takes them: idx's shape (both losses flatten them, so [T, B] or
+    another batch's targets of the same size would be scored against the wrong positions
+    without a word), int64 (the plain loss refuses int32, the chunked one uint8)."""
+    if targets.shape != idx.shape:
+        raise ValueError(f"targets must have idx's shape {tuple(idx.shape)} (one target per position), "
+                         f"got {tuple(targets.shape)}")
+    if targets.dtype not in TOKEN_DTYPES:
+        raise ValueError(f"targets must hold token ids (or -1 to ignore) as int64 or int32, got "
+                         f"{targets.dtype}: pass targets.long()")
+    return targets.long()
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -310,7 +339,8 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx [B, T] token ids -> (logits [B, T, V], loss or None), V = config.vocab_size.
 
-        loss is the mean cross-entropy over all positions, in fp32, skipping targets equal to -1.
+        idx and targets (idx's shape) hold int64 or int32 ids. loss is the mean cross-entropy
+        over all positions, in fp32, skipping targets equal to -1.
         With a kv_cache, idx holds only the tokens not yet in the cache; they are placed at
         positions kv_cache.length onwards and written into the cache. last_only=True returns
         the logits of the last position alone ([B, 1, V]): sampling needs nothing else, and a
@@ -321,8 +351,12 @@ class GPT(nn.Module):
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape [batch, time], got {tuple(idx.shape)}")
+        if idx.dtype not in TOKEN_DTYPES:
+            raise ValueError(f"idx must hold token ids as int64 or int32, got {idx.dtype}: pass idx.long()")
         if last_only and targets is not None:
             raise ValueError("last_only=True computes one position's logits; the loss needs all of them")
+        if targets is not None:
+            targets = _checked_targets(targets, idx)
         B, T = idx.shape
         start = 0
         if kv_cache is not None:
@@ -332,6 +366,8 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             what = f"sequence length {T}" if start == 0 else f"cached {start} + new {T} tokens"
             raise ValueError(f"{what} exceeds the model's block_size {self.config.block_size}")
+        if kv_cache is not None:
+            kv_cache.check_fits(self.config, T)
 
         # Positions start .. start+T-1 are consecutive rows of the table: a slice, not a lookup
         # (no index tensor to build, and its gradient is a plain slice copy, not a scatter-add).

@@ -49,6 +49,11 @@ class StaticDecoder:
         device = cache.k[0].device
         if graph and device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model and its cache on a CUDA device, not {device}")
+        cache.check_fits(model.config, 0)
+        if cache.k[0].size(2) != model.config.block_size:
+            # the mask below covers exactly block_size keys
+            raise ValueError(f"cache has {cache.k[0].size(2)} positions, the model's block_size is "
+                             f"{model.config.block_size}: make it with KVCache(model.config, batch_size)")
         self.model, self.cache = model, cache
         self.block_size = model.config.block_size
         self.token = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
@@ -59,9 +64,16 @@ class StaticDecoder:
         self.logits: torch.Tensor | None = None  # the graph's output tensor, once captured
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
+        if self.model.training:
+            # the step leaves out the embedding's and attention's dropout: half a train-mode pass
+            raise ValueError("the model is in training mode: call model.eval() before decoding with StaticDecoder")
         if self.cache.length >= self.block_size:
             raise ValueError(f"the cache is full ({self.block_size} positions): the window must slide "
                              f"(gpt.generate rebuilds the cache with the ordinary path)")
+        if token.shape != self.token.shape:
+            # copy_ would broadcast a [1, 1] token into every row without a word
+            raise ValueError(f"token must have shape {tuple(self.token.shape)} (one per cached sequence), "
+                             f"got {tuple(token.shape)}")
         self.token.copy_(token)
         self.position.fill_(self.cache.length)
         if not self.use_graph:

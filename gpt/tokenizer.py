@@ -96,11 +96,22 @@ class Tokenizer:
         return [a.tolist() for a in self.encode_batch_arrays(texts)]
 
     def encode_array(self, text: str) -> np.ndarray:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}"
+                            + (": for several texts use encode_batch" if isinstance(text, (list, tuple)) else ""))
         return self.encode_batch_arrays([text])[0]
 
     def encode_batch_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Like `encode_batch`, as uint16 arrays (what shards store), without Python int lists."""
+        if isinstance(texts, str):
+            # a str is a sequence of one-character texts: each would be encoded on its own
+            raise TypeError("encode_batch takes a list of texts, got one str: use encode(text), or encode_batch([text])")
         texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                # tokenizers reads a pair of strs as (sequence, pair) and encodes both, silently
+                raise TypeError(f"texts must be strs, got {type(text).__name__} at index {i}"
+                                + (": decode bytes first" if isinstance(text, (bytes, bytearray)) else ""))
         if self.kind == "char":
             return [self._encode_chars(t) for t in texts]
         encode = getattr(self.inner, "encode_batch_fast", self.inner.encode_batch)  # no offsets
@@ -117,8 +128,9 @@ class Tokenizer:
 
     # ---- decoding -------------------------------------------------------------------------
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids` (a list, array or tensor); end-of-text ids come back as "<|endoftext|>"."""
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        """Text of `ids` (a list, 1-D array or tensor, or one int); end-of-text ids come back as
+        "<|endoftext|>"."""
+        ids = _id_list(ids)
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
             bad = next(i for i in ids if not 0 <= i < self.vocab_size)
             raise ValueError(f"token id {bad} is outside this {self.kind} vocabulary (0..{self.vocab_size - 1})")
@@ -150,6 +162,28 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def _id_list(ids: object) -> list[int]:
+    """`ids` as a list of Python ints: what both decoders need (the char decoder looked 5.0 up as
+    5, the BPE one refused it; a [1, T] batch failed comparing a list with an int)."""
+    if hasattr(ids, "tolist"):  # a tensor or an array: its dtype and shape say it all
+        shape, dtype = tuple(ids.shape), str(ids.dtype)
+        if len(shape) > 1:
+            raise ValueError(f"ids must be one sequence, got shape {shape}: decode each row "
+                             f"([tokenizer.decode(row) for row in ids])")
+        if "int" not in dtype:  # int64, uint16 (a shard's), ...; not float or bool
+            raise ValueError(f"ids must be integers, got dtype {dtype}: pass ids.long()")
+        ids = ids.tolist()
+        return [ids] if len(shape) == 0 else ids
+    if isinstance(ids, int) and not isinstance(ids, bool):
+        return [ids]
+    ids = list(ids)
+    for i in ids:
+        if type(i) is not int and (isinstance(i, bool) or not isinstance(i, (int, np.integer))):
+            raise ValueError(f"ids must be integer token ids, got {i!r} ({type(i).__name__})"
+                             + (": decode each row" if isinstance(i, (list, tuple)) else ""))
+    return [int(i) for i in ids]
 
 
 def _unknown_chars_message(text: str, positions: np.ndarray, show: int = 8) -> str:
