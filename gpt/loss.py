@@ -98,6 +98,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w, n_valid = ctx.saved_tensors
-        scale = grad_loss / n_valid
+        # Every target ignored: the loss is 0/0 (NaN, as F.cross_entropy's), but no position
+        # contributes, so the gradients are zero, as the plain path's are (0 * inf was NaN).
+        scale = grad_loss / n_valid.clamp(min=1)
         return (grad_x * scale.to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype),
                 None, None, None, None, None)

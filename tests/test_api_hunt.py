@@ -171,3 +171,20 @@ def test_decode_takes_one_sequence_of_integer_ids(tokenizers_):
         with pytest.raises(ValueError, match=r"ids must be integers, got dtype torch\.float32"):
             tok.decode(torch.tensor(ids, dtype=torch.float32))
     assert bpe.decode(bpe.encode("a") + [bpe.eos_id]) == "a<|endoftext|>"
+
+
+def test_all_ignored_targets_give_zero_gradients_on_both_loss_paths():
+    """A micro-batch whose every target is -1: the chunked loss's backward divided by zero valid
+    positions, 0 * inf, and NaN gradients spread into the whole accumulated step; the plain path
+    gives zero gradients. Both report the loss as NaN (nothing to average)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    x = torch.randint(0, 11, (2, 5))
+    for chunked in (True, False):
+        model.zero_grad(set_to_none=True)
+        model.chunked_loss = chunked
+        loss = model(x, torch.full((2, 5), -1), return_logits=False)[1]
+        assert loss.isnan()
+        loss.backward()
+        assert all(p.grad is None or (torch.isfinite(p.grad).all() and not p.grad.any())
+                   for p in model.parameters()), chunked
