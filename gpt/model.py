@@ -340,7 +340,9 @@ class GPT(nn.Module):
         """idx [B, T] token ids -> (logits [B, T, V], loss or None), V = config.vocab_size.
 
         idx and targets (idx's shape) hold int64 or int32 ids. loss is the mean cross-entropy
-        over all positions, in fp32, skipping targets equal to -1.
+        over all positions, in fp32, skipping targets equal to -1. Their values are not checked
+        here (that would cost a host-device sync per step): ids must lie in 0..vocab_size-1 and
+        targets there or at -1 (not Hugging Face's -100); the loader checks the shards' ids.
         With a kv_cache, idx holds only the tokens not yet in the cache; they are placed at
         positions kv_cache.length onwards and written into the cache. last_only=True returns
         the logits of the last position alone ([B, 1, V]): sampling needs nothing else, and a
