@@ -270,8 +270,12 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
         mismatches.append(f"train tokens: checkpoint {loader_state['num_tokens']:,} vs {data_dir} {train_tokens:,}")
     if loader_state.get("order", config.data_order) != config.data_order:
         mismatches.append(f"data_order: checkpoint {loader_state['order']!r} vs config {config.data_order!r}")
-    if config.data_order == "random" and loader_state.get("seed", config.seed) != config.seed:
-        mismatches.append(f"seed: checkpoint {loader_state['seed']} vs config {config.seed}")
+    if loader_state.get("seed", config.seed) != config.seed:
+        # Sequential order reads the train windows without it, but the val batches are drawn with
+        # it: a new seed would evaluate on other windows, and val losses across the resume would
+        # not compare (dropout's generator is the checkpoint's either way).
+        val = "" if config.data_order == "random" else " (it picks the val batches)"
+        mismatches.append(f"seed: checkpoint {loader_state['seed']} vs config {config.seed}{val}")
     # As many tokens, but other ones (prepared again with another --seed or input): checked here,
     # before any weights are read, as well as by the loader itself.
     if not mismatches and "fingerprint" in loader_state and (
@@ -496,9 +500,12 @@ def note_changed_settings(saved: dict[str, Any], config: TrainConfig, info: Dist
                       f"{old:.2e}")
             old_end = before.lr_decay_steps or before.max_steps
             if new > old and step >= old_end > before.warmup_steps and (config.lr_decay_steps or 0) != old_end:
-                # The saved schedule had decayed to min_lr; ending the decay where it ended keeps it there.
+                # The saved schedule had decayed to min_lr; ending the decay where it ended keeps it there
+                # (with a warmup that ends before it: validate refuses lr_decay_steps <= warmup_steps).
+                warmup = (f" and warmup_steps below it ({config.warmup_steps} now)"
+                          if config.warmup_steps >= old_end else "")
                 detail += (f"; that schedule had reached min_lr at step {old_end}: to stay at min_lr, set "
-                           f"lr_decay_steps = {old_end}")
+                           f"lr_decay_steps = {old_end}{warmup}")
     log(info, f"note: resuming with settings changed since the checkpoint: {', '.join(changes)}; the run "
               f"goes on with the new values"
               + (f" (the learning-rate schedule, a function of the step, follows the new {', '.join(schedule)} "
