@@ -11,7 +11,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpt.cli import run_sample  # noqa: E402
+try:
+    from gpt.cli import run_sample  # imports torch: a second or more, when Ctrl-C often comes
+except KeyboardInterrupt:
+    # run_sample turns a Ctrl-C into one line; one before it exists was a traceback into torch.
+    print("interrupted: stopped before generating", file=sys.stderr, flush=True)
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(run_sample(sys.argv[1:]))

@@ -186,9 +186,40 @@ def _sample_parser():
 BROKEN_PIPE_EXIT = 141
 
 
+class OutputError(Exception):
+    """Standard output refused the sample's text (a full disk, an I/O error), not a closed pipe."""
+
+
+def write_text(text: str, end: str = "") -> None:
+    """Print `text` to stdout at once; a failed write is an OutputError (a BrokenPipeError stays
+    itself: a reader that stopped reading is no error)."""
+    try:
+        print(text, end=end, flush=True)
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise OutputError(e.strerror or str(e)) from None
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's own flush at exit does not fail on
+    the same pipe or full disk again (an "Exception ignored" message after ours)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a real file (captured, in a test)
+        pass
+
+
 def run_sample(argv: Sequence[str]) -> int:
     def main() -> int | None:
         args = _sample_parser().parse_args(argv)
+        if sys.stdout is None:
+            # Python's stdout when file descriptor 1 was closed (`sample.py >&-`): print() would
+            # drop every character and the run would still exit 0.
+            raise ConfigError("standard output is closed: there is nowhere to write the sample; "
+                              "redirect it to a file instead (> sample.txt)")
         # Text the terminal or file encoding cannot hold (a generated CJK character or U+FFFD
         # on a Windows code page, `PYTHONIOENCODING=ascii`) is shown replaced, not a
         # UnicodeEncodeError traceback halfway through the sample.
@@ -197,15 +228,12 @@ def run_sample(argv: Sequence[str]) -> int:
         try:
             sample(args)
         except BrokenPipeError:
-            # The reader has gone: stop without a traceback, and point stdout at /dev/null so
-            # that the interpreter's own flush at exit does not fail on the same pipe again.
-            try:
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
-                os.close(devnull)
-            except (OSError, ValueError):  # stdout is not a real file (captured, in a test)
-                pass
+            _drop_stdout()  # the reader has gone: stop without a traceback
             return BROKEN_PIPE_EXIT
+        except OutputError as e:
+            _drop_stdout()
+            say_error(f"error: cannot write the sample to standard output ({e}); the text there is incomplete")
+            return 1
         return None
 
     return report_errors(main, interrupted="interrupted: stopped generating")
@@ -227,9 +255,27 @@ def read_prompt(args) -> str:
     # was a character no char vocabulary has (and junk tokens for a BPE).
     bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return data[bom:].decode("utf-8")
+        text = data[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"--prompt_file {args.prompt_file}: not UTF-8 text ({e.reason} at byte {bom + e.start})") from None
+    if not text:
+        # Usually a mistake upstream (`head -20 missing.py | sample.py --prompt_file -`, whose
+        # error scrolls by): say why the sample ignores the prompt meant.
+        print(f"warning: --prompt_file {args.prompt_file} is empty; drawing an unconditional sample",
+              file=sys.stderr, flush=True)
+    return text
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    try:
+        return tokenizer.encode(prompt)
+    except ValueError as e:
+        advice = ""
+        if "\r\n" in prompt and tokenizer.inner.token_to_id("\r") is None:
+            # A file saved on Windows, for a corpus with Unix line ends: the '\r' the error names
+            # is in every line, and the fix is not to drop "characters" but to convert the file.
+            advice = " The prompt has Windows line endings (CRLF): convert them to \\n (dos2unix FILE)."
+        raise ConfigError(f"the prompt cannot be encoded with this model's vocabulary: {e}{advice}") from None
 
 
 def sample(args) -> None:
@@ -303,10 +349,7 @@ def sample(args) -> None:
                     f"{model.config.vocab_size}: it is not this model's tokenizer; put the tokenizer.json "
                     f"of the data the model was trained on there")
 
-    try:
-        ids = tokenizer.encode(prompt)
-    except ValueError as e:
-        raise ConfigError(f"the prompt cannot be encoded with this model's vocabulary: {e}") from None
+    ids = encode_prompt(tokenizer, prompt)
     if not ids:
         # An empty prompt asks for an unconditional sample: start where documents start.
         if tokenizer.eos_id is not None:
@@ -331,7 +374,7 @@ def sample(args) -> None:
     idx = torch.tensor([ids] * rows, dtype=torch.long, device=device)
     continuations: list[list[int]] = [[] for _ in range(rows)]
     streamed = 0  # tokens of the first sample whose text is printed
-    print(prompt, end="", flush=True)
+    write_text(prompt)
     start = time.perf_counter()
     try:
         with autocast:
@@ -351,7 +394,7 @@ def sample(args) -> None:
                     # the whole continuation each time: that made a long sample quadratic.)
                     text = tokenizer.decode(continuations[0][streamed:])
                     if not text.endswith("\ufffd"):
-                        print(text, end="", flush=True)
+                        write_text(text)
                         streamed = len(continuations[0])
     except KeyboardInterrupt:
         # End the half-printed line, so that the "interrupted" message (stderr) and the shell's
@@ -360,10 +403,10 @@ def sample(args) -> None:
             print(flush=True)
         raise
     seconds = time.perf_counter() - start
-    print(tokenizer.decode(continuations[0][streamed:]), flush=True)
+    write_text(tokenizer.decode(continuations[0][streamed:]), end="\n")
     for continuation in continuations[1:]:
-        print("-" * 40, flush=True)
-        print(prompt + tokenizer.decode(continuation), flush=True)
+        write_text("-" * 40, end="\n")
+        write_text(prompt + tokenizer.decode(continuation), end="\n")
     n_tokens = sum(len(c) for c in continuations)
     # On stderr, so that stdout stays the text alone (for pipes and files).
     samples = f"{rows} samples, " if rows > 1 else ""

@@ -1,0 +1,96 @@
+"""sample.py as a user drives it from a shell: output to a full disk or a closed stdout, Ctrl-C
+while it is still starting, prompt files that are empty or were saved on Windows."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpt.cli import run_sample
+from gpt.trainer import train
+
+from conftest import REPO, tiny_config
+
+
+@pytest.fixture(scope="module")
+def run(char_data, tmp_path_factory) -> Path:
+    """A finished 2-step tiny char-level run."""
+    out = tmp_path_factory.mktemp("sample_cli_hunt") / "run"
+    train(tiny_config(char_data, out, max_steps=2, eval_interval=0, eval_iters=1, log_interval=1))
+    return out
+
+
+def sample_cmd(run: Path, *extra: str) -> list[str]:
+    return [sys.executable, "sample.py", "--out_dir", str(run), "--device", "cpu", "--prompt", "A",
+            "--max_new_tokens", "20", *extra]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_stdout_on_a_full_disk_is_a_one_line_error(run):
+    # `sample.py ... > file` on a full disk ended in an OSError traceback (ENOSPC from print).
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(sample_cmd(run), cwd=REPO, stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert "error: cannot write the sample to standard output (No space left on device)" in proc.stderr
+
+
+def test_a_closed_stdout_is_an_error_not_a_silent_success(run):
+    # `sample.py ... >&-`: Python's sys.stdout is then None, print() drops the text, and the
+    # run used to exit 0 having shown nothing.
+    proc = subprocess.run(sample_cmd(run), cwd=REPO, stderr=subprocess.PIPE, text=True, timeout=120,
+                          preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 2, proc.stderr
+    assert "error: standard output is closed" in proc.stderr, proc.stderr
+
+
+def _maps_torch(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+def test_ctrl_c_while_torch_is_still_importing_is_one_line(run):
+    # Ctrl-C in the first second or so (a typo seen in the command just run) came while
+    # `from gpt.cli import run_sample` was importing torch, outside run_sample's handler: a
+    # traceback through torch's modules.
+    proc = subprocess.Popen(sample_cmd(run), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while not _maps_torch(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)  # torch's library is loaded; its Python modules are still coming
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.startswith("interrupted: stopped"), err
+
+
+def test_an_empty_prompt_file_warns_that_the_sample_is_unconditional(run, tmp_path, capsys):
+    # `head -20 missing.py | sample.py --prompt_file -`: head's error scrolls by and the sample,
+    # silently unconditional, looked like the continuation asked for.
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    assert run_sample(["--out_dir", str(run), "--device", "cpu", "--prompt_file", str(empty),
+                       "--max_new_tokens", "5"]) == 0
+    assert f"warning: --prompt_file {empty} is empty; drawing an unconditional sample" in capsys.readouterr().err
+
+
+def test_a_prompt_file_with_windows_line_endings_says_so(run, tmp_path, capsys):
+    # The char vocabulary of a Unix corpus has no '\r': the error named that character alone,
+    # not the fix (the file's line endings).
+    crlf = tmp_path / "prompt.txt"
+    crlf.write_bytes(b"ROMEO:\r\nAy me\r\n")
+    assert run_sample(["--out_dir", str(run), "--device", "cpu", "--prompt_file", str(crlf),
+                       "--max_new_tokens", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "'\\r' (U+000D)" in err and "Windows line endings (CRLF)" in err, err
+    assert err.count("\n") == 1, err
