@@ -19,7 +19,9 @@ that let a SLURM job checkpoint and requeue itself (see slurm/train.sbatch and d
    the checkpoint is complete on every rank, and torchrun's clean-up of a worker still
    exiting then (SIGTERM, which it ignores, and SIGKILL 30 s later) is harmless at that point.
 3. Under srun, the node with SLURM_NODEID=0 hosts the c10d rendezvous store (is_host), so the
-   rendezvous works even where node names are not the machines' host names.
+   rendezvous works even where node names are not the machines' host names (added to a
+   --rdzv-conf of the user's). A rendezvous port already taken on that node is one line that
+   says to set RDZV_PORT, not two tracebacks.
 4. With --max-restarts above 0 it sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (unless set), which
    restarted workers need to reach the rendezvous (otherwise they hang silently).
 """
@@ -34,15 +36,29 @@ PREEMPTED_EXIT_CODE = 75  # gpt.stop.PREEMPTED_EXIT_CODE (not imported: keep sta
 IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
+def _torchrun_options(argv: list[str]) -> tuple[set[str], int]:
+    """The torchrun options before the training script (as spelled, without `=value`), and the
+    index of the training script. A value may follow its option as the next argument
+    (`--max-restarts 3`), so that argument is not the training script."""
+    from torch.distributed.run import get_args_parser
+
+    takes_value = {s: a.nargs != 0 for a in get_args_parser()._actions for s in a.option_strings}
+    options = set()
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        key, eq, _ = argv[i].partition("=")
+        options.add(key)
+        i += 1 if eq or not takes_value.get(key, False) else 2
+    return options, min(i, len(argv))
+
+
+def _spellings(name: str) -> set[str]:
+    return {f"--{name}", f"--{name.replace('-', '_')}"}
+
+
 def _has_option(argv: list[str], name: str) -> bool:
     """Whether a torchrun option (spelled with '-' or '_') appears before the training script."""
-    spellings = {f"--{name}", f"--{name.replace('-', '_')}"}
-    for arg in argv:
-        if not arg.startswith("-"):
-            return False  # the training script: what follows are its own options
-        if arg.split("=", 1)[0] in spellings:
-            return True
-    return False
+    return bool(_spellings(name) & _torchrun_options(argv)[0])
 
 
 def _torchrun_knows(option: str) -> bool:
@@ -52,15 +68,15 @@ def _torchrun_knows(option: str) -> bool:
 
 
 def _option_value(argv: list[str], name: str) -> str | None:
-    """The value of a torchrun option (`--name=V` or `--name V`, '-' or '_') before the script."""
-    spellings = {f"--{name}", f"--{name.replace('-', '_')}"}
-    for i, arg in enumerate(argv):
-        if not arg.startswith("-"):
-            return None
-        key, eq, value = arg.partition("=")
-        if key in spellings:
-            return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
-    return None
+    """The value of a torchrun option (`--name=V` or `--name V`, '-' or '_') before the script;
+    the last one where it is given twice, as torchrun takes the last."""
+    value = None
+    end = _torchrun_options(argv)[1]
+    for i, arg in enumerate(argv[:end]):
+        key, eq, v = arg.partition("=")
+        if key in _spellings(name):
+            value = v if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return value
 
 
 def torchrun_env(argv: list[str], env: dict[str, str]) -> dict[str, str]:
@@ -86,9 +102,28 @@ def torchrun_args(argv: list[str], env: dict[str, str]) -> list[str]:
     if (not _has_option(argv, "signals-to-handle") and "PET_SIGNALS_TO_HANDLE" not in env
             and _torchrun_knows("--signals-to-handle")):
         extra.append("--signals-to-handle=SIGINT,SIGHUP,SIGQUIT")
-    if not _has_option(argv, "rdzv-conf") and "SLURM_NODEID" in env:
-        extra.append(f"--rdzv-conf=is_host={int(env['SLURM_NODEID'] == '0')}")
-    return extra + argv
+    if "SLURM_NODEID" not in env:
+        return extra + argv
+    # A --rdzv-conf of the user's (join_timeout=..., say) must not drop is_host: without it
+    # torchrun guesses the host from host names, and where node names are not host names no node
+    # hosts the store and every node waits out the join timeout. torchrun takes the last one.
+    conf = _option_value(argv, "rdzv-conf")
+    if conf is None:
+        conf = env.get("PET_RDZV_CONF", "")
+    if any(item.split("=", 1)[0].strip() == "is_host" for item in conf.split(",")):
+        return extra + argv
+    is_host = f"is_host={int(env['SLURM_NODEID'] == '0')}"
+    end = _torchrun_options(argv)[1]
+    merged = f"--rdzv-conf={conf},{is_host}" if conf.strip() else f"--rdzv-conf={is_host}"
+    return extra + argv[:end] + [merged] + argv[end:]
+
+
+def _free_port_hint() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def main(argv: list[str]) -> int:
@@ -96,11 +131,23 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, signal.SIG_IGN)
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.run import main as torchrun
 
     os.environ.update(torchrun_env(argv, dict(os.environ)))
     try:
         torchrun(torchrun_args(argv, dict(os.environ)))
+    except RendezvousConnectionError as e:
+        # The node that hosts the rendezvous cannot listen on its port: another job on this
+        # node (or another program) holds it. torchrun prints two tracebacks ending in "See
+        # inner exception for details", and the other nodes wait out the join timeout.
+        if "EADDRINUSE" not in str(e.__cause__):
+            raise
+        endpoint = _option_value(argv, "rdzv-endpoint") or os.environ.get("PET_RDZV_ENDPOINT", "")
+        print(f"launch.py: the rendezvous port of {endpoint} is in use on this node (another job "
+              f"or program holds it): set RDZV_PORT to a free port (e.g. {_free_port_hint()}) and "
+              f"submit again", file=sys.stderr, flush=True)
+        return 1
     except ChildFailedError as e:
         codes = sorted({failure.exitcode for failure in e.failures.values()})
         if PREEMPTED_EXIT_CODE in codes:
