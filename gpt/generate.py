@@ -183,7 +183,7 @@ def generate(
     max_new_tokens = n
     if not isinstance(idx, torch.Tensor):
         raise ValueError(f"idx must be a tensor of token ids [batch, time], got {type(idx).__name__}: "
-                         f"pass torch.tensor([ids])")
+                         f"pass torch.tensor([ids]) for one prompt's ids (torch.tensor(rows) for a batch)")
     if idx.dim() != 2 or idx.size(1) == 0:
         raise ValueError(f"idx must have shape [batch, time] with time >= 1, got {tuple(idx.shape)}")
     vocab_size = model.config.vocab_size

@@ -20,6 +20,7 @@ inserts the end-of-text id, so a document can never fake a document boundary.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -165,25 +166,42 @@ class Tokenizer:
 
 
 def _id_list(ids: object) -> list[int]:
-    """`ids` as a list of Python ints: what both decoders need (the char decoder looked 5.0 up as
-    5, the BPE one refused it; a [1, T] batch failed comparing a list with an int)."""
-    if hasattr(ids, "tolist"):  # a tensor or an array: its dtype and shape say it all
-        shape, dtype = tuple(ids.shape), str(ids.dtype)
+    """`ids` as a list of Python ints, what both decoders need: a float id would be looked up as
+    an int by the char decoder and refused by the BPE one, and a [1, T] batch compared a list with
+    an int."""
+    if hasattr(ids, "tolist") and hasattr(ids, "shape") and hasattr(ids, "dtype"):  # tensor, array
+        shape = tuple(ids.shape)
         if len(shape) > 1:
             raise ValueError(f"ids must be one sequence, got shape {shape}: decode each row "
                              f"([tokenizer.decode(row) for row in ids])")
-        if "int" not in dtype:  # int64, uint16 (a shard's), ...; not float or bool
-            raise ValueError(f"ids must be integers, got dtype {dtype}: pass ids.long()")
+        if not _integer_dtype(ids.dtype):
+            raise ValueError(f"ids must be integers, got dtype {ids.dtype}: convert them to an integer dtype")
         ids = ids.tolist()
         return [ids] if len(shape) == 0 else ids
     if isinstance(ids, int) and not isinstance(ids, bool):
         return [ids]
     ids = list(ids)
-    for i in ids:
-        if type(i) is not int and (isinstance(i, bool) or not isinstance(i, (int, np.integer))):
-            raise ValueError(f"ids must be integer token ids, got {i!r} ({type(i).__name__})"
-                             + (": decode each row" if isinstance(i, (list, tuple)) else ""))
-    return [int(i) for i in ids]
+    if set(map(type, ids)) <= {int}:  # the common case, checked at C speed
+        return ids
+    return [_token_id(i) for i in ids]
+
+
+def _integer_dtype(dtype) -> bool:
+    """Whether a torch or numpy dtype holds integers (uint16 shards, int64 tensors), not floats or bools."""
+    if isinstance(dtype, np.dtype):
+        return dtype.kind in "iu"
+    return not (dtype.is_floating_point or dtype.is_complex) and str(dtype) != "torch.bool"  # torch's
+
+
+def _token_id(value: object) -> int:
+    """One id of a list: any integer (a numpy scalar, a 0-d tensor from iterating a row), never a bool."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise ValueError(f"ids must be integer token ids, got {value!r} ({type(value).__name__})"
+                     + (": decode each row" if isinstance(value, (list, tuple)) else ""))
 
 
 def _unknown_chars_message(text: str, positions: np.ndarray, show: int = 8) -> str:

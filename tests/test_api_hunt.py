@@ -4,6 +4,7 @@ and what to do, never give a silently wrong answer."""
 
 from __future__ import annotations
 
+import array
 import numpy as np
 import pytest
 import torch
@@ -170,6 +171,11 @@ def test_decode_takes_one_sequence_of_integer_ids(tokenizers_):
             tok.decode([5.0])
         with pytest.raises(ValueError, match=r"ids must be integers, got dtype torch\.float32"):
             tok.decode(torch.tensor(ids, dtype=torch.float32))
+        # Still decoded as before: an array.array (tolist, no shape) and a row iterated into
+        # 0-d tensors; a bool is no id.
+        assert tok.decode(array.array("H", ids)) == tok.decode(list(torch.tensor(ids))) == "the dog"
+        with pytest.raises(ValueError, match="got True"):
+            tok.decode([True])
     assert bpe.decode(bpe.encode("a") + [bpe.eos_id]) == "a<|endoftext|>"
 
 
