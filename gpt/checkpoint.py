@@ -49,17 +49,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-try:
-    import fcntl  # POSIX; elsewhere (Windows) a reader's checkpoint is not guarded from pruning
-except ImportError:  # pragma: no cover
-    fcntl = None
 import numpy as np
 import safetensors.torch
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import parallel
+from . import locks, parallel
 from .crc import file_crc32
 from .model import GPTConfig
 from .staging import Staging, live_storages
@@ -438,15 +434,7 @@ def _unread(ckpt_dir: Path):
         yield True
         return
     try:
-        try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            free = True
-        except BlockingIOError:
-            free = False
-        except OSError:  # no flock on this file system
-            free = True
-        yield free
+        yield locks.try_flock(fd, exclusive=True) is not False  # None: no flock here, unguarded
     finally:
         os.close(fd)
 
@@ -931,17 +919,13 @@ def _pin(ckpt_dir: Path) -> int | None:
         fd = os.open(manifest, os.O_RDONLY)
     except FileNotFoundError:
         raise _Pruned from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        now, held = os.stat(manifest), os.fstat(fd)
-        if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
-            raise FileNotFoundError(manifest)  # moved away between our open and our lock
-    except (BlockingIOError, FileNotFoundError):
-        os.close(fd)
-        raise _Pruned from None
-    except OSError:  # no flock on this file system: read unguarded
+    locked = locks.try_flock(fd, exclusive=False)
+    if locked is None:  # no flock on this file system (or platform): read unguarded
         os.close(fd)
         return None
+    if not locked or not locks.names_file(manifest, fd):  # being pruned, or moved away since opened
+        os.close(fd)
+        raise _Pruned
     return fd
 
 
@@ -960,9 +944,6 @@ def reading(path: str | os.PathLike, hf_advice: str | None = None) -> Iterator[P
     for attempt in range(READ_PIN_TRIES):
         time.sleep(0.05 * attempt)  # a save, its rename and its pruning take a moment
         ckpt_dir = resolve_checkpoint(path, hf_advice)
-        if fcntl is None:
-            fd = None
-            break
         try:
             fd = _pin(ckpt_dir)
             break

@@ -100,8 +100,6 @@ def acquire(path: str | os.PathLike, *, wait: bool = False) -> FolderLock:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # O_CLOEXEC: Python's default
         try:
-            stat = os.fstat(fd)
-            key = (stat.st_dev, stat.st_ino)
             if fcntl is None:  # pragma: no cover
                 os.close(fd)
                 return FolderLock(path, None, f"cannot lock {path} on this platform (no fcntl)")
@@ -118,11 +116,7 @@ def acquire(path: str | os.PathLike, *, wait: bool = False) -> FolderLock:
                 return FolderLock(path, None, f"cannot lock {path} ({e.strerror or e}): this filesystem "
                                               f"does not support flock, so nothing stops a second process "
                                               f"from writing the same folder at the same time")
-            try:
-                same = os.stat(path)
-                if (same.st_dev, same.st_ino) != key:
-                    raise FileNotFoundError
-            except FileNotFoundError:  # removed by its last holder after we opened it: try again
+            if not names_file(path, fd):  # removed by its last holder after we opened it: try again
                 os.close(fd)
                 continue
         except BaseException:
@@ -135,6 +129,30 @@ def acquire(path: str | os.PathLike, *, wait: bool = False) -> FolderLock:
         lock = FolderLock(path, fd)
         _held.add(lock)
         return lock
+
+
+def try_flock(fd: int, *, exclusive: bool) -> bool | None:
+    """Lock the open file `fd` without waiting: True once locked, False while another open file
+    description holds a conflicting lock, None where the platform or filesystem cannot flock."""
+    if fcntl is None:  # pragma: no cover
+        return None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # ENOLCK, EOPNOTSUPP, ENOSYS...
+        return None
+    return True
+
+
+def names_file(path: Path, fd: int) -> bool:
+    """Whether `path` still names the file open as `fd` (not removed or replaced since it was opened)."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _write_holder(fd: int) -> None:
