@@ -25,7 +25,6 @@ runs outside the graph. The step's logits equal the ordinary path's to float rou
 from __future__ import annotations
 
 import math
-import operator
 import weakref
 from collections.abc import Iterator
 
@@ -35,17 +34,7 @@ import torch.nn.functional as F
 from gpt.linear import packed_for_decoding
 from gpt.model import GPT, KVCache
 from gpt.static_decode import StaticDecoder
-
-
-def _integer(value: object) -> int | None:
-    """`value` as an int when it is an integer of any kind (a numpy or 0-d tensor one from a
-    sweep or a tokenizer, too), else None; True and False are not token counts or ids."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
+from gpt.tokenizer import as_integer
 
 
 def _check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> int | None:
@@ -53,7 +42,7 @@ def _check_sampling_args(temperature: float, top_k: int | None, top_p: float | N
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None:
-        k = _integer(top_k)
+        k = as_integer(top_k)
         if k is None or k < 1:
             raise ValueError(f"top_k must be an integer >= 1 (or None), got {top_k!r}")
         top_k = k
@@ -177,7 +166,7 @@ def generate(
     token after the prompt (a few steps' time) and freed with the iterator.
     """
     top_k = _check_sampling_args(temperature, top_k, top_p)
-    n = _integer(max_new_tokens)
+    n = as_integer(max_new_tokens)
     if n is None or n < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     max_new_tokens = n
@@ -196,7 +185,7 @@ def generate(
                          f"(min {int(idx.min())}, max {int(idx.max())}): encode the prompt with the "
                          f"tokenizer the model was trained with")
     if eos_id is not None:
-        eos = _integer(eos_id)
+        eos = as_integer(eos_id)
         if eos is None or not 0 <= eos < vocab_size:
             # Such an id is never sampled, so generation would silently never stop early.
             raise ValueError(f"eos_id must be a token id in 0..{vocab_size - 1} (or None), got {eos_id!r}")

@@ -193,13 +193,22 @@ def _integer_dtype(dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex) and str(dtype) != "torch.bool"  # torch's
 
 
+def as_integer(value: object) -> int | None:
+    """`value` as an int when it is an integer of any kind (a numpy scalar, a 0-d tensor from
+    iterating a row or a sweep), else None; True and False are not counts or ids."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _token_id(value: object) -> int:
-    """One id of a list: any integer (a numpy scalar, a 0-d tensor from iterating a row), never a bool."""
-    if not isinstance(value, bool):
-        try:
-            return operator.index(value)
-        except TypeError:
-            pass
+    """One id of a list, any integer (see `as_integer`)."""
+    token = as_integer(value)
+    if token is not None:
+        return token
     raise ValueError(f"ids must be integer token ids, got {value!r} ({type(value).__name__})"
                      + (": decode each row" if isinstance(value, (list, tuple)) else ""))
 
