@@ -407,10 +407,10 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
             ckpt.check_model_config(source, saved["model_config"], asdict(model.config), init_from=True)
             ckpt.load_model_weights(source, model)
             log(info, f"initialized weights from {source}")
-            if crop:
-                model.crop_block_size(gpt_config.block_size)
-                log(info, f"cropped the position embeddings from block_size {trained_context} to "
-                          f"{gpt_config.block_size} (the first {gpt_config.block_size} positions)")
+        if crop:  # the weights are in memory: no need to keep the checkpoint pinned for this
+            model.crop_block_size(gpt_config.block_size)
+            log(info, f"cropped the position embeddings from block_size {trained_context} to "
+                      f"{gpt_config.block_size} (the first {gpt_config.block_size} positions)")
     return config, model, resume_from
 
 
