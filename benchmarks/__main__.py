@@ -35,7 +35,8 @@ import torch
 
 from benchmarks import bench_generate, bench_resources, bench_train
 from benchmarks.cli import device as device_name, positive_float, positive_int
-from benchmarks.common import busy_cores, load_average, log, machine, peer_available, write_json
+from benchmarks.common import (MALLOC_CHOICES, MALLOC_HELP, busy_cores, load_average, log, machine, peer_available,
+                               use_malloc, write_json)
 
 PARTS = ("peak", "train", "generate", "loader", "data", "rss")
 # The goals, as numbers the table checks.
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--full", action="store_true", help="also the slow cases")
     p.add_argument("--compile", action="store_true", help="also torch.compile'd ours when training")
     p.add_argument("--train-budget-s", type=positive_float, default=30.0, help="timed seconds per training case")
+    p.add_argument("--malloc", choices=MALLOC_CHOICES, default="trainer", help=MALLOC_HELP)
     args = p.parse_args(argv)
     threads = choose_threads(args.threads)
     torch.set_num_threads(threads)
@@ -75,7 +77,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     slow_bf16 = bool(peak) and device.type == "cpu" and \
         peak["measured_bfloat16_gflops"] < 0.5 * peak["measured_float32_gflops"]
 
+    if "generate" in args.parts:
+        suite["generate"] = []
+        for batch, dtype in ((1, "float32"), (8, "float32"), (1, "bfloat16")):
+            log(f"generate batch {batch} {dtype} ...")
+            r = bench_generate.run_case(batch, 255, no_cache=dtype == "float32" and (batch == 1 or args.full),
+                                        device=device, dtype=dtype)
+            log(bench_generate.format_case(r))
+            suite["generate"].append(r)
+        write_json("generate", {"benchmark": "generation vs Hugging Face generate",
+                                "machine": suite["machine"], "results": suite["generate"]})
+
     if "train" in args.parts:
+        # After generation, which sample.py runs with the C library's allocator as it is (the
+        # trainer's setting made our decoding slower here), and process-wide from here on.
+        suite["malloc"] = use_malloc(args.malloc, device)
+        log(f"allocator for training: {suite['malloc']}")
         peaks_flops = {"fp32_peak": peak["measured_float32_gflops"] * 1e9,
                        "bf16_peak": peak["measured_bfloat16_gflops"] * 1e9}
         if device.type == "cuda":
@@ -97,19 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      max_rounds=3 if slow else 10, peak=peaks_flops)
             log(bench_train.format_case(r))
             suite["train"].append(r)
-        write_json("train", {"benchmark": "train step vs Hugging Face GPT2LMHeadModel",
-                             "machine": suite["machine"], "peak": peak, "results": suite["train"]})
-
-    if "generate" in args.parts:
-        suite["generate"] = []
-        for batch, dtype in ((1, "float32"), (8, "float32"), (1, "bfloat16")):
-            log(f"generate batch {batch} {dtype} ...")
-            r = bench_generate.run_case(batch, 255, no_cache=dtype == "float32" and (batch == 1 or args.full),
-                                        device=device, dtype=dtype)
-            log(bench_generate.format_case(r))
-            suite["generate"].append(r)
-        write_json("generate", {"benchmark": "generation vs Hugging Face generate",
-                                "machine": suite["machine"], "results": suite["generate"]})
+        write_json("train", {"benchmark": "train step vs Hugging Face GPT2LMHeadModel", "machine": suite["machine"],
+                             "malloc": suite["malloc"], "peak": peak, "results": suite["train"]})
 
     if "loader" in args.parts:
         log("loader ...")

@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cli import device as device_name, non_negative_int, positive_float, positive_int, results_name  # noqa: E402
-from benchmarks.common import (build_peer, count_params, interleave, load_average, log, machine,  # noqa: E402
-                               median, peer_available, write_json)
+from benchmarks.common import (MALLOC_CHOICES, MALLOC_HELP, build_peer, count_params, interleave,  # noqa: E402
+                               load_average, log, machine, median, peer_available, use_malloc, write_json)
 from gpt.hf import from_hf_state_dict, to_hf_state_dict  # noqa: E402
 from gpt.metrics import peak_flops  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         "train.py does (shapes whose vocabulary is not a multiple already)")
     p.add_argument("--budget-s", type=positive_float, default=40.0, help="timed seconds per case (sets the rounds)")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--malloc", choices=MALLOC_CHOICES, default="trainer", help=MALLOC_HELP)
     p.add_argument("--out", type=results_name, default="train", help="results file: benchmarks/results/OUT.json")
     args = p.parse_args(argv)
     if not peer_available():
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    malloc = use_malloc(args.malloc, device)
+    log(f"allocator: {malloc}")
     results = []
     for shape in args.shapes:
         for dtype in args.dtypes:
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                   f"attention {r['peer_attention']})\n{format_case(r)}", flush=True)
             results.append(r)
     path = write_json(args.out, {"benchmark": "train step vs Hugging Face GPT2LMHeadModel",
-                                 "machine": machine(), "results": results})
+                                 "machine": machine(), "malloc": malloc, "results": results})
     print(f"wrote {path}")
     return results
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from gpt import allocator
 from gpt.metrics import finite_or_null
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +49,20 @@ def busy_cores(window_s: float = 1.0) -> float:
         return load_average()
     cores = os.cpu_count() or 1
     return round(cores * (busy1 - busy0) / max(total1 - total0, 1), 2)
+
+
+MALLOC_CHOICES = ("trainer", "system")
+MALLOC_HELP = ("C allocator for both contenders: 'trainer' (default) as train.py sets it on a CPU "
+               "(gpt/allocator.py: freed blocks kept for reuse), 'system' the C library's defaults")
+
+
+def use_malloc(choice: str, device: torch.device) -> str:
+    """Set the process's allocator as `choice` says (see MALLOC_HELP); returns what it is, for
+    the results. Process-wide, so both contenders run under it: without it the peer's [N, V]
+    logits (32 MB at the default shape) are mmap()ed and page-faulted in afresh every step."""
+    if choice == "trainer" and device.type == "cpu":
+        return allocator.keep_freed_memory()
+    return "the C library's defaults"
 
 
 def machine() -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import allocator
 from . import checkpoint as ckpt
 from . import hf
 from . import locks
@@ -921,6 +922,8 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     dtype = resolve_dtype(config.dtype, device)
     parallel.resolve_strategy(config, info)  # a strategy that cannot run here fails before any work
     use_tf32(device)
+    # Before the model and its first step allocate: see gpt/allocator.py (5-7% of a CPU step).
+    memory_note = allocator.keep_freed_memory() if device.type == "cpu" else None
     out_dir = claim_out_dir(config, info, held)
 
     meta = ensure_dataset(config, info)
@@ -948,6 +951,8 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     flops_per_token = model.flops_per_token()
     peak, peak_source = peak_flops(device, dtype, config.peak_tflops)
     describe_run(config, info, model, optimizer, dtype, accum, tokens_per_step, peak, peak_source)
+    if memory_note:
+        log(info, f"cpu memory: {memory_note}")
 
     autocast = autocast_context(config, info, dtype)
     scaler = grad_scaler(device, dtype, state)
