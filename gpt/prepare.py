@@ -691,7 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a named corpus: stdlib = this Python's standard library .py files (no download)")
     src.add_argument("--hf-dataset", "--hf_dataset", metavar="NAME",
                      help="a Hugging Face dataset: a hub name, a builder (json, parquet, text, csv) with "
-                          "--hf-data-files, or a local data file or folder (one written by save_to_disk too)")
+                          "--hf-data-files, or a local data file or folder (one written by save_to_disk too); local "
+                          ".txt files are read as --input reads them (each file one document, line endings kept)")
     opt("--hf-config", metavar="C", help="dataset configuration (subset) name")
     opt("--hf-split", default="train", metavar="S", help="dataset split to read (default: train)")
     opt("--hf-data-files", nargs="+", metavar="FILE", help="data files for a builder such as json or parquet")

@@ -31,6 +31,7 @@ import stat
 import sysconfig
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -405,6 +406,11 @@ class HFDataset(_DocumentsFromPieces):
     follows its extension (.jsonl/.json, .parquet, .csv, .arrow; .txt reads the whole file as
     one document), and a local folder is read as `datasets` reads any data folder, or, when
     written by `save_to_disk`, by its own splits (a saved Dataset is the split "train").
+    Local .txt files (a file, a folder of them, or the "text" builder's local data files) are
+    read as --input reads them: each file one document, its text exactly (CRLF kept, a leading
+    byte order mark left out), streamed; datasets' text builder would turn CRLF into LF and read
+    a folder line by line. A folder with data files of several types is an error (datasets reads
+    only one type), and a bad file among several is named in the error.
     """
 
     name: str
@@ -416,6 +422,12 @@ class HFDataset(_DocumentsFromPieces):
     cache_dir: str | None = None
     description: str = ""
     progress: bool = True  # datasets' own progress bars ("Generating train split"); prep's --no-progress
+    # Local text files' sizes and modification times when read (a file that changes between data
+    # prep's two reads is an error, as for --input); the split's local data files and datasets'
+    # builder for them, once loaded (to name a bad file among several).
+    _stamps: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _files: list | None = field(default=None, init=False, repr=False, compare=False)
+    _module: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.description:
@@ -424,9 +436,9 @@ class HFDataset(_DocumentsFromPieces):
             self.description = (f"Hugging Face dataset {self.name}{config}{files}, split {self.split}, "
                                 f"field {self.text_field!r}")
 
-    def _load(self):
-        import datasets  # slow to import; only this source needs it
-
+    def _resolve(self) -> tuple[str, dict]:
+        """What to hand `datasets.load_dataset`: the path (a builder name for local files) and
+        its keyword arguments; SourceError for local files that do not exist."""
         path, kwargs = str(self.name), {}
         local = Path(self.name)
         if not local.exists() and _looks_like_a_path(self.name):
@@ -451,33 +463,112 @@ class HFDataset(_DocumentsFromPieces):
                 raise SourceError(f"--hf-dataset {local}: cannot tell the file type from its extension; "
                                   f"use one of {', '.join(sorted(_HF_BUILDERS))}")
             path, kwargs["data_files"] = builder, str(local)
-            if builder == "text":
-                kwargs["sample_by"] = "document"  # the whole file, newlines kept, as one document
         elif self.data_files:
             kwargs["data_files"] = [str(f) for f in self.data_files]
         if path == "text":
-            # As --input files: a byte order mark that starts a file is left out, not text.
-            kwargs["encoding"] = "utf-8-sig"
+            # As --input files: the whole file is one document (not one per line), and a byte
+            # order mark that starts a file is left out, not text. (Local text files are read by
+            # _text_files below; these options serve remote ones and split slices.)
+            kwargs.update(sample_by="document", encoding="utf-8-sig")
         if self.cache_dir:
             kwargs["cache_dir"] = self.cache_dir
+        return path, kwargs
+
+    def _is_local(self, path: str, kwargs: dict) -> bool:
+        """Whether the data are local files (a file, a folder, or a builder's local data files)."""
+        if Path(self.name).exists():
+            return True
+        files = kwargs.get("data_files")
+        return bool(files) and isinstance(files, list) and all("://" not in str(f) for f in files)
+
+    @contextmanager
+    def _datasets_errors(self):
+        """datasets' progress bars off when asked, and its errors as one-line SourceErrors."""
+        import datasets  # slow to import; only this source needs it
+
         # datasets' switch is global: turned off for this call only, and back on only if it was on.
         quiet = not self.progress and datasets.is_progress_bar_enabled()
         if quiet:
             datasets.disable_progress_bars()
+        local = Path(self.name)
         try:
-            return datasets.load_dataset(path, self.config, split=self.split, streaming=self.streaming, **kwargs)
+            yield datasets
+        except SourceError:
+            raise
         except Exception as e:  # datasets raises many types; the user needs the reason and the name
             if local.is_dir() and type(e).__name__ in ("EmptyDatasetError", "DataFilesNotFoundError"):
                 raise SourceError(f"--hf-dataset {self.name}: no data files in this folder that datasets "
                                   f"reads ({', '.join(sorted(_HF_BUILDERS))} files, or a folder written "
                                   f"by save_to_disk); datasets says: {e}") from e
-            # (Local data files exist, or their patterns match: checked above.)
+            blame = self._blame(datasets, e)
+            if blame is not None:
+                raise SourceError(f"{self._named()}: {blame}") from e
+            # (Local data files exist, or their patterns match: checked in _resolve.)
             on_disk = local.exists() or (self.data_files and all("://" not in str(f) for f in self.data_files))
             hint = "" if on_disk else ". No network? Point --hf-dataset at local files or a folder"
             raise SourceError(f"{self._named()}: cannot load it ({_reason(e)}){hint}") from e
         finally:
             if quiet:
                 datasets.enable_progress_bars()
+
+    def _load(self):
+        """The dataset's rows (a datasets Dataset or IterableDataset), or, for local text files,
+        the list of those files (read as --input reads them)."""
+        path, kwargs = self._resolve()
+        self._files, self._module = None, None
+        with self._datasets_errors() as datasets:
+            if self._is_local(path, kwargs):
+                builder = datasets.load_dataset_builder(path, self.config, **kwargs)
+                self._module = builder.name
+                by_split = {str(k): [str(f) for f in v] for k, v in (builder.config.data_files or {}).items()}
+                if Path(self.name).is_dir() and not self.data_files and path != "arrow":
+                    _check_one_file_type(Path(self.name), builder.name, by_split)
+                self._files = by_split.get(self.split)
+                if builder.name == "text" and self._files is not None:
+                    # datasets' text builder turns \r\n and \r into \n (text mode), and reads a
+                    # folder's files line by line (one document per line, newlines dropped):
+                    # the same file gave another corpus than --input. Read them as --input does.
+                    return [Path(f) for f in self._files]
+                if builder.name == "text" and "sample_by" not in kwargs:
+                    kwargs.update(sample_by="document", encoding="utf-8-sig")  # a folder of .txt, sliced
+            return datasets.load_dataset(path, self.config, split=self.split, streaming=self.streaming,
+                                         **kwargs)
+
+    def _blame(self, datasets, error: BaseException) -> str | None:
+        """Which of several local data files makes loading fail, and why ("FILE: reason"), or None
+        (one file: --hf-dataset names it already; files not known; no one file fails alone).
+
+        datasets' errors name no file (its log line does, above a traceback). Each file is read
+        alone, streamed, until one fails or has other columns than the first."""
+        files = getattr(self, "_files", None)
+        module = getattr(self, "_module", None)
+        if not files or module is None or (len(files) == 1 and not Path(self.name).is_dir()):
+            return None
+        kwargs = {"cache_dir": self.cache_dir} if self.cache_dir else {}
+        if module == "text":
+            kwargs.update(sample_by="document", encoding="utf-8-sig")
+        first: tuple[str, list[str]] | None = None
+        for file in files:
+            try:
+                rows = iter(datasets.load_dataset(module, data_files=[file], split="train", streaming=True, **kwargs))
+                row = next(rows, None)
+                for _ in rows:
+                    pass
+            except Exception as e:
+                return f"{file}: {_file_reason(Path(file), e)}"
+            if row is None:
+                continue
+            columns = list(row)
+            if self.text_field not in columns:
+                return (f"{file}: has no column {self.text_field!r} (--text-field); its columns are: "
+                        f"{', '.join(columns) or '(none)'}")
+            if first is None:
+                first = (file, columns)
+            elif sorted(columns) != sorted(first[1]):
+                return (f"{file}: its columns ({', '.join(columns)}) are not those of {first[0]} "
+                        f"({', '.join(first[1])}); datasets needs the same columns in every file")
+        del error
+        return None
 
     def _named(self) -> str:
         """The options that name the data, for errors: with a builder, the files are what is bad;
@@ -489,6 +580,9 @@ class HFDataset(_DocumentsFromPieces):
 
     def iter_pieces(self, piece_chars: int = PIECE_CHARS) -> Iterator[Piece]:
         dataset = self._load()
+        if isinstance(dataset, list):
+            yield from self._text_file_pieces(dataset, piece_chars)
+            return
         columns = getattr(dataset, "column_names", None)
         if columns is not None:
             self._check_field(columns)
@@ -501,7 +595,10 @@ class HFDataset(_DocumentsFromPieces):
             except StopIteration:
                 return
             except Exception as e:
-                raise SourceError(f"{self._named()}: cannot read its rows ({_reason(e)})") from e
+                import datasets
+
+                blame = self._blame(datasets, e) or f"cannot read its rows ({_reason(e)})"
+                raise SourceError(f"{self._named()}: {blame}") from e
             if self.text_field not in row:
                 self._check_field(list(row))
             text = row[self.text_field]
@@ -511,6 +608,17 @@ class HFDataset(_DocumentsFromPieces):
                 raise SourceError(f"--text-field {self.text_field!r} of {self.name} holds "
                                   f"{type(text).__name__}, not text")
             yield from _document_pieces([text], piece_chars)
+
+    def _text_file_pieces(self, files: list[Path], piece_chars: int) -> Iterator[Piece]:
+        """Local text files, each one document, read exactly as --input reads them."""
+        self._check_field(["text"])
+        for path in files:
+            try:
+                yield from _document_pieces(_read_chunks(path, "strict", self._stamps), piece_chars)
+            except NotUTF8Error as e:
+                raise SourceError(f"{self._named()}: {path}: not valid UTF-8 at byte offset {e.offset} "
+                                  f"({_utf8_reason(e)}); convert the file to UTF-8, or read it with --input "
+                                  f"and --encoding-errors replace or skip") from None
 
     def _check_field(self, columns: list[str]) -> None:
         if self.text_field not in columns:
@@ -547,6 +655,74 @@ def _saved_to_disk(folder: Path) -> dict[str, list[str]] | None:
 def _saved_arrow_files(folder: Path) -> list[str]:
     state = json.loads((folder / "state.json").read_text())
     return [str(folder / f["filename"]) for f in state["_data_files"]]
+
+
+# The file types of a local folder that datasets reads with one builder each ("json", "text", ...).
+_FOLDER_TYPES = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv",
+                 ".tsv": "csv", ".txt": "text", ".arrow": "arrow"}
+
+
+def _check_one_file_type(folder: Path, module: str, by_split: dict[str, list[str]]) -> None:
+    """A folder's data files of another type than the one datasets chose: datasets reads only the
+    files of its most common type, and left the others out without a word."""
+    read = {os.path.realpath(f) for files in by_split.values() for f in files}
+    left_out: list[str] = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+        for name in sorted(files):
+            kind = _FOLDER_TYPES.get(Path(name).suffix.lower())
+            path = os.path.join(root, name)
+            if (kind is not None and kind != module and not name.startswith((".", "__"))
+                    and os.path.realpath(path) not in read):
+                left_out.append(path)
+    if left_out:
+        shown = ", ".join(left_out[:3]) + (f" and {len(left_out) - 3:,} more" if len(left_out) > 3 else "")
+        raise SourceError(f"--hf-dataset {folder}: holds data files of more than one type; datasets reads "
+                          f"only its {module} files and would leave out {shown}; put each type in a folder "
+                          f"of its own, or name the files with --hf-dataset {module} --hf-data-files FILE...")
+
+
+def _utf8_reason(e: NotUTF8Error) -> str:
+    return str(e).split(" (", 1)[1].split(")", 1)[0] if " (" in str(e) else "invalid bytes"
+
+
+def _file_reason(path: Path, e: BaseException) -> str:
+    """Why one local data file cannot be read, in words, with the byte offset or line when known."""
+    cause = e
+    while type(cause).__name__ == "DatasetGenerationError" and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        bad = _first_decode_error(path)
+        if bad is not None:
+            return (f"not valid UTF-8 at byte offset {bad.offset} ({_utf8_reason(bad)}); convert the file "
+                    f"to UTF-8 (--encoding-errors applies to --input files only)")
+    if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        line = _bad_json_line(path)
+        if line is not None:
+            return line
+    return _reason(e)
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """"line N: <reason>" for the first line of a JSON-lines file that is not a JSON object."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            first = f.read(1)
+            if first in ("[", ""):  # one JSON document (a list of rows), not JSON lines
+                return None
+            f.seek(0)
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    return f"line {number} is not valid JSON ({e}); fix or remove that line"
+                if not isinstance(row, dict):
+                    return f"line {number} is JSON but not an object ({type(row).__name__}): each line must be one row"
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None
 
 
 def _reason(e: BaseException) -> str:
