@@ -6,6 +6,7 @@ in one run, side by side; prints one table and writes benchmarks/results/*.json.
     python -m benchmarks --threads all        # every core even if other jobs are running (see below)
     python -m benchmarks --full               # also the slow cases (bf16 at 6 x 384, no-cache at batch 8)
     python -m benchmarks --compile            # also torch.compile'd ours in the training comparison
+    python -m benchmarks --parts train --out-prefix trial   # a trial: results/trial_train.json, trial_suite_train.json
 
 Parts:
   peak      measured fp32 and bf16 matmul FLOP/s (all threads) and, on GPUs, the datasheet peak
@@ -18,6 +19,12 @@ Parts:
   data      data prep MB/s, char and BPE, on 8 MB of text (benchmarks/bench_data.py)
   rss       peak RSS of a short `python train.py` run of the 6 x 384 model (a child process)
 
+Results: benchmarks/results/train.json and generate.json (the train and generate parts' rows)
+and suite.json (everything, with the table), or suite_PARTS.json for some parts only. These are
+the committed results: --out-prefix NAME writes NAME_train.json, NAME_generate.json and
+NAME_suite[_PARTS].json in the same folder instead (as bench_train.py's and the others' --out
+name their one file), so that a trial run replaces none of them.
+
 Every comparison alternates its contenders in one process after warm-up and reports medians;
 read the ratios, and the load average printed with each (other jobs on the machine slow both
 sides, though not always alike: on a 2-core machine where another job holds one core, every
@@ -28,15 +35,20 @@ default --threads auto, which uses only the cores that are idle when the suite s
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks import bench_generate, bench_resources, bench_train
-from benchmarks.cli import device as device_name, positive_float, positive_int
-from benchmarks.common import (MALLOC_CHOICES, MALLOC_HELP, busy_cores, load_average, log, machine, peer_available,
-                               use_malloc, write_json)
+# `python benchmarks/__main__.py` puts benchmarks/, not the repository, on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import bench_generate, bench_resources, bench_train  # noqa: E402
+from benchmarks.cli import device as device_name, positive_float, positive_int, results_prefix  # noqa: E402
+from benchmarks.common import (MALLOC_CHOICES, MALLOC_HELP, busy_cores, load_average, log, machine,  # noqa: E402
+                               peer_available, use_malloc, write_json)
 
 PARTS = ("peak", "train", "generate", "loader", "data", "rss")
 # The issue's goals, as numbers the table checks.
@@ -58,6 +70,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--compile", action="store_true", help="also torch.compile'd ours when training")
     p.add_argument("--train-budget-s", type=positive_float, default=30.0, help="timed seconds per training case")
     p.add_argument("--malloc", choices=MALLOC_CHOICES, default="trainer", help=MALLOC_HELP)
+    # Without it every run of the train or generate part, a trial's too, replaced the committed
+    # results/train.json or generate.json.
+    p.add_argument("--out-prefix", "--out_prefix", type=results_prefix, default=None, metavar="NAME",
+                   help="write benchmarks/results/NAME_train.json, NAME_generate.json and "
+                        "NAME_suite[_PARTS].json instead of the committed train.json, generate.json "
+                        "and suite[_PARTS].json (default: those)")
     args = p.parse_args(argv)
     threads = choose_threads(args.threads)
     torch.set_num_threads(threads)
@@ -85,8 +103,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                         device=device, dtype=dtype)
             log(bench_generate.format_case(r))
             suite["generate"].append(r)
-        write_json("generate", {"benchmark": "generation vs Hugging Face generate",
-                                "machine": suite["machine"], "results": suite["generate"]})
+        write_json(results_file("generate", args.out_prefix),
+                   {"benchmark": "generation vs Hugging Face generate", "machine": suite["machine"],
+                    "results": suite["generate"]})
 
     if "train" in args.parts:
         # After generation, which sample.py runs with the C library's allocator as it is (the
@@ -114,8 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      max_rounds=3 if slow else 10, peak=peaks_flops)
             log(bench_train.format_case(r))
             suite["train"].append(r)
-        write_json("train", {"benchmark": "train step vs Hugging Face GPT2LMHeadModel", "machine": suite["machine"],
-                             "malloc": suite["malloc"], "peak": peak, "results": suite["train"]})
+        write_json(results_file("train", args.out_prefix),
+                   {"benchmark": "train step vs Hugging Face GPT2LMHeadModel", "machine": suite["machine"],
+                    "malloc": suite["malloc"], "peak": peak, "results": suite["train"]})
 
     if "loader" in args.parts:
         log("loader ...")
@@ -136,9 +156,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\n".join(suite["table"]))
     # A run of some parts must not replace the whole suite's record: it gets a file of its own.
     name = "suite" if set(args.parts) == set(PARTS) else "suite_" + "_".join(sorted(args.parts))
-    path = write_json(name, suite)
+    path = write_json(results_file(name, args.out_prefix), suite)
     print(f"wrote {path}")
     return suite
+
+
+def results_file(name: str, prefix: str | None) -> str:
+    """The results name `name` (train, generate, suite...), after --out-prefix if given."""
+    return name if prefix is None else f"{prefix}_{name}"
 
 
 def parts_to_run(asked: list[str] | None) -> list[str]:

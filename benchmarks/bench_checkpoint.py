@@ -218,6 +218,13 @@ def main(argv: list[str] | None = None) -> None:
                              "checkpoint_tmpfs.json for a run with --dir /dev/shm, which shows what the "
                              "code costs when the disk is not the limit")
     args = parser.parse_args(argv)
+    # Checked before the 124M model is built: a file or a missing folder ended in a traceback
+    # from mkdtemp (NotADirectoryError, FileNotFoundError) after that.
+    if args.dir is not None:
+        if not args.dir.is_dir():
+            parser.error(f"--dir {args.dir}: {'not a folder' if args.dir.exists() else 'no such folder'}")
+        if not os.access(args.dir, os.W_OK | os.X_OK):
+            parser.error(f"--dir {args.dir}: this user cannot write there")
 
     device = torch.device(args.device)
     model, optimizer = build(device)

@@ -117,6 +117,23 @@ def _rss(pid: int) -> int:
     return 0
 
 
+def check_input(path: Path) -> None:
+    """--input must be a readable, non-empty file: a folder, an unreadable file or an empty one
+    (repeated zero times: a division by zero) ended in a traceback."""
+    if not path.exists():
+        raise SystemExit(f"error: {path} not found; pass --input TEXT_FILE")
+    if not path.is_file():
+        raise SystemExit(f"error: --input {path} is {'a folder' if path.is_dir() else 'not a regular file'}; "
+                         "give one text file (it is repeated to --mb MB)")
+    try:
+        with open(path, "rb") as f:
+            empty = not f.read(1)
+    except OSError as e:
+        raise SystemExit(f"error: --input {path} cannot be read: {e.strerror or e}") from None
+    if empty:
+        raise SystemExit(f"error: --input {path} is empty; give a text file to repeat")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mb", type=positive_float, default=100, help="corpus size in MB (default: 100)")
@@ -127,8 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=results_name, default="data",
                    help="results file: benchmarks/results/OUT.json (default: data)")
     args = p.parse_args(argv)
-    if not args.input.exists():
-        raise SystemExit(f"error: {args.input} not found; pass --input TEXT_FILE")
+    check_input(args.input)
 
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:

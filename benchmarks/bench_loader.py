@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.cli import positive_int, results_name  # noqa: E402
 from benchmarks.common import write_json  # noqa: E402
 from gpt.loader import TokenLoader  # noqa: E402
-from gpt.shards import HEADER_INTS, MAGIC, VERSION, shard_name  # noqa: E402
+from gpt.shards import HEADER_INTS, MAGIC, VERSION, ShardError, shard_name  # noqa: E402
 
 CASES = [(12, 64), (8, 1024)]  # (batch_size, block_size)
 ORDERS = ("random", "sequential")
@@ -106,11 +106,16 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir
-        if data_dir is None:
-            data_dir = Path(tmp)
-            write_synthetic_shard(data_dir / shard_name("train", 0), args.tokens)
-        rows = bench_loader(data_dir, args.batches, args.repeats)
-        num_tokens = TokenLoader(data_dir, "train", 1, 1).num_tokens
+        try:
+            if data_dir is None:
+                data_dir = Path(tmp)
+                write_synthetic_shard(data_dir / shard_name("train", 0), args.tokens)
+            rows = bench_loader(data_dir, args.batches, args.repeats)
+            num_tokens = TokenLoader(data_dir, "train", 1, 1).num_tokens
+        except (ShardError, OSError) as e:
+            # A --data-dir that is missing, a file, or has no train shards (or shards too short
+            # for the largest block) ended in a ShardError traceback; its message says what to do.
+            raise SystemExit(f"error: {'--data-dir: ' if args.data_dir is not None else ''}{e}") from None
 
     report = {
         "benchmark": "loader",

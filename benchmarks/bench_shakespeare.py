@@ -1,9 +1,12 @@
 """Train configs/shakespeare_char_cpu.toml on tiny-Shakespeare and report val loss, wall time, speed.
 
-    python benchmarks/bench_shakespeare.py [--input TEXT] [--key=value ...]   # extra keys go to train.py
+    python benchmarks/bench_shakespeare.py [--input TEXT] [--out NAME] [--key=value ...]   # extra keys go to train.py
 
 --input: the tiny-Shakespeare text (default: ../shared/data/tinyshakespeare.txt beside the
 repository; data_prep/shakespeare.py's URL is where to download it).
+--out: the results file, benchmarks/results/NAME.json (default: shakespeare_char_cpu, the
+committed one); a trial run can name another. Every other --key=value is train.py's (not
+--config, --data_dir or --out_dir: this script sets those).
 
 Reference point (measured on this project's 2-core CPU machines): the well-known nanoGPT CPU
 recipe of this shape (4 x 128, context 64, batch 12, 2000 iterations, lr 1e-3) reaches val loss
@@ -28,6 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.cli import results_name  # noqa: E402
 from benchmarks.common import write_json  # noqa: E402
 from gpt.eval import evaluate_split, load_for_eval  # noqa: E402
 from gpt.metrics import measure_matmul_flops, read_metrics  # noqa: E402
@@ -40,20 +44,34 @@ REFERENCE_MATMUL_GFLOPS = 180.0
 GOAL_VAL_LOSS = 1.75
 
 
-def parse(argv: list[str]) -> tuple[Path, list[str]]:
-    """(the text file, the overrides for train.py: every argument but --input)."""
+# train.py keys this script sets itself: given again, the run would read another dataset or
+# write where the figures are not read from (a traceback after the whole run), or name two configs.
+OWN_KEYS = ("config", "data_dir", "out_dir")
+
+
+def parse(argv: list[str]) -> tuple[Path, list[str], str]:
+    """(the text file, the overrides for train.py: every argument but --input and --out, the
+    results name). No abbreviations: --out_dir and --out-dir are train.py's, never --out."""
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, default=SHAKESPEARE, help="the tiny-Shakespeare text")
+    # Without it every run, a trial's too, replaced the committed results/shakespeare_char_cpu.json.
+    parser.add_argument("--out", type=results_name, default="shakespeare_char_cpu",
+                        help="results file: benchmarks/results/OUT.json (default: shakespeare_char_cpu)")
     args, overrides = parser.parse_known_args(argv)
+    for arg in overrides:
+        key = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else None
+        if key in OWN_KEYS:
+            parser.error(f"{arg.split('=', 1)[0]}: this script sets it (the run is in a temporary folder)")
     if not args.input.is_file():
-        raise SystemExit(f"error: {args.input} not found; pass --input with the tiny-Shakespeare text "
+        what = "is a folder" if args.input.is_dir() else "is not a regular file" if args.input.exists() else "not found"
+        raise SystemExit(f"error: {args.input} {what}; pass --input with the tiny-Shakespeare text "
                          f"(data_prep/shakespeare.py's URL is where to download it)")
-    return args.input, overrides
+    return args.input, overrides, args.out
 
 
 def main(argv: list[str]) -> dict:
-    text, overrides = parse(argv)
+    text, overrides, results = parse(argv)
     work = Path(tempfile.mkdtemp(prefix="bench_shakespeare_"))
     data = work / "shakespeare_char"
     # nanoGPT's split: first 90% of the characters train, last 10% val.
@@ -63,7 +81,11 @@ def main(argv: list[str]) -> dict:
                f"--data_dir={data}", f"--out_dir={out}", *overrides]
     print("running:", " ".join(command), flush=True)
     start = time.perf_counter()
-    subprocess.run(command, cwd=REPO, check=True)
+    code = subprocess.run(command, cwd=REPO).returncode
+    if code != 0:
+        # A bad --key=value, a stop signal: train.py has said why above; not a traceback here.
+        raise SystemExit(f"error: train.py exited with status {code} (its output is above); "
+                         f"the prepared data and run are in {work}")
     wall = time.perf_counter() - start
     peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
@@ -115,7 +137,7 @@ def main(argv: list[str]) -> dict:
     print(f"{'fp32 matmul GFLOP/s':22}{result['fp32_matmul_gflops']:>12.1f}{REFERENCE_MATMUL_GFLOPS:>14.1f}"
           f"   (the machine's speed: the reference was timed on a faster one)")
     print(f"goal ({result['goal']}): {'met' if result['goal_met'] else 'NOT met'}")
-    write_json("shakespeare_char_cpu", result)
+    print(f"wrote {write_json(results, result)}")
     return result
 
 

@@ -47,6 +47,16 @@ def results_name(text: str) -> str:
     return name
 
 
+def results_prefix(text: str) -> str:
+    """The suite's --out-prefix: the start of file names in benchmarks/results/ (NAME_train.json,
+    NAME_suite.json ...), so a bare name as --out's."""
+    if not text or "/" in text or "\\" in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a name: give a bare one such as 'trial' (the files are "
+            "benchmarks/results/trial_train.json, trial_suite.json ...)")
+    return text
+
+
 def device(text: str) -> str:
     """--device: cpu or cuda[:N], checked before a model is built; a CPU-only torch used to end
     in "Torch not compiled with CUDA enabled" deep in a traceback."""

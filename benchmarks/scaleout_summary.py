@@ -6,7 +6,11 @@ table and written to a results JSON.
 RUNS holds one run folder per strategy (metrics.jsonl, config.json), as the script leaves them.
 A figure that a run logged as null (MFU where the device has no datasheet peak, a loss that was
 not finite) is left out of its median; a figure null at every step is null in the JSON and
-'n/a' in the table, never a failure after the GPU time was spent.
+'n/a' in the table, never a failure after the GPU time was spent; so is a strategy whose
+metrics.jsonl holds no record, and the vocabulary when the dataset's meta.json is gone. What
+cannot be summarized (a missing folder or file, a line that is not a JSON record, a figure that
+is not a number, an argument that is not a count) is one line "error: ..." naming it, exit 1
+(2 for the arguments), not a traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +20,90 @@ import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+
+# The figures summarize() takes the median of (and the loss it reports), as metrics.jsonl names them.
+FIGURES = ("tokens_per_s", "tokens_per_s_per_device", "mfu", "step_ms", "loss")
+# What the header line and the results need from a run's config.json.
+CONFIG_KEYS = ("data_dir", "n_layer", "n_head", "n_embd", "block_size", "device", "dtype", "optimizer")
+
+
+class SummaryError(Exception):
+    """Something the summary cannot read: its message names the file and what is wrong."""
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a SummaryError names the file and line of a bad one."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SummaryError(f"{path}: not found (did this strategy's run happen?)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SummaryError(f"{path}: cannot be read ({e})") from None
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            if number == len(lines) and not text.endswith("\n"):
+                continue  # a last line cut short by a kill mid-write, as gpt.metrics.read_metrics skips it
+            raise SummaryError(f"{path}:{number}: not valid JSON ({e}): {line[:60]!r}") from None
+        if not isinstance(record, dict):
+            raise SummaryError(f"{path}:{number}: not a record of figures (a JSON object): {line[:60]!r}")
+        for key in FIGURES:
+            value = record.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise SummaryError(f"{path}:{number}: {key} is {value!r}, not a number")
+        records.append(record)
+    return records
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SummaryError(f"{path}: not found ({what})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SummaryError(f"{path}: cannot be read ({e})") from None
+    except ValueError as e:
+        raise SummaryError(f"{path}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise SummaryError(f"{path}: not a JSON object ({what})")
+    return data
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A run's config.json (what train.py really ran), with the keys the summary prints."""
+    c = read_json_object(path, "the run's settings, written by train.py")
+    missing = [key for key in CONFIG_KEYS if key not in c]
+    if missing:
+        raise SummaryError(f"{path}: no {', '.join(missing)} (not a train.py config.json?)")
+    return c
+
+
+def read_vocab(data_dir: Any) -> int | None:
+    """The dataset's vocabulary from its meta.json, or None (n/a) where it is gone or unreadable:
+    it only labels the results."""
+    try:
+        vocab = json.loads((Path(data_dir) / "meta.json").read_text())["vocab_size"]
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        print(f"note: no vocabulary from {Path(str(data_dir)) / 'meta.json'} ({type(e).__name__}: {e}); "
+              "the results say vocab n/a", file=sys.stderr)
+        return None
+    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
+
+
+def _count(text: str, name: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise SummaryError(f"{name} {text!r} is not a whole number") from None
+    if value < least:
+        raise SummaryError(f"{name} {value} is too small: give {least} or more")
+    return value
 
 
 def median_or_none(values) -> float | None:
@@ -29,8 +117,7 @@ def summarize(runs: Path, strategies: list[str], skip: int) -> dict[str, dict[st
     more were logged) and its final loss."""
     rows = {}
     for strategy in strategies:
-        records = [json.loads(line) for line in (runs / strategy / "metrics.jsonl").read_text().splitlines()
-                   if line.strip()]
+        records = read_records(runs / strategy / "metrics.jsonl")
         timed = records[skip:] or records
         rows[strategy] = {
             "tokens_per_s": median_or_none(r.get("tokens_per_s") for r in timed),
@@ -59,27 +146,48 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    usage = __doc__.split("\n\n")[1].strip()
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     if len(argv) < 7:
-        print(__doc__.split("\n\n")[1].strip(), file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
-    runs, skip, results, nproc, batch, compile_ = Path(argv[0]), int(argv[1]), Path(argv[2]), *argv[3:6]
+    try:
+        skip = _count(argv[1], "SKIP", 0)
+        nproc, batch = _count(argv[3], "NPROC", 1), _count(argv[4], "BATCH", 1)
+    except SummaryError as e:
+        print(f"error: {e}\n{usage}", file=sys.stderr)
+        return 2
+    runs, results, compile_ = Path(argv[0]), Path(argv[2]), argv[5]
     strategies = argv[6:]
-    c = json.loads((runs / strategies[0] / "config.json").read_text())  # what train.py really ran
-    vocab = json.loads((Path(c["data_dir"]) / "meta.json").read_text())["vocab_size"]
-    rows = summarize(runs, strategies, skip)
+    try:
+        if not runs.is_dir():
+            raise SummaryError(f"{runs}: {'not a folder' if runs.exists() else 'no such folder'} "
+                               "(RUNS: the folder of one run per strategy)")
+        c = read_config(runs / strategies[0] / "config.json")  # what train.py really ran
+        rows = summarize(runs, strategies, skip)
+    except SummaryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    vocab = read_vocab(c["data_dir"])
     print(f"\n{c['n_layer']} x {c['n_head']} x {c['n_embd']}, block {c['block_size']}, {c['device']} "
           f"{c['dtype']}, {c['optimizer']}")
     print(table(rows))
     import torch  # only for the GPU's name and the version: the table comes first, whatever happens
 
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps({
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__, "nproc": int(nproc), "batch_per_process": int(batch), "block": c["block_size"],
-        "compile": compile_ == "true", "device": c["device"], "dtype": c["dtype"], "optimizer": c["optimizer"],
-        "model": f"{c['n_layer']} x {c['n_head']} x {c['n_embd']}, vocab {vocab}",
-        "results": rows,
-    }, indent=1))
+    try:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps({
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "nproc": nproc, "batch_per_process": batch, "block": c["block_size"],
+            "compile": compile_ == "true", "device": c["device"], "dtype": c["dtype"], "optimizer": c["optimizer"],
+            "model": f"{c['n_layer']} x {c['n_head']} x {c['n_embd']}, vocab {'n/a' if vocab is None else vocab}",
+            "results": rows,
+        }, indent=1))
+    except OSError as e:
+        print(f"error: cannot write the results {results}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(f"wrote {results}")
     return 0
 
