@@ -673,6 +673,20 @@ def use_tf32(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def record_config(path: Path, config: TrainConfig) -> None:
+    """Write the run's settings to config.json (a record for people and tools, never read back),
+    whole or not at all: a full disk leaves the previous start's record."""
+    try:
+        ckpt.write_text_atomic(path, json.dumps(config.to_dict(), indent=1))
+    except OSError as e:
+        what = "a folder by that name is in the way: move it" if path.is_dir() else "check the disk and permissions"
+        raise TrainingError(f"cannot write {path}, the run's record of its settings ({e.strerror or e}): "
+                            f"{what}") from e
+    finally:
+        for tmp in path.parent.glob(f".{path.name}.tmp{os.getpid()}"):
+            tmp.unlink(missing_ok=True)
+
+
 def train_loader(config: TrainConfig, info: DistInfo, meta: dict[str, Any]) -> TokenLoader:
     return TokenLoader(
         config.data_dir, "train", config.batch_size, config.block_size, rank=info.rank,
@@ -944,7 +958,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     # A fresh start has no saved state: {} gives every setting below its fresh value.
     state = {} if resume_from is None else restore_checkpoint(resume_from, model, optimizer, loader, info)
     if info.is_main:  # once the weights are in: a refused start leaves the run's record as it was
-        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        record_config(out_dir / "config.json", config)
     step, tokens_seen = state.get("step", 0), state.get("tokens_seen", 0)
     interval = carried_interval(state, info, accum)
 
