@@ -21,6 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# `python benchmarks/scaleout_summary.py` puts benchmarks/, not the repository, on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpt.metrics import MetricsError, read_metrics  # noqa: E402
+
 
 # The figures summarize() takes the median of (and the loss it reports), as metrics.jsonl names them.
 FIGURES = ("tokens_per_s", "tokens_per_s_per_device", "mfu", "step_ms", "loss")
@@ -33,31 +38,22 @@ class SummaryError(Exception):
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; a SummaryError names the file and line of a bad one."""
+    """The records of a metrics.jsonl (gpt.metrics.read_metrics: a last line cut short by a kill
+    is skipped); a SummaryError names the file and line of a bad one, or a figure not a number."""
+    if path.is_dir():  # read_metrics would look inside it for a run's metrics.jsonl
+        raise SummaryError(f"{path}: is a folder, not a metrics file")
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SummaryError(f"{path}: not found (did this strategy's run happen?)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SummaryError(f"{path}: cannot be read ({e})") from None
-    lines = text.splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            if number == len(lines) and not text.endswith("\n"):
-                continue  # a last line cut short by a kill mid-write, as gpt.metrics.read_metrics skips it
-            raise SummaryError(f"{path}:{number}: not valid JSON ({e}): {line[:60]!r}") from None
-        if not isinstance(record, dict):
-            raise SummaryError(f"{path}:{number}: not a record of figures (a JSON object): {line[:60]!r}")
+        records = read_metrics(path)
+    except MetricsError as e:
+        if not path.exists():
+            raise SummaryError(f"{path}: not found (did this strategy's run happen?)") from None
+        raise SummaryError(str(e)) from None
+    for number, record in enumerate(records, 1):
         for key in FIGURES:
             value = record.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise SummaryError(f"{path}:{number}: {key} is {value!r}, not a number")
-        records.append(record)
+                raise SummaryError(f"{path}: record {number} (step {record['step']}): {key} is {value!r}, "
+                                   f"not a number")
     return records
 
 
