@@ -6,12 +6,20 @@ default) with a fresh mmap() and hands freed memory at the top of its heap back 
 above its trim threshold, so each step page-faults its buffers in again: measured on the 2-core
 development VMs, 6,000-21,000 page faults per step of ours at the default shape (fp32 / bf16),
 16,000 at 6 x 384. With both thresholds at 1 GB the blocks are reused: 0 faults per step and
-5-7% less time per step (docs/speed.md), at the same peak memory. What a run gives up: memory it
-freed stays with the process until it ends, rather than going back to the system.
+5-7% less time per step (docs/speed.md), at the same peak memory. (256 MB still left 2,000
+faults per step at 6 x 384; what matters is the trim threshold being above what a step frees.)
 
-Process-wide, as the allocator is; set once at the start of a CPU run. A user's own glibc malloc
-settings (MALLOC_*_ variables, glibc.malloc tunables) are left alone. Other C libraries (macOS,
-musl) and allocators loaded with LD_PRELOAD (jemalloc, tcmalloc) keep their own behaviour.
+What a run gives up: memory it freed stays with the process rather than going back to the
+system, up to 1 GB per thread that freed it (each thread's malloc arena keeps its own). Measured:
+the same peak RSS, and 40-80 MB (10-18%) more between evals at the default shape, growing by a
+little at the first evals and saves, then flat. The setting lasts as long as the process (glibc
+cannot undo it), which is why only train.py's process takes it (`train(...,
+tune_cpu_allocator=True)`), not a library caller that goes on to other work.
+
+A user's own glibc settings of the same thresholds (the MALLOC_*_ variables or glibc.malloc
+tunables below) are left alone; `MALLOC_TRIM_THRESHOLD_=131072` (glibc's default) is the way to
+keep glibc's behaviour. Other C libraries (macOS, musl) and allocators loaded with LD_PRELOAD
+(jemalloc, tcmalloc, mimalloc) keep their own behaviour.
 """
 
 from __future__ import annotations
@@ -24,13 +32,21 @@ import platform
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 KEEP_BYTES = 1 << 30  # blocks up to this size come from (and return to) the heap
-USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+# The settings that decide what keep_freed_memory would change, as environment variables and
+# as GLIBC_TUNABLES names.
+USER_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": "glibc.malloc.mmap_threshold",
+                 "MALLOC_TRIM_THRESHOLD_": "glibc.malloc.trim_threshold",
+                 "MALLOC_TOP_PAD_": "glibc.malloc.top_pad",
+                 "MALLOC_MMAP_MAX_": "glibc.malloc.mmap_max"}
+PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
 def user_settings() -> list[str]:
-    """The environment's own glibc malloc settings, which keep_freed_memory leaves in place."""
+    """The environment's own settings of glibc malloc's thresholds, which keep_freed_memory
+    leaves in place."""
     names = [name for name in USER_SETTINGS if name in os.environ]
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+    tunables = [t.split("=", 1)[0].strip() for t in os.environ.get("GLIBC_TUNABLES", "").split(":")]
+    if set(tunables) & set(USER_SETTINGS.values()):
         names.append("GLIBC_TUNABLES")
     return names
 
@@ -39,6 +55,9 @@ def keep_freed_memory() -> str:
     """Raise glibc's mmap and trim thresholds to KEEP_BYTES; returns what was done, for the log."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "the system's allocator as it is (not glibc)"
+    preloaded = [name for name in PRELOADED_ALLOCATORS if name in os.environ.get("LD_PRELOAD", "")]
+    if preloaded:  # glibc's mallopt would answer, for a malloc that no longer serves the process
+        return f"{preloaded[0]} (LD_PRELOAD) as it is"
     if user_settings():
         return f"glibc malloc as {', '.join(user_settings())} set it"
     try:
@@ -48,5 +67,5 @@ def keep_freed_memory() -> str:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success; an older glibc refuses a threshold above 32 MB.
     if mallopt(M_MMAP_THRESHOLD, KEEP_BYTES) and mallopt(M_TRIM_THRESHOLD, KEEP_BYTES):
-        return "glibc malloc keeps freed blocks up to 1 GB for reuse"
+        return f"glibc malloc keeps freed blocks up to {KEEP_BYTES / 2**30:g} GB for reuse"
     return "glibc malloc as it is (mallopt refused the thresholds)"

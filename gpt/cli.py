@@ -84,7 +84,7 @@ def run_train(argv: Sequence[str], default_config: Path | None = None) -> int:
         config = parse_args(argv, default_config=str(default_config) if default_config else None)
         from .trainer import train  # after parsing, so --help and typos answer instantly
 
-        train(config)
+        train(config, tune_cpu_allocator=True)  # the process ends with the run
 
     return report_errors(main)
 

@@ -1,6 +1,7 @@
 """The training loop: data -> model -> loss -> gradients -> optimizer (AdamW or Muon), with eval, logs and checkpoints.
 
-`train(config)` is everything `python train.py` does. The loop itself is short; the functions
+`train(config)` is everything `python train.py` does (which also keeps freed memory for reuse on
+a CPU: `tune_cpu_allocator`). The loop itself is short; the functions
 around it set up each piece (data, model, optimizer, resume) with explicit arguments.
 """
 
@@ -904,7 +905,10 @@ def log_record(step: int, config: TrainConfig, info: DistInfo, *, lr: float, tok
 # The run
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(config: TrainConfig, *, tune_cpu_allocator: bool = False) -> TrainResult:
+    """Train as `config` says; see the module docstring. `tune_cpu_allocator` (train.py sets it):
+    on a CPU, keep freed memory in the process for the next step (gpt/allocator.py), a setting
+    that lasts as long as the process, hence not for a library caller that goes on to other work."""
     stop = StopFlag()
     stop.install()  # first: a signal during set-up must not kill the run (see StopFlag)
     try:
@@ -914,7 +918,7 @@ def train(config: TrainConfig) -> TrainResult:
         # when a traceback that keeps _train's frame alive is finally dropped.
         with contextlib.ExitStack() as held:
             try:
-                return _train(config, info, stop, held)
+                return _train(config, info, stop, held, tune_cpu_allocator)
             except SystemExit as e:  # a stop signal: saved, exiting with 75 (or 130)
                 # Raised again below, once the process group is gone. Its traceback holds _train's
                 # frame, hence the model (a DDP reducer holds the group): dropped at the end of this
@@ -931,13 +935,14 @@ def train(config: TrainConfig) -> TrainResult:
         stop.restore()
 
 
-def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib.ExitStack) -> TrainResult:
+def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib.ExitStack,
+           tune_cpu_allocator: bool) -> TrainResult:
     device = info.device
     dtype = resolve_dtype(config.dtype, device)
     parallel.resolve_strategy(config, info)  # a strategy that cannot run here fails before any work
     use_tf32(device)
     # Before the model and its first step allocate: see gpt/allocator.py (5-7% of a CPU step).
-    memory_note = allocator.keep_freed_memory() if device.type == "cpu" else None
+    memory_note = allocator.keep_freed_memory() if tune_cpu_allocator and device.type == "cpu" else None
     out_dir = claim_out_dir(config, info, held)
 
     meta = ensure_dataset(config, info)

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_args, tiny_config
 
 glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="mallopt thresholds are glibc's")
@@ -62,20 +62,37 @@ def test_the_users_own_malloc_settings_are_left_alone(env):
     assert kept["faults"] > 10_000, kept  # mmap()ed afresh every round, as the user's settings say
 
 
-def test_an_unrelated_glibc_tunable_does_not_count_as_a_malloc_setting(monkeypatch):
+def test_only_the_thresholds_settings_count_as_the_users_own(monkeypatch):
     from gpt import allocator
 
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
     for name in allocator.USER_SETTINGS:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0:glibc.malloc.check=0")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     assert allocator.user_settings() == []
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=0:glibc.malloc.trim_threshold=131072")
+    assert allocator.user_settings() == ["GLIBC_TUNABLES"]
+
+
+def test_a_preloaded_allocator_is_left_as_it_is(monkeypatch):
+    from gpt import allocator
+
+    # Returns before mallopt, so this process's allocator is not changed.
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert allocator.keep_freed_memory() == "jemalloc (LD_PRELOAD) as it is"
 
 
 @glibc_only
-def test_a_cpu_training_run_says_what_its_allocator_does(char_data, tmp_path):
-    config = tiny_config(char_data, tmp_path / "run", max_steps=2, eval_interval=2)
+def test_train_py_keeps_freed_memory_and_a_library_caller_is_left_alone(char_data, tmp_path):
+    out = subprocess.run([sys.executable, "train.py", *tiny_args(char_data, tmp_path / "cli", max_steps=2,
+                                                                 eval_interval=2)],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "cpu memory: glibc malloc keeps freed blocks up to 1 GB for reuse" in out.splitlines()
+    # train() called from Python: the setting would outlast the run in the caller's process.
+    config = tiny_config(char_data, tmp_path / "library", max_steps=2, eval_interval=2)
     code = ("import sys; from gpt.trainer import train; from gpt.config import TrainConfig; "
             "train(TrainConfig(**__import__('json').loads(sys.argv[1])).validate())")
     out = subprocess.run([sys.executable, "-c", code, json.dumps(config.to_dict())], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
-    assert "cpu memory: glibc malloc keeps freed blocks up to 1 GB for reuse" in out.splitlines()
+    assert "cpu memory:" not in out and "parallel: none" in out
