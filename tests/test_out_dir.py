@@ -131,11 +131,13 @@ def test_the_lock_is_not_inherited_by_forked_children(tmp_path):
     script = (f"import os, sys, time\nsys.path.insert(0, {str(REPO)!r})\nfrom gpt import locks\n"
               f"lock = locks.acquire({str(lock_file)!r})\n"
               "child = os.fork()\n"
-              "if child == 0:\n    print('ready', flush=True)\n    time.sleep(120)\n    os._exit(0)\n"
-              "print(child, flush=True)\ntime.sleep(120)\n")
+              "if child == 0:\n    os.write(1, b'ready\\n')\n    time.sleep(120)\n    os._exit(0)\n"
+              "os.write(1, b'%d\\n' % child)\ntime.sleep(120)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     # Both lines, in either order: "ready" says the child runs its own code, so the fork hooks
     # (which drop its copy of the lock) have run; killing the parent before then tested a race.
+    # Each line is one write(): print() under PYTHONUNBUFFERED writes the text and its newline
+    # apart, and the two processes' pieces interleaved ("ready12345", "") on a loaded machine.
     lines = {parent.stdout.readline().strip(), parent.stdout.readline().strip()}
     lines.discard("ready")
     child = int(lines.pop())
