@@ -69,7 +69,7 @@ def test_launch_py_max_restarts_restarts_after_a_worker_is_killed(char_data, tmp
     out, log = tmp_path / "run", tmp_path / "log.txt"
     env = {k: v for k, v in os.environ.items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}
     cmd = [sys.executable, "slurm/launch.py", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--max_steps=400",
+           "train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--max_steps=100",
            "--eval_interval=10"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True, env={**env, **ENV})
@@ -87,7 +87,7 @@ def test_launch_py_max_restarts_restarts_after_a_worker_is_killed(char_data, tmp
         text = log.read_text()
         assert code == 0, text[-3000:]
         assert "resumed from" in text, text[-3000:]
-        assert (out / "latest").read_text().strip() == "step_0000400"
+        assert (out / "latest").read_text().strip() == "step_0000100"
     finally:
         _kill_all(proc, workers)
 
