@@ -3,23 +3,26 @@
 A training step frees and allocates the same activation buffers, a few MB each, every time.
 glibc's malloc serves a block above its mmap threshold (adjusted as it goes, at most 32 MB by
 default) with a fresh mmap() and hands freed memory at the top of its heap back to the system
-above its trim threshold, so each step page-faults its buffers in again: measured on the 2-core
-development VMs, 6,000-21,000 page faults per step of ours at the default shape (fp32 / bf16),
-16,000 at 6 x 384. With both thresholds at 1 GB the blocks are reused: 0 faults per step and
-5-7% less time per step (docs/speed.md), at the same peak memory. (256 MB still left 2,000
-faults per step at 6 x 384; what matters is the trim threshold being above what a step frees.)
+above its trim threshold, so each step page-faults its buffers in again. With both thresholds
+at 1 GB the blocks are reused. Measured on the 2-core development VMs (docs/speed.md): train.py's
+default config 11,000 -> ~0 page faults per step and 154-167 vs 188 ms per step; the 6 x 384
+model 22,000-40,000 -> ~0, 1,628-1,707 vs 1,636-1,834 ms (median ~6%); one training step of ours
+alone (AdamW, no data) 5-7% faster. (256 MB still left 2,000 faults per step at 6 x 384: what
+matters is the trim threshold being above what a step frees.)
 
 What a run gives up: memory it freed stays with the process rather than going back to the
-system, up to 1 GB per thread that freed it (each thread's malloc arena keeps its own). Measured:
-the same peak RSS, and 40-80 MB (10-18%) more between evals at the default shape, growing by a
-little at the first evals and saves, then flat. The setting lasts as long as the process (glibc
-cannot undo it), which is why only train.py's process takes it (`train(...,
-tune_cpu_allocator=True)`), not a library caller that goes on to other work.
+system, up to 1 GB per thread that freed it (each thread's malloc arena keeps its own), and the
+heap grows further before freed blocks merge into ones it can reuse (torch asks for 64-byte
+aligned memory, a little more than a freed block of the same size offers). Measured, train.py:
+peak RSS 485 -> 510 MB at the default shape, 967 -> 1,095-1,119 MB at 6 x 384. The setting lasts
+as long as the process (glibc cannot undo it), which is why only train.py's process takes it
+(`train(..., tune_cpu_allocator=True)`), not a library caller that goes on to other work.
 
-A user's own glibc settings of the same thresholds (the MALLOC_*_ variables or glibc.malloc
-tunables below) are left alone; `MALLOC_TRIM_THRESHOLD_=131072` (glibc's default) is the way to
-keep glibc's behaviour. Other C libraries (macOS, musl) and allocators loaded with LD_PRELOAD
-(jemalloc, tcmalloc, mimalloc) keep their own behaviour.
+GPT_CPU_MALLOC=system in the environment keeps glibc's own behaviour (where memory matters
+more than those seconds). So do a user's own settings of the same thresholds (the MALLOC_*_
+variables or glibc.malloc tunables below; note that setting any of them also turns off glibc's
+adjusting of the mmap threshold, so each of those is not glibc's default behaviour), another C
+library (macOS, musl) and an allocator loaded with LD_PRELOAD (jemalloc, tcmalloc, mimalloc).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+
+from .config import ConfigError
 
 # glibc's malloc.h
 M_TRIM_THRESHOLD = -1
@@ -39,6 +44,7 @@ USER_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": "glibc.malloc.mmap_threshold",
                  "MALLOC_TOP_PAD_": "glibc.malloc.top_pad",
                  "MALLOC_MMAP_MAX_": "glibc.malloc.mmap_max"}
 PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+OPT_OUT = "GPT_CPU_MALLOC"  # "system": leave the allocator as it is
 
 
 def user_settings() -> list[str]:
@@ -53,6 +59,12 @@ def user_settings() -> list[str]:
 
 def keep_freed_memory() -> str:
     """Raise glibc's mmap and trim thresholds to KEEP_BYTES; returns what was done, for the log."""
+    choice = os.environ.get(OPT_OUT, "keep")
+    if choice not in ("keep", "system"):
+        raise ConfigError(f"{OPT_OUT}={choice!r}: use 'system' (the C library's allocator as it is) or "
+                         f"'keep' (the default: freed memory kept for reuse; gpt/allocator.py)")
+    if choice == "system":
+        return f"the system's allocator as it is ({OPT_OUT}=system)"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "the system's allocator as it is (not glibc)"
     preloaded = [name for name in PRELOADED_ALLOCATORS if name in os.environ.get("LD_PRELOAD", "")]
