@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_generate, bench_resources, bench_train  # noqa: E402
 from benchmarks.cli import device as device_name, positive_float, positive_int, results_prefix  # noqa: E402
-from benchmarks.common import (MALLOC_CHOICES, MALLOC_HELP, busy_cores, load_average, log, machine,  # noqa: E402
+from benchmarks.common import (MALLOC_CHOICES, MALLOC_HELP, check_malloc_env, busy_cores, load_average, log, machine,  # noqa: E402
                                peer_available, use_malloc, write_json)
 
 PARTS = ("peak", "train", "generate", "loader", "data", "rss")
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "NAME_suite[_PARTS].json instead of the committed train.json, generate.json "
                         "and suite[_PARTS].json (default: those)")
     args = p.parse_args(argv)
+    check_malloc_env()
     threads = choose_threads(args.threads)
     torch.set_num_threads(threads)
     device = torch.device(args.device)

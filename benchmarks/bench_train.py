@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cli import device as device_name, non_negative_int, positive_float, positive_int, results_name  # noqa: E402
-from benchmarks.common import (MALLOC_CHOICES, MALLOC_HELP, build_peer, count_params, interleave,  # noqa: E402
+from benchmarks.common import (MALLOC_CHOICES, MALLOC_HELP, check_malloc_env, build_peer, count_params, interleave,  # noqa: E402
                                load_average, log, machine, median, peer_available, use_malloc, write_json)
 from gpt.hf import from_hf_state_dict, to_hf_state_dict  # noqa: E402
 from gpt.metrics import peak_flops  # noqa: E402
@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--malloc", choices=MALLOC_CHOICES, default="trainer", help=MALLOC_HELP)
     p.add_argument("--out", type=results_name, default="train", help="results file: benchmarks/results/OUT.json")
     args = p.parse_args(argv)
+    check_malloc_env()
     if not peer_available():
         raise SystemExit("transformers is not installed: pip install transformers")
     if args.threads:

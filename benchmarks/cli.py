@@ -49,7 +49,8 @@ def results_name(text: str) -> str:
 
 def results_prefix(text: str) -> str:
     """The suite's --out-prefix: the start of file names in benchmarks/results/ (NAME_train.json,
-    NAME_suite.json ...), so a bare name as --out's."""
+    NAME_suite.json ...), so a bare name as --out's ('trial.json' is 'trial')."""
+    text = text[:-len(".json")] if text.endswith(".json") else text
     if not text or "/" in text or "\\" in text or text in (".", ".."):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a name: give a bare one such as 'trial' (the files are "

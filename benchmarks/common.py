@@ -56,6 +56,17 @@ MALLOC_HELP = ("C allocator for both contenders: 'trainer' (default) as train.py
                "(gpt/allocator.py: freed blocks kept for reuse), 'system' the C library's defaults")
 
 
+def check_malloc_env() -> None:
+    """A bad GPT_CPU_MALLOC (gpt/allocator.py) as one line before any timing, not a traceback
+    after minutes of it."""
+    from gpt.config import ConfigError
+
+    try:
+        allocator.choice()
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def use_malloc(choice: str, device: torch.device) -> str:
     """Set the process's allocator as `choice` says (see MALLOC_HELP); returns what it is, for
     the results. Process-wide, so both contenders run under it: without it the peer's [N, V]

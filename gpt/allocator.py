@@ -4,19 +4,18 @@ A training step frees and allocates the same activation buffers, a few MB each, 
 glibc's malloc serves a block above its mmap threshold (adjusted as it goes, at most 32 MB by
 default) with a fresh mmap() and hands freed memory at the top of its heap back to the system
 above its trim threshold, so each step page-faults its buffers in again. With both thresholds
-at 1 GB the blocks are reused. Measured on the 2-core development VMs (docs/speed.md): train.py's
-default config 11,000 -> ~0 page faults per step and 154-167 vs 188 ms per step; the 6 x 384
-model 22,000-40,000 -> ~0, 1,628-1,707 vs 1,636-1,834 ms (median ~6%); one training step of ours
-alone (AdamW, no data) 5-7% faster. (256 MB still left 2,000 faults per step at 6 x 384: what
-matters is the trim threshold being above what a step frees.)
+at 1 GB the blocks are reused: ~0 faults per step. docs/speed.md has the figures (train.py's
+default config ~11,000 -> ~0 faults and 154-167 vs 188 ms per step; 6 x 384 ~6%). 256 MB
+thresholds still left 2,000 faults per step at 6 x 384: what matters is the trim threshold
+being above what a step frees.
 
 What a run gives up: memory it freed stays with the process rather than going back to the
-system, up to 1 GB per thread that freed it (each thread's malloc arena keeps its own), and the
-heap grows further before freed blocks merge into ones it can reuse (torch asks for 64-byte
-aligned memory, a little more than a freed block of the same size offers). Measured, train.py:
-peak RSS 485 -> 510 MB at the default shape, 967 -> 1,095-1,119 MB at 6 x 384. The setting lasts
-as long as the process (glibc cannot undo it), which is why only train.py's process takes it
-(`train(..., tune_cpu_allocator=True)`), not a library caller that goes on to other work.
+system, up to 1 GB per malloc arena that freed it (threads beyond the first get arenas of their
+own), and the heap grows further before freed blocks merge into ones it can reuse (torch asks
+for 64-byte aligned memory, a little more than a freed block of the same size offers): peak RSS
+5-16% higher in train.py (docs/speed.md). The setting lasts as long as the process (glibc cannot
+undo it), which is why only train.py's process takes it (`train(..., tune_cpu_allocator=True)`),
+not a library caller that goes on to other work.
 
 GPT_CPU_MALLOC=system in the environment keeps glibc's own behaviour (where memory matters
 more than those seconds). So do a user's own settings of the same thresholds (the MALLOC_*_
@@ -57,21 +56,27 @@ def user_settings() -> list[str]:
     return names
 
 
+def choice() -> str:
+    """GPT_CPU_MALLOC's value: "keep" (the default) or "system"; ConfigError for anything else."""
+    value = os.environ.get(OPT_OUT, "keep")
+    if value not in ("keep", "system"):
+        raise ConfigError(f"{OPT_OUT}={value!r}: use 'system' (the C library's allocator as it is) or "
+                          f"'keep' (the default: freed memory kept for reuse; gpt/allocator.py)")
+    return value
+
+
 def keep_freed_memory() -> str:
     """Raise glibc's mmap and trim thresholds to KEEP_BYTES; returns what was done, for the log."""
-    choice = os.environ.get(OPT_OUT, "keep")
-    if choice not in ("keep", "system"):
-        raise ConfigError(f"{OPT_OUT}={choice!r}: use 'system' (the C library's allocator as it is) or "
-                         f"'keep' (the default: freed memory kept for reuse; gpt/allocator.py)")
-    if choice == "system":
+    if choice() == "system":
         return f"the system's allocator as it is ({OPT_OUT}=system)"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "the system's allocator as it is (not glibc)"
     preloaded = [name for name in PRELOADED_ALLOCATORS if name in os.environ.get("LD_PRELOAD", "")]
     if preloaded:  # glibc's mallopt would answer, for a malloc that no longer serves the process
         return f"{preloaded[0]} (LD_PRELOAD) as it is"
-    if user_settings():
-        return f"glibc malloc as {', '.join(user_settings())} set it"
+    own = user_settings()
+    if own:
+        return f"glibc malloc as {', '.join(own)} set it"
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: libc's
     except (OSError, AttributeError):

@@ -222,11 +222,15 @@ def give_ordinary_permissions(path: str | os.PathLike) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace a small text file so readers see either the old or the new content, never half."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk, or path a folder: leave no half-written copy
+        raise
     _fsync_dir(path.parent)
 
 

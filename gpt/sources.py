@@ -53,7 +53,7 @@ class SourceError(ValueError):
 
 class NotUTF8Error(SourceError):
     def __init__(self, path: Path, offset: int, reason: str):
-        self.path, self.offset = path, offset
+        self.path, self.offset, self.reason = path, offset, reason
         super().__init__(
             f"{path}: not valid UTF-8 at byte offset {offset} ({reason}). Convert the file to "
             f"UTF-8, or pass --encoding-errors replace (substitute U+FFFD) or skip (leave it out)"
@@ -409,7 +409,11 @@ class HFDataset(_DocumentsFromPieces):
     Local .txt files (a file, a folder of them, or the "text" builder's local data files) are
     read as --input reads them: each file one document, its text exactly (CRLF kept, a leading
     byte order mark left out), streamed; datasets' text builder would turn CRLF into LF and read
-    a folder line by line. A folder with data files of several types is an error (datasets reads
+    a folder line by line. Which files, and in what order, is still datasets' choice for the
+    split: a folder's files named like a split (test.txt, validation/...) go to that split, not
+    to "train", and nested files come in path order; --input reads every file, a folder's own
+    files before its subfolders'. A single file or a flat folder without such names gives the
+    same corpus as --input. A folder with data files of several types is an error (datasets reads
     only one type), and a bad file among several is named in the error.
     """
 
@@ -474,7 +478,7 @@ class HFDataset(_DocumentsFromPieces):
             kwargs["cache_dir"] = self.cache_dir
         return path, kwargs
 
-    def _is_local(self, path: str, kwargs: dict) -> bool:
+    def _is_local(self, kwargs: dict) -> bool:
         """Whether the data are local files (a file, a folder, or a builder's local data files)."""
         if Path(self.name).exists():
             return True
@@ -500,7 +504,7 @@ class HFDataset(_DocumentsFromPieces):
                 raise SourceError(f"--hf-dataset {self.name}: no data files in this folder that datasets "
                                   f"reads ({', '.join(sorted(_HF_BUILDERS))} files, or a folder written "
                                   f"by save_to_disk); datasets says: {e}") from e
-            blame = self._blame(datasets, e)
+            blame = self._blame(datasets)
             if blame is not None:
                 raise SourceError(f"{self._named()}: {blame}") from e
             # (Local data files exist, or their patterns match: checked in _resolve.)
@@ -517,7 +521,7 @@ class HFDataset(_DocumentsFromPieces):
         path, kwargs = self._resolve()
         self._files, self._module = None, None
         with self._datasets_errors() as datasets:
-            if self._is_local(path, kwargs):
+            if self._is_local(kwargs):
                 builder = datasets.load_dataset_builder(path, self.config, **kwargs)
                 self._module = builder.name
                 by_split = {str(k): [str(f) for f in v] for k, v in (builder.config.data_files or {}).items()}
@@ -534,14 +538,13 @@ class HFDataset(_DocumentsFromPieces):
             return datasets.load_dataset(path, self.config, split=self.split, streaming=self.streaming,
                                          **kwargs)
 
-    def _blame(self, datasets, error: BaseException) -> str | None:
+    def _blame(self, datasets) -> str | None:
         """Which of several local data files makes loading fail, and why ("FILE: reason"), or None
         (one file: --hf-dataset names it already; files not known; no one file fails alone).
 
         datasets' errors name no file (its log line does, above a traceback). Each file is read
         alone, streamed, until one fails or has other columns than the first."""
-        files = getattr(self, "_files", None)
-        module = getattr(self, "_module", None)
+        files, module = self._files, self._module
         if not files or module is None or (len(files) == 1 and not Path(self.name).is_dir()):
             return None
         kwargs = {"cache_dir": self.cache_dir} if self.cache_dir else {}
@@ -567,7 +570,6 @@ class HFDataset(_DocumentsFromPieces):
             elif sorted(columns) != sorted(first[1]):
                 return (f"{file}: its columns ({', '.join(columns)}) are not those of {first[0]} "
                         f"({', '.join(first[1])}); datasets needs the same columns in every file")
-        del error
         return None
 
     def _named(self) -> str:
@@ -597,7 +599,7 @@ class HFDataset(_DocumentsFromPieces):
             except Exception as e:
                 import datasets
 
-                blame = self._blame(datasets, e) or f"cannot read its rows ({_reason(e)})"
+                blame = self._blame(datasets) or f"cannot read its rows ({_reason(e)})"
                 raise SourceError(f"{self._named()}: {blame}") from e
             if self.text_field not in row:
                 self._check_field(list(row))
@@ -617,7 +619,7 @@ class HFDataset(_DocumentsFromPieces):
                 yield from _document_pieces(_read_chunks(path, "strict", self._stamps), piece_chars)
             except NotUTF8Error as e:
                 raise SourceError(f"{self._named()}: {path}: not valid UTF-8 at byte offset {e.offset} "
-                                  f"({_utf8_reason(e)}); convert the file to UTF-8, or read it with --input "
+                                  f"({e.reason}); convert the file to UTF-8, or read it with --input "
                                   f"and --encoding-errors replace or skip") from None
 
     def _check_field(self, columns: list[str]) -> None:
@@ -658,8 +660,7 @@ def _saved_arrow_files(folder: Path) -> list[str]:
 
 
 # The file types of a local folder that datasets reads with one builder each ("json", "text", ...).
-_FOLDER_TYPES = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv",
-                 ".tsv": "csv", ".txt": "text", ".arrow": "arrow"}
+_FOLDER_TYPES = {**_HF_BUILDERS, ".ndjson": "json", ".tsv": "csv"}
 
 
 def _check_one_file_type(folder: Path, module: str, by_split: dict[str, list[str]]) -> None:
@@ -682,10 +683,6 @@ def _check_one_file_type(folder: Path, module: str, by_split: dict[str, list[str
                           f"of its own, or name the files with --hf-dataset {module} --hf-data-files FILE...")
 
 
-def _utf8_reason(e: NotUTF8Error) -> str:
-    return str(e).split(" (", 1)[1].split(")", 1)[0] if " (" in str(e) else "invalid bytes"
-
-
 def _file_reason(path: Path, e: BaseException) -> str:
     """Why one local data file cannot be read, in words, with the byte offset or line when known."""
     cause = e
@@ -694,7 +691,7 @@ def _file_reason(path: Path, e: BaseException) -> str:
     if isinstance(cause, UnicodeDecodeError):
         bad = _first_decode_error(path)
         if bad is not None:
-            return (f"not valid UTF-8 at byte offset {bad.offset} ({_utf8_reason(bad)}); convert the file "
+            return (f"not valid UTF-8 at byte offset {bad.offset} ({bad.reason}); convert the file "
                     f"to UTF-8 (--encoding-errors applies to --input files only)")
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
         line = _bad_json_line(path)

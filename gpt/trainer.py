@@ -1,7 +1,7 @@
 """The training loop: data -> model -> loss -> gradients -> optimizer (AdamW or Muon), with eval, logs and checkpoints.
 
-`train(config)` is everything `python train.py` does (which also keeps freed memory for reuse on
-a CPU: `tune_cpu_allocator`). The loop itself is short; the functions
+`train(config, tune_cpu_allocator=True)` is everything `python train.py` does (the flag: keep
+freed memory for reuse on a CPU, gpt/allocator.py). The loop itself is short; the functions
 around it set up each piece (data, model, optimizer, resume) with explicit arguments.
 """
 
@@ -681,11 +681,8 @@ def record_config(path: Path, config: TrainConfig) -> None:
         ckpt.write_text_atomic(path, json.dumps(config.to_dict(), indent=1))
     except OSError as e:
         what = "a folder by that name is in the way: move it" if path.is_dir() else "check the disk and permissions"
-        raise TrainingError(f"cannot write {path}, the run's record of its settings ({e.strerror or e}): "
-                            f"{what}") from e
-    finally:
-        for tmp in path.parent.glob(f".{path.name}.tmp{os.getpid()}"):
-            tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}, the run's record of its settings ({e.strerror or e}): "
+                          f"{what}") from e
 
 
 def train_loader(config: TrainConfig, info: DistInfo, meta: dict[str, Any]) -> TokenLoader:
@@ -941,7 +938,9 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     dtype = resolve_dtype(config.dtype, device)
     parallel.resolve_strategy(config, info)  # a strategy that cannot run here fails before any work
     use_tf32(device)
-    # Before the model and its first step allocate: see gpt/allocator.py (5-7% of a CPU step).
+    # Before the model and its first step allocate (gpt/allocator.py, docs/speed.md). A bad
+    # GPT_CPU_MALLOC is refused on any device, not ignored where it does not apply.
+    allocator.choice()
     memory_note = allocator.keep_freed_memory() if tune_cpu_allocator and device.type == "cpu" else None
     out_dir = claim_out_dir(config, info, held)
 

@@ -37,9 +37,18 @@ print(json.dumps({"note": note, "faults": sum(faults[12:])}))
 """
 
 
+def clean_env(**env: str) -> dict[str, str]:
+    """This process's environment without any allocator setting of its own (a developer
+    comparing allocators may have one set), plus `env`."""
+    from gpt import allocator
+
+    drop = {*allocator.USER_SETTINGS, allocator.OPT_OUT, "LD_PRELOAD", "GLIBC_TUNABLES"}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **env}
+
+
 def reuse(mode: str, **env: str) -> dict:
     out = subprocess.run([sys.executable, "-c", REUSE, mode], cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, **env}, check=True).stdout
+                         env=clean_env(**env), check=True).stdout
     return json.loads(out.splitlines()[-1])
 
 
@@ -104,12 +113,12 @@ def test_a_preloaded_allocator_is_left_as_it_is(monkeypatch):
 def test_train_py_keeps_freed_memory_and_a_library_caller_is_left_alone(char_data, tmp_path):
     out = subprocess.run([sys.executable, "train.py", *tiny_args(char_data, tmp_path / "cli", max_steps=2,
                                                                  eval_interval=2)],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+                         cwd=REPO, capture_output=True, text=True, env=clean_env(), check=True).stdout
     assert "cpu memory: glibc malloc keeps freed blocks up to 1 GB for reuse" in out.splitlines()
     # train() called from Python: the setting would outlast the run in the caller's process.
     config = tiny_config(char_data, tmp_path / "library", max_steps=2, eval_interval=2)
     code = ("import sys; from gpt.trainer import train; from gpt.config import TrainConfig; "
             "train(TrainConfig(**__import__('json').loads(sys.argv[1])).validate())")
     out = subprocess.run([sys.executable, "-c", code, json.dumps(config.to_dict())], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, env=clean_env(), check=True).stdout
     assert "cpu memory:" not in out and "parallel: none" in out

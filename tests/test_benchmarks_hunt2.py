@@ -49,8 +49,7 @@ def _stub_suite(monkeypatch, tmp_path):
 @pytest.mark.parametrize("extra, written", [
     # Before: --parts train / generate always replaced the committed train.json and generate.json.
     (["--out-prefix", "trial"], ["trial_generate.json", "trial_suite_generate_train.json", "trial_train.json"]),
-    (["--out_prefix=trial.json"], ["trial.json_generate.json", "trial.json_suite_generate_train.json",
-                                   "trial.json_train.json"]),
+    (["--out_prefix=trial.json"], ["trial_generate.json", "trial_suite_generate_train.json", "trial_train.json"]),
     ([], ["generate.json", "suite_generate_train.json", "train.json"]),  # the default is unchanged
 ])
 def test_suite_out_prefix_keeps_the_committed_results(tmp_path, monkeypatch, capsys, keep_threads, extra, written):
@@ -342,3 +341,18 @@ def test_bench_checkpoint_dir_that_is_no_folder_is_a_usage_error(tmp_path, capsy
             bench_checkpoint.main(["--dir", str(given), "--repeats", "1", "--results", "trial"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"--dir {given}: {said}" in err, err
+
+
+def test_a_bad_gpt_cpu_malloc_stops_the_benchmarks_before_any_timing(monkeypatch):
+    from benchmarks import __main__ as suite, bench_train
+
+    monkeypatch.setenv("GPT_CPU_MALLOC", "off")
+    for main in (suite.main, bench_train.main):
+        with pytest.raises(SystemExit, match="^error: GPT_CPU_MALLOC='off': use 'system'"):
+            main(["--parts", "peak"] if main is suite.main else ["--shapes", "default"])
+
+
+def test_out_prefix_given_with_json_is_the_bare_name():
+    from benchmarks.cli import results_prefix
+
+    assert results_prefix("trial.json") == results_prefix("trial") == "trial"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import tiny_config
-from gpt.errors import TrainingError
+from gpt.config import ConfigError
 from gpt.trainer import train
 
 
@@ -15,7 +15,7 @@ def test_a_folder_named_config_json_is_named_in_one_error_and_left_alone(char_da
     run = tmp_path / "run"
     (run / "config.json").mkdir(parents=True)
     (run / "config.json" / "keep.txt").write_text("mine")
-    with pytest.raises(TrainingError, match=r"cannot write .*config\.json, the run's record of its settings "
+    with pytest.raises(ConfigError, match=r"cannot write .*config\.json, the run's record of its settings "
                                             r"\(Is a directory\): a folder by that name is in the way"):
         train(tiny_config(char_data, run, max_steps=2, eval_interval=2))
     assert (run / "config.json" / "keep.txt").read_text() == "mine"
