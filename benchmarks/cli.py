@@ -7,7 +7,7 @@ import argparse
 import math
 
 
-def _whole_number(text: str, least: int) -> int:
+def whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -18,11 +18,11 @@ def _whole_number(text: str, least: int) -> int:
 
 
 def positive_int(text: str) -> int:
-    return _whole_number(text, 1)
+    return whole_number(text, 1)
 
 
 def non_negative_int(text: str) -> int:
-    return _whole_number(text, 0)
+    return whole_number(text, 0)
 
 
 def positive_float(text: str) -> float:

@@ -15,6 +15,7 @@ is not a number, an argument that is not a count) is one line "error: ..." namin
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -24,6 +25,7 @@ from typing import Any
 # `python benchmarks/scaleout_summary.py` puts benchmarks/, not the repository, on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.cli import whole_number  # noqa: E402
 from gpt.metrics import MetricsError, read_metrics  # noqa: E402
 
 
@@ -94,12 +96,9 @@ def read_vocab(data_dir: Any) -> int | None:
 
 def _count(text: str, name: str, least: int) -> int:
     try:
-        value = int(text)
-    except ValueError:
-        raise SummaryError(f"{name} {text!r} is not a whole number") from None
-    if value < least:
-        raise SummaryError(f"{name} {value} is too small: give {least} or more")
-    return value
+        return whole_number(text, least)
+    except argparse.ArgumentTypeError as e:
+        raise SummaryError(f"{name} {e}") from None
 
 
 def median_or_none(values) -> float | None:
