@@ -50,12 +50,12 @@ def results_name(text: str) -> str:
 def results_prefix(text: str) -> str:
     """The suite's --out-prefix: the start of file names in benchmarks/results/ (NAME_train.json,
     NAME_suite.json ...), so a bare name as --out's ('trial.json' is 'trial')."""
-    text = text[:-len(".json")] if text.endswith(".json") else text
-    if not text or "/" in text or "\\" in text or text in (".", ".."):
+    try:
+        return results_name(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a name: give a bare one such as 'trial' (the files are "
-            "benchmarks/results/trial_train.json, trial_suite.json ...)")
-    return text
+            "benchmarks/results/trial_train.json, trial_suite.json ...)") from None
 
 
 def device(text: str) -> str:
