@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 # `python benchmarks/bench_data.py` puts benchmarks/, not the repository, on sys.path.
 sys.path.insert(0, str(REPO))
 
-from benchmarks.cli import positive_float, positive_int, results_name  # noqa: E402
+from benchmarks.cli import positive_float, positive_int, results_name, text_file_problem  # noqa: E402
 
 SHAKESPEARE = REPO.parent / "shared/data/tinyshakespeare.txt"
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -120,18 +120,9 @@ def _rss(pid: int) -> int:
 def check_input(path: Path) -> None:
     """--input must be a readable, non-empty file: a folder, an unreadable file or an empty one
     (repeated zero times: a division by zero) ended in a traceback."""
-    if not path.exists():
-        raise SystemExit(f"error: {path} not found; pass --input TEXT_FILE")
-    if not path.is_file():
-        raise SystemExit(f"error: --input {path} is {'a folder' if path.is_dir() else 'not a regular file'}; "
-                         "give one text file (it is repeated to --mb MB)")
-    try:
-        with open(path, "rb") as f:
-            empty = not f.read(1)
-    except OSError as e:
-        raise SystemExit(f"error: --input {path} cannot be read: {e.strerror or e}") from None
-    if empty:
-        raise SystemExit(f"error: --input {path} is empty; give a text file to repeat")
+    problem = text_file_problem(path)
+    if problem is not None:
+        raise SystemExit(f"error: --input {path} {problem}; give one text file (it is repeated to --mb MB)")
 
 
 def main(argv: list[str] | None = None) -> None:

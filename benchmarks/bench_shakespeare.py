@@ -31,7 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.cli import results_name  # noqa: E402
+from benchmarks.cli import results_name, text_file_problem  # noqa: E402
 from benchmarks.common import write_json  # noqa: E402
 from gpt.eval import evaluate_split, load_for_eval  # noqa: E402
 from gpt.metrics import measure_matmul_flops, read_metrics  # noqa: E402
@@ -63,9 +63,9 @@ def parse(argv: list[str]) -> tuple[Path, list[str], str]:
         key = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else None
         if key in OWN_KEYS:
             parser.error(f"{arg.split('=', 1)[0]}: this script sets it (the run is in a temporary folder)")
-    if not args.input.is_file():
-        what = "is a folder" if args.input.is_dir() else "is not a regular file" if args.input.exists() else "not found"
-        raise SystemExit(f"error: {args.input} {what}; pass --input with the tiny-Shakespeare text "
+    problem = text_file_problem(args.input)
+    if problem is not None:
+        raise SystemExit(f"error: {args.input} {problem}; pass --input with the tiny-Shakespeare text "
                          f"(data_prep/shakespeare.py's URL is where to download it)")
     return args.input, overrides, args.out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 
 def whole_number(text: str, least: int) -> int:
@@ -77,3 +78,18 @@ def device(text: str) -> str:
         if kind.index is not None and kind.index >= count:
             raise argparse.ArgumentTypeError(f"{text!r}: only {count} CUDA device(s) here")
     return text
+
+
+def text_file_problem(path: Path) -> str | None:
+    """What keeps `path` from being read as a text file, in words ("not found", "is a folder",
+    "is empty"...), or None: an --input checked before minutes of work, not a traceback in them."""
+    if not path.exists():
+        return "not found"
+    if not path.is_file():
+        return "is a folder" if path.is_dir() else "is not a regular file"
+    try:
+        with open(path, "rb") as f:
+            empty = not f.read(1)
+    except OSError as e:
+        return f"cannot be read: {e.strerror or e}"
+    return "is empty" if empty else None

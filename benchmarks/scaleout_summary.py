@@ -25,6 +25,8 @@ from typing import Any
 # `python benchmarks/scaleout_summary.py` puts benchmarks/, not the repository, on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402  (for the GPU's name and the version in the results)
+
 from benchmarks.cli import whole_number  # noqa: E402
 from gpt.metrics import MetricsError, read_metrics  # noqa: E402
 
@@ -169,8 +171,6 @@ def main(argv: list[str]) -> int:
     print(f"\n{c['n_layer']} x {c['n_head']} x {c['n_embd']}, block {c['block_size']}, {c['device']} "
           f"{c['dtype']}, {c['optimizer']}")
     print(table(rows))
-    import torch  # only for the GPU's name and the version: the table comes first, whatever happens
-
     try:
         results.parent.mkdir(parents=True, exist_ok=True)
         results.write_text(json.dumps({

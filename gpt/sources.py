@@ -472,7 +472,7 @@ class HFDataset(_DocumentsFromPieces):
         if path == "text":
             # As --input files: the whole file is one document (not one per line), and a byte
             # order mark that starts a file is left out, not text. (Local text files are read by
-            # _text_files below; these options serve remote ones and split slices.)
+            # _text_file_pieces below; these options serve remote ones and split slices.)
             kwargs.update(sample_by="document", encoding="utf-8-sig")
         if self.cache_dir:
             kwargs["cache_dir"] = self.cache_dir

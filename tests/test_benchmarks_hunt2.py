@@ -285,6 +285,7 @@ def test_scaleout_summary_results_that_cannot_be_written_are_one_line(tmp_path, 
 def test_bench_data_input_that_is_no_readable_text_is_one_line(tmp_path, monkeypatch, case):
     # It checked only .exists(): a folder ended in IsADirectoryError, an empty file in a
     # ZeroDivisionError, an unreadable one in PermissionError, each a traceback.
+    import benchmarks.cli
     from benchmarks import bench_data
 
     monkeypatch.setattr(bench_data, "RESULTS_DIR", tmp_path / "results")
@@ -298,7 +299,7 @@ def test_bench_data_input_that_is_no_readable_text_is_one_line(tmp_path, monkeyp
         if os.geteuid() == 0:  # root reads any file: its open() is made to fail as a user's would
             def refused(path, *args, **kwargs):
                 raise PermissionError(13, "Permission denied", str(path))
-            monkeypatch.setattr(bench_data, "open", refused, raising=False)
+            monkeypatch.setattr(benchmarks.cli, "open", refused, raising=False)
     with pytest.raises(SystemExit) as e:
         bench_data.main(["--mb", "0.01", "--tokenizers", "char", "--input", str(given), "--out", "trial"])
     message = str(e.value)
