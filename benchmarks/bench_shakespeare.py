@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -139,6 +140,9 @@ def main(argv: list[str]) -> dict:
           f"{'faster' if REFERENCE_MATMUL_GFLOPS > result['fp32_matmul_gflops'] else 'slower'} one)")
     print(f"goal ({result['goal']}): {'met' if result['goal_met'] else 'NOT met'}")
     print(f"wrote {write_json(results, result)}")
+    # The prepared data and the run's checkpoints (tens of MB) are only the figures' means; a
+    # failed run keeps them (its error names the folder) to be looked into.
+    shutil.rmtree(work, ignore_errors=True)
     return result
 
 

@@ -113,8 +113,11 @@ def _stub_shakespeare(monkeypatch, tmp_path, train_exit: int):
     from benchmarks import bench_shakespeare, common
 
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
-    monkeypatch.setattr(bench_shakespeare.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "work"))
-    monkeypatch.setattr(bench_shakespeare, "prepare", lambda *a, **kw: None)
+    def mkdtemp(prefix):
+        (tmp_path / "work").mkdir()
+        return str(tmp_path / "work")
+    monkeypatch.setattr(bench_shakespeare.tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(bench_shakespeare, "prepare", lambda folder, *a, **kw: folder.mkdir())
 
     def run(command, cwd=None, check=False):
         if check and train_exit:
@@ -139,6 +142,7 @@ def test_bench_shakespeare_writes_where_out_says(tmp_path, monkeypatch, capsys):
     assert [p.name for p in (tmp_path / "results").iterdir()] == ["trial.json"]
     assert result["overrides"] == ["--max_steps=2"]
     assert "wrote" in capsys.readouterr().out
+    assert not (tmp_path / "work").exists()  # the prepared data and run were left in /tmp
 
 
 def test_bench_shakespeare_failed_training_is_one_line(tmp_path, monkeypatch):
@@ -148,6 +152,7 @@ def test_bench_shakespeare_failed_training_is_one_line(tmp_path, monkeypatch):
         bench_shakespeare.main(["--input", str(text), "--max_steps=0"])
     assert "train.py exited with status 3" in str(e.value)
     assert not (tmp_path / "results").exists()
+    assert (tmp_path / "work" / "shakespeare_char").is_dir() and str(tmp_path / "work") in str(e.value)
 
 
 def test_bench_shakespeare_input_folder_is_said_to_be_a_folder(tmp_path):
