@@ -110,8 +110,12 @@ def main(argv: list[str] | None = None) -> None:
             if data_dir is None:
                 data_dir = Path(tmp)
                 write_synthetic_shard(data_dir / shard_name("train", 0), args.tokens)
-            rows = bench_loader(data_dir, args.batches, args.repeats)
             num_tokens = TokenLoader(data_dir, "train", 1, 1).num_tokens
+            if num_tokens < least:
+                # Checked before any timing: the small cases ran first and the run then failed.
+                raise SystemExit(f"error: --data-dir: {data_dir} has {num_tokens} train tokens; this "
+                                 f"benchmark's largest block needs at least {least}")
+            rows = bench_loader(data_dir, args.batches, args.repeats)
         except (ShardError, OSError) as e:
             # A --data-dir that is missing, a file, or has no train shards (or shards too short
             # for the largest block) ended in a ShardError traceback; its message says what to do.

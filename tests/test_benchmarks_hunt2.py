@@ -338,6 +338,24 @@ def test_bench_loader_data_dir_that_is_no_dataset_is_one_line(tmp_path, monkeypa
     assert not (tmp_path / "results").exists()
 
 
+def test_bench_loader_data_dir_too_short_for_a_later_case_fails_before_any_timing(tmp_path, monkeypatch):
+    # The small cases were timed and printed first; the error came only at the largest block.
+    import numpy as np
+
+    from benchmarks import bench_loader, common
+    from gpt.shards import write_shard
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setattr(bench_loader, "CASES", [(2, 16), (2, 512)])
+    monkeypatch.setattr(bench_loader, "time_loader", lambda *a: pytest.fail("timed a case first"))
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shard(data / "train_000000.bin", np.arange(200, dtype=np.uint16))
+    with pytest.raises(SystemExit) as e:
+        bench_loader.main(["--data-dir", str(data), "--batches", "1", "--repeats", "1"])
+    assert "has 200 train tokens" in str(e.value) and "at least 513" in str(e.value), e.value
+
+
 def test_bench_checkpoint_dir_that_is_no_folder_is_a_usage_error(tmp_path, capsys, monkeypatch):
     # mkdtemp's NotADirectoryError / FileNotFoundError traceback, after the 124M model was built.
     from benchmarks import bench_checkpoint
