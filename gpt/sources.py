@@ -25,6 +25,7 @@ from __future__ import annotations
 import codecs
 import glob
 import json
+import logging
 import os
 import re
 import stat
@@ -495,8 +496,10 @@ class HFDataset(_DocumentsFromPieces):
         if quiet:
             datasets.disable_progress_bars()
         local = Path(self.name)
+        held = _HeldErrorLogs()
         try:
-            yield datasets
+            with held:
+                yield datasets
         except SourceError:
             raise
         except Exception as e:  # datasets raises many types; the user needs the reason and the name
@@ -504,14 +507,17 @@ class HFDataset(_DocumentsFromPieces):
                 raise SourceError(f"--hf-dataset {self.name}: no data files in this folder that datasets "
                                   f"reads ({', '.join(sorted(_HF_BUILDERS))} files, or a folder written "
                                   f"by save_to_disk); datasets says: {e}") from e
-            blame = self._blame(datasets)
+            with held:
+                blame = self._blame(datasets)
             if blame is not None:
+                held.drop()  # datasets' "Failed to load JSON from file ..." lines, said better here
                 raise SourceError(f"{self._named()}: {blame}") from e
             # (Local data files exist, or their patterns match: checked in _resolve.)
             on_disk = local.exists() or (self.data_files and all("://" not in str(f) for f in self.data_files))
             hint = "" if on_disk else ". No network? Point --hf-dataset at local files or a folder"
             raise SourceError(f"{self._named()}: cannot load it ({_reason(e)}){hint}") from e
         finally:
+            held.release()
             if quiet:
                 datasets.enable_progress_bars()
 
@@ -589,18 +595,26 @@ class HFDataset(_DocumentsFromPieces):
         if columns is not None:
             self._check_field(columns)
         rows = iter(dataset)
+        held = _HeldErrorLogs()
         while True:
             # Rows are decoded as they are read (always so when streaming), so a bad file can fail
             # here, with an error of datasets or pyarrow that names neither the file nor the option.
             try:
-                row = next(rows)
+                with held:
+                    row = next(rows)
             except StopIteration:
+                held.release()
                 return
             except Exception as e:
                 import datasets
 
-                blame = self._blame(datasets) or f"cannot read its rows ({_reason(e)})"
-                raise SourceError(f"{self._named()}: {blame}") from e
+                with held:
+                    blame = self._blame(datasets)
+                if blame is not None:
+                    held.drop()
+                held.release()
+                raise SourceError(f"{self._named()}: {blame or f'cannot read its rows ({_reason(e)})'}") from e
+            held.release()
             if self.text_field not in row:
                 self._check_field(list(row))
             text = row[self.text_field]
@@ -626,6 +640,45 @@ class HFDataset(_DocumentsFromPieces):
         if self.text_field not in columns:
             raise SourceError(f"--text-field {self.text_field!r}: {self.name} has no such column; "
                               f"its columns are: {', '.join(columns) or '(none)'}")
+
+
+class _HeldErrorLogs(logging.Filter):
+    """While entered (`with held:`), the error lines datasets logs (its handler prints them as they
+    come) are held back; release() prints them, drop() forgets them. For a bad file among several,
+    datasets logs "Failed to load JSON from file ..." as it fails, and again for each file _blame
+    reads alone, above our one line that names the file and the line. Warnings pass at once.
+    Entered around datasets' calls only, never across a yield to our caller."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.handlers = list(logging.getLogger("datasets").handlers)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if record not in self.records:  # one record passes every handler's filter
+            self.records.append(record)
+        return False
+
+    def __enter__(self) -> "_HeldErrorLogs":
+        for handler in self.handlers:
+            handler.addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handler in self.handlers:
+            handler.removeFilter(self)
+
+    def drop(self) -> None:
+        self.records = []
+
+    def release(self) -> None:
+        for record in self.records:
+            for handler in self.handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+        self.records = []
 
 
 def _looks_like_a_path(name: str) -> bool:
