@@ -1,6 +1,6 @@
 """torchrun, for batch jobs: `python slurm/launch.py [torchrun options] train.py [train options]`.
 
-The same launcher as `torchrun` (it calls `torch.distributed.run.main`), with four changes
+The same launcher as `torchrun` (it calls `torch.distributed.run.main`), with five changes
 that let a SLURM job checkpoint and requeue itself (see slurm/train.sbatch and docs/slurm.md):
 
 1. The launcher ignores SIGUSR1 and SIGTERM. SLURM signals every process of a job step; the
@@ -24,6 +24,10 @@ that let a SLURM job checkpoint and requeue itself (see slurm/train.sbatch and d
    says to set RDZV_PORT, not two tracebacks.
 4. With --max-restarts above 0 it sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (unless set), which
    restarted workers need to reach the rendezvous (otherwise they hang silently).
+5. Under srun without --nproc-per-node, it starts one worker per GPU SLURM gave this node
+   (SLURM_GPUS_ON_NODE; 1 without GPUs), not torchrun's 1. Nodes of one job may have different
+   GPU counts (`sbatch --nodes=2 --gpus=3` gives 2 and 1), which only each node itself knows:
+   slurm/train.sbatch leaves the option out for a job of several nodes.
 """
 
 from __future__ import annotations
@@ -96,6 +100,16 @@ def torchrun_env(argv: list[str], env: dict[str, str]) -> dict[str, str]:
     return {}
 
 
+def gpus_on_node(env: dict[str, str]) -> int:
+    """The GPUs SLURM gave this node: SLURM_GPUS_ON_NODE ("8", or "a100:8" on some versions),
+    else SLURM_GPUS_PER_NODE (--gpus-per-node, the same on every node); 0 without either."""
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        count = env.get(name, "").rpartition(":")[2]
+        if count.isdigit():
+            return int(count)
+    return 0
+
+
 def torchrun_args(argv: list[str], env: dict[str, str]) -> list[str]:
     extra = []
     # torchrun handles SIGTERM itself unless told otherwise (in versions that have the option).
@@ -104,6 +118,8 @@ def torchrun_args(argv: list[str], env: dict[str, str]) -> list[str]:
         extra.append("--signals-to-handle=SIGINT,SIGHUP,SIGQUIT")
     if "SLURM_NODEID" not in env:
         return extra + argv
+    if not _has_option(argv, "nproc-per-node") and "PET_NPROC_PER_NODE" not in env:
+        extra.append(f"--nproc-per-node={max(gpus_on_node(env), 1)}")
     # A --rdzv-conf of the user's (join_timeout=..., say) must not drop is_host: without it
     # torchrun guesses the host from host names, and where node names are not host names no node
     # hosts the store and every node waits out the join timeout. torchrun takes the last one.

@@ -60,12 +60,10 @@ def code_data(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A real SLURM cluster on localhost (tests/slurm/cluster.py), one per test module using it.
-    Those modules put tests/ first on sys.path, so that `slurm` is tests/slurm, not the
-    repository's slurm/ folder of batch scripts."""
-    from slurm.cluster import ClusterError, SlurmCluster, missing_binaries
+def _slurm_cluster(**shape):
+    """A started SlurmCluster of this shape (SlurmCluster.start's arguments), or a skip saying
+    what is missing here."""
+    from slurm.cluster import ClusterError, SlurmCluster, missing_binaries, missing_network_tools
 
     missing = missing_binaries()
     if missing:
@@ -73,10 +71,30 @@ def cluster():
                     "apt-get install --no-install-recommends slurmctld slurmd slurm-client munge")
     if os.geteuid() != 0:
         pytest.skip("the SLURM test cluster needs root (slurmd launches jobs as their user)")
+    missing = missing_network_tools() if shape.get("nodes", 1) > 1 else []
+    if missing:
+        pytest.skip(f"a cluster of several nodes needs {', '.join(missing)} (.ci/run installs iproute2)")
     try:
-        c = SlurmCluster.start()
+        return SlurmCluster.start(**shape)
     except ClusterError as e:
         pytest.fail(f"could not start the SLURM test cluster: {e}")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A real SLURM cluster on localhost (tests/slurm/cluster.py), one per test module using it.
+    Those modules put tests/ first on sys.path, so that `slurm` is tests/slurm, not the
+    repository's slurm/ folder of batch scripts."""
+    c = _slurm_cluster()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """A real SLURM cluster of two nodes on this machine, each in a network namespace of its own
+    (tests/slurm/cluster.py): node1 with 2 pretend GPUs, node2 with 1, 2 CPUs each."""
+    c = _slurm_cluster(nodes=2, gpus=(2, 1))
     yield c
     c.stop()
 

@@ -2,9 +2,6 @@
 code before its fix (except the last, which checks a failed prep keeps the dataset it would replace)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +11,6 @@ from gpt.shards import load_meta
 from gpt.sources import HFDataset, LocalFiles, SourceError
 
 pytest.importorskip("datasets")
-REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--tokenizer", "char", "--val-rule", "tail", "--val-fraction", "0.2", "--min-val-tokens", "5",
          "--no-progress"]
 
@@ -129,22 +125,28 @@ def test_cli_bad_file_in_hf_folder_is_one_line_and_keeps_the_old_dataset(tmp_pat
 
 
 def test_datasets_error_lines_give_way_to_the_one_that_names_the_file(tmp_path):
-    """datasets logged "Failed to load JSON from file ..." (its own stderr handler) once while
-    loading and again for each file read alone to find the bad one, above the error that names
-    the file and the line. Held back then; printed still where our error does not name a file."""
-    def prep(source, out, *extra):
-        env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf")}
-        done = subprocess.run([sys.executable, "data_prep/prepare.py", "--hf-dataset", str(source),
-                               "--out", str(tmp_path / out), "--no-progress", *extra, *SMALL],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2, done.stderr
-        return done.stderr
+    """datasets logged "Failed to load JSON from file ..." (its handler prints to stderr) once
+    while loading and again for each file read alone to find the bad one, above the error that
+    names the file and the line. Held back then; printed still where our error does not name a
+    file. A handler of our own on datasets' logger sees what its handler would print."""
+    import logging
 
-    folder = _folder(tmp_path, "rows", {"a.jsonl": GOOD, "b.jsonl": GOOD + b'{"text": oops}\n'})
-    for extra in ((), ("--streaming",)):
-        err = prep(folder, "out", *extra)
-        assert "b.jsonl: line 3 is not valid JSON" in err and "Failed to load JSON" not in err, err
-    alone = tmp_path / "alone.jsonl"  # one file: --hf-dataset names it, datasets' line gives the row
-    alone.write_bytes(GOOD + b'{"text": oops}\n')
-    err = prep(alone, "out2")
-    assert f"--hf-dataset {alone}: cannot load it" in err and f"Failed to load JSON from file '{alone}'" in err, err
+    import datasets  # noqa: F401 (sets up its logger's handler, which the filter goes on)
+
+    printed: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: printed.append(record.getMessage())
+    logging.getLogger("datasets").addHandler(handler)
+    try:
+        folder = _folder(tmp_path, "rows", {"a.jsonl": GOOD, "b.jsonl": GOOD + b'{"text": oops}\n'})
+        for streaming in (False, True):
+            with pytest.raises(SourceError, match="b.jsonl: line 3 is not valid JSON"):
+                list(_hf(folder, tmp_path, streaming=streaming))
+            assert not [m for m in printed if "Failed to load JSON" in m], (streaming, printed)
+        alone = tmp_path / "alone.jsonl"  # one file: --hf-dataset names it, datasets' line the row
+        alone.write_bytes(GOOD + b'{"text": oops}\n')
+        with pytest.raises(SourceError, match=f"--hf-dataset {alone}: cannot load it"):
+            list(_hf(alone, tmp_path))
+        assert [m for m in printed if f"Failed to load JSON from file '{alone}'" in m], printed
+    finally:
+        logging.getLogger("datasets").removeHandler(handler)

@@ -122,11 +122,13 @@ def _cmdline(proc: Path) -> str:
 
 def submit_train(cluster: SlurmCluster, logs: Path, out_dir: Path, data: Path,
                  script: str = "slurm/train.sbatch", sbatch: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, max_steps: int = MAX_STEPS) -> Job:
+                 env: dict[str, str] | None = None, max_steps: int = MAX_STEPS,
+                 gpus: str = "--gpus-per-node=2") -> Job:
+    """`gpus`: how the job asks for GPUs (tests/test_slurm_multinode.py asks for them in total)."""
     logs.mkdir(parents=True, exist_ok=True)
     job_env = cluster.env(PYTHON=sys.executable, RDZV_PORT=str(_free_port()), **(env or {}))
     job_id = cluster.sbatch(
-        "--partition=debug", "--cpus-per-task=2", "--gpus-per-node=2", "--time=10",
+        "--partition=debug", "--cpus-per-task=2", gpus, "--time=10",
         f"--output={logs}/%x-%j.out", *sbatch, script, *train_args(data, out_dir, max_steps),
         env=job_env, cwd=REPO,
     )
@@ -146,12 +148,20 @@ def assert_same_end(run: Path, reference: Path) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
+# The uninterrupted run's folder per dataset, once it completed: tests/test_slurm_multinode.py
+# compares its two-node runs with it too, instead of training the same reference again.
+REFERENCE_RUNS: dict[Path, Path] = {}
+
+
 @pytest.fixture(scope="module")
 def reference(cluster, char_data, tmp_path_factory) -> tuple[Job, dict]:
     """The uninterrupted run: `sbatch slurm/train.sbatch` with CPU overrides, to the end."""
     tmp = tmp_path_factory.mktemp("slurm_reference")
     job = submit_train(cluster, tmp / "logs", tmp / "run", char_data)
-    return job, job.wait_done()
+    info = job.wait_done()
+    if info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0":
+        REFERENCE_RUNS[char_data] = job.out_dir
+    return job, info
 
 
 @pytest.mark.slurm

@@ -1,27 +1,40 @@
-"""A real single-node SLURM cluster on localhost, for tests: munged, slurmctld and slurmd.
+"""A real SLURM cluster on this machine, for tests: munged, slurmctld and one slurmd per node.
 
-No systemd and no cgroups are needed: the three daemons run in the foreground as children of
-this process, with their config, state, spool, logs and munge socket in one temporary folder,
-on free ports, so that several clusters (several test sessions) can run side by side.
+No systemd and no cgroups are needed: the daemons run in the foreground as children of this
+process, with their config, state, spool, logs and munge socket in one temporary folder, on
+free ports, so that several clusters (several test sessions) can run side by side.
 
     cluster = SlurmCluster.start()      # ~2 s; raises ClusterError with the daemons' logs
     cluster.run("sbatch", ...)          # client commands get SLURM_CONF from cluster.env()
     cluster.stop()                      # cancels jobs, ends the PIDs it started, then any
                                         # process left with its SLURM_CONF (job leftovers)
 
+`start()` gives one node, `localhost` (127.0.0.1), with GPUS pretend GPUs. `start(nodes=2,
+gpus=(2, 1))` gives node1 and node2, each a slurmd in a Linux network namespace of its own
+(needs `ip` from iproute2, and nsenter/unshare): a bridge here holds the controller's address
+10.x.y.1 (a /24 no route here uses), node k has 10.x.y.(k+1) on a veth pair into it, its node
+name as host name (a UTS namespace) and an /etc/hosts naming every node (a mount namespace with
+the cluster's `hosts` bound over it). So jobs span nodes as on a real cluster: srun reaches the
+other node's slurmd, torchrun and gloo connect node to node by name, and a port taken on one
+node is free on the other. The processes stay in this PID namespace, so stop() finds them.
+
 A cluster whose owner process died without `stop()` (a killed pytest) is cleaned up by the
-next `start()`: each cluster records its owner and daemon PIDs under REGISTRY.
+next `start()`: each cluster records its owner, daemon PIDs and network links under REGISTRY.
 
 Run it by hand to try the slurm/ scripts (as root):
     .venv/bin/python tests/slurm/cluster.py      # prints `export SLURM_CONF=...`, Ctrl-C stops
+    .venv/bin/python tests/slurm/cluster.py --nodes 2 --gpus 2,1
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import pwd
+import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -51,6 +64,13 @@ def missing_binaries() -> list[str]:
         (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
         for name in DAEMONS + CLIENTS}
     return [name for name, path in found.items() if path is None]
+
+
+def missing_network_tools() -> list[str]:
+    """What a cluster of several nodes needs besides SLURM: `ip` (iproute2) for the network
+    namespaces, `nsenter` and `unshare` (util-linux) to start a slurmd in one."""
+    return [name for name in ("ip", "nsenter", "unshare") if not shutil.which(name)
+            and not any(os.path.exists(f"{d}/{name}") for d in ("/usr/sbin", "/usr/bin", "/sbin"))]
 
 
 def _which(name: str) -> str:
@@ -129,9 +149,62 @@ def _job_processes(conf: Path) -> list[int]:
 
 
 @dataclass
+class Node:
+    """One slurmd: its node name, the address slurmctld reaches it on, its pretend GPUs, and the
+    network namespace it runs in (None for the one-node cluster's `localhost`)."""
+    name: str
+    address: str
+    gpus: int
+    netns: str | None = None
+    cpus: int = CPUS
+
+
+@dataclass
+class Network:
+    """The links of a multi-node cluster: a bridge in this (root) network namespace that holds
+    the controller's address, and one network namespace per node joined to it by a veth pair.
+    Recorded in owner.json, so that cleanup_stale() can remove them after a killed session."""
+    bridge: str
+    controller: str  # the bridge's address, where slurmctld listens for the nodes
+    netns: list[str]
+    veths: list[str]  # the root-namespace ends; the other ends die with their namespace
+
+
+def _ip(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([_which("ip"), *argv], capture_output=True, text=True, timeout=30)
+    if check and result.returncode != 0:
+        raise ClusterError(f"ip {' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+def _free_subnet() -> str:
+    """A 10.x.y /24 that no route or address here overlaps, picked at random so that clusters
+    of test sessions side by side do not choose the same one."""
+    listed = _ip("-4", "route", "show", "table", "all").stdout + _ip("-4", "addr").stdout
+    taken = [ipaddress.ip_network(net, strict=False)
+             for net in re.findall(r"\b\d+\.\d+\.\d+\.\d+(?:/\d+)?", listed)]
+    for _ in range(100):
+        subnet = ipaddress.ip_network(f"10.{random.randint(64, 254)}.{random.randint(0, 254)}.0/24")
+        if not any(subnet.overlaps(net) for net in taken):
+            return str(subnet.network_address).rsplit(".", 1)[0]
+    raise ClusterError("found no free 10.x.y.0/24 subnet for the cluster's bridge")
+
+
+def _remove_network(network: Network) -> None:
+    """Undo _make_network, whatever part of it was done (each step may fail: already gone)."""
+    for ns in network.netns:
+        _ip("netns", "delete", ns, check=False)
+    for veth in network.veths:
+        _ip("link", "delete", veth, check=False)
+    _ip("link", "delete", network.bridge, check=False)
+
+
+@dataclass
 class SlurmCluster:
     root: Path
     conf: Path
+    nodes: list[Node] = field(default_factory=list)
+    network: Network | None = None
     pids: dict[str, int] = field(default_factory=dict)
     procs: list[subprocess.Popen] = field(default_factory=list)
 
@@ -139,7 +212,13 @@ class SlurmCluster:
     # start / stop
 
     @classmethod
-    def start(cls, timeout: float = 60.0) -> "SlurmCluster":
+    def start(cls, nodes: int = 1, gpus: tuple[int, ...] | None = None,
+              timeout: float = 60.0) -> "SlurmCluster":
+        """One node (`localhost`, GPUS pretend GPUs), or `nodes` nodes named node1, node2, ...
+        each in its own network namespace, with gpus[k] pretend GPUs on node k+1."""
+        gpus = tuple(gpus) if gpus is not None else (GPUS,) * nodes
+        if len(gpus) != nodes or nodes < 1:
+            raise ValueError(f"gpus={gpus} must give one GPU count for each of the {nodes} nodes")
         if os.geteuid() != 0:
             raise ClusterError("starting slurmd needs root (it launches jobs as their user)")
         missing = missing_binaries()
@@ -151,11 +230,48 @@ class SlurmCluster:
         root.chmod(0o755)  # munged (user munge) must reach its folder inside
         cluster = cls(root=root, conf=root / "slurm.conf")
         try:
+            if nodes == 1:
+                cluster.nodes = [Node("localhost", "127.0.0.1", gpus[0])]
+            else:
+                cluster._make_network(gpus)
             cluster._start_daemons(timeout)
         except BaseException:
             cluster.stop()
             raise
         return cluster
+
+    def _make_network(self, gpus: tuple[int, ...]) -> None:
+        """A bridge here with the controller's address, and per node a network namespace joined
+        to it by a veth pair, with the node's address; and the nodes' /etc/hosts (root/hosts).
+        Names carry a random tag, so clusters side by side do not clash (at most 15 characters:
+        the kernel's limit for interface names)."""
+        tag = secrets.token_hex(2)
+        subnet = _free_subnet()
+        n = len(gpus)
+        self.network = Network(bridge=f"gsb{tag}", controller=f"{subnet}.1",
+                               netns=[f"gs{tag}n{k}" for k in range(n)],
+                               veths=[f"gs{tag}v{k}" for k in range(n)])
+        self.nodes = [Node(f"node{k + 1}", f"{subnet}.{k + 2}", g, netns=self.network.netns[k])
+                      for k, g in enumerate(gpus)]
+        self._record()  # before anything exists, so that a killed session's links are found
+        net = self.network
+        _ip("link", "add", net.bridge, "type", "bridge")
+        _ip("addr", "add", f"{net.controller}/24", "dev", net.bridge)
+        _ip("link", "set", net.bridge, "up")
+        # torchrun and gloo resolve the node names (the rendezvous host, each agent's own host
+        # name); `localhost` must stay 127.0.0.1.
+        (self.root / "hosts").write_text("127.0.0.1 localhost\n::1 localhost\n" + "".join(
+            f"{node.address} {node.name}\n" for node in self.nodes))
+        for k, node in enumerate(self.nodes):
+            veth, peer = net.veths[k], f"gs{tag}p{k}"
+            _ip("netns", "add", node.netns)
+            _ip("link", "add", veth, "type", "veth", "peer", "name", peer)
+            _ip("link", "set", veth, "master", net.bridge)
+            _ip("link", "set", veth, "up")
+            _ip("link", "set", peer, "netns", node.netns)
+            _ip("-n", node.netns, "addr", "add", f"{node.address}/24", "dev", peer)
+            _ip("-n", node.netns, "link", "set", peer, "up")
+            _ip("-n", node.netns, "link", "set", "lo", "up")
 
     def _start_daemons(self, timeout: float) -> None:
         root = self.root
@@ -187,22 +303,66 @@ class SlurmCluster:
         self._wait_for(lambda: socket_path.exists(), timeout, "munged to create its socket")
 
         # SLURM 22.05 drops GPUs without device files; links to /dev/null are character devices.
-        (root / "dev").mkdir()
-        for i in range(GPUS):
-            (root / "dev" / f"gpu{i}").symlink_to("/dev/null")
-        (root / "gres.conf").write_text(
-            f"AutoDetect=off\nNodeName=localhost Name=gpu File={root / 'dev'}/gpu[0-{GPUS - 1}]\n")
+        gres = "AutoDetect=off\n"
+        for node in self.nodes:
+            if node.gpus == 0:
+                continue
+            dev = root / "dev" if self.network is None else root / "dev" / node.name
+            dev.mkdir(parents=True)
+            for i in range(node.gpus):
+                (dev / f"gpu{i}").symlink_to("/dev/null")
+            gres += f"NodeName={node.name} Name=gpu File={dev}/gpu[0-{node.gpus - 1}]\n"
+        (root / "gres.conf").write_text(gres)
         self.conf.write_text(self._config(socket_path, *_free_ports(2)))
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
-        self._spawn("slurmd", [_which("slurmd"), "-D", "-N", "localhost", "-f", str(self.conf)])
-        self._wait_for(self._node_idle, timeout, "the node to come up idle")
+        if self.network is None:
+            self._spawn("slurmd", [_which("slurmd"), "-D", "-N", "localhost", "-f", str(self.conf)])
+        else:
+            for node in self.nodes:
+                self._spawn_node(node)
+        self._wait_for(self._node_idle, timeout, "the nodes to come up idle")
+
+    def _spawn_node(self, node: Node) -> None:
+        """The node's slurmd in its network namespace, with its own host name (UTS namespace):
+        torchrun's agents tell each other their host names, so two nodes both named like this
+        machine would all connect to the first one. And with its own /etc/hosts (mount
+        namespace) that names every node. Not `ip netns exec`, which would do the last itself
+        but also mounts a fresh /sys without /sys/fs/cgroup, where slurmd fails to start
+        ("Unable to initialize cgroup plugin")."""
+        (self.root / "spool" / node.name).mkdir()
+        self._spawn(f"slurmd@{node.name}", [
+            _which("nsenter"), f"--net=/var/run/netns/{node.netns}",
+            _which("unshare"), "--uts", "--mount",
+            "sh", "-c", 'hostname "$1" && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"',
+            "sh", node.name, str(self.root / "hosts"),
+            _which("slurmd"), "-D", "-N", node.name, "-f", str(self.conf)])
 
     def _config(self, munge_socket: Path, ctld_port: int, slurmd_port: int) -> str:
         root = self.root
+        names = ",".join(node.name for node in self.nodes)
+        # Each node's own Gres line (no Gres= on a node without GPUs).
+        node_lines = "\n".join(
+            f"NodeName={node.name} NodeAddr={node.address} CPUs={node.cpus}"
+            + (f" Gres=gpu:{node.gpus}" if node.gpus else "") + " State=UNKNOWN"
+            for node in self.nodes)
+        if self.network is None:
+            controller = "127.0.0.1"
+            slurmd_files = f"""\
+SlurmdSpoolDir={root / 'spool'}
+SlurmdPidFile={root / 'slurmd.pid'}
+SlurmdLogFile={root / 'log' / 'slurmd.log'}"""
+        else:
+            # The nodes reach slurmctld on the bridge; the slurmds share this file, so their own
+            # files are told apart by %n (the node name, as slurmd -N gives it).
+            controller = self.network.controller
+            slurmd_files = f"""\
+SlurmdSpoolDir={root / 'spool' / '%n'}
+SlurmdPidFile={root / 'slurmd-%n.pid'}
+SlurmdLogFile={root / 'log' / 'slurmd-%n.log'}"""
         return f"""\
-# Written by tests/slurm/cluster.py: a one-node test cluster, no systemd, no cgroups.
+# Written by tests/slurm/cluster.py: a test cluster of {len(self.nodes)} node(s), no systemd, no cgroups.
 ClusterName=gpttest
-SlurmctldHost=localhost(127.0.0.1)
+SlurmctldHost=localhost({controller})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -214,11 +374,9 @@ CredType=cred/munge
 # warns "AuthInfo=cred_expire=N invalid" and falls back to 120).
 AuthInfo=socket={munge_socket},cred_expire=5
 StateSaveLocation={root / 'state'}
-SlurmdSpoolDir={root / 'spool'}
 SlurmctldPidFile={root / 'slurmctld.pid'}
-SlurmdPidFile={root / 'slurmd.pid'}
 SlurmctldLogFile={root / 'log' / 'slurmctld.log'}
-SlurmdLogFile={root / 'log' / 'slurmd.log'}
+{slurmd_files}
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -242,12 +400,12 @@ MinJobAge=600
 # jobs, and is requeued at the end of the grace time at the latest.
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-# Two pretend GPUs (device files that are links to /dev/null): jobs ask for them with
+# Pretend GPUs (device files that are links to /dev/null): jobs ask for them with
 # --gpus-per-node as on a GPU cluster and SLURM sets SLURM_GPUS_ON_NODE; training runs on CPU.
 GresTypes=gpu
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={CPUS} Gres=gpu:{GPUS} State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=60
-PartitionName=urgent Nodes=localhost MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
+{node_lines}
+PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=60
+PartitionName=urgent Nodes={names} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 """
 
     def _spawn(self, name: str, argv: list[str], user: pwd.struct_passwd | None = None) -> None:
@@ -264,8 +422,12 @@ PartitionName=urgent Nodes=localhost MaxTime=INFINITE State=UP PriorityTier=2 Pr
         self._record()
 
     def _record(self) -> None:
-        """Note owner and daemons, so that a later start() can clean up after a killed session."""
-        (self.root / "owner.json").write_text(json.dumps({"owner": os.getpid(), "pids": self.pids}))
+        """Note owner, daemons and network, so that a later start() can clean up after a killed
+        session."""
+        record = {"owner": os.getpid(), "pids": self.pids}
+        if self.network is not None:
+            record["network"] = vars(self.network)
+        (self.root / "owner.json").write_text(json.dumps(record))
 
     def _wait_for(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -280,8 +442,10 @@ PartitionName=urgent Nodes=localhost MaxTime=INFINITE State=UP PriorityTier=2 Pr
         raise ClusterError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}")
 
     def _node_idle(self) -> bool:
-        result = self.run("sinfo", "--noheader", "--format=%t", "--partition=debug", check=False)
-        return result.returncode == 0 and result.stdout.strip() == "idle"
+        result = self.run("sinfo", "--noheader", "--Node", "--format=%t", "--partition=debug",
+                          check=False)
+        states = result.stdout.split()
+        return result.returncode == 0 and states == ["idle"] * len(self.nodes)
 
     def stop(self) -> None:
         """Cancel every job, end the daemons this cluster started, then any job leftovers."""
@@ -290,7 +454,8 @@ PartitionName=urgent Nodes=localhost MaxTime=INFINITE State=UP PriorityTier=2 Pr
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline and self.jobs_running():
                 time.sleep(0.2)
-        _kill_and_wait([self.pids[n] for n in ("slurmd", "slurmctld", "munged") if n in self.pids])
+        slurmds = [pid for name, pid in self.pids.items() if name.split("@")[0] == "slurmd"]
+        _kill_and_wait(slurmds + [self.pids[n] for n in ("slurmctld", "munged") if n in self.pids])
         # Whatever is left with our SLURM_CONF: job processes or a slurmstepd of a job that
         # did not end (normally nothing).
         stray = _job_processes(self.conf)
@@ -301,6 +466,8 @@ PartitionName=urgent Nodes=localhost MaxTime=INFINITE State=UP PriorityTier=2 Pr
                 proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 pass
+        if self.network is not None:
+            _remove_network(self.network)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def jobs_running(self) -> bool:
@@ -361,23 +528,37 @@ def cleanup_stale() -> None:
         conf = root / "slurm.conf"
         pids = [pid for pid in _job_processes(conf)] if conf.exists() else []
         for name, pid in (owner or {}).get("pids", {}).items():
-            if _alive(pid) and name in _cmdline(pid) and str(root) in _cmdline(pid):
+            # "slurmd@node1": the slurmd of node1 (its command line says slurmd)
+            if _alive(pid) and name.split("@")[0] in _cmdline(pid) and str(root) in _cmdline(pid):
                 pids.append(pid)
         _kill_and_wait(pids, timeout=5)
+        if (owner or {}).get("network"):
+            _remove_network(Network(**owner["network"]))
         shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A SLURM test cluster on this machine (as root).")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus", help="pretend GPUs of each node, comma-separated (default: "
+                        f"{GPUS} each)")
+    args = parser.parse_args()
+    gpus = tuple(int(g) for g in args.gpus.split(",")) if args.gpus else None
+
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupt)
-    cluster = SlurmCluster.start()
+    cluster = SlurmCluster.start(nodes=args.nodes, gpus=gpus)
     try:
+        nodes = ", ".join(f"{n.name} ({n.address}: {n.cpus} CPUs, {n.gpus} pretend GPUs)"
+                          for n in cluster.nodes)
         print(f"cluster up in {cluster.root}\n  export SLURM_CONF={cluster.conf}\n"
-              f"partitions: debug (default), urgent (preempts debug); {CPUS} CPUs, {GPUS} pretend "
-              f"GPUs. Ctrl-C stops it.", flush=True)
+              f"partitions: debug (default), urgent (preempts debug); nodes: {nodes}. "
+              f"Ctrl-C stops it.", flush=True)
         while True:
             signal.pause()
     except KeyboardInterrupt:
