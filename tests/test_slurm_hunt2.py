@@ -65,6 +65,20 @@ def test_rendezvous_port_in_use_is_one_line_naming_rdzv_port(tmp_path):
     assert "Traceback" not in r.stderr, r.stderr
 
 
+def test_a_crashed_worker_exits_1_naming_its_code_not_75(tmp_path):
+    """A worker that fails (not the trainer's 75, "checkpoint saved, run again") makes the
+    launcher exit 1, so train.sbatch does not requeue a crash; its code is named in one line."""
+    crash = tmp_path / "crash.py"
+    crash.write_text("import sys\nsys.exit(3)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PET_"))}
+    r = subprocess.run([sys.executable, "slurm/launch.py", "--standalone", "--nproc-per-node=1",
+                        "--max-restarts=0", str(crash)],
+                       cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "launch.py: workers failed with exit codes [3]" in r.stderr, r.stderr
+
+
 def _run_script(tmp_path: Path, script: str, **env: str) -> subprocess.CompletedProcess:
     # `srun` and `scontrol` stand-ins on PATH; the SLURM_* variables are those sbatch sets.
     bin_dir = tmp_path / "bin"
