@@ -1217,15 +1217,20 @@ _SAFE_GLOBALS = {
 }
 
 
+class _Refused(pickle.UnpicklingError):
+    """Raised by `_MetadataUnpickler` itself. pickle raises UnpicklingError too, for a file that
+    is merely truncated or no pickle at all: that is damage, not a file that could run code."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _SAFE_GLOBALS or (
                 module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+        raise _Refused(f"{module}.{name} is not allowed in checkpoint metadata")
 
     def persistent_load(self, pid):
-        raise pickle.UnpicklingError("persistent ids are not allowed in checkpoint metadata")
+        raise _Refused("persistent ids are not allowed in checkpoint metadata")
 
 
 def read_dcp_metadata(ckpt_dir: Path):
@@ -1236,12 +1241,12 @@ def read_dcp_metadata(ckpt_dir: Path):
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise CheckpointError(
             f"{path}: refused to load: the file contains objects other than checkpoint metadata, "
             f"which could run code. Only load checkpoints you trust. ({e})"
         ) from e
-    except (OSError, EOFError, ValueError, TypeError, AttributeError) as e:
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from e
     if not isinstance(metadata, Metadata):
         raise CheckpointError(f"{path}: not torch.distributed.checkpoint metadata")

@@ -324,7 +324,10 @@ def sample(args) -> None:
         tokenizer_file = hf_dir / ckpt.TOKENIZER_FILE
         if not tokenizer_file.exists():
             raise HFError(f"{hf_dir} has no {ckpt.TOKENIZER_FILE}; sampling needs the model's tokenizer")
-        tokenizer = Tokenizer.from_file(tokenizer_file)
+        try:
+            tokenizer = Tokenizer.from_file(tokenizer_file)
+        except ValueError as e:  # a damaged or foreign tokenizer.json: an HF folder has no seal to catch it
+            raise HFError(str(e)) from None
         model = hf.load_hf_model(hf_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
     else:
         given = args.out_dir or args.ckpt
@@ -333,7 +336,13 @@ def sample(args) -> None:
             state = ckpt.read_state(path)
             tokenizer_file = path / ckpt.TOKENIZER_FILE
             if not tokenizer_file.exists():
-                raise CheckpointError(f"{path} has no {ckpt.TOKENIZER_FILE}; copy the dataset's tokenizer.json there")
+                # As a run on bare GPT-2-token shards saves it. Copying one in is no way out: the
+                # manifest would refuse the checkpoint as edited. An export's folder takes one.
+                raise CheckpointError(
+                    f"{path} has no {ckpt.TOKENIZER_FILE} (its dataset had none), and a checkpoint refuses "
+                    f"files added to it; sample a Hugging Face export instead: python -m gpt.export {given} "
+                    f"--out DIR, copy the tokenizer.json the model was trained with into DIR, then "
+                    f"sample.py --init_from {hf.HF_PREFIX}DIR")
             try:
                 tokenizer = Tokenizer.from_file(tokenizer_file)  # JSON, parsed by `tokenizers`: data, never code
             except ValueError as e:

@@ -307,7 +307,8 @@ def _is_checkpoint(folder: Path) -> bool:
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
-        raise PrepareError(f"--out {out_dir}: exists and is not a folder")
+        raise PrepareError(f"--out {out_dir}: exists and is a file, not a folder (a dataset is a folder of "
+                           f"shards); choose another --out, or move that file away")
     what = training_output(out_dir)
     if what is not None:  # even with --overwrite: that replaces datasets, never checkpoints
         raise PrepareError(f"--out {out_dir}: {what}; data prep never writes into a training run "

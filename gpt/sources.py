@@ -564,6 +564,10 @@ class HFDataset(_DocumentsFromPieces):
                 for _ in rows:
                     pass
             except Exception as e:
+                if isinstance(_cause(e), StopIteration):
+                    # An empty file, read alone, fails in the json builder; among others it is
+                    # read as no rows. Blamed, it hid the file that makes the load fail.
+                    continue
                 return f"{file}: {_file_reason(Path(file), e)}"
             if row is None:
                 continue
@@ -738,10 +742,7 @@ def _check_one_file_type(folder: Path, module: str, by_split: dict[str, list[str
 
 def _file_reason(path: Path, e: BaseException) -> str:
     """Why one local data file cannot be read, in words, with the byte offset or line when known."""
-    cause = e
-    while type(cause).__name__ == "DatasetGenerationError" and cause.__cause__ is not None:
-        cause = cause.__cause__
-    if isinstance(cause, UnicodeDecodeError):
+    if isinstance(_cause(e), UnicodeDecodeError):
         bad = _first_decode_error(path)
         if bad is not None:
             return (f"not valid UTF-8 at byte offset {bad.offset} ({bad.reason}); convert the file "
@@ -775,11 +776,17 @@ def _bad_json_line(path: Path) -> str | None:
     return None
 
 
-def _reason(e: BaseException) -> str:
-    """What went wrong inside datasets, in words: the cause that its wrapper errors hide."""
-    # DatasetGenerationError says only "An error occurred while generating the dataset".
+def _cause(e: BaseException) -> BaseException:
+    """The error inside datasets' wrapper: DatasetGenerationError says only "An error occurred
+    while generating the dataset"."""
     while type(e).__name__ == "DatasetGenerationError" and e.__cause__ is not None:
         e = e.__cause__
+    return e
+
+
+def _reason(e: BaseException) -> str:
+    """What went wrong inside datasets, in words: the cause that its wrapper errors hide."""
+    e = _cause(e)
     if isinstance(e, UnicodeDecodeError):
         return (f"not valid UTF-8: byte 0x{e.object[e.start]:02x}, {e.reason}; convert the file to "
                 f"UTF-8 (--encoding-errors applies to --input files only)")

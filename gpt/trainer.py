@@ -707,7 +707,14 @@ def restore_checkpoint(resume_from: Path, model: GPT, optimizer: torch.optim.Opt
                                  rank=info.rank, world_size=info.world_size)
     for group, values in zip(optimizer.param_groups, hyperparameters):
         group.update(values)
-    loader.load_state_dict(state["loader"])
+    try:
+        loader.load_state_dict(state["loader"])
+    except ShardError:
+        raise  # names the dataset and what to do already
+    except ValueError as e:
+        # An edited or foreign state.json (the manifest seals ours): one line naming the file,
+        # not a traceback. The settings a loader state depends on were checked before.
+        raise ckpt.CheckpointError(f"{resume_from / ckpt.STATE_FILE}: {e}; {ckpt._NOT_OURS}") from None
     log(info, f"resumed from {resume_from} at step {state['step']}")
     return state
 
