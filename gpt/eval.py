@@ -99,8 +99,11 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
         return lengths
     decoder = json.loads(inner.to_str()).get("decoder") or {}
     if decoder.get("type") != "ByteLevel":
-        raise ValueError(f"cannot count bytes for a {tokenizer.kind} tokenizer whose decoder is "
-                         f"{decoder.get('type')!r} (expected ByteLevel)")
+        # A foreign tokenizer.json (a Metaspace BPE, say) loads, but its tokens are not bytes: a
+        # ValueError here was a traceback.
+        raise ConfigError(f"bits per byte need a byte-level tokenizer (a char one, or byte-level BPE "
+                          f"as data_prep/prepare.py trains); this {tokenizer.kind} tokenizer's decoder is "
+                          f"{decoder.get('type')!r}")
     # Byte-level BPE writes each byte as one printable character, so a token's string has one
     # character per byte of text.
     for i in range(tokenizer.vocab_size):

@@ -264,3 +264,25 @@ def test_export_without_transformers_says_what_to_install(folders, tmp_path, mon
     assert capsys.readouterr().err == ("error: exporting for Hugging Face needs the transformers package: "
                                        "pip install 'gpt-from-scratch[hf]' (or pip install transformers)\n")
     assert not (tmp_path / "hf").exists()
+
+
+def test_bits_per_byte_of_a_tokenizer_whose_tokens_are_not_bytes_is_a_config_error(tmp_path):
+    """A BPE tokenizer.json with another decoder (Metaspace, as SentencePiece-style BPEs have)
+    loads, but gpt.eval cannot count its tokens' bytes: that was a ValueError traceback; a
+    ConfigError is one line from the CLI (gpt.cli.USER_ERRORS)."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from gpt.cli import USER_ERRORS
+    from gpt.config import ConfigError
+
+    vocab = {"<|endoftext|>": 0, "a": 1, "b": 2, "ab": 3}
+    inner = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    inner.pre_tokenizer = pre_tokenizers.Metaspace()
+    inner.decoder = decoders.Metaspace()
+    inner.add_special_tokens(["<|endoftext|>"])
+    inner.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    with pytest.raises(ConfigError, match="byte-level tokenizer.*decoder is 'Metaspace'") as e:
+        gpt_eval.token_byte_lengths(tokenizer)
+    assert isinstance(e.value, USER_ERRORS)
