@@ -39,12 +39,13 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import ConfigError
 from .hf import HF_PREFIX, HFError, load_hf_model, parse_init_from
 from .model import GPT, GPTConfig
-from .shards import ShardError, list_shards, load_meta, open_shard
+from .shards import ShardError, list_shards, load_meta, open_shard, read_header
 from .tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
 
@@ -121,8 +122,9 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
 @torch.no_grad()
 def evaluate_split(model: GPT, data_dir: str | Path, tokenizer: Tokenizer, split: str = "val", *,
                    batch_size: int = 8, block_size: int | None = None, max_batches: int | None = None,
-                   device: torch.device | str = "cpu", autocast=None) -> EvalResult:
-    """Loss, perplexity and bits per byte of `model` on a whole split (module docstring)."""
+                   device: torch.device | str = "cpu", autocast=None, progress: bool = False) -> EvalResult:
+    """Loss, perplexity and bits per byte of `model` on a whole split (module docstring).
+    `progress`: a progress bar of the tokens scored (tqdm, on stderr)."""
     # `is not None`, not `or`: --block_size 0 must be refused, not read as the default.
     for name, value in (("block_size", block_size), ("batch_size", batch_size), ("max_batches", max_batches)):
         if value is not None and value < 1:
@@ -141,6 +143,12 @@ def evaluate_split(model: GPT, data_dir: str | Path, tokenizer: Tokenizer, split
 
     nats = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = n_bytes = n_batches = 0
+    # Every token but the split's first is a target once (the windows overlap by one token).
+    targets_total = max(sum(read_header(p) for p in paths) - 1, 0)
+    if max_batches is not None:
+        targets_total = min(targets_total, max_batches * batch_size * block_size)
+    bar = tqdm(total=targets_total, desc=f"eval {split}", unit="tok", unit_scale=True,
+               disable=not progress, dynamic_ncols=True, file=sys.stderr)
 
     def score(windows: list[np.ndarray]) -> None:
         nonlocal n_tokens, n_bytes, n_batches
@@ -158,24 +166,26 @@ def evaluate_split(model: GPT, data_dir: str | Path, tokenizer: Tokenizer, split
         n_tokens += targets.size
         n_bytes += int(byte_lengths[targets].sum())
         n_batches += 1
+        bar.update(targets.size)
 
-    pending: list[np.ndarray] = []
-    for window in stream_windows(paths, block_size):
-        if max_batches is not None and n_batches >= max_batches:
-            break
-        if len(window) < block_size + 1:  # the short last window goes alone (rows need one length)
-            if pending:
+    with bar:
+        pending: list[np.ndarray] = []
+        for window in stream_windows(paths, block_size):
+            if max_batches is not None and n_batches >= max_batches:
+                break
+            if len(window) < block_size + 1:  # the short last window goes alone (rows need one length)
+                if pending:
+                    score(pending)
+                    pending = []
+                if max_batches is None or n_batches < max_batches:
+                    score([window])
+                break
+            pending.append(window)
+            if len(pending) == batch_size:
                 score(pending)
                 pending = []
-            if max_batches is None or n_batches < max_batches:
-                score([window])
-            break
-        pending.append(window)
-        if len(pending) == batch_size:
+        if pending and (max_batches is None or n_batches < max_batches):
             score(pending)
-            pending = []
-    if pending and (max_batches is None or n_batches < max_batches):
-        score(pending)
     if n_tokens == 0:
         raise ShardError(f"{data_dir}: the {split} split has fewer than 2 tokens; nothing to evaluate")
 
@@ -277,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
         help="compute precision (default: float32; auto = bfloat16 on capable GPUs)")
     add("json", action="store_true", help="print the figures as one JSON object")
+    add("no_progress", action="store_true", help="no progress bar (on stderr) while the split is scored")
     return parser
 
 
@@ -293,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else None
         result = evaluate_split(model, data_dir, tokenizer, args.split, batch_size=args.batch_size,
                                 block_size=args.block_size, max_batches=args.max_batches,
-                                device=device, autocast=autocast)
+                                device=device, autocast=autocast, progress=not args.no_progress)
         if args.json:
             print(json.dumps(asdict(result)))
         else:

@@ -286,3 +286,20 @@ def test_bits_per_byte_of_a_tokenizer_whose_tokens_are_not_bytes_is_a_config_err
     with pytest.raises(ConfigError, match="byte-level tokenizer.*decoder is 'Metaspace'") as e:
         gpt_eval.token_byte_lengths(tokenizer)
     assert isinstance(e.value, USER_ERRORS)
+
+
+def test_eval_shows_progress_over_the_split_on_stderr_and_keeps_json_clean(folders, capfd):
+    """Scoring a whole split can take long (a large val split, a CPU): gpt.eval printed nothing
+    until the end. The bar counts the tokens scored (every token of the split but its first) on
+    stderr; --json's stdout stays one JSON object; --no_progress turns it off."""
+    from gpt.shards import list_shards, read_header
+
+    run = str(folders["char_run"])
+    targets = sum(read_header(p) for p in list_shards(folders["data"], "val")) - 1
+    assert gpt_eval.main([run, "--device", "cpu", "--json"]) == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out)["tokens"] == targets
+    assert "eval val: 100%" in err and f"{targets}/{targets}" in err, err
+    assert gpt_eval.main([run, "--device", "cpu", "--json", "--no-progress"]) == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out)["tokens"] == targets and "eval val" not in err, err
