@@ -116,6 +116,20 @@ def init_distributed(device_preference: str, timeout_minutes: float = 10.0,
                     process_group=dist.is_initialized())
 
 
+# What a collective raises when another process of the run has died (killed, out of memory, its
+# node lost): gloo's TCP transport reports the socket the dead process left; NCCL reports a
+# remote error. The exception is a plain RuntimeError, so its text is all there is to go by.
+LOST_PEER_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                   "ncclRemoteError", "remote process exited")
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """The sign, if `error` is a collective failing because another process of the run died."""
+    if not isinstance(error, RuntimeError) or int(os.environ.get("WORLD_SIZE", "1") or 1) < 2:
+        return None
+    return next((sign for sign in LOST_PEER_SIGNS if sign in str(error)), None)
+
+
 def barrier(info: DistInfo) -> None:
     if info.is_distributed:
         dist.barrier()

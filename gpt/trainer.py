@@ -29,7 +29,7 @@ from . import locks
 from . import parallel
 from .config import ConfigError, TrainConfig
 from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed, log,
-                          pick_device, shutdown)
+                          lost_peer, pick_device, shutdown)
 from .errors import TrainingError
 from .loader import TokenLoader, eval_batches
 from .metrics import MetricsLog, Sinks, WandbSink, eta_seconds, format_duration, peak_flops, wandb_tags
@@ -934,6 +934,15 @@ def train(config: TrainConfig, *, tune_cpu_allocator: bool = False) -> TrainResu
     except (RuntimeError, MemoryError) as e:
         if is_out_of_memory(e):
             raise TrainingError(out_of_memory_message(config, e)) from e
+        sign = lost_peer(e)
+        if sign is not None:
+            # The survivors of a dead rank (another node, most often) printed 25 lines of
+            # traceback from inside the collective, ending in gloo's "GLHF!".
+            raise TrainingError(
+                f"lost the connection to another process of this run ({sign}): it failed or was "
+                f"killed (out of memory, its node lost); its own error, if it printed one, is in its "
+                f"log. Checkpoints already written are intact: run again to resume from the last "
+                f"one") from e
         raise
     finally:
         stop.restore()

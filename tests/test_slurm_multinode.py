@@ -12,7 +12,9 @@ when stopped by a signal, requeued and resumed on two nodes.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -96,6 +98,40 @@ def test_signal_on_two_nodes_checkpoints_requeues_and_resumes_exactly(two_node_c
     assert f"resumed from {job.out_dir}/checkpoints/step_{stop_step:07d} at step {stop_step}" in text
     assert f"done: {MAX_STEPS} steps" in text
     assert_same_end(job.out_dir, reference)
+
+
+def _worker_on_node(node_id: int, out_dir: Path) -> int:
+    """The pid of a training process (not its launcher) of the run in out_dir on that node."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (f"--out_dir={out_dir}".encode() in argv and b"train.py" in argv[1:3]
+                and f"SLURM_NODEID={node_id}".encode() in env):
+            return int(proc.name)
+    raise AssertionError(f"no training process of {out_dir} on node {node_id + 1}")
+
+
+@pytest.mark.slurm
+def test_a_worker_killed_on_one_node_ends_the_job_at_once_with_one_line(two_node_cluster, char_data,
+                                                                        tmp_path):
+    """A process lost on node2 (killed: out of memory, its node gone): the job must end within
+    seconds, not at the collective timeout, and node1's rank 0, whose all-reduce failed, printed
+    25 lines of gloo traceback ("Connection reset by peer ... GLHF!"); one line now, that says the
+    checkpoints are intact."""
+    job = submit_train(two_node_cluster, tmp_path / "logs", tmp_path / "run", char_data,
+                       sbatch=("--nodes=2",), gpus="--gpus-per-node=1", env=ONE_THREAD, max_steps=100_000)
+    job.wait_for_log(rf"^step +{SIGNAL_AFTER_STEP}/")
+    os.kill(_worker_on_node(1, job.out_dir), signal.SIGKILL)
+    info = job.wait_done(timeout=60)
+    text = job.text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", info
+    assert re.search(r"^error: lost the connection to another process of this run \((Connection "
+                     r"(reset|closed) by peer|Broken pipe)\)", text, re.MULTILINE), text
+    assert "Checkpoints already written are intact" in text
+    assert "Traceback" not in text and "GLHF" not in text, text
 
 
 @pytest.mark.slurm
