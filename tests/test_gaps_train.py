@@ -234,3 +234,19 @@ def test_read_metrics_skips_blank_lines_and_names_a_file_that_is_not_text(run, t
     binary.write_bytes(b'{"step": 1}\n\xff\xfe\n')
     with pytest.raises(MetricsError, match=re.escape(f"{binary}: cannot read (") + ".*can't decode byte 0xff"):
         read_metrics(binary)
+
+
+def test_lost_peer_tells_a_dead_process_from_other_runtime_errors(monkeypatch):
+    """The signs gpt.distributed.lost_peer looks for (the text of gloo's error as a killed peer
+    leaves it; tests/test_slurm_multinode.py sees it for real), and only with several processes."""
+    from gpt.distributed import lost_peer
+
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                        "[10.0.0.3]:65212: Connection reset by peer. This is typically caused by a remote "
+                        "worker hanging or bugs in the application.")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert lost_peer(gloo) == "Connection reset by peer"
+    assert lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert lost_peer(ValueError("Connection reset by peer")) is None  # not a collective's error
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert lost_peer(gloo) is None
