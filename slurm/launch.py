@@ -151,8 +151,14 @@ def main(argv: list[str]) -> int:
     from torch.distributed.run import main as torchrun
 
     os.environ.update(torchrun_env(argv, dict(os.environ)))
+    args = torchrun_args(argv, dict(os.environ))
+    if "SLURM_NODEID" in os.environ:
+        # The batch script's header cannot say it for nodes with different GPU counts.
+        node = os.environ.get("SLURMD_NODENAME") or f"node {os.environ['SLURM_NODEID']}"
+        count = _option_value(args, "nproc-per-node") or os.environ.get("PET_NPROC_PER_NODE", "1")
+        print(f"launch.py: {node}: {count} training process(es)", file=sys.stderr, flush=True)
     try:
-        torchrun(torchrun_args(argv, dict(os.environ)))
+        torchrun(args)
     except RendezvousConnectionError as e:
         # The node that hosts the rendezvous cannot listen on its port: another job on this
         # node (or another program) holds it. torchrun prints two tracebacks ending in "See

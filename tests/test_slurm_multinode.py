@@ -160,6 +160,8 @@ def test_uneven_nodes_each_start_their_own_gpus_also_under_export_none(two_node_
     # One rank per GPU SLURM gave the job (2 on node1, 1 on node2).
     assert info["TresPerJob"] == "gres:gpu:3" and info["NodeList"] == "node[1-2]", info
     assert ", python" in text.splitlines()[0]  # PYTHON=python reached the batch shell
+    assert "launch.py: node1: 2 training process(es)" in text, text
+    assert "launch.py: node2: 1 training process(es)" in text, text
     world = re.search(r"device cpu x (\d+)", text)
     assert world and world[1] == "3", f"world size {world and world[1]}, not the 3 GPUs:\n{text}"
     assert "done: 20 steps" in text
