@@ -123,13 +123,14 @@ def _cmdline(proc: Path) -> str:
 def submit_train(cluster: SlurmCluster, logs: Path, out_dir: Path, data: Path,
                  script: str = "slurm/train.sbatch", sbatch: tuple[str, ...] = (),
                  env: dict[str, str] | None = None, max_steps: int = MAX_STEPS,
-                 gpus: str = "--gpus-per-node=2") -> Job:
-    """`gpus`: how the job asks for GPUs (tests/test_slurm_multinode.py asks for them in total)."""
+                 gpus: str = "--gpus-per-node=2", extra: tuple[str, ...] = ()) -> Job:
+    """`gpus`: how the job asks for GPUs (tests/test_slurm_multinode.py asks for them in total);
+    `extra`: more train.py options."""
     logs.mkdir(parents=True, exist_ok=True)
     job_env = cluster.env(PYTHON=sys.executable, RDZV_PORT=str(_free_port()), **(env or {}))
     job_id = cluster.sbatch(
         "--partition=debug", "--cpus-per-task=2", gpus, "--time=10",
-        f"--output={logs}/%x-%j.out", *sbatch, script, *train_args(data, out_dir, max_steps),
+        f"--output={logs}/%x-%j.out", *sbatch, script, *train_args(data, out_dir, max_steps), *extra,
         env=job_env, cwd=REPO,
     )
     name = "gpt-debug" if "debug" in script else "gpt-train"

@@ -100,6 +100,32 @@ def test_signal_on_two_nodes_checkpoints_requeues_and_resumes_exactly(two_node_c
     assert_same_end(job.out_dir, reference)
 
 
+@pytest.mark.slurm
+@pytest.mark.slow  # ~45 s: two FSDP jobs; the DDP signal test above runs the same batch-script path
+def test_fsdp_on_two_nodes_with_sharded_async_checkpoints_resumes_exactly(two_node_cluster, char_data,
+                                                                          tmp_path):
+    """FSDP across the nodes, each rank writing its own shard of every checkpoint (asynchronously)
+    into the shared out_dir: stopped by SIGUSR1, requeued and resumed on two nodes, the run ends
+    exactly like the same FSDP run left alone."""
+    fsdp = ("--parallel=fsdp", "--checkpoint_format=sharded", "--async_checkpoint=true")
+    runs = {}
+    for name in ("whole", "stopped"):
+        job = submit_train(two_node_cluster, tmp_path / name / "logs", tmp_path / name / "run", char_data,
+                           sbatch=("--nodes=2",), gpus="--gpus-per-node=1", env=ONE_THREAD, extra=fsdp)
+        if name == "stopped":
+            job.wait_for_log(rf"^step +{SIGNAL_AFTER_STEP}/{MAX_STEPS} ")
+            two_node_cluster.run("scancel", "--signal=USR1", "--batch", str(job.id))
+        info = job.wait_done()
+        assert_completed(job, info)
+        assert "parallel: fsdp" in job.text(), job.text()
+        runs[name] = (job, info)
+    job, info = runs["stopped"]
+    assert info["Restarts"] == "1" and "resumed from" in job.text(), job.text()
+    assert list(job.out_dir.glob("checkpoints/step_*/dcp/.metadata")), "no sharded checkpoint"
+    assert_ran_on_both_nodes(job, info, runs=2)
+    assert_same_end(job.out_dir, runs["whole"][0].out_dir)
+
+
 def _worker_on_node(node_id: int, out_dir: Path) -> int:
     """The pid of a training process (not its launcher) of the run in out_dir on that node."""
     for proc in Path("/proc").iterdir():
