@@ -162,7 +162,9 @@ def prepare(
     except OSError as e:  # bare, the error named only the staging folder, never --out
         if lock is not None:
             lock.release()
-        raise PrepareError(f"--out {out_dir}: cannot create the dataset folder there ({e.strerror or e}); "
+        # The path it failed on: a file where our staging folder goes said only "(File exists)".
+        where = f": {e.filename}" if e.filename else ""
+        raise PrepareError(f"--out {out_dir}: cannot create the dataset folder there ({e.strerror or e}{where}); "
                            f"is a part of the path a file, or the folder not writable?") from e
     published = False
     try:

@@ -108,7 +108,8 @@ def test_a_stale_staging_file_is_named_and_does_not_keep_the_folder_locked(datas
     args = ["--input", str(tmp_path / "good.txt"), "--out", str(dataset), "--overwrite", *SMALL]
     assert main(args) == 2
     last = _last_error(capsys)
-    assert last.startswith(f"error: --out {dataset}: cannot create the dataset folder there"), last
+    assert last.startswith(f"error: --out {dataset}: cannot create the dataset folder there "
+                           f"(File exists: {dataset / STAGING})"), last
     assert _snapshot(dataset) == before
     (dataset / STAGING).unlink()
     assert main(args) == 0  # not "another data prep is writing this folder right now"
