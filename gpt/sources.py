@@ -144,9 +144,21 @@ class Texts(_DocumentsFromPieces):
     description: str = "in-memory texts"
 
     def iter_pieces(self, piece_chars: int = PIECE_CHARS) -> Iterator[Piece]:
-        for text in self.texts:
+        for number, text in enumerate(self.texts, 1):
             if not isinstance(text, str):
                 raise SourceError(f"{self.description}: documents must be str, got {type(text).__name__}")
+            if not text.isascii():
+                # A lone surrogate (text decoded with errors="surrogateescape", or cut from a
+                # UTF-16 pair) cannot become UTF-8 bytes: it ended in a bare UnicodeEncodeError
+                # deep in the prep, naming no document. Files are decoded strictly, so only texts
+                # handed in from Python meet this.
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise SourceError(
+                        f"{self.description}: document {number} holds a lone surrogate "
+                        f"(U+{ord(text[e.start]):04X}) at character {e.start:,}, which is not text; "
+                        f"decode its bytes strictly (or with errors='replace')") from None
             yield from _document_pieces([text], piece_chars)
 
 

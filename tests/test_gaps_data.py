@@ -390,3 +390,12 @@ def test_shakespeare_download_gives_the_same_dataset_as_input(tmp_path, monkeypa
         if name != "meta.json":
             assert downloaded[name] == local[name], name
     assert "\ufeff" not in json.loads(local["tokenizer.json"])["model"]["vocab"]
+
+
+def test_a_text_with_a_lone_surrogate_names_the_document(tmp_path):
+    """From Python, a str may hold a lone surrogate (decoded with surrogateescape): the prep ended
+    in a bare UnicodeEncodeError naming no document, and left nothing behind to say so."""
+    texts = ["hello world " * 50, "fine text", "bad \udc80 byte " * 3]
+    with pytest.raises(SourceError, match=r"document 3 holds a lone surrogate \(U\+DC80\) at character 4"):
+        prepare(tmp_path / "out", texts, tokenizer="char", progress=False, log=None)
+    assert not (tmp_path / "out" / "meta.json").exists()
