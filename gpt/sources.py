@@ -136,6 +136,9 @@ def _document_pieces(chunks: Iterable[str], piece_chars: int) -> Iterator[Piece]
 
 
 # ---- in-memory texts ------------------------------------------------------------------------
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 @dataclass
 class Texts(_DocumentsFromPieces):
     """Documents given as strings (a list, or any re-iterable collection)."""
@@ -147,18 +150,16 @@ class Texts(_DocumentsFromPieces):
         for number, text in enumerate(self.texts, 1):
             if not isinstance(text, str):
                 raise SourceError(f"{self.description}: documents must be str, got {type(text).__name__}")
-            if not text.isascii():
-                # A lone surrogate (text decoded with errors="surrogateescape", or cut from a
-                # UTF-16 pair) cannot become UTF-8 bytes: it ended in a bare UnicodeEncodeError
-                # deep in the prep, naming no document. Files are decoded strictly, so only texts
-                # handed in from Python meet this.
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as e:
-                    raise SourceError(
-                        f"{self.description}: document {number} holds a lone surrogate "
-                        f"(U+{ord(text[e.start]):04X}) at character {e.start:,}, which is not text; "
-                        f"decode its bytes strictly (or with errors='replace')") from None
+            # A lone surrogate (text decoded with errors="surrogateescape", or cut from a UTF-16
+            # pair) cannot become UTF-8 bytes: it ended in a bare UnicodeEncodeError deep in the
+            # prep, naming no document. Files are decoded strictly, so only texts handed in from
+            # Python meet this. (A search, not an encode: no copy of a large document.)
+            surrogate = None if text.isascii() else _SURROGATE.search(text)
+            if surrogate is not None:
+                raise SourceError(
+                    f"{self.description}: document {number} holds a lone surrogate "
+                    f"(U+{ord(surrogate[0]):04X}) at character {surrogate.start():,}, which is not "
+                    f"text; decode its bytes strictly (or with errors='replace')")
             yield from _document_pieces([text], piece_chars)
 
 

@@ -134,12 +134,21 @@ def torchrun_args(argv: list[str], env: dict[str, str]) -> list[str]:
     return extra + argv[:end] + [merged] + argv[end:]
 
 
-def _free_port_hint() -> int:
+def _free_port_hint() -> int | str:
+    """A port free on this node now, in the range train.sbatch's default takes (29500-32499): the
+    kernel's own pick (port 0) is an ephemeral port, which outgoing connections may take by the
+    time the job runs again."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    for port in random.sample(range(29500, 32500), 50):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    return "one between 29500 and 32499"
 
 
 def main(argv: list[str]) -> int:

@@ -63,7 +63,8 @@ def code_data(tmp_path_factory) -> Path:
 def _slurm_cluster(**shape):
     """A started SlurmCluster of this shape (SlurmCluster.start's arguments), or a skip saying
     what is missing here."""
-    from slurm.cluster import ClusterError, SlurmCluster, missing_binaries, missing_network_tools
+    from slurm.cluster import (ClusterError, SlurmCluster, missing_binaries, missing_network_tools,
+                               network_namespaces_refused)
 
     missing = missing_binaries()
     if missing:
@@ -74,6 +75,10 @@ def _slurm_cluster(**shape):
     missing = missing_network_tools() if shape.get("nodes", 1) > 1 else []
     if missing:
         pytest.skip(f"a cluster of several nodes needs {', '.join(missing)} (.ci/run installs iproute2)")
+    refused = network_namespaces_refused() if shape.get("nodes", 1) > 1 else None
+    if refused:
+        pytest.skip(f"a cluster of several nodes needs network namespaces, which this machine refuses "
+                    f"({refused}): a container needs CAP_SYS_ADMIN and CAP_NET_ADMIN")
     try:
         return SlurmCluster.start(**shape)
     except ClusterError as e:

@@ -127,7 +127,10 @@ def submit_train(cluster: SlurmCluster, logs: Path, out_dir: Path, data: Path,
     """`gpus`: how the job asks for GPUs (tests/test_slurm_multinode.py asks for them in total);
     `extra`: more train.py options."""
     logs.mkdir(parents=True, exist_ok=True)
-    job_env = cluster.env(PYTHON=sys.executable, RDZV_PORT=str(_free_port()), **(env or {}))
+    # One thread per process whatever the caller exported: torchrun sets it only when unset, and
+    # runs compared bit for bit must sum in the same order.
+    job_env = cluster.env(PYTHON=sys.executable, RDZV_PORT=str(_free_port()),
+                          **{"OMP_NUM_THREADS": "1", **(env or {})})
     job_id = cluster.sbatch(
         "--partition=debug", "--cpus-per-task=2", gpus, "--time=10",
         f"--output={logs}/%x-%j.out", *sbatch, script, *train_args(data, out_dir, max_steps), *extra,

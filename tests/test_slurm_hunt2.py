@@ -4,6 +4,7 @@ rendezvous port. In-process or short subprocesses; no cluster needed."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -63,6 +64,10 @@ def test_rendezvous_port_in_use_is_one_line_naming_rdzv_port(tmp_path):
     assert r.returncode == 1, r.stderr
     assert f"rendezvous port of localhost:{port} is in use" in r.stderr and "RDZV_PORT" in r.stderr
     assert "Traceback" not in r.stderr, r.stderr
+    # The port suggested is one train.sbatch's default could take, below the ephemeral ports
+    # (the kernel's own pick, port 0, is an ephemeral one).
+    suggested = re.search(r"free port \(e\.g\. (\d+)\)", r.stderr)
+    assert suggested and 29500 <= int(suggested[1]) <= 32499, r.stderr
 
 
 def test_a_crashed_worker_exits_1_naming_its_code_not_75(tmp_path):

@@ -66,6 +66,18 @@ def missing_binaries() -> list[str]:
     return [name for name, path in found.items() if path is None]
 
 
+def network_namespaces_refused() -> str | None:
+    """Why this machine will not make a network namespace (a container without CAP_SYS_ADMIN /
+    CAP_NET_ADMIN, say), or None: a probe, so that such a machine skips the multi-node tests
+    while a failure in building the cluster's network itself still fails them."""
+    probe = f"gsprobe{secrets.token_hex(3)}"
+    made = _ip("netns", "add", probe, check=False)
+    if made.returncode != 0:
+        return f"`ip netns add` failed: {made.stderr.strip()}"
+    _ip("netns", "delete", probe, check=False)
+    return None
+
+
 def missing_network_tools() -> list[str]:
     """What a cluster of several nodes needs besides SLURM: `ip` (iproute2) for the network
     namespaces, `nsenter` and `unshare` (util-linux) to start a slurmd in one."""
@@ -178,16 +190,21 @@ def _ip(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def _free_subnet() -> str:
-    """A 10.x.y /24 that no route or address here overlaps, picked at random so that clusters
-    of test sessions side by side do not choose the same one."""
+    """A private /24 (10.x.y, else 172.16-31.y, else 192.168.y: a host may route all of 10/8)
+    that no route or address here overlaps, picked at random so that clusters of test sessions
+    side by side do not choose the same one."""
     listed = _ip("-4", "route", "show", "table", "all").stdout + _ip("-4", "addr").stdout
     taken = [ipaddress.ip_network(net, strict=False)
              for net in re.findall(r"\b\d+\.\d+\.\d+\.\d+(?:/\d+)?", listed)]
-    for _ in range(100):
-        subnet = ipaddress.ip_network(f"10.{random.randint(64, 254)}.{random.randint(0, 254)}.0/24")
-        if not any(subnet.overlaps(net) for net in taken):
-            return str(subnet.network_address).rsplit(".", 1)[0]
-    raise ClusterError("found no free 10.x.y.0/24 subnet for the cluster's bridge")
+    ranges = (lambda: f"10.{random.randint(64, 254)}.{random.randint(0, 254)}",
+              lambda: f"172.{random.randint(16, 31)}.{random.randint(0, 254)}",
+              lambda: f"192.168.{random.randint(0, 254)}")
+    for pick in ranges:
+        for _ in range(100):
+            prefix = pick()
+            if not any(ipaddress.ip_network(f"{prefix}.0/24").overlaps(net) for net in taken):
+                return prefix
+    raise ClusterError("found no free private /24 subnet for the cluster's bridge")
 
 
 def _remove_network(network: Network) -> None:
