@@ -25,11 +25,12 @@ from .metrics import MetricsError
 from .prepare import PrepareError
 from .shards import ShardError
 from .sources import SourceError
+from .tokenizer import TokenizerError
 
 # Bad input or environment (exit 2), and a run that could not go on (exit 1): one line each,
 # no traceback. docs/errors.md lists the cases.
 USER_ERRORS = (ConfigError, CheckpointError, ShardError, HFError, MetricsError, PrepareError,
-               SourceError, FileNotFoundError, PermissionError, NotADirectoryError)
+               SourceError, TokenizerError, FileNotFoundError, PermissionError, NotADirectoryError)
 RUN_ERRORS = (TrainingError,)
 
 
@@ -324,10 +325,7 @@ def sample(args) -> None:
         tokenizer_file = hf_dir / ckpt.TOKENIZER_FILE
         if not tokenizer_file.exists():
             raise HFError(f"{hf_dir} has no {ckpt.TOKENIZER_FILE}; sampling needs the model's tokenizer")
-        try:
-            tokenizer = Tokenizer.from_file(tokenizer_file)
-        except ValueError as e:  # a damaged or foreign tokenizer.json: an HF folder has no seal to catch it
-            raise HFError(str(e)) from None
+        tokenizer = Tokenizer.from_file(tokenizer_file)
         model = hf.load_hf_model(hf_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
     else:
         given = args.out_dir or args.ckpt
@@ -343,10 +341,7 @@ def sample(args) -> None:
                     f"files added to it; sample a Hugging Face export instead: python -m gpt.export {given} "
                     f"--out DIR, copy the tokenizer.json the model was trained with into DIR, then "
                     f"sample.py --init_from {hf.HF_PREFIX}DIR")
-            try:
-                tokenizer = Tokenizer.from_file(tokenizer_file)  # JSON, parsed by `tokenizers`: data, never code
-            except ValueError as e:
-                raise CheckpointError(str(e)) from None
+            tokenizer = Tokenizer.from_file(tokenizer_file)  # JSON, parsed by `tokenizers`: data, never code
             model = GPT(GPTConfig(**state["model_config"]))
             ckpt.load_model_weights(path, model, device)
     model.to(device).eval()

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import ConfigError
-from .hf import HF_PREFIX, HFError, load_hf_model, parse_init_from
+from .hf import HF_PREFIX, load_hf_model, parse_init_from
 from .model import GPT, GPTConfig
 from .shards import ShardError, list_shards, load_meta, open_shard, read_header
 from .tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
@@ -208,7 +208,7 @@ def load_for_eval(run: str, data_dir: str | None, device: torch.device) -> tuple
             raise ConfigError(f"{run}: give --data_dir (a Hugging Face folder does not name its dataset)")
         model = load_hf_model(hf_dir, log=lambda m: print(m, file=sys.stderr))
         model_tokenizer = hf_dir / TOKENIZER_FILE
-        own_tokenizer = _tokenizer_if_any(model_tokenizer, HFError)
+        own_tokenizer = _tokenizer_if_any(model_tokenizer)
     else:
         with ckpt.reading(run, hf_advice=f"evaluate it as {HF_PREFIX}{run} (with --data_dir)") as source:
             ckpt.verify_checkpoint(source)
@@ -216,7 +216,7 @@ def load_for_eval(run: str, data_dir: str | None, device: torch.device) -> tuple
             model = GPT(GPTConfig(**state["model_config"]))
             ckpt.load_model_weights(source, model)
             model_tokenizer = source / ckpt.TOKENIZER_FILE
-            own_tokenizer = _tokenizer_if_any(model_tokenizer, ckpt.CheckpointError)
+            own_tokenizer = _tokenizer_if_any(model_tokenizer)
         if data_dir is None:
             data_dir = state.get("train_config", {}).get("data_dir")
             if not data_dir:
@@ -235,34 +235,20 @@ def load_for_eval(run: str, data_dir: str | None, device: torch.device) -> tuple
         raise ShardError(f"{data_dir} has a vocabulary of {meta['vocab_size']} ids but the model has "
                          f"{model.config.vocab_size}: evaluate on data made with the model's tokenizer")
     if (data_dir / TOKENIZER_FILE).exists():
-        tokenizer = _dataset_tokenizer(data_dir)
+        tokenizer = load_tokenizer(data_dir)
         if own_tokenizer is not None and own_tokenizer.inner.get_vocab() != tokenizer.inner.get_vocab():
             raise ShardError(f"{data_dir / TOKENIZER_FILE} differs from the model's tokenizer "
                              f"({model_tokenizer}): the same ids would mean other text")
     elif own_tokenizer is not None:  # bare llm.c shards: the model's copy of GPT-2's tokenizer
         tokenizer = own_tokenizer
     else:
-        tokenizer = _dataset_tokenizer(data_dir)
+        tokenizer = load_tokenizer(data_dir)
     return model.to(device), data_dir, tokenizer
 
 
-def _tokenizer_if_any(path: Path, error: type[Exception]) -> Tokenizer | None:
-    """The model's own tokenizer file, read while its checkpoint is pinned; None without one.
-    One it cannot use is an `error` (a one-line message), not a ValueError traceback."""
-    if not path.exists():
-        return None
-    try:
-        return Tokenizer.from_file(path)
-    except ValueError as e:
-        raise error(str(e)) from None
-
-
-def _dataset_tokenizer(data_dir: Path) -> Tokenizer:
-    """The dataset's tokenizer; a missing or damaged one is a one-line ShardError naming the file."""
-    try:
-        return load_tokenizer(data_dir)
-    except ValueError as e:
-        raise ShardError(str(e)) from None
+def _tokenizer_if_any(path: Path) -> Tokenizer | None:
+    """The model's own tokenizer file, read while its checkpoint is pinned; None without one."""
+    return Tokenizer.from_file(path) if path.exists() else None
 
 
 def build_parser() -> argparse.ArgumentParser:

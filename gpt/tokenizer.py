@@ -30,6 +30,11 @@ import numpy as np
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
+
+class TokenizerError(ValueError):
+    """A tokenizer file that is missing, damaged, or not one the project can use; the message
+    names the file. A ValueError, so callers that catch those still do."""
+
 from gpt.shards import GPT2_EOS_ID, GPT2_VOCAB_SIZE, MAX_VOCAB, ShardError, load_meta, prepare_again
 
 EOS_TOKEN = "<|endoftext|>"
@@ -154,12 +159,12 @@ class Tokenizer:
         try:
             inner = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises a bare Exception
-            raise ValueError(f"{path}: cannot load tokenizer ({e})") from e
+            raise TokenizerError(f"{path}: cannot load tokenizer ({e})") from e
         kind = kind or _infer_kind(inner, path)
         try:
             return cls(inner, kind)
         except ValueError as e:  # a vocabulary the project cannot use: say which file holds it
-            raise ValueError(f"{path}: not usable as a {kind} tokenizer: {e}") from e
+            raise TokenizerError(f"{path}: not usable as a {kind} tokenizer: {e}") from e
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
@@ -242,7 +247,7 @@ def _infer_kind(inner: tokenizers.Tokenizer, path: Path) -> str:
     if model == "BPE":
         gpt2 = (inner.get_vocab_size() == GPT2_VOCAB_SIZE and inner.id_to_token(GPT2_EOS_ID) == EOS_TOKEN)
         return "gpt2" if gpt2 else "bpe"
-    raise ValueError(f"{path}: unsupported tokenizer model {model!r} (expected BPE or WordLevel)")
+    raise TokenizerError(f"{path}: unsupported tokenizer model {model!r} (expected BPE or WordLevel)")
 
 
 # ---- building -------------------------------------------------------------------------------
@@ -325,7 +330,7 @@ def gpt2_tokenizer() -> Tokenizer:
     try:
         inner = tokenizers.Tokenizer.from_pretrained("gpt2")
     except Exception as e:
-        raise ValueError(
+        raise TokenizerError(
             f"cannot load GPT-2's tokenizer from the Hugging Face hub ({e}); put GPT-2's "
             f"tokenizer.json into the dataset folder instead"
         ) from e
@@ -346,7 +351,7 @@ def load_tokenizer(data_dir_or_file: str | os.PathLike) -> Tokenizer:
     if path.is_file():
         return Tokenizer.from_file(path)
     if not path.is_dir():
-        raise ValueError(f"{path}: no such tokenizer file or dataset folder")
+        raise TokenizerError(f"{path}: no such tokenizer file or dataset folder")
     try:
         meta = load_meta(path)
     except ShardError:
@@ -370,4 +375,4 @@ def load_tokenizer(data_dir_or_file: str | os.PathLike) -> Tokenizer:
         )
     if kind == "gpt2":
         return gpt2_tokenizer()
-    raise ValueError(f"{path}: no {TOKENIZER_FILE} here; prepare the dataset with data_prep/prepare.py")
+    raise TokenizerError(f"{path}: no {TOKENIZER_FILE} here; prepare the dataset with data_prep/prepare.py")
