@@ -996,7 +996,7 @@ def _no_checkpoint_message(folder: Path, hf_advice: str | None = None) -> str:
 
 # The end of every error about a manifest.json or state.json that is valid JSON of the wrong
 # shape: this project never writes such a file, and its checksum cannot help.
-_NOT_OURS = "it was edited or not written by this project. Restore the checkpoint from a copy, or use another one"
+NOT_OURS = "it was edited or not written by this project. Restore the checkpoint from a copy, or use another one"
 
 
 def _json_kind(value: Any) -> str:
@@ -1054,7 +1054,7 @@ def read_manifest(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
             f"{manifest_path}: unreadable manifest ({e}); {_damaged_advice(ckpt_dir)}") from e
     problem = _manifest_problem(manifest)
     if problem is not None:
-        raise CheckpointError(f"{manifest_path}: {problem}; {_NOT_OURS}")
+        raise CheckpointError(f"{manifest_path}: {problem}; {NOT_OURS}")
     return manifest
 
 
@@ -1091,7 +1091,7 @@ def verify_checkpoint(ckpt_dir: Path, part: tuple[int, int] = (0, 1)) -> dict[st
                 )
             raise CheckpointError(
                 f"{ckpt_dir / MANIFEST_FILE}: lists no size and checksum for {name}, so that file "
-                f"cannot be checked; {_NOT_OURS}"
+                f"cannot be checked; {NOT_OURS}"
             )
     names = sorted(manifest)
     for name in names:
@@ -1160,21 +1160,21 @@ def read_state(ckpt_dir: Path, require: tuple[str, ...] = ()) -> dict[str, Any]:
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise CheckpointError(f"{path}: unreadable ({e}); {_damaged_advice(Path(ckpt_dir))}") from e
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected an object, got {_json_kind(state)}; {_NOT_OURS}")
+        raise CheckpointError(f"{path}: expected an object, got {_json_kind(state)}; {NOT_OURS}")
     for key in (*ALWAYS_IN_STATE, *require):
         if key not in state:
-            raise CheckpointError(f"{path}: the key {key!r} is missing; {_NOT_OURS}")
+            raise CheckpointError(f"{path}: the key {key!r} is missing; {NOT_OURS}")
     for key, (expected, valid) in _STATE_KEYS.items():
         if key in state and not valid(state[key]):
             got = json.dumps(state[key])
             raise CheckpointError(
                 f"{path}: {key!r} should be {expected}, got {got if len(got) <= 40 else _json_kind(state[key])}; "
-                f"{_NOT_OURS}"
+                f"{NOT_OURS}"
             )
     try:
         GPTConfig(**state["model_config"])
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: 'model_config' is not a model configuration ({e}); {_NOT_OURS}") from None
+        raise CheckpointError(f"{path}: 'model_config' is not a model configuration ({e}); {NOT_OURS}") from None
     return state
 
 
@@ -1480,7 +1480,7 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
         restore_rank_rng(state, rank, world_size)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(
-            f"{ckpt_dir / STATE_FILE}: 'rng' holds no usable RNG state ({type(e).__name__}: {e}); {_NOT_OURS}"
+            f"{ckpt_dir / STATE_FILE}: 'rng' holds no usable RNG state ({type(e).__name__}: {e}); {NOT_OURS}"
         ) from None
     return state
 

@@ -714,7 +714,7 @@ def restore_checkpoint(resume_from: Path, model: GPT, optimizer: torch.optim.Opt
     except ValueError as e:
         # An edited or foreign state.json (the manifest seals ours): one line naming the file,
         # not a traceback. The settings a loader state depends on were checked before.
-        raise ckpt.CheckpointError(f"{resume_from / ckpt.STATE_FILE}: {e}; {ckpt._NOT_OURS}") from None
+        raise ckpt.CheckpointError(f"{resume_from / ckpt.STATE_FILE}: {e}; {ckpt.NOT_OURS}") from None
     log(info, f"resumed from {resume_from} at step {state['step']}")
     return state
 

@@ -144,7 +144,7 @@ def test_a_loader_state_from_another_version_is_refused_naming_the_checkpoint(
     with pytest.raises(ckpt.CheckpointError) as caught:
         train(tiny_config(char_data, copy, **{**RUN, "max_steps": 6}))
     assert str(caught.value).startswith(f"{saved / ckpt.STATE_FILE}: {problem}")
-    assert str(caught.value).endswith(ckpt._NOT_OURS)
+    assert str(caught.value).endswith(ckpt.NOT_OURS)
 
 
 @pytest.mark.parametrize("args, toml, problem", [
