@@ -520,10 +520,8 @@ class HFDataset(_DocumentsFromPieces):
                 raise SourceError(f"--hf-dataset {self.name}: no data files in this folder that datasets "
                                   f"reads ({', '.join(sorted(_HF_BUILDERS))} files, or a folder written "
                                   f"by save_to_disk); datasets says: {e}") from e
-            with held:
-                blame = self._blame(datasets)
+            blame = self._blame_holding(datasets, held)
             if blame is not None:
-                held.drop()  # datasets' "Failed to load JSON from file ..." lines, said better here
                 raise SourceError(f"{self._named()}: {blame}") from e
             # (Local data files exist, or their patterns match: checked in _resolve.)
             on_disk = local.exists() or (self.data_files and all("://" not in str(f) for f in self.data_files))
@@ -595,6 +593,15 @@ class HFDataset(_DocumentsFromPieces):
                         f"({', '.join(first[1])}); datasets needs the same columns in every file")
         return None
 
+    def _blame_holding(self, datasets, held: _HeldErrorLogs) -> str | None:
+        """_blame, its datasets error lines held too; all of them forgotten when it names the file
+        (datasets' "Failed to load JSON from file ..." lines, said better by our one line)."""
+        with held:
+            blame = self._blame(datasets)
+        if blame is not None:
+            held.drop()
+        return blame
+
     def _named(self) -> str:
         """The options that name the data, for errors: with a builder, the files are what is bad;
         a configuration or split other than the default may be (datasets' "Unknown split")."""
@@ -620,18 +627,14 @@ class HFDataset(_DocumentsFromPieces):
                 with held:
                     row = next(rows)
             except StopIteration:
-                held.release()
                 return
             except Exception as e:
                 import datasets
 
-                with held:
-                    blame = self._blame(datasets)
-                if blame is not None:
-                    held.drop()
-                held.release()
+                blame = self._blame_holding(datasets, held)
                 raise SourceError(f"{self._named()}: {blame or f'cannot read its rows ({_reason(e)})'}") from e
-            held.release()
+            finally:
+                held.release()
             if self.text_field not in row:
                 self._check_field(list(row))
             text = row[self.text_field]
