@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, parse_args
-from .errors import TrainingError
+from .errors import FollowOnFailure, TrainingError
 from .hf import HFError
 from .metrics import MetricsError
 from .prepare import PrepareError
@@ -46,12 +46,22 @@ def say_error(message: str) -> None:
     torchrun then stops the other workers (SIGTERM, within its 0.1 s monitor interval), which are
     waiting here to print theirs. An error only some rank met, or one rank 0 never reports, is still
     printed by that rank after the delay, with its rank: no message is lost, only delayed."""
-    rank, world_size = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world_size > 1 and rank != 0:
+    if worker_rank():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the trainer's stop handler is of no use now
         time.sleep(PEER_ERROR_DELAY_S)
-        message = f"rank {rank}: {message}"
-    print(message, file=sys.stderr, flush=True)
+    say(message)
+
+
+def worker_rank() -> int:
+    """This process's rank under torchrun when the job has several processes, else 0."""
+    rank, world_size = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return rank if world_size > 1 else 0
+
+
+def say(message: str) -> None:
+    """Print a line on stderr, naming the rank of a torchrun worker other than rank 0."""
+    rank = worker_rank()
+    print(f"rank {rank}: {message}" if rank else message, file=sys.stderr, flush=True)
 
 
 # What a Ctrl-C that reaches report_errors means for training (the trainer handles the first
@@ -66,6 +76,9 @@ def report_errors(main: Callable[[], int | None], interrupted: str = TRAIN_INTER
     except USER_ERRORS as e:
         say_error(f"error: {e}")
         return 2
+    except FollowOnFailure as e:  # not the run's error (another process's is): no delay, no "error:"
+        say(f"stopped: {e}")
+        return 1
     except RUN_ERRORS as e:
         say_error(f"error: {e}")
         return 1

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from . import parallel
 from .config import ConfigError, TrainConfig
 from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed, log,
                           lost_peer, pick_device, shutdown)
-from .errors import TrainingError
+from .errors import FollowOnFailure, TrainingError
 from .loader import TokenLoader, eval_batches
 from .metrics import MetricsLog, Sinks, WandbSink, eta_seconds, format_duration, peak_flops, wandb_tags
 from .model import GPT, GPTConfig, closed_form_num_params
@@ -935,6 +936,13 @@ def train(config: TrainConfig, *, tune_cpu_allocator: bool = False) -> TrainResu
         if is_out_of_memory(e):
             raise TrainingError(out_of_memory_message(config, e)) from e
         sign = lost_peer(e)
+        if sign is not None and stop.signal == signal.SIGTERM:
+            # Told to stop first, then the connection went: torchrun stopping this worker because
+            # another one failed (rank 0 refusing the run, say); that one's error is the run's.
+            raise FollowOnFailure(
+                f"told to stop (SIGTERM), this process then lost the connection to another process "
+                f"of this run ({sign}), which had failed: its error, if it printed one, says why. "
+                f"Checkpoints already written are intact") from e
         if sign is not None:
             # The survivors of a dead rank (another node, most often) printed 25 lines of
             # traceback from inside the collective, ending in gloo's "GLHF!".
