@@ -39,12 +39,12 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import ConfigError
 from .hf import HF_PREFIX, load_hf_model, parse_init_from
 from .model import GPT, GPTConfig
+from .progress import progress_bar
 from .shards import ShardError, list_shards, load_meta, open_shard, read_header
 from .tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
@@ -147,8 +147,7 @@ def evaluate_split(model: GPT, data_dir: str | Path, tokenizer: Tokenizer, split
     targets_total = max(sum(read_header(p) for p in paths) - 1, 0)
     if max_batches is not None:
         targets_total = min(targets_total, max_batches * batch_size * block_size)
-    bar = tqdm(total=targets_total, desc=f"eval {split}", unit="tok", unit_scale=True,
-               disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(f"eval {split}", targets_total, "tok", progress)
 
     def score(windows: list[np.ndarray]) -> None:
         nonlocal n_tokens, n_bytes, n_batches

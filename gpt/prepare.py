@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt import locks
+from gpt.progress import progress_bar
 from gpt.shards import MAX_SHARD_TOKENS, MAX_VOCAB, SPLITS, ShardWriter, list_shards
 from gpt.sources import ENCODING_ERRORS, Corpus, HFDataset, LocalFiles, Piece, resolve_source
 from gpt.tokenizer import (MIN_BPE_VOCAB, TOKENIZER_FILE, Tokenizer, char_tokenizer, check_vocab_size,
@@ -393,7 +394,7 @@ def _fit_tokenizer(corpus: Corpus, tokenizer, vocab_size: int, train_bytes: int 
     chars: set[str] = set()
     kind = tokenizer if isinstance(tokenizer, str) else None
     desc = {"bpe": "training BPE", "char": "reading characters", None: "counting"}[kind]
-    bar = _progress_bar(progress, desc, total=None)
+    bar = progress_bar(desc, None, "B", progress)
 
     def texts() -> Iterator[str]:
         fed = 0
@@ -431,7 +432,7 @@ def _encode_corpus(corpus: Corpus, tok: Tokenizer, writers: dict[str, ShardWrite
                    progress: bool, built_here: bool = False) -> None:
     """Encode the corpus (read a second time) into the writers; `counts` is what pass one read,
     `built_here` whether the tokenizer was built from that read."""
-    bar = _progress_bar(progress, "encoding", total=counts.text_bytes)
+    bar = progress_bar("encoding", counts.text_bytes, "B", progress)
     pieces = corpus.iter_pieces()
     if val_rule == "tail":
         labelled = _tail_split(pieces, int(counts.characters * (1 - val_fraction)))
@@ -576,13 +577,6 @@ def _publish(staging: Path, out_dir: Path, meta: dict) -> None:
         if path != pending:
             os.replace(path, out_dir / path.name)
     os.replace(pending, out_dir / META_FILE)
-
-
-def _progress_bar(enabled: bool, desc: str, total: int | None):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True,
-                disable=not enabled, dynamic_ncols=True)
 
 
 def _format_summary(s: dict) -> str:

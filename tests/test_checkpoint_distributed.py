@@ -30,7 +30,7 @@ import torch
 from gpt import checkpoint as ckpt
 
 from conftest import learning_records, rewound_copy
-from test_checkpoint import wait_for_save_in_progress
+from test_checkpoint import latest_step, wait_for_save_in_progress
 from test_distributed import (  # noqa: F401  (data is a fixture)
     TINY, STEPS, _worker_pids, data, launch, losses, output_of, run_complete, train_1proc, train_torchrun,
 )
@@ -83,16 +83,6 @@ def kill_everything(proc: subprocess.Popen) -> None:
     while not all(_dead(pid) for pid in workers):
         assert time.monotonic() < deadline, "workers survived SIGKILL"
         time.sleep(0.01)
-
-
-def latest_step(run: Path) -> int:
-    for _ in range(100):
-        try:
-            found = ckpt.latest_checkpoint(run)
-            return ckpt.read_state(found)["step"] if found else 0
-        except (OSError, ValueError):  # pruned between reading `latest` and its state: look again
-            time.sleep(0.01)
-    raise AssertionError(f"cannot read the latest checkpoint of {run}")
 
 
 def wait_for_progress(proc: subprocess.Popen, run: Path, beyond: int, log: Path, timeout: float = 120) -> None:

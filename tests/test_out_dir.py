@@ -223,8 +223,17 @@ def test_under_torchrun_rank_0_locks_a_second_job_is_refused_once_and_a_restart_
             ranks.update({int(e[5:]): pid for e in env if e.startswith(b"RANK=")})
         assert holder_pid(run) == ranks[0]  # rank 0 holds it (rank 1 does not: it would be refused)
 
-        b = subprocess.run([*torchrun, "train.py", *args], cwd=REPO, capture_output=True, text=True,
-                           env=ENV, timeout=180)
+        # Job a's workers are paused while b runs (their lock stays held): training flat out on
+        # both cores, they left b's rank 1 so little CPU that on CI it met its own error only
+        # after torchrun's SIGTERM, and printed it as well as rank 0's.
+        for pid in ranks.values():
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            b = subprocess.run([*torchrun, "train.py", *args], cwd=REPO, capture_output=True, text=True,
+                               env=ENV, timeout=180)
+        finally:
+            for pid in ranks.values():
+                os.kill(pid, signal.SIGCONT)
         assert b.returncode != 0
         assert b.stderr.count(f"error: out_dir {run} is in use by another training run right now") == 1, \
             b.stderr[-3000:]
