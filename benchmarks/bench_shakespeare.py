@@ -74,6 +74,20 @@ def parse(argv: list[str]) -> tuple[Path, list[str], str]:
 def main(argv: list[str]) -> dict:
     text, overrides, results = parse(argv)
     work = Path(tempfile.mkdtemp(prefix="bench_shakespeare_"))
+    try:
+        result = run_and_report(text, overrides, results, work)
+    except Exception:
+        # A failure after the prep or the training (reading the metrics, the whole-split eval):
+        # what it left is what to look into. (train.py's own failure names the folder already.)
+        print(f"the prepared data and run are in {work}", file=sys.stderr, flush=True)
+        raise
+    # The prepared data and the run's checkpoints (tens of MB) are only the figures' means; a
+    # failed run keeps them to be looked into.
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def run_and_report(text: Path, overrides: list[str], results: str, work: Path) -> dict:
     data = work / "shakespeare_char"
     # nanoGPT's split: first 90% of the characters train, last 10% val.
     prepare(data, text, tokenizer="char", val_fraction=0.1, val_rule="tail", progress=False)
@@ -140,9 +154,6 @@ def main(argv: list[str]) -> dict:
           f"{'faster' if REFERENCE_MATMUL_GFLOPS > result['fp32_matmul_gflops'] else 'slower'} one)")
     print(f"goal ({result['goal']}): {'met' if result['goal_met'] else 'NOT met'}")
     print(f"wrote {write_json(results, result)}")
-    # The prepared data and the run's checkpoints (tens of MB) are only the figures' means; a
-    # failed run keeps them (its error names the folder) to be looked into.
-    shutil.rmtree(work, ignore_errors=True)
     return result
 
 

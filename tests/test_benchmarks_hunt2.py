@@ -155,6 +155,20 @@ def test_bench_shakespeare_failed_training_is_one_line(tmp_path, monkeypatch):
     assert (tmp_path / "work" / "shakespeare_char").is_dir() and str(tmp_path / "work") in str(e.value)
 
 
+def test_bench_shakespeare_failing_after_training_names_the_folder_it_keeps(tmp_path, monkeypatch, capsys):
+    # A failure once train.py was done (its metrics unreadable, the whole-split eval) kept the
+    # prepared data and run in /tmp without saying where.
+    bench_shakespeare, text = _stub_shakespeare(monkeypatch, tmp_path, train_exit=0)
+
+    def unreadable(out):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(bench_shakespeare, "read_metrics", unreadable)
+    with pytest.raises(OSError):
+        bench_shakespeare.main(["--input", str(text), "--max_steps=2"])
+    assert f"the prepared data and run are in {tmp_path / 'work'}" in capsys.readouterr().err
+    assert (tmp_path / "work" / "shakespeare_char").is_dir()
+
+
 def test_bench_shakespeare_input_folder_is_said_to_be_a_folder(tmp_path):
     from benchmarks import bench_shakespeare
 
