@@ -271,6 +271,11 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
     mismatches = []
     if loader_state.get("num_tokens", train_tokens) != train_tokens:
         mismatches.append(f"train tokens: checkpoint {loader_state['num_tokens']:,} vs {data_dir} {train_tokens:,}")
+    if loader_state.get("block_size", config.block_size) != config.block_size:
+        # (Also the model's context, except where it took its shape from hf:DIR: then only here.)
+        mismatches.append(f"block_size: checkpoint {loader_state['block_size']} vs config {config.block_size}, "
+                          f"the length of the windows it reads; resume with --block_size="
+                          f"{loader_state['block_size']}")
     if loader_state.get("order", config.data_order) != config.data_order:
         mismatches.append(f"data_order: checkpoint {loader_state['order']!r} vs config {config.data_order!r}")
     if loader_state.get("seed", config.seed) != config.seed:

@@ -377,6 +377,13 @@ def test_init_from_hf_trains_and_resumes(data, tmp_path, capsys):
     # Resuming keeps the Hugging Face architecture (the checkpoint fits) and continues.
     result = train(replace(config, max_steps=6, eval_interval=6))
     assert result.step == 6 and "resumed from" in capsys.readouterr().out
+    # Another block_size: the model still fits (its 64 positions are hf's), but the data
+    # position does not. It was refused by the loader as a checkpoint "edited or not written by
+    # this project", after a note that had accepted the change.
+    with pytest.raises(ckpt.CheckpointError, match=r"block_size: checkpoint 32 vs config 16, the length of the "
+                                                   r"windows it reads; resume with --block_size=32"):
+        train(replace(config, max_steps=8, block_size=16))
+    assert "block_size 32 -> 16" not in capsys.readouterr().out
     # Without init_from the command asks for the config's own shape: the error says what to add.
     with pytest.raises(ckpt.CheckpointError, match=re.escape(f"resume it with --init_from=hf:{tmp_path / 'hf'}")):
         train(replace(config, init_from="", max_steps=8))
