@@ -476,7 +476,22 @@ def note_changed_batch(saved: dict[str, Any], config: TrainConfig, info: DistInf
     if now != before:
         log(info, f"note: {now:,} tokens per optimizer step, the checkpoint's run took {before:,} "
                   f"({factors[3]} process(es) then, {info.world_size} now); the learning-rate schedule "
-                  f"is unchanged. To keep its batch, set tokens_per_step = {before}")
+                  f"is unchanged. {keep_batch_advice(before, config, info.world_size)}")
+
+
+def keep_batch_advice(tokens: int, config: TrainConfig, world_size: int) -> str:
+    """How to train on `tokens` per optimizer step on `world_size` processes. tokens_per_step
+    alone can be refused (a multiple of batch_size x block_size x processes): 2,048 tokens on 2
+    processes of 16 x 128 each is half a micro-batch, so a smaller batch_size must go with it."""
+    per_row = config.block_size * world_size  # block_size cannot change on resume
+    if tokens % (config.batch_size * per_row) == 0:
+        return f"To keep its batch, set tokens_per_step = {tokens}"
+    rows = tokens // per_row if tokens % per_row == 0 else 0
+    fitting = [b for b in range(min(config.batch_size, rows), 0, -1) if rows % b == 0]
+    if fitting:
+        return f"To keep its batch, set tokens_per_step = {tokens} and batch_size = {fitting[0]}"
+    return (f"No batch_size keeps its batch on {world_size} processes: {tokens:,} is not a multiple "
+            f"of block_size x processes = {per_row:,}")
 
 
 # Settings a resumed run may change without a note: where the run is, and how it was started.

@@ -204,6 +204,30 @@ def test_a_resume_on_another_number_of_processes_says_the_batch_changed(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_the_advice_to_keep_the_batch_on_more_processes_is_a_setting_that_is_accepted(capsys):
+    """A 1-process run of 16 x 128 resumed on 2 processes: "set tokens_per_step = 2048" alone
+    was then refused (not a multiple of 16 x 128 x 2 = 4096); the advice names a batch_size too,
+    and the config it gives is one that validates and trains on that many tokens."""
+    from gpt.config import TrainConfig
+    from gpt.distributed import DistInfo
+    from gpt.trainer import keep_batch_advice, note_changed_batch, tokens_per_optimizer_step
+
+    config = TrainConfig(batch_size=16, block_size=128)
+    saved = {"train_config": config.to_dict(), "world_size": 1, "log_interval": {"accum": 1}}
+    two = DistInfo(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"))
+    note_changed_batch(saved, config, two)
+    out = capsys.readouterr().out
+    assert out.endswith("To keep its batch, set tokens_per_step = 2048 and batch_size = 8\n"), out
+    advised = replace(config, tokens_per_step=2048, batch_size=8).validate()
+    assert tokens_per_optimizer_step(advised, 2) == 2048
+    # Where no batch_size fits (3 processes: 2,048 is not a multiple of 128 x 3), it says so.
+    assert keep_batch_advice(2048, config, 3).startswith("No batch_size keeps its batch on 3 processes")
+    # A batch that divides as it is: tokens_per_step alone, as before.
+    assert keep_batch_advice(8192, config, 2) == "To keep its batch, set tokens_per_step = 8192"
+    assert keep_batch_advice(3 * 256, replace(config, batch_size=4), 2) == (
+        "To keep its batch, set tokens_per_step = 768 and batch_size = 3")
+
+
 def test_a_state_json_whose_log_interval_lacks_a_key_is_refused_naming_it(tmp_path):
     """Only 'an object' was checked: a log_interval without 'loss_sums' (or 'accum', 'steps',
     'skipped') failed the resume with a bare KeyError deep in the trainer."""
