@@ -985,6 +985,8 @@ def _no_checkpoint_message(folder: Path, hf_advice: str | None = None) -> str:
         if holds_token_shards(folder):  # --out_dir given the dataset (data_dir) instead of the run
             return (f"{none}: it is a prepared dataset (token shards), not a training run; give the run "
                     f"folder that trained on it (train.py's out_dir)")
+        if (folder / "config.json").is_file() or (folder / "metrics.jsonl").is_file():
+            return f"{none}: {_not_saved_yet(folder)}"
         return none
     meant = [str(run)] if in_a_run else []
     if steps:
@@ -992,6 +994,20 @@ def _no_checkpoint_message(folder: Path, hf_advice: str | None = None) -> str:
     what = ("it is a run's folder of checkpoint folders (step_N), not itself a run or a checkpoint"
             if in_a_run else "it holds checkpoint folders (step_N), but is not itself a run or a checkpoint")
     return f"{none}: {what} (did you mean {', or '.join(meant)}?)"
+
+
+def _not_saved_yet(run: Path) -> str:
+    """What a run folder without a checkpoint is: a run still before its first save (sampling a
+    new run too early is the usual way here), or one stopped before it."""
+    try:
+        every = json.loads((run / "config.json").read_text(encoding="utf-8")).get("eval_interval")
+    except (OSError, ValueError, AttributeError):
+        every = None
+    known = isinstance(every, int) and not isinstance(every, bool) and every > 0
+    when = f"every eval_interval = {every:,} steps, " if known else ""
+    return (f"it is a training run that has not saved a checkpoint yet (or was stopped before its "
+            f"first). A run saves {when}at its end, and when stopped with Ctrl-C or SIGTERM: try "
+            f"again once it has")
 
 
 # The end of every error about a manifest.json or state.json that is valid JSON of the wrong

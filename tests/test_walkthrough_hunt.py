@@ -99,3 +99,36 @@ def test_consolidating_an_hf_prefixed_folder_explains_the_prefix(tmp_path):
     # `python -m gpt.checkpoint consolidate hf:DIR` said "checkpoint path hf:DIR does not exist".
     with pytest.raises(ckpt.CheckpointError, match="used as it is"):
         ckpt.consolidate(f"hf:{tmp_path}")
+
+
+def test_sampling_a_run_before_its_first_save_says_so(char_data, tmp_path):
+    """`sample.py --out_dir RUN` while the run trains toward its first save (step 250 by default):
+    "holds no checkpoint (no latest file and no manifest.json)" read as a broken run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, tiny_args
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    training = subprocess.Popen([sys.executable, "train.py", *tiny_args(char_data, run, max_steps=100_000,
+                                                                          eval_interval=50_000)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").exists():
+            assert training.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        sampled = subprocess.run([sys.executable, "sample.py", f"--out_dir={run}", "--max_new_tokens=5"],
+                                 cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        training.send_signal(signal.SIGKILL)
+        training.wait()
+    assert sampled.returncode == 2
+    assert sampled.stderr.strip() == (
+        f"error: {run} holds no checkpoint (no latest file and no manifest.json): it is a training run "
+        f"that has not saved a checkpoint yet (or was stopped before its first). A run saves every "
+        f"eval_interval = 50,000 steps, at its end, and when stopped with Ctrl-C or SIGTERM: try again "
+        f"once it has"), sampled.stderr
