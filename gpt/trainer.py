@@ -1101,6 +1101,12 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     stop.settle()
     checkpointer.close()  # wait for an async save in flight
     metrics.close()
-    log(info, f"done: {step} steps, {tokens_seen:,} tokens, {format_duration(time.perf_counter() - clock.run_start)}"
+    # Steps and tokens count the whole run; so does the time (metrics' elapsed_s), with this
+    # process's share beside it when the run was resumed.
+    this_process = time.perf_counter() - clock.run_start
+    took = format_duration(run_seconds(clock))
+    if clock.elapsed_before > 0:
+        took += f" ({format_duration(this_process)} in this process)"
+    log(info, f"done: {step} steps, {tokens_seen:,} tokens, {took}"
               + (f", final val loss {val_loss:.4f}" if val_loss is not None else ""))
     return TrainResult(step=step, train_loss=train_loss, val_loss=val_loss, checkpoint=last_ckpt)

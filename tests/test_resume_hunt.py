@@ -267,3 +267,31 @@ def test_a_run_refused_during_set_up_leaves_no_empty_out_dir(char_data, tmp_path
     assert run.is_dir()  # the user's own folder stays
     train(tiny_config(char_data, tmp_path / "ok", max_steps=5, eval_interval=5))
     assert (tmp_path / "ok" / "latest").exists()
+
+
+def test_the_done_line_of_a_resumed_run_gives_the_whole_runs_time(char_data, tmp_path, capsys):
+    """`done:` counted the whole run's steps and tokens but only this process's time (7s where
+    metrics.jsonl said 21 s): it now gives the whole run's, this process's beside it."""
+    import re
+
+    from conftest import tiny_config
+    from gpt.metrics import read_metrics
+    from test_checkpoint import reseal
+    from gpt.trainer import train
+
+    config = tiny_config(char_data, tmp_path / "run", max_steps=4, eval_interval=4)
+    train(config)
+    first = capsys.readouterr().out
+    assert re.search(r"^done: 4 steps, [\d,]+ tokens, \d+s, final val loss", first, re.M), first
+    # The first process's time, as if it had taken a minute: the resumed run's total includes it.
+    state_file = ckpt.latest_checkpoint(tmp_path / "run") / ckpt.STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["elapsed_s"] = 61.0
+    state_file.write_text(json.dumps(state))
+    reseal(state_file.parent)  # past the manifest's checksums
+    train(replace(config, max_steps=6, eval_interval=6))
+    second = capsys.readouterr().out
+    done = re.search(r"^done: 6 steps, [\d,]+ tokens, (\d+)m(\d+)s \((\d+)s in this process\)", second, re.M)
+    assert done, second
+    assert int(done[1]) * 60 + int(done[2]) >= 61 > int(done[3])
+    assert read_metrics(tmp_path / "run")[-1]["elapsed_s"] >= 61
