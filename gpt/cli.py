@@ -179,7 +179,9 @@ def _sample_parser():
                         help="hf:DIR, a local Hugging Face GPT-2 folder with its tokenizer.json")
     add("prompt", default="", help="text to continue (default: empty, an unconditional sample)")
     add("prompt_file", default=None, help="read the prompt from this file instead ('-': standard input)")
-    add("max_new_tokens", type=int, default=500, help="tokens to generate per sample (default: 500)")
+    add("max_new_tokens", type=int, default=500,
+        help="tokens to generate per sample, at most: a sample ends earlier at the end-of-text token "
+             "(BPE vocabularies have one) (default: 500)")
     add("temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default: 0.8)")
     add("top_k", type=int, default=200, help="sample from the k likeliest tokens; 0 is off (default: 200)")
     add("top_p", type=float, default=1.0, help="nucleus sampling: smallest set with this total probability (default: 1.0 = off)")
@@ -427,6 +429,11 @@ def sample(args) -> None:
     n_tokens = sum(len(c) for c in continuations)
     # On stderr, so that stdout stays the text alone (for pipes and files).
     samples = f"{rows} samples, " if rows > 1 else ""
+    # Fewer tokens than asked for read as a fault unless the summary says why.
+    ended = sum(len(c) < args.max_new_tokens for c in continuations)
+    if ended:
+        samples += (f"{'the sample' if rows == 1 else ended} ended at the end-of-text token before "
+                    f"--max_new_tokens {args.max_new_tokens}, ")
     print(f"[{samples}{n_tokens} tokens in {seconds:.2f} s: {n_tokens / max(seconds, 1e-9):,.0f} tokens/s, "
           f"{'without' if args.no_kv_cache else 'with'} KV cache, {str(dtype).removeprefix('torch.')}]",
           file=sys.stderr, flush=True)

@@ -303,3 +303,27 @@ def test_eval_shows_progress_over_the_split_on_stderr_and_keeps_json_clean(folde
     assert gpt_eval.main([run, "--device", "cpu", "--json", "--no-progress"]) == 0
     out, err = capfd.readouterr()
     assert json.loads(out)["tokens"] == targets and "eval val" not in err, err
+
+
+def test_samples_that_end_at_end_of_text_say_so(folders, tmp_path, capsys):
+    """`--num_samples 3 --max_new_tokens 300` printed "[3 samples, 127 tokens ...]" and nothing
+    said why there were fewer: each sample ends at the end-of-text token. A model that always
+    predicts it (its final LayerNorm a constant that only the eos row of the tied table matches)."""
+    bpe = ckpt.latest_checkpoint(folders["bpe_run"]) / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(bpe)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=BLOCK, n_layer=1, n_head=2, n_embd=16)
+    model = GPT(config)
+    with torch.no_grad():
+        model.tok_emb.weight.zero_()
+        model.tok_emb.weight[tokenizer.eos_id] = 1.0
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.fill_(1.0)
+    run = tmp_path / "eos_run"
+    ckpt.save_checkpoint(run, 1, model, None, {"step": 1, "model_config": asdict(config)}, tokenizer_path=bpe)
+    assert run_sample(["--out_dir", str(run), "--device", "cpu", "--prompt", "abc", "--num_samples", "3",
+                       "--max_new_tokens", "20", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "[3 samples, 3 ended at the end-of-text token before --max_new_tokens 20, 0 tokens in " in err, err
+    # A sample that ran to the end says nothing of it (the char vocabulary has no end-of-text).
+    assert sample_cpu("--out_dir", str(folders["char_run"]), "--prompt", "ab") == 0
+    assert "end-of-text" not in capsys.readouterr().err
