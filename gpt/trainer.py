@@ -535,6 +535,9 @@ def note_changed_settings(saved: dict[str, Any], config: TrainConfig, info: Dist
                  f"from here{detail})" if schedule else ""))
 
 
+SLOW_STEP_S = 60.0  # a step longer than this at the device's peak gets a note at start
+
+
 def describe_run(config: TrainConfig, info: DistInfo, model: GPT, optimizer: torch.optim.Optimizer,
                  dtype: torch.dtype, accum: int, tokens_per_step: int, peak: float, peak_source: str) -> None:
     """Log what is about to train (size, device, precision, batch, optimizer) and any setting
@@ -554,6 +557,14 @@ def describe_run(config: TrainConfig, info: DistInfo, model: GPT, optimizer: tor
         log(info, f"note: warmup_steps = {config.warmup_steps} is more than max_steps = {config.max_steps}: "
                   f"the learning rate stops at {learning_rate_at(config.max_steps - 1, config):.2e}, "
                   f"short of learning_rate = {config.learning_rate:.2e}")
+    # Even at the peak, a step this long is a setting to look at again before waiting on it: a
+    # block_size of 100,000 on a CPU took minutes per step, and a stop signal waits for the step.
+    fastest_step_s = model.flops_per_token() * tokens_per_step / (peak * info.world_size)
+    if fastest_step_s > SLOW_STEP_S:
+        log(info, f"note: one optimizer step takes at least {format_duration(fastest_step_s)} here "
+                  f"({tokens_per_step:,} tokens x {model.flops_per_token() / 1e6:,.1f} MFLOP/token at the "
+                  f"{peak / 1e12:.2f} TFLOP/s peak per device), and a stop signal (Ctrl-C, SIGTERM) waits for "
+                  f"the step to end. Lower batch_size, block_size or the model size for a quicker one")
     if info.device.type == "cpu" and dtype == torch.bfloat16 and not has_fast_bf16(info.device):
         log(info, "note: this CPU has no native bf16 matmul (AVX512-BF16/AMX); bf16 runs several "
                   "times slower than float32 here (benchmarks/: ~50x for a large matmul). Use dtype=float32")

@@ -319,3 +319,17 @@ def test_mfu_stays_at_most_100_percent_when_the_peak_was_measured_on_a_busy_mach
     train(tiny_config(char_data, tmp_path / "configured", max_steps=5, log_interval=5, peak_tflops=1e-6))
     assert "faster than" not in capsys.readouterr().out
     assert read_metrics(tmp_path / "configured")[-1]["mfu"] > 1.0
+
+
+def test_a_setting_whose_step_takes_minutes_even_at_the_peak_is_said_at_start(char_data, tmp_path, capsys):
+    """block_size = 100,000 on a CPU: accepted without a word, minutes per step, and a stop signal
+    waited for the step. The note comes from the FLOPs per step and the peak (here a configured
+    1 kFLOP/s, so that the tiny model's step counts as long)."""
+    from conftest import tiny_config
+    from gpt.trainer import train
+
+    train(tiny_config(char_data, tmp_path / "slow", max_steps=1, peak_tflops=1e-9))
+    out = capsys.readouterr().out
+    assert "note: one optimizer step takes at least " in out and "waits for the step to end" in out, out
+    train(tiny_config(char_data, tmp_path / "quick", max_steps=1))
+    assert "one optimizer step takes" not in capsys.readouterr().out
