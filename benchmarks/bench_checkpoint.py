@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.cli import device as device_name, positive_int, results_name  # noqa: E402
 from benchmarks.common import write_json  # noqa: E402
 from gpt import checkpoint as ckpt  # noqa: E402
+from gpt.checkpoint import files as ckpt_files, load as ckpt_load, save as ckpt_save  # noqa: E402
 from gpt import parallel  # noqa: E402
 from gpt.config import TrainConfig  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402
@@ -125,7 +126,7 @@ def bench_load(root: Path, fmt: str, repeats: int, device: torch.device) -> dict
         start = time.perf_counter()
         state = ckpt.read_state(path)
         if fmt == "sharded":
-            ckpt._load_sharded(path, model, optimizer, state)
+            ckpt_load._load_sharded(path, model, optimizer, state)
         else:
             parallel.load_full_state_dicts(model, optimizer, ckpt.read_model_state(path),
                                            ckpt.read_optimizer_state(path))
@@ -152,15 +153,15 @@ def bench_parts(root: Path, model, optimizer, repeats: int) -> dict:
         saver._staging.ready()
         gather.append(time.perf_counter() - start)
         start = time.perf_counter()
-        files = list(ckpt._write_weight_files(folder, ckpt._full_writer(model_state, optimizer_state)))
+        files = list(ckpt_save.write_weight_files(folder, ckpt_save.full_writer(model_state, optimizer_state)))
         serialize.append(time.perf_counter() - start)
         start = time.perf_counter()
         for f in files:
-            ckpt._crc32(f)
+            ckpt_files.crc32(f)
         crc.append(time.perf_counter() - start)
         start = time.perf_counter()
         for f in files:
-            ckpt._fsync_file(f)
+            ckpt_files.fsync_file(f)
         fsync.append(time.perf_counter() - start)
         start = time.perf_counter()
         shutil.rmtree(folder)  # what pruning an old checkpoint costs

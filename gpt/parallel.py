@@ -270,7 +270,7 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer,
     A collective under FSDP: every rank must call it. Only rank 0 receives the tensors (the other
     ranks get empty dicts), so only rank 0 needs the host memory for a whole copy.
     to_cpu=False: a model that is not sharded hands over its live tensors where they are, on
-    every rank, for the caller to copy (gpt/checkpoint.py copies a GPU's into page-locked memory,
+    every rank, for the caller to copy (gpt/checkpoint/save.py copies a GPU's into page-locked memory,
     several times faster); a sharded one is still gathered into rank 0's CPU memory.
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict

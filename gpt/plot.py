@@ -52,7 +52,7 @@ def _run_above(path: Path) -> Path | None:
     in the run), or None: those are what a newcomer passes in place of the run itself."""
     if not path.is_dir() or any((path / name).exists() for name in (METRICS_FILE, "latest", "checkpoints")):
         return None  # a run itself, one that has not logged yet too (a fine-tune in out/default/ft)
-    # A run's marks beside its metrics (gpt/checkpoint.py's names), so that a stray
+    # A run's marks beside its metrics (gpt/checkpoint/layout.py's names), so that a stray
     # metrics.jsonl higher up (a home folder) is not taken for one.
     return next((p for p in path.resolve().parents if (p / METRICS_FILE).is_file()
                  and ((p / "latest").is_file() or (p / "checkpoints").is_dir())), None)

@@ -62,7 +62,7 @@ from gpt.wordcache import encode_pieces, word_cache_applies
 STAGING = ".prepare-staging"
 LOCK_FILE = ".prepare-lock"  # held (flock) by the prep writing the folder
 META_FILE = "meta.json"
-# The names gpt/checkpoint.py gives a run's files, repeated here rather than imported: that module
+# The names gpt/checkpoint/layout.py gives a run's files, repeated here rather than imported: that package
 # needs torch, which data prep does not (tests/test_interop.py checks that they agree).
 RUN_LATEST = "latest"
 RUN_CHECKPOINTS = "checkpoints"

@@ -3,7 +3,7 @@
 A synchronous save from a GPU, and every asynchronous save, first copies the tensors it will
 write (`Staging.snapshot`): off the GPU into one page-locked block of host memory, and, for an
 async save, the CPU tensors training keeps changing. The memory is kept from save to save.
-gpt/checkpoint.py's `Checkpointer` is the user.
+gpt/checkpoint/save.py's `Checkpointer` is the user.
 """
 
 from __future__ import annotations

@@ -1054,7 +1054,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
                   f"(raise max_steps to train longer)")
 
     # Full (gathered to rank 0) or sharded (every rank writes its shard; auto under FSDP),
-    # synchronous or in a background thread: see gpt/checkpoint.py and docs/checkpoints.md.
+    # synchronous or in a background thread: see gpt/checkpoint/save.py and docs/checkpoints.md.
     checkpointer = ckpt.Checkpointer(
         out_dir, format=ckpt.resolve_format(config.checkpoint_format, parallel.resolve_strategy(config, info)),
         rank=info.rank, world_size=info.world_size, keep_last=config.keep_last,

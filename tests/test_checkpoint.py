@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from gpt import checkpoint as ckpt
+from gpt.checkpoint import files as ckpt_files
 from gpt.model import GPT, GPTConfig
 from gpt.trainer import train
 
@@ -252,7 +253,7 @@ def test_unsafe_or_corrupt_sharded_checkpoints_are_refused(char_data, tmp_path):
     def rewrite_manifest() -> None:
         manifest = json.loads((saved / ckpt.MANIFEST_FILE).read_text())
         for name in manifest:
-            manifest[name] = {"bytes": (saved / name).stat().st_size, "crc32": ckpt._crc32(saved / name)}
+            manifest[name] = {"bytes": (saved / name).stat().st_size, "crc32": ckpt_files.crc32(saved / name)}
         (saved / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
 
     # A truncated shard is caught by the manifest before anything is read.
@@ -395,7 +396,7 @@ def test_a_save_flushes_files_to_disk_while_they_are_still_being_written(tmp_pat
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
     path = tmp_path / "optimizer.pt"
-    with ckpt._writeback(tmp_path, every_s=0.01):
+    with ckpt_files.writeback(tmp_path, every_s=0.01):
         with open(path, "wb") as f:
             f.write(b"x" * 4096)
             f.flush()
@@ -412,7 +413,7 @@ def test_a_save_flushes_files_to_disk_while_they_are_still_being_written(tmp_pat
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="injected"):
-        with ckpt._writeback(tmp_path, every_s=0.01):
+        with ckpt_files.writeback(tmp_path, every_s=0.01):
             assert met.wait(10)  # not a fixed sleep: on a loaded machine the thread may start late
 
 
@@ -429,8 +430,8 @@ def copy_of_run(run: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 def reseal(folder: Path) -> None:
     """Rewrite a checkpoint's manifest for its files as they are now, as if saved so."""
-    manifest = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "crc32": ckpt._crc32(p)}
-                for p in ckpt._files_under(folder) if p.name != ckpt.MANIFEST_FILE}
+    manifest = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "crc32": ckpt_files.crc32(p)}
+                for p in ckpt_files.files_under(folder) if p.name != ckpt.MANIFEST_FILE}
     (folder / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
@@ -567,7 +568,7 @@ ckpt.consolidate(f"{sys.argv[1]}/sharded", f"{sys.argv[1]}/consolidated")
 """
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, check=True, timeout=120,
                    capture_output=True, preexec_fn=lambda: os.umask(0o002))
-    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in ckpt._files_under(tmp_path)}
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in ckpt_files.files_under(tmp_path)}
     assert "full/checkpoints/step_0000001/model.safetensors" in modes and "consolidated/model.safetensors" in modes
     assert modes == dict.fromkeys(modes, "0o664")
 
@@ -665,7 +666,7 @@ def test_a_sharded_checkpoint_that_lost_its_metadata_is_still_named_sharded(tmp_
 
 def test_consolidate_into_a_folder_it_cannot_write_says_so_and_leaves_nothing(tmp_path, capsys):
     (folder,) = tiny_saved_run(tmp_path / "run", "sharded", (3,))
-    before = {p: p.read_bytes() for p in ckpt._files_under(tmp_path / "run")}
+    before = {p: p.read_bytes() for p in ckpt_files.files_under(tmp_path / "run")}
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     out = blocker / "copy"  # its parent is a file: mkdir fails as on a read-only or full disk
@@ -675,7 +676,7 @@ def test_consolidate_into_a_folder_it_cannot_write_says_so_and_leaves_nothing(tm
     assert err.startswith(f"error: could not write {out} (FileExistsError") or \
         err.startswith(f"error: could not write {out} (NotADirectoryError"), err
     assert f"{folder} is unchanged" in err and "choose another --out" in err
-    assert {p: p.read_bytes() for p in ckpt._files_under(tmp_path / "run")} == before
+    assert {p: p.read_bytes() for p in ckpt_files.files_under(tmp_path / "run")} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "run"]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from gpt import checkpoint as ckpt
+from gpt.checkpoint import consolidation
 from gpt import eval as gpt_eval
 from gpt import plot as gpt_plot
 from gpt.cli import run_sample, run_train
@@ -67,13 +68,13 @@ def test_a_runs_checkpoints_folder_given_as_a_run_says_which_was_meant(run, caps
 def test_consolidate_ctrl_c_and_os_errors_are_one_line(run, tmp_path, monkeypatch, capsys):
     # Both used to end in a traceback: main caught only CheckpointError.
     out = tmp_path / "copy"
-    real_seal_all = ckpt._seal_all
+    real_seal_all = consolidation.seal_all
 
     def interrupted_while_writing(paths, base):
         assert any(base.iterdir())  # the weights are written into the temporary folder
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "_seal_all", interrupted_while_writing)
+    monkeypatch.setattr(consolidation, "seal_all", interrupted_while_writing)
     before = {p: p.read_bytes() for p in (run / "checkpoints" / "step_0000004").iterdir()}
     try:
         code = ckpt.main(["consolidate", str(run), "--out", str(out)])
@@ -85,12 +86,12 @@ def test_consolidate_ctrl_c_and_os_errors_are_one_line(run, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []  # what the message says: nothing half-written
     assert {p: p.read_bytes() for p in (run / "checkpoints" / "step_0000004").iterdir()} == before
 
-    monkeypatch.setattr(ckpt, "_seal_all", real_seal_all)
+    monkeypatch.setattr(consolidation, "seal_all", real_seal_all)
 
     def unreadable(ckpt_dir):
         raise OSError(errno.EIO, "Input/output error", str(ckpt_dir / "model.safetensors"))
 
-    monkeypatch.setattr(ckpt, "read_model_state", unreadable)
+    monkeypatch.setattr(consolidation, "read_model_state", unreadable)
     assert ckpt.main(["consolidate", str(run), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: could not consolidate {run} (OSError: [Errno 5] Input/output error: ") \

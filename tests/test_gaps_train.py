@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from gpt import checkpoint as ckpt
+from gpt.checkpoint import files as ckpt_files
 from gpt.config import ConfigError
 from gpt.trainer import train
 
@@ -105,27 +106,27 @@ def test_saving_the_step_latest_already_names_keeps_that_checkpoint(tmp_path):
     it after each eval could) leaves the complete checkpoint in place: replacing it would open
     a moment in which `latest` names nothing."""
     (folder,) = tiny_saved_run(tmp_path / "run", "full", (3,))
-    before = {p: (p.stat().st_ino, p.read_bytes()) for p in ckpt._files_under(folder)}
+    before = {p: (p.stat().st_ino, p.read_bytes()) for p in ckpt_files.files_under(folder)}
     model = torch.nn.Linear(2, 2)
     again = ckpt.save_checkpoint(tmp_path / "run", 3, model, None, {"step": 3})
     assert again == folder
-    assert {p: (p.stat().st_ino, p.read_bytes()) for p in ckpt._files_under(folder)} == before
+    assert {p: (p.stat().st_ino, p.read_bytes()) for p in ckpt_files.files_under(folder)} == before
     assert sorted(p.name for p in (tmp_path / "run" / ckpt.CHECKPOINTS_DIR).iterdir()) == [folder.name]
 
 
 def test_ctrl_c_during_a_save_leaves_no_partial_folder_and_the_previous_checkpoint(tmp_path, monkeypatch):
     (earlier,) = tiny_saved_run(tmp_path / "run", "full", (3,))
-    before = {p: p.read_bytes() for p in ckpt._files_under(tmp_path / "run")}
+    before = {p: p.read_bytes() for p in ckpt_files.files_under(tmp_path / "run")}
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt.torch, "save", interrupted)  # optimizer.pt, after the weights
+    monkeypatch.setattr(torch, "save", interrupted)  # optimizer.pt, after the weights
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(KeyboardInterrupt):
         ckpt.save_checkpoint(tmp_path / "run", 6, model, optimizer, {"step": 6})
-    assert {p: p.read_bytes() for p in ckpt._files_under(tmp_path / "run")} == before
+    assert {p: p.read_bytes() for p in ckpt_files.files_under(tmp_path / "run")} == before
     assert [p.name for p in (tmp_path / "run" / ckpt.CHECKPOINTS_DIR).iterdir()] == [earlier.name]
     assert ckpt.latest_checkpoint(tmp_path / "run") == earlier
 

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from gpt import checkpoint as ckpt
+from gpt.checkpoint import files as ckpt_files
 from gpt.cli import report_errors, run_sample
 from gpt.config import ConfigError, TrainConfig, parse_args
 from gpt.errors import TrainingError
@@ -807,7 +808,7 @@ def test_tokenizer_file_is_data_never_code(trained, tmp_path, capsys):
     latest = ckpt.latest_checkpoint(run)
     shutil.copyfile(bad, latest / ckpt.TOKENIZER_FILE)
     manifest = json.loads((latest / ckpt.MANIFEST_FILE).read_text())
-    manifest[ckpt.TOKENIZER_FILE] = {"bytes": bad.stat().st_size, "sha256": ckpt._sha256(bad)}
+    manifest[ckpt.TOKENIZER_FILE] = {"bytes": bad.stat().st_size, "sha256": ckpt_files.sha256(bad)}
     (latest / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
     assert run_sample(["--out_dir", str(run), "--device", "cpu"]) == 2
     assert "cannot load tokenizer" in capsys.readouterr().err

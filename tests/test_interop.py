@@ -25,6 +25,7 @@ import torch
 import transformers  # the `test` extra installs transformers, wandb and matplotlib
 
 from gpt import checkpoint as ckpt
+from gpt.checkpoint import files as ckpt_files
 from gpt.cli import run_sample
 from gpt import eval as gpt_eval
 from gpt import export, hf, plot
@@ -243,7 +244,7 @@ def test_export_loads_in_transformers(kind, runs, data, tmp_path, capsys):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in out.iterdir()}
     # Every file readable as the umask allows (safetensors alone would make the weights 0600).
-    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o666 & ~ckpt._UMASK)}
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o666 & ~ckpt_files._UMASK)}
 
     ours, tokenizer = our_model(runs[kind])
     theirs = transformers.GPT2LMHeadModel.from_pretrained(out, local_files_only=True).eval()

@@ -12,6 +12,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from gpt import checkpoint as ckpt
@@ -85,8 +86,8 @@ def test_a_full_disk_is_named_when_the_writer_hides_it(tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 3988")
 
-    monkeypatch.setattr(ckpt.safetensors.torch, "save_file", full_disk)
-    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
     with pytest.raises(ckpt.CheckpointError) as error:
         save(run, 20, keep_last=2)
     message = str(error.value)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from gpt import checkpoint as ckpt
+from gpt.checkpoint import files as ckpt_files
 from gpt.cli import run_sample, run_train
 from gpt.config import TrainConfig
 from gpt.metrics import read_metrics
@@ -190,7 +191,7 @@ def test_corrupt_and_malicious_checkpoints_are_refused(char_data, tmp_path):
     torch.save({"state": Evil()}, latest / ckpt.OPTIMIZER_FILE)
     manifest = json.loads((latest / ckpt.MANIFEST_FILE).read_text())
     manifest[ckpt.OPTIMIZER_FILE] = {"bytes": (latest / ckpt.OPTIMIZER_FILE).stat().st_size,
-                                     "sha256": ckpt._sha256(latest / ckpt.OPTIMIZER_FILE)}
+                                     "sha256": ckpt_files.sha256(latest / ckpt.OPTIMIZER_FILE)}
     (latest / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ckpt.CheckpointError, match="refused to load"):
         train(tiny_config(char_data, run, max_steps=20))

@@ -1,0 +1,123 @@
+"""Consolidate: a sharded checkpoint (or any) copied into the single-file format, and
+`python -m gpt.checkpoint consolidate`, the command that does it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+from ..hf import HF_PREFIX
+from .files import seal_all
+from .find import reading
+from .layout import CHECKPOINTS_DIR, TOKENIZER_FILE, CheckpointError
+from .load import read_model_state, read_optimizer_state
+from .save import complete_folder, full_writer, write_weight_files
+from .verify import read_state, verify_checkpoint
+
+
+def default_consolidated_path(ckpt_dir: Path) -> Path:
+    """out_dir/consolidated/step_N for a run's checkpoint (outside checkpoints/, so pruning and
+    `latest` never touch it); CKPT_consolidated beside any other folder."""
+    ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.parent.name == CHECKPOINTS_DIR:
+        return ckpt_dir.parent.parent / "consolidated" / ckpt_dir.name
+    return ckpt_dir.with_name(ckpt_dir.name + "_consolidated")
+
+
+def consolidate(source: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                optimizer: bool = False) -> Path:
+    """Write checkpoint `source` (a run folder or checkpoint folder, either format) as one
+    single-file, device-agnostic checkpoint folder `out`: model.safetensors (CPU tensors),
+    state.json, tokenizer.json, manifest.json, and with `optimizer` also optimizer.pt (then the
+    folder resumes training like any full checkpoint). Reads in one process: needs CPU memory for
+    the whole model (and optimizer state). Returns `out`."""
+    if str(source).startswith(HF_PREFIX) and not Path(source).exists():
+        raise CheckpointError(f"{source}: consolidate reads a sharded checkpoint of this project; a Hugging "
+                              f"Face folder ('{HF_PREFIX}DIR', as init_from names one) is used as it is")
+    with reading(source, hf_advice=(
+            f"there is nothing to consolidate; a Hugging Face folder is used as it is, named with the "
+            f"'{HF_PREFIX}' prefix (init_from = '{HF_PREFIX}{source}')")) as ckpt_dir:
+        return _consolidate(ckpt_dir, out, optimizer)
+
+
+def _consolidate(ckpt_dir: Path, out: str | os.PathLike | None, optimizer: bool) -> Path:
+    verify_checkpoint(ckpt_dir)
+    state = read_state(ckpt_dir)
+    out = Path(out) if out is not None else default_consolidated_path(ckpt_dir)
+    if out.exists():
+        raise CheckpointError(f"{out} already exists; remove it or choose another --out")
+    from ..prepare import training_output  # (data prep's module: imported only here)
+
+    inside = training_output(out)
+    if inside is not None:  # keep_last would delete it with the checkpoint (or checkpoints/) it is in
+        raise CheckpointError(f"--out {out} {inside}; choose another --out (the default is "
+                              f"{default_consolidated_path(ckpt_dir)})")
+    try:
+        model_state = read_model_state(ckpt_dir)
+        optimizer_state = read_optimizer_state(ckpt_dir) if optimizer else None
+    except BaseException as e:
+        if isinstance(e, CheckpointError) or type(e).__name__ != "CheckpointException":
+            raise
+        raise CheckpointError(f"{ckpt_dir}: could not read the checkpoint ({e})") from None
+    state = {k: v for k, v in state.items() if k != "optimizer_param_groups"}
+    state.update(format="full", consolidated_from=str(ckpt_dir))
+
+    tmp = out.parent / f".tmp_{out.name}_{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        written = list(write_weight_files(tmp, full_writer(model_state, optimizer_state)))
+        source_tokenizer = ckpt_dir / TOKENIZER_FILE
+        complete_folder(tmp, out, state, source_tokenizer if source_tokenizer.exists() else None,
+                  seal_all(written, tmp))
+    except OSError as e:
+        # A full disk, a read-only folder, or a file where a folder of --out should be: nothing
+        # of the source was changed, so only this copy failed.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write {out} ({type(e).__name__}: {e}); {ckpt_dir} is unchanged. Is the disk "
+            f"full or {out.parent} not a writable folder? Fix that, or choose another --out"
+        ) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt.checkpoint",
+        description="Checkpoint tools. consolidate: turn a sharded (torch.distributed.checkpoint) "
+                    "checkpoint into the single-file format that sample.py, export and any world "
+                    "size read.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    cons = commands.add_parser("consolidate", help="write a single-file copy of a checkpoint")
+    cons.add_argument("source", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    cons.add_argument("--out", default=None,
+                      help="output folder (default: RUN/consolidated/step_N for a checkpoint of a run, "
+                           "given as the run or as RUN/checkpoints/step_N; CKPT_consolidated beside "
+                           "a checkpoint folder outside a run)")
+    cons.add_argument("--optimizer", action="store_true",
+                      help="include the optimizer state (optimizer.pt), so training can resume from the copy")
+    from ..cli import report_errors  # (cli imports this module)
+
+    def run() -> None:
+        args = parser.parse_args(argv)
+        try:
+            out = consolidate(args.source, args.out, optimizer=args.optimizer)
+        except OSError as e:
+            # Reading the source (a write error is a CheckpointError already): one line, not a
+            # traceback. Nothing was written.
+            raise CheckpointError(f"could not consolidate {args.source} ({type(e).__name__}: {e}); "
+                                  f"nothing was written") from e
+        print(f"wrote {out}")
+
+    # `consolidate` removes its unfinished copy on the way out (KeyboardInterrupt included), and
+    # never writes into the source checkpoint.
+    return report_errors(run, interrupted="interrupted: stopped consolidating; the checkpoint is unchanged "
+                                          "and no unfinished copy was left behind")
+

@@ -1,0 +1,141 @@
+"""Writing files so that a crash never leaves half of one: fsync, checksums, permissions.
+
+What the rest of the package builds its guarantee on: a file counts as written once it is
+fsynced (`seal`), a folder entry once the folder is (`fsync_dir`), and a small file is replaced
+whole or not at all (`write_text_atomic`)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ..crc import file_crc32
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+BLOCK = 16 << 20
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def crc32(path: Path) -> str:
+    return f"{file_crc32(path):08x}"  # big files in parallel ranges (gpt/crc.py)
+
+
+def seal(path: Path) -> dict[str, Any]:
+    """Manifest entry of a just-written file (size and CRC-32, read back while it is still in
+    the page cache), after fsyncing it to disk.
+
+    CRC-32 (zlib, ~1.5 GB/s per thread, and a big file is read in parallel ranges) rather
+    than sha256 (~1.2 GB/s, one thread per file): the manifest detects truncated and
+    corrupted files, and cannot prove authenticity anyway (it lies beside them)."""
+    entry = {"bytes": path.stat().st_size, "crc32": crc32(path)}
+    fsync_file(path)
+    return entry
+
+
+@contextlib.contextmanager
+def writeback(folder: Path, pattern: str = "*", every_s: float = 0.1):
+    """Make the disk write files while they are still being serialized: a thread fsyncs the
+    files in `folder` matching `pattern` every `every_s` seconds until the body is done.
+
+    Left alone, the kernel starts writing dirty pages only when they pass
+    vm.dirty_background_ratio (10% of RAM) or are 30 s old, so a 1.5 GB checkpoint first fills
+    the page cache and then waits in fsync for the whole of it: serialize + write, instead of
+    about the slower of the two. A synchronous save of the 124M model and its AdamW state on
+    the development machine's disk (~0.5 GB/s durable, so a floor of ~2.9 s): 3.20 vs 3.71 s
+    (medians of 8, alternated). On tmpfs, with no disk behind the page cache, fsync is free."""
+    stop = threading.Event()
+    failed: list[OSError] = []
+
+    def flush() -> None:
+        while not stop.wait(every_s) and not failed:
+            for path in folder.glob(pattern):
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError:  # not created yet, or gone
+                    continue
+                try:
+                    os.fsync(fd)
+                except OSError as e:
+                    # Linux reports a write error to the fsyncs of the descriptors open when it
+                    # happened, so a later fsync on a fresh descriptor may not see it: keep it.
+                    failed.append(e)
+                    break
+                finally:
+                    os.close(fd)
+
+    thread = threading.Thread(target=flush, name="checkpoint-writeback", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    if failed:
+        raise failed[0]
+
+
+def seal_all(paths: list[Path], base: Path) -> dict[str, dict[str, Any]]:
+    """`seal` for several files in parallel threads; keys are paths relative to `base`."""
+    if not paths:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(4, len(paths))) as pool:
+        entries = list(pool.map(seal, paths))
+    return {p.relative_to(base).as_posix(): e for p, e in zip(paths, entries)}
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+# The process's umask, read once at import. os.umask can only be read by setting it, so it is
+# set and put back at once; at import, before the trainer starts any thread, no other thread
+# can create a file in that instant with the wrong permissions.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def give_ordinary_permissions(path: str | os.PathLike) -> None:
+    """Give a file the permissions the user's umask gives ordinary new files (0644 under umask
+    022). safetensors' save_file and tempfile create theirs 0600, and on a shared cluster file
+    system the user's group could then not read the weights beside the other files."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace a small text file so readers see either the old or the new content, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk, or path a folder: leave no half-written copy
+        raise
+    fsync_dir(path.parent)

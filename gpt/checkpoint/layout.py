@@ -1,0 +1,51 @@
+"""The names of a checkpoint's files and folders, and the error every part of this package raises.
+
+The whole layout is drawn in `gpt/checkpoint/__init__.py`."""
+
+from __future__ import annotations
+
+import warnings
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+MANIFEST_FILE = "manifest.json"
+TRASH_PREFIX = ".trash_"  # pruned checkpoints being deleted
+STATE_FILE = "state.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+TOKENIZER_FILE = "tokenizer.json"
+DCP_DIR = "dcp"  # the sharded format's torch.distributed.checkpoint folder
+DCP_METADATA = ".metadata"
+FORMATS = ("full", "sharded")
+
+
+def quiet_dcp() -> None:
+    """DCP warns whenever it runs without a process group; here that is deliberate (one process
+    reading or writing a checkpoint alone), never a mistake worth a warning. (Set at each use:
+    test runners reset the filters.)"""
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
+                            category=UserWarning)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt, unsafe or does not fit this run."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def step_of(name: str) -> int | None:
+    """The step a checkpoint folder's name (`step_dir_name`) holds; None for any other name."""
+    digits = name.removeprefix("step_")
+    return int(digits) if name.startswith("step_") and digits.isdigit() else None
+
+
+def resolve_format(setting: str, strategy: str) -> str:
+    """The format a run saves in: config `checkpoint_format` ('auto' is sharded under FSDP, where
+    every rank holds only a shard, and full otherwise) for the resolved parallel strategy."""
+    if setting == "auto":
+        return "sharded" if strategy == "fsdp" else "full"
+    if setting not in FORMATS:
+        raise ValueError(f"checkpoint_format must be auto, full or sharded, got {setting!r}")
+    return setting
