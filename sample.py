@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 try:
-    from gpt.cli import run_sample  # imports torch: a second or more, when Ctrl-C often comes
+    from gpt.sampling import run_sample  # imports torch: a second or more, when Ctrl-C often comes
 except KeyboardInterrupt:
     # run_sample turns a Ctrl-C into one line; one before it exists was a traceback into torch.
     print("interrupted: stopped before generating", file=sys.stderr, flush=True)

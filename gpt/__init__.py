@@ -1,6 +1,6 @@
 """A from-scratch, decoder-only GPT: data prep, model, training, sampling.
 
-Read the modules in the order data flows through them:
-config -> sources -> tokenizer -> shards -> prepare -> loader -> model -> optim ->
-trainer (with checkpoint and metrics) -> generate.
+Read the modules in the order data flows through them (README.md, "Follow one token through the
+code", says what to read in each): config -> sources -> tokenizer -> prepare (wordcache, shards)
+-> loader -> model -> optim (muon) -> trainer -> checkpoint -> generate (static_decode) -> sampling.
 """

@@ -385,6 +385,16 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def add_option(parser, name: str, **kwargs) -> None:
+    """Add option `name` to `parser` (or an argument group) under both spellings, '-' and '_'
+    (--val-fraction and --val_fraction), the one given first; its `dest` is spelled with '_'.
+    Every script of this project takes both: users of nanoGPT type '_', of most tools '-'."""
+    name = name.removeprefix("--")
+    other = name.replace("-", "_") if "-" in name else name.replace("_", "-")
+    spellings = [f"--{name}"] + ([f"--{other}"] if other != name else [])
+    parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
+
+
 def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py",
@@ -396,7 +406,7 @@ def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
     )
     # What a plain run uses: the default config file's value where it sets the key. A file that
     # cannot be read is reported by the run that uses it (parse_args); here it only loses its
-    # values in the help: it stopped `--config other.toml` runs, which never read it, too.
+    # values in the help, so that `--config other.toml` runs, which never read it, still start.
     from_file, unreadable = {}, ""
     if default_config and Path(default_config).is_file():
         try:
@@ -410,9 +420,6 @@ def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
     )
     defaults = TrainConfig()
     for f in fields(TrainConfig):
-        spellings = [f"--{f.name}"]
-        if "_" in f.name:
-            spellings.append(f"--{f.name.replace('_', '-')}")
         choices = f.metadata.get("choices")
         help_text = f.metadata["help"]
         if choices:
@@ -421,8 +428,8 @@ def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
         # a tri-state key whose choices include true (`--compile`, as `--compile=true`).
         tri_state = {"true", "false"} <= set(choices or ())
         flag = {"nargs": "?", "const": "true"} if str(f.type) == "bool" or tri_state else {}
-        parser.add_argument(
-            *spellings, dest=f.name, default=None, metavar=str(f.type).upper(), **flag,
+        add_option(
+            parser, f.name, default=None, metavar=str(f.type).upper(), **flag,
             # argparse %-formats help texts: a '%' in a value of the default config file
             # (wandb_run_name = "lr 50%") made --help fail with a ValueError traceback.
             help=(f"{help_text} (default: " + (

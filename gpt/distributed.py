@@ -65,6 +65,27 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[name]
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run at least as fast as fp32 here: a GPU that supports bf16, or a
+    CPU with native bf16 instructions (AVX512-BF16/AMX; without them oneDNN emulates bf16)."""
+    if device.type == "cpu":
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return True
+
+
 def process_group_backend(device: torch.device, cpu_collectives: bool = False) -> str:
     """NCCL on GPUs, gloo elsewhere; with `cpu_collectives` on a GPU, gloo beside NCCL for
     tensors kept in CPU memory (`cuda:nccl,cpu:gloo`: each collective goes to the backend of

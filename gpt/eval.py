@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .config import ConfigError
+from .config import ConfigError, add_option
 from .hf import HF_PREFIX, load_hf_model, parse_init_from
 from .model import GPT, GPTConfig
 from .progress import progress_bar
@@ -259,8 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     def add(name: str, **kwargs) -> None:
-        spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        parser.add_argument(*spellings, dest=name, **kwargs)
+        add_option(parser, name, **kwargs)
 
     parser.add_argument("run", help=f"run folder, checkpoint folder, or {HF_PREFIX}DIR (a Hugging Face GPT-2 folder)")
     add("split", default="val", choices=["train", "val"], help="which split (default: val)")
@@ -278,8 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .cli import report_errors
-    from .distributed import pick_device
-    from .trainer import resolve_dtype
+    from .distributed import pick_device, resolve_dtype
 
     def run() -> None:
         args = build_parser().parse_args(argv)

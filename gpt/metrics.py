@@ -136,9 +136,8 @@ def eta_seconds(step_time: float, steps_left: int, evals_left: int, eval_s: floa
 
     Before this process has timed an eval (the first log lines of a run, and of a resumed one),
     `eval_s` is None and an eval is priced as what it does: `eval_iters` forward passes over one
-    micro-batch each, a third of a training micro-step (forward + backward ~ 3 forwards). The
-    ETA used to leave evals out until the first one, and on a run with a costly eval said a
-    fraction of the time really left.
+    micro-batch each, a third of a training micro-step (forward + backward ~ 3 forwards): left
+    out until the first one, a costly eval would make the ETA a fraction of the time really left.
     """
     if eval_s is None:
         eval_s = step_time / accum * eval_iters / 3
@@ -176,8 +175,8 @@ class MetricsLog:
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
             # A line that is no record (damaged: a bare number, a list, no step or one that is no
-            # integer) is dropped with the torn ones: it stopped the resume with an AttributeError,
-            # and one kept made the file unreadable to read_metrics (gpt.plot, wandb's backfill).
+            # integer) is dropped with the torn ones: read_metrics (gpt.plot, wandb's backfill)
+            # refuses a file that holds one.
             if is_record(record) and record["step"] <= step:
                 kept.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")

@@ -103,7 +103,7 @@ class NonFiniteGuard:
                 f"the loss or gradient norm was not finite (NaN/Inf) at step {bad_steps[0]} "
                 f"(nan_policy = 'stop'). {self._last_checkpoint()}: "
                 f"{advice}; or set nan_policy=skip to skip such steps (their batches are dropped; "
-                f"at most max_skipped_steps = {_default_max_skipped()} by default)"
+                f"at most max_skipped_steps = {TrainConfig.max_skipped_steps} by default)"
             )
         self.skipped += len(bad_steps)
         log(self.info, f"skipped {len(bad_steps)} step(s) whose loss or gradient norm was not finite: "
@@ -166,7 +166,3 @@ class NonFiniteGuard:
 # GradScaler starts at 65,536 and halves at each overflow; below 1 the gradients overflow float16
 # unscaled (a scale of 1 is training without one).
 MIN_LOSS_SCALE = 1.0
-
-
-def _default_max_skipped() -> int:
-    return TrainConfig.__dataclass_fields__["max_skipped_steps"].default

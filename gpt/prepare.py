@@ -52,8 +52,9 @@ from pathlib import Path
 import numpy as np
 
 from gpt import locks
+from gpt.config import add_option
 from gpt.progress import progress_bar
-from gpt.shards import MAX_SHARD_TOKENS, MAX_VOCAB, SPLITS, ShardWriter, list_shards
+from gpt.shards import MAX_SHARD_TOKENS, MAX_VOCAB, SPLITS, ShardWriter, dataset_files
 from gpt.sources import ENCODING_ERRORS, Corpus, HFDataset, LocalFiles, Piece, resolve_source
 from gpt.tokenizer import (MIN_BPE_VOCAB, TOKENIZER_FILE, Tokenizer, char_tokenizer, check_vocab_size,
                            train_bpe)
@@ -126,9 +127,10 @@ def prepare(
         MB/s), after a note when the val split came out far larger than val_fraction (a corpus
         of only a few chunks); None for silence.
 
-    The summary (also the content of meta.json, plus timing): tokenizer, vocab_size, eos_id,
-    tokens {"train", "val"}, shards {"train", "val"}, documents, text_bytes, source, seed,
-    val_rule, bytes_per_token, seconds, mb_per_s.
+    The summary: meta.json's content (tokenizer, vocab_size, eos_id, tokens {"train", "val"},
+    shards {"train", "val"}, documents, text_bytes, characters, source, seed, val_rule,
+    val_fraction, val_chunk_tokens, shard_tokens) plus out_dir, seconds, bytes_per_token,
+    mb_per_s and tokens_per_s.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -270,11 +272,6 @@ def _check_options(tokenizer, vocab_size, val_fraction, val_rule, val_chunk_toke
         raise PrepareError(f"--encoding-errors must be one of {', '.join(ENCODING_ERRORS)}, got {encoding_errors!r}")
 
 
-def _existing_dataset(out_dir: Path) -> list[Path]:
-    found = [p for split in SPLITS for p in list_shards(out_dir, split)]
-    return found + [p for p in (out_dir / META_FILE, out_dir / TOKENIZER_FILE) if p.exists()]
-
-
 def training_output(path: Path, anywhere_in_run: bool = False) -> str | None:
     """What part of a training run `path` is or lies inside, in words ("is a checkpoint folder"),
     or None when it is no part of one.
@@ -317,7 +314,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise PrepareError(f"--out {out_dir}: {what}; data prep never writes into a training run "
                            f"(it would break its checkpoints); choose another --out")
     if out_dir.is_dir() and not overwrite:
-        found = _existing_dataset(out_dir)
+        found = dataset_files(out_dir)
         if found:
             raise PrepareError(f"--out {out_dir}: already holds a dataset ({found[0].name}, ...); "
                                f"pass --overwrite to replace it, or choose another --out")
@@ -571,7 +568,7 @@ def _publish(staging: Path, out_dir: Path, meta: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     (out_dir / META_FILE).unlink(missing_ok=True)  # first: a half-replaced folder is never "complete"
-    for old in _existing_dataset(out_dir):
+    for old in dataset_files(out_dir):
         old.unlink()
     for path in sorted(staging.iterdir()):
         if path != pending:
@@ -595,12 +592,6 @@ def _plural(n: int, noun: str) -> str:
 
 
 # ---- command line ---------------------------------------------------------------------------
-def add_option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
-    """Add option `name` under both spellings, --val-fraction and --val_fraction."""
-    spellings = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
-    parser.add_argument(*spellings, **kwargs)
-
-
 def add_shared_options(parser: argparse.ArgumentParser, **defaults) -> None:
     """The options of the tokenizer, the split sizes and the output, which data_prep/shakespeare.py
     accepts too (so that the errors of prepare() name options both scripts take). `defaults`

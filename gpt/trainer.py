@@ -29,10 +29,10 @@ from . import hf
 from . import locks
 from . import parallel
 from .config import ConfigError, TrainConfig
-from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed, log,
-                          lost_peer, pick_device, shutdown)
+from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, has_fast_bf16, init_distributed,
+                          log, lost_peer, pick_device, resolve_dtype, shutdown)
 from .errors import FollowOnFailure, TrainingError
-from .loader import TokenLoader, eval_batches
+from .loader import TokenLoader
 from .metrics import MetricsLog, Sinks, WandbSink, eta_seconds, format_duration, peak_flops, wandb_tags
 from .model import GPT, GPTConfig, closed_form_num_params
 from .nonfinite import NonFiniteGuard
@@ -40,9 +40,6 @@ from .optim import build_optimizer, describe_optimizer, learning_rate_at
 from .shards import (ShardError, check_is_folder, check_token_ids, dataset_files, list_shards, load_meta,
                      prepare_again, read_header)
 from .stop import StopFlag
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class TrainResult:
@@ -54,24 +51,6 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------------------
 # Set-up
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return DTYPES[name]
-
-
-def has_fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run at least as fast as fp32 here: a GPU that supports bf16, or a
-    CPU with native bf16 instructions (AVX512-BF16/AMX; without them oneDNN emulates bf16)."""
-    if device.type == "cpu":
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return True
 
 
 def ensure_dataset(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
@@ -173,14 +152,16 @@ def prepare_out_dir(config: TrainConfig, out_dir: Path) -> locks.FolderLock:
     return lock
 
 
-def check_dataset(config: TrainConfig, meta: dict[str, Any], info: DistInfo) -> TokenLoader:
-    """Refuse data that would fail only later, before any training time is spent: token ids
-    outside the vocabulary, a split missing or too small for one block (for val, the first eval
-    would find out after training). A train split smaller than one batch is allowed, with a note.
+def open_loaders(config: TrainConfig, meta: dict[str, Any], info: DistInfo) -> tuple[TokenLoader, TokenLoader]:
+    """The run's (train, val) loaders, after refusing data that would fail only later, before
+    any training time is spent: token ids outside the vocabulary, a split missing or too small
+    for one block (for val, the first eval would find out after training). A train split smaller
+    than one batch is allowed, with a note.
 
-    Returns the val loader the run evaluates with. It is opened once: its memory maps keep the
-    files of the start, so a dataset prepared again into data_dir during the run (prepare.py
-    replaces files by renaming) changes neither what the run trains on nor what it evaluates on.
+    Each split is opened once: its memory maps keep the files of the start, so a dataset
+    prepared again into data_dir during the run (prepare.py replaces files by renaming) changes
+    neither what the run trains on nor what it evaluates on. Val is read in random order (seeded
+    with config.seed) whatever data_order says: `evaluate` rewinds it to the same windows.
     """
     data_dir = Path(config.data_dir)
     # Every checkpoint copies the dataset's tokenizer.json, and sample.py decodes with it: one
@@ -200,6 +181,7 @@ def check_dataset(config: TrainConfig, meta: dict[str, Any], info: DistInfo) -> 
     check_token_ids(paths[info.rank :: info.world_size], meta["vocab_size"])
     loaders = {split: TokenLoader(data_dir, split, config.batch_size, config.block_size, rank=info.rank,
                                   world_size=info.world_size, seed=config.seed, device=info.device,
+                                  order=config.data_order if split == "train" else "random",
                                   vocab_size=meta["vocab_size"])
                for split in ("train", "val")}
     train_tokens = loaders["train"].num_tokens
@@ -208,7 +190,7 @@ def check_dataset(config: TrainConfig, meta: dict[str, Any], info: DistInfo) -> 
         log(info, f"note: the train split has {train_tokens:,} tokens, fewer than one batch "
                   f"({config.batch_size} x {config.block_size} x {info.world_size} processes = "
                   f"{batch_tokens:,}): windows repeat within every batch")
-    return loaders["val"]
+    return loaders["train"], loaders["val"]
 
 
 def _tokenizer_vocab(path: Path) -> dict[str, int] | None:
@@ -216,7 +198,7 @@ def _tokenizer_vocab(path: Path) -> dict[str, int] | None:
 
     try:
         return tokenizers.Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
-    except Exception:  # unreadable: check_dataset refuses it; check_checkpoint_fits_data compares
+    except Exception:  # unreadable: open_loaders refuses it; check_checkpoint_fits_data compares
         # the tokenizer kind and vocab_size recorded in meta.json and state.json instead
         return None
 
@@ -225,8 +207,9 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
                                resuming: bool) -> dict[str, Any]:
     """A checkpoint must have been trained on this dataset's vocabulary (same ids for the same
     tokens); a resumed run must also read the same train split in the same window order, or it
-    could not continue its exact window sequence. Reads only state.json and tokenizer.json;
-    returns state.json."""
+    could not continue its exact window sequence. Reads state.json and both tokenizer.json
+    files, and when resuming the train shards' headers and their token fingerprint
+    (`TokenLoader.fingerprint`); returns state.json."""
     try:
         state = ckpt.read_state(source)
     except (OSError, ValueError) as e:
@@ -570,17 +553,6 @@ def describe_run(config: TrainConfig, info: DistInfo, model: GPT, optimizer: tor
                   "times slower than float32 here (benchmarks/: ~50x for a large matmul). Use dtype=float32")
 
 
-def carried_loss_sum(saved: dict[str, Any], info: DistInfo, accum: int) -> float:
-    """This rank's loss sum for the log interval a checkpoint was saved in (`log_interval` in
-    state.json). On the same world size and accumulation: its own, bit for bit. Otherwise the
-    saved ranks' mean, rescaled to this run's micro-batches per step: the record's mean over
-    ranks and steps is the same, only its rounding differs."""
-    sums = saved["loss_sums"]
-    if len(sums) == info.world_size and saved["accum"] == accum:
-        return sums[info.rank]
-    return sum(sums) / len(sums) * accum / saved["accum"]
-
-
 def wrap_model(model: GPT, config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> torch.nn.Module:
     """Apply data parallelism (DDP/FSDP2), activation checkpointing and compilation from outside;
     see parallel.py. Build the optimizer after this: FSDP replaces the parameters."""
@@ -602,19 +574,13 @@ def evals_left(step: int, config: TrainConfig) -> int:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, config: TrainConfig, info: DistInfo, autocast,
-             val_loader: TokenLoader | None = None) -> float:
+             val_loader: TokenLoader) -> float:
     """Mean loss over a fixed set of val batches (the same windows at every eval), over all ranks.
 
     `val_loader` (random order, seeded with config.seed) is rewound to its first window, which
-    gives the batches `eval_batches` gives; without it the val split is opened afresh."""
-    if val_loader is not None:
-        val_loader.windows_consumed = 0
-        batches = (val_loader.next_batch() for _ in range(config.eval_iters))
-    else:
-        batches = eval_batches(
-            config.data_dir, "val", config.batch_size, config.block_size, config.eval_iters,
-            rank=info.rank, world_size=info.world_size, seed=config.seed, device=info.device,
-        )
+    gives the batches `eval_batches` gives."""
+    val_loader.windows_consumed = 0
+    batches = (val_loader.next_batch() for _ in range(config.eval_iters))
     model.eval()
     total = torch.zeros((), device=info.device)
     for x, y in batches:
@@ -671,7 +637,7 @@ def out_of_memory_message(config: TrainConfig, error: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# The run's pieces, in the order `_train` uses them
+# The run's pieces: what `_train` calls
 
 
 def claim_out_dir(config: TrainConfig, info: DistInfo, held: contextlib.ExitStack) -> Path:
@@ -717,14 +683,6 @@ def record_config(path: Path, config: TrainConfig) -> None:
                           f"{what}") from e
 
 
-def train_loader(config: TrainConfig, info: DistInfo, meta: dict[str, Any]) -> TokenLoader:
-    return TokenLoader(
-        config.data_dir, "train", config.batch_size, config.block_size, rank=info.rank,
-        world_size=info.world_size, order=config.data_order, seed=config.seed, device=info.device,
-        vocab_size=meta["vocab_size"],
-    )
-
-
 def restore_checkpoint(resume_from: Path, model: GPT, optimizer: torch.optim.Optimizer, loader: TokenLoader,
                        info: DistInfo) -> dict[str, Any]:
     """Load the checkpoint to resume into the model, the optimizer and the train loader; return
@@ -759,6 +717,17 @@ class LogInterval:
     loss_sum: torch.Tensor
     steps: int = 0
     skipped: int = 0
+
+
+def carried_loss_sum(saved: dict[str, Any], info: DistInfo, accum: int) -> float:
+    """This rank's loss sum for the log interval a checkpoint was saved in (`log_interval` in
+    state.json). On the same world size and accumulation: its own, bit for bit. Otherwise the
+    saved ranks' mean, rescaled to this run's micro-batches per step: the record's mean over
+    ranks and steps is the same, only its rounding differs."""
+    sums = saved["loss_sums"]
+    if len(sums) == info.world_size and saved["accum"] == accum:
+        return sums[info.rank]
+    return sum(sums) / len(sums) * accum / saved["accum"]
 
 
 def carried_interval(state: dict[str, Any], info: DistInfo, accum: int) -> LogInterval:
@@ -885,7 +854,7 @@ def interval_loss(interval: LogInterval, guard: NonFiniteGuard, step: int, accum
 
 
 def timed_evaluate(wrapped: torch.nn.Module, config: TrainConfig, info: DistInfo, autocast,
-                   val_loader: TokenLoader | None, guard: NonFiniteGuard, clock: Clock, step: int) -> float:
+                   val_loader: TokenLoader, guard: NonFiniteGuard, clock: Clock, step: int) -> float:
     """The val loss at `step`, its seconds kept in `clock` for the ETA."""
     began = time.perf_counter()
     val_loss = evaluate(wrapped, config, info, autocast, val_loader)
@@ -1017,7 +986,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     out_dir = claim_out_dir(config, info, held)
 
     meta = ensure_dataset(config, info)
-    val_loader = check_dataset(config, meta, info)
+    loader, val_loader = open_loaders(config, meta, info)
     accum = grad_accum_steps(config, info.world_size)
     tokens_per_step = tokens_per_optimizer_step(config, info.world_size)
 
@@ -1029,7 +998,6 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     # every row its own; a resume then restores each rank's generator (checkpoint.restore_rank_rng).
     torch.manual_seed(config.seed + info.rank)
     optimizer = build_optimizer(model, config, device)
-    loader = train_loader(config, info, meta)
 
     # A fresh start has no saved state: {} gives every setting below its fresh value.
     state = {} if resume_from is None else restore_checkpoint(resume_from, model, optimizer, loader, info)
@@ -1087,7 +1055,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
 
         last = step == config.max_steps
         do_eval = last or (config.eval_interval > 0 and step % config.eval_interval == 0)
-        if step % config.log_interval == 0 or do_eval or last:
+        if step % config.log_interval == 0 or do_eval:  # do_eval includes the last step
             # The loop's one host-device sync: reading the loss, on log steps alone. (One more per
             # step: nan_policy=skip without a fused optimizer, see NonFiniteGuard; float16 with
             # any optimizer but fused AdamW, whose GradScaler.step reads the overflow flag.)

@@ -200,7 +200,7 @@ def test_sharded_and_async_checkpoints_hold_the_same_state_and_resume_exactly(
 
 
 def test_consolidate_a_sharded_checkpoint_and_sample_from_either(char_data, tmp_path, capsys):
-    from gpt.cli import run_sample
+    from gpt.sampling import run_sample
 
     run = tmp_path / "run"
     train(tiny_config(char_data, run, max_steps=10, checkpoint_format="sharded"))
@@ -444,7 +444,7 @@ def sample_args(*source: str) -> list[str]:
 
 
 def test_a_latest_file_that_names_nothing_readable_says_what_to_do(char_data, full_sync_run, tmp_path, capsys):
-    from gpt.cli import run_sample
+    from gpt.sampling import run_sample
 
     run, _ = copy_of_run(full_sync_run, tmp_path)
     latest = run / ckpt.LATEST_FILE
@@ -484,7 +484,7 @@ def test_a_manifest_of_the_wrong_shape_is_refused(full_sync_run, tmp_path, manif
 
 
 def test_the_manifest_must_list_every_file_that_is_read(full_sync_run, tmp_path, capsys):
-    from gpt.cli import run_sample
+    from gpt.sampling import run_sample
 
     _, saved = copy_of_run(full_sync_run, tmp_path)
     listed = json.loads((saved / ckpt.MANIFEST_FILE).read_text())
@@ -534,7 +534,7 @@ def test_a_state_json_of_the_wrong_shape_names_the_key(char_data, full_sync_run,
 
 
 def test_a_file_given_for_a_checkpoint_folder_is_named_for_what_it_is(full_sync_run, capsys):
-    from gpt.cli import run_sample
+    from gpt.sampling import run_sample
 
     saved = ckpt.latest_checkpoint(full_sync_run)
     expected = ("{} is a file, not a checkpoint folder: give a run folder (its latest checkpoint is used) "

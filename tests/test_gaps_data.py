@@ -171,7 +171,7 @@ def test_a_socket_or_a_device_in_an_input_folder_is_skipped_with_a_warning(tmp_p
 def test_source_stdlib_on_the_command_line_keeps_a_dataset_already_there(dataset, capsys):
     before = _snapshot(dataset)
     assert main(["--source", "stdlib", "--out", str(dataset), "--no-progress"]) == 2
-    assert _last_error(capsys).startswith(f"error: --out {dataset}: already holds a dataset (train_000000.bin, ...); "
+    assert _last_error(capsys).startswith(f"error: --out {dataset}: already holds a dataset (meta.json, ...); "
                                           f"pass --overwrite to replace it")
     assert _snapshot(dataset) == before
 

@@ -18,7 +18,7 @@ import gpt.generate
 from gpt import checkpoint as ckpt
 from gpt import eval as gpt_eval
 from gpt import export
-from gpt.cli import run_sample
+from gpt.sampling import run_sample
 from gpt.model import GPT, GPTConfig
 from gpt.prepare import prepare
 from gpt.tokenizer import Tokenizer, train_bpe
@@ -79,7 +79,7 @@ def prompts(monkeypatch) -> list[list[int]]:
 
 
 # ----------------------------------------------------------------------------------------
-# sample.py (gpt/cli.py sample)
+# sample.py (gpt/sampling.py)
 
 
 def test_init_from_without_the_hf_prefix_says_to_use_out_dir(folders, capsys):

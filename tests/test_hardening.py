@@ -29,7 +29,8 @@ import torch
 
 from gpt import checkpoint as ckpt
 from gpt.checkpoint import files as ckpt_files
-from gpt.cli import report_errors, run_sample
+from gpt.cli import report_errors
+from gpt.sampling import run_sample
 from gpt.config import ConfigError, TrainConfig, parse_args
 from gpt.errors import TrainingError
 from gpt.loader import TokenLoader, eval_batches

@@ -26,7 +26,7 @@ import transformers  # the `test` extra installs transformers, wandb and matplot
 
 from gpt import checkpoint as ckpt
 from gpt.checkpoint import files as ckpt_files
-from gpt.cli import run_sample
+from gpt.sampling import run_sample
 from gpt import eval as gpt_eval
 from gpt import export, hf, plot
 from gpt.config import ConfigError, TrainConfig

@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from gpt import locks
-from gpt.cli import run_sample, run_train
+from gpt.cli import run_train
+from gpt.sampling import run_sample
 from gpt.config import ConfigError
 from gpt.trainer import RUN_LOCK_FILE, train
 

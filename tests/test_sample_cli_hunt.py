@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt.cli import run_sample
+from gpt.sampling import run_sample
 from gpt.trainer import train
 
 from conftest import REPO, tiny_config
@@ -61,7 +61,7 @@ def _maps_torch(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
 def test_ctrl_c_while_torch_is_still_importing_is_one_line(run):
     # Ctrl-C in the first second or so (a typo seen in the command just run) came while
-    # `from gpt.cli import run_sample` was importing torch, outside run_sample's handler: a
+    # `from gpt.sampling import run_sample` was importing torch, outside run_sample's handler: a
     # traceback through torch's modules.
     proc = subprocess.Popen(sample_cmd(run), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

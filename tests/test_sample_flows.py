@@ -13,7 +13,7 @@ import pytest
 
 from gpt import eval as gpt_eval
 from gpt import export as gpt_export
-from gpt.cli import run_sample
+from gpt.sampling import run_sample
 from gpt.trainer import train
 
 from conftest import REPO, tiny_config

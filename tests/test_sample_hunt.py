@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import gpt.generate
-from gpt.cli import run_sample
+from gpt.sampling import run_sample
 from gpt.generate import generate
 from gpt.linear import Linear, packed_for_decoding
 from gpt.model import GPT, GPTConfig

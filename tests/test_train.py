@@ -16,7 +16,8 @@ import torch
 
 from gpt import checkpoint as ckpt
 from gpt.checkpoint import files as ckpt_files
-from gpt.cli import run_sample, run_train
+from gpt.cli import run_train
+from gpt.sampling import run_sample
 from gpt.config import TrainConfig
 from gpt.metrics import read_metrics
 from gpt.distributed import DistInfo
