@@ -262,6 +262,35 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------
+# The batch: what one optimizer step trains on
+
+
+def grad_accum_steps(config: TrainConfig, world_size: int) -> int:
+    """How many micro-batches each process runs per optimizer step.
+
+    micro_batch x block x accum x world = tokens_per_step, so one recipe trains the same model
+    on 1 or 8 GPUs; only the split of the work changes.
+    """
+    per_micro_step = config.batch_size * config.block_size * world_size
+    if config.tokens_per_step == 0:
+        return 1
+    if config.tokens_per_step % per_micro_step:
+        lower = max(1, config.tokens_per_step // per_micro_step) * per_micro_step
+        raise ConfigError(
+            f"tokens_per_step ({config.tokens_per_step}) must be a multiple of batch_size x "
+            f"block_size x processes = {config.batch_size} x {config.block_size} x {world_size} "
+            f"= {per_micro_step}; for example {lower} or {lower + per_micro_step}"
+        )
+    return config.tokens_per_step // per_micro_step
+
+
+def tokens_per_optimizer_step(config: TrainConfig, world_size: int) -> int:
+    """Tokens in one optimizer step: all processes' micro-batches (tokens_per_step when set)."""
+    return config.batch_size * config.block_size * grad_accum_steps(config, world_size) * world_size
+
+
+
+# ----------------------------------------------------------------------------------------
 # Parsing: TOML file and command line
 
 

@@ -20,9 +20,10 @@ from gpt.metrics import MetricsLog, measure_matmul_flops, read_metrics
 from gpt.model import GPT
 from gpt.nonfinite import NonFiniteGuard
 from gpt.optim import build_optimizer
+from gpt.resume import note_changed_settings
 from gpt.shards import load_meta
 from gpt.stop import PREEMPTED_EXIT_CODE
-from gpt.trainer import model_config, note_changed_settings, train, train_step
+from gpt.trainer import model_config, train, train_step
 
 from conftest import tiny_config
 

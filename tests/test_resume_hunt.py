@@ -190,7 +190,7 @@ def test_a_resume_on_another_number_of_processes_says_the_batch_changed(capsys):
     run saved on 2 and resumed on 1 trained on half the batch, and nothing said so."""
     from gpt.config import TrainConfig
     from gpt.distributed import DistInfo
-    from gpt.trainer import note_changed_batch
+    from gpt.resume import note_changed_batch
 
     config = TrainConfig(batch_size=8, block_size=64)
     saved = {"train_config": config.to_dict(), "world_size": 2, "log_interval": {"accum": 1}}
@@ -211,7 +211,8 @@ def test_the_advice_to_keep_the_batch_on_more_processes_is_a_setting_that_is_acc
     and the config it gives is one that validates and trains on that many tokens."""
     from gpt.config import TrainConfig
     from gpt.distributed import DistInfo
-    from gpt.trainer import keep_batch_advice, note_changed_batch, tokens_per_optimizer_step
+    from gpt.config import tokens_per_optimizer_step
+    from gpt.resume import keep_batch_advice, note_changed_batch
 
     config = TrainConfig(batch_size=16, block_size=128)
     saved = {"train_config": config.to_dict(), "world_size": 1, "log_interval": {"accum": 1}}

@@ -1,0 +1,199 @@
+"""A run that starts from a checkpoint: what it checks before any weights are read, and what it
+says about settings that changed since.
+
+Resuming continues a run exactly (same windows, same schedule), so the checkpoint must fit the
+dataset and the settings that decide where the run is; init_from only needs the same vocabulary.
+The trainer's `build_model` calls these; docs/checkpoints.md has the rules in prose.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint as ckpt
+from . import hf
+from .config import ConfigError, TrainConfig, tokens_per_optimizer_step
+from .distributed import DistInfo, log
+from .loader import TokenLoader
+from .optim import learning_rate_at
+from .shards import list_shards, read_header
+
+
+def tokenizer_vocab(path: Path) -> dict[str, int] | None:
+    import tokenizers  # parses JSON; a tokenizer file is data, never code
+
+    try:
+        return tokenizers.Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+    except Exception:  # unreadable: open_loaders refuses it; check_checkpoint_fits_data compares
+        # the tokenizer kind and vocab_size recorded in meta.json and state.json instead
+        return None
+
+
+def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str, Any],
+                               resuming: bool) -> dict[str, Any]:
+    """A checkpoint must have been trained on this dataset's vocabulary (same ids for the same
+    tokens); a resumed run must also read the same train split in the same window order, or it
+    could not continue its exact window sequence. Reads state.json and both tokenizer.json
+    files, and when resuming the train shards' headers and their token fingerprint
+    (`TokenLoader.fingerprint`); returns state.json."""
+    try:
+        state = ckpt.read_state(source)
+    except (OSError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{source}: cannot read {ckpt.STATE_FILE} ({e})") from e
+    data_dir = Path(config.data_dir)
+    saved = state.get("dataset") or {}
+    ours, theirs = data_dir / ckpt.TOKENIZER_FILE, source / ckpt.TOKENIZER_FILE
+    vocabs = (tokenizer_vocab(ours), tokenizer_vocab(theirs)) if ours.exists() and theirs.exists() else (None, None)
+    problem = None
+    if vocabs[0] is not None and vocabs[1] is not None:
+        if vocabs[0] != vocabs[1]:
+            problem = f"its {ckpt.TOKENIZER_FILE} maps tokens to other ids than {ours}"
+    elif saved and (saved.get("tokenizer"), saved.get("vocab_size")) != (meta.get("tokenizer"), meta.get("vocab_size")):
+        problem = (f"it was trained on {saved.get('tokenizer')} tokens (vocab_size {saved.get('vocab_size')}), "
+                   f"{data_dir} holds {meta.get('tokenizer')} tokens (vocab_size {meta.get('vocab_size')})")
+    if problem:
+        raise ckpt.CheckpointError(
+            f"{source} does not fit the dataset in {data_dir}: {problem}, so token ids would mean "
+            f"other text to the model. Use the dataset it was trained on (data_dir "
+            f"{state.get('train_config', {}).get('data_dir', '?')!r}, source "
+            f"{saved.get('source', '?')!r}), or prepare this data with that checkpoint's tokenizer"
+        )
+    saved_model = state.get("model_config", {})
+    if not resuming and config.block_size > saved_model.get("block_size", config.block_size):
+        raise ConfigError(
+            f"block_size = {config.block_size} is larger than the {saved_model['block_size']} "
+            f"positions the model in {source} (init_from) has position embeddings for; set "
+            f"block_size = {saved_model['block_size']}"
+        )
+    if not resuming:
+        return state
+    saved_optimizer = state.get("train_config", {}).get("optimizer", "adamw")
+    if saved_optimizer != config.optimizer:
+        raise ckpt.CheckpointError(
+            f"cannot resume {source}: it was trained with optimizer = {saved_optimizer!r} and this "
+            f"config says {config.optimizer!r} (their states differ). Resume with "
+            f"--optimizer={saved_optimizer}, or start a new run from its weights: "
+            f"--init_from={source} --out_dir=ANOTHER_FOLDER"
+        )
+    loader_state = state.get("loader", {})
+    train_tokens = sum(read_header(p) for p in list_shards(data_dir, "train"))
+    mismatches = []
+    if loader_state.get("num_tokens", train_tokens) != train_tokens:
+        mismatches.append(f"train tokens: checkpoint {loader_state['num_tokens']:,} vs {data_dir} {train_tokens:,}")
+    if loader_state.get("block_size", config.block_size) != config.block_size:
+        # (Also the model's context, except where it took its shape from hf:DIR: then only here.)
+        mismatches.append(f"block_size: checkpoint {loader_state['block_size']} vs config {config.block_size}, "
+                          f"the length of the windows it reads; resume with --block_size="
+                          f"{loader_state['block_size']}")
+    if loader_state.get("order", config.data_order) != config.data_order:
+        mismatches.append(f"data_order: checkpoint {loader_state['order']!r} vs config {config.data_order!r}")
+    if loader_state.get("seed", config.seed) != config.seed:
+        # Sequential order reads the train windows without it, but the val batches are drawn with
+        # it: a new seed would evaluate on other windows, and val losses across the resume would
+        # not compare (dropout's generator is the checkpoint's either way).
+        val = "" if config.data_order == "random" else " (it picks the val batches)"
+        mismatches.append(f"seed: checkpoint {loader_state['seed']} vs config {config.seed}{val}")
+    # As many tokens, but other ones (prepared again with another --seed or input): checked here,
+    # before any weights are read, as well as by the loader itself.
+    if not mismatches and "fingerprint" in loader_state and (
+            TokenLoader(data_dir, "train", 1, config.block_size).fingerprint() != loader_state["fingerprint"]):
+        mismatches.append(f"train tokens: {data_dir} holds as many as the checkpoint's dataset, but not "
+                          f"the same ones (it was prepared again: another input, --seed or split rule)")
+    if mismatches:
+        raise ckpt.CheckpointError(
+            f"cannot resume {source}: the run would not read the data it was reading "
+            f"({'; '.join(mismatches)}). Use the checkpoint's dataset and settings, or start a new "
+            f"run from its weights: --init_from={source} --out_dir=ANOTHER_FOLDER"
+        )
+    return state
+
+
+def check_resumed_model(resume_from: Path, saved: dict[str, Any], current: dict[str, Any],
+                        config: TrainConfig) -> None:
+    """`ckpt.check_model_config` for a resume, saying so when the run took its shape from a
+    Hugging Face folder that this command no longer names (its shape comes from init_from)."""
+    try:
+        ckpt.check_model_config(resume_from, saved["model_config"], current)
+    except ckpt.CheckpointError as e:
+        started = (saved.get("train_config") or {}).get("init_from") or ""
+        if config.init_from or not started.startswith(hf.HF_PREFIX):  # (the folder may be gone since)
+            raise
+        raise ckpt.CheckpointError(f"{e}. This run took its model's shape from init_from = {started!r}: "
+                                   f"resume it with --init_from={shlex.quote(started)} as it started") from None
+
+
+def note_changed_batch(saved: dict[str, Any], config: TrainConfig, info: DistInfo) -> None:
+    """Say so when the tokens per optimizer step differ from the checkpoint's. Without
+    tokens_per_step they follow the number of processes (batch_size x block_size each): a run
+    resumed on fewer GPUs would train on smaller batches with no setting changed."""
+    saved_config = saved.get("train_config") or {}
+    accum = (saved.get("log_interval") or {}).get("accum")
+    factors = (saved_config.get("batch_size"), saved_config.get("block_size"), accum, saved.get("world_size"))
+    if not all(isinstance(f, int) and not isinstance(f, bool) for f in factors):
+        return  # a checkpoint from before these were recorded: nothing to compare
+    before = factors[0] * factors[1] * factors[2] * factors[3]
+    now = tokens_per_optimizer_step(config, info.world_size)
+    if now != before:
+        log(info, f"note: {now:,} tokens per optimizer step, the checkpoint's run took {before:,} "
+                  f"({factors[3]} process(es) then, {info.world_size} now); the learning-rate schedule "
+                  f"is unchanged. {keep_batch_advice(before, config, info.world_size)}")
+
+
+def keep_batch_advice(tokens: int, config: TrainConfig, world_size: int) -> str:
+    """How to train on `tokens` per optimizer step on `world_size` processes. tokens_per_step
+    alone can be refused (a multiple of batch_size x block_size x processes): 2,048 tokens on 2
+    processes of 16 x 128 each is half a micro-batch, so a smaller batch_size must go with it."""
+    per_row = config.block_size * world_size  # block_size cannot change on resume
+    if tokens % (config.batch_size * per_row) == 0:
+        return f"To keep its batch, set tokens_per_step = {tokens}"
+    rows = tokens // per_row if tokens % per_row == 0 else 0
+    fitting = [b for b in range(min(config.batch_size, rows), 0, -1) if rows % b == 0]
+    if fitting:
+        return f"To keep its batch, set tokens_per_step = {tokens} and batch_size = {fitting[0]}"
+    return (f"No batch_size keeps its batch on {world_size} processes: {tokens:,} is not a multiple "
+            f"of block_size x processes = {per_row:,}")
+
+
+# Settings a resumed run may change without a note: where the run is, and how it was started.
+_QUIETLY_CHANGED = ("out_dir", "resume", "init_from")
+_SCHEDULE_KEYS = ("max_steps", "learning_rate", "min_lr", "warmup_steps", "lr_decay_steps", "muon_lr")
+
+
+def note_changed_settings(saved: dict[str, Any], config: TrainConfig, info: DistInfo,
+                          step: int | None = None) -> None:
+    """Say which settings differ from the checkpoint's: the resumed run trains with the new
+    values (the ones that cannot change were refused before), so a run extended with a larger
+    max_steps, say, visibly gets a new learning-rate schedule from the step it resumes at.
+
+    With `step` (the checkpoint's), a changed schedule is also said in numbers: the learning
+    rate the next step trains at, and the one the checkpoint's schedule gave it. Extending a
+    finished run re-stretches the cosine, so the rate jumps from min_lr back up; the note says
+    how to keep it at min_lr instead."""
+    changes = [f"{key} {saved[key]!r} -> {value!r}" for key, value in config.to_dict().items()
+               if key in saved and key not in _QUIETLY_CHANGED and saved[key] != value]
+    if not changes:
+        return
+    schedule = [key for key in _SCHEDULE_KEYS if key in saved and saved[key] != getattr(config, key)]
+    detail = ""
+    if schedule and step is not None and step < config.max_steps:
+        before = replace(config, **{key: saved[key] for key in _SCHEDULE_KEYS if key in saved})
+        old, new = learning_rate_at(step, before), learning_rate_at(step, config)
+        if not math.isclose(old, new, rel_tol=1e-9):
+            detail = (f": step {step + 1} trains at lr {new:.2e}, where the checkpoint's schedule gave "
+                      f"{old:.2e}")
+            old_end = before.lr_decay_steps or before.max_steps
+            if new > old and step >= old_end > before.warmup_steps and (config.lr_decay_steps or 0) != old_end:
+                # The saved schedule had decayed to min_lr; ending the decay where it ended keeps it there
+                # (with a warmup that ends before it: validate refuses lr_decay_steps <= warmup_steps).
+                warmup = (f" and warmup_steps below it ({config.warmup_steps} now)"
+                          if config.warmup_steps >= old_end else "")
+                detail += (f"; that schedule had reached min_lr at step {old_end}: to stay at min_lr, set "
+                           f"lr_decay_steps = {old_end}{warmup}")
+    log(info, f"note: resuming with settings changed since the checkpoint: {', '.join(changes)}; the run "
+              f"goes on with the new values"
+              + (f" (the learning-rate schedule, a function of the step, follows the new {', '.join(schedule)} "
+                 f"from here{detail})" if schedule else ""))
