@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.linear import packed_for_decoding
-from gpt.model import GPT, KVCache
+from gpt.model import GPT, TOKEN_DTYPES, KVCache
 from gpt.static_decode import StaticDecoder
 from gpt.tokenizer import as_integer
 
@@ -176,7 +176,7 @@ def generate(
     if idx.dim() != 2 or idx.size(1) == 0:
         raise ValueError(f"idx must have shape [batch, time] with time >= 1, got {tuple(idx.shape)}")
     vocab_size = model.config.vocab_size
-    if idx.dtype not in (torch.int64, torch.int32):
+    if idx.dtype not in TOKEN_DTYPES:
         raise ValueError(f"idx must hold token ids as int64 or int32, got {idx.dtype}")
     # With vocab_multiple the tables have padding rows, so an id from a larger vocabulary (a
     # mismatched tokenizer) would be embedded as zeros without any error: check the range here.
@@ -201,6 +201,7 @@ def generate(
     # ops: ~9% faster here), but autocast does not keep its bf16 copies of the weights for
     # inference-mode calls and would re-cast every weight at every token: under autocast, no_grad.
     decode = _decode_no_grad if _autocast_dtype(model) else _decode_inference
+    # cuda_graph becomes _decode's static_step: the fixed-shape step, a CUDA graph only on a GPU.
     return decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, use_cache, cuda_graph)
 
 
@@ -214,7 +215,7 @@ def _decode(
     eos_id: int | None,
     generator: torch.Generator | None,
     use_cache: bool,
-    fixed_step: bool,
+    static_step: bool,
 ) -> Iterator[torch.Tensor]:
     # A separate generator function so that bad arguments raise when generate() is called,
     # not at the first next().
@@ -239,7 +240,7 @@ def _decode(
                 kv_cache = KVCache(model.config, idx.size(0), device=param.device, dtype=kv_cache_dtype(model))
             # The fixed-shape step (replayed as a CUDA graph on a GPU, run as it is elsewhere)
             # for each single new token that still fits the cache; the ordinary path otherwise.
-            step = StaticDecoder(model, kv_cache, graph=kv_cache.k[0].is_cuda) if fixed_step else None
+            step = StaticDecoder(model, kv_cache, graph=kv_cache.k[0].is_cuda) if static_step else None
             context = idx[:, -block_size:]
             n_new = context.size(1)
             finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)

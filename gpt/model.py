@@ -70,80 +70,6 @@ class GPTConfig:
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
-def closed_form_num_params(config: GPTConfig) -> int:
-    """The parameter count of `GPT(config)`, by arithmetic on the config alone."""
-    d, V, L = config.n_embd, config.padded_vocab_size, config.n_layer
-    b = 1 if config.bias else 0
-    embeddings = V * d + config.block_size * d  # token table + position table
-    layer_norm = d + b * d  # gain (+ shift)
-    attention = (d * 3 * d + b * 3 * d) + (d * d + b * d)  # fused qkv + output projection
-    mlp = (d * 4 * d + b * 4 * d) + (4 * d * d + b * d)  # up to 4d, back down to d
-    block = 2 * layer_norm + attention + mlp
-    head = 0 if config.tie_weights else V * d  # lm_head has no bias, as in GPT-2
-    return embeddings + L * block + layer_norm + head
-
-
-# --------------------------------------------------------------------------------------------
-# KV cache for incremental decoding
-
-
-class KVCache:
-    """Keys and values of every layer for the tokens decoded so far, preallocated to block_size.
-
-    Per layer: k and v of shape [B, H, block_size, D]. `length` counts the positions filled;
-    a forward pass writes its T new positions at [length, length + T) in every layer, then
-    advances `length` once (so all layers of one pass see the same start). Tokens in the cache
-    occupy absolute positions 0 .. length-1 of the current window; the next token fed is at
-    position `length`. The cache cannot grow past block_size: see `generate.py` for how decoding
-    slides the window.
-    """
-
-    def __init__(
-        self,
-        config: GPTConfig,
-        batch_size: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        shape = (batch_size, config.n_head, config.block_size, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.batch_size = batch_size
-        self.length = 0
-
-    def reset(self) -> None:
-        # Stale entries past `length` are never read, so there is nothing to zero.
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this pass's k, v [B, H, T, D] for `layer`; return all keys/values so far
-        [B, H, length + T, D], in the dtype of the inputs (the cache may be kept wider)."""
-        end = self.length + k.size(2)
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        k_all, v_all = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-        if k_all.dtype != k.dtype:  # under autocast: a wider cache, bf16 activations
-            k_all, v_all = k_all.to(k.dtype), v_all.to(v.dtype)
-        return k_all, v_all
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def check_fits(self, config: GPTConfig, n_new: int) -> None:
-        """Refuse a cache made for another model: with fewer positions than `length + n_new`, the
-        keys past its end were dropped without an error (a slice past the end is empty, and a
-        length-1 write broadcasts into it), so the newest token attended to all but itself."""
-        layers, (_, heads, positions, head_dim) = len(self.k), self.k[0].shape
-        if (layers, heads, head_dim) != (config.n_layer, config.n_head, config.head_dim):
-            raise ValueError(f"kv_cache holds {layers} layers x {heads} heads of size {head_dim}, the model has "
-                             f"{config.n_layer} x {config.n_head} of size {config.head_dim}: make it with "
-                             f"KVCache(model.config, batch_size)")
-        if self.length + n_new > positions:
-            raise ValueError(f"kv_cache has room for {positions} positions, not cached {self.length} + new "
-                             f"{n_new}: make it with KVCache(model.config, batch_size)")
-
-
 # --------------------------------------------------------------------------------------------
 # The transformer
 
@@ -177,12 +103,12 @@ def attend(
         # Reference path, the formula of "Attention Is All You Need":
         #   softmax(Q K^T / sqrt(D) + M) V,  M = 0 where allowed and -inf where masked.
         # Softmax in fp32 so that it stays exact under bf16 autocast.
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # [B, H, T, S]
         allowed = causal_mask(T, S, q_start, q.device)
         scores = scores.masked_fill(~allowed, float("-inf"))
         weights = F.softmax(scores.float(), dim=-1).to(v.dtype)
         weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
-        return weights @ v
+        return weights @ v  # [B, H, T, D]
 
     # Fused path: the same formula in one kernel (flash / memory-efficient attention).
     if q_start == 0:
@@ -201,7 +127,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
-        self.dropout = config.dropout
+        self.attn_dropout_p = config.dropout
         self.explicit = config.attention == "explicit"
         self.qkv = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused q, k, v
         self.proj = Linear(config.n_embd, config.n_embd, bias=config.bias)  # residual output
@@ -219,14 +145,15 @@ class CausalSelfAttention(nn.Module):
         q_start = 0
         if kv_cache is not None:
             q_start = kv_cache.length
-            k, v = kv_cache.update(layer, k, v)
+            k, v = kv_cache.update(layer, k, v)  # [B, H, S, D], S = q_start + T: the cached keys, then these
         y = attend(
             q, k, v,
             q_start=q_start,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.attn_dropout_p if self.training else 0.0,
             explicit=self.explicit,
         )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-join the heads
+        # Re-join the heads: [B, H, T, D] -> [B, T, H, D] -> [B, T, C].
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 
 
@@ -239,7 +166,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.gelu(self.fc(x))))
+        return self.dropout(self.proj(self.gelu(self.fc(x))))  # [B, T, C] -> [B, T, 4C] -> [B, T, C]
 
 
 class Block(nn.Module):
@@ -259,22 +186,6 @@ class Block(nn.Module):
         return x
 
 
-TOKEN_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding looks up
-
-
-def _checked_targets(targets: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """targets as the loss takes them: idx's shape (both losses flatten them, so [T, B] or
-    another batch's targets of the same size would be scored against the wrong positions
-    without a word), int64 (the plain loss refuses int32, the chunked one uint8)."""
-    if targets.shape != idx.shape:
-        raise ValueError(f"targets must have idx's shape {tuple(idx.shape)} (one target per position), "
-                         f"got {tuple(targets.shape)}")
-    if targets.dtype not in TOKEN_DTYPES:
-        raise ValueError(f"targets must hold token ids (or -1 to ignore) as int64 or int32, got "
-                         f"{targets.dtype}: pass targets.long()")
-    return targets.long()
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -287,7 +198,8 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # How forward(..., return_logits=False) computes the loss: chunk by chunk without the
         # [B, T, V] logits (gpt/loss.py), or from the whole logits in one cross-entropy, which
-        # torch.compile fuses into a few kernels on a GPU (the trainer's `loss` setting decides).
+        # torch.compile fuses into a few kernels on a GPU (config.loss, resolved by gpt/parallel.py
+        # `chunked_loss_enabled` when the model is wrapped).
         self.chunked_loss = True
         if config.tie_weights:
             # One matrix both reads tokens in and scores them out (Press & Wolf 2017).
@@ -351,6 +263,42 @@ class GPT(nn.Module):
         (None, loss), computing the loss chunk by chunk without the [B, T, V] logits
         (gpt/loss.py; unless chunked_loss is False): the same value, less memory traffic.
         """
+        targets, start = self._check_inputs(idx, targets, kv_cache, last_only)
+        T = idx.size(1)
+
+        # Positions start .. start+T-1 are consecutive rows of the table: a slice, not a lookup
+        # (no index tensor to build, and its gradient is a plain slice copy, not a scatter-add).
+        x = self.drop(self.tok_emb(idx) + self.pos_emb.weight[start : start + T])  # [B, T, C]
+        # (gpt/static_decode.py repeats this forward for one token with fixed shapes, for CUDA
+        # graphs: a change here goes there too; its tests compare the two.)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        if last_only:
+            x = x[:, -1:, :]  # [B, 1, C]; ln_f and lm_head act on each position alone, so slicing first is exact
+        x = self.ln_f(x)
+        V = self.config.vocab_size
+        if targets is not None and not return_logits and self.chunked_loss:
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, n_classes=V)
+        # The matmul runs over every row of the (padded) table; the padding's logits are cut off.
+        logits = self.lm_head(x)[..., :V]  # [B, T, V]
+
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), ignore_index=-1)
+        # return_logits=False drops them only where a loss replaces them (without targets the
+        # logits are the result).
+        return (None if targets is not None and not return_logits else logits), loss
+
+    def _check_inputs(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None,
+        kv_cache: KVCache | None,
+        last_only: bool,
+    ) -> tuple[torch.Tensor | None, int]:
+        """Refuse bad arguments; return (targets as int64 or None, the first position)."""
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape [batch, time], got {tuple(idx.shape)}")
         if idx.dtype not in TOKEN_DTYPES:
@@ -370,31 +318,7 @@ class GPT(nn.Module):
             raise ValueError(f"{what} exceeds the model's block_size {self.config.block_size}")
         if kv_cache is not None:
             kv_cache.check_fits(self.config, T)
-
-        # Positions start .. start+T-1 are consecutive rows of the table: a slice, not a lookup
-        # (no index tensor to build, and its gradient is a plain slice copy, not a scatter-add).
-        x = self.drop(self.tok_emb(idx) + self.pos_emb.weight[start : start + T])  # [B, T, C]
-        # (gpt/static_decode.py repeats this forward for one token with fixed shapes, for CUDA
-        # graphs: a change here goes there too; its tests compare the two.)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, kv_cache, layer)
-        if kv_cache is not None:
-            kv_cache.advance(T)
-        if last_only:
-            x = x[:, -1:, :]
-        x = self.ln_f(x)
-        V = self.config.vocab_size
-        if targets is not None and not return_logits and self.chunked_loss:
-            return None, linear_cross_entropy(x, self.lm_head.weight, targets, n_classes=V)
-        # The matmul runs over every row of the (padded) table; the padding's logits are cut off.
-        logits = self.lm_head(x)[..., :V]  # [B, T, V]
-
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), ignore_index=-1)
-        # return_logits=False drops them only where a loss replaces them (without targets the
-        # logits are the result).
-        return (None if targets is not None and not return_logits else logits), loss
+        return targets, start
 
     def num_params(self, exclude_position_embedding: bool = False) -> int:
         """Number of parameters, counting the tied token-embedding / lm_head matrix once."""
@@ -422,3 +346,97 @@ class GPT(nn.Module):
         if not cfg.tie_weights:
             n -= self.tok_emb.weight.numel()
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+TOKEN_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding looks up
+
+
+def _checked_targets(targets: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """targets as the loss takes them: idx's shape (both losses flatten them, so [T, B] or
+    another batch's targets of the same size would be scored against the wrong positions
+    without a word), int64 (the plain loss refuses int32, the chunked one uint8)."""
+    if targets.shape != idx.shape:
+        raise ValueError(f"targets must have idx's shape {tuple(idx.shape)} (one target per position), "
+                         f"got {tuple(targets.shape)}")
+    if targets.dtype not in TOKEN_DTYPES:
+        raise ValueError(f"targets must hold token ids (or -1 to ignore) as int64 or int32, got "
+                         f"{targets.dtype}: pass targets.long()")
+    return targets.long()
+
+
+def closed_form_num_params(config: GPTConfig) -> int:
+    """The parameter count of `GPT(config)`, by arithmetic on the config alone."""
+    d, V, L = config.n_embd, config.padded_vocab_size, config.n_layer
+    b = 1 if config.bias else 0
+    embeddings = V * d + config.block_size * d  # token table + position table
+    layer_norm = d + b * d  # gain (+ shift)
+    attention = (d * 3 * d + b * 3 * d) + (d * d + b * d)  # fused qkv + output projection
+    mlp = (d * 4 * d + b * 4 * d) + (4 * d * d + b * d)  # up to 4d, back down to d
+    block = 2 * layer_norm + attention + mlp
+    head = 0 if config.tie_weights else V * d  # lm_head has no bias, as in GPT-2
+    return embeddings + L * block + layer_norm + head
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding: KV cache
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens decoded so far, preallocated to block_size.
+
+    Per layer: k and v of shape [B, H, block_size, D]. `length` counts the positions filled;
+    a forward pass writes its T new positions at [length, length + T) in every layer, then
+    advances `length` once (so all layers of one pass see the same start). Tokens in the cache
+    occupy absolute positions 0 .. length-1 of the current window; the next token fed is at
+    position `length`. The cache cannot grow past block_size: see `generate.py` for how decoding
+    slides the window.
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        shape = (batch_size, config.n_head, config.block_size, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.batch_size = batch_size
+        self.length = 0
+
+    def reset(self) -> None:
+        # Stale entries past `length` are never read, so there is nothing to zero.
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this pass's k, v [B, H, T, D] for `layer`; return all keys/values so far
+        [B, H, length + T, D], in the dtype of the inputs (the cache may be kept wider)."""
+        end = self.length + k.size(2)
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        k_all, v_all = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        if k_all.dtype != k.dtype:  # under autocast: a wider cache, bf16 activations
+            k_all, v_all = k_all.to(k.dtype), v_all.to(v.dtype)
+        return k_all, v_all
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def check_fits(self, config: GPTConfig, n_new: int) -> None:
+        """Refuse a cache made for another model: with fewer positions than `length + n_new`, the
+        keys past its end were dropped without an error (a slice past the end is empty, and a
+        length-1 write broadcasts into it), so the newest token attended to all but itself."""
+        layers, (_, heads, positions, head_dim) = len(self.k), self.k[0].shape
+        if (layers, heads, head_dim) != (config.n_layer, config.n_head, config.head_dim):
+            raise ValueError(f"kv_cache holds {layers} layers x {heads} heads of size {head_dim}, the model has "
+                             f"{config.n_layer} x {config.n_head} of size {config.head_dim}: make it with "
+                             f"KVCache(model.config, batch_size)")
+        if self.length + n_new > positions:
+            raise ValueError(f"kv_cache has room for {positions} positions, not cached {self.length} + new "
+                             f"{n_new}: make it with KVCache(model.config, batch_size)")

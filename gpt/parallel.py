@@ -90,7 +90,9 @@ def chunked_loss_enabled(config: TrainConfig, strategy: str, device: torch.devic
 
 def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, dtype: torch.dtype,
                 log: Callable[[str], None] = lambda message: None) -> nn.Module:
-    """Apply activation checkpointing, torch.compile and DDP/FSDP2 to `model` (a `GPT`).
+    """Apply activation checkpointing, torch.compile and DDP/FSDP2 to `model` (a `GPT`), and set
+    `model.chunked_loss` (config.loss, resolved by `chunked_loss_enabled`: it depends on what is
+    compiled).
 
     Returns the module to call in the training loop. Under FSDP that is `model` itself (sharded in
     place); under DDP a wrapper around it; either way `model` keeps its parameter names, and the

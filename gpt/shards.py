@@ -3,6 +3,12 @@
 A shard is a header of 256 little-endian int32 (1024 bytes) followed by the tokens as
 little-endian uint16. Header: [0] magic 20240520, [1] version 1, [2] number of tokens.
 Readers memory-map the token part, so a corpus never has to fit in RAM.
+
+The module also holds the dataset folder around the shards: `load_meta` (its meta.json, or
+GPT-2's vocabulary for bare llm.c shards), `dataset_files`, and the errors for a dataset that is
+missing or half-copied (`missing_dataset`, and `prepare_again`, the command that remakes one).
+They live here because data prep and training both need them, and prep runs without torch:
+this module imports only numpy.
 """
 
 from __future__ import annotations
@@ -319,8 +325,8 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
             if type(meta[key]) is not kind:  # not isinstance: a JSON true is no vocab_size
                 raise ShardError(f"{meta_path}: {key} must be a JSON {'string' if kind is str else 'integer'}, "
                                  f"got {meta[key]!r}")
-        if not 1 <= meta["vocab_size"] <= 1 << 16:
-            raise ShardError(f"{meta_path}: vocab_size {meta['vocab_size']} is outside 1..65536 "
+        if not 1 <= meta["vocab_size"] <= MAX_VOCAB:
+            raise ShardError(f"{meta_path}: vocab_size {meta['vocab_size']} is outside 1..{MAX_VOCAB} "
                              f"(the shards hold uint16 token ids)")
         return meta
     gpt2_tokenizer = _is_gpt2_tokenizer_file(data_dir / "tokenizer.json")

@@ -354,7 +354,9 @@ class LocalFiles(_DocumentsFromPieces):
         for root in self.paths:
             found = False
             for path, skip_reason in _walk_files(root, self.skip_dirs, self.exclude):
-                if skip_reason is None and (self.suffixes is None or path.suffix in self.suffixes):
+                if skip_reason is None:
+                    if self.suffixes is not None and path.suffix not in self.suffixes:
+                        continue  # another kind of file: not part of the corpus, so no warning
                     found = True
                     real = str(path.resolve())
                     if real in read:
@@ -366,8 +368,7 @@ class LocalFiles(_DocumentsFromPieces):
                     if self.warn_skips:
                         self._warn_once(path, f"skipping {path}: {skip_reason}")
                     continue
-                if self.suffixes is None or path.suffix in self.suffixes:
-                    yield path
+                yield path
             if not found:
                 raise SourceError(f"{root}: no input files in this folder")
 

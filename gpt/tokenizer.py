@@ -30,12 +30,13 @@ import numpy as np
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
+from gpt.shards import GPT2_EOS_ID, GPT2_VOCAB_SIZE, MAX_VOCAB, ShardError, load_meta, prepare_again
+
 
 class TokenizerError(ValueError):
     """A tokenizer file that is missing, damaged, or not one the project can use; the message
     names the file. A ValueError, so callers that catch those still do."""
 
-from gpt.shards import GPT2_EOS_ID, GPT2_VOCAB_SIZE, MAX_VOCAB, ShardError, load_meta, prepare_again
 
 EOS_TOKEN = "<|endoftext|>"
 KINDS = ("bpe", "char", "gpt2")
