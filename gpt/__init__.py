@@ -2,5 +2,5 @@
 
 Read the modules in the order data flows through them (README.md, "Follow one token through the
 code", says what to read in each): config -> sources -> tokenizer -> prepare (wordcache, shards)
--> loader -> model -> optim (muon) -> trainer -> checkpoint -> generate (static_decode) -> sampling.
+-> loader -> model -> optim (muon) -> trainer (resume) -> checkpoint -> generate (static_decode) -> sampling.
 """

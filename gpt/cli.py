@@ -151,7 +151,3 @@ def exit_process(code: int | str | None) -> None:
         except (OSError, ValueError, AttributeError):
             pass  # closed, or a broken pipe: as at a normal exit, nothing more can be written
     os._exit(code & 0xFF)
-
-
-# ----------------------------------------------------------------------------------------
-# sample.py

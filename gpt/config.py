@@ -3,6 +3,10 @@
 Every field of `TrainConfig` is a key of the TOML files in `configs/` and a `--key=value`
 option of `train.py`. Unknown keys and ill-typed values are errors that name the key, so a
 typo can never silently fall back to a default.
+
+Also here: the batch arithmetic (grad_accum_steps, tokens_per_optimizer_step: what one optimizer
+step trains on), and add_option, with which every script takes both spellings of an option
+('-' and '_').
 """
 
 from __future__ import annotations
@@ -287,7 +291,6 @@ def grad_accum_steps(config: TrainConfig, world_size: int) -> int:
 def tokens_per_optimizer_step(config: TrainConfig, world_size: int) -> int:
     """Tokens in one optimizer step: all processes' micro-batches (tokens_per_step when set)."""
     return config.batch_size * config.block_size * grad_accum_steps(config, world_size) * world_size
-
 
 
 # ----------------------------------------------------------------------------------------

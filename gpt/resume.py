@@ -21,16 +21,7 @@ from .distributed import DistInfo, log
 from .loader import TokenLoader
 from .optim import learning_rate_at
 from .shards import list_shards, read_header
-
-
-def tokenizer_vocab(path: Path) -> dict[str, int] | None:
-    import tokenizers  # parses JSON; a tokenizer file is data, never code
-
-    try:
-        return tokenizers.Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
-    except Exception:  # unreadable: open_loaders refuses it; check_checkpoint_fits_data compares
-        # the tokenizer kind and vocab_size recorded in meta.json and state.json instead
-        return None
+from .tokenizer import read_vocab
 
 
 def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str, Any],
@@ -47,7 +38,7 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
     data_dir = Path(config.data_dir)
     saved = state.get("dataset") or {}
     ours, theirs = data_dir / ckpt.TOKENIZER_FILE, source / ckpt.TOKENIZER_FILE
-    vocabs = (tokenizer_vocab(ours), tokenizer_vocab(theirs)) if ours.exists() and theirs.exists() else (None, None)
+    vocabs = (read_vocab(ours), read_vocab(theirs)) if ours.exists() and theirs.exists() else (None, None)
     problem = None
     if vocabs[0] is not None and vocabs[1] is not None:
         if vocabs[0] != vocabs[1]:

@@ -1,8 +1,9 @@
 """sample.py's program: read the prompt, load a run's model (or a Hugging Face GPT-2 folder),
 `generate` with the KV cache, and stream the text to stdout as it comes (the speed line to stderr).
 
-`run_sample(argv)` is what `python sample.py` does; `sample(args)` is the program itself, between
-the checks of its options and the text printed.
+`run_sample(argv)` is what `python sample.py` does: parse the options, run `sample(args)`, and
+turn expected failures into one-line errors (gpt/cli.py `report_errors`). `sample(args)` checks
+the options' values, loads the model, generates and prints.
 """
 
 from __future__ import annotations
@@ -17,10 +18,18 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
+from . import checkpoint as ckpt
+from . import hf
 from .checkpoint import CheckpointError
 from .cli import report_errors, say_error
 from .config import ConfigError, add_option
+from .distributed import pick_device, resolve_dtype
+from .generate import generate
 from .hf import HFError
+from .model import GPT, GPTConfig
+from .tokenizer import Tokenizer
 
 
 def _sample_parser() -> argparse.ArgumentParser:
@@ -156,15 +165,6 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 
 
 def sample(args) -> None:
-    import torch
-
-    from . import checkpoint as ckpt
-    from . import hf
-    from .distributed import pick_device, resolve_dtype
-    from .generate import generate
-    from .model import GPT, GPTConfig
-    from .tokenizer import Tokenizer
-
     if args.max_new_tokens <= 0:
         raise ConfigError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
     if not math.isfinite(args.temperature) or args.temperature < 0:

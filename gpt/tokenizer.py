@@ -44,6 +44,17 @@ TOKENIZER_FILE = "tokenizer.json"
 _EVERY_CHARACTER = r"[\s\S]"  # Oniguruma has no (?s); this class matches any code point
 
 
+def read_vocab(path: str | os.PathLike) -> dict[str, int] | None:
+    """Every token's id in tokenizer file `path` (added tokens included), or None where it does
+    not load: gpt/trainer.py open_loaders refuses such a file beside a dataset, and gpt/resume.py
+    then compares the tokenizer kind and vocab_size recorded in meta.json and state.json instead.
+    (tokenizers parses JSON: a tokenizer file is data, never code.)"""
+    try:
+        return tokenizers.Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+    except Exception:
+        return None
+
+
 def check_vocab_size(vocab_size: int, what: str = "vocab_size") -> None:
     """Refuse vocabularies whose ids do not fit the uint16 shards."""
     if vocab_size > MAX_VOCAB:

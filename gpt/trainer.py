@@ -35,11 +35,11 @@ from .metrics import MetricsLog, Sinks, WandbSink, eta_seconds, format_duration,
 from .model import GPT, GPTConfig, closed_form_num_params
 from .nonfinite import NonFiniteGuard
 from .optim import build_optimizer, describe_optimizer, learning_rate_at
-from .resume import (check_checkpoint_fits_data, check_resumed_model, note_changed_batch, note_changed_settings,
-                     tokenizer_vocab)
+from .resume import check_checkpoint_fits_data, check_resumed_model, note_changed_batch, note_changed_settings
 from .shards import (ShardError, check_is_folder, check_token_ids, dataset_files, list_shards, load_meta,
                      prepare_again)
 from .stop import StopFlag
+from .tokenizer import read_vocab
 
 
 @dataclass
@@ -169,7 +169,7 @@ def open_loaders(config: TrainConfig, meta: dict[str, Any], info: DistInfo) -> t
     # that does not load, or holds another vocabulary, would show only when sampling.
     tokenizer_file = data_dir / "tokenizer.json"
     if tokenizer_file.exists():
-        vocab = tokenizer_vocab(tokenizer_file)
+        vocab = read_vocab(tokenizer_file)
         if vocab is None or len(vocab) != meta["vocab_size"]:
             what = "cannot be loaded" if vocab is None else f"holds {len(vocab):,} ids"
             raise ShardError(

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from gpt import checkpoint as ckpt
-from gpt.checkpoint import consolidation
 from gpt import eval as gpt_eval
 from gpt import plot as gpt_plot
+from gpt.checkpoint import consolidation
 from gpt.cli import run_train
-from gpt.sampling import run_sample
 from gpt.errors import TrainingError
 from gpt.metrics import read_metrics
+from gpt.sampling import run_sample
 from gpt.tokenizer import char_tokenizer
 from gpt.trainer import train
 

@@ -15,12 +15,13 @@ import safetensors.torch
 import torch
 
 import gpt.generate
+import gpt.sampling
 from gpt import checkpoint as ckpt
 from gpt import eval as gpt_eval
 from gpt import export
-from gpt.sampling import run_sample
 from gpt.model import GPT, GPTConfig
 from gpt.prepare import prepare
+from gpt.sampling import run_sample
 from gpt.tokenizer import Tokenizer, train_bpe
 
 # No newline in it: the char vocabulary below has neither an end-of-text token nor "\n".
@@ -74,7 +75,7 @@ def prompts(monkeypatch) -> list[list[int]]:
         seen.append(idx[0].tolist())
         return real(model, idx, *args, **kwargs)
 
-    monkeypatch.setattr(gpt.generate, "generate", recording)
+    monkeypatch.setattr(gpt.sampling, "generate", recording)
     return seen
 
 

@@ -30,18 +30,18 @@ import torch
 from gpt import checkpoint as ckpt
 from gpt.checkpoint import files as ckpt_files
 from gpt.cli import report_errors
-from gpt.sampling import run_sample
 from gpt.config import ConfigError, TrainConfig, parse_args
 from gpt.errors import TrainingError
 from gpt.loader import TokenLoader, eval_batches
 from gpt.metrics import read_metrics
 from gpt.model import GPT
+from gpt.nonfinite import NonFiniteGuard
 from gpt.optim import build_optimizer
 from gpt.prepare import prepare
+from gpt.sampling import run_sample
 from gpt.shards import ShardError, shard_name, write_shard
-from gpt.tokenizer import Tokenizer, build_char
-from gpt.nonfinite import NonFiniteGuard
 from gpt.stop import StopFlag
+from gpt.tokenizer import Tokenizer, build_char
 from gpt.trainer import model_config, out_of_memory_message, train
 
 from conftest import REPO, SHAKESPEARE, tiny_args, tiny_config
@@ -163,7 +163,7 @@ def test_config_is_data_never_code(tmp_path):
 
 def test_no_eval_exec_or_unsafe_unpickling_in_the_code():
     """Configs, checkpoints and tokenizer files are data: no module evaluates or unpickles them."""
-    sources = [*sorted((REPO / "gpt").glob("*.py")), REPO / "train.py", REPO / "sample.py",
+    sources = [*sorted((REPO / "gpt").rglob("*.py")), REPO / "train.py", REPO / "sample.py",
                *sorted((REPO / "data_prep").glob("*.py"))]
     offences = []
     for path in sources:

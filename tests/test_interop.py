@@ -25,14 +25,14 @@ import torch
 import transformers  # the `test` extra installs transformers, wandb and matplotlib
 
 from gpt import checkpoint as ckpt
-from gpt.checkpoint import files as ckpt_files
-from gpt.sampling import run_sample
 from gpt import eval as gpt_eval
 from gpt import export, hf, plot
+from gpt.checkpoint import files as ckpt_files
 from gpt.config import ConfigError, TrainConfig
 from gpt.metrics import MetricsError, WandbSink, read_metrics
 from gpt.model import GPT, GPTConfig
 from gpt.prepare import prepare
+from gpt.sampling import run_sample
 from gpt.shards import list_shards, open_shard
 from gpt.tokenizer import Tokenizer
 from gpt.trainer import train

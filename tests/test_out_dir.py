@@ -26,8 +26,8 @@ import pytest
 
 from gpt import locks
 from gpt.cli import run_train
-from gpt.sampling import run_sample
 from gpt.config import ConfigError
+from gpt.sampling import run_sample
 from gpt.trainer import RUN_LOCK_FILE, train
 
 from conftest import REPO, child_pids, run_script, tiny_args, tiny_config

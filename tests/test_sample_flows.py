@@ -46,6 +46,7 @@ def test_ctrl_c_while_generating_ends_the_line_and_says_so(run, monkeypatch, cap
     # checkpoints already written are intact (run again to resume ...)"), after the half-printed
     # line of text.
     import gpt.generate
+    import gpt.sampling
 
     real = gpt.generate.generate
 
@@ -55,7 +56,7 @@ def test_ctrl_c_while_generating_ends_the_line_and_says_so(run, monkeypatch, cap
                 raise KeyboardInterrupt
             yield token
 
-    monkeypatch.setattr(gpt.generate, "generate", interrupted_after_three)
+    monkeypatch.setattr(gpt.sampling, "generate", interrupted_after_three)
     assert run_sample(["--out_dir", str(run), "--device", "cpu", "--prompt", "A",
                        "--max_new_tokens", "50"]) == 130
     printed = capsys.readouterr()

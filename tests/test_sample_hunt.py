@@ -13,10 +13,11 @@ import torch
 import torch.nn as nn
 
 import gpt.generate
-from gpt.sampling import run_sample
+import gpt.sampling
 from gpt.generate import generate
 from gpt.linear import Linear, packed_for_decoding
 from gpt.model import GPT, GPTConfig
+from gpt.sampling import run_sample
 from gpt.tokenizer import char_tokenizer
 from gpt.trainer import train
 
@@ -216,7 +217,7 @@ def test_sample_cuda_graph_option_reaches_generate(run, monkeypatch, capsys, fla
     # On a CUDA GPU generate() replays CUDA graphs by default; --cuda_graph false turns them off.
     seen = []
     real = gpt.generate.generate
-    monkeypatch.setattr(gpt.generate, "generate", lambda *a, **k: seen.append(k["cuda_graph"]) or real(*a, **k))
+    monkeypatch.setattr(gpt.sampling, "generate", lambda *a, **k: seen.append(k["cuda_graph"]) or real(*a, **k))
     argv = ["--out_dir", str(run), "--device", "cpu", "--prompt", "ab", "--max_new_tokens", "3"]
     assert run_sample(argv + (["--cuda_graph", flag] if flag else [])) == 0
     assert seen == [want]

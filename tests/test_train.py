@@ -17,10 +17,10 @@ import torch
 from gpt import checkpoint as ckpt
 from gpt.checkpoint import files as ckpt_files
 from gpt.cli import run_train
-from gpt.sampling import run_sample
 from gpt.config import TrainConfig
-from gpt.metrics import read_metrics
 from gpt.distributed import DistInfo
+from gpt.metrics import read_metrics
+from gpt.sampling import run_sample
 from gpt.trainer import carried_loss_sum, evals_left, evaluate, train
 
 from conftest import REPO, latest_weights, learning_records, rewound_copy, run_script, tiny_config

@@ -29,7 +29,8 @@ The package, in the order a checkpoint lives:
     files.py          fsync, checksums, permissions: what "written" means here
     state_json.py     RNG states and optimizer hyperparameters as plain JSON
     save.py           save_checkpoint (one process) and Checkpointer (the trainer's: full or
-                      sharded, synchronous or in a background thread)
+                      sharded, synchronous or in a background thread); it asks find.py
+                      and verify.py what is there already
     find.py           latest_checkpoint, resolve_checkpoint, reading (held off pruning)
     verify.py         verify_checkpoint (files against the manifest), read_state
     dcp_read.py       the sharded format's files, read without unpickling anything

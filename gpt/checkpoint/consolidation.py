@@ -72,7 +72,7 @@ def _consolidate(ckpt_dir: Path, out: str | os.PathLike | None, optimizer: bool)
         written = list(write_weight_files(tmp, full_writer(model_state, optimizer_state)))
         source_tokenizer = ckpt_dir / TOKENIZER_FILE
         complete_folder(tmp, out, state, source_tokenizer if source_tokenizer.exists() else None,
-                  seal_all(written, tmp))
+                        seal_all(written, tmp))
     except OSError as e:
         # A full disk, a read-only folder, or a file where a folder of --out should be: nothing
         # of the source was changed, so only this copy failed.
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                            "a checkpoint folder outside a run)")
     cons.add_argument("--optimizer", action="store_true",
                       help="include the optimizer state (optimizer.pt), so training can resume from the copy")
-    from ..cli import report_errors  # (cli imports this module)
+    from ..cli import report_errors  # (gpt/cli.py imports this package: at the top, a cycle)
 
     def run() -> None:
         args = parser.parse_args(argv)

@@ -1,4 +1,6 @@
-"""The names of a checkpoint's files and folders, and the error every part of this package raises.
+"""The names of a checkpoint's files and folders (step_dir_name, step_of, resolve_format), the
+error every part of this package raises, and quiet_dcp, the warning filter save.py and
+dcp_read.py set around torch.distributed.checkpoint.
 
 The whole layout is drawn in `gpt/checkpoint/__init__.py`."""
 

@@ -57,7 +57,7 @@ def _begin(out_dir: Path, step: int) -> Path | None:
 
 
 def complete_folder(tmp: Path, final: Path, state: dict[str, Any], tokenizer_path: Path | None,
-              sealed: dict[str, dict[str, Any]]) -> None:
+                    sealed: dict[str, dict[str, Any]]) -> None:
     """Add state.json, tokenizer.json and the manifest to `tmp`, make everything durable and
     rename it to `final`. `sealed` holds manifest entries of files already checksummed."""
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -208,6 +208,8 @@ def write_weight_files(tmp: Path, write_weights: Callable[[Path], None]):
 
 
 def full_writer(model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any] | None):
+    """The `write_weights` of the full format, for `write_weight_files`: model.safetensors, then
+    optimizer.pt when `optimizer_state` is given, yielding each file once it is written."""
     def write(folder: Path):
         tensors = {name: t.detach().contiguous() for name, t in model_state.items()}
         safetensors.torch.save_file(tensors, str(folder / MODEL_FILE), metadata={"format": "pt"})

@@ -11,6 +11,21 @@ import torch
 import torch.distributed as dist
 
 
+def jsonable(value: Any) -> Any:
+    """`value` as json.dumps takes it: numpy arrays and tuples as lists, numpy scalars as numbers."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _tupled(value: Any) -> Any:
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
+
+
 def capture_rng_state() -> dict[str, Any]:
     state = {
         "python": jsonable(random.getstate()),
@@ -68,25 +83,13 @@ def restore_rank_rng(state: dict[str, Any], rank: int, world_size: int) -> None:
         torch.manual_seed(int(torch.randint(0, 2**62, ())) + rank)
 
 
-def jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (tuple, list)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _tupled(value: Any) -> Any:
-    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
-
-
 def param_groups_to_json(groups: list[dict]) -> list[dict]:
+    """The optimizer's hyperparameters (`state_dict()["param_groups"]`) for state.json."""
     return [{k: jsonable(v) for k, v in group.items()} for group in groups]
 
 
 def param_groups_from_json(groups: list[dict]) -> list[dict]:
+    """`param_groups_to_json`'s output read back, as `optimizer.load_state_dict` takes it."""
     # JSON turned tuples (AdamW's betas) into lists; `params` is a list of names.
     return [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
             for g in groups]

@@ -1,6 +1,7 @@
 """Checking a checkpoint before anything is loaded from it: every file against the manifest
 (size, then CRC-32), and state.json's keys for their types, so that damage or an edited file is
-an error naming the file and what to do, never a traceback from deep inside torch."""
+an error naming the file and what to do, never a traceback from deep inside torch; and
+`checkpoint_format`, which of the two formats a folder holds."""
 
 from __future__ import annotations
 
@@ -78,6 +79,24 @@ def read_manifest(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
     if problem is not None:
         raise CheckpointError(f"{manifest_path}: {problem}; {NOT_OURS}")
     return manifest
+
+
+def checkpoint_format(ckpt_dir: Path) -> str:
+    """'sharded' (a dcp/ folder) or 'full' (model.safetensors).
+
+    A sharded checkpoint that lost dcp/.metadata, or all of dcp/, is still sharded: the manifest
+    lists dcp/ files. Taken for full, its error would name a model.safetensors it never had."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / DCP_DIR).is_dir():
+        return "sharded"
+    if not (ckpt_dir / MODEL_FILE).exists():
+        try:
+            listed = json.loads((ckpt_dir / MANIFEST_FILE).read_bytes())
+        except (OSError, ValueError):
+            listed = None
+        if isinstance(listed, dict) and any(str(name).startswith(DCP_DIR + "/") for name in listed):
+            return "sharded"
+    return "full"
 
 
 def _files_readers_load(ckpt_dir: Path) -> list[str]:
@@ -198,21 +217,3 @@ def read_state(ckpt_dir: Path, require: tuple[str, ...] = ()) -> dict[str, Any]:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: 'model_config' is not a model configuration ({e}); {NOT_OURS}") from None
     return state
-
-
-def checkpoint_format(ckpt_dir: Path) -> str:
-    """'sharded' (a dcp/ folder) or 'full' (model.safetensors).
-
-    A sharded checkpoint that lost dcp/.metadata, or all of dcp/, is still sharded: the manifest
-    lists dcp/ files. Taken for full, its error would name a model.safetensors it never had."""
-    ckpt_dir = Path(ckpt_dir)
-    if (ckpt_dir / DCP_DIR).is_dir():
-        return "sharded"
-    if not (ckpt_dir / MODEL_FILE).exists():
-        try:
-            listed = json.loads((ckpt_dir / MANIFEST_FILE).read_bytes())
-        except (OSError, ValueError):
-            listed = None
-        if isinstance(listed, dict) and any(str(name).startswith(DCP_DIR + "/") for name in listed):
-            return "sharded"
-    return "full"
