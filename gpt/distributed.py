@@ -42,7 +42,35 @@ class DistInfo:
 def log(info: DistInfo, message: str) -> None:
     """Print a line of the run's log: once, from the main process (rank 0)."""
     if info.is_main:
+        say(message)
+
+
+def say(message: str) -> None:
+    """Print a line to standard output; if its reader has stopped (`train.py | head`), go on on
+    standard error instead. A training run must not die of its log's reader: the steps since the
+    last checkpoint would be lost, and metrics.jsonl records every log line anyway."""
+    try:
         print(message, flush=True)
+    except BrokenPipeError:  # the failed line is dropped from sys.stdout's buffer: print it again
+        if _stdout_to_stderr():
+            print(message, flush=True)
+
+
+def _stdout_to_stderr() -> bool:
+    """Point file descriptor 1 where 2 goes, so every later line reaches standard error (True);
+    at /dev/null if that is closed too (False)."""
+    try:
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        sys.stderr.write("warning: standard output was closed (its reader stopped, as `| head` does); "
+                         "the log goes on here, on standard error, and training continues (Ctrl-C saves "
+                         "a checkpoint and stops)\n")
+        sys.stderr.flush()
+        return True
+    except (OSError, ValueError):  # standard error is gone as well (`2>&1 | head`): say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return False
 
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:

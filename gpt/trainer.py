@@ -28,7 +28,7 @@ from . import locks
 from . import parallel
 from .config import ConfigError, TrainConfig, grad_accum_steps, tokens_per_optimizer_step
 from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, has_fast_bf16, init_distributed,
-                          log, lost_peer, pick_device, resolve_dtype, shutdown)
+                          log, lost_peer, pick_device, resolve_dtype, say, shutdown)
 from .errors import FollowOnFailure, TrainingError
 from .loader import TokenLoader
 from .metrics import MetricsLog, Sinks, WandbSink, eta_seconds, format_duration, peak_flops, wandb_tags
@@ -75,12 +75,11 @@ def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
     state = "holds no dataset" if data_dir.is_dir() else "does not exist"
     # A char vocabulary's size is the corpus's count of distinct characters, known only later.
     vocab = f", vocab {config.prepare_vocab_size}" if config.prepare_tokenizer == "bpe" else ""
-    print(f"{data_dir} {state}; preparing the '{config.prepare_source}' corpus there "
-          f"({config.prepare_tokenizer}{vocab}; prepare_source = "
-          f"'none' makes a missing dataset an error instead)", flush=True)
+    say(f"{data_dir} {state}; preparing the '{config.prepare_source}' corpus there "
+        f"({config.prepare_tokenizer}{vocab}; prepare_source = 'none' makes a missing dataset an error instead)")
     try:
         prepare(out_dir=data_dir, source=config.prepare_source, tokenizer=config.prepare_tokenizer,
-                vocab_size=config.prepare_vocab_size)
+                vocab_size=config.prepare_vocab_size, log=say)
     except PrepareError:
         # Another run started on the same new data_dir may be preparing it (prep locks the
         # folder) or have just done so: wait for that prep to end and train on its dataset.
@@ -89,11 +88,11 @@ def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
         try:
             locks.acquire(data_dir / LOCK_FILE).release()
         except locks.FolderBusy:
-            print(f"another process is preparing {data_dir}; waiting for it to finish", flush=True)
+            say(f"another process is preparing {data_dir}; waiting for it to finish")
             locks.acquire(data_dir / LOCK_FILE, wait=True).release()
         if not (data_dir / "meta.json").exists():
             raise
-        print(f"{data_dir} was prepared by another process meanwhile; training on that dataset", flush=True)
+        say(f"{data_dir} was prepared by another process meanwhile; training on that dataset")
 
 
 RUN_LOCK_FILE = ".run-lock"  # held (flock, gpt/locks.py) by the live run writing out_dir: its rank 0
@@ -449,7 +448,7 @@ def claim_out_dir(config: TrainConfig, info: DistInfo, held: contextlib.ExitStac
         held.enter_context(prepare_out_dir(config, out_dir))
         if created:  # runs before the lock's release (an ExitStack unwinds last in, first out)
             held.callback(remove_if_unused, out_dir)
-        print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.to_dict().items()), flush=True)
+        say("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.to_dict().items()))
     return out_dir
 
 
