@@ -122,8 +122,6 @@ def _check_target(out: Path, source: Path, overwrite: bool) -> None:
         if what is not None:
             raise HFError(f"--out {out} {what}; export never writes there; choose another --out")
     else:
-        if not overwrite:
-            raise HFError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
         # --overwrite is for an earlier export (config.json, model.safetensors, tokenizer files):
         # it never replaces training output or data, nor a file among them (metrics.jsonl). An
         # earlier export inside a run folder (out/default/hf, which a new --out may be) is
@@ -139,9 +137,11 @@ def _check_target(out: Path, source: Path, overwrite: bool) -> None:
             if others:
                 what = (f"holds files an export does not write ({', '.join(others[:5])}"
                         f"{', ...' if len(others) > 5 else ''}), so it is not only an earlier export")
-        if what is not None:
+        if what is not None:  # said first: --overwrite would not help
             raise HFError(f"--out {out} {what}; refusing to replace it even with --overwrite; "
                           f"choose another --out")
+        if not overwrite:
+            raise HFError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
 
 
 def _earlier_export(out: Path) -> bool:

@@ -271,16 +271,19 @@ def test_export_refuses_existing_target_unless_overwrite(runs, tmp_path, capsys)
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert export.main([str(runs["char"]), "--format", "hf", "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and "already exists" in err and "--overwrite" in err
-    assert (out / "keep.txt").read_text() == "mine"
-    # --overwrite replaces an earlier export only: a folder holding other files is refused.
-    assert export.main([str(runs["char"]), "--out", str(out), "--overwrite", "--no-check"]) == 2
-    assert "holds files an export does not write (keep.txt)" in capsys.readouterr().err
-    assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces an earlier export only: a folder holding other files is refused, with
+    # the option or without (not told to pass --overwrite, which would then be refused).
+    for overwrite in ([], ["--overwrite"]):
+        assert export.main([str(runs["char"]), "--format", "hf", "--out", str(out), "--no-check", *overwrite]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and "holds files an export does not write (keep.txt)" in err, err
+        assert "refusing to replace it even with --overwrite" in err
+        assert (out / "keep.txt").read_text() == "mine"
     (out / "keep.txt").unlink()
     assert export.main([str(runs["char"]), "--out", str(out), "--no-check"]) == 0  # empty: no --overwrite
+    assert export.main([str(runs["char"]), "--out", str(out), "--no-check"]) == 2  # an earlier export
+    err = capsys.readouterr().err
+    assert "already exists; pass --overwrite to replace it" in err, err
     assert export.main([str(runs["char"]), "--out", str(out), "--overwrite", "--no-check"]) == 0
     assert (out / "config.json").exists()
     # Never over the run being exported, even with --overwrite.

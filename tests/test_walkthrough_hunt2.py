@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from gpt import checkpoint as ckpt
+from gpt import export
+from gpt.model import GPT, GPTConfig
 
 from conftest import REPO, tiny_args
 
@@ -27,3 +32,22 @@ def test_train_piped_into_head_keeps_training_and_logs_on_stderr(char_data, tmp_
     assert "warning: standard output was closed" in err and "training continues" in err
     assert "done: 60 steps" in err  # the log went on, on stderr
     assert ckpt.read_state(ckpt.latest_checkpoint(run))["step"] == 60
+
+
+def saved_run(run: Path) -> Path:
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    ckpt.save_checkpoint(run, 1, GPT(config), None, {"step": 1, "model_config": asdict(config)})
+    return run
+
+
+def test_export_onto_a_run_folder_is_refused_without_advising_overwrite(tmp_path, capsys):
+    # Without --overwrite it said "already exists; pass --overwrite to replace it", and with it:
+    # "is a training run folder; refusing to replace it even with --overwrite".
+    source, other = saved_run(tmp_path / "a"), saved_run(tmp_path / "b")
+    before = sorted(p.relative_to(other) for p in other.rglob("*"))
+    for overwrite in ([], ["--overwrite"]):
+        assert export.main([str(source), "--out", str(other), "--no-check", *overwrite]) == 2
+        err = capsys.readouterr().err
+        assert "refusing to replace it even with --overwrite" in err and "pass --overwrite" not in err, err
+    assert sorted(p.relative_to(other) for p in other.rglob("*")) == before

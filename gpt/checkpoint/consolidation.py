@@ -90,9 +90,10 @@ def _consolidate(ckpt_dir: Path, out: str | os.PathLike | None, optimizer: bool)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gpt.checkpoint",
-        description="Checkpoint tools. consolidate: turn a sharded (torch.distributed.checkpoint) "
-                    "checkpoint into the single-file format that sample.py, export and any world "
-                    "size read.",
+        description="Checkpoint tools. consolidate: copy a sharded (torch.distributed.checkpoint) "
+                    "checkpoint into the single-file format (model.safetensors), to hand on or use "
+                    "outside this project; sample.py, gpt.eval, gpt.export and a resume on any world "
+                    "size read either format as it is.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     cons = commands.add_parser("consolidate", help="write a single-file copy of a checkpoint")
