@@ -46,7 +46,8 @@ class TrainConfig:
         "standard library corpus) or 'none' (never prepare; a missing dataset is an error)",
         ("stdlib", "none"),
     )
-    prepare_tokenizer: str = _opt("bpe", "tokenizer to build when preparing data_dir", ("bpe", "char"))
+    prepare_tokenizer: str = _opt("bpe", "tokenizer to build when preparing data_dir (and the one the error for a "
+                                        "missing dataset says to make)", ("bpe", "char"))
     prepare_vocab_size: int = _opt(4096, "BPE vocabulary size when preparing data_dir (prepare_tokenizer = bpe "
                                          "only: a char vocabulary has one id per distinct character)")
     init_from: str = _opt("", "start from these weights to fine-tune: a run folder, a checkpoint folder, or hf:DIR (a Hugging Face GPT-2 folder, whose architecture the model then takes); a smaller block_size than the checkpoint's fine-tunes at that context (the position table is cropped)")

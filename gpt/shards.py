@@ -165,9 +165,16 @@ def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
     return sorted(p for p in Path(data_dir).glob("*.bin") if is_shard_name(p.name, split))
 
 
-def missing_dataset(data_dir: Path, what: str, split: str | None = None) -> ShardError:
+def _tokenizer_flag(tokenizer: str | None) -> str:
+    """The prep option that makes a dataset for `tokenizer` (the run's or the model's), for the
+    commands the errors below give: BPE is prep's default, a char vocabulary must be asked for."""
+    return " --tokenizer char" if tokenizer == "char" else ""
+
+
+def missing_dataset(data_dir: Path, what: str, split: str | None = None,
+                    tokenizer: str | None = None) -> ShardError:
     """The error for a dataset that is not there, or not all there: what is missing, and the
-    command that makes it.
+    command that makes it (for `tokenizer`, where the caller knows which one the data needs).
 
     An empty or absent folder gets the command for a new dataset. A folder holding part of one
     (meta.json, tokenizer.json or shards: a half-copied dataset, or a file deleted) gets the
@@ -188,8 +195,8 @@ def missing_dataset(data_dir: Path, what: str, split: str | None = None) -> Shar
     present = dataset_files(data_dir)
     if not present:
         return ShardError(f"{data_dir}: {what}. Make one with: python data_prep/prepare.py --input YOUR_TEXT "
-                          f"--out {data_dir} (or --source stdlib in place of --input YOUR_TEXT: the "
-                          f"Python standard library's own source, no download)")
+                          f"--out {data_dir}{_tokenizer_flag(tokenizer)} (or --source stdlib in place of "
+                          f"--input YOUR_TEXT: the Python standard library's own source, no download)")
     meta = _read_meta_quietly(data_dir)
     listed = meta.get("shards", {}).get(split) if split and isinstance(meta.get("shards"), dict) else None
     gone = [name for name in listed if not (data_dir / name).exists()] if isinstance(listed, list) else []
@@ -297,20 +304,21 @@ def _names(names: list[str], show: int = 3) -> str:
     return ", ".join(names[:show]) + more
 
 
-def check_is_folder(data_dir: Path) -> None:
+def check_is_folder(data_dir: Path, tokenizer: str | None = None) -> None:
     """A data_dir that is a file (the corpus itself, given by mistake) is said to be one."""
     if data_dir.exists() and not data_dir.is_dir():
         raise ShardError(f"data_dir {data_dir} is a file, not a dataset folder (meta.json, tokenizer.json, "
                          f"train_*.bin, val_*.bin): give the folder, or make one from this file with "
-                         f"python data_prep/prepare.py --input {data_dir} --out DIR")
+                         f"python data_prep/prepare.py --input {data_dir} --out DIR{_tokenizer_flag(tokenizer)}")
 
 
-def load_meta(data_dir: str | os.PathLike) -> dict:
-    """The dataset's meta.json; for bare llm.c / FineWeb shard folders, GPT-2's vocabulary."""
+def load_meta(data_dir: str | os.PathLike, tokenizer: str | None = None) -> dict:
+    """The dataset's meta.json; for bare llm.c / FineWeb shard folders, GPT-2's vocabulary.
+    `tokenizer`: the kind the caller needs, named in the command an error gives to make the data."""
     data_dir = Path(data_dir)
-    check_is_folder(data_dir)
+    check_is_folder(data_dir, tokenizer)
     if not data_dir.is_dir():
-        raise missing_dataset(data_dir, "dataset folder does not exist")
+        raise missing_dataset(data_dir, "dataset folder does not exist", tokenizer=tokenizer)
     meta_path = data_dir / "meta.json"
     if meta_path.exists():
         try:
@@ -334,7 +342,7 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
         # Only a prep of ours writes tokenizer.json, always with meta.json; bare llm.c shard
         # folders have none, or GPT-2's own (which gpt/tokenizer.py asks for where the hub is out
         # of reach). Without meta.json this one's shards would be read as GPT-2 ids.
-        raise missing_dataset(data_dir, "tokenizer.json but no meta.json here")
+        raise missing_dataset(data_dir, "tokenizer.json but no meta.json here", tokenizer=tokenizer)
     if list_shards(data_dir, "train"):
         return {
             "tokenizer": "gpt2",
@@ -342,7 +350,7 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
             "eos_id": GPT2_EOS_ID,
             "source": f"llm.c-style shards in {data_dir}",
         }
-    raise missing_dataset(data_dir, "no meta.json and no train shards (train_*.bin) here", "train")
+    raise missing_dataset(data_dir, "no meta.json and no train shards (train_*.bin) here", "train", tokenizer)
 
 
 class ShardWriter:

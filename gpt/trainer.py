@@ -60,12 +60,12 @@ def ensure_dataset(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     Only into a folder holding no dataset file: a half-copied dataset gets load_meta's error,
     which names what is missing, rather than a prep that would refuse it."""
     data_dir = Path(config.data_dir)
-    check_is_folder(data_dir)
+    check_is_folder(data_dir, config.prepare_tokenizer)
     if not dataset_files(data_dir) and config.prepare_source != "none":
         if info.is_main:
             _prepare_default(config, data_dir)
         barrier(info)
-    return load_meta(data_dir)
+    return load_meta(data_dir, config.prepare_tokenizer)
 
 
 def _prepare_default(config: TrainConfig, data_dir: Path) -> None:

@@ -51,3 +51,24 @@ def test_export_onto_a_run_folder_is_refused_without_advising_overwrite(tmp_path
         err = capsys.readouterr().err
         assert "refusing to replace it even with --overwrite" in err and "pass --overwrite" not in err, err
     assert sorted(p.relative_to(other) for p in other.rglob("*")) == before
+
+
+def test_a_missing_dataset_for_a_char_config_is_made_with_the_char_tokenizer(tmp_path, capsys):
+    # configs/shakespeare_char_cpu.toml with no data/shakespeare_char: the error's command made a
+    # BPE-8192 dataset there, on which the "char" config then trained without a word.
+    from gpt.cli import run_train
+
+    config = str(REPO / "configs" / "shakespeare_char_cpu.toml")
+    missing = tmp_path / "shakespeare_char"
+    assert run_train(["--config", config, f"--data_dir={missing}", f"--out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {missing} --tokenizer char" in err, err
+    text = tmp_path / "input.txt"
+    text.write_text("To be, or not to be")
+    assert run_train(["--config", config, f"--data_dir={text}", f"--out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--input {text} --out DIR --tokenizer char" in err, err
+    # The default (BPE) config's advice stays prep's default.
+    assert run_train([f"--data_dir={missing}", "--prepare_source=none", f"--out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {missing} (or --source stdlib" in err, err
