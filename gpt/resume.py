@@ -182,8 +182,13 @@ def note_changed_settings(saved: dict[str, Any], config: TrainConfig, info: Dist
                 # (with a warmup that ends before it: validate refuses lr_decay_steps <= warmup_steps).
                 warmup = (f" and warmup_steps below it ({config.warmup_steps} now)"
                           if config.warmup_steps >= old_end else "")
-                detail += (f"; that schedule had reached min_lr at step {old_end}: to stay at min_lr, set "
-                           f"lr_decay_steps = {old_end}{warmup}")
+                if config.min_lr > 0:
+                    detail += (f"; that schedule had reached min_lr at step {old_end}: to stay at min_lr, set "
+                               f"lr_decay_steps = {old_end}{warmup}")
+                else:  # staying there would train at lr 0: steps that change nothing
+                    detail += (f"; that schedule had reached min_lr = 0 at step {old_end}: to go on at a low "
+                               f"rate instead, set lr_decay_steps = {old_end}{warmup} and a min_lr above 0 "
+                               f"(with min_lr = 0 the steps after it would train at lr 0 and change nothing)")
     log(info, f"note: resuming with settings changed since the checkpoint: {', '.join(changes)}; the run "
               f"goes on with the new values"
               + (f" (the learning-rate schedule, a function of the step, follows the new {', '.join(schedule)} "

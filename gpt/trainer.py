@@ -336,6 +336,10 @@ def describe_run(config: TrainConfig, info: DistInfo, model: GPT, optimizer: tor
     if config.activation_checkpointing:
         log(info, "note: MFU counts model FLOPs only: activation checkpointing's recomputed forward "
                   "(~1/3 more work per step) is not counted, so the hardware does more than MFU says")
+    if config.min_lr == 0 and 0 < config.lr_decay_steps < config.max_steps:
+        log(info, f"note: min_lr = 0 and lr_decay_steps = {config.lr_decay_steps} < max_steps = {config.max_steps}: "
+                  f"the last {config.max_steps - config.lr_decay_steps:,} steps train at learning rate 0 and change "
+                  f"nothing (set a min_lr above 0, or lr_decay_steps = max_steps)")
     if config.warmup_steps > config.max_steps:
         log(info, f"note: warmup_steps = {config.warmup_steps} is more than max_steps = {config.max_steps}: "
                   f"the learning rate stops at {learning_rate_at(config.max_steps - 1, config):.2e}, "

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from gpt import checkpoint as ckpt
 from gpt import export
+from gpt.cli import run_train
+from gpt.config import TrainConfig
+from gpt.distributed import DistInfo
 from gpt.model import GPT, GPTConfig
+from gpt.resume import note_changed_settings
+from gpt.trainer import train
 
-from conftest import REPO, tiny_args
+from conftest import REPO, tiny_args, tiny_config
 
 
 def test_train_piped_into_head_keeps_training_and_logs_on_stderr(char_data, tmp_path):
@@ -56,8 +61,6 @@ def test_export_onto_a_run_folder_is_refused_without_advising_overwrite(tmp_path
 def test_a_missing_dataset_for_a_char_config_is_made_with_the_char_tokenizer(tmp_path, capsys):
     # configs/shakespeare_char_cpu.toml with no data/shakespeare_char: the error's command made a
     # BPE-8192 dataset there, on which the "char" config then trained without a word.
-    from gpt.cli import run_train
-
     config = str(REPO / "configs" / "shakespeare_char_cpu.toml")
     missing = tmp_path / "shakespeare_char"
     assert run_train(["--config", config, f"--data_dir={missing}", f"--out_dir={tmp_path / 'run'}"]) == 2
@@ -72,3 +75,21 @@ def test_a_missing_dataset_for_a_char_config_is_made_with_the_char_tokenizer(tmp
     assert run_train([f"--data_dir={missing}", "--prepare_source=none", f"--out_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert f"--out {missing} (or --source stdlib" in err, err
+
+
+def test_extending_a_run_whose_min_lr_is_0_does_not_advise_training_at_lr_0(char_data, tmp_path, capsys):
+    # configs/shakespeare_char_cpu.toml decays to min_lr = 0. Extending a finished run, the note
+    # said "to stay at min_lr, set lr_decay_steps = 600"; done so, the new steps trained at lr 0
+    # (the val loss did not move) and the run said nothing of it.
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    finished = TrainConfig(max_steps=20, warmup_steps=2, min_lr=0.0)
+    note_changed_settings(finished.to_dict(), replace(finished, max_steps=40), info, step=20)
+    note = capsys.readouterr().out
+    assert "that schedule had reached min_lr = 0 at step 20" in note and "a min_lr above 0" in note, note
+    assert "to stay at min_lr" not in note
+    # A run set up that way is told at start.
+    train(tiny_config(char_data, tmp_path / "run", max_steps=6, warmup_steps=1, lr_decay_steps=4, min_lr=0.0))
+    out = capsys.readouterr().out
+    assert "note: min_lr = 0 and lr_decay_steps = 4 < max_steps = 6: the last 2 steps train at learning rate 0" in out
+    train(tiny_config(char_data, tmp_path / "other", max_steps=6, warmup_steps=1, lr_decay_steps=4))
+    assert "train at learning rate 0" not in capsys.readouterr().out  # tiny_config's min_lr is above 0
