@@ -17,6 +17,7 @@ from gpt.config import TrainConfig
 from gpt.distributed import DistInfo
 from gpt.model import GPT, GPTConfig
 from gpt.resume import note_changed_settings
+from gpt.sampling import run_sample
 from gpt.trainer import train
 
 from conftest import REPO, tiny_args, tiny_config
@@ -93,3 +94,18 @@ def test_extending_a_run_whose_min_lr_is_0_does_not_advise_training_at_lr_0(char
     assert "note: min_lr = 0 and lr_decay_steps = 4 < max_steps = 6: the last 2 steps train at learning rate 0" in out
     train(tiny_config(char_data, tmp_path / "other", max_steps=6, warmup_steps=1, lr_decay_steps=4))
     assert "train at learning rate 0" not in capsys.readouterr().out  # tiny_config's min_lr is above 0
+
+
+def test_a_mistyped_run_folder_names_the_run_it_looks_like(tmp_path, capsys):
+    # `sample.py --out_dir out/shakespeare_char` (the run is out/shakespeare_char_cpu) said only
+    # "checkpoint path out/shakespeare_char does not exist".
+    saved_run(tmp_path / "shakespeare_char_cpu")
+    saved_run(tmp_path / "default")
+    (tmp_path / "notes").mkdir()  # not a run: not listed
+    assert run_sample(["--out_dir", str(tmp_path / "shakespeare_char"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert (f"checkpoint path {tmp_path / 'shakespeare_char'} does not exist; did you mean "
+            f"{tmp_path / 'shakespeare_char_cpu'}? (run folders in {tmp_path}: default, shakespeare_char_cpu)") in err, err
+    assert run_sample(["--out_dir", str(tmp_path / "zzz"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean" not in err and "(run folders in" in err, err

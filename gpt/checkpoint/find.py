@@ -5,6 +5,8 @@ run folder or a checkpoint folder, held off a running run's pruning while it is 
 from __future__ import annotations
 
 import contextlib
+import difflib
+import itertools
 import json
 import os
 import time
@@ -99,7 +101,24 @@ def resolve_checkpoint(path: str | os.PathLike, hf_advice: str | None = None) ->
             f"{path} is a file, not a checkpoint folder: give a run folder (its {LATEST_FILE} "
             f"checkpoint is used) or a checkpoint folder ({CHECKPOINTS_DIR}/step_N){meant}"
         )
-    raise CheckpointError(f"checkpoint path {path} does not exist")
+    raise CheckpointError(f"checkpoint path {path} does not exist{_nearby_runs(path)}")
+
+
+def _nearby_runs(path: Path) -> str:
+    """The run folders beside a path that does not exist, and the one it looks like a typo of
+    (`--out_dir out/shakespeare_char` for out/shakespeare_char_cpu); "" where there are none."""
+    parent = path.parent
+    try:  # the first 1,000 entries: a parent such as /tmp may hold a great many
+        entries = list(itertools.islice(parent.iterdir(), 1000))
+    except OSError:
+        return ""
+    runs = sorted(p.name for p in entries
+                  if (p / LATEST_FILE).is_file() or (p / CHECKPOINTS_DIR).is_dir() or (p / MANIFEST_FILE).is_file())
+    if not runs:
+        return ""
+    close = difflib.get_close_matches(path.name, runs, n=1, cutoff=0.6)
+    meant = f"; did you mean {parent / close[0]}?" if close else ""
+    return f"{meant} (run folders in {parent}: {', '.join(runs[:10])}{', ...' if len(runs) > 10 else ''})"
 
 
 class _Pruned(Exception):
