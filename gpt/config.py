@@ -418,6 +418,34 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, naming the option meant for a mistyped one (`--temp`: did you mean
+    --temperature?), as train.py does for its keys. sample.py, the tools and data prep use it."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            options = self._long_options()
+            meant = [m for e in extras if e.startswith("--") for m in _meant(e.split("=")[0], options)]
+            hint = f" (did you mean {', '.join(dict.fromkeys(meant))}?)" if meant else ""
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return parsed
+
+    def _long_options(self) -> list[str]:
+        """Every --option of this parser and of its subcommands (`consolidate ...`), but --help."""
+        options = [o for o in self._option_string_actions if o.startswith("--") and o != "--help"]
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                options += [o for sub in action.choices.values() for o in sub._option_string_actions
+                            if o.startswith("--") and o != "--help"]
+        return options
+
+
+def _meant(typed: str, options: list[str]) -> list[str]:
+    """The options `typed` is short for (`--temp`: --temperature), else the one it is a typo of."""
+    return [o for o in options if o.startswith(typed)][:3] or difflib.get_close_matches(typed, options, n=1)
+
+
 def add_option(parser, name: str, **kwargs) -> None:
     """Add option `name` to `parser` (or an argument group) under both spellings, '-' and '_'
     (--val-fraction and --val_fraction), the one given first; its `dest` is spelled with '_'.
@@ -481,6 +509,10 @@ def parse_args(argv: Sequence[str] | None = None, default_config: str | None = N
         if not unknown[0].startswith("--") and name.replace("-", "_") in TrainConfig.__dataclass_fields__:
             # `n_layer=2` or `-n_layer=2`: said to be an unknown key 'n_layer' (did you mean n_layer?).
             raise ConfigError(f"command line: {unknown[0]!r} needs two dashes: --{unknown[0].lstrip('-')}")
+        if not unknown[0].startswith("-") and unknown[0].endswith(".toml"):
+            # `train.py configs/x.toml`: a config file is named with --config.
+            raise ConfigError(f"command line: {unknown[0]!r} is not an option; to read a config file, "
+                              f"name it with --config: python train.py --config {unknown[0]}")
         raise _unknown_key(name, "command line")
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a == "--config" or a.startswith("--config=")]
     if len(given) > 1:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .config import ConfigError, add_option
+from .config import ArgumentParser, ConfigError, add_option
 from .hf import HF_PREFIX, load_hf_model, parse_init_from
 from .model import GPT, GPTConfig
 from .progress import progress_bar
@@ -251,7 +251,7 @@ def _tokenizer_if_any(path: Path) -> Tokenizer | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m gpt.eval",
         description="Loss, perplexity and bits per byte of a model on a whole dataset split. "
                     "Options may be spelled with '_' or '-'.",

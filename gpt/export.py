@@ -32,6 +32,7 @@ import tokenizers
 import torch
 
 from . import checkpoint as ckpt
+from .config import ArgumentParser
 from .hf import HF_PREFIX, HFError, check_gpt2_shape, hf_config_dict, to_hf_state_dict
 from .model import GPT, GPTConfig
 from .prepare import training_output
@@ -245,7 +246,7 @@ def check_export(folder: Path, model: GPT, tokenizer: Tokenizer | None, transfor
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m gpt.export",
         description="Export a checkpoint for other tools. Options may be spelled with '_' or '-'.",
         allow_abbrev=False,

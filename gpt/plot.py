@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .config import ArgumentParser
 from .metrics import METRICS_FILE, MetricsError, read_metrics
 
 ROWS = (
@@ -125,7 +126,7 @@ def default_output(runs: Sequence[str]) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m gpt.plot",
         description="Plot loss, learning rate and tokens/s of one or more runs from their metrics.jsonl.",
         allow_abbrev=False,

@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt import locks
-from gpt.config import add_option
+from gpt.config import ArgumentParser, add_option
 from gpt.progress import progress_bar
 from gpt.shards import MAX_SHARD_TOKENS, MAX_VOCAB, SPLITS, ShardWriter, dataset_files
 from gpt.sources import ENCODING_ERRORS, Corpus, HFDataset, LocalFiles, Piece, resolve_source
@@ -660,7 +660,7 @@ def vocab_size_option(args: argparse.Namespace) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python data_prep/prepare.py",
         description="Tokenize a text corpus into token shards (train_*.bin, val_*.bin), "
                     "tokenizer.json and meta.json. Every option is accepted as --name=value or "

@@ -24,7 +24,7 @@ from . import checkpoint as ckpt
 from . import hf
 from .checkpoint import CheckpointError
 from .cli import report_errors, say_error
-from .config import ConfigError, add_option
+from .config import ArgumentParser, ConfigError, add_option
 from .distributed import pick_device, resolve_dtype
 from .generate import generate
 from .hf import HFError
@@ -33,7 +33,7 @@ from .tokenizer import Tokenizer
 
 
 def _sample_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sample.py",
         description="Generate text from a trained run. Options may be spelled with '_' or '-'.",
         allow_abbrev=False,

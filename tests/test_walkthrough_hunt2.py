@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from gpt import checkpoint as ckpt
-from gpt import export
+from gpt import eval as gpt_eval
+from gpt import export, prepare
 from gpt.cli import run_train
 from gpt.config import TrainConfig
 from gpt.distributed import DistInfo
@@ -109,3 +110,26 @@ def test_a_mistyped_run_folder_names_the_run_it_looks_like(tmp_path, capsys):
     assert run_sample(["--out_dir", str(tmp_path / "zzz"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "did you mean" not in err and "(run folders in" in err, err
+
+
+def test_mistyped_options_of_the_other_scripts_name_the_option_meant(capsys):
+    # train.py suggested near-misses for its keys; sample.py, the tools and data prep said only
+    # "unrecognized arguments: --temp 0.5".
+    cases = [(lambda: run_sample(["--out_dir", "x", "--temp", "0.5"]), "--temp 0.5 (did you mean --temperature?)"),
+             (lambda: gpt_eval.main(["x", "--max_batch", "3"]), "--max_batch 3 (did you mean --max_batches?)"),
+             (lambda: prepare.main(["--input", "x", "--out", "y", "--tokeniser", "char"]),
+              "--tokeniser char (did you mean --tokenizer?)"),
+             (lambda: ckpt.main(["consolidate", "x", "--optimiser"]), "--optimiser (did you mean --optimizer?)")]
+    for call, expected in cases:
+        try:
+            code = call()
+        except SystemExit as e:  # argparse's own exit
+            code = e.code
+        assert code == 2
+        assert f"error: unrecognized arguments: {expected}" in capsys.readouterr().err
+
+
+def test_a_config_file_given_without_config_says_to_name_it_with_config(capsys):
+    assert run_train(["configs/shakespeare_char_cpu.toml"]) == 2
+    assert ("'configs/shakespeare_char_cpu.toml' is not an option; to read a config file, name it with "
+            "--config: python train.py --config configs/shakespeare_char_cpu.toml") in capsys.readouterr().err

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 from pathlib import Path
 
+from ..config import ArgumentParser
 from ..hf import HF_PREFIX
 from .files import seal_all
 from .find import reading
@@ -88,7 +88,7 @@ def _consolidate(ckpt_dir: Path, out: str | os.PathLike | None, optimizer: bool)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m gpt.checkpoint",
         description="Checkpoint tools. consolidate: copy a sharded (torch.distributed.checkpoint) "
                     "checkpoint into the single-file format (model.safetensors), to hand on or use "
