@@ -67,9 +67,12 @@ def _stdout_to_stderr() -> bool:
         sys.stderr.flush()
         return True
     except (OSError, ValueError):  # standard error is gone as well (`2>&1 | head`): say nothing more
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # a stdout without a file descriptor: its writes fail alone
+            pass
         return False
 
 

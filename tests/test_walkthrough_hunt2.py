@@ -41,6 +41,19 @@ def test_train_piped_into_head_keeps_training_and_logs_on_stderr(char_data, tmp_
     assert ckpt.read_state(ckpt.latest_checkpoint(run))["step"] == 60
 
 
+def test_train_piped_into_head_with_its_stderr_trains_on_quietly(char_data, tmp_path):
+    # `train.py 2>&1 | head`: standard error is the same closed pipe, so nothing more can be said;
+    # the run still trains to its end and saves.
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *tiny_args(char_data, run, max_steps=40, log_interval=5,
+                                                                     eval_interval=20)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout.readline().startswith("config:")
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 0
+    assert ckpt.read_state(ckpt.latest_checkpoint(run))["step"] == 40
+
+
 def saved_run(run: Path) -> Path:
     config = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)
     torch.manual_seed(0)
