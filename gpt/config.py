@@ -425,25 +425,40 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            options = self._long_options()
-            meant = [m for e in extras if e.startswith("--") for m in _meant(e.split("=")[0], options)]
-            hint = f" (did you mean {', '.join(dict.fromkeys(meant))}?)" if meant else ""
-            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+            mine, theirs = self._long_options()
+            hints = [_hint(e.split("=")[0], mine, theirs) for e in extras if e.startswith("--") and e != "--"]
+            hint = "; ".join(dict.fromkeys(h for h in hints if h))
+            self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({hint})" if hint else ""))
         return parsed
 
-    def _long_options(self) -> list[str]:
-        """Every --option of this parser and of its subcommands (`consolidate ...`), but --help."""
-        options = [o for o in self._option_string_actions if o.startswith("--") and o != "--help"]
+    def _long_options(self) -> tuple[dict[str, str], dict[str, str]]:
+        """This parser's --options and its subcommands' (`consolidate ...`), each spelling mapped
+        to the one its help shows first; --help left out."""
+        def spellings(parser) -> dict[str, str]:
+            return {o: next(s for s in action.option_strings if s.startswith("--"))
+                    for o, action in parser._option_string_actions.items() if o.startswith("--") and o != "--help"}
+        theirs: dict[str, str] = {}
         for action in self._actions:
             if isinstance(action, argparse._SubParsersAction):
-                options += [o for sub in action.choices.values() for o in sub._option_string_actions
-                            if o.startswith("--") and o != "--help"]
-        return options
+                for sub in action.choices.values():
+                    theirs.update(spellings(sub))
+        return spellings(self), theirs
 
 
-def _meant(typed: str, options: list[str]) -> list[str]:
-    """The options `typed` is short for (`--temp`: --temperature), else the one it is a typo of."""
-    return [o for o in options if o.startswith(typed)][:3] or difflib.get_close_matches(typed, options, n=1)
+def _hint(typed: str, mine: dict[str, str], theirs: dict[str, str]) -> str:
+    """What `typed` is likely meant as: the options it is short for (`--temp`: --temperature,
+    '-' and '_' alike), else the one it is a typo of; a subcommand's option given before it."""
+    if typed in theirs and typed not in mine:
+        return f"{typed} is an option of the subcommand: give it after the subcommand's name"
+    options = {**theirs, **mine}
+    flat = typed.replace("_", "-")
+    meant = list(dict.fromkeys(primary for o, primary in options.items() if o.replace("_", "-").startswith(flat)))
+    if not meant:
+        meant = [options[m] for m in difflib.get_close_matches(typed, list(options), n=1)]
+    if not meant:
+        return ""
+    shown = ", ".join(meant[:5]) + (", ..." if len(meant) > 5 else "")
+    return f"did you mean {shown}?"
 
 
 def add_option(parser, name: str, **kwargs) -> None:

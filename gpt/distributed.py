@@ -66,12 +66,16 @@ def _stdout_to_stderr() -> bool:
                          "a checkpoint and stops)\n")
         sys.stderr.flush()
         return True
-    except (OSError, ValueError):  # standard error is gone as well (`2>&1 | head`): say nothing more
+    except (OSError, ValueError, AttributeError):  # standard error is gone as well (`2>&1 | head`,
+        # or closed: None): both descriptors to /dev/null, so that nothing written later (a
+        # Ctrl-C's note, a late error) fails on them
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:
+                    os.dup2(devnull, stream.fileno())
             os.close(devnull)
-        except (OSError, ValueError):  # a stdout without a file descriptor: its writes fail alone
+        except (OSError, ValueError):  # a stream without a file descriptor: its writes fail alone
             pass
         return False
 

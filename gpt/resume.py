@@ -149,8 +149,9 @@ def keep_batch_advice(tokens: int, config: TrainConfig, world_size: int) -> str:
             f"of block_size x processes = {per_row:,}")
 
 
-# Settings a resumed run may change without a note: where the run is, and how it was started.
-_QUIETLY_CHANGED = ("out_dir", "resume", "init_from")
+# Settings a resumed run may change without a note: where the run is, how it was started, and how a
+# missing dataset would be made (they act before any data is read).
+_QUIETLY_CHANGED = ("out_dir", "resume", "init_from", "prepare_source", "prepare_tokenizer", "prepare_vocab_size")
 _SCHEDULE_KEYS = ("max_steps", "learning_rate", "min_lr", "warmup_steps", "lr_decay_steps", "muon_lr")
 
 
@@ -186,9 +187,9 @@ def note_changed_settings(saved: dict[str, Any], config: TrainConfig, info: Dist
                     detail += (f"; that schedule had reached min_lr at step {old_end}: to stay at min_lr, set "
                                f"lr_decay_steps = {old_end}{warmup}")
                 else:  # staying there would train at lr 0: steps that change nothing
-                    detail += (f"; that schedule had reached min_lr = 0 at step {old_end}: to go on at a low "
-                               f"rate instead, set lr_decay_steps = {old_end}{warmup} and a min_lr above 0 "
-                               f"(with min_lr = 0 the steps after it would train at lr 0 and change nothing)")
+                    detail += (f"; that schedule had reached min_lr at step {old_end}, and min_lr is 0 now: to go "
+                               f"on at a low rate instead, set lr_decay_steps = {old_end}{warmup} and a min_lr "
+                               f"above 0 (with min_lr = 0 the steps after it would train at lr 0 and change nothing)")
     log(info, f"note: resuming with settings changed since the checkpoint: {', '.join(changes)}; the run "
               f"goes on with the new values"
               + (f" (the learning-rate schedule, a function of the step, follows the new {', '.join(schedule)} "

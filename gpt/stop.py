@@ -70,12 +70,16 @@ class StopFlag:
             if os.environ.get("RANK", "0") == "0":
                 # os.write: print() is not safe in a handler that may interrupt another print.
                 if self.training:
-                    os.write(2, b"\nCtrl-C: finishing this step, then saving a checkpoint and exiting "
-                                b"(press Ctrl-C again to abort at once without saving)\n")
+                    note = (b"\nCtrl-C: finishing this step, then saving a checkpoint and exiting "
+                            b"(press Ctrl-C again to abort at once without saving)\n")
                 else:  # set-up (data prep, model build, resume) goes on first: it can take minutes
-                    os.write(2, b"\nCtrl-C: training has not started; the run finishes its set-up and "
-                                b"one step, then saves a checkpoint and exits (press Ctrl-C again to "
-                                b"abort at once without saving)\n")
+                    note = (b"\nCtrl-C: training has not started; the run finishes its set-up and "
+                            b"one step, then saves a checkpoint and exits (press Ctrl-C again to "
+                            b"abort at once without saving)\n")
+                try:
+                    os.write(2, note)
+                except OSError:  # standard error closed: raised here, it would end the run unsaved
+                    pass
 
     @property
     def exit_code(self) -> int:

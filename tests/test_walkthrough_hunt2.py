@@ -3,8 +3,10 @@ thing that session met which did not work, or said less than it should."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -41,17 +43,29 @@ def test_train_piped_into_head_keeps_training_and_logs_on_stderr(char_data, tmp_
     assert ckpt.read_state(ckpt.latest_checkpoint(run))["step"] == 60
 
 
-def test_train_piped_into_head_with_its_stderr_trains_on_quietly(char_data, tmp_path):
+def test_train_piped_into_head_with_its_stderr_trains_on_quietly_and_ctrl_c_still_saves(char_data, tmp_path):
     # `train.py 2>&1 | head`: standard error is the same closed pipe, so nothing more can be said;
-    # the run still trains to its end and saves.
+    # the run still trains to its end and saves. Ctrl-C's note on that closed stderr raised in the
+    # signal handler and ended the run with nothing saved.
+    def start(run: Path, steps: int) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "train.py", *tiny_args(char_data, run, max_steps=steps,
+                                                                         log_interval=5, eval_interval=10**6)],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout.readline().startswith("config:")
+        proc.stdout.close()
+        return proc
+
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train.py", *tiny_args(char_data, run, max_steps=40, log_interval=5,
-                                                                     eval_interval=20)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout.readline().startswith("config:")
-    proc.stdout.close()
-    assert proc.wait(timeout=300) == 0
+    assert start(run, 40).wait(timeout=300) == 0
     assert ckpt.read_state(ckpt.latest_checkpoint(run))["step"] == 40
+    stopped = tmp_path / "stopped"
+    proc = start(stopped, 10**6)
+    deadline = time.monotonic() + 120
+    while not (stopped / "metrics.jsonl").exists() and time.monotonic() < deadline:  # training, past the config
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    assert ckpt.read_state(ckpt.latest_checkpoint(stopped))["step"] > 0
 
 
 def saved_run(run: Path) -> Path:
@@ -100,7 +114,7 @@ def test_extending_a_run_whose_min_lr_is_0_does_not_advise_training_at_lr_0(char
     finished = TrainConfig(max_steps=20, warmup_steps=2, min_lr=0.0)
     note_changed_settings(finished.to_dict(), replace(finished, max_steps=40), info, step=20)
     note = capsys.readouterr().out
-    assert "that schedule had reached min_lr = 0 at step 20" in note and "a min_lr above 0" in note, note
+    assert "that schedule had reached min_lr at step 20, and min_lr is 0 now" in note and "a min_lr above 0" in note, note
     assert "to stay at min_lr" not in note
     # A run set up that way is told at start.
     train(tiny_config(char_data, tmp_path / "run", max_steps=6, warmup_steps=1, lr_decay_steps=4, min_lr=0.0))
@@ -132,7 +146,13 @@ def test_mistyped_options_of_the_other_scripts_name_the_option_meant(capsys):
              (lambda: gpt_eval.main(["x", "--max_batch", "3"]), "--max_batch 3 (did you mean --max_batches?)"),
              (lambda: prepare.main(["--input", "x", "--out", "y", "--tokeniser", "char"]),
               "--tokeniser char (did you mean --tokenizer?)"),
-             (lambda: ckpt.main(["consolidate", "x", "--optimiser"]), "--optimiser (did you mean --optimizer?)")]
+             (lambda: ckpt.main(["consolidate", "x", "--optimiser"]), "--optimiser (did you mean --optimizer?)"),
+             # Every option it is short for, one spelling each; a subcommand's option before it.
+             (lambda: run_sample(["--out_dir", "x", "--top", "3"]), "--top 3 (did you mean --top_k, --top_p?)"),
+             (lambda: prepare.main(["--input", "x", "--out", "y", "--val", "0.1"]),
+              "--val 0.1 (did you mean --val-rule, --val-chunk-tokens, --val-fraction?)"),
+             (lambda: ckpt.main(["--optimizer", "consolidate", "x"]),
+              "--optimizer (--optimizer is an option of the subcommand: give it after the subcommand's name)")]
     for call, expected in cases:
         try:
             code = call()

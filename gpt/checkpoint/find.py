@@ -112,8 +112,9 @@ def _nearby_runs(path: Path) -> str:
         entries = list(itertools.islice(parent.iterdir(), 1000))
     except OSError:
         return ""
-    runs = sorted(p.name for p in entries
-                  if (p / LATEST_FILE).is_file() or (p / CHECKPOINTS_DIR).is_dir() or (p / MANIFEST_FILE).is_file())
+    # os.path's tests: a sibling this user may not read is no run (Path's would raise EACCES).
+    runs = sorted(p.name for p in entries if os.path.isfile(p / LATEST_FILE) or os.path.isdir(p / CHECKPOINTS_DIR)
+                  or os.path.isfile(p / MANIFEST_FILE))
     if not runs:
         return ""
     close = difflib.get_close_matches(path.name, runs, n=1, cutoff=0.6)
