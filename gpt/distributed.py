@@ -46,24 +46,26 @@ def log(info: DistInfo, message: str) -> None:
 
 
 def say(message: str) -> None:
-    """Print a line to standard output; if its reader has stopped (`train.py | head`), go on on
-    standard error instead. A training run must not die of its log's reader: the steps since the
-    last checkpoint would be lost, and metrics.jsonl records every log line anyway."""
+    """Print a line to standard output; if it cannot be written (its reader has stopped, as in
+    `train.py | head`, or the file it goes to is on a full disk), go on on standard error instead.
+    A training run must not die of its log: the steps since the last checkpoint would be lost,
+    and metrics.jsonl records every log line anyway."""
     try:
         print(message, flush=True)
-    except BrokenPipeError:  # the failed line is dropped from sys.stdout's buffer: print it again
-        if _stdout_to_stderr():
+    except OSError as e:  # the failed line is dropped from sys.stdout's buffer: print it again
+        why = ("was closed (its reader stopped, as `| head` does)" if isinstance(e, BrokenPipeError)
+               else f"cannot be written ({e.strerror or e})")
+        if _stdout_to_stderr(why):
             print(message, flush=True)
 
 
-def _stdout_to_stderr() -> bool:
+def _stdout_to_stderr(why: str) -> bool:
     """Point file descriptor 1 where 2 goes, so every later line reaches standard error (True);
-    at /dev/null if that is closed too (False)."""
+    at /dev/null if that fails too (False)."""
     try:
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-        sys.stderr.write("warning: standard output was closed (its reader stopped, as `| head` does); "
-                         "the log goes on here, on standard error, and training continues (Ctrl-C saves "
-                         "a checkpoint and stops)\n")
+        sys.stderr.write(f"warning: standard output {why}; the log goes on here, on standard error, and "
+                         f"training continues (Ctrl-C saves a checkpoint and stops)\n")
         sys.stderr.flush()
         return True
     except (OSError, ValueError, AttributeError):  # standard error is gone as well (`2>&1 | head`,

@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import pytest
 import torch
 
 from gpt import checkpoint as ckpt
@@ -41,6 +42,20 @@ def test_train_piped_into_head_keeps_training_and_logs_on_stderr(char_data, tmp_
     assert "warning: standard output was closed" in err and "training continues" in err
     assert "done: 60 steps" in err  # the log went on, on stderr
     assert ckpt.read_state(ckpt.latest_checkpoint(run))["step"] == 60
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_train_logging_to_a_full_disk_keeps_training(char_data, tmp_path):
+    # Standard output into a file on a full disk (a job's log; /dev/full here) ended the run with
+    # an OSError traceback at its first line, as a closed pipe did.
+    run = tmp_path / "run"
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "train.py", *tiny_args(char_data, run, max_steps=20, eval_interval=10)],
+                              cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "warning: standard output cannot be written (No space left on device)" in done.stderr
+    assert "done: 20 steps" in done.stderr
+    assert ckpt.read_state(ckpt.latest_checkpoint(run))["step"] == 20
 
 
 def test_train_piped_into_head_with_its_stderr_trains_on_quietly_and_ctrl_c_still_saves(char_data, tmp_path):
