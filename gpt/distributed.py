@@ -69,17 +69,28 @@ def _stdout_to_stderr(why: str) -> bool:
         sys.stderr.flush()
         return True
     except (OSError, ValueError, AttributeError):  # standard error is gone as well (`2>&1 | head`,
-        # or closed: None): both descriptors to /dev/null, so that nothing written later (a
-        # Ctrl-C's note, a late error) fails on them
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            for stream in (sys.stdout, sys.stderr):
-                if stream is not None:
-                    os.dup2(devnull, stream.fileno())
-            os.close(devnull)
-        except (OSError, ValueError):  # a stream without a file descriptor: its writes fail alone
-            pass
+        # or closed: None): nothing written later (a Ctrl-C's note, a late error) may fail on them
+        to_devnull(sys.stdout, sys.stderr)
         return False
+
+
+def to_devnull(*streams) -> None:
+    """Point these streams' file descriptors at /dev/null: what is written to them from now on
+    (the interpreter's own flush at exit included) goes nowhere instead of failing again on a
+    closed pipe or a full disk. A stream without a descriptor (None, or captured in a test) is
+    left as it is."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        for stream in streams:
+            try:
+                os.dup2(devnull, stream.fileno())
+            except (OSError, ValueError, AttributeError):
+                pass
+    finally:
+        os.close(devnull)
 
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:

@@ -12,7 +12,6 @@ import argparse
 import codecs
 import contextlib
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from . import hf
 from .checkpoint import CheckpointError
 from .cli import report_errors, say_error
 from .config import ArgumentParser, ConfigError, add_option
-from .distributed import pick_device, resolve_dtype
+from .distributed import pick_device, resolve_dtype, to_devnull
 from .generate import generate
 from .hf import HFError
 from .model import GPT, GPTConfig
@@ -87,17 +86,6 @@ def write_text(text: str, end: str = "") -> None:
         raise OutputError(e.strerror or str(e)) from None
 
 
-def _drop_stdout() -> None:
-    """Point stdout at /dev/null, so that the interpreter's own flush at exit does not fail on
-    the same pipe or full disk again (an "Exception ignored" message after ours)."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):  # stdout is not a real file (captured, in a test)
-        pass
-
-
 def run_sample(argv: Sequence[str]) -> int:
     def main() -> int | None:
         args = _sample_parser().parse_args(argv)
@@ -114,10 +102,12 @@ def run_sample(argv: Sequence[str]) -> int:
         try:
             sample(args)
         except BrokenPipeError:
-            _drop_stdout()  # the reader has gone: stop without a traceback
+            # The reader has gone: stop without a traceback, or an "Exception ignored" message
+            # from the interpreter's own flush at exit.
+            to_devnull(sys.stdout)
             return BROKEN_PIPE_EXIT
         except OutputError as e:
-            _drop_stdout()
+            to_devnull(sys.stdout)
             say_error(f"error: cannot write the sample to standard output ({e}); the text there is incomplete")
             return 1
         return None

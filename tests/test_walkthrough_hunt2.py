@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,23 +19,29 @@ from gpt import export, prepare
 from gpt.cli import run_train
 from gpt.config import TrainConfig
 from gpt.distributed import DistInfo
-from gpt.model import GPT, GPTConfig
 from gpt.resume import note_changed_settings
 from gpt.sampling import run_sample
 from gpt.trainer import train
 
 from conftest import REPO, tiny_args, tiny_config
+from test_walkthrough_hunt import save_step
+
+
+def train_into_head(data: Path, run: Path, stderr: int, **args) -> subprocess.Popen:
+    """`train.py ... | head -1` (with `stderr=subprocess.STDOUT`: `2>&1 | head -1`): the reader
+    closes its end once it has the config's first line."""
+    proc = subprocess.Popen([sys.executable, "train.py", *tiny_args(data, run, log_interval=5, **args)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    assert proc.stdout.readline().startswith("config:")
+    proc.stdout.close()
+    return proc
 
 
 def test_train_piped_into_head_keeps_training_and_logs_on_stderr(char_data, tmp_path):
     # `train.py ... | head` ended the run with a BrokenPipeError traceback at the first log line
     # after head exited, losing every step since the last checkpoint.
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train.py", *tiny_args(char_data, run, max_steps=60, log_interval=5,
-                                                                     eval_interval=30)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().startswith("config:")
-    proc.stdout.close()  # what head does once it has its lines
+    proc = train_into_head(char_data, run, subprocess.PIPE, max_steps=60, eval_interval=30)
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 0, err
     assert "Traceback" not in err, err
@@ -62,19 +68,11 @@ def test_train_piped_into_head_with_its_stderr_trains_on_quietly_and_ctrl_c_stil
     # `train.py 2>&1 | head`: standard error is the same closed pipe, so nothing more can be said;
     # the run still trains to its end and saves. Ctrl-C's note on that closed stderr raised in the
     # signal handler and ended the run with nothing saved.
-    def start(run: Path, steps: int) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "train.py", *tiny_args(char_data, run, max_steps=steps,
-                                                                         log_interval=5, eval_interval=10**6)],
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert proc.stdout.readline().startswith("config:")
-        proc.stdout.close()
-        return proc
-
     run = tmp_path / "run"
-    assert start(run, 40).wait(timeout=300) == 0
+    assert train_into_head(char_data, run, subprocess.STDOUT, max_steps=40, eval_interval=10**6).wait(timeout=300) == 0
     assert ckpt.read_state(ckpt.latest_checkpoint(run))["step"] == 40
     stopped = tmp_path / "stopped"
-    proc = start(stopped, 10**6)
+    proc = train_into_head(char_data, stopped, subprocess.STDOUT, max_steps=10**6, eval_interval=10**6)
     deadline = time.monotonic() + 120
     while not (stopped / "metrics.jsonl").exists() and time.monotonic() < deadline:  # training, past the config
         time.sleep(0.05)
@@ -84,9 +82,8 @@ def test_train_piped_into_head_with_its_stderr_trains_on_quietly_and_ctrl_c_stil
 
 
 def saved_run(run: Path) -> Path:
-    config = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)
-    torch.manual_seed(0)
-    ckpt.save_checkpoint(run, 1, GPT(config), None, {"step": 1, "model_config": asdict(config)})
+    """A run folder holding one tiny checkpoint (test_walkthrough_hunt's)."""
+    save_step(run, 1, seed=0)
     return run
 
 
