@@ -55,7 +55,8 @@ from gpt import locks
 from gpt.config import ArgumentParser, add_option
 from gpt.progress import progress_bar
 from gpt.shards import MAX_SHARD_TOKENS, MAX_VOCAB, SPLITS, ShardWriter, dataset_files
-from gpt.sources import ENCODING_ERRORS, Corpus, HFDataset, LocalFiles, Piece, resolve_source
+from gpt.hf_dataset import HFDataset
+from gpt.sources import ENCODING_ERRORS, Corpus, LocalFiles, Piece, resolve_source
 from gpt.tokenizer import (MIN_BPE_VOCAB, TOKENIZER_FILE, Tokenizer, char_tokenizer, check_vocab_size,
                            train_bpe)
 from gpt.wordcache import encode_pieces, word_cache_applies
@@ -111,7 +112,7 @@ def prepare(
 
     source: "stdlib" (this Python's standard library sources: no download), a `pathlib.Path`
         (a file or folder, each file one document), a list of str (the documents), or a corpus
-        from `gpt.sources` (`LocalFiles`, `HFDataset`, `Texts`).
+        from `gpt.sources` (`LocalFiles`, `Texts`) or `gpt.hf_dataset` (`HFDataset`).
     tokenizer: "bpe" (byte-level BPE trained here to `vocab_size` ids), "char" (the corpus's
         characters), or a `Tokenizer` to reuse as it is. `vocab_size` is BPE's alone: "char" has
         one id per distinct character (the CLIs refuse a --vocab-size given with it).

@@ -87,7 +87,8 @@ def test_hf_data_files_missing_or_matching_nothing_are_named(tmp_path):
     """A missing --hf-data-files file got datasets' "Unable to find" plus a hint to check the
     network; a pattern matching no file got "no rows: is the file empty?"."""
     pytest.importorskip("datasets")
-    from gpt.sources import HFDataset, SourceError
+    from gpt.hf_dataset import HFDataset
+    from gpt.sources import SourceError
 
     cache = str(tmp_path / "hf-cache")
     missing = tmp_path / "nope.jsonl"
@@ -104,7 +105,8 @@ def test_hf_errors_from_pyarrow_stay_one_line_without_a_network_hint(tmp_path):
     CLI's error must be one line), and the glob itself (not an existing path) added the "No
     network?" hint."""
     pytest.importorskip("datasets")
-    from gpt.sources import HFDataset, SourceError
+    from gpt.hf_dataset import HFDataset
+    from gpt.sources import SourceError
 
     (tmp_path / "a.jsonl").write_text('{"text": "one"}\n')
     (tmp_path / "b.jsonl").write_text('{"text": "two", "id": 3}\n')
@@ -266,7 +268,7 @@ def test_a_byte_order_mark_that_starts_a_file_is_not_text(tmp_path, monkeypatch)
 def test_a_byte_order_mark_that_starts_a_text_file_read_by_datasets_is_not_text(tmp_path):
     """The same for --hf-dataset on a .txt file (datasets' text builder decoded it as utf-8)."""
     pytest.importorskip("datasets")
-    from gpt.sources import HFDataset
+    from gpt.hf_dataset import HFDataset
 
     path = tmp_path / "doc.txt"
     path.write_bytes(b"\xef\xbb\xbfline one\nline two\n")

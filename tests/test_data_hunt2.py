@@ -174,7 +174,7 @@ def test_a_split_the_data_lacks_names_hf_split(tmp_path):
     """A local file has only the split "train": --hf-split validation failed with an error naming
     --hf-dataset alone (its file exists and is fine), not the option to change."""
     pytest.importorskip("datasets")
-    from gpt.sources import HFDataset
+    from gpt.hf_dataset import HFDataset
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"text": "hello"}\n' * 3)

@@ -8,7 +8,8 @@ import pytest
 
 from gpt.prepare import main
 from gpt.shards import load_meta
-from gpt.sources import HFDataset, LocalFiles, SourceError
+from gpt.hf_dataset import HFDataset
+from gpt.sources import LocalFiles, SourceError
 
 pytest.importorskip("datasets")
 SMALL = ["--tokenizer", "char", "--val-rule", "tail", "--val-fraction", "0.2", "--min-val-tokens", "5",
