@@ -42,8 +42,10 @@ State and resume
     order, seed. A state without `fingerprint` (saved before it existed) is not checked for it.
 
 Fixed evaluation batches
-    `eval_batches(...)` yields the same `n_batches` batches every time it is called: a fresh
-    random-order loader with a fixed seed, independent of any training loader's state.
+    A random-order loader gives the same windows after `rewind()` (back to its first window), so
+    the trainer evaluates on the same val batches at every eval. `eval_batches(...)` is the same
+    for a caller without a loader: the same `n_batches` batches every time it is called, from a
+    fresh random-order loader with a fixed seed.
 """
 
 from __future__ import annotations
@@ -247,6 +249,11 @@ class TokenLoader:
                               dtype=TOKEN_DTYPE)
             self._fingerprint = zlib.crc32(tokens.tobytes())
         return self._fingerprint
+
+    def rewind(self) -> None:
+        """Back to the first window: the same batches again (in random order too: the order is a
+        function of the seed and the window's index)."""
+        self.windows_consumed = 0
 
     def state_dict(self) -> dict:
         """JSON-serializable position; identical on every rank (windows are counted globally)."""

@@ -1,4 +1,5 @@
-"""Where training numbers go: stdout, `out_dir/metrics.jsonl`, and optionally wandb.
+"""Where training numbers go: `out_dir/metrics.jsonl`, and optionally wandb (the log lines on
+stdout are the trainer's own, `gpt.distributed.say`).
 
 Also the device's peak FLOP/s, the denominator of MFU (model FLOPs utilization).
 
@@ -26,7 +27,8 @@ WANDB_TAG_MAX = 64  # characters in one wandb tag
 
 
 class MetricsError(ValueError):
-    """A metrics file is missing, empty or malformed; the message names the file and line."""
+    """A metrics file is missing, malformed or cannot be written, or gpt.plot's options are bad;
+    the message names the file (and line) or the option."""
 
 # Dense (no sparsity) datasheet peaks in TFLOP/s by dtype. Matched against
 # torch.cuda.get_device_name(); the first matching entry wins, so more specific names first.

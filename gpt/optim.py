@@ -57,7 +57,10 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, config: TrainConfig) ->
 def learning_rate_at(step: int, config: TrainConfig) -> float:
     """Linear warmup to the peak, then cosine decay to `min_lr` at `lr_decay_steps`, then flat.
 
-    `step` counts from 0; warmup starts above zero so the very first update is not wasted.
+    `step` counts from 0; warmup starts above zero so the very first update is not wasted. The
+    warmup reaches the peak at step warmup_steps - 1 and the cosine starts from it at step
+    warmup_steps, so the peak is held for two steps (nanoGPT's (step + 1) / (warmup + 1) holds
+    it once; changing it now would change every run's schedule, and resumed runs say so).
     """
     decay_steps = config.lr_decay_steps or config.max_steps
     if step < config.warmup_steps:

@@ -5,7 +5,7 @@
 
 Steps (the corpus is streamed twice and never held in memory whole):
 1. Pass one reads the corpus, counts documents and bytes, and builds the tokenizer: BPE trained
-   with `train_from_iterator` (on at most `tokenizer_train_bytes` of text), or the character
+   with `train_from_iterator` (on about the first `tokenizer_train_bytes` of text), or the character
    vocabulary.
 2. Pass two encodes the document pieces on all cores (byte-level BPE through the word cache of
    `gpt/wordcache.py` in worker processes, anything else with `encode_batch`), every document
@@ -119,8 +119,10 @@ def prepare(
     val_fraction, val_rule, val_chunk_tokens, seed: the train/val split (module docstring).
     min_val_tokens: the fewest tokens each split may have; use at least block_size + 1.
     shard_tokens: tokens per shard file (the last shard of a split holds the rest).
-    tokenizer_train_bytes: train BPE on at most this much text (the first bytes of the corpus),
-        which bounds the time and memory of training on huge corpora; None for all of it.
+    tokenizer_train_bytes: train BPE on about this much text, the first bytes of the corpus
+        (whole pieces: the one that reaches it is the last fed, so up to 64K characters more, 1M
+        where text has no place to cut), which bounds the time and memory of training on huge
+        corpora; None for all of it.
     encoding_errors: non-UTF-8 bytes in local files: "strict" (error), "replace" or "skip".
     overwrite: replace a dataset already in `out_dir` (refused otherwise).
     progress: show progress bars (tqdm, on stderr).
@@ -621,7 +623,7 @@ def add_shared_options(parser: argparse.ArgumentParser, **defaults) -> None:
     opt("--shard-tokens", type=int, default=100_000_000, metavar="N",
         help="tokens per shard file (default: %(default)s)")
     opt("--tokenizer-train-mb", type=float, default=TOKENIZER_TRAIN_BYTES / 1e6, metavar="MB",
-        help="train BPE on at most this many MB of text, from the start of the corpus; raise it "
+        help="train BPE on about this many MB of text, from the start of the corpus; raise it "
              "for large vocabularies, inf for all of it (default: %(default)g)")
     opt("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
         help="non-UTF-8 bytes in input files: strict = stop with an error naming file and byte "

@@ -125,8 +125,9 @@ def check_token_ids(paths: list[Path], vocab_size: int, chunk_tokens: int = 1 <<
     """Refuse shards holding an id >= vocab_size (another tokenizer's shards, or corruption).
 
     One streaming pass over the memory-mapped tokens, `chunk_tokens` at a time (several GB/s
-    once the pages are cached, and the pages then serve training). Without it such an id would
-    surface mid-run as an index error in the embedding, or on CUDA as a device-side assert.
+    once the pages are cached, and the pages then serve training). The loader checks every
+    batch too (a shard changed under a running job); this scan makes a bad dataset fail before
+    the first step rather than hours into a run.
     """
     for path in paths:
         tokens = open_shard(path)
@@ -155,7 +156,9 @@ def is_shard_name(name: str, split: str | None = None) -> bool:
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     splits = SPLITS if split is None else (split,)
-    return re.match(rf"^(?:.*_)?(?:{'|'.join(splits)})_\d+\.bin$", name) is not None
+    # Not a hidden file: macOS writes `._train_000000.bin` (AppleDouble metadata, not tokens)
+    # beside each file copied to a FAT or exFAT disk, which matched the llm.c pattern.
+    return not name.startswith(".") and re.match(rf"^(?:.*_)?(?:{'|'.join(splits)})_\d+\.bin$", name) is not None
 
 
 def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:

@@ -162,6 +162,10 @@ class Tokenizer:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         self.inner.save(str(tmp))
+        # fsynced before the rename, as shards and meta.json are: a folder with meta.json is a
+        # complete dataset, and after a power cut this file must not be the one left empty.
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
 
     @classmethod

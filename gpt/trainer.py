@@ -383,7 +383,7 @@ def evaluate(model: torch.nn.Module, config: TrainConfig, info: DistInfo, autoca
 
     `val_loader` (random order, seeded with config.seed) is rewound to its first window, which
     gives the batches `eval_batches` gives."""
-    val_loader.windows_consumed = 0
+    val_loader.rewind()
     batches = (val_loader.next_batch() for _ in range(config.eval_iters))
     model.eval()
     total = torch.zeros((), device=info.device)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from gpt.loader import TokenLoader, eval_batches
-from gpt.shards import HEADER_INTS, MAGIC, VERSION, ShardError, shard_name, write_shard
+from gpt.shards import HEADER_INTS, MAGIC, VERSION, ShardError, list_shards, shard_name, write_shard
 
 
 def make_split(data_dir: Path, sizes: list[int], split: str = "train", prefix: str = "") -> None:
@@ -168,6 +168,21 @@ def test_llm_c_shard_names_are_read(tmp_path):
     assert starts_of(val.next_batch()[0]) == [0, 32, 64, 96]
 
 
+def test_macos_appledouble_files_beside_the_shards_are_not_shards(tmp_path):
+    """A dataset copied through a Mac onto a FAT/exFAT disk gains `._train_000000.bin` beside each
+    shard: 4 KB of metadata, not tokens. It matched the llm.c name pattern and failed as a bad
+    shard (bad magic); hidden files are never shards."""
+    make_split(tmp_path, [500])
+    make_split(tmp_path, [300], split="val")
+    for name in ("train_000000.bin", "val_000000.bin"):
+        (tmp_path / f"._{name}").write_bytes(b"\x00\x05\x16\x07" + bytes(4092))
+    assert [p.name for p in list_shards(tmp_path, "train")] == ["train_000000.bin"]
+    loader = TokenLoader(tmp_path, "train", 4, 32, order="sequential")
+    assert loader.num_tokens == 500
+    assert_windows_match_stream(*loader.next_batch(), 32)
+    assert TokenLoader(tmp_path, "val", 4, 32).num_tokens == 300
+
+
 def test_eval_batches_are_the_same_every_call(tmp_path):
     make_split(tmp_path, [2000], split="val")
     first = list(eval_batches(tmp_path, "val", 4, 16, 5, seed=1))
@@ -177,6 +192,13 @@ def test_eval_batches_are_the_same_every_call(tmp_path):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     with pytest.raises(ValueError, match="n_batches"):
         eval_batches(tmp_path, "val", 4, 16, 0)
+    # A rewound loader (the trainer's val loader at each eval) gives those batches again.
+    loader = TokenLoader(tmp_path, "val", 4, 16, order="random", seed=1)
+    for _ in range(2):
+        loader.rewind()
+        for x, y in first:
+            xl, yl = loader.next_batch()
+            assert torch.equal(xl, x) and torch.equal(yl, y)
 
 
 # -- errors -------------------------------------------------------------------------------

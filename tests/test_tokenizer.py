@@ -52,6 +52,21 @@ def char_file(char, tmp_path_factory) -> Path:
     return path
 
 
+def test_save_fsyncs_the_file_before_it_takes_its_name(bpe, tmp_path, monkeypatch):
+    """tokenizer.json is fsynced before the rename, as shards and meta.json are: after a power
+    cut a dataset folder with meta.json must not hold an empty tokenizer file."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b)))
+    path = tmp_path / "tokenizer.json"
+    bpe.save(path)
+    tmp = str(path) + ".tmp"
+    assert events == [("fsync", tmp), ("replace", tmp)]
+    assert Tokenizer.from_file(path).encode("to be") == bpe.encode("to be")
+
+
 # ---- BPE --------------------------------------------------------------------------------------
 @PROPERTY
 @given(text=st.text())

@@ -397,7 +397,8 @@ def test_evaluate_runs_without_autograd():
     model.forward = recording_forward
 
     class Batches:
-        windows_consumed = 0
+        def rewind(self):
+            pass
 
         def next_batch(self):
             x = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(len(grad_modes)))
