@@ -40,7 +40,7 @@ from benchmarks.cli import device as device_name, positive_int, results_name  # 
 from benchmarks.common import write_json  # noqa: E402
 from gpt import checkpoint as ckpt  # noqa: E402
 from gpt.checkpoint import files as ckpt_files, load as ckpt_load, save as ckpt_save  # noqa: E402
-from gpt import parallel  # noqa: E402
+from gpt.checkpoint.full_state import load_full_state_dicts  # noqa: E402
 from gpt.config import TrainConfig  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402
 from gpt.optim import build_optimizer  # noqa: E402
@@ -128,7 +128,7 @@ def bench_load(root: Path, fmt: str, repeats: int, device: torch.device) -> dict
         if fmt == "sharded":
             ckpt_load._load_sharded(path, model, optimizer, state)
         else:
-            parallel.load_full_state_dicts(model, optimizer, ckpt.read_model_state(path),
+            load_full_state_dicts(model, optimizer, ckpt.read_model_state(path),
                                            ckpt.read_optimizer_state(path))
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the copies to the GPU are done, not just queued

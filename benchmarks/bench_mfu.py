@@ -16,7 +16,7 @@ variant is a comma-separated list of:
 Each variant compiles afresh (its first step, reported as compile_s), runs --warmup more steps,
 then --groups groups of --steps steps each timed as a whole (one synchronize per group); the
 step time is the median group's. MFU = flops_per_token (6N + 12 L H D T) x tokens/s / the
-datasheet peak of the detected GPU (gpt/metrics.py). Writes benchmarks/results/gpu_mfu.json
+datasheet peak of the detected GPU (gpt/mfu.py). Writes benchmarks/results/gpu_mfu.json
 (--out names another). Needs a CUDA GPU (benchmarks/gpu.sh runs it).
 """
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.cli import non_negative_int, positive_int, results_name  # noqa: E402
 from benchmarks.common import median, write_json  # noqa: E402
 from gpt.config import TrainConfig  # noqa: E402
-from gpt.metrics import peak_flops  # noqa: E402
+from gpt.mfu import peak_flops  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402
 from gpt.optim import build_optimizer  # noqa: E402
 

@@ -31,7 +31,7 @@ from benchmarks import bench_data, bench_loader  # noqa: E402
 from benchmarks.cli import positive_float, positive_int, results_name  # noqa: E402
 from benchmarks.common import REPO, load_average, write_json  # noqa: E402
 from benchmarks.scaleout_summary import median_or_none  # noqa: E402
-from gpt.metrics import gpu_peak_flops, measure_matmul_flops  # noqa: E402
+from gpt.mfu import gpu_peak_flops, measure_matmul_flops  # noqa: E402
 from gpt.shards import MAX_VOCAB  # noqa: E402
 from gpt.tokenizer import MIN_BPE_VOCAB  # noqa: E402
 

@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks.cli import results_name, text_file_problem  # noqa: E402
 from benchmarks.common import write_json  # noqa: E402
 from gpt.eval import evaluate_split, load_for_eval  # noqa: E402
-from gpt.metrics import measure_matmul_flops, read_metrics  # noqa: E402
+from gpt.metrics import read_metrics  # noqa: E402
+from gpt.mfu import measure_matmul_flops  # noqa: E402
 from gpt.prepare import prepare  # noqa: E402
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"

@@ -35,7 +35,7 @@ from benchmarks.cli import device as device_name, non_negative_int, positive_flo
 from benchmarks.common import (MALLOC_CHOICES, MALLOC_HELP, check_malloc_env, build_peer, count_params, interleave,  # noqa: E402
                                load_average, log, machine, median, peer_available, use_malloc, write_json)
 from gpt.hf import from_hf_state_dict, to_hf_state_dict  # noqa: E402
-from gpt.metrics import peak_flops  # noqa: E402
+from gpt.mfu import peak_flops  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402
 
 # (layers, heads, width, context, batch, vocabulary)

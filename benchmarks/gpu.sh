@@ -6,7 +6,7 @@
 # 1. GPT-2 small (12 x 12 x 768, block 1024), bf16, torch.compile, trained by train.py itself
 #    (fused AdamW, TF32, the chunked loss, pinned non-blocking batches) on synthetic shards with
 #    the vocabulary padded to 50,304 as nanoGPT does: tokens/s and MFU against the datasheet
-#    bf16 peak of the detected GPU (gpt/metrics.py). Goal: MFU >= 50%. AdamW, as llm.c's and
+#    bf16 peak of the detected GPU (gpt/mfu.py). Goal: MFU >= 50%. AdamW, as llm.c's and
 #    Megatron's figures are: Muon's Newton-Schulz matmuls (~10% more FLOPs here) are not model
 #    FLOPs. Reuses benchmarks/gpu_scaleout.sh with one process and no DDP/FSDP wrapper.
 # 2. The same shape against Hugging Face GPT2LMHeadModel (vocab 50,257), side by side, bf16

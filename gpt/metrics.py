@@ -1,7 +1,7 @@
 """Where training numbers go: `out_dir/metrics.jsonl`, and optionally wandb (the log lines on
 stdout are the trainer's own, `gpt.distributed.say`).
 
-Also the device's peak FLOP/s, the denominator of MFU (model FLOPs utilization).
+MFU's denominator, the device's peak FLOP/s, is gpt/mfu.py's.
 
 A sink has `write(record)` and `close()`: `MetricsLog` (the JSONL file every run writes),
 `WandbSink` (Weights & Biases, when `wandb_mode` is offline or online), and `Sinks` (several
@@ -13,11 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any, Sequence
-
-import torch
 
 from .config import ConfigError
 
@@ -29,91 +26,6 @@ WANDB_TAG_MAX = 64  # characters in one wandb tag
 class MetricsError(ValueError):
     """A metrics file is missing, malformed or cannot be written, or gpt.plot's options are bad;
     the message names the file (and line) or the option."""
-
-# Dense (no sparsity) datasheet peaks in TFLOP/s by dtype. Matched against
-# torch.cuda.get_device_name(); the first matching entry wins, so more specific names first.
-# float32 is the TF32 tensor-core rate where the GPU has one: the trainer enables TF32 on CUDA.
-GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
-    ("B200", {"bfloat16": 2250.0, "float16": 2250.0, "float32": 1100.0}),
-    # "NVIDIA H200 NVL" (PCIe, 600 W): 1,671 TFLOP/s bf16 with sparsity, so 835.5 dense, not the SXM's.
-    ("H200 NVL", {"bfloat16": 835.5, "float16": 835.5, "float32": 417.5}),
-    ("H200", {"bfloat16": 989.5, "float16": 989.5, "float32": 494.7}),  # SXM (GH200 matches too: same GPU)
-    ("H100 NVL", {"bfloat16": 835.5, "float16": 835.5, "float32": 417.5}),
-    ("H100 PCIe", {"bfloat16": 756.5, "float16": 756.5, "float32": 378.0}),
-    ("H100", {"bfloat16": 989.5, "float16": 989.5, "float32": 494.7}),  # SXM
-    ("H800", {"bfloat16": 989.5, "float16": 989.5, "float32": 494.7}),
-    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
-    ("L40S", {"bfloat16": 362.1, "float16": 362.1, "float32": 183.0}),
-    ("L40", {"bfloat16": 181.0, "float16": 181.0, "float32": 90.5}),
-    ("L4", {"bfloat16": 121.0, "float16": 121.0, "float32": 60.0}),
-    ("A10G", {"bfloat16": 70.0, "float16": 70.0, "float32": 35.0}),
-    ("A10", {"bfloat16": 125.0, "float16": 125.0, "float32": 62.5}),
-    ("RTX 4090", {"bfloat16": 165.2, "float16": 165.2, "float32": 82.6}),
-    ("RTX 3090", {"bfloat16": 71.0, "float16": 71.0, "float32": 35.6}),
-    ("V100", {"float16": 125.0, "float32": 15.7}),
-    ("T4", {"float16": 65.0, "float32": 8.1}),
-]
-
-
-def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
-    key = str(dtype).removeprefix("torch.")
-    for pattern, peaks in GPU_PEAK_TFLOPS:
-        if pattern in device_name and key in peaks:
-            return peaks[key] * 1e12
-    return None
-
-
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 4096, repeats: int = 3,
-                         max_seconds: float = 0.25) -> float:
-    """Best-of-`repeats` FLOP/s of a square matmul on all the device's cores (every thread torch
-    uses): our stand-in peak where no datasheet applies.
-
-    On CPU this is what the cores can do on the one operation that dominates a transformer,
-    which makes MFU there a fair 'how close to the hardware are we'. The size doubles from 512
-    up to `n` while one product stays under `max_seconds`, so a dtype the CPU has no fast
-    kernel for (bf16 without AVX512-BF16/AMX runs ~100x slower than fp32) is measured in about
-    a second instead of minutes. The default budget stops at 2048 on a CPU (under a second in
-    all, paid at every training start); benchmarks/ asks for more.
-    """
-    # Its own generator: drawing from torch's global one moved the run's random stream (dropout
-    # masks) by an amount that depends on how fast the machine was at that moment (the number of
-    # sizes tried), so a resume, which measures after restoring the RNG state, was not exact.
-    generator = torch.Generator().manual_seed(0)
-
-    def seconds(size: int) -> float:
-        a = torch.randn(size, size, generator=generator).to(device, dtype)
-        b = torch.randn(size, size, generator=generator).to(device, dtype)
-        a @ b  # warm-up: thread pools, kernel selection
-        best = float("inf")
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    size = min(512, n)
-    best = seconds(size)
-    while size * 2 <= n and best * 8 < max_seconds:  # the next size costs ~8x
-        size *= 2
-        best = seconds(size)
-    return 2 * size**3 / best
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float = 0.0) -> tuple[float, str]:
-    """The FLOP/s figure MFU is measured against, and where it came from."""
-    if override_tflops > 0:
-        return override_tflops * 1e12, "config peak_tflops"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        found = gpu_peak_flops(name, dtype)
-        if found is not None:
-            return found, f"{name} datasheet"
-    return measure_matmul_flops(device, dtype), f"measured {device.type} {str(dtype).removeprefix('torch.')} matmul"
-
 
 def format_duration(seconds: float) -> str:
     """A duration as a log line shows it: 45s, 12m05s, 7h03m, 3d04h (a long run's ETA)."""

@@ -31,7 +31,8 @@ from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier,
                           log, lost_peer, pick_device, resolve_dtype, say, shutdown)
 from .errors import FollowOnFailure, TrainingError
 from .loader import TokenLoader
-from .metrics import MetricsLog, Sinks, WandbSink, eta_seconds, format_duration, peak_flops, wandb_tags
+from .metrics import MetricsLog, Sinks, WandbSink, eta_seconds, format_duration, wandb_tags
+from .mfu import peak_flops
 from .model import GPT, GPTConfig, closed_form_num_params
 from .nonfinite import NonFiniteGuard
 from .optim import build_optimizer, describe_optimizer, learning_rate_at

@@ -25,6 +25,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt import parallel  # noqa: E402
+from gpt.checkpoint.full_state import full_state_dicts  # noqa: E402
 from gpt.config import TrainConfig  # noqa: E402
 from gpt.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402
@@ -100,7 +101,7 @@ def run(config: TrainConfig, info: DistInfo, dtype: torch.dtype, accum: int, row
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         record["losses"].append(all_reduce_mean(loss_sum / accum, info).item())
-    record["weights"], _ = parallel.full_state_dicts(model, optimizer)
+    record["weights"], _ = full_state_dicts(model, optimizer)
     return record
 
 
@@ -154,9 +155,9 @@ def nan_skip_with_muon(info: DistInfo) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step(poison=False)  # a real step first, so that there is momentum to keep
-    before = parallel.full_state_dicts(model, optimizer)
+    before = full_state_dicts(model, optimizer)
     step(poison=True)
-    after = parallel.full_state_dicts(model, optimizer)
+    after = full_state_dicts(model, optimizer)
 
     def tensors(state) -> list[torch.Tensor]:
         if isinstance(state, dict):

@@ -31,6 +31,7 @@ import torch
 
 from gpt import checkpoint as ckpt
 from gpt import parallel
+from gpt.checkpoint.full_state import full_state_dicts, load_full_state_dicts
 from gpt.config import ConfigError, TrainConfig, parse_args
 from gpt.distributed import DistInfo
 from gpt.metrics import read_metrics
@@ -485,7 +486,7 @@ def test_full_state_matches_the_single_process_checkpoint_format():
     model(x, x)[1].backward()
     optimizer.step()
 
-    model_state, optim_state = parallel.full_state_dicts(model, optimizer)
+    model_state, optim_state = full_state_dicts(model, optimizer)
     # The names safetensors.save_model writes: one name for the tied embedding / lm_head.
     assert sorted(model_state) == sorted(k for k in model.state_dict() if k != "tok_emb.weight")
     native = optimizer.state_dict()
@@ -498,7 +499,7 @@ def test_full_state_matches_the_single_process_checkpoint_format():
     torch.manual_seed(1)
     other = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32))
     other_opt = build_optimizer(other, TrainConfig(), torch.device("cpu"))
-    parallel.load_full_state_dicts(other, other_opt, model_state, optim_state)
+    load_full_state_dicts(other, other_opt, model_state, optim_state)
     assert other.lm_head.weight is other.tok_emb.weight  # loading keeps the tie
     for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), name

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from gpt import distributed, metrics
+from gpt import distributed, mfu
 
 from conftest import REPO
 
@@ -28,15 +28,15 @@ from conftest import REPO
     ("NVIDIA A100-SXM4-80GB", 312.0),
 ])
 def test_bf16_datasheet_peak_is_the_dense_figure(name, tflops):
-    assert metrics.gpu_peak_flops(name, torch.bfloat16) == tflops * 1e12
+    assert mfu.gpu_peak_flops(name, torch.bfloat16) == tflops * 1e12
 
 
 def test_peak_flops_on_cuda_reads_the_datasheet_of_the_named_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    peak, source = metrics.peak_flops(torch.device("cuda", 0), torch.bfloat16)
+    peak, source = mfu.peak_flops(torch.device("cuda", 0), torch.bfloat16)
     assert (peak, source) == (989.5e12, "NVIDIA H200 datasheet")
     # float32 under TF32 (the trainer turns it on for CUDA): the TF32 dense rate.
-    assert metrics.peak_flops(torch.device("cuda", 0), torch.float32)[0] == 494.7e12
+    assert mfu.peak_flops(torch.device("cuda", 0), torch.float32)[0] == 494.7e12
 
 
 def test_cuda_device_is_picked_by_local_rank(monkeypatch):

@@ -16,7 +16,8 @@ from gpt import checkpoint as ckpt
 from gpt.config import TrainConfig
 from gpt.distributed import DistInfo
 from gpt.loader import TokenLoader
-from gpt.metrics import MetricsLog, measure_matmul_flops, read_metrics
+from gpt.metrics import MetricsLog, read_metrics
+from gpt.mfu import measure_matmul_flops
 from gpt.model import GPT
 from gpt.nonfinite import NonFiniteGuard
 from gpt.optim import build_optimizer

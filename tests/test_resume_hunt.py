@@ -305,12 +305,12 @@ def test_mfu_stays_at_most_100_percent_when_the_peak_was_measured_on_a_busy_mach
     it came out at 0.07 TFLOP/s and the run logged MFU 160.3%. A peak measured below what training
     then achieves is raised to it, once said; a configured peak_tflops is kept as given."""
     from conftest import tiny_config
-    from gpt import metrics
+    from gpt import mfu
     from gpt.metrics import read_metrics
     from gpt.trainer import train
 
     # The matmul as a busy machine would have timed it: far below what the cores do.
-    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda *args, **kwargs: 1e6)
+    monkeypatch.setattr(mfu, "measure_matmul_flops", lambda *args, **kwargs: 1e6)
     train(tiny_config(char_data, tmp_path / "measured", max_steps=20, log_interval=5, peak_tflops=0.0))
     out = capsys.readouterr().out
     assert "peak 0.00 TFLOP/s per device (measured cpu float32 matmul)" in out

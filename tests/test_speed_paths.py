@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import gpt.loss
 from gpt.generate import generate
-from gpt.metrics import measure_matmul_flops
+from gpt.mfu import measure_matmul_flops
 from gpt.model import GPT, GPTConfig
 
 CONFIG = GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32)

@@ -28,6 +28,8 @@ The package, in the order a checkpoint lives:
     layout.py         the names above, and CheckpointError
     files.py          fsync, checksums, permissions: what "written" means here
     state_json.py     RNG states and optimizer hyperparameters as plain JSON
+    full_state.py     the whole model and optimizer state gathered (or scattered) under DDP,
+                      FSDP or none, in the single-process format of the full files
     save.py           save_checkpoint (one process) and Checkpointer (the trainer's: full or
                       sharded, synchronous or in a background thread); it asks find.py
                       and verify.py what is there already

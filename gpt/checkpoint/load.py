@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import parallel
 from ..model import GPTConfig
 from .dcp_read import dcp_load, read_sharded_state
+from .full_state import (add_tied_aliases, drop_tied_aliases, keep_tuples, load_full_state_dicts,
+                         optimizer_state_by_index)
 from .layout import DCP_DIR, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CheckpointError
 from .state_json import param_groups_from_json, restore_rank_rng
 from .verify import NOT_OURS, RESUME_NEEDS, checkpoint_format, read_state, verify_checkpoint
@@ -34,7 +35,7 @@ def load_model_weights(ckpt_dir: Path, model: nn.Module, device: torch.device | 
             if isinstance(e, CheckpointError) or type(e).__name__ != "CheckpointException":
                 raise
             raise CheckpointError(f"{source}: could not read the weights ({e})") from None
-        missing, unexpected = model.load_state_dict(parallel.add_tied_aliases(state, model), strict=False)
+        missing, unexpected = model.load_state_dict(add_tied_aliases(state, model), strict=False)
     else:
         source = ckpt_dir / MODEL_FILE
         with _readable_safetensors(source):
@@ -80,7 +81,7 @@ def read_optimizer_state(ckpt_dir: Path) -> dict[str, Any]:
         state = read_state(ckpt_dir, require=("optimizer_param_groups",))
         groups = param_groups_from_json(state["optimizer_param_groups"])
         by_name = read_sharded_state(ckpt_dir)[1]
-        return parallel.optimizer_state_by_index({"state": by_name, "param_groups": groups})
+        return optimizer_state_by_index({"state": by_name, "param_groups": groups})
     path = ckpt_dir / OPTIMIZER_FILE
     if not path.exists():
         raise CheckpointError(
@@ -170,7 +171,7 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
             # The files hold full tensors; under FSDP each rank keeps its shard of them.
             model_state = read_model_state(ckpt_dir)
             optimizer_state = read_optimizer_state(ckpt_dir) if optimizer is not None else None
-            parallel.load_full_state_dicts(model, optimizer, model_state, optimizer_state)
+            load_full_state_dicts(model, optimizer, model_state, optimizer_state)
     except CheckpointError:
         raise
     except BaseException as e:
@@ -196,14 +197,14 @@ def _load_sharded(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optim
 
     # Live state dicts (DTensor shards under FSDP, full tensors otherwise) are the targets: DCP
     # fills each with its part of the saved tensors.
-    payload = {"model": parallel.drop_tied_aliases(get_model_state_dict(model), model)}
+    payload = {"model": drop_tied_aliases(get_model_state_dict(model), model)}
     if optimizer is not None:
         payload["optimizer"] = get_optimizer_state_dict(model, optimizer)["state"]
     dcp_load(payload, ckpt_dir, no_dist=not (dist.is_available() and dist.is_initialized()))
     options = StateDictOptions(strict=True)
-    set_model_state_dict(model, parallel.add_tied_aliases(payload["model"], model), options=options)
+    set_model_state_dict(model, add_tied_aliases(payload["model"], model), options=options)
     if optimizer is not None:
         groups = param_groups_from_json(state["optimizer_param_groups"])
         set_optimizer_state_dict(model, optimizer, {"state": payload["optimizer"], "param_groups": groups},
                                  options=options)
-        parallel.keep_tuples(optimizer)
+        keep_tuples(optimizer)

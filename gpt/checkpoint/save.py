@@ -20,10 +20,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import locks, parallel
+from .. import locks
 from ..staging import Staging, live_storages
 from .files import files_under, fsync_dir, give_ordinary_permissions, seal, seal_all, write_text_atomic, writeback
 from .find import complete_checkpoints, latest_checkpoint, latest_name
+from .full_state import drop_tied_aliases, full_state_dicts
 from .layout import (CHECKPOINTS_DIR, DCP_DIR, FORMATS, LATEST_FILE, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE,
                      STATE_FILE, TOKENIZER_FILE, TRASH_PREFIX, CheckpointError, quiet_dcp, step_dir_name, step_of)
 from .state_json import param_groups_to_json
@@ -254,7 +255,7 @@ def save_checkpoint(
     """Write a complete full-format checkpoint for `step` from one process, point `latest` at
     it, prune old ones. `model` is the plain (unwrapped) model; `state` must be JSON-serializable.
     """
-    model_state = parallel.drop_tied_aliases(model.state_dict(), model)
+    model_state = drop_tied_aliases(model.state_dict(), model)
     optimizer_state = optimizer.state_dict() if optimizer is not None else None
     return save_checkpoint_state(out_dir, step, model_state, optimizer_state, state, tokenizer_path, keep_last)
 
@@ -270,7 +271,7 @@ def save_checkpoint_state(
 ) -> Path:
     """`save_checkpoint` from state dicts instead of live objects (e.g. gathered from FSDP shards).
 
-    `model_state` holds CPU tensors with one name per tied tensor (as `parallel.drop_tied_aliases`
+    `model_state` holds CPU tensors with one name per tied tensor (as `drop_tied_aliases`
     leaves them, the name safetensors' save_model keeps);
     `optimizer_state` is in `optimizer.state_dict()` format. The files are the same.
     """
@@ -301,7 +302,7 @@ class Checkpointer:
     """Saves the trainer's checkpoints; every rank makes the same calls at the same steps.
 
     format "full": the model and optimizer state are gathered (unsharded) into rank 0's CPU
-        memory and rank 0 writes model.safetensors + optimizer.pt (`parallel.full_state_dicts`).
+        memory and rank 0 writes model.safetensors + optimizer.pt (`full_state_dicts`).
     format "sharded": every rank writes its own shard with torch.distributed.checkpoint into
         the shared temporary folder (`dcp/`); rank 0 adds state.json, tokenizer.json and the
         manifest (each rank checksums the files it wrote) and renames the folder.
@@ -420,7 +421,7 @@ class Checkpointer:
         training no longer changes once `self._staging.ready()` returns."""
         # An unsharded model's live tensors, copied below straight into page-locked memory when
         # they are on a GPU (rather than into fresh pageable memory, then again for an async save).
-        model_state, optimizer_state = parallel.full_state_dicts(model, optimizer, to_cpu=False)
+        model_state, optimizer_state = full_state_dicts(model, optimizer, to_cpu=False)
         if not self.is_main:
             return {}, {}
         return self._stage((model_state, optimizer_state), model, optimizer)
@@ -439,7 +440,7 @@ class Checkpointer:
         model_state, optimizer_state = get_state_dict(model, optimizer)  # DTensor shards under FSDP
         # Only tensors go into dcp/ (so loading never unpickles anything); the optimizer's
         # hyperparameters go into state.json.
-        payload = {"model": parallel.drop_tied_aliases(model_state, model),
+        payload = {"model": drop_tied_aliases(model_state, model),
                    "optimizer": optimizer_state["state"]}
         state = dict(state, format="sharded",
                      optimizer_param_groups=param_groups_to_json(optimizer_state["param_groups"]))
