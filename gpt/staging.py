@@ -38,8 +38,13 @@ def map_copies(obj: Any, live: set[int], copy: Callable[[tuple, torch.Tensor], t
         from torch.distributed.tensor import DTensor
 
         local = copy(path, obj.to_local().detach())
-        return DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False,
-                                  shape=obj.size(), stride=obj.stride())
+        # The same spec (mesh, placements, global shape) around the copy where it is. Not
+        # DTensor.from_local: it moves the local tensor to the mesh's device type, so under FSDP
+        # on GPUs every shard staged in host memory went straight back to the GPU (a spike of the
+        # rank's whole state at each save; with fsdp_cpu_offload, all of it on the GPU). The
+        # constructor is what torch's own DCP staging uses (_state_dict_utils: a CPU local tensor
+        # under a CUDA mesh).
+        return DTensor(local, obj._spec, requires_grad=False)
     if isinstance(obj, torch.Tensor):
         if obj.device.type != "cpu" or obj.untyped_storage().data_ptr() in live:
             return copy(path, obj.detach())
@@ -97,6 +102,20 @@ def _clear_last_cuda_error() -> None:
             ctypes.CDLL(library).cudaGetLastError()
     except (OSError, AttributeError):
         pass
+
+
+PAGE = 4096
+
+
+def _whole_pages(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor of `nbytes` rounded up to whole pages, starting on a page boundary, inside a
+    larger allocation. cudaHostRegister locks whole pages: a block from malloc shares its first
+    and last pages with other memory, and a second block registered on a shared page (two
+    Checkpointers, one left open after an error) fails with "already registered"."""
+    size = -(-nbytes // PAGE) * PAGE
+    memory = torch.empty(size + PAGE, dtype=torch.uint8)
+    start = -memory.data_ptr() % PAGE
+    return memory[start:start + size]  # a view: it keeps `memory` allocated
 
 
 class Staging:
@@ -162,7 +181,7 @@ class Staging:
             self.buffers.pop(path, None)
         self.release()
         shapes = [(shape, dtype) for _, shape, dtype in layout]
-        block = torch.empty(max(packed_bytes(shapes), 1), dtype=torch.uint8)
+        block = _whole_pages(max(packed_bytes(shapes), 1))
         cudart = torch.cuda.cudart()
         error = int(cudart.cudaHostRegister(block.data_ptr(), block.numel(), 0))
         if error:  # the copies still work, synchronously

@@ -162,3 +162,27 @@ def child_pids(pid: int) -> list[int]:
                 for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
     except OSError:
         return []
+
+
+def staged_dtensor(tmp_path: Path, device_type: str):
+    """A sharded weight (a DTensor on a one-process mesh of `device_type`) staged for a save as
+    FSDP's are (gpt.staging.Staging.snapshot): (the original, the staged copy). Runs its own
+    one-process group (nccl for cuda, gloo for cpu) and ends it."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from gpt.staging import Staging
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh(device_type, (1,))
+        weight = distribute_tensor(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), mesh, [Shard(0)])
+        staging = Staging()
+        staged = staging.snapshot({"w": weight}, live={weight.to_local().untyped_storage().data_ptr()})["w"]
+        staging.ready()
+        return weight, staged, staging
+    finally:
+        dist.destroy_process_group()

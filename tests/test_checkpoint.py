@@ -28,7 +28,7 @@ from gpt.checkpoint import files as ckpt_files
 from gpt.model import GPT, GPTConfig
 from gpt.trainer import train
 
-from conftest import REPO, latest_weights, learning_records, tiny_args, tiny_config
+from conftest import REPO, latest_weights, learning_records, staged_dtensor, tiny_args, tiny_config
 
 def assert_latest_is_complete(run: Path) -> None:
     """`latest` either does not exist yet or names a checkpoint whose every file checks out."""
@@ -700,6 +700,45 @@ def test_tensors_carved_from_one_staging_block_save_only_their_own_bytes():
     assert int(block.sum()) > 0  # the writes landed in the block itself
     del block  # the tensors keep its memory alive
     assert all(torch.equal(t, torch.full_like(t, 3)) for t in tensors)
+
+
+def test_a_staged_shard_stays_where_staging_copied_it(tmp_path):
+    """FSDP's sharded save stages each DTensor's local shard in host memory. Rebuilt with
+    DTensor.from_local, the staged shard was moved to the mesh's device type: on GPUs every shard
+    went straight back to the GPU (a copy of the rank's whole state there at each save; with
+    fsdp_cpu_offload all of it). The staged DTensor holds the staging copy itself (on a CPU mesh
+    from_local wrapped it instead, which is how this test sees the old code; tests/test_device.py
+    checks the device on a GPU) with the original's spec."""
+    weight, staged, staging = staged_dtensor(tmp_path, "cpu")
+    assert staged._local_tensor is staging.buffers[("w",)]
+    assert staged.to_local().data_ptr() != weight.to_local().data_ptr()  # a copy, not the live shard
+    assert torch.equal(staged.to_local(), weight.to_local())
+    assert (staged.placements, staged.shape, staged.device_mesh) == (weight.placements, weight.shape,
+                                                                     weight.device_mesh)
+
+
+def test_the_page_locked_block_is_whole_pages_of_its_own(monkeypatch):
+    """cudaHostRegister locks whole pages. A block straight from malloc shares its first and last
+    pages with other memory, so a second block registered beside it (two Checkpointers, one left
+    open after an error) failed with "already registered" and its saves copied slowly."""
+    from types import SimpleNamespace
+
+    from gpt.staging import PAGE, Staging
+
+    registered = []
+    fake = SimpleNamespace(cudaHostRegister=lambda ptr, size, flags: registered.append((ptr, size)) or 0,
+                           cudaHostUnregister=lambda ptr: 0)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    stagings = [Staging() for _ in range(3)]
+    for n, staging in enumerate(stagings):
+        staging._pin_for({("a",): torch.zeros(1000 + n), ("b",): torch.zeros(7, dtype=torch.bfloat16)})
+    pages = [set(range(ptr // PAGE, (ptr + size) // PAGE)) for ptr, size in registered]
+    assert all(ptr % PAGE == 0 and size % PAGE == 0 for ptr, size in registered), registered
+    assert not (pages[0] & pages[1]) and not (pages[1] & pages[2]) and not (pages[0] & pages[2])
+    for staging, (ptr, size) in zip(stagings, registered):
+        for buffer in staging.buffers.values():  # every copy lands inside the registered pages
+            assert ptr <= buffer.data_ptr() and buffer.data_ptr() + buffer.nbytes <= ptr + size
+        staging.release()
 
 
 def test_a_new_staging_block_drops_every_view_of_the_old_one(monkeypatch):

@@ -24,12 +24,13 @@ import torch
 
 from gpt import checkpoint as ckpt
 from gpt.generate import generate
-from gpt.metrics import gpu_peak_flops, peak_flops, read_metrics
+from gpt.metrics import read_metrics
+from gpt.mfu import gpu_peak_flops, peak_flops
 from gpt.model import GPT, GPTConfig, KVCache
 from gpt.muon import MuonAdamW
 from gpt.trainer import train
 
-from conftest import REPO, rewound_copy, tiny_args, tiny_config
+from conftest import REPO, rewound_copy, staged_dtensor, tiny_args, tiny_config
 
 DEVICE = torch.device(os.environ.get("GPT_TEST_DEVICE", "cuda"))
 ON_GPU = DEVICE.type == "cuda"
@@ -179,7 +180,7 @@ def test_mfu_uses_the_datasheet_peak_of_this_gpu():
         assert source == "measured cpu bfloat16 matmul" and peak > 0
         return
     name = torch.cuda.get_device_name(DEVICE)
-    assert gpu_peak_flops(name, torch.bfloat16) is not None, f"add {name!r} to GPU_PEAK_TFLOPS (gpt/metrics.py)"
+    assert gpu_peak_flops(name, torch.bfloat16) is not None, f"add {name!r} to GPU_PEAK_TFLOPS (gpt/mfu.py)"
     assert (peak, source) == (gpu_peak_flops(name, torch.bfloat16), f"{name} datasheet")
 
 
@@ -226,3 +227,15 @@ def test_a_save_holds_the_state_of_its_step_while_training_goes_on(tmp_path, fmt
     saver.close()
     if ON_GPU:
         assert blocks[0] == blocks[1] and saver._staging._block is None  # reused; unpinned at close
+
+
+def test_a_staged_fsdp_shard_is_in_host_memory(tmp_path):
+    """FSDP's sharded save stages each shard off the device; DTensor.from_local moved the staged
+    copy straight back to the mesh's device (a GPU copy of the rank's whole state at every save).
+    The staged shard is a CPU tensor in the staging memory (page-locked from a GPU)."""
+    weight, staged, staging = staged_dtensor(tmp_path, DEVICE.type)
+    local = staged.to_local()
+    assert local.device.type == "cpu" and local.data_ptr() == staging.buffers[("w",)].data_ptr()
+    assert torch.equal(local, weight.to_local().cpu())
+    assert local.is_pinned() == ON_GPU
+    staging.release()
