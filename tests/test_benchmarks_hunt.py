@@ -170,3 +170,48 @@ def test_gpu_script_log_is_where_gpu_log_says_or_the_script_fails(tmp_path):
     r = subprocess.run(["bash", str(script)], env={**env, "GPU_LOG": str(tmp_path / "a_file" / "log.txt")},
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "could not write the log" in r.stderr, r.stdout + r.stderr
+
+
+def test_every_benchmark_call_in_gpu_sh_parses(tmp_path, monkeypatch):
+    """gpu.sh runs only on a GPU, in sessions that get one for minutes: an option renamed or
+    dropped in a benchmark script would cost a stage there. Each benchmark call the script makes
+    (recorded by a fake Python) must parse with that script's own options. (gpu_scaleout.sh's
+    train.py options are checked by test_benchmark_scripts, which runs it on CPU processes.)"""
+    import argparse
+    import shlex
+
+    script, env = _gpu_script_copy(tmp_path, python_exit=0)
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "python"
+    fake.write_text(f'#!/bin/bash\nprintf "%q " "$@" >> {calls}\necho >> {calls}\n')
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    class Parsed(Exception):
+        pass
+
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise Parsed(parse(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    checked = []
+    for line in calls.read_text().splitlines():
+        argv = shlex.split(line)
+        if argv[0] == "-m":
+            module, argv = argv[1], argv[2:]
+        elif argv[0].startswith("benchmarks/"):
+            module, argv = argv[0].removesuffix(".py").replace("/", "."), argv[1:]
+        else:
+            continue  # python -c "import torch ..." (the version line)
+        bench = importlib.import_module(module)
+        monkeypatch.setattr(bench, "device_name", str, raising=False)  # --device cuda on a CPU machine
+        with pytest.raises(Parsed) as parsed:
+            bench.main(argv)
+        if module == "benchmarks.bench_mfu":
+            for variant in parsed.value.args[0].variants:
+                bench.parse_variant(variant, parsed.value.args[0].batch)
+        checked.append(module)
+    assert sorted(checked) == ["benchmarks.bench_checkpoint", "benchmarks.bench_generate", "benchmarks.bench_mfu",
+                               "benchmarks.bench_train"], checked
