@@ -45,7 +45,8 @@ from .config import ArgumentParser, ConfigError, add_option
 from .hf import HF_PREFIX, load_hf_model, parse_init_from
 from .model import GPT, GPTConfig
 from .progress import progress_bar
-from .shards import ShardError, list_shards, load_meta, open_shard, read_header
+from .dataset import load_meta
+from .shards import ShardError, list_shards, open_shard, read_header
 from .tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
 

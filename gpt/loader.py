@@ -58,9 +58,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt.shards import (
-    HEADER_BYTES, MAGIC, TOKEN_DTYPE, VERSION, ShardError, list_shards, missing_dataset, read_header,
-)
+from gpt.dataset import missing_dataset
+from gpt.shards import HEADER_BYTES, MAGIC, TOKEN_DTYPE, VERSION, ShardError, list_shards, read_header
 
 ORDERS = ("random", "sequential")
 STATE_VERSION = 1

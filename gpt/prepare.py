@@ -54,7 +54,8 @@ import numpy as np
 from gpt import locks
 from gpt.config import ArgumentParser, add_option
 from gpt.progress import progress_bar
-from gpt.shards import MAX_SHARD_TOKENS, MAX_VOCAB, SPLITS, ShardWriter, dataset_files
+from gpt.dataset import dataset_files, training_output
+from gpt.shards import MAX_SHARD_TOKENS, MAX_VOCAB, SPLITS, ShardWriter
 from gpt.hf_dataset import HFDataset
 from gpt.sources import ENCODING_ERRORS, Corpus, LocalFiles, Piece, resolve_source
 from gpt.tokenizer import (MIN_BPE_VOCAB, TOKENIZER_FILE, Tokenizer, char_tokenizer, check_vocab_size,
@@ -64,12 +65,6 @@ from gpt.wordcache import encode_pieces, word_cache_applies
 STAGING = ".prepare-staging"
 LOCK_FILE = ".prepare-lock"  # held (flock) by the prep writing the folder
 META_FILE = "meta.json"
-# The names gpt/checkpoint/layout.py gives a run's files, repeated here rather than imported: that package
-# needs torch, which data prep does not (tests/test_interop.py checks that they agree).
-RUN_LATEST = "latest"
-RUN_CHECKPOINTS = "checkpoints"
-CHECKPOINT_MANIFEST = "manifest.json"
-CHECKPOINT_STATE = "state.json"
 VAL_RULES = ("chunks", "tail")
 # BPE merges are learned from the first 10 MB of the corpus by default: plenty for the vocabularies
 # of a few thousand ids used here, and training (the tokenizers library's own pre-tokenizer, ~3 MB/s
@@ -273,39 +268,6 @@ def _check_options(tokenizer, vocab_size, val_fraction, val_rule, val_chunk_toke
                            f"int32 header can count; use a smaller --shard-tokens (several shards)")
     if encoding_errors not in ENCODING_ERRORS:
         raise PrepareError(f"--encoding-errors must be one of {', '.join(ENCODING_ERRORS)}, got {encoding_errors!r}")
-
-
-def training_output(path: Path, anywhere_in_run: bool = False) -> str | None:
-    """What part of a training run `path` is or lies inside, in words ("is a checkpoint folder"),
-    or None when it is no part of one.
-
-    Replacing any of these would lose checkpoints or leave `latest` naming a broken one (a
-    checkpoint's tokenizer.json is in its manifest), so prep and export never write there. A run
-    folder holds `latest` or `checkpoints/`; a checkpoint folder holds manifest.json and
-    state.json. Other folders inside a run (not checkpoints/) count only with `anywhere_in_run`.
-    """
-    path = Path(path).resolve()
-    if _is_checkpoint(path):
-        return "is a checkpoint folder"
-    if (path / RUN_LATEST).is_file() or (path / RUN_CHECKPOINTS).is_dir():
-        return "is a training run folder"
-    for parent in path.parents:
-        if _is_checkpoint(parent):
-            return f"is inside the checkpoint folder {parent}"
-        # Two marks, not one: any folder may happen to hold a subfolder named "checkpoints".
-        if (parent / RUN_LATEST).is_file() and (parent / RUN_CHECKPOINTS).is_dir():
-            if path == parent / RUN_CHECKPOINTS:
-                return f"is the checkpoints folder of the training run {parent}"
-            if path.is_relative_to(parent / RUN_CHECKPOINTS):
-                return f"is inside the checkpoints folder of the training run {parent}"
-            if anywhere_in_run:
-                return f"is inside the training run folder {parent}"
-    return None
-
-
-def _is_checkpoint(folder: Path) -> bool:
-    # Both files: manifest.json alone is common elsewhere (browser extensions, web apps).
-    return (folder / CHECKPOINT_MANIFEST).is_file() and (folder / CHECKPOINT_STATE).is_file()
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:

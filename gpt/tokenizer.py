@@ -30,7 +30,8 @@ import numpy as np
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
-from gpt.shards import GPT2_EOS_ID, GPT2_VOCAB_SIZE, MAX_VOCAB, ShardError, load_meta, prepare_again
+from gpt.dataset import load_meta, prepare_again
+from gpt.shards import GPT2_EOS_ID, GPT2_VOCAB_SIZE, MAX_VOCAB, ShardError
 
 
 class TokenizerError(ValueError):

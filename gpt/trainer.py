@@ -37,8 +37,8 @@ from .model import GPT, GPTConfig, closed_form_num_params
 from .nonfinite import NonFiniteGuard
 from .optim import build_optimizer, describe_optimizer, learning_rate_at
 from .resume import check_checkpoint_fits_data, check_resumed_model, note_changed_batch, note_changed_settings
-from .shards import (ShardError, check_is_folder, check_token_ids, dataset_files, list_shards, load_meta,
-                     prepare_again)
+from .dataset import check_is_folder, check_token_ids, dataset_files, load_meta, prepare_again
+from .shards import ShardError, list_shards
 from .stop import StopFlag
 from .tokenizer import read_vocab
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from gpt.prepare import PrepareError, main, prepare
-from gpt.shards import ShardWriter, load_meta
+from gpt.dataset import load_meta
+from gpt.shards import ShardWriter
 from gpt.sources import LocalFiles, SourceError, Texts, split_pieces
 from gpt.tokenizer import train_bpe
 

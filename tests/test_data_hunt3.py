@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gpt.prepare import main
-from gpt.shards import load_meta
+from gpt.dataset import load_meta
 from gpt.hf_dataset import HFDataset
 from gpt.sources import LocalFiles, SourceError
 

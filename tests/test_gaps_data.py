@@ -12,7 +12,8 @@ import pytest
 
 from gpt import prepare as prepare_module
 from gpt.prepare import STAGING, PrepareError, main, prepare
-from gpt.shards import HEADER_BYTES, MAGIC, ShardError, load_meta, open_shard, read_header, write_shard
+from gpt.dataset import load_meta
+from gpt.shards import HEADER_BYTES, MAGIC, ShardError, open_shard, read_header, write_shard
 from gpt.hf_dataset import HFDataset
 from gpt.sources import LocalFiles, SourceError, Texts, resolve_source
 from gpt.tokenizer import load_tokenizer

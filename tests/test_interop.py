@@ -293,10 +293,10 @@ def test_export_refuses_existing_target_unless_overwrite(runs, tmp_path, capsys)
 def test_export_overwrite_never_replaces_runs_checkpoints_or_datasets(runs, data, tmp_path, capsys):
     import shutil
 
-    from gpt import prepare as prep
+    from gpt.dataset import CHECKPOINT_MANIFEST, CHECKPOINT_STATE, RUN_CHECKPOINTS, RUN_LATEST
 
-    # gpt/prepare.py repeats these names (it does not import torch): they must agree.
-    assert (prep.RUN_LATEST, prep.RUN_CHECKPOINTS, prep.CHECKPOINT_MANIFEST, prep.CHECKPOINT_STATE) == (
+    # gpt/dataset.py repeats these names (it does not import torch): they must agree.
+    assert (RUN_LATEST, RUN_CHECKPOINTS, CHECKPOINT_MANIFEST, CHECKPOINT_STATE) == (
         ckpt.LATEST_FILE, ckpt.CHECKPOINTS_DIR, ckpt.MANIFEST_FILE, ckpt.STATE_FILE)
     other = shutil.copytree(runs["bpe"], tmp_path / "other_run")  # a copy: the bug would delete it
     dataset = shutil.copytree(data["bpe"], tmp_path / "dataset")

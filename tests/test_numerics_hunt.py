@@ -22,7 +22,7 @@ from gpt.model import GPT
 from gpt.nonfinite import NonFiniteGuard
 from gpt.optim import build_optimizer
 from gpt.resume import note_changed_settings
-from gpt.shards import load_meta
+from gpt.dataset import load_meta
 from gpt.stop import PREEMPTED_EXIT_CODE
 from gpt.trainer import model_config, train, train_step
 

@@ -15,7 +15,8 @@ import pytest
 
 from gpt import shards as shards_module
 from gpt.prepare import STAGING, PrepareError, prepare
-from gpt.shards import list_shards, load_meta, open_shard, read_header
+from gpt.dataset import load_meta
+from gpt.shards import list_shards, open_shard, read_header
 from gpt.hf_dataset import HFDataset
 from gpt.sources import LocalFiles, SourceError, Texts, stdlib_corpus
 from gpt.tokenizer import EOS_TOKEN, load_tokenizer
