@@ -46,6 +46,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -145,30 +146,7 @@ def prepare(
         _check_hf_folder_not_out(corpus, out_dir)
         if not progress:
             corpus = replace(corpus, progress=False)
-    created = not out_dir.exists()
-    staging = out_dir / STAGING
-    lock = None
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = _lock_out_dir(out_dir)
-        # Again under the lock: a prep that held it until a moment ago may have published a
-        # dataset here since the check above (two train.py started on one new data_dir).
-        _check_out_dir(out_dir, overwrite)
-        shutil.rmtree(staging, ignore_errors=True)  # left by a killed prep (never a live one: the lock)
-        staging.mkdir()
-    except PrepareError:
-        if lock is not None:
-            lock.release()
-        raise
-    except OSError as e:  # bare, the error named only the staging folder, never --out
-        if lock is not None:
-            lock.release()
-        # The path it failed on: a file where our staging folder goes said only "(File exists)".
-        where = f": {e.filename}" if e.filename else ""
-        raise PrepareError(f"--out {out_dir}: cannot create the dataset folder there ({e.strerror or e}{where}); "
-                           f"is a part of the path a file, or the folder not writable?") from e
-    published = False
-    try:
+    with _staging_folder(out_dir, overwrite) as staging:
         counts = _Counts()
         tok = _fit_tokenizer(corpus, tokenizer, vocab_size, tokenizer_train_bytes, counts, progress)
         if counts.documents == 0:
@@ -198,12 +176,6 @@ def prepare(
             "shard_tokens": shard_tokens,
         }
         _publish(staging, out_dir, meta)
-        published = True
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        lock.release()  # removes the lock file too (gpt/locks.py: safe against a prep that opened it)
-        if created and not published and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # a failed prep leaves no trace where there was nothing
     seconds = time.perf_counter() - started
     total = sum(tokens.values())
     summary = dict(meta, out_dir=str(out_dir), seconds=round(seconds, 3),
@@ -215,6 +187,45 @@ def prepare(
             log(note)
         log(_format_summary(summary))
     return summary
+
+
+@contextmanager
+def _staging_folder(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """out_dir, locked for this prep, with an empty staging folder in it for the new dataset's
+    files, which the caller moves into place (`_publish`) before the block ends.
+
+    On the way out, whether the prep succeeded or not, the staging folder is removed and the
+    lock released; an out_dir this prep created and left empty is removed too, so a failed prep
+    leaves no trace where there was nothing."""
+    created = not out_dir.exists()
+    staging = out_dir / STAGING
+    lock = None
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock_out_dir(out_dir)
+        # Again under the lock: a prep that held it until a moment ago may have published a
+        # dataset here since prepare()'s first check (two train.py started on one new data_dir).
+        _check_out_dir(out_dir, overwrite)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed prep (never a live one: the lock)
+        staging.mkdir()
+    except PrepareError:
+        if lock is not None:
+            lock.release()
+        raise
+    except OSError as e:  # bare, the error named only the staging folder, never --out
+        if lock is not None:
+            lock.release()
+        # The path it failed on: a file where our staging folder goes said only "(File exists)".
+        where = f": {e.filename}" if e.filename else ""
+        raise PrepareError(f"--out {out_dir}: cannot create the dataset folder there ({e.strerror or e}{where}); "
+                           f"is a part of the path a file, or the folder not writable?") from e
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        lock.release()  # removes the lock file too (gpt/locks.py: safe against a prep that opened it)
+        if created and not any(out_dir.iterdir()):  # (a published dataset is never empty)
+            out_dir.rmdir()
 
 
 def _lock_out_dir(out_dir: Path):
