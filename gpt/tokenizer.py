@@ -14,7 +14,10 @@ char  The classic character vocabulary: each distinct character of the corpus, s
 gpt2  GPT-2's own tokenizer (vocabulary 50257, end-of-text 50256), for llm.c / FineWeb shards.
 
 A literal "<|endoftext|>" inside a text is encoded as ordinary text: only the data pipeline
-inserts the end-of-text id, so a document can never fake a document boundary.
+inserts the end-of-text id, so a document can never fake a document boundary. That is the
+tokenizer's `encode_special_tokens = True`, which `tokenizers` does not save in tokenizer.json:
+another tool reading the file gets our ids for every text except one that holds that literal
+string, unless it sets the flag too (README.md says so).
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ class Tokenizer:
         self.eos_id = None if kind == "char" else inner.token_to_id(EOS_TOKEN)
         if kind != "char" and self.eos_id is None:
             raise ValueError(f"{kind} tokenizer has no {EOS_TOKEN} token")
-        # Text that merely contains "<|endoftext|>" must stay text (see module docstring).
+        # Text that merely contains "<|endoftext|>" must stay text (see module docstring). Set on
+        # `inner` itself, the caller's object: it is this wrapper's from here on.
         inner.encode_special_tokens = True
         if kind == "char":
             self._init_char_tables()
