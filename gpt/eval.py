@@ -152,7 +152,14 @@ def evaluate_split(model: GPT, data_dir: str | Path, tokenizer: Tokenizer, split
 
     def score(windows: list[np.ndarray]) -> None:
         nonlocal n_tokens, n_bytes, n_batches
-        batch = torch.from_numpy(np.stack(windows).astype(np.int64)).to(device)
+        stacked = np.stack(windows)
+        # Before the model sees them: an id past the embedding's rows is an IndexError inside it
+        # on a CPU (a device-side assert on a GPU), not this error.
+        if int(stacked.max()) >= len(byte_lengths):
+            raise ShardError(f"{data_dir}: token id {int(stacked.max())} in the {split} shards is outside the "
+                             f"tokenizer's vocabulary ({len(byte_lengths)} ids): the shards were made with "
+                             f"another tokenizer than this model's, or are corrupt")
+        batch = torch.from_numpy(stacked.astype(np.int64)).to(device)
         x, y = batch[:, :-1], batch[:, 1:]
         with autocast:
             logits, _ = model(x)
@@ -160,9 +167,6 @@ def evaluate_split(model: GPT, data_dir: str | Path, tokenizer: Tokenizer, split
         nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
         nats.add_(nll.double())
         targets = y.cpu().numpy()
-        if targets.max() >= len(byte_lengths):
-            raise ShardError(f"{data_dir}: token id {int(targets.max())} is outside the tokenizer's "
-                             f"vocabulary ({len(byte_lengths)} ids)")
         n_tokens += targets.size
         n_bytes += int(byte_lengths[targets].sum())
         n_batches += 1

@@ -256,11 +256,18 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
         if config.init_from:
             log(info, f"out_dir holds {resume_from}: resuming from it; init_from = {config.init_from!r} "
                       f"only gives the weights of a run's first start and is not used now")
-    # init_from = "hf:DIR": the architecture is the Hugging Face folder's, on resume too (so the
-    # checkpoint fits); its weights are loaded only when not resuming.
-    hf_dir = hf.parse_init_from(config.init_from)
-    if hf_dir is not None:
+    # init_from = "hf:DIR": the architecture is the Hugging Face folder's (its context too, while
+    # training windows stay block_size). On resume it is the checkpoint's, which was the folder's:
+    # the folder itself is read only at the first start (moved or deleted since, a resume still works).
+    hf_dir = None
+    if config.init_from.startswith(hf.HF_PREFIX) and resume_from is not None:
+        trained = saved["model_config"]
+        gpt_config = replace(gpt_config, **{k: trained[k] for k in (*hf.ARCHITECTURE_KEYS, "block_size")
+                                            if k in trained})
+    elif config.init_from.startswith(hf.HF_PREFIX):
+        hf_dir = hf.parse_init_from(config.init_from)
         gpt_config = hf.init_from_hf(hf_dir, gpt_config, meta["vocab_size"], lambda m: log(info, m))
+    if config.init_from.startswith(hf.HF_PREFIX):
         # Record the architecture the run really has (config.json, each checkpoint's train_config).
         config = replace(config, **{k: getattr(gpt_config, k) for k in hf.ARCHITECTURE_KEYS})
     check_model_fits(gpt_config, config, info)

@@ -395,6 +395,14 @@ def test_init_from_hf_trains_and_resumes(data, tmp_path, capsys):
     (tmp_path / "hf").rename(tmp_path / "hf_moved")
     with pytest.raises(ckpt.CheckpointError, match="holds a different model.*resume it with --init_from=hf:"):
         train(replace(config, init_from="", max_steps=8))
+    # With init_from as the run started, the architecture comes from the checkpoint (which has
+    # the folder's), not from the folder: the run resumes with the folder gone. It failed with
+    # "... is not a folder", and without init_from with the shape error above: no way to resume.
+    capsys.readouterr()
+    result = train(replace(config, max_steps=8, eval_interval=8))
+    out = capsys.readouterr().out
+    assert result.step == 8 and "resumed from" in out and "taken from" not in out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["n_embd"] == 32
     (tmp_path / "hf_moved").rename(tmp_path / "hf")
 
     # The same folder evaluates directly.

@@ -1,0 +1,31 @@
+"""Found by reading the code as a learner would, module by module: each test is one place where
+the code did not do what its own docstrings, the README or DESIGN.md say."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gpt.model import GPT, GPTConfig
+from gpt.shards import ShardError, write_shard
+from gpt.tokenizer import char_tokenizer
+
+
+def test_eval_names_a_token_id_outside_the_vocabulary_before_the_model_sees_it(tmp_path):
+    """gpt.eval checked the ids only after the forward pass, so an id past the embedding's rows
+    (shards of another tokenizer) was an IndexError traceback from inside the model on a CPU (a
+    device-side assert on a GPU); the check only ever caught ids in the padding rows."""
+    from gpt.eval import evaluate_split
+
+    tokenizer = char_tokenizer("abcdefghij")
+    model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=16, vocab_multiple=1))
+    tokens = np.arange(40) % 10
+    tokens[17] = 200
+    write_shard(tmp_path / "val_000000.bin", tokens)
+    with pytest.raises(ShardError, match=r"token id 200 in the val shards is outside the tokenizer's vocabulary "
+                                         r"\(10 ids\)"):
+        evaluate_split(model, tmp_path, tokenizer, batch_size=2)
+    write_shard(tmp_path / "val_000000.bin", np.arange(40) % 10)
+    result = evaluate_split(model, tmp_path, tokenizer, batch_size=2)
+    assert np.isfinite(result.loss) and torch.isfinite(torch.tensor(result.loss))
