@@ -208,7 +208,7 @@ def sample(args) -> None:
                     f"sample.py --init_from {hf.HF_PREFIX}DIR")
             tokenizer = Tokenizer.from_file(tokenizer_file)  # JSON, parsed by `tokenizers`: data, never code
             model = GPT(GPTConfig(**state["model_config"]))
-            ckpt.load_model_weights(path, model, device)
+            ckpt.load_model_weights(path, model)
     model.to(device).eval()
     if tokenizer.vocab_size != model.config.vocab_size:
         # Another vocabulary's ids mean other text: a prompt would crash generate() (ids past the

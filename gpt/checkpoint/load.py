@@ -24,8 +24,9 @@ from .state_json import param_groups_from_json, restore_rank_rng
 from .verify import NOT_OURS, RESUME_NEEDS, checkpoint_format, read_state, verify_checkpoint
 
 
-def load_model_weights(ckpt_dir: Path, model: nn.Module, device: torch.device | str = "cpu") -> None:
-    """Load a checkpoint's weights (either format) into a plain model, in this process alone."""
+def load_model_weights(ckpt_dir: Path, model: nn.Module) -> None:
+    """Load a checkpoint's weights (either format) into a plain model, in this process alone,
+    wherever the model's parameters are (the file is read into CPU memory first)."""
     ckpt_dir = Path(ckpt_dir)
     if checkpoint_format(ckpt_dir) == "sharded":
         source = ckpt_dir / DCP_DIR
@@ -39,7 +40,7 @@ def load_model_weights(ckpt_dir: Path, model: nn.Module, device: torch.device | 
     else:
         source = ckpt_dir / MODEL_FILE
         with _readable_safetensors(source):
-            missing, unexpected = safetensors.torch.load_model(model, str(source), strict=False, device=str(device))
+            missing, unexpected = safetensors.torch.load_model(model, str(source), strict=False)
     # Tied weights are stored once under one of their names; a missing alias is fine as long
     # as another name of the same tensor was loaded.
     tensors = model.state_dict(keep_vars=True)
