@@ -45,9 +45,10 @@ if __name__ == "__main__":
             from gpt.cli import exit_process, run_train
 
             code = run_train(sys.argv[1:], default_config=default_config)
-    except SystemExit as e:  # the trainer's own exit code: 75 (or 130) after a stop signal, once saved
-        # (raised after the process group was shut down: gpt/trainer.py train), ended the same way;
-        # and --help's 0 (or argparse's 2), answered by early_config_error
+    except SystemExit as e:
+        # The trainer's exit code after a stop signal, once saved: 75 (or 130 for Ctrl-C), raised
+        # after the process group was shut down (gpt/trainer.py train). Also --help's 0, or
+        # argparse's 2 for a bad option, from early_config_error.
         code = e.code
     except KeyboardInterrupt:
         # Ctrl-C while torch imports (a few seconds; longer on a network file system), before

@@ -273,7 +273,9 @@ def _decode(
             model.train(live[1])
 
 
-# model -> [generators live on it, its mode before the first of them]
+# model -> [generators live on it, its mode before the first of them]. Module-level on purpose:
+# generators started from different places on one model must find each other, and the count
+# belongs to the model, which stays a plain nn.Module (weak keys: nothing outlives the model).
 _live_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

@@ -3,7 +3,8 @@ numbers), plus two speed paths for decoding on a CPU, where each product has one
 
 `packed_for_decoding(model, rows)` gives every `Linear` of a model, while the block is active, a
 copy of its weight in oneDNN's blocked layout; `gpt/generate.py` wraps its decoding loop in it.
-Training and GPUs never take these paths (they need no autograd and a CPU tensor).
+Only forwards without autograd on a CPU take these paths (decoding; a small evaluation, 64 rows or
+fewer per product, too); training and GPUs never do.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from gpt.linear import Linear
 from gpt.loss import linear_cross_entropy
 
 ATTENTION_KINDS = ("sdpa", "explicit")
+TOKEN_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding looks up
 
 
 @dataclass
@@ -38,7 +39,9 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2 has them)
     tie_weights: bool = True  # lm_head.weight is the token embedding (GPT-2, Press & Wolf 2017)
-    attention: str = "sdpa"  # "sdpa" (fused kernel) | "explicit" (reference formula)
+    # "sdpa": F.scaled_dot_product_attention (fused kernels), except bf16 on a CPU up to 128
+    # positions, where the formula is faster (`attend`) | "explicit": always the formula.
+    attention: str = "sdpa"
     # The embedding and output tables get rows up to a multiple of this (GPT-2's 50257 -> 50304
     # at 64): matmul shapes GPU kernels tile well. The extra ids are never predicted (their
     # logits are cut off), so the model computes the same function as without them.
@@ -259,7 +262,7 @@ class GPT(nn.Module):
         positions kv_cache.length onwards and written into the cache. last_only=True returns
         the logits of the last position alone ([B, 1, V]): sampling needs nothing else, and a
         prompt of T tokens then skips T-1 rows of the largest matmul (C x V per row).
-        return_logits=False (with targets; what training and evaluation use) returns
+        return_logits=False (with targets; what the trainer's steps and evals use) returns
         (None, loss), computing the loss chunk by chunk without the [B, T, V] logits
         (gpt/loss.py; unless chunked_loss is False): the same value, less memory traffic.
         """
@@ -350,9 +353,6 @@ class GPT(nn.Module):
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-TOKEN_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding looks up
 
 
 def _checked_targets(targets: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

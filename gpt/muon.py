@@ -5,8 +5,10 @@ momentum of each weight matrix's gradient, but steps along the nearest semi-orth
 instead (the momentum's U V^T, where U S V^T is its SVD): every direction the update moves in
 moves by the same amount, so the rare directions that AdamW's per-coordinate scaling still
 leaves small get their share. It applies to the 2-D weights inside the blocks (attention and
-MLP projections). Embeddings (and the head, tied to the token embedding), LayerNorm gains and
-biases keep AdamW, as in the Muon paper's recipe.
+MLP projections). Embeddings and the head (tied to the token embedding or not: Muon takes only
+the blocks' matrices), LayerNorm gains and biases keep AdamW, as in the Muon paper's recipe. The
+fused qkv weight [3C, C] is orthogonalized as one matrix (its step scaled by sqrt(3), by the
+tall-matrix rule below), not as three C x C ones.
 
 Measured on configs/shakespeare_char_cpu.toml's shape (4 layers x 128, 2000 steps of 12 x 64
 tokens, whole val split): AdamW at its best learning rate 1.777, Muon (lr 0.02) 1.626. Each
@@ -63,7 +65,8 @@ class MuonAdamW(torch.optim.Optimizer):
     A Muon group's step size is `lr * lr_scale` (the trainer's schedule sets every group's
     `lr`; lr_scale = muon_lr / learning_rate keeps Muon's own size under the same schedule),
     times sqrt(rows / cols) for tall matrices (so their updates are as large per entry as a
-    square matrix's). Its weight decay is decoupled, like AdamW's. State per parameter: Muon
+    square matrix's). Its weight decay, when a group sets one, is decoupled like AdamW's (the
+trainer sets none: gpt/optim.py). State per parameter: Muon
     "momentum_buffer"; AdamW "step", "exp_avg", "exp_avg_sq" (as torch.optim.AdamW names them),
     so checkpoints save and restore it like any optimizer's.
     """

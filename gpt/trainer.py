@@ -365,12 +365,6 @@ def describe_run(config: TrainConfig, info: DistInfo, model: GPT, optimizer: tor
                   "times slower than float32 here (benchmarks/: ~50x for a large matmul). Use dtype=float32")
 
 
-def wrap_model(model: GPT, config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> torch.nn.Module:
-    """Apply data parallelism (DDP/FSDP2), activation checkpointing and compilation from outside;
-    see parallel.py. Build the optimizer after this: FSDP replaces the parameters."""
-    return parallel.parallelize(model, config, info, dtype, log=lambda message: log(info, message))
-
-
 # ----------------------------------------------------------------------------------------
 # Evaluation
 
@@ -389,8 +383,8 @@ def evaluate(model: torch.nn.Module, config: TrainConfig, info: DistInfo, autoca
              val_loader: TokenLoader) -> float:
     """Mean loss over a fixed set of val batches (the same windows at every eval), over all ranks.
 
-    `val_loader` (random order, seeded with config.seed) is rewound to its first window, which
-    gives the batches `eval_batches` gives."""
+    `val_loader` (random order, seeded with config.seed) is rewound to its first window
+    (`rewind()`): every eval reads the same windows."""
     val_loader.rewind()
     batches = (val_loader.next_batch() for _ in range(config.eval_iters))
     model.eval()
@@ -804,7 +798,9 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
 
     config, model, resume_from = build_model(config, info, meta, out_dir)
     model.to(device)
-    wrapped = wrap_model(model, config, info, dtype)
+    # Data parallelism (DDP/FSDP2), activation checkpointing and compilation, applied from
+    # outside (gpt/parallel.py). The optimizer comes after: FSDP replaces the parameters.
+    wrapped = parallel.parallelize(model, config, info, dtype, log=lambda message: log(info, message))
     # The weights came from one seed on every rank (DDP and FSDP need them equal). From here each
     # rank draws its own dropout masks, as one process drawing for the whole batch would give
     # every row its own; a resume then restores each rank's generator (checkpoint.restore_rank_rng).
@@ -840,8 +836,12 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
         rank=info.rank, world_size=info.world_size, keep_last=config.keep_last,
         tokenizer_path=Path(config.data_dir) / "tokenizer.json", async_save=config.async_checkpoint)
 
+    clock = Clock(elapsed_before=state.get("elapsed_s", 0.0), timed_from=step,
+                  interval_start=time.perf_counter(), run_start=time.perf_counter())
+
     def save(at_step: int, val_loss: float | None) -> Path:
         # A collective: every rank takes part (gathering to rank 0, or writing its own shard).
+        # Reads the loop's tokens_seen, interval and clock as they are when it is called.
         state = checkpoint_state(at_step, val_loss, tokens_seen, loader, interval, clock, guard, scaler,
                                  config, model.config, meta, info, accum)
         return checkpointer.save(at_step, model, optimizer, state)
@@ -852,8 +852,6 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     # next eval saves that val loss again (not null), and a resume with nothing left to
     # train reports the finished run's result.
     val_loss, last_ckpt = state.get("val_loss"), resume_from
-    clock = Clock(elapsed_before=state.get("elapsed_s", 0.0), timed_from=step,
-                  interval_start=time.perf_counter(), run_start=time.perf_counter())
     stop.training = True
     while step < config.max_steps:
         lr = learning_rate_at(step, config)

@@ -4,8 +4,8 @@ The full checkpoint format holds the single-process state: `model.state_dict()` 
 aliases (as safetensors.save_model writes it) and the native `optimizer.state_dict()`
 (parameters as integers in param-group order). torch.distributed.checkpoint's state_dict helpers
 gather and scatter those states under any wrapper, but name the optimizer's parameters by FQN;
-`optimizer_state_by_index` and `optimizer_state_by_name` translate, using `model`'s parameter
-order. Parameter names are the plain model's under every strategy (gpt/parallel.py applies its
+`optimizer_state_by_index` (numbering parameters in param-group order, as the optimizer does) and
+`optimizer_state_by_name` (naming each by `model`'s parameter names) translate. Parameter names are the plain model's under every strategy (gpt/parallel.py applies its
 wrappers in place), which is what lets one format serve all of them.
 """
 

@@ -255,26 +255,9 @@ def save_checkpoint(
     """Write a complete full-format checkpoint for `step` from one process, point `latest` at
     it, prune old ones. `model` is the plain (unwrapped) model; `state` must be JSON-serializable.
     """
+    # One name per tied tensor, the one safetensors' save_model keeps.
     model_state = drop_tied_aliases(model.state_dict(), model)
     optimizer_state = optimizer.state_dict() if optimizer is not None else None
-    return save_checkpoint_state(out_dir, step, model_state, optimizer_state, state, tokenizer_path, keep_last)
-
-
-def save_checkpoint_state(
-    out_dir: str | os.PathLike,
-    step: int,
-    model_state: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any] | None,
-    state: dict[str, Any],
-    tokenizer_path: str | os.PathLike | None = None,
-    keep_last: int = 2,
-) -> Path:
-    """`save_checkpoint` from state dicts instead of live objects (e.g. gathered from FSDP shards).
-
-    `model_state` holds CPU tensors with one name per tied tensor (as `drop_tied_aliases`
-    leaves them, the name safetensors' save_model keeps);
-    `optimizer_state` is in `optimizer.state_dict()` format. The files are the same.
-    """
     return _save_full_folder(Path(out_dir), step, full_writer(model_state, optimizer_state), state,
                              tokenizer_path, keep_last)
 
