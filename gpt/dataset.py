@@ -5,10 +5,11 @@
     DIR/train_000000.bin, ..., DIR/val_000000.bin
 
 Reading a folder as a dataset (`load_meta`: its meta.json, or GPT-2's vocabulary for a folder of
-bare llm.c / FineWeb shards), checking its shards' ids against its vocabulary, and the errors
-for a folder that is not a whole dataset: absent, half-copied, a file given instead, or a
-training run given by mistake (each error names the command that makes or remakes it). Data
-prep and training both use these, and prep runs without torch: this imports only numpy.
+bare llm.c / FineWeb shards; `load_tokenizer`: its tokenizer), checking its shards' ids against
+its vocabulary, and the errors for a folder that is not a whole dataset: absent, half-copied, a
+file given instead, or a training run given by mistake (each error names the command that makes
+or remakes it). Data prep and training both use these, and prep runs without torch: this
+imports numpy and `tokenizers`, never torch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from gpt.shards import (GPT2_EOS_ID, GPT2_VOCAB_SIZE, MAX_VOCAB, SPLITS, ShardError, list_shards,
                         open_shard)
+from gpt.tokenizer import KINDS, TOKENIZER_FILE, Tokenizer, TokenizerError, gpt2_tokenizer
 
 # The names gpt/checkpoint/layout.py gives a run's files, repeated here rather than imported: that package
 # needs torch, which data prep does not (tests/test_interop.py checks that they agree).
@@ -232,6 +234,47 @@ def check_token_ids(paths: list[Path], vocab_size: int, chunk_tokens: int = 1 <<
                 )
 
 
+
+def load_tokenizer(data_dir_or_file: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a dataset folder (its tokenizer.json), or of a tokenizer file.
+
+    The kind comes from the tokenizer file itself, as everywhere else it is loaded. A meta.json
+    naming another kind means the folder mixes files of different preps (or a hand-edited
+    meta.json), whose shards may hold either tokenizer's ids: that is an error naming both files.
+    meta.json decides only between bpe and gpt2, which are both BPE files: a BPE of our own with
+    GPT-2's size and end-of-text id would otherwise be called gpt2. A folder of bare llm.c /
+    FineWeb shards (no tokenizer.json) gets GPT-2's tokenizer.
+    """
+    path = Path(data_dir_or_file)
+    if path.is_file():
+        return Tokenizer.from_file(path)
+    if not path.is_dir():
+        raise TokenizerError(f"{path}: no such tokenizer file or dataset folder")
+    try:
+        meta = load_meta(path)
+    except ShardError:
+        meta = {}
+    kind = meta.get("tokenizer")
+    file = path / TOKENIZER_FILE
+    if file.exists():
+        tokenizer = Tokenizer.from_file(file)
+        if kind == tokenizer.kind or kind not in KINDS:
+            return tokenizer
+        if kind == "bpe" and tokenizer.kind == "gpt2":
+            return Tokenizer(tokenizer.inner, "bpe")
+        raise ShardError(
+            f"{file} is a {tokenizer.kind} tokenizer ({tokenizer.vocab_size:,} ids), but "
+            f"{path / 'meta.json'} says the dataset's tokenizer is {kind!r}: the folder mixes files of "
+            f"different preps (or an edited meta.json), and its shards may hold either one's ids. "
+            f"Copy the dataset whole from where it came from, or make it again "
+            # With tokenizer.json's kind: meta.json's may be the wrong file (a char vocabulary of
+            # 39 ids as "bpe --vocab-size 39" would be refused by prep).
+            f"{prepare_again(path, {k: v for k, v in meta.items() if k not in ('tokenizer', 'vocab_size')})}"
+        )
+    if kind == "gpt2":
+        return gpt2_tokenizer()
+    raise TokenizerError(f"{path}: no {TOKENIZER_FILE} here; prepare the dataset with data_prep/prepare.py")
+
 # ---- is it a training run? ---------------------------------------------------------------
 def training_output(path: Path, anywhere_in_run: bool = False) -> str | None:
     """What part of a training run `path` is or lies inside, in words ("is a checkpoint folder"),
@@ -243,12 +286,12 @@ def training_output(path: Path, anywhere_in_run: bool = False) -> str | None:
     state.json. Other folders inside a run (not checkpoints/) count only with `anywhere_in_run`.
     """
     path = Path(path).resolve()
-    if _is_checkpoint(path):
+    if is_checkpoint_folder(path):
         return "is a checkpoint folder"
     if (path / RUN_LATEST).is_file() or (path / RUN_CHECKPOINTS).is_dir():
         return "is a training run folder"
     for parent in path.parents:
-        if _is_checkpoint(parent):
+        if is_checkpoint_folder(parent):
             return f"is inside the checkpoint folder {parent}"
         # Two marks, not one: any folder may happen to hold a subfolder named "checkpoints".
         if (parent / RUN_LATEST).is_file() and (parent / RUN_CHECKPOINTS).is_dir():
@@ -261,6 +304,7 @@ def training_output(path: Path, anywhere_in_run: bool = False) -> str | None:
     return None
 
 
-def _is_checkpoint(folder: Path) -> bool:
+def is_checkpoint_folder(folder: Path) -> bool:
+    """Whether `folder` is a checkpoint of this project (step_NNNNNNN/ or a consolidated one)."""
     # Both files: manifest.json alone is common elsewhere (browser extensions, web apps).
     return (folder / CHECKPOINT_MANIFEST).is_file() and (folder / CHECKPOINT_STATE).is_file()

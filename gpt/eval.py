@@ -47,7 +47,8 @@ from .model import GPT, GPTConfig
 from .progress import progress_bar
 from .dataset import load_meta
 from .shards import ShardError, list_shards, open_shard, read_header
-from .tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from .dataset import load_tokenizer
+from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 
 @dataclass

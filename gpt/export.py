@@ -36,7 +36,7 @@ from .config import ArgumentParser
 from .hf import HF_PREFIX, HFError, check_gpt2_shape, hf_config_dict, to_hf_state_dict
 from .model import GPT, GPTConfig
 from .dataset import training_output
-from .sources import holds_token_shards
+from .shards import holds_token_shards
 from .tokenizer import EOS_TOKEN, Tokenizer
 
 FORMATS = ("hf",)

@@ -135,6 +135,11 @@ def is_shard_name(name: str, split: str | None = None) -> bool:
     return not name.startswith(".") and re.match(rf"^(?:.*_)?(?:{'|'.join(splits)})_\d+\.bin$", name) is not None
 
 
+def holds_token_shards(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a prepared dataset's token shards (train_*.bin, val_*.bin)."""
+    return any(is_shard_name(name) for name in os.listdir(folder))
+
+
 def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
     """The shards of one split, in order (names as `is_shard_name` accepts them)."""
     if split not in SPLITS:

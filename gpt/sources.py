@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from gpt.shards import is_shard_name
+from gpt.shards import holds_token_shards, is_shard_name
 
 PIECE_CHARS = 1 << 16  # small enough that the BPE trainer's 256-item read-ahead stays ~16 MB
 READ_BYTES = 1 << 20
@@ -221,11 +221,6 @@ def first_decode_error(path: Path) -> NotUTF8Error | None:
     except NotUTF8Error as e:
         return e
     return None
-
-
-def holds_token_shards(folder: Path) -> bool:
-    """Whether `folder` holds a prepared dataset's token shards (train_*.bin, val_*.bin)."""
-    return any(is_shard_name(name) for name in os.listdir(folder))
 
 
 def _special_file(path: Path) -> str | None:

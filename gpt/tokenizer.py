@@ -33,8 +33,7 @@ import numpy as np
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
-from gpt.dataset import load_meta, prepare_again
-from gpt.shards import GPT2_EOS_ID, GPT2_VOCAB_SIZE, MAX_VOCAB, ShardError
+from gpt.shards import GPT2_EOS_ID, GPT2_VOCAB_SIZE, MAX_VOCAB
 
 
 class TokenizerError(ValueError):
@@ -356,44 +355,3 @@ def gpt2_tokenizer() -> Tokenizer:
             f"tokenizer.json into the dataset folder instead"
         ) from e
     return Tokenizer(inner, "gpt2")
-
-
-def load_tokenizer(data_dir_or_file: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a dataset folder (its tokenizer.json), or of a tokenizer file.
-
-    The kind comes from the tokenizer file itself, as everywhere else it is loaded. A meta.json
-    naming another kind means the folder mixes files of different preps (or a hand-edited
-    meta.json), whose shards may hold either tokenizer's ids: that is an error naming both files.
-    meta.json decides only between bpe and gpt2, which are both BPE files: a BPE of our own with
-    GPT-2's size and end-of-text id would otherwise be called gpt2. A folder of bare llm.c /
-    FineWeb shards (no tokenizer.json) gets GPT-2's tokenizer.
-    """
-    path = Path(data_dir_or_file)
-    if path.is_file():
-        return Tokenizer.from_file(path)
-    if not path.is_dir():
-        raise TokenizerError(f"{path}: no such tokenizer file or dataset folder")
-    try:
-        meta = load_meta(path)
-    except ShardError:
-        meta = {}
-    kind = meta.get("tokenizer")
-    file = path / TOKENIZER_FILE
-    if file.exists():
-        tokenizer = Tokenizer.from_file(file)
-        if kind == tokenizer.kind or kind not in KINDS:
-            return tokenizer
-        if kind == "bpe" and tokenizer.kind == "gpt2":
-            return Tokenizer(tokenizer.inner, "bpe")
-        raise ShardError(
-            f"{file} is a {tokenizer.kind} tokenizer ({tokenizer.vocab_size:,} ids), but "
-            f"{path / 'meta.json'} says the dataset's tokenizer is {kind!r}: the folder mixes files of "
-            f"different preps (or an edited meta.json), and its shards may hold either one's ids. "
-            f"Copy the dataset whole from where it came from, or make it again "
-            # With tokenizer.json's kind: meta.json's may be the wrong file (a char vocabulary of
-            # 39 ids as "bpe --vocab-size 39" would be refused by prep).
-            f"{prepare_again(path, {k: v for k, v in meta.items() if k not in ('tokenizer', 'vocab_size')})}"
-        )
-    if kind == "gpt2":
-        return gpt2_tokenizer()
-    raise TokenizerError(f"{path}: no {TOKENIZER_FILE} here; prepare the dataset with data_prep/prepare.py")

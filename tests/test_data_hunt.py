@@ -241,7 +241,7 @@ def test_a_byte_order_mark_that_starts_a_file_is_not_text(tmp_path, monkeypatch)
     elsewhere is text and stays; error offsets still count the mark's bytes."""
     from gpt.prepare import prepare
     from gpt.sources import LocalFiles, NotUTF8Error
-    from gpt.tokenizer import load_tokenizer
+    from gpt.dataset import load_tokenizer
 
     bom = b"\xef\xbb\xbf"
     text = "to be or not to be, that is the question\n" * 100

@@ -16,7 +16,7 @@ from gpt.dataset import load_meta
 from gpt.shards import HEADER_BYTES, MAGIC, ShardError, open_shard, read_header, write_shard
 from gpt.hf_dataset import HFDataset
 from gpt.sources import LocalFiles, SourceError, Texts, resolve_source
-from gpt.tokenizer import load_tokenizer
+from gpt.dataset import load_tokenizer
 
 QUIET = dict(progress=False, log=None)
 SMALL = ["--tokenizer", "char", "--val-rule", "tail", "--val-fraction", "0.2", "--min-val-tokens", "5",

@@ -17,7 +17,8 @@ from conftest import REPO
 from gpt.loader import TokenLoader
 from gpt.dataset import load_meta
 from gpt.shards import ShardError
-from gpt.tokenizer import load_tokenizer, train_bpe
+from gpt.dataset import load_tokenizer
+from gpt.tokenizer import train_bpe
 
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(3000))
 

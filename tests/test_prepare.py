@@ -19,7 +19,8 @@ from gpt.dataset import load_meta
 from gpt.shards import list_shards, open_shard, read_header
 from gpt.hf_dataset import HFDataset
 from gpt.sources import LocalFiles, SourceError, Texts, stdlib_corpus
-from gpt.tokenizer import EOS_TOKEN, load_tokenizer
+from gpt.dataset import load_tokenizer
+from gpt.tokenizer import EOS_TOKEN
 
 from conftest import child_pids
 

@@ -29,3 +29,19 @@ def test_eval_names_a_token_id_outside_the_vocabulary_before_the_model_sees_it(t
     write_shard(tmp_path / "val_000000.bin", np.arange(40) % 10)
     result = evaluate_split(model, tmp_path, tokenizer, batch_size=2)
     assert np.isfinite(result.loss) and torch.isfinite(torch.tensor(result.loss))
+
+
+def test_one_rule_says_what_a_checkpoint_folder_is(tmp_path):
+    """gpt/hf.py called any folder with a manifest.json "a checkpoint folder of this project"
+    (refusing it as init_from = hf:DIR), while gpt/dataset.py, which prep and export ask, wants
+    manifest.json and state.json both: manifest.json alone is common elsewhere (web apps)."""
+    from gpt import hf
+    from gpt.dataset import training_output
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "manifest.json").write_text("{}")
+    assert hf.project_folder_kind(folder) is None and training_output(folder) is None
+    (folder / "state.json").write_text("{}")
+    assert hf.project_folder_kind(folder) == "a checkpoint folder of this project"
+    assert training_output(folder) == "is a checkpoint folder"

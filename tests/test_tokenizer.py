@@ -13,8 +13,8 @@ from tokenizers import Regex, models, pre_tokenizers
 import gpt.shards as shards
 from gpt.shards import MAX_VOCAB, open_shard, read_header, write_shard
 from gpt.sources import split_pieces
-from gpt.tokenizer import (EOS_TOKEN, Tokenizer, build_char, char_tokenizer, load_tokenizer,
-                           train_bpe)
+from gpt.dataset import load_tokenizer
+from gpt.tokenizer import EOS_TOKEN, Tokenizer, build_char, char_tokenizer, train_bpe
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 # Whitespace of every kind the pre-tokenizers could trip on, plus combining marks and emoji.

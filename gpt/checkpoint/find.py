@@ -189,7 +189,7 @@ def _no_checkpoint_message(folder: Path, hf_advice: str | None = None) -> str:
     run = folder.parent
     in_a_run = folder.name == CHECKPOINTS_DIR and ((run / LATEST_FILE).is_file() or bool(steps))
     if not in_a_run and not steps:
-        from ..sources import holds_token_shards  # (data prep's module: imported only here)
+        from ..shards import holds_token_shards
 
         if holds_token_shards(folder):  # --out_dir given the dataset (data_dir) instead of the run
             return (f"{none}: it is a prepared dataset (token shards), not a training run; give the run "
