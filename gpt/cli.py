@@ -47,7 +47,7 @@ def say_error(message: str) -> None:
     if worker_rank():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the trainer's stop handler is of no use now
         time.sleep(PEER_ERROR_DELAY_S)
-    say(message)
+    say_on_stderr(message)
 
 
 def worker_rank() -> int:
@@ -56,7 +56,7 @@ def worker_rank() -> int:
     return rank if world_size > 1 else 0
 
 
-def say(message: str) -> None:
+def say_on_stderr(message: str) -> None:
     """Print a line on stderr, naming the rank of a torchrun worker other than rank 0."""
     rank = worker_rank()
     print(f"rank {rank}: {message}" if rank else message, file=sys.stderr, flush=True)
@@ -75,7 +75,7 @@ def report_errors(main: Callable[[], int | None], interrupted: str = TRAIN_INTER
         say_error(f"error: {e}")
         return 2
     except FollowOnFailure as e:  # not the run's error (another process's is): no delay, no "error:"
-        say(f"stopped: {e}")
+        say_on_stderr(f"stopped: {e}")
         return 1
     except RUN_ERRORS as e:
         say_error(f"error: {e}")

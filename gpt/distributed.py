@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from .console import say
+from .device import pick_device
 
 
 @dataclass(frozen=True)
@@ -43,95 +44,6 @@ def log(info: DistInfo, message: str) -> None:
     """Print a line of the run's log: once, from the main process (rank 0)."""
     if info.is_main:
         say(message)
-
-
-def say(message: str) -> None:
-    """Print a line to standard output; if it cannot be written (its reader has stopped, as in
-    `train.py | head`, or the file it goes to is on a full disk), go on on standard error instead.
-    A training run must not die of its log: the steps since the last checkpoint would be lost,
-    and metrics.jsonl records every log line anyway."""
-    try:
-        print(message, flush=True)
-    except OSError as e:  # the failed line is dropped from sys.stdout's buffer: print it again
-        why = ("was closed (its reader stopped, as `| head` does)" if isinstance(e, BrokenPipeError)
-               else f"cannot be written ({e.strerror or e})")
-        if _stdout_to_stderr(why):
-            print(message, flush=True)
-
-
-def _stdout_to_stderr(why: str) -> bool:
-    """Point file descriptor 1 where 2 goes, so every later line reaches standard error (True);
-    at /dev/null if that fails too (False)."""
-    try:
-        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-        sys.stderr.write(f"warning: standard output {why}; the log goes on here, on standard error, and "
-                         f"training continues (Ctrl-C saves a checkpoint and stops)\n")
-        sys.stderr.flush()
-        return True
-    except (OSError, ValueError, AttributeError):  # standard error is gone as well (`2>&1 | head`,
-        # or closed: None): nothing written later (a Ctrl-C's note, a late error) may fail on them
-        to_devnull(sys.stdout, sys.stderr)
-        return False
-
-
-def to_devnull(*streams) -> None:
-    """Point these streams' file descriptors at /dev/null: what is written to them from now on
-    (the interpreter's own flush at exit included) goes nowhere instead of failing again on a
-    closed pipe or a full disk. A stream without a descriptor (None, or captured in a test) is
-    left as it is."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        return
-    try:
-        for stream in streams:
-            try:
-                os.dup2(devnull, stream.fileno())
-            except (OSError, ValueError, AttributeError):
-                pass
-    finally:
-        os.close(devnull)
-
-
-def pick_device(preference: str, local_rank: int = 0) -> torch.device:
-    """'auto' takes a GPU (cuda, then mps) when present; an explicit choice must be available."""
-    if preference == "auto":
-        if torch.cuda.is_available():
-            preference = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            preference = "mps"
-        else:
-            preference = "cpu"
-    if preference == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device = 'cuda' but no CUDA GPU is visible; use --device=cpu or auto")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    if preference == "mps":
-        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise ConfigError("device = 'mps' but MPS is not available; use --device=cpu or auto")
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return DTYPES[name]
-
-
-def has_fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run at least as fast as fp32 here: a GPU that supports bf16, or a
-    CPU with native bf16 instructions (AVX512-BF16/AMX; without them oneDNN emulates bf16)."""
-    if device.type == "cpu":
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return True
 
 
 def process_group_backend(device: torch.device, cpu_collectives: bool = False) -> str:

@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .cli import report_errors
-    from .distributed import pick_device, resolve_dtype
+    from .device import pick_device, resolve_dtype
 
     def run() -> None:
         args = build_parser().parse_args(argv)

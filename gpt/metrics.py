@@ -1,5 +1,5 @@
 """Where training numbers go: `out_dir/metrics.jsonl`, and optionally wandb (the log lines on
-stdout are the trainer's own, `gpt.distributed.say`).
+stdout are the trainer's own, `gpt.console.say`).
 
 MFU's denominator, the device's peak FLOP/s, is gpt/mfu.py's.
 

@@ -24,7 +24,8 @@ from . import hf
 from .checkpoint import CheckpointError
 from .cli import report_errors, say_error
 from .config import ArgumentParser, ConfigError, add_option
-from .distributed import pick_device, resolve_dtype, to_devnull
+from .console import to_devnull
+from .device import pick_device, resolve_dtype
 from .generate import generate
 from .hf import HFError
 from .model import GPT, GPTConfig

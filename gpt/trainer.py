@@ -27,8 +27,10 @@ from . import hf
 from . import locks
 from . import parallel
 from .config import ConfigError, TrainConfig, grad_accum_steps, tokens_per_optimizer_step
-from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, has_fast_bf16, init_distributed,
-                          log, lost_peer, pick_device, resolve_dtype, say, shutdown)
+from .console import say
+from .device import has_fast_bf16, pick_device, resolve_dtype
+from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed, log, lost_peer,
+                          shutdown)
 from .errors import FollowOnFailure, TrainingError
 from .loader import TokenLoader
 from .metrics import MetricsLog, Sinks, WandbSink, eta_seconds, format_duration, wandb_tags

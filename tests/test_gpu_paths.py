@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from gpt import distributed, mfu
+from gpt import device, mfu
 
 from conftest import REPO
 
@@ -42,8 +42,8 @@ def test_peak_flops_on_cuda_reads_the_datasheet_of_the_named_gpu(monkeypatch):
 def test_cuda_device_is_picked_by_local_rank(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert distributed.pick_device("auto", local_rank=0) == torch.device("cuda", 0)
-    assert distributed.pick_device("cuda", local_rank=3) == torch.device("cuda", 1)
+    assert device.pick_device("auto", local_rank=0) == torch.device("cuda", 0)
+    assert device.pick_device("cuda", local_rank=3) == torch.device("cuda", 1)
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash

@@ -1,0 +1,50 @@
+"""Which device a process computes on, and in which dtype: the choices behind `device` and
+`dtype` in a config ("auto" included), for training, sampling and evaluation alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ConfigError
+
+
+def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+    """'auto' takes a GPU (cuda, then mps) when present; an explicit choice must be available."""
+    if preference == "auto":
+        if torch.cuda.is_available():
+            preference = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            preference = "mps"
+        else:
+            preference = "cpu"
+    if preference == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device = 'cuda' but no CUDA GPU is visible; use --device=cpu or auto")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if preference == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise ConfigError("device = 'mps' but MPS is not available; use --device=cpu or auto")
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[name]
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run at least as fast as fp32 here: a GPU that supports bf16, or a
+    CPU with native bf16 instructions (AVX512-BF16/AMX; without them oneDNN emulates bf16)."""
+    if device.type == "cpu":
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return True
