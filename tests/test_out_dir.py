@@ -28,7 +28,8 @@ from gpt import locks
 from gpt.cli import run_train
 from gpt.config import ConfigError
 from gpt.sampling import run_sample
-from gpt.trainer import RUN_LOCK_FILE, train
+from gpt.run_folder import RUN_LOCK_FILE
+from gpt.trainer import train
 
 from conftest import REPO, child_pids, run_script, tiny_args, tiny_config
 
