@@ -169,6 +169,12 @@ def note_changed_settings(saved: dict[str, Any], config: TrainConfig, info: Dist
                if key in saved and key not in _QUIETLY_CHANGED and saved[key] != value]
     if not changes:
         return
+    if step is not None and step >= config.max_steps:
+        unused = [change for change in changes if not change.startswith("max_steps ")]  # said next
+        if unused:
+            log(info, f"note: settings differ from the checkpoint's ({', '.join(unused)}), but nothing is left "
+                      f"to train: they are not used, and config.json keeps the settings the run trained with")
+        return
     schedule = [key for key in _SCHEDULE_KEYS if key in saved and saved[key] != getattr(config, key)]
     detail = ""
     if schedule and step is not None and step < config.max_steps:

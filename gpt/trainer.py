@@ -476,11 +476,13 @@ def grad_scaler(device: torch.device, dtype: torch.dtype, state: dict[str, Any])
 
 
 def open_metrics(config: TrainConfig, info: DistInfo, out_dir: Path, gpt_config: GPTConfig, step: int,
-                 resumed: bool) -> MetricsLog | Sinks:
+                 resumed: bool, wandb: bool = True) -> MetricsLog | Sinks:
+    """metrics.jsonl, and wandb when configured (and `wandb`: not for a rerun with nothing to
+    train, which would open a wandb run folder of its own for no records)."""
     # Records past the step resumed from are dropped (the run repeats those steps); a fresh
     # start (step 0) keeps none: they are of a run killed before its first checkpoint.
     metrics = MetricsLog(out_dir, enabled=info.is_main, resume_step=step)
-    if info.is_main and config.wandb_mode != "disabled":
+    if info.is_main and config.wandb_mode != "disabled" and wandb:
         metrics = Sinks(metrics, WandbSink(
             out_dir, mode=config.wandb_mode, project=config.wandb_project, name=config.wandb_run_name,
             tags=wandb_tags(config.wandb_tags), config=dict(config.to_dict(), model_config=asdict(gpt_config)),
@@ -718,9 +720,12 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
 
     # A fresh start has no saved state: {} gives every setting below its fresh value.
     state = {} if resume_from is None else restore_checkpoint(resume_from, model, optimizer, loader, info)
-    if info.is_main:  # once the weights are in: a refused start leaves the run's record as it was
-        record_config(out_dir / "config.json", config)
     step, tokens_seen = state.get("step", 0), state.get("tokens_seen", 0)
+    # A rerun of a finished run trains nothing: the run's record keeps the settings it trained
+    # with (a sweep's rerun with other values must not relabel the run).
+    nothing_to_train = resume_from is not None and step >= config.max_steps
+    if info.is_main and not nothing_to_train:  # once the weights are in: a refused start leaves the record
+        record_config(out_dir / "config.json", config)
     interval = carried_interval(state, info, accum)
 
     flops_per_token = model.flops_per_token()
@@ -731,7 +736,8 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
 
     autocast = autocast_context(config, info, dtype)
     scaler = grad_scaler(device, dtype, state)
-    metrics = open_metrics(config, info, out_dir, model.config, step, resumed=resume_from is not None)
+    metrics = open_metrics(config, info, out_dir, model.config, step, resumed=resume_from is not None,
+                           wandb=not nothing_to_train)
     guard = NonFiniteGuard(config, model, optimizer, scaler.is_enabled(), info, out_dir)
     guard.skipped = state.get("skipped_steps", 0)
     if step >= config.max_steps:

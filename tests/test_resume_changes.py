@@ -38,6 +38,17 @@ def test_extending_a_finished_run_says_in_numbers_how_the_learning_rate_jumps(ch
     assert (again.step, again.val_loss, again.checkpoint) == (10, done.val_loss, done.checkpoint)
     assert f"final val loss {done.val_loss:.4f}" in out
     assert files_of(run / "checkpoints") == checkpoints
+    # Rerun by mistake with a sweep's other values: still nothing trained, and the run's record
+    # keeps the settings it trained with (config.json was rewritten with the unused values, and
+    # the note said "the run goes on with the new values").
+    record = (run / "config.json").read_bytes()
+    train(tiny_config(char_data, run, max_steps=10, learning_rate=3e-2, dropout=0.1))
+    out = capsys.readouterr().out
+    assert ("note: settings differ from the checkpoint's (dropout 0.0 -> 0.1, learning_rate 0.003 -> 0.03), "
+            "but nothing is left to train: they are not used, and config.json keeps the settings the run "
+            "trained with") in out
+    assert "goes on with the new values" not in out and "nothing to train" in out
+    assert (run / "config.json").read_bytes() == record and files_of(run / "checkpoints") == checkpoints
 
     stay = tmp_path / "stay"
     shutil.copytree(run, stay)
