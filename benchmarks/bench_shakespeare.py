@@ -112,7 +112,7 @@ def run_and_report(text: Path, overrides: list[str], results: str, work: Path) -
     in_budget = [r for r in evals if startup_s + r["elapsed_s"] <= REFERENCE["wall_s"]]
     # The trainer's val loss is a fixed sample of eval_iters random windows; score the whole
     # val split too (every token once, gpt/eval.py) so luck in that sample cannot flatter us.
-    model, _, tokenizer = load_for_eval(str(out), None, torch.device("cpu"))
+    model, _, tokenizer, _ = load_for_eval(str(out), None, torch.device("cpu"))
     full_val = evaluate_split(model, data, tokenizer, "val", batch_size=64)
     matmul_gflops = measure_matmul_flops(torch.device("cpu"), torch.float32, max_seconds=1.5) / 1e9
     speeds = [r["tokens_per_s"] for r in records[1:]] or [records[0]["tokens_per_s"]]

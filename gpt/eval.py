@@ -34,7 +34,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -205,10 +205,14 @@ def evaluate_split(model: GPT, data_dir: str | Path, tokenizer: Tokenizer, split
 # Loading what to evaluate
 
 
-def load_for_eval(run: str, data_dir: str | None, device: torch.device) -> tuple[GPT, Path, Tokenizer]:
-    """(model on `device`, dataset folder, the dataset's tokenizer) for a run or hf:DIR."""
+def load_for_eval(run: str, data_dir: str | None,
+                  device: torch.device) -> tuple[GPT, Path, Tokenizer, dict[str, Any]]:
+    """(model on `device`, dataset folder, the dataset's tokenizer, what was loaded) for a run or
+    hf:DIR. What was loaded: {"checkpoint": its folder, "step": its step} (a run folder names
+    its latest, which moves on while the run trains), or {"hf": the folder}."""
     hf_dir = parse_init_from(run)
     if hf_dir is not None:
+        origin: dict[str, Any] = {"hf": str(hf_dir)}
         if data_dir is None:
             raise ConfigError(f"{run}: give --data_dir (a Hugging Face folder does not name its dataset)")
         model = load_hf_model(hf_dir, log=lambda m: print(m, file=sys.stderr))
@@ -220,6 +224,7 @@ def load_for_eval(run: str, data_dir: str | None, device: torch.device) -> tuple
             state = ckpt.read_state(source)
             model = GPT(GPTConfig(**state["model_config"]))
             ckpt.load_model_weights(source, model)
+            origin = {"checkpoint": str(source), "step": state.get("step")}
             model_tokenizer = source / ckpt.TOKENIZER_FILE
             own_tokenizer = _tokenizer_if_any(model_tokenizer)
         if data_dir is None:
@@ -248,7 +253,7 @@ def load_for_eval(run: str, data_dir: str | None, device: torch.device) -> tuple
         tokenizer = own_tokenizer
     else:
         tokenizer = load_tokenizer(data_dir)
-    return model.to(device), data_dir, tokenizer
+    return model.to(device), data_dir, tokenizer, origin
 
 
 def _tokenizer_if_any(path: Path) -> Tokenizer | None:
@@ -289,15 +294,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         device = pick_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
-        model, data_dir, tokenizer = load_for_eval(args.run, args.data_dir, device)
+        model, data_dir, tokenizer, origin = load_for_eval(args.run, args.data_dir, device)
         autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else None
         result = evaluate_split(model, data_dir, tokenizer, args.split, batch_size=args.batch_size,
                                 block_size=args.block_size, max_batches=args.max_batches,
                                 device=device, autocast=autocast, progress=not args.no_progress)
-        if args.json:
-            print(json.dumps(asdict(result)))
+        if args.json:  # which model and step each line is, for a loop over a sweep's runs
+            print(json.dumps({"model": args.run, **origin, "data_dir": str(data_dir), **asdict(result)}))
         else:
-            print(f"model {args.run} on {data_dir}")
+            loaded = (f"checkpoint {origin['checkpoint']}, step {origin['step']}" if "checkpoint" in origin
+                      else "Hugging Face folder")
+            print(f"model {args.run} ({loaded}) on {data_dir}")
             print(result.format())
 
     return report_errors(run, interrupted="interrupted: stopped before the end of the split; no figures to report")

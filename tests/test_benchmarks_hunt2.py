@@ -127,7 +127,7 @@ def _stub_shakespeare(monkeypatch, tmp_path, train_exit: int):
     monkeypatch.setattr(bench_shakespeare, "read_metrics", lambda out: [
         {"step": 1, "elapsed_s": 1.0, "tokens_per_s": 10.0, "step_ms": 5.0, "val_loss": 2.0},
         {"step": 2, "elapsed_s": 2.0, "tokens_per_s": 12.0, "step_ms": 4.0, "val_loss": 1.9}])
-    monkeypatch.setattr(bench_shakespeare, "load_for_eval", lambda *a: (None, None, None))
+    monkeypatch.setattr(bench_shakespeare, "load_for_eval", lambda *a: (None, None, None, {}))
     monkeypatch.setattr(bench_shakespeare, "evaluate_split", lambda *a, **kw: SimpleNamespace(loss=1.95))
     monkeypatch.setattr(bench_shakespeare, "measure_matmul_flops", lambda *a, **kw: 1e9)
     text = tmp_path / "input.txt"

@@ -595,8 +595,15 @@ def test_eval_prints_loss_perplexity_bits_per_byte(kind, runs, data, capsys):
     assert gpt_eval.main([str(runs[kind]), "--split", "val"]) == 0
     text = capsys.readouterr().out
     assert "loss" in text and "perplexity" in text and "bits per byte" in text
+    # Which checkpoint was scored: a run folder names its latest, which moves on while it trains
+    # (a sweep's loop over runs could not tell its JSON lines apart).
+    latest = ckpt.latest_checkpoint(runs[kind])
+    step = ckpt.read_state(latest)["step"]
+    assert f"model {runs[kind]} (checkpoint {latest}, step {step}) on {data[kind]}" in text
     assert gpt_eval.main([str(runs[kind]), "--split", "val", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert (result["model"], result["checkpoint"], result["step"], result["data_dir"]) == (
+        str(runs[kind]), str(latest), step, str(data[kind]))
 
     stream = np.concatenate([open_shard(p) for p in list_shards(data[kind], "val")]).astype(np.int64)
     tokenizer = Tokenizer.from_file(data[kind] / "tokenizer.json")
