@@ -471,7 +471,10 @@ def add_option(parser, name: str, **kwargs) -> None:
     parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
 
 
-def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
+def build_parser(default_config: str | None = None, shown_config: str | None = None) -> argparse.ArgumentParser:
+    """train.py's parser. Each key's help gives the value a run would start from: the config
+    file's (`shown_config`, the --config given with --help, else `default_config`) where it sets
+    the key, and the built-in default."""
     parser = argparse.ArgumentParser(
         prog="train.py",
         description=(
@@ -484,11 +487,13 @@ def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
     # cannot be read is reported by the run that uses it (parse_args); here it only loses its
     # values in the help, so that `--config other.toml` runs, which never read it, still start.
     from_file, unreadable = {}, ""
-    if default_config and Path(default_config).is_file():
+    shown = default_config if shown_config is None else shown_config
+    if shown and Path(shown).is_file():
         try:
-            from_file = load_toml(default_config)
+            from_file = load_toml(shown)
         except ConfigError as e:
-            unreadable = f"; it cannot be used now: {e}"
+            if shown == default_config:
+                unreadable = f"; it cannot be used now: {e}"
     parser.add_argument(
         "--config", default=default_config,
         help=("TOML file of settings (see configs/)" + (f" (default: {default_config}; --config= for none{unreadable})"
@@ -509,7 +514,7 @@ def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
             # argparse %-formats help texts: a '%' in a value of the default config file
             # (wandb_run_name = "lr 50%") made --help fail with a ValueError traceback.
             help=(f"{help_text} (default: " + (
-                f"{from_file[f.name]!r} from {Path(default_config).name}, built in {getattr(defaults, f.name)!r})"
+                f"{from_file[f.name]!r} from {Path(shown).name}, built in {getattr(defaults, f.name)!r})"
                 if f.name in from_file else f"{getattr(defaults, f.name)!r})")).replace("%", "%%"),
         )
     return parser
@@ -517,8 +522,11 @@ def build_parser(default_config: str | None = None) -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None, default_config: str | None = None) -> TrainConfig:
     """defaults <- --config TOML <- --key=value; then '~' expanded (expand_home) and validate."""
-    parser = build_parser(default_config)
-    args, unknown = parser.parse_known_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--config X --help` shows X's values (argparse answers --help before it has read --config).
+    asked_help = any(a in ("-h", "--help") for a in argv)
+    parser = build_parser(default_config, _config_given(argv) if asked_help else None)
+    args, unknown = parser.parse_known_args(_join_negative_values(argv))
     if unknown:
         name = unknown[0].lstrip("-").split("=")[0]
         if not unknown[0].startswith("--") and name.replace("-", "_") in TrainConfig.__dataclass_fields__:
@@ -529,7 +537,7 @@ def parse_args(argv: Sequence[str] | None = None, default_config: str | None = N
             raise ConfigError(f"command line: {unknown[0]!r} is not an option; to read a config file, "
                               f"name it with --config: python train.py --config {unknown[0]}")
         raise _unknown_key(name, "command line")
-    given = [a for a in (sys.argv[1:] if argv is None else argv) if a == "--config" or a.startswith("--config=")]
+    given = [a for a in argv if a == "--config" or a.startswith("--config=")]
     if len(given) > 1:
         # argparse kept the last file and silently dropped every setting of the others.
         raise ConfigError(f"command line: --config is given {len(given)} times; settings come from one file "
@@ -543,6 +551,17 @@ def parse_args(argv: Sequence[str] | None = None, default_config: str | None = N
     config = expand_home(config).validate()
     check_launch_environment(os.environ)
     return config
+
+
+def _config_given(argv: Sequence[str]) -> str | None:
+    """The value of the last --config in `argv` ("" for --config= alone), or None without one."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            value = arg[len("--config="):]
+        elif arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
 
 
 def _join_negative_values(argv: Sequence[str]) -> list[str]:

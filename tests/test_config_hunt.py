@@ -26,6 +26,29 @@ def test_help_survives_a_percent_sign_in_the_default_config(tmp_path):
     assert e.value.code == 0
 
 
+def test_help_after_config_shows_that_files_values(tmp_path, capsys):
+    """`train.py --config mine.toml --help` showed the default file's values ("0.008 from
+    default.toml"): argparse answers --help before it has read --config. A sweep user reading
+    the help for the run they are about to start saw another run's settings."""
+    default = tmp_path / "default.toml"
+    default.write_text("learning_rate = 8e-3\nn_layer = 4\n")
+    mine = tmp_path / "mine.toml"
+    mine.write_text("learning_rate = 1.2e-2\n")
+
+    def help_of(*argv: str) -> str:
+        with pytest.raises(SystemExit) as e:
+            parse_args(list(argv), default_config=str(default))
+        assert e.value.code == 0
+        return " ".join(capsys.readouterr().out.split())
+
+    assert "peak learning rate (default: 0.008 from default.toml, built in 0.001)" in help_of("--help")
+    for argv in (["--config", str(mine), "--help"], ["--help", f"--config={mine}"]):
+        text = help_of(*argv)
+        assert "peak learning rate (default: 0.012 from mine.toml, built in 0.001)" in text
+        assert "from default.toml" not in text  # n_layer: the built-in default, as the run would use
+    assert "from default.toml" not in help_of("--config=", "--help")
+
+
 def test_a_broken_default_config_does_not_stop_runs_of_another_file(tmp_path):
     """The default file was read for the help texts on every parse: a typo in configs/default.toml
     stopped `--config configs/other.toml` runs, which never use it. A plain run still reports it."""
