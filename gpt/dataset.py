@@ -20,17 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt.run_layout import training_output
 from gpt.shards import (GPT2_EOS_ID, GPT2_VOCAB_SIZE, MAX_VOCAB, SPLITS, ShardError, list_shards,
                         open_shard)
 from gpt.tokenizer import KINDS, TOKENIZER_FILE, Tokenizer, TokenizerError, gpt2_tokenizer
-
-# The names gpt/checkpoint/layout.py gives a run's files, repeated here rather than imported: that package
-# needs torch, which data prep does not (tests/test_interop.py checks that they agree).
-RUN_LATEST = "latest"
-RUN_CHECKPOINTS = "checkpoints"
-CHECKPOINT_MANIFEST = "manifest.json"
-CHECKPOINT_STATE = "state.json"
-
 
 def _tokenizer_flag(tokenizer: str | None) -> str:
     """The prep option that makes a dataset for `tokenizer` (the run's or the model's), for the
@@ -234,7 +227,6 @@ def check_token_ids(paths: list[Path], vocab_size: int, chunk_tokens: int = 1 <<
                 )
 
 
-
 def load_tokenizer(data_dir_or_file: str | os.PathLike) -> Tokenizer:
     """The tokenizer of a dataset folder (its tokenizer.json), or of a tokenizer file.
 
@@ -274,37 +266,3 @@ def load_tokenizer(data_dir_or_file: str | os.PathLike) -> Tokenizer:
     if kind == "gpt2":
         return gpt2_tokenizer()
     raise TokenizerError(f"{path}: no {TOKENIZER_FILE} here; prepare the dataset with data_prep/prepare.py")
-
-# ---- is it a training run? ---------------------------------------------------------------
-def training_output(path: Path, anywhere_in_run: bool = False) -> str | None:
-    """What part of a training run `path` is or lies inside, in words ("is a checkpoint folder"),
-    or None when it is no part of one.
-
-    Replacing any of these would lose checkpoints or leave `latest` naming a broken one (a
-    checkpoint's tokenizer.json is in its manifest), so prep and export never write there. A run
-    folder holds `latest` or `checkpoints/`; a checkpoint folder holds manifest.json and
-    state.json. Other folders inside a run (not checkpoints/) count only with `anywhere_in_run`.
-    """
-    path = Path(path).resolve()
-    if is_checkpoint_folder(path):
-        return "is a checkpoint folder"
-    if (path / RUN_LATEST).is_file() or (path / RUN_CHECKPOINTS).is_dir():
-        return "is a training run folder"
-    for parent in path.parents:
-        if is_checkpoint_folder(parent):
-            return f"is inside the checkpoint folder {parent}"
-        # Two marks, not one: any folder may happen to hold a subfolder named "checkpoints".
-        if (parent / RUN_LATEST).is_file() and (parent / RUN_CHECKPOINTS).is_dir():
-            if path == parent / RUN_CHECKPOINTS:
-                return f"is the checkpoints folder of the training run {parent}"
-            if path.is_relative_to(parent / RUN_CHECKPOINTS):
-                return f"is inside the checkpoints folder of the training run {parent}"
-            if anywhere_in_run:
-                return f"is inside the training run folder {parent}"
-    return None
-
-
-def is_checkpoint_folder(folder: Path) -> bool:
-    """Whether `folder` is a checkpoint of this project (step_NNNNNNN/ or a consolidated one)."""
-    # Both files: manifest.json alone is common elsewhere (browser extensions, web apps).
-    return (folder / CHECKPOINT_MANIFEST).is_file() and (folder / CHECKPOINT_STATE).is_file()

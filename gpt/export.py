@@ -35,7 +35,7 @@ from . import checkpoint as ckpt
 from .config import ArgumentParser
 from .hf import HF_PREFIX, HFError, check_gpt2_shape, hf_config_dict, to_hf_state_dict
 from .model import GPT, GPTConfig
-from .dataset import training_output
+from .run_layout import training_output
 from .shards import holds_token_shards
 from .tokenizer import EOS_TOKEN, Tokenizer
 

@@ -195,13 +195,13 @@ def parse_init_from(init_from: str) -> Path | None:
 
 def project_folder_kind(path: str | os.PathLike) -> str | None:
     """'a run folder of this project' or 'a checkpoint folder of this project' when `path` is
-    one (by its `latest`, or its manifest.json and state.json: gpt/dataset.py's rule), else None."""
-    from .dataset import RUN_LATEST, is_checkpoint_folder
+    one (by its `latest`, or its manifest.json and state.json: gpt/run_layout.py's rule), else None."""
+    from .run_layout import LATEST_FILE, is_checkpoint_folder
 
     path = Path(path)
     if is_checkpoint_folder(path):
         return "a checkpoint folder of this project"
-    if (path / RUN_LATEST).is_file():
+    if (path / LATEST_FILE).is_file():
         return "a run folder of this project"
     return None
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .config import ArgumentParser
 from .metrics import METRICS_FILE, MetricsError, read_metrics
+from .run_layout import nearby_runs
 
 ROWS = (
     ("loss", "loss (nats/token)"),
@@ -28,24 +29,62 @@ ROWS = (
 X_AXES = (("step", "step"), ("tokens", "tokens seen"))
 
 
-def load_runs(runs: Sequence[str | Path]) -> dict[str, list[dict[str, Any]]]:
-    """{label: records} for each run folder (or metrics file); refuses runs with nothing to plot."""
-    loaded: dict[str, list[dict[str, Any]]] = {}
-    for run in runs:
-        path = Path(run)
-        inside = _run_above(path)
-        if inside is not None:
-            raise MetricsError(f"{path} is inside the run folder {inside}, which holds its {METRICS_FILE}: "
-                               f"plot that folder (python -m gpt.plot {inside})")
-        records = read_metrics(path)
+def load_runs(runs: Sequence[str | Path],
+              warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict[str, list[dict[str, Any]]]:
+    """{label: records} for each run folder (or metrics file). A run with nothing to plot yet (no
+    metrics.jsonl, or an empty one: it has not logged a step) is an error alone, and left out
+    with a warning among others (`gpt.plot out/sweep/*` while some runs still start)."""
+    paths = [Path(run) for run in runs]
+    loaded: dict[Path, list[dict[str, Any]]] = {}
+    not_yet: list[str] = []
+    for path in paths:
+        _check_is_a_run(path)
         file = path / METRICS_FILE if path.is_dir() else path
+        if path.is_dir() and not file.exists() and (path / "config.json").is_file():
+            records = []  # a run that has started but not logged (its record is written at start)
+        else:
+            records = read_metrics(path)
         if not records:
-            raise MetricsError(f"{file} is empty: the run has not logged a step yet")
-        label = (path if path.is_dir() else path.parent).resolve().name
-        while label in loaded:  # two runs of the same folder name stay apart in the legend
-            label += "'"
-        loaded[label] = records
-    return loaded
+            if len(paths) == 1:
+                raise MetricsError(f"{file} is empty: the run has not logged a step yet" if file.exists()
+                                   else f"{file} does not exist: the run has not logged a step yet")
+            not_yet.append(str(path))
+            continue
+        loaded[path] = records
+    if not loaded:
+        raise MetricsError(f"none of these runs has logged a step yet: {', '.join(not_yet)}")
+    if not_yet:
+        warn(f"warning: left out, nothing logged yet: {', '.join(not_yet)}")
+    return dict(zip(_labels(list(loaded)), loaded.values()))
+
+
+def _check_is_a_run(path: Path) -> None:
+    """What a path that is not a run is instead, said with the command that plots the run(s)."""
+    if not path.exists():
+        raise MetricsError(f"{path} does not exist{nearby_runs(path)}")
+    inside = _run_above(path)
+    if inside is not None:
+        raise MetricsError(f"{path} is inside the run folder {inside}, which holds its {METRICS_FILE}: "
+                           f"plot that folder (python -m gpt.plot {inside})")
+    if path.is_dir() and not (path / METRICS_FILE).exists():
+        runs = sorted(p.name for p in path.iterdir() if (p / METRICS_FILE).is_file())
+        if runs:  # a sweep's parent folder
+            shown = ", ".join(runs[:10]) + (", ..." if len(runs) > 10 else "")
+            raise MetricsError(f"{path} holds no {METRICS_FILE} of its own but runs that have one ({shown}): "
+                               f"plot them with python -m gpt.plot {path}/*")
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """Each run's name in the legend: its folder's name, with as many parent folders as it takes
+    to tell runs of the same name apart (out/sweep/lr_3e-3 and out/sweepB/lr_3e-3)."""
+    folders = [(p if p.is_dir() else p.parent).resolve() for p in paths]
+    depth = 1
+    while depth < 6:
+        labels = ["/".join(f.parts[-depth:]) for f in folders]
+        if len(set(labels)) == len(labels):
+            return labels
+        depth += 1
+    return [str(f) for f in folders]  # the same folder given twice
 
 
 def _run_above(path: Path) -> Path | None:

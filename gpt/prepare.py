@@ -55,7 +55,8 @@ import numpy as np
 from gpt import locks
 from gpt.config import ArgumentParser, add_option
 from gpt.progress import progress_bar
-from gpt.dataset import dataset_files, training_output
+from gpt.dataset import dataset_files
+from gpt.run_layout import training_output
 from gpt.shards import MAX_SHARD_TOKENS, MAX_VOCAB, SPLITS, ShardWriter
 from gpt.hf_dataset import HFDataset
 from gpt.sources import ENCODING_ERRORS, Corpus, LocalFiles, Piece, resolve_source

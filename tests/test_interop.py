@@ -293,11 +293,6 @@ def test_export_refuses_existing_target_unless_overwrite(runs, tmp_path, capsys)
 def test_export_overwrite_never_replaces_runs_checkpoints_or_datasets(runs, data, tmp_path, capsys):
     import shutil
 
-    from gpt.dataset import CHECKPOINT_MANIFEST, CHECKPOINT_STATE, RUN_CHECKPOINTS, RUN_LATEST
-
-    # gpt/dataset.py repeats these names (it does not import torch): they must agree.
-    assert (RUN_LATEST, RUN_CHECKPOINTS, CHECKPOINT_MANIFEST, CHECKPOINT_STATE) == (
-        ckpt.LATEST_FILE, ckpt.CHECKPOINTS_DIR, ckpt.MANIFEST_FILE, ckpt.STATE_FILE)
     other = shutil.copytree(runs["bpe"], tmp_path / "other_run")  # a copy: the bug would delete it
     dataset = shutil.copytree(data["bpe"], tmp_path / "dataset")
     step = ckpt.latest_checkpoint(other)
@@ -570,6 +565,41 @@ def test_plot_refuses_empty_or_malformed_metrics(tmp_path, capsys):
         assert plot.main([str(run), "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "keep.txt").exists()
+
+
+def test_plot_of_a_sweep_in_progress(tmp_path, capsys):
+    """What a sweep's `python -m gpt.plot out/sweep/*` meets: a run that has started but not
+    logged yet made the whole plot fail (now: left out, with a warning); runs of the same name
+    in two sweeps were told apart only by a quote mark ("lr_3e-3'"); a mistyped run had no
+    did-you-mean; the sweep's own folder said only that it had no metrics.jsonl."""
+    def run(path: Path, records: int) -> Path:
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+        (path / "latest").write_text("step_0000001")
+        if records:
+            (path / "metrics.jsonl").write_text("".join(
+                json.dumps({"step": s, "loss": 3.0 - s / 10, "lr": 1e-3, "tokens": 64 * s}) + "\n"
+                for s in range(1, records + 1)))
+        return path
+
+    a, b = run(tmp_path / "sweep" / "lr_3e-3", 5), run(tmp_path / "sweepB" / "lr_3e-3", 5)
+    starting = run(tmp_path / "sweep" / "lr_1e-2", 0)
+    out = tmp_path / "all.png"
+    assert plot.main([str(a), str(starting), str(b), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: left out, nothing logged yet: {starting}" in captured.err
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert plot.load_runs([a, b], warn=print).keys() == {"sweep/lr_3e-3", "sweepB/lr_3e-3"}
+    # Alone, or all of them: still an error, saying why.
+    assert plot.main([str(starting)]) == 2
+    assert "metrics.jsonl does not exist: the run has not logged a step yet" in capsys.readouterr().err
+    # A typo names the run it looks like; the sweep's folder names its runs and the command.
+    assert plot.main([str(tmp_path / "sweep" / "lr_3e3")]) == 2
+    assert f"did you mean {a}?" in capsys.readouterr().err
+    assert plot.main([str(tmp_path / "sweep")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"holds no metrics.jsonl of its own but runs that have one (lr_3e-3): plot them with " \
+           f"python -m gpt.plot {tmp_path / 'sweep'}/*" in err
 
 
 def test_plot_of_one_metrics_file_writes_beside_it(tmp_path, monkeypatch, capsys):

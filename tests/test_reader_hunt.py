@@ -36,7 +36,7 @@ def test_one_rule_says_what_a_checkpoint_folder_is(tmp_path):
     (refusing it as init_from = hf:DIR), while gpt/dataset.py, which prep and export ask, wants
     manifest.json and state.json both: manifest.json alone is common elsewhere (web apps)."""
     from gpt import hf
-    from gpt.dataset import training_output
+    from gpt.run_layout import training_output
 
     folder = tmp_path / "model"
     folder.mkdir()

@@ -48,7 +48,7 @@ def _consolidate(ckpt_dir: Path, out: str | os.PathLike | None, optimizer: bool)
     out = Path(out) if out is not None else default_consolidated_path(ckpt_dir)
     if out.exists():
         raise CheckpointError(f"{out} already exists; remove it or choose another --out")
-    from ..dataset import training_output
+    from ..run_layout import training_output
 
     inside = training_output(out)
     if inside is not None:  # keep_last would delete it with the checkpoint (or checkpoints/) it is in

@@ -5,8 +5,6 @@ run folder or a checkpoint folder, held off a running run's pruning while it is 
 from __future__ import annotations
 
 import contextlib
-import difflib
-import itertools
 import json
 import os
 import time
@@ -14,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .. import locks
+from ..run_layout import nearby_runs
 from ..hf import HF_PREFIX, hf_folder_hint
 from .layout import CHECKPOINTS_DIR, LATEST_FILE, MANIFEST_FILE, CheckpointError, step_dir_name, step_of
 
@@ -101,25 +100,7 @@ def resolve_checkpoint(path: str | os.PathLike, hf_advice: str | None = None) ->
             f"{path} is a file, not a checkpoint folder: give a run folder (its {LATEST_FILE} "
             f"checkpoint is used) or a checkpoint folder ({CHECKPOINTS_DIR}/step_N){meant}"
         )
-    raise CheckpointError(f"checkpoint path {path} does not exist{_nearby_runs(path)}")
-
-
-def _nearby_runs(path: Path) -> str:
-    """The run folders beside a path that does not exist, and the one it looks like a typo of
-    (`--out_dir out/shakespeare_char` for out/shakespeare_char_cpu); "" where there are none."""
-    parent = path.parent
-    try:  # the first 1,000 entries: a parent such as /tmp may hold a great many
-        entries = list(itertools.islice(parent.iterdir(), 1000))
-    except OSError:
-        return ""
-    # os.path's tests: a sibling this user may not read is no run (Path's would raise EACCES).
-    runs = sorted(p.name for p in entries if os.path.isfile(p / LATEST_FILE) or os.path.isdir(p / CHECKPOINTS_DIR)
-                  or os.path.isfile(p / MANIFEST_FILE))
-    if not runs:
-        return ""
-    close = difflib.get_close_matches(path.name, runs, n=1, cutoff=0.6)
-    meant = f"; did you mean {parent / close[0]}?" if close else ""
-    return f"{meant} (run folders in {parent}: {', '.join(runs[:10])}{', ...' if len(runs) > 10 else ''})"
+    raise CheckpointError(f"checkpoint path {path} does not exist{nearby_runs(path)}")
 
 
 class _Pruned(Exception):

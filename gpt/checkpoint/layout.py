@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import warnings
 
-CHECKPOINTS_DIR = "checkpoints"
-LATEST_FILE = "latest"
-MANIFEST_FILE = "manifest.json"
+# A run's own names, shared with the code that must recognize a run without importing torch.
+from ..run_layout import CHECKPOINTS_DIR, LATEST_FILE, MANIFEST_FILE, STATE_FILE  # noqa: F401
+
 TRASH_PREFIX = ".trash_"  # pruned checkpoints being deleted
-STATE_FILE = "state.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 TOKENIZER_FILE = "tokenizer.json"
