@@ -57,21 +57,33 @@ def is_checkpoint_folder(folder: Path) -> bool:
     return (folder / MANIFEST_FILE).is_file() and (folder / STATE_FILE).is_file()
 
 
+def siblings(path: Path, holds: str | tuple[str, ...]) -> list[str]:
+    """The names of the folders beside `path` (not itself) that hold a file or folder named in
+    `holds`, sorted; [] where the parent cannot be listed."""
+    try:  # the first 1,000 entries: a parent such as /tmp may hold a great many
+        entries = list(itertools.islice(path.parent.iterdir(), 1000))
+    except OSError:
+        return []
+    marks = (holds,) if isinstance(holds, str) else holds
+    # os.path's tests: a sibling this user may not read has none (Path's would raise EACCES).
+    return sorted(p.name for p in entries if p.name != path.name and any(os.path.exists(p / m) for m in marks))
+
+
+def looks_like(path: Path, names: list[str]) -> Path | None:
+    """The sibling among `names` that `path` looks like a typo of (lr_3e3 for lr_3e-3), or None."""
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+    return path.parent / close[0] if close else None
+
+
 def nearby_runs(path: Path) -> str:
     """The run folders beside a path that does not exist, and the one it looks like a typo of
     (`--out_dir out/shakespeare_char` for out/shakespeare_char_cpu); "" where there are none."""
-    parent = path.parent
-    try:  # the first 1,000 entries: a parent such as /tmp may hold a great many
-        entries = list(itertools.islice(parent.iterdir(), 1000))
-    except OSError:
-        return ""
-    # os.path's tests: a sibling this user may not read is no run (Path's would raise EACCES).
-    runs = sorted(p.name for p in entries if os.path.isfile(p / LATEST_FILE) or os.path.isdir(p / CHECKPOINTS_DIR))
-    checkpoints = sorted(p.name for p in entries if os.path.isfile(p / MANIFEST_FILE) and p.name not in runs)
+    runs = siblings(path, (LATEST_FILE, CHECKPOINTS_DIR))
+    checkpoints = [name for name in siblings(path, MANIFEST_FILE) if name not in runs]
     found = runs + checkpoints
     if not found:
         return ""
-    close = difflib.get_close_matches(path.name, found, n=1, cutoff=0.6)
-    meant = f"; did you mean {parent / close[0]}?" if close else ""
+    meant = looks_like(path, found)
     kinds = " and ".join(kind for kind, names in (("run folders", runs), ("checkpoint folders", checkpoints)) if names)
-    return f"{meant} ({kinds} in {parent}: {', '.join(found[:10])}{', ...' if len(found) > 10 else ''})"
+    return ((f"; did you mean {meant}?" if meant else "")
+            + f" ({kinds} in {path.parent}: {', '.join(found[:10])}{', ...' if len(found) > 10 else ''})")

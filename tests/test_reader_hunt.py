@@ -45,3 +45,42 @@ def test_one_rule_says_what_a_checkpoint_folder_is(tmp_path):
     (folder / "state.json").write_text("{}")
     assert hf.project_folder_kind(folder) == "a checkpoint folder of this project"
     assert training_output(folder) == "is a checkpoint folder"
+
+
+def test_a_new_out_dir_next_to_a_run_of_nearly_its_name_says_so(char_data, tmp_path, capsys):
+    """A sweep's `--out_dir out/sweep/lr_3e3`, meant to extend out/sweep/lr_3e-3, silently
+    started a fresh run from step 0 in a new folder."""
+    from conftest import tiny_config
+    from gpt.trainer import train
+
+    sweep = tmp_path / "sweep"
+    train(tiny_config(char_data, sweep / "lr_3e-3", max_steps=2, eval_interval=2))
+    capsys.readouterr()
+    train(tiny_config(char_data, sweep / "lr_3e3", max_steps=2, eval_interval=2))
+    out = " ".join(capsys.readouterr().out.split())
+    assert (f"note: out_dir {sweep / 'lr_3e3'} is a new folder: this is a fresh run from step 0. Did you mean "
+            f"{sweep / 'lr_3e-3'}, the run beside it?") in out
+    # Its own folder again (a resume), or a name like no other run's: no note.
+    train(tiny_config(char_data, sweep / "lr_3e3", max_steps=3, eval_interval=3))
+    train(tiny_config(char_data, sweep / "dropout_0.1", max_steps=2, eval_interval=2))
+    assert "is a new folder" not in capsys.readouterr().out
+
+
+def test_a_missing_dataset_names_the_current_folder_and_a_dataset_of_nearly_its_name(char_data, tmp_path,
+                                                                                      monkeypatch):
+    """`--data_dir=data/shakespear_char` (a typo) and a relative data_dir from another folder
+    (a job script's) both said only that the folder does not exist, with a command to make a
+    new dataset there."""
+    import shutil
+
+    from gpt.dataset import load_meta
+
+    shutil.copytree(char_data, tmp_path / "data" / "shakespeare_char")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ShardError) as e:
+        load_meta("data/shakespear_char")
+    assert (f"data/shakespear_char: dataset folder does not exist (from the current folder, {tmp_path}); did you "
+            f"mean data/shakespeare_char, the dataset beside it? Or make one with:") in str(e.value)
+    with pytest.raises(ShardError) as e:
+        load_meta(tmp_path / "elsewhere")
+    assert "current folder" not in str(e.value) and "did you mean" not in str(e.value)
