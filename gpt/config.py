@@ -623,3 +623,23 @@ def expand_home(config: TrainConfig) -> TrainConfig:
     prefix = "hf:" if config.init_from.startswith("hf:") else ""  # gpt/hf.py HF_PREFIX (no torch here)
     return replace(config, out_dir=os.path.expanduser(config.out_dir), data_dir=os.path.expanduser(config.data_dir),
                    init_from=prefix + os.path.expanduser(config.init_from[len(prefix):]))
+
+
+def early_config_error(argv: list[str], default_config: str | os.PathLike) -> int | None:
+    """train.py's first parse, before torch imports (this module imports none): `--help` and a
+    typo in a key are answered at once, not after the seconds torch takes to import (gpt.cli
+    imports it). Returns the exit status for a bad configuration in a single process, else None:
+    under torchrun the error is left to run_train, which prints it once per job (gpt/cli.py
+    say_error), and a good configuration is parsed again there. --help exits here (SystemExit)."""
+    try:
+        parse_args(argv, default_config=str(default_config))
+    except ConfigError as e:
+        try:
+            world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        except ValueError:  # what the error itself is about (check_launch_environment)
+            world_size = 1
+        if world_size > 1:
+            return None
+        print(f"error: {e}", file=sys.stderr, flush=True)  # as gpt/cli.py report_errors prints it
+        return 2
+    return None

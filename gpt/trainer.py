@@ -138,7 +138,8 @@ def open_loaders(config: TrainConfig, meta: dict[str, Any], info: DistInfo) -> t
     return loaders["train"], loaders["val"]
 
 
-def model_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
+def gpt_config_for(config: TrainConfig, vocab_size: int) -> GPTConfig:
+    """The model shape a run config asks for, over a dataset of `vocab_size` ids."""
     return GPTConfig(
         vocab_size=vocab_size, block_size=config.block_size, n_layer=config.n_layer,
         n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias,
@@ -193,7 +194,7 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
     """
     # Same seed on every rank: identical initial weights without a broadcast.
     torch.manual_seed(config.seed)
-    gpt_config = model_config(config, meta["vocab_size"])
+    gpt_config = gpt_config_for(config, meta["vocab_size"])
     resume_from = ckpt.latest_checkpoint(out_dir) if config.resume == "auto" else None
     if resume_from is not None:
         saved = check_checkpoint_fits_data(resume_from, config, meta, resuming=True)

@@ -42,7 +42,7 @@ from gpt.sampling import run_sample
 from gpt.shards import ShardError, shard_name, write_shard
 from gpt.stop import StopFlag
 from gpt.tokenizer import Tokenizer, build_char
-from gpt.trainer import model_config, out_of_memory_message, train
+from gpt.trainer import gpt_config_for, out_of_memory_message, train
 
 from conftest import REPO, SHAKESPEARE, tiny_args, tiny_config
 from conftest import run_script as run_python
@@ -394,7 +394,7 @@ def poisoned_checkpoint(data: Path, folder: Path, token: int) -> Path:
     config = tiny_config(data, folder, tie_weights=False)
     meta = json.loads((data / "meta.json").read_text())
     torch.manual_seed(config.seed)
-    gpt_config = model_config(config, meta["vocab_size"])
+    gpt_config = gpt_config_for(config, meta["vocab_size"])
     model = GPT(gpt_config)
     with torch.no_grad():
         model.tok_emb.weight[token] = 1e30
@@ -513,7 +513,7 @@ def test_a_skipped_step_leaves_weights_and_optimizer_untouched(char_data, tmp_pa
     for policy in ("stop", "skip"):
         config = tiny_config(char_data, tmp_path, nan_policy=policy, optimizer=optimizer_name)
         torch.manual_seed(0)
-        model = GPT(model_config(config, 62))
+        model = GPT(gpt_config_for(config, 62))
         optimizer = build_optimizer(model, config, torch.device("cpu"))
         guard = NonFiniteGuard(config, model, optimizer, scaler_enabled=False,
                                info=type("Info", (), {"is_distributed": False, "is_main": True})(),

@@ -24,7 +24,7 @@ from gpt.optim import build_optimizer
 from gpt.resume import note_changed_settings
 from gpt.dataset import load_meta
 from gpt.stop import PREEMPTED_EXIT_CODE
-from gpt.trainer import model_config, train, train_step
+from gpt.trainer import gpt_config_for, train, train_step
 
 from conftest import tiny_config
 
@@ -103,7 +103,7 @@ def _step_gradients(data_dir, tmp_path, batch_size: int, accum: int, grad_clip: 
     torch.manual_seed(0)
     config = tiny_config(data_dir, tmp_path, n_embd=32, block_size=32, batch_size=batch_size, grad_clip=grad_clip)
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    model = GPT(model_config(config, vocab_size=load_meta(data_dir)["vocab_size"]))
+    model = GPT(gpt_config_for(config, vocab_size=load_meta(data_dir)["vocab_size"]))
     optimizer = build_optimizer(model, config, info.device)
     seen = {}
     optimizer.register_step_pre_hook(
