@@ -164,6 +164,8 @@ class TrainConfig:
     eval_iters: int = _opt(20, "validation batches per evaluation")
     log_interval: int = _opt(10, "print and record metrics every this many steps")
     keep_last: int = _opt(2, "checkpoints to keep (older ones are deleted after a new one is complete)")
+    keep_best: bool = _opt(False, "also keep the checkpoint with the lowest val loss, beyond keep_last "
+                                  "(`python -m gpt.checkpoint list RUN` shows which)")
     checkpoint_format: str = _opt(
         "auto",
         "how model and optimizer state are saved: 'full' gathers them to rank 0, which writes "

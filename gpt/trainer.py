@@ -749,7 +749,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     # synchronous or in a background thread: see gpt/checkpoint/save.py and docs/checkpoints.md.
     checkpointer = ckpt.Checkpointer(
         out_dir, format=ckpt.resolve_format(config.checkpoint_format, parallel.resolve_strategy(config, info)),
-        rank=info.rank, world_size=info.world_size, keep_last=config.keep_last,
+        rank=info.rank, world_size=info.world_size, keep_last=config.keep_last, keep_best=config.keep_best,
         tokenizer_path=Path(config.data_dir) / "tokenizer.json", async_save=config.async_checkpoint)
 
     clock = Clock(elapsed_before=state.get("elapsed_s", 0.0), timed_from=step,

@@ -84,3 +84,38 @@ def test_a_missing_dataset_names_the_current_folder_and_a_dataset_of_nearly_its_
     with pytest.raises(ShardError) as e:
         load_meta(tmp_path / "elsewhere")
     assert "current folder" not in str(e.value) and "did you mean" not in str(e.value)
+
+
+def test_keep_best_keeps_the_lowest_val_loss_and_list_shows_it(char_data, tmp_path, capsys, monkeypatch):
+    """A sweep user could neither find nor keep a run's best checkpoint: keep_last pruned it once
+    later evals were worse, and nothing listed the checkpoints with their val loss."""
+    import json
+
+    from conftest import tiny_config
+    from gpt import checkpoint as ckpt
+    from gpt import trainer
+    from gpt.trainer import train
+
+    # Evals made to come out worse after the second one, whatever the model learns.
+    losses = iter([3.0, 2.0, 2.5, 2.7, 2.9, 3.1])
+    monkeypatch.setattr(trainer, "timed_evaluate", lambda *args: next(losses))
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=12, eval_interval=2, keep_last=2, keep_best=True))
+    kept = [p.name for p in ckpt.complete_checkpoints(run)]
+    assert kept == ["step_0000004", "step_0000010", "step_0000012"]  # the best (2.0) beyond the last 2
+    rows = ckpt.list_checkpoints(run)
+    assert [(r["step"], r["val_loss"], r["latest"], r["best"]) for r in rows] == [
+        (4, 2.0, False, True), (10, 2.9, False, False), (12, 3.1, True, False)]
+    assert ckpt.main(["list", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "        4    2.0000  full" in out and "(best)" in out and "(latest)" in out
+    assert f"the best is not the latest: sample it with sample.py --ckpt {run / 'checkpoints' / 'step_0000004'}" in out
+    assert ckpt.main(["list", str(run), "--json"]) == 0
+    assert [json.loads(line)["step"] for line in capsys.readouterr().out.splitlines()] == [4, 10, 12]
+    # Without keep_best, keep_last alone (as before).
+    other = tmp_path / "other"
+    losses = iter([3.0, 2.0, 2.5, 2.7, 2.9, 3.1])
+    train(tiny_config(char_data, other, max_steps=12, eval_interval=2, keep_last=2))
+    assert [p.name for p in ckpt.complete_checkpoints(other)] == ["step_0000010", "step_0000012"]
+    assert ckpt.main(["list", str(tmp_path / "nothing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err

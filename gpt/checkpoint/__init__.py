@@ -34,19 +34,22 @@ The package, in the order a checkpoint lives:
     save.py           save_checkpoint (one process) and Checkpointer (the trainer's: full or
                       sharded, synchronous or in a background thread); it asks find.py
                       and verify.py what is there already
-    find.py           latest_checkpoint, resolve_checkpoint, reading (held off pruning)
+    find.py           latest_checkpoint, best_checkpoint, resolve_checkpoint, reading (held off pruning)
     verify.py         verify_checkpoint (files against the manifest), read_state
     dcp_read.py       the sharded format's files, read without unpickling anything
     load.py           load_model_weights / read_model_state (either format), load_checkpoint
                       (the trainer's resume)
-    consolidation.py  `python -m gpt.checkpoint consolidate RUN`: a sharded checkpoint to the
-                      single-file format
+    consolidation.py  consolidate: a sharded checkpoint to the single-file format
+    listing.py        list_checkpoints: a run's checkpoints, their val loss, latest and best
+    commands.py       `python -m gpt.checkpoint list|consolidate RUN`
 """
 
-from .consolidation import consolidate, default_consolidated_path, main
+from .commands import main
+from .consolidation import consolidate, default_consolidated_path
 from .dcp_read import read_dcp_metadata, read_sharded_state
 from .files import give_ordinary_permissions, write_text_atomic
-from .find import complete_checkpoints, latest_checkpoint, reading, resolve_checkpoint
+from .find import best_checkpoint, complete_checkpoints, latest_checkpoint, reading, resolve_checkpoint
+from .listing import list_checkpoints
 from .layout import (CHECKPOINTS_DIR, DCP_DIR, DCP_METADATA, FORMATS, LATEST_FILE, MANIFEST_FILE, MODEL_FILE,
                      OPTIMIZER_FILE, STATE_FILE, TOKENIZER_FILE, TRASH_PREFIX, CheckpointError, resolve_format,
                      step_dir_name, step_of)
@@ -59,8 +62,8 @@ from .verify import (ALWAYS_IN_STATE, NOT_OURS, RESUME_NEEDS, checkpoint_format,
 __all__ = [
     "ALWAYS_IN_STATE", "CHECKPOINTS_DIR", "DCP_DIR", "DCP_METADATA", "FORMATS", "LATEST_FILE", "MANIFEST_FILE",
     "MODEL_FILE", "NOT_OURS", "OPTIMIZER_FILE", "RESUME_NEEDS", "STATE_FILE", "TOKENIZER_FILE", "TRASH_PREFIX",
-    "CheckpointError", "Checkpointer", "capture_rng_state", "check_model_config", "checkpoint_format",
-    "complete_checkpoints", "consolidate", "default_consolidated_path", "gather_rng_states",
+    "CheckpointError", "Checkpointer", "best_checkpoint", "capture_rng_state", "check_model_config", "checkpoint_format",
+    "complete_checkpoints", "consolidate", "default_consolidated_path", "gather_rng_states", "list_checkpoints",
     "give_ordinary_permissions", "latest_checkpoint", "load_checkpoint", "load_model_weights", "main",
     "read_dcp_metadata", "read_manifest", "read_model_state", "read_optimizer_state", "read_sharded_state",
     "read_state", "reading", "resolve_checkpoint", "resolve_format", "restore_rank_rng", "restore_rng_state",

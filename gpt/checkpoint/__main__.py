@@ -1,7 +1,7 @@
-"""`python -m gpt.checkpoint consolidate RUN`: see consolidation.py."""
+"""`python -m gpt.checkpoint list|consolidate RUN`: see commands.py."""
 
 import sys
 
-from gpt.checkpoint.consolidation import main
+from gpt.checkpoint.commands import main
 
 sys.exit(main())

@@ -1,5 +1,5 @@
-"""Consolidate: a sharded checkpoint (or any) copied into the single-file format, and
-`python -m gpt.checkpoint consolidate`, the command that does it."""
+"""Consolidate: a sharded checkpoint (or any) copied into the single-file format (the command
+is `python -m gpt.checkpoint consolidate`, gpt/checkpoint/commands.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 import shutil
 from pathlib import Path
 
-from ..config import ArgumentParser
 from ..hf import HF_PREFIX
 from .files import seal_all
 from .find import reading
@@ -85,40 +84,3 @@ def _consolidate(ckpt_dir: Path, out: str | os.PathLike | None, optimizer: bool)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(
-        prog="python -m gpt.checkpoint",
-        description="Checkpoint tools. consolidate: copy a sharded (torch.distributed.checkpoint) "
-                    "checkpoint into the single-file format (model.safetensors), to hand on or use "
-                    "outside this project; sample.py, gpt.eval, gpt.export and a resume on any world "
-                    "size read either format as it is.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    cons = commands.add_parser("consolidate", help="write a single-file copy of a checkpoint")
-    cons.add_argument("source", help="a run folder (its latest checkpoint) or a checkpoint folder")
-    cons.add_argument("--out", default=None,
-                      help="output folder (default: RUN/consolidated/step_N for a checkpoint of a run, "
-                           "given as the run or as RUN/checkpoints/step_N; CKPT_consolidated beside "
-                           "a checkpoint folder outside a run)")
-    cons.add_argument("--optimizer", action="store_true",
-                      help="include the optimizer state (optimizer.pt), so training can resume from the copy")
-    from ..cli import report_errors  # (gpt/cli.py imports this package: at the top, a cycle)
-
-    def run() -> None:
-        args = parser.parse_args(argv)
-        try:
-            out = consolidate(args.source, args.out, optimizer=args.optimizer)
-        except OSError as e:
-            # Reading the source (a write error is a CheckpointError already): one line, not a
-            # traceback. Nothing was written.
-            raise CheckpointError(f"could not consolidate {args.source} ({type(e).__name__}: {e}); "
-                                  f"nothing was written") from e
-        print(f"wrote {out}")
-
-    # `consolidate` removes its unfinished copy on the way out (KeyboardInterrupt included), and
-    # never writes into the source checkpoint.
-    return report_errors(run, interrupted="interrupted: stopped consolidating; the checkpoint is unchanged "
-                                          "and no unfinished copy was left behind")
-

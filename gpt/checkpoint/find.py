@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from pathlib import Path
 from .. import locks
 from ..run_layout import nearby_runs
 from ..hf import HF_PREFIX, hf_folder_hint
-from .layout import CHECKPOINTS_DIR, LATEST_FILE, MANIFEST_FILE, CheckpointError, step_dir_name, step_of
+from .layout import CHECKPOINTS_DIR, LATEST_FILE, MANIFEST_FILE, STATE_FILE, CheckpointError, step_dir_name, step_of
 
 
 READ_PIN_TRIES = 10  # resolves of `latest` while a run prunes what it names (`reading`), 0.05 s more apart each
@@ -36,6 +37,26 @@ def complete_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
         if step is not None and (folder / MANIFEST_FILE).exists():
             found.append((step, folder))
     return [folder for _, folder in sorted(found)]
+
+
+def saved_val_loss(ckpt_dir: Path) -> float | None:
+    """The val loss a checkpoint's state.json records (the run's latest eval when it was saved),
+    or None: none recorded, not a finite number, or no state.json to read."""
+    try:
+        value = json.loads((ckpt_dir / STATE_FILE).read_bytes()).get("val_loss")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def best_checkpoint(checkpoints: list[Path]) -> Path | None:
+    """Of `checkpoints` (oldest first), the one with the lowest val loss; the earliest of equals.
+
+    Every eval saves a checkpoint, so the earliest one holding a val loss is the one it was
+    measured at; a later save that carries it on (a stop signal's, between evals) ties and loses."""
+    scored = [(loss, index) for index, ckpt_dir in enumerate(checkpoints)
+              if (loss := saved_val_loss(ckpt_dir)) is not None]
+    return checkpoints[min(scored)[1]] if scored else None
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:

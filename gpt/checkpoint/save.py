@@ -23,7 +23,7 @@ from torch import nn
 from .. import locks
 from ..staging import Staging, live_storages
 from .files import files_under, fsync_dir, give_ordinary_permissions, seal, seal_all, write_text_atomic, writeback
-from .find import complete_checkpoints, latest_checkpoint, latest_name
+from .find import best_checkpoint, complete_checkpoints, latest_checkpoint, latest_name
 from .full_state import drop_tied_aliases, full_state_dicts
 from .layout import (CHECKPOINTS_DIR, DCP_DIR, FORMATS, LATEST_FILE, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE,
                      STATE_FILE, TOKENIZER_FILE, TRASH_PREFIX, CheckpointError, quiet_dcp, step_dir_name, step_of)
@@ -85,11 +85,11 @@ def complete_folder(tmp: Path, final: Path, state: dict[str, Any], tokenizer_pat
 
 
 def _publish(out_dir: Path, final: Path, keep_last: int,
-             remove: Callable[[list[Path]], None]) -> None:
+             remove: Callable[[list[Path]], None], keep_best: bool = False) -> None:
     """Point `latest` at the complete `final`, then prune older checkpoints (`remove` deletes
     the folders `_prune` moved aside: now, or in a background thread)."""
     write_text_atomic(out_dir / LATEST_FILE, final.name + "\n")
-    remove(_prune(final.parent, keep_last, keep=final.name))
+    remove(_prune(final.parent, keep_last, keep=final.name, keep_best=keep_best))
 
 
 def _failure_text(error: BaseException) -> str:
@@ -127,8 +127,9 @@ def _write_error(out_dir: Path, final: Path, error: BaseException) -> Checkpoint
     return CheckpointError(f"could not write checkpoint {final} ({type(error).__name__}: {error}); {kept}. {cause}")
 
 
-def _prune(root: Path, keep_last: int, keep: str) -> list[Path]:
-    """Move the complete checkpoints beyond the newest `keep_last` out of the way; return the
+def _prune(root: Path, keep_last: int, keep: str, keep_best: bool = False) -> list[Path]:
+    """Move the complete checkpoints beyond the newest `keep_last` out of the way (with
+    `keep_best`, all but the one with the lowest val loss: `best_checkpoint`); return the
     folders to delete. A rename is instant and atomic, so no half-deleted folder ever looks like
     a checkpoint, and the deleting (~1 s for 1.5 GB) can happen while training goes on.
 
@@ -138,9 +139,10 @@ def _prune(root: Path, keep_last: int, keep: str) -> list[Path]:
     would then resume from; it is left alone, and replaced if the run reaches its step."""
     newest = step_of(keep)
     complete = [p for p in complete_checkpoints(root.parent) if step_of(p.name) <= newest]
+    best = best_checkpoint(complete) if keep_best else None
     doomed = []
     for old in complete[:-keep_last] if keep_last > 0 else []:
-        if old.name != keep:
+        if old.name != keep and old != best:
             with _unread(old) as free:
                 if not free:  # a reader holds it: a later save prunes it once the reader is gone
                     continue
@@ -172,7 +174,7 @@ def _remove(folders: list[Path]) -> None:
 
 def _save_full_folder(out_dir: Path, step: int, write_weights: Callable[[Path], None],
                       state: dict[str, Any], tokenizer_path, keep_last: int,
-                      remove: Callable[[list[Path]], None] = _remove) -> Path:
+                      remove: Callable[[list[Path]], None] = _remove, keep_best: bool = False) -> Path:
     """One process writes a whole full-format checkpoint: begin, weights, complete, publish."""
     out_dir = Path(out_dir)
     final = out_dir / CHECKPOINTS_DIR / step_dir_name(step)
@@ -189,7 +191,7 @@ def _save_full_folder(out_dir: Path, step: int, write_weights: Callable[[Path], 
                     sealed[path.name] = pool.submit(seal, path)
             entries = {name: future.result() for name, future in sealed.items()}
         complete_folder(tmp, final, dict(state, format="full"), tokenizer_path, entries)
-        _publish(out_dir, final, keep_last, remove)
+        _publish(out_dir, final, keep_last, remove, keep_best)
     except Exception as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -300,14 +302,14 @@ class Checkpointer:
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, format: str = "full", rank: int = 0,
-                 world_size: int = 1, keep_last: int = 2,
+                 world_size: int = 1, keep_last: int = 2, keep_best: bool = False,
                  tokenizer_path: str | os.PathLike | None = None, async_save: bool = False) -> None:
         if format not in FORMATS:
             raise ValueError(f"checkpoint format must be one of {FORMATS}, got {format!r}")
         self.out_dir = Path(out_dir)
         self.format = format
         self.rank, self.world_size = rank, world_size
-        self.keep_last = keep_last
+        self.keep_last, self.keep_best = keep_last, keep_best
         self.tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else None
         self.async_save = async_save
         self.distributed = dist.is_available() and dist.is_initialized()
@@ -389,7 +391,7 @@ class Checkpointer:
             try:
                 self._staging.ready()
                 _save_full_folder(self.out_dir, step, full_writer(model_state, optimizer_state),
-                                  state, self.tokenizer_path, self.keep_last, self._remove)
+                                  state, self.tokenizer_path, self.keep_last, self._remove, self.keep_best)
             except CheckpointError as e:
                 if self._executor is None:
                     self._agree(str(e))
@@ -473,7 +475,7 @@ class Checkpointer:
                         raise RuntimeError("; ".join(errors)[:2000])
                     entries = {k: v for s, _ in results for k, v in s.items()}
                     complete_folder(tmp, final, state, self.tokenizer_path, entries)
-                    _publish(self.out_dir, final, self.keep_last, self._remove)
+                    _publish(self.out_dir, final, self.keep_last, self._remove, self.keep_best)
                 except Exception as e:
                     shutil.rmtree(tmp, ignore_errors=True)
                     outcome = str(_write_error(self.out_dir, final, e))

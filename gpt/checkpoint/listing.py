@@ -1,0 +1,59 @@
+"""A run's checkpoints at a glance (`python -m gpt.checkpoint list RUN`): which steps are kept,
+the val loss each recorded, how large each is, and which ones `latest` and `best` are.
+
+Read from each checkpoint's manifest.json and state.json alone (no weights are loaded), so it
+answers at once, also while the run is training and saving.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .find import best_checkpoint, complete_checkpoints, latest_checkpoint, saved_val_loss
+from .layout import CheckpointError, step_of
+from .verify import checkpoint_format, read_manifest
+
+
+def list_checkpoints(run: str | os.PathLike) -> list[dict[str, Any]]:
+    """One dict per complete checkpoint of `run`, oldest first: path, step, val_loss (None when
+    the run had not evaluated yet), format, bytes, latest (what a resume or `sample.py --out_dir`
+    reads) and best (the lowest val loss; what keep_best keeps)."""
+    run = Path(run)
+    if not run.is_dir():
+        raise CheckpointError(f"{run} is not a folder; give a run folder (out_dir)")
+    found = complete_checkpoints(run)
+    if not found:
+        raise CheckpointError(f"{run} holds no complete checkpoint (checkpoints/step_*/ with a manifest.json): "
+                              f"give a run folder (out_dir) that has saved one")
+    try:
+        latest = latest_checkpoint(run)
+    except CheckpointError:
+        latest = None  # `latest` names a missing folder: every row still lists
+    best = best_checkpoint(found)
+    rows = []
+    for ckpt_dir in found:
+        try:
+            size: int | None = sum(entry["bytes"] for entry in read_manifest(ckpt_dir).values())
+            fmt: str | None = checkpoint_format(ckpt_dir)
+        except CheckpointError:  # pruned, or broken, since it was found: listed without them
+            size = fmt = None
+        rows.append({"path": str(ckpt_dir), "step": step_of(ckpt_dir.name), "val_loss": saved_val_loss(ckpt_dir),
+                     "format": fmt, "bytes": size, "latest": ckpt_dir == latest, "best": ckpt_dir == best})
+    return rows
+
+
+def format_listing(run: str | os.PathLike, rows: list[dict[str, Any]]) -> str:
+    """`rows` as a table, one line per checkpoint, and how to sample the best one."""
+    lines = [f"checkpoints of {run}:", f"  {'step':>9}  {'val loss':>8}  {'format':<7}  {'size':>9}"]
+    for row in rows:
+        loss = f"{row['val_loss']:.4f}" if row["val_loss"] is not None else "-"
+        size = f"{row['bytes'] / 1e6:,.1f} MB" if row["bytes"] is not None else "?"
+        marks = ", ".join(mark for mark in ("latest", "best") if row[mark])
+        lines.append(f"  {row['step']:>9,}  {loss:>8}  {row['format'] or '?':<7}  {size:>9}"
+                     + (f"  ({marks})" if marks else ""))
+    best = next((row for row in rows if row["best"]), None)
+    if best is not None and not best["latest"]:
+        lines.append(f"the best is not the latest: sample it with sample.py --ckpt {best['path']}")
+    return "\n".join(lines)
