@@ -66,8 +66,7 @@ class MuonAdamW(torch.optim.Optimizer):
     `lr`; lr_scale = muon_lr / learning_rate keeps Muon's own size under the same schedule),
     times sqrt(rows / cols) for tall matrices (so their updates are as large per entry as a
     square matrix's). Its weight decay, when a group sets one, is decoupled like AdamW's (the
-trainer sets none: gpt/optim.py). State per parameter: Muon
-    "momentum_buffer"; AdamW "step", "exp_avg", "exp_avg_sq" (as torch.optim.AdamW names them),
+    trainer sets none: gpt/optim.py). State per parameter: Muon "momentum_buffer"; AdamW "step", "exp_avg", "exp_avg_sq" (as torch.optim.AdamW names them),
     so checkpoints save and restore it like any optimizer's.
     """
 

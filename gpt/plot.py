@@ -40,8 +40,8 @@ def load_runs(runs: Sequence[str | Path],
     for path in paths:
         _check_is_a_run(path)
         file = path / METRICS_FILE if path.is_dir() else path
-        if path.is_dir() and not file.exists() and (path / "config.json").is_file():
-            records = []  # a run that has started but not logged (its record is written at start)
+        if path.is_dir() and not file.exists():
+            records = []  # a run that has started (its folder is made first) but not logged yet
         else:
             records = read_metrics(path)
         if not records:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import os
+import re
 from pathlib import Path
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -70,9 +71,29 @@ def siblings(path: Path, holds: str | tuple[str, ...]) -> list[str]:
 
 
 def looks_like(path: Path, names: list[str]) -> Path | None:
-    """The sibling among `names` that `path` looks like a typo of (lr_3e3 for lr_3e-3), or None."""
-    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
-    return path.parent / close[0] if close else None
+    """The sibling among `names` that `path`'s name is one slip away from (lr_3e3 for lr_3e-3,
+    shakespear_char for shakespeare_char), or None. Not names that differ in their numbers alone
+    (lr_1e-4 beside lr_1e-3, seed_2 beside seed_1): a sweep's runs are named so on purpose."""
+    return next((path.parent / name for name in names if _one_slip(path.name, name)), None)
+
+
+def _one_slip(typed: str, name: str) -> bool:
+    """Whether `typed` is `name` with one character dropped, added, swapped with its neighbour or
+    mistyped (a letter, not a digit for a digit), or with other punctuation."""
+    if typed == name or re.sub(r"\d+", "#", typed) == re.sub(r"\d+", "#", name):
+        return False  # the same, or the same but for numbers: another run, not a typo
+    if re.sub(r"[-_. ]", "", typed) == re.sub(r"[-_. ]", "", name):
+        return True
+    if abs(len(typed) - len(name)) > 1:
+        return False
+    i = next((k for k, (a, b) in enumerate(zip(typed, name)) if a != b), min(len(typed), len(name)))
+    if len(typed) != len(name):  # one dropped or added character
+        longer, shorter = (typed, name) if len(typed) > len(name) else (name, typed)
+        return longer[:i] + longer[i + 1:] == shorter
+    if typed[i + 1:] == name[i + 1:]:  # one mistyped character
+        return not (typed[i].isdigit() and name[i].isdigit())
+    # two neighbours swapped
+    return i + 1 < len(typed) and typed[i] == name[i + 1] and typed[i + 1] == name[i] and typed[i + 2:] == name[i + 2:]
 
 
 def nearby_runs(path: Path) -> str:
@@ -83,7 +104,10 @@ def nearby_runs(path: Path) -> str:
     found = runs + checkpoints
     if not found:
         return ""
-    meant = looks_like(path, found)
+    # Looser than looks_like: this answers an error (the path does not exist), where naming a run
+    # of a rather different name (shakespeare_char_cpu for shakespeare_char) costs nothing.
+    close = difflib.get_close_matches(path.name, found, n=1, cutoff=0.6)
+    meant = path.parent / close[0] if close else None
     kinds = " and ".join(kind for kind, names in (("run folders", runs), ("checkpoint folders", checkpoints)) if names)
     return ((f"; did you mean {meant}?" if meant else "")
             + f" ({kinds} in {path.parent}: {', '.join(found[:10])}{', ...' if len(found) > 10 else ''})")

@@ -9,6 +9,7 @@ gpt/checkpoint/save.py's `Checkpointer` is the user.
 from __future__ import annotations
 
 import math
+import mmap
 import warnings
 import weakref
 from typing import Any, Callable
@@ -104,7 +105,7 @@ def _clear_last_cuda_error() -> None:
         pass
 
 
-PAGE = 4096
+PAGE = mmap.PAGESIZE  # the OS's: 4 KiB on x86, often 64 KiB on aarch64 (GH200)
 
 
 def _whole_pages(nbytes: int) -> torch.Tensor:

@@ -39,6 +39,7 @@ from .nonfinite import NonFiniteGuard
 from .optim import build_optimizer, describe_optimizer, learning_rate_at
 from .resume import check_checkpoint_fits_data, check_resumed_model, note_changed_batch, note_changed_settings
 from .run_folder import claim_out_dir, record_config
+from .run_layout import looks_like, siblings
 from .shards import ShardError, list_shards
 from .stop import StopFlag
 from .tokenizer import read_vocab
@@ -77,7 +78,10 @@ def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
     state = "holds no dataset" if data_dir.is_dir() else "does not exist"
     # A char vocabulary's size is the corpus's count of distinct characters, known only later.
     vocab = f", vocab {config.prepare_vocab_size}" if config.prepare_tokenizer == "bpe" else ""
-    say(f"{data_dir} {state}; preparing the '{config.prepare_source}' corpus there "
+    meant = looks_like(data_dir, siblings(data_dir, "meta.json"))
+    typo = (f" (did you mean {meant}, the dataset beside it? Then stop this run with Ctrl-C and give that "
+            f"data_dir)" if meant is not None else "")
+    say(f"{data_dir} {state}{typo}; preparing the '{config.prepare_source}' corpus there "
         f"({config.prepare_tokenizer}{vocab}; prepare_source = 'none' makes a missing dataset an error instead)")
     try:
         prepare(out_dir=data_dir, source=config.prepare_source, tokenizer=config.prepare_tokenizer,

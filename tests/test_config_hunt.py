@@ -47,6 +47,13 @@ def test_help_after_config_shows_that_files_values(tmp_path, capsys):
         assert "peak learning rate (default: 0.012 from mine.toml, built in 0.001)" in text
         assert "from default.toml" not in text  # n_layer: the built-in default, as the run would use
     assert "from default.toml" not in help_of("--config=", "--help")
+    # A --config that cannot be read: said, and the help shows the built-in values (not the
+    # default file's, as if they were that file's).
+    text = help_of("--config", str(tmp_path / "nope.toml"), "--help")
+    squeezed = "".join(text.split())  # (argparse wraps a long path at its hyphens)
+    assert "".join(f"{tmp_path / 'nope.toml'} does not exist: the defaults below are the built-in ones".split()) \
+        in squeezed
+    assert "from default.toml" not in text
 
 
 def test_a_broken_default_config_does_not_stop_runs_of_another_file(tmp_path):

@@ -574,9 +574,9 @@ def test_plot_of_a_sweep_in_progress(tmp_path, capsys):
     did-you-mean; the sweep's own folder said only that it had no metrics.jsonl."""
     def run(path: Path, records: int) -> Path:
         path.mkdir(parents=True)
-        (path / "config.json").write_text("{}")
-        (path / "latest").write_text("step_0000001")
-        if records:
+        if records:  # (a run that has just started holds only its lock: no config.json, no latest)
+            (path / "config.json").write_text("{}")
+            (path / "latest").write_text("step_0000001")
             (path / "metrics.jsonl").write_text("".join(
                 json.dumps({"step": s, "loss": 3.0 - s / 10, "lr": 1e-3, "tokens": 64 * s}) + "\n"
                 for s in range(1, records + 1)))

@@ -33,8 +33,8 @@ def test_eval_names_a_token_id_outside_the_vocabulary_before_the_model_sees_it(t
 
 def test_one_rule_says_what_a_checkpoint_folder_is(tmp_path):
     """gpt/hf.py called any folder with a manifest.json "a checkpoint folder of this project"
-    (refusing it as init_from = hf:DIR), while gpt/dataset.py, which prep and export ask, wants
-    manifest.json and state.json both: manifest.json alone is common elsewhere (web apps)."""
+    (refusing it as init_from = hf:DIR), while the rule prep and export ask (now gpt/run_layout.py's)
+    wants manifest.json and state.json both: manifest.json alone is common elsewhere (web apps)."""
     from gpt import hf
     from gpt.run_layout import training_output
 
@@ -60,9 +60,12 @@ def test_a_new_out_dir_next_to_a_run_of_nearly_its_name_says_so(char_data, tmp_p
     out = " ".join(capsys.readouterr().out.split())
     assert (f"note: out_dir {sweep / 'lr_3e3'} is a new folder: this is a fresh run from step 0. Did you mean "
             f"{sweep / 'lr_3e-3'}, the run beside it?") in out
-    # Its own folder again (a resume), or a name like no other run's: no note.
+    # Its own folder again (a resume), a name like no other run's, or one that differs from a
+    # run's in its numbers alone (a sweep's next point, named so on purpose): no note.
     train(tiny_config(char_data, sweep / "lr_3e3", max_steps=3, eval_interval=3))
     train(tiny_config(char_data, sweep / "dropout_0.1", max_steps=2, eval_interval=2))
+    train(tiny_config(char_data, sweep / "lr_1e-3", max_steps=2, eval_interval=2))
+    train(tiny_config(char_data, sweep / "dropout_0.2", max_steps=2, eval_interval=2))
     assert "is a new folder" not in capsys.readouterr().out
 
 
@@ -119,3 +122,28 @@ def test_keep_best_keeps_the_lowest_val_loss_and_list_shows_it(char_data, tmp_pa
     assert [p.name for p in ckpt.complete_checkpoints(other)] == ["step_0000010", "step_0000012"]
     assert ckpt.main(["list", str(tmp_path / "nothing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+    assert ckpt.main(["list", str(tmp_path / "rnu")]) == 2
+    assert f"did you mean {run}?" in capsys.readouterr().err
+    for inside in (run / "checkpoints", run / "checkpoints" / "step_0000004"):
+        assert ckpt.main(["list", str(inside)]) == 2
+        assert "list the run itself (its out_dir)" in capsys.readouterr().err
+
+
+def test_a_mistyped_data_dir_that_gets_the_default_corpus_names_the_dataset_meant(char_data, tmp_path, capsys,
+                                                                                monkeypatch):
+    """Under the default prepare_source = 'stdlib', `--data_dir data/shakespear_char` prepared the
+    stdlib corpus into the typo's folder and trained on it, saying only that it was preparing."""
+    import shutil
+
+    import gpt.prepare
+    from conftest import tiny_config
+    from gpt.trainer import _prepare_default
+
+    shutil.copytree(char_data, tmp_path / "shakespeare_char")
+    prepared = []
+    monkeypatch.setattr(gpt.prepare, "prepare", lambda **kwargs: prepared.append(kwargs["out_dir"]))
+    typo = tmp_path / "shakespear_char"
+    _prepare_default(tiny_config(typo, tmp_path / "run", prepare_source="stdlib"), typo)
+    assert prepared == [typo]
+    assert (f"{typo} does not exist (did you mean {tmp_path / 'shakespeare_char'}, the dataset beside it? Then stop "
+            f"this run with Ctrl-C and give that data_dir); preparing the 'stdlib' corpus there") in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from ..config import ArgumentParser
 from .consolidation import consolidate
@@ -49,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}")
 
     # `consolidate` removes its unfinished copy on the way out (KeyboardInterrupt included), and
-    # never writes into the source checkpoint.
+    # never writes into the source checkpoint; `list` writes nothing.
+    consolidating = "consolidate" in (sys.argv[1:] if argv is None else argv)
     return report_errors(run, interrupted="interrupted: stopped consolidating; the checkpoint is unchanged "
-                                          "and no unfinished copy was left behind")
+                                          "and no unfinished copy was left behind" if consolidating
+                                          else "interrupted: stopped listing")
 

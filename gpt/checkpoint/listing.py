@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .find import best_checkpoint, complete_checkpoints, latest_checkpoint, saved_val_loss
+from ..run_layout import nearby_runs, training_output
 from .layout import CheckpointError, step_of
 from .verify import checkpoint_format, read_manifest
 
@@ -22,7 +23,10 @@ def list_checkpoints(run: str | os.PathLike) -> list[dict[str, Any]]:
     reads) and best (the lowest val loss; what keep_best keeps)."""
     run = Path(run)
     if not run.is_dir():
-        raise CheckpointError(f"{run} is not a folder; give a run folder (out_dir)")
+        raise CheckpointError(f"{run} is not a folder; give a run folder (out_dir){nearby_runs(run)}")
+    inside = training_output(run)
+    if inside is not None and inside != "is a training run folder":  # a checkpoint, or checkpoints/
+        raise CheckpointError(f"{run} {inside}: list the run itself (its out_dir)")
     found = complete_checkpoints(run)
     if not found:
         raise CheckpointError(f"{run} holds no complete checkpoint (checkpoints/step_*/ with a manifest.json): "
