@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -550,11 +551,22 @@ def parse_args(argv: Sequence[str] | None = None, default_config: str | None = N
                           f"(the others would be ignored): merge them into one, or override single keys "
                           f"with --key=value")
     config = TrainConfig()
+    from_file: dict[str, Any] = {}
     if args.config:
-        config = apply_overrides(config, load_toml(args.config), str(args.config), typed=True)
+        from_file = load_toml(args.config)
+        config = apply_overrides(config, from_file, str(args.config), typed=True)
     cli = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     config = apply_overrides(config, cli, "command line")
-    config = expand_home(config).validate()
+    try:
+        config = expand_home(config).validate()
+    except ConfigError as e:
+        # validate() sees only the merged settings; an error about a key that the file set (and
+        # the command line left alone) names the file, as a wrong type or choice there does.
+        key = re.match(r"[a-z_0-9]+", str(e))
+        in_file = {name.replace("-", "_") for name in from_file}
+        if key and key.group(0) in in_file and key.group(0) not in cli:
+            raise ConfigError(f"{args.config}: {e}") from None
+        raise
     check_launch_environment(os.environ)
     return config
 

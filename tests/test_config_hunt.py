@@ -193,3 +193,16 @@ def test_ctrl_c_while_torch_imports_is_one_line(torch_that_fails, tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr == "interrupted: stopped before training started; nothing was written\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_value_in_a_config_file_names_the_file(tmp_path):
+    """`dropout = 1` in a sweep's own TOML file said only "dropout must be in [0, 1), got 1.0",
+    not where the 1 came from (a wrong type or choice in a file named it already)."""
+    mine = tmp_path / "mine.toml"
+    mine.write_text("dropout = 1.0\nn_layer = 2\n")
+    with pytest.raises(ConfigError, match=rf"^{mine}: dropout must be in \[0, 1\), got 1.0$"):
+        parse_args(["--config", str(mine)])
+    # From the command line it is the command line's value: no file named.
+    with pytest.raises(ConfigError, match=r"^dropout must be in \[0, 1\), got 1.5$"):
+        parse_args(["--config", str(mine), "--dropout=1.5"])
+    assert parse_args(["--config", str(mine), "--dropout=0.1"]).dropout == 0.1
