@@ -27,37 +27,6 @@ class MetricsError(ValueError):
     """A metrics file is missing, malformed or cannot be written, or gpt.plot's options are bad;
     the message names the file (and line) or the option."""
 
-def format_duration(seconds: float) -> str:
-    """A duration as a log line shows it: 45s, 12m05s, 7h03m, 3d04h (a long run's ETA)."""
-    if not math.isfinite(seconds):  # an ETA from a step time of 0 or NaN: nothing to show
-        return "?"
-    seconds = max(0, int(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours >= 24:
-        return f"{hours // 24}d{hours % 24:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
-
-
-def eta_seconds(step_time: float, steps_left: int, evals_left: int, eval_s: float | None, save_s: float,
-                eval_iters: int, accum: int) -> float:
-    """Seconds to the end of the run: the steps left at `step_time` each, plus each eval (and
-    the save after it) to come, priced at the latest ones (`eval_s`, `save_s`).
-
-    Before this process has timed an eval (the first log lines of a run, and of a resumed one),
-    `eval_s` is None and an eval is priced as what it does: `eval_iters` forward passes over one
-    micro-batch each, a third of a training micro-step (forward + backward ~ 3 forwards): left
-    out until the first one, a costly eval would make the ETA a fraction of the time really left.
-    """
-    if eval_s is None:
-        eval_s = step_time / accum * eval_iters / 3
-    return max(0.0, step_time * steps_left + evals_left * (eval_s + save_s))
-
-
 def finite_or_null(value: Any) -> Any:
     """`value` (nested dicts and lists) with every non-finite float as None: json.dumps writes
     NaN and Infinity as bare tokens, which are not JSON."""

@@ -32,7 +32,7 @@ from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier,
                           shutdown)
 from .errors import FollowOnFailure, TrainingError
 from .loader import TokenLoader
-from .metrics import MetricsLog, Sinks, WandbSink, eta_seconds, format_duration, wandb_tags
+from .metrics import MetricsLog, Sinks, WandbSink, wandb_tags
 from .mfu import peak_flops
 from .model import GPT, GPTConfig, closed_form_num_params
 from .nonfinite import NonFiniteGuard
@@ -43,6 +43,8 @@ from .run_layout import looks_like, siblings
 from .shards import ShardError, list_shards
 from .stop import StopFlag
 from .tokenizer import read_vocab
+from .training_log import (Clock, LogInterval, carried_interval, format_duration, interval_step_time, log_record,
+                           peak_at_least, run_seconds)
 
 
 @dataclass
@@ -318,15 +320,6 @@ def describe_run(config: TrainConfig, info: DistInfo, model: GPT, optimizer: tor
 # Evaluation
 
 
-def evals_left(step: int, config: TrainConfig) -> int:
-    """How many eval (and save) steps come after `step`: every eval_interval-th, and the last."""
-    if step >= config.max_steps:
-        return 0
-    every = config.eval_interval
-    periodic = (config.max_steps - 1) // every - step // every if every > 0 else 0
-    return periodic + 1
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, config: TrainConfig, info: DistInfo, autocast,
              val_loader: TokenLoader) -> float:
@@ -429,37 +422,6 @@ def restore_checkpoint(resume_from: Path, model: GPT, optimizer: torch.optim.Opt
     return state
 
 
-@dataclass
-class LogInterval:
-    """The log interval in progress: this rank's summed micro-batch losses, its steps, its skipped
-    steps. A stop signal saves mid-interval; the checkpoint carries the interval, so the first
-    record after a resume averages the same steps as in a run never stopped."""
-    loss_sum: torch.Tensor
-    steps: int = 0
-    skipped: int = 0
-
-
-def carried_loss_sum(saved: dict[str, Any], info: DistInfo, accum: int) -> float:
-    """This rank's loss sum for the log interval a checkpoint was saved in (`log_interval` in
-    state.json). On the same world size and accumulation: its own, bit for bit. Otherwise the
-    saved ranks' mean, rescaled to this run's micro-batches per step: the record's mean over
-    ranks and steps is the same, only its rounding differs."""
-    sums = saved["loss_sums"]
-    if len(sums) == info.world_size and saved["accum"] == accum:
-        return sums[info.rank]
-    return sum(sums) / len(sums) * accum / saved["accum"]
-
-
-def carried_interval(state: dict[str, Any], info: DistInfo, accum: int) -> LogInterval:
-    """The interval a resumed checkpoint was saved in (an empty one for a fresh start)."""
-    interval = LogInterval(torch.zeros((), device=info.device))
-    if "log_interval" in state:
-        carried = state["log_interval"]
-        interval.loss_sum.fill_(carried_loss_sum(carried, info, accum))
-        interval.steps, interval.skipped = carried["steps"], carried["skipped"]
-    return interval
-
-
 def autocast_context(config: TrainConfig, info: DistInfo, dtype: torch.dtype):
     # Under FSDP the MixedPrecisionPolicy does the casting; elsewhere autocast does.
     compute_dtype = parallel.autocast_dtype(parallel.resolve_strategy(config, info), dtype)
@@ -493,24 +455,6 @@ def open_metrics(config: TrainConfig, info: DistInfo, out_dir: Path, gpt_config:
             tags=wandb_tags(config.wandb_tags), config=dict(config.to_dict(), model_config=asdict(gpt_config)),
             resumed=resumed))
     return metrics
-
-
-@dataclass
-class Clock:
-    """The run's timings, for tokens/s and MFU, the ETA and metrics' elapsed_s."""
-    elapsed_before: float  # training time of the earlier runs this one resumes (metrics' elapsed_s)
-    timed_from: int  # the step the log interval's timing starts after: tokens/s counts this process's steps
-    interval_start: float  # time.perf_counter() where the log interval's timing starts
-    run_start: float  # time.perf_counter() where this process's training starts
-    # When this process's first step ended: it carries warm-up (compile), left out of the ETA.
-    first_step_done: float | None = None
-    eval_s: float | None = None  # the latest eval's seconds, for the ETA (None: none timed yet)
-    save_s: float = 0.0  # the latest save's seconds, for the ETA
-
-
-def run_seconds(clock: Clock) -> float:
-    """Training time so far, the earlier runs this one resumes included."""
-    return clock.elapsed_before + time.perf_counter() - clock.run_start
 
 
 def checkpoint_state(at_step: int, val_loss: float | None, tokens_seen: int, loader: TokenLoader,
@@ -583,66 +527,6 @@ def timed_evaluate(wrapped: torch.nn.Module, config: TrainConfig, info: DistInfo
     clock.eval_s = time.perf_counter() - began
     guard.check_val_loss(step, val_loss)  # a model that outputs NaN is never saved
     return val_loss
-
-
-def interval_step_time(clock: Clock, step: int) -> tuple[float, float]:
-    """Seconds per step over the log interval ending at `step`, and the same for the ETA: the
-    first interval's first step also warmed up (torch.compile: a minute on a GPU), so the ETA
-    prices the steps to come at the interval's other steps."""
-    elapsed = time.perf_counter() - clock.interval_start
-    step_time = steady = elapsed / (step - clock.timed_from)
-    if clock.first_step_done > clock.interval_start and step - clock.timed_from > 1:
-        steady = (clock.interval_start + elapsed - clock.first_step_done) / (step - clock.timed_from - 1)
-    return step_time, steady
-
-
-RAISED = ", raised to training's own speed"
-
-
-def peak_at_least(peak: float, source: str, achieved: float, info: DistInfo) -> tuple[float, str]:
-    """The MFU peak, raised to the FLOP/s training `achieved` (per device) where it was only
-    measured (a brief matmul at start, `peak_flops`) and training went faster: measured while the
-    machine was busy (another job, a data prep finishing), it gave MFU above 100% (160% seen) for
-    the rest of the run. A datasheet's or peak_tflops' figure is kept as it is."""
-    if achieved <= peak or not source.startswith("measured"):
-        return peak, source
-    if RAISED not in source:
-        log(info, f"note: training ran at {achieved / 1e12:.3f} TFLOP/s per device, faster than the "
-                  f"{peak / 1e12:.3f} TFLOP/s peak measured at start (the machine was busier then): MFU is "
-                  f"against the faster figure from here on (set peak_tflops for a fixed one)")
-    return achieved, source + RAISED
-
-
-def log_record(step: int, config: TrainConfig, info: DistInfo, *, lr: float, tokens_seen: int,
-               train_loss: float, val_loss: float | None, step_time: float, steady: float, clock: Clock,
-               accum: int, tokens_per_step: int, flops_per_token: float, peak: float, skipped: int,
-               loss_scale: float | None) -> tuple[dict[str, Any], str]:
-    """A log step's metrics record and printed line: loss, speed (tokens/s, MFU), ETA; then the
-    skipped steps (if any), the val loss (eval steps) and float16's loss scale (not printed).
-    `step_time` and `steady` as `interval_step_time` gives them."""
-    # Each eval step to come also evaluates and saves: priced at the latest ones.
-    eta = eta_seconds(steady, config.max_steps - step, evals_left(step, config), clock.eval_s,
-                      clock.save_s, config.eval_iters, accum)
-    tok_s = tokens_per_step / step_time
-    mfu = flops_per_token * tok_s / (peak * info.world_size)
-    record = {
-        "step": step, "loss": round(train_loss, 6), "lr": lr, "tokens": tokens_seen,
-        "tokens_per_s": round(tok_s, 1), "tokens_per_s_per_device": round(tok_s / info.world_size, 1),
-        "mfu": round(mfu, 5), "step_ms": round(step_time * 1000, 2), "elapsed_s": round(run_seconds(clock), 2),
-        "eta_s": round(eta, 1),
-    }
-    message = (f"step {step:>6}/{config.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
-               f"{tok_s:,.0f} tok/s | MFU {mfu * 100:.1f}% | {step_time * 1000:.0f} ms/step | "
-               f"ETA {format_duration(eta)}")
-    if skipped:
-        record["skipped_steps"] = skipped
-        message += f" | skipped {skipped}"
-    if val_loss is not None:
-        record["val_loss"] = round(val_loss, 6)
-        message += f" | val loss {val_loss:.4f}"
-    if loss_scale is not None:
-        record["loss_scale"] = loss_scale
-    return record, message
 
 
 # ----------------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ import time
 import pytest
 import torch
 
-from gpt.metrics import eta_seconds, read_metrics
+from gpt.metrics import read_metrics
 from gpt.model import GPT, GPTConfig
-from gpt.trainer import evals_left, train
+from gpt.trainer import train
+from gpt.training_log import eta_seconds, evals_left
 
 from conftest import tiny_config
 
@@ -35,6 +36,7 @@ class VirtualClock:
 def virtual_clock(monkeypatch) -> VirtualClock:
     clock = VirtualClock()
     monkeypatch.setattr("gpt.trainer.time", clock)
+    monkeypatch.setattr("gpt.training_log.time", clock)  # the log interval's timing
     return clock
 
 
@@ -248,7 +250,7 @@ def test_wandb_resume_from_an_older_checkpoint_logs_no_step_twice(char_data, tmp
 
 
 def test_durations_read_in_days_past_one_and_never_fail():
-    from gpt.metrics import format_duration
+    from gpt.training_log import format_duration
 
     assert [format_duration(s) for s in (0, 45, 725, 25_380, 86_399, 273_600, 9600 * 3600)] == \
         ["0s", "45s", "12m05s", "7h03m", "23h59m", "3d04h", "400d00h"]

@@ -21,7 +21,8 @@ from gpt.config import TrainConfig
 from gpt.distributed import DistInfo
 from gpt.metrics import read_metrics
 from gpt.sampling import run_sample
-from gpt.trainer import carried_loss_sum, evals_left, evaluate, train
+from gpt.trainer import evaluate, train
+from gpt.training_log import carried_loss_sum, evals_left
 
 from conftest import REPO, latest_weights, learning_records, rewound_copy, run_script, tiny_config
 

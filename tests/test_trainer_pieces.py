@@ -6,7 +6,8 @@ import torch
 
 from gpt.config import TrainConfig
 from gpt.distributed import DistInfo
-from gpt.trainer import Clock, LogInterval, carried_interval, grad_scaler, interval_step_time, log_record
+from gpt.trainer import grad_scaler
+from gpt.training_log import Clock, LogInterval, carried_interval, interval_step_time, log_record
 
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 

@@ -175,7 +175,7 @@ _STATE_KEYS: dict[str, tuple[str, Callable[[Any], bool]]] = {
                                             and isinstance(v.get("scale"), (int, float))
                                             and not isinstance(v.get("scale"), bool)
                                             and math.isfinite(v["scale"]) and v["scale"] > 0)),
-    # The log interval in progress (gpt/trainer.py carried_interval): its steps, skipped steps,
+    # The log interval in progress (gpt/training_log.py carried_interval): its steps, skipped steps,
     # micro-batches per step and each rank's loss sum.
     "log_interval": ("an object with whole numbers 'steps', 'skipped' >= 0, 'accum' >= 1 and an array of "
                      "numbers 'loss_sums'",
