@@ -497,7 +497,8 @@ def build_parser(default_config: str | None = None, shown_config: str | None = N
         except ConfigError as e:
             unreadable = f"; it cannot be used now: {e}"
     if shown_config:  # `--config X --help`: the values below are X's, or, X being unusable, the built-in ones
-        problem = "does not exist" if not Path(shown_config).is_file() else unreadable.removeprefix("; it ")
+        problem = ("is a folder, not a file" if Path(shown_config).is_dir() else "does not exist"
+                   if not Path(shown_config).is_file() else unreadable.removeprefix("; it "))
         given = (f"; the defaults below are {shown_config}'s" if from_file
                  else f"; {shown_config} {problem}: the defaults below are the built-in ones")
         unreadable = ""

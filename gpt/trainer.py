@@ -228,7 +228,8 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
             log(info, f"note: {out_dir / ckpt.LATEST_FILE} is missing; resuming from the newest complete "
                       f"checkpoint, {resume_from.name} (to start over instead, use another --out_dir)")
         note_changed_settings(saved.get("train_config") or {}, config, info, step=saved["step"])
-        note_changed_batch(saved, config, info)
+        if saved["step"] < config.max_steps:  # (a finished run rerun trains nothing: no batch to compare)
+            note_changed_batch(saved, config, info)
     model = GPT(gpt_config)
     if resume_from is None and hf_dir is not None:
         hf.load_hf_weights(model, hf_dir)
