@@ -11,12 +11,14 @@ import faulthandler
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, parse_args
+from .early_signals import ImportInterrupted
 from .errors import FollowOnFailure, TrainingError
 from .hf import HFError
 from .metrics import MetricsError
@@ -69,6 +71,8 @@ TRAIN_INTERRUPTED = ("interrupted: stopped at once, without saving; checkpoints 
 
 
 def report_errors(main: Callable[[], int | None], interrupted: str = TRAIN_INTERRUPTED) -> int:
+    if threading.current_thread() is threading.main_thread():
+        ImportInterrupted.uninstall()  # from here a Ctrl-C is a KeyboardInterrupt, answered below
     try:
         return main() or 0
     except USER_ERRORS as e:

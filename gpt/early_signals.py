@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -50,6 +51,33 @@ class EarlyStopSignals:
         for sig, previous in self.replaced.items():
             if signal.getsignal(sig) is self:
                 signal.signal(sig, previous)
+
+
+class ImportInterrupted:
+    """SIGINT's handler while a `python -m gpt.TOOL` process imports torch (a second or more),
+    before the tool's own handling (gpt/cli.py report_errors) is in place: a Ctrl-C then ends the
+    process with the tool's one line and exit code 130, where it printed Python's traceback into
+    torch's import machinery. report_errors puts Python's own handler back."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __call__(self, signum, frame) -> None:
+        print(self.message, file=sys.stderr, flush=True)
+        raise SystemExit(130)  # not an Exception: nothing on the way out catches it
+
+    @classmethod
+    def install(cls, message: str) -> None:
+        """In place of Python's own SIGINT handler only (one that ignores SIGINT, as a background
+        job's, or a caller's own handler is left alone)."""
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, cls(message))
+
+    @staticmethod
+    def uninstall() -> None:
+        """Python's own handler back (KeyboardInterrupt), where this one is installed."""
+        if isinstance(signal.getsignal(signal.SIGINT), ImportInterrupted):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class ParentWatch:

@@ -26,6 +26,11 @@ text of the corpus (prep inserts them between documents), though predicting them
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m` this tool: a Ctrl-C while torch imports is one line too
+    from gpt.early_signals import ImportInterrupted
+
+    ImportInterrupted.install("interrupted: stopped before evaluating")
+
 import argparse
 import contextlib
 import json

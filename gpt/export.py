@@ -19,6 +19,11 @@ Needs the `hf` extra: pip install 'gpt-from-scratch[hf]'.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m` this tool: a Ctrl-C while torch imports is one line too
+    from gpt.early_signals import ImportInterrupted
+
+    ImportInterrupted.install("interrupted: stopped before exporting; nothing was written")
+
 import argparse
 import json
 import os

@@ -12,6 +12,11 @@ Needs the `plot` extra: pip install 'gpt-from-scratch[plot]'.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m` this tool: a Ctrl-C while torch imports is one line too
+    from gpt.early_signals import ImportInterrupted
+
+    ImportInterrupted.install("interrupted: stopped before plotting")
+
 import argparse
 import sys
 from pathlib import Path

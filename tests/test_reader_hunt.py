@@ -147,3 +147,26 @@ def test_a_mistyped_data_dir_that_gets_the_default_corpus_names_the_dataset_mean
     assert prepared == [typo]
     assert (f"{typo} does not exist (did you mean {tmp_path / 'shakespeare_char'}, the dataset beside it? Then stop "
             f"this run with Ctrl-C and give that data_dir); preparing the 'stdlib' corpus there") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tool, args", [("gpt.eval", ["out/none"]), ("gpt.export", ["out/none", "--out", "x"]),
+                                        ("gpt.plot", ["out/none"])])
+def test_ctrl_c_while_a_tool_imports_torch_is_one_line(tool, args, tmp_path):
+    """`python -m gpt.eval` (export, plot) answered a Ctrl-C in its first second or so, while torch
+    imports and before its own handling is in place, with Python's 18-line KeyboardInterrupt
+    traceback into torch's import machinery; sample.py and train.py said one line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, "-m", tool, *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    time.sleep(0.4)  # the tool has started (its handler is set within ~0.1 s); torch takes longer
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("interrupted: stopped"), err
