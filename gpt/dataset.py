@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt.run_layout import looks_like, siblings, training_output
+from gpt.run_layout import training_output, typo_of
 from gpt.shards import (GPT2_EOS_ID, GPT2_VOCAB_SIZE, MAX_VOCAB, SPLITS, ShardError, list_shards,
                         open_shard)
 from gpt.tokenizer import KINDS, TOKENIZER_FILE, Tokenizer, TokenizerError, gpt2_tokenizer
@@ -57,7 +57,7 @@ def missing_dataset(data_dir: Path, what: str, split: str | None = None,
         # A relative path is from the current folder, which a job script or an IDE may not have
         # set to the repository; a folder of a dataset beside it may be what was meant.
         where = f" (from the current folder, {Path.cwd()})" if not data_dir.is_absolute() else ""
-        meant = looks_like(data_dir, siblings(data_dir, "meta.json"))
+        meant = typo_of(data_dir, ("meta.json",))
         make = (f"; did you mean {meant}, the dataset beside it? Or make one with" if meant is not None
                 else ". Make one with")
         return ShardError(f"{data_dir}: {what}{where}{make}: python data_prep/prepare.py --input YOUR_TEXT "

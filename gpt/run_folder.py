@@ -20,7 +20,7 @@ from . import locks
 from .config import ConfigError, TrainConfig
 from .console import say
 from .distributed import DistInfo
-from .run_layout import CHECKPOINTS_DIR, LATEST_FILE, looks_like, siblings
+from .run_layout import RUN_MARKS, typo_of
 
 RUN_LOCK_FILE = ".run-lock"  # held (flock, gpt/locks.py) by the live run writing out_dir: its rank 0
 
@@ -86,7 +86,7 @@ def claim_out_dir(config: TrainConfig, info: DistInfo, held: contextlib.ExitStac
         created = not out_dir.exists()
         # A new folder next to a run of nearly its name: most likely a typo of that run's out_dir
         # (meant to extend or resume it), which would silently start a fresh run from step 0.
-        meant = looks_like(out_dir, siblings(out_dir, (LATEST_FILE, CHECKPOINTS_DIR))) if created else None
+        meant = typo_of(out_dir, RUN_MARKS) if created else None
         held.enter_context(lock_out_dir(config, out_dir))
         if created:  # runs before the lock's release (an ExitStack unwinds last in, first out)
             held.callback(remove_if_unused, out_dir)

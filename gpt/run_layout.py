@@ -22,6 +22,7 @@ CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 MANIFEST_FILE = "manifest.json"
 STATE_FILE = "state.json"
+RUN_MARKS = (LATEST_FILE, CHECKPOINTS_DIR)  # a run folder holds one of them
 
 
 def training_output(path: Path, anywhere_in_run: bool = False) -> str | None:
@@ -58,29 +59,33 @@ def is_checkpoint_folder(folder: Path) -> bool:
     return (folder / MANIFEST_FILE).is_file() and (folder / STATE_FILE).is_file()
 
 
-def siblings(path: Path, holds: str | tuple[str, ...]) -> list[str]:
-    """The names of the folders beside `path` (not itself) that hold a file or folder named in
-    `holds`, sorted; [] where the parent cannot be listed."""
+def _beside(path: Path) -> list[Path]:
+    """The entries of `path`'s parent but `path` itself; [] where the parent cannot be listed."""
     try:  # the first 1,000 entries: a parent such as /tmp may hold a great many
-        entries = list(itertools.islice(path.parent.iterdir(), 1000))
+        return [p for p in itertools.islice(path.parent.iterdir(), 1000) if p.name != path.name]
     except OSError:
         return []
-    marks = (holds,) if isinstance(holds, str) else holds
-    # os.path's tests: a sibling this user may not read has none (Path's would raise EACCES).
-    return sorted(p.name for p in entries if p.name != path.name and any(os.path.exists(p / m) for m in marks))
 
 
-def looks_like(path: Path, names: list[str]) -> Path | None:
-    """The sibling among `names` that `path`'s name is one slip away from (lr_3e3 for lr_3e-3,
-    shakespear_char for shakespeare_char), or None. Not names that differ in their numbers alone
-    (lr_1e-4 beside lr_1e-3, seed_2 beside seed_1): a sweep's runs are named so on purpose."""
+def _holding(entries: list[Path], marks: tuple[str, ...]) -> list[str]:
+    """The sorted names of the folders among `entries` that hold a file or folder named in `marks`."""
+    # os.path's tests: a folder this user may not read holds none (Path's would raise EACCES).
+    return sorted(p.name for p in entries if any(os.path.exists(p / m) for m in marks))
+
+
+def typo_of(path: Path, marks: tuple[str, ...]) -> Path | None:
+    """The folder beside `path` holding one of `marks` (RUN_MARKS: a run; ("meta.json",): a
+    dataset) whose name `path`'s is one slip away from (lr_3e3 for lr_3e-3, shakespear_char for
+    shakespeare_char), or None. Not names that differ in their numbers alone (lr_1e-4 beside
+    lr_1e-3, seed_2 beside seed_1): a sweep's runs are named so on purpose."""
+    names = _holding(_beside(path), marks)
     return next((path.parent / name for name in names if _one_slip(path.name, name)), None)
 
 
 def _one_slip(typed: str, name: str) -> bool:
     """Whether `typed` is `name` with one character dropped, added, swapped with its neighbour or
     mistyped (a letter, not a digit for a digit), or with other punctuation."""
-    if typed == name or re.sub(r"\d+", "#", typed) == re.sub(r"\d+", "#", name):
+    if re.sub(r"\d+", "#", typed) == re.sub(r"\d+", "#", name):
         return False  # the same, or the same but for numbers: another run, not a typo
     if re.sub(r"[-_. ]", "", typed) == re.sub(r"[-_. ]", "", name):
         return True
@@ -99,12 +104,13 @@ def _one_slip(typed: str, name: str) -> bool:
 def nearby_runs(path: Path) -> str:
     """The run folders beside a path that does not exist, and the one it looks like a typo of
     (`--out_dir out/shakespeare_char` for out/shakespeare_char_cpu); "" where there are none."""
-    runs = siblings(path, (LATEST_FILE, CHECKPOINTS_DIR))
-    checkpoints = [name for name in siblings(path, MANIFEST_FILE) if name not in runs]
+    entries = _beside(path)  # listed once for both kinds
+    runs = _holding(entries, RUN_MARKS)
+    checkpoints = [name for name in _holding(entries, (MANIFEST_FILE,)) if name not in runs]
     found = runs + checkpoints
     if not found:
         return ""
-    # Looser than looks_like: this answers an error (the path does not exist), where naming a run
+    # Looser than typo_of: this answers an error (the path does not exist), where naming a run
     # of a rather different name (shakespeare_char_cpu for shakespeare_char) costs nothing.
     close = difflib.get_close_matches(path.name, found, n=1, cutoff=0.6)
     meant = path.parent / close[0] if close else None

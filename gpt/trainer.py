@@ -39,7 +39,7 @@ from .nonfinite import NonFiniteGuard
 from .optim import build_optimizer, describe_optimizer, learning_rate_at
 from .resume import check_checkpoint_fits_data, check_resumed_model, note_changed_batch, note_changed_settings
 from .run_folder import claim_out_dir, record_config
-from .run_layout import looks_like, siblings
+from .run_layout import typo_of
 from .shards import ShardError, list_shards
 from .stop import StopFlag
 from .tokenizer import read_vocab
@@ -80,7 +80,7 @@ def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
     state = "holds no dataset" if data_dir.is_dir() else "does not exist"
     # A char vocabulary's size is the corpus's count of distinct characters, known only later.
     vocab = f", vocab {config.prepare_vocab_size}" if config.prepare_tokenizer == "bpe" else ""
-    meant = looks_like(data_dir, siblings(data_dir, "meta.json"))
+    meant = typo_of(data_dir, ("meta.json",))
     typo = (f" (did you mean {meant}, the dataset beside it? Then stop this run with Ctrl-C and give that "
             f"data_dir)" if meant is not None else "")
     say(f"{data_dir} {state}{typo}; preparing the '{config.prepare_source}' corpus there "

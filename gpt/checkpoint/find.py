@@ -9,7 +9,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .. import locks
@@ -54,9 +54,14 @@ def best_checkpoint(checkpoints: list[Path]) -> Path | None:
 
     Every eval saves a checkpoint, so the earliest one holding a val loss is the one it was
     measured at; a later save that carries it on (a stop signal's, between evals) ties and loses."""
-    scored = [(loss, index) for index, ckpt_dir in enumerate(checkpoints)
-              if (loss := saved_val_loss(ckpt_dir)) is not None]
-    return checkpoints[min(scored)[1]] if scored else None
+    index = lowest_loss(saved_val_loss(ckpt_dir) for ckpt_dir in checkpoints)
+    return checkpoints[index] if index is not None else None
+
+
+def lowest_loss(losses: Iterable[float | None]) -> int | None:
+    """The index of the lowest of `losses` (None: no loss), the earliest of equals; None if none."""
+    scored = [(loss, index) for index, loss in enumerate(losses) if loss is not None]
+    return min(scored)[1] if scored else None
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:

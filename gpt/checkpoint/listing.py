@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .find import best_checkpoint, complete_checkpoints, latest_checkpoint, saved_val_loss
+from .find import complete_checkpoints, latest_checkpoint, lowest_loss, saved_val_loss
 from ..run_layout import nearby_runs, training_output
 from .layout import CheckpointError, step_of
 from .verify import checkpoint_format, read_manifest
@@ -35,16 +35,17 @@ def list_checkpoints(run: str | os.PathLike) -> list[dict[str, Any]]:
         latest = latest_checkpoint(run)
     except CheckpointError:
         latest = None  # `latest` names a missing folder: every row still lists
-    best = best_checkpoint(found)
+    losses = [saved_val_loss(ckpt_dir) for ckpt_dir in found]  # each state.json read once
+    best = lowest_loss(losses)
     rows = []
-    for ckpt_dir in found:
+    for index, (ckpt_dir, loss) in enumerate(zip(found, losses)):
         try:
             size: int | None = sum(entry["bytes"] for entry in read_manifest(ckpt_dir).values())
             fmt: str | None = checkpoint_format(ckpt_dir)
         except CheckpointError:  # pruned, or broken, since it was found: listed without them
             size = fmt = None
-        rows.append({"path": str(ckpt_dir), "step": step_of(ckpt_dir.name), "val_loss": saved_val_loss(ckpt_dir),
-                     "format": fmt, "bytes": size, "latest": ckpt_dir == latest, "best": ckpt_dir == best})
+        rows.append({"path": str(ckpt_dir), "step": step_of(ckpt_dir.name), "val_loss": loss,
+                     "format": fmt, "bytes": size, "latest": ckpt_dir == latest, "best": index == best})
     return rows
 
 
