@@ -489,19 +489,22 @@ def build_parser(default_config: str | None = None, shown_config: str | None = N
     # What a plain run uses: the default config file's value where it sets the key. A file that
     # cannot be read is reported by the run that uses it (parse_args); here it only loses its
     # values in the help, so that `--config other.toml` runs, which never read it, still start.
-    from_file, unreadable, given = {}, "", ""
+    from_file: dict[str, Any] = {}
+    problem = None  # why the shown file's values cannot be shown
     shown = default_config if shown_config is None else shown_config
     if shown and Path(shown).is_file():
         try:
             from_file = load_toml(shown)
         except ConfigError as e:
-            unreadable = f"; it cannot be used now: {e}"
+            problem = f"cannot be used now: {e}"
+    elif shown:
+        problem = "is a folder, not a file" if Path(shown).is_dir() else "does not exist"
+    unreadable = given = ""
     if shown_config:  # `--config X --help`: the values below are X's, or, X being unusable, the built-in ones
-        problem = ("is a folder, not a file" if Path(shown_config).is_dir() else "does not exist"
-                   if not Path(shown_config).is_file() else unreadable.removeprefix("; it "))
-        given = (f"; the defaults below are {shown_config}'s" if from_file
-                 else f"; {shown_config} {problem}: the defaults below are the built-in ones")
-        unreadable = ""
+        given = (f"; {shown_config} {problem}: the defaults below are the built-in ones" if problem
+                 else f"; the defaults below are {shown_config}'s")
+    elif problem and Path(shown).is_file():  # the default file (one that is missing goes unsaid)
+        unreadable = f"; it {problem}"
     parser.add_argument(
         "--config", default=default_config,
         help=("TOML file of settings (see configs/)" + (f" (default: {default_config}; --config= for none{unreadable})"

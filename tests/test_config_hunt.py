@@ -54,6 +54,10 @@ def test_help_after_config_shows_that_files_values(tmp_path, capsys):
     assert "".join(f"{tmp_path / 'nope.toml'} does not exist: the defaults below are the built-in ones".split()) \
         in squeezed
     assert "from default.toml" not in text
+    # A file that sets nothing is still that file (it was called unusable, with no reason given).
+    (tmp_path / "empty.toml").write_text("")
+    squeezed = "".join(help_of("--config", str(tmp_path / "empty.toml"), "--help").split())
+    assert "".join(f"the defaults below are {tmp_path / 'empty.toml'}'s".split()) in squeezed
 
 
 def test_a_broken_default_config_does_not_stop_runs_of_another_file(tmp_path):
