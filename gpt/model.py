@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt.cpu_attention import causal_attention, use_cpu_attention
 from gpt.linear import Linear
 from gpt.loss import linear_cross_entropy
 
@@ -39,8 +40,8 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2 has them)
     tie_weights: bool = True  # lm_head.weight is the token embedding (GPT-2, Press & Wolf 2017)
-    # "sdpa": F.scaled_dot_product_attention (fused kernels), except bf16 on a CPU up to 128
-    # positions, where the formula is faster (`attend`) | "explicit": always the formula.
+    # "sdpa": F.scaled_dot_product_attention (fused kernels), except training and prefill in
+    # bf16 on a CPU, where gpt/cpu_attention.py is faster (`attend`) | "explicit": the formula.
     attention: str = "sdpa"
     # The embedding and output tables get rows up to a multiple of this (GPT-2's 50257 -> 50304
     # at 64): matmul shapes GPU kernels tile well. The extra ids are never predicted (their
@@ -98,11 +99,7 @@ def attend(
     j <= q_start + i. Without a cache q_start = 0 and this is the ordinary causal mask.
     """
     T, S = q.size(-2), k.size(-2)
-    # bf16 on CPU, short contexts: SDPA's CPU flash kernel is slower there than the formula's
-    # three ops (fwd+bwd on a CPU with native bf16, formula vs SDPA: T 64 2.1 vs 7.3 ms, T 128
-    # 6.5 vs 18.0 ms; at 256 even within a training step; at 512 the formula is 1.8x slower),
-    # so training and prefill take the formula up to 128 positions.
-    if explicit or (q.is_cpu and q.dtype == torch.bfloat16 and q_start == 0 and S <= 128):
+    if explicit:
         # Reference path, the formula of "Attention Is All You Need":
         #   softmax(Q K^T / sqrt(D) + M) V,  M = 0 where allowed and -inf where masked.
         # Softmax in fp32 so that it stays exact under bf16 autocast.
@@ -113,6 +110,10 @@ def attend(
         weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
         return weights @ v  # [B, H, T, D]
 
+    # bf16 on a CPU, training or prefill: the formula with a hand-written backward, whose
+    # batched matmuls beat SDPA's CPU flash kernel (gpt/cpu_attention.py: 3x at 256 positions).
+    if use_cpu_attention(q, q_start, S):
+        return causal_attention(q, k, v, dropout_p)
     # Fused path: the same formula in one kernel (flash / memory-efficient attention).
     if q_start == 0:
         # Prefill or training: square causal mask, which SDPA builds itself.

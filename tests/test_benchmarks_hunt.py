@@ -76,6 +76,19 @@ def test_bench_loader_writes_where_out_says(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "trial.json").read_text())["benchmark"] == "loader"
 
 
+def test_bench_attention_times_each_implementation_and_says_which_training_takes(tmp_path, monkeypatch):
+    from benchmarks import bench_attention, common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(bench_attention, "SHAPES", [(1, 2, 16, 8), (1, 1, 600, 8)])
+    bench_attention.main(["--rounds", "1", "--out", "trial"])
+    cases = json.loads((tmp_path / "trial.json").read_text())["cases"]
+    takes = {(c["dtype"], c["positions"]): c["training_takes"] for c in cases}
+    assert takes == {("bfloat16", 16): "cpu_attention", ("bfloat16", 600): "sdpa",
+                     ("float32", 16): "sdpa", ("float32", 600): "sdpa"}
+    assert all(set(c["ms"]) == {"sdpa", "cpu_attention", "formula"} and min(c["ms"].values()) > 0 for c in cases)
+
+
 def test_bench_data_writes_where_out_says(tmp_path, monkeypatch):
     from benchmarks import bench_data
 

@@ -43,21 +43,22 @@ def test_sdpa_equals_explicit_formula(dropout):
     torch.testing.assert_close(explicit(idx)[0], sdpa(idx)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_on_cpu_takes_the_formula_up_to_128_positions():
-    # Where SDPA's CPU flash kernel is the slower one (bf16, short contexts: gpt.model.attend).
+def test_bf16_on_cpu_trains_with_cpu_attention_up_to_512_positions():
+    # Where SDPA's CPU flash kernel is the slower one (bf16, training and prefill: gpt.model.attend).
     g = torch.Generator().manual_seed(0)
-    for S, formula in [(16, True), (128, True), (129, False)]:
+    flash = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    for S, ours in [(16, True), (512, True), (513, False)]:
         q, k, v = (torch.randn(2, 3, S, 8, generator=g).bfloat16() for _ in range(3))
         fused = lambda: attend(q, k, v, q_start=0, dropout_p=0.0, explicit=False)  # noqa: E731
         reference = attend(q, k, v, q_start=0, dropout_p=0.0, explicit=True)
-        assert ("aten::_scaled_dot_product_flash_attention_for_cpu" in aten_ops(fused)) != formula
-        if formula:
-            assert torch.equal(fused(), reference)
-        else:
-            torch.testing.assert_close(fused(), reference, rtol=2e-2, atol=2e-2)
+        ops = aten_ops(fused)
+        assert (flash in ops) != ours and ("aten::baddbmm" in ops) == ours
+        torch.testing.assert_close(fused(), reference, rtol=2e-2, atol=2e-2)
         q32, k32, v32 = q.float(), k.float(), v.float()  # fp32 keeps SDPA at every length
-        assert "aten::_scaled_dot_product_flash_attention_for_cpu" in aten_ops(
-            lambda: attend(q32, k32, v32, q_start=0, dropout_p=0.0, explicit=False))
+        assert flash in aten_ops(lambda: attend(q32, k32, v32, q_start=0, dropout_p=0.0, explicit=False))
+    # Decoding after a cache (q_start > 0) keeps SDPA: the hand-written path is causal from 0.
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g).bfloat16() for n in (1, 16, 16))
+    assert "aten::baddbmm" not in aten_ops(lambda: attend(q, k, v, q_start=15, dropout_p=0.0, explicit=False))
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "explicit"])
