@@ -31,7 +31,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from gpt.linear import packed_for_decoding
+from gpt.linear import linears_for_decoding
 from gpt.model import GPT, TOKEN_DTYPES, KVCache
 from gpt.static_decode import StaticDecoder
 from gpt.tokenizer import as_integer
@@ -149,9 +149,10 @@ def generate(
     gets its previous mode back when it is exhausted or closed (with several generators live on
     one model: when the last of them is). The KV cache is kept on the
     device of the model's parameters, in `kv_cache_dtype(model)` as of the first token. For bf16,
-    call generate() and iterate under torch.autocast. On a CPU the linear layers' weights are
-    copied once more for the loop, in oneDNN's layout (`gpt.linear.packed_for_decoding`; not at
-    batch 1-2 in fp32, where they would go unused). A weight changed in place between two tokens
+    call generate() and iterate under torch.autocast. On a CPU the linear layers compute by the
+    route measured fastest on this machine at the first generate() of each model and batch size
+    (`gpt.linear.linears_for_decoding`); on the "packed" route their weights are copied once
+    more for the loop, in oneDNN's layout. A weight changed in place between two tokens
     (an optimizer step, `load_state_dict`, `with torch.no_grad(): w.add_(...)`) is used from the
     next token on, in fp32; a change made through `.data` (`w.data.add_(...)`) is not seen by
     those copies (it bypasses the version counter they are checked by): make it under
@@ -229,10 +230,10 @@ def _decode(
     live[0] += 1
     model.eval()
     try:
-        # oneDNN copies of the CPU weights for the loop (gpt.linear.Linear). Its products have
-        # a row per sequence with the cache, up to a row per context position without.
+        # How the CPU linears compute in the loop (gpt.linear.Linear). Its products have a row
+        # per sequence with the cache, up to a row per context position without.
         rows = idx.size(0) * (1 if use_cache else model.config.block_size)
-        with packed_for_decoding(model, rows):
+        with linears_for_decoding(model, rows):
             block_size = model.config.block_size
             kv_cache = None
             if use_cache:

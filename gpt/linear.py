@@ -1,21 +1,50 @@
 """The linear layer of the model: nn.Linear (same parameters, same state dict, same training
-numbers), plus two speed paths for decoding on a CPU, where each product has one row per sequence.
+numbers), plus speed routes for decoding on a CPU, where each product has one row per sequence.
 
-`packed_for_decoding(model, rows)` gives every `Linear` of a model, while the block is active, a
-copy of its weight in oneDNN's blocked layout; `gpt/generate.py` wraps its decoding loop in it.
-Only forwards without autograd on a CPU take these paths (decoding; a small evaluation, 64 rows or
-fewer per product, too); training and GPUs never do.
+`linears_for_decoding(model, rows)` picks, while the block is active, how every `Linear` of a
+model computes its no-grad products on a CPU: the route that ran fastest on this machine for
+`rows` rows per product (see ROUTES); `gpt/generate.py` wraps its decoding loop in it. Only
+forwards without autograd on a CPU inside that block take the other routes: training, GPUs and
+every other forward are nn.Linear's own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+# How a no-grad product x W^T + b of a few rows can be computed on a CPU. Which is fastest
+# depends on the CPU and its BLAS, so `linears_for_decoding` times them; the 24 block linears of
+# 6 x 384, ms, plain / row_blocks / packed, fp32:
+#   AMD EPYC (AVX-512, MKL), 1 row 4.1 / 1.3 / 2.2, 8 rows 6.1 / 4.0 / 2.0, 64 rows 13.6 / 12.0 / 7.4
+#   Intel Xeon (AMX, MKL),   1 row 1.2 / 3.1 / 2.2, 8 rows 2.5 / 3.2 / 3.6
+# (MKL's x W^T for a few rows streams W well on the Intel CPU and 2-3x slower on the AMD one.)
+ROUTES = (
+    "plain",  # nn.Linear's product
+    # W's rows cut into up to 8 equal blocks (a view, no copy), multiplied with x^T as one batched
+    # product: MKL's batched GEMM instead of its few-row kernel. fp32, 1-64 rows.
+    "row_blocks",
+    # A copy of W in oneDNN's blocked layout (bf16 under bf16 autocast), multiplied by oneDNN.
+    # Costs the weights' memory once more (GPT-2 124M: ~490 MB in fp32) and ~0.2 s (124M).
+    "packed",
+)
+# A route other than "plain" is taken only when it is this much faster: timings within noise of
+# each other would otherwise pick another route (another summation order) from model to model.
+MIN_GAIN = 1.10
+
+# The route each model was measured fastest with, per (rows timed, autocast dtype): measured at
+# its first decoding block only (it costs tens of milliseconds; sample.py decodes sample after
+# sample), so one model's decodes also all sum in the same order. Module-level, keyed weakly by
+# the model: it goes when the model goes, and the model itself is not changed.
+_measured: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, torch.dtype | None], str]] = (
+    weakref.WeakKeyDictionary())
 
 
 @dataclass
@@ -25,7 +54,6 @@ class PackedWeight:
     weight: torch.Tensor
     bias: torch.Tensor | None
     dtype: torch.dtype  # float32, or bfloat16 for decoding under bf16 autocast
-    min_rows: int  # products of fewer rows take Linear's other paths (faster there)
     # The weight's and bias's version counters and storage addresses when copied: see `_versions`.
     versions: tuple[int, int, int, int]
     # The tensors copied (aliases, no memory of their own while they stay the module's): held so
@@ -33,44 +61,41 @@ class PackedWeight:
     sources: tuple[torch.Tensor, torch.Tensor | None] = ()
 
 
+@dataclass
+class Decoding:
+    """How one Linear computes its no-grad CPU products inside a `linears_for_decoding` block."""
+
+    route: str  # one of ROUTES
+    packed: PackedWeight | None = None  # the "packed" route's copy of W
+
+
 class Linear(nn.Linear):
-    """nn.Linear (y = x W^T + b; same parameters, same state dict) with two CPU speed paths for
-    decoding, both only without autograd, so that training's numbers never depend on them (they
-    sum in other orders: last-bit differences).
+    """nn.Linear (y = x W^T + b; same parameters, same state dict) with the CPU decoding routes
+    of ROUTES, taken only without autograd and only inside `linears_for_decoding`, so that
+    training's numbers never depend on them (they sum in other orders: last-bit differences)."""
 
-    Decoding feeds each linear one row per sequence (a short prompt: one row per token), where
-    MKL's kernel for x W^T runs well below the speed of streaming W once:
-    - While `packed_for_decoding` holds a copy of W in oneDNN's blocked layout: oneDNN's product
-      with it. The 24 block linears of 6 x 384, ms, fp32, nn.Linear / batched (below) / packed:
-      4 rows 5.9 / 2.7 / 1.6, 8 rows 6.1 / 4.0 / 2.0, 64 rows 13.6 / 12.0 / 7.4, 256 rows
-      33 / 37 / 27; 12 x 768 at 8 rows 42 / 36 / 14. At 1-2 rows the batched product is faster
-      in fp32 (1 row 1.3 vs 2.2 ms), so fp32 copies serve 3 rows or more. Under bf16 autocast a
-      bf16 copy serves every row count: 1 row 1.7 ms (F.linear on bf16 weights cast once) vs
-      0.8, 8 rows 2.2 vs 1.2 (and half the bytes: 6 x 384's weights then fit in a 32 MB L3).
-    - fp32, 1-64 rows otherwise: cutting W's rows into `blocks` equal slices (a view, no copy)
-      and multiplying them with x^T as one batched product goes through MKL's batched GEMM
-      instead, which streams W 2-3x faster at one row (the 24 block linears of 6 x 384 and
-      12 x 768: 1.2 vs 3.8 ms and 11.7 vs 23.3 ms; 8 blocks and 4 were within 5%, 16 slower, 1
-      is the slow route again). Under bf16 autocast it was slower (0.84x at batch 8).
-    """
+    decoding: Decoding | None = None  # set by `linears_for_decoding` for its block
 
-    packed: PackedWeight | None = None  # set by `packed_for_decoding`
+    @property
+    def packed(self) -> PackedWeight | None:
+        return None if self.decoding is None else self.decoding.packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or not x.is_cpu:  # training and GPUs: decided in one check
+        decoding = self.decoding
+        if decoding is None or decoding.route == "plain" or torch.is_grad_enabled() or not x.is_cpu:
             return super().forward(x)
         rows = x.numel() // self.in_features
         autocast = torch.is_autocast_enabled("cpu")
         # A wrong last dimension goes to nn.Linear, whose error names both shapes; the reshapes
         # below would fail with a message about sizes that appear nowhere in the caller's code.
         fits = x.shape[-1:] == (self.in_features,)
-        packed = self.packed
+        packed = decoding.packed
         # The version check: a weight changed in place since it was copied (an optimizer step
-        # between two tokens) makes the copy stale; the other paths are then the right ones.
+        # between two tokens) makes the copy stale; nn.Linear's product is then the right one.
         # Not while torch.compile traces (a model compiled with Module.compile() or
         # torch.compile, decoding on a CPU): inductor lowers oneDNN's product only for a weight
         # that is a constant of the graph (freezing), and failed on the copy (InductorError).
-        if (fits and packed is not None and not torch.compiler.is_compiling() and rows >= packed.min_rows
+        if (decoding.route == "packed" and fits and packed is not None and not torch.compiler.is_compiling()
                 and packed.dtype == (torch.get_autocast_dtype("cpu") if autocast else x.dtype)
                 and packed.versions == _versions(self)):
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, self.in_features).to(packed.dtype),
@@ -78,7 +103,7 @@ class Linear(nn.Linear):
             return y.view(*x.shape[:-1], self.out_features)
         fp32 = x.dtype == self.weight.dtype == torch.float32 and not autocast
         blocks = math.gcd(self.out_features, 8)
-        if not (fits and fp32 and 1 <= rows <= 64 and blocks > 1):
+        if not (decoding.route == "row_blocks" and fits and fp32 and 1 <= rows <= 64 and blocks > 1):
             return super().forward(x)
         w = self.weight.view(blocks, self.out_features // blocks, self.in_features)
         xt = x.reshape(rows, self.in_features).t().expand(blocks, self.in_features, rows)
@@ -108,48 +133,111 @@ def _version(t: torch.Tensor) -> int:
 
 
 @contextlib.contextmanager
-def packed_for_decoding(model: nn.Module, rows: int) -> Iterator[None]:
-    """While the block is active, every `Linear` of `model` whose weight is a plain fp32 CPU
-    tensor also holds a copy of it in oneDNN's blocked layout (bf16 under bf16 autocast), which
-    its no-grad forward uses (see `Linear`). `rows` is how many rows the products will mostly
-    have (the batch, when decoding with a cache): where the copies would go unused (fp32 at 1-2
-    rows), none is made. They cost the linears' weights once more in memory (GPT-2 124M: ~490
-    MB in fp32, half in bf16) and ~0.2 s to make (124M); decoding hundreds of tokens repays
-    that many times. Where this torch has no oneDNN, or the weights live elsewhere (a GPU,
-    sharded, another dtype), nothing is packed and the forward takes its other paths."""
-    if torch.is_autocast_enabled("cpu"):
-        # bf16 only where the CPU has native bf16 (without, oneDNN emulates it: ~1 GFLOP/s)
-        dtype = torch.get_autocast_dtype("cpu")
-        usable = dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        min_rows = 1
-    else:
-        dtype, usable, min_rows = torch.float32, rows >= 3, 3
-    # Weights made under torch.inference_mode (a model built or loaded in it) have no version
-    # counter, so an in-place change to them could not be told from a fresh copy: not packed.
+def linears_for_decoding(model: nn.Module, rows: int, route: str | None = None) -> Iterator[None]:
+    """While the block is active, every `Linear` of `model` with a CPU weight computes its no-grad
+    products by `route` (one of ROUTES), or, when route is None, by the route of those usable
+    here that ran fastest over the model's linears at `rows` rows per product (the batch, when
+    decoding with a cache; timed at 64 rows at most, once per model, rows and autocast dtype:
+    ~50 ms for 6 x 384, ~0.4 s for GPT-2 124M). Usable: "plain" always; "row_blocks" outside autocast (fp32 weights); "packed" where
+    this torch has oneDNN's ops, for fp32 weights with a version counter, and under autocast
+    only for bf16 on a CPU with native bf16 (else oneDNN emulates it: ~1 GFLOP/s). A route given
+    that is not usable here is "plain". Packed copies exist only while "packed" is the route."""
+    if route is not None and route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES} or None, got {route!r}")
+    # Sharded (DTensor) and GPU weights keep nn.Linear's product.
     linears = [m for m in model.modules()
-               if isinstance(m, Linear) and _packable(m.weight) and -1 not in _versions(m)] if usable else []
-    made: list[tuple[Linear, PackedWeight]] = []
+               if isinstance(m, Linear) and m.weight.is_cpu and type(m.weight.data) is torch.Tensor]
+    usable = _usable_routes(linears)
+    rows = min(rows, 64)
+    measured = _measured.setdefault(model, {})
+    key = (rows, torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+    if route is None:
+        route = measured.get(key)
+    packed: dict[Linear, PackedWeight] = {}
+    if "packed" in usable and route in (None, "packed"):
+        packed = _pack(linears)
+        if not packed:
+            usable = tuple(r for r in usable if r != "packed")
+    if route is None:
+        route = measured[key] = usable[0] if len(usable) == 1 else _fastest(linears, packed, rows, usable)
+    elif route not in usable:
+        route = "plain"
+    mine = {m: Decoding(route, packed.get(m) if route == "packed" else None) for m in linears}
+    for m, decoding in mine.items():
+        m.decoding = decoding
     try:
-        with torch.no_grad():
-            for m in linears:
-                # The batch-size hint only picks among layouts: 8 and the exact row count ran
-                # within 5% of each other from 1 to 256 rows.
-                weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype), 8)
-                bias = None if m.bias is None else m.bias.detach().to(dtype)
-                sources = (m.weight.detach(), None if m.bias is None else m.bias.detach())
-                m.packed = PackedWeight(weight, bias, dtype, min_rows, _versions(m), sources)
-                made.append((m, m.packed))
         yield
     finally:
-        for m, packed in made:
-            # Only this block's own copies: another decoder of the same model that packed after
-            # this one (two generators interleaved) keeps using its copies until it ends itself.
-            if m.packed is packed:
-                m.packed = None
+        for m, decoding in mine.items():
+            # Only this block's own: another decoder of the same model that began after this
+            # one (two generators interleaved) keeps its route until it ends itself.
+            if m.decoding is decoding:
+                m.decoding = None
 
 
-def _packable(weight: torch.Tensor) -> bool:
-    return (weight.is_cpu and weight.dtype == torch.float32 and type(weight.data) is torch.Tensor
-            and torch.backends.mkldnn.is_available()  # oneDNN's two ops are private (inductor's):
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")  # a torch without them
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))  # decodes on the other paths
+def _usable_routes(linears: list[Linear]) -> tuple[str, ...]:
+    if not linears:
+        return ("plain",)
+    onednn = (torch.backends.mkldnn.is_available()  # oneDNN's two ops are private (inductor's):
+              and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")  # a torch without them
+              and hasattr(torch.ops.mkldnn, "_linear_pointwise"))  # decodes on the other routes
+    if torch.is_autocast_enabled("cpu"):
+        bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return ("plain", "packed") if onednn and bf16 else ("plain",)
+    return ("plain", "row_blocks", "packed") if onednn else ("plain", "row_blocks")
+
+
+def _pack(linears: list[Linear]) -> dict[Linear, PackedWeight]:
+    """A oneDNN copy of each linear's fp32 weight (bf16 under bf16 autocast)."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+    packed = {}
+    with torch.no_grad():
+        for m in linears:
+            # Weights made under torch.inference_mode (a model built or loaded in it) have no
+            # version counter, so an in-place change could not be told from a fresh copy.
+            if m.weight.dtype != torch.float32 or -1 in _versions(m):
+                continue
+            # The batch-size hint only picks among layouts: 8 and the exact row count ran
+            # within 5% of each other from 1 to 256 rows.
+            weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype), 8)
+            bias = None if m.bias is None else m.bias.detach().to(dtype)
+            sources = (m.weight.detach(), None if m.bias is None else m.bias.detach())
+            packed[m] = PackedWeight(weight, bias, dtype, _versions(m), sources)
+    return packed
+
+
+def _fastest(linears: list[Linear], packed: dict[Linear, PackedWeight], rows: int, routes: tuple[str, ...]) -> str:
+    """The route that runs one no-grad pass over all `linears` (in model order, as a decoding
+    step does, so that the weights stream through the caches as they will) fastest at `rows`
+    rows per product: best of 3 after a warm-up, "plain" unless another is MIN_GAIN faster."""
+    g = torch.Generator().manual_seed(0)  # the caller's random stream (sampling) is left alone
+    inputs = {key: torch.randn(rows, key[0], generator=g, dtype=key[1])
+              for key in {(m.in_features, m.weight.dtype) for m in linears}}
+    saved = [m.decoding for m in linears]
+
+    def one_pass(route: str) -> float:
+        for m in linears:
+            m.decoding = Decoding(route, packed.get(m))
+        start = time.perf_counter()
+        for m in linears:
+            m(inputs[m.in_features, m.weight.dtype])
+        return time.perf_counter() - start
+
+    best = {route: math.inf for route in routes}
+    try:
+        with torch.no_grad():
+            for round_ in range(4):  # the first is the warm-up
+                for route in routes:
+                    seconds = one_pass(route)
+                    if round_:
+                        best[route] = min(best[route], seconds)
+    finally:
+        for m, decoding in zip(linears, saved):
+            m.decoding = decoding
+    return _pick(best)
+
+
+def _pick(seconds: dict[str, float]) -> str:
+    """The fastest route of `seconds` (each route's time), or "plain" unless that is MIN_GAIN faster."""
+    fastest = min(seconds, key=seconds.get)
+    return fastest if seconds["plain"] >= MIN_GAIN * seconds[fastest] else "plain"

@@ -5,7 +5,7 @@ import torch
 
 import gpt.generate
 from gpt.generate import generate, generate_no_cache, kv_cache_dtype, next_token_logits, sample_next
-from gpt.linear import Linear
+from gpt.linear import ROUTES, Linear, linears_for_decoding
 from gpt.model import GPT, GPTConfig, KVCache
 
 TINY = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -91,6 +91,7 @@ def test_autocast_generation_casts_each_weight_once(model):
             run(generate(model, prompt(1, 1), n, temperature=0))
         return sum(e.count for e in p.key_averages() if e.key == "aten::_to_copy")
 
+    casts(1)  # the first decode of a model times the linears' routes (gpt.linear): not counted
     assert (casts(12) - casts(4)) / 8 <= 9
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for _ in generate(model, prompt(1, 1), 3, temperature=0):
@@ -227,14 +228,14 @@ def test_generate_rejects_ids_the_model_cannot_have_made():
 
 
 def test_decoding_uses_packed_weights_and_drops_them_after(model, monkeypatch):
-    # On a CPU in fp32, generate() holds oneDNN copies of the linears' weights for the loop
-    # (batch 4: 4 rows per product, the packed path) and lets them go when it ends or is
-    # closed early; at batch 1-2 it makes none (they would go unused); under bf16 autocast, on
-    # a CPU with native bf16, bf16 copies at any batch. The tokens are those of the unpacked
-    # paths.
+    # On a CPU, on the packed route, generate() holds oneDNN copies of the linears' weights for
+    # the loop and lets them go when it ends or is closed early; under bf16 autocast, on a CPU
+    # with native bf16, bf16 copies. The tokens are those of nn.Linear's products.
     def packed_copies() -> int:
         return sum(m.packed is not None for m in model.modules() if isinstance(m, Linear))
 
+    monkeypatch.setattr(gpt.generate, "linears_for_decoding",
+                        lambda model, rows: linears_for_decoding(model, rows, route="packed"))
     idx = prompt(4, 3)
     with torch.profiler.profile() as prof:
         tokens = run(generate(model, idx, 12, temperature=0.0))
@@ -245,13 +246,24 @@ def test_decoding_uses_packed_weights_and_drops_them_after(model, monkeypatch):
     assert packed_copies() == len([m for m in model.modules() if isinstance(m, Linear)])
     it.close()
     assert packed_copies() == 0
-    it = generate(model, prompt(2, 3), 12, temperature=0.0)  # 2 rows: the batched product's
-    next(it)
-    assert packed_copies() == 0
     native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
-        run(generate(model, prompt(1, 3), 4, temperature=0.0))  # bf16 copies: from one row on
+        run(generate(model, prompt(1, 3), 4, temperature=0.0))
     assert ("mkldnn::_linear_pointwise" in {e.name for e in prof.events()}) == native_bf16
     assert packed_copies() == 0
-    monkeypatch.setattr(gpt.generate, "packed_for_decoding", lambda model, rows: contextlib.nullcontext())
+    monkeypatch.setattr(gpt.generate, "linears_for_decoding", lambda model, rows: contextlib.nullcontext())
     assert torch.equal(run(generate(model, idx, 12, temperature=0.0)), tokens)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_each_route_decodes_the_same_tokens(model, monkeypatch, batch):
+    # generate() takes the route measured fastest on this machine; every route must give the
+    # tokens nn.Linear's products give (they differ in summation order only).
+    idx = prompt(batch, 3)
+    want = None
+    for route in (None,) + ROUTES:
+        monkeypatch.setattr(gpt.generate, "linears_for_decoding",
+                            lambda model, rows, route=route: linears_for_decoding(model, rows, route=route))
+        got = run(generate(model, idx, 12, temperature=0.0))
+        want = got if want is None else want
+        assert torch.equal(got, want), route

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt.linear import Linear, packed_for_decoding
+from gpt.linear import MIN_GAIN, ROUTES, Linear, _pick, linears_for_decoding
 from gpt.model import GPT, GPTConfig, KVCache, attend, closed_form_num_params
 
 TINY = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -227,46 +227,49 @@ def aten_ops(fn) -> set[str]:
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("out_features", [80, 36, 35])
-def test_linear_few_rows_path_computes_nn_linear(bias, out_features):
-    # Without autograd, 1-64 rows on CPU are computed as one batched product of W's row blocks
-    # with x^T (gpt.linear.Linear): the same product up to summation order. With autograd, and
-    # for more rows, it is nn.Linear's own, bit for bit. 80 rows make 8 blocks, 36 make 4, and
-    # 35 (odd) cannot be cut: nn.Linear's path.
+def test_linear_row_blocks_route_computes_nn_linear(bias, out_features):
+    # On the "row_blocks" route, no-grad products of 1-64 rows on a CPU are one batched product
+    # of W's row blocks with x^T (gpt.linear.Linear): the same product up to summation order.
+    # With autograd, for more rows, and outside the block, it is nn.Linear's own, bit for bit.
+    # 80 rows make 8 blocks, 36 make 4, and 35 (odd) cannot be cut: nn.Linear's product.
     torch.manual_seed(0)
     layer = Linear(48, out_features, bias=bias)
-    for shape in [(1, 48), (2, 48), (1, 1, 48), (3, 5, 48), (64, 48), (65, 48), (2, 40, 48)]:
-        x = torch.randn(shape)
-        expected = F.linear(x, layer.weight, layer.bias)
-        with torch.no_grad():
-            y = layer(x)
-        assert y.shape == expected.shape and y.is_contiguous()
-        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
-        assert torch.equal(layer(x), expected)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # bf16: nn.Linear's path
-            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     batched = "aten::baddbmm" if bias else "aten::bmm"
-    for rows, fast in [(1, True), (8, True), (64, True), (65, False)]:
-        x = torch.randn(rows, 48)
-        with torch.no_grad():
-            assert (batched in aten_ops(lambda: layer(x))) == (fast and out_features != 35)
-        assert batched not in aten_ops(lambda: layer(x))
+    with linears_for_decoding(layer, rows=1, route="row_blocks"):
+        for shape in [(1, 48), (2, 48), (1, 1, 48), (3, 5, 48), (64, 48), (65, 48), (2, 40, 48)]:
+            x = torch.randn(shape)
+            expected = F.linear(x, layer.weight, layer.bias)
+            with torch.no_grad():
+                y = layer(x)
+            assert y.shape == expected.shape and y.is_contiguous()
+            torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+            assert torch.equal(layer(x), expected)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # bf16: nn.Linear's
+                assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        for rows, fast in [(1, True), (8, True), (64, True), (65, False)]:
+            x = torch.randn(rows, 48)
+            with torch.no_grad():
+                assert (batched in aten_ops(lambda: layer(x))) == (fast and out_features != 35)
+            assert batched not in aten_ops(lambda: layer(x))
+    with torch.no_grad():
+        x = torch.randn(8, 48)
+        assert batched not in aten_ops(lambda: layer(x)) and torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
 PACKED_OP = "mkldnn::_linear_pointwise"
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_packed_copy_serves_three_rows_or_more_while_decoding(bias):
-    # Inside packed_for_decoding, no-grad fp32 products of 3+ rows go through oneDNN with its
-    # blocked copy of W (the same product up to summation order); 1-2 rows keep the batched
-    # product; autograd keeps nn.Linear's own; a weight changed in place since it was copied
-    # is never read from the stale copy. Odd out_features (35: no batched path) are packed too.
+def test_linear_packed_route_serves_every_row_count_with_a_fresh_copy(bias):
+    # On the "packed" route, no-grad fp32 products go through oneDNN with its blocked copy of W
+    # (the same product up to summation order); autograd keeps nn.Linear's own; a weight
+    # changed in place since it was copied is never read from the stale copy.
     torch.manual_seed(0)
     model = torch.nn.Sequential(Linear(48, 80, bias=bias), Linear(80, 35, bias=bias))
     layer, odd = model
-    with torch.no_grad(), packed_for_decoding(model, rows=3):
+    with torch.no_grad(), linears_for_decoding(model, rows=3, route="packed"):
         assert all(m.packed is not None for m in model)
-        for lin, shape in [(layer, (3, 48)), (layer, (2, 5, 48)), (layer, (64, 48)), (layer, (300, 48)),
+        for lin, shape in [(layer, (1, 48)), (layer, (2, 5, 48)), (layer, (64, 48)), (layer, (300, 48)),
                            (odd, (4, 80))]:
             x = torch.randn(shape)
             y = lin(x)
@@ -274,10 +277,6 @@ def test_linear_packed_copy_serves_three_rows_or_more_while_decoding(bias):
             assert y.shape == expected.shape and y.is_contiguous()
             torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
             assert PACKED_OP in aten_ops(lambda: lin(x))
-        batched = "aten::baddbmm" if bias else "aten::bmm"
-        for rows in (1, 2):
-            ops = aten_ops(lambda: layer(torch.randn(rows, 48)))
-            assert PACKED_OP not in ops and batched in ops
         with torch.enable_grad():
             x = torch.randn(4, 48)
             assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
@@ -285,30 +284,67 @@ def test_linear_packed_copy_serves_three_rows_or_more_while_decoding(bias):
         x = torch.randn(100, 48)
         assert PACKED_OP not in aten_ops(lambda: layer(x))
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-    assert all(m.packed is None for m in model)
+    assert all(m.packed is None and m.decoding is None for m in model)
 
 
-def test_nothing_is_packed_where_it_would_go_unused():
+def test_a_route_that_cannot_serve_here_is_nn_linears_product():
     model = torch.nn.Sequential(Linear(16, 32), Linear(16, 32).double())
-    with packed_for_decoding(model, rows=2):  # fp32 at 1-2 rows: the batched product is faster
-        assert all(m.packed is None for m in model)
-    with torch.autocast("cpu", dtype=torch.float16), packed_for_decoding(model, rows=8):
-        assert all(m.packed is None for m in model)
-    with packed_for_decoding(model, rows=3):
+    with torch.autocast("cpu", dtype=torch.float16), linears_for_decoding(model, rows=8, route="packed"):
+        assert all(m.packed is None and m.decoding.route == "plain" for m in model)
+    with linears_for_decoding(model, rows=8, route="row_blocks"):
+        assert all(m.packed is None for m in model)  # copies only for the packed route
+    with linears_for_decoding(model, rows=3, route="packed"):
         assert model[0].packed is not None and model[1].packed is None  # float64: not packed
         with torch.no_grad():
             x = torch.randn(5, 16, dtype=torch.float64)
             assert torch.equal(model[1](x), F.linear(x, model[1].weight, model[1].bias))
+    with pytest.raises(ValueError, match="route must be one of"):
+        with linears_for_decoding(model, rows=3, route="fast"):
+            pass
+
+
+def test_the_measured_route_is_one_usable_here_timed_once_per_model_and_rows(monkeypatch):
+    import gpt.linear
+
+    timed = []
+    real = gpt.linear._fastest
+    monkeypatch.setattr(gpt.linear, "_fastest", lambda *a: timed.append(a[2:]) or real(*a))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Linear(32, 64), Linear(64, 32))
+    rng = torch.get_rng_state()
+    with linears_for_decoding(model, rows=2):
+        route = model[0].decoding.route
+        assert route in ROUTES and model[1].decoding.route == route
+        assert (model[0].packed is not None) == (route == "packed")
+    assert torch.equal(torch.get_rng_state(), rng)  # timing drew no numbers from the caller's stream
+    with linears_for_decoding(model, rows=2):
+        assert model[0].decoding.route == route
+    with linears_for_decoding(model, rows=200):  # timed at 64 rows: another measurement
+        pass
+    with linears_for_decoding(model, rows=100):  # the same 64
+        pass
+    assert [rows for rows, _ in timed] == [2, 64]
+    assert timed[0][1] == ("plain", "row_blocks", "packed")
+    with torch.autocast("cpu", dtype=torch.bfloat16), linears_for_decoding(model, rows=2):
+        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        assert len(timed) == (3 if native else 2)  # bf16: plain or packed, where it can be packed
+
+
+def test_another_route_must_beat_plain_by_min_gain():
+    assert _pick({"plain": 1.0, "row_blocks": 1.0 / (MIN_GAIN * 1.01), "packed": 0.99}) == "row_blocks"
+    assert _pick({"plain": 1.0, "row_blocks": 0.95, "packed": 1.0 / (MIN_GAIN * 0.99)}) == "plain"
+    assert _pick({"plain": 0.5, "packed": 0.1}) == "packed"
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_bf16_copies_serve_every_row_count_under_autocast_on_cpus_with_native_bf16(bias):
-    # Under bf16 autocast a bf16 copy beats autocast's own product from one row on, where the
-    # CPU has native bf16; without it (oneDNN emulates bf16) nothing is packed.
+def test_bf16_copies_serve_under_autocast_on_cpus_with_native_bf16(bias):
+    # Under bf16 autocast the packed route holds a bf16 copy where the CPU has native bf16;
+    # without it (oneDNN emulates bf16) nothing is packed.
     torch.manual_seed(0)
     layer = Linear(48, 80, bias=bias)
     native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), packed_for_decoding(layer, rows=1):
+    with (torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16),
+          linears_for_decoding(layer, rows=1, route="packed")):
         assert (layer.packed is not None) == native
         for shape in [(1, 48), (2, 1, 48), (8, 48), (100, 48)]:
             x = torch.randn(shape)
@@ -317,20 +353,22 @@ def test_bf16_copies_serve_every_row_count_under_autocast_on_cpus_with_native_bf
             assert y.dtype == expected.dtype == torch.bfloat16 and y.shape == expected.shape
             torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-3)
             assert (PACKED_OP in aten_ops(lambda: layer(x))) == native
-    with torch.no_grad(), packed_for_decoding(layer, rows=1):  # fp32 outside autocast: not this copy
-        assert layer.packed is None
+    with torch.no_grad(), linears_for_decoding(layer, rows=1, route="packed"):  # fp32 outside autocast
+        assert layer.packed.dtype == torch.float32
 
 
 def test_linear_few_rows_path_reports_a_wrong_input_width_like_nn_linear():
     # The batched path reshaped by numel: x [2, 12] into a 8-wide layer failed with "shape
     # '[2, 16]' is invalid for input of size 48", naming sizes the caller never wrote.
     layer = Linear(8, 16)
-    for shape in [(2, 12), (4, 4), (3,)]:
-        x = torch.randn(shape)
-        with pytest.raises(RuntimeError, match="cannot be multiplied|size mismatch"):
-            layer(x)
-        with torch.no_grad(), pytest.raises(RuntimeError, match="cannot be multiplied|size mismatch"):
-            layer(x)
+    for route in ROUTES:
+        with linears_for_decoding(layer, rows=2, route=route):
+            for shape in [(2, 12), (4, 4), (3,)]:
+                x = torch.randn(shape)
+                with pytest.raises(RuntimeError, match="cannot be multiplied|size mismatch"):
+                    layer(x)
+                with torch.no_grad(), pytest.raises(RuntimeError, match="cannot be multiplied|size mismatch"):
+                    layer(x)
 
 
 def test_cropping_the_context_keeps_the_function_on_shorter_inputs():

@@ -15,7 +15,7 @@ import torch.nn as nn
 import gpt.generate
 import gpt.sampling
 from gpt.generate import generate
-from gpt.linear import Linear, packed_for_decoding
+from gpt.linear import Linear, linears_for_decoding
 from gpt.model import GPT, GPTConfig
 from gpt.sampling import run_sample
 from gpt.tokenizer import char_tokenizer
@@ -31,12 +31,12 @@ def tokens(gen) -> torch.Tensor:
 
 
 def unpacked_tokens(model, idx, n, **kwargs) -> torch.Tensor:
-    real = gpt.generate.packed_for_decoding
-    gpt.generate.packed_for_decoding = lambda model, rows: contextlib.nullcontext()
+    real = gpt.generate.linears_for_decoding
+    gpt.generate.linears_for_decoding = lambda model, rows: contextlib.nullcontext()
     try:
         return tokens(generate(model, idx, n, **kwargs))
     finally:
-        gpt.generate.packed_for_decoding = real
+        gpt.generate.linears_for_decoding = real
 
 
 @pytest.mark.parametrize("how", ["new_parameter", "data"])
@@ -48,7 +48,7 @@ def test_a_weight_replaced_while_packed_is_not_read_from_the_old_copy(how):
     torch.manual_seed(0)
     layer = Linear(32, 48)
     x = torch.randn(4, 32)
-    with torch.no_grad(), packed_for_decoding(layer, rows=4):
+    with torch.no_grad(), linears_for_decoding(layer, rows=4, route="packed"):
         assert layer.packed is not None
         new = torch.randn(48, 32)
         if how == "new_parameter":
@@ -61,7 +61,7 @@ def test_a_weight_replaced_while_packed_is_not_read_from_the_old_copy(how):
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, new, layer.bias))
 
 
-def test_interleaved_generators_decode_in_eval_mode_until_the_last_ends():
+def test_interleaved_generators_decode_in_eval_mode_until_the_last_ends(monkeypatch):
     # Two generators on one model in training mode (dropout on), the first ending first: it put
     # the model back in training mode while the second still decoded, whose later tokens then
     # went through dropout; and the second, ending last, left the model in eval mode.
@@ -70,6 +70,8 @@ def test_interleaved_generators_decode_in_eval_mode_until_the_last_ends():
     idx = torch.randint(0, 65, (4, 3))
     want = unpacked_tokens(model, idx, 10, temperature=0.0)
     assert model.training
+    monkeypatch.setattr(gpt.generate, "linears_for_decoding",
+                        lambda model, rows: linears_for_decoding(model, rows, route="packed"))
     first = generate(model, idx, 3, temperature=0.0)
     second = generate(model, idx, 10, temperature=0.0)
     next(first)
@@ -144,7 +146,7 @@ def test_a_model_made_under_inference_mode_decodes():
     assert torch.equal(tokens(generate(model, idx, 6, temperature=0.0)), want)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert tokens(generate(model, idx[:1], 6, temperature=0.0)).shape == (1, 6)
-    with torch.no_grad(), packed_for_decoding(model, rows=4):
+    with torch.no_grad(), linears_for_decoding(model, rows=4, route="packed"):
         assert all(m.packed is None for m in model.modules() if isinstance(m, Linear))
 
 
@@ -198,16 +200,16 @@ def test_a_weight_changed_in_place_between_tokens_is_used_from_the_next_token(cu
         torch.manual_seed(0)
         model = GPT(TINY).eval()
         idx = torch.randint(0, 65, (4, 3), generator=torch.Generator().manual_seed(1))
-        real = gpt.generate.packed_for_decoding
-        if not packed:
-            gpt.generate.packed_for_decoding = lambda model, rows: contextlib.nullcontext()
+        real = gpt.generate.linears_for_decoding
+        gpt.generate.linears_for_decoding = (
+            lambda model, rows: linears_for_decoding(model, rows, route="packed" if packed else "plain"))
         try:
             it = generate(model, idx, 8, temperature=0.0, cuda_graph=cuda_graph)
             first = [next(it), next(it)]
             change(model)
             return torch.cat(first + list(it), dim=1)
         finally:
-            gpt.generate.packed_for_decoding = real
+            gpt.generate.linears_for_decoding = real
 
     assert torch.equal(decode(packed=True), decode(packed=False))
 
