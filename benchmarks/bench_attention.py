@@ -4,7 +4,7 @@
 
 For each shape (batch, heads, positions, head size) and dtype: milliseconds of one forward and
 backward of `F.scaled_dot_product_attention(is_causal=True)`, of `causal_attention` (the
-hand-written backward that training in bf16 on a CPU uses up to MAX_POSITIONS positions), and
+hand-written backward that training in bf16 on a CPU uses up to `max_positions()` positions), and
 of the formula through autograd (`attention = "explicit"`), alternated round by round; medians.
 Prints a table and writes benchmarks/results/attention.json (--out names another). Run it on a
 new kind of CPU to see whether the rule in `gpt.cpu_attention.use_cpu_attention` still holds.
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.cli import non_negative_int, positive_int, results_name  # noqa: E402
 from benchmarks.common import interleave, load_average, log, machine, median, write_json  # noqa: E402
 from gpt.allocator import keep_freed_memory  # noqa: E402
-from gpt.cpu_attention import MAX_POSITIONS, causal_attention, use_cpu_attention  # noqa: E402
+from gpt.cpu_attention import causal_attention, max_positions, use_cpu_attention  # noqa: E402
 from gpt.model import attend  # noqa: E402
 
 # (batch, heads, positions, head size): the default config's shape, shakespeare_char's at batch
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             r = run_case(shape, dtype_name, args.rounds)
             log(format_case(r))
             results.append(r)
-    path = write_json(args.out, {"benchmark": "attention", "machine": machine(), "max_positions": MAX_POSITIONS,
+    path = write_json(args.out, {"benchmark": "attention", "machine": machine(), "max_positions": max_positions(),
                                  "cases": results})
     log(f"wrote {path}")
     return results

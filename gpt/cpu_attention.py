@@ -20,7 +20,8 @@ bf16 at several times the fp32 rate), and the two softmax passes are one kernel 
 mask pass in the backward. Measured fwd+bwd, bf16, on an Intel Xeon with AMX (2 cores),
 SDPA vs this: T 64 2.0 vs 1.4 ms, T 128 4.3 vs 2.6 ms (B 8, H 6, D 64), T 256 21.2 vs 6.8 ms,
 T 512 28.3 vs 14.3 ms, T 1024 31.1 vs 29.1 ms (the [T, T] scores, kept for the backward, then
-cost more memory than they save time). In fp32 the gain is smaller (T 256: 22.2 vs 20.1 ms).
+cost more memory than they save time). In fp32 the gain is smaller (T 256: 22.2 vs 20.1 ms),
+and none in a training step. Only first derivatives: a double backward through it raises.
 
 Numerically it is the formula the `attention = "explicit"` path spells out with autograd: bf16
 scores from the matmul, softmax computed in fp32 inside the kernel and rounded to bf16 for the
@@ -35,14 +36,22 @@ import math
 import torch
 
 # Longest context this path takes: its [T, T] scores and probabilities are kept for the
-# backward (B * H * T * T values, twice), and past ~512 positions SDPA's tiles are as fast.
+# backward (B * H * T * T values, twice), and past ~512 positions SDPA's tiles are as fast. On a
+# CPU without AMX it was measured only as far as the autograd formula, which was faster than
+# SDPA at 256 positions there and 1.8x slower at 512 (AMD EPYC with AVX512-BF16): 256 there.
 MAX_POSITIONS = 512
+MAX_POSITIONS_WITHOUT_AMX = 256
 
 
 def use_cpu_attention(q: torch.Tensor, q_start: int, S: int) -> bool:
     """Whether `causal_attention` is the faster path for these queries: training or prefill
-    (no cached keys before the queries) on a CPU in bf16, up to MAX_POSITIONS positions."""
-    return q.is_cpu and q.dtype == torch.bfloat16 and q_start == 0 and S <= MAX_POSITIONS
+    (no cached keys before the queries) on a CPU in bf16, up to max_positions() positions."""
+    return q.is_cpu and q.dtype == torch.bfloat16 and q_start == 0 and S <= max_positions()
+
+
+def max_positions() -> int:
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent from some torch builds
+    return MAX_POSITIONS if amx is not None and amx() else MAX_POSITIONS_WITHOUT_AMX
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
@@ -82,16 +91,20 @@ class _CausalAttention(torch.autograd.Function):
         return out.view(B, H, T, D)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative through this raises
     def backward(ctx, d_out: torch.Tensor):
         q3, k3, v3, probs, dropped, keep = ctx.saved_tensors
         B, H, T, D = ctx.shape
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
         d_out3 = d_out.reshape(B * H, T, D).to(q3.dtype)
-        d_v = torch.bmm(dropped.transpose(1, 2), d_out3)
+        d_v = torch.bmm(dropped.transpose(1, 2), d_out3).view(B, H, T, D) if need_v else None
+        if not (need_q or need_k):
+            return None, None, d_v, None
         d_probs = torch.bmm(d_out3, v3.transpose(1, 2))
         if keep is not None:
             d_probs = torch.ops.aten.native_dropout_backward(d_probs, keep, 1.0 / (1.0 - ctx.dropout_p))
         # softmax's backward in one kernel (fp32 inside for bf16): probs * (d_probs - rowsum(d_probs * probs))
         d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)
-        d_q = torch.bmm(d_scores, k3).mul_(ctx.scale)
-        d_k = torch.bmm(d_scores.transpose(1, 2), q3).mul_(ctx.scale)
-        return d_q.view(B, H, T, D), d_k.view(B, H, T, D), d_v.view(B, H, T, D), None
+        d_q = torch.bmm(d_scores, k3).mul_(ctx.scale).view(B, H, T, D) if need_q else None
+        d_k = torch.bmm(d_scores.transpose(1, 2), q3).mul_(ctx.scale).view(B, H, T, D) if need_k else None
+        return d_q, d_k, d_v, None

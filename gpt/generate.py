@@ -154,9 +154,9 @@ def generate(
     (`gpt.linear.linears_for_decoding`); on the "packed" route their weights are copied once
     more for the loop, in oneDNN's layout. A weight changed in place between two tokens
     (an optimizer step, `load_state_dict`, `with torch.no_grad(): w.add_(...)`) is used from the
-    next token on, in fp32; a change made through `.data` (`w.data.add_(...)`) is not seen by
-    those copies (it bypasses the version counter they are checked by): make it under
-    torch.no_grad() instead. Under autocast, PyTorch keeps its cast copies of the weights for
+    next token on (the packed route then takes nn.Linear's product); a change made through
+    `.data` (`w.data.add_(...)`) is not seen by the packed copies (it bypasses the version
+    counter they are checked by): make it under torch.no_grad() instead. Under autocast, PyTorch keeps its cast copies of the weights for
     the whole autocast region, so a change is seen only from the next region on (the CUDA-graph
     step, which runs without that cache, sees it at once).
 

@@ -3,9 +3,11 @@ numbers), plus speed routes for decoding on a CPU, where each product has one ro
 
 `linears_for_decoding(model, rows)` picks, while the block is active, how every `Linear` of a
 model computes its no-grad products on a CPU: the route that ran fastest on this machine for
-`rows` rows per product (see ROUTES); `gpt/generate.py` wraps its decoding loop in it. Only
-forwards without autograd on a CPU inside that block take the other routes: training, GPUs and
-every other forward are nn.Linear's own.
+`rows` rows per product (see ROUTES); `gpt/generate.py` wraps its decoding loop in it, so the
+block lasts as long as a generator is live, suspended between two tokens included (a no-grad
+forward of the model made meanwhile takes the route too). Only forwards without autograd on a
+CPU inside that block take the other routes: training, GPUs and every other forward are
+nn.Linear's own.
 """
 
 from __future__ import annotations
@@ -137,11 +139,12 @@ def linears_for_decoding(model: nn.Module, rows: int, route: str | None = None) 
     """While the block is active, every `Linear` of `model` with a CPU weight computes its no-grad
     products by `route` (one of ROUTES), or, when route is None, by the route of those usable
     here that ran fastest over the model's linears at `rows` rows per product (the batch, when
-    decoding with a cache; timed at 64 rows at most, once per model, rows and autocast dtype:
-    ~50 ms for 6 x 384, ~0.4 s for GPT-2 124M). Usable: "plain" always; "row_blocks" outside autocast (fp32 weights); "packed" where
-    this torch has oneDNN's ops, for fp32 weights with a version counter, and under autocast
-    only for bf16 on a CPU with native bf16 (else oneDNN emulates it: ~1 GFLOP/s). A route given
-    that is not usable here is "plain". Packed copies exist only while "packed" is the route."""
+    decoding with a cache). That is timed at 64 rows at most, once per model, rows, autocast
+    dtype and weight dtypes (50-80 ms for 6 x 384, packing included). Usable: "plain" always;
+    "row_blocks" outside autocast, for fp32 weights; "packed" where this torch has oneDNN's ops,
+    for fp32 weights with a version counter, and under autocast only for bf16 on a CPU with
+    native bf16 (else oneDNN emulates it: ~1 GFLOP/s). A route given that is not usable here is
+    "plain". Packed copies exist only while "packed" is the route."""
     if route is not None and route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES} or None, got {route!r}")
     # Sharded (DTensor) and GPU weights keep nn.Linear's product.
@@ -149,8 +152,11 @@ def linears_for_decoding(model: nn.Module, rows: int, route: str | None = None) 
                if isinstance(m, Linear) and m.weight.is_cpu and type(m.weight.data) is torch.Tensor]
     usable = _usable_routes(linears)
     rows = min(rows, 64)
+    # What the measurement depends on besides the machine: a model moved to the CPU or cast to
+    # another dtype after its first decode is measured again.
+    key = (rows, torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
+           tuple(sorted({str(m.weight.dtype) for m in linears})), len(linears))
     measured = _measured.setdefault(model, {})
-    key = (rows, torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
     if route is None:
         route = measured.get(key)
     packed: dict[Linear, PackedWeight] = {}
@@ -158,25 +164,31 @@ def linears_for_decoding(model: nn.Module, rows: int, route: str | None = None) 
         packed = _pack(linears)
         if not packed:
             usable = tuple(r for r in usable if r != "packed")
-    if route is None:
-        route = measured[key] = usable[0] if len(usable) == 1 else _fastest(linears, packed, rows, usable)
+    if route is None and len(usable) == 1:
+        route = usable[0]  # nothing to measure, nothing kept
+    elif route is None:
+        route = measured[key] = _fastest(linears, packed, rows, usable)
     elif route not in usable:
         route = "plain"
-    mine = {m: Decoding(route, packed.get(m) if route == "packed" else None) for m in linears}
+    if route != "packed":
+        packed = {}  # the copies made for timing go now, not when the block ends
+    mine = {m: Decoding(route, packed.get(m)) for m in linears}
     for m, decoding in mine.items():
         m.decoding = decoding
+    del packed
     try:
         yield
     finally:
         for m, decoding in mine.items():
             # Only this block's own: another decoder of the same model that began after this
-            # one (two generators interleaved) keeps its route until it ends itself.
+            # one (two generators interleaved) keeps its route until it ends itself; one that
+            # began before and is still live goes on with nn.Linear's product from here on.
             if m.decoding is decoding:
                 m.decoding = None
 
 
 def _usable_routes(linears: list[Linear]) -> tuple[str, ...]:
-    if not linears:
+    if not any(m.weight.dtype == torch.float32 for m in linears):  # row blocks and copies: fp32 weights
         return ("plain",)
     onednn = (torch.backends.mkldnn.is_available()  # oneDNN's two ops are private (inductor's):
               and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")  # a torch without them
@@ -184,7 +196,8 @@ def _usable_routes(linears: list[Linear]) -> tuple[str, ...]:
     if torch.is_autocast_enabled("cpu"):
         bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         return ("plain", "packed") if onednn and bf16 else ("plain",)
-    return ("plain", "row_blocks", "packed") if onednn else ("plain", "row_blocks")
+    row_blocks = ("row_blocks",) if all(m.weight.dtype == torch.float32 for m in linears) else ()
+    return ("plain",) + row_blocks + (("packed",) if onednn else ())
 
 
 def _pack(linears: list[Linear]) -> dict[Linear, PackedWeight]:
@@ -220,7 +233,8 @@ def _fastest(linears: list[Linear], packed: dict[Linear, PackedWeight], rows: in
             m.decoding = Decoding(route, packed.get(m))
         start = time.perf_counter()
         for m in linears:
-            m(inputs[m.in_features, m.weight.dtype])
+            # forward itself, not the module's call: a user's forward hooks must not see these
+            Linear.forward(m, inputs[m.in_features, m.weight.dtype])
         return time.perf_counter() - start
 
     best = {route: math.inf for route in routes}

@@ -100,3 +100,23 @@ def test_mismatched_inputs_are_refused():
         causal_attention(q, k[:, :, :5], v)
     with pytest.raises(ValueError, match="one shape and dtype"):
         causal_attention(q, k.float(), v)
+
+
+def test_second_derivatives_are_refused_not_wrong():
+    # The backward is written out for first derivatives only; through it, a double backward
+    # (create_graph=True) would miss terms without a word.
+    q, k, v = qkv(B=1, H=2, T=5, D=4)
+    d_q, = torch.autograd.grad((causal_attention(q, k, v) ** 2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|marked with @once_differentiable"):
+        d_q.sum().backward()
+
+
+def test_only_the_gradients_asked_for_are_computed():
+    q, k, v = qkv()
+    q.requires_grad_(False), k.requires_grad_(False)
+    d_out = torch.randn_like(v)
+    causal_attention(q, k, v).backward(d_out)
+    v_ref = v.detach().requires_grad_()
+    reference(q, k, v_ref).backward(d_out)
+    assert q.grad is None and k.grad is None
+    torch.testing.assert_close(v.grad, v_ref.grad, rtol=1e-10, atol=1e-10)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.linear import MIN_GAIN, ROUTES, Linear, _pick, linears_for_decoding
+from gpt.cpu_attention import max_positions
 from gpt.model import GPT, GPTConfig, KVCache, attend, closed_form_num_params
 
 TINY = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -43,11 +44,14 @@ def test_sdpa_equals_explicit_formula(dropout):
     torch.testing.assert_close(explicit(idx)[0], sdpa(idx)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_on_cpu_trains_with_cpu_attention_up_to_512_positions():
-    # Where SDPA's CPU flash kernel is the slower one (bf16, training and prefill: gpt.model.attend).
+def test_bf16_on_cpu_trains_with_cpu_attention_up_to_its_longest_context():
+    # Where SDPA's CPU flash kernel is the slower one (bf16, training and prefill: gpt.model.attend):
+    # up to 512 positions on a CPU with AMX, 256 without.
+    longest = max_positions()
+    assert longest == (512 if torch.cpu._is_amx_tile_supported() else 256)
     g = torch.Generator().manual_seed(0)
     flash = "aten::_scaled_dot_product_flash_attention_for_cpu"
-    for S, ours in [(16, True), (512, True), (513, False)]:
+    for S, ours in [(16, True), (longest, True), (longest + 1, False)]:
         q, k, v = (torch.randn(2, 3, S, 8, generator=g).bfloat16() for _ in range(3))
         fused = lambda: attend(q, k, v, q_start=0, dropout_p=0.0, explicit=False)  # noqa: E731
         reference = attend(q, k, v, q_start=0, dropout_p=0.0, explicit=True)
@@ -328,6 +332,47 @@ def test_the_measured_route_is_one_usable_here_timed_once_per_model_and_rows(mon
     with torch.autocast("cpu", dtype=torch.bfloat16), linears_for_decoding(model, rows=2):
         native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
         assert len(timed) == (3 if native else 2)  # bf16: plain or packed, where it can be packed
+
+
+def test_timing_copies_go_before_the_block_runs_and_hooks_see_no_timing(monkeypatch):
+    # The packed copies made to time that route were held for the whole block (GPT-2 124M:
+    # ~490 MB) when another route won; and timing went through Module.__call__, so a user's
+    # forward hooks saw a dozen calls on random inputs.
+    import gc
+    import weakref
+
+    import gpt.linear
+
+    made = []
+    real_pack = gpt.linear._pack
+    monkeypatch.setattr(gpt.linear, "_pack", lambda linears: (p := real_pack(linears), made.extend(
+        weakref.ref(w) for w in p.values()))[0])
+    monkeypatch.setattr(gpt.linear, "_pick", lambda seconds: "plain")
+    model = torch.nn.Sequential(Linear(32, 64), Linear(64, 32))
+    calls = []
+    model[0].register_forward_hook(lambda *a: calls.append(1))
+    with linears_for_decoding(model, rows=4):
+        gc.collect()
+        assert made and all(r() is None for r in made)
+        assert model[0].decoding.route == "plain" and calls == []
+
+
+def test_a_model_is_measured_again_once_its_weights_can_take_other_routes(monkeypatch):
+    # The first decode of a bf16 model (no fp32 weights: nothing to time) recorded "plain" for
+    # good: after model.float() it was never timed.
+    import gpt.linear
+
+    timed = []
+    real = gpt.linear._fastest
+    monkeypatch.setattr(gpt.linear, "_fastest", lambda *a: timed.append(a[2]) or real(*a))
+    model = torch.nn.Sequential(Linear(32, 64), Linear(64, 32)).bfloat16()
+    with linears_for_decoding(model, rows=2):
+        assert model[0].decoding.route == "plain"
+    assert timed == []
+    model.float()
+    with linears_for_decoding(model, rows=2):
+        pass
+    assert timed == [2]
 
 
 def test_another_route_must_beat_plain_by_min_gain():
