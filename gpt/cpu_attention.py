@@ -37,8 +37,8 @@ import torch
 
 # Longest context this path takes: its [T, T] scores and probabilities are kept for the
 # backward (B * H * T * T values, twice), and past ~512 positions SDPA's tiles are as fast. On a
-# CPU without AMX it was measured only as far as the autograd formula, which was faster than
-# SDPA at 256 positions there and 1.8x slower at 512 (AMD EPYC with AVX512-BF16): 256 there.
+# CPU with native bf16 but no AMX it was measured only as far as the autograd formula, which was
+# faster than SDPA at 256 positions there and 1.8x slower at 512 (AMD EPYC, AVX512-BF16): 256.
 MAX_POSITIONS = 512
 MAX_POSITIONS_WITHOUT_AMX = 256
 
@@ -50,6 +50,10 @@ def use_cpu_attention(q: torch.Tensor, q_start: int, S: int) -> bool:
 
 
 def max_positions() -> int:
+    """The longest context this path takes on this CPU: 0 where the CPU has no native bf16
+    (oneDNN then emulates bf16 matmuls at ~1 GFLOP/s: SDPA keeps every length)."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return 0
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent from some torch builds
     return MAX_POSITIONS if amx is not None and amx() else MAX_POSITIONS_WITHOUT_AMX
 
