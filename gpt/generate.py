@@ -156,9 +156,10 @@ def generate(
     (an optimizer step, `load_state_dict`, `with torch.no_grad(): w.add_(...)`) is used from the
     next token on (the packed route then takes nn.Linear's product); a change made through
     `.data` (`w.data.add_(...)`) is not seen by the packed copies (it bypasses the version
-    counter they are checked by): make it under torch.no_grad() instead. Under autocast, PyTorch keeps its cast copies of the weights for
-    the whole autocast region, so a change is seen only from the next region on (the CUDA-graph
-    step, which runs without that cache, sees it at once).
+    counter they are checked by): make it under torch.no_grad() instead. Under autocast,
+    PyTorch keeps its cast copies of the weights for the whole autocast region, so a change is
+    seen only from the next region on (the CUDA-graph step, which runs without that cache, sees
+    it at once).
 
     cuda_graph: decode each token after the prompt with one replay of a CUDA graph (see the
     module docstring). None (default): when the model's parameters are on a CUDA device and

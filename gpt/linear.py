@@ -41,12 +41,12 @@ ROUTES = (
 # each other would otherwise pick another route (another summation order) from model to model.
 MIN_GAIN = 1.10
 
-# The route each model was measured fastest with, per (rows timed, autocast dtype): measured at
-# its first decoding block only (it costs tens of milliseconds; sample.py decodes sample after
-# sample), so one model's decodes also all sum in the same order. Module-level, keyed weakly by
-# the model: it goes when the model goes, and the model itself is not changed.
-_measured: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, torch.dtype | None], str]] = (
-    weakref.WeakKeyDictionary())
+# The route each model was measured fastest with, per (rows timed, autocast dtype, weight
+# dtypes, number of CPU linears): measured at its first such decoding block only (it costs tens
+# of milliseconds; sample.py decodes sample after sample), so one model's decodes also all sum in
+# the same order. Module-level, keyed weakly by the model: it goes when the model goes, and the
+# model itself is not changed.
+_measured: weakref.WeakKeyDictionary[nn.Module, dict[tuple, str]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -175,7 +175,6 @@ def linears_for_decoding(model: nn.Module, rows: int, route: str | None = None) 
     mine = {m: Decoding(route, packed.get(m)) for m in linears}
     for m, decoding in mine.items():
         m.decoding = decoding
-    del packed
     try:
         yield
     finally:
