@@ -423,7 +423,14 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, naming the option meant for a mistyped one (`--temp`: did you mean
-    --temperature?), as train.py does for its keys. sample.py, the tools and data prep use it."""
+    --temperature?), as train.py does for its keys. sample.py, the tools and data prep use it.
+
+    A command line it cannot parse (an option without its value, a missing argument) gets one
+    line, `PROG: error: WHAT (PROG --help lists every option)`, exit 2: argparse printed its
+    usage line first, 4 to 14 lines of every option, with the error under them."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every option)\n")
 
     def parse_args(self, args=None, namespace=None):
         parsed, extras = self.parse_known_args(args, namespace)
@@ -474,11 +481,20 @@ def add_option(parser, name: str, **kwargs) -> None:
     parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
 
 
+class _TrainParser(argparse.ArgumentParser):
+    """train.py's: a command line argparse cannot parse (`--max_steps` without its value) is a
+    ConfigError, one `error: command line: ...` line as for every other key, not argparse's
+    usage of every key (22 lines) above the error."""
+
+    def error(self, message: str):
+        raise ConfigError(f"command line: {message} (python train.py --help lists every key)")
+
+
 def build_parser(default_config: str | None = None, shown_config: str | None = None) -> argparse.ArgumentParser:
     """train.py's parser. Each key's help gives the value a run would start from: the config
     file's (`shown_config`, the --config given with --help, else `default_config`) where it sets
     the key, and the built-in default."""
-    parser = argparse.ArgumentParser(
+    parser = _TrainParser(
         prog="train.py",
         description=(
             "Train a GPT. Settings come from dataclass defaults, then --config FILE, then "

@@ -22,7 +22,7 @@ import numpy as np
 
 from gpt.run_layout import training_output, typo_of
 from gpt.shards import (GPT2_EOS_ID, GPT2_VOCAB_SIZE, MAX_VOCAB, SPLITS, ShardError, list_shards,
-                        open_shard)
+                        open_shard, read_header)
 from gpt.tokenizer import KINDS, TOKENIZER_FILE, Tokenizer, TokenizerError, gpt2_tokenizer
 
 def _tokenizer_flag(tokenizer: str | None) -> str:
@@ -64,14 +64,62 @@ def missing_dataset(data_dir: Path, what: str, split: str | None = None,
                           f"--out {data_dir}{_tokenizer_flag(tokenizer)} (or --source stdlib in place of "
                           f"--input YOUR_TEXT: the Python standard library's own source, no download)")
     meta = _read_meta_quietly(data_dir)
-    listed = meta.get("shards", {}).get(split) if split and isinstance(meta.get("shards"), dict) else None
-    gone = [name for name in listed if not (data_dir / name).exists()] if isinstance(listed, list) else []
-    lost = (f", though its meta.json lists {_names(gone)}" if gone else "")
+    listed = _listed_shards(meta, split) if split else None
+    gone = [name for name in listed if not (data_dir / name).exists()] if listed is not None else []
+    if gone and len(gone) < len(listed):  # some of the split is here
+        lost = (f" ({_names(gone)}, listed in its meta.json, {'is' if len(gone) == 1 else 'are'} not here)")
+    else:
+        lost = (f", though its meta.json lists {_names(gone)}" if gone else "")
     return ShardError(
         f"{data_dir}: {what}{lost}: the dataset here is incomplete (half-copied, or a file deleted; "
         f"{_names([p.name for p in present])} {'is' if len(present) == 1 else 'are'} here). Copy the "
         f"missing files from where the dataset came from, or make it again {prepare_again(data_dir, meta)}"
     )
+
+
+def _listed_shards(meta: dict, split: str) -> list[str] | None:
+    """The names of `split`'s shards as meta.json lists them (prep writes the list), or None
+    where it lists none (bare llm.c shards, an older or hand-made meta.json)."""
+    shards = meta.get("shards")
+    listed = shards.get(split) if isinstance(shards, dict) else None
+    return listed if isinstance(listed, list) and all(isinstance(n, str) for n in listed) else None
+
+
+def split_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """The shards of `split` in `data_dir`, in order, once they are the ones its meta.json lists.
+
+    The shards found on disk are one token stream: a lost middle shard would silently join text
+    that was never adjacent (and train on less), and a stale shard left by an earlier prep into
+    the folder would mix another corpus in. So the names must be meta.json's, and their headers'
+    token counts must add up to its count. A folder without such a list (bare llm.c shards) is
+    taken as it is."""
+    data_dir = Path(data_dir)
+    paths = list_shards(data_dir, split)
+    if not paths:
+        raise missing_dataset(data_dir, f"no {split} shards ({split}_*.bin) in this folder", split)
+    meta = _read_meta_quietly(data_dir)
+    listed = _listed_shards(meta, split)
+    if listed is None:
+        return paths
+    names = [p.name for p in paths]
+    gone = [n for n in listed if n not in names]
+    if gone:
+        raise missing_dataset(data_dir, f"{len(gone)} of the {len(listed)} {split} shards missing", split)
+    again = f"make the dataset again {prepare_again(data_dir, meta)}"
+    extra = [n for n in names if n not in listed]
+    if extra:
+        raise ShardError(
+            f"{data_dir}: {_names(extra)} {'is' if len(extra) == 1 else 'are'} not among the {split} shards its "
+            f"meta.json lists ({_names(listed)}): files of another prep left in this folder? Training would "
+            f"read them as part of the corpus. Move them out, or {again}")
+    expected = meta.get("tokens", {}).get(split) if isinstance(meta.get("tokens"), dict) else None
+    found = sum(read_header(p) for p in paths)
+    if type(expected) is int and found != expected:
+        raise ShardError(
+            f"{data_dir}: its {split} shards hold {found:,} tokens, but its meta.json says {expected:,}: "
+            f"a shard of another prep copied over one of these? Copy the dataset whole from where it "
+            f"came from, or {again}")
+    return paths
 
 
 def _run_data_dir(folder: Path) -> str | None:

@@ -50,8 +50,8 @@ from .config import ArgumentParser, ConfigError, add_option
 from .hf import HF_PREFIX, load_hf_model, parse_init_from
 from .model import GPT, GPTConfig
 from .progress import progress_bar
-from .dataset import load_meta
-from .shards import ShardError, list_shards, open_shard, read_header
+from .dataset import load_meta, split_shards
+from .shards import ShardError, open_shard, read_header
 from .dataset import load_tokenizer
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -140,9 +140,7 @@ def evaluate_split(model: GPT, data_dir: str | Path, tokenizer: Tokenizer, split
     if block_size > model.config.block_size:
         raise ConfigError(f"--block_size {block_size} is longer than the model's context "
                           f"({model.config.block_size})")
-    paths = list_shards(data_dir, split)
-    if not paths:
-        raise ShardError(f"{data_dir}: no {split} shards ({split}_*.bin) in this folder")
+    paths = split_shards(data_dir, split)  # the ones meta.json lists, all of them
     byte_lengths = token_byte_lengths(tokenizer)
     device = torch.device(device)
     autocast = autocast or contextlib.nullcontext()

@@ -222,11 +222,14 @@ def hf_folder_hint(path: str | os.PathLike) -> str | None:
 def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(hf_dir) / CONFIG_FILE
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise HFError(f"{path} does not exist: not a Hugging Face model folder") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise HFError(f"{path}: cannot read the model config ({e})") from e
+    if not isinstance(config, dict):
+        raise HFError(f"{path}: cannot read the model config (a JSON {type(config).__name__}, not an object)")
+    return config
 
 
 def gpt_config_from_hf(hf: dict[str, Any], where: str, *, dropout: float = 0.0,
@@ -240,6 +243,8 @@ def gpt_config_from_hf(hf: dict[str, Any], where: str, *, dropout: float = 0.0,
     if model_type != "gpt2":
         raise HFError(f"{where}: model_type is {model_type!r}; only GPT-2 ('gpt2') models can be loaded")
     n_embd = hf.get("n_embd", 768)
+    if isinstance(n_embd, bool) or not isinstance(n_embd, int):  # null, "768": no TypeError below
+        raise HFError(f"{where}: not a model this project can build: n_embd must be an integer, got {n_embd!r}")
     problems = []
     activation = hf.get("activation_function", "gelu_new")
     if activation not in EXACT_GELUS + APPROXIMATE_GELUS:

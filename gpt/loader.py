@@ -58,8 +58,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt.dataset import missing_dataset
-from gpt.shards import HEADER_BYTES, MAGIC, TOKEN_DTYPE, VERSION, ShardError, list_shards, read_header
+from gpt.dataset import missing_dataset, split_shards
+from gpt.shards import HEADER_BYTES, MAGIC, TOKEN_DTYPE, VERSION, ShardError, read_header
 
 ORDERS = ("random", "sequential")
 STATE_VERSION = 1
@@ -364,10 +364,7 @@ def _map_tokens(path: Path, n_tokens: int) -> np.ndarray:
 def _find_shards(data_dir: Path, split: str) -> list[Path]:
     if not data_dir.is_dir():
         raise missing_dataset(data_dir, "dataset folder does not exist")
-    paths = list_shards(data_dir, split)
-    if not paths:
-        raise missing_dataset(data_dir, f"no {split} shards ({split}_*.bin) in this folder", split)
-    return paths
+    return split_shards(data_dir, split)
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -332,7 +332,7 @@ class GPT(nn.Module):
             n -= self.pos_emb.weight.numel()
         return n
 
-    def flops_per_token(self) -> int:
+    def flops_per_token(self, context: int | None = None) -> int:
         """Training FLOPs per token at full context (forward + backward), as in the PaLM paper's
         appendix B and nanoGPT's estimate_mfu:
 
@@ -343,14 +343,16 @@ class GPT(nn.Module):
         matrix is counted). LayerNorm gains and biases are included, as nanoGPT does; they are
         negligible. 6 = 2 FLOPs per multiply-add x (1 forward + 2 backward). The second term is
         attention's QK^T and (attention)V: 2 matmuls of T x D per head per layer, x 2 FLOPs x 3
-        for backward = 12, with T = block_size (the causal half is not subtracted, by
-        convention). H * D = n_embd.
+        for backward = 12, with T = `context`, the length of the windows trained on (default
+        block_size; a model started from a Hugging Face folder keeps that folder's, longer, table
+        of positions); the causal half is not subtracted, by convention. H * D = n_embd.
         """
         cfg = self.config
+        T = cfg.block_size if context is None else context
         n = self.num_params(exclude_position_embedding=True)
         if not cfg.tie_weights:
             n -= self.tok_emb.weight.numel()
-        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
 
 # --------------------------------------------------------------------------------------------

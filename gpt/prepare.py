@@ -649,9 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_option(p, name, **kwargs)
 
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", nargs="+", metavar="PATH",
+    src.add_argument("--input", nargs="+", action="extend", metavar="PATH",
                      help="text files or folders (walked recursively, sorted, links followed, hidden "
-                          "files and folders left out); each file is one document")
+                          "files and folders left out); each file is one document; repeated --input adds up")
     src.add_argument("--source", choices=["stdlib"],
                      help="a named corpus: stdlib = this Python's standard library .py files (no download)")
     src.add_argument("--hf-dataset", "--hf_dataset", metavar="NAME",
@@ -660,7 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
                           ".txt files are read as --input reads them (each file one document, line endings kept)")
     opt("--hf-config", metavar="C", help="dataset configuration (subset) name")
     opt("--hf-split", default="train", metavar="S", help="dataset split to read (default: train)")
-    opt("--hf-data-files", nargs="+", metavar="FILE", help="data files for a builder such as json or parquet")
+    opt("--hf-data-files", nargs="+", action="extend", metavar="FILE",
+        help="data files for a builder such as json or parquet (repeated: all of them)")
     opt("--text-field", default="text", metavar="NAME", help="column holding the text (default: text)")
     opt("--streaming", action="store_true", help="stream the dataset instead of downloading/caching it whole")
     opt("--out", required=True, metavar="DIR", help="dataset folder to write")

@@ -25,7 +25,7 @@ from . import hf
 from . import locks
 from . import parallel
 from .config import ConfigError, TrainConfig, grad_accum_steps, tokens_per_optimizer_step
-from .dataset import check_is_folder, check_token_ids, dataset_files, load_meta, prepare_again
+from .dataset import check_is_folder, check_token_ids, dataset_files, load_meta, prepare_again, split_shards
 from .console import say
 from .device import has_fast_bf16, pick_device, resolve_dtype
 from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed, log, lost_peer,
@@ -40,7 +40,7 @@ from .optim import build_optimizer, describe_optimizer, learning_rate_at
 from .resume import check_checkpoint_fits_data, check_resumed_model, note_changed_batch, note_changed_settings
 from .run_folder import claim_out_dir, record_config
 from .run_layout import typo_of
-from .shards import ShardError, list_shards
+from .shards import ShardError
 from .stop import StopFlag
 from .tokenizer import read_vocab
 from .training_log import (Clock, LogInterval, carried_interval, format_duration, interval_step_time, log_record,
@@ -127,7 +127,7 @@ def open_loaders(config: TrainConfig, meta: dict[str, Any], info: DistInfo) -> t
                 f"{meta['vocab_size']:,}: the folder mixes files of different preps. Copy the dataset "
                 f"whole from where it came from, or make it again {prepare_again(data_dir, meta)}"
             )
-    paths = list_shards(data_dir, "train") + list_shards(data_dir, "val")
+    paths = split_shards(data_dir, "train") + split_shards(data_dir, "val")  # all that meta.json lists
     # Each rank scans its share; a rank that finds a bad id fails, and torchrun stops the others.
     check_token_ids(paths[info.rank :: info.world_size], meta["vocab_size"])
     loaders = {split: TokenLoader(data_dir, split, config.batch_size, config.block_size, rank=info.rank,
@@ -181,11 +181,17 @@ def check_model_fits(gpt_config: GPTConfig, config: TrainConfig, info: DistInfo)
         if memory is None or need <= memory[0]:
             continue
         what = "its fp32 weights" + ("" if sharded or device.type != info.device.type else " and gradients")
+        # Rows padded onto the vocabulary tables (vocab_multiple) can be most of the model.
+        padding = ((gpt_config.padded_vocab_size - gpt_config.vocab_size) * gpt_config.n_embd
+                   * (1 if gpt_config.tie_weights else 2))
+        fix = (f"Lower vocab_multiple ({gpt_config.vocab_multiple:,} pads the {gpt_config.vocab_size:,} ids "
+               f"to {gpt_config.padded_vocab_size:,} rows; 64 is usual)" if 2 * padding > n_params
+               else "Lower n_layer or n_embd")
         raise ConfigError(
             f"the model has {n_params:,} parameters (n_layer {gpt_config.n_layer}, n_embd "
             f"{gpt_config.n_embd}, vocabulary {gpt_config.padded_vocab_size:,}, block_size "
             f"{gpt_config.block_size}): {what} alone take {need / 1e9:,.1f} GB, more than this "
-            f"{memory[1]} {memory[0] / 1e9:,.1f} GB. Lower n_layer or n_embd"
+            f"{memory[1]} {memory[0] / 1e9:,.1f} GB. {fix}"
         )
 
 
@@ -285,7 +291,8 @@ def describe_run(config: TrainConfig, info: DistInfo, model: GPT, optimizer: tor
                  dtype: torch.dtype, accum: int, tokens_per_step: int, peak: float, peak_source: str) -> None:
     """Log what is about to train (size, device, precision, batch, optimizer) and any setting
     that will not do what it seems to."""
-    log(info, f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.1f} "
+    flops_per_token = model.flops_per_token(config.block_size)  # the windows trained on
+    log(info, f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} "
               f"MFLOP/token; device {info.device} x {info.world_size}, {str(dtype).removeprefix('torch.')}, "
               f"grad accumulation {accum}, {tokens_per_step:,} tokens/step; "
               f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
@@ -306,10 +313,10 @@ def describe_run(config: TrainConfig, info: DistInfo, model: GPT, optimizer: tor
                   f"short of learning_rate = {config.learning_rate:.2e}")
     # Even at the peak, a step this long is a setting to look at again before waiting on it: a
     # block_size of 100,000 on a CPU took minutes per step, and a stop signal waits for the step.
-    fastest_step_s = model.flops_per_token() * tokens_per_step / (peak * info.world_size)
+    fastest_step_s = flops_per_token * tokens_per_step / (peak * info.world_size)
     if fastest_step_s > SLOW_STEP_S:
         log(info, f"note: one optimizer step takes at least {format_duration(fastest_step_s)} here "
-                  f"({tokens_per_step:,} tokens x {model.flops_per_token() / 1e6:,.1f} MFLOP/token at the "
+                  f"({tokens_per_step:,} tokens x {flops_per_token / 1e6:,.1f} MFLOP/token at the "
                   f"{peak / 1e12:.2f} TFLOP/s peak per device), and a stop signal (Ctrl-C, SIGTERM) waits for "
                   f"the step to end. Lower batch_size, block_size or the model size for a quicker one")
     if info.device.type == "cpu" and dtype == torch.bfloat16 and not has_fast_bf16(info.device):
@@ -622,7 +629,9 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
         record_config(out_dir / "config.json", config)
     interval = carried_interval(state, info, accum)
 
-    flops_per_token = model.flops_per_token()
+    # Counted at the windows trained on: a model started from a Hugging Face folder keeps that
+    # folder's context (n_positions), which may be longer than config.block_size.
+    flops_per_token = model.flops_per_token(config.block_size)
     peak, peak_source = peak_flops(device, dtype, config.peak_tflops)
     describe_run(config, info, model, optimizer, dtype, accum, tokens_per_step, peak, peak_source)
     if memory_note:

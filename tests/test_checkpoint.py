@@ -37,9 +37,26 @@ def assert_latest_is_complete(run: Path) -> None:
         ckpt.verify_checkpoint(found)
 
 
-def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, text=True)
+def start(args: list[str], log: Path | None = None) -> subprocess.Popen:
+    """train.py with `args`, its output appended to `log` (thrown away without one)."""
+    out = open(log, "a") if log else subprocess.DEVNULL
+    try:
+        return subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+    finally:
+        if log:
+            out.close()
+
+
+def records_differ(run: Path, reference: Path, logs: list[Path]) -> str:
+    """Why the run's learning records differ from the reference's, for a failing assert: the
+    steps that differ, whether the final weights do too, and where each attempt resumed."""
+    mine, theirs = learning_records(run), learning_records(reference)
+    steps = [b["step"] for a, b in zip(mine, theirs) if a != b]
+    a, b = latest_weights(run), latest_weights(reference)
+    resumed = [re.findall(r"resumed from .* at step (\d+)", log.read_text()) if log.exists() else "no log" for log in logs]
+    return (f"{len(mine)} vs {len(theirs)} records; steps that differ: {steps[:20]}; final weights "
+            f"{'equal' if all(torch.equal(a[k], b[k]) for k in a) else 'differ'}; each attempt: {resumed}")
 
 
 def latest_step(run: Path) -> int:
@@ -88,8 +105,9 @@ def test_kill_9_at_random_moments_then_resume_matches_uninterrupted(char_data, t
     run = tmp_path / "killed"
     rng = random.Random(0)
     mid_save_kills = 0
+    logs = [tmp_path / f"attempt_{attempt}.log" for attempt in range(5)]
     for attempt in range(4):
-        proc = start(tiny_args(char_data, run, **args))
+        proc = start(tiny_args(char_data, run, **args), logs[attempt])
         wait_for_progress(proc, run, beyond=latest_step(run))
         if attempt % 2 == 0:
             mid_save_kills += wait_for_save_in_progress(proc, run)
@@ -104,7 +122,10 @@ def test_kill_9_at_random_moments_then_resume_matches_uninterrupted(char_data, t
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resumed from" in done.stdout
-    assert learning_records(run) == learning_records(full)
+    logs[4].write_text(done.stdout)
+    # Failed once in a full suite run (Intel VM, 2026-12-01): step 37's loss 3.044814 vs 3.044802,
+    # not seen again in 30 runs of this test and resumes from every checkpoint of such a run.
+    assert learning_records(run) == learning_records(full), records_differ(run, full, logs)
     a, b = latest_weights(full), latest_weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     leftovers = [p.name for p in (run / ckpt.CHECKPOINTS_DIR).iterdir() if p.name.startswith(".")]

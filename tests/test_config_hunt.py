@@ -210,3 +210,46 @@ def test_a_bad_value_in_a_config_file_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"^dropout must be in \[0, 1\), got 1.5$"):
         parse_args(["--config", str(mine), "--dropout=1.5"])
     assert parse_args(["--config", str(mine), "--dropout=0.1"]).dropout == 0.1
+
+
+@pytest.mark.parametrize("argv", [["--max_steps"], ["--out-dir"], ["--config"]])
+def test_an_option_without_its_value_is_one_line(argv):
+    """argparse printed its usage of every key (22 lines) above "expected one argument"; under
+    torchrun, once per rank. Now it is a ConfigError like every other key error."""
+    with pytest.raises(ConfigError) as e:
+        parse_args(argv, default_config=None)
+    assert str(e.value).startswith("command line: argument --") and "expected one argument" in str(e.value)
+    assert str(e.value).endswith("(python train.py --help lists every key)")
+    run = subprocess.run([sys.executable, "train.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == f"error: {e.value}\n"
+
+
+@pytest.mark.parametrize(("parser", "argv", "says"), [
+    ("gpt.sampling:_sample_parser", ["--out_dir", "r", "--max_new_tokens"], "sample.py: error: argument --max_new_tokens"),
+    ("gpt.prepare:build_parser", ["--out"], "python data_prep/prepare.py: error: argument --out: expected one argument"),
+    ("gpt.eval:build_parser", [], "python -m gpt.eval: error: the following arguments are required"),
+    ("gpt.export:build_parser", ["run", "--format"], "python -m gpt.export: error: argument --format"),
+    ("gpt.plot:build_parser", [], "python -m gpt.plot: error: the following arguments are required: RUN"),
+])
+def test_the_tools_say_a_command_line_error_in_one_line(parser, argv, says, capsys):
+    """Their usage (4 to 14 lines) no longer comes above the error: one line, and where to look."""
+    import importlib
+
+    module, name = parser.split(":")
+    with pytest.raises(SystemExit) as e:
+        getattr(importlib.import_module(module), name)().parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(says) and err.endswith("--help lists every option)\n"), err
+
+
+def test_gpt_checkpoint_without_its_source_is_one_line(capsys):
+    from gpt.checkpoint.commands import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["consolidate"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("python -m gpt.checkpoint consolidate: error: the following arguments are "
+                                       "required: source (python -m gpt.checkpoint consolidate --help lists every "
+                                       "option)\n")

@@ -600,6 +600,21 @@ def test_a_model_too_big_for_memory_is_refused_before_it_is_built(char_data, tmp
     assert not (run / "checkpoints").exists()
 
 
+def test_a_model_made_too_big_by_vocab_multiple_says_to_lower_that():
+    # It said "Lower n_layer or n_embd" of a 2 x 64 model whose padded vocabulary was the size.
+    from gpt.distributed import DistInfo
+    from gpt.trainer import check_model_fits, gpt_config_for
+
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    config = TrainConfig(device="cpu", n_layer=2, n_head=2, n_embd=64, vocab_multiple=1_000_000_000).validate()
+    with pytest.raises(ConfigError) as e:
+        check_model_fits(gpt_config_for(config, 65), config, info)
+    assert "Lower vocab_multiple (1,000,000,000 pads the 65 ids to 1,000,000,000 rows; 64 is usual)" in str(e.value)
+    wide = TrainConfig(device="cpu", n_layer=2, n_head=2, n_embd=2_000_000).validate()
+    with pytest.raises(ConfigError, match="Lower n_layer or n_embd$"):
+        check_model_fits(gpt_config_for(wide, 65), wide, info)
+
+
 @pytest.mark.parametrize(("dtype", "fast_cpu_bf16", "shown", "bf16_advice"), [
     ("auto", True, "float32", True),       # 'auto' is float32 on a CPU: name that, not 'auto'
     ("auto", False, "float32", False),     # a CPU without native bf16 matmul: bf16 would be slower

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import os
 import re
 import struct
@@ -185,6 +186,23 @@ def test_hf_config_our_model_cannot_build_is_an_error_naming_the_file():
     base = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 3, "vocab_size": 50}
     with pytest.raises(hf.HFError, match=r"x/config\.json: .*divisible by n_head \(3\)"):
         hf.gpt_config_from_hf(base, "x/config.json")
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    (b"[]", "a JSON list, not an object"),
+    (b"\xff\xfe{}", "can't decode byte 0xff"),
+    (b'{"model_type": "gpt2", "n_embd": null}', "n_embd must be an integer, got None"),
+])
+def test_a_malformed_hf_config_json_is_one_line_naming_it(data, tmp_path, capsys, content, says):
+    # Each was a traceback (AttributeError, UnicodeDecodeError, TypeError) from sample, eval, train.
+    folder = tmp_path / "hf"
+    hf_gpt2(vocab_size=50).save_pretrained(folder)
+    shutil.copy(data["char"] / "tokenizer.json", folder)
+    (folder / "config.json").write_bytes(content)
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert run_sample(["--init_from", f"hf:{folder}", "--max_new_tokens", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {folder / 'config.json'}") and says in err and err.count("\n") == 1, err
 
 
 def test_hf_damaged_weights_are_errors_naming_the_file(tmp_path, capsys):
@@ -403,6 +421,20 @@ def test_init_from_hf_trains_and_resumes(data, tmp_path, capsys):
     # The same folder evaluates directly.
     assert gpt_eval.main([f"hf:{tmp_path / 'hf'}", "--data_dir", str(data["char"]), "--max_batches", "2"]) == 0
     assert "bits per byte" in capsys.readouterr().out
+
+
+def test_init_from_hf_counts_flops_at_the_windows_trained_on(data, tmp_path, capsys):
+    # The model keeps the folder's 1,024 positions; training reads 16-token windows. FLOPs per
+    # token (and so MFU, and the peak raised to training's own speed) priced attention at 1,024.
+    vocab = json.loads((data["char"] / "meta.json").read_text())["vocab_size"]
+    hf_gpt2(vocab_size=vocab, n_positions=1024).save_pretrained(tmp_path / "hf")
+    train(tiny_config(data["char"], tmp_path / "run", init_from=f"hf:{tmp_path / 'hf'}", n_embd=32,
+                      block_size=16, max_steps=1, eval_interval=0))
+    ours, _ = our_model(tmp_path / "run")
+    assert ours.config.block_size == 1024
+    same_at_16 = GPT(replace(ours.config, block_size=16)).flops_per_token()
+    assert ours.flops_per_token(16) == same_at_16 < ours.flops_per_token()
+    assert f"{same_at_16 / 1e6:.1f} MFLOP/token" in capsys.readouterr().out
 
 
 def test_init_from_hf_refuses_other_vocabulary(data, tmp_path):
