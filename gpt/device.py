@@ -21,7 +21,16 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     if preference == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device = 'cuda' but no CUDA GPU is visible; use --device=cpu or auto")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:
+            # Two processes on one GPU: NCCL refuses them at the first collective ("Duplicate GPU
+            # detected"), a traceback on every rank; a wrap-around here only put that off.
+            raise ConfigError(
+                f"this process is local rank {local_rank} of its node, but only {gpus} CUDA GPU"
+                f"{'s are' if gpus > 1 else ' is'} visible here and each process needs its own: start at most "
+                f"{gpus} per node (torchrun --nproc_per_node={gpus}; NPROC_PER_NODE={gpus} for slurm/train.sbatch), "
+                f"or train on the CPU with --device=cpu")
+        return torch.device("cuda", local_rank)
     if preference == "mps":
         if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
             raise ConfigError("device = 'mps' but MPS is not available; use --device=cpu or auto")

@@ -42,8 +42,11 @@ def training_output(path: Path, anywhere_in_run: bool = False) -> str | None:
     for parent in path.parents:
         if is_checkpoint_folder(parent):
             return f"is inside the checkpoint folder {parent}"
-        # Two marks, not one: any folder may happen to hold a subfolder named "checkpoints".
-        if (parent / LATEST_FILE).is_file() and (parent / CHECKPOINTS_DIR).is_dir():
+        # Two marks, not one: any folder may happen to hold a subfolder named "checkpoints". A
+        # run without `latest` (killed in its first save, or the file deleted) is one whose
+        # checkpoints/ holds a checkpoint folder.
+        if (parent / CHECKPOINTS_DIR).is_dir() and (
+                (parent / LATEST_FILE).is_file() or _holds_a_checkpoint(parent / CHECKPOINTS_DIR)):
             if path == parent / CHECKPOINTS_DIR:
                 return f"is the checkpoints folder of the training run {parent}"
             if path.is_relative_to(parent / CHECKPOINTS_DIR):
@@ -51,6 +54,13 @@ def training_output(path: Path, anywhere_in_run: bool = False) -> str | None:
             if anywhere_in_run:
                 return f"is inside the training run folder {parent}"
     return None
+
+
+def _holds_a_checkpoint(folder: Path) -> bool:
+    try:
+        return any(is_checkpoint_folder(child) for child in folder.glob("step_*"))
+    except OSError:  # unreadable: not known to be a run's
+        return False
 
 
 def is_checkpoint_folder(folder: Path) -> bool:

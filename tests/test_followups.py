@@ -172,3 +172,82 @@ def test_ctrl_c_while_plotting_says_so(run, monkeypatch, capsys):
     monkeypatch.setattr(gpt_plot, "plot_runs", interrupt)
     assert gpt_plot.main([str(run)]) == 130
     assert capsys.readouterr().err == "interrupted: stopped plotting\n"
+
+
+def test_a_consolidate_killed_outright_leaves_no_copy_behind_for_good(run, tmp_path):
+    """A consolidate killed by SIGTERM (kill, timeout, a job's end) left its whole unfinished
+    copy in a hidden folder beside --out that nothing removed; so does kill -9, which no handler
+    sees: the next consolidate into the same place removes those of processes no longer running."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "copy"
+    slow = ("import sys, time\n"
+            "from gpt.checkpoint import consolidation\n"
+            "def slow(*args, **kwargs):\n"
+            "    print('writing', flush=True); time.sleep(60)\n"
+            "consolidation.complete_folder = slow\n"
+            "from gpt.checkpoint.commands import main\n"
+            f"sys.exit(main(['consolidate', {str(run)!r}, '--out', {str(out)!r}]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", slow], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline() == "writing\n"
+    unfinished = list(tmp_path.glob(".tmp_copy_*"))
+    assert len(unfinished) == 1 and (unfinished[0] / "model.safetensors").is_file()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.endswith("no unfinished copy was left behind\n"), err
+    assert list(tmp_path.iterdir()) == []
+
+    # What kill -9 leaves (a process gone), and one another consolidate is still writing.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    abandoned = tmp_path / f".tmp_copy_{host}_{int(gone.stdout)}"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        being_written = tmp_path / f".tmp_copy_{host}_{live.pid}"
+        for folder in (abandoned, being_written):
+            folder.mkdir()
+            (folder / "model.safetensors").write_bytes(b"x" * 1000)
+        assert ckpt.main(["consolidate", str(run), "--out", str(out)]) == 0
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["copy", being_written.name])
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_run_without_latest_still_keeps_other_folders_out_of_its_checkpoints(run, tmp_path, capsys):
+    """A run whose `latest` is gone (killed in its first save, or deleted) lost the guard:
+    consolidate --out RUN/checkpoints/step_N wrote a copy there, which resume, list and pruning
+    then took for the run's newest checkpoint."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "latest").unlink()
+    target = copy / "checkpoints" / "step_0000030"
+    assert ckpt.main(["consolidate", str(copy / "checkpoints" / "step_0000004"), "--out", str(target)]) == 2
+    assert f"--out {target} is inside the checkpoints folder of the training run {copy}" in capsys.readouterr().err
+    assert not target.exists()
+    # A folder that merely holds a subfolder named checkpoints (no checkpoint in it) is no run.
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    assert ckpt.main(["consolidate", str(run), "--out", str(other / "checkpoints" / "mine")]) == 0
+
+
+def test_a_stray_folder_named_like_a_step_is_ignored(run, tmp_path, capsys):
+    # 'step_²'.isdigit() is True and int('²') a ValueError: `list` (and every save's pruning) crashed.
+    import shutil
+
+    from gpt.checkpoint.layout import step_of
+
+    assert step_of("step_²") is None and step_of("step_٣") is None and step_of("step_0000004") == 4
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / "step_²").mkdir()
+    assert ckpt.main(["list", str(copy)]) == 0
+    assert "step_²" not in capsys.readouterr().out

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from gpt import device, mfu
+from gpt.config import ConfigError
 
 from conftest import REPO
 
@@ -43,7 +44,12 @@ def test_cuda_device_is_picked_by_local_rank(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert device.pick_device("auto", local_rank=0) == torch.device("cuda", 0)
-    assert device.pick_device("cuda", local_rank=3) == torch.device("cuda", 1)
+    assert device.pick_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    # More processes than GPUs: two ranks on one GPU, which NCCL refuses at the first collective
+    # with a traceback on every rank (rank 3 of 2 GPUs was put on cuda:1). One line instead.
+    with pytest.raises(ConfigError, match=r"^this process is local rank 3 of its node, but only 2 CUDA GPUs are "
+                                          r"visible here .*\(torchrun --nproc_per_node=2; NPROC_PER_NODE=2 "):
+        device.pick_device("auto", local_rank=3)
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash

@@ -111,3 +111,20 @@ def test_sbatch_scripts_name_a_missing_venv_or_python(tmp_path):
         r = _run_script(tmp_path, script, PYTHON=sys.executable)
         assert r.returncode == 0, r.stdout + r.stderr
         (tmp_path / "srun.args").unlink()
+
+
+def test_the_head_node_of_a_long_node_list_is_read_without_a_broken_pipe(tmp_path):
+    """`scontrol show hostnames | head -n 1` under `set -euo pipefail`: with a node list longer
+    than the pipe's buffer, scontrol died of SIGPIPE once head had its line, and the batch script
+    ended there (exit 141, an empty log, no requeue). The script's own line, run as it runs."""
+    line = next(l for l in (REPO / "slurm" / "train.sbatch").read_text().splitlines() if l.startswith("HEAD_NODE="))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text("#!/usr/bin/env bash\nseq -f 'gpu-node-%05g' 1 20000\n")  # ~300 kB
+    scontrol.chmod(0o755)
+    run = subprocess.run(["bash", "-c", f"set -euo pipefail\n{line}\necho \"head=$HEAD_NODE\""],
+                         env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                              "SLURM_JOB_NODELIST": "gpu-node-[00001-20000]"},
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout == "head=gpu-node-00001\n", (run.returncode, run.stderr)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 
 from ..config import ArgumentParser
 from .consolidation import consolidate
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = list_checkpoints(args.run)
             print("\n".join(json.dumps(row) for row in rows) if args.json else format_listing(args.run, rows))
             return
+        # SIGTERM (kill, timeout, the end of a job) stops it as Ctrl-C does, removing the
+        # unfinished copy on the way out (a kill -9 leaves it to the next consolidate).
+        previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
         try:
             out = consolidate(args.source, args.out, optimizer=args.optimizer)
         except OSError as e:
@@ -47,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             # traceback. Nothing was written.
             raise CheckpointError(f"could not consolidate {args.source} ({type(e).__name__}: {e}); "
                                   f"nothing was written") from e
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         print(f"wrote {out}")
 
     # `consolidate` removes its unfinished copy on the way out (KeyboardInterrupt included), and
@@ -56,3 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                                           "and no unfinished copy was left behind" if consolidating
                                           else "interrupted: stopped listing")
 
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # only there can a handler be set
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -39,7 +39,9 @@ def step_dir_name(step: int) -> str:
 def step_of(name: str) -> int | None:
     """The step a checkpoint folder's name (`step_dir_name`) holds; None for any other name."""
     digits = name.removeprefix("step_")
-    return int(digits) if name.startswith("step_") and digits.isdigit() else None
+    # isascii too: str.isdigit() is true of '²' and '٣', which int() refuses (a stray folder
+    # step_² broke listing, and every save in its pruning).
+    return int(digits) if name.startswith("step_") and digits.isascii() and digits.isdigit() else None
 
 
 def resolve_format(setting: str, strategy: str) -> str:
