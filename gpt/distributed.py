@@ -60,7 +60,11 @@ def process_group_backend(device: torch.device, cpu_collectives: bool = False) -
     return "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
 
 
-def init_distributed(device_preference: str, timeout_minutes: float = 10.0,
+# How long a collective may wait for the other ranks before it fails (a rank died or hangs).
+COLLECTIVE_TIMEOUT_MINUTES = 10.0
+
+
+def init_distributed(device_preference: str, timeout_minutes: float = COLLECTIVE_TIMEOUT_MINUTES,
                      cpu_collectives: bool = False) -> DistInfo:
     """Join the process group torchrun set up, or run as a single process.
 

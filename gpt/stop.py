@@ -8,6 +8,7 @@ PREEMPTED_EXIT_CODE (75: requeue and resume) or INTERRUPTED_EXIT_CODE (130, afte
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import threading
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .distributed import DistInfo
+from .distributed import COLLECTIVE_TIMEOUT_MINUTES, DistInfo
 
 
 class StopFlag:
@@ -111,7 +112,11 @@ class StopFlag:
             if flag.item():
                 return True
         if self._group is None and dist.get_backend() != "gloo":
-            self._group = dist.new_group(backend="gloo")  # every rank gets here at its first step
+            # Every rank gets here at its first step. With the process group's own timeout: the
+            # default for a gloo group is 30 minutes, so a vote a dead rank never joined held the
+            # others three times as long as any other collective would.
+            self._group = dist.new_group(
+                backend="gloo", timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MINUTES))
         flag = torch.tensor([float(self.signal is not None)])
         self._vote = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
         return False

@@ -126,3 +126,29 @@ def test_muon_resumed_from_a_cpu_checkpoint_steps_on_the_gpu():
     optimizer.load_state_dict(saved)
     step(params, optimizer)
     assert all(s["step"].device == p.device for p, s in optimizer.state.items() if "step" in s)
+
+
+def test_the_stop_vote_beside_nccl_times_out_with_the_other_collectives(tmp_path, monkeypatch):
+    """On GPUs the stop vote goes over a gloo group of its own, made with gloo's default timeout
+    (30 minutes): a vote a dead rank never joined held the others three times as long as any
+    other collective. Here a one-process gloo group stands in for NCCL's."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from gpt.distributed import COLLECTIVE_TIMEOUT_MINUTES, DistInfo
+    from gpt.stop import StopFlag
+
+    made = []
+    real_new_group = dist.new_group
+    monkeypatch.setattr(dist, "new_group", lambda *a, **kw: made.append(kw) or real_new_group(*a, **kw))
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+        info = DistInfo(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), process_group=True)
+        stop = StopFlag()
+        assert stop.agreed(info) is False and stop.agreed(info) is False
+        stop.settle()
+    finally:
+        dist.destroy_process_group()
+    assert made == [{"backend": "gloo", "timeout": datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MINUTES)}]
