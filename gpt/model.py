@@ -103,11 +103,12 @@ def attend(
     if explicit:
         # Reference path, the formula of "Attention Is All You Need":
         #   softmax(Q K^T / sqrt(D) + M) V,  M = 0 where allowed and -inf where masked.
-        # Softmax in fp32 so that it stays exact under bf16 autocast.
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # [B, H, T, S]
+        # Q is scaled before the product, as SDPA does: in fp16 the raw dot products can overflow.
+        # Softmax in fp32 at least, so that it stays exact under bf16 autocast (float64 stays).
+        scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)  # [B, H, T, S]
         allowed = causal_mask(T, S, q_start, q.device)
         scores = scores.masked_fill(~allowed, float("-inf"))
-        weights = F.softmax(scores.float(), dim=-1).to(v.dtype)
+        weights = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
         weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
         return weights @ v  # [B, H, T, D]
 

@@ -134,6 +134,30 @@ def note_changed_batch(saved: dict[str, Any], config: TrainConfig, info: DistInf
                   f"is unchanged. {keep_batch_advice(before, config, info.world_size)}")
 
 
+def note_changed_val_set(saved: dict[str, Any], config: TrainConfig, info: DistInfo) -> None:
+    """Say so when each eval will score other val windows than the checkpoint's run did. An eval
+    reads the first eval_iters x batch_size x processes windows of the val loader's sequence
+    (gpt/loader.py: the same ones at every eval), so a new batch_size or number of processes
+    changes the set: val losses from then on compare with each other, not with those before, and
+    keep_best would weigh checkpoints scored on different sets."""
+    saved_config = saved.get("train_config") or {}
+    factors = (saved_config.get("eval_iters"), saved_config.get("batch_size"), saved.get("world_size"))
+    if config.eval_interval == 0 or not all(isinstance(f, int) and not isinstance(f, bool) for f in factors):
+        return  # no evals, or a checkpoint from before these were recorded
+    before = factors[0] * factors[1] * factors[2]
+    per_batch = config.batch_size * info.world_size
+    now = config.eval_iters * per_batch
+    if now == before:
+        return
+    keep = (f"to score the same {before:,} windows, set eval_iters = {before // per_batch}" if before % per_batch == 0
+            else f"no eval_iters scores the same windows with batch_size {config.batch_size} on "
+                 f"{info.world_size} process(es)")
+    log(info, f"note: each eval now scores {now:,} val windows (eval_iters {config.eval_iters} x batch_size "
+              f"{config.batch_size} x {info.world_size} process(es)), the checkpoint's run {before:,}: val losses "
+              f"from here compare with each other, not with those before"
+              + (" (nor does keep_best's choice among them)" if config.keep_best else "") + f"; {keep}")
+
+
 def keep_batch_advice(tokens: int, config: TrainConfig, world_size: int) -> str:
     """How to train on `tokens` per optimizer step on `world_size` processes. tokens_per_step
     alone can be refused (a multiple of batch_size x block_size x processes): 2,048 tokens on 2

@@ -37,7 +37,8 @@ from .mfu import peak_flops
 from .model import GPT, GPTConfig, closed_form_num_params
 from .nonfinite import NonFiniteGuard
 from .optim import build_optimizer, describe_optimizer, learning_rate_at
-from .resume import check_checkpoint_fits_data, check_resumed_model, note_changed_batch, note_changed_settings
+from .resume import (check_checkpoint_fits_data, check_resumed_model, note_changed_batch, note_changed_settings,
+                     note_changed_val_set)
 from .run_folder import claim_out_dir, record_config
 from .run_layout import typo_of
 from .shards import ShardError
@@ -236,6 +237,7 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
         note_changed_settings(saved.get("train_config") or {}, config, info, step=saved["step"])
         if saved["step"] < config.max_steps:  # (a finished run rerun trains nothing: no batch to compare)
             note_changed_batch(saved, config, info)
+            note_changed_val_set(saved, config, info)
     model = GPT(gpt_config)
     if resume_from is None and hf_dir is not None:
         hf.load_hf_weights(model, hf_dir)

@@ -431,3 +431,23 @@ def test_cropping_the_context_keeps_the_function_on_shorter_inputs():
         model(torch.randint(0, 50, (1, 9)))
     with pytest.raises(ValueError, match="must be in 1..8"):
         model.crop_block_size(9)
+
+
+def test_the_explicit_formula_keeps_float64_and_does_not_overflow_in_fp16():
+    """The reference path rounded float64 scores to fp32 for its softmax (1e-7 off, where SDPA is
+    exact), and scaled Q K^T after the product: fp16 dot products over 65,504 became inf and
+    the softmax NaN, where SDPA (which scales first) stays finite (review findings)."""
+    from gpt.model import attend
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 9, 8, dtype=torch.float64, generator=g) for _ in range(3))
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()
+    scores = (q @ k.transpose(-2, -1) / 8 ** 0.5).masked_fill(~mask, float("-inf"))
+    exact = torch.softmax(scores, dim=-1) @ v
+    ours = attend(q, k, v, q_start=0, dropout_p=0.0, explicit=True)
+    assert ours.dtype == torch.float64 and (ours - exact).abs().max() < 1e-14
+
+    big = torch.full((1, 1, 4, 64), 35.0, dtype=torch.float16)  # q.k = 78,400 before the 1/8 scale
+    out = attend(big, big, big, q_start=0, dropout_p=0.0, explicit=True)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.float(), attend(big, big, big, q_start=0, dropout_p=0.0, explicit=False).float())

@@ -352,3 +352,36 @@ def test_a_float32_run_on_a_cpu_with_native_bf16_says_bfloat16_is_faster(char_da
     assert out.count("dtype=bfloat16 trains faster here") == (1 if fast_bf16 else 0), out
     train(tiny_config(char_data, tmp_path / "bf16", max_steps=1, dtype="bfloat16"))
     assert "trains faster here" not in capsys.readouterr().out
+
+
+def test_a_resume_with_another_batch_size_says_its_evals_score_other_val_windows(char_data, tmp_path, capsys):
+    """An eval scores the first eval_iters x batch_size x processes windows of the val sequence:
+    resumed with batch_size 8 -> 4 (tokens per step kept), the train losses went on exactly but
+    the val losses were over half as many windows, and compared with nothing before (review
+    finding). The note says so, and its advice scores the same windows again."""
+    from conftest import learning_records, rewound_copy, tiny_config
+    from gpt.metrics import read_metrics
+    from gpt.trainer import train
+
+    full = tmp_path / "full"
+    config = tiny_config(char_data, full, max_steps=20, eval_interval=10, eval_iters=4, log_interval=5)
+    train(config)
+    val = {r["step"]: r["val_loss"] for r in read_metrics(full) if "val_loss" in r}
+    capsys.readouterr()
+
+    halved = replace(config, out_dir=str(rewound_copy(full, tmp_path / "halved", 10)), batch_size=4,
+                     tokens_per_step=512)
+    train(halved)
+    out = capsys.readouterr().out
+    assert ("note: each eval now scores 16 val windows (eval_iters 4 x batch_size 4 x 1 process(es)), the "
+            "checkpoint's run 32: val losses from here compare with each other, not with those before; to score "
+            "the same 32 windows, set eval_iters = 8\n") in out, out
+    assert abs([r for r in read_metrics(tmp_path / "halved") if "val_loss" in r][-1]["val_loss"] - val[20]) > 1e-4
+
+    advised = replace(halved, out_dir=str(rewound_copy(full, tmp_path / "advised", 10)), eval_iters=8)
+    train(advised)
+    assert "val windows" not in capsys.readouterr().out
+    again = [r for r in read_metrics(tmp_path / "advised") if "val_loss" in r][-1]
+    assert again["step"] == 20 and abs(again["val_loss"] - val[20]) < 1e-5
+    losses = [{r["step"]: r["loss"] for r in learning_records(run) if "loss" in r} for run in (tmp_path / "advised", full)]
+    assert losses[0].keys() == losses[1].keys() and all(abs(losses[0][k] - losses[1][k]) < 1e-5 for k in losses[0])
