@@ -12,6 +12,7 @@ import glob
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -115,11 +116,15 @@ class HFDataset(DocumentsFromPieces):
 
     @contextmanager
     def _datasets_errors(self):
-        """datasets' progress bars off when asked, and its errors as one-line SourceErrors."""
+        """datasets' progress bars off when asked or when stderr is no terminal, and its errors as
+        one-line SourceErrors."""
         import datasets  # slow to import; only this source needs it
 
         # datasets' switch is global: turned off for this call only, and back on only if it was on.
-        quiet = not self.progress and datasets.is_progress_bar_enabled()
+        # Its bars redraw several times a second, cursor-up codes and all: into a log file, a line
+        # each time (gpt/progress.py's own bars redraw there every 30 s).
+        shown = self.progress and sys.stderr.isatty()
+        quiet = not shown and datasets.is_progress_bar_enabled()
         if quiet:
             datasets.disable_progress_bars()
         local = Path(self.name)

@@ -42,9 +42,14 @@ def load_runs(runs: Sequence[str | Path],
     paths = [Path(run) for run in runs]
     loaded: dict[Path, list[dict[str, Any]]] = {}
     not_yet: list[str] = []
+    seen: dict[Path, Path] = {}  # each metrics file once: a run given twice would be one legend entry
     for path in paths:
         _check_is_a_run(path)
         file = path / METRICS_FILE if path.is_dir() else path
+        if file.resolve() in seen:
+            warn(f"warning: {path} is {seen[file.resolve()]} again; plotted once")
+            continue
+        seen[file.resolve()] = path
         if path.is_dir() and not file.exists():
             records = []  # a run that has started (its folder is made first) but not logged yet
         else:
@@ -81,8 +86,10 @@ def _check_is_a_run(path: Path) -> None:
 
 def _labels(paths: list[Path]) -> list[str]:
     """Each run's name in the legend: its folder's name, with as many parent folders as it takes
-    to tell runs of the same name apart (out/sweep/lr_3e-3 and out/sweepB/lr_3e-3)."""
-    folders = [(p if p.is_dir() else p.parent).resolve() for p in paths]
+    to tell runs of the same name apart (out/sweep/lr_3e-3 and out/sweepB/lr_3e-3). A metrics
+    file of another name is named with its folder (a/metrics_old.jsonl beside a/metrics.jsonl:
+    the two had one label, and one of them was dropped without a word)."""
+    folders = [(p if p.is_dir() else p.parent if p.name == METRICS_FILE else p).resolve() for p in paths]
     depth = 1
     while depth < 6:
         labels = ["/".join(f.parts[-depth:]) for f in folders]

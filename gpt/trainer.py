@@ -724,6 +724,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
             if not do_eval:
                 save(step, val_loss)
             checkpointer.close()  # an async save completes before the exit code says it is saved
+            metrics.close()  # wandb's run finished too (else a caller's next train() logged into it)
             raise SystemExit(stop.exit_code)
 
     stop.settle()

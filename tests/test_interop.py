@@ -495,6 +495,28 @@ def wandb_history(records) -> dict[int, dict[str, float]]:
     return history
 
 
+def test_a_stop_signal_finishes_the_wandb_run_before_train_exits(data, tmp_path, monkeypatch):
+    """train() raised SystemExit at a stop signal with the wandb run still open: a caller that
+    kept the process alive had no exit record on disk, and its next train() logged into that
+    unfinished run (review finding; the command line was saved by wandb's exit hook)."""
+    import wandb
+
+    from gpt.stop import StopFlag
+
+    calls = iter(range(100))
+    monkeypatch.setattr(StopFlag, "agreed", lambda self, info: next(calls) == 6)  # after step 7
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        train(tiny_config(data["char"], run, wandb_mode="offline", wandb_project="interop-test", max_steps=10,
+                          eval_interval=4, log_interval=2))
+    assert wandb.run is None
+    run_id = (run / "wandb_run_id").read_text().strip()
+    [file] = (run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    logged = finished_records(file, timeout=20)
+    assert any(r.WhichOneof("record_type") == "exit" for r in logged)
+    assert sorted(wandb_history(logged)) == [2, 4, 6]
+
+
 def test_wandb_offline_logs_metrics_and_resumes_same_run(data, tmp_path):
     run = tmp_path / "run"
     config = tiny_config(data["char"], run, wandb_mode="offline", wandb_project="interop-test",
@@ -622,6 +644,13 @@ def test_plot_of_a_sweep_in_progress(tmp_path, capsys):
     assert f"warning: left out, nothing logged yet: {starting}" in captured.err
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert plot.load_runs([a, b], warn=print).keys() == {"sweep/lr_3e-3", "sweepB/lr_3e-3"}
+    # Two metrics files of one folder were one label, and one run was dropped without a word;
+    # one run given twice is plotted once, and said so.
+    shutil.copy(a / "metrics.jsonl", a / "metrics_old.jsonl")
+    assert plot.load_runs([a / "metrics.jsonl", a / "metrics_old.jsonl"]).keys() == {"lr_3e-3", "metrics_old.jsonl"}
+    warned = []
+    assert list(plot.load_runs([a, a / "metrics.jsonl", b], warn=warned.append)) == ["sweep/lr_3e-3", "sweepB/lr_3e-3"]
+    assert warned == [f"warning: {a / 'metrics.jsonl'} is {a} again; plotted once"]
     # Alone, or all of them: still an error, saying why.
     assert plot.main([str(starting)]) == 2
     assert "metrics.jsonl does not exist: the run has not logged a step yet" in capsys.readouterr().err

@@ -382,6 +382,21 @@ def test_no_progress_silences_the_datasets_progress_bars(hf_files, tmp_path, cap
     assert datasets.is_progress_bar_enabled()  # datasets' global switch is back as it was
 
 
+def test_datasets_progress_bars_stay_out_of_a_log_file(hf_files, tmp_path, capfd, monkeypatch):
+    """With progress on but stderr not a terminal (a log file, a pipe), datasets' own bars redrew
+    several times a second into the file, cursor-up codes and all; at a terminal they show."""
+    datasets = pytest.importorskip("datasets")
+    _, jsonl, _, _ = hf_files
+    opts = dict(tokenizer="char", val_fraction=0.1, val_rule="tail", min_val_tokens=10, progress=True, log=None)
+    prepare(tmp_path / "out", HFDataset(str(jsonl), text_field="body", cache_dir=str(tmp_path / "c1")), **opts)
+    captured = capfd.readouterr()
+    assert "Generating train split" not in captured.err + captured.out
+    assert datasets.is_progress_bar_enabled()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    prepare(tmp_path / "out2", HFDataset(str(jsonl), text_field="body", cache_dir=str(tmp_path / "c2")), **opts)
+    assert "Generating train split" in capfd.readouterr().err
+
+
 # ---- a prep that dies -------------------------------------------------------------------------
 def test_exception_between_shards_leaves_no_shard(docs, tmp_path, monkeypatch):
     real = shards_module.write_shard
