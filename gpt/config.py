@@ -498,7 +498,8 @@ def build_parser(default_config: str | None = None, shown_config: str | None = N
         prog="train.py",
         description=(
             "Train a GPT. Settings come from dataclass defaults, then --config FILE, then "
-            "--key=value overrides (keys may be spelled with '_' or '-')."
+            "--key=value overrides (keys may be spelled with '_' or '-'; a key given twice takes the "
+            "last value, so a script's settings can be overridden by appending to its command)."
         ),
         allow_abbrev=False,
     )

@@ -253,3 +253,12 @@ def test_gpt_checkpoint_without_its_source_is_one_line(capsys):
     assert capsys.readouterr().err == ("python -m gpt.checkpoint consolidate: error: the following arguments are "
                                        "required: source (python -m gpt.checkpoint consolidate --help lists every "
                                        "option)\n")
+
+
+def test_a_key_given_twice_takes_the_last_value_as_help_says(capsys):
+    """A script's settings can be overridden by appending (`train.py --max_steps=3 "$@"`), in
+    either spelling; --help says so."""
+    assert parse_args(["--max_steps=3", "--max-steps=7"], default_config=None).max_steps == 7
+    with pytest.raises(SystemExit):
+        parse_args(["--help"], default_config=None)
+    assert "a key given twice takes the last value" in " ".join(capsys.readouterr().out.split())
