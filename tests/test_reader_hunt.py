@@ -150,11 +150,12 @@ def test_a_mistyped_data_dir_that_gets_the_default_corpus_names_the_dataset_mean
 
 
 @pytest.mark.parametrize("tool, args", [("gpt.eval", ["out/none"]), ("gpt.export", ["out/none", "--out", "x"]),
-                                        ("gpt.plot", ["out/none"])])
+                                        ("gpt.plot", ["out/none"]), ("gpt.checkpoint", ["list", "out/none"])])
 def test_ctrl_c_while_a_tool_imports_torch_is_one_line(tool, args, tmp_path):
-    """`python -m gpt.eval` (export, plot) answered a Ctrl-C in its first second or so, while torch
-    imports and before its own handling is in place, with Python's 18-line KeyboardInterrupt
-    traceback into torch's import machinery; sample.py and train.py said one line."""
+    """`python -m gpt.eval` (export, plot, checkpoint) answered a Ctrl-C in its first second or so,
+    while torch imports and before its own handling is in place, with Python's 18-line
+    KeyboardInterrupt traceback into torch's import machinery; sample.py and train.py said one line.
+    (gpt.checkpoint is a package: Python imports it, and torch, before its __main__ runs.)"""
     import os
     import signal
     import subprocess

@@ -44,6 +44,16 @@ The package, in the order a checkpoint lives:
     commands.py       `python -m gpt.checkpoint list|consolidate RUN`
 """
 
+import sys
+
+if sys.argv[:1] == ["-m"]:
+    # `python -m gpt.checkpoint`: Python imports this package (and torch with it, a second or
+    # more) before its __main__ runs, while sys.argv[0] is still "-m"; a Ctrl-C then printed a
+    # traceback from torch's import machinery. One line instead, as the other tools give.
+    from gpt.early_signals import ImportInterrupted
+
+    ImportInterrupted.install("interrupted: stopped before reading the checkpoint; nothing was written")
+
 from .commands import main
 from .consolidation import consolidate, default_consolidated_path
 from .dcp_read import read_dcp_metadata, read_sharded_state
