@@ -593,6 +593,23 @@ def train(config: TrainConfig, *, tune_cpu_allocator: bool = False) -> TrainResu
         stop.restore()
 
 
+def finish_background_save(checkpointer: ckpt.Checkpointer, info: DistInfo, failing: bool) -> bool:
+    """Wait for the checkpointer's save in flight as training ends, whatever ended it (`failing`:
+    an error is on its way out, and stays the run's error: the save's own failure is then said
+    in one line). A sharded save of several processes is left when failing: its writes need
+    every rank, and another may be gone (docs/checkpoints.md). False: nothing is suppressed."""
+    if failing and checkpointer.format == "sharded" and info.world_size > 1:
+        return False
+    try:
+        checkpointer.close()
+    except Exception as e:
+        if not failing:
+            raise
+        log(info, f"note: the checkpoint being written in the background when the run failed could not be "
+                  f"completed: {e}")
+    return False
+
+
 def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib.ExitStack,
            tune_cpu_allocator: bool) -> TrainResult:
     device = info.device
@@ -655,6 +672,11 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
         out_dir, format=ckpt.resolve_format(config.checkpoint_format, parallel.resolve_strategy(config, info)),
         rank=info.rank, world_size=info.world_size, keep_last=config.keep_last, keep_best=config.keep_best,
         tokenizer_path=Path(config.data_dir) / "tokenizer.json", async_save=config.async_checkpoint)
+    # However _train ends, a save in flight in the background is finished first (before the
+    # out_dir lock goes and the process group with it; on the normal and stop paths it already
+    # is). An error leaving training did not wait: at interpreter exit the save's thread could no
+    # longer start its checksum pool, and the checkpoint was dropped without a word.
+    held.push(lambda error_type, error, traceback: finish_background_save(checkpointer, info, error is not None))
 
     clock = Clock(elapsed_before=state.get("elapsed_s", 0.0), timed_from=step,
                   interval_start=time.perf_counter(), run_start=time.perf_counter())

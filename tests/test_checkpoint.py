@@ -778,3 +778,43 @@ def test_a_new_staging_block_drops_every_view_of_the_old_one(monkeypatch):
     staging._pin_for({("a",): torch.zeros(1000), ("c",): torch.zeros(10)})
     assert set(staging.buffers) == {("a",), ("c",)} and len(registered) == 2
     staging.release()
+
+
+@pytest.mark.parametrize("fmt", ["full", "sharded"])
+def test_an_error_in_training_waits_for_the_async_save_in_flight(char_data, tmp_path, fmt):
+    """Training failed while the step-2 checkpoint was still being written in the background:
+    nothing waited for it, and at interpreter exit its thread could no longer start its checksum
+    pool, so the checkpoint was dropped without a word (review finding). It is completed first."""
+    run = tmp_path / "run"
+    script = (
+        "import sys, time\n"
+        "import gpt.checkpoint.save as save\n"
+        "full_writer, dcp_save = save.full_writer, save.Checkpointer._dcp_save\n"
+        "def slow_writer(model, optimizer):\n"
+        "    write = full_writer(model, optimizer)\n"
+        "    def slowly(folder):\n"
+        "        time.sleep(2)\n"
+        "        yield from write(folder)\n"
+        "    return slowly\n"
+        "def slow_dcp(self, payload, folder):\n"
+        "    time.sleep(2)\n"
+        "    return dcp_save(self, payload, folder)\n"
+        "save.full_writer, save.Checkpointer._dcp_save = slow_writer, slow_dcp\n"
+        "import gpt.trainer as trainer\n"
+        "evaluate, calls = trainer.timed_evaluate, []\n"
+        "def failing(*args, **kwargs):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2:\n"
+        "        raise RuntimeError('simulated failure in training')\n"
+        "    return evaluate(*args, **kwargs)\n"
+        "trainer.timed_evaluate = failing\n"
+        "from gpt.cli import exit_process, run_train\n"
+        "exit_process(run_train(sys.argv[1:]))\n")
+    args = tiny_args(char_data, run, max_steps=12, eval_interval=2, eval_iters=1, log_interval=2,
+                     async_checkpoint=True, checkpoint_format=fmt)
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1 and "simulated failure in training" in done.stderr, done.stderr[-3000:]
+    assert ckpt.latest_checkpoint(run) == run / ckpt.CHECKPOINTS_DIR / "step_0000002"
+    ckpt.verify_checkpoint(run / ckpt.CHECKPOINTS_DIR / "step_0000002")
+    assert not [p for p in (run / ckpt.CHECKPOINTS_DIR).iterdir() if p.name.startswith(".")]
