@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from gpt.config import ArgumentParser  # noqa: E402
+from gpt.config import ArgumentParser, path_arg  # noqa: E402
 from gpt.prepare import add_shared_options, prepare, train_bytes_option, vocab_size_option  # noqa: E402
 from gpt.sources import LocalFiles, Texts  # noqa: E402
 
@@ -38,8 +38,8 @@ def download(url: str = URL, timeout: float = 30.0) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python data_prep/shakespeare.py", description=__doc__.split("\n")[0],
                                 allow_abbrev=False)
-    p.add_argument("--input", metavar="PATH", help="a local copy of the text (default: download it)")
-    p.add_argument("--out", metavar="DIR", help="dataset folder (default: data/shakespeare_char or "
+    p.add_argument("--input", type=path_arg, metavar="PATH", help="a local copy of the text (default: download it)")
+    p.add_argument("--out", type=path_arg, metavar="DIR", help="dataset folder (default: data/shakespeare_char or "
                                                  "data/shakespeare_bpe, after --tokenizer)")
     # nanoGPT's split: the last 10% of the text is val. A small BPE vocabulary: the text is only 1.1 MB.
     add_shared_options(p, tokenizer="char", vocab_size=2048, val_fraction=0.1)

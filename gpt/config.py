@@ -214,6 +214,12 @@ class TrainConfig:
         for name in ("out_dir", "data_dir"):
             if not getattr(self, name).strip():
                 raise ConfigError(f"{name} must name a folder, got an empty string")
+        if os.path.realpath(os.path.expanduser(self.out_dir)) == os.path.realpath(os.path.expanduser(self.data_dir)):
+            # The run's checkpoints beside the shards: the folder is then neither (data prep
+            # refuses it as a run, and every listing of runs shows the dataset).
+            raise ConfigError(f"out_dir and data_dir are the same folder ({self.out_dir}): the run would write "
+                              f"its checkpoints and logs among the dataset's files; give the run a folder of its "
+                              f"own (out_dir = out/NAME)")
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_steps",
                     "log_interval", "eval_iters", "keep_last", "prepare_vocab_size", "vocab_multiple")
         for name in positive:
@@ -469,6 +475,13 @@ def _hint(typed: str, mine: dict[str, str], theirs: dict[str, str]) -> str:
         return ""
     shown = ", ".join(meant[:5]) + (", ..." if len(meant) > 5 else "")
     return f"did you mean {shown}?"
+
+
+def path_arg(value: str) -> str:
+    """The argparse type of the tools' file and folder options: '~' expanded, as train.py does for
+    out_dir and data_dir. A shell leaves `--out=~/x` (and a quoted "~/x") alone: the tools made
+    a folder named '~' in the current one, or said the path did not exist."""
+    return os.path.expanduser(value)
 
 
 def add_option(parser, name: str, **kwargs) -> None:

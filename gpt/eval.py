@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .config import ArgumentParser, ConfigError, add_option
+from .config import ArgumentParser, ConfigError, add_option, path_arg
 from .hf import HF_PREFIX, load_hf_model, parse_init_from
 from .model import GPT, GPTConfig
 from .progress import progress_bar
@@ -275,9 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, **kwargs) -> None:
         add_option(parser, name, **kwargs)
 
-    parser.add_argument("run", help=f"run folder, checkpoint folder, or {HF_PREFIX}DIR (a Hugging Face GPT-2 folder)")
+    parser.add_argument("run", type=path_arg,
+                        help=f"run folder, checkpoint folder, or {HF_PREFIX}DIR (a Hugging Face GPT-2 folder)")
     add("split", default="val", choices=["train", "val"], help="which split (default: val)")
-    add("data_dir", default=None, help="dataset folder (default: the one the run trained on)")
+    add("data_dir", default=None, type=path_arg, help="dataset folder (default: the one the run trained on)")
     add("max_batches", type=int, default=None, help="stop after this many batches (default: the whole split)")
     add("batch_size", type=int, default=8, help="windows per batch (default: 8)")
     add("block_size", type=int, default=None, help="window length (default: the model's context)")

@@ -37,7 +37,7 @@ import tokenizers
 import torch
 
 from . import checkpoint as ckpt
-from .config import ArgumentParser
+from .config import ArgumentParser, path_arg
 from .hf import HF_PREFIX, HFError, check_gpt2_shape, hf_config_dict, to_hf_state_dict
 from .model import GPT, GPTConfig
 from .run_layout import training_output
@@ -256,10 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a checkpoint for other tools. Options may be spelled with '_' or '-'.",
         allow_abbrev=False,
     )
-    parser.add_argument("run", help="run folder (its latest checkpoint) or checkpoint folder")
+    parser.add_argument("run", type=path_arg, help="run folder (its latest checkpoint) or checkpoint folder")
     parser.add_argument("--format", default="hf", choices=FORMATS,
                         help="hf: a Hugging Face GPT-2 folder (default)")
-    parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument("--out", required=True, type=path_arg, help="folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--no-check", "--no_check", dest="check", action="store_false",
                         help="skip loading the export back with transformers to compare logits and ids")

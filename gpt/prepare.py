@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt import locks
-from gpt.config import ArgumentParser, add_option
+from gpt.config import ArgumentParser, add_option, path_arg
 from gpt.progress import progress_bar
 from gpt.dataset import dataset_files
 from gpt.run_layout import training_output
@@ -649,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_option(p, name, **kwargs)
 
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", nargs="+", action="extend", metavar="PATH",
+    src.add_argument("--input", nargs="+", action="extend", type=path_arg, metavar="PATH",
                      help="text files or folders (walked recursively, sorted, links followed, hidden "
                           "files and folders left out); each file is one document; repeated --input adds up")
     src.add_argument("--source", choices=["stdlib"],
@@ -664,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="data files for a builder such as json or parquet (repeated: all of them)")
     opt("--text-field", default="text", metavar="NAME", help="column holding the text (default: text)")
     opt("--streaming", action="store_true", help="stream the dataset instead of downloading/caching it whole")
-    opt("--out", required=True, metavar="DIR", help="dataset folder to write")
+    opt("--out", required=True, type=path_arg, metavar="DIR", help="dataset folder to write")
     opt("--val-rule", choices=VAL_RULES, default="chunks",
         help="chunks: every 1/F-th chunk of tokens, spread evenly (default); tail: the last F of the text")
     opt("--val-chunk-tokens", type=int, default=8192, metavar="N",

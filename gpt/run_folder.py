@@ -84,12 +84,15 @@ def claim_out_dir(config: TrainConfig, info: DistInfo, held: contextlib.ExitStac
     out_dir = Path(config.out_dir)
     if info.is_main:
         created = not out_dir.exists()
+        # The folders above it that this run makes too (out/ of `out/NAME`): a refused run removes
+        # them with out_dir, else an empty out/ was left where the command ran.
+        made = [out_dir, *[p for p in out_dir.absolute().parents if not p.exists()]] if created else []
         # A new folder next to a run of nearly its name: most likely a typo of that run's out_dir
         # (meant to extend or resume it), which would silently start a fresh run from step 0.
         meant = typo_of(out_dir, RUN_MARKS) if created else None
         held.enter_context(lock_out_dir(config, out_dir))
         if created:  # runs before the lock's release (an ExitStack unwinds last in, first out)
-            held.callback(remove_if_unused, out_dir)
+            held.callback(remove_if_unused, out_dir, made[1:])
         say("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.to_dict().items()))
         if meant is not None:
             say(f"note: out_dir {out_dir} is a new folder: this is a fresh run from step 0. Did you mean "
@@ -97,14 +100,16 @@ def claim_out_dir(config: TrainConfig, info: DistInfo, held: contextlib.ExitStac
     return out_dir
 
 
-def remove_if_unused(out_dir: Path) -> None:
+def remove_if_unused(out_dir: Path, parents: list[Path] = ()) -> None:
     """Remove an out_dir this run made if it holds nothing but the run's lock: a run refused
     during set-up (a dataset missing, tokens_per_step that does not divide) left an empty folder
-    that looked like a run's."""
+    that looked like a run's. Then `parents`, the folders above it the run made, while empty."""
     try:
         if [p.name for p in out_dir.iterdir()] == [RUN_LOCK_FILE]:
             (out_dir / RUN_LOCK_FILE).unlink()
             out_dir.rmdir()
+            for parent in parents:  # nearest first; rmdir refuses one that is not empty
+                parent.rmdir()
     except OSError:
         pass  # something else wrote there meanwhile, or it is gone: leave it
 

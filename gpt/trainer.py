@@ -40,7 +40,7 @@ from .optim import build_optimizer, describe_optimizer, learning_rate_at
 from .resume import (check_checkpoint_fits_data, check_resumed_model, note_changed_batch, note_changed_settings,
                      note_changed_val_set)
 from .run_folder import claim_out_dir, record_config
-from .run_layout import typo_of
+from .run_layout import training_output, typo_of
 from .shards import ShardError
 from .stop import StopFlag
 from .tokenizer import read_vocab
@@ -68,10 +68,27 @@ def ensure_dataset(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     data_dir = Path(config.data_dir)
     check_is_folder(data_dir, config.prepare_tokenizer)
     if not dataset_files(data_dir) and config.prepare_source != "none":
+        check_no_other_files(data_dir, config)
         if info.is_main:
             _prepare_default(config, data_dir)
         barrier(info)
     return load_meta(data_dir, config.prepare_tokenizer)
+
+
+def check_no_other_files(data_dir: Path, config: TrainConfig) -> None:
+    """The default corpus is prepared only into a new or empty folder. A newcomer's
+    --data_dir is often the folder of their own text: the stdlib's 30 MB went in beside it, the
+    run trained on Python code, and the folder was then refused as input (it held a dataset)."""
+    if not data_dir.is_dir() or training_output(data_dir) is not None:
+        return  # new; or a run given as the dataset, which the prep refuses with its own words
+    others = sorted(p.name for p in data_dir.iterdir() if not p.name.startswith("."))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        made = data_dir.with_name(data_dir.name + "_prepared")
+        raise ShardError(
+            f"{data_dir} holds no dataset but other files ({shown}); the '{config.prepare_source}' corpus is "
+            f"prepared only into a new or empty folder. To train on your own text there, prepare it first: "
+            f"python data_prep/prepare.py --input {data_dir} --out {made}, then train with --data_dir {made}")
 
 
 def _prepare_default(config: TrainConfig, data_dir: Path) -> None:

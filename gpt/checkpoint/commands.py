@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 
-from ..config import ArgumentParser
+from ..config import ArgumentParser, path_arg
 from .consolidation import consolidate
 from .layout import CheckpointError
 from .listing import format_listing, list_checkpoints
@@ -24,11 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="a run's checkpoints: step, val loss, size; latest and best marked")
-    listing.add_argument("run", help="a run folder (out_dir)")
+    listing.add_argument("run", type=path_arg, help="a run folder (out_dir)")
     listing.add_argument("--json", action="store_true", help="one JSON object per checkpoint instead of a table")
     cons = commands.add_parser("consolidate", help="write a single-file copy of a checkpoint")
-    cons.add_argument("source", help="a run folder (its latest checkpoint) or a checkpoint folder")
-    cons.add_argument("--out", default=None,
+    cons.add_argument("source", type=path_arg, help="a run folder (its latest checkpoint) or a checkpoint folder")
+    cons.add_argument("--out", default=None, type=path_arg,
                       help="output folder (default: RUN/consolidated/step_N for a checkpoint of a run, "
                            "given as the run or as RUN/checkpoints/step_N; CKPT_consolidated beside "
                            "a checkpoint folder outside a run)")
