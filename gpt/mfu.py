@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+from typing import Any
+
 import torch
 
 # Dense (no sparsity) datasheet peaks in TFLOP/s by dtype. Matched against
@@ -85,8 +87,12 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 4096
     return 2 * size**3 / best
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float = 0.0) -> tuple[float, str]:
-    """The FLOP/s figure MFU is measured against, and where it came from."""
+def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float = 0.0,
+               earlier: Any = None) -> tuple[float, str]:
+    """The FLOP/s figure MFU is measured against, and where it came from. `earlier`: the
+    (FLOP/s, source) a resumed run's checkpoint recorded; where this start would measure again
+    on the same kind of device and dtype, that figure is kept instead, so that MFU compares across
+    the resume (measured afresh on a busier or quieter machine, it moved 2x within one run)."""
     if override_tflops > 0:
         return override_tflops * 1e12, "config peak_tflops"
     if device.type == "cuda":
@@ -94,4 +100,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float 
         found = gpu_peak_flops(name, dtype)
         if found is not None:
             return found, f"{name} datasheet"
-    return measure_matmul_flops(device, dtype), f"measured {device.type} {str(dtype).removeprefix('torch.')} matmul"
+    source = f"measured {device.type} {str(dtype).removeprefix('torch.')} matmul"
+    if (isinstance(earlier, (list, tuple)) and len(earlier) == 2 and isinstance(earlier[1], str)
+            and earlier[1].startswith(source) and isinstance(earlier[0], (int, float)) and earlier[0] > 0):
+        return float(earlier[0]), earlier[1].removesuffix(KEPT) + KEPT
+    return measure_matmul_flops(device, dtype), source
+
+
+KEPT = ", kept from the run's earlier start"  # peak_flops' `earlier`

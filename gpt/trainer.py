@@ -491,9 +491,10 @@ def open_metrics(config: TrainConfig, info: DistInfo, out_dir: Path, gpt_config:
 def checkpoint_state(at_step: int, val_loss: float | None, tokens_seen: int, loader: TokenLoader,
                      interval: LogInterval, clock: Clock, guard: NonFiniteGuard, scaler: torch.amp.GradScaler,
                      config: TrainConfig, gpt_config: GPTConfig, meta: dict[str, Any], info: DistInfo,
-                     accum: int) -> dict[str, Any]:
+                     accum: int, peak: tuple[float, str] | None = None) -> dict[str, Any]:
     """A checkpoint's state.json: where the run is and how it runs. A collective (every rank's
-    RNG state and log-interval loss sum are gathered, in this order)."""
+    RNG state and log-interval loss sum are gathered, in this order). `peak`: MFU's (FLOP/s,
+    source), which a resume keeps where it was measured (gpt/mfu.py peak_flops)."""
     return {
         "step": at_step,
         "tokens_seen": tokens_seen,
@@ -510,6 +511,7 @@ def checkpoint_state(at_step: int, val_loss: float | None, tokens_seen: int, loa
         "log_interval": {"steps": interval.steps, "skipped": interval.skipped, "accum": accum,
                          "loss_sums": all_gather_floats(interval.loss_sum, info)},
         "elapsed_s": run_seconds(clock),
+        "peak_flops": list(peak) if peak is not None else None,
     }
 
 
@@ -668,7 +670,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     # Counted at the windows trained on: a model started from a Hugging Face folder keeps that
     # folder's context (n_positions), which may be longer than config.block_size.
     flops_per_token = model.flops_per_token(config.block_size)
-    peak, peak_source = peak_flops(device, dtype, config.peak_tflops)
+    peak, peak_source = peak_flops(device, dtype, config.peak_tflops, earlier=state.get("peak_flops"))
     describe_run(config, info, model, optimizer, dtype, accum, tokens_per_step, peak, peak_source)
     if memory_note:
         log(info, f"cpu memory: {memory_note}")
@@ -702,7 +704,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
         # A collective: every rank takes part (gathering to rank 0, or writing its own shard).
         # Reads the loop's tokens_seen, interval and clock as they are when it is called.
         state = checkpoint_state(at_step, val_loss, tokens_seen, loader, interval, clock, guard, scaler,
-                                 config, model.config, meta, info, accum)
+                                 config, model.config, meta, info, accum, peak=(peak, peak_source))
         return checkpointer.save(at_step, model, optimizer, state)
 
     wrapped.train()

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from gpt.config import ConfigError
 from gpt.metrics import MetricsError, MetricsLog, read_metrics
@@ -138,3 +139,35 @@ def test_plot_to_an_unwritable_out_is_a_one_line_error(tmp_path):
     with pytest.raises(MetricsError, match="cannot write"):
         plot_runs([tmp_path], tmp_path / "metrics.jsonl" / "x.png")
     assert main([str(tmp_path), "--out", str(tmp_path / "metrics.jsonl" / "x.png")]) == 2
+
+
+def test_a_resume_keeps_the_measured_peak_so_mfu_compares(char_data, tmp_path, capsys, monkeypatch):
+    """The CPU peak behind MFU was measured afresh at every start: on a busier or quieter machine
+    one run's MFU moved 2x across a resume at the same tokens/s (review finding). The figure is
+    recorded in each checkpoint and a resume keeps it (raised to training's speed as before)."""
+    import json
+
+    from conftest import tiny_config
+    from gpt import checkpoint as ckpt
+    from gpt import mfu
+    from gpt.trainer import train
+
+    config = tiny_config(char_data, tmp_path / "run", peak_tflops=0.0, max_steps=4, eval_interval=4)
+    monkeypatch.setattr(mfu, "measure_matmul_flops", lambda device, dtype: 123.0e9)
+    train(config)
+    state = json.loads((ckpt.latest_checkpoint(tmp_path / "run") / "state.json").read_text())
+    flops, source = state["peak_flops"]
+    assert source.startswith("measured cpu float32 matmul") and flops >= 123.0e9
+    capsys.readouterr()
+
+    def measured_again(device, dtype):
+        raise AssertionError("a resume measured the peak again")
+
+    monkeypatch.setattr(mfu, "measure_matmul_flops", measured_again)
+    train(replace(config, max_steps=8, eval_interval=8))
+    out = capsys.readouterr().out
+    assert f"peak {flops / 1e12:.2f} TFLOP/s per device ({source}, kept from the run's earlier start)" in out, out
+    # Another dtype is another peak: measured for it.
+    monkeypatch.setattr(mfu, "measure_matmul_flops", lambda device, dtype: 456.0e9)
+    assert mfu.peak_flops(torch.device("cpu"), torch.bfloat16, earlier=state["peak_flops"]) == (
+        456.0e9, "measured cpu bfloat16 matmul")

@@ -259,11 +259,11 @@ def test_a_run_refused_during_set_up_leaves_no_empty_out_dir(char_data, tmp_path
     run = tmp_path / "new" / "run"
     with pytest.raises(ConfigError, match="tokens_per_step"):
         train(tiny_config(char_data, run, tokens_per_step=1000))  # not a multiple of 8 x 64
-    assert not run.exists() and (tmp_path / "new").exists()
+    assert not run.exists() and not (tmp_path / "new").exists()  # made by the run too: gone with it
     with pytest.raises(ShardError, match="dataset folder does not exist"):
         train(tiny_config(tmp_path / "no_data", run))
     assert not run.exists()
-    run.mkdir()
+    run.mkdir(parents=True)
     with pytest.raises(ShardError):
         train(tiny_config(tmp_path / "no_data", run))
     assert run.is_dir()  # the user's own folder stays
