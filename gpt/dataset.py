@@ -113,8 +113,8 @@ def split_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
             f"meta.json lists ({_names(listed)}): files of another prep left in this folder? Training would "
             f"read them as part of the corpus. Move them out, or {again}")
     expected = meta.get("tokens", {}).get(split) if isinstance(meta.get("tokens"), dict) else None
-    found = sum(read_header(p) for p in paths)
-    if type(expected) is int and found != expected:
+    found = sum(read_header(p) for p in paths) if type(expected) is int else None
+    if found is not None and found != expected:
         raise ShardError(
             f"{data_dir}: its {split} shards hold {found:,} tokens, but its meta.json says {expected:,}: "
             f"a shard of another prep copied over one of these? Copy the dataset whole from where it "

@@ -9,7 +9,6 @@ is measured: the FLOP/s of a large matmul on all the device's cores.
 from __future__ import annotations
 
 import time
-
 from typing import Any
 
 import torch
@@ -87,6 +86,9 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 4096
     return 2 * size**3 / best
 
 
+KEPT = ", kept from the run's earlier start"  # peak_flops' `earlier`
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float = 0.0,
                earlier: Any = None) -> tuple[float, str]:
     """The FLOP/s figure MFU is measured against, and where it came from. `earlier`: the
@@ -106,5 +108,3 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float 
         return float(earlier[0]), earlier[1].removesuffix(KEPT) + KEPT
     return measure_matmul_flops(device, dtype), source
 
-
-KEPT = ", kept from the run's earlier start"  # peak_flops' `earlier`

@@ -86,13 +86,13 @@ def claim_out_dir(config: TrainConfig, info: DistInfo, held: contextlib.ExitStac
         created = not out_dir.exists()
         # The folders above it that this run makes too (out/ of `out/NAME`): a refused run removes
         # them with out_dir, else an empty out/ was left where the command ran.
-        made = [out_dir, *[p for p in out_dir.absolute().parents if not p.exists()]] if created else []
+        made = [p for p in out_dir.absolute().parents if not p.exists()] if created else []
         # A new folder next to a run of nearly its name: most likely a typo of that run's out_dir
         # (meant to extend or resume it), which would silently start a fresh run from step 0.
         meant = typo_of(out_dir, RUN_MARKS) if created else None
         held.enter_context(lock_out_dir(config, out_dir))
         if created:  # runs before the lock's release (an ExitStack unwinds last in, first out)
-            held.callback(remove_if_unused, out_dir, made[1:])
+            held.callback(remove_if_unused, out_dir, made)
         say("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.to_dict().items()))
         if meant is not None:
             say(f"note: out_dir {out_dir} is a new folder: this is a fresh run from step 0. Did you mean "

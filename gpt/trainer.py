@@ -25,7 +25,7 @@ from . import hf
 from . import locks
 from . import parallel
 from .config import ConfigError, TrainConfig, grad_accum_steps, tokens_per_optimizer_step
-from .dataset import check_is_folder, check_token_ids, dataset_files, load_meta, prepare_again, split_shards
+from .dataset import check_is_folder, check_token_ids, dataset_files, load_meta, prepare_again
 from .console import say
 from .device import has_fast_bf16, pick_device, resolve_dtype
 from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed, log, lost_peer,
@@ -145,14 +145,15 @@ def open_loaders(config: TrainConfig, meta: dict[str, Any], info: DistInfo) -> t
                 f"{meta['vocab_size']:,}: the folder mixes files of different preps. Copy the dataset "
                 f"whole from where it came from, or make it again {prepare_again(data_dir, meta)}"
             )
-    paths = split_shards(data_dir, "train") + split_shards(data_dir, "val")  # all that meta.json lists
-    # Each rank scans its share; a rank that finds a bad id fails, and torchrun stops the others.
-    check_token_ids(paths[info.rank :: info.world_size], meta["vocab_size"])
+    # Each loader takes the shards meta.json lists, all of them (gpt/dataset.py split_shards).
     loaders = {split: TokenLoader(data_dir, split, config.batch_size, config.block_size, rank=info.rank,
                                   world_size=info.world_size, seed=config.seed, device=info.device,
                                   order=config.data_order if split == "train" else "random",
                                   vocab_size=meta["vocab_size"])
                for split in ("train", "val")}
+    paths = loaders["train"].shard_paths + loaders["val"].shard_paths
+    # Each rank scans its share; a rank that finds a bad id fails, and torchrun stops the others.
+    check_token_ids(paths[info.rank :: info.world_size], meta["vocab_size"])
     train_tokens = loaders["train"].num_tokens
     batch_tokens = config.batch_size * config.block_size * info.world_size
     if train_tokens < batch_tokens:
@@ -307,10 +308,10 @@ SLOW_STEP_S = 60.0  # a step longer than this at the device's peak gets a note a
 
 
 def describe_run(config: TrainConfig, info: DistInfo, model: GPT, optimizer: torch.optim.Optimizer,
-                 dtype: torch.dtype, accum: int, tokens_per_step: int, peak: float, peak_source: str) -> None:
+                 dtype: torch.dtype, accum: int, tokens_per_step: int, flops_per_token: int, peak: float,
+                 peak_source: str) -> None:
     """Log what is about to train (size, device, precision, batch, optimizer) and any setting
     that will not do what it seems to."""
-    flops_per_token = model.flops_per_token(config.block_size)  # the windows trained on
     log(info, f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} "
               f"MFLOP/token; device {info.device} x {info.world_size}, {str(dtype).removeprefix('torch.')}, "
               f"grad accumulation {accum}, {tokens_per_step:,} tokens/step; "
@@ -671,7 +672,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     # folder's context (n_positions), which may be longer than config.block_size.
     flops_per_token = model.flops_per_token(config.block_size)
     peak, peak_source = peak_flops(device, dtype, config.peak_tflops, earlier=state.get("peak_flops"))
-    describe_run(config, info, model, optimizer, dtype, accum, tokens_per_step, peak, peak_source)
+    describe_run(config, info, model, optimizer, dtype, accum, tokens_per_step, flops_per_token, peak, peak_source)
     if memory_note:
         log(info, f"cpu memory: {memory_note}")
 
