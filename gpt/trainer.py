@@ -489,20 +489,23 @@ def open_metrics(config: TrainConfig, info: DistInfo, out_dir: Path, gpt_config:
     return metrics
 
 
-def checkpoint_state(at_step: int, val_loss: float | None, tokens_seen: int, loader: TokenLoader,
+def checkpoint_state(at_step: int, val_loss: tuple[float | None, int | None], tokens_seen: int, loader: TokenLoader,
                      interval: LogInterval, clock: Clock, guard: NonFiniteGuard, scaler: torch.amp.GradScaler,
                      config: TrainConfig, gpt_config: GPTConfig, meta: dict[str, Any], info: DistInfo,
                      accum: int, peak: tuple[float, str] | None = None) -> dict[str, Any]:
     """A checkpoint's state.json: where the run is and how it runs. A collective (every rank's
     RNG state and log-interval loss sum are gathered, in this order). `peak`: MFU's (FLOP/s,
-    source), which a resume keeps where it was measured (gpt/mfu.py peak_flops)."""
+    source), which a resume keeps where it was measured (gpt/mfu.py peak_flops). `val_loss`: the
+    run's latest eval and the step it was measured at (earlier than `at_step` for a stop's save
+    between evals: `gpt.checkpoint list` and keep_best tell the two apart)."""
     return {
         "step": at_step,
         "tokens_seen": tokens_seen,
         "loader": loader.state_dict(),
         "rng": ckpt.gather_rng_states(),  # every rank's: each draws its own dropout masks
         "world_size": info.world_size,
-        "val_loss": val_loss,
+        "val_loss": val_loss[0],
+        "val_loss_step": val_loss[1],
         "model_config": asdict(gpt_config),
         "train_config": config.to_dict(),
         "dataset": meta,
@@ -701,7 +704,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     clock = Clock(elapsed_before=state.get("elapsed_s", 0.0), timed_from=step,
                   interval_start=time.perf_counter(), run_start=time.perf_counter())
 
-    def save(at_step: int, val_loss: float | None) -> Path:
+    def save(at_step: int, val_loss: tuple[float | None, int | None]) -> Path:
         # A collective: every rank takes part (gathering to rank 0, or writing its own shard).
         # Reads the loop's tokens_seen, interval and clock as they are when it is called.
         state = checkpoint_state(at_step, val_loss, tokens_seen, loader, interval, clock, guard, scaler,
@@ -714,6 +717,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     # next eval saves that val loss again (not null), and a resume with nothing left to
     # train reports the finished run's result.
     val_loss, last_ckpt = state.get("val_loss"), resume_from
+    val_loss_step = state.get("val_loss_step")
     stop.training = True
     while step < config.max_steps:
         lr = learning_rate_at(step, config)
@@ -735,6 +739,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
             step_time, steady = interval_step_time(clock, step)  # before the eval: tokens/s times training alone
             if do_eval:
                 val_loss = timed_evaluate(wrapped, config, info, autocast, val_loader, guard, clock, step)
+                val_loss_step = step
             loss_scale = scaler.get_scale() if scaler.is_enabled() else None
             peak, peak_source = peak_at_least(peak, peak_source, flops_per_token * tokens_per_step / step_time
                                               / info.world_size, info)
@@ -751,7 +756,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
             interval.steps = interval.skipped = 0
             if do_eval:
                 began = time.perf_counter()
-                last_ckpt = save(step, val_loss)
+                last_ckpt = save(step, (val_loss, val_loss_step))
                 clock.save_s = time.perf_counter() - began
             clock.interval_start, clock.timed_from = time.perf_counter(), step
         if stop.agreed(info):
@@ -764,7 +769,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
             # An eval step has just saved this very state: writing it again would only spend the
             # time a preempted job has left before it is killed (twice as long for a large model).
             if not do_eval:
-                save(step, val_loss)
+                save(step, (val_loss, val_loss_step))
             checkpointer.close()  # an async save completes before the exit code says it is saved
             metrics.close()  # wandb's run finished too (else a caller's next train() logged into it)
             raise SystemExit(stop.exit_code)

@@ -194,3 +194,48 @@ def test_ctrl_c_while_torch_imports_ends_the_tool_even_inside_a_bare_except():
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 130 and "went on" not in r.stdout, (r.returncode, r.stdout, r.stderr)
     assert r.stderr.strip() == "interrupted: stopped before anything"
+
+
+def test_a_stop_between_evals_saves_the_last_eval_as_an_earlier_steps(char_data, tmp_path, capsys, monkeypatch):
+    """A stop signal's save between evals records the run's latest val loss (so a resume with
+    nothing left to train reports it), but `gpt.checkpoint list` showed it as the new checkpoint's
+    own, and on the tie called the measured checkpoint "best" as if the newer one were worse."""
+    import json
+    import os
+    import signal
+
+    from conftest import tiny_config
+    from gpt import checkpoint as ckpt
+    from gpt import trainer
+    from gpt.trainer import train
+
+    losses = iter([2.0, 1.5, 1.7])
+    monkeypatch.setattr(trainer, "timed_evaluate", lambda *args: next(losses))
+    real_step = trainer.train_step
+
+    def step_then_stop_at_5(*args):
+        real_step(*args)
+        if args[-2] == 4:  # the step about to end as step 5: SIGUSR1, as a SLURM warning sends
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(trainer, "train_step", step_then_stop_at_5)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        train(tiny_config(char_data, run, max_steps=12, eval_interval=4, keep_last=3))
+    assert stopped.value.code == 75
+    rows = ckpt.list_checkpoints(run)
+    assert [(r["step"], r["val_loss"], r["val_loss_step"], r["latest"], r["best"]) for r in rows] == [
+        (4, 2.0, 4, False, True), (5, 2.0, 4, True, False)]
+    assert ckpt.best_checkpoint(ckpt.complete_checkpoints(run)).name == "step_0000004"
+    assert ckpt.main(["list", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "        5    2.0000  full" in out and "(latest, val loss of step 4, carried on)" in out
+
+    # The resume measures its own at 8 and 12; the stop's checkpoint is no candidate for best.
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    result = train(tiny_config(char_data, run, max_steps=12, eval_interval=4, keep_last=3, keep_best=True))
+    assert result.val_loss == 1.7
+    rows = ckpt.list_checkpoints(run)
+    assert [(r["step"], r["val_loss_step"], r["best"]) for r in rows] == [
+        (5, 4, False), (8, 8, True), (12, 12, False)]
+    assert json.loads((run / "checkpoints" / "step_0000012" / "state.json").read_text())["val_loss_step"] == 12

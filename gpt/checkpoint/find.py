@@ -40,20 +40,34 @@ def complete_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
 
 
 def saved_val_loss(ckpt_dir: Path) -> float | None:
-    """The val loss a checkpoint's state.json records (the run's latest eval when it was saved),
-    or None: none recorded, not a finite number, or no state.json to read."""
+    """The val loss measured on this checkpoint's own weights, as its state.json records it, or
+    None: none recorded, not a finite number, no state.json to read, or a loss carried on from an
+    earlier eval (a stop signal's save between evals records the run's latest eval, and its step)."""
+    return own_loss(ckpt_dir, saved_eval(ckpt_dir))
+
+
+def own_loss(ckpt_dir: Path, evaluated: tuple[float | None, int | None]) -> float | None:
+    """Of `saved_eval(ckpt_dir)`, the loss if it was measured on this checkpoint's weights."""
+    loss, measured_at = evaluated
+    return loss if measured_at in (None, step_of(ckpt_dir.name)) else None
+
+
+def saved_eval(ckpt_dir: Path) -> tuple[float | None, int | None]:
+    """The run's latest val loss when this checkpoint was saved, and the step it was measured at
+    (None in checkpoints from before state.json recorded it: taken as the checkpoint's own)."""
     try:
-        value = json.loads((ckpt_dir / STATE_FILE).read_bytes()).get("val_loss")
+        state = json.loads((ckpt_dir / STATE_FILE).read_bytes())
+        value, measured_at = state.get("val_loss"), state.get("val_loss_step")
     except (OSError, ValueError, AttributeError):
-        return None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+        return None, None
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    known_step = isinstance(measured_at, int) and not isinstance(measured_at, bool)
+    return (float(value) if finite else None), (measured_at if finite and known_step else None)
 
 
 def best_checkpoint(checkpoints: list[Path]) -> Path | None:
-    """Of `checkpoints` (oldest first), the one with the lowest val loss; the earliest of equals.
-
-    Every eval saves a checkpoint, so the earliest one holding a val loss is the one it was
-    measured at; a later save that carries it on (a stop signal's, between evals) ties and loses."""
+    """Of `checkpoints` (oldest first), the one with the lowest val loss measured on its own
+    weights; the earliest of equals."""
     index = lowest_loss(saved_val_loss(ckpt_dir) for ckpt_dir in checkpoints)
     return checkpoints[index] if index is not None else None
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .find import complete_checkpoints, latest_checkpoint, lowest_loss, saved_val_loss
+from .find import complete_checkpoints, latest_checkpoint, lowest_loss, own_loss, saved_eval
 from ..run_layout import nearby_runs, training_output
 from .layout import CheckpointError, step_of
 from .verify import checkpoint_format, read_manifest
@@ -19,8 +19,10 @@ from .verify import checkpoint_format, read_manifest
 
 def list_checkpoints(run: str | os.PathLike) -> list[dict[str, Any]]:
     """One dict per complete checkpoint of `run`, oldest first: path, step, val_loss (None when
-    the run had not evaluated yet), format, bytes, latest (what a resume or `sample.py --out_dir`
-    reads) and best (the lowest val loss; what keep_best keeps)."""
+    the run had not evaluated yet), val_loss_step (the step it was measured at: an earlier one for
+    a stop signal's save between evals; None where state.json predates it), format, bytes, latest
+    (what a resume or `sample.py --out_dir` reads) and best (the lowest val loss measured on the
+    checkpoint's own weights; what keep_best keeps)."""
     run = Path(run)
     if not run.is_dir():
         raise CheckpointError(f"{run} is not a folder; give a run folder (out_dir){nearby_runs(run)}")
@@ -35,17 +37,18 @@ def list_checkpoints(run: str | os.PathLike) -> list[dict[str, Any]]:
         latest = latest_checkpoint(run)
     except CheckpointError:
         latest = None  # `latest` names a missing folder: every row still lists
-    losses = [saved_val_loss(ckpt_dir) for ckpt_dir in found]  # each state.json read once
-    best = lowest_loss(losses)
+    evals = [saved_eval(ckpt_dir) for ckpt_dir in found]  # each state.json read once
+    best = lowest_loss(own_loss(ckpt_dir, evaluated) for ckpt_dir, evaluated in zip(found, evals))
     rows = []
-    for index, (ckpt_dir, loss) in enumerate(zip(found, losses)):
+    for index, (ckpt_dir, (loss, measured_at)) in enumerate(zip(found, evals)):
         try:
             size: int | None = sum(entry["bytes"] for entry in read_manifest(ckpt_dir).values())
             fmt: str | None = checkpoint_format(ckpt_dir)
         except CheckpointError:  # pruned, or broken, since it was found: listed without them
             size = fmt = None
         rows.append({"path": str(ckpt_dir), "step": step_of(ckpt_dir.name), "val_loss": loss,
-                     "format": fmt, "bytes": size, "latest": ckpt_dir == latest, "best": index == best})
+                     "val_loss_step": measured_at, "format": fmt, "bytes": size, "latest": ckpt_dir == latest,
+                     "best": index == best})
     return rows
 
 
@@ -55,9 +58,11 @@ def format_listing(run: str | os.PathLike, rows: list[dict[str, Any]]) -> str:
     for row in rows:
         loss = f"{row['val_loss']:.4f}" if row["val_loss"] is not None else "-"
         size = f"{row['bytes'] / 1e6:,.1f} MB" if row["bytes"] is not None else "?"
-        marks = ", ".join(mark for mark in ("latest", "best") if row[mark])
+        marks = [mark for mark in ("latest", "best") if row[mark]]
+        if row["val_loss"] is not None and row["val_loss_step"] not in (None, row["step"]):
+            marks.append(f"val loss of step {row['val_loss_step']:,}, carried on")  # a stop between evals
         lines.append(f"  {row['step']:>9,}  {loss:>8}  {row['format'] or '?':<7}  {size:>9}"
-                     + (f"  ({marks})" if marks else ""))
+                     + (f"  ({', '.join(marks)})" if marks else ""))
     best = next((row for row in rows if row["best"]), None)
     if best is not None and not best["latest"]:
         lines.append(f"the best is not the latest: sample it with sample.py --ckpt {best['path']}")
