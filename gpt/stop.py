@@ -38,6 +38,9 @@ class StopFlag:
         self._previous: dict[int, Any] = {}
         self._vote: tuple[Any, torch.Tensor] | None = None  # (all-reduce work, its CPU flag)
         self._group = None  # the gloo group votes go over when the default one is NCCL
+        # What the ranks agreed on (distributed runs): "interrupted" when any rank had Ctrl-C,
+        # else "preempted". Every rank then exits with the same code, signalled or not.
+        self._agreed: str | None = None
 
     def install(self) -> None:
         """Handle SIGTERM, SIGUSR1 and SIGINT from now on. A signal that the handler installed
@@ -84,7 +87,8 @@ class StopFlag:
 
     @property
     def exit_code(self) -> int:
-        return INTERRUPTED_EXIT_CODE if self.signal == signal.SIGINT else PREEMPTED_EXIT_CODE
+        interrupted = self._agreed == "interrupted" if self._agreed is not None else self.signal == signal.SIGINT
+        return INTERRUPTED_EXIT_CODE if interrupted else PREEMPTED_EXIT_CODE
 
     @property
     def name(self) -> str:
@@ -92,7 +96,9 @@ class StopFlag:
 
         if self.signal == signal.SIGUSR1 and PARENT_WATCH.orphaned.is_set():
             return f"torchrun (pid {PARENT_WATCH.parent}) exited"  # gpt/early_signals.py ParentWatch
-        return signal.Signals(self.signal).name if self.signal is not None else "stop"
+        if self.signal is not None:
+            return signal.Signals(self.signal).name
+        return "SIGINT on another rank" if self._agreed == "interrupted" else "a signal to another rank"
 
     def agreed(self, info: DistInfo) -> bool:
         """True on every rank, at the same step, once any rank was signalled.
@@ -110,6 +116,7 @@ class StopFlag:
             work.wait()  # long done: it was started a whole step ago
             self._vote = None
             if flag.item():
+                self._agreed = "interrupted" if flag.item() == VOTE_INTERRUPTED else "preempted"
                 return True
         if self._group is None and dist.get_backend() != "gloo":
             # Every rank gets here at its first step. With the process group's own timeout: the
@@ -117,7 +124,8 @@ class StopFlag:
             # others three times as long as any other collective would.
             self._group = dist.new_group(
                 backend="gloo", timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MINUTES))
-        flag = torch.tensor([float(self.signal is not None)])
+        flag = torch.tensor([float(VOTE_INTERRUPTED if self.signal == signal.SIGINT
+                                   else VOTE_PREEMPTED if self.signal is not None else 0)])
         self._vote = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
         return False
 
@@ -128,5 +136,8 @@ class StopFlag:
             self._vote = None
 
 
+# A rank's vote: 0 (no signal), or which of the two ways to stop; the highest wins, so a Ctrl-C
+# sent to one worker alone is an interrupt on every rank (exit 130), not 130 there and 75 elsewhere.
+VOTE_PREEMPTED, VOTE_INTERRUPTED = 1, 2
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", i.e. requeue and resume
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C

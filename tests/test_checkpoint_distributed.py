@@ -253,6 +253,23 @@ def test_sigterm_to_one_rank_saves_exits_75_and_a_rerun_resumes_exactly(data, dd
     assert_same_run(run, ddp_reference)
 
 
+def test_ctrl_c_to_one_worker_stops_every_rank_as_interrupted(data, tmp_path):
+    """SIGINT to rank 1 alone (`kill -INT` on one worker): that rank exited 130 and the others,
+    told to stop by its vote, 75, so one job reported both "interrupted" and "requeue me". The
+    vote now says which: every rank saves the same step and exits 130."""
+    run = tmp_path / "run"
+    log = tmp_path / "run.log"
+    proc = start(torchrun_cmd([f"--data_dir={data}", f"--out_dir={run}", *DDP]), log)
+    signal_rank_1(proc, run, log, signal.SIGINT, timeout=120)
+    output = log.read_text()
+    assert proc.returncode != 0, output[-3000:]
+    assert "received a stop signal (SIGINT on another rank)" in output, output[-3000:]
+    assert "exiting with code 130" in output and "exiting with code 75" not in output, output[-3000:]
+    assert "exitcode  : 130" in output and "exitcode  : 75" not in output, output[-3000:]
+    assert 0 < latest_step(run) < DDP_STEPS, output[-3000:]
+    assert_latest_is_complete(run)
+
+
 @pytest.mark.slow
 def test_torchrun_max_restarts_resumes_after_a_worker_is_killed(data, ddp_reference, tmp_path):
     """kill -9 of one worker: torchrun restarts both (--max-restarts=1), they resume from the
