@@ -22,14 +22,13 @@ from gpt.model import GPT, GPTConfig
 from gpt.prepare import build_parser, main, prepare
 from gpt.shards import ShardError, write_shard
 
-from conftest import REPO, SHAKESPEARE, tiny_args
+from conftest import REPO, SHAKESPEARE, need_shakespeare, tiny_args
 
 
 @pytest.fixture(scope="module")
 def four_shards(tmp_path_factory) -> Path:
     """A char dataset whose train split is 4 shards (val 1)."""
-    if not SHAKESPEARE.exists():
-        pytest.skip(f"{SHAKESPEARE} is not present")
+    need_shakespeare()
     out = tmp_path_factory.mktemp("listing") / "data"
     prepare(out, [SHAKESPEARE.read_text()[:100_000]], tokenizer="char", val_fraction=0.1, val_rule="tail",
             shard_tokens=25_000, progress=False)

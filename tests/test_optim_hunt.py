@@ -47,6 +47,12 @@ def test_the_schedule_warms_up_decays_and_stays_at_the_floor():
         step = (c.learning_rate - c.min_lr) * 0.1 + 1e-12  # no jump at the boundaries
         bound = max(step, c.learning_rate / max(1, c.warmup_steps)) * (1 + 1e-9)
         assert all(abs(a - b) <= bound for a, b in zip(lrs, lrs[1:]))
+    # The curve's shape, by hand: linear warmup (step 4 of 10 is the 5th: half the peak), then a
+    # cosine, here over the 40 steps 10..50: (1 + cos(pi/4)) / 2 = 0.8536 of the way down a quarter in.
+    c = replace(config, lr_decay_steps=50).validate()
+    assert learning_rate_at(4, c) == pytest.approx(0.5e-3)
+    for at, left in [(20, 0.8535534), (30, 0.5), (40, 0.1464466)]:
+        assert learning_rate_at(at, c) == pytest.approx(1e-4 + left * 0.9e-3, rel=1e-6)
 
 
 def _reference_muon(weights, grads_seq, lr, momentum, weight_decay):
