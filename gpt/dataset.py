@@ -125,7 +125,7 @@ def split_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
 def _run_data_dir(folder: Path) -> str | None:
     """The data_dir that the run `folder` is (or holds, or is in) was trained on, read from its
     config.json or a checkpoint's state.json; None when there is none to read."""
-    folder = folder.resolve()  # (the parents of a relative "run" are ".", the current folder)
+    folder = Path(os.path.realpath(folder))  # (the parents of a relative "run" are ".", the current folder)
     for place in (folder, folder.parent, folder.parent.parent):
         for name, keys in (("config.json", ("data_dir",)), ("state.json", ("train_config", "data_dir"))):
             value: object = _read_json_quietly(place / name)

@@ -119,7 +119,8 @@ def _export(source: Path, out: Path, overwrite: bool, check: bool, log: Callable
 
 
 def _check_target(out: Path, source: Path, overwrite: bool) -> None:
-    if out.resolve() in (source.resolve(), *source.resolve().parents):
+    real_source = Path(os.path.realpath(source))  # not Path.resolve: a link loop raised RuntimeError
+    if Path(os.path.realpath(out)) in (real_source, *real_source.parents):
         raise HFError(f"--out {out} would overwrite the checkpoint being exported; choose another folder")
     if not (out.exists() and (out.is_file() or any(out.iterdir()))):
         # Even a new or empty folder: one inside a checkpoint (or checkpoints/) is deleted with
@@ -162,7 +163,7 @@ def _dataset(out: Path) -> str | None:
     """How `out` is part of a prepared dataset, in words, or None."""
     if out.is_dir() and holds_token_shards(out):
         return "holds a dataset (token shards)"
-    parent = out.resolve().parent
+    parent = Path(os.path.realpath(out)).parent
     if parent.is_dir() and holds_token_shards(parent):  # a new --out may have new parents too
         return f"is inside the dataset folder {parent}"
     return None

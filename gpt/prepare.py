@@ -300,7 +300,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 def _check_input_not_out(corpus: LocalFiles, out_dir: Path) -> None:
     """An --input folder that is --out itself would be read as it is being replaced."""
     for path in corpus.paths:
-        if path.is_dir() and path.resolve() == out_dir.resolve():
+        if path.is_dir() and os.path.realpath(path) == os.path.realpath(out_dir):
             raise PrepareError(f"--input {path}: is the --out folder, where the dataset is written; "
                                f"choose an --out outside the input")
 
@@ -311,7 +311,7 @@ def _check_hf_folder_not_out(corpus: HFDataset, out_dir: Path) -> None:
     folder = Path(corpus.name)
     if corpus.data_files or not folder.is_dir():
         return
-    folder, out = folder.resolve(), out_dir.resolve()
+    folder, out = Path(os.path.realpath(folder)), Path(os.path.realpath(out_dir))
     if out == folder or out.is_relative_to(folder):
         where = "is" if out == folder else "is inside"
         raise PrepareError(f"--out {out_dir}: {where} the --hf-dataset folder {corpus.name}, whose every data "

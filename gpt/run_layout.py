@@ -34,7 +34,7 @@ def training_output(path: Path, anywhere_in_run: bool = False) -> str | None:
     folder holds `latest` or `checkpoints/`; a checkpoint folder holds manifest.json and
     state.json. Other folders inside a run (not checkpoints/) count only with `anywhere_in_run`.
     """
-    path = Path(path).resolve()
+    path = Path(os.path.realpath(path))  # Path.resolve raises RuntimeError at a link loop (Python < 3.13)
     if is_checkpoint_folder(path):
         return "is a checkpoint folder"
     if (path / LATEST_FILE).is_file() or (path / CHECKPOINTS_DIR).is_dir():

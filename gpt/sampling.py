@@ -12,6 +12,7 @@ import argparse
 import codecs
 import contextlib
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from .device import pick_device, resolve_dtype
 from .generate import generate
 from .hf import HFError
 from .model import GPT, GPTConfig
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, lone_surrogate
 
 
 def _sample_parser() -> argparse.ArgumentParser:
@@ -118,6 +119,17 @@ def run_sample(argv: Sequence[str]) -> int:
 
 def read_prompt(args) -> str:
     if not args.prompt_file:
+        surrogate = lone_surrogate(args.prompt)
+        if surrogate is not None:
+            # Python hands an argument's bytes that its locale's codec cannot decode over as
+            # U+DC80..U+DCFF: UTF-8 text under a C locale (PYTHONUTF8=0) comes back whole here.
+            with contextlib.suppress(UnicodeError):
+                return os.fsencode(args.prompt).decode("utf-8")
+            code = ord(surrogate[0])
+            byte = f"byte 0x{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+            raise ConfigError(f"--prompt is not UTF-8 text ({byte} at character {surrogate.start():,}, from a "
+                              f"terminal or file in another encoding?): convert the text to UTF-8 "
+                              f"(iconv -f ITS_ENCODING -t UTF-8)")
         return args.prompt
     if args.prompt:
         raise ConfigError("give --prompt or --prompt_file, not both")

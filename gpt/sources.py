@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from gpt.shards import holds_token_shards, is_shard_name
+from gpt.tokenizer import lone_surrogate
 
 PIECE_CHARS = 1 << 16  # small enough that the BPE trainer's 256-item read-ahead stays ~16 MB
 READ_BYTES = 1 << 20
@@ -128,7 +129,6 @@ def document_pieces(chunks: Iterable[str], piece_chars: int) -> Iterator[Piece]:
 
 
 # ---- in-memory texts ------------------------------------------------------------------------
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -142,11 +142,10 @@ class Texts(DocumentsFromPieces):
         for number, text in enumerate(self.texts, 1):
             if not isinstance(text, str):
                 raise SourceError(f"{self.description}: documents must be str, got {type(text).__name__}")
-            # A lone surrogate (text decoded with errors="surrogateescape", or cut from a UTF-16
-            # pair) cannot become UTF-8 bytes: it ended in a bare UnicodeEncodeError deep in the
-            # prep, naming no document. Files are decoded strictly, so only texts handed in from
-            # Python meet this. (A search, not an encode: no copy of a large document.)
-            surrogate = None if text.isascii() else _SURROGATE.search(text)
+            # A lone surrogate cannot become UTF-8 bytes: it ended in a bare UnicodeEncodeError
+            # deep in the prep, naming no document. Files are decoded strictly, so only texts
+            # handed in from Python meet this.
+            surrogate = lone_surrogate(text)
             if surrogate is not None:
                 raise SourceError(
                     f"{self.description}: document {number} holds a lone surrogate "
@@ -260,7 +259,7 @@ def _walk_files(path: Path, skip_dirs: tuple[str, ...] = (),
     walked: dict[Path, Path] = {}  # resolved folder -> the path it was read under
     for root, dirs, files in os.walk(path, onerror=_raise_walk_error, followlinks=True):
         folder = Path(root)
-        real = folder.resolve()
+        real = Path(os.path.realpath(folder))
         if exclude and real in exclude:
             reason = "the folder this data prep writes (--out)"
         elif real in walked:
@@ -319,7 +318,9 @@ class LocalFiles(DocumentsFromPieces):
         self.paths = [Path(p) for p in self.paths]
         if not self.paths:
             raise SourceError("--input: no paths given")
-        self.exclude = tuple(Path(p).resolve() for p in self.exclude)
+        # os.path.realpath, not Path.resolve: before Python 3.13 that raises RuntimeError (no
+        # OSError, so a traceback) for a link loop, which reading the file then names in one line.
+        self.exclude = tuple(Path(os.path.realpath(p)) for p in self.exclude)
         for p in self.paths:
             if not p.exists():
                 raise SourceError(f"{p}: no such file or folder (--input)")
@@ -345,7 +346,7 @@ class LocalFiles(DocumentsFromPieces):
                     if self.suffixes is not None and path.suffix not in self.suffixes:
                         continue  # another kind of file: not part of the corpus, so no warning
                     found = True
-                    real = str(path.resolve())
+                    real = os.path.realpath(path)
                     if real in read:
                         skip_reason = ("given twice, read once" if read[real] == str(path)
                                        else f"the same file as {read[real]}, read already")

@@ -36,6 +36,18 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from gpt.shards import GPT2_EOS_ID, GPT2_VOCAB_SIZE, MAX_VOCAB
 
 
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> re.Match | None:
+    """Where `text` holds a lone surrogate, or None. One is what a byte that is not UTF-8
+    becomes when decoded with errors="surrogateescape" (Python decodes command-line arguments
+    so: U+DC80..U+DCFF for bytes 0x80..0xFF), or half of a UTF-16 pair: not text, which neither
+    UTF-8 nor a vocabulary can hold. (A search, not an encode: no copy of a large document.)"""
+    return None if text.isascii() else _SURROGATE.search(text)
+
+
 class TokenizerError(ValueError):
     """A tokenizer file that is missing, damaged, or not one the project can use; the message
     names the file. A ValueError, so callers that catch those still do."""
@@ -134,6 +146,12 @@ class Tokenizer:
                 # tokenizers reads a pair of strs as (sequence, pair) and encodes both, silently
                 raise TypeError(f"texts must be strs, got {type(text).__name__} at index {i}"
                                 + (": decode bytes first" if isinstance(text, (bytes, bytearray)) else ""))
+            surrogate = lone_surrogate(text)
+            if surrogate is not None:  # a TypeError from inside tokenizers, or a codec's error
+                where = f"the text at index {i}" if len(texts) > 1 else "the text"
+                raise ValueError(f"{where} holds a lone surrogate (U+{ord(surrogate[0]):04X}) at character "
+                                 f"{surrogate.start():,}, which is not text: decode its bytes strictly "
+                                 f"(or with errors='replace')")
         if self.kind == "char":
             return [self._encode_chars(t) for t in texts]
         encode = getattr(self.inner, "encode_batch_fast", self.inner.encode_batch)  # no offsets
