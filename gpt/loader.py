@@ -351,7 +351,9 @@ def _map_tokens(path: Path, n_tokens: int) -> np.ndarray:
     changed = (f"{path}: the shard changed while it was being opened (a new data prep renamed another "
                f"over it?); run again once the prep is done")
     try:
-        mapped = torch.from_file(str(path), shared=False, size=HEADER_BYTES + 2 * n_tokens, dtype=torch.uint8)
+        # The path as bytes: as a str, torch takes it as UTF-8 and refuses one that is not.
+        mapped = torch.from_file(os.fsencode(path), shared=False, size=HEADER_BYTES + 2 * n_tokens,
+                                 dtype=torch.uint8)
     except RuntimeError as e:  # shorter than the header said
         raise ShardError(changed) from e
     if mapped[:12].numpy().view("<i4").tolist() != [MAGIC, VERSION, n_tokens]:

@@ -59,13 +59,14 @@ TOKENIZER_FILE = "tokenizer.json"
 _EVERY_CHARACTER = r"[\s\S]"  # Oniguruma has no (?s); this class matches any code point
 
 
-def read_vocab(path: str | os.PathLike) -> dict[str, int] | None:
-    """Every token's id in tokenizer file `path` (added tokens included), or None where it does
-    not load: gpt/trainer.py open_loaders refuses such a file beside a dataset, and gpt/resume.py
-    then compares the tokenizer kind and vocab_size recorded in meta.json and state.json instead.
-    (tokenizers parses JSON: a tokenizer file is data, never code.)"""
+def read_vocab(source: str | os.PathLike | bytes) -> dict[str, int] | None:
+    """Every token's id in a tokenizer file (its path, or its bytes), added tokens included, or
+    None where it does not load: gpt/trainer.py open_loaders refuses such a file beside a dataset,
+    and gpt/resume.py then compares the tokenizer kind and vocab_size recorded in meta.json and
+    state.json instead. (tokenizers parses JSON: a tokenizer file is data, never code.)"""
     try:
-        return tokenizers.Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        return tokenizers.Tokenizer.from_buffer(data).get_vocab(with_added_tokens=True)
     except Exception:
         return None
 
@@ -183,10 +184,11 @@ class Tokenizer:
         """Write tokenizer.json atomically (temporary name, then rename)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        self.inner.save(str(tmp))
         # fsynced before the rename, as shards and meta.json are: a folder with meta.json is a
         # complete dataset, and after a power cut this file must not be the one left empty.
-        with open(tmp, "rb+") as f:
+        with open(tmp, "w", encoding="utf-8") as f:  # written by Python: any path (see from_file)
+            f.write(self.inner.to_str(pretty=True))
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
@@ -195,7 +197,13 @@ class Tokenizer:
         """Load a tokenizer.json; `kind` is inferred from the model when not given."""
         path = Path(path)
         try:
-            inner = tokenizers.Tokenizer.from_file(str(path))
+            # Read by Python, parsed from bytes: tokenizers' from_file takes the path as UTF-8
+            # and refused one that is not (a folder named in another encoding, under a C locale).
+            data = path.read_bytes()
+        except OSError as e:
+            raise TokenizerError(f"{path}: cannot read tokenizer ({e.strerror or e})") from e
+        try:
+            inner = tokenizers.Tokenizer.from_buffer(data)
         except Exception as e:  # the Rust side raises a bare Exception
             raise TokenizerError(f"{path}: cannot load tokenizer ({e})") from e
         kind = kind or _infer_kind(inner, path)

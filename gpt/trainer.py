@@ -121,23 +121,27 @@ def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
         say(f"{data_dir} was prepared by another process meanwhile; training on that dataset")
 
 
-def open_loaders(config: TrainConfig, meta: dict[str, Any], info: DistInfo) -> tuple[TokenLoader, TokenLoader]:
-    """The run's (train, val) loaders, after refusing data that would fail only later, before
+def open_loaders(config: TrainConfig, meta: dict[str, Any],
+                 info: DistInfo) -> tuple[TokenLoader, TokenLoader, bytes | None]:
+    """The run's (train, val) loaders and the dataset's tokenizer.json (its bytes, which every
+    checkpoint carries; None if the dataset has none), after refusing data that would fail only later, before
     any training time is spent: token ids outside the vocabulary, a split missing or too small
     for one block (for val, the first eval would find out after training). A train split smaller
     than one batch is allowed, with a note.
 
     Each split is opened once: its memory maps keep the files of the start, so a dataset
     prepared again into data_dir during the run (prepare.py replaces files by renaming) changes
-    neither what the run trains on nor what it evaluates on. Val is read in random order (seeded
+    neither what the run trains on, nor what it evaluates on, nor the vocabulary its checkpoints
+    carry (read here, once). Val is read in random order (seeded
     with config.seed) whatever data_order says: `evaluate` rewinds it to the same windows.
     """
     data_dir = Path(config.data_dir)
     # Every checkpoint copies the dataset's tokenizer.json, and sample.py decodes with it: one
     # that does not load, or holds another vocabulary, would show only when sampling.
     tokenizer_file = data_dir / "tokenizer.json"
-    if tokenizer_file.exists():
-        vocab = read_vocab(tokenizer_file)
+    tokenizer_json = ckpt.read_tokenizer_json(tokenizer_file)
+    if tokenizer_json is not None:
+        vocab = read_vocab(tokenizer_json)
         if vocab is None or len(vocab) != meta["vocab_size"]:
             what = "cannot be loaded" if vocab is None else f"holds {len(vocab):,} ids"
             raise ShardError(
@@ -154,13 +158,15 @@ def open_loaders(config: TrainConfig, meta: dict[str, Any], info: DistInfo) -> t
     paths = loaders["train"].shard_paths + loaders["val"].shard_paths
     # Each rank scans its share; a rank that finds a bad id fails, and torchrun stops the others.
     check_token_ids(paths[info.rank :: info.world_size], meta["vocab_size"])
+    # A batch's windows are block_size + 1 tokens each, block_size apart: one batch needs one
+    # token more than batch x block_size (at exactly that many, one window came round twice).
     train_tokens = loaders["train"].num_tokens
     batch_tokens = config.batch_size * config.block_size * info.world_size
-    if train_tokens < batch_tokens:
-        log(info, f"note: the train split has {train_tokens:,} tokens, fewer than one batch "
+    if loaders["train"].windows_per_epoch < config.batch_size * info.world_size:
+        log(info, f"note: the train split has {train_tokens:,} tokens, too few for one batch "
                   f"({config.batch_size} x {config.block_size} x {info.world_size} processes = "
-                  f"{batch_tokens:,}): windows repeat within every batch")
-    return loaders["train"], loaders["val"]
+                  f"{batch_tokens:,}, and one more for the last target): windows repeat within every batch")
+    return loaders["train"], loaders["val"], tokenizer_json
 
 
 def gpt_config_for(config: TrainConfig, vocab_size: int) -> GPTConfig:
@@ -646,7 +652,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     out_dir = claim_out_dir(config, info, held)
 
     meta = ensure_dataset(config, info)
-    loader, val_loader = open_loaders(config, meta, info)
+    loader, val_loader, tokenizer_json = open_loaders(config, meta, info)
     accum = grad_accum_steps(config, info.world_size)
     tokens_per_step = tokens_per_optimizer_step(config, info.world_size)
 
@@ -694,7 +700,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     checkpointer = ckpt.Checkpointer(
         out_dir, format=ckpt.resolve_format(config.checkpoint_format, parallel.resolve_strategy(config, info)),
         rank=info.rank, world_size=info.world_size, keep_last=config.keep_last, keep_best=config.keep_best,
-        tokenizer_path=Path(config.data_dir) / "tokenizer.json", async_save=config.async_checkpoint)
+        tokenizer_json=tokenizer_json, async_save=config.async_checkpoint)
     # However _train ends, a save in flight in the background is finished first (before the
     # out_dir lock goes and the process group with it; on the normal and stop paths it already
     # is). An error leaving training did not wait: at interpreter exit the save's thread could no

@@ -83,3 +83,22 @@ def test_a_utf8_prompt_under_a_c_locale_is_read_as_utf8(char_data, tmp_path):
     err = result.stderr.decode("utf-8", "replace")
     # tiny-Shakespeare has no 'é': the vocabulary names it, decoded, not a surrogate pair of bytes
     assert result.returncode == 2 and "'\u00e9'" in err and "udcc3" not in err, err
+
+
+def test_a_dataset_in_a_folder_whose_name_is_not_utf8_loads_its_tokenizer(char_data, tmp_path):
+    """A folder named in another encoding (or any non-ASCII name under a C locale) reaches Python
+    as surrogates: tokenizers' from_file refused the path, and train.py blamed the dataset
+    ("the folder mixes files of different preps")."""
+    import shutil
+
+    from gpt.tokenizer import Tokenizer, read_vocab
+    from gpt.trainer import train
+
+    data = tmp_path / os.fsdecode(b"data_\xe9")  # 'data_\udce9'
+    shutil.copytree(char_data, data)
+    assert Tokenizer.from_file(data / "tokenizer.json").vocab_size == 62
+    assert read_vocab(data / "tokenizer.json") is not None
+    Tokenizer.from_file(data / "tokenizer.json").save(data / "again.json")
+    assert (data / "again.json").read_bytes() == (data / "tokenizer.json").read_bytes()
+    result = train(tiny_config(data, tmp_path / os.fsdecode(b"run_\xe9"), max_steps=1, eval_interval=1, eval_iters=1))
+    assert result.step == 1

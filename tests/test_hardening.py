@@ -292,7 +292,13 @@ def test_dataset_smaller_than_one_batch_or_one_block(tmp_path, capsys):
     # 300 tokens < one batch of 8 x 64: allowed (windows repeat), with a note.
     result = train(tiny_config(tiny, tmp_path / "run", max_steps=3, eval_interval=3))
     assert result.step == 3 and math_finite(result.val_loss)
-    assert "note: the train split has 300 tokens, fewer than one batch (8 x 64 x 1 processes = 512)" in capsys.readouterr().out
+    assert ("note: the train split has 300 tokens, too few for one batch (8 x 64 x 1 processes = 512, and one "
+            "more for the last target)") in capsys.readouterr().out
+    # At exactly 512 tokens a window still came round twice in every batch, without the note.
+    for n, note in ((512, True), (513, False)):
+        exact = make_dataset(tmp_path / f"exact{n}", np.arange(n) % 62, np.arange(300) % 62, vocab_size=62)
+        train(tiny_config(exact, tmp_path / f"run{n}", max_steps=1, eval_interval=1, eval_iters=1))
+        assert ("too few for one batch" in capsys.readouterr().out) == note, n
     # Fewer tokens than one block + its target: refused before training, naming the fixes.
     with pytest.raises(ShardError, match=r"train split too small for one block of 512 tokens .* smaller block_size"):
         train(tiny_config(tiny, tmp_path / "run2", block_size=512))
@@ -340,15 +346,21 @@ def math_finite(x) -> bool:
 
 def test_re_prep_during_training_does_not_disturb_the_running_loader(shakespeare, tmp_path):
     """prepare.py replaces shards by rename, so a running job keeps reading the old files (their
-    inodes live on while memory-mapped); the dataset change is then caught at resume."""
+    inodes live on while memory-mapped); the dataset change is then caught at resume. Its
+    checkpoints keep the vocabulary the run started with: each save copied data_dir's
+    tokenizer.json anew, so those after the re-prep paired the weights with another vocabulary
+    (sample.py printed shifted nonsense, gpt.eval scored without a word)."""
     text = shakespeare[:300_000]
     data = tmp_path / "data"
     prepare(data, [text], tokenizer="char", val_fraction=0.1, val_rule="tail", progress=False, log=None)
+    started_with = (data / "tokenizer.json").read_bytes()
     run = tmp_path / "run"
 
     def re_prep_then_stop(proc: subprocess.Popen, seen: list[str]) -> None:
-        prepare(data, [text], tokenizer="char", val_fraction=0.2, val_rule="tail", overwrite=True,
-                progress=False, log=None)
+        # Another text of the same length, with one letter fewer: another vocabulary.
+        prepare(data, [text.replace("a", "~")], tokenizer="char", val_fraction=0.2, val_rule="tail",
+                overwrite=True, progress=False, log=None)
+        assert (data / "tokenizer.json").read_bytes() != started_with
         for _ in range(2):  # evals after the swap: the run keeps the val split it started with
             read_until(proc, r"^step +\d+/.*val loss", seen)
         proc.send_signal(signal.SIGTERM)
@@ -359,9 +371,10 @@ def test_re_prep_during_training_does_not_disturb_the_running_loader(shakespeare
     saved = ckpt.latest_checkpoint(run)
     ckpt.verify_checkpoint(saved)
     assert ckpt.read_state(saved)["loader"]["num_tokens"] == 270_000  # the old stream, throughout
+    assert (saved / "tokenizer.json").read_bytes() == started_with  # and the old vocabulary
     resumed = run_script("train.py", *tiny_args(data, run, max_steps=100_000))
     assert resumed.returncode == 2 and "Traceback" not in resumed.stderr
-    assert "train tokens: checkpoint 270,000 vs" in resumed.stderr and "240,000" in resumed.stderr
+    assert "does not fit the dataset" in resumed.stderr, resumed.stderr  # its vocabulary, first
 
 
 def test_shard_truncated_in_place_while_training(shakespeare, tmp_path):

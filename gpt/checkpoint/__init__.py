@@ -64,7 +64,7 @@ from .layout import (CHECKPOINTS_DIR, DCP_DIR, DCP_METADATA, FORMATS, LATEST_FIL
                      OPTIMIZER_FILE, STATE_FILE, TOKENIZER_FILE, TRASH_PREFIX, CheckpointError, resolve_format,
                      step_dir_name, step_of)
 from .load import check_model_config, load_checkpoint, load_model_weights, read_model_state, read_optimizer_state
-from .save import Checkpointer, save_checkpoint
+from .save import Checkpointer, read_tokenizer_json, save_checkpoint
 from .state_json import capture_rng_state, gather_rng_states, restore_rank_rng, restore_rng_state, rng_state_for
 from .verify import (ALWAYS_IN_STATE, NOT_OURS, RESUME_NEEDS, checkpoint_format, read_manifest, read_state,
                      verify_checkpoint)
@@ -77,6 +77,6 @@ __all__ = [
     "give_ordinary_permissions", "latest_checkpoint", "load_checkpoint", "load_model_weights", "main",
     "read_dcp_metadata", "read_manifest", "read_model_state", "read_optimizer_state", "read_sharded_state",
     "read_state", "reading", "resolve_checkpoint", "resolve_format", "restore_rank_rng", "restore_rng_state",
-    "rng_state_for", "save_checkpoint", "step_dir_name", "step_of", "verify_checkpoint",
+    "read_tokenizer_json", "rng_state_for", "save_checkpoint", "step_dir_name", "step_of", "verify_checkpoint",
     "write_text_atomic",
 ]

@@ -14,7 +14,7 @@ from .files import seal_all
 from .find import reading
 from .layout import CHECKPOINTS_DIR, TOKENIZER_FILE, CheckpointError
 from .load import read_model_state, read_optimizer_state
-from .save import complete_folder, full_writer, write_weight_files
+from .save import complete_folder, full_writer, read_tokenizer_json, write_weight_files
 from .verify import read_state, verify_checkpoint
 
 
@@ -72,9 +72,7 @@ def _consolidate(ckpt_dir: Path, out: str | os.PathLike | None, optimizer: bool)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         written = list(write_weight_files(tmp, full_writer(model_state, optimizer_state)))
-        source_tokenizer = ckpt_dir / TOKENIZER_FILE
-        complete_folder(tmp, out, state, source_tokenizer if source_tokenizer.exists() else None,
-                        seal_all(written, tmp))
+        complete_folder(tmp, out, state, read_tokenizer_json(ckpt_dir / TOKENIZER_FILE), seal_all(written, tmp))
     except OSError as e:
         # A full disk, a read-only folder, or a file where a folder of --out should be: nothing
         # of the source was changed, so only this copy failed.

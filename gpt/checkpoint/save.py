@@ -57,13 +57,14 @@ def _begin(out_dir: Path, step: int) -> Path | None:
     return tmp
 
 
-def complete_folder(tmp: Path, final: Path, state: dict[str, Any], tokenizer_path: Path | None,
+def complete_folder(tmp: Path, final: Path, state: dict[str, Any], tokenizer_json: bytes | None,
                     sealed: dict[str, dict[str, Any]]) -> None:
-    """Add state.json, tokenizer.json and the manifest to `tmp`, make everything durable and
-    rename it to `final`. `sealed` holds manifest entries of files already checksummed."""
+    """Add state.json, tokenizer.json (the bytes given; none if None) and the manifest to `tmp`,
+    make everything durable and rename it to `final`. `sealed` holds manifest entries of files
+    already checksummed."""
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-    if tokenizer_path is not None and Path(tokenizer_path).exists():
-        shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+    if tokenizer_json is not None:
+        (tmp / TOKENIZER_FILE).write_bytes(tokenizer_json)
     rest = [p for p in files_under(tmp) if p.relative_to(tmp).as_posix() not in sealed]
     entries = {**sealed, **seal_all(rest, tmp)}
     manifest = {name: entries[name] for name in sorted(entries)}
@@ -173,7 +174,7 @@ def _remove(folders: list[Path]) -> None:
 
 
 def _save_full_folder(out_dir: Path, step: int, write_weights: Callable[[Path], None],
-                      state: dict[str, Any], tokenizer_path, keep_last: int,
+                      state: dict[str, Any], tokenizer_json: bytes | None, keep_last: int,
                       remove: Callable[[list[Path]], None] = _remove, keep_best: bool = False) -> Path:
     """One process writes a whole full-format checkpoint: begin, weights, complete, publish."""
     out_dir = Path(out_dir)
@@ -190,7 +191,7 @@ def _save_full_folder(out_dir: Path, step: int, write_weights: Callable[[Path], 
                 for path in write_weight_files(tmp, write_weights):
                     sealed[path.name] = pool.submit(seal, path)
             entries = {name: future.result() for name, future in sealed.items()}
-        complete_folder(tmp, final, dict(state, format="full"), tokenizer_path, entries)
+        complete_folder(tmp, final, dict(state, format="full"), tokenizer_json, entries)
         _publish(out_dir, final, keep_last, remove, keep_best)
     except Exception as e:
         if tmp is not None:
@@ -261,7 +262,14 @@ def save_checkpoint(
     model_state = drop_tied_aliases(model.state_dict(), model)
     optimizer_state = optimizer.state_dict() if optimizer is not None else None
     return _save_full_folder(Path(out_dir), step, full_writer(model_state, optimizer_state), state,
-                             tokenizer_path, keep_last)
+                             read_tokenizer_json(tokenizer_path), keep_last)
+
+
+def read_tokenizer_json(path: str | os.PathLike | None) -> bytes | None:
+    """The bytes of the tokenizer.json a checkpoint carries, or None where there is none."""
+    if path is None or not Path(path).exists():
+        return None
+    return Path(path).read_bytes()
 
 
 # ----------------------------------------------------------------------------------------
@@ -303,14 +311,17 @@ class Checkpointer:
 
     def __init__(self, out_dir: str | os.PathLike, *, format: str = "full", rank: int = 0,
                  world_size: int = 1, keep_last: int = 2, keep_best: bool = False,
-                 tokenizer_path: str | os.PathLike | None = None, async_save: bool = False) -> None:
+                 tokenizer_json: bytes | None = None, async_save: bool = False) -> None:
         if format not in FORMATS:
             raise ValueError(f"checkpoint format must be one of {FORMATS}, got {format!r}")
         self.out_dir = Path(out_dir)
         self.format = format
         self.rank, self.world_size = rank, world_size
         self.keep_last, self.keep_best = keep_last, keep_best
-        self.tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else None
+        # Bytes read when the run opened its data, not a path read at each save: a dataset
+        # prepared again into data_dir during the run would give later checkpoints the new
+        # prep's vocabulary beside weights trained on the old one's.
+        self.tokenizer_json = tokenizer_json
         self.async_save = async_save
         self.distributed = dist.is_available() and dist.is_initialized()
         self.group = None
@@ -391,7 +402,7 @@ class Checkpointer:
             try:
                 self._staging.ready()
                 _save_full_folder(self.out_dir, step, full_writer(model_state, optimizer_state),
-                                  state, self.tokenizer_path, self.keep_last, self._remove, self.keep_best)
+                                  state, self.tokenizer_json, self.keep_last, self._remove, self.keep_best)
             except CheckpointError as e:
                 if self._executor is None:
                     self._agree(str(e))
@@ -474,7 +485,7 @@ class Checkpointer:
                     if errors:
                         raise RuntimeError("; ".join(errors)[:2000])
                     entries = {k: v for s, _ in results for k, v in s.items()}
-                    complete_folder(tmp, final, state, self.tokenizer_path, entries)
+                    complete_folder(tmp, final, state, self.tokenizer_json, entries)
                     _publish(self.out_dir, final, self.keep_last, self._remove, self.keep_best)
                 except Exception as e:
                     shutil.rmtree(tmp, ignore_errors=True)
