@@ -336,7 +336,11 @@ def _coerce(name: str, value: Any, typ: str, where: str, typed: bool = False) ->
                 pass
     elif typ == "float":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # a TOML integer of hundreds of digits
+                raise ConfigError(f"{where}: {name} must be a finite number, got an integer of "
+                                  f"{len(str(abs(value))):,} digits") from None
         if isinstance(value, str) and not typed:
             try:
                 return float(value)
@@ -349,7 +353,7 @@ def _coerce(name: str, value: Any, typ: str, where: str, typed: bool = False) ->
             if tri_state and not typed and value.lower() in TRUE_WORDS + FALSE_WORDS:
                 return "true" if value.lower() in TRUE_WORDS else "false"
             return value
-        if isinstance(value, bool):  # `compile = true` in TOML: a tri-state key given a bool
+        if tri_state and isinstance(value, bool):  # `compile = true` in TOML: a tri-state key given a bool
             return "true" if value else "false"
     kind = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}[typ]
     hint = ""
@@ -439,6 +443,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every option)\n")
 
     def parse_args(self, args=None, namespace=None):
+        args = self._join_negative_numbers(list(sys.argv[1:] if args is None else args))
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             mine, theirs = self._long_options()
@@ -446,6 +451,22 @@ class ArgumentParser(argparse.ArgumentParser):
             hint = "; ".join(dict.fromkeys(h for h in hints if h))
             self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({hint})" if hint else ""))
         return parsed
+
+    def _join_negative_numbers(self, args: list[str]) -> list[str]:
+        """`--temperature -1e-3` as `--temperature=-1e-3`: argparse takes a value that starts with
+        '-' for an option unless it looks like a plain negative number, and answered "expected one
+        argument" instead of the option's own error (train.py: _join_negative_values)."""
+        out: list[str | None] = list(args)
+        for i in range(len(out) - 1):
+            action = self._option_string_actions.get(out[i]) if out[i] is not None else None
+            takes_one = isinstance(action, argparse._StoreAction) and action.nargs is None
+            if takes_one and out[i].startswith("--") and out[i + 1].startswith("-"):
+                try:
+                    float(out[i + 1])
+                except ValueError:
+                    continue
+                out[i], out[i + 1] = f"{out[i]}={out[i + 1]}", None
+        return [a for a in out if a is not None]
 
     def _long_options(self) -> tuple[dict[str, str], dict[str, str]]:
         """This parser's --options and its subcommands' (`consolidate ...`), each spelling mapped
@@ -480,7 +501,10 @@ def _hint(typed: str, mine: dict[str, str], theirs: dict[str, str]) -> str:
 def path_arg(value: str) -> str:
     """The argparse type of the tools' file and folder options: '~' expanded, as train.py does for
     out_dir and data_dir. A shell leaves `--out=~/x` (and a quoted "~/x") alone: the tools made
-    a folder named '~' in the current one, or said the path did not exist."""
+    a folder named '~' in the current one, or said the path did not exist. An empty value
+    (`--out=$UNSET_VARIABLE`) is refused: data prep wrote its dataset into the current folder."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must name a file or folder, got an empty string")
     return os.path.expanduser(value)
 
 
@@ -524,7 +548,8 @@ def build_parser(default_config: str | None = None, shown_config: str | None = N
     shown = default_config if shown_config is None else shown_config
     if shown and Path(shown).is_file():
         try:
-            from_file = load_toml(shown)
+            # Keys spelled with '-' are the same keys, as apply_overrides reads them.
+            from_file = {key.replace("-", "_"): value for key, value in load_toml(shown).items()}
         except ConfigError as e:
             problem = f"cannot be used now: {e}"
     elif shown:
@@ -594,11 +619,13 @@ def parse_args(argv: Sequence[str] | None = None, default_config: str | None = N
     try:
         config = expand_home(config).validate()
     except ConfigError as e:
-        # validate() sees only the merged settings; an error about a key that the file set (and
+        # validate() sees only the merged settings; an error about keys that the file set (and
         # the command line left alone) names the file, as a wrong type or choice there does.
-        key = re.match(r"[a-z_0-9]+", str(e))
+        # One naming a key given on the command line too (n_embd from the file, n_head from
+        # --n_head) does not: the file was not what changed.
+        named = set(re.findall(r"[a-z_0-9]+", str(e))) & set(_field_types())
         in_file = {name.replace("-", "_") for name in from_file}
-        if key and key.group(0) in in_file and key.group(0) not in cli:
+        if named & in_file and not named & set(cli):
             raise ConfigError(f"{args.config}: {e}") from None
         raise
     check_launch_environment(os.environ)
@@ -665,8 +692,10 @@ def check_launch_environment(environ: Any) -> None:
             f"{environ.get('RANK', '(unset)')} ask for a multi-process run, but {', '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} not set: launch with `torchrun --nproc_per_node=N "
             f"train.py ...`, or unset WORLD_SIZE and RANK to train in one process")
-    if "RANK" in environ and int(environ["RANK"]) >= world_size > 1:
-        raise ConfigError(f"environment variable RANK={environ['RANK']} must be less than WORLD_SIZE={world_size}")
+    if "RANK" in environ and int(environ["RANK"]) >= world_size:  # a RANK left over from another job, too
+        raise ConfigError(f"environment variable RANK={environ['RANK']} must be less than WORLD_SIZE="
+                          f"{environ.get('WORLD_SIZE', '(unset: 1)')}; torchrun sets both: unset RANK to "
+                          f"train in one process")
 
 
 def expand_home(config: TrainConfig) -> TrainConfig:

@@ -654,13 +654,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "files and folders left out); each file is one document; repeated --input adds up")
     src.add_argument("--source", choices=["stdlib"],
                      help="a named corpus: stdlib = this Python's standard library .py files (no download)")
-    src.add_argument("--hf-dataset", "--hf_dataset", metavar="NAME",
+    src.add_argument("--hf-dataset", "--hf_dataset", metavar="NAME", type=path_arg,
                      help="a Hugging Face dataset: a hub name, a builder (json, parquet, text, csv) with "
                           "--hf-data-files, or a local data file or folder (one written by save_to_disk too); local "
                           ".txt files are read as --input reads them (each file one document, line endings kept)")
     opt("--hf-config", metavar="C", help="dataset configuration (subset) name")
     opt("--hf-split", default="train", metavar="S", help="dataset split to read (default: train)")
-    opt("--hf-data-files", nargs="+", action="extend", metavar="FILE",
+    opt("--hf-data-files", nargs="+", action="extend", metavar="FILE", type=path_arg,
         help="data files for a builder such as json or parquet (repeated: all of them)")
     opt("--text-field", default="text", metavar="NAME", help="column holding the text (default: text)")
     opt("--streaming", action="store_true", help="stream the dataset instead of downloading/caching it whole")

@@ -102,3 +102,88 @@ def test_a_dataset_in_a_folder_whose_name_is_not_utf8_loads_its_tokenizer(char_d
     assert (data / "again.json").read_bytes() == (data / "tokenizer.json").read_bytes()
     result = train(tiny_config(data, tmp_path / os.fsdecode(b"run_\xe9"), max_steps=1, eval_interval=1, eval_iters=1))
     assert result.step == 1
+
+
+# ---- configuration and command lines -------------------------------------------------------
+
+def _toml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_toml_bool_for_a_string_key_is_a_type_error(tmp_path):
+    """`init_from = false` in TOML became the text "false" ("checkpoint path false does not
+    exist"); `out_dir = true` made a run folder named "true"."""
+    from gpt.config import ConfigError, parse_args
+
+    for text, key in (("init_from = false\n", "init_from"), ("out_dir = true\n", "out_dir")):
+        with pytest.raises(ConfigError, match=rf"c.toml: {key} must be a string, got (False|True)"):
+            parse_args(["--config", _toml(tmp_path, text)])
+    assert parse_args(["--config", _toml(tmp_path, "compile = true\n")]).compile == "true"  # a tri-state key
+
+
+def test_a_huge_toml_integer_for_a_float_key_is_one_line(tmp_path):
+    from gpt.config import ConfigError, parse_args
+
+    with pytest.raises(ConfigError, match=r"c.toml: learning_rate must be a finite number, got an integer of 400 digits"):
+        parse_args(["--config", _toml(tmp_path, f"learning_rate = {'9' * 400}\n")])
+
+
+def test_a_check_of_two_keys_blames_the_file_only_when_the_command_line_set_neither(tmp_path):
+    """`python train.py --n_head=3` said `configs/default.toml: n_embd (128) must be divisible by
+    n_head (3)`: the file was not what changed."""
+    from gpt.config import ConfigError, parse_args
+
+    config = _toml(tmp_path, "n_embd = 128\nmin_lr = 8e-4\n")
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--config", config, "--n_head=3"])
+    assert str(e.value).startswith("n_embd (128) must be divisible by n_head (3)"), str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--config", config, "--learning_rate=1e-4"])
+    assert str(e.value).startswith("min_lr (0.0008) must not exceed learning_rate (0.0001)"), str(e.value)
+    with pytest.raises(ConfigError) as e:  # the file alone: named
+        parse_args(["--config", _toml(tmp_path, "n_embd = 128\nn_head = 3\n")])
+    assert str(e.value).startswith(f"{tmp_path / 'c.toml'}: n_embd (128) must be divisible by n_head (3)")
+
+
+def test_a_leftover_rank_without_world_size_is_a_config_error(monkeypatch):
+    """RANK=1 left in a shell, WORLD_SIZE unset: a ValueError traceback from DistInfo."""
+    from gpt.config import ConfigError, check_launch_environment
+
+    with pytest.raises(ConfigError, match=r"RANK=1 must be less than WORLD_SIZE=\(unset: 1\).*unset RANK"):
+        check_launch_environment({"RANK": "1"})
+    with pytest.raises(ConfigError, match=r"RANK=1 must be less than WORLD_SIZE=1"):
+        check_launch_environment({"RANK": "1", "WORLD_SIZE": "1"})
+    check_launch_environment({"RANK": "0"})
+
+
+def test_help_shows_a_config_files_hyphenated_keys(tmp_path, capsys):
+    from gpt.config import parse_args
+
+    config = _toml(tmp_path, "n-layer = 2\nlearning-rate = 3e-3\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", config, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 2 from c.toml, built in" in help_text and "(default: 0.003 from c.toml" in help_text
+
+
+def test_tools_expand_home_refuse_an_empty_path_and_take_negative_numbers(tmp_path, monkeypatch, capsys):
+    """`--prompt_file=~/p.txt`, `--hf-dataset=~/rows.jsonl`, `--hf-data-files=~/rows.jsonl` kept
+    the '~'; `--out=` (an unset variable) wrote a dataset into the current folder; `sample.py
+    --temperature -1e-3` said "expected one argument"."""
+    from gpt import prepare, sampling
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = prepare.build_parser().parse_args(["--hf-dataset=~/rows.jsonl", "--out", "o"])
+    assert args.hf_dataset == str(tmp_path / "rows.jsonl")
+    args = prepare.build_parser().parse_args(["--hf-dataset", "json", "--hf-data-files=~/a.jsonl", "--out", "o"])
+    assert args.hf_data_files == [str(tmp_path / "a.jsonl")]
+    with pytest.raises(SystemExit) as e:
+        prepare.build_parser().parse_args(["--input", "x.txt", "--out="])
+    assert e.value.code == 2
+    assert "argument --out: must name a file or folder, got an empty string" in capsys.readouterr().err
+    assert sampling._sample_parser().parse_args(["--out_dir", "r", "--prompt_file=~/p.txt"]).prompt_file == str(
+        tmp_path / "p.txt")
+    assert sampling.run_sample(["--out_dir", str(tmp_path), "--temperature", "-1e-3"]) == 2
+    assert "--temperature must be a finite number >= 0" in capsys.readouterr().err
