@@ -6,8 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv
+# A .venv without pip is one whose creation failed half-way (Debian and Ubuntu without the
+# python3-venv package): made again from scratch, or every later run would fail the same way.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+    "$PYTHON" -m venv --clear .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
 .venv/bin/python -c "import torch, gpt; print(f'ready: torch {torch.__version__}, python in .venv')"

@@ -92,7 +92,9 @@ def report_errors(main: Callable[[], int | None], interrupted: str = TRAIN_INTER
 def run_train(argv: Sequence[str], default_config: Path | None = None) -> int:
     # A crash below Python (a shard truncated in place while memory-mapped: SIGBUS) still
     # prints where it happened. (Unless a handler is set already, e.g. by pytest or python -X faulthandler.)
-    if not faulthandler.is_enabled():
+    # (Not with standard error closed, `2>&-`: faulthandler.enable raises there, and the run ended
+    # with exit 1 before its first line.)
+    if not faulthandler.is_enabled() and sys.stderr is not None:
         faulthandler.enable()
 
     def main() -> None:

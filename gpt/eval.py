@@ -146,7 +146,8 @@ def evaluate_split(model: GPT, data_dir: str | Path, tokenizer: Tokenizer, split
     autocast = autocast or contextlib.nullcontext()
     model.eval()
 
-    nats = torch.zeros((), dtype=torch.float64, device=device)
+    # Apple's MPS has no float64: its sum is kept on the CPU (one copy of a number per batch).
+    nats = torch.zeros((), dtype=torch.float64, device="cpu" if device.type == "mps" else device)
     n_tokens = n_bytes = n_batches = 0
     # Every token but the split's first is a target once (the windows overlap by one token).
     targets_total = max(sum(read_header(p) for p in paths) - 1, 0)
@@ -169,7 +170,7 @@ def evaluate_split(model: GPT, data_dir: str | Path, tokenizer: Tokenizer, split
             logits, _ = model(x)
         # Summed in fp32 per batch, accumulated in fp64: no drift over a long split.
         nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
-        nats.add_(nll.double())
+        nats.add_(nll.to(nats.device).double())
         targets = y.cpu().numpy()
         n_tokens += targets.size
         n_bytes += int(byte_lengths[targets].sum())

@@ -63,18 +63,22 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 4096
     # sizes tried), so a resume, which measures after restoring the RNG state, was not exact.
     generator = torch.Generator().manual_seed(0)
 
+    def synchronize() -> None:  # a GPU's product is queued, not done, when `a @ b` returns
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elif device.type == "mps":
+            torch.mps.synchronize()
+
     def seconds(size: int) -> float:
         a = torch.randn(size, size, generator=generator).to(device, dtype)
         b = torch.randn(size, size, generator=generator).to(device, dtype)
         a @ b  # warm-up: thread pools, kernel selection
         best = float("inf")
         for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize()
             start = time.perf_counter()
             a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize()
             best = min(best, time.perf_counter() - start)
         return best
 

@@ -22,5 +22,6 @@ def progress_bar(desc: str, total: int | None, unit: str, enabled: bool, file: I
         terminal = stream.isatty()
     except (AttributeError, ValueError):  # no isatty, or already closed
         terminal = False
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled, dynamic_ncols=True,
-                file=stream, mininterval=0.1 if terminal else LOG_INTERVAL_S)
+    # No bar into a closed standard error (`2>&-`: sys.stderr is None), where tqdm failed on write.
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled or stream is None,
+                dynamic_ncols=True, file=stream, mininterval=0.1 if terminal else LOG_INTERVAL_S)

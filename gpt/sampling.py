@@ -135,6 +135,8 @@ def read_prompt(args) -> str:
         raise ConfigError("give --prompt or --prompt_file, not both")
     try:
         if args.prompt_file == "-":  # standard input, as most tools read it
+            if sys.stdin is None:  # `<&-`
+                raise ConfigError("--prompt_file -: standard input is closed; pipe the prompt in, or name a file")
             data = sys.stdin.buffer.read()
         else:
             data = Path(args.prompt_file).read_bytes()

@@ -187,3 +187,33 @@ def test_tools_expand_home_refuse_an_empty_path_and_take_negative_numbers(tmp_pa
         tmp_path / "p.txt")
     assert sampling.run_sample(["--out_dir", str(tmp_path), "--temperature", "-1e-3"]) == 2
     assert "--temperature must be a finite number >= 0" in capsys.readouterr().err
+
+
+# ---- portability -----------------------------------------------------------------------------
+
+def test_a_closed_standard_error_or_input_is_no_silent_failure(char_data, tmp_path):
+    """`train.py ... 2>&-` exited 1 before its first line (faulthandler.enable raised on
+    sys.stderr None), data prep too (tqdm wrote to None); `sample.py --prompt_file - <&-` ended
+    in an AttributeError traceback."""
+    def close(fd: int):
+        return lambda: os.close(fd)
+
+    text = tmp_path / "t.txt"
+    text.write_text("some words of text\n" * 400)
+    prep = subprocess.run([sys.executable, "data_prep/prepare.py", "--input", str(text), "--out", str(tmp_path / "d"),
+                           "--tokenizer", "char", "--val-rule", "tail", "--min-val-tokens", "10"], cwd=REPO,
+                          stdout=subprocess.PIPE,
+                          preexec_fn=close(2), timeout=120)
+    assert prep.returncode == 0 and (tmp_path / "d" / "meta.json").exists()
+    from conftest import tiny_args
+
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "train.py", *tiny_args(char_data, run, max_steps=2, eval_interval=2,
+                                                                      eval_iters=1)],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True, preexec_fn=close(2), timeout=300)
+    assert result.returncode == 0 and "done: 2 steps" in result.stdout, result.stdout[-2000:]
+    result = subprocess.run([sys.executable, "sample.py", "--out_dir", str(run), "--prompt_file", "-",
+                             "--max_new_tokens", "3"], cwd=REPO, capture_output=True, text=True,
+                            preexec_fn=close(0), timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "error: --prompt_file -: standard input is closed; pipe the prompt in, or name a file"
