@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from .config import ArgumentParser, ConfigError, add_option, path_arg
 from .hf import HF_PREFIX, load_hf_model, parse_init_from
-from .model import GPT, GPTConfig
+from .model import GPT
 from .progress import progress_bar
 from .dataset import load_meta, split_shards
 from .shards import ShardError, open_shard, read_header
@@ -224,10 +224,7 @@ def load_for_eval(run: str, data_dir: str | None,
         own_tokenizer = _tokenizer_if_any(model_tokenizer)
     else:
         with ckpt.reading(run, hf_advice=f"evaluate it as {HF_PREFIX}{run} (with --data_dir)") as source:
-            ckpt.verify_checkpoint(source)
-            state = ckpt.read_state(source)
-            model = GPT(GPTConfig(**state["model_config"]))
-            ckpt.load_model_weights(source, model)
+            model, state = ckpt.load_model(source)
             origin = {"checkpoint": str(source), "step": state.get("step")}
             model_tokenizer = source / ckpt.TOKENIZER_FILE
             own_tokenizer = _tokenizer_if_any(model_tokenizer)

@@ -29,7 +29,6 @@ from .console import to_devnull
 from .device import pick_device, resolve_dtype
 from .generate import generate
 from .hf import HFError
-from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer, lone_surrogate
 
 
@@ -210,8 +209,7 @@ def sample(args) -> None:
     else:
         given = args.out_dir or args.ckpt
         with ckpt.reading(given, hf_advice=f"sample it with --init_from {hf.HF_PREFIX}{given}") as path:
-            ckpt.verify_checkpoint(path)
-            state = ckpt.read_state(path)
+            model, _ = ckpt.load_model(path)
             tokenizer_file = path / ckpt.TOKENIZER_FILE
             if not tokenizer_file.exists():
                 # As a run on bare GPT-2-token shards saves it. Copying one in is no way out: the
@@ -222,8 +220,6 @@ def sample(args) -> None:
                     f"--out DIR, copy the tokenizer.json the model was trained with into DIR, then "
                     f"sample.py --init_from {hf.HF_PREFIX}DIR")
             tokenizer = Tokenizer.from_file(tokenizer_file)  # JSON, parsed by `tokenizers`: data, never code
-            model = GPT(GPTConfig(**state["model_config"]))
-            ckpt.load_model_weights(path, model)
     model.to(device).eval()
     if tokenizer.vocab_size != model.config.vocab_size:
         # Another vocabulary's ids mean other text: a prompt would crash generate() (ids past the

@@ -37,7 +37,7 @@ The package, in the order a checkpoint lives:
     find.py           latest_checkpoint, best_checkpoint, resolve_checkpoint, reading (held off pruning)
     verify.py         verify_checkpoint (files against the manifest), read_state
     dcp_read.py       the sharded format's files, read without unpickling anything
-    load.py           load_model_weights / read_model_state (either format), load_checkpoint
+    load.py           load_model, load_model_weights / read_model_state (either format), load_checkpoint
                       (the trainer's resume)
     consolidation.py  consolidate: a sharded checkpoint to the single-file format
     listing.py        list_checkpoints: a run's checkpoints, their val loss, latest and best
@@ -63,7 +63,7 @@ from .listing import list_checkpoints
 from .layout import (CHECKPOINTS_DIR, DCP_DIR, DCP_METADATA, FORMATS, LATEST_FILE, MANIFEST_FILE, MODEL_FILE,
                      OPTIMIZER_FILE, STATE_FILE, TOKENIZER_FILE, TRASH_PREFIX, CheckpointError, resolve_format,
                      step_dir_name, step_of)
-from .load import check_model_config, load_checkpoint, load_model_weights, read_model_state, read_optimizer_state
+from .load import check_model_config, load_checkpoint, load_model, load_model_weights, read_model_state, read_optimizer_state
 from .save import Checkpointer, read_tokenizer_json, save_checkpoint
 from .state_json import capture_rng_state, gather_rng_states, restore_rank_rng, restore_rng_state, rng_state_for
 from .verify import (ALWAYS_IN_STATE, NOT_OURS, RESUME_NEEDS, checkpoint_format, read_manifest, read_state,
@@ -74,7 +74,7 @@ __all__ = [
     "MODEL_FILE", "NOT_OURS", "OPTIMIZER_FILE", "RESUME_NEEDS", "STATE_FILE", "TOKENIZER_FILE", "TRASH_PREFIX",
     "CheckpointError", "Checkpointer", "best_checkpoint", "capture_rng_state", "check_model_config", "checkpoint_format",
     "complete_checkpoints", "consolidate", "default_consolidated_path", "gather_rng_states", "list_checkpoints",
-    "give_ordinary_permissions", "latest_checkpoint", "load_checkpoint", "load_model_weights", "main",
+    "give_ordinary_permissions", "latest_checkpoint", "load_checkpoint", "load_model", "load_model_weights", "main",
     "read_dcp_metadata", "read_manifest", "read_model_state", "read_optimizer_state", "read_sharded_state",
     "read_state", "reading", "resolve_checkpoint", "resolve_format", "restore_rank_rng", "restore_rng_state",
     "read_tokenizer_json", "rng_state_for", "save_checkpoint", "step_dir_name", "step_of", "verify_checkpoint",

@@ -1,4 +1,5 @@
-"""Loading: a checkpoint's weights into a model (`load_model_weights`, `read_model_state`), and
+"""Loading: a checkpoint's model (`load_model`), its weights into a model (`load_model_weights`,
+`read_model_state`), and
 the trainer's resume (`load_checkpoint`: verify, check the model's shape, load the weights and
 optimizer state of either format on any world size, restore each rank's RNG)."""
 
@@ -15,13 +16,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model import GPTConfig
+from ..model import GPT, GPTConfig
 from .dcp_read import dcp_load, read_sharded_state
 from .full_state import (add_tied_aliases, drop_tied_aliases, keep_tuples, load_full_state_dicts,
                          optimizer_state_by_index)
 from .layout import DCP_DIR, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CheckpointError
 from .state_json import param_groups_from_json, restore_rank_rng
 from .verify import NOT_OURS, RESUME_NEEDS, checkpoint_format, read_state, verify_checkpoint
+
+
+def load_model(ckpt_dir: Path) -> tuple[GPT, dict[str, Any]]:
+    """A checkpoint's model, on the CPU, and its state.json: verified against its manifest, built
+    from the model_config it records, its weights loaded (what sample.py and gpt.eval read)."""
+    verify_checkpoint(ckpt_dir)
+    state = read_state(ckpt_dir)
+    model = GPT(GPTConfig(**state["model_config"]))
+    load_model_weights(ckpt_dir, model)
+    return model, state
 
 
 def load_model_weights(ckpt_dir: Path, model: nn.Module) -> None:
