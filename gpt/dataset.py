@@ -228,8 +228,8 @@ def load_meta(data_dir: str | os.PathLike, tokenizer: str | None = None) -> dict
     meta_path = data_dir / "meta.json"
     if meta_path.exists():
         try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            meta = json.loads(meta_path.read_bytes())
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
             raise ShardError(f"{meta_path}: cannot read dataset metadata ({e})") from e
         if not isinstance(meta, dict):
             raise ShardError(f"{meta_path}: must hold a JSON object, got {type(meta).__name__}")

@@ -50,21 +50,30 @@ class MetricsLog:
 
     def _drop_after(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint: drop their old records so
-        the file reads as one uninterrupted run."""
+        the file reads as one uninterrupted run. Every other line is kept byte for byte (a note
+        written in by hand, a record it cannot read: read_metrics names those for the user to
+        fix), but for a last line cut short by a kill."""
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:  # a folder of that name, say
+            raise MetricsError(f"cannot read {self.path} ({e.strerror or e}) to resume its records; it should "
+                               f"be the run's metrics file: move it aside and run again") from None
+        lines = data.split(b"\n")
+        if not lines[-1]:
+            lines.pop()  # the empty piece after the final newline
         kept = []
-        for line in self.path.read_text(errors="replace").splitlines():
+        for number, line in enumerate(lines, 1):
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            # A line that is no record (damaged: a bare number, a list, no step or one that is no
-            # integer) is dropped with the torn ones: read_metrics (gpt.plot, wandb's backfill)
-            # refuses a file that holds one.
-            if is_record(record) and record["step"] <= step:
-                kept.append(line)
+            except ValueError:  # not JSON, or not UTF-8
+                if number == len(lines) and not data.endswith(b"\n"):
+                    continue  # the last line, cut short by a kill
+                record = None
+            if not (is_record(record) and record["step"] > step):
+                kept.append(line + b"\n")
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.write_bytes(b"".join(kept))
             os.replace(tmp, self.path)
         except OSError as e:  # a full disk: metrics.jsonl itself is untouched
             tmp.unlink(missing_ok=True)

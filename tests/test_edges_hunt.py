@@ -217,3 +217,100 @@ def test_a_closed_standard_error_or_input_is_no_silent_failure(char_data, tmp_pa
                             preexec_fn=close(0), timeout=120)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == "error: --prompt_file -: standard input is closed; pipe the prompt in, or name a file"
+
+
+# ---- damaged and hand-edited files (a fuzzing review: one file damaged at a time) ------------
+
+@pytest.fixture(scope="module")
+def finished(char_data, tmp_path_factory) -> Path:
+    """A finished 4-step run, to copy and damage."""
+    from gpt.trainer import train
+
+    run = tmp_path_factory.mktemp("fuzz") / "run"
+    train(tiny_config(char_data, run, max_steps=4, eval_interval=2, eval_iters=1, log_interval=1))
+    return run
+
+
+def _edited_copy(run: Path, to: Path, edit) -> Path:
+    """A copy of `run` whose latest checkpoint's state.json went through `edit`, resealed as a
+    tool (or a person fixing the manifest too) would leave it."""
+    import json
+    import shutil
+
+    from gpt import checkpoint as ckpt
+    from test_checkpoint import reseal
+
+    shutil.copytree(run, to)
+    folder = ckpt.latest_checkpoint(to)
+    state = json.loads((folder / "state.json").read_text())
+    edit(state)
+    (folder / "state.json").write_text(json.dumps(state))
+    reseal(folder)
+    return to
+
+
+@pytest.mark.parametrize("name,edit,message", [
+    ("num_tokens", lambda s: s["loader"].update(num_tokens="x"), r"'loader' should be an object whose 'num_tokens'"),
+    ("windows", lambda s: s["loader"].update(windows_consumed=10**20), r"'windows_consumed' below 2\*\*62"),
+    ("nan_sum", lambda s: s["log_interval"].update(loss_sums=[float("nan")]), r"'log_interval' should be"),
+    ("numpy_rng", lambda s: s["rng"]["0"]["numpy"][1].pop(), r"'rng' holds no usable RNG state \(IndexError"),
+    ("numpy_key", lambda s: s["rng"]["0"]["numpy"][1].__setitem__(0, -1), r"'rng' holds no usable RNG state"),
+])
+def test_a_damaged_state_json_is_named_at_resume_not_a_traceback(char_data, finished, tmp_path, name, edit, message):
+    """A string num_tokens crashed the resume's own error message (ValueError: Cannot specify ','
+    with 's'), a huge windows_consumed NumPy (OverflowError), a bad NumPy RNG state the restore
+    (IndexError, OverflowError); a NaN loss sum was blamed on training ("not finite at step 5")."""
+    from gpt import checkpoint as ckpt
+    from gpt.trainer import train
+
+    run = _edited_copy(finished, tmp_path / "run", edit)
+    with pytest.raises(ckpt.CheckpointError, match=message):
+        train(tiny_config(char_data, run, max_steps=6, eval_interval=2, eval_iters=1, log_interval=1))
+
+
+def test_latest_naming_a_folder_outside_the_run_is_refused(finished, tmp_path, char_data):
+    """`latest` holding an absolute path or '../..' was followed: the run resumed another run's
+    checkpoint (and wrote over its own next one), sample.py sampled it without a word."""
+    import shutil
+
+    from gpt import checkpoint as ckpt
+
+    other = shutil.copytree(finished, tmp_path / "other")
+    run = shutil.copytree(finished, tmp_path / "run")
+    for name in (str(other / "checkpoints" / "step_0000002"), "../../other/checkpoints/step_0000002"):
+        (run / "latest").write_text(name + "\n")
+        with pytest.raises(ckpt.CheckpointError, match=r"names '.*', not a checkpoint folder of this run"):
+            ckpt.latest_checkpoint(run)
+
+
+def test_a_resume_keeps_the_lines_of_metrics_it_does_not_own_and_names_a_folder(char_data, finished, tmp_path):
+    """A resume rewrote metrics.jsonl: a note written in by hand was deleted, bytes that are not
+    UTF-8 became U+FFFD; metrics.jsonl that is a folder was an IsADirectoryError traceback."""
+    import shutil
+
+    from gpt.metrics import MetricsError
+    from gpt.trainer import train
+
+    run = shutil.copytree(finished, tmp_path / "run")
+    metrics = run / "metrics.jsonl"
+    original = metrics.read_bytes()
+    metrics.write_bytes(b"# lr sweep A\n" + original.replace(b'"step": 1,', b'"note": "caf\xe9", "step": 1,'))
+    edited = metrics.read_bytes()
+    train(tiny_config(char_data, run, max_steps=6, eval_interval=2, eval_iters=1, log_interval=1))
+    assert metrics.read_bytes().startswith(edited)  # steps 1-4 were before the checkpoint: kept whole
+    metrics.unlink()
+    metrics.mkdir()
+    with pytest.raises(MetricsError, match=r"cannot read .*metrics.jsonl \(Is a directory\)"):
+        train(tiny_config(char_data, run, max_steps=8, eval_interval=2, eval_iters=1, log_interval=1))
+
+
+def test_a_meta_json_that_is_not_utf8_is_one_line(char_data, tmp_path):
+    import shutil
+
+    from gpt.dataset import load_meta
+    from gpt.shards import ShardError
+
+    data = shutil.copytree(char_data, tmp_path / "data")
+    (data / "meta.json").write_bytes((data / "meta.json").read_bytes().replace(b'"char"', b'"ch\xe9r"'))
+    with pytest.raises(ShardError, match=r"meta.json: cannot read dataset metadata \(.*can't decode byte 0xe9"):
+        load_meta(data)

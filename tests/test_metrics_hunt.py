@@ -84,14 +84,24 @@ def test_cutting_back_at_a_resume_on_a_full_disk_keeps_the_file_and_no_temporary
     assert not (tmp_path / "metrics.jsonl.tmp").exists()
 
 
-def test_resume_drops_lines_that_are_no_record_instead_of_failing(tmp_path):
+def test_resume_keeps_lines_that_are_no_record_instead_of_failing(tmp_path):
     """A damaged line that is valid JSON but no record (a bare number, a list, a string step)
-    stopped every resume of the run with an AttributeError or TypeError traceback."""
+    stopped every resume of the run with an AttributeError or TypeError traceback. Such lines,
+    a note written in by hand and bytes that are not UTF-8 are then kept as they are (they were
+    dropped, and the bytes replaced by U+FFFD, without a word): read_metrics names them."""
     path = tmp_path / "metrics.jsonl"
-    path.write_text("\n".join([json.dumps(record(2)), "5", "[1, 2]", '{"step": "4"}', json.dumps(record(4)),
-                               json.dumps(record(6))]) + "\n")
+    lines = [json.dumps(record(2)).encode(), b"5", b"[1, 2]", b'{"step": "4"}', b"# lr sweep A",
+             json.dumps(dict(record(4), note="caf\u00e9")).encode().replace(b"\\u00e9", b"\xe9"),
+             json.dumps(record(4)).encode(), json.dumps(record(6)).encode(), b'{"step": 8, "lo']
+    path.write_bytes(b"\n".join(lines))  # the last line cut short by a kill
     MetricsLog(tmp_path, resume_step=4)
-    assert [r["step"] for r in read_metrics(tmp_path)] == [2, 4]
+    assert path.read_bytes() == b"".join(line + b"\n" for line in lines[:7])
+    with pytest.raises(MetricsError, match="metrics.jsonl: cannot read .*byte 0xe9"):  # named, for the user
+        read_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").mkdir()
+    with pytest.raises(MetricsError, match=r"cannot read .*metrics.jsonl \(Is a directory\) to resume its records"):
+        MetricsLog(tmp_path, resume_step=4)
 
 
 def test_a_wandb_tag_too_long_is_a_config_error_naming_wandb_tags(tmp_path, monkeypatch):

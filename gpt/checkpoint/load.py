@@ -30,7 +30,12 @@ def load_model(ckpt_dir: Path) -> tuple[GPT, dict[str, Any]]:
     from the model_config it records, its weights loaded (what sample.py and gpt.eval read)."""
     verify_checkpoint(ckpt_dir)
     state = read_state(ckpt_dir)
-    model = GPT(GPTConfig(**state["model_config"]))
+    try:
+        model = GPT(GPTConfig(**state["model_config"]))
+    except (RuntimeError, MemoryError) as e:  # a model_config edited to a size no memory holds
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{Path(ckpt_dir) / STATE_FILE}: cannot build the model its 'model_config' "
+                              f"describes ({why}); {NOT_OURS}") from None
     load_model_weights(ckpt_dir, model)
     return model, state
 
@@ -194,7 +199,7 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
         ) from None
     try:
         restore_rank_rng(state, rank, world_size)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, OverflowError) as e:  # numpy's state: both
         raise CheckpointError(
             f"{ckpt_dir / STATE_FILE}: 'rng' holds no usable RNG state ({type(e).__name__}: {e}); {NOT_OURS}"
         ) from None

@@ -33,6 +33,15 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _is_loader_state(value: Any) -> bool:
+    if not isinstance(value, dict):
+        return False
+    counts = all(_is_count(value[key]) for key in ("num_tokens", "block_size", "seed", "windows_consumed", "version")
+                 if key in value)
+    # windows_consumed becomes a NumPy int64 index: a larger number was an OverflowError there.
+    return counts and value.get("windows_consumed", 0) < 2**62 and isinstance(value.get("order", ""), str)
+
+
 def _manifest_problem(manifest: Any) -> str | None:
     """What is wrong with the shape of a parsed manifest.json, or None. Its shape is
     {path relative to the checkpoint folder: {"bytes": size, "crc32": 8 hex digits}}
@@ -182,9 +191,14 @@ _STATE_KEYS: dict[str, tuple[str, Callable[[Any], bool]]] = {
                      lambda v: isinstance(v, dict) and _is_count(v.get("steps")) and _is_count(v.get("skipped"))
                      and _is_count(v.get("accum")) and v["accum"] >= 1 and isinstance(v.get("loss_sums"), list)
                      and len(v["loss_sums"]) >= 1
-                     and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v["loss_sums"])),
+                     and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                             for x in v["loss_sums"])),
+    # The loader's position (gpt/loader.py state_dict): numbers a resume formats, compares and
+    # indexes with, so a wrong type or an absurd size is named here, not met as a traceback.
+    "loader": ("an object whose 'num_tokens', 'block_size', 'seed', 'windows_consumed' are whole numbers "
+               ">= 0 ('windows_consumed' below 2**62) and 'order' a string", _is_loader_state),
     **{key: ("an object", lambda v: isinstance(v, dict))
-       for key in ("model_config", "loader", "train_config", "dataset")},
+       for key in ("model_config", "train_config", "dataset")},
 }
 # Every reader builds the model (model_config); resuming also needs where the run was.
 ALWAYS_IN_STATE = ("step", "model_config")
