@@ -41,7 +41,7 @@ from .config import ArgumentParser, path_arg
 from .hf import HF_PREFIX, HFError, check_gpt2_shape, hf_config_dict, to_hf_state_dict
 from .model import GPT, GPTConfig
 from .run_layout import training_output
-from .shards import holds_token_shards
+from .shards import GPT2_EOS_ID, GPT2_VOCAB_SIZE, holds_token_shards
 from .tokenizer import EOS_TOKEN, Tokenizer
 
 FORMATS = ("hf",)
@@ -83,7 +83,10 @@ def _export(source: Path, out: Path, overwrite: bool, check: bool, log: Callable
     model.eval()
     tokenizer_file = source / ckpt.TOKENIZER_FILE
     tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file.exists() else None
-    eos_id = tokenizer.eos_id if tokenizer is not None else None
+    # A run on bare llm.c / FineWeb shards has no tokenizer.json; its vocabulary is GPT-2's, whose
+    # end-of-text is known: without it, transformers' generate never stops at end-of-text.
+    gpt2_ids = config.vocab_size == GPT2_VOCAB_SIZE
+    eos_id = tokenizer.eos_id if tokenizer is not None else GPT2_EOS_ID if gpt2_ids else None
 
     # The absolute, normalized path: "--out ." (or "x/..") has no name of its own to put the
     # temporary folder beside, and would put it inside the target instead.

@@ -118,6 +118,14 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig, wher
     if "tok_emb.weight" in out:
         out["tok_emb.weight"] = _pad_vocab_rows(out["tok_emb.weight"], config)
     if config.tie_weights:
+        head, embedding = normalized.get("lm_head.weight"), normalized.get("transformer.wte.weight")
+        if head is not None and embedding is not None and not torch.equal(head, embedding):
+            # transformers loads such a folder untied (with a warning): dropping the stored head
+            # gave other logits than the peer's without a word.
+            raise HFError(f"{where}: config.json ties the output layer to the token embedding "
+                          f"(tie_word_embeddings true, or absent: its default), but the weights hold an "
+                          f"lm_head.weight that differs from transformer.wte.weight; if the model is untied, "
+                          f"set \"tie_word_embeddings\": false in config.json")
         out["lm_head.weight"] = out.get("tok_emb.weight")
     elif "lm_head.weight" in normalized:
         out["lm_head.weight"] = _pad_vocab_rows(normalized["lm_head.weight"], config)

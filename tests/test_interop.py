@@ -354,6 +354,25 @@ def test_untied_model_exports_with_its_own_lm_head_and_imports_back(tmp_path):
     with torch.no_grad():
         assert torch.allclose(theirs(x).logits, model(x)[0], atol=1e-5, rtol=0)
         assert torch.equal(back(x)[0], model(x)[0])
+    # The same folder with tie_word_embeddings left out (its default: true), as a converter or a
+    # config.json written by hand leaves it: the stored head was dropped without a word, and
+    # the logits differed from transformers' (which loads it untied).
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del saved["tie_word_embeddings"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(hf.HFError, match=r"ties the output layer to the token embedding .* differs from "
+                                         r"transformer.wte.weight; if the model is untied, set"):
+        hf.load_hf_model(tmp_path / "hf")
+
+
+def test_a_run_on_bare_gpt2_shards_exports_gpt2s_end_of_text(tmp_path):
+    """Trained on llm.c shards (no tokenizer.json), an export wrote eos_token_id null: the
+    vocabulary is GPT-2's, whose end-of-text (50256) transformers' generate stops at."""
+    config = GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    ckpt.save_checkpoint(tmp_path / "run", 1, GPT(config), None, {"step": 1, "model_config": asdict(config)})
+    assert export.main([str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--no-check"]) == 0
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert saved["eos_token_id"] == 50256 and saved["bos_token_id"] == 50256
 
 
 def test_export_refuses_models_that_are_not_gpt2_shaped(tmp_path, capsys):
