@@ -105,8 +105,8 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
             f"{step_dir_name(250)!r}), but it is {what}. {how_to_fix}"
         ) from None
     path = out_dir / CHECKPOINTS_DIR / name
-    if name and step_of(name) is None:
-        # Only a step folder's name: an absolute path or one with '..' made this run resume
+    if name and (Path(name).name != name or name in (".", "..")):
+        # A folder's name, no path: an absolute path or one with '..' made this run resume
         # another run's checkpoint (and overwrite its own next one), and sample.py sample it.
         raise CheckpointError(f"{latest} names {name!r}, not a checkpoint folder of this run (it should hold "
                               f"a name such as {step_dir_name(250)!r}, in {out_dir / CHECKPOINTS_DIR}). "
