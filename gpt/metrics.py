@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,9 +51,10 @@ class MetricsLog:
 
     def _drop_after(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint: drop their old records so
-        the file reads as one uninterrupted run. Every other line is kept byte for byte (a note
-        written in by hand, a record it cannot read: read_metrics names those for the user to
-        fix), but for a last line cut short by a kill."""
+        the file reads as one uninterrupted run. The records before it are kept byte for byte.
+        A line that is no record (a note written in by hand, a damaged line, bytes that are not
+        UTF-8), which read_metrics (gpt.plot, wandb's backfill) would refuse, is moved to
+        metrics.jsonl.unreadable with a note, not lost; a last line cut short by a kill goes."""
         try:
             data = self.path.read_bytes()
         except OSError as e:  # a folder of that name, say
@@ -61,23 +63,38 @@ class MetricsLog:
         lines = data.split(b"\n")
         if not lines[-1]:
             lines.pop()  # the empty piece after the final newline
-        kept = []
+        kept, set_aside = [], []
         for number, line in enumerate(lines, 1):
+            if not line.strip():
+                kept.append(line + b"\n")  # read_metrics skips blank lines
+                continue
             try:
                 record = json.loads(line)
             except ValueError:  # not JSON, or not UTF-8
                 if number == len(lines) and not data.endswith(b"\n"):
                     continue  # the last line, cut short by a kill
                 record = None
-            if not (is_record(record) and record["step"] > step):
+            if not is_record(record):
+                set_aside.append((number, line + b"\n"))
+            elif record["step"] <= step:
                 kept.append(line + b"\n")
+        unreadable = self.path.with_name(self.path.name + ".unreadable")
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
+            if set_aside:  # first: were the rewrite interrupted, they are not lost
+                with open(unreadable, "ab") as f:
+                    f.write(b"".join(line for _, line in set_aside))
+                    f.flush()
+                    os.fsync(f.fileno())
             tmp.write_bytes(b"".join(kept))
             os.replace(tmp, self.path)
         except OSError as e:  # a full disk: metrics.jsonl itself is untouched
             tmp.unlink(missing_ok=True)
             raise self._write_error(e) from e
+        if set_aside:
+            numbers = ", ".join(str(number) for number, _ in set_aside[:10]) + (", ..." if len(set_aside) > 10 else "")
+            print(f"note: {self.path}: {len(set_aside)} line(s) that are no metrics record (line {numbers}) moved "
+                  f"to {unreadable}, so that gpt.plot and wandb read the file", file=sys.stderr, flush=True)
 
     def _write_error(self, error: OSError) -> MetricsError:
         return MetricsError(f"could not write {self.path} ({error.strerror or error}): is the disk full or "

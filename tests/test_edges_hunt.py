@@ -283,9 +283,10 @@ def test_latest_naming_a_folder_outside_the_run_is_refused(finished, tmp_path, c
             ckpt.latest_checkpoint(run)
 
 
-def test_a_resume_keeps_the_lines_of_metrics_it_does_not_own_and_names_a_folder(char_data, finished, tmp_path):
-    """A resume rewrote metrics.jsonl: a note written in by hand was deleted, bytes that are not
-    UTF-8 became U+FFFD; metrics.jsonl that is a folder was an IsADirectoryError traceback."""
+def test_a_resume_sets_aside_the_lines_of_metrics_it_cannot_read_and_names_a_folder(char_data, finished, tmp_path):
+    """A resume rewrote metrics.jsonl: a note written in by hand was deleted, a record holding
+    bytes that are not UTF-8 too (and such bytes in others became U+FFFD); metrics.jsonl that is
+    a folder was an IsADirectoryError traceback."""
     import shutil
 
     from gpt.metrics import MetricsError
@@ -297,7 +298,10 @@ def test_a_resume_keeps_the_lines_of_metrics_it_does_not_own_and_names_a_folder(
     metrics.write_bytes(b"# lr sweep A\n" + original.replace(b'"step": 1,', b'"note": "caf\xe9", "step": 1,'))
     edited = metrics.read_bytes()
     train(tiny_config(char_data, run, max_steps=6, eval_interval=2, eval_iters=1, log_interval=1))
-    assert metrics.read_bytes().startswith(edited)  # steps 1-4 were before the checkpoint: kept whole
+    # Steps 2-4 were before the checkpoint: kept whole; the note and the step-1 record that is
+    # not UTF-8 set aside for the user, byte for byte.
+    assert metrics.read_bytes().startswith(original[original.index(b'{"step": 2,'):])
+    assert (run / "metrics.jsonl.unreadable").read_bytes() == edited[:edited.index(b'{"step": 2,')]
     metrics.unlink()
     metrics.mkdir()
     with pytest.raises(MetricsError, match=r"cannot read .*metrics.jsonl \(Is a directory\)"):

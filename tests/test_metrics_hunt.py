@@ -84,20 +84,23 @@ def test_cutting_back_at_a_resume_on_a_full_disk_keeps_the_file_and_no_temporary
     assert not (tmp_path / "metrics.jsonl.tmp").exists()
 
 
-def test_resume_keeps_lines_that_are_no_record_instead_of_failing(tmp_path):
+def test_resume_sets_aside_lines_that_are_no_record_instead_of_failing(tmp_path, capsys):
     """A damaged line that is valid JSON but no record (a bare number, a list, a string step)
     stopped every resume of the run with an AttributeError or TypeError traceback. Such lines,
-    a note written in by hand and bytes that are not UTF-8 are then kept as they are (they were
-    dropped, and the bytes replaced by U+FFFD, without a word): read_metrics names them."""
+    a note written in by hand and a record holding bytes that are not UTF-8 were then dropped
+    without a word (the bytes of others replaced by U+FFFD); they now go to
+    metrics.jsonl.unreadable, byte for byte, with a note, and read_metrics reads the rest."""
     path = tmp_path / "metrics.jsonl"
-    lines = [json.dumps(record(2)).encode(), b"5", b"[1, 2]", b'{"step": "4"}', b"# lr sweep A",
-             json.dumps(dict(record(4), note="caf\u00e9")).encode().replace(b"\\u00e9", b"\xe9"),
+    latin1 = json.dumps(dict(record(3), note="caf\u00e9")).encode().replace(b"\\u00e9", b"\xe9")
+    lines = [json.dumps(record(2)).encode(), b"5", b"[1, 2]", b'{"step": "4"}', b"# lr sweep A", latin1,
              json.dumps(record(4)).encode(), json.dumps(record(6)).encode(), b'{"step": 8, "lo']
     path.write_bytes(b"\n".join(lines))  # the last line cut short by a kill
     MetricsLog(tmp_path, resume_step=4)
-    assert path.read_bytes() == b"".join(line + b"\n" for line in lines[:7])
-    with pytest.raises(MetricsError, match="metrics.jsonl: cannot read .*byte 0xe9"):  # named, for the user
-        read_metrics(tmp_path)
+    assert path.read_bytes() == lines[0] + b"\n" + lines[6] + b"\n"
+    assert (tmp_path / "metrics.jsonl.unreadable").read_bytes() == b"".join(line + b"\n" for line in lines[1:6])
+    assert [r["step"] for r in read_metrics(tmp_path)] == [2, 4]
+    assert (f"note: {path}: 5 line(s) that are no metrics record (line 2, 3, 4, 5, 6) moved to "
+            f"{path}.unreadable") in capsys.readouterr().err
     (tmp_path / "metrics.jsonl").unlink()
     (tmp_path / "metrics.jsonl").mkdir()
     with pytest.raises(MetricsError, match=r"cannot read .*metrics.jsonl \(Is a directory\) to resume its records"):
