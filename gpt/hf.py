@@ -39,6 +39,7 @@ import safetensors.torch
 import torch
 
 from .model import GPT, GPTConfig
+from .tokenizer import read_vocab
 
 HF_PREFIX = "hf:"
 CONFIG_FILE = "config.json"
@@ -373,11 +374,13 @@ ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "tie_weights")
 
 
 def init_from_hf(hf_dir: Path, gpt_config: GPTConfig, data_vocab_size: int,
-                 log: Callable[[str], None]) -> GPTConfig:
+                 log: Callable[[str], None], data_tokenizer: Path | None = None) -> GPTConfig:
     """The model config of a run with `init_from = "hf:DIR"`: the architecture is the folder's.
 
     Prints which model keys of the run config were replaced by the folder's, and refuses a
-    dataset whose vocabulary differs (token ids would mean different things to the model).
+    dataset whose vocabulary differs (token ids would mean different things to the model): in
+    size, or, where the folder and the dataset (`data_tokenizer`) both have a tokenizer.json, in
+    which ids stand for which tokens.
     """
     where = str(hf_dir / CONFIG_FILE)
     hf = read_hf_config(hf_dir)
@@ -389,6 +392,14 @@ def init_from_hf(hf_dir: Path, gpt_config: GPTConfig, data_vocab_size: int,
             f"{data_vocab_size} ids. A model trained on one vocabulary needs data tokenized with "
             f"the same tokenizer (for OpenAI's GPT-2: GPT-2's tokenizer, e.g. llm.c FineWeb shards)"
         )
+    own = Path(hf_dir) / "tokenizer.json"
+    if data_tokenizer is not None and data_tokenizer.exists() and own.exists():
+        # Two vocabularies of one size (two BPEs of 512 ids, two char tables): the same ids,
+        # other text. A run folder as init_from was refused so (gpt/resume.py); hf:DIR was not.
+        ours, theirs = read_vocab(data_tokenizer), read_vocab(own)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise HFError(f"{own} maps tokens to other ids than {data_tokenizer}, so token ids would mean "
+                          f"other text to the model: use data prepared with the folder's tokenizer")
     if gpt_config.block_size > new.block_size:
         raise HFError(f"block_size = {gpt_config.block_size} is longer than the context of {where} "
                       f"(n_positions = {new.block_size}); use block_size <= {new.block_size}")

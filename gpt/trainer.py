@@ -248,7 +248,8 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
                                             if k in trained})
     elif config.init_from.startswith(hf.HF_PREFIX):
         hf_dir = hf.parse_init_from(config.init_from)
-        gpt_config = hf.init_from_hf(hf_dir, gpt_config, meta["vocab_size"], lambda m: log(info, m))
+        gpt_config = hf.init_from_hf(hf_dir, gpt_config, meta["vocab_size"], lambda m: log(info, m),
+                                     data_tokenizer=Path(config.data_dir) / ckpt.TOKENIZER_FILE)
     if config.init_from.startswith(hf.HF_PREFIX):
         # Record the architecture the run really has (config.json, each checkpoint's train_config).
         config = replace(config, **{k: getattr(gpt_config, k) for k in hf.ARCHITECTURE_KEYS})

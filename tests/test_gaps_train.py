@@ -54,7 +54,8 @@ def test_a_weights_only_copy_put_in_a_run_says_to_start_from_it_with_init_from(c
     (resumed / ckpt.LATEST_FILE).write_text(copy.name + "\n")
     with pytest.raises(ckpt.CheckpointError, match=re.escape(
             f"holds weights only (no {ckpt.OPTIMIZER_FILE}), so training cannot resume from it exactly; "
-            f"start a new run from its weights with --init_from=")):
+            f"start a new run from its weights with --init_from={resumed / ckpt.CHECKPOINTS_DIR / copy.name} "
+            f"--out_dir=ANOTHER_FOLDER")):  # its own out_dir would resume the same checkpoint again
         train(tiny_config(char_data, resumed, **{**RUN, "max_steps": 6}))
     # What the error advises works, from the same weights.
     result = train(tiny_config(char_data, tmp_path / "fresh", **{**RUN, "max_steps": 2, "eval_interval": 2},

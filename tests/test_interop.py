@@ -463,6 +463,19 @@ def test_init_from_hf_refuses_other_vocabulary(data, tmp_path):
         train(config)
     with pytest.raises(hf.HFError, match="not a folder"):
         train(replace(config, init_from=f"hf:{tmp_path / 'missing'}"))
+    # A vocabulary of the same size that maps ids to other text (another char table) was taken:
+    # only the size was compared for hf:DIR, while a run folder as init_from was refused.
+    vocab = json.loads((data["char"] / "meta.json").read_text())["vocab_size"]
+    hf_gpt2(vocab_size=vocab, n_positions=64).save_pretrained(tmp_path / "hf_same_size")
+    table = json.loads((data["char"] / "tokenizer.json").read_text())
+    words = table["model"]["vocab"]
+    first, second = sorted(words)[:2]
+    words[first], words[second] = words[second], words[first]  # two characters' ids swapped
+    (tmp_path / "hf_same_size" / "tokenizer.json").write_text(json.dumps(table))
+    with pytest.raises(hf.HFError, match=r"maps tokens to other ids than .*tokenizer.json, so token ids would mean"):
+        train(replace(config, init_from=f"hf:{tmp_path / 'hf_same_size'}"))
+    shutil.copyfile(data["char"] / "tokenizer.json", tmp_path / "hf_same_size" / "tokenizer.json")
+    assert train(replace(config, init_from=f"hf:{tmp_path / 'hf_same_size'}", max_steps=1)).step == 1
 
 
 # ----------------------------------------------------------------------------------------

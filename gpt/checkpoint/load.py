@@ -103,7 +103,8 @@ def read_optimizer_state(ckpt_dir: Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(
             f"{ckpt_dir} holds weights only (no {OPTIMIZER_FILE}), so training cannot resume from "
-            f"it exactly; start a new run from its weights with --init_from={ckpt_dir}"
+            f"it exactly; start a new run from its weights with --init_from={ckpt_dir} "
+            f"--out_dir=ANOTHER_FOLDER"
         )
     try:
         # weights_only: a pickle that tries to build arbitrary objects (run code) is refused.
