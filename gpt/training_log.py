@@ -47,6 +47,10 @@ def eta_seconds(step_time: float, steps_left: int, evals_left: int, eval_s: floa
     micro-batch each, a third of a training micro-step (forward + backward ~ 3 forwards): left
     out until the first one, a costly eval would make the ETA a fraction of the time really left.
     """
+    if steps_left == 0 and evals_left == 0:
+        return 0.0
+    if not math.isfinite(step_time):  # no steady step time yet (interval_step_time)
+        return math.nan
     if eval_s is None:
         eval_s = step_time / accum * eval_iters / 3
     return max(0.0, step_time * steps_left + evals_left * (eval_s + save_s))
@@ -104,8 +108,13 @@ def interval_step_time(clock: Clock, step: int) -> tuple[float, float]:
     prices the steps to come at the interval's other steps."""
     elapsed = time.perf_counter() - clock.interval_start
     step_time = steady = elapsed / (step - clock.timed_from)
-    if clock.first_step_done > clock.interval_start and step - clock.timed_from > 1:
-        steady = (clock.interval_start + elapsed - clock.first_step_done) / (step - clock.timed_from - 1)
+    if clock.first_step_done > clock.interval_start:
+        # An interval of the warm-up step alone (log_interval 1, or a resume one step before a
+        # log step) has no steady step time yet: NaN, an ETA of "?" (it priced the run at the
+        # compile's minute per step).
+        warm_up_only = step - clock.timed_from == 1
+        steady = math.nan if warm_up_only else (
+            (clock.interval_start + elapsed - clock.first_step_done) / (step - clock.timed_from - 1))
     return step_time, steady
 
 
@@ -123,7 +132,7 @@ def peak_at_least(peak: float, source: str, achieved: float, info: DistInfo) -> 
         log(info, f"note: training ran at {achieved / 1e12:.3f} TFLOP/s per device, faster than the "
                   f"{peak / 1e12:.3f} TFLOP/s peak measured at start (the machine was busier then): MFU is "
                   f"against the faster figure from here on (set peak_tflops for a fixed one)")
-    return achieved, source + RAISED
+    return achieved, source if RAISED in source else source + RAISED  # said once, however often raised
 
 
 def log_record(step: int, config: TrainConfig, info: DistInfo, *, lr: float, tokens_seen: int,

@@ -255,3 +255,40 @@ def test_durations_read_in_days_past_one_and_never_fail():
     assert [format_duration(s) for s in (0, 45, 725, 25_380, 86_399, 273_600, 9600 * 3600)] == \
         ["0s", "45s", "12m05s", "7h03m", "23h59m", "3d04h", "400d00h"]
     assert format_duration(float("inf")) == format_duration(float("nan")) == "?"  # was OverflowError/ValueError
+
+
+def test_an_interval_of_the_warm_up_step_alone_gives_no_eta(char_data, tmp_path, monkeypatch, capsys):
+    """log_interval 1 (or a resume one step before a log step): the interval's only step is the
+    process's first, which also warms up (compile: a minute), and the ETA priced every step to
+    come at it (`40464 ms/step | ETA 3m49s` for a run that ended 12 s later). It is "?" (null in
+    metrics.jsonl) until a steady step is timed. (A virtual clock: the first step takes 5 s.)"""
+    clock = virtual_clock(monkeypatch)
+    forward = GPT.forward
+    calls = []
+
+    def slow_first(self, idx, targets=None, **kwargs):
+        if torch.is_grad_enabled():
+            clock.advance(5.0 if not calls else 0.01)
+            calls.append(1)
+        return forward(self, idx, targets, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", slow_first)
+    train(tiny_config(char_data, tmp_path / "run", max_steps=6, log_interval=1, eval_interval=0, eval_iters=1))
+    records = read_metrics(tmp_path / "run")
+    assert records[0]["step_ms"] == pytest.approx(5000) and records[0]["eta_s"] is None
+    assert "ETA ?" in capsys.readouterr().out
+    assert records[1]["eta_s"] == pytest.approx(round(4 * 0.01 + 1 * 0.01 / 3, 1))  # 4 steps and the last eval
+    assert records[-1]["eta_s"] == 0
+
+
+def test_a_peak_raised_again_and_again_says_so_once(monkeypatch):
+    """Each log step that beat the measured peak appended ", raised to training's own speed" once
+    more; the chain went into state.json and every resume's model line."""
+    from gpt.distributed import DistInfo
+    from gpt.training_log import RAISED, peak_at_least
+
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    peak, source = 1e9, "measured cpu float32 matmul"
+    for achieved in (2e9, 3e9, 4e9):
+        peak, source = peak_at_least(peak, source, achieved, info)
+    assert peak == 4e9 and source == "measured cpu float32 matmul" + RAISED
