@@ -31,7 +31,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from gpt.linear import linears_for_decoding
+from gpt.linear import ROUTES, linears_for_decoding
 from gpt.model import GPT, TOKEN_DTYPES, KVCache
 from gpt.static_decode import StaticDecoder
 from gpt.tokenizer import as_integer
@@ -138,6 +138,7 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     cuda_graph: bool | None = None,
+    cpu_route: str | None = None,
 ) -> Iterator[torch.Tensor]:
     """Continue the prompts idx [B, T] (T >= 1; int64 or int32 ids below vocab_size), yielding each
     new token [B, 1] as it is chosen.
@@ -151,7 +152,9 @@ def generate(
     device of the model's parameters, in `kv_cache_dtype(model)` as of the first token. For bf16,
     call generate() and iterate under torch.autocast. On a CPU the linear layers compute by the
     route measured fastest on this machine at the first generate() of each model and batch size
-    (`gpt.linear.linears_for_decoding`); on the "packed" route their weights are copied once
+    (`gpt.linear.linears_for_decoding`), or by `cpu_route` (one of gpt.linear.ROUTES) where given:
+    the routes sum in other orders, so logits agree between them only to float rounding, and
+    the one measured fastest may vary from process to process on a busy machine; on the "packed" route their weights are copied once
     more for the loop, in oneDNN's layout. A weight changed in place between two tokens
     (an optimizer step, `load_state_dict`, `with torch.no_grad(): w.add_(...)`) is used from the
     next token on (the packed route then takes nn.Linear's product); a change made through
@@ -195,6 +198,9 @@ def generate(
     if cuda_graph is not None and not isinstance(cuda_graph, bool):
         # A string from a config or command line ("false", "off") is truthy: it turned graphs on.
         raise ValueError(f"cuda_graph must be True, False or None (automatic), got {cuda_graph!r}")
+    if cpu_route is not None and cpu_route not in ROUTES:
+        raise ValueError(f"cpu_route must be one of {', '.join(ROUTES)} or None (the fastest, measured), "
+                         f"got {cpu_route!r}")
     if cuda_graph is None:
         cuda_graph = next(model.parameters()).is_cuda and use_cache
     elif cuda_graph and not use_cache:
@@ -204,7 +210,8 @@ def generate(
     # inference-mode calls and would re-cast every weight at every token: under autocast, no_grad.
     decode = _decode_no_grad if _autocast_dtype(model) else _decode_inference
     # cuda_graph becomes _decode's static_step: the fixed-shape step, a CUDA graph only on a GPU.
-    return decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, use_cache, cuda_graph)
+    return decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, use_cache, cuda_graph,
+                  cpu_route)
 
 
 def _decode(
@@ -218,6 +225,7 @@ def _decode(
     generator: torch.Generator | None,
     use_cache: bool,
     static_step: bool,
+    cpu_route: str | None,
 ) -> Iterator[torch.Tensor]:
     # A separate generator function so that bad arguments raise when generate() is called,
     # not at the first next().
@@ -234,7 +242,7 @@ def _decode(
         # How the CPU linears compute in the loop (gpt.linear.Linear). Its products have a row
         # per sequence with the cache, up to a row per context position without.
         rows = idx.size(0) * (1 if use_cache else model.config.block_size)
-        with linears_for_decoding(model, rows):
+        with linears_for_decoding(model, rows, route=cpu_route):
             block_size = model.config.block_size
             kv_cache = None
             if use_cache:

@@ -28,6 +28,7 @@ from .config import ArgumentParser, ConfigError, add_option, path_arg
 from .console import to_devnull
 from .device import pick_device, resolve_dtype
 from .generate import generate
+from .linear import ROUTES
 from .hf import HFError
 from .tokenizer import Tokenizer, lone_surrogate
 
@@ -61,6 +62,11 @@ def _sample_parser() -> argparse.ArgumentParser:
     add("dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
         help="compute precision (default: auto = bfloat16 on capable GPUs, else float32)")
     add("no_kv_cache", action="store_true", help="recompute the whole context each token (slow; for checking)")
+    add("cpu_route", default="auto", choices=["auto", *ROUTES],
+        help="how a CPU computes the linear layers while decoding (default: auto = the route measured "
+             "fastest at the first token; the routes agree only to float rounding and the fastest can "
+             "differ from run to run on a busy machine: name one, e.g. plain, for the same logits bit "
+             "for bit on every run with the same --seed)")
     add("cuda_graph", default="auto", choices=["auto", "true", "false"],
         help="decode each token after the prompt as one CUDA-graph replay (default: auto = on a CUDA "
              "GPU with the KV cache; false: launch every kernel from Python, for checking)")
@@ -263,6 +269,7 @@ def sample(args) -> None:
                 top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
                 eos_id=tokenizer.eos_id, generator=generator, use_cache=not args.no_kv_cache,
                 cuda_graph={"auto": None, "true": True, "false": False}[args.cuda_graph],
+                cpu_route=None if args.cpu_route == "auto" else args.cpu_route,
             ):
                 new = token[:, 0].tolist()
                 for continuation, tok in zip(continuations, new):

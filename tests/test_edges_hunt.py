@@ -318,3 +318,27 @@ def test_a_meta_json_that_is_not_utf8_is_one_line(char_data, tmp_path):
     (data / "meta.json").write_bytes((data / "meta.json").read_bytes().replace(b'"char"', b'"ch\xe9r"'))
     with pytest.raises(ShardError, match=r"meta.json: cannot read dataset metadata \(.*can't decode byte 0xe9"):
         load_meta(data)
+
+
+def test_sample_cpu_route_pins_how_the_linears_compute(char_data, tmp_path, monkeypatch, capsys):
+    """The decoding route is timed at the first token (gpt/linear.py); on a busy machine another
+    route (another summation order) could win from run to run, and the same --seed computed other
+    logits in their last bits. --cpu_route names one: nothing is timed, every run sums alike."""
+    from gpt import linear
+    from gpt.sampling import run_sample
+    from gpt.trainer import train
+
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=2, eval_interval=0, eval_iters=1, log_interval=1))
+    capsys.readouterr()
+    used = []
+    real_decoding = linear.Decoding
+    monkeypatch.setattr(linear, "_fastest", lambda *a: pytest.fail("timed the routes though one was named"))
+    monkeypatch.setattr(linear, "Decoding", lambda route, packed: used.append(route) or real_decoding(route, packed))
+    texts = []
+    for route in ("row_blocks", "row_blocks", "plain"):
+        args = ["--out_dir", str(run), "--device", "cpu", "--prompt", "ROMEO:", "--max_new_tokens", "40",
+                "--seed", "3", "--cpu_route", route]
+        assert run_sample(args) == 0
+        texts.append(capsys.readouterr().out)
+    assert set(used) == {"row_blocks", "plain"} and texts[0] == texts[1]

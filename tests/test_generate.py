@@ -235,7 +235,7 @@ def test_decoding_uses_packed_weights_and_drops_them_after(model, monkeypatch):
         return sum(m.packed is not None for m in model.modules() if isinstance(m, Linear))
 
     monkeypatch.setattr(gpt.generate, "linears_for_decoding",
-                        lambda model, rows: linears_for_decoding(model, rows, route="packed"))
+                        lambda model, rows, route=None: linears_for_decoding(model, rows, route="packed"))
     idx = prompt(4, 3)
     with torch.profiler.profile() as prof:
         tokens = run(generate(model, idx, 12, temperature=0.0))
@@ -251,7 +251,7 @@ def test_decoding_uses_packed_weights_and_drops_them_after(model, monkeypatch):
         run(generate(model, prompt(1, 3), 4, temperature=0.0))
     assert ("mkldnn::_linear_pointwise" in {e.name for e in prof.events()}) == native_bf16
     assert packed_copies() == 0
-    monkeypatch.setattr(gpt.generate, "linears_for_decoding", lambda model, rows: contextlib.nullcontext())
+    monkeypatch.setattr(gpt.generate, "linears_for_decoding", lambda model, rows, route=None: contextlib.nullcontext())
     assert torch.equal(run(generate(model, idx, 12, temperature=0.0)), tokens)
 
 

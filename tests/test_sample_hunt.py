@@ -32,7 +32,7 @@ def tokens(gen) -> torch.Tensor:
 
 def unpacked_tokens(model, idx, n, **kwargs) -> torch.Tensor:
     real = gpt.generate.linears_for_decoding
-    gpt.generate.linears_for_decoding = lambda model, rows: contextlib.nullcontext()
+    gpt.generate.linears_for_decoding = lambda model, rows, route=None: contextlib.nullcontext()
     try:
         return tokens(generate(model, idx, n, **kwargs))
     finally:
@@ -71,7 +71,7 @@ def test_interleaved_generators_decode_in_eval_mode_until_the_last_ends(monkeypa
     want = unpacked_tokens(model, idx, 10, temperature=0.0)
     assert model.training
     monkeypatch.setattr(gpt.generate, "linears_for_decoding",
-                        lambda model, rows: linears_for_decoding(model, rows, route="packed"))
+                        lambda model, rows, route=None: linears_for_decoding(model, rows, route="packed"))
     first = generate(model, idx, 3, temperature=0.0)
     second = generate(model, idx, 10, temperature=0.0)
     next(first)
@@ -202,7 +202,7 @@ def test_a_weight_changed_in_place_between_tokens_is_used_from_the_next_token(cu
         idx = torch.randint(0, 65, (4, 3), generator=torch.Generator().manual_seed(1))
         real = gpt.generate.linears_for_decoding
         gpt.generate.linears_for_decoding = (
-            lambda model, rows: linears_for_decoding(model, rows, route="packed" if packed else "plain"))
+            lambda model, rows, route=None: linears_for_decoding(model, rows, route="packed" if packed else "plain"))
         try:
             it = generate(model, idx, 8, temperature=0.0, cuda_graph=cuda_graph)
             first = [next(it), next(it)]
