@@ -98,7 +98,7 @@ def acquire(path: str | os.PathLike, *, wait: bool = False) -> FolderLock:
     """
     path = Path(path)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # O_CLOEXEC: Python's default
+        fd = _open_lock_file(path)
         try:
             if fcntl is None:  # pragma: no cover
                 os.close(fd)
@@ -129,6 +129,20 @@ def acquire(path: str | os.PathLike, *, wait: bool = False) -> FolderLock:
         lock = FolderLock(path, fd)
         _held.add(lock)
         return lock
+
+
+def _open_lock_file(path: Path) -> int:
+    """The lock file, created if missing with the umask's permissions (a group folder's teammate
+    can open it: fixed at 0o644, a teammate's run was refused as "not writable" while it held
+    it, and again after a kill -9 left it). Another user's file that this one cannot write is
+    opened read-only: flock needs no write access (the holder's pid is then not written)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # O_CLOEXEC: Python's default
+    except PermissionError as e:
+        try:
+            return os.open(path, os.O_RDONLY)
+        except OSError:
+            raise e from None  # the folder itself is not writable: say that
 
 
 def try_flock(fd: int, *, exclusive: bool) -> bool | None:

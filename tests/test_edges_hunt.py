@@ -342,3 +342,34 @@ def test_sample_cpu_route_pins_how_the_linears_compute(char_data, tmp_path, monk
         assert run_sample(args) == 0
         texts.append(capsys.readouterr().out)
     assert set(used) == {"row_blocks", "plain"} and texts[0] == texts[1]
+
+
+def test_a_lock_file_follows_the_umask_and_opens_read_only_for_another_user(tmp_path, monkeypatch):
+    """The lock file was made 0o644 whatever the umask: in a group folder (umask 002) a teammate
+    could not open it for writing, so while it was held their run said "out_dir is not
+    writable", and after a kill -9 left the file, every rerun of theirs was refused."""
+    from gpt import locks
+
+    old = os.umask(0o002)
+    try:
+        lock = locks.acquire(tmp_path / ".run-lock")
+        assert (tmp_path / ".run-lock").stat().st_mode & 0o777 == 0o664
+        lock.release()
+    finally:
+        os.umask(old)
+    # Another user's file, not writable to this one (root passes permission checks: simulated).
+    (tmp_path / ".run-lock").write_text("")
+    real_open = os.open
+
+    def not_writable(path, flags, *args):
+        if flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(locks.os, "open", not_writable)
+    lock = locks.acquire(tmp_path / ".run-lock")
+    with pytest.raises(locks.FolderBusy):  # it locks: a second holder is refused as busy, not unwritable
+        locks.acquire(tmp_path / ".run-lock")
+    lock.release()
+    with pytest.raises(PermissionError):  # a folder not writable at all still says so
+        locks.acquire(tmp_path / "new-lock")
