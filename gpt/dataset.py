@@ -16,14 +16,37 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from gpt import locks
 from gpt.run_layout import training_output, typo_of
 from gpt.shards import (GPT2_EOS_ID, GPT2_VOCAB_SIZE, MAX_VOCAB, SPLITS, ShardError, list_shards,
                         open_shard, read_header)
 from gpt.tokenizer import KINDS, TOKENIZER_FILE, Tokenizer, TokenizerError, gpt2_tokenizer
+
+PREP_LOCK_FILE = ".prepare-lock"  # held (flock) by the data prep writing the folder (gpt/prepare.py)
+
+
+def wait_for_prep(data_dir: Path, say: Callable[[str], None]) -> bool:
+    """Return once no data prep is writing `data_dir`; True if one was. A prep replacing a
+    dataset deletes the old files and renames the new ones in one by one: a run starting in
+    between found half a dataset ("incomplete ... make it again") or none at all."""
+    lock_path = Path(data_dir) / PREP_LOCK_FILE
+    if not lock_path.exists():
+        return False
+    try:
+        locks.acquire(lock_path).release()
+        return False
+    except locks.FolderBusy:
+        say(f"a data prep is writing {data_dir}; waiting for it to finish")
+        locks.acquire(lock_path, wait=True).release()
+        return True
+    except OSError:
+        return False  # a read-only folder, say: no prep is writing it
+
 
 def _tokenizer_flag(tokenizer: str | None) -> str:
     """The prep option that makes a dataset for `tokenizer` (the run's or the model's), for the

@@ -55,7 +55,7 @@ import numpy as np
 from gpt import locks
 from gpt.config import ArgumentParser, add_option, path_arg
 from gpt.progress import progress_bar
-from gpt.dataset import dataset_files
+from gpt.dataset import PREP_LOCK_FILE, dataset_files
 from gpt.run_layout import training_output
 from gpt.shards import MAX_SHARD_TOKENS, MAX_VOCAB, SPLITS, ShardWriter
 from gpt.hf_dataset import HFDataset
@@ -65,7 +65,7 @@ from gpt.tokenizer import (MIN_BPE_VOCAB, TOKENIZER_FILE, Tokenizer, char_tokeni
 from gpt.wordcache import encode_pieces, word_cache_applies
 
 STAGING = ".prepare-staging"
-LOCK_FILE = ".prepare-lock"  # held (flock) by the prep writing the folder
+LOCK_FILE = PREP_LOCK_FILE  # held (flock) by the prep writing the folder
 META_FILE = "meta.json"
 VAL_RULES = ("chunks", "tail")
 # BPE merges are learned from the first 10 MB of the corpus by default: plenty for the vocabularies

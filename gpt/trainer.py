@@ -25,7 +25,7 @@ from . import hf
 from . import locks
 from . import parallel
 from .config import ConfigError, TrainConfig, grad_accum_steps, tokens_per_optimizer_step
-from .dataset import check_is_folder, check_token_ids, dataset_files, load_meta, prepare_again
+from .dataset import check_is_folder, check_token_ids, dataset_files, load_meta, prepare_again, wait_for_prep
 from .console import say
 from .device import has_fast_bf16, pick_device, resolve_dtype
 from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed, log, lost_peer,
@@ -67,6 +67,7 @@ def ensure_dataset(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     which names what is missing, rather than a prep that would refuse it."""
     data_dir = Path(config.data_dir)
     check_is_folder(data_dir, config.prepare_tokenizer)
+    wait_for_prep(data_dir, lambda message: log(info, message))  # one replacing the dataset: read it once done
     if not dataset_files(data_dir) and config.prepare_source != "none":
         check_no_other_files(data_dir, config)
         if info.is_main:
@@ -92,7 +93,7 @@ def check_no_other_files(data_dir: Path, config: TrainConfig) -> None:
 
 
 def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
-    from .prepare import LOCK_FILE, PrepareError, prepare  # here: only this path needs the tokenizer trainer
+    from .prepare import PrepareError, prepare  # here: only this path needs the tokenizer trainer
 
     # Said in full: a mistyped --data_dir also lands here, and would train on this corpus.
     state = "holds no dataset" if data_dir.is_dir() else "does not exist"
@@ -111,11 +112,7 @@ def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
         # folder) or have just done so: wait for that prep to end and train on its dataset.
         if not data_dir.is_dir():
             raise
-        try:
-            locks.acquire(data_dir / LOCK_FILE).release()
-        except locks.FolderBusy:
-            say(f"another process is preparing {data_dir}; waiting for it to finish")
-            locks.acquire(data_dir / LOCK_FILE, wait=True).release()
+        wait_for_prep(data_dir, say)
         if not (data_dir / "meta.json").exists():
             raise
         say(f"{data_dir} was prepared by another process meanwhile; training on that dataset")

@@ -373,3 +373,26 @@ def test_a_lock_file_follows_the_umask_and_opens_read_only_for_another_user(tmp_
     lock.release()
     with pytest.raises(PermissionError):  # a folder not writable at all still says so
         locks.acquire(tmp_path / "new-lock")
+
+
+def test_a_run_started_while_a_prep_replaces_its_dataset_waits_for_it(char_data, tmp_path):
+    """A prep replacing a dataset deletes the old files and renames the new ones in one by one;
+    a run starting in between said "the dataset here is incomplete ... make it again" (or, with
+    no file left, began preparing the stdlib corpus there). It now waits for the prep. (The prep
+    is played by a process holding its lock while the files are swapped.)"""
+    import shutil
+
+    from conftest import tiny_args
+    from test_out_dir import ENV, held_by_another_process, wait_until
+
+    data = shutil.copytree(char_data, tmp_path / "data")
+    log = tmp_path / "run.log"
+    with held_by_another_process(data / ".prepare-lock"):
+        (data / "meta.json").unlink()  # mid-publish: the old meta.json gone, the new not yet there
+        proc = subprocess.Popen([sys.executable, "train.py", *tiny_args(data, tmp_path / "run", max_steps=2,
+                                                                          eval_interval=2, eval_iters=1)],
+                                cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ENV)
+        wait_until(lambda: "waiting for it to finish" in log.read_text(), proc, log)
+        shutil.copy(char_data / "meta.json", data / "meta.json")
+    assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
+    assert f"a data prep is writing {data}; waiting for it to finish" in log.read_text()
