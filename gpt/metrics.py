@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import ConfigError
+from .run_layout import LATEST_FILE
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_RUN_ID_FILE = "wandb_run_id"
@@ -97,9 +98,11 @@ class MetricsLog:
                   f"to {unreadable}, so that gpt.plot and wandb read the file", file=sys.stderr, flush=True)
 
     def _write_error(self, error: OSError) -> MetricsError:
+        # Before the run's first save there is no checkpoint to resume from: say what a rerun does.
+        rerun = ("run again to resume from the last checkpoint" if (self.path.parent / LATEST_FILE).exists()
+                 else "run again (no checkpoint was saved yet: it starts from step 0)")
         return MetricsError(f"could not write {self.path} ({error.strerror or error}): is the disk full or "
-                            f"the folder not writable? Fix that and run again to resume from the last "
-                            f"checkpoint")
+                            f"the folder not writable? Fix that and {rerun}")
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -396,3 +396,24 @@ def test_a_run_started_while_a_prep_replaces_its_dataset_waits_for_it(char_data,
         shutil.copy(char_data / "meta.json", data / "meta.json")
     assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
     assert f"a data prep is writing {data}; waiting for it to finish" in log.read_text()
+
+
+def test_a_metrics_write_error_before_the_first_save_says_a_rerun_starts_over(tmp_path, monkeypatch):
+    """A full disk before the run's first checkpoint said "run again to resume from the last
+    checkpoint": there was none, and the rerun started from step 0."""
+    from gpt.metrics import MetricsError, MetricsLog
+
+    log = MetricsLog(tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("gpt.metrics.os.write", full)
+    with pytest.raises(MetricsError, match=r"\(No space left on device\).*run again \(no checkpoint was saved "
+                                           r"yet: it starts from step 0\)"):
+        log.write({"step": 1, "loss": 1.0})
+    monkeypatch.undo()
+    (tmp_path / "latest").write_text("step_0000010\n")
+    monkeypatch.setattr("gpt.metrics.os.write", full)
+    with pytest.raises(MetricsError, match=r"run again to resume from the last checkpoint"):
+        log.write({"step": 11, "loss": 1.0})
