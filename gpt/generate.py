@@ -77,7 +77,12 @@ def sample_next(
     # below fp32's range (1e-300 would round to 0 and give 0/0) is taken as its smallest normal.
     logits = logits.float()
     temperature = max(temperature, torch.finfo(torch.float32).tiny)
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    top = logits.amax(dim=-1, keepdim=True)
+    # A row with +inf logits (float16 overflowed) draws among those alone: shifted, inf - inf
+    # was NaN and multinomial refused the row. (torch.where: no host sync per token.)
+    shifted = torch.where(torch.isposinf(top), torch.where(torch.isposinf(logits), 0.0, float("-inf")),
+                          logits - top)
+    logits = shifted / temperature
     if top_k is not None and top_k < logits.size(-1):
         kept = torch.topk(logits, top_k, dim=-1)
         logits = torch.full_like(logits, float("-inf")).scatter(-1, kept.indices, kept.values)

@@ -417,3 +417,18 @@ def test_a_metrics_write_error_before_the_first_save_says_a_rerun_starts_over(tm
     monkeypatch.setattr("gpt.metrics.os.write", full)
     with pytest.raises(MetricsError, match=r"run again to resume from the last checkpoint"):
         log.write({"step": 11, "loss": 1.0})
+
+
+def test_sampling_a_row_with_infinite_logits_draws_among_them():
+    """float16 logits that overflow to +inf: the shift by the row's maximum made inf - inf = NaN,
+    and torch.multinomial raised "probability tensor contains either inf, nan or element < 0"."""
+    import torch
+
+    from gpt.generate import sample_next
+
+    logits = torch.tensor([[float("inf"), 0.0, 1.0, float("inf")], [0.0, 5.0, 1.0, 2.0]])
+    generator = torch.Generator().manual_seed(0)
+    drawn = {tuple(sample_next(logits, 1.0, generator=generator)[:, 0].tolist()) for _ in range(50)}
+    assert {row0 for row0, _ in drawn} == {0, 3}  # only the infinite ones, both of them
+    assert all(row1 in range(4) for _, row1 in drawn)
+    assert sample_next(logits, 0.7, top_k=1, generator=generator)[0, 0].item() in (0, 3)
