@@ -508,6 +508,12 @@ def path_arg(value: str) -> str:
     return os.path.expanduser(value)
 
 
+def path_or_default_arg(value: str) -> str:
+    """`path_arg` for an option whose empty value means its default (sample.py --prompt_file:
+    --prompt; gpt.plot --out: beside the metrics), as a wrapper passing an unset variable gives."""
+    return os.path.expanduser(value) if value.strip() else ""
+
+
 def add_option(parser, name: str, **kwargs) -> None:
     """Add option `name` to `parser` (or an argument group) under both spellings, '-' and '_'
     (--val-fraction and --val_fraction), the one given first; its `dest` is spelled with '_'.

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import ArgumentParser, path_arg
+from .config import ArgumentParser, path_arg, path_or_default_arg
 from .metrics import METRICS_FILE, MetricsError, read_metrics
 from .run_layout import nearby_runs
 
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("runs", nargs="+", type=path_arg, metavar="RUN",
                         help="run folder (out_dir) or metrics.jsonl file")
-    parser.add_argument("--out", default=None, type=path_arg,
+    parser.add_argument("--out", default=None, type=path_or_default_arg,
                         help="image to write: .png, .pdf or .svg; no suffix: .png (default: RUN/metrics.png for "
                              "one run folder, FILE.png beside one metrics file, ./metrics.png for several runs)")
     parser.add_argument("--title", default=None, help="figure title (default: 'training curves: ' and the run names)")

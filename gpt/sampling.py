@@ -24,7 +24,7 @@ from . import checkpoint as ckpt
 from . import hf
 from .checkpoint import CheckpointError
 from .cli import report_errors, say_error
-from .config import ArgumentParser, ConfigError, add_option, path_arg
+from .config import ArgumentParser, ConfigError, add_option, path_or_default_arg
 from .console import to_devnull
 from .device import pick_device, resolve_dtype
 from .generate import generate
@@ -49,7 +49,7 @@ def _sample_parser() -> argparse.ArgumentParser:
     source.add_argument("--init_from", "--init-from", dest="init_from",
                         help="hf:DIR, a local Hugging Face GPT-2 folder with its tokenizer.json")
     add("prompt", default="", help="text to continue (default: empty, an unconditional sample)")
-    add("prompt_file", default=None, type=path_arg, help="read the prompt from this file instead ('-': standard input)")
+    add("prompt_file", default=None, type=path_or_default_arg, help="read the prompt from this file instead ('-': standard input)")
     add("max_new_tokens", type=int, default=500,
         help="tokens to generate per sample, at most: a sample ends earlier at the end-of-text token "
              "(BPE vocabularies have one) (default: 500)")

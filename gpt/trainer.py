@@ -67,12 +67,15 @@ def ensure_dataset(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     which names what is missing, rather than a prep that would refuse it."""
     data_dir = Path(config.data_dir)
     check_is_folder(data_dir, config.prepare_tokenizer)
-    wait_for_prep(data_dir, lambda message: log(info, message))  # one replacing the dataset: read it once done
     if not dataset_files(data_dir) and config.prepare_source != "none":
         check_no_other_files(data_dir, config)
         if info.is_main:
-            _prepare_default(config, data_dir)
+            _prepare_default(config, data_dir)  # (it waits for another prep of the folder itself)
         barrier(info)
+    else:
+        # A prep replacing the dataset right now: read it once done. (Not before the test above:
+        # a rank that waited for rank 0's own prep of a new folder would skip its barrier.)
+        wait_for_prep(data_dir, lambda message: log(info, message))
     return load_meta(data_dir, config.prepare_tokenizer)
 
 
@@ -136,7 +139,10 @@ def open_loaders(config: TrainConfig, meta: dict[str, Any],
     # Every checkpoint copies the dataset's tokenizer.json, and sample.py decodes with it: one
     # that does not load, or holds another vocabulary, would show only when sampling.
     tokenizer_file = data_dir / "tokenizer.json"
-    tokenizer_json = ckpt.read_tokenizer_json(tokenizer_file)
+    try:
+        tokenizer_json = ckpt.read_tokenizer_json(tokenizer_file)
+    except OSError:  # a folder of that name, no permission: "cannot be loaded" below
+        tokenizer_json = b""
     if tokenizer_json is not None:
         vocab = read_vocab(tokenizer_json)
         if vocab is None or len(vocab) != meta["vocab_size"]:

@@ -432,3 +432,72 @@ def test_sampling_a_row_with_infinite_logits_draws_among_them():
     assert {row0 for row0, _ in drawn} == {0, 3}  # only the infinite ones, both of them
     assert all(row1 in range(4) for _, row1 in drawn)
     assert sample_next(logits, 0.7, top_k=1, generator=generator)[0, 0].item() in (0, 3)
+
+
+_RANK_SCRIPT = """
+import datetime, os, shutil, sys, time
+import torch, torch.distributed as dist
+from pathlib import Path
+from gpt import locks, trainer
+from gpt.config import TrainConfig
+from gpt.distributed import DistInfo
+
+rank, data, source, store = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=20))
+barriers = []
+real_barrier = trainer.barrier
+trainer.barrier = lambda info: barriers.append(1) or real_barrier(info)
+
+def prepare_default(config, data_dir):  # as gpt.prepare does it: the lock held, then the files
+    data_dir.mkdir(exist_ok=True)
+    with locks.acquire(data_dir / ".prepare-lock"):
+        time.sleep(3)
+        for f in source.iterdir():
+            shutil.copy(f, data_dir / f.name)
+
+trainer._prepare_default = prepare_default
+if rank == 1:
+    time.sleep(1)  # a rank that starts later than rank 0
+info = DistInfo(rank, rank, 2, torch.device("cpu"), True)
+trainer.ensure_dataset(TrainConfig(data_dir=str(data), prepare_tokenizer="char"), info)
+value = torch.tensor([float(rank + 1)])
+dist.all_reduce(value)
+print(f"rank {rank}: {len(barriers)} barrier(s), sum {value.item()}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_meet_at_the_barrier_while_rank_0_prepares_the_default_corpus(char_data, tmp_path):
+    """A second rank that reached ensure_dataset while rank 0 prepared a new data_dir waited for
+    rank 0's prep lock, then found the dataset and skipped the barrier rank 0 waited in (a
+    regression of this session's wait for another prep, found by reviewing the diff)."""
+    data, store = tmp_path / "data", tmp_path / "store"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(rank), str(data), str(char_data), str(store)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for rank in (0, 1)]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    assert "rank 0: 1 barrier(s), sum 3.0" in outputs[0] and "rank 1: 1 barrier(s), sum 3.0" in outputs[1], outputs
+
+
+def test_a_tokenizer_json_that_cannot_be_read_is_one_line_and_empty_defaults_stay(char_data, tmp_path, capsys):
+    """Regressions of this session, found by reviewing the diff: reading tokenizer.json's bytes at
+    the loaders' start let an OSError through (a folder of that name: a traceback, where it was
+    'cannot be loaded ... mixes files of different preps'); an empty --prompt_file or gpt.plot
+    --out (an unset variable in a wrapper) meant the default and became an error."""
+    import shutil
+
+    from gpt import plot
+    from gpt.sampling import _sample_parser
+    from gpt.shards import ShardError
+    from gpt.trainer import train
+
+    data = shutil.copytree(char_data, tmp_path / "data")
+    (data / "tokenizer.json").unlink()
+    (data / "tokenizer.json").mkdir()
+    with pytest.raises(ShardError, match=r"tokenizer.json cannot be loaded, but .*meta.json says vocab_size"):
+        train(tiny_config(data, tmp_path / "run", max_steps=1))
+    assert _sample_parser().parse_args(["--out_dir", "r", "--prompt_file", ""]).prompt_file == ""
+    assert plot.build_parser().parse_args(["run", "--out", ""]).out == ""

@@ -360,8 +360,8 @@ def test_a_run_waits_for_another_prep_of_its_new_data_dir_and_trains_on_that_dat
             shutil.copy(file, data / file.name)
     assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
     output = log.read_text()
-    assert f"a data prep is writing {data}; waiting for it to finish" in output  # before it looked
-    assert "preparing the 'stdlib' corpus" not in output
+    assert f"a data prep is writing {data}; waiting for it to finish" in output
+    assert "was prepared by another process meanwhile; training on that dataset" in output
     assert sorted(p.name for p in data.iterdir()) == sorted(p.name for p in char_data.iterdir())
 
 
