@@ -75,13 +75,15 @@ def sample_next(
     # Shifted so the largest logit is 0 before dividing (softmax does not change): a tiny
     # temperature (1e-40) then sends the others to -inf, not every logit to +-inf and NaN; one
     # below fp32's range (1e-300 would round to 0 and give 0/0) is taken as its smallest normal.
+    overflows = logits.dtype == torch.float16  # its range (65,504) is the one a logit can leave
     logits = logits.float()
     temperature = max(temperature, torch.finfo(torch.float32).tiny)
     top = logits.amax(dim=-1, keepdim=True)
-    # A row with +inf logits (float16 overflowed) draws among those alone: shifted, inf - inf
-    # was NaN and multinomial refused the row. (torch.where: no host sync per token.)
-    shifted = torch.where(torch.isposinf(top), torch.where(torch.isposinf(logits), 0.0, float("-inf")),
-                          logits - top)
+    shifted = logits - top
+    if overflows:
+        # A row with +inf logits draws among those alone: shifted, inf - inf was NaN and
+        # multinomial refused the row. (torch.where: no host sync per token.)
+        shifted = torch.where(torch.isposinf(top), torch.where(torch.isposinf(logits), 0.0, float("-inf")), shifted)
     logits = shifted / temperature
     if top_k is not None and top_k < logits.size(-1):
         kept = torch.topk(logits, top_k, dim=-1)

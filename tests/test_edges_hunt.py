@@ -426,7 +426,7 @@ def test_sampling_a_row_with_infinite_logits_draws_among_them():
 
     from gpt.generate import sample_next
 
-    logits = torch.tensor([[float("inf"), 0.0, 1.0, float("inf")], [0.0, 5.0, 1.0, 2.0]])
+    logits = torch.tensor([[float("inf"), 0.0, 1.0, float("inf")], [0.0, 5.0, 1.0, 2.0]], dtype=torch.float16)
     generator = torch.Generator().manual_seed(0)
     drawn = {tuple(sample_next(logits, 1.0, generator=generator)[:, 0].tolist()) for _ in range(50)}
     assert {row0 for row0, _ in drawn} == {0, 3}  # only the infinite ones, both of them
