@@ -20,7 +20,7 @@ import re
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -453,20 +453,13 @@ class ArgumentParser(argparse.ArgumentParser):
         return parsed
 
     def _join_negative_numbers(self, args: list[str]) -> list[str]:
-        """`--temperature -1e-3` as `--temperature=-1e-3`: argparse takes a value that starts with
-        '-' for an option unless it looks like a plain negative number, and answered "expected one
-        argument" instead of the option's own error (train.py: _join_negative_values)."""
-        out: list[str | None] = list(args)
-        for i in range(len(out) - 1):
-            action = self._option_string_actions.get(out[i]) if out[i] is not None else None
-            takes_one = isinstance(action, argparse._StoreAction) and action.nargs is None
-            if takes_one and out[i].startswith("--") and out[i + 1].startswith("-"):
-                try:
-                    float(out[i + 1])
-                except ValueError:
-                    continue
-                out[i], out[i + 1] = f"{out[i]}={out[i + 1]}", None
-        return [a for a in out if a is not None]
+        """`--temperature -1e-3` as `--temperature=-1e-3` (see `join_negative_numbers`), for the
+        options that take one value."""
+        def takes_one(option: str) -> bool:
+            action = self._option_string_actions.get(option)
+            return isinstance(action, argparse._StoreAction) and action.nargs is None
+
+        return join_negative_numbers(args, takes_one)
 
     def _long_options(self) -> tuple[dict[str, str], dict[str, str]]:
         """This parser's --options and its subcommands' (`consolidate ...`), each spelling mapped
@@ -598,7 +591,7 @@ def parse_args(argv: Sequence[str] | None = None, default_config: str | None = N
     # `--config X --help` shows X's values (argparse answers --help before it has read --config).
     asked_help = any(a in ("-h", "--help") for a in argv)
     parser = build_parser(default_config, _config_given(argv) if asked_help else None)
-    args, unknown = parser.parse_known_args(_join_negative_values(argv))
+    args, unknown = parser.parse_known_args(join_negative_numbers(argv, _train_key_takes_value))
     if unknown:
         name = unknown[0].lstrip("-").split("=")[0]
         if not unknown[0].startswith("--") and name.replace("-", "_") in TrainConfig.__dataclass_fields__:
@@ -649,23 +642,28 @@ def _config_given(argv: Sequence[str]) -> str | None:
     return value
 
 
-def _join_negative_values(argv: Sequence[str]) -> list[str]:
-    """`--key -1e-3` as `--key=-1e-3`: argparse takes a value that starts with '-' for an option
-    unless it looks like a plain negative number (-1, -0.5), and answered `--learning_rate -1e-3`
-    with "expected one argument" instead of the key's own error. Bool keys take no such value."""
-    types = _field_types()
-    out = list(argv)
+def join_negative_numbers(argv: Sequence[str], takes_value: Callable[[str], bool]) -> list[str]:
+    """`--key -1e-3` as `--key=-1e-3` where `takes_value("--key")`: argparse takes a value that
+    starts with '-' for an option unless it looks like a plain negative number (-1, -0.5), and
+    answered `--learning_rate -1e-3` with "expected one argument" instead of the key's own error."""
+    out: list[str | None] = list(argv)
     for i in range(len(out) - 1):
         if out[i] is None:  # the value joined to the key before it
             continue
-        key = out[i][2:].replace("-", "_") if out[i].startswith("--") and "=" not in out[i] else None
-        if key in types and types[key] != "bool" and out[i + 1].startswith("-"):
+        if out[i].startswith("--") and "=" not in out[i] and takes_value(out[i]) and out[i + 1].startswith("-"):
             try:
                 float(out[i + 1].replace("_", ""))
             except ValueError:
                 continue
             out[i], out[i + 1] = f"{out[i]}={out[i + 1]}", None
     return [a for a in out if a is not None]
+
+
+def _train_key_takes_value(option: str) -> bool:
+    """train.py's keys that take a value after a space: all but the bool ones (a flag alone)."""
+    types = _field_types()
+    key = option[2:].replace("-", "_")
+    return key in types and types[key] != "bool"
 
 
 LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")  # integers that torchrun sets

@@ -39,7 +39,7 @@ import safetensors.torch
 import torch
 
 from .model import GPT, GPTConfig
-from .tokenizer import read_vocab
+from .tokenizer import same_vocab
 
 HF_PREFIX = "hf:"
 CONFIG_FILE = "config.json"
@@ -393,13 +393,11 @@ def init_from_hf(hf_dir: Path, gpt_config: GPTConfig, data_vocab_size: int,
             f"the same tokenizer (for OpenAI's GPT-2: GPT-2's tokenizer, e.g. llm.c FineWeb shards)"
         )
     own = Path(hf_dir) / "tokenizer.json"
-    if data_tokenizer is not None and data_tokenizer.exists() and own.exists():
-        # Two vocabularies of one size (two BPEs of 512 ids, two char tables): the same ids,
-        # other text. A run folder as init_from was refused so (gpt/resume.py); hf:DIR was not.
-        ours, theirs = read_vocab(data_tokenizer), read_vocab(own)
-        if ours is not None and theirs is not None and ours != theirs:
-            raise HFError(f"{own} maps tokens to other ids than {data_tokenizer}, so token ids would mean "
-                          f"other text to the model: use data prepared with the folder's tokenizer")
+    # Two vocabularies of one size (two BPEs of 512 ids, two char tables): the same ids, other
+    # text. A run folder as init_from was refused so (gpt/resume.py); hf:DIR was not.
+    if data_tokenizer is not None and same_vocab(data_tokenizer, own) is False:
+        raise HFError(f"{own} maps tokens to other ids than {data_tokenizer}, so token ids would mean "
+                      f"other text to the model: use data prepared with the folder's tokenizer")
     if gpt_config.block_size > new.block_size:
         raise HFError(f"block_size = {gpt_config.block_size} is longer than the context of {where} "
                       f"(n_positions = {new.block_size}); use block_size <= {new.block_size}")

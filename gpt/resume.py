@@ -21,7 +21,7 @@ from .distributed import DistInfo, log
 from .loader import TokenLoader
 from .optim import learning_rate_at
 from .shards import list_shards, read_header
-from .tokenizer import read_vocab
+from .tokenizer import same_vocab
 
 
 def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str, Any],
@@ -37,11 +37,11 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
         raise ckpt.CheckpointError(f"{source}: cannot read {ckpt.STATE_FILE} ({e})") from e
     data_dir = Path(config.data_dir)
     saved = state.get("dataset") or {}
-    ours, theirs = data_dir / ckpt.TOKENIZER_FILE, source / ckpt.TOKENIZER_FILE
-    vocabs = (read_vocab(ours), read_vocab(theirs)) if ours.exists() and theirs.exists() else (None, None)
+    ours = data_dir / ckpt.TOKENIZER_FILE
+    same = same_vocab(ours, source / ckpt.TOKENIZER_FILE)
     problem = None
-    if vocabs[0] is not None and vocabs[1] is not None:
-        if vocabs[0] != vocabs[1]:
+    if same is not None:
+        if not same:
             problem = f"its {ckpt.TOKENIZER_FILE} maps tokens to other ids than {ours}"
     elif saved and (saved.get("tokenizer"), saved.get("vocab_size")) != (meta.get("tokenizer"), meta.get("vocab_size")):
         problem = (f"it was trained on {saved.get('tokenizer')} tokens (vocab_size {saved.get('vocab_size')}), "

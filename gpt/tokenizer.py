@@ -71,6 +71,15 @@ def read_vocab(source: str | os.PathLike | bytes) -> dict[str, int] | None:
         return None
 
 
+def same_vocab(a: str | os.PathLike, b: str | os.PathLike) -> bool | None:
+    """Whether tokenizer files `a` and `b` map the same tokens to the same ids; None where one is
+    missing or does not load (the caller then has only meta.json's kind and size to compare)."""
+    if not (Path(a).exists() and Path(b).exists()):
+        return None
+    vocabs = read_vocab(a), read_vocab(b)
+    return None if None in vocabs else vocabs[0] == vocabs[1]
+
+
 def check_vocab_size(vocab_size: int, what: str = "vocab_size") -> None:
     """Refuse vocabularies whose ids do not fit the uint16 shards."""
     if vocab_size > MAX_VOCAB:
