@@ -62,8 +62,10 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
         )
     if not resuming:
         return state
-    saved_optimizer = state.get("train_config", {}).get("optimizer", "adamw")
-    if saved_optimizer != config.optimizer:
+    # A checkpoint written by save_checkpoint from a caller's own loop may not record its
+    # optimizer: then loading its state is the check (a Muon state does not fit AdamW's groups).
+    saved_optimizer = (state.get("train_config") or {}).get("optimizer")
+    if saved_optimizer is not None and saved_optimizer != config.optimizer:
         raise ckpt.CheckpointError(
             f"cannot resume {source}: it was trained with optimizer = {saved_optimizer!r} and this "
             f"config says {config.optimizer!r} (their states differ). Resume with "

@@ -2,12 +2,14 @@
 AdamW part against torch's own AdamW. Resume exactness and DDP equivalence with Muon are in
 tests/test_train.py and tests/test_distributed.py."""
 
+import json
 from dataclasses import replace
 
 import pytest
 import torch
 
 from gpt import checkpoint as ckpt
+from gpt.checkpoint.files import crc32
 from gpt.config import ConfigError, TrainConfig
 from gpt.model import GPT, GPTConfig
 from gpt.muon import MuonAdamW, orthogonalize
@@ -87,6 +89,27 @@ def test_resuming_with_the_other_optimizer_says_how_to_go_on(char_data, tmp_path
     train(tiny_config(char_data, tmp_path / "run", max_steps=10))
     with pytest.raises(ckpt.CheckpointError, match="trained with optimizer = 'adamw' and this config says 'muon'"):
         train(tiny_config(char_data, tmp_path / "run", max_steps=20, optimizer="muon"))
+
+
+def test_a_checkpoint_that_does_not_record_its_optimizer_is_not_told_it_had_adamw(char_data, tmp_path):
+    # save_checkpoint from a caller's own loop writes the state it is given: no train_config.
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=10, optimizer="muon"))
+    saved = ckpt.latest_checkpoint(run)
+    state = json.loads((saved / ckpt.STATE_FILE).read_text())
+    del state["train_config"]
+    (saved / ckpt.STATE_FILE).write_text(json.dumps(state))
+    manifest = json.loads((saved / ckpt.MANIFEST_FILE).read_text())
+    manifest[ckpt.STATE_FILE] = {"bytes": (saved / ckpt.STATE_FILE).stat().st_size,
+                                 "crc32": crc32(saved / ckpt.STATE_FILE)}
+    (saved / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+    # The optimizer state itself is the check: AdamW's groups do not take Muon's state ...
+    with pytest.raises(ckpt.CheckpointError, match="optimizer state do not fit") as refused:
+        train(tiny_config(char_data, run, max_steps=20, optimizer="adamw"))
+    assert "trained with optimizer" not in str(refused.value)
+    # ... and the optimizer it was trained with resumes it.
+    train(tiny_config(char_data, run, max_steps=20, optimizer="muon"))
+    assert ckpt.step_of(ckpt.latest_checkpoint(run).name) == 20
 
 
 def test_the_log_says_which_optimizer_steps_what():
