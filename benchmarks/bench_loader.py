@@ -33,6 +33,9 @@ CASES = [(12, 64), (8, 1024)]  # (batch_size, block_size)
 ORDERS = ("random", "sequential")
 
 
+SYNTHETIC_VOCAB = 50257  # GPT-2's: random ids below it
+
+
 def write_synthetic_shard(path: Path, n_tokens: int, chunk: int = 8_000_000) -> None:
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = [MAGIC, VERSION, n_tokens]
@@ -41,13 +44,15 @@ def write_synthetic_shard(path: Path, n_tokens: int, chunk: int = 8_000_000) -> 
         f.write(header.tobytes())
         for begin in range(0, n_tokens, chunk):
             n = min(chunk, n_tokens - begin)
-            f.write(rng.integers(0, 50257, size=n, dtype=np.uint16).astype("<u2").tobytes())
+            f.write(rng.integers(0, SYNTHETIC_VOCAB, size=n, dtype=np.uint16).astype("<u2").tobytes())
 
 
 def time_loader(
     data_dir: Path, batch: int, block: int, order: str, n_batches: int, repeats: int
 ) -> dict:
-    loader = TokenLoader(data_dir, "train", batch, block, order=order, seed=0)
+    # vocab_size as the trainer passes it: the loader then checks every batch's ids, part of
+    # what a training step waits for.
+    loader = TokenLoader(data_dir, "train", batch, block, order=order, seed=0, vocab_size=SYNTHETIC_VOCAB)
     for _ in range(min(n_batches, 50)):  # warm up: first-touch page faults, allocator
         loader.next_batch()
     seconds = []

@@ -38,6 +38,7 @@ from gpt.config import TrainConfig  # noqa: E402
 from gpt.mfu import peak_flops  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402
 from gpt.optim import build_optimizer  # noqa: E402
+from gpt.trainer import use_tf32  # noqa: E402
 
 MODEL = GPTConfig(vocab_size=50257, vocab_multiple=64, block_size=1024, n_layer=12, n_head=12, n_embd=768)
 BACKENDS = ("flash", "cudnn", "efficient")
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("error: benchmarks/bench_mfu.py needs a CUDA GPU")
     device = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    use_tf32(device)
     peak, source = peak_flops(device, torch.bfloat16)
     print(f"GPT-2 124M, bf16, compile, fused AdamW; peak {peak / 1e12:.1f} TFLOP/s ({source})", flush=True)
     rows = []

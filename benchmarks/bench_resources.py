@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -58,21 +59,29 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def run_measured(script: Path, args: list[str], log_path: Path) -> tuple[int, float, float | None, str]:
-    """Run `python script args` in a child; returns (exit code, wall seconds, peak RSS in MB or
-    None where /proc is missing, its output)."""
+def run_measured(script: Path, args: list[str], log_path: Path) -> tuple[int, float, float | None, float | None, str]:
+    """Run `python script args` in a child; returns (exit code, wall seconds, its peak RSS in MB,
+    the peak of its RSS summed with its descendants' (data prep's encoding workers; sampled every
+    20 ms), its output). The peaks are None where /proc is missing."""
     rss_file = log_path.with_suffix(".rss")
     # The child uses as many threads as this process (torch reads OMP_NUM_THREADS at start).
     env = dict(os.environ, PEAK_RSS_FILE=str(rss_file), OMP_NUM_THREADS=str(torch.get_num_threads()))
     start = time.perf_counter()
+    tree_peak = [0]
     with open(log_path, "w+") as output:
-        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, str(script), *args], cwd=REPO, env=env,
-                              stdout=output, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(script), *args], cwd=REPO, env=env,
+                                stdout=output, stderr=subprocess.STDOUT)
+        sampler = threading.Thread(target=bench_data.sample_tree_rss, args=(proc.pid, tree_peak), daemon=True)
+        sampler.start()
+        proc.wait()
+        sampler.join()
         output.seek(0)
         text = output.read()
     wall = time.perf_counter() - start
     peak = int(rss_file.read_text()) * 1024 / 1e6 if rss_file.exists() else None
-    return proc.returncode, wall, peak, text
+    # The sampler can miss a peak between samples: never report less than the process's own.
+    tree = max(tree_peak[0] / 1e6, peak or 0.0) if tree_peak[0] else None
+    return proc.returncode, wall, peak, tree, text
 
 
 def peaks(device: torch.device) -> dict[str, Any]:
@@ -114,7 +123,7 @@ def data_prep(mb: float = 8.0, tokenizers: tuple[str, ...] = ("char", "bpe"), vo
         bench_data.write_corpus(corpus, SHAKESPEARE, mb)
         for tokenizer in tokenizers:
             out = Path(tmp) / f"out_{tokenizer}"
-            code, wall, peak, text = run_measured(
+            code, wall, peak, tree_peak, text = run_measured(
                 REPO / "data_prep" / "prepare.py",
                 bench_data.prep_args(corpus, out, tokenizer, vocab_size), Path(tmp) / f"{tokenizer}.log")
             if code != 0:
@@ -125,7 +134,11 @@ def data_prep(mb: float = 8.0, tokenizers: tuple[str, ...] = ("char", "bpe"), vo
                          "text_mb": round(meta["text_bytes"] / 1e6, 2), "tokens": n_tokens,
                          "seconds": round(wall, 2), "mb_per_s": round(meta["text_bytes"] / 1e6 / wall, 2),
                          "tokens_per_s": round(n_tokens / wall), "peak_rss_mb": peak,
-                         "note": "wall time of the whole command, Python start-up included"})
+                         # BPE prep encodes in forked workers: their memory counts too (pages
+                         # they share with the parent are counted in each: an upper bound).
+                         "peak_rss_all_processes_mb": _rounded(tree_peak, 1),
+                         "note": "wall time of the whole command: Python start-up and, for BPE, "
+                                 "training the tokenizer on the corpus included"})
     return rows
 
 
@@ -147,7 +160,7 @@ def training_rss(steps: int = 6, n_layer: int = 6, n_head: int = 6, n_embd: int 
                 f"--n_layer={n_layer}", f"--n_head={n_head}", f"--n_embd={n_embd}",
                 f"--block_size={block_size}", f"--batch_size={batch_size}", f"--max_steps={steps}",
                 "--warmup_steps=1", "--eval_interval=0", "--eval_iters=2", "--log_interval=1", *extra]
-        code, wall, peak, text = run_measured(REPO / "train.py", args, Path(tmp) / "train.log")
+        code, wall, peak, _, text = run_measured(REPO / "train.py", args, Path(tmp) / "train.log")
         if code != 0:
             raise RuntimeError(f"training run failed ({code}):\n{text[-3000:]}")
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]

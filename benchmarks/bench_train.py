@@ -37,6 +37,7 @@ from benchmarks.common import (MALLOC_CHOICES, MALLOC_HELP, check_malloc_env, bu
 from gpt.hf import from_hf_state_dict, to_hf_state_dict  # noqa: E402
 from gpt.mfu import peak_flops  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402
+from gpt.trainer import use_tf32  # noqa: E402
 
 # (layers, heads, width, context, batch, vocabulary)
 SHAPES: dict[str, dict[str, int]] = {
@@ -220,6 +221,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    # As train.py runs: fp32 matmuls on a GPU's TF32 units, which the fp32 MFU's datasheet peak
+    # (gpt/mfu.py) assumes. Both contenders, as both share this process.
+    use_tf32(device)
     malloc = use_malloc(args.malloc, device)
     log(f"allocator: {malloc}")
     results = []

@@ -65,7 +65,7 @@ class TrainConfig:
     device: str = _opt("auto", "device to train on", ("auto", "cpu", "cuda", "mps"))
     dtype: str = _opt(
         "auto",
-        "compute precision; 'auto' is bfloat16 on GPUs that support it, float32 elsewhere",
+        "compute precision; 'auto' is bfloat16 on CUDA GPUs that support it, float32 elsewhere (CPUs, Apple MPS)",
         ("auto", "float32", "bfloat16", "float16"),
     )
     compile: str = _opt(

@@ -183,3 +183,5 @@ def test_the_suite_prepares_char_and_bpe_data(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_resources, "SHAKESPEARE", corpus)
     rows = bench_resources.data_prep(mb=1.0, tokenizers=("char", "bpe"), vocab_size=300)
     assert [(r["tokenizer"], r["vocab_size"]) for r in rows] == [("char", len(set(text))), ("bpe", 300)]
+    # The prep process's own peak, and with its encoding workers (never less than its own).
+    assert all(r["peak_rss_all_processes_mb"] >= r["peak_rss_mb"] > 0 for r in rows), rows

@@ -8,10 +8,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import REPO
+from gpt.shards import ShardError
 
 
 def _usage_error(capsys, module: str, argv: list[str]) -> str:
@@ -64,6 +66,37 @@ def test_generate_never_runs_more_rounds_than_asked(monkeypatch):
     assert all(len(row["seconds_all"]) == 1 for row in r["results"].values()), r["results"]
     r = bench_generate.run_case(1, 4, no_cache=False, device=torch.device("cpu"), rounds=5, budget_s=1e-9)
     assert r["rounds"] == 2  # a budget too small for one round still gets two
+
+
+def test_generate_times_the_uncached_path_in_the_same_rounds_as_the_cache(monkeypatch):
+    # It ran in a block of its own after the others: its ratio to the cache then carried the
+    # machine's drift between the two blocks.
+    from benchmarks import bench_generate
+
+    monkeypatch.setattr(bench_generate, "SHAPE", dict(n_layer=1, n_head=2, n_embd=32, block_size=16,
+                                                     vocab_size=64, batch_size=1))
+    calls = []
+    real = bench_generate.interleave
+
+    def spy(contenders, **kwargs):
+        calls.append(sorted(contenders))
+        return real(contenders, **kwargs)
+    monkeypatch.setattr(bench_generate, "interleave", spy)
+    r = bench_generate.run_case(1, 4, no_cache=True, device=torch.device("cpu"), rounds=3, budget_s=60)
+    timed = calls[1:]  # calls[0] is the warm-up
+    assert timed == [["ours_cache", "ours_no_cache", "peer_cache"]], calls
+    assert r["rounds"] == 3 and all(len(row["seconds_all"]) == 3 for row in r["results"].values())
+    assert r["ratio_cache_over_no_cache"] > 0
+
+
+def test_the_loader_benchmark_checks_ids_as_training_does(tmp_path):
+    # Without vocab_size it skipped the per-batch check the trainer's loader makes.
+    from benchmarks import bench_loader
+    from gpt.shards import write_shard
+
+    write_shard(tmp_path / "train_000000.bin", np.full(4096, bench_loader.SYNTHETIC_VOCAB, dtype=np.uint16))
+    with pytest.raises(ShardError, match="outside the vocabulary|vocab"):
+        bench_loader.time_loader(tmp_path, 2, 16, "random", n_batches=2, repeats=1)
 
 
 def test_bench_loader_writes_where_out_says(tmp_path, monkeypatch):
