@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from gpt.config import ArgumentParser, path_arg  # noqa: E402
-from gpt.prepare import add_shared_options, prepare, train_bytes_option, vocab_size_option  # noqa: E402
+from gpt.prepare import (add_shared_options, out_of_memory_message, prepare, ran_out_of_memory,  # noqa: E402
+                         train_bytes_option, vocab_size_option)
 from gpt.sources import LocalFiles, Texts  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -68,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: as prepare.py says it (prepare() has removed its staging)
         print(f"\ninterrupted: nothing was written to {out}", file=sys.stderr)
         return 130
+    except BaseException as e:
+        if not ran_out_of_memory(e):
+            raise
+        print(f"error: {out_of_memory_message(e, out)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -159,7 +159,8 @@ def prepare(
         tokens = {split: w.tokens_written for split, w in writers.items()}
         _check_split_sizes(tokens, min_val_tokens, val_fraction, val_rule, val_chunk_tokens)
         note = _val_share_note(tokens, val_fraction, val_rule, val_chunk_tokens)
-        tok.save(staging / TOKENIZER_FILE)
+        with _writing(staging / TOKENIZER_FILE, out_dir):
+            tok.save(staging / TOKENIZER_FILE)
         meta = {
             "tokenizer": tok.kind,
             "vocab_size": tok.vocab_size,
@@ -531,6 +532,18 @@ def _describe_rule(val_rule: str, val_fraction: float, val_chunk_tokens: int, se
 
 
 # ---- output ---------------------------------------------------------------------------------
+@contextmanager
+def _writing(name: Path, out_dir: Path) -> Iterator[None]:
+    """Name the file in a write error: a full disk raised a bare "[Errno 28] No space left on
+    device" (the OSError of a write() carries no file name). Both files written under it go
+    into the staging folder first, so whatever out_dir held is still there."""
+    try:
+        yield
+    except OSError as e:
+        raise PrepareError(f"could not write {name.name} of the new dataset ({e.strerror or e}): is the "
+                           f"disk full or {out_dir} not writable? Nothing in {out_dir} was changed") from e
+
+
 def _publish(staging: Path, out_dir: Path, meta: dict) -> None:
     """Move the finished dataset from staging into out_dir; meta.json last, atomically.
 
@@ -539,7 +552,7 @@ def _publish(staging: Path, out_dir: Path, meta: dict) -> None:
     between removing the old dataset and completing the new one.
     """
     pending = staging / (META_FILE + ".pending")
-    with open(pending, "w") as f:
+    with _writing(out_dir / META_FILE, out_dir), open(pending, "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
         f.flush()
@@ -722,7 +735,26 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # Ctrl-C: prepare() has already removed its staging folder
             print(f"\ninterrupted: nothing was written to {args.out}", file=sys.stderr)
             return 130
+        except BaseException as e:
+            if not ran_out_of_memory(e):
+                raise
+            print(f"error: {out_of_memory_message(e, args.out)}", file=sys.stderr)
+            return 1
     return 0
+
+
+def ran_out_of_memory(error: BaseException) -> bool:
+    """Python's MemoryError, or a panic in tokenizers' Rust code (pyo3's PanicException, a
+    BaseException), which is how it fails to start its thread pool under a memory limit."""
+    return isinstance(error, MemoryError) or type(error).__name__ == "PanicException"
+
+
+def out_of_memory_message(error: BaseException, out: str | os.PathLike) -> str:
+    what = "data prep ran out of memory" if isinstance(error, MemoryError) else \
+        f"the tokenizers library failed ({str(error).splitlines()[0] if str(error) else type(error).__name__}; " \
+        f"under a memory limit such as ulimit -v, that is it running out of memory)"
+    return (f"{what}; nothing was written to {out}. Run it with more memory (with "
+            f"--tokenizer bpe, a smaller --tokenizer-train-mb also trains the vocabulary on less text)")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -3,9 +3,11 @@ data prep, the loader, portability. Each test is a reproduced failure of the cod
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -501,3 +503,117 @@ def test_a_tokenizer_json_that_cannot_be_read_is_one_line_and_empty_defaults_sta
         train(tiny_config(data, tmp_path / "run", max_steps=1))
     assert _sample_parser().parse_args(["--out_dir", "r", "--prompt_file", ""]).prompt_file == ""
     assert plot.build_parser().parse_args(["run", "--out", ""]).out == ""
+
+
+# ---- session 23: a disk and memory review of data prep -------------------------------------
+
+def _corpus(tmp_path):
+    text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300))
+    (tmp_path / "corpus.txt").write_text(text)
+    return tmp_path / "corpus.txt"
+
+
+@pytest.mark.parametrize("failing", ["tokenizer.json", "meta.json"])
+def test_a_full_disk_while_prep_writes_its_tokenizer_or_meta_names_the_file(tmp_path, monkeypatch, capsys, failing):
+    # The bare OSError of a write() carries no file name: "error: [Errno 28] No space left on device".
+    from gpt import prepare as prepare_module
+    from gpt.tokenizer import Tokenizer
+
+    corpus = _corpus(tmp_path)
+    out = tmp_path / "data"
+    small = ["--val-fraction", "0.1", "--val-chunk-tokens", "256", "--min-val-tokens", "10"]
+    assert prepare_module.main(["--input", str(corpus), "--out", str(out), "--tokenizer", "char", "--no-progress",
+                                *small]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if failing == "tokenizer.json":
+        monkeypatch.setattr(Tokenizer, "save", full)
+    else:
+        monkeypatch.setattr(prepare_module, "json", types.SimpleNamespace(dump=full))
+    capsys.readouterr()
+    code = prepare_module.main(["--input", str(corpus), "--out", str(out), "--tokenizer", "char", "--no-progress",
+                                *small, "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"could not write {failing} of the new dataset (No space left on device)" in err, err
+    assert f"Nothing in {out} was changed" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # the old dataset, whole
+
+
+@pytest.mark.parametrize("tool", ["prepare", "shakespeare"])
+@pytest.mark.parametrize("error", ["MemoryError", "PanicException"])
+def test_prep_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys, tool, error):
+    # Under `ulimit -v` prep ended in a MemoryError traceback, or in a traceback of tokenizers'
+    # Rust panic (pyo3's PanicException, a BaseException: no `except Exception` catches it).
+    import importlib.util
+
+    if tool == "prepare":
+        from gpt import prepare as module
+    else:  # a script, not a package module
+        spec = importlib.util.spec_from_file_location("edges_shakespeare_script", REPO / "data_prep" / "shakespeare.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    PanicException = type("PanicException", (BaseException,), {})
+
+    def crash(*args, **kwargs):
+        raise MemoryError() if error == "MemoryError" else PanicException("The global thread pool has not been initialized.")
+    monkeypatch.setattr(module, "prepare", crash)
+    out = tmp_path / "data"
+    code = module.main(["--input", str(_corpus(tmp_path)), "--out", str(out), "--tokenizer", "char", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert ("ran out of memory" if error == "MemoryError" else "tokenizers library failed") in err
+    assert f"nothing was written to {out}" in err
+
+
+def test_prep_lets_other_base_exceptions_through(tmp_path, monkeypatch):
+    from gpt import prepare as prepare_module
+
+    def crash(*args, **kwargs):
+        raise SystemExit(7)
+    monkeypatch.setattr(prepare_module, "prepare", crash)
+    with pytest.raises(SystemExit):
+        prepare_module.main(["--input", str(_corpus(tmp_path)), "--out", str(tmp_path / "d"), "--tokenizer", "char"])
+
+
+def test_a_save_that_runs_out_of_memory_is_not_blamed_on_the_disk(tmp_path):
+    # It said "Is the disk full or ... not writable? Fix that and run again to resume", with
+    # gigabytes free and no checkpoint to resume from.
+    from gpt.checkpoint.save import _write_error
+
+    message = str(_write_error(tmp_path, tmp_path / "checkpoints" / "step_0000002", MemoryError()))
+    assert "ran out of memory while writing" in message and "disk" not in message, message
+    assert "no earlier checkpoint exists" in message and "starts from step 0" in message
+    assert "resume" not in message
+    message = str(_write_error(tmp_path, tmp_path / "checkpoints" / "step_0000002", OSError(28, "No space left")))
+    assert "Is the disk full" in message and "starts from step 0" in message and "resume" not in message
+
+
+def test_a_failed_save_lets_go_of_its_writer_before_measuring_free_space(tmp_path):
+    # torch.save's zip writer stayed referenced by the error's traceback, its (deleted) file
+    # open: the "bytes free" the message quoted was short by that file (65,536 of 98,304).
+    import weakref
+
+    from gpt.checkpoint.save import _write_error
+
+    class Writer:
+        pass
+    refs = []
+
+    def write():
+        writer = Writer()  # a local of a frame of the traceback, as torch.save's writer is
+        refs.append(weakref.ref(writer))
+        raise RuntimeError("unexpected pos 25088 vs 24976")
+
+    def save():
+        try:
+            write()
+        except RuntimeError:  # the writer failing again on its way out chains the first error
+            raise RuntimeError("closing the file failed")
+    try:
+        save()
+    except RuntimeError as e:
+        assert refs[0]() is not None  # alive while the error is
+        _write_error(tmp_path, tmp_path / "checkpoints" / "step_0000030", e)
+        assert refs[0]() is None

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import threading
+import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -108,14 +109,27 @@ def _failure_text(error: BaseException) -> str:
 
 
 def _write_error(out_dir: Path, final: Path, error: BaseException) -> CheckpointError:
+    # The failed writer (torch.save's zip writer, say) is still referenced by the frames of the
+    # error's traceback, and keeps its deleted file's blocks allocated while its file is open:
+    # drop those frames' locals so that the free space measured below is the real one.
+    seen: BaseException | None = error
+    while seen is not None:  # the writer's own second error (closing its file) chains the first
+        traceback.clear_frames(seen.__traceback__)
+        seen = seen.__context__
     try:
         previous = latest_checkpoint(out_dir)
     except CheckpointError:
         previous = None
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    again = "run again to resume" if previous else "run again (it starts from step 0)"
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        # Serializing needs memory too (torch.save's buffers, the staging copy): not the disk.
+        cause = f"It ran out of memory while writing: free memory (or give the job more), then {again}"
+        return CheckpointError(f"could not write checkpoint {final} ({type(error).__name__}: {error}); "
+                               f"{kept}. {cause}")
     # A full disk often shows only as the writer's own error (torch.save: "unexpected pos 4096
     # vs 3988"), never as ENOSPC: say so where the free space cannot hold another checkpoint.
-    cause = f"Is the disk full or {final.parent} not writable? Fix that and run again to resume"
+    cause = f"Is the disk full or {final.parent} not writable? Fix that and {again}"
     try:
         free = shutil.disk_usage(out_dir).free
         needed = sum(entry["bytes"] for entry in read_manifest(previous).values()) if previous else 0
@@ -124,7 +138,7 @@ def _write_error(out_dir: Path, final: Path, error: BaseException) -> Checkpoint
     if free < needed:
         cause = (f"The disk is full: the file system holding {out_dir} has {free:,} bytes free, and the "
                  f"previous checkpoint takes {needed:,} (a save needs room for one more: older ones are "
-                 f"deleted only after it is complete). Free space there, then run again to resume")
+                 f"deleted only after it is complete). Free space there, then {again}")
     return CheckpointError(f"could not write checkpoint {final} ({type(error).__name__}: {error}); {kept}. {cause}")
 
 
