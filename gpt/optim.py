@@ -45,8 +45,10 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, config: TrainConfig) ->
     def count(muon: bool) -> int:
         return sum(len(g["params"]) for g in optimizer.param_groups if g.get("muon", False) == muon)
     floor = f"{config.min_lr / config.learning_rate:g}x of the peak" if config.min_lr else "0"
-    schedule = (f"warmup {config.warmup_steps} steps, cosine to {floor} "
-                f"by step {config.lr_decay_steps or config.max_steps}")
+    end = config.lr_decay_steps or config.max_steps
+    schedule = f"warmup {config.warmup_steps} steps, cosine to {floor} by step {end}"
+    if config.warmup_steps >= end:  # the run ends in its warmup (a note says at what rate)
+        schedule = f"warmup {config.warmup_steps} steps (the run ends within it: no decay)"
     if config.optimizer == "muon":
         return (f"optimizer: Muon for {count(True)} block matrices (lr {config.muon_lr:g}, momentum "
                 f"{config.muon_momentum:g}), AdamW for the other {count(False)} tensors "

@@ -62,16 +62,6 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
         )
     if not resuming:
         return state
-    # A checkpoint written by save_checkpoint from a caller's own loop may not record its
-    # optimizer: then loading its state is the check (a Muon state does not fit AdamW's groups).
-    saved_optimizer = (state.get("train_config") or {}).get("optimizer")
-    if saved_optimizer is not None and saved_optimizer != config.optimizer:
-        raise ckpt.CheckpointError(
-            f"cannot resume {source}: it was trained with optimizer = {saved_optimizer!r} and this "
-            f"config says {config.optimizer!r} (their states differ). Resume with "
-            f"--optimizer={saved_optimizer}, or start a new run from its weights: "
-            f"--init_from={source} --out_dir=ANOTHER_FOLDER"
-        )
     loader_state = state.get("loader", {})
     train_tokens = sum(read_header(p) for p in list_shards(data_dir, "train"))
     mismatches = []
@@ -108,15 +98,35 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
 def check_resumed_model(resume_from: Path, saved: dict[str, Any], current: dict[str, Any],
                         config: TrainConfig) -> None:
     """`ckpt.check_model_config` for a resume, saying so when the run took its shape from a
-    Hugging Face folder that this command no longer names (its shape comes from init_from)."""
+    Hugging Face folder that this command no longer names (its shape comes from init_from); and
+    the optimizer it was trained with. Both in one error: a run from before an upgrade that
+    changed both defaults (Muon, vocab_multiple) was refused twice, one setting at a time."""
+    optimizer = _other_optimizer(saved, config)
     try:
         ckpt.check_model_config(resume_from, saved["model_config"], current)
     except ckpt.CheckpointError as e:
+        message = str(e)
         started = (saved.get("train_config") or {}).get("init_from") or ""
-        if config.init_from or not started.startswith(hf.HF_PREFIX):  # (the folder may be gone since)
-            raise
-        raise ckpt.CheckpointError(f"{e}. This run took its model's shape from init_from = {started!r}: "
-                                   f"resume it with --init_from={shlex.quote(started)} as it started") from None
+        if not config.init_from and started.startswith(hf.HF_PREFIX):  # (the folder may be gone since)
+            message += (f". This run took its model's shape from init_from = {started!r}: resume it "
+                        f"with --init_from={shlex.quote(started)} as it started")
+        if optimizer:
+            message += f". Also, {optimizer}"
+        raise ckpt.CheckpointError(message) from None
+    if optimizer:
+        raise ckpt.CheckpointError(f"cannot resume {resume_from}: {optimizer}, or start a new run from its "
+                                   f"weights: --init_from={resume_from} --out_dir=ANOTHER_FOLDER")
+
+
+def _other_optimizer(saved: dict[str, Any], config: TrainConfig) -> str | None:
+    """What to say when the checkpoint was trained with another optimizer than this config's
+    (their states differ). A checkpoint written by save_checkpoint from a caller's own loop may
+    not record its optimizer: then loading its state is the check (Muon's does not fit AdamW's)."""
+    trained = (saved.get("train_config") or {}).get("optimizer")
+    if trained is None or trained == config.optimizer:
+        return None
+    return (f"it was trained with optimizer = {trained!r} and this config says {config.optimizer!r} "
+            f"(their states differ): resume with --optimizer={trained}")
 
 
 def note_changed_batch(saved: dict[str, Any], config: TrainConfig, info: DistInfo) -> None:
@@ -181,6 +191,14 @@ _QUIETLY_CHANGED = ("out_dir", "resume", "init_from", "prepare_source", "prepare
 _SCHEDULE_KEYS = ("max_steps", "learning_rate", "min_lr", "warmup_steps", "lr_decay_steps", "muon_lr")
 
 
+def _same_setting(saved: Any, value: Any) -> bool:
+    """A checkpoint's setting against this config's. Older checkpoints saved some settings that
+    are strings now as JSON bools (compile was true/false before "auto"): false is 'false'."""
+    if isinstance(saved, bool) and isinstance(value, str):
+        return value == str(saved).lower()
+    return saved == value
+
+
 def note_changed_settings(saved: dict[str, Any], config: TrainConfig, info: DistInfo,
                           step: int | None = None) -> None:
     """Say which settings differ from the checkpoint's: the resumed run trains with the new
@@ -192,7 +210,7 @@ def note_changed_settings(saved: dict[str, Any], config: TrainConfig, info: Dist
     finished run re-stretches the cosine, so the rate jumps from min_lr back up; the note says
     how to keep it at min_lr instead."""
     changes = [f"{key} {saved[key]!r} -> {value!r}" for key, value in config.to_dict().items()
-               if key in saved and key not in _QUIETLY_CHANGED and saved[key] != value]
+               if key in saved and key not in _QUIETLY_CHANGED and not _same_setting(saved[key], value)]
     if not changes:
         return
     if step is not None and step >= config.max_steps:
@@ -202,6 +220,11 @@ def note_changed_settings(saved: dict[str, Any], config: TrainConfig, info: Dist
                       f"to train: they are not used, and config.json keeps the settings the run trained with")
         return
     schedule = [key for key in _SCHEDULE_KEYS if key in saved and saved[key] != getattr(config, key)]
+    if saved.get("lr_decay_steps") and config.lr_decay_steps:
+        # The decay ends at lr_decay_steps, before and now: max_steps is not in the schedule.
+        schedule = [key for key in schedule if key != "max_steps"]
+    if config.optimizer != "muon":
+        schedule = [key for key in schedule if key != "muon_lr"]  # validate refuses it set without Muon
     detail = ""
     if schedule and step is not None and step < config.max_steps:
         before = replace(config, **{key: saved[key] for key in _SCHEDULE_KEYS if key in saved})

@@ -712,7 +712,8 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     held.push(lambda error_type, error, traceback: finish_background_save(checkpointer, info, error is not None))
 
     clock = Clock(elapsed_before=state.get("elapsed_s", 0.0), timed_from=step,
-                  interval_start=time.perf_counter(), run_start=time.perf_counter())
+                  interval_start=time.perf_counter(), run_start=time.perf_counter(),
+                  compiled=parallel.compile_enabled(config, info.device))
 
     def save(at_step: int, val_loss: tuple[float | None, int | None]) -> Path:
         # A collective: every rank takes part (gathering to rank 0, or writing its own shard).

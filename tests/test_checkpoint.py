@@ -382,7 +382,7 @@ def test_checkpoints_from_before_vocab_padding_resume_when_the_tables_match():
     old = {k: v for k, v in config.items() if k != "vocab_multiple"}
     ckpt.check_model_config(Path("old"), old, {**config, "vocab_multiple": 64})  # 4096 rows either way
     old_char, char = {**old, "vocab_size": 65}, {**config, "vocab_size": 65, "vocab_multiple": 64}
-    with pytest.raises(ckpt.CheckpointError, match="65 rows .* config 128; resume it with --vocab_multiple=1"):
+    with pytest.raises(ckpt.CheckpointError, match="65 rows .* config 128; set --vocab_multiple=1"):
         ckpt.check_model_config(Path("old"), old_char, char)
 
 

@@ -4,6 +4,7 @@ data prep, the loader, portability. Each test is a reproduced failure of the cod
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -617,3 +618,154 @@ def test_a_failed_save_lets_go_of_its_writer_before_measuring_free_space(tmp_pat
         assert refs[0]() is not None  # alive while the error is
         _write_error(tmp_path, tmp_path / "checkpoints" / "step_0000030", e)
         assert refs[0]() is None
+
+
+# ---- session 23: boundary values at run time -----------------------------------------------
+
+def test_the_optimizer_line_promises_no_decay_a_run_ends_before():
+    from gpt.config import TrainConfig
+    from gpt.model import GPT, GPTConfig
+    from gpt.optim import build_optimizer, describe_optimizer
+    import torch
+
+    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    line = describe_optimizer(build_optimizer(model, TrainConfig(max_steps=1, optimizer="adamw").validate(),
+                                              torch.device("cpu")), TrainConfig(max_steps=1, optimizer="adamw"))
+    assert "warmup 100 steps (the run ends within it: no decay)" in line and "cosine" not in line, line
+    config = TrainConfig(max_steps=300, optimizer="adamw").validate()
+    line = describe_optimizer(build_optimizer(model, config, torch.device("cpu")), config)
+    assert "warmup 100 steps, cosine to 0.1x of the peak by step 300" in line, line
+
+
+def test_a_longer_run_with_its_own_decay_end_is_not_told_its_schedule_changed(char_data, tmp_path, capsys):
+    # max_steps is no part of the schedule when lr_decay_steps ends the decay: the note said the
+    # schedule "follows the new max_steps from here".
+    from gpt.trainer import train
+
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=4, lr_decay_steps=8, warmup_steps=2))
+    capsys.readouterr()
+    train(tiny_config(char_data, run, max_steps=10, lr_decay_steps=8, warmup_steps=2))
+    out = capsys.readouterr().out
+    assert "max_steps 4 -> 10; the run goes on with the new values" in out, out
+    assert "learning-rate schedule" not in out
+    # Without lr_decay_steps the decay ends at max_steps: the sentence stays.
+    run2 = tmp_path / "run2"
+    train(tiny_config(char_data, run2, max_steps=4, warmup_steps=2))
+    capsys.readouterr()
+    train(tiny_config(char_data, run2, max_steps=10, warmup_steps=2))
+    assert "follows the new max_steps from here" in capsys.readouterr().out
+
+
+def test_the_eta_before_a_compiled_runs_first_eval_prices_its_compile():
+    # compile = true: the first eval compiles the eval-mode graph (29 s after a 113 s first step,
+    # on a CPU); the ETA before it said 0.8 s.
+    from gpt.training_log import Clock, eta_seconds, eval_compile_estimate
+
+    clock = Clock(elapsed_before=0.0, timed_from=0, interval_start=0.0, run_start=0.0,
+                  first_step_done=113.0, compiled=True)
+    warm = eval_compile_estimate(clock, steady=0.5)
+    assert warm == pytest.approx((113.0 - 0.5) / 3)
+    eta = eta_seconds(0.5, 1, 1, None, 0.0, eval_iters=1, accum=1, eval_compile_s=warm)
+    assert eta > 30
+    # Priced once, before any eval was timed; not at all without compile or without an eval to come.
+    assert eta_seconds(0.5, 1, 1, 2.0, 0.0, eval_iters=1, accum=1, eval_compile_s=warm) == pytest.approx(2.5)
+    assert eta_seconds(0.5, 1, 0, None, 0.0, eval_iters=1, accum=1, eval_compile_s=warm) == pytest.approx(0.5)
+    clock.compiled = False
+    assert eval_compile_estimate(clock, steady=0.5) == 0.0
+
+
+# ---- session 23: runs from older versions of this code ---------------------------------------
+
+def _edit_state(saved, edit) -> None:
+    """Rewrite a checkpoint's state.json and its manifest entry, as an older version wrote it."""
+    import json
+
+    from gpt import checkpoint as ckpt
+    from gpt.checkpoint.files import crc32
+
+    state = json.loads((saved / ckpt.STATE_FILE).read_text())
+    edit(state)
+    (saved / ckpt.STATE_FILE).write_text(json.dumps(state))
+    manifest = json.loads((saved / ckpt.MANIFEST_FILE).read_text())
+    manifest[ckpt.STATE_FILE] = {"bytes": (saved / ckpt.STATE_FILE).stat().st_size, "crc32": crc32(saved / ckpt.STATE_FILE)}
+    (saved / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_a_run_from_before_two_new_defaults_is_told_both_at_once(char_data, tmp_path):
+    # A run from before Muon and vocab_multiple was refused for its optimizer, then, once that
+    # was set, for its vocabulary padding: one setting per try.
+    from gpt import checkpoint as ckpt
+    from gpt.trainer import train
+
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=10, optimizer="adamw", vocab_multiple=1))
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        train(tiny_config(char_data, run, max_steps=20, optimizer="muon", vocab_multiple=64))
+    message = str(refused.value)
+    assert "set --vocab_multiple=1" in message and "resume with --optimizer=adamw" in message, message
+    train(tiny_config(char_data, run, max_steps=20, optimizer="adamw", vocab_multiple=1))  # what it said
+    assert ckpt.step_of(ckpt.latest_checkpoint(run).name) == 20
+    # Only the optimizer: its own error, as before.
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot resume .*resume with --optimizer=adamw, or start a new run"):
+        train(tiny_config(char_data, run, max_steps=30, optimizer="muon", vocab_multiple=1))
+
+
+def test_a_setting_saved_as_a_bool_by_an_older_version_is_not_a_change(char_data, tmp_path, capsys):
+    # compile was a JSON bool before "auto": every resume said "compile False -> 'false'".
+    from gpt import checkpoint as ckpt
+    from gpt.trainer import train
+
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=10, compile="false"))
+
+    def old_style(state):
+        state["train_config"]["compile"] = False
+    _edit_state(ckpt.latest_checkpoint(run), old_style)
+    capsys.readouterr()
+    train(tiny_config(char_data, run, max_steps=20, compile="false"))
+    note = next(line for line in capsys.readouterr().out.splitlines() if "settings changed" in line)
+    assert "max_steps 10 -> 20" in note and "compile" not in note, note
+
+
+def test_init_from_a_checkpoint_from_before_vocab_padding_names_the_setting_and_no_resume(char_data, tmp_path):
+    from gpt import checkpoint as ckpt
+    from gpt.trainer import train
+
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=5, vocab_multiple=1))
+    _edit_state(ckpt.latest_checkpoint(run), lambda state: state["model_config"].pop("vocab_multiple"))
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        train(tiny_config(char_data, tmp_path / "new", max_steps=5, init_from=str(run), vocab_multiple=64))
+    message = str(refused.value)
+    assert "Fine-tune it with its model settings (--vocab_multiple=1)" in message, message
+    assert "resume" not in message
+
+
+def test_a_stop_save_from_before_val_loss_step_is_not_listed_as_its_own_eval(tmp_path):
+    # Checkpoints from before state.json recorded val_loss_step took a stop signal's save between
+    # evals as scored at its own step: listed (and kept as best) with a loss it never had.
+    from gpt import checkpoint as ckpt
+    from gpt.checkpoint.find import saved_eval, saved_val_loss
+
+    def checkpoint(step, **state):
+        folder = tmp_path / ckpt.CHECKPOINTS_DIR / ckpt.step_dir_name(step)
+        folder.mkdir(parents=True)
+        (folder / ckpt.STATE_FILE).write_text(json.dumps(
+            {"step": step, "train_config": {"eval_interval": 37, "max_steps": 100000}, **state}))
+        return folder
+    evaluated = checkpoint(74, val_loss=3.9064)
+    stopped = checkpoint(81, val_loss=3.9064)  # SIGTERM at step 81: the step-74 eval carried on
+    assert saved_eval(evaluated) == (3.9064, 74) and saved_val_loss(evaluated) == 3.9064
+    assert saved_eval(stopped) == (3.9064, 74) and saved_val_loss(stopped) is None
+    assert ckpt.best_checkpoint([stopped]) is None
+    # The last step is an eval step whatever the interval; without train_config nothing is known.
+    last = checkpoint(100000, val_loss=3.5)
+    assert saved_val_loss(last) == 3.5
+    bare = tmp_path / ckpt.CHECKPOINTS_DIR / "step_0000090"
+    bare.mkdir()
+    (bare / ckpt.STATE_FILE).write_text(json.dumps({"step": 90, "val_loss": 3.8}))
+    assert saved_eval(bare) == (3.8, None) and saved_val_loss(bare) == 3.8
+    # Where val_loss_step is recorded it is what counts.
+    recorded = checkpoint(85, val_loss=3.7, val_loss_step=85)
+    assert saved_val_loss(recorded) == 3.7

@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from .. import locks
 from ..run_layout import nearby_runs
@@ -54,15 +55,30 @@ def own_loss(ckpt_dir: Path, evaluated: tuple[float | None, int | None]) -> floa
 
 def saved_eval(ckpt_dir: Path) -> tuple[float | None, int | None]:
     """The run's latest val loss when this checkpoint was saved, and the step it was measured at
-    (None in checkpoints from before state.json recorded it: taken as the checkpoint's own)."""
+    (None where that cannot be known: taken as the checkpoint's own)."""
     try:
         state = json.loads((ckpt_dir / STATE_FILE).read_bytes())
         value, measured_at = state.get("val_loss"), state.get("val_loss_step")
+        if "val_loss_step" not in state:
+            measured_at = _eval_step_before(step_of(ckpt_dir.name), state.get("train_config"))
     except (OSError, ValueError, AttributeError):
         return None, None
     finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     known_step = isinstance(measured_at, int) and not isinstance(measured_at, bool)
     return (float(value) if finite else None), (measured_at if finite and known_step else None)
+
+
+def _eval_step_before(step: int | None, train_config: Any) -> int | None:
+    """For a checkpoint from before state.json recorded val_loss_step: the step of the latest
+    eval at or before `step`, from the run's eval_interval (every eval_interval steps and the
+    last one). A stop signal's save between evals carried that eval's loss on, and must not
+    pass it off as its own (nor be kept as the best for it)."""
+    if not isinstance(train_config, dict) or step is None:
+        return None
+    interval, last = train_config.get("eval_interval"), train_config.get("max_steps")
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (interval, last)) or interval <= 0:
+        return None
+    return step if step % interval == 0 or step == last else step // interval * interval
 
 
 def best_checkpoint(checkpoints: list[Path]) -> Path | None:

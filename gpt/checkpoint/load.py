@@ -124,20 +124,21 @@ def check_model_config(ckpt_dir: Path, saved: dict[str, Any], current: dict[str,
     keys = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_weights")
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in keys
              if saved.get(k) != current.get(k)]
+    padding = None
     if not diffs:
         # Only the table size matters (a 4096-id vocabulary is 4096 rows at vocab_multiple 1 or
         # 64); checkpoints from before vocab_multiple existed have none: no padding.
         rows = [GPTConfig(**c).padded_vocab_size for c in (saved, current)]
         if rows[0] != rows[1]:
-            multiple = saved.get("vocab_multiple", 1)
-            diffs.append(f"vocabulary tables: checkpoint {rows[0]} rows (vocab_multiple {multiple}) vs "
-                         f"config {rows[1]}; resume it with --vocab_multiple={multiple}")
+            padding = f"--vocab_multiple={saved.get('vocab_multiple', 1)}"
+            diffs.append(f"vocabulary tables: checkpoint {rows[0]} rows (vocab_multiple "
+                         f"{saved.get('vocab_multiple', 1)}) vs config {rows[1]}; set {padding}")
     if diffs and init_from:
         # A new run already: another out_dir would not help. Its weights load only as they are
         # (a longer trained block_size does not get here: the trainer loads it, then crops).
-        keys = ("block_size", "n_layer", "n_head", "n_embd", "bias", "tie_weights", "vocab_multiple")
-        settings = " ".join(f"--{k}={saved[k]}" for k in keys
-                            if k in saved and k in current and saved[k] != current[k])
+        keys = ("block_size", "n_layer", "n_head", "n_embd", "bias", "tie_weights")
+        settings = " ".join([f"--{k}={saved[k]}" for k in keys
+                             if k in saved and k in current and saved[k] != current[k]] + [padding or ""]).strip()
         raise CheckpointError(
             f"init_from: {ckpt_dir} holds a different model ({'; '.join(diffs)}), and its weights load "
             f"only into a model of the same shape. Fine-tune it with its model settings"
