@@ -36,6 +36,9 @@ def _opt(default: Any, help: str, choices: Sequence[str] | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # as wandb.init's check of a project name
+
+
 @dataclass
 class TrainConfig:
     # --- where things live ---
@@ -214,6 +217,16 @@ class TrainConfig:
         for name in ("out_dir", "data_dir"):
             if not getattr(self, name).strip():
                 raise ConfigError(f"{name} must name a folder, got an empty string")
+        if self.wandb_mode != "disabled":
+            # wandb refuses these only in wandb.init, after the model is built; "team/gpt" (an
+            # entity before the project, as wandb's URLs show it) is the usual mistake.
+            bad = sorted({c for c in self.wandb_project if c in WANDB_PROJECT_FORBIDDEN})
+            if bad or not self.wandb_project.strip():
+                raise ConfigError(
+                    f"wandb_project = {self.wandb_project!r}: " + (
+                        f"a wandb project name cannot hold {', '.join(repr(c) for c in bad)}"
+                        + (" (the team goes in WANDB_ENTITY, not before the project's name)" if "/" in bad else "")
+                        if bad else "give the project a name"))
         if os.path.realpath(os.path.expanduser(self.out_dir)) == os.path.realpath(os.path.expanduser(self.data_dir)):
             # The run's checkpoints beside the shards: the folder is then neither (data prep
             # refuses it as a run, and every listing of runs shows the dataset).

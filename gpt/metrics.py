@@ -15,7 +15,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .config import ConfigError
 from .run_layout import LATEST_FILE
@@ -148,7 +148,8 @@ class WandbSink:
 
     def __init__(self, out_dir: str | os.PathLike, *, mode: str, project: str, name: str = "",
                  tags: Sequence[str] = (), config: dict[str, Any] | None = None,
-                 resumed: bool = False) -> None:
+                 resumed: bool = False, resume_step: int | None = None,
+                 note: Callable[[str], None] | None = None) -> None:
         if mode not in ("offline", "online"):
             raise ValueError(f"WandbSink mode must be 'offline' or 'online', got {mode!r}")
         try:
@@ -170,6 +171,8 @@ class WandbSink:
         # An empty file (a run killed, or a disk full, while writing it) holds no run to continue:
         # wandb refuses an empty id, which would stop every resume of this run folder.
         run_id = (id_file.read_text().strip() or None) if resumed and id_file.exists() else None
+        if run_id is not None:
+            set_aside_empty_offline_runs(out_dir / "wandb", run_id, note)
         try:
             self.run = wandb.init(
                 mode=mode, project=project, name=name or out_dir.resolve().name,
@@ -177,11 +180,8 @@ class WandbSink:
                 resume="allow" if run_id else None,
             )
         except Exception as e:  # wandb raises its own error types (no login, no network, ...)
-            raise ConfigError(
-                f"wandb_mode = {mode!r}: could not start the wandb run ({type(e).__name__}: {e}). "
-                f"For online mode log in first (wandb login, or set WANDB_API_KEY); "
-                f"wandb_mode = 'offline' needs no account"
-            ) from e
+            raise ConfigError(f"wandb_mode = {mode!r}: could not start the wandb run ({type(e).__name__}: "
+                              f"{str(e).strip()}). {_start_hint(mode, e)}") from e
         if run_id is None:
             id_file.write_text(self.run.id + "\n")
         # Online, a resumed run knows its last step; steps below it were logged before the
@@ -190,6 +190,14 @@ class WandbSink:
         self.first_step = self.run.step
         if run_id is not None:
             self.first_step = max(self.first_step, wandb_last_step(out_dir / "wandb", run_id) + 1)
+        if run_id is not None and resume_step is not None and self.first_step > resume_step + 1 and note:
+            # A process that ended without a checkpoint (a crash, kill -9, a second Ctrl-C) had
+            # logged steps past the one resumed from; wandb cannot replace a run's history.
+            note(f"note: wandb run {run_id} already holds steps up to {self.first_step - 1}, logged by a "
+                 f"process that ended without saving them (this run resumes from step {resume_step}): "
+                 f"wandb keeps that process's values for steps {resume_step + 1}-{self.first_step - 1} "
+                 f"and gets this run's from step {self.first_step} on; metrics.jsonl has this run's for "
+                 f"every step")
         if resumed:
             # A resume that starts a new wandb run (wandb turned on at this resume, or an id file
             # lost or empty) fills it from the start too: it began at the checkpoint, every step
@@ -219,10 +227,49 @@ class WandbSink:
         step = record["step"]
         if step < self.first_step:
             return
-        self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        # Non-finite figures (a skipped step's NaN loss, an ETA of "?") as null, as metrics.jsonl
+        # has them and as the backfill from it logs them: one value for one step in both.
+        self.run.log({k: finite_or_null(v) for k, v in record.items() if k != "step"}, step=step)
 
     def close(self) -> None:
         self.run.finish()
+
+
+def _start_hint(mode: str, error: Exception) -> str:
+    """What to do when wandb.init fails: offline needs nothing; online, a network failure is
+    not fixed by logging in (a key may well be set)."""
+    if mode == "offline":
+        return "wandb_mode = 'offline' needs no account or network: check the setting named above"
+    text = f"{type(error).__name__} {error}".lower()
+    if any(word in text for word in ("commerror", "timed out", "timeout", "no such host", "connection", "network")):
+        return ("The wandb server could not be reached: check the network, or train with wandb_mode = "
+                "'offline' and upload later with wandb sync out_dir/wandb/offline-run-*")
+    if not os.environ.get("WANDB_API_KEY"):
+        return ("For online mode log in first (wandb login, or set WANDB_API_KEY); wandb_mode = "
+                "'offline' needs no account")
+    return "wandb_mode = 'offline' needs no account or network"
+
+
+def set_aside_empty_offline_runs(wandb_dir: Path, run_id: str, note: Callable[[str], None] | None) -> None:
+    """Rename the offline folders of run `run_id` whose run file holds no record at all (a
+    process killed while its wandb run started) to empty-offline-run-*: `wandb sync
+    out_dir/wandb/offline-run-*` stopped at such a file ("transactionlog: error getting next
+    record: EOF"), exited 0, and never uploaded the folders after it."""
+    try:
+        from wandb.proto import wandb_internal_pb2  # noqa: F401  (without it no file reads as holding records)
+    except ImportError:
+        return
+    for run_file in sorted(wandb_dir.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+        if next(wandb_file_records(run_file), None) is not None:
+            continue
+        folder = run_file.parent
+        try:
+            folder.rename(folder.with_name("empty-" + folder.name))
+        except OSError:
+            continue
+        if note:
+            note(f"note: {folder} held no wandb records (its process was stopped as it started): renamed "
+                 f"to empty-{folder.name}, so that wandb sync offline-run-* uploads the others")
 
 
 def wandb_file_records(path: Path):

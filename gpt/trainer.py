@@ -38,7 +38,7 @@ from .model import GPT, GPTConfig, closed_form_num_params
 from .nonfinite import NonFiniteGuard
 from .optim import build_optimizer, describe_optimizer, learning_rate_at
 from .resume import (check_checkpoint_fits_data, check_resumed_model, note_changed_batch, note_changed_settings,
-                     note_changed_val_set)
+                     note_changed_threads, note_changed_val_set)
 from .run_folder import claim_out_dir, record_config
 from .run_layout import training_output, typo_of
 from .shards import ShardError
@@ -266,6 +266,7 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
         if saved["step"] < config.max_steps:  # (a finished run rerun trains nothing: no batch to compare)
             note_changed_batch(saved, config, info)
             note_changed_val_set(saved, config, info)
+            note_changed_threads(saved, info)
     model = GPT(gpt_config)
     if resume_from is None and hf_dir is not None:
         hf.load_hf_weights(model, hf_dir)
@@ -495,7 +496,7 @@ def open_metrics(config: TrainConfig, info: DistInfo, out_dir: Path, gpt_config:
         metrics = Sinks(metrics, WandbSink(
             out_dir, mode=config.wandb_mode, project=config.wandb_project, name=config.wandb_run_name,
             tags=wandb_tags(config.wandb_tags), config=dict(config.to_dict(), model_config=asdict(gpt_config)),
-            resumed=resumed))
+            resumed=resumed, resume_step=step if resumed else None, note=lambda line: log(info, line)))
     return metrics
 
 
@@ -525,6 +526,8 @@ def checkpoint_state(at_step: int, val_loss: tuple[float | None, int | None], to
         "log_interval": {"steps": interval.steps, "skipped": interval.skipped, "accum": accum,
                          "loss_sums": all_gather_floats(interval.loss_sum, info)},
         "elapsed_s": run_seconds(clock),
+        # On a CPU each matmul splits its sums over the threads: another count, other roundings.
+        "cpu_threads": torch.get_num_threads(),
         "peak_flops": list(peak) if peak is not None else None,
     }
 

@@ -769,3 +769,63 @@ def test_a_stop_save_from_before_val_loss_step_is_not_listed_as_its_own_eval(tmp
     # Where val_loss_step is recorded it is what counts.
     recorded = checkpoint(85, val_loss=3.7, val_loss_step=85)
     assert saved_val_loss(recorded) == 3.7
+
+
+# ---- session 23: wandb, and what a resume says -------------------------------------------------
+
+def test_wandb_gets_non_finite_figures_as_null_as_metrics_jsonl_has_them():
+    # Live rows logged NaN where the backfill from metrics.jsonl logs null: one step, two values.
+    from gpt.metrics import WandbSink
+
+    logged = []
+    sink = WandbSink.__new__(WandbSink)
+    sink.first_step = 0
+    sink.run = types.SimpleNamespace(log=lambda row, step: logged.append((step, row)))
+    sink.write({"step": 4, "loss": float("nan"), "eta_s": float("nan"), "lr": 1e-3})
+    assert logged == [(4, {"loss": None, "eta_s": None, "lr": 1e-3})]
+
+
+def test_wandb_start_failures_give_the_hint_that_fits(monkeypatch):
+    # A network failure said "log in first" with WANDB_API_KEY set; offline said it too.
+    from gpt.metrics import _start_hint
+
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    network = _start_hint("online", RuntimeError("CommError: Timed out while retrying: no such host"))
+    assert "could not be reached" in network and "log in" not in network
+    monkeypatch.delenv("WANDB_API_KEY")
+    assert "log in first" in _start_hint("online", RuntimeError("UsageError: api_key not configured"))
+    offline = _start_hint("offline", RuntimeError("UsageError: something"))
+    assert "log in" not in offline and "needs no account" in offline
+
+
+def test_a_wandb_project_with_a_team_before_it_is_refused_before_anything_runs():
+    from gpt.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=r"wandb_project = 'team/gpt': a wandb project name cannot hold '/' "
+                                          r"\(the team goes in WANDB_ENTITY"):
+        TrainConfig(wandb_mode="offline", wandb_project="team/gpt").validate()
+    with pytest.raises(ConfigError, match="cannot hold '#', '%', ':'"):
+        TrainConfig(wandb_mode="online", wandb_project="a:b#c%").validate()
+    TrainConfig(wandb_mode="disabled", wandb_project="team/gpt").validate()  # not used: not checked
+    TrainConfig(wandb_mode="offline", wandb_project="my-project_2").validate()
+
+
+def test_a_cpu_resume_on_another_thread_count_says_it_is_not_bit_for_bit(char_data, tmp_path, capsys):
+    import torch
+
+    from gpt.trainer import train
+
+    threads = torch.get_num_threads()
+    run = tmp_path / "run"
+    try:
+        torch.set_num_threads(2)
+        train(tiny_config(char_data, run, max_steps=5))
+        capsys.readouterr()
+        train(tiny_config(char_data, run, max_steps=8))
+        assert "CPU thread" not in capsys.readouterr().out
+        torch.set_num_threads(1)
+        train(tiny_config(char_data, run, max_steps=10))
+        out = capsys.readouterr().out
+        assert "trained with 2 CPU thread(s) per process, this run has 1" in out and "not bit for bit" in out, out
+    finally:
+        torch.set_num_threads(threads)

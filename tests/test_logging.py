@@ -185,7 +185,8 @@ def test_wandb_resume_after_a_kill_fills_the_steps_wandb_lost(char_data, tmp_pat
     time.sleep(1.1)  # wandb names offline folders by the second
     train(replace(config, max_steps=6))
     files = sorted(run.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
-    assert len(files) == 2
+    # The header-only folder is set aside: `wandb sync out_dir/wandb/offline-run-*` stopped at it.
+    assert len(files) == 1 and len(list(run.glob(f"wandb/empty-offline-run-*-{run_id}"))) == 1
     history = wandb_history(finished_records(files[-1]))
     assert sorted(history) == [2, 4, 6]
     records = {r["step"]: r for r in read_metrics(run)}
@@ -195,7 +196,7 @@ def test_wandb_resume_after_a_kill_fills_the_steps_wandb_lost(char_data, tmp_pat
     time.sleep(1.1)
     train(replace(config, max_steps=8))
     files = sorted(run.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
-    assert sorted(wandb_history(finished_records(files[-1]))) == [8]
+    assert len(files) == 2 and sorted(wandb_history(finished_records(files[-1]))) == [8]
 
 
 def test_eta_leaves_out_the_first_steps_warm_up(char_data, tmp_path, monkeypatch):
@@ -221,7 +222,7 @@ def test_eta_leaves_out_the_first_steps_warm_up(char_data, tmp_path, monkeypatch
     assert first["eta_s"] < 0.1  # 4 steps of 10 ms (and one eval of one forward pass), not 4 x 260 ms
 
 
-def test_wandb_resume_from_an_older_checkpoint_logs_no_step_twice(char_data, tmp_path, monkeypatch):
+def test_wandb_resume_from_an_older_checkpoint_logs_no_step_twice(char_data, tmp_path, monkeypatch, capsys):
     """Killed after wandb flushed steps past the checkpoint: offline, the resumed process logged
     them again (the same steps in two files of one run); online wandb drops such steps, and now
     offline does the same, from the steps the earlier files hold."""
@@ -241,7 +242,11 @@ def test_wandb_resume_from_an_older_checkpoint_logs_no_step_twice(char_data, tmp
             shutil.rmtree(folder)
     (run / "latest").write_text(step_dir_name(4) + "\n")
     time.sleep(1.1)
+    capsys.readouterr()
     train(replace(config, max_steps=10))
+    # wandb cannot replace those steps: it says which it keeps from the process that ended.
+    out = capsys.readouterr().out
+    assert "already holds steps up to 8" in out and "keeps that process's values for steps 5-8" in out, out
     run_id = (run / "wandb_run_id").read_text().strip()
     files = sorted(run.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(files) == 2
