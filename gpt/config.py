@@ -221,12 +221,11 @@ class TrainConfig:
             # wandb refuses these only in wandb.init, after the model is built; "team/gpt" (an
             # entity before the project, as wandb's URLs show it) is the usual mistake.
             bad = sorted({c for c in self.wandb_project if c in WANDB_PROJECT_FORBIDDEN})
-            if bad or not self.wandb_project.strip():
+            if bad:
                 raise ConfigError(
-                    f"wandb_project = {self.wandb_project!r}: " + (
-                        f"a wandb project name cannot hold {', '.join(repr(c) for c in bad)}"
-                        + (" (the team goes in WANDB_ENTITY, not before the project's name)" if "/" in bad else "")
-                        if bad else "give the project a name"))
+                    f"wandb_project = {self.wandb_project!r}: a wandb project name cannot hold "
+                    f"{', '.join(repr(c) for c in bad)}"
+                    + (" (the team goes in WANDB_ENTITY, not before the project's name)" if "/" in bad else ""))
         if os.path.realpath(os.path.expanduser(self.out_dir)) == os.path.realpath(os.path.expanduser(self.data_dir)):
             # The run's checkpoints beside the shards: the folder is then neither (data prep
             # refuses it as a run, and every listing of runs shows the dataset).

@@ -123,9 +123,13 @@ def check_resumed_model(resume_from: Path, saved: dict[str, Any], current: dict[
 def _other_optimizer(saved: dict[str, Any], config: TrainConfig) -> str | None:
     """What to say when the checkpoint was trained with another optimizer than this config's
     (their states differ). A checkpoint written by save_checkpoint from a caller's own loop may
-    not record its optimizer: then loading its state is the check (Muon's does not fit AdamW's)."""
-    trained = (saved.get("train_config") or {}).get("optimizer")
-    if trained is None or trained == config.optimizer:
+    have no train_config: then loading its state is the check (Muon's does not fit AdamW's)."""
+    train_config = saved.get("train_config")
+    if not isinstance(train_config, dict):
+        return None
+    # The trainer recorded its optimizer from the day Muon came; before, every run was AdamW.
+    trained = train_config.get("optimizer", "adamw")
+    if trained == config.optimizer:
         return None
     return (f"it was trained with optimizer = {trained!r} and this config says {config.optimizer!r} "
             f"(their states differ): resume with --optimizer={trained}")

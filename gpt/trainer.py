@@ -527,7 +527,7 @@ def checkpoint_state(at_step: int, val_loss: tuple[float | None, int | None], to
                          "loss_sums": all_gather_floats(interval.loss_sum, info)},
         "elapsed_s": run_seconds(clock),
         # On a CPU each matmul splits its sums over the threads: another count, other roundings.
-        "cpu_threads": torch.get_num_threads(),
+        "cpu_threads": torch.get_num_threads() if info.device.type == "cpu" else None,
         "peak_flops": list(peak) if peak is not None else None,
     }
 

@@ -740,25 +740,35 @@ def test_init_from_a_checkpoint_from_before_vocab_padding_names_the_setting_and_
     message = str(refused.value)
     assert "Fine-tune it with its model settings (--vocab_multiple=1)" in message, message
     assert "resume" not in message
+    # Beside another difference too: following the advice takes one try.
+    base = dict(vocab_size=65, block_size=32, n_layer=1, n_head=2, n_embd=32, bias=False, tie_weights=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"\(--n_layer=1 --vocab_multiple=1\)"):
+        ckpt.check_model_config(run, dict(base, vocab_multiple=1), dict(base, n_layer=2, vocab_multiple=64),
+                                init_from=True)
 
 
 def test_a_stop_save_from_before_val_loss_step_is_not_listed_as_its_own_eval(tmp_path):
     # Checkpoints from before state.json recorded val_loss_step took a stop signal's save between
     # evals as scored at its own step: listed (and kept as best) with a loss it never had.
     from gpt import checkpoint as ckpt
-    from gpt.checkpoint.find import saved_eval, saved_val_loss
+    from gpt.checkpoint.find import EARLIER_EVAL, saved_eval, saved_val_loss
+    from gpt.checkpoint.listing import format_listing, list_checkpoints
 
     def checkpoint(step, **state):
         folder = tmp_path / ckpt.CHECKPOINTS_DIR / ckpt.step_dir_name(step)
         folder.mkdir(parents=True)
         (folder / ckpt.STATE_FILE).write_text(json.dumps(
             {"step": step, "train_config": {"eval_interval": 37, "max_steps": 100000}, **state}))
+        (folder / ckpt.MANIFEST_FILE).write_text("{}")  # complete, for the listing
         return folder
     evaluated = checkpoint(74, val_loss=3.9064)
     stopped = checkpoint(81, val_loss=3.9064)  # SIGTERM at step 81: the step-74 eval carried on
     assert saved_eval(evaluated) == (3.9064, 74) and saved_val_loss(evaluated) == 3.9064
-    assert saved_eval(stopped) == (3.9064, 74) and saved_val_loss(stopped) is None
+    # Carried on from an eval whose step is not known (eval_interval may have changed at a resume).
+    assert saved_eval(stopped) == (3.9064, EARLIER_EVAL) and saved_val_loss(stopped) is None
     assert ckpt.best_checkpoint([stopped]) is None
+    listing = format_listing(tmp_path, list_checkpoints(tmp_path))
+    assert "(best)" in listing and "val loss of an earlier eval, carried on" in listing, listing
     # The last step is an eval step whatever the interval; without train_config nothing is known.
     last = checkpoint(100000, val_loss=3.5)
     assert saved_val_loss(last) == 3.5
@@ -807,7 +817,34 @@ def test_a_wandb_project_with_a_team_before_it_is_refused_before_anything_runs()
     with pytest.raises(ConfigError, match="cannot hold '#', '%', ':'"):
         TrainConfig(wandb_mode="online", wandb_project="a:b#c%").validate()
     TrainConfig(wandb_mode="disabled", wandb_project="team/gpt").validate()  # not used: not checked
+    TrainConfig(wandb_mode="offline", wandb_project="").validate()  # wandb takes it
     TrainConfig(wandb_mode="offline", wandb_project="my-project_2").validate()
+
+
+def test_a_checkpoint_from_before_the_optimizer_setting_is_told_it_had_adamw(char_data, tmp_path):
+    # The trainer wrote train_config without "optimizer" until Muon came: every such run was AdamW.
+    from gpt import checkpoint as ckpt
+    from gpt.trainer import train
+
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=5, optimizer="adamw"))
+    _edit_state(ckpt.latest_checkpoint(run), lambda state: state["train_config"].pop("optimizer"))
+    with pytest.raises(ckpt.CheckpointError, match="trained with optimizer = 'adamw' and this config says 'muon'"):
+        train(tiny_config(char_data, run, max_steps=10, optimizer="muon"))
+
+
+def test_the_thread_note_is_only_for_checkpoints_trained_on_a_cpu(capsys):
+    import torch
+
+    from gpt.distributed import DistInfo
+    from gpt.resume import note_changed_threads
+
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    note_changed_threads({"cpu_threads": None}, info)  # trained on a GPU: recorded as null
+    note_changed_threads({}, info)  # from before the field
+    assert "thread" not in capsys.readouterr().out
+    note_changed_threads({"cpu_threads": torch.get_num_threads() + 1}, info)
+    assert "not bit for bit" in capsys.readouterr().out
 
 
 def test_a_cpu_resume_on_another_thread_count_says_it_is_not_bit_for_bit(char_data, tmp_path, capsys):

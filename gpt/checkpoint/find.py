@@ -68,17 +68,22 @@ def saved_eval(ckpt_dir: Path) -> tuple[float | None, int | None]:
     return (float(value) if finite else None), (measured_at if finite and known_step else None)
 
 
+EARLIER_EVAL = -1  # saved_eval's step of a loss carried on from an eval whose step is unknown
+
+
 def _eval_step_before(step: int | None, train_config: Any) -> int | None:
-    """For a checkpoint from before state.json recorded val_loss_step: the step of the latest
-    eval at or before `step`, from the run's eval_interval (every eval_interval steps and the
-    last one). A stop signal's save between evals carried that eval's loss on, and must not
-    pass it off as its own (nor be kept as the best for it)."""
+    """For a checkpoint from before state.json recorded val_loss_step: `step` where it is an eval
+    step of the run (every eval_interval steps, and the last one), else EARLIER_EVAL. A stop
+    signal's save between evals carried an earlier eval's loss on, and must not pass it off as
+    its own (nor be kept as the best for it)."""
     if not isinstance(train_config, dict) or step is None:
         return None
     interval, last = train_config.get("eval_interval"), train_config.get("max_steps")
     if not all(isinstance(n, int) and not isinstance(n, bool) for n in (interval, last)) or interval <= 0:
         return None
-    return step if step % interval == 0 or step == last else step // interval * interval
+    # Between evals: an earlier eval's loss, carried on. Which one is not known (eval_interval
+    # may have been another before a resume): EARLIER_EVAL, not a step that may never have run.
+    return step if step % interval == 0 or step == last else EARLIER_EVAL
 
 
 def best_checkpoint(checkpoints: list[Path]) -> Path | None:

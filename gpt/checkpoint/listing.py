@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .find import complete_checkpoints, latest_checkpoint, lowest_loss, own_loss, saved_eval
+from .find import EARLIER_EVAL, complete_checkpoints, latest_checkpoint, lowest_loss, own_loss, saved_eval
 from ..run_layout import nearby_runs, training_output
 from .layout import CheckpointError, step_of
 from .verify import checkpoint_format, read_manifest
@@ -60,7 +60,9 @@ def format_listing(run: str | os.PathLike, rows: list[dict[str, Any]]) -> str:
         size = f"{row['bytes'] / 1e6:,.1f} MB" if row["bytes"] is not None else "?"
         marks = [mark for mark in ("latest", "best") if row[mark]]
         if row["val_loss"] is not None and row["val_loss_step"] not in (None, row["step"]):
-            marks.append(f"val loss of step {row['val_loss_step']:,}, carried on")  # a stop between evals
+            # a stop between evals
+            of = "an earlier eval" if row["val_loss_step"] == EARLIER_EVAL else f"step {row['val_loss_step']:,}"
+            marks.append(f"val loss of {of}, carried on")
         lines.append(f"  {row['step']:>9,}  {loss:>8}  {row['format'] or '?':<7}  {size:>9}"
                      + (f"  ({', '.join(marks)})" if marks else ""))
     best = next((row for row in rows if row["best"]), None)

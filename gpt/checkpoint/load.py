@@ -117,6 +117,14 @@ def read_optimizer_state(ckpt_dir: Path) -> dict[str, Any]:
     return state
 
 
+def _table_rows(model_config: dict[str, Any]) -> int | None:
+    """The rows of a model's vocabulary tables (vocab_size padded to vocab_multiple)."""
+    try:
+        return GPTConfig(**model_config).padded_vocab_size
+    except (TypeError, ValueError):
+        return None
+
+
 def check_model_config(ckpt_dir: Path, saved: dict[str, Any], current: dict[str, Any],
                        init_from: bool = False) -> None:
     """A checkpoint of another model shape cannot be resumed, nor its weights loaded into this
@@ -124,12 +132,13 @@ def check_model_config(ckpt_dir: Path, saved: dict[str, Any], current: dict[str,
     keys = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_weights")
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in keys
              if saved.get(k) != current.get(k)]
+    # Only the table size matters (a 4096-id vocabulary is 4096 rows at vocab_multiple 1 or 64);
+    # checkpoints from before vocab_multiple existed have none: no padding. Said beside other
+    # differences too, so that following the advice takes one try.
     padding = None
-    if not diffs:
-        # Only the table size matters (a 4096-id vocabulary is 4096 rows at vocab_multiple 1 or
-        # 64); checkpoints from before vocab_multiple existed have none: no padding.
-        rows = [GPTConfig(**c).padded_vocab_size for c in (saved, current)]
-        if rows[0] != rows[1]:
+    if saved.get("vocab_size") == current.get("vocab_size"):
+        rows = [_table_rows(c) for c in (saved, current)]
+        if None not in rows and rows[0] != rows[1]:
             padding = f"--vocab_multiple={saved.get('vocab_multiple', 1)}"
             diffs.append(f"vocabulary tables: checkpoint {rows[0]} rows (vocab_multiple "
                          f"{saved.get('vocab_multiple', 1)}) vs config {rows[1]}; set {padding}")
