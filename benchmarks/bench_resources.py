@@ -133,7 +133,7 @@ def data_prep(mb: float = 8.0, tokenizers: tuple[str, ...] = ("char", "bpe"), vo
             rows.append({"tokenizer": tokenizer, "vocab_size": meta["vocab_size"],
                          "text_mb": round(meta["text_bytes"] / 1e6, 2), "tokens": n_tokens,
                          "seconds": round(wall, 2), "mb_per_s": round(meta["text_bytes"] / 1e6 / wall, 2),
-                         "tokens_per_s": round(n_tokens / wall), "peak_rss_mb": peak,
+                         "tokens_per_s": round(n_tokens / wall), "peak_rss_mb": _rounded(peak, 1),
                          # BPE prep encodes in forked workers: their memory counts too (pages
                          # they share with the parent are counted in each: an upper bound).
                          "peak_rss_all_processes_mb": _rounded(tree_peak, 1),
