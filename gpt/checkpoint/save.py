@@ -125,21 +125,24 @@ def _write_error(out_dir: Path, final: Path, error: BaseException) -> Checkpoint
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
         # Serializing needs memory too (torch.save's buffers, the staging copy): not the disk.
         cause = f"It ran out of memory while writing: free memory (or give the job more), then {again}"
-        return CheckpointError(f"could not write checkpoint {final} ({type(error).__name__}: {error}); "
-                               f"{kept}. {cause}")
+    else:
+        cause = _disk_cause(out_dir, final, previous, again)
+    return CheckpointError(f"could not write checkpoint {final} ({type(error).__name__}: {error}); {kept}. {cause}")
+
+
+def _disk_cause(out_dir: Path, final: Path, previous: Path | None, again: str) -> str:
     # A full disk often shows only as the writer's own error (torch.save: "unexpected pos 4096
     # vs 3988"), never as ENOSPC: say so where the free space cannot hold another checkpoint.
-    cause = f"Is the disk full or {final.parent} not writable? Fix that and {again}"
     try:
         free = shutil.disk_usage(out_dir).free
         needed = sum(entry["bytes"] for entry in read_manifest(previous).values()) if previous else 0
     except (OSError, CheckpointError):
         free = needed = 0
     if free < needed:
-        cause = (f"The disk is full: the file system holding {out_dir} has {free:,} bytes free, and the "
-                 f"previous checkpoint takes {needed:,} (a save needs room for one more: older ones are "
-                 f"deleted only after it is complete). Free space there, then {again}")
-    return CheckpointError(f"could not write checkpoint {final} ({type(error).__name__}: {error}); {kept}. {cause}")
+        return (f"The disk is full: the file system holding {out_dir} has {free:,} bytes free, and the "
+                f"previous checkpoint takes {needed:,} (a save needs room for one more: older ones are "
+                f"deleted only after it is complete). Free space there, then {again}")
+    return f"Is the disk full or {final.parent} not writable? Fix that and {again}"
 
 
 def _prune(root: Path, keep_last: int, keep: str, keep_best: bool = False) -> list[Path]:
