@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from gpt.config import ArgumentParser, path_arg  # noqa: E402
-from gpt.prepare import (add_shared_options, out_of_memory_message, prepare, ran_out_of_memory,  # noqa: E402
-                         train_bytes_option, vocab_size_option)
+from gpt.prepare import (add_shared_options, prepare, run_prep, train_bytes_option,  # noqa: E402
+                         vocab_size_option)
 from gpt.sources import LocalFiles, Texts  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = args.out or f"data/shakespeare_{args.tokenizer}"
-    try:
+
+    def prep() -> None:
         vocab_size = vocab_size_option(args)  # first: an error here downloads, reads and writes nothing
         train_bytes = train_bytes_option(args)
         if args.input:
@@ -63,19 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                 shard_tokens=args.shard_tokens, tokenizer_train_bytes=train_bytes,
                 encoding_errors=args.encoding_errors, overwrite=args.overwrite,
                 progress=not args.no_progress, log=lambda line: print(line, flush=True))
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C: as prepare.py says it (prepare() has removed its staging)
-        print(f"\ninterrupted: nothing was written to {out}", file=sys.stderr)
-        return 130
-    except BaseException as e:
-        if not ran_out_of_memory(e):
-            raise
-        print(f"error: {out_of_memory_message(e, out)}", file=sys.stderr)
-        return 1
-    return 0
 
+    return run_prep(out, prep)
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))

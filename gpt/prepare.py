@@ -712,35 +712,46 @@ def corpus_from_args(args: argparse.Namespace) -> Corpus:
                      streaming=args.streaming, data_files=args.hf_data_files)
 
 
+def run_prep(out: str | Path, prep: Callable[[], object]) -> int:
+    """A data_prep command's exit status for prep(), which writes the dataset `out`: 0 once done;
+    bad input (2), Ctrl-C (130) and running out of memory (1) are one line on stderr, no traceback.
+    prepare() removes its staging folder on every failure, so `out` is as it was."""
+    try:
+        prep()
+    except (ValueError, OSError) as e:  # bad input: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: nothing was written to {out}", file=sys.stderr)
+        return 130
+    except BaseException as e:
+        if not ran_out_of_memory(e):
+            raise
+        print(f"error: {out_of_memory_message(e, out)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+
+    def prep() -> None:
+        vocab_size = vocab_size_option(args)  # first: an error here reads and writes nothing
+        train_bytes = train_bytes_option(args)
+        _check_hf_options(args)
+        prepare(
+            args.out, corpus_from_args(args), tokenizer=args.tokenizer, vocab_size=vocab_size,
+            val_fraction=args.val_fraction, val_rule=args.val_rule,
+            val_chunk_tokens=args.val_chunk_tokens, min_val_tokens=args.min_val_tokens,
+            seed=args.seed, shard_tokens=args.shard_tokens,
+            tokenizer_train_bytes=train_bytes,
+            encoding_errors=args.encoding_errors, overwrite=args.overwrite,
+            progress=not args.no_progress, log=lambda line: print(line, flush=True),
+        )
+
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
-        try:
-            vocab_size = vocab_size_option(args)  # first: an error here reads and writes nothing
-            train_bytes = train_bytes_option(args)
-            _check_hf_options(args)
-            prepare(
-                args.out, corpus_from_args(args), tokenizer=args.tokenizer, vocab_size=vocab_size,
-                val_fraction=args.val_fraction, val_rule=args.val_rule,
-                val_chunk_tokens=args.val_chunk_tokens, min_val_tokens=args.min_val_tokens,
-                seed=args.seed, shard_tokens=args.shard_tokens,
-                tokenizer_train_bytes=train_bytes,
-                encoding_errors=args.encoding_errors, overwrite=args.overwrite,
-                progress=not args.no_progress, log=lambda line: print(line, flush=True),
-            )
-        except (ValueError, OSError) as e:  # bad input: one line, no traceback
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:  # Ctrl-C: prepare() has already removed its staging folder
-            print(f"\ninterrupted: nothing was written to {args.out}", file=sys.stderr)
-            return 130
-        except BaseException as e:
-            if not ran_out_of_memory(e):
-                raise
-            print(f"error: {out_of_memory_message(e, args.out)}", file=sys.stderr)
-            return 1
-    return 0
+        return run_prep(args.out, prep)
 
 
 def ran_out_of_memory(error: BaseException) -> bool:
