@@ -30,7 +30,8 @@ from gpt.cpu_attention import causal_attention, max_positions, use_cpu_attention
 from gpt.model import attend  # noqa: E402
 
 # (batch, heads, positions, head size): the default config's shape, shakespeare_char's at batch
-# 8 and at 128 positions, and longer contexts at the same number of positions per batch.
+# 8 and at 128 positions, a longer context at the same 2,048 positions per batch, and GPT-2
+# 124M's heads at its full 1,024-position context (one sequence).
 SHAPES = [(16, 4, 128, 32), (8, 6, 128, 64), (8, 6, 256, 64), (4, 6, 512, 64), (1, 12, 1024, 64)]
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -34,6 +34,17 @@ def need_shakespeare() -> None:
     pytest.skip(f"{SHAKESPEARE} not found")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_tmpdir(tmp_path_factory):
+    """TMPDIR for every process the tests start, inside pytest's own temporary folder (which it
+    prunes to the last three sessions): torchrun leaves a torchelastic_* folder in the system's
+    /tmp at each launch, about twenty a session. The test process's own tempfile.gettempdir()
+    was fixed at its first use and stays /tmp."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def shakespeare() -> str:
     """The whole tiny-Shakespeare text from ../shared (the tests skip where it is absent)."""

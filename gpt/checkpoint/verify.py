@@ -169,7 +169,8 @@ def verify_checkpoint(ckpt_dir: Path, part: tuple[int, int] = (0, 1)) -> dict[st
 
 
 # What each key of state.json must hold, where it is present: (what the message says, test).
-# The trainer writes all of them; tools and tests may write fewer (see `read_state`).
+# The trainer writes all of them but optimizer_param_groups, which sharded saves alone hold (a full
+# save keeps the param groups inside optimizer.pt); tools and tests may write fewer (`read_state`).
 _STATE_KEYS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "step": ("a whole number >= 0", _is_count),
     "tokens_seen": ("a whole number >= 0", _is_count),

@@ -444,7 +444,12 @@ PartitionName=urgent Nodes={names} MaxTime=INFINITE State=UP PriorityTier=2 Pree
         record = {"owner": os.getpid(), "pids": self.pids}
         if self.network is not None:
             record["network"] = vars(self.network)
-        (self.root / "owner.json").write_text(json.dumps(record))
+        # Written aside, then renamed: another session's cleanup_stale() must never read it half
+        # written, which would leave only the 60-second "being created" rule between this live
+        # cluster and its daemons being killed.
+        partial = self.root / "owner.json.partial"
+        partial.write_text(json.dumps(record))
+        os.replace(partial, self.root / "owner.json")
 
     def _wait_for(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -540,7 +545,11 @@ def cleanup_stale() -> None:
             owner = None
         if owner is not None and _alive(owner["owner"]):
             continue  # another live session's cluster: not ours to touch
-        if owner is None and time.time() - root.stat().st_mtime < 60:
+        try:
+            young = time.time() - root.stat().st_mtime < 60
+        except FileNotFoundError:
+            continue  # stopped by its own session (another pytest-xdist worker) since the glob
+        if owner is None and young:
             continue  # being created right now
         conf = root / "slurm.conf"
         pids = [pid for pid in _job_processes(conf)] if conf.exists() else []
