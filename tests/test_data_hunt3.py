@@ -4,6 +4,7 @@ code before its fix (except the last, which checks a failed prep keeps the datas
 import json
 from pathlib import Path
 
+import datasets.config
 import pytest
 
 from gpt.prepare import main
@@ -20,7 +21,7 @@ def _hf(path, tmp_path, **kw) -> HFDataset:
     return HFDataset(str(path), cache_dir=str(tmp_path / "hf-cache"), progress=False, **kw)
 
 
-def test_hf_text_file_and_folder_give_the_same_corpus_as_input(tmp_path):
+def test_hf_text_file_and_folder_give_the_same_corpus_as_input(tmp_path, monkeypatch):
     """datasets' text builder opened files in text mode (CRLF and CR became \\n) and read a folder
     of .txt files line by line (one document per line, newlines and blank lines dropped, a BOM
     kept as text): the same files gave another corpus than --input, which keeps the text exactly."""
@@ -39,7 +40,8 @@ def test_hf_text_file_and_folder_give_the_same_corpus_as_input(tmp_path):
         builder = HFDataset("text", data_files=[str(folder / "b.txt")], cache_dir=str(tmp_path / "c"),
                             streaming=streaming, progress=False)
         assert list(builder) == ["b one\nb two\n"]
-    # The CLI: the same shards and counts either way.
+    # The CLI: the same shards and counts either way (its cache in tmp_path: see the test below).
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
     assert main(["--input", str(crlf), "--out", str(tmp_path / "in"), *SMALL]) == 0
     assert main(["--hf-dataset", str(crlf), "--out", str(tmp_path / "hf"), *SMALL]) == 0
     for name in ("train_000000.bin", "val_000000.bin", "tokenizer.json"):
@@ -113,7 +115,9 @@ def test_cli_bad_file_in_hf_folder_is_one_line_and_keeps_the_old_dataset(tmp_pat
     assert main(["--input", str(text), "--out", str(out), *SMALL]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     folder = _folder(tmp_path, "rows", {"a.jsonl": GOOD, "b.jsonl": GOOD + b"not json\n"})
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    # datasets read HF_DATASETS_CACHE as it was imported (an earlier test did): its module setting,
+    # or this test's cache files would go to ~/.cache/huggingface.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
     capsys.readouterr()
     assert main(["--hf-dataset", str(folder), "--out", str(out), "--overwrite", *SMALL]) == 2
     err = capsys.readouterr().err
