@@ -4,7 +4,8 @@ in one run, side by side; prints one table and writes benchmarks/results/*.json.
     python -m benchmarks                      # the CPU suite (3-7 minutes on 2 quiet cores)
     python -m benchmarks --parts train generate   # some parts: results/suite_generate_train.json
     python -m benchmarks --threads all        # every core even if other jobs are running (see below)
-    python -m benchmarks --full               # also the slow cases (bf16 at 6 x 384, no-cache at batch 8)
+    python -m benchmarks --full               # also the slow cases (no-cache at batch 8; bf16 at 6 x 384 on a
+                                              # CPU whose bf16 matmul is under half its fp32 rate)
     python -m benchmarks --compile            # also torch.compile'd ours in the training comparison
     python -m benchmarks --parts train --out-prefix trial   # a trial: results/trial_train.json, trial_suite_train.json
 
@@ -12,7 +13,7 @@ Parts:
   peak      measured fp32 and bf16 matmul FLOP/s (all threads) and, on GPUs, the datasheet peak
   train     fwd+bwd+AdamW tokens/s, ours vs peer: default config shape (4 x 128, ctx 128, batch
             16, vocab 4096) and shakespeare_char shape (6 x 384, ctx 256, batch 8, vocab 65),
-            fp32 and bf16 autocast; MFU against the measured peaks
+            fp32 and bf16 autocast; MFU against the measured peaks (on a GPU, the datasheet's)
   generate  256-token greedy generation at batch 1 and 8: ours (KV cache) vs `generate` (its
             cache), and ours with vs without the cache; batch 1 under bf16 autocast too
   loader    TokenLoader tokens/s (benchmarks/bench_loader.py, small shard)

@@ -40,7 +40,8 @@ def busy_cores(window_s: float = 1.0) -> float:
     def sample() -> tuple[int, int]:
         fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         idle = fields[3] + fields[4]  # idle + iowait
-        return sum(fields[:8]) - idle, sum(fields[:8])  # busy, total (steal and guest excluded)
+        return sum(fields[:8]) - idle, sum(fields[:8])  # busy, total (steal counts as busy; guest is
+        # inside user already)
     try:
         busy0, total0 = sample()
         time.sleep(window_s)

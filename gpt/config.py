@@ -522,7 +522,8 @@ def path_or_default_arg(value: str) -> str:
 def add_option(parser, name: str, **kwargs) -> None:
     """Add option `name` to `parser` (or an argument group) under both spellings, '-' and '_'
     (--val-fraction and --val_fraction), the one given first; its `dest` is spelled with '_'.
-    Every script of this project takes both: users of nanoGPT type '_', of most tools '-'."""
+    train.py, sample.py, data_prep/ and the python -m gpt.* commands take both (users of nanoGPT
+    type '_', of most tools '-'); the benchmark scripts take '-' alone."""
     name = name.removeprefix("--")
     other = name.replace("-", "_") if "-" in name else name.replace("_", "-")
     spellings = [f"--{name}"] + ([f"--{other}"] if other != name else [])

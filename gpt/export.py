@@ -8,7 +8,8 @@ load offline:
 
     config.json             GPT2Config with activation_function="gelu" (ours is exact GELU)
     model.safetensors       the weights under GPT-2's names (see gpt/hf.py for the mapping)
-    tokenizer.json          the run's tokenizer, unchanged (BPE or char)
+    tokenizer.json          the run's tokenizer (BPE or char; the same ids, transformers adds its
+                            post_processor entry as it saves)
     tokenizer_config.json   PreTrainedTokenizerFast, end-of-text as bos/eos/unk (BPE)
 
 Before DIR appears, the export loads it back with transformers and checks that the logits

@@ -204,13 +204,13 @@ def parse_init_from(init_from: str) -> Path | None:
 
 def project_folder_kind(path: str | os.PathLike) -> str | None:
     """'a run folder of this project' or 'a checkpoint folder of this project' when `path` is
-    one (by its `latest`, or its manifest.json and state.json: gpt/run_layout.py's rule), else None."""
-    from .run_layout import LATEST_FILE, is_checkpoint_folder
+    one (gpt/run_layout.py's rules: is_checkpoint_folder, is_run_folder), else None."""
+    from .run_layout import is_checkpoint_folder, is_run_folder
 
     path = Path(path)
     if is_checkpoint_folder(path):
         return "a checkpoint folder of this project"
-    if (path / LATEST_FILE).is_file():
+    if is_run_folder(path):
         return "a run folder of this project"
     return None
 

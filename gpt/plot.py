@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from .config import ArgumentParser, path_arg, path_or_default_arg
 from .metrics import METRICS_FILE, MetricsError, read_metrics
-from .run_layout import nearby_runs
+from .run_layout import CHECKPOINTS_DIR, LATEST_FILE, nearby_runs
 
 ROWS = (
     ("loss", "loss (nats/token)"),
@@ -102,12 +102,12 @@ def _labels(paths: list[Path]) -> list[str]:
 def _run_above(path: Path) -> Path | None:
     """The run folder a folder without metrics lies in (a checkpoint, checkpoints/, an export
     in the run), or None: those are what a newcomer passes in place of the run itself."""
-    if not path.is_dir() or any((path / name).exists() for name in (METRICS_FILE, "latest", "checkpoints")):
+    if not path.is_dir() or any((path / name).exists() for name in (METRICS_FILE, LATEST_FILE, CHECKPOINTS_DIR)):
         return None  # a run itself, one that has not logged yet too (a fine-tune in out/default/ft)
-    # A run's marks beside its metrics (gpt/checkpoint/layout.py's names), so that a stray
-    # metrics.jsonl higher up (a home folder) is not taken for one.
+    # A run's marks beside its metrics, so that a stray metrics.jsonl higher up (a home folder)
+    # is not taken for one.
     return next((p for p in path.resolve().parents if (p / METRICS_FILE).is_file()
-                 and ((p / "latest").is_file() or (p / "checkpoints").is_dir())), None)
+                 and ((p / LATEST_FILE).is_file() or (p / CHECKPOINTS_DIR).is_dir())), None)
 
 
 def _series(records: list[dict[str, Any]], x_key: str, y_key: str) -> tuple[list[float], list[float]]:

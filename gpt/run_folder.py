@@ -115,7 +115,7 @@ def remove_if_unused(out_dir: Path, parents: list[Path] = ()) -> None:
 
 
 def record_config(path: Path, config: TrainConfig) -> None:
-    """Write the run's settings to config.json (a record for people and tools, never read back),
+    """Write the run's settings to config.json (a record for people and tools: training never reads it back; messages may quote it),
     whole or not at all: a full disk leaves the previous start's record."""
     try:
         ckpt.write_text_atomic(path, json.dumps(config.to_dict(), indent=1))

@@ -42,11 +42,8 @@ def training_output(path: Path, anywhere_in_run: bool = False) -> str | None:
     for parent in path.parents:
         if is_checkpoint_folder(parent):
             return f"is inside the checkpoint folder {parent}"
-        # Two marks, not one: any folder may happen to hold a subfolder named "checkpoints". A
-        # run without `latest` (killed in its first save, or the file deleted) is one whose
-        # checkpoints/ holds a checkpoint folder.
-        if (parent / CHECKPOINTS_DIR).is_dir() and (
-                (parent / LATEST_FILE).is_file() or _holds_a_checkpoint(parent / CHECKPOINTS_DIR)):
+        # is_run_folder, not checkpoints/ alone: any folder may hold a subfolder of that name.
+        if (parent / CHECKPOINTS_DIR).is_dir() and is_run_folder(parent):
             if path == parent / CHECKPOINTS_DIR:
                 return f"is the checkpoints folder of the training run {parent}"
             if path.is_relative_to(parent / CHECKPOINTS_DIR):
@@ -54,6 +51,14 @@ def training_output(path: Path, anywhere_in_run: bool = False) -> str | None:
             if anywhere_in_run:
                 return f"is inside the training run folder {parent}"
     return None
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether `path` is a training run's folder: it holds `latest`, or (a run killed in its first
+    save, or its `latest` deleted) a checkpoints/ folder holding a checkpoint. checkpoints/ alone
+    is not enough: any folder may happen to hold a subfolder of that name."""
+    return (path / LATEST_FILE).is_file() or (
+        (path / CHECKPOINTS_DIR).is_dir() and _holds_a_checkpoint(path / CHECKPOINTS_DIR))
 
 
 def _holds_a_checkpoint(folder: Path) -> bool:

@@ -1,7 +1,7 @@
 """Corpus readers: streams of documents from local files, the Python standard library, or a list
 of strings (a Hugging Face dataset's reader, built on these pieces, is gpt.hf_dataset).
 
-A corpus is re-iterable (BPE training reads it twice) and never held in memory whole.
+A corpus is re-iterable (data prep reads it twice: to count it and train the BPE, then to encode it) and never held in memory whole.
 Iterating a corpus yields its documents as strings. Data prep reads `iter_pieces()` instead:
 the same text as `Piece`s of about `piece_chars` characters, so that one huge document (a 10 GB
 text file) streams in bounded memory too. Pieces are cut only just before a space, tab, newline

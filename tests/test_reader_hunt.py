@@ -47,6 +47,25 @@ def test_one_rule_says_what_a_checkpoint_folder_is(tmp_path):
     assert training_output(folder) == "is a checkpoint folder"
 
 
+def test_a_run_without_latest_is_a_run_folder_to_hf_too(tmp_path):
+    """A run killed in its first save, or its `latest` deleted, is a run folder to prep and
+    export (its checkpoints/ holds a checkpoint); gpt/hf.py looked for `latest` alone, so
+    init_from = hf:RUN read the run's training config.json as a GPT-2 config."""
+    from gpt import hf
+    from gpt.run_layout import training_output
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_0000010").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    assert hf.project_folder_kind(run) is None  # checkpoints/ alone: any folder may have one
+    for name in ("manifest.json", "state.json"):
+        (run / "checkpoints" / "step_0000010" / name).write_text("{}")
+    assert training_output(run) == "is a training run folder"
+    assert hf.project_folder_kind(run) == "a run folder of this project"
+    with pytest.raises(hf.HFError, match="is a run folder of this project, not a Hugging Face GPT-2 folder"):
+        hf.parse_init_from(f"hf:{run}")
+
+
 def test_a_new_out_dir_next_to_a_run_of_nearly_its_name_says_so(char_data, tmp_path, capsys):
     """A sweep's `--out_dir out/sweep/lr_3e3`, meant to extend out/sweep/lr_3e-3, silently
     started a fresh run from step 0 in a new folder."""
