@@ -169,8 +169,8 @@ def _read_json_quietly(path: Path) -> object:
 
 def prepare_again(data_dir: Path, meta: dict | None = None) -> str:
     """How to remake the dataset in `data_dir` over what is there, to follow "make it again":
-    the prep command, with the corpus and tokenizer options that `meta` (its meta.json, read
-    here when not given) or else tokenizer.json records."""
+    the prep command, with the corpus, tokenizer and split options that `meta` (its meta.json,
+    read here when not given) or else tokenizer.json records."""
     meta = _read_meta_quietly(Path(data_dir)) if meta is None else meta
     source = meta.get("source")
     stdlib = isinstance(source, str) and source.startswith("stdlib:")
@@ -182,10 +182,30 @@ def prepare_again(data_dir: Path, meta: dict | None = None) -> str:
         options = " --tokenizer char"
     elif kind == "bpe" and isinstance(vocab_size, int):
         options = f" --tokenizer bpe --vocab-size {vocab_size}"
+    split = _split_options(meta)
     came_from = (f" (meta.json says it was made from {source})" if isinstance(source, str) and not stdlib else "")
-    return (f"from the same input and options{came_from}, which give the same files: "
-            f"python data_prep/prepare.py {'--source stdlib' if stdlib else '--input YOUR_TEXT'}{options} "
+    unknown = (" (add the split options it was made with, --val-rule, --val-fraction, --seed...: meta.json "
+               "alone recorded them)" if "val_rule" not in meta else "")
+    return (f"from the same input and options{came_from}, which give the same files{unknown}: "
+            f"python data_prep/prepare.py {'--source stdlib' if stdlib else '--input YOUR_TEXT'}{options}{split} "
             f"--out {data_dir} --overwrite")
+
+
+def _split_options(meta: dict) -> str:
+    """prepare.py's options for the train/val split and shard size that meta.json records, where
+    they differ from its defaults (data_prep/shakespeare.py's tail rule and val fraction 0.1, say):
+    without them a remake cut train and val elsewhere, and a run refused to resume on it."""
+    from gpt.prepare import build_parser  # the command's own defaults (a lazy import: prepare imports this module)
+
+    parser = build_parser()
+    rule = meta.get("val_rule")
+    rule = rule.split(":", 1)[0] if isinstance(rule, str) else None  # "tail: the last 0.1 ..."
+    given = {"--val-rule": rule, "--val-fraction": meta.get("val_fraction"), "--seed": meta.get("seed"),
+             "--val-chunk-tokens": meta.get("val_chunk_tokens") if rule == "chunks" else None,
+             "--shard-tokens": meta.get("shard_tokens")}
+    return "".join(f" {option} {value!r}" if isinstance(value, float) else f" {option} {value}"
+                   for option, value in given.items()
+                   if value is not None and value != parser.get_default(option[2:].replace("-", "_")))
 
 
 def dataset_files(data_dir: Path) -> list[Path]:

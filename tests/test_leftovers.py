@@ -91,6 +91,28 @@ def test_a_half_copied_dataset_names_the_missing_file_and_a_command_that_remakes
     TokenLoader(data, split, 2, 8)
 
 
+@pytest.mark.parametrize("split", [["--val-rule", "tail", "--val-fraction", "0.1"],
+                                   ["--val-fraction", "0.05", "--seed", "3", "--val-chunk-tokens", "300",
+                                    "--shard-tokens", "20000"]])
+def test_the_remake_command_keeps_the_split_options_the_dataset_was_made_with(char_dataset, tmp_path, split):
+    # data_prep/shakespeare.py makes its datasets with the tail rule and val fraction 0.1; the
+    # advised remake left both out: train and val were cut elsewhere, and a run trained on the
+    # dataset then refused to resume on the remade one (train tokens: 1,003,854 vs 1,099,010).
+    from gpt.prepare import main
+
+    corpus, _ = char_dataset
+    original = tmp_path / "original"
+    assert main(["--input", str(corpus), "--out", str(original), "--tokenizer", "char", "--no-progress", *split]) == 0
+    data = tmp_path / "data"
+    shutil.copytree(original, data)
+    (data / "val_000000.bin").unlink()
+    with pytest.raises(ShardError) as e:
+        TokenLoader(data, "val", 2, 8)
+    command = _advised_command(str(e.value), corpus)
+    assert main([*command, "--no-progress"]) == 0
+    assert _files(data) == _files(original)
+
+
 def test_bare_llm_c_shards_with_gpt2s_tokenizer_json_are_a_dataset(tmp_path):
     # gpt2_tokenizer() says, where the hub is out of reach, to put GPT-2's tokenizer.json into
     # the dataset folder; load_meta then refused that folder ("tokenizer.json but no meta.json").
