@@ -103,8 +103,10 @@ def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
     # A char vocabulary's size is the corpus's count of distinct characters, known only later.
     vocab = f", vocab {config.prepare_vocab_size}" if config.prepare_tokenizer == "bpe" else ""
     meant = typo_of(data_dir, ("meta.json",))
-    typo = (f" (did you mean {meant}, the dataset beside it? Then stop this run with Ctrl-C and give that "
-            f"data_dir)" if meant is not None else "")
+    # Ctrl-C twice: a first one during set-up lets the run train one step and save a checkpoint
+    # (gpt/stop.py), which a rerun in this out_dir would then resume, on the wrong tokenizer.
+    typo = (f" (did you mean {meant}, the dataset beside it? Then press Ctrl-C, and again once it "
+            f"answers, which stops this run before it saves anything; and give that data_dir)" if meant is not None else "")
     say(f"{data_dir} {state}{typo}; preparing the '{config.prepare_source}' corpus there "
         f"({config.prepare_tokenizer}{vocab}; prepare_source = 'none' makes a missing dataset an error instead)")
     try:

@@ -164,8 +164,52 @@ def test_a_mistyped_data_dir_that_gets_the_default_corpus_names_the_dataset_mean
     typo = tmp_path / "shakespear_char"
     _prepare_default(tiny_config(typo, tmp_path / "run", prepare_source="stdlib"), typo)
     assert prepared == [typo]
-    assert (f"{typo} does not exist (did you mean {tmp_path / 'shakespeare_char'}, the dataset beside it? Then stop "
-            f"this run with Ctrl-C and give that data_dir); preparing the 'stdlib' corpus there") in capsys.readouterr().out
+    assert (f"{typo} does not exist (did you mean {tmp_path / 'shakespeare_char'}, the dataset beside it? Then press "
+            f"Ctrl-C, and again once it answers, which stops this run before it saves anything; and give that "
+            f"data_dir); preparing the 'stdlib' corpus there") in capsys.readouterr().out
+
+
+def test_following_the_mistyped_data_dir_advice_leaves_a_run_that_trains_on_the_dataset_meant(char_data, tmp_path):
+    """The advice said "stop this run with Ctrl-C": one Ctrl-C during set-up lets the run prepare
+    the corpus, train a step and save a checkpoint, and the rerun with the data_dir meant was then
+    refused (the checkpoint's tokenizer maps tokens to other ids)."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, tiny_args
+
+    shutil.copytree(char_data, tmp_path / "shakespeare_char")
+    typo, run = tmp_path / "shakespear_char", tmp_path / "run"
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "train.py", *tiny_args(typo, run, max_steps=10),
+                                 "--prepare_source=stdlib"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "did you mean" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        advice = log.read_text()
+        assert "press Ctrl-C, and again once it answers" in advice, advice
+        # As a user does: the second Ctrl-C once the first is answered (two signals during a
+        # long call into Rust, such as BPE training, reach Python's handler as one).
+        os.kill(proc.pid, signal.SIGINT)
+        while "Ctrl-C: training has not started" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, log.read_text()
+    finally:
+        proc.kill()
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+    rerun = subprocess.run([sys.executable, "train.py", *tiny_args(tmp_path / "shakespeare_char", run, max_steps=10)],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resumed from" not in rerun.stdout
 
 
 @pytest.mark.parametrize("tool, args", [("gpt.eval", ["out/none"]), ("gpt.export", ["out/none", "--out", "x"]),
