@@ -372,7 +372,9 @@ def _check_one_file_type(folder: Path, module: str, by_split: dict[str, list[str
         shown = ", ".join(left_out[:3]) + (f" and {len(left_out) - 3:,} more" if len(left_out) > 3 else "")
         raise SourceError(f"--hf-dataset {folder}: holds data files of more than one type; datasets reads "
                           f"only its {module} files and would leave out {shown}; put each type in a folder "
-                          f"of its own, or name the files with --hf-dataset {module} --hf-data-files FILE...")
+                          f"of its own (one dataset is made from files of one type: a builder reads every "
+                          f"file it is given as its own format), or name the {module} files alone with "
+                          f"--hf-dataset {module} --hf-data-files FILE...")
 
 
 def _file_reason(path: Path, e: BaseException) -> str:

@@ -642,9 +642,13 @@ def vocab_size_option(args: argparse.Namespace) -> int | None:
     character of the corpus). Call it before reading anything, so that nothing is written."""
     if args.tokenizer == "char":
         if args.vocab_size is not None:
+            # The BPE alternative only where that size is one BPE takes: it was advised for 100,
+            # which BPE then refused in turn.
+            bpe = (", or use --tokenizer bpe" if args.vocab_size >= MIN_BPE_VOCAB else
+                   f" (or use --tokenizer bpe with a --vocab-size of at least {MIN_BPE_VOCAB}: 256 bytes + end-of-text)")
             raise PrepareError(f"--vocab-size {args.vocab_size} cannot be used with --tokenizer char: a char "
                                f"vocabulary is sized by the corpus (one id per distinct character); "
-                               f"drop --vocab-size, or use --tokenizer bpe")
+                               f"drop --vocab-size{bpe}")
         return None
     return args.bpe_vocab_size if args.vocab_size is None else args.vocab_size
 

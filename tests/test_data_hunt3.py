@@ -102,8 +102,12 @@ def test_hf_folder_of_mixed_file_types_is_refused(tmp_path, files, chosen, left_
     without a word (a folder of one .jsonl and two .txt trained on the .txt alone)."""
     folder = _folder(tmp_path, "mixed", files)
     with pytest.raises(SourceError, match=f"more than one type; datasets reads only its {chosen} files and "
-                                          f"would leave out {folder}/{left_out}"):
+                                          f"would leave out {folder}/{left_out}") as e:
         list(_hf(folder, tmp_path))
+    # The alternative names the chosen type's files alone: all of them given to one builder (as a
+    # review did, following "name the files") put the JSON lines into the corpus as raw text.
+    assert f"or name the {chosen} files alone with --hf-dataset {chosen} --hf-data-files" in str(e.value)
+    assert "one dataset is made from files of one type" in str(e.value)
 
 
 def test_cli_bad_file_in_hf_folder_is_one_line_and_keeps_the_old_dataset(tmp_path, capsys, monkeypatch):
