@@ -205,6 +205,14 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Reject impossible values with a message that names the key."""
         for f in fields(self):
+            # Of the default's type (an int for a float key is fine): a TrainConfig built in Python
+            # with max_steps="5" failed later with a TypeError far from the key.
+            value, kind = getattr(self, f.name), type(f.default)
+            numeric = kind in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (numeric and (kind is float or isinstance(value, int)) or kind not in (int, float) and isinstance(value, kind)):
+                raise ConfigError(f"{f.name} must be {'a' if kind is not int else 'an'} {kind.__name__}, "
+                                  f"got {value!r} ({type(value).__name__})")
+        for f in fields(self):
             _check_choice(f.name, getattr(self, f.name))
         for f in fields(self):
             value = getattr(self, f.name)

@@ -404,7 +404,9 @@ def resolve_source(source, encoding_errors: str = "strict") -> Corpus:
     if isinstance(source, str):
         if source == "stdlib":
             return stdlib_corpus()
-        raise SourceError(f"unknown source {source!r}: the named source is 'stdlib'; "
+        # Shortened: a whole corpus passed as one str (not [text]) made a message of a million characters.
+        shown = repr(source) if len(source) <= 80 else f"{source[:60]!r}... ({len(source):,} characters)"
+        raise SourceError(f"unknown source {shown}: the named source is 'stdlib'; "
                           f"pass files as Path objects (or --input), documents as a list of str")
     if isinstance(source, os.PathLike):
         return LocalFiles([source], errors=encoding_errors)

@@ -24,7 +24,7 @@ from . import checkpoint as ckpt
 from . import hf
 from . import locks
 from . import parallel
-from .config import ConfigError, TrainConfig, grad_accum_steps, tokens_per_optimizer_step
+from .config import ConfigError, TrainConfig, expand_home, grad_accum_steps, tokens_per_optimizer_step
 from .dataset import check_is_folder, check_token_ids, dataset_files, load_meta, prepare_again, wait_for_prep
 from .console import say
 from .device import has_fast_bf16, pick_device, resolve_dtype
@@ -588,7 +588,24 @@ def timed_evaluate(wrapped: torch.nn.Module, config: TrainConfig, info: DistInfo
 def train(config: TrainConfig, *, tune_cpu_allocator: bool = False) -> TrainResult:
     """Train as `config` says; see the module docstring. `tune_cpu_allocator` (train.py sets it):
     on a CPU, keep freed memory in the process for the next step (gpt/allocator.py), a setting
-    that lasts as long as the process, hence not for a library caller that goes on to other work."""
+    that lasts as long as the process, hence not for a library caller that goes on to other work.
+
+    From Python: `config` is checked as train.py checks it (validate, '~' expanded), so a
+    TrainConfig built by hand gets the same ConfigErrors. A stop signal (Ctrl-C, SIGTERM) saves a
+    checkpoint and raises SystemExit (130 for Ctrl-C, 75 otherwise), which `except Exception` does
+    not catch; calling train() again resumes. The caller's CPU random state is put back afterwards
+    (the run seeds its own from config.seed); a GPU's generators are left seeded."""
+    config = expand_home(config).validate()
+    if torch.get_default_dtype() != torch.float32:
+        # Every weight would be built in it, while the log and state.json said float32.
+        raise ConfigError(f"torch's default dtype is {torch.get_default_dtype()} (torch.set_default_dtype): "
+                          f"train() builds its model in float32 and sets lower precision with dtype = "
+                          f"{config.dtype!r}; set the default back to torch.float32 first")
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():  # a caller under no_grad too
+        return _train_guarded(config, tune_cpu_allocator)
+
+
+def _train_guarded(config: TrainConfig, tune_cpu_allocator: bool) -> TrainResult:
     stop = StopFlag()
     stop.install()  # first: a signal during set-up must not kill the run (see StopFlag)
     try:

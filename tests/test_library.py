@@ -1,0 +1,76 @@
+"""The package from Python, as a notebook uses it: gpt.trainer.train(TrainConfig(...)) in a
+long-lived process (a review of library use found each of these)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from gpt.config import ConfigError, TrainConfig
+from gpt.trainer import train
+
+
+def _unchecked(config: TrainConfig, **changes) -> TrainConfig:
+    """`config` with `changes`, not validated: a TrainConfig as a library user builds one."""
+    return dataclasses.replace(config, **changes)
+
+
+def test_train_checks_a_config_built_by_hand(char_data, tmp_path):
+    # Nothing validated a TrainConfig given to train(): out_dir = data_dir wrote checkpoints
+    # among the dataset's files, min_lr > learning_rate trained to a val loss of 16.
+    base = tiny_config(char_data, tmp_path / "run", max_steps=2)
+    before = sorted(p.name for p in char_data.iterdir())
+    with pytest.raises(ConfigError, match="among the dataset's files"):
+        train(_unchecked(base, out_dir=str(char_data)))
+    assert sorted(p.name for p in char_data.iterdir()) == before
+    with pytest.raises(ConfigError, match="min_lr"):
+        train(_unchecked(base, min_lr=1.0))
+    with pytest.raises(ConfigError, match=r"max_steps must be an int, got '5' \(str\)"):
+        train(_unchecked(base, max_steps="5"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_expands_home_in_its_folders_as_train_py_does(char_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    train(_unchecked(tiny_config(char_data, tmp_path, max_steps=2, eval_interval=0), out_dir="~/run"))
+    assert (tmp_path / "home" / "run" / "latest").is_file()
+    assert not (tmp_path / "~").exists()
+
+
+def test_train_leaves_the_callers_random_state_and_grad_mode(char_data, tmp_path):
+    # train() seeded the global generator from config.seed: whatever the caller drew afterwards
+    # was the same whatever seed the caller had set. Under no_grad it failed in backward.
+    config = tiny_config(char_data, tmp_path / "run", max_steps=2, eval_interval=0)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        train(config)
+        assert not torch.is_grad_enabled()
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_train_refuses_another_default_dtype(char_data, tmp_path):
+    # The model was built in float64 while the log and state.json said float32.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with pytest.raises(ConfigError, match="default dtype is torch.float64"):
+            train(tiny_config(char_data, tmp_path / "run", max_steps=2))
+    finally:
+        torch.set_default_dtype(previous)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_whole_corpus_given_as_one_string_is_named_briefly(tmp_path):
+    from gpt.prepare import prepare
+    from gpt.sources import SourceError
+
+    with pytest.raises(SourceError) as e:
+        prepare(tmp_path / "out", "to be or not to be " * 10_000, tokenizer="char", progress=False)
+    assert len(str(e.value)) < 400 and "190,000 characters" in str(e.value), str(e.value)[:500]
