@@ -419,14 +419,22 @@ def out_of_memory_message(config: TrainConfig, error: BaseException) -> str:
         suggest_bf16 = dtype != torch.bfloat16 and has_fast_bf16(device)
     except Exception:
         pass
-    return (
-        f"out of memory ({first_line}) with batch_size {config.batch_size}, block_size "
-        f"{config.block_size}, n_layer {config.n_layer}, n_embd {config.n_embd}, dtype {dtype_name}; "
-        f"{kept}. Reduce batch_size (set tokens_per_step to keep the tokens per optimizer step: "
-        f"gradient accumulation makes up the difference), block_size, or the model size (n_layer, "
-        f"n_embd); or set activation_checkpointing=true, " + ("dtype=bfloat16, " if suggest_bf16 else "")
-        + "or on several GPUs parallel=fsdp (with fsdp_cpu_offload=true for the largest models)"
-    )
+    others = (("dtype=bfloat16, " if suggest_bf16 else "")
+              + "or on several GPUs parallel=fsdp (with fsdp_cpu_offload=true for the largest models)")
+    sizes = f"out of memory ({first_line}) with batch_size {config.batch_size}, block_size " \
+            f"{config.block_size}, n_layer {config.n_layer}, n_embd {config.n_embd}, dtype {dtype_name}; {kept}."
+    if latest is None:
+        return (f"{sizes} Reduce batch_size (set tokens_per_step to keep the tokens per optimizer step: "
+                f"gradient accumulation makes up the difference), block_size, or the model size (n_layer, "
+                f"n_embd); or set activation_checkpointing=true, {others}")
+    # A resume refuses another block_size or model shape (they are the checkpoint's), and another
+    # batch_size unless the tokens per optimizer step stay the same: advice naming those failed.
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    keep = ("" if config.tokens_per_step else
+            f" and set tokens_per_step = {tokens_per_optimizer_step(config, world)} (this run's tokens per "
+            f"optimizer step: gradient accumulation makes up the difference)")
+    return (f"{sizes} To resume from it, lower batch_size{keep}, or set activation_checkpointing=true, "
+            f"{others}. A smaller block_size or model (n_layer, n_embd) is a new run: another out_dir")
 
 
 # ----------------------------------------------------------------------------------------

@@ -592,7 +592,12 @@ def test_out_of_memory_names_what_to_reduce_and_loses_nothing(char_data, run_cop
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert "error: out of memory" in result.stderr and "batch_size 4096, block_size 64" in result.stderr
-    assert "Reduce batch_size (set tokens_per_step" in result.stderr and "activation_checkpointing=true" in result.stderr
+    # A run with a checkpoint is told only what a resume from it accepts: the advice to reduce
+    # block_size or the model was refused by the resume (a review followed it).
+    assert ("To resume from it, lower batch_size and set tokens_per_step = 262144 (this run's tokens per "
+            "optimizer step" in result.stderr), result.stderr[-3000:]
+    assert "activation_checkpointing=true" in result.stderr and "Reduce batch_size" not in result.stderr
+    assert "A smaller block_size or model (n_layer, n_embd) is a new run: another out_dir" in result.stderr
     assert f"the last checkpoint, {before}, is intact" in result.stderr
     assert ckpt.latest_checkpoint(run_copy) == before
     ckpt.verify_checkpoint(before)
