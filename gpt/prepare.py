@@ -151,6 +151,11 @@ def prepare(
         counts = _Counts()
         tok = _fit_tokenizer(corpus, tokenizer, vocab_size, tokenizer_train_bytes, counts, progress)
         if counts.documents == 0:
+            undecodable = getattr(corpus, "undecodable", None)
+            if undecodable:  # --encoding-errors skip left every file out: the input is not empty
+                raise PrepareError(f"{corpus.description}: no text left: every file was skipped as not valid "
+                                   f"UTF-8 (--encoding-errors skip), e.g. {undecodable[0]}; use --encoding-errors "
+                                   f"replace, or convert the files to UTF-8 (iconv -f latin1 -t utf-8)")
             raise PrepareError(f"{corpus.description}: no text found (the input is empty)")
         writers = {split: ShardWriter(staging, split, shard_tokens) for split in SPLITS}
         _encode_corpus(corpus, tok, writers, counts, val_rule, val_fraction, val_chunk_tokens, seed, progress,
@@ -719,9 +724,12 @@ def corpus_from_args(args: argparse.Namespace) -> Corpus:
 def run_prep(out: str | Path, prep: Callable[[], object]) -> int:
     """A data_prep command's exit status for prep(), which writes the dataset `out`: 0 once done;
     bad input (2), Ctrl-C (130) and running out of memory (1) are one line on stderr, no traceback.
-    prepare() removes its staging folder on every failure, so `out` is as it was."""
+    prepare() removes its staging folder on every failure, so `out` is as it was. Warnings (a file
+    skipped) are one `warning:` line each, not Python's two lines with the source line."""
     try:
-        prep()
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            prep()
     except (ValueError, OSError) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -753,9 +761,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress, log=lambda line: print(line, flush=True),
         )
 
-    with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
-        return run_prep(args.out, prep)
+    return run_prep(args.out, prep)
 
 
 def ran_out_of_memory(error: BaseException) -> bool:

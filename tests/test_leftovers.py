@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_script
 from gpt.loader import TokenLoader
 from gpt.dataset import load_meta
 from gpt.shards import ShardError
@@ -280,3 +280,22 @@ def test_checksums_and_data_prep_workers_count_usable_cpus_in_one_place(monkeypa
     r = subprocess.run([sys.executable, "-c", "import sys, gpt.prepare; print('torch' in sys.modules)"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "False", r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", ["prepare", "shakespeare"])
+def test_encoding_errors_skip_that_leaves_no_file_says_so(tmp_path, script):
+    # Following "pass --encoding-errors replace or skip" for one Latin-1 file (every
+    # data_prep/shakespeare.py input is one file) ended in "no text found (the input is empty)";
+    # shakespeare.py also showed the skip as Python's raw two-line warning.
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"caf\xe9 au lait\n" * 50)
+    args = ["--input", str(latin), "--out", str(tmp_path / "out"), "--encoding-errors", "skip", "--no-progress"]
+    if script == "prepare":
+        args += ["--tokenizer", "char"]
+    result = run_script(f"data_prep/{script}.py", *args)
+    assert result.returncode == 2, result.stderr
+    assert f"warning: skipping {latin}: not valid UTF-8 at byte offset 3" in result.stderr
+    assert "UserWarning" not in result.stderr and "Traceback" not in result.stderr
+    assert ("no text left: every file was skipped as not valid UTF-8 (--encoding-errors skip)"
+            in result.stderr.strip().splitlines()[-1]), result.stderr
+    assert not (tmp_path / "out").exists()
