@@ -154,7 +154,7 @@ def prepare(
             undecodable = getattr(corpus, "undecodable", None)
             if undecodable:  # --encoding-errors skip left every file out: the input is not empty
                 raise PrepareError(f"{corpus.description}: no text left: every file was skipped as not valid "
-                                   f"UTF-8 (--encoding-errors skip), e.g. {undecodable[0]}; use --encoding-errors "
+                                   f"UTF-8 (--encoding-errors skip), e.g. {next(iter(undecodable))}; use --encoding-errors "
                                    f"replace, or convert the files to UTF-8 (iconv -f latin1 -t utf-8)")
             raise PrepareError(f"{corpus.description}: no text found (the input is empty)")
         writers = {split: ShardWriter(staging, split, shard_tokens) for split in SPLITS}
@@ -649,8 +649,9 @@ def vocab_size_option(args: argparse.Namespace) -> int | None:
         if args.vocab_size is not None:
             # The BPE alternative only where that size is one BPE takes: it was advised for 100,
             # which BPE then refused in turn.
-            bpe = (", or use --tokenizer bpe" if args.vocab_size >= MIN_BPE_VOCAB else
-                   f" (or use --tokenizer bpe with a --vocab-size of at least {MIN_BPE_VOCAB}: 256 bytes + end-of-text)")
+            bpe = (", or use --tokenizer bpe" if MIN_BPE_VOCAB <= args.vocab_size <= MAX_VOCAB else
+                   f" (or use --tokenizer bpe with a --vocab-size from {MIN_BPE_VOCAB} to {MAX_VOCAB:,}: 256 bytes + "
+                   f"end-of-text at least, uint16 token ids at most)")
             raise PrepareError(f"--vocab-size {args.vocab_size} cannot be used with --tokenizer char: a char "
                                f"vocabulary is sized by the corpus (one id per distinct character); "
                                f"drop --vocab-size{bpe}")

@@ -27,12 +27,14 @@ from .tokenizer import same_vocab
 
 
 def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str, Any],
-                               resuming: bool) -> dict[str, Any]:
+                               resuming: bool, current_model: dict[str, Any] | None = None) -> dict[str, Any]:
     """A checkpoint must have been trained on this dataset's vocabulary (same ids for the same
     tokens); a resumed run must also read the same train split in the same window order, or it
     could not continue its exact window sequence. Reads state.json and both tokenizer.json
     files, and when resuming the train shards' headers and their token fingerprint
-    (`TokenLoader.fingerprint`); returns state.json."""
+    (`TokenLoader.fingerprint`); returns state.json. `current_model`: the model config this run
+    builds, whose differences from the checkpoint's (and another optimizer) a refusal names too:
+    they were refused one at a time, each fix met by the next refusal."""
     try:
         state = ckpt.read_state(source)
     except (OSError, ValueError) as e:
@@ -57,10 +59,11 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
         )
     saved_model = state.get("model_config", {})
     if not resuming and config.block_size > saved_model.get("block_size", config.block_size):
+        shape = _shape_problem(source, saved_model, current_model, init_from=True)
         raise ConfigError(
             f"block_size = {config.block_size} is larger than the {saved_model['block_size']} "
             f"positions the model in {source} (init_from) has position embeddings for; set "
-            f"block_size = {saved_model['block_size']}"
+            f"block_size = {saved_model['block_size']}" + (f". Also, {shape}" if shape else "")
         )
     if not resuming:
         return state
@@ -89,12 +92,31 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
         mismatches.append(f"train tokens: {data_dir} holds as many as the checkpoint's dataset, but not "
                           f"the same ones (it was prepared again: another input, --seed or split rule)")
     if mismatches:
+        shape = _shape_problem(source, saved_model, current_model)
+        optimizer = _other_optimizer(state, config)
+        also = "".join(f". Also, {problem}" for problem in (shape, optimizer) if problem)
+        # A new run from its weights needs its model's shape (init_from refuses another).
+        new_run = "" if shape else f", or start a new run from its weights: --init_from={source} --out_dir=ANOTHER_FOLDER"
         raise ckpt.CheckpointError(
             f"cannot resume {source}: the run would not read the data it was reading "
-            f"({'; '.join(mismatches)}). Use the checkpoint's dataset and settings, or start a new "
-            f"run from its weights: --init_from={source} --out_dir=ANOTHER_FOLDER"
+            f"({'; '.join(mismatches)}){also}. Use the checkpoint's dataset and settings{new_run}"
         )
     return state
+
+
+def _shape_problem(source: Path, saved_model: dict[str, Any], current_model: dict[str, Any] | None,
+                   init_from: bool = False) -> str | None:
+    """What ckpt.check_model_config says of this run's model against the checkpoint's, or None.
+    For init_from, block_size aside: a shorter context is cropped, a longer one said already."""
+    if current_model is None or not saved_model:
+        return None
+    if init_from and "block_size" in saved_model:
+        current_model = dict(current_model, block_size=saved_model["block_size"])
+    try:
+        ckpt.check_model_config(source, saved_model, current_model, init_from=init_from)
+    except ckpt.CheckpointError as e:
+        return str(e)
+    return None
 
 
 def check_resumed_model(resume_from: Path, saved: dict[str, Any], current: dict[str, Any],

@@ -310,7 +310,8 @@ class LocalFiles(DocumentsFromPieces):
     # Each file's size and modification time when read: a file that changes between reads is an error.
     _stamps: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     # Files left out as not valid UTF-8 under errors="skip" (all of them: prep's "no text" says why).
-    undecodable: list = field(default_factory=list, init=False, repr=False, compare=False)
+    # (A dict as an ordered set: a folder may hold many thousands of binary files.)
+    undecodable: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     description: str = ""
 
     def __post_init__(self):
@@ -372,8 +373,7 @@ class LocalFiles(DocumentsFromPieces):
             if self.errors == "skip":
                 error = first_decode_error(path)  # before any piece: skip the file whole
                 if error is not None:
-                    if path not in self.undecodable:
-                        self.undecodable.append(path)
+                    self.undecodable.setdefault(path, None)
                     if self.warn_skips:
                         self._warn_once(path, f"skipping {path}: not valid UTF-8 at byte offset {error.offset}")
                     continue

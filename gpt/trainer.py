@@ -239,7 +239,9 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
     gpt_config = gpt_config_for(config, meta["vocab_size"])
     resume_from = ckpt.latest_checkpoint(out_dir) if config.resume == "auto" else None
     if resume_from is not None:
-        saved = check_checkpoint_fits_data(resume_from, config, meta, resuming=True)
+        # (hf:DIR runs take their shape from the checkpoint below: no shape to compare yet.)
+        shape = None if config.init_from.startswith(hf.HF_PREFIX) else asdict(gpt_config)
+        saved = check_checkpoint_fits_data(resume_from, config, meta, resuming=True, current_model=shape)
         if config.init_from:
             log(info, f"out_dir holds {resume_from}: resuming from it; init_from = {config.init_from!r} "
                       f"only gives the weights of a run's first start and is not used now")
@@ -276,7 +278,7 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
     elif resume_from is None and config.init_from:
         with init_source(config.init_from, info) as source:
             ckpt.verify_checkpoint(source)  # sizes and checksums, before anything of it is read
-            saved = check_checkpoint_fits_data(source, config, meta, resuming=False)
+            saved = check_checkpoint_fits_data(source, config, meta, resuming=False, current_model=asdict(gpt_config))
             trained_context = saved["model_config"].get("block_size")
             crop = isinstance(trained_context, int) and trained_context > gpt_config.block_size
             if crop:  # fine-tuning at a shorter context: load at the trained one, then crop
@@ -433,7 +435,9 @@ def out_of_memory_message(config: TrainConfig, error: BaseException) -> str:
     keep = ("" if config.tokens_per_step else
             f" and set tokens_per_step = {tokens_per_optimizer_step(config, world)} (this run's tokens per "
             f"optimizer step: gradient accumulation makes up the difference)")
-    return (f"{sizes} To resume from it, lower batch_size{keep}, or set activation_checkpointing=true, "
+    # resume = 'never' refuses an out_dir with checkpoints: the rerun must resume.
+    auto = " with resume = 'auto'" if config.resume == "never" else ""
+    return (f"{sizes} To resume from it{auto}, lower batch_size{keep}, or set activation_checkpointing=true, "
             f"{others}. A smaller block_size or model (n_layer, n_embd) is a new run: another out_dir")
 
 

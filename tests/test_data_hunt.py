@@ -208,7 +208,7 @@ def test_vocab_size_with_the_char_tokenizer_is_an_error_before_any_work(tmp_path
     corpus = tmp_path / "in.txt"
     corpus.write_text("to be or not to be, that is the question\n" * 100)
     out = tmp_path / "out"
-    for size in ("100", "500", "8192"):  # the BPE default, given, is given too
+    for size in ("100", "500", "8192", "70000"):  # the BPE default, given, is given too
         code = prepare_module.main(["--input", str(corpus), "--out", str(out), "--tokenizer", "char",
                                     f"--vocab-size={size}", "--val-rule=tail", "--val-fraction=0.1",
                                     "--min-val-tokens=10", "--no-progress"])
@@ -217,7 +217,7 @@ def test_vocab_size_with_the_char_tokenizer_is_an_error_before_any_work(tmp_path
         assert err[-1].startswith("error: ") and "--vocab-size" in err[-1] and "--tokenizer char" in err[-1]
         assert "sized by the corpus" in err[-1]
         # The BPE alternative names the size BPE needs where this one is too small for it.
-        assert ("--tokenizer bpe with a --vocab-size of at least 257" in err[-1]) == (int(size) < 257), err[-1]
+        assert ("--tokenizer bpe with a --vocab-size from 257 to 65,536" in err[-1]) == (not 257 <= int(size) <= 65536), err[-1]
         assert not out.exists()
     # data_prep/shakespeare.py, char by default: its --vocab-size alone is the same mistake, refused
     # before the text is downloaded or read.

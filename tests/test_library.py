@@ -30,6 +30,8 @@ def test_train_checks_a_config_built_by_hand(char_data, tmp_path):
         train(_unchecked(base, min_lr=1.0))
     with pytest.raises(ConfigError, match=r"max_steps must be an int, got '5' \(str\)"):
         train(_unchecked(base, max_steps="5"))
+    with pytest.raises(ConfigError, match=r"init_from must be a str, got None"):  # not AttributeError
+        train(_unchecked(base, init_from=None))
     assert not (tmp_path / "run").exists()
 
 
@@ -74,3 +76,39 @@ def test_a_whole_corpus_given_as_one_string_is_named_briefly(tmp_path):
     with pytest.raises(SourceError) as e:
         prepare(tmp_path / "out", "to be or not to be " * 10_000, tokenizer="char", progress=False)
     assert len(str(e.value)) < 400 and "190,000 characters" in str(e.value), str(e.value)[:500]
+
+
+def test_a_refused_resume_or_init_from_names_every_difference_at_once(char_data, tmp_path):
+    # Following each refusal took a try per setting: the data settings first, then the optimizer
+    # or the model's shape; and the fallback advice, a new run from its weights, then met the
+    # shape refusal (a review followed them literally).
+    from gpt import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=4, eval_interval=2))
+    with pytest.raises(ckpt.CheckpointError) as e:
+        train(tiny_config(char_data, run, max_steps=8, data_order="sequential", optimizer="adamw"
+                          if tiny_config(char_data, run).optimizer == "muon" else "muon"))
+    text = str(e.value)
+    assert "data_order: checkpoint 'random' vs config 'sequential'" in text and "Also, it was trained with optimizer" in text
+    assert "--init_from=" in text  # the same shape: a new run from its weights works
+    with pytest.raises(ckpt.CheckpointError) as e:
+        train(tiny_config(char_data, run, max_steps=8, data_order="sequential", n_embd=32))
+    text = str(e.value)
+    assert "data_order" in text and "n_embd: checkpoint 64 vs config 32" in text and "--init_from=" not in text
+    with pytest.raises(ConfigError) as e:
+        train(tiny_config(char_data, tmp_path / "new", init_from=str(run), block_size=128, n_layer=3))
+    text = str(e.value)
+    assert "set block_size = 64" in text and "n_layer: checkpoint 2 vs config 3" in text and "--n_layer=2" in text
+
+
+def test_out_of_memory_advice_to_a_resume_never_run_says_to_resume(char_data, tmp_path):
+    # resume = 'never' refuses an out_dir holding checkpoints: "to resume from it" alone failed.
+    from gpt.trainer import out_of_memory_message
+
+    config = tiny_config(char_data, tmp_path / "run", max_steps=2, eval_interval=2, resume="never")
+    train(config)
+    text = out_of_memory_message(config, torch.OutOfMemoryError("out of memory"))
+    assert "To resume from it with resume = 'auto', lower batch_size and set tokens_per_step = 512" in text, text
+    assert "resume = 'auto'" not in out_of_memory_message(dataclasses.replace(config, resume="auto"),
+                                                         torch.OutOfMemoryError("out of memory"))
