@@ -112,3 +112,16 @@ def test_out_of_memory_advice_to_a_resume_never_run_says_to_resume(char_data, tm
     assert "To resume from it with resume = 'auto', lower batch_size and set tokens_per_step = 512" in text, text
     assert "resume = 'auto'" not in out_of_memory_message(dataclasses.replace(config, resume="auto"),
                                                          torch.OutOfMemoryError("out of memory"))
+
+
+def test_load_model_given_a_run_folder_says_to_name_a_checkpoint(char_data, tmp_path):
+    # It said the run folder's manifest.json was unreadable and to restore "the checkpoint" from a copy.
+    from gpt import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=2, eval_interval=2))
+    with pytest.raises(ckpt.CheckpointError, match="is a training run's folder, not one of its checkpoints") as e:
+        ckpt.load_model(run)
+    assert "restore" not in str(e.value)
+    model, state = ckpt.load_model(ckpt.latest_checkpoint(run))
+    assert state["step"] == 2

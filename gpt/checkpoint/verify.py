@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from ..model import GPTConfig
 from .files import crc32, files_under, sha256
+from ..run_layout import is_run_folder
 from .find import complete_checkpoints
 from .layout import (CHECKPOINTS_DIR, DCP_DIR, FORMATS, LATEST_FILE, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE,
                      STATE_FILE, TOKENIZER_FILE, CheckpointError, step_of)
@@ -82,6 +83,12 @@ def read_manifest(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
     try:
         manifest = json.loads(manifest_path.read_bytes())
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        if isinstance(e, FileNotFoundError) and is_run_folder(Path(ckpt_dir)):
+            # A run folder given to a library call that wants one of its checkpoints (load_model):
+            # "restore the checkpoint from a copy" sent its user after damage there is none of.
+            raise CheckpointError(f"{ckpt_dir} is a training run's folder, not one of its checkpoints: name "
+                                  f"a checkpoint folder (gpt.checkpoint.latest_checkpoint finds the run's "
+                                  f"latest)") from None
         raise CheckpointError(
             f"{manifest_path}: unreadable manifest ({e}); {_damaged_advice(ckpt_dir)}") from e
     problem = _manifest_problem(manifest)
