@@ -726,11 +726,13 @@ def check_launch_environment(environ: Any) -> None:
 def expand_home(config: TrainConfig) -> TrainConfig:
     """'~' in the folders, as a shell would have expanded it: it does not in `--out_dir=~/x`
     (after '=') nor in a TOML file, where it made a folder named '~' in the working directory."""
-    if not all(isinstance(v, str) for v in (config.out_dir, config.data_dir, config.init_from)):
+    folders = (config.out_dir, config.data_dir, config.init_from)
+    if not all(isinstance(v, (str, os.PathLike)) for v in folders):
         return config  # a TrainConfig built in Python with another type: validate() names it
-    prefix = "hf:" if config.init_from.startswith("hf:") else ""  # gpt/hf.py HF_PREFIX (no torch here)
-    return replace(config, out_dir=os.path.expanduser(config.out_dir), data_dir=os.path.expanduser(config.data_dir),
-                   init_from=prefix + os.path.expanduser(config.init_from[len(prefix):]))
+    out_dir, data_dir, init_from = (os.fspath(v) for v in folders)  # a Path from Python: its str
+    prefix = "hf:" if init_from.startswith("hf:") else ""  # gpt/hf.py HF_PREFIX (no torch here)
+    return replace(config, out_dir=os.path.expanduser(out_dir), data_dir=os.path.expanduser(data_dir),
+                   init_from=prefix + os.path.expanduser(init_from[len(prefix):]))
 
 
 def early_config_error(argv: list[str], default_config: str | os.PathLike) -> int | None:

@@ -153,9 +153,10 @@ def prepare(
         if counts.documents == 0:
             undecodable = getattr(corpus, "undecodable", None)
             if undecodable:  # --encoding-errors skip left every file out: the input is not empty
-                raise PrepareError(f"{corpus.description}: no text left: every file was skipped as not valid "
-                                   f"UTF-8 (--encoding-errors skip), e.g. {next(iter(undecodable))}; use --encoding-errors "
-                                   f"replace, or convert the files to UTF-8 (iconv -f latin1 -t utf-8)")
+                raise PrepareError(f"{corpus.description}: no text left: {len(undecodable):,} file(s) skipped as not "
+                                   f"valid UTF-8 (--encoding-errors skip), e.g. {next(iter(undecodable))}, and no "
+                                   f"other holds text; use --encoding-errors replace, or convert the files to UTF-8 "
+                                   f"(iconv -f latin1 -t utf-8)")
             raise PrepareError(f"{corpus.description}: no text found (the input is empty)")
         writers = {split: ShardWriter(staging, split, shard_tokens) for split in SPLITS}
         _encode_corpus(corpus, tok, writers, counts, val_rule, val_fraction, val_chunk_tokens, seed, progress,

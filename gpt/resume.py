@@ -92,6 +92,12 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
         mismatches.append(f"train tokens: {data_dir} holds as many as the checkpoint's dataset, but not "
                           f"the same ones (it was prepared again: another input, --seed or split rule)")
     if mismatches:
+        if str((state.get("train_config") or {}).get("init_from") or "").startswith("hf:"):
+            current_model = None  # its shape is the hf folder's, not this config's: check_resumed_model says
+        # A block_size difference is listed above already (the model's context is the windows').
+        listed = "block_size" in loader_state and loader_state["block_size"] != config.block_size
+        if listed and current_model is not None and "block_size" in saved_model:
+            current_model = dict(current_model, block_size=saved_model["block_size"])
         shape = _shape_problem(source, saved_model, current_model)
         optimizer = _other_optimizer(state, config)
         also = "".join(f". Also, {problem}" for problem in (shape, optimizer) if problem)

@@ -423,6 +423,11 @@ def test_init_from_hf_trains_and_resumes(data, tmp_path, capsys):
     # Without init_from the command asks for the config's own shape: the error says what to add.
     with pytest.raises(ckpt.CheckpointError, match=re.escape(f"resume it with --init_from=hf:{tmp_path / 'hf'}")):
         train(replace(config, init_from="", max_steps=8))
+    # With a data setting changed too, the shape is not judged against this config's own (it is
+    # the folder's): that named block_size 128 and n_embd 32, which the resume then refused.
+    with pytest.raises(ckpt.CheckpointError) as e:
+        train(replace(config, init_from="", max_steps=8, data_order="sequential"))
+    assert "data_order" in str(e.value) and "holds a different model" not in str(e.value)
     # The folder moved away since: the same shape error and hint, not one about the folder.
     (tmp_path / "hf").rename(tmp_path / "hf_moved")
     with pytest.raises(ckpt.CheckpointError, match="holds a different model.*resume it with --init_from=hf:"):

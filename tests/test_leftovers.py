@@ -296,6 +296,6 @@ def test_encoding_errors_skip_that_leaves_no_file_says_so(tmp_path, script):
     assert result.returncode == 2, result.stderr
     assert f"warning: skipping {latin}: not valid UTF-8 at byte offset 3" in result.stderr
     assert "UserWarning" not in result.stderr and "Traceback" not in result.stderr
-    assert ("no text left: every file was skipped as not valid UTF-8 (--encoding-errors skip)"
+    assert ("no text left: 1 file(s) skipped as not valid UTF-8 (--encoding-errors skip)"
             in result.stderr.strip().splitlines()[-1]), result.stderr
     assert not (tmp_path / "out").exists()

@@ -100,6 +100,13 @@ def test_a_refused_resume_or_init_from_names_every_difference_at_once(char_data,
         train(tiny_config(char_data, tmp_path / "new", init_from=str(run), block_size=128, n_layer=3))
     text = str(e.value)
     assert "set block_size = 64" in text and "n_layer: checkpoint 2 vs config 3" in text and "--n_layer=2" in text
+    # A block_size difference is named once (the loader's), and a shorter one keeps the
+    # new-run advice (init_from crops the position table); a Path for out_dir is a folder as a str is.
+    with pytest.raises(ckpt.CheckpointError) as e:
+        train(tiny_config(char_data, run, max_steps=8, block_size=32))
+    text = str(e.value)
+    assert text.count("block_size: checkpoint 64 vs config 32") == 1 and "--init_from=" in text, text
+    assert train(_unchecked(tiny_config(char_data, run, max_steps=4, eval_interval=2), out_dir=run)).step == 4
 
 
 def test_out_of_memory_advice_to_a_resume_never_run_says_to_resume(char_data, tmp_path):
