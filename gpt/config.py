@@ -39,6 +39,14 @@ def _opt(default: Any, help: str, choices: Sequence[str] | None = None):
 WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # as wandb.init's check of a project name
 
 
+def _of_type(value: Any, kind: type) -> bool:
+    """Whether a key whose default is of `kind` may hold `value`: an int for a float key, never a
+    bool for a number (True is an int to Python, and would pass as n_layer = 1)."""
+    if kind in (int, float):
+        return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
 @dataclass
 class TrainConfig:
     # --- where things live ---
@@ -208,8 +216,7 @@ class TrainConfig:
             # Of the default's type (an int for a float key is fine): a TrainConfig built in Python
             # with max_steps="5" failed later with a TypeError far from the key.
             value, kind = getattr(self, f.name), type(f.default)
-            numeric = kind in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not (numeric and (kind is float or isinstance(value, int)) or kind not in (int, float) and isinstance(value, kind)):
+            if not _of_type(value, kind):
                 raise ConfigError(f"{f.name} must be {'a' if kind is not int else 'an'} {kind.__name__}, "
                                   f"got {value!r} ({type(value).__name__})")
         for f in fields(self):

@@ -203,8 +203,7 @@ def _split_options(meta: dict) -> str:
     given = {"--val-rule": rule, "--val-fraction": meta.get("val_fraction"), "--seed": meta.get("seed"),
              "--val-chunk-tokens": meta.get("val_chunk_tokens") if rule == "chunks" else None,
              "--shard-tokens": meta.get("shard_tokens")}
-    return "".join(f" {option} {value!r}" if isinstance(value, float) else f" {option} {value}"
-                   for option, value in given.items()
+    return "".join(f" {option} {value}" for option, value in given.items()  # str(float) round-trips
                    if value is not None and value != parser.get_default(option[2:].replace("-", "_")))
 
 

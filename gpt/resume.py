@@ -59,7 +59,7 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
         )
     saved_model = state.get("model_config", {})
     if not resuming and config.block_size > saved_model.get("block_size", config.block_size):
-        shape = _shape_problem(source, saved_model, current_model, init_from=True)
+        shape = _shape_problem(source, saved_model, current_model, init_from=True, context_said=True)
         raise ConfigError(
             f"block_size = {config.block_size} is larger than the {saved_model['block_size']} "
             f"positions the model in {source} (init_from) has position embeddings for; set "
@@ -92,13 +92,14 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
         mismatches.append(f"train tokens: {data_dir} holds as many as the checkpoint's dataset, but not "
                           f"the same ones (it was prepared again: another input, --seed or split rule)")
     if mismatches:
-        if str((state.get("train_config") or {}).get("init_from") or "").startswith("hf:"):
-            current_model = None  # its shape is the hf folder's, not this config's: check_resumed_model says
+        started = str((state.get("train_config") or {}).get("init_from") or "")
+        if hf.HF_PREFIX in (config.init_from[:len(hf.HF_PREFIX)], started[:len(hf.HF_PREFIX)]):
+            # Its shape is the hf folder's (the checkpoint's), not this config's: the trainer takes
+            # it from the checkpoint, or check_resumed_model says to name the folder again.
+            current_model = None
         # A block_size difference is listed above already (the model's context is the windows').
         listed = "block_size" in loader_state and loader_state["block_size"] != config.block_size
-        if listed and current_model is not None and "block_size" in saved_model:
-            current_model = dict(current_model, block_size=saved_model["block_size"])
-        shape = _shape_problem(source, saved_model, current_model)
+        shape = _shape_problem(source, saved_model, current_model, context_said=listed)
         optimizer = _other_optimizer(state, config)
         also = "".join(f". Also, {problem}" for problem in (shape, optimizer) if problem)
         # A new run from its weights needs its model's shape (init_from refuses another).
@@ -111,12 +112,12 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
 
 
 def _shape_problem(source: Path, saved_model: dict[str, Any], current_model: dict[str, Any] | None,
-                   init_from: bool = False) -> str | None:
+                   init_from: bool = False, context_said: bool = False) -> str | None:
     """What ckpt.check_model_config says of this run's model against the checkpoint's, or None.
-    For init_from, block_size aside: a shorter context is cropped, a longer one said already."""
+    `context_said`: block_size aside, its difference named by the caller already."""
     if current_model is None or not saved_model:
         return None
-    if init_from and "block_size" in saved_model:
+    if context_said and "block_size" in saved_model:
         current_model = dict(current_model, block_size=saved_model["block_size"])
     try:
         ckpt.check_model_config(source, saved_model, current_model, init_from=init_from)

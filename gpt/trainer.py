@@ -239,9 +239,7 @@ def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
     gpt_config = gpt_config_for(config, meta["vocab_size"])
     resume_from = ckpt.latest_checkpoint(out_dir) if config.resume == "auto" else None
     if resume_from is not None:
-        # (hf:DIR runs take their shape from the checkpoint below: no shape to compare yet.)
-        shape = None if config.init_from.startswith(hf.HF_PREFIX) else asdict(gpt_config)
-        saved = check_checkpoint_fits_data(resume_from, config, meta, resuming=True, current_model=shape)
+        saved = check_checkpoint_fits_data(resume_from, config, meta, resuming=True, current_model=asdict(gpt_config))
         if config.init_from:
             log(info, f"out_dir holds {resume_from}: resuming from it; init_from = {config.init_from!r} "
                       f"only gives the weights of a run's first start and is not used now")
