@@ -20,8 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from gpt.config import ArgumentParser, path_arg  # noqa: E402
-from gpt.prepare import (add_shared_options, prepare, run_prep, train_bytes_option,  # noqa: E402
-                         vocab_size_option)
+from gpt.prepare import PrepareError, add_shared_options, prepare, run_prep, tokenizer_options  # noqa: E402
 from gpt.sources import LocalFiles, Texts  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -49,19 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out = args.out or f"data/shakespeare_{args.tokenizer}"
+    out = args.out or f"data/shakespeare_{args.tokenizer or args.default_tokenizer}"
 
     def prep() -> None:
-        vocab_size = vocab_size_option(args)  # first: an error here downloads, reads and writes nothing
-        train_bytes = train_bytes_option(args)
+        tokenizer = tokenizer_options(args)  # first: an error here downloads, reads and writes nothing
+        if args.tokenizer_from is not None and args.out is None:  # data/shakespeare_char would mislead
+            raise PrepareError("--tokenizer-from needs --out: the default folder is named after --tokenizer")
         if args.input:
             corpus = LocalFiles([args.input], errors=args.encoding_errors)
         else:
             print(f"downloading {URL}", flush=True)
             corpus = Texts([download()], description=f"tiny Shakespeare from {URL}")
-        prepare(out, corpus, tokenizer=args.tokenizer, vocab_size=vocab_size,
+        prepare(out, corpus, **tokenizer,
                 val_fraction=args.val_fraction, val_rule="tail", min_val_tokens=args.min_val_tokens,
-                shard_tokens=args.shard_tokens, tokenizer_train_bytes=train_bytes,
+                shard_tokens=args.shard_tokens,
                 encoding_errors=args.encoding_errors, overwrite=args.overwrite,
                 progress=not args.no_progress, log=lambda line: print(line, flush=True))
 

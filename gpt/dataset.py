@@ -48,14 +48,18 @@ def wait_for_prep(data_dir: Path, say: Callable[[str], None]) -> bool:
         return False  # a read-only folder, say: no prep is writing it
 
 
-def _tokenizer_flag(tokenizer: str | None) -> str:
-    """The prep option that makes a dataset for `tokenizer` (the run's or the model's), for the
-    commands the errors below give: BPE is prep's default, a char vocabulary must be asked for."""
+def tokenizer_flag(tokenizer: str | os.PathLike | None) -> str:
+    """The prep option that makes a dataset for `tokenizer`, for the commands the errors below
+    give: a kind (the run's), where BPE is prep's default and a char vocabulary must be asked
+    for; or a path (a Path: a model's folder or tokenizer.json), whose tokenizer is reused, as
+    the model reads only ids of its own vocabulary."""
+    if isinstance(tokenizer, os.PathLike):
+        return f" --tokenizer-from {tokenizer}"
     return " --tokenizer char" if tokenizer == "char" else ""
 
 
 def missing_dataset(data_dir: Path, what: str, split: str | None = None,
-                    tokenizer: str | None = None) -> ShardError:
+                    tokenizer: str | os.PathLike | None = None) -> ShardError:
     """The error for a dataset that is not there, or not all there: what is missing, and the
     command that makes it (for `tokenizer`, where the caller knows which one the data needs).
 
@@ -84,7 +88,7 @@ def missing_dataset(data_dir: Path, what: str, split: str | None = None,
         make = (f"; did you mean {meant}, the dataset beside it? Or make one with" if meant is not None
                 else ". Make one with")
         return ShardError(f"{data_dir}: {what}{where}{make}: python data_prep/prepare.py --input YOUR_TEXT "
-                          f"--out {data_dir}{_tokenizer_flag(tokenizer)} (or --source stdlib in place of "
+                          f"--out {data_dir}{tokenizer_flag(tokenizer)} (or --source stdlib in place of "
                           f"--input YOUR_TEXT: the Python standard library's own source, no download)")
     meta = _read_meta_quietly(data_dir)
     listed = _listed_shards(meta, split) if split else None
@@ -172,23 +176,44 @@ def prepare_again(data_dir: Path, meta: dict | None = None) -> str:
     the prep command, with the corpus, tokenizer and split options that `meta` (its meta.json,
     read here when not given) or else tokenizer.json records."""
     meta = _read_meta_quietly(Path(data_dir)) if meta is None else meta
-    source = meta.get("source")
-    stdlib = isinstance(source, str) and source.startswith("stdlib:")
     kind, vocab_size = meta.get("tokenizer"), meta.get("vocab_size")
     if "tokenizer" not in meta:  # meta.json is what went missing: tokenizer.json says as much
         kind, vocab_size = _tokenizer_file_kind(Path(data_dir) / "tokenizer.json")
     options = ""
-    if kind == "char":
+    if isinstance(meta.get("tokenizer_from"), str):  # the tokenizer was reused: the same ids need it again
+        options = f" --tokenizer-from {meta['tokenizer_from']}"
+    elif kind == "char":
         options = " --tokenizer char"
     elif kind == "bpe" and isinstance(vocab_size, int):
         options = f" --tokenizer bpe --vocab-size {vocab_size}"
-    split = _split_options(meta)
-    came_from = (f" (meta.json says it was made from {source})" if isinstance(source, str) and not stdlib else "")
     unknown = (" (add the split options it was made with, --val-rule, --val-fraction, --seed...: meta.json "
                "alone recorded them)" if "val_rule" not in meta else "")
-    return (f"from the same input and options{came_from}, which give the same files{unknown}: "
-            f"python data_prep/prepare.py {'--source stdlib' if stdlib else '--input YOUR_TEXT'}{options}{split} "
-            f"--out {data_dir} --overwrite")
+    return (f"from the same input and options{_came_from(meta)}, which give the same files{unknown}: "
+            f"{_prep_command(meta, options, f'{data_dir} --overwrite')}")
+
+
+def prepare_with_tokenizer_of(model: str | os.PathLike, data_dir: Path, meta: dict | None = None) -> str:
+    """The prep command that tokenizes the text of the dataset in `data_dir` with the tokenizer
+    of `model` (a run, checkpoint or Hugging Face folder), into a new folder beside it: a model
+    reads only ids of its own vocabulary. (Not over `data_dir`: other runs may train on it.)"""
+    meta = _read_meta_quietly(Path(data_dir)) if meta is None else meta
+    return (f"{_prep_command(meta, f' --tokenizer-from {model}', f'{data_dir}_retokenized')}"
+            f"{_came_from(meta)}, then give that folder as data_dir")
+
+
+def _came_from(meta: dict) -> str:
+    source = meta.get("source")
+    return f" (meta.json says it was made from {source})" if isinstance(source, str) and not _is_stdlib(meta) else ""
+
+
+def _is_stdlib(meta: dict) -> bool:
+    return isinstance(meta.get("source"), str) and meta["source"].startswith("stdlib:")
+
+
+def _prep_command(meta: dict, tokenizer_options: str, out: str) -> str:
+    """prepare.py's command line for the corpus `meta` (meta.json) names, with its split options."""
+    corpus = "--source stdlib" if _is_stdlib(meta) else "--input YOUR_TEXT"
+    return f"python data_prep/prepare.py {corpus}{tokenizer_options}{_split_options(meta)} --out {out}"
 
 
 def _split_options(meta: dict) -> str:
@@ -252,17 +277,18 @@ def _names(names: list[str], show: int = 3) -> str:
     return ", ".join(names[:show]) + more
 
 
-def check_is_folder(data_dir: Path, tokenizer: str | None = None) -> None:
+def check_is_folder(data_dir: Path, tokenizer: str | os.PathLike | None = None) -> None:
     """A data_dir that is a file (the corpus itself, given by mistake) is said to be one."""
     if data_dir.exists() and not data_dir.is_dir():
         raise ShardError(f"data_dir {data_dir} is a file, not a dataset folder (meta.json, tokenizer.json, "
                          f"train_*.bin, val_*.bin): give the folder, or make one from this file with "
-                         f"python data_prep/prepare.py --input {data_dir} --out DIR{_tokenizer_flag(tokenizer)}")
+                         f"python data_prep/prepare.py --input {data_dir} --out DIR{tokenizer_flag(tokenizer)}")
 
 
-def load_meta(data_dir: str | os.PathLike, tokenizer: str | None = None) -> dict:
+def load_meta(data_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> dict:
     """The dataset's meta.json; for bare llm.c / FineWeb shard folders, GPT-2's vocabulary.
-    `tokenizer`: the kind the caller needs, named in the command an error gives to make the data."""
+    `tokenizer`: the kind the caller needs, or the path of the one to reuse (`tokenizer_flag`),
+    named in the command an error gives to make the data."""
     data_dir = Path(data_dir)
     check_is_folder(data_dir, tokenizer)
     if not data_dir.is_dir():

@@ -50,9 +50,8 @@ from .config import ArgumentParser, ConfigError, add_option, path_arg
 from .hf import HF_PREFIX, load_hf_model, parse_init_from
 from .model import GPT
 from .progress import progress_bar
-from .dataset import load_meta, split_shards
+from .dataset import load_meta, load_tokenizer, prepare_with_tokenizer_of, split_shards
 from .shards import ShardError, open_shard, read_header
-from .dataset import load_tokenizer
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 
@@ -241,15 +240,17 @@ def load_for_eval(run: str, data_dir: str | None,
                 raise ConfigError(f"{source} trained on data_dir = {data_dir!r}, which is not a "
                                   f"folder from here ({where} give --data_dir)")
     data_dir = Path(data_dir)
-    meta = load_meta(data_dir, own_tokenizer.kind if own_tokenizer is not None else None)
+    meta = load_meta(data_dir, model_tokenizer if own_tokenizer is not None else None)
     if meta["vocab_size"] != model.config.vocab_size:
         raise ShardError(f"{data_dir} has a vocabulary of {meta['vocab_size']} ids but the model has "
-                         f"{model.config.vocab_size}: evaluate on data made with the model's tokenizer")
+                         f"{model.config.vocab_size}: evaluate on data made with the model's tokenizer: "
+                         f"{prepare_with_tokenizer_of(hf_dir or run, data_dir, meta)}")
     if (data_dir / TOKENIZER_FILE).exists():
         tokenizer = load_tokenizer(data_dir)
         if own_tokenizer is not None and own_tokenizer.inner.get_vocab() != tokenizer.inner.get_vocab():
             raise ShardError(f"{data_dir / TOKENIZER_FILE} differs from the model's tokenizer "
-                             f"({model_tokenizer}): the same ids would mean other text")
+                             f"({model_tokenizer}): the same ids would mean other text; evaluate on data made "
+                             f"with the model's tokenizer: {prepare_with_tokenizer_of(hf_dir or run, data_dir, meta)}")
     elif own_tokenizer is not None:  # bare llm.c shards: the model's copy of GPT-2's tokenizer
         tokenizer = own_tokenizer
     else:

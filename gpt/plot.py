@@ -6,7 +6,8 @@ One row per quantity (train and val loss, learning rate, tokens/s), against opti
 the left column and against tokens seen in the right one: runs with different batch sizes
 compare fairly on the token axis. Several runs are overlaid, one colour each (train loss
 solid, val loss dashed with dots). The default output is RUN/metrics.png for one run folder
-(out/a/metrics.jsonl given as a file: out/a/metrics.png too) and ./metrics.png for several.
+(out/a/metrics.jsonl given as a file: out/a/metrics.png too) and ./metrics_a+b.png for the runs
+a and b.
 Needs the `plot` extra: pip install 'gpt-from-scratch[plot]'.
 """
 
@@ -18,6 +19,7 @@ if __name__ == "__main__":  # `python -m` this tool: a Ctrl-C while torch import
     ImportInterrupted.install("interrupted: stopped before plotting")
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -168,12 +170,20 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, title: str | None = N
 
 
 def default_output(runs: Sequence[str]) -> Path:
+    """RUN/metrics.png for one run; for several, an image in the current folder named after them
+    (metrics_a+b.png): plotting the same runs again replaces their plot, and no other. A fixed
+    ./metrics.png replaced whatever plot had that name, a run's own where run from its folder."""
     if len(runs) == 1:
         run = Path(runs[0])
         # A run's metrics file given itself: the image goes beside it, as for its folder (not
         # into the current folder, where it would replace another run's metrics.png).
         return run / "metrics.png" if run.is_dir() else run.with_suffix(".png")
-    return Path("metrics.png")
+    names = [re.sub(r"[^\w.+-]", "_", (p.parent if p.is_file() else p).resolve().name or "root")
+             for p in map(Path, runs)]
+    joined = "+".join(names)
+    if len(joined) > 80:  # a sweep of many runs: a file name has a length limit
+        joined = f"{names[0]}+{len(names) - 1}_more"
+    return Path(f"metrics_{joined}.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run folder (out_dir) or metrics.jsonl file")
     parser.add_argument("--out", default=None, type=path_or_default_arg,
                         help="image to write: .png, .pdf or .svg; no suffix: .png (default: RUN/metrics.png for "
-                             "one run folder, FILE.png beside one metrics file, ./metrics.png for several runs)")
+                             "one run folder, FILE.png beside one metrics file, ./metrics_A+B.png for runs A and B)")
     parser.add_argument("--title", default=None, help="figure title (default: 'training curves: ' and the run names)")
     return parser
 

@@ -55,13 +55,13 @@ import numpy as np
 from gpt import locks
 from gpt.config import ArgumentParser, add_option, path_arg
 from gpt.progress import progress_bar
-from gpt.dataset import PREP_LOCK_FILE, dataset_files
-from gpt.run_layout import training_output
-from gpt.shards import MAX_SHARD_TOKENS, MAX_VOCAB, SPLITS, ShardWriter
+from gpt.dataset import PREP_LOCK_FILE, dataset_files, load_tokenizer
+from gpt.run_layout import nearby_runs, training_output
+from gpt.shards import MAX_SHARD_TOKENS, MAX_VOCAB, SPLITS, ShardError, ShardWriter
 from gpt.hf_dataset import HFDataset
 from gpt.sources import ENCODING_ERRORS, Corpus, LocalFiles, Piece, resolve_source
-from gpt.tokenizer import (MIN_BPE_VOCAB, TOKENIZER_FILE, Tokenizer, char_tokenizer, check_vocab_size,
-                           train_bpe)
+from gpt.tokenizer import (MIN_BPE_VOCAB, TOKENIZER_FILE, Tokenizer, TokenizerError, char_tokenizer,
+                           check_vocab_size, train_bpe)
 from gpt.wordcache import encode_pieces, word_cache_applies
 
 STAGING = ".prepare-staging"
@@ -91,7 +91,7 @@ def prepare(
     out_dir: str | os.PathLike,
     source="stdlib",
     *,
-    tokenizer: str | Tokenizer = "bpe",
+    tokenizer: str | os.PathLike | Tokenizer = "bpe",
     vocab_size: int = 8192,
     val_fraction: float = 0.01,
     val_rule: str = "chunks",
@@ -111,8 +111,10 @@ def prepare(
         (a file or folder, each file one document), a list of str (the documents), or a corpus
         from `gpt.sources` (`LocalFiles`, `Texts`) or `gpt.hf_dataset` (`HFDataset`).
     tokenizer: "bpe" (byte-level BPE trained here to `vocab_size` ids), "char" (the corpus's
-        characters), or a `Tokenizer` to reuse as it is. `vocab_size` is BPE's alone: "char" has
-        one id per distinct character (the CLIs refuse a --vocab-size given with it).
+        characters), a `Tokenizer` to reuse as it is, or the path (a `pathlib.Path`) of one to
+        reuse, as --tokenizer-from takes it (`reused_tokenizer`; meta.json records the path).
+        `vocab_size` is BPE's alone: "char" has one id per distinct character (the CLIs refuse a
+        --vocab-size given with it).
     val_fraction, val_rule, val_chunk_tokens, seed: the train/val split (module docstring).
     min_val_tokens: the fewest tokens each split may have; use at least block_size + 1.
     shard_tokens: tokens per shard file (the last shard of a split holds the rest).
@@ -135,6 +137,10 @@ def prepare(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     corpus = resolve_source(source, encoding_errors)
+    tokenizer_from = None
+    if isinstance(tokenizer, os.PathLike):
+        tokenizer_from = Path(tokenizer).expanduser()
+        tokenizer = reused_tokenizer(tokenizer_from)
     _check_options(tokenizer, vocab_size, val_fraction, val_rule, val_chunk_tokens, min_val_tokens,
                    shard_tokens, tokenizer_train_bytes, encoding_errors)
     _check_out_dir(out_dir, overwrite)
@@ -147,6 +153,8 @@ def prepare(
         _check_hf_folder_not_out(corpus, out_dir)
         if not progress:
             corpus = replace(corpus, progress=False)
+    given = None if isinstance(tokenizer, str) else (
+        "the tokenizer given" if tokenizer_from is None else f"the tokenizer of --tokenizer-from {tokenizer_from}")
     with _staging_folder(out_dir, overwrite) as staging:
         counts = _Counts()
         tok = _fit_tokenizer(corpus, tokenizer, vocab_size, tokenizer_train_bytes, counts, progress)
@@ -160,7 +168,7 @@ def prepare(
             raise PrepareError(f"{corpus.description}: no text found (the input is empty)")
         writers = {split: ShardWriter(staging, split, shard_tokens) for split in SPLITS}
         _encode_corpus(corpus, tok, writers, counts, val_rule, val_fraction, val_chunk_tokens, seed, progress,
-                       built_here=isinstance(tokenizer, str))
+                       given=given)
         shards = {split: [p.name for p in w.close()] for split, w in writers.items()}
         tokens = {split: w.tokens_written for split, w in writers.items()}
         _check_split_sizes(tokens, min_val_tokens, val_fraction, val_rule, val_chunk_tokens)
@@ -183,6 +191,8 @@ def prepare(
             "val_chunk_tokens": val_chunk_tokens if val_rule == "chunks" else None,
             "shard_tokens": shard_tokens,
         }
+        if tokenizer_from is not None:  # for the command that remakes this dataset (prepare_again)
+            meta["tokenizer_from"] = os.path.abspath(tokenizer_from)
         _publish(staging, out_dir, meta)
     seconds = time.perf_counter() - started
     total = sum(tokens.values())
@@ -271,7 +281,7 @@ def _check_options(tokenizer, vocab_size, val_fraction, val_rule, val_chunk_toke
                 raise PrepareError(f"--tokenizer-train-mb must be positive (BPE needs text to learn its "
                                    f"merges from), got {tokenizer_train_bytes / 1e6:g}")
     elif not isinstance(tokenizer, Tokenizer):
-        raise PrepareError(f"tokenizer must be 'bpe', 'char' or a Tokenizer, got {type(tokenizer).__name__}")
+        raise PrepareError(f"tokenizer must be 'bpe', 'char', a Tokenizer or a Path, got {type(tokenizer).__name__}")
     if not 0 < val_fraction < 1:
         raise PrepareError(f"--val-fraction must lie strictly between 0 and 1, got {val_fraction}")
     if val_rule not in VAL_RULES:
@@ -369,6 +379,48 @@ def _val_share_note(tokens: dict, val_fraction: float, val_rule: str, val_chunk_
 
 
 # ---- pass one: the tokenizer ----------------------------------------------------------------
+def reused_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer to reuse for --tokenizer-from PATH: a tokenizer.json file, a prepared dataset
+    folder, a training run or checkpoint folder (the checkpoint `latest` names), or a Hugging Face
+    model folder holding tokenizer.json.
+
+    A model reads only ids of the vocabulary it was trained on: new text for fine-tuning (or for
+    evaluating a model on it) must be tokenized with the model's own tokenizer, not a new one
+    trained on that text, whose ids would mean other tokens."""
+    try:
+        return _reused_tokenizer(Path(path).expanduser())
+    except (TokenizerError, ShardError) as e:  # a file that is no tokenizer, a mixed dataset: say which option
+        raise PrepareError(f"--tokenizer-from: {e}") from None
+
+
+def _reused_tokenizer(path: Path) -> Tokenizer:
+    if path.is_file():
+        return Tokenizer.from_file(path)
+    if not path.is_dir():
+        raise PrepareError(f"--tokenizer-from {path}: no such file or folder{nearby_runs(path)}")
+    if training_output(path) is not None:
+        # Imported here: torch, which the rest of data prep does without.
+        from gpt.checkpoint.find import reading
+        from gpt.checkpoint.layout import CheckpointError
+
+        try:
+            with reading(path) as checkpoint:
+                file = checkpoint / TOKENIZER_FILE
+                if not file.is_file():
+                    raise PrepareError(f"--tokenizer-from {path}: {checkpoint} has no {TOKENIZER_FILE} (its "
+                                       f"dataset had none: bare GPT-2 token shards); give GPT-2's tokenizer.json")
+                return Tokenizer.from_file(file)
+        except CheckpointError as e:
+            raise PrepareError(f"--tokenizer-from {path}: {e}") from None
+    if (path / META_FILE).is_file():  # a dataset (bare GPT-2 shards too: load_tokenizer knows those)
+        return load_tokenizer(path)
+    if (path / TOKENIZER_FILE).is_file():  # a Hugging Face model folder (an export of ours too)
+        return Tokenizer.from_file(path / TOKENIZER_FILE)
+    raise PrepareError(f"--tokenizer-from {path}: no {TOKENIZER_FILE} here; give a tokenizer.json file, a "
+                       f"prepared dataset folder, a training run or checkpoint folder, or a Hugging Face "
+                       f"model folder holding {TOKENIZER_FILE}")
+
+
 def _fit_tokenizer(corpus: Corpus, tokenizer, vocab_size: int, train_bytes: int | None,
                    counts: _Counts, progress: bool) -> Tokenizer | None:
     """Read the corpus once, counting it, and build the tokenizer (or reuse the one given)."""
@@ -410,9 +462,9 @@ def _fit_tokenizer(corpus: Corpus, tokenizer, vocab_size: int, train_bytes: int 
 # ---- pass two: encoding and routing ---------------------------------------------------------
 def _encode_corpus(corpus: Corpus, tok: Tokenizer, writers: dict[str, ShardWriter], counts: _Counts,
                    val_rule: str, val_fraction: float, val_chunk_tokens: int, seed: int,
-                   progress: bool, built_here: bool = False) -> None:
+                   progress: bool, given: str | None = None) -> None:
     """Encode the corpus (read a second time) into the writers; `counts` is what pass one read,
-    `built_here` whether the tokenizer was built from that read."""
+    `given` names the tokenizer where it was given rather than built from that read."""
     bar = progress_bar("encoding", counts.text_bytes, "B", progress)
     pieces = corpus.iter_pieces()
     if val_rule == "tail":
@@ -428,7 +480,7 @@ def _encode_corpus(corpus: Corpus, tok: Tokenizer, writers: dict[str, ShardWrite
     changed = (f"{corpus.description}: changed between data prep's two reads of it (a file still being "
                f"written, or documents that can be read only once?); run the prep again once nothing "
                f"writes to the input")
-    unknown = changed if built_here else f"{corpus.description}: cannot encode it with the tokenizer given"
+    unknown = changed if given is None else f"{corpus.description}: cannot encode it with {given}"
     read = _Counts()
     try:
         for piece, split, ids in _encoded(tok, labelled, unknown):
@@ -578,7 +630,8 @@ def _format_summary(s: dict) -> str:
         f"prepared {s['out_dir']}: {_plural(s['documents'], 'document')}, {s['text_bytes'] / 1e6:,.1f} MB of text "
         f"-> train {t['train']:,} tokens ({_plural(len(shards['train']), 'shard')}), val {t['val']:,} "
         f"tokens ({_plural(len(shards['val']), 'shard')}); {s['bytes_per_token']:.2f} bytes/token; {s['tokenizer']} "
-        f"vocabulary {s['vocab_size']:,}; {s['seconds']:.1f} s, {s['mb_per_s']:.2f} MB/s, "
+        f"vocabulary {s['vocab_size']:,}{' from ' + s['tokenizer_from'] if 'tokenizer_from' in s else ''}; "
+        f"{s['seconds']:.1f} s, {s['mb_per_s']:.2f} MB/s, "
         f"{s['tokens_per_s']:,} tokens/s"
     )
 
@@ -599,25 +652,31 @@ def add_shared_options(parser: argparse.ArgumentParser, **defaults) -> None:
             kwargs["default"] = defaults.pop(key)
         add_option(parser, name, **kwargs)
 
-    opt("--tokenizer", choices=["bpe", "char"], default="bpe",
-        help="bpe: byte-level BPE trained on the corpus; char: one id per distinct character "
-             "(default: %(default)s)")
-    # Default None, so that a --vocab-size given with --tokenizer char is told apart (and refused by
-    # vocab_size_option) from the BPE default, which sits in the namespace as bpe_vocab_size.
-    bpe_vocab_size = defaults.pop("vocab_size", 8192)
-    parser.set_defaults(bpe_vocab_size=bpe_vocab_size)
+    # The tokenizer options' defaults sit in the namespace under other names (default_tokenizer,
+    # ...), their own being None: an option given where it does not apply is told apart from its
+    # default, and refused by tokenizer_options (--vocab-size with char; any with --tokenizer-from).
+    chosen = {"tokenizer": "bpe", "vocab_size": 8192, "tokenizer_train_mb": TOKENIZER_TRAIN_BYTES / 1e6}
+    chosen.update((key, defaults.pop(key)) for key in list(chosen) if key in defaults)
+    parser.set_defaults(**{f"default_{key}": value for key, value in chosen.items()})
+    add_option(parser, "--tokenizer", choices=["bpe", "char"], default=None,
+               help=f"bpe: byte-level BPE trained on the corpus; char: one id per distinct character "
+                    f"(default: {chosen['tokenizer']})")
+    add_option(parser, "--tokenizer-from", type=path_arg, metavar="PATH",
+               help="reuse a tokenizer instead of building one, so that the ids are those a model trained "
+                    "with it reads (to fine-tune it on this text, or evaluate it): a tokenizer.json, a prepared "
+                    "dataset folder, a training run or checkpoint folder, or a Hugging Face model folder")
     add_option(parser, "--vocab-size", type=int, default=None, metavar="N",
                help=f"BPE vocabulary size, end-of-text included, at most {MAX_VOCAB} (default: "
-                    f"{bpe_vocab_size}); --tokenizer bpe only: a char vocabulary is sized by the corpus")
+                    f"{chosen['vocab_size']}); --tokenizer bpe only: a char vocabulary is sized by the corpus")
     opt("--val-fraction", type=float, default=0.01, metavar="F",
         help="share of the corpus held out for validation (default: %(default)s)")
     opt("--min-val-tokens", type=int, default=1025, metavar="N",
         help="fewest tokens a split may have; at least block_size + 1 (default: %(default)s)")
     opt("--shard-tokens", type=int, default=100_000_000, metavar="N",
         help="tokens per shard file (default: %(default)s)")
-    opt("--tokenizer-train-mb", type=float, default=TOKENIZER_TRAIN_BYTES / 1e6, metavar="MB",
-        help="train BPE on about this many MB of text, from the start of the corpus; raise it "
-             "for large vocabularies, inf for all of it (default: %(default)g)")
+    add_option(parser, "--tokenizer-train-mb", type=float, default=None, metavar="MB",
+               help=f"train BPE on about this many MB of text, from the start of the corpus; raise it for "
+                    f"large vocabularies, inf for all of it (default: {chosen['tokenizer_train_mb']:g})")
     opt("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
         help="non-UTF-8 bytes in input files: strict = stop with an error naming file and byte "
              "offset (default); replace = use U+FFFD; skip = leave the file out, with a warning")
@@ -627,14 +686,36 @@ def add_shared_options(parser: argparse.ArgumentParser, **defaults) -> None:
         raise TypeError(f"add_shared_options: no such option: {', '.join(defaults)}")
 
 
-def train_bytes_option(args: argparse.Namespace) -> int | None:
-    """--tokenizer-train-mb in bytes for prepare(): None for inf (train on the whole corpus).
+def tokenizer_options(args: argparse.Namespace) -> dict:
+    """prepare()'s `tokenizer`, `vocab_size` and `tokenizer_train_bytes` from the command line.
+
+    An option given where it does not apply is an error rather than ignored: --vocab-size and
+    --tokenizer-train-mb with --tokenizer char (a char vocabulary is one id per distinct character
+    of the corpus, never trained), and all three with --tokenizer-from (that tokenizer is reused
+    whole). Call it before reading anything, so that nothing is written."""
+    if args.tokenizer_from is not None:
+        given = [name for name, value in (("--tokenizer", args.tokenizer), ("--vocab-size", args.vocab_size),
+                                          ("--tokenizer-train-mb", args.tokenizer_train_mb)) if value is not None]
+        if given:
+            raise PrepareError(f"{', '.join(given)} cannot be used with --tokenizer-from: that tokenizer is "
+                               f"reused as it is, vocabulary and all; drop {'it' if len(given) == 1 else 'them'}")
+        return {"tokenizer": Path(args.tokenizer_from)}
+    kind = args.tokenizer or args.default_tokenizer
+    return {"tokenizer": kind, "vocab_size": _vocab_size_option(args, kind),
+            "tokenizer_train_bytes": _train_bytes_option(args, kind)}
+
+
+def _train_bytes_option(args: argparse.Namespace, kind: str) -> int | None:
+    """--tokenizer-train-mb in bytes: None for inf (train on the whole corpus).
 
     int() of inf raised OverflowError, which the CLIs' error handling does not catch (a
     traceback), and of nan a ValueError that named no option."""
-    mb = args.tokenizer_train_mb
-    if args.tokenizer != "bpe":
-        return None  # a char vocabulary is not trained: unused
+    if kind != "bpe":
+        if args.tokenizer_train_mb is not None:
+            raise PrepareError(f"--tokenizer-train-mb cannot be used with --tokenizer {kind}: a {kind} vocabulary "
+                               f"is not trained (one id per distinct character of the corpus); drop it")
+        return None
+    mb = args.default_tokenizer_train_mb if args.tokenizer_train_mb is None else args.tokenizer_train_mb
     if not mb > 0:  # nan too; a BPE trained on no text has no merges
         raise PrepareError(f"--tokenizer-train-mb must be a positive number of MB, got {mb:g}; use inf to "
                            f"train BPE on the whole corpus")
@@ -642,11 +723,10 @@ def train_bytes_option(args: argparse.Namespace) -> int | None:
     return None if math.isinf(nbytes) else max(1, math.ceil(nbytes))  # 1e-9 MB is still some text
 
 
-def vocab_size_option(args: argparse.Namespace) -> int | None:
-    """--vocab-size for prepare(): the one given, else the BPE default; None with --tokenizer char,
-    where a --vocab-size given is an error (it was ignored: a char vocabulary is one id per distinct
-    character of the corpus). Call it before reading anything, so that nothing is written."""
-    if args.tokenizer == "char":
+def _vocab_size_option(args: argparse.Namespace, kind: str) -> int | None:
+    """--vocab-size: the one given, else the BPE default; None with --tokenizer char, where a
+    --vocab-size given is an error (it was ignored)."""
+    if kind == "char":
         if args.vocab_size is not None:
             # The BPE alternative only where that size is one BPE takes: it was advised for 100,
             # which BPE then refused in turn.
@@ -657,7 +737,7 @@ def vocab_size_option(args: argparse.Namespace) -> int | None:
                                f"vocabulary is sized by the corpus (one id per distinct character); "
                                f"drop --vocab-size{bpe}")
         return None
-    return args.bpe_vocab_size if args.vocab_size is None else args.vocab_size
+    return args.default_vocab_size if args.vocab_size is None else args.vocab_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -750,15 +830,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def prep() -> None:
-        vocab_size = vocab_size_option(args)  # first: an error here reads and writes nothing
-        train_bytes = train_bytes_option(args)
+        tokenizer = tokenizer_options(args)  # first: an error here reads and writes nothing
         _check_hf_options(args)
         prepare(
-            args.out, corpus_from_args(args), tokenizer=args.tokenizer, vocab_size=vocab_size,
+            args.out, corpus_from_args(args), **tokenizer,
             val_fraction=args.val_fraction, val_rule=args.val_rule,
             val_chunk_tokens=args.val_chunk_tokens, min_val_tokens=args.min_val_tokens,
             seed=args.seed, shard_tokens=args.shard_tokens,
-            tokenizer_train_bytes=train_bytes,
             encoding_errors=args.encoding_errors, overwrite=args.overwrite,
             progress=not args.no_progress, log=lambda line: print(line, flush=True),
         )

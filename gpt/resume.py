@@ -19,6 +19,7 @@ import torch
 from . import checkpoint as ckpt
 from . import hf
 from .config import ConfigError, TrainConfig, tokens_per_optimizer_step
+from .dataset import prepare_with_tokenizer_of
 from .distributed import DistInfo, log
 from .loader import TokenLoader
 from .optim import learning_rate_at
@@ -51,11 +52,17 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
         problem = (f"it was trained on {saved.get('tokenizer')} tokens (vocab_size {saved.get('vocab_size')}), "
                    f"{data_dir} holds {meta.get('tokenizer')} tokens (vocab_size {meta.get('vocab_size')})")
     if problem:
+        again = prepare_with_tokenizer_of(source, data_dir, meta)
+        # A resume continues the same data, so a dataset made again for it would be refused too:
+        # training the model on this text is a new run from its weights.
+        instead = (f"; to train it on this text instead, start a new run (another out_dir) with init_from = "
+                   f"'{source}', on this text tokenized with its tokenizer: {again}" if resuming else
+                   f", or tokenize this text with its tokenizer: {again}")
         raise ckpt.CheckpointError(
             f"{source} does not fit the dataset in {data_dir}: {problem}, so token ids would mean "
             f"other text to the model. Use the dataset it was trained on (data_dir "
             f"{state.get('train_config', {}).get('data_dir', '?')!r}, source "
-            f"{saved.get('source', '?')!r}), or prepare this data with that checkpoint's tokenizer"
+            f"{saved.get('source', '?')!r}){instead}"
         )
     saved_model = state.get("model_config", {})
     if not resuming and config.block_size > saved_model.get("block_size", config.block_size):

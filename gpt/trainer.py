@@ -25,7 +25,8 @@ from . import hf
 from . import locks
 from . import parallel
 from .config import ConfigError, TrainConfig, expand_home, grad_accum_steps, tokens_per_optimizer_step
-from .dataset import check_is_folder, check_token_ids, dataset_files, load_meta, prepare_again, wait_for_prep
+from .dataset import (check_is_folder, check_token_ids, dataset_files, load_meta, prepare_again, tokenizer_flag,
+                      wait_for_prep)
 from .console import say
 from .device import has_fast_bf16, pick_device, resolve_dtype
 from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed, log, lost_peer,
@@ -66,51 +67,81 @@ def ensure_dataset(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     Only into a folder holding no dataset file: a half-copied dataset gets load_meta's error,
     which names what is missing, rather than a prep that would refuse it."""
     data_dir = Path(config.data_dir)
-    check_is_folder(data_dir, config.prepare_tokenizer)
+    tokenizer = _init_from_tokenizer(config) or config.prepare_tokenizer  # what the advice to prepare it names
+    check_is_folder(data_dir, tokenizer)
     if not dataset_files(data_dir) and config.prepare_source != "none":
-        check_no_other_files(data_dir, config)
+        check_no_other_files(data_dir, config, tokenizer)
         if info.is_main:
-            _prepare_default(config, data_dir)  # (it waits for another prep of the folder itself)
+            _prepare_default(config, data_dir, tokenizer)  # (it waits for another prep of the folder itself)
         barrier(info)
     else:
         # A prep replacing the dataset right now: read it once done. (Not before the test above:
         # a rank that waited for rank 0's own prep of a new folder would skip its barrier.)
         wait_for_prep(data_dir, lambda message: log(info, message))
-    return load_meta(data_dir, config.prepare_tokenizer)
+    return load_meta(data_dir, tokenizer)
 
 
-def check_no_other_files(data_dir: Path, config: TrainConfig) -> None:
+def check_no_other_files(data_dir: Path, config: TrainConfig, tokenizer: str | Path) -> None:
     """The default corpus is prepared only into a new or empty folder. A newcomer's
     --data_dir is often the folder of their own text: the stdlib's 30 MB went in beside it, the
-    run trained on Python code, and the folder was then refused as input (it held a dataset)."""
+    run trained on Python code, and the folder was then refused as input (it held a dataset).
+    `tokenizer`: as for `_prepare_default`, for the prep command the error gives."""
     if not data_dir.is_dir() or training_output(data_dir) is not None:
         return  # new; or a run given as the dataset, which the prep refuses with its own words
     others = sorted(p.name for p in data_dir.iterdir() if not p.name.startswith("."))
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         made = data_dir.with_name(data_dir.name + "_prepared")
+        # prep's default split holds out one 8,192-token chunk in 100: a corpus of a few MB may get
+        # none (an error), so a small one is told to hold out its last tenth, as nanoGPT does.
+        split = " --val-rule tail --val-fraction 0.1" if _smaller_than(data_dir, SMALL_CORPUS_BYTES) else ""
         raise ShardError(
             f"{data_dir} holds no dataset but other files ({shown}); the '{config.prepare_source}' corpus is "
             f"prepared only into a new or empty folder. To train on your own text there, prepare it first: "
-            f"python data_prep/prepare.py --input {data_dir} --out {made}, then train with --data_dir {made}")
+            f"python data_prep/prepare.py --input {data_dir}{tokenizer_flag(tokenizer)}{split} --out {made}, then "
+            f"train with --data_dir {made}")
 
 
-def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
+SMALL_CORPUS_BYTES = 10_000_000
+
+
+def _smaller_than(folder: Path, limit: int) -> bool:
+    """Whether the files under `folder` (hidden ones left out, as prep does) hold fewer than
+    `limit` bytes, walking no further than it takes to tell."""
+    total = 0
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not name.startswith("."):
+                with contextlib.suppress(OSError):
+                    total += os.path.getsize(os.path.join(root, name))
+                if total >= limit:
+                    return False
+    return True
+
+
+def _prepare_default(config: TrainConfig, data_dir: Path, tokenizer: str | Path) -> None:
+    """Prepare the embedded corpus into `data_dir` with `tokenizer`: prepare_tokenizer's kind, or
+    the path of init_from's model, whose tokenizer is reused (`_init_from_tokenizer`)."""
     from .prepare import PrepareError, prepare  # here: only this path needs the tokenizer trainer
 
     # Said in full: a mistyped --data_dir also lands here, and would train on this corpus.
     state = "holds no dataset" if data_dir.is_dir() else "does not exist"
-    # A char vocabulary's size is the corpus's count of distinct characters, known only later.
-    vocab = f", vocab {config.prepare_vocab_size}" if config.prepare_tokenizer == "bpe" else ""
+    if isinstance(tokenizer, Path):
+        # The model init_from gives reads only ids of its own vocabulary: a new BPE (of any size)
+        # would be refused by the check that follows, once the prep had taken its minutes.
+        what = f"the tokenizer of init_from, {tokenizer}, the only vocabulary its model reads"
+    else:  # A char vocabulary's size is the corpus's count of distinct characters, known only later.
+        what = tokenizer + (f", vocab {config.prepare_vocab_size}" if tokenizer == "bpe" else "")
     meant = typo_of(data_dir, ("meta.json",))
     # Ctrl-C twice: a first one during set-up lets the run train one step and save a checkpoint
     # (gpt/stop.py), which a rerun in this out_dir would then resume, on the wrong tokenizer.
     typo = (f" (did you mean {meant}, the dataset beside it? Then press Ctrl-C, and again once it "
             f"answers, which stops this run before it saves anything; and give that data_dir)" if meant is not None else "")
     say(f"{data_dir} {state}{typo}; preparing the '{config.prepare_source}' corpus there "
-        f"({config.prepare_tokenizer}{vocab}; prepare_source = 'none' makes a missing dataset an error instead)")
+        f"({what}; prepare_source = 'none' makes a missing dataset an error instead)")
     try:
-        prepare(out_dir=data_dir, source=config.prepare_source, tokenizer=config.prepare_tokenizer,
+        prepare(out_dir=data_dir, source=config.prepare_source, tokenizer=tokenizer,
                 vocab_size=config.prepare_vocab_size, log=say)
     except PrepareError:
         # Another run started on the same new data_dir may be preparing it (prep locks the
@@ -121,6 +152,20 @@ def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
         if not (data_dir / "meta.json").exists():
             raise
         say(f"{data_dir} was prepared by another process meanwhile; training on that dataset")
+
+
+def _init_from_tokenizer(config: TrainConfig) -> Path | None:
+    """The tokenizer of the model `init_from` names, for a dataset prepared for it: a run or
+    checkpoint folder (prep finds its tokenizer.json), or the tokenizer.json of an hf:DIR folder.
+    None without init_from, or where it names neither (its own check says what is wrong)."""
+    if not config.init_from:
+        return None
+    if config.init_from.startswith(hf.HF_PREFIX):
+        # Not parse_init_from, which refuses a folder gone: a resumed run no longer reads it.
+        file = Path(config.init_from[len(hf.HF_PREFIX):]).expanduser() / ckpt.TOKENIZER_FILE
+        return file if file.is_file() else None
+    folder = Path(config.init_from).expanduser()
+    return folder if folder.is_dir() and training_output(folder) is not None else None
 
 
 def open_loaders(config: TrainConfig, meta: dict[str, Any],

@@ -230,11 +230,11 @@ def test_vocab_size_with_the_char_tokenizer_is_an_error_before_any_work(tmp_path
     assert prepare_module.main(["--input", str(corpus), "--out", str(out), "--tokenizer", "char",
                                 "--val-rule=tail", "--val-fraction=0.1", "--min-val-tokens=10", "--no-progress"]) == 0
     ns = prepare_module.build_parser().parse_args(["--source", "stdlib", "--out", "o"])
-    assert prepare_module.vocab_size_option(ns) == 8192
+    assert prepare_module.tokenizer_options(ns)["vocab_size"] == 8192
     ns = script.build_parser().parse_args(["--tokenizer", "bpe"])
-    assert prepare_module.vocab_size_option(ns) == 2048
+    assert prepare_module.tokenizer_options(ns)["vocab_size"] == 2048
     ns = script.build_parser().parse_args(["--tokenizer", "bpe", "--vocab-size", "600"])
-    assert prepare_module.vocab_size_option(ns) == 600
+    assert prepare_module.tokenizer_options(ns)["vocab_size"] == 600
 
 
 def test_a_byte_order_mark_that_starts_a_file_is_not_text(tmp_path, monkeypatch):

@@ -72,7 +72,7 @@ def test_bad_options_through_the_python_api_are_named_before_any_work(tmp_path):
     out = tmp_path / "out"
     cases = [
         (dict(tokenizer="sentencepiece"), "--tokenizer must be bpe or char, got 'sentencepiece'"),
-        (dict(tokenizer=42), "tokenizer must be 'bpe', 'char' or a Tokenizer, got int"),
+        (dict(tokenizer=42), "tokenizer must be 'bpe', 'char', a Tokenizer or a Path, got int"),
         (dict(val_rule="random"), "--val-rule must be one of .*, got 'random'"),
     ]
     for kwargs, message in cases:

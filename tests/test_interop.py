@@ -817,3 +817,24 @@ def test_export_of_an_hf_folder_says_what_export_reads(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "export reads a run or checkpoint" in err and "init_from" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_plot_of_several_runs_is_named_after_them_and_replaces_no_other_plot(tmp_path, monkeypatch, capsys):
+    """Several runs went to ./metrics.png: run from a run's folder (or beside another plot of that
+    name) it replaced that run's own plot. Now the image is named after the runs."""
+    a, b = tmp_path / "lr_1e-3", tmp_path / "lr_3e-3"
+    for run in (a, b):
+        run.mkdir()
+        (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "tokens": 8}\n{"step": 2, "loss": 1.5, "tokens": 16}\n')
+    (a / "metrics.png").write_bytes(b"a's own plot")
+    monkeypatch.chdir(a)
+    assert plot.main([".", str(b / "metrics.jsonl")]) == 0
+    assert "wrote metrics_lr_1e-3+lr_3e-3.png" in capsys.readouterr().out
+    assert (a / "metrics.png").read_bytes() == b"a's own plot"
+    drawn = (a / "metrics_lr_1e-3+lr_3e-3.png").read_bytes()
+    assert drawn[:8] == b"\x89PNG\r\n\x1a\n"
+    # The same runs again: their plot is redrawn in place, not beside it.
+    assert plot.main([".", str(b / "metrics.jsonl")]) == 0
+    assert sorted(p.name for p in a.glob("*.png")) == ["metrics.png", "metrics_lr_1e-3+lr_3e-3.png"]
+    # A sweep of many runs: a name of bounded length.
+    assert plot.default_output([str(tmp_path / f"run_{i:03d}") for i in range(40)]).name == "metrics_run_000+39_more.png"
