@@ -354,13 +354,36 @@ def _map_tokens(path: Path, n_tokens: int) -> np.ndarray:
         # The path as bytes: as a str, torch takes it as UTF-8 and refuses one that is not.
         mapped = torch.from_file(os.fsencode(path), shared=False, size=HEADER_BYTES + 2 * n_tokens,
                                  dtype=torch.uint8)
-    except RuntimeError as e:  # shorter than the header said
-        raise ShardError(changed) from e
+    except RuntimeError as e:
+        if "Cannot allocate memory" in str(e):  # ENOMEM from mmap
+            raise ShardError(_cannot_map(path, e)) from None
+        raise ShardError(changed) from e  # shorter than the header said
     if mapped[:12].numpy().view("<i4").tolist() != [MAGIC, VERSION, n_tokens]:
         raise ShardError(changed)
     tokens = mapped.numpy()[HEADER_BYTES:].view(TOKEN_DTYPE)  # the array keeps the map alive
     tokens.flags.writeable = False
     return tokens
+
+
+def _cannot_map(path: Path, error: RuntimeError) -> str:
+    """Why mmap refused a shard (ENOMEM). Every shard is one memory map while its loader lives,
+    and Linux allows a process vm.max_map_count of them (65,530 unless raised): a dataset of some
+    30,000 shards a split reached it, and the error said the shard had changed, which running
+    again never fixed. Else it is memory or address space (ulimit -v)."""
+    reason = str(error).splitlines()[0]
+    try:
+        limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+        with open("/proc/self/maps", "rb") as maps:
+            held = sum(1 for _ in maps)
+    except (OSError, ValueError):  # not Linux
+        limit = held = 0
+    if limit and held >= limit - 64:
+        return (f"{path}: cannot map the shard ({reason}): this process holds {held:,} memory maps, the system's "
+                f"limit (vm.max_map_count = {limit:,}), and each shard of the train and val splits is one. Prepare "
+                f"the dataset again with a larger --shard-tokens (fewer shards), or raise the limit (sudo sysctl "
+                f"-w vm.max_map_count=1048576)")
+    return (f"{path}: cannot map the shard ({reason}): out of memory or address space (a ulimit -v?); run "
+            f"with more memory")
 
 
 def _find_shards(data_dir: Path, split: str) -> list[Path]:

@@ -12,7 +12,7 @@ import math
 import shlex
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -28,14 +28,17 @@ from .tokenizer import same_vocab
 
 
 def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str, Any],
-                               resuming: bool, current_model: dict[str, Any] | None = None) -> dict[str, Any]:
+                               resuming: bool, current_model: dict[str, Any] | None = None,
+                               fingerprint: Callable[[], int] | None = None) -> dict[str, Any]:
     """A checkpoint must have been trained on this dataset's vocabulary (same ids for the same
     tokens); a resumed run must also read the same train split in the same window order, or it
     could not continue its exact window sequence. Reads state.json and both tokenizer.json
     files, and when resuming the train shards' headers and their token fingerprint
     (`TokenLoader.fingerprint`); returns state.json. `current_model`: the model config this run
     builds, whose differences from the checkpoint's (and another optimizer) a refusal names too:
-    they were refused one at a time, each fix met by the next refusal."""
+    they were refused one at a time, each fix met by the next refusal. `fingerprint`: that of the
+    run's own train loader, already open (a second loader maps every shard again: a dataset of
+    30,000 shards a split then passed the system's limit of memory maps)."""
     try:
         state = ckpt.read_state(source)
     except (OSError, ValueError) as e:
@@ -95,7 +98,8 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
     # As many tokens, but other ones (prepared again with another --seed or input): checked here,
     # before any weights are read, as well as by the loader itself.
     if not mismatches and "fingerprint" in loader_state and (
-            TokenLoader(data_dir, "train", 1, config.block_size).fingerprint() != loader_state["fingerprint"]):
+            (fingerprint or TokenLoader(data_dir, "train", 1, config.block_size).fingerprint)()
+            != loader_state["fingerprint"]):
         mismatches.append(f"train tokens: {data_dir} holds as many as the checkpoint's dataset, but not "
                           f"the same ones (it was prepared again: another input, --seed or split rule)")
     if mismatches:

@@ -352,12 +352,20 @@ def _bounded_runs(texts: Iterable[str]) -> Iterable[str]:
             yield text[start:]
 
 
+# ASCII whitespace as spaces, in the UTF-8 bytes: a run of it is then a run of spaces, found by
+# one substring search (bytes.translate is a table lookup per byte: ~1 ms a MB).
+_WHITESPACE_AS_SPACE = bytes.maketrans(b"\t\n\r\x0b\x0c", b"     ")
+_SPACE_RUN = b" " * MAX_TRAIN_RUN
+
+
 def _may_hold_a_long_run(text: str) -> bool:
     """Cheap tests (C loops, about half the regex's time) for what `_LONG_RUN` finds: the
-    longest word, and a run of one whitespace character repeated (a file of spaces or blank
-    lines). A long run of mixed whitespace passes them unseen, and is trained on whole."""
+    longest word, and a run of ASCII whitespace. Mixed runs too: 100,000 blank CRLF lines in
+    a 1.4 MB text took BPE training 71 s where it takes 1.6 s without them (a test for runs of
+    one character repeated let "\r\n" * n through). Runs of other whitespace (U+3000...) pass
+    unseen, and are trained on whole."""
     return (max(map(len, text.split()), default=0) >= MAX_TRAIN_RUN
-            or any(c * MAX_TRAIN_RUN in text for c in " \n\t\r"))
+            or _SPACE_RUN in text.encode("utf-8", "surrogatepass").translate(_WHITESPACE_AS_SPACE))
 
 
 def build_char(texts: Iterable[str]) -> Tokenizer:

@@ -67,12 +67,12 @@ def ensure_dataset(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     Only into a folder holding no dataset file: a half-copied dataset gets load_meta's error,
     which names what is missing, rather than a prep that would refuse it."""
     data_dir = Path(config.data_dir)
-    tokenizer = _init_from_tokenizer(config) or config.prepare_tokenizer  # what the advice to prepare it names
+    tokenizer = _prep_tokenizer(config)  # for the prep commands the errors give
     check_is_folder(data_dir, tokenizer)
     if not dataset_files(data_dir) and config.prepare_source != "none":
         check_no_other_files(data_dir, config, tokenizer)
         if info.is_main:
-            _prepare_default(config, data_dir, tokenizer)  # (it waits for another prep of the folder itself)
+            _prepare_default(config, data_dir)  # (it waits for another prep of the folder itself)
         barrier(info)
     else:
         # A prep replacing the dataset right now: read it once done. (Not before the test above:
@@ -85,7 +85,7 @@ def check_no_other_files(data_dir: Path, config: TrainConfig, tokenizer: str | P
     """The default corpus is prepared only into a new or empty folder. A newcomer's
     --data_dir is often the folder of their own text: the stdlib's 30 MB went in beside it, the
     run trained on Python code, and the folder was then refused as input (it held a dataset).
-    `tokenizer`: as for `_prepare_default`, for the prep command the error gives."""
+    `tokenizer`: `_prep_tokenizer`'s, for the prep command the error gives."""
     if not data_dir.is_dir() or training_output(data_dir) is not None:
         return  # new; or a run given as the dataset, which the prep refuses with its own words
     others = sorted(p.name for p in data_dir.iterdir() if not p.name.startswith("."))
@@ -120,10 +120,10 @@ def _smaller_than(folder: Path, limit: int) -> bool:
     return True
 
 
-def _prepare_default(config: TrainConfig, data_dir: Path, tokenizer: str | Path) -> None:
-    """Prepare the embedded corpus into `data_dir` with `tokenizer`: prepare_tokenizer's kind, or
-    the path of init_from's model, whose tokenizer is reused (`_init_from_tokenizer`)."""
+def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
     from .prepare import PrepareError, prepare  # here: only this path needs the tokenizer trainer
+
+    tokenizer = _prep_tokenizer(config)
 
     # Said in full: a mistyped --data_dir also lands here, and would train on this corpus.
     state = "holds no dataset" if data_dir.is_dir() else "does not exist"
@@ -152,6 +152,12 @@ def _prepare_default(config: TrainConfig, data_dir: Path, tokenizer: str | Path)
         if not (data_dir / "meta.json").exists():
             raise
         say(f"{data_dir} was prepared by another process meanwhile; training on that dataset")
+
+
+def _prep_tokenizer(config: TrainConfig) -> str | Path:
+    """The tokenizer a dataset prepared for this run needs: init_from's own (its path, which prep
+    takes as --tokenizer-from), where init_from names a model; else prepare_tokenizer's kind."""
+    return _init_from_tokenizer(config) or config.prepare_tokenizer
 
 
 def _init_from_tokenizer(config: TrainConfig) -> Path | None:
@@ -270,21 +276,23 @@ def check_model_fits(gpt_config: GPTConfig, config: TrainConfig, info: DistInfo)
         )
 
 
-def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any],
-                out_dir: Path) -> tuple[TrainConfig, GPT, Path | None]:
+def build_model(config: TrainConfig, info: DistInfo, meta: dict[str, Any], out_dir: Path,
+                loader: TokenLoader) -> tuple[TrainConfig, GPT, Path | None]:
     """The model this run trains, on the CPU, and the checkpoint to resume from, if any.
 
     Its weights: GPT-2's initialisation, or init_from's (a checkpoint, or hf:DIR) on a run's
     first start (a checkpoint trained at a longer block_size is cropped to this run's: see
     GPT.crop_block_size); a resumed run loads the checkpoint's later, with the optimizer. Returns the
     config with the architecture the run really has (hf:DIR sets it), for config.json to record.
+    `loader`: the run's train loader, whose fingerprint a resume compares with the checkpoint's.
     """
     # Same seed on every rank: identical initial weights without a broadcast.
     torch.manual_seed(config.seed)
     gpt_config = gpt_config_for(config, meta["vocab_size"])
     resume_from = ckpt.latest_checkpoint(out_dir) if config.resume == "auto" else None
     if resume_from is not None:
-        saved = check_checkpoint_fits_data(resume_from, config, meta, resuming=True, current_model=asdict(gpt_config))
+        saved = check_checkpoint_fits_data(resume_from, config, meta, resuming=True, current_model=asdict(gpt_config),
+                                           fingerprint=loader.fingerprint)
         if config.init_from:
             log(info, f"out_dir holds {resume_from}: resuming from it; init_from = {config.init_from!r} "
                       f"only gives the weights of a run's first start and is not used now")
@@ -737,7 +745,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     accum = grad_accum_steps(config, info.world_size)
     tokens_per_step = tokens_per_optimizer_step(config, info.world_size)
 
-    config, model, resume_from = build_model(config, info, meta, out_dir)
+    config, model, resume_from = build_model(config, info, meta, out_dir, loader)
     model.to(device)
     # Data parallelism (DDP/FSDP2), activation checkpointing and compilation, applied from
     # outside (gpt/parallel.py). The optimizer comes after: FSDP replaces the parameters.
