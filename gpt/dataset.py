@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from gpt import locks
-from gpt.run_layout import training_output, typo_of
+from gpt.run_layout import CHECKPOINTS_DIR, is_run_folder, training_output, typo_of
 from gpt.shards import (GPT2_EOS_ID, GPT2_VOCAB_SIZE, MAX_VOCAB, SPLITS, ShardError, list_shards,
                         open_shard, read_header)
-from gpt.tokenizer import KINDS, TOKENIZER_FILE, Tokenizer, TokenizerError, gpt2_tokenizer
+from gpt.tokenizer import KINDS, TOKENIZER_FILE, Tokenizer, TokenizerError, gpt2_tokenizer, same_vocab
 
 PREP_LOCK_FILE = ".prepare-lock"  # held (flock) by the data prep writing the folder (gpt/prepare.py)
 
@@ -73,7 +73,7 @@ def missing_dataset(data_dir: Path, what: str, split: str | None = None,
     if run_part is not None:
         # A run (or its checkpoint) given for the dataset: preparing into it is no fix (prep
         # refuses to write there), and a checkpoint's tokenizer.json is no half of a dataset.
-        trained_on = _run_data_dir(data_dir)
+        trained_on = run_data_dir(data_dir)
         return ShardError(
             f"{data_dir}: {what}: it {run_part}, not a dataset folder (meta.json, tokenizer.json, "
             f"train_*.bin, val_*.bin). Give the dataset folder instead"
@@ -150,7 +150,7 @@ def split_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
     return paths
 
 
-def _run_data_dir(folder: Path) -> str | None:
+def run_data_dir(folder: Path) -> str | None:
     """The data_dir that the run `folder` is (or holds, or is in) was trained on, read from its
     config.json or a checkpoint's state.json; None when there is none to read."""
     folder = Path(os.path.realpath(folder))  # (the parents of a relative "run" are ".", the current folder)
@@ -193,13 +193,23 @@ def prepare_again(data_dir: Path, meta: dict | None = None) -> str:
             f"{_prep_command(meta, options, f'{data_dir} --overwrite')}")
 
 
-def prepare_with_tokenizer_of(model: str | os.PathLike, data_dir: Path, meta: dict | None = None) -> str:
+def prepare_with_tokenizer_of(model: str | os.PathLike, model_tokenizer: Path, data_dir: Path,
+                              meta: dict | None = None) -> str:
     """The prep command that tokenizes the text of the dataset in `data_dir` with the tokenizer
-    of `model` (a run, checkpoint or Hugging Face folder), into a new folder beside it: a model
-    reads only ids of its own vocabulary. (Not over `data_dir`: other runs may train on it.)"""
+    of `model` (a run, checkpoint or Hugging Face folder; its tokenizer.json: `model_tokenizer`),
+    into a new folder beside it named for the model: a model reads only ids of its own
+    vocabulary. (Not over `data_dir`, which other runs may train on; not into one folder for
+    every model, where the second model's prep was refused.) Where that folder holds such a
+    dataset already, that is the advice."""
     meta = _read_meta_quietly(Path(data_dir)) if meta is None else meta
-    return (f"{_prep_command(meta, f' --tokenizer-from {model}', f'{data_dir}_retokenized')}"
-            f"{_came_from(meta)}, then give that folder as data_dir")
+    model = Path(model)
+    if model.parent.name == CHECKPOINTS_DIR and is_run_folder(model.parent.parent):
+        model = model.parent.parent  # its run: the checkpoint folder is pruned as the run goes on
+    new = Path(data_dir).with_name(f"{Path(data_dir).name}_for_{model.resolve().name}")
+    if same_vocab(new / TOKENIZER_FILE, model_tokenizer) and (new / "meta.json").is_file():
+        return f"{new} holds a dataset made with that tokenizer: give it as data_dir"
+    return (f"{_prep_command(meta, f' --tokenizer-from {model}', str(new))}{_came_from(meta)}, then give "
+            f"that folder as data_dir")
 
 
 def _came_from(meta: dict) -> str:

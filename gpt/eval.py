@@ -244,13 +244,13 @@ def load_for_eval(run: str, data_dir: str | None,
     if meta["vocab_size"] != model.config.vocab_size:
         raise ShardError(f"{data_dir} has a vocabulary of {meta['vocab_size']} ids but the model has "
                          f"{model.config.vocab_size}: evaluate on data made with the model's tokenizer: "
-                         f"{prepare_with_tokenizer_of(hf_dir or run, data_dir, meta)}")
+                         f"{prepare_with_tokenizer_of(hf_dir or run, model_tokenizer, data_dir, meta)}")
     if (data_dir / TOKENIZER_FILE).exists():
         tokenizer = load_tokenizer(data_dir)
         if own_tokenizer is not None and own_tokenizer.inner.get_vocab() != tokenizer.inner.get_vocab():
             raise ShardError(f"{data_dir / TOKENIZER_FILE} differs from the model's tokenizer "
                              f"({model_tokenizer}): the same ids would mean other text; evaluate on data made "
-                             f"with the model's tokenizer: {prepare_with_tokenizer_of(hf_dir or run, data_dir, meta)}")
+                             f"with the model's tokenizer: {prepare_with_tokenizer_of(hf_dir or run, model_tokenizer, data_dir, meta)}")
     elif own_tokenizer is not None:  # bare llm.c shards: the model's copy of GPT-2's tokenizer
         tokenizer = own_tokenizer
     else:

@@ -375,7 +375,7 @@ ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "tie_weights")
 
 
 def init_from_hf(hf_dir: Path, gpt_config: GPTConfig, data_vocab_size: int,
-                 log: Callable[[str], None], data_tokenizer: Path | None = None) -> GPTConfig:
+                 log: Callable[[str], None], *, data_tokenizer: Path) -> GPTConfig:
     """The model config of a run with `init_from = "hf:DIR"`: the architecture is the folder's.
 
     Prints which model keys of the run config were replaced by the folder's, and refuses a
@@ -389,8 +389,7 @@ def init_from_hf(hf_dir: Path, gpt_config: GPTConfig, data_vocab_size: int,
     new = dataclasses.replace(new, vocab_multiple=gpt_config.vocab_multiple)  # the run's padding
     own = Path(hf_dir) / "tokenizer.json"
     # The command that tokenizes the dataset's text with the folder's tokenizer, where it has one.
-    again = (f": {prepare_with_tokenizer_of(hf_dir, data_tokenizer.parent)}"
-             if data_tokenizer is not None and own.is_file() else "")
+    again = f": {prepare_with_tokenizer_of(hf_dir, own, data_tokenizer.parent)}" if own.is_file() else ""
     if new.vocab_size != data_vocab_size:
         raise HFError(
             f"{where} has vocab_size {new.vocab_size}, but the dataset's vocabulary has "
@@ -399,7 +398,7 @@ def init_from_hf(hf_dir: Path, gpt_config: GPTConfig, data_vocab_size: int,
         )
     # Two vocabularies of one size (two BPEs of 512 ids, two char tables): the same ids, other
     # text. A run folder as init_from was refused so (gpt/resume.py); hf:DIR was not.
-    if data_tokenizer is not None and same_vocab(data_tokenizer, own) is False:
+    if same_vocab(data_tokenizer, own) is False:
         raise HFError(f"{own} maps tokens to other ids than {data_tokenizer}, so token ids would mean "
                       f"other text to the model: use data prepared with the folder's tokenizer{again}")
     if gpt_config.block_size > new.block_size:

@@ -269,7 +269,7 @@ class HFDataset(DocumentsFromPieces):
         self._check_field(["text"])
         for path in files:
             try:
-                yield from document_pieces(read_chunks(path, "strict", self._stamps), piece_chars)
+                yield from document_pieces(read_chunks(path, "strict", self._stamps), piece_chars, str(path))
             except NotUTF8Error as e:
                 raise SourceError(f"{self._named()}: {path}: not valid UTF-8 at byte offset {e.offset} "
                                   f"({e.reason}); convert the file to UTF-8, or read it with --input "

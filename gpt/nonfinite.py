@@ -85,7 +85,7 @@ class NonFiniteGuard:
                 self.optimizer.zero_grad(set_to_none=True)  # AdamW leaves params without grads alone
         self._flags.append(bad)
 
-    def review(self, step: int) -> int:
+    def review(self) -> int:
         """Read the flags since the last review (one sync); return how many steps were skipped."""
         if not self._flags:
             return 0

@@ -55,7 +55,7 @@ import numpy as np
 from gpt import locks
 from gpt.config import ArgumentParser, add_option, path_arg
 from gpt.progress import progress_bar
-from gpt.dataset import PREP_LOCK_FILE, dataset_files, load_tokenizer
+from gpt.dataset import PREP_LOCK_FILE, dataset_files, load_tokenizer, run_data_dir
 from gpt.run_layout import nearby_runs, training_output
 from gpt.shards import MAX_SHARD_TOKENS, MAX_VOCAB, SPLITS, ShardError, ShardWriter
 from gpt.hf_dataset import HFDataset
@@ -67,6 +67,7 @@ from gpt.wordcache import encode_pieces, word_cache_applies
 STAGING = ".prepare-staging"
 LOCK_FILE = PREP_LOCK_FILE  # held (flock) by the prep writing the folder
 META_FILE = "meta.json"
+RUN_FILES = ("config.json", "metrics.jsonl")  # a run's, written at its start: before any checkpoint
 VAL_RULES = ("chunks", "tail")
 # BPE merges are learned from the first 10 MB of the corpus by default: plenty for the vocabularies
 # of a few thousand ids used here, and training (the tokenizers library's own pre-tokenizer, ~3 MB/s
@@ -84,6 +85,7 @@ class PrepareError(ValueError):
 class _Counts:
     documents: int = 0
     characters: int = 0
+    pieces: int = 0
     text_bytes: int = 0
 
 
@@ -154,10 +156,10 @@ def prepare(
         if not progress:
             corpus = replace(corpus, progress=False)
     given = None if isinstance(tokenizer, str) else (
-        "the tokenizer given" if tokenizer_from is None else f"the tokenizer of --tokenizer-from {tokenizer_from}")
+        "the Tokenizer given" if tokenizer_from is None else f"--tokenizer-from {tokenizer_from}")
     with _staging_folder(out_dir, overwrite) as staging:
         counts = _Counts()
-        tok = _fit_tokenizer(corpus, tokenizer, vocab_size, tokenizer_train_bytes, counts, progress)
+        tok = _fit_tokenizer(corpus, tokenizer, vocab_size, tokenizer_train_bytes, counts, progress, given)
         if counts.documents == 0:
             undecodable = getattr(corpus, "undecodable", None)
             if undecodable:  # --encoding-errors skip left every file out: the input is not empty
@@ -399,33 +401,50 @@ def _reused_tokenizer(path: Path) -> Tokenizer:
     if not path.is_dir():
         raise PrepareError(f"--tokenizer-from {path}: no such file or folder{nearby_runs(path)}")
     if training_output(path) is not None:
-        # Imported here: torch, which the rest of data prep does without.
-        from gpt.checkpoint.find import reading
-        from gpt.checkpoint.layout import CheckpointError
-
-        try:
-            with reading(path) as checkpoint:
-                file = checkpoint / TOKENIZER_FILE
-                if not file.is_file():
-                    raise PrepareError(f"--tokenizer-from {path}: {checkpoint} has no {TOKENIZER_FILE} (its "
-                                       f"dataset had none: bare GPT-2 token shards); give GPT-2's tokenizer.json")
-                return Tokenizer.from_file(file)
-        except CheckpointError as e:
-            raise PrepareError(f"--tokenizer-from {path}: {e}") from None
+        return _checkpoint_tokenizer(path)
     if (path / META_FILE).is_file():  # a dataset (bare GPT-2 shards too: load_tokenizer knows those)
         return load_tokenizer(path)
     if (path / TOKENIZER_FILE).is_file():  # a Hugging Face model folder (an export of ours too)
         return Tokenizer.from_file(path / TOKENIZER_FILE)
+    if any((path / name).is_file() for name in RUN_FILES):  # a run before its first checkpoint
+        return _checkpoint_tokenizer(path)
     raise PrepareError(f"--tokenizer-from {path}: no {TOKENIZER_FILE} here; give a tokenizer.json file, a "
                        f"prepared dataset folder, a training run or checkpoint folder, or a Hugging Face "
                        f"model folder holding {TOKENIZER_FILE}")
 
 
+def _checkpoint_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer.json of the checkpoint `path` is or names (a run: `latest`'s), checked against
+    the checkpoint's manifest as every other reader of it does (an edited copy gave other ids)."""
+    # Imported here: torch, which the rest of data prep does without.
+    from gpt.checkpoint.find import reading
+    from gpt.checkpoint.layout import CheckpointError
+    from gpt.checkpoint.verify import verify_file
+
+    try:
+        with reading(path) as checkpoint:
+            if not verify_file(checkpoint, TOKENIZER_FILE):
+                raise PrepareError(f"--tokenizer-from {path}: {checkpoint} has no {TOKENIZER_FILE} (a run on bare "
+                                   f"GPT-2 token shards saves none); give GPT-2's tokenizer.json")
+            return Tokenizer.from_file(checkpoint / TOKENIZER_FILE)
+    except CheckpointError as e:
+        trained_on = run_data_dir(path)
+        dataset = (f"; or reuse the tokenizer of the dataset it trains on: --tokenizer-from {trained_on}"
+                   if trained_on and (Path(trained_on) / META_FILE).is_file() else "")
+        raise PrepareError(f"--tokenizer-from {path}: {e}{dataset}") from None
+
+
 def _fit_tokenizer(corpus: Corpus, tokenizer, vocab_size: int, train_bytes: int | None,
-                   counts: _Counts, progress: bool) -> Tokenizer | None:
-    """Read the corpus once, counting it, and build the tokenizer (or reuse the one given)."""
+                   counts: _Counts, progress: bool, given: str | None = None) -> Tokenizer | None:
+    """Read the corpus once, counting it, and build the tokenizer (or reuse the one given, which
+    `given` names: a char vocabulary given must hold every character of the corpus)."""
     chars: set[str] = set()
     kind = tokenizer if isinstance(tokenizer, str) else None
+    # A reused char vocabulary: characters it lacks, each with where it first occurs. (Pass two
+    # refused them too, but piece by piece: the first piece's alone, at offsets within it.)
+    known = set(tokenizer.inner.get_vocab()) if kind is None and tokenizer.kind == "char" else None
+    lacking: dict[str, tuple[int, int, str]] = {}  # character -> (piece number, offset, document)
+    offset = 0  # of the piece within its document
     desc = {"bpe": "training BPE", "char": "reading characters", None: "counting"}[kind]
     bar = progress_bar(desc, None, "B", progress)
 
@@ -437,6 +456,13 @@ def _fit_tokenizer(corpus: Corpus, tokenizer, vocab_size: int, train_bytes: int 
             counts.characters += len(piece.text)
             counts.text_bytes += n_bytes
             bar.update(n_bytes)
+            nonlocal offset
+            counts.pieces += 1
+            offset = 0 if piece.starts_document else offset
+            if known is not None:
+                for c in set(piece.text) - known - lacking.keys():
+                    lacking[c] = (counts.pieces, offset + piece.text.index(c), piece.document)
+            offset += len(piece.text)
             if kind == "char":
                 chars.update(piece.text)
             elif kind == "bpe" and (train_bytes is None or fed < train_bytes):
@@ -456,7 +482,22 @@ def _fit_tokenizer(corpus: Corpus, tokenizer, vocab_size: int, train_bytes: int 
                                f"{MAX_VOCAB:,} ids --tokenizer char can store (token shards hold uint16 ids); "
                                f"use --tokenizer bpe, whose byte-level vocabulary covers any text")
         return char_tokenizer(chars) if chars else None  # None: empty corpus, reported by the caller
+    if lacking:
+        raise PrepareError(f"{corpus.description}: {_plural(len(lacking), 'character')} not in the char vocabulary "
+                           f"of {given}: {_first_seen(lacking)}. A model trained on that vocabulary has no id for "
+                           f"them: take them out of the text (or map them to characters it has)")
     return tokenizer
+
+
+def _first_seen(lacking: dict[str, tuple[int, int, str]], show: int = 8) -> str:
+    """"'é' (U+00E9) in a.txt at character 1,204, 'ü' (U+00FC) at 1,310, ...": the characters
+    where each first occurs, in the corpus's order, each document named once."""
+    said, where = [], None
+    for c, (_, at, document) in sorted(lacking.items(), key=lambda item: item[1][:2])[:show]:
+        place = f"at {at:,}" if document == where else f"in {document or 'the text'} at character {at:,}"
+        said.append(f"{c!r} (U+{ord(c):04X}) {place}")
+        where = document
+    return ", ".join(said) + (f" and {len(lacking) - show} more" if len(lacking) > show else "")
 
 
 # ---- pass two: encoding and routing ---------------------------------------------------------
@@ -480,7 +521,7 @@ def _encode_corpus(corpus: Corpus, tok: Tokenizer, writers: dict[str, ShardWrite
     changed = (f"{corpus.description}: changed between data prep's two reads of it (a file still being "
                f"written, or documents that can be read only once?); run the prep again once nothing "
                f"writes to the input")
-    unknown = changed if given is None else f"{corpus.description}: cannot encode it with {given}"
+    unknown = changed if given is None else f"{corpus.description}: cannot encode it with the tokenizer of {given}"
     read = _Counts()
     try:
         for piece, split, ids in _encoded(tok, labelled, unknown):
@@ -554,8 +595,8 @@ def _tail_split(pieces: Iterator[Piece], train_chars: int) -> Iterator[tuple[Pie
             yield piece, "val"
         else:
             cut = train_chars - seen
-            yield Piece(piece.text[:cut], piece.starts_document), "train"
-            yield Piece(piece.text[cut:], False), "val"
+            yield Piece(piece.text[:cut], piece.starts_document, piece.document), "train"
+            yield Piece(piece.text[cut:], False, piece.document), "val"
         seen += n
 
 
@@ -699,6 +740,7 @@ def tokenizer_options(args: argparse.Namespace) -> dict:
         if given:
             raise PrepareError(f"{', '.join(given)} cannot be used with --tokenizer-from: that tokenizer is "
                                f"reused as it is, vocabulary and all; drop {'it' if len(given) == 1 else 'them'}")
+        reused_tokenizer(args.tokenizer_from)  # here: a wrong path is said before any download or read
         return {"tokenizer": Path(args.tokenizer_from)}
     kind = args.tokenizer or args.default_tokenizer
     return {"tokenizer": kind, "vocab_size": _vocab_size_option(args, kind),

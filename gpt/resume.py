@@ -55,11 +55,11 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
         problem = (f"it was trained on {saved.get('tokenizer')} tokens (vocab_size {saved.get('vocab_size')}), "
                    f"{data_dir} holds {meta.get('tokenizer')} tokens (vocab_size {meta.get('vocab_size')})")
     if problem:
-        again = prepare_with_tokenizer_of(source, data_dir, meta)
+        again = prepare_with_tokenizer_of(source, source / ckpt.TOKENIZER_FILE, data_dir, meta)
         # A resume continues the same data, so a dataset made again for it would be refused too:
         # training the model on this text is a new run from its weights.
         instead = (f"; to train it on this text instead, start a new run (another out_dir) with init_from = "
-                   f"'{source}', on this text tokenized with its tokenizer: {again}" if resuming else
+                   f"'{source}', on this text tokenized with its tokenizer ({again})" if resuming else
                    f", or tokenize this text with its tokenizer: {again}")
         raise ckpt.CheckpointError(
             f"{source} does not fit the dataset in {data_dir}: {problem}, so token ids would mean "

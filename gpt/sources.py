@@ -57,6 +57,7 @@ class NotUTF8Error(SourceError):
 class Piece(NamedTuple):
     text: str
     starts_document: bool  # True for the first piece of each document
+    document: str = ""  # which document, for errors: its file, or "document N"; "" where unnamed
 
 
 class Corpus(Protocol):
@@ -121,10 +122,10 @@ def split_pieces(chunks: Iterable[str], piece_chars: int = PIECE_CHARS,
         yield buf[start:]
 
 
-def document_pieces(chunks: Iterable[str], piece_chars: int) -> Iterator[Piece]:
+def document_pieces(chunks: Iterable[str], piece_chars: int, document: str = "") -> Iterator[Piece]:
     first = True
     for text in split_pieces(chunks, piece_chars):
-        yield Piece(text, first)
+        yield Piece(text, first, document)
         first = False
 
 
@@ -151,7 +152,7 @@ class Texts(DocumentsFromPieces):
                     f"{self.description}: document {number} holds a lone surrogate "
                     f"(U+{ord(surrogate[0]):04X}) at character {surrogate.start():,}, which is not "
                     f"text; decode its bytes strictly (or with errors='replace')")
-            yield from document_pieces([text], piece_chars)
+            yield from document_pieces([text], piece_chars, f"document {number}")
 
 
 # ---- local files ----------------------------------------------------------------------------
@@ -377,7 +378,7 @@ class LocalFiles(DocumentsFromPieces):
                     if self.warn_skips:
                         self._warn_once(path, f"skipping {path}: not valid UTF-8 at byte offset {error.offset}")
                     continue
-            yield from document_pieces(read_chunks(path, self.errors, self._stamps), piece_chars)
+            yield from document_pieces(read_chunks(path, self.errors, self._stamps), piece_chars, str(path))
 
 
 # ---- the Python standard library ------------------------------------------------------------

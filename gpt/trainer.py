@@ -22,7 +22,6 @@ import torch.distributed as dist
 from . import allocator
 from . import checkpoint as ckpt
 from . import hf
-from . import locks
 from . import parallel
 from .config import ConfigError, TrainConfig, expand_home, grad_accum_steps, tokens_per_optimizer_step
 from .dataset import (check_is_folder, check_token_ids, dataset_files, load_meta, prepare_again, tokenizer_flag,
@@ -124,13 +123,17 @@ def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
     from .prepare import PrepareError, prepare  # here: only this path needs the tokenizer trainer
 
     tokenizer = _prep_tokenizer(config)
-
     # Said in full: a mistyped --data_dir also lands here, and would train on this corpus.
     state = "holds no dataset" if data_dir.is_dir() else "does not exist"
     if isinstance(tokenizer, Path):
-        # The model init_from gives reads only ids of its own vocabulary: a new BPE (of any size)
-        # would be refused by the check that follows, once the prep had taken its minutes.
-        what = f"the tokenizer of init_from, {tokenizer}, the only vocabulary its model reads"
+        what = f"the tokenizer of {tokenizer}, the model this run starts from: the only vocabulary it reads"
+    elif config.init_from.startswith(hf.HF_PREFIX):
+        # Any vocabulary built here would be another than the model's: refused, after the prep.
+        folder = config.init_from[len(hf.HF_PREFIX):]
+        raise hf.HFError(f"{data_dir} {state}, and init_from = {config.init_from!r} has no {ckpt.TOKENIZER_FILE}, "
+                         f"so no dataset can be prepared in the vocabulary its model reads: put the tokenizer.json of "
+                         f"the data it was trained on into {folder}, or give a data_dir prepared with that tokenizer "
+                         f"(data_prep/prepare.py --tokenizer-from FILE)")
     else:  # A char vocabulary's size is the corpus's count of distinct characters, known only later.
         what = tokenizer + (f", vocab {config.prepare_vocab_size}" if tokenizer == "bpe" else "")
     meant = typo_of(data_dir, ("meta.json",))
@@ -155,8 +158,14 @@ def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
 
 
 def _prep_tokenizer(config: TrainConfig) -> str | Path:
-    """The tokenizer a dataset prepared for this run needs: init_from's own (its path, which prep
-    takes as --tokenizer-from), where init_from names a model; else prepare_tokenizer's kind."""
+    """The tokenizer a dataset prepared for this run needs: that of the model it starts from,
+    whose path prep takes as --tokenizer-from (the model reads only ids of its own vocabulary):
+    out_dir, where it holds a checkpoint to resume (its dataset gone: a new BPE was refused by
+    the resume after the prep's minutes), else init_from's; and otherwise prepare_tokenizer's kind."""
+    if config.resume == "auto":
+        with contextlib.suppress(ckpt.CheckpointError):  # a broken `latest`: the resume says what is wrong
+            if ckpt.latest_checkpoint(config.out_dir) is not None:
+                return Path(config.out_dir)
     return _init_from_tokenizer(config) or config.prepare_tokenizer
 
 
@@ -629,7 +638,7 @@ def train_step(wrapped: torch.nn.Module, model: GPT, optimizer: torch.optim.Opti
 def interval_loss(interval: LogInterval, guard: NonFiniteGuard, step: int, accum: int, info: DistInfo) -> float:
     """The log interval's mean loss over ranks and its kept steps (NaN when every one was skipped).
     Reads the steps' non-finite flags first: nan_policy=stop raises here, before any eval or save."""
-    kept_steps = interval.steps - interval.skipped - guard.review(step)
+    kept_steps = interval.steps - interval.skipped - guard.review()
     return (all_reduce_mean(interval.loss_sum / (kept_steps * accum), info).item() if kept_steps
             else float("nan"))
 
@@ -742,6 +751,11 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
 
     meta = ensure_dataset(config, info)
     loader, val_loader, tokenizer_json = open_loaders(config, meta, info)
+    # Whose vocabulary: a data_dir prepared for a fine-tune (--tokenizer-from) may be the default
+    # folder, which a later run with prepare_tokenizer's settings then reads as it is.
+    reused = f" (the tokenizer of {meta['tokenizer_from']})" if isinstance(meta.get("tokenizer_from"), str) else ""
+    log(info, f"data: {config.data_dir}: {meta.get('tokenizer', '?')} vocabulary of {meta['vocab_size']:,} ids{reused}; "
+              f"train {loader.num_tokens:,} tokens, val {val_loader.num_tokens:,}")
     accum = grad_accum_steps(config, info.world_size)
     tokens_per_step = tokens_per_optimizer_step(config, info.world_size)
 
@@ -859,7 +873,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
             if last:  # the final step's checkpoint is saved: nothing is left to resume or requeue
                 log(info, f"received a stop signal ({stop.name}) as the last step ended: the run is complete")
                 break
-            interval.skipped += guard.review(step)  # never save a model gone non-finite since the last log
+            interval.skipped += guard.review()  # never save a model gone non-finite since the last log
             log(info, f"received a stop signal ({stop.name}): saving a checkpoint at step {step} and "
                       f"exiting with code {stop.exit_code} (run again to resume)")
             # An eval step has just saved this very state: writing it again would only spend the

@@ -11,7 +11,6 @@ import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from gpt.tokenizer import char_tokenizer, train_bpe

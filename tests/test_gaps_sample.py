@@ -208,16 +208,18 @@ def test_eval_on_data_of_another_vocabulary(folders, tmp_path, capsys):
     prepare(other, ["xyz\n" * 200], tokenizer="char", val_fraction=0.1, val_rule="tail",
             min_val_tokens=BLOCK + 1, progress=False, log=None)
     assert gpt_eval.main([str(folders["char_run"]), "--data_dir", str(other), "--device", "cpu"]) == 2
-    assert capsys.readouterr().err == (f"error: {other} has a vocabulary of 4 ids but the model has 9: "
-                                       f"evaluate on data made with the model's tokenizer\n")
+    assert capsys.readouterr().err.startswith(f"error: {other} has a vocabulary of 4 ids but the model has 9: "
+                                              f"evaluate on data made with the model's tokenizer: python data_prep/"
+                                              f"prepare.py --input YOUR_TEXT --tokenizer-from {folders['char_run']} ")
     # Same size, other characters: the ids would mean other text.
     same_size = tmp_path / "same_size"
     prepare(same_size, ["ijklmnop\n" * 200], tokenizer="char", val_fraction=0.1, val_rule="tail",
             min_val_tokens=BLOCK + 1, progress=False, log=None)
     assert gpt_eval.main([str(folders["char_run"]), "--data_dir", str(same_size), "--device", "cpu"]) == 2
     own = ckpt.latest_checkpoint(folders["char_run"]) / "tokenizer.json"
-    assert capsys.readouterr().err == (f"error: {same_size / 'tokenizer.json'} differs from the model's tokenizer "
-                                       f"({own}): the same ids would mean other text\n")
+    assert capsys.readouterr().err.startswith(f"error: {same_size / 'tokenizer.json'} differs from the model's "
+                                              f"tokenizer ({own}): the same ids would mean other text; evaluate on "
+                                              f"data made with the model's tokenizer: python data_prep/prepare.py ")
 
 
 # ----------------------------------------------------------------------------------------

@@ -108,13 +108,13 @@ def test_what_holds_no_usable_tokenizer_is_named(char_data, run, tmp_path, capsy
              (corpus, "cannot load tokenizer"),
              (run / "checkpoints", "did you mean"),
              # A char vocabulary lacks characters of the new text: which ones, and whose vocabulary.
-             (char_data, "cannot encode it with the tokenizer of --tokenizer-from")]
+             (char_data, f"2 characters not in the char vocabulary of --tokenizer-from {char_data}")]
     for source, said in cases:
         assert prep_main(["--input", str(corpus), "--tokenizer-from", str(source), "--out", str(out), *SPLIT]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "--tokenizer-from" in err and said in err, err
         assert not out.exists()
-    assert "'é' (U+00E9)" in err and "'✓' (U+2713)" in err
+    assert f"'é' (U+00E9) in {corpus} at character 1, '✓' (U+2713) at 6." in err
     assert prep_main(["--input", str(corpus), "--tokenizer-from", str(run.with_name("rn")), "--out", str(out)]) == 2
     assert f"did you mean {run}?" in capsys.readouterr().err
 
@@ -130,18 +130,23 @@ def test_a_refused_init_from_gives_the_prep_command_that_makes_it_work(char_data
                                       (run, "", "start a new run (another out_dir) with init_from")]:
         with pytest.raises(ckpt.CheckpointError) as e:
             train(tiny_config(other, out_dir, init_from=init_from, max_steps=4, eval_interval=2, eval_iters=1))
-        assert start in str(e.value) and "--tokenizer-from" in str(e.value), str(e.value)
+        # The run, not its checkpoint folder (which the run prunes, and meta.json would record).
+        assert start in str(e.value) and f"--tokenizer-from {run} " in str(e.value), str(e.value)
     argv = _command(str(e.value))
-    assert argv[:2] == ["--input", "YOUR_TEXT"] and argv[-2:] == ["--out", f"{other}_retokenized"]
+    assert argv[:2] == ["--input", "YOUR_TEXT"] and argv[-2:] == ["--out", f"{other}_for_run"]
     argv[1] = str(corpus)
     assert prep_main([*argv, "--no-progress"]) == 0
-    retokenized = Path(f"{other}_retokenized")
+    retokenized = Path(f"{other}_for_run")
     assert read_vocab(retokenized / "tokenizer.json") == read_vocab(char_data / "tokenizer.json")
     # Its split options are the dataset's (tail, 0.1): the same windows of the same text.
     assert json.loads((retokenized / "meta.json").read_text())["tokens"] == json.loads(
         (other / "meta.json").read_text())["tokens"]
     train(tiny_config(retokenized, tmp_path / "tuned", init_from=str(run), max_steps=2, eval_interval=2,
                       eval_iters=1))
+    # Given the old data_dir again, the advice is the folder already made.
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{retokenized} holds a dataset made with that "
+                                                             f"tokenizer: give it as data_dir")):
+        train(tiny_config(other, tmp_path / "tuned2", init_from=str(run), max_steps=2))
 
 
 def test_eval_and_hf_init_from_on_data_of_another_vocabulary_give_the_command(char_data, run, tmp_path, capsys):
@@ -150,7 +155,7 @@ def test_eval_and_hf_init_from_on_data_of_another_vocabulary_give_the_command(ch
     prepare(other, [text], tokenizer="char", val_fraction=0.1, val_rule="tail", progress=False, log=None)
     assert gpt_eval.main([str(run), "--data_dir", str(other), "--max_batches", "1", "--no_progress"]) != 0
     err = capsys.readouterr().err
-    assert f"--tokenizer-from {run}" in err and f"--out {other}_retokenized" in err, err
+    assert f"--tokenizer-from {run}" in err and f"--out {other}_for_run" in err, err
     hf_dir = tmp_path / "hf"
     assert export.main([str(run), "--format", "hf", "--out", str(hf_dir)]) == 0
     with pytest.raises(hf.HFError) as e:
@@ -164,9 +169,9 @@ def test_train_prepares_a_missing_data_dir_with_init_froms_tokenizer(char_data, 
     (Shakespeare's) cannot spell Python, which the prep says, naming the run's tokenizer."""
     data = tmp_path / "stdlib_for_run"
     config = tiny_config(data, tmp_path / "tuned", init_from=str(run), prepare_source="stdlib")
-    with pytest.raises(ValueError, match=re.escape(f"cannot encode it with the tokenizer of --tokenizer-from {run}")):
+    with pytest.raises(ValueError, match=re.escape(f"not in the char vocabulary of --tokenizer-from {run}: ")):
         train(config)
-    assert f"the tokenizer of init_from, {run}, the only vocabulary its model reads" in capsys.readouterr().out
+    assert f"the tokenizer of {run}, the model this run starts from: the only vocabulary it reads" in capsys.readouterr().out
     assert not (data / "meta.json").exists()
     # Where it may not prepare one, the command it gives reuses that tokenizer too.
     with pytest.raises(ShardError, match=re.escape(f"--tokenizer-from {run}")):
@@ -216,6 +221,8 @@ def test_shakespeare_script_reuses_a_tokenizer_into_the_folder_it_is_given(char_
     spec.loader.exec_module(script)
     monkeypatch.setattr(script, "download", lambda *a, **k: pytest.fail("downloaded before the options were checked"))
     monkeypatch.chdir(tmp_path)
+    assert script.main(["--tokenizer-from", "nowhere", "--out", "x", "--no-progress"]) == 2  # before a download
+    assert "--tokenizer-from nowhere: no such file or folder" in capsys.readouterr().err
     # Its default folder is named after --tokenizer (data/shakespeare_char): not for a reused one.
     assert script.main(["--tokenizer-from", str(char_data), "--no-progress"]) == 2
     assert "--tokenizer-from needs --out" in capsys.readouterr().err
@@ -224,3 +231,55 @@ def test_shakespeare_script_reuses_a_tokenizer_into_the_folder_it_is_given(char_
     corpus.write_text(_new_text(char_data))
     assert script.main(["--input", str(corpus), "--tokenizer-from", str(char_data), "--out", "mine", "--no-progress"]) == 0
     assert read_vocab(tmp_path / "mine" / "tokenizer.json") == read_vocab(char_data / "tokenizer.json")
+
+
+def test_a_resume_whose_dataset_is_gone_prepares_it_with_the_checkpoints_tokenizer(char_data, run, tmp_path, capsys):
+    """It prepared the embedded corpus with a new BPE, which the resume then refused, and advised
+    giving up the resume for a new run."""
+    import shutil
+
+    resumed = shutil.copytree(run, tmp_path / "run")
+    config = tiny_config(tmp_path / "gone", resumed, prepare_source="stdlib", max_steps=4)
+    with pytest.raises(ValueError, match=re.escape(f"not in the char vocabulary of --tokenizer-from {resumed}: ")):
+        train(config)  # Shakespeare's characters cannot spell Python: said, by the checkpoint's vocabulary
+    assert f"the tokenizer of {resumed}, the model this run starts from" in capsys.readouterr().out
+
+
+def test_a_checkpoints_tokenizer_is_checked_against_its_manifest_and_a_run_without_one_is_named(
+        char_data, run, tmp_path, capsys):
+    import shutil
+
+    corpus = tmp_path / "new.txt"
+    corpus.write_text(_new_text(char_data))
+    out = tmp_path / "out"
+    # An edited tokenizer.json in a checkpoint (two ids swapped: valid, other ids) was reused as it was.
+    copy = shutil.copytree(run, tmp_path / "copy")
+    tokenizer_file = ckpt.latest_checkpoint(copy) / "tokenizer.json"
+    saved = json.loads(tokenizer_file.read_text())
+    vocab = saved["model"]["vocab"]
+    a, b = list(vocab)[:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    tokenizer_file.write_text(json.dumps(saved, indent=2))
+    assert prep_main(["--input", str(corpus), "--tokenizer-from", str(copy), "--out", str(out), *SPLIT]) == 2
+    err = capsys.readouterr().err
+    assert f"--tokenizer-from {copy}: {tokenizer_file}: " in err and "the manifest" in err, err
+    assert not out.exists()
+    # A run before its first checkpoint: said so, with the dataset it trains on.
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "config.json").write_text(json.dumps({"data_dir": str(char_data), "eval_interval": 250}))
+    assert prep_main(["--input", str(corpus), "--tokenizer-from", str(early), "--out", str(out), *SPLIT]) == 2
+    err = capsys.readouterr().err
+    assert "has not saved a checkpoint yet" in err and f"--tokenizer-from {char_data}" in err, err
+
+
+def test_init_from_an_hf_folder_without_a_tokenizer_prepares_nothing(char_data, run, tmp_path):
+    """Any vocabulary prepared here would be another than the model's: it prepared a 4,096-id BPE
+    of the standard library (25 s) before init_from refused it."""
+    hf_dir = tmp_path / "hf"
+    assert export.main([str(run), "--format", "hf", "--out", str(hf_dir)]) == 0
+    (hf_dir / "tokenizer.json").unlink()
+    data = tmp_path / "data"
+    with pytest.raises(hf.HFError, match=f"has no tokenizer.json, so no dataset can be prepared"):
+        train(tiny_config(data, tmp_path / "r", init_from=f"hf:{hf_dir}", prepare_source="stdlib"))
+    assert not data.exists()

@@ -260,7 +260,7 @@ def _no_zip_crc():
 
 
 # ----------------------------------------------------------------------------------------
-# Save: one process, full format (kept for tools and tests)
+# Save: one process, full format, from Python (the trainer saves through Checkpointer, below)
 
 
 def save_checkpoint(

@@ -152,27 +152,47 @@ def verify_checkpoint(ckpt_dir: Path, part: tuple[int, int] = (0, 1)) -> dict[st
             )
     names = sorted(manifest)
     for name in names:
-        expected = manifest[name]
-        path = ckpt_dir / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing from the checkpoint; {_damaged_advice(ckpt_dir)}")
-        size = path.stat().st_size
-        if size != expected["bytes"]:
-            raise CheckpointError(
-                f"{path}: {size} bytes, the manifest says {expected['bytes']}; the file is truncated or "
-                f"corrupt; {_damaged_advice(ckpt_dir)}"
-            )
+        _check_size(ckpt_dir, name, manifest[name])
     index, count = part
     for name in names[index::count]:
-        expected, path = manifest[name], ckpt_dir / name
-        if isinstance(expected.get("crc32"), str):
-            ok = crc32(path) == expected["crc32"]
-        else:  # checkpoints written before the manifest used CRC-32
-            ok = sha256(path) == expected["sha256"]
-        if not ok:
-            raise CheckpointError(
-                f"{path}: checksum does not match the manifest; the file is corrupt; {_damaged_advice(ckpt_dir)}")
+        _check_sum(ckpt_dir, name, manifest[name])
     return manifest
+
+
+def verify_file(ckpt_dir: Path, name: str) -> bool:
+    """Check one file of a checkpoint against the manifest, as verify_checkpoint does them all
+    (a reader of that file alone: prep reusing its tokenizer.json). False where the manifest
+    lists no such file: the checkpoint has none."""
+    ckpt_dir = Path(ckpt_dir)
+    manifest = read_manifest(ckpt_dir)
+    if name not in manifest:
+        return False
+    _check_size(ckpt_dir, name, manifest[name])
+    _check_sum(ckpt_dir, name, manifest[name])
+    return True
+
+
+def _check_size(ckpt_dir: Path, name: str, expected: dict[str, Any]) -> None:
+    path = ckpt_dir / name
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing from the checkpoint; {_damaged_advice(ckpt_dir)}")
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        raise CheckpointError(
+            f"{path}: {size} bytes, the manifest says {expected['bytes']}; the file is truncated or "
+            f"corrupt; {_damaged_advice(ckpt_dir)}"
+        )
+
+
+def _check_sum(ckpt_dir: Path, name: str, expected: dict[str, Any]) -> None:
+    path = ckpt_dir / name
+    if isinstance(expected.get("crc32"), str):
+        ok = crc32(path) == expected["crc32"]
+    else:  # checkpoints written before the manifest used CRC-32
+        ok = sha256(path) == expected["sha256"]
+    if not ok:
+        raise CheckpointError(
+            f"{path}: checksum does not match the manifest; the file is corrupt; {_damaged_advice(ckpt_dir)}")
 
 
 # What each key of state.json must hold, where it is present: (what the message says, test).
