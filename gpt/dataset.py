@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from shlex import quote  # a path in a command to paste: 'my texts' is one argument, not two
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def tokenizer_flag(tokenizer: str | os.PathLike | None) -> str:
     for; or a path (a Path: a model's folder or tokenizer.json), whose tokenizer is reused, as
     the model reads only ids of its own vocabulary."""
     if isinstance(tokenizer, os.PathLike):
-        return f" --tokenizer-from {tokenizer}"
+        return f" --tokenizer-from {quote(str(tokenizer))}"
     return " --tokenizer char" if tokenizer == "char" else ""
 
 
@@ -88,7 +89,7 @@ def missing_dataset(data_dir: Path, what: str, split: str | None = None,
         make = (f"; did you mean {meant}, the dataset beside it? Or make one with" if meant is not None
                 else ". Make one with")
         return ShardError(f"{data_dir}: {what}{where}{make}: python data_prep/prepare.py --input YOUR_TEXT "
-                          f"--out {data_dir}{tokenizer_flag(tokenizer)} (or --source stdlib in place of "
+                          f"--out {quote(str(data_dir))}{tokenizer_flag(tokenizer)} (or --source stdlib in place of "
                           f"--input YOUR_TEXT: the Python standard library's own source, no download)")
     meta = _read_meta_quietly(data_dir)
     listed = _listed_shards(meta, split) if split else None
@@ -182,7 +183,7 @@ def prepare_again(data_dir: Path, meta: dict | None = None) -> str:
         kind, vocab_size = _tokenizer_file_kind(Path(data_dir) / "tokenizer.json")
     options = ""
     if isinstance(meta.get("tokenizer_from"), str):  # the tokenizer was reused: the same ids need it again
-        options = f" --tokenizer-from {meta['tokenizer_from']}"
+        options = f" --tokenizer-from {quote(meta['tokenizer_from'])}"
     elif kind == "char":
         options = " --tokenizer char"
     elif kind == "bpe" and isinstance(vocab_size, int):
@@ -190,7 +191,7 @@ def prepare_again(data_dir: Path, meta: dict | None = None) -> str:
     unknown = (" (add the split options it was made with, --val-rule, --val-fraction, --seed...: meta.json "
                "alone recorded them)" if "val_rule" not in meta else "")
     return (f"from the same input and options{_came_from(meta)}, which give the same files{unknown}: "
-            f"{_prep_command(meta, options, f'{data_dir} --overwrite')}")
+            f"{_prep_command(meta, options, data_dir)} --overwrite")
 
 
 def prepare_with_tokenizer_of(model: str | os.PathLike, model_tokenizer: Path, data_dir: Path,
@@ -208,7 +209,7 @@ def prepare_with_tokenizer_of(model: str | os.PathLike, model_tokenizer: Path, d
     new = Path(data_dir).with_name(f"{Path(data_dir).name}_for_{model.resolve().name}")
     if same_vocab(new / TOKENIZER_FILE, model_tokenizer) and (new / "meta.json").is_file():
         return f"{new} holds a dataset made with that tokenizer: give it as data_dir"
-    return (f"{_prep_command(meta, f' --tokenizer-from {model}', str(new))}{_came_from(meta)}, then give "
+    return (f"{_prep_command(meta, f' --tokenizer-from {quote(str(model))}', new)}{_came_from(meta)}, then give "
             f"that folder as data_dir")
 
 
@@ -221,10 +222,10 @@ def _is_stdlib(meta: dict) -> bool:
     return isinstance(meta.get("source"), str) and meta["source"].startswith("stdlib:")
 
 
-def _prep_command(meta: dict, tokenizer_options: str, out: str) -> str:
+def _prep_command(meta: dict, tokenizer_options: str, out: str | os.PathLike) -> str:
     """prepare.py's command line for the corpus `meta` (meta.json) names, with its split options."""
     corpus = "--source stdlib" if _is_stdlib(meta) else "--input YOUR_TEXT"
-    return f"python data_prep/prepare.py {corpus}{tokenizer_options}{_split_options(meta)} --out {out}"
+    return f"python data_prep/prepare.py {corpus}{tokenizer_options}{_split_options(meta)} --out {quote(str(out))}"
 
 
 def _split_options(meta: dict) -> str:
@@ -293,7 +294,7 @@ def check_is_folder(data_dir: Path, tokenizer: str | os.PathLike | None = None) 
     if data_dir.exists() and not data_dir.is_dir():
         raise ShardError(f"data_dir {data_dir} is a file, not a dataset folder (meta.json, tokenizer.json, "
                          f"train_*.bin, val_*.bin): give the folder, or make one from this file with "
-                         f"python data_prep/prepare.py --input {data_dir} --out DIR{tokenizer_flag(tokenizer)}")
+                         f"python data_prep/prepare.py --input {quote(str(data_dir))} --out DIR{tokenizer_flag(tokenizer)}")
 
 
 def load_meta(data_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> dict:

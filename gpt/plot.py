@@ -20,6 +20,7 @@ if __name__ == "__main__":  # `python -m` this tool: a Ctrl-C while torch import
 
 import argparse
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -77,13 +78,13 @@ def _check_is_a_run(path: Path) -> None:
     inside = _run_above(path)
     if inside is not None:
         raise MetricsError(f"{path} is inside the run folder {inside}, which holds its {METRICS_FILE}: "
-                           f"plot that folder (python -m gpt.plot {inside})")
+                           f"plot that folder (python -m gpt.plot {shlex.quote(str(inside))})")
     if path.is_dir() and not (path / METRICS_FILE).exists():
         runs = sorted(p.name for p in path.iterdir() if (p / METRICS_FILE).is_file())
         if runs:  # a sweep's parent folder
             shown = ", ".join(runs[:10]) + (", ..." if len(runs) > 10 else "")
             raise MetricsError(f"{path} holds no {METRICS_FILE} of its own but runs that have one ({shown}): "
-                               f"plot them with python -m gpt.plot {path}/*")
+                               f"plot them with python -m gpt.plot {shlex.quote(str(path))}/*")
 
 
 def _labels(paths: list[Path]) -> list[str]:

@@ -114,7 +114,7 @@ def check_checkpoint_fits_data(source: Path, config: TrainConfig, meta: dict[str
         optimizer = _other_optimizer(state, config)
         also = "".join(f". Also, {problem}" for problem in (shape, optimizer) if problem)
         # A new run from its weights needs its model's shape (init_from refuses another).
-        new_run = "" if shape else f", or start a new run from its weights: --init_from={source} --out_dir=ANOTHER_FOLDER"
+        new_run = "" if shape else f", or start a new run from its weights: --init_from={shlex.quote(str(source))} --out_dir=ANOTHER_FOLDER"
         raise ckpt.CheckpointError(
             f"cannot resume {source}: the run would not read the data it was reading "
             f"({'; '.join(mismatches)}){also}. Use the checkpoint's dataset and settings{new_run}"
@@ -157,7 +157,7 @@ def check_resumed_model(resume_from: Path, saved: dict[str, Any], current: dict[
         raise ckpt.CheckpointError(message) from None
     if optimizer:
         raise ckpt.CheckpointError(f"cannot resume {resume_from}: {optimizer}, or start a new run from its "
-                                   f"weights: --init_from={resume_from} --out_dir=ANOTHER_FOLDER")
+                                   f"weights: --init_from={shlex.quote(str(resume_from))} --out_dir=ANOTHER_FOLDER")
 
 
 def _other_optimizer(saved: dict[str, Any], config: TrainConfig) -> str | None:

@@ -13,6 +13,7 @@ import codecs
 import contextlib
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -222,7 +223,7 @@ def sample(args) -> None:
                 # manifest would refuse the checkpoint as edited. An export's folder takes one.
                 raise CheckpointError(
                     f"{path} has no {ckpt.TOKENIZER_FILE} (its dataset had none), and a checkpoint refuses "
-                    f"files added to it; sample a Hugging Face export instead: python -m gpt.export {given} "
+                    f"files added to it; sample a Hugging Face export instead: python -m gpt.export {shlex.quote(str(given))} "
                     f"--out DIR, copy the tokenizer.json the model was trained with into DIR, then "
                     f"sample.py --init_from {hf.HF_PREFIX}DIR")
             tokenizer = Tokenizer.from_file(tokenizer_file)  # JSON, parsed by `tokenizers`: data, never code

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import time
 from collections.abc import Iterator
@@ -97,8 +98,8 @@ def check_no_other_files(data_dir: Path, config: TrainConfig, tokenizer: str | P
         raise ShardError(
             f"{data_dir} holds no dataset but other files ({shown}); the '{config.prepare_source}' corpus is "
             f"prepared only into a new or empty folder. To train on your own text there, prepare it first: "
-            f"python data_prep/prepare.py --input {data_dir}{tokenizer_flag(tokenizer)}{split} --out {made}, then "
-            f"train with --data_dir {made}")
+            f"python data_prep/prepare.py --input {shlex.quote(str(data_dir))}{tokenizer_flag(tokenizer)}{split} --out "
+            f"{shlex.quote(str(made))}, then train with --data_dir {shlex.quote(str(made))}")
 
 
 SMALL_CORPUS_BYTES = 10_000_000

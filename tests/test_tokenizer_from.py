@@ -180,7 +180,7 @@ def test_train_prepares_a_missing_data_dir_with_init_froms_tokenizer(char_data, 
 
 def test_a_folder_of_text_given_as_data_dir_gets_a_prep_command_that_works_for_its_size(run, tmp_path):
     """A 200 kB folder: prep's default split (one 8,192-token chunk in 100) held out nothing."""
-    text_dir = tmp_path / "my_text"
+    text_dir = tmp_path / "my text"  # (a space: the command quotes the paths it names)
     text_dir.mkdir()
     (text_dir / "a.txt").write_text(SHAKESPEARE.read_text()[:200_000])
     with pytest.raises(ShardError) as e:
@@ -188,11 +188,11 @@ def test_a_folder_of_text_given_as_data_dir_gets_a_prep_command_that_works_for_i
     argv = _command(str(e.value))
     assert "--val-rule" in argv and "--tokenizer-from" not in argv
     assert prep_main([*argv, "--no-progress"]) == 0
-    assert json.loads((tmp_path / "my_text_prepared" / "meta.json").read_text())["tokens"]["val"] > 1025
+    assert json.loads((tmp_path / "my text_prepared" / "meta.json").read_text())["tokens"]["val"] > 1025
     # For a fine-tune, with the model's tokenizer.
     with pytest.raises(ShardError) as e:
         train(tiny_config(text_dir, tmp_path / "r", init_from=str(run), prepare_source="stdlib"))
-    assert f"--tokenizer-from {run}" in str(e.value)
+    assert f"--tokenizer-from {run}" in str(e.value) and f"--input '{text_dir}'" in str(e.value)
 
 
 def test_remaking_a_dataset_prepared_with_a_reused_tokenizer_reuses_it_again(char_data, run, tmp_path):

@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -230,7 +231,7 @@ def _no_checkpoint_message(folder: Path, hf_advice: str | None = None) -> str:
         return f"{hint}: {hf_advice}"
     if hint:
         return (f"{hint}, so it holds no checkpoint. To start from its weights, name it with the "
-                f"'{HF_PREFIX}' prefix: init_from = '{HF_PREFIX}{folder}' (--init_from={HF_PREFIX}{folder})")
+                f"'{HF_PREFIX}' prefix: init_from = '{HF_PREFIX}{folder}' (--init_from={shlex.quote(f'{HF_PREFIX}{folder}')})")
     none = f"{folder} holds no checkpoint (no {LATEST_FILE} file and no {MANIFEST_FILE})"
     steps = sorted((step_of(step.name), step.name) for step in folder.glob("step_*")
                    if step_of(step.name) is not None and (step / MANIFEST_FILE).is_file())

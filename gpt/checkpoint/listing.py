@@ -8,6 +8,7 @@ answers at once, also while the run is training and saving.
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -67,5 +68,5 @@ def format_listing(run: str | os.PathLike, rows: list[dict[str, Any]]) -> str:
                      + (f"  ({', '.join(marks)})" if marks else ""))
     best = next((row for row in rows if row["best"]), None)
     if best is not None and not best["latest"]:
-        lines.append(f"the best is not the latest: sample it with sample.py --ckpt {best['path']}")
+        lines.append(f"the best is not the latest: sample it with sample.py --ckpt {shlex.quote(str(best['path']))}")
     return "\n".join(lines)

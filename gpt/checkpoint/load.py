@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ def read_optimizer_state(ckpt_dir: Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(
             f"{ckpt_dir} holds weights only (no {OPTIMIZER_FILE}), so training cannot resume from "
-            f"it exactly; start a new run from its weights with --init_from={ckpt_dir} "
+            f"it exactly; start a new run from its weights with --init_from={shlex.quote(str(ckpt_dir))} "
             f"--out_dir=ANOTHER_FOLDER"
         )
     try:
@@ -161,7 +162,7 @@ def check_model_config(ckpt_dir: Path, saved: dict[str, Any], current: dict[str,
             f"{ckpt_dir} holds a different model ({'; '.join(diffs)}). Use the checkpoint's "
             f"settings, or another --out_dir for a new run"
             + (f" (to train its weights on at the shorter context, start one from them: "
-               f"--init_from={ckpt_dir} --out_dir=ANOTHER_FOLDER, which crops the position table)"
+               f"--init_from={shlex.quote(str(ckpt_dir))} --out_dir=ANOTHER_FOLDER, which crops the position table)"
                if shorter else "")
         )
 
