@@ -55,7 +55,7 @@ def tokenizer_flag(tokenizer: str | os.PathLike | None) -> str:
     for; or a path (a Path: a model's folder or tokenizer.json), whose tokenizer is reused, as
     the model reads only ids of its own vocabulary."""
     if isinstance(tokenizer, os.PathLike):
-        return f" --tokenizer-from {quote(str(tokenizer))}"
+        return f" --tokenizer-from {quote(str(model_folder(tokenizer)))}"
     return " --tokenizer char" if tokenizer == "char" else ""
 
 
@@ -203,14 +203,26 @@ def prepare_with_tokenizer_of(model: str | os.PathLike, model_tokenizer: Path, d
     every model, where the second model's prep was refused.) Where that folder holds such a
     dataset already, that is the advice."""
     meta = _read_meta_quietly(Path(data_dir)) if meta is None else meta
-    model = Path(model)
-    if model.parent.name == CHECKPOINTS_DIR and is_run_folder(model.parent.parent):
-        model = model.parent.parent  # its run: the checkpoint folder is pruned as the run goes on
-    new = Path(data_dir).with_name(f"{Path(data_dir).name}_for_{model.resolve().name}")
+    model = model_folder(model)
+    data_dir = Path(data_dir) if Path(data_dir).name else Path(os.path.abspath(data_dir))  # ".": its name
+    new = data_dir.parent / f"{data_dir.name or 'data'}_for_{Path(os.path.abspath(model)).name or 'model'}"
     if same_vocab(new / TOKENIZER_FILE, model_tokenizer) and (new / "meta.json").is_file():
         return f"{new} holds a dataset made with that tokenizer: give it as data_dir"
     return (f"{_prep_command(meta, f' --tokenizer-from {quote(str(model))}', new)}{_came_from(meta)}, then give "
             f"that folder as data_dir")
+
+
+def model_folder(path: str | os.PathLike) -> Path:
+    """The folder to name for a model's tokenizer in a command: a checkpoint of a run, or its
+    tokenizer.json, is named by the run (the run prunes its checkpoint folders as it goes on,
+    and a prep's meta.json would record the dead path); a Hugging Face folder's tokenizer.json
+    by the folder."""
+    path = Path(path)
+    if path.name == TOKENIZER_FILE:
+        path = path.parent
+    if path.parent.name == CHECKPOINTS_DIR and is_run_folder(path.parent.parent):
+        return path.parent.parent
+    return path
 
 
 def _came_from(meta: dict) -> str:

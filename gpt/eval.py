@@ -240,7 +240,7 @@ def load_for_eval(run: str, data_dir: str | None,
                 raise ConfigError(f"{source} trained on data_dir = {data_dir!r}, which is not a "
                                   f"folder from here ({where} give --data_dir)")
     data_dir = Path(data_dir)
-    meta = load_meta(data_dir, model_tokenizer if own_tokenizer is not None else None)
+    meta = load_meta(data_dir, model_tokenizer if own_tokenizer is not None else None)  # (named by its folder)
     if meta["vocab_size"] != model.config.vocab_size:
         raise ShardError(f"{data_dir} has a vocabulary of {meta['vocab_size']} ids but the model has "
                          f"{model.config.vocab_size}: evaluate on data made with the model's tokenizer: "

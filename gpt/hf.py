@@ -388,19 +388,22 @@ def init_from_hf(hf_dir: Path, gpt_config: GPTConfig, data_vocab_size: int,
     new = gpt_config_from_hf(hf, where, dropout=gpt_config.dropout, attention=gpt_config.attention)
     new = dataclasses.replace(new, vocab_multiple=gpt_config.vocab_multiple)  # the run's padding
     own = Path(hf_dir) / "tokenizer.json"
-    # The command that tokenizes the dataset's text with the folder's tokenizer, where it has one.
-    again = f": {prepare_with_tokenizer_of(hf_dir, own, data_tokenizer.parent)}" if own.is_file() else ""
+
+    def again() -> str:
+        """The command that tokenizes the dataset's text with the folder's tokenizer, where it has one."""
+        return f": {prepare_with_tokenizer_of(hf_dir, own, data_tokenizer.parent)}" if own.is_file() else ""
+
     if new.vocab_size != data_vocab_size:
         raise HFError(
             f"{where} has vocab_size {new.vocab_size}, but the dataset's vocabulary has "
             f"{data_vocab_size} ids. A model trained on one vocabulary needs data tokenized with "
-            f"the same tokenizer (for OpenAI's GPT-2: GPT-2's tokenizer, e.g. llm.c FineWeb shards){again}"
+            f"the same tokenizer (for OpenAI's GPT-2: GPT-2's tokenizer, e.g. llm.c FineWeb shards){again()}"
         )
     # Two vocabularies of one size (two BPEs of 512 ids, two char tables): the same ids, other
     # text. A run folder as init_from was refused so (gpt/resume.py); hf:DIR was not.
     if same_vocab(data_tokenizer, own) is False:
         raise HFError(f"{own} maps tokens to other ids than {data_tokenizer}, so token ids would mean "
-                      f"other text to the model: use data prepared with the folder's tokenizer{again}")
+                      f"other text to the model: use data prepared with the folder's tokenizer{again()}")
     if gpt_config.block_size > new.block_size:
         raise HFError(f"block_size = {gpt_config.block_size} is longer than the context of {where} "
                       f"(n_positions = {new.block_size}); use block_size <= {new.block_size}")

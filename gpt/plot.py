@@ -6,8 +6,8 @@ One row per quantity (train and val loss, learning rate, tokens/s), against opti
 the left column and against tokens seen in the right one: runs with different batch sizes
 compare fairly on the token axis. Several runs are overlaid, one colour each (train loss
 solid, val loss dashed with dots). The default output is RUN/metrics.png for one run folder
-(out/a/metrics.jsonl given as a file: out/a/metrics.png too) and ./metrics_a+b.png for the runs
-a and b.
+(out/a/metrics.jsonl given as a file: out/a/metrics.png too) and out/metrics_a+b_HASH.png for
+the runs out/a and out/b (HASH: of their paths; runs in different folders: in the current one).
 Needs the `plot` extra: pip install 'gpt-from-scratch[plot]'.
 """
 
@@ -19,6 +19,7 @@ if __name__ == "__main__":  # `python -m` this tool: a Ctrl-C while torch import
     ImportInterrupted.install("interrupted: stopped before plotting")
 
 import argparse
+import hashlib
 import re
 import shlex
 import sys
@@ -171,20 +172,25 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, title: str | None = N
 
 
 def default_output(runs: Sequence[str]) -> Path:
-    """RUN/metrics.png for one run; for several, an image in the current folder named after them
-    (metrics_a+b.png): plotting the same runs again replaces their plot, and no other. A fixed
-    ./metrics.png replaced whatever plot had that name, a run's own where run from its folder."""
+    """RUN/metrics.png for one run; for several, an image named after them (metrics_a+b_HASH.png,
+    the hash of their paths: two sweeps' runs of the same names are other runs) in the folder that
+    holds them all (a sweep's), else the current one. Plotting the same runs again replaces their
+    plot, and no other. A fixed ./metrics.png replaced whatever plot had that name, a run's own
+    where run from its folder."""
     if len(runs) == 1:
         run = Path(runs[0])
         # A run's metrics file given itself: the image goes beside it, as for its folder (not
         # into the current folder, where it would replace another run's metrics.png).
         return run / "metrics.png" if run.is_dir() else run.with_suffix(".png")
-    names = [re.sub(r"[^\w.+-]", "_", (p.parent if p.is_file() else p).resolve().name or "root")
-             for p in map(Path, runs)]
+    folders = [(p.parent if p.is_file() else p).resolve() for p in map(Path, runs)]
+    names = [re.sub(r"[^\w.+-]", "_", folder.name or "root") for folder in folders]
     joined = "+".join(names)
     if len(joined) > 80:  # a sweep of many runs: a file name has a length limit
         joined = f"{names[0]}+{len(names) - 1}_more"
-    return Path(f"metrics_{joined}.png")
+    digest = hashlib.sha1("\n".join(map(str, folders)).encode("utf-8", "surrogateescape")).hexdigest()[:6]
+    parents = {folder.parent for folder in folders}
+    where = parents.pop() if len(parents) == 1 else Path(".")
+    return where / f"metrics_{joined}_{digest}.png"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run folder (out_dir) or metrics.jsonl file")
     parser.add_argument("--out", default=None, type=path_or_default_arg,
                         help="image to write: .png, .pdf or .svg; no suffix: .png (default: RUN/metrics.png for "
-                             "one run folder, FILE.png beside one metrics file, ./metrics_A+B.png for runs A and B)")
+                             "one run folder, FILE.png beside one metrics file, DIR/metrics_A+B_HASH.png for the runs DIR/A and DIR/B)")
     parser.add_argument("--title", default=None, help="figure title (default: 'training curves: ' and the run names)")
     return parser
 

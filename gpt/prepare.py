@@ -67,7 +67,6 @@ from gpt.wordcache import encode_pieces, word_cache_applies
 STAGING = ".prepare-staging"
 LOCK_FILE = PREP_LOCK_FILE  # held (flock) by the prep writing the folder
 META_FILE = "meta.json"
-RUN_FILES = ("config.json", "metrics.jsonl")  # a run's, written at its start: before any checkpoint
 VAL_RULES = ("chunks", "tail")
 # BPE merges are learned from the first 10 MB of the corpus by default: plenty for the vocabularies
 # of a few thousand ids used here, and training (the tokenizers library's own pre-tokenizer, ~3 MB/s
@@ -406,11 +405,23 @@ def _reused_tokenizer(path: Path) -> Tokenizer:
         return load_tokenizer(path)
     if (path / TOKENIZER_FILE).is_file():  # a Hugging Face model folder (an export of ours too)
         return Tokenizer.from_file(path / TOKENIZER_FILE)
-    if any((path / name).is_file() for name in RUN_FILES):  # a run before its first checkpoint
-        return _checkpoint_tokenizer(path)
+    if _run_without_checkpoint(path):
+        return _checkpoint_tokenizer(path)  # which says so
     raise PrepareError(f"--tokenizer-from {path}: no {TOKENIZER_FILE} here; give a tokenizer.json file, a "
                        f"prepared dataset folder, a training run or checkpoint folder, or a Hugging Face "
                        f"model folder holding {TOKENIZER_FILE}")
+
+
+def _run_without_checkpoint(path: Path) -> bool:
+    """A training run before its first checkpoint: its metrics.jsonl, or a config.json that is a
+    training config (a Hugging Face folder has a config.json too, of the model)."""
+    if (path / "metrics.jsonl").is_file():
+        return True
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "data_dir" in config and "out_dir" in config
 
 
 def _checkpoint_tokenizer(path: Path) -> Tokenizer:

@@ -93,8 +93,12 @@ def check_no_other_files(data_dir: Path, config: TrainConfig, tokenizer: str | P
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         made = data_dir.with_name(data_dir.name + "_prepared")
         # prep's default split holds out one 8,192-token chunk in 100: a corpus of a few MB may get
-        # none (an error), so a small one is told to hold out its last tenth, as nanoGPT does.
-        split = " --val-rule tail --val-fraction 0.1" if _smaller_than(data_dir, SMALL_CORPUS_BYTES) else ""
+        # none (an error), so a small one is told to hold out its last tenth, as nanoGPT does, and
+        # to ask no more of it than this run's windows need (prep's default is 1,025 tokens).
+        split = ""
+        if _smaller_than(data_dir, SMALL_CORPUS_BYTES):
+            split = " --val-rule tail --val-fraction 0.1" + (
+                f" --min-val-tokens {config.block_size + 1}" if config.block_size + 1 < 1025 else "")
         raise ShardError(
             f"{data_dir} holds no dataset but other files ({shown}); the '{config.prepare_source}' corpus is "
             f"prepared only into a new or empty folder. To train on your own text there, prepare it first: "
@@ -130,7 +134,7 @@ def _prepare_default(config: TrainConfig, data_dir: Path) -> None:
         what = f"the tokenizer of {tokenizer}, the model this run starts from: the only vocabulary it reads"
     elif config.init_from.startswith(hf.HF_PREFIX):
         # Any vocabulary built here would be another than the model's: refused, after the prep.
-        folder = config.init_from[len(hf.HF_PREFIX):]
+        folder = hf.parse_init_from(config.init_from)  # a folder that is not there: said so
         raise hf.HFError(f"{data_dir} {state}, and init_from = {config.init_from!r} has no {ckpt.TOKENIZER_FILE}, "
                          f"so no dataset can be prepared in the vocabulary its model reads: put the tokenizer.json of "
                          f"the data it was trained on into {folder}, or give a data_dir prepared with that tokenizer "
@@ -163,10 +167,10 @@ def _prep_tokenizer(config: TrainConfig) -> str | Path:
     whose path prep takes as --tokenizer-from (the model reads only ids of its own vocabulary):
     out_dir, where it holds a checkpoint to resume (its dataset gone: a new BPE was refused by
     the resume after the prep's minutes), else init_from's; and otherwise prepare_tokenizer's kind."""
-    if config.resume == "auto":
-        with contextlib.suppress(ckpt.CheckpointError):  # a broken `latest`: the resume says what is wrong
-            if ckpt.latest_checkpoint(config.out_dir) is not None:
-                return Path(config.out_dir)
+    # A broken `latest` raises here, before any prep: a dataset made with another tokenizer would
+    # stay, and be refused once `latest` was mended.
+    if config.resume == "auto" and ckpt.latest_checkpoint(config.out_dir) is not None:
+        return Path(config.out_dir)
     return _init_from_tokenizer(config) or config.prepare_tokenizer
 
 

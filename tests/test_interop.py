@@ -821,7 +821,8 @@ def test_export_of_an_hf_folder_says_what_export_reads(tmp_path, capsys):
 
 def test_plot_of_several_runs_is_named_after_them_and_replaces_no_other_plot(tmp_path, monkeypatch, capsys):
     """Several runs went to ./metrics.png: run from a run's folder (or beside another plot of that
-    name) it replaced that run's own plot. Now the image is named after the runs."""
+    name) it replaced that run's own plot. Now the image is named after the runs (and a hash of
+    their paths: two sweeps' runs of one name are other runs), in the folder that holds them."""
     a, b = tmp_path / "lr_1e-3", tmp_path / "lr_3e-3"
     for run in (a, b):
         run.mkdir()
@@ -829,12 +830,17 @@ def test_plot_of_several_runs_is_named_after_them_and_replaces_no_other_plot(tmp
     (a / "metrics.png").write_bytes(b"a's own plot")
     monkeypatch.chdir(a)
     assert plot.main([".", str(b / "metrics.jsonl")]) == 0
-    assert "wrote metrics_lr_1e-3+lr_3e-3.png" in capsys.readouterr().out
+    drawn = plot.default_output([".", str(b / "metrics.jsonl")])
+    assert drawn.parent == tmp_path and re.fullmatch(r"metrics_lr_1e-3\+lr_3e-3_[0-9a-f]{6}\.png", drawn.name)
+    assert f"wrote {drawn}" in capsys.readouterr().out
     assert (a / "metrics.png").read_bytes() == b"a's own plot"
-    drawn = (a / "metrics_lr_1e-3+lr_3e-3.png").read_bytes()
-    assert drawn[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drawn.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The same runs again: their plot is redrawn in place, not beside it.
-    assert plot.main([".", str(b / "metrics.jsonl")]) == 0
-    assert sorted(p.name for p in a.glob("*.png")) == ["metrics.png", "metrics_lr_1e-3+lr_3e-3.png"]
+    assert plot.main([str(a), str(b)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [drawn.name]
+    # Another sweep's runs of the same names: another image.
+    other = [str(tmp_path / "sweep2" / "lr_1e-3"), str(tmp_path / "sweep2" / "lr_3e-3")]
+    assert plot.default_output(other).name != drawn.name
     # A sweep of many runs: a name of bounded length.
-    assert plot.default_output([str(tmp_path / f"run_{i:03d}") for i in range(40)]).name == "metrics_run_000+39_more.png"
+    many = plot.default_output([str(tmp_path / f"run_{i:03d}") for i in range(40)]).name
+    assert re.fullmatch(r"metrics_run_000\+39_more_[0-9a-f]{6}\.png", many)

@@ -189,6 +189,16 @@ def test_a_folder_of_text_given_as_data_dir_gets_a_prep_command_that_works_for_i
     assert "--val-rule" in argv and "--tokenizer-from" not in argv
     assert prep_main([*argv, "--no-progress"]) == 0
     assert json.loads((tmp_path / "my text_prepared" / "meta.json").read_text())["tokens"]["val"] > 1025
+    # A folder of 30 kB: the val split's least is this run's windows' (block_size 64 + 1), not prep's 1,025.
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.txt").write_text(SHAKESPEARE.read_text()[:30_000])
+    with pytest.raises(ShardError) as e:
+        train(tiny_config(small, tmp_path / "r", prepare_source="stdlib"))
+    argv = _command(str(e.value))
+    assert argv[argv.index("--min-val-tokens") + 1] == "65"
+    assert prep_main([*argv, "--no-progress"]) == 0
+    train(tiny_config(tmp_path / "small_prepared", tmp_path / "r_small", max_steps=2, eval_interval=2, eval_iters=1))
     # For a fine-tune, with the model's tokenizer.
     with pytest.raises(ShardError) as e:
         train(tiny_config(text_dir, tmp_path / "r", init_from=str(run), prepare_source="stdlib"))
@@ -267,7 +277,7 @@ def test_a_checkpoints_tokenizer_is_checked_against_its_manifest_and_a_run_witho
     # A run before its first checkpoint: said so, with the dataset it trains on.
     early = tmp_path / "early"
     early.mkdir()
-    (early / "config.json").write_text(json.dumps({"data_dir": str(char_data), "eval_interval": 250}))
+    shutil.copy(run / "config.json", early / "config.json")  # what a run writes at its start
     assert prep_main(["--input", str(corpus), "--tokenizer-from", str(early), "--out", str(out), *SPLIT]) == 2
     err = capsys.readouterr().err
     assert "has not saved a checkpoint yet" in err and f"--tokenizer-from {char_data}" in err, err
@@ -283,3 +293,43 @@ def test_init_from_an_hf_folder_without_a_tokenizer_prepares_nothing(char_data, 
     with pytest.raises(hf.HFError, match=f"has no tokenizer.json, so no dataset can be prepared"):
         train(tiny_config(data, tmp_path / "r", init_from=f"hf:{hf_dir}", prepare_source="stdlib"))
     assert not data.exists()
+
+
+def test_review_of_the_advice_edges(char_data, run, tmp_path, monkeypatch, capsys):
+    """Regressions found by reviewing this change: advice for data_dir '.' raised a traceback (a
+    Path of no name); a broken `latest` let a dataset be prepared with another tokenizer first;
+    gpt.eval named a checkpoint's tokenizer.json (pruned later); an HF folder without a
+    tokenizer.json was taken for a run; a mistyped hf:DIR was said to lack a tokenizer."""
+    import shutil
+
+    other = tmp_path / "other"
+    prepare(other, [SHAKESPEARE.read_text()[:300_000].replace("Z", "z")], tokenizer="char", val_fraction=0.1,
+            val_rule="tail", progress=False, log=None)
+    monkeypatch.chdir(other)
+    assert gpt_eval.main([str(run), "--data_dir", ".", "--max_batches", "1", "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"--out {tmp_path / 'other_for_run'}" in err, err
+    monkeypatch.chdir(tmp_path)
+
+    broken = shutil.copytree(run, tmp_path / "broken")
+    (broken / "latest").write_text("step_9999999")
+    with pytest.raises(ckpt.CheckpointError, match="names checkpoint 'step_9999999'"):
+        train(tiny_config(tmp_path / "gone", broken, prepare_source="stdlib", prepare_tokenizer="char"))
+    assert not (tmp_path / "gone").exists()
+
+    assert gpt_eval.main([str(run), "--data_dir", str(tmp_path / "nodata"), "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--tokenizer-from {run} " in err and "checkpoints" not in err, err
+
+    hf_dir = tmp_path / "hf"
+    assert export.main([str(run), "--format", "hf", "--out", str(hf_dir)]) == 0
+    (hf_dir / "tokenizer.json").unlink()
+    corpus = tmp_path / "t.txt"
+    corpus.write_text(_new_text(char_data))
+    assert prep_main(["--input", str(corpus), "--tokenizer-from", str(hf_dir), "--out", "o", *SPLIT]) == 2
+    assert f"--tokenizer-from {hf_dir}: no tokenizer.json here" in capsys.readouterr().err
+
+    with pytest.raises(hf.HFError, match="is not a folder"):
+        train(tiny_config(tmp_path / "gone", tmp_path / "r", init_from=f"hf:{tmp_path / 'hff'}",
+                          prepare_source="stdlib"))
+    assert not (tmp_path / "gone").exists()
