@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import math
 import os
+import shlex
 import re
 import sys
 from dataclasses import dataclass, field, fields, replace
@@ -628,7 +629,7 @@ def parse_args(argv: Sequence[str] | None = None, default_config: str | None = N
         if not unknown[0].startswith("-") and unknown[0].endswith(".toml"):
             # `train.py configs/x.toml`: a config file is named with --config.
             raise ConfigError(f"command line: {unknown[0]!r} is not an option; to read a config file, "
-                              f"name it with --config: python train.py --config {unknown[0]}")
+                              f"name it with --config: python train.py --config {shlex.quote(unknown[0])}")
         raise _unknown_key(name, "command line")
     given = [a for a in argv if a == "--config" or a.startswith("--config=")]
     if len(given) > 1:

@@ -204,12 +204,21 @@ def prepare_with_tokenizer_of(model: str | os.PathLike, model_tokenizer: Path, d
     dataset already, that is the advice."""
     meta = _read_meta_quietly(Path(data_dir)) if meta is None else meta
     model = model_folder(model)
-    data_dir = Path(data_dir) if Path(data_dir).name else Path(os.path.abspath(data_dir))  # ".": its name
-    new = data_dir.parent / f"{data_dir.name or 'data'}_for_{Path(os.path.abspath(model)).name or 'model'}"
+    new = beside(data_dir, f"_for_{Path(os.path.abspath(model)).name or 'model'}")
     if same_vocab(new / TOKENIZER_FILE, model_tokenizer) and (new / "meta.json").is_file():
         return f"{new} holds a dataset made with that tokenizer: give it as data_dir"
     return (f"{_prep_command(meta, f' --tokenizer-from {quote(str(model))}', new)}{_came_from(meta)}, then give "
             f"that folder as data_dir")
+
+
+def beside(path: str | os.PathLike, suffix: str) -> Path:
+    """The folder beside `path` named after it plus `suffix` (data/x -> data/x_prepared). A path
+    of no name of its own ('.', '..', '/') is taken by its absolute one: '.' raised ValueError,
+    and '..' gave '.._prepared' inside the current folder."""
+    path = Path(path)
+    if path.name in ("", "..") or path.name == ".":
+        path = Path(os.path.abspath(path))
+    return path.parent / f"{path.name or 'data'}{suffix}"
 
 
 def model_folder(path: str | os.PathLike) -> Path:
@@ -220,9 +229,20 @@ def model_folder(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.name == TOKENIZER_FILE:
         path = path.parent
-    if path.parent.name == CHECKPOINTS_DIR and is_run_folder(path.parent.parent):
-        return path.parent.parent
+    run = path.parent.parent
+    if path.parent.name == CHECKPOINTS_DIR and is_run_folder(run) and _latest_is_sound(run):
+        return run
     return path
+
+
+def _latest_is_sound(run: Path) -> bool:
+    """Whether the run's `latest` names a checkpoint folder of it that holds its manifest: a
+    command naming the run reads that one (a broken `latest` failed the command given)."""
+    try:
+        name = (run / "latest").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return bool(name) and Path(name).name == name and (run / CHECKPOINTS_DIR / name / "manifest.json").is_file()
 
 
 def _came_from(meta: dict) -> str:

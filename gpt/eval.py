@@ -34,6 +34,7 @@ if __name__ == "__main__":  # `python -m` this tool: a Ctrl-C while torch import
 import argparse
 import contextlib
 import json
+import shlex
 import math
 import sys
 from collections.abc import Iterator
@@ -222,7 +223,7 @@ def load_for_eval(run: str, data_dir: str | None,
         model_tokenizer = hf_dir / TOKENIZER_FILE
         own_tokenizer = _tokenizer_if_any(model_tokenizer)
     else:
-        with ckpt.reading(run, hf_advice=f"evaluate it as {HF_PREFIX}{run} (with --data_dir)") as source:
+        with ckpt.reading(run, hf_advice=f"evaluate it as {shlex.quote(HF_PREFIX + str(run))} (with --data_dir)") as source:
             model, state = ckpt.load_model(source)
             origin = {"checkpoint": str(source), "step": state.get("step")}
             model_tokenizer = source / ckpt.TOKENIZER_FILE

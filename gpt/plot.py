@@ -6,8 +6,8 @@ One row per quantity (train and val loss, learning rate, tokens/s), against opti
 the left column and against tokens seen in the right one: runs with different batch sizes
 compare fairly on the token axis. Several runs are overlaid, one colour each (train loss
 solid, val loss dashed with dots). The default output is RUN/metrics.png for one run folder
-(out/a/metrics.jsonl given as a file: out/a/metrics.png too) and out/metrics_a+b_HASH.png for
-the runs out/a and out/b (HASH: of their paths; runs in different folders: in the current one).
+(out/a/metrics.jsonl given as a file: out/a/metrics.png too) and ./metrics_a+b_HASH.png for the
+runs out/a and out/b (HASH: of their paths, so that two sweeps' runs of one name get two images).
 Needs the `plot` extra: pip install 'gpt-from-scratch[plot]'.
 """
 
@@ -172,11 +172,11 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, title: str | None = N
 
 
 def default_output(runs: Sequence[str]) -> Path:
-    """RUN/metrics.png for one run; for several, an image named after them (metrics_a+b_HASH.png,
-    the hash of their paths: two sweeps' runs of the same names are other runs) in the folder that
-    holds them all (a sweep's), else the current one. Plotting the same runs again replaces their
-    plot, and no other. A fixed ./metrics.png replaced whatever plot had that name, a run's own
-    where run from its folder."""
+    """RUN/metrics.png for one run; for several, an image in the current folder named after them
+    (metrics_a+b_HASH.png, the hash of their paths: two sweeps' runs of the same names are other
+    runs). Plotting the same runs again replaces their plot, and no other. A fixed ./metrics.png
+    replaced whatever plot had that name, a run's own where run from its folder. (Not into the
+    sweep's folder that holds them: `gpt.plot sweep/*` would then take the image for a run.)"""
     if len(runs) == 1:
         run = Path(runs[0])
         # A run's metrics file given itself: the image goes beside it, as for its folder (not
@@ -188,9 +188,7 @@ def default_output(runs: Sequence[str]) -> Path:
     if len(joined) > 80:  # a sweep of many runs: a file name has a length limit
         joined = f"{names[0]}+{len(names) - 1}_more"
     digest = hashlib.sha1("\n".join(map(str, folders)).encode("utf-8", "surrogateescape")).hexdigest()[:6]
-    parents = {folder.parent for folder in folders}
-    where = parents.pop() if len(parents) == 1 else Path(".")
-    return where / f"metrics_{joined}_{digest}.png"
+    return Path(f"metrics_{joined}_{digest}.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run folder (out_dir) or metrics.jsonl file")
     parser.add_argument("--out", default=None, type=path_or_default_arg,
                         help="image to write: .png, .pdf or .svg; no suffix: .png (default: RUN/metrics.png for "
-                             "one run folder, FILE.png beside one metrics file, DIR/metrics_A+B_HASH.png for the runs DIR/A and DIR/B)")
+                             "one run folder, FILE.png beside one metrics file, ./metrics_A+B_HASH.png for the runs A and B)")
     parser.add_argument("--title", default=None, help="figure title (default: 'training curves: ' and the run names)")
     return parser
 

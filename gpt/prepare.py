@@ -40,6 +40,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -440,7 +441,7 @@ def _checkpoint_tokenizer(path: Path) -> Tokenizer:
             return Tokenizer.from_file(checkpoint / TOKENIZER_FILE)
     except CheckpointError as e:
         trained_on = run_data_dir(path)
-        dataset = (f"; or reuse the tokenizer of the dataset it trains on: --tokenizer-from {trained_on}"
+        dataset = (f"; or reuse the tokenizer of the dataset it trains on: --tokenizer-from {shlex.quote(trained_on)}"
                    if trained_on and (Path(trained_on) / META_FILE).is_file() else "")
         raise PrepareError(f"--tokenizer-from {path}: {e}{dataset}") from None
 

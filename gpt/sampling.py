@@ -202,7 +202,7 @@ def sample(args) -> None:
             kind = hf.project_folder_kind(named)
             if kind:
                 raise ConfigError(f"--init_from {args.init_from}: {named} is {kind}, not a Hugging Face "
-                                  f"folder; sample it with --out_dir {named}")
+                                  f"folder; sample it with --out_dir {shlex.quote(str(named))}")
         hf_dir = hf.parse_init_from(args.init_from)
         if hf_dir is None:
             raise ConfigError(f"--init_from must be {hf.HF_PREFIX}DIR (a Hugging Face GPT-2 folder), "
@@ -215,7 +215,7 @@ def sample(args) -> None:
         model = hf.load_hf_model(hf_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
     else:
         given = args.out_dir or args.ckpt
-        with ckpt.reading(given, hf_advice=f"sample it with --init_from {hf.HF_PREFIX}{given}") as path:
+        with ckpt.reading(given, hf_advice=f"sample it with --init_from {shlex.quote(hf.HF_PREFIX + str(given))}") as path:
             model, _ = ckpt.load_model(path)
             tokenizer_file = path / ckpt.TOKENIZER_FILE
             if not tokenizer_file.exists():

@@ -25,8 +25,8 @@ from . import checkpoint as ckpt
 from . import hf
 from . import parallel
 from .config import ConfigError, TrainConfig, expand_home, grad_accum_steps, tokens_per_optimizer_step
-from .dataset import (check_is_folder, check_token_ids, dataset_files, load_meta, prepare_again, tokenizer_flag,
-                      wait_for_prep)
+from .dataset import (beside, check_is_folder, check_token_ids, dataset_files, load_meta, prepare_again,
+                      tokenizer_flag, wait_for_prep)
 from .console import say
 from .device import has_fast_bf16, pick_device, resolve_dtype
 from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed, log, lost_peer,
@@ -91,7 +91,7 @@ def check_no_other_files(data_dir: Path, config: TrainConfig, tokenizer: str | P
     others = sorted(p.name for p in data_dir.iterdir() if not p.name.startswith("."))
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-        made = data_dir.with_name(data_dir.name + "_prepared")
+        made = beside(data_dir, "_prepared")
         # prep's default split holds out one 8,192-token chunk in 100: a corpus of a few MB may get
         # none (an error), so a small one is told to hold out its last tenth, as nanoGPT does, and
         # to ask no more of it than this run's windows need (prep's default is 1,025 tokens).

@@ -822,7 +822,7 @@ def test_export_of_an_hf_folder_says_what_export_reads(tmp_path, capsys):
 def test_plot_of_several_runs_is_named_after_them_and_replaces_no_other_plot(tmp_path, monkeypatch, capsys):
     """Several runs went to ./metrics.png: run from a run's folder (or beside another plot of that
     name) it replaced that run's own plot. Now the image is named after the runs (and a hash of
-    their paths: two sweeps' runs of one name are other runs), in the folder that holds them."""
+    their paths: two sweeps' runs of one name are other runs)."""
     a, b = tmp_path / "lr_1e-3", tmp_path / "lr_3e-3"
     for run in (a, b):
         run.mkdir()
@@ -830,14 +830,16 @@ def test_plot_of_several_runs_is_named_after_them_and_replaces_no_other_plot(tmp
     (a / "metrics.png").write_bytes(b"a's own plot")
     monkeypatch.chdir(a)
     assert plot.main([".", str(b / "metrics.jsonl")]) == 0
-    drawn = plot.default_output([".", str(b / "metrics.jsonl")])
-    assert drawn.parent == tmp_path and re.fullmatch(r"metrics_lr_1e-3\+lr_3e-3_[0-9a-f]{6}\.png", drawn.name)
-    assert f"wrote {drawn}" in capsys.readouterr().out
+    drawn = a / plot.default_output([".", str(b / "metrics.jsonl")])
+    assert re.fullmatch(r"metrics_lr_1e-3\+lr_3e-3_[0-9a-f]{6}\.png", drawn.name)
+    assert f"wrote {drawn.name}" in capsys.readouterr().out
     assert (a / "metrics.png").read_bytes() == b"a's own plot"
     assert drawn.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The same runs again: their plot is redrawn in place, not beside it.
     assert plot.main([str(a), str(b)]) == 0
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == [drawn.name]
+    assert sorted(p.name for p in a.glob("*.png")) == ["metrics.png", drawn.name]
+    # The sweep's folder stays as it was: `gpt.plot SWEEP/*` twice took the image for a run.
+    assert not list(tmp_path.glob("*.png"))
     # Another sweep's runs of the same names: another image.
     other = [str(tmp_path / "sweep2" / "lr_1e-3"), str(tmp_path / "sweep2" / "lr_3e-3")]
     assert plot.default_output(other).name != drawn.name

@@ -333,3 +333,28 @@ def test_review_of_the_advice_edges(char_data, run, tmp_path, monkeypatch, capsy
         train(tiny_config(tmp_path / "gone", tmp_path / "r", init_from=f"hf:{tmp_path / 'hff'}",
                           prepare_source="stdlib"))
     assert not (tmp_path / "gone").exists()
+
+
+def test_paths_of_no_name_and_runs_with_a_broken_latest_in_the_advice(char_data, run, tmp_path, monkeypatch):
+    """A second review: data_dir '.' still raised a traceback in the advice for a folder of text,
+    '..' advised '.._prepared' inside the current folder, and a checkpoint given as init_from was
+    named by its run even where the run's `latest` was broken (the command then failed)."""
+    import shutil
+
+    texts = tmp_path / "texts"
+    (texts / "sub").mkdir(parents=True)
+    (texts / "a.txt").write_text(SHAKESPEARE.read_text()[:30_000])
+    for where, data_dir in [(texts, "."), (texts / "sub", "..")]:
+        monkeypatch.chdir(where)
+        with pytest.raises(ShardError) as e:
+            train(tiny_config(data_dir, tmp_path / "r", prepare_source="stdlib"))
+        assert f"--out {tmp_path / 'texts_prepared'}, then" in str(e.value), str(e.value)
+    monkeypatch.chdir(tmp_path)
+    broken = shutil.copytree(run, tmp_path / "broken")
+    (broken / "latest").write_text("step_9999999")
+    checkpoint = ckpt.complete_checkpoints(broken)[-1]
+    with pytest.raises(ShardError) as e:
+        train(tiny_config(texts, tmp_path / "r2", init_from=str(checkpoint), prepare_source="stdlib"))
+    argv = _command(str(e.value))
+    assert argv[argv.index("--tokenizer-from") + 1] == str(checkpoint)
+    assert prep_main([*argv, "--no-progress"]) == 0

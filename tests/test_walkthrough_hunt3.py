@@ -28,7 +28,8 @@ def test_a_data_dir_of_ones_own_text_is_not_filled_with_the_default_corpus(char_
     # The paths quoted: pasted into a shell, 'my texts' is one argument (the command was cut in two).
     assert err == (f"error: {texts} holds no dataset but other files (a.txt); the 'stdlib' corpus is prepared "
                    f"only into a new or empty folder. To train on your own text there, prepare it first: python "
-                   f"data_prep/prepare.py --input '{texts}' --val-rule tail --val-fraction 0.1 --out '{made}', then "
+                   f"data_prep/prepare.py --input '{texts}' --val-rule tail --val-fraction 0.1 --min-val-tokens 65 --out "
+                   f"'{made}', then "
                    f"train with --data_dir '{made}'\n")  # (a small folder: prep's default split held out nothing)
     assert sorted(p.name for p in texts.iterdir()) == [".hidden", "a.txt"]
     assert not (tmp_path / "run").exists()
