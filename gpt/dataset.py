@@ -242,7 +242,8 @@ def _latest_is_sound(run: Path) -> bool:
         name = (run / "latest").read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return False
-    return bool(name) and Path(name).name == name and (run / CHECKPOINTS_DIR / name / "manifest.json").is_file()
+    return (bool(name) and Path(name).name == name and name not in (".", "..")
+            and (run / CHECKPOINTS_DIR / name / "manifest.json").is_file())
 
 
 def _came_from(meta: dict) -> str:

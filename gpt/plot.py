@@ -191,6 +191,16 @@ def default_output(runs: Sequence[str]) -> Path:
     return Path(f"metrics_{joined}_{digest}.png")
 
 
+def _without_images(runs: list[str]) -> list[str]:
+    """The runs but image files among them, each said: `gpt.plot *` in a sweep's folder (or
+    `gpt.plot sweep/*` beside an image there) takes an earlier plot for a run, and failed on it."""
+    images = [r for r in runs if Path(r).suffix.lower() in IMAGE_SUFFIXES and Path(r).is_file()]
+    if not images or len(images) == len(runs):
+        return runs  # (only images: the error for what was given)
+    print(f"warning: left out, images (an earlier plot?): {', '.join(images)}", file=sys.stderr)
+    return [r for r in runs if r not in images]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="python -m gpt.plot",
@@ -211,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> None:
         args = build_parser().parse_args(argv)
-        out = plot_runs(args.runs, args.out or default_output(args.runs), args.title)
+        runs = _without_images(args.runs)
+        out = plot_runs(runs, args.out or default_output(runs), args.title)
         print(f"wrote {out}")
 
     return report_errors(run, interrupted="interrupted: stopped plotting")

@@ -840,6 +840,14 @@ def test_plot_of_several_runs_is_named_after_them_and_replaces_no_other_plot(tmp
     assert sorted(p.name for p in a.glob("*.png")) == ["metrics.png", drawn.name]
     # The sweep's folder stays as it was: `gpt.plot SWEEP/*` twice took the image for a run.
     assert not list(tmp_path.glob("*.png"))
+    # Plotted from inside the sweep (`gpt.plot *`): the image is there, and is left out the next time.
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert plot.main(sorted(p.name for p in tmp_path.iterdir())) == 0
+    err = capsys.readouterr().err
+    made = plot.default_output(["lr_1e-3", "lr_3e-3"])
+    assert f"warning: left out, images (an earlier plot?): {made}" in err
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [made.name]
     # Another sweep's runs of the same names: another image.
     other = [str(tmp_path / "sweep2" / "lr_1e-3"), str(tmp_path / "sweep2" / "lr_3e-3")]
     assert plot.default_output(other).name != drawn.name

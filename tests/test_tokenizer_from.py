@@ -358,3 +358,9 @@ def test_paths_of_no_name_and_runs_with_a_broken_latest_in_the_advice(char_data,
     argv = _command(str(e.value))
     assert argv[argv.index("--tokenizer-from") + 1] == str(checkpoint)
     assert prep_main([*argv, "--no-progress"]) == 0
+    # A `latest` of '..' reads as a name too, but no reader takes it: the checkpoint is named.
+    (broken / "latest").write_text("..")
+    (broken / "manifest.json").write_text("{}")  # (checkpoints/../manifest.json)
+    from gpt.dataset import model_folder
+
+    assert model_folder(checkpoint) == checkpoint and model_folder(ckpt.latest_checkpoint(run)) == run
