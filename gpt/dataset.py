@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt import locks
-from gpt.run_layout import CHECKPOINTS_DIR, is_run_folder, training_output, typo_of
+from gpt.run_layout import CHECKPOINTS_DIR, LATEST_FILE, MANIFEST_FILE, training_output, typo_of
 from gpt.shards import (GPT2_EOS_ID, GPT2_VOCAB_SIZE, MAX_VOCAB, SPLITS, ShardError, list_shards,
                         open_shard, read_header)
 from gpt.tokenizer import KINDS, TOKENIZER_FILE, Tokenizer, TokenizerError, gpt2_tokenizer, same_vocab
@@ -216,7 +216,7 @@ def beside(path: str | os.PathLike, suffix: str) -> Path:
     of no name of its own ('.', '..', '/') is taken by its absolute one: '.' raised ValueError,
     and '..' gave '.._prepared' inside the current folder."""
     path = Path(path)
-    if path.name in ("", "..") or path.name == ".":
+    if path.name in ("", ".."):  # ('.' too: its name is "")
         path = Path(os.path.abspath(path))
     return path.parent / f"{path.name or 'data'}{suffix}"
 
@@ -230,20 +230,18 @@ def model_folder(path: str | os.PathLike) -> Path:
     if path.name == TOKENIZER_FILE:
         path = path.parent
     run = path.parent.parent
-    if path.parent.name == CHECKPOINTS_DIR and is_run_folder(run) and _latest_is_sound(run):
-        return run
-    return path
+    return run if path.parent.name == CHECKPOINTS_DIR and _latest_is_sound(run) else path
 
 
 def _latest_is_sound(run: Path) -> bool:
     """Whether the run's `latest` names a checkpoint folder of it that holds its manifest: a
     command naming the run reads that one (a broken `latest` failed the command given)."""
     try:
-        name = (run / "latest").read_text(encoding="utf-8").strip()
+        name = (run / LATEST_FILE).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return False
     return (bool(name) and Path(name).name == name and name not in (".", "..")
-            and (run / CHECKPOINTS_DIR / name / "manifest.json").is_file())
+            and (run / CHECKPOINTS_DIR / name / MANIFEST_FILE).is_file())
 
 
 def _came_from(meta: dict) -> str:

@@ -85,7 +85,6 @@ class PrepareError(ValueError):
 class _Counts:
     documents: int = 0
     characters: int = 0
-    pieces: int = 0
     text_bytes: int = 0
 
 
@@ -155,8 +154,7 @@ def prepare(
         _check_hf_folder_not_out(corpus, out_dir)
         if not progress:
             corpus = replace(corpus, progress=False)
-    given = None if isinstance(tokenizer, str) else (
-        "the Tokenizer given" if tokenizer_from is None else f"--tokenizer-from {tokenizer_from}")
+    given = "the Tokenizer given" if tokenizer_from is None else f"--tokenizer-from {tokenizer_from}"
     with _staging_folder(out_dir, overwrite) as staging:
         counts = _Counts()
         tok = _fit_tokenizer(corpus, tokenizer, vocab_size, tokenizer_train_bytes, counts, progress, given)
@@ -169,8 +167,7 @@ def prepare(
                                    f"(iconv -f latin1 -t utf-8)")
             raise PrepareError(f"{corpus.description}: no text found (the input is empty)")
         writers = {split: ShardWriter(staging, split, shard_tokens) for split in SPLITS}
-        _encode_corpus(corpus, tok, writers, counts, val_rule, val_fraction, val_chunk_tokens, seed, progress,
-                       given=given)
+        _encode_corpus(corpus, tok, writers, counts, val_rule, val_fraction, val_chunk_tokens, seed, progress)
         shards = {split: [p.name for p in w.close()] for split, w in writers.items()}
         tokens = {split: w.tokens_written for split, w in writers.items()}
         _check_split_sizes(tokens, min_val_tokens, val_fraction, val_rule, val_chunk_tokens)
@@ -447,34 +444,35 @@ def _checkpoint_tokenizer(path: Path) -> Tokenizer:
 
 
 def _fit_tokenizer(corpus: Corpus, tokenizer, vocab_size: int, train_bytes: int | None,
-                   counts: _Counts, progress: bool, given: str | None = None) -> Tokenizer | None:
+                   counts: _Counts, progress: bool, given: str) -> Tokenizer | None:
     """Read the corpus once, counting it, and build the tokenizer (or reuse the one given, which
     `given` names: a char vocabulary given must hold every character of the corpus)."""
     chars: set[str] = set()
     kind = tokenizer if isinstance(tokenizer, str) else None
-    # A reused char vocabulary: characters it lacks, each with where it first occurs. (Pass two
-    # refused them too, but piece by piece: the first piece's alone, at offsets within it.)
+    # A reused char vocabulary: characters it lacks, each with where it first occurs. (Left to pass
+    # two, only the first failing piece's were named, at offsets within that piece.)
     known = set(tokenizer.inner.get_vocab()) if kind is None and tokenizer.kind == "char" else None
-    lacking: dict[str, tuple[int, int, str]] = {}  # character -> (piece number, offset, document)
+    lacking: dict[str, tuple[int, int, str]] = {}  # character -> (corpus offset, document offset, document)
     offset = 0  # of the piece within its document
     desc = {"bpe": "training BPE", "char": "reading characters", None: "counting"}[kind]
     bar = progress_bar(desc, None, "B", progress)
 
     def texts() -> Iterator[str]:
+        nonlocal offset
         fed = 0
         for piece in corpus.iter_pieces():
+            if piece.starts_document:
+                offset = 0
+            if known is not None:
+                for c in set(piece.text) - known - lacking.keys():
+                    at = piece.text.index(c)
+                    lacking[c] = (counts.characters + at, offset + at, piece.document)
+            offset += len(piece.text)
             n_bytes = _utf8_len(piece.text)
             counts.documents += piece.starts_document
             counts.characters += len(piece.text)
             counts.text_bytes += n_bytes
             bar.update(n_bytes)
-            nonlocal offset
-            counts.pieces += 1
-            offset = 0 if piece.starts_document else offset
-            if known is not None:
-                for c in set(piece.text) - known - lacking.keys():
-                    lacking[c] = (counts.pieces, offset + piece.text.index(c), piece.document)
-            offset += len(piece.text)
             if kind == "char":
                 chars.update(piece.text)
             elif kind == "bpe" and (train_bytes is None or fed < train_bytes):
@@ -505,7 +503,7 @@ def _first_seen(lacking: dict[str, tuple[int, int, str]], show: int = 8) -> str:
     """"'é' (U+00E9) in a.txt at character 1,204, 'ü' (U+00FC) at 1,310, ...": the characters
     where each first occurs, in the corpus's order, each document named once."""
     said, where = [], None
-    for c, (_, at, document) in sorted(lacking.items(), key=lambda item: item[1][:2])[:show]:
+    for c, (_, at, document) in sorted(lacking.items(), key=lambda item: item[1][0])[:show]:
         place = f"at {at:,}" if document == where else f"in {document or 'the text'} at character {at:,}"
         said.append(f"{c!r} (U+{ord(c):04X}) {place}")
         where = document
@@ -515,9 +513,10 @@ def _first_seen(lacking: dict[str, tuple[int, int, str]], show: int = 8) -> str:
 # ---- pass two: encoding and routing ---------------------------------------------------------
 def _encode_corpus(corpus: Corpus, tok: Tokenizer, writers: dict[str, ShardWriter], counts: _Counts,
                    val_rule: str, val_fraction: float, val_chunk_tokens: int, seed: int,
-                   progress: bool, given: str | None = None) -> None:
-    """Encode the corpus (read a second time) into the writers; `counts` is what pass one read,
-    `given` names the tokenizer where it was given rather than built from that read."""
+                   progress: bool) -> None:
+    """Encode the corpus (read a second time) into the writers; `counts` is what pass one read.
+    A char vocabulary holds every character that read found (built from them, or, given, checked
+    against them), so a character it lacks here means the corpus changed."""
     bar = progress_bar("encoding", counts.text_bytes, "B", progress)
     pieces = corpus.iter_pieces()
     if val_rule == "tail":
@@ -533,10 +532,9 @@ def _encode_corpus(corpus: Corpus, tok: Tokenizer, writers: dict[str, ShardWrite
     changed = (f"{corpus.description}: changed between data prep's two reads of it (a file still being "
                f"written, or documents that can be read only once?); run the prep again once nothing "
                f"writes to the input")
-    unknown = changed if given is None else f"{corpus.description}: cannot encode it with the tokenizer of {given}"
     read = _Counts()
     try:
-        for piece, split, ids in _encoded(tok, labelled, unknown):
+        for piece, split, ids in _encoded(tok, labelled, changed):
             read.documents += piece.starts_document
             read.characters += len(piece.text)
             if piece.starts_document and eos is not None:
