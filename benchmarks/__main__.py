@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_generate, bench_resources, bench_train  # noqa: E402
 from benchmarks.cli import device as device_name, positive_float, positive_int, results_prefix  # noqa: E402
-from benchmarks.common import (MALLOC_CHOICES, MALLOC_HELP, check_malloc_env, busy_cores, load_average, log, machine,  # noqa: E402
-                               peer_available, use_malloc, write_json)
+from benchmarks.common import (MALLOC_CHOICES, MALLOC_HELP, check_malloc_env, busy_cores, format_per_round,  # noqa: E402
+                               load_average, log, machine, peer_available, use_malloc, write_json)
 from gpt.trainer import use_tf32  # noqa: E402
 
 PARTS = ("peak", "train", "generate", "loader", "data", "rss")
@@ -215,6 +215,12 @@ def _goal(value: float | None, goal: float) -> str:
     return f">= {goal:g}x: {'met' if value >= goal else 'NOT met'}"
 
 
+def _per_round(r: dict[str, Any]) -> str:
+    """The ratio taken round by round (common.per_round_ratio), where the results have it."""
+    ratio = r.get("ratio_ours_over_peer_per_round")
+    return f" ({format_per_round(ratio)})" if ratio else ""
+
+
 def table(s: dict[str, Any]) -> list[str]:
     m = s["machine"]
     lines = [f"machine: {m['cpu']} ({', '.join(m['cpu_isa']) or 'no AVX2'}), {m['cpus']} CPUs, "
@@ -248,7 +254,7 @@ def table(s: dict[str, Any]) -> list[str]:
                          for k in res["ours"] if k.startswith("mfu_vs_")
                          and (r["dtype"] == "bfloat16") == ("bf16" in k))
         row(what, res["ours"]["tokens_per_s"], res["peer"]["tokens_per_s"], r["ratio_ours_over_peer"],
-            f"{_goal(r['ratio_ours_over_peer'], GOAL_TRAIN_RATIO)}; {mfus}; load {r['load_avg_before']}")
+            f"{_goal(r['ratio_ours_over_peer'], GOAL_TRAIN_RATIO)}{_per_round(r)}; {mfus}; load {r['load_avg_before']}")
         if "ours+compile" in res:
             row("  ... ours torch.compile'd", res["ours+compile"]["tokens_per_s"], res["peer"]["tokens_per_s"],
                 r["ratio_ours_compiled_over_peer"], f"compile {r['compile_s']:.0f} s")
@@ -269,7 +275,7 @@ def table(s: dict[str, Any]) -> list[str]:
         row(f"generate tok/s batch {r['batch']} {r.get('dtype', 'float32')}, cache vs peer cache",
             res["ours_cache"]["tokens_per_s"],
             res["peer_cache"]["tokens_per_s"], r["ratio_ours_over_peer"],
-            f"{_goal(r['ratio_ours_over_peer'], GOAL_GENERATE_RATIO)}; same tokens "
+            f"{_goal(r['ratio_ours_over_peer'], GOAL_GENERATE_RATIO)}{_per_round(r)}; same tokens "
             f"{all(r['same_tokens_as_ours_cache'].values())}; load {r['load_avg_before']}")
         if "ours_no_cache" in res:
             row(f"generate tok/s batch {r['batch']}, cache vs no cache", res["ours_cache"]["tokens_per_s"],

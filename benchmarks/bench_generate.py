@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cli import device as device_name, non_negative_int, positive_float, positive_int, results_name  # noqa: E402
-from benchmarks.common import interleave, load_average, log, machine, median, peer_available, write_json  # noqa: E402
+from benchmarks.common import (format_per_round, interleave, load_average, log, machine, median,  # noqa: E402
+                               peer_available, per_round_ratio, write_json)
 from benchmarks.bench_train import build_pair  # noqa: E402
 from gpt.generate import generate  # noqa: E402
 
@@ -108,6 +109,7 @@ def run_case(batch: int, new_tokens: int, *, no_cache: bool, device: torch.devic
         "same_tokens_as_ours_cache": same,
         "load_avg_before": load_before, "load_avg_after": load_average(), "results": rows,
         "ratio_ours_over_peer": round(rows["peer_cache"]["seconds"] / rows["ours_cache"]["seconds"], 3),
+        "ratio_ours_over_peer_per_round": per_round_ratio(seconds["peer_cache"], seconds["ours_cache"]),
     }
     if graphs:
         result["ratio_graph_over_no_graph"] = round(
@@ -130,7 +132,8 @@ def format_case(r: dict[str, Any]) -> str:
         extra += f" ({r['ratio_cache_over_no_cache_both_without_graph']:.2f}x without the graph)"
     if "ratio_graph_over_no_graph" in r:
         extra += f"; CUDA graph / none: {r['ratio_graph_over_no_graph']:.2f}x"
-    lines.append(f"  ours / peer: {r['ratio_ours_over_peer']:.2f}x{extra}; same tokens: "
+    lines.append(f"  ours / peer: {r['ratio_ours_over_peer']:.2f}x, {format_per_round(r['ratio_ours_over_peer_per_round'])}"
+                 f"{extra}; same tokens: "
                  f"{all(r['same_tokens_as_ours_cache'].values())}  [load {r['load_avg_before']} -> "
                  f"{r['load_avg_after']}, {r['rounds']} rounds]")
     return "\n".join(lines)

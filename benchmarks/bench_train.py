@@ -32,8 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cli import device as device_name, non_negative_int, positive_float, positive_int, results_name  # noqa: E402
-from benchmarks.common import (MALLOC_CHOICES, MALLOC_HELP, check_malloc_env, build_peer, count_params, interleave,  # noqa: E402
-                               load_average, log, machine, median, peer_available, use_malloc, write_json)
+from benchmarks.common import (MALLOC_CHOICES, MALLOC_HELP, check_malloc_env, build_peer, count_params,  # noqa: E402
+                               format_per_round, interleave, load_average, log, machine, median, peer_available,
+                               per_round_ratio, use_malloc, write_json)
 from gpt.hf import from_hf_state_dict, to_hf_state_dict  # noqa: E402
 from gpt.mfu import peak_flops  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402
@@ -175,6 +176,7 @@ def run_case(shape_name: str, dtype_name: str, *, device: torch.device, compile_
         "load_avg_before": load_before, "load_avg_after": load_average(),
         "results": rows,
         "ratio_ours_over_peer": round(rows["peer"]["step_ms"] / rows["ours"]["step_ms"], 3),
+        "ratio_ours_over_peer_per_round": per_round_ratio(seconds["peer"], seconds["ours"]),
     }
     if padded_name in rows:
         result["ratio_padded_over_ours"] = round(rows["ours"]["step_ms"] / rows[padded_name]["step_ms"], 3)
@@ -192,7 +194,7 @@ def format_case(r: dict[str, Any]) -> str:
         own = [k for k in keys if ("bf16" in k) == (r["dtype"] == "bfloat16")] or keys
         mfu = "".join(f"  MFU {row[k] * 100:5.1f}% ({k.removeprefix('mfu_vs_')})" for k in own)
         lines.append(f"  {name:<13} {row['step_ms']:9.1f} ms/step {row['tokens_per_s']:10,.0f} tok/s{mfu}")
-    lines.append(f"  ours / peer: {r['ratio_ours_over_peer']:.2f}x"
+    lines.append(f"  ours / peer: {r['ratio_ours_over_peer']:.2f}x, {format_per_round(r['ratio_ours_over_peer_per_round'])}"
                  + (f"; compiled ours / peer: {r['ratio_ours_compiled_over_peer']:.2f}x "
                     f"(compile {r['compile_s']:.0f} s)" if "compile_s" in r else "")
                  + (f"; padded vocabulary / ours: {r['ratio_padded_over_ours']:.2f}x"

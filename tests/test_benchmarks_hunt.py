@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -87,6 +88,22 @@ def test_generate_times_the_uncached_path_in_the_same_rounds_as_the_cache(monkey
     assert timed == [["ours_cache", "ours_no_cache", "peer_cache"]], calls
     assert r["rounds"] == 3 and all(len(row["seconds_all"]) == 3 for row in r["results"].values())
     assert r["ratio_cache_over_no_cache"] > 0
+    per_round = r["ratio_ours_over_peer_per_round"]
+    assert 0 < per_round["q1"] <= per_round["median"] <= per_round["q3"], per_round
+    assert "round by round" in bench_generate.format_case(r)
+
+
+def test_the_ratio_is_also_taken_round_by_round():
+    # A VM that moves between a fast and a slow phase: the peer's median fell in its slow phase and
+    # ours in our fast one, and the ratio of the medians said 4x where every round said 2x.
+    from benchmarks.common import per_round_ratio
+
+    peer = [1.0, 1.0, 2.0, 2.0, 2.0]
+    ours = [0.5, 0.5, 0.5, 1.0, 1.0]
+    assert statistics.median(peer) / statistics.median(ours) == 4.0
+    assert per_round_ratio(peer, ours) == {"median": 2.0, "q1": 2.0, "q3": 3.0}
+    with pytest.raises(ValueError):
+        per_round_ratio(peer, ours[:-1])  # rounds of another call
 
 
 def test_the_loader_benchmark_checks_ids_as_training_does(tmp_path):
