@@ -61,7 +61,7 @@ _EVERY_CHARACTER = r"[\s\S]"  # Oniguruma has no (?s); this class matches any co
 
 def read_vocab(source: str | os.PathLike | bytes) -> dict[str, int] | None:
     """Every token's id in a tokenizer file (its path, or its bytes), added tokens included, or
-    None where it does not load: gpt/trainer.py open_loaders refuses such a file beside a dataset,
+    None where it does not load: gpt/run_data.py open_loaders refuses such a file beside a dataset,
     and gpt/resume.py then compares the tokenizer kind and vocab_size recorded in meta.json and
     state.json instead. (tokenizers parses JSON: a tokenizer file is data, never code.)"""
     try:

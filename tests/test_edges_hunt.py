@@ -440,7 +440,7 @@ _RANK_SCRIPT = """
 import datetime, os, shutil, sys, time
 import torch, torch.distributed as dist
 from pathlib import Path
-from gpt import locks, trainer
+from gpt import locks, run_data
 from gpt.config import TrainConfig
 from gpt.distributed import DistInfo
 
@@ -448,21 +448,21 @@ rank, data, source, store = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3
 dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2,
                         timeout=datetime.timedelta(seconds=20))
 barriers = []
-real_barrier = trainer.barrier
-trainer.barrier = lambda info: barriers.append(1) or real_barrier(info)
+real_barrier = run_data.barrier
+run_data.barrier = lambda info: barriers.append(1) or real_barrier(info)
 
-def prepare_default(config, data_dir):  # as gpt.prepare does it: the lock held, then the files
+def prepare_default(config, data_dir, tokenizer):  # as gpt.prepare does it: the lock held, then the files
     data_dir.mkdir(exist_ok=True)
     with locks.acquire(data_dir / ".prepare-lock"):
         time.sleep(3)
         for f in source.iterdir():
             shutil.copy(f, data_dir / f.name)
 
-trainer._prepare_default = prepare_default
+run_data._prepare_default = prepare_default
 if rank == 1:
     time.sleep(1)  # a rank that starts later than rank 0
 info = DistInfo(rank, rank, 2, torch.device("cpu"), True)
-trainer.ensure_dataset(TrainConfig(data_dir=str(data), prepare_tokenizer="char"), info)
+run_data.ensure_dataset(TrainConfig(data_dir=str(data), prepare_tokenizer="char"), info)
 value = torch.tensor([float(rank + 1)])
 dist.all_reduce(value)
 print(f"rank {rank}: {len(barriers)} barrier(s), sum {value.item()}", flush=True)

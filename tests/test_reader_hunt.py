@@ -156,13 +156,13 @@ def test_a_mistyped_data_dir_that_gets_the_default_corpus_names_the_dataset_mean
 
     import gpt.prepare
     from conftest import tiny_config
-    from gpt.trainer import _prepare_default
+    from gpt.run_data import _prepare_default
 
     shutil.copytree(char_data, tmp_path / "shakespeare_char")
     prepared = []
     monkeypatch.setattr(gpt.prepare, "prepare", lambda **kwargs: prepared.append(kwargs["out_dir"]))
     typo = tmp_path / "shakespear_char"
-    _prepare_default(tiny_config(typo, tmp_path / "run", prepare_source="stdlib"), typo)
+    _prepare_default(tiny_config(typo, tmp_path / "run", prepare_source="stdlib"), typo, "bpe")
     assert prepared == [typo]
     assert (f"{typo} does not exist (did you mean {tmp_path / 'shakespeare_char'}, the dataset beside it? Then press "
             f"Ctrl-C, and again once it answers, which stops this run before it saves anything; and give that "
