@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import ConfigError
-from .run_layout import LATEST_FILE
-
-METRICS_FILE = "metrics.jsonl"
+from .run_layout import LATEST_FILE, METRICS_FILE
 WANDB_RUN_ID_FILE = "wandb_run_id"
 WANDB_TAG_MAX = 64  # characters in one wandb tag
 

@@ -57,7 +57,7 @@ from gpt import locks
 from gpt.config import ArgumentParser, add_option, path_arg
 from gpt.progress import progress_bar
 from gpt.dataset import PREP_LOCK_FILE, dataset_files, load_tokenizer, run_data_dir
-from gpt.run_layout import nearby_runs, training_output
+from gpt.run_layout import is_run_before_first_save, nearby_runs, training_output
 from gpt.shards import MAX_SHARD_TOKENS, MAX_VOCAB, SPLITS, ShardError, ShardWriter
 from gpt.hf_dataset import HFDataset
 from gpt.sources import ENCODING_ERRORS, Corpus, LocalFiles, Piece, resolve_source
@@ -403,23 +403,11 @@ def _reused_tokenizer(path: Path) -> Tokenizer:
         return load_tokenizer(path)
     if (path / TOKENIZER_FILE).is_file():  # a Hugging Face model folder (an export of ours too)
         return Tokenizer.from_file(path / TOKENIZER_FILE)
-    if _run_without_checkpoint(path):
+    if is_run_before_first_save(path):
         return _checkpoint_tokenizer(path)  # which says so
     raise PrepareError(f"--tokenizer-from {path}: no {TOKENIZER_FILE} here; give a tokenizer.json file, a "
                        f"prepared dataset folder, a training run or checkpoint folder, or a Hugging Face "
                        f"model folder holding {TOKENIZER_FILE}")
-
-
-def _run_without_checkpoint(path: Path) -> bool:
-    """A training run before its first checkpoint: its metrics.jsonl, or a config.json that is a
-    training config (a Hugging Face folder has a config.json too, of the model)."""
-    if (path / "metrics.jsonl").is_file():
-        return True
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "data_dir" in config and "out_dir" in config
 
 
 def _checkpoint_tokenizer(path: Path) -> Tokenizer:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import json
 import os
 import re
 from pathlib import Path
@@ -23,6 +24,8 @@ LATEST_FILE = "latest"
 MANIFEST_FILE = "manifest.json"
 STATE_FILE = "state.json"
 RUN_MARKS = (LATEST_FILE, CHECKPOINTS_DIR)  # a run folder holds one of them
+CONFIG_FILE = "config.json"  # the run's resolved config (gpt/run_folder.py), from its start
+METRICS_FILE = "metrics.jsonl"  # a line per log step (gpt/metrics.py)
 
 
 def training_output(path: Path, anywhere_in_run: bool = False) -> str | None:
@@ -51,6 +54,19 @@ def training_output(path: Path, anywhere_in_run: bool = False) -> str | None:
             if anywhere_in_run:
                 return f"is inside the training run folder {parent}"
     return None
+
+
+def is_run_before_first_save(path: Path) -> bool:
+    """Whether `path` looks like a training run's folder that holds no checkpoint yet (or was
+    stopped before its first): its metrics.jsonl, or a config.json that is a training config
+    (a Hugging Face model folder has a config.json too, of the model)."""
+    if (path / METRICS_FILE).is_file():
+        return True
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "data_dir" in config and "out_dir" in config
 
 
 def is_run_folder(path: Path) -> bool:

@@ -132,3 +132,27 @@ def test_sampling_a_run_before_its_first_save_says_so(char_data, tmp_path):
         f"that has not saved a checkpoint yet (or was stopped before its first). A run saves every "
         f"eval_interval = 50,000 steps, at its end, and when stopped with Ctrl-C or SIGTERM: try again "
         f"once it has"), sampled.stderr
+
+
+def test_only_a_training_config_makes_a_folder_a_run_before_its_first_save(tmp_path):
+    """Any config.json made a folder "a training run that has not saved a checkpoint yet" (an
+    editor's or another tool's config.json, say); data prep's --tokenizer-from asked for a
+    training config (data_dir and out_dir), and both now ask the same question."""
+    from gpt.run_layout import is_run_before_first_save
+
+    other = tmp_path / "project"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"editor.tabSize": 4}))
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.resolve_checkpoint(other)
+    assert str(e.value) == f"{other} holds no checkpoint (no latest file and no manifest.json)"
+    assert not is_run_before_first_save(other)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"out_dir": str(run), "data_dir": "data", "eval_interval": 10}))
+    with pytest.raises(ckpt.CheckpointError, match="has not saved a checkpoint yet .* every eval_interval = 10 steps"):
+        ckpt.resolve_checkpoint(run)
+    (run / "config.json").unlink()
+    (run / "metrics.jsonl").write_text("")  # a run whose config.json is gone
+    assert is_run_before_first_save(run)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import locks
-from ..run_layout import nearby_runs
+from ..run_layout import CONFIG_FILE, is_run_before_first_save, nearby_runs
 from ..hf import HF_PREFIX, hf_folder_hint
 from .layout import CHECKPOINTS_DIR, LATEST_FILE, MANIFEST_FILE, STATE_FILE, CheckpointError, step_dir_name, step_of
 
@@ -243,7 +243,7 @@ def _no_checkpoint_message(folder: Path, hf_advice: str | None = None) -> str:
         if holds_token_shards(folder):  # --out_dir given the dataset (data_dir) instead of the run
             return (f"{none}: it is a prepared dataset (token shards), not a training run; give the run "
                     f"folder that trained on it (train.py's out_dir)")
-        if (folder / "config.json").is_file() or (folder / "metrics.jsonl").is_file():
+        if is_run_before_first_save(folder):
             return f"{none}: {_not_saved_yet(folder)}"
         return none
     meant = [str(run)] if in_a_run else []
@@ -258,7 +258,7 @@ def _not_saved_yet(run: Path) -> str:
     """What a run folder without a checkpoint is: a run still before its first save (sampling a
     new run too early is the usual way here), or one stopped before it."""
     try:
-        every = json.loads((run / "config.json").read_text(encoding="utf-8")).get("eval_interval")
+        every = json.loads((run / CONFIG_FILE).read_text(encoding="utf-8")).get("eval_interval")
     except (OSError, ValueError, AttributeError):
         every = None
     known = isinstance(every, int) and not isinstance(every, bool) and every > 0
