@@ -504,6 +504,31 @@ def test_a_manifest_of_the_wrong_shape_is_refused(full_sync_run, tmp_path, manif
         ckpt.verify_checkpoint(saved)
 
 
+def test_a_checkpoint_of_a_newer_format_is_refused_by_every_reader(char_data, full_sync_run, tmp_path, capsys):
+    """state.json carries the format it was written in: a checkpoint from a newer version of the code
+    (format_version above STATE_VERSION) is refused by name, not read as if it were the old layout.
+    Checkpoints from before the key (no format_version) are version 1."""
+    from gpt.sampling import run_sample
+
+    run, saved = copy_of_run(full_sync_run, tmp_path)
+    state = json.loads((saved / ckpt.STATE_FILE).read_text())
+    assert state["format_version"] == ckpt.STATE_VERSION == 1
+    del state["format_version"]  # as written before the key existed
+    (saved / ckpt.STATE_FILE).write_text(json.dumps(state))
+    reseal(saved)
+    assert ckpt.read_state(saved)["step"] == state["step"]
+
+    (saved / ckpt.STATE_FILE).write_text(json.dumps({**state, "format_version": ckpt.STATE_VERSION + 1}))
+    reseal(saved)
+    newer = re.escape(f"{saved / ckpt.STATE_FILE}: the checkpoint is in format version 2, written by a newer "
+                      f"version of this code, which reads versions up to 1: update this code (git pull) to read it")
+    with pytest.raises(ckpt.CheckpointError, match=newer):
+        train(tiny_config(char_data, run, **FORMAT_RUN))  # resume
+    capsys.readouterr()
+    assert run_sample(sample_args("--out_dir", str(run))) == 2
+    assert re.fullmatch(f"error: {newer}\n", capsys.readouterr().err)
+
+
 def test_the_manifest_must_list_every_file_that_is_read(full_sync_run, tmp_path, capsys):
     from gpt.sampling import run_sample
 

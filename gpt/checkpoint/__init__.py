@@ -61,7 +61,7 @@ from .files import give_ordinary_permissions, write_text_atomic
 from .find import best_checkpoint, complete_checkpoints, latest_checkpoint, reading, resolve_checkpoint
 from .listing import list_checkpoints
 from .layout import (CHECKPOINTS_DIR, DCP_DIR, DCP_METADATA, FORMATS, LATEST_FILE, MANIFEST_FILE, MODEL_FILE,
-                     OPTIMIZER_FILE, STATE_FILE, TOKENIZER_FILE, TRASH_PREFIX, CheckpointError, resolve_format,
+                     OPTIMIZER_FILE, STATE_FILE, STATE_VERSION, TOKENIZER_FILE, TRASH_PREFIX, CheckpointError, resolve_format,
                      step_dir_name, step_of)
 from .load import check_model_config, load_checkpoint, load_model, load_model_weights, read_model_state, read_optimizer_state
 from .save import Checkpointer, read_tokenizer_json, save_checkpoint
@@ -71,7 +71,8 @@ from .verify import (ALWAYS_IN_STATE, NOT_OURS, RESUME_NEEDS, checkpoint_format,
 
 __all__ = [
     "ALWAYS_IN_STATE", "CHECKPOINTS_DIR", "DCP_DIR", "DCP_METADATA", "FORMATS", "LATEST_FILE", "MANIFEST_FILE",
-    "MODEL_FILE", "NOT_OURS", "OPTIMIZER_FILE", "RESUME_NEEDS", "STATE_FILE", "TOKENIZER_FILE", "TRASH_PREFIX",
+    "MODEL_FILE", "NOT_OURS", "OPTIMIZER_FILE", "RESUME_NEEDS", "STATE_FILE", "STATE_VERSION", "TOKENIZER_FILE",
+    "TRASH_PREFIX",
     "CheckpointError", "Checkpointer", "best_checkpoint", "capture_rng_state", "check_model_config", "checkpoint_format",
     "complete_checkpoints", "consolidate", "default_consolidated_path", "gather_rng_states", "list_checkpoints",
     "give_ordinary_permissions", "latest_checkpoint", "load_checkpoint", "load_model", "load_model_weights", "main",

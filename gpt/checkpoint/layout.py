@@ -18,6 +18,10 @@ TOKENIZER_FILE = "tokenizer.json"
 DCP_DIR = "dcp"  # the sharded format's torch.distributed.checkpoint folder
 DCP_METADATA = ".metadata"
 FORMATS = ("full", "sharded")
+# state.json's "format_version": raised when a checkpoint's content changes in a way that older
+# code would misread, so that older code refuses it with a message rather than a KeyError from
+# deep inside a load. Checkpoints written before the key existed are version 1.
+STATE_VERSION = 1
 
 
 def quiet_dcp() -> None:

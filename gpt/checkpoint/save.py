@@ -27,7 +27,8 @@ from .files import files_under, fsync_dir, give_ordinary_permissions, seal, seal
 from .find import best_checkpoint, complete_checkpoints, latest_checkpoint, latest_name
 from .full_state import drop_tied_aliases, full_state_dicts
 from .layout import (CHECKPOINTS_DIR, DCP_DIR, FORMATS, LATEST_FILE, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE,
-                     STATE_FILE, TOKENIZER_FILE, TRASH_PREFIX, CheckpointError, quiet_dcp, step_dir_name, step_of)
+                     STATE_FILE, STATE_VERSION, TOKENIZER_FILE, TRASH_PREFIX, CheckpointError, quiet_dcp, step_dir_name,
+                     step_of)
 from .state_json import param_groups_to_json
 from .verify import read_manifest
 
@@ -63,7 +64,9 @@ def complete_folder(tmp: Path, final: Path, state: dict[str, Any], tokenizer_jso
     """Add state.json, tokenizer.json (the bytes given; none if None) and the manifest to `tmp`,
     make everything durable and rename it to `final`. `sealed` holds manifest entries of files
     already checksummed."""
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    # This code's format, also where `state` is copied from an older checkpoint (consolidation).
+    versioned = {"format_version": STATE_VERSION} | {k: v for k, v in state.items() if k != "format_version"}
+    (tmp / STATE_FILE).write_text(json.dumps(versioned, indent=1))
     if tokenizer_json is not None:
         (tmp / TOKENIZER_FILE).write_bytes(tokenizer_json)
     rest = [p for p in files_under(tmp) if p.relative_to(tmp).as_posix() not in sealed]

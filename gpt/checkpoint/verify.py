@@ -15,7 +15,7 @@ from .files import crc32, files_under, sha256
 from ..run_layout import is_run_folder
 from .find import complete_checkpoints
 from .layout import (CHECKPOINTS_DIR, DCP_DIR, FORMATS, LATEST_FILE, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE,
-                     STATE_FILE, TOKENIZER_FILE, CheckpointError, step_of)
+                     STATE_FILE, STATE_VERSION, TOKENIZER_FILE, CheckpointError, step_of)
 
 
 # The end of every error about a manifest.json or state.json that is valid JSON of the wrong
@@ -199,6 +199,7 @@ def _check_sum(ckpt_dir: Path, name: str, expected: dict[str, Any]) -> None:
 # The trainer writes all of them but optimizer_param_groups, which sharded saves alone hold (a full
 # save keeps the param groups inside optimizer.pt); tools and tests may write fewer (`read_state`).
 _STATE_KEYS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "format_version": ("a whole number >= 1", lambda v: _is_count(v) and v >= 1),
     "step": ("a whole number >= 0", _is_count),
     "tokens_seen": ("a whole number >= 0", _is_count),
     "skipped_steps": ("a whole number >= 0", _is_count),
@@ -254,6 +255,10 @@ def read_state(ckpt_dir: Path, require: tuple[str, ...] = ()) -> dict[str, Any]:
                 f"{path}: {key!r} should be {expected}, got {got if len(got) <= 40 else _json_kind(state[key])}; "
                 f"{NOT_OURS}"
             )
+    if state.get("format_version", 1) > STATE_VERSION:
+        raise CheckpointError(
+            f"{path}: the checkpoint is in format version {state['format_version']}, written by a newer version of "
+            f"this code, which reads versions up to {STATE_VERSION}: update this code (git pull) to read it")
     try:
         GPTConfig(**state["model_config"])
     except (TypeError, ValueError) as e:
