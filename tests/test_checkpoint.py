@@ -518,15 +518,26 @@ def test_a_checkpoint_of_a_newer_format_is_refused_by_every_reader(char_data, fu
     reseal(saved)
     assert ckpt.read_state(saved)["step"] == state["step"]
 
+    # A newer format may rename what this code reads (a key, the weights file): the version is
+    # what it is told, not "damaged, restore it from a copy".
+    state["config_of_the_model"] = state.pop("model_config")
+    (saved / ckpt.MODEL_FILE).rename(saved / "weights.safetensors")
     (saved / ckpt.STATE_FILE).write_text(json.dumps({**state, "format_version": ckpt.STATE_VERSION + 1}))
     reseal(saved)
     newer = re.escape(f"{saved / ckpt.STATE_FILE}: the checkpoint is in format version 2, written by a newer "
                       f"version of this code, which reads versions up to 1: update this code (git pull) to read it")
     with pytest.raises(ckpt.CheckpointError, match=newer):
         train(tiny_config(char_data, run, **FORMAT_RUN))  # resume
+    with pytest.raises(ckpt.CheckpointError, match=newer):
+        train(tiny_config(char_data, tmp_path / "new", init_from=str(run), **FORMAT_RUN))
+    with pytest.raises(ckpt.CheckpointError, match=newer):
+        ckpt.read_state(saved)
     capsys.readouterr()
     assert run_sample(sample_args("--out_dir", str(run))) == 2
     assert re.fullmatch(f"error: {newer}\n", capsys.readouterr().err)
+    from gpt.prepare import PrepareError, reused_tokenizer
+    with pytest.raises((PrepareError, ckpt.CheckpointError), match=newer):
+        reused_tokenizer(run)  # data prep's --tokenizer-from
 
 
 def test_the_manifest_must_list_every_file_that_is_read(full_sync_run, tmp_path, capsys):

@@ -132,12 +132,34 @@ def _files_readers_load(ckpt_dir: Path) -> list[str]:
     return names
 
 
+def check_format_version(ckpt_dir: Path) -> None:
+    """Refuse a checkpoint written by newer code in a newer format (state.json's "format_version"
+    above STATE_VERSION) before anything else about it is checked: its files and keys may differ
+    in ways this code would otherwise call damage ("restore it from a copy"). A state.json that
+    cannot be read is left to the checks that say so."""
+    path = Path(ckpt_dir) / STATE_FILE
+    try:
+        state = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return
+    _refuse_newer_format(state, path)
+
+
+def _refuse_newer_format(state: Any, path: Path) -> None:
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if _is_count(version) and version > STATE_VERSION:
+        raise CheckpointError(
+            f"{path}: the checkpoint is in format version {version}, written by a newer version of this code, "
+            f"which reads versions up to {STATE_VERSION}: update this code (git pull) to read it")
+
+
 def verify_checkpoint(ckpt_dir: Path, part: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """Check every file against the manifest (size, then checksum); return the manifest.
 
     `part = (i, n)` checksums only every n-th file starting at i (sizes are always all checked),
     so n ranks verify a checkpoint together, each reading 1/n of it."""
     ckpt_dir = Path(ckpt_dir)
+    check_format_version(ckpt_dir)
     manifest = read_manifest(ckpt_dir)
     for name in _files_readers_load(ckpt_dir):
         if name not in manifest:
@@ -164,6 +186,7 @@ def verify_file(ckpt_dir: Path, name: str) -> bool:
     (a reader of that file alone: prep reusing its tokenizer.json). False where the manifest
     lists no such file: the checkpoint has none."""
     ckpt_dir = Path(ckpt_dir)
+    check_format_version(ckpt_dir)
     manifest = read_manifest(ckpt_dir)
     if name not in manifest:
         return False
@@ -245,6 +268,7 @@ def read_state(ckpt_dir: Path, require: tuple[str, ...] = ()) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable ({e}); {_damaged_advice(Path(ckpt_dir))}") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected an object, got {_json_kind(state)}; {NOT_OURS}")
+    _refuse_newer_format(state, path)  # before the keys: a newer format may have others
     for key in (*ALWAYS_IN_STATE, *require):
         if key not in state:
             raise CheckpointError(f"{path}: the key {key!r} is missing; {NOT_OURS}")
@@ -255,10 +279,6 @@ def read_state(ckpt_dir: Path, require: tuple[str, ...] = ()) -> dict[str, Any]:
                 f"{path}: {key!r} should be {expected}, got {got if len(got) <= 40 else _json_kind(state[key])}; "
                 f"{NOT_OURS}"
             )
-    if state.get("format_version", 1) > STATE_VERSION:
-        raise CheckpointError(
-            f"{path}: the checkpoint is in format version {state['format_version']}, written by a newer version of "
-            f"this code, which reads versions up to {STATE_VERSION}: update this code (git pull) to read it")
     try:
         GPTConfig(**state["model_config"])
     except (TypeError, ValueError) as e:
