@@ -539,6 +539,20 @@ def test_a_checkpoint_of_a_newer_format_is_refused_by_every_reader(char_data, fu
     with pytest.raises((PrepareError, ckpt.CheckpointError), match=newer):
         reused_tokenizer(run)  # data prep's --tokenizer-from
 
+    # A version changed by damage, not by newer code (the manifest's checksum disagrees): corrupt.
+    text = (saved / ckpt.STATE_FILE).read_text()
+    (saved / ckpt.STATE_FILE).write_text(text.replace('"format_version": 2', '"format_version": 3'))
+    with pytest.raises(ckpt.CheckpointError, match="checksum does not match the manifest"):
+        ckpt.verify_checkpoint(saved)
+    # Nor is the version read from what is not a plain file: a FIFO hung the reader.
+    (saved / ckpt.STATE_FILE).unlink()
+    os.mkfifo(saved / ckpt.STATE_FILE)
+    checked = subprocess.run([sys.executable, "-c", "import sys; from gpt import checkpoint as c; "
+                              "c.verify_checkpoint(sys.argv[1])", str(saved)],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 1 and "CheckpointError" in checked.stderr, checked.stderr  # not a hang
+    assert "missing from the checkpoint" in checked.stderr, checked.stderr  # (the renamed weights, first)
+
 
 def test_the_manifest_must_list_every_file_that_is_read(full_sync_run, tmp_path, capsys):
     from gpt.sampling import run_sample

@@ -134,10 +134,21 @@ def _files_readers_load(ckpt_dir: Path) -> list[str]:
 
 def check_format_version(ckpt_dir: Path) -> None:
     """Refuse a checkpoint written by newer code in a newer format (state.json's "format_version"
-    above STATE_VERSION) before anything else about it is checked: its files and keys may differ
-    in ways this code would otherwise call damage ("restore it from a copy"). A state.json that
-    cannot be read is left to the checks that say so."""
-    path = Path(ckpt_dir) / STATE_FILE
+    above STATE_VERSION) before its other files and keys are checked: those may differ in ways this
+    code would otherwise call damage ("restore it from a copy"). state.json itself is checked
+    against the manifest first (a flipped bit in the version is corruption, not a newer format);
+    a manifest or state.json that cannot be read, or that is not a plain file, is left to the
+    checks that say so."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / STATE_FILE
+    try:
+        entry = read_manifest(ckpt_dir).get(STATE_FILE)
+    except CheckpointError:
+        return
+    if entry is None or not path.is_file():
+        return
+    _check_size(ckpt_dir, STATE_FILE, entry)
+    _check_sum(ckpt_dir, STATE_FILE, entry)
     try:
         state = json.loads(path.read_bytes())
     except (OSError, ValueError):
