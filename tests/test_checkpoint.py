@@ -539,11 +539,17 @@ def test_a_checkpoint_of_a_newer_format_is_refused_by_every_reader(char_data, fu
     with pytest.raises((PrepareError, ckpt.CheckpointError), match=newer):
         reused_tokenizer(run)  # data prep's --tokenizer-from
 
-    # A version changed by damage, not by newer code (the manifest's checksum disagrees): corrupt.
+    # A version changed by damage, not by newer code (the manifest's checksum disagrees): corrupt,
+    # also where the resume reads state.json before it checks the files. Data prep, which reads
+    # the tokenizer.json alone, does not mind a damaged state.json.
     text = (saved / ckpt.STATE_FILE).read_text()
     (saved / ckpt.STATE_FILE).write_text(text.replace('"format_version": 2', '"format_version": 3'))
-    with pytest.raises(ckpt.CheckpointError, match="checksum does not match the manifest"):
+    corrupt = "state.json: checksum does not match the manifest"
+    with pytest.raises(ckpt.CheckpointError, match=corrupt):
         ckpt.verify_checkpoint(saved)
+    with pytest.raises(ckpt.CheckpointError, match=corrupt):
+        train(tiny_config(char_data, run, **FORMAT_RUN))  # resume
+    assert reused_tokenizer(run).vocab_size > 0
     # Nor is the version read from what is not a plain file: a FIFO hung the reader.
     (saved / ckpt.STATE_FILE).unlink()
     os.mkfifo(saved / ckpt.STATE_FILE)

@@ -132,13 +132,14 @@ def _files_readers_load(ckpt_dir: Path) -> list[str]:
     return names
 
 
-def check_format_version(ckpt_dir: Path) -> None:
+def check_format_version(ckpt_dir: Path, *, strict: bool = True) -> None:
     """Refuse a checkpoint written by newer code in a newer format (state.json's "format_version"
     above STATE_VERSION) before its other files and keys are checked: those may differ in ways this
-    code would otherwise call damage ("restore it from a copy"). state.json itself is checked
-    against the manifest first (a flipped bit in the version is corruption, not a newer format);
-    a manifest or state.json that cannot be read, or that is not a plain file, is left to the
-    checks that say so."""
+    code would otherwise call damage ("restore it from a copy"). The version is read only from a
+    state.json the manifest vouches for (a flipped bit in it is corruption, not a newer format):
+    `strict`, a state.json that does not match the manifest is an error here; otherwise (a reader
+    of another file alone) it is passed over. A manifest or state.json that cannot be read, or that
+    is not a plain file, is left to the checks that say so."""
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / STATE_FILE
     try:
@@ -147,21 +148,30 @@ def check_format_version(ckpt_dir: Path) -> None:
         return
     if entry is None or not path.is_file():
         return
-    _check_size(ckpt_dir, STATE_FILE, entry)
-    _check_sum(ckpt_dir, STATE_FILE, entry)
     try:
+        _check_size(ckpt_dir, STATE_FILE, entry)
+        _check_sum(ckpt_dir, STATE_FILE, entry)
         state = json.loads(path.read_bytes())
+    except CheckpointError:
+        if strict:
+            raise
+        return
     except (OSError, ValueError):
         return
-    _refuse_newer_format(state, path)
+    version = _newer_version(state)
+    if version is not None:
+        raise _newer_format_error(path, version)
 
 
-def _refuse_newer_format(state: Any, path: Path) -> None:
+def _newer_version(state: Any) -> int | None:
     version = state.get("format_version") if isinstance(state, dict) else None
-    if _is_count(version) and version > STATE_VERSION:
-        raise CheckpointError(
-            f"{path}: the checkpoint is in format version {version}, written by a newer version of this code, "
-            f"which reads versions up to {STATE_VERSION}: update this code (git pull) to read it")
+    return version if _is_count(version) and version > STATE_VERSION else None
+
+
+def _newer_format_error(path: Path, version: int) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: the checkpoint is in format version {version}, written by a newer version of this code, "
+        f"which reads versions up to {STATE_VERSION}: update this code (git pull) to read it")
 
 
 def verify_checkpoint(ckpt_dir: Path, part: tuple[int, int] = (0, 1)) -> dict[str, Any]:
@@ -197,7 +207,7 @@ def verify_file(ckpt_dir: Path, name: str) -> bool:
     (a reader of that file alone: prep reusing its tokenizer.json). False where the manifest
     lists no such file: the checkpoint has none."""
     ckpt_dir = Path(ckpt_dir)
-    check_format_version(ckpt_dir)
+    check_format_version(ckpt_dir, strict=False)  # this reader needs `name` alone, not state.json
     manifest = read_manifest(ckpt_dir)
     if name not in manifest:
         return False
@@ -279,7 +289,12 @@ def read_state(ckpt_dir: Path, require: tuple[str, ...] = ()) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable ({e}); {_damaged_advice(Path(ckpt_dir))}") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected an object, got {_json_kind(state)}; {NOT_OURS}")
-    _refuse_newer_format(state, path)  # before the keys: a newer format may have others
+    version = _newer_version(state)  # before the keys: a newer format may have others
+    if version is not None:
+        # A reader that checks the keys before the files (a resume's data check): a flipped bit in
+        # the version is the manifest's to name, as corruption.
+        check_format_version(ckpt_dir)
+        raise _newer_format_error(path, version)
     for key in (*ALWAYS_IN_STATE, *require):
         if key not in state:
             raise CheckpointError(f"{path}: the key {key!r} is missing; {NOT_OURS}")
