@@ -62,6 +62,8 @@ def is_run_before_first_save(path: Path) -> bool:
     (a Hugging Face model folder has a config.json too, of the model)."""
     if (path / METRICS_FILE).is_file():
         return True
+    if not (path / CONFIG_FILE).is_file():  # (opening a FIFO of that name would wait for a writer)
+        return False
     try:
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -93,6 +93,36 @@ def test_generate_times_the_uncached_path_in_the_same_rounds_as_the_cache(monkey
     assert "round by round" in bench_generate.format_case(r)
 
 
+def test_both_benchmarks_take_the_round_by_round_ratio_as_the_peers_time_over_ours(monkeypatch):
+    # The ratio is "how many times faster we are": the arguments swapped at a call site gave its
+    # inverse, and the checks of the function alone still passed. Timed rounds are made up here
+    # (the warm-up runs for real, so the models are built and the tokens compared as ever).
+    from benchmarks import bench_generate, bench_train
+
+    def made_up(real):
+        calls = []
+
+        def interleave(contenders, *, rounds, **kwargs):
+            calls.append(rounds)
+            if len(calls) == 1:
+                return real(contenders, rounds=rounds, **kwargs)
+            return {name: [3.0 if name.startswith("peer") else 1.0] * rounds for name in contenders}
+        return interleave
+
+    tiny = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+    monkeypatch.setitem(bench_train.SHAPES, "default", {**tiny, "batch_size": 2})
+    monkeypatch.setattr(bench_train, "interleave", made_up(bench_train.interleave))
+    r = bench_train.run_case("default", "float32", device=torch.device("cpu"), budget_s=1)
+    assert r["ratio_ours_over_peer"] == 3.0
+    assert r["ratio_ours_over_peer_per_round"] == {"median": 3.0, "q1": 3.0, "q3": 3.0}
+
+    monkeypatch.setattr(bench_generate, "SHAPE", {**tiny, "batch_size": 1})
+    monkeypatch.setattr(bench_generate, "interleave", made_up(bench_generate.interleave))
+    r = bench_generate.run_case(1, 4, no_cache=False, device=torch.device("cpu"), rounds=3, budget_s=60)
+    assert r["ratio_ours_over_peer"] == 3.0
+    assert r["ratio_ours_over_peer_per_round"] == {"median": 3.0, "q1": 3.0, "q3": 3.0}
+
+
 def test_the_ratio_is_also_taken_round_by_round():
     # A VM that moves between a fast and a slow phase: the peer's median fell in its slow phase and
     # ours in our fast one, and the ratio of the medians said 4x where every round said 2x.

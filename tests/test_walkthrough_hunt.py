@@ -156,3 +156,16 @@ def test_only_a_training_config_makes_a_folder_a_run_before_its_first_save(tmp_p
     (run / "config.json").unlink()
     (run / "metrics.jsonl").write_text("")  # a run whose config.json is gone
     assert is_run_before_first_save(run)
+
+    # A config.json that is a FIFO: the question is answered, not waited on (a subprocess, so
+    # that a hang fails the test instead of stopping the suite).
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "config.json")
+    import subprocess
+    import sys
+    from conftest import REPO
+    asked = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                            "from gpt.run_layout import is_run_before_first_save as f; print(f(Path(sys.argv[1])))",
+                            str(fifo)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert asked.stdout == "False\n", asked.stderr
