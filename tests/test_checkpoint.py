@@ -538,6 +538,12 @@ def test_a_checkpoint_of_a_newer_format_is_refused_by_every_reader(char_data, fu
     from gpt.prepare import PrepareError, reused_tokenizer
     with pytest.raises((PrepareError, ckpt.CheckpointError), match=newer):
         reused_tokenizer(run)  # data prep's --tokenizer-from
+    # The listing reads no weights, so it says so of the checkpoint rather than refusing it.
+    from gpt.checkpoint.listing import format_listing, list_checkpoints
+    rows = {Path(row["path"]): row for row in list_checkpoints(run)}
+    assert rows[saved]["newer_format_version"] == 2
+    assert [row["newer_format_version"] for path, row in rows.items() if path != saved] == [None] * (len(rows) - 1)
+    assert "format version 2, newer than this code reads: git pull" in format_listing(run, [rows[saved]])
 
     # A version changed by damage, not by newer code (the manifest's checksum disagrees): corrupt,
     # also where the resume reads state.json before it checks the files. Data prep, which reads
@@ -550,6 +556,7 @@ def test_a_checkpoint_of_a_newer_format_is_refused_by_every_reader(char_data, fu
     with pytest.raises(ckpt.CheckpointError, match=corrupt):
         train(tiny_config(char_data, run, **FORMAT_RUN))  # resume
     assert reused_tokenizer(run).vocab_size > 0
+    assert all(row["newer_format_version"] is None for row in list_checkpoints(run))
     # Nor is the version read from what is not a plain file: a FIFO hung the reader.
     (saved / ckpt.STATE_FILE).unlink()
     os.mkfifo(saved / ckpt.STATE_FILE)

@@ -15,7 +15,7 @@ from typing import Any
 from .find import EARLIER_EVAL, complete_checkpoints, latest_checkpoint, lowest_loss, own_loss, saved_eval
 from ..run_layout import nearby_runs, training_output
 from .layout import CheckpointError, step_of
-from .verify import checkpoint_format, read_manifest
+from .verify import checkpoint_format, newer_format_version, read_manifest
 
 
 def list_checkpoints(run: str | os.PathLike) -> list[dict[str, Any]]:
@@ -49,7 +49,7 @@ def list_checkpoints(run: str | os.PathLike) -> list[dict[str, Any]]:
             size = fmt = None
         rows.append({"path": str(ckpt_dir), "step": step_of(ckpt_dir.name), "val_loss": loss,
                      "val_loss_step": measured_at, "format": fmt, "bytes": size, "latest": ckpt_dir == latest,
-                     "best": index == best})
+                     "best": index == best, "newer_format_version": newer_format_version(ckpt_dir)})
     return rows
 
 
@@ -64,6 +64,8 @@ def format_listing(run: str | os.PathLike, rows: list[dict[str, Any]]) -> str:
             # a stop between evals
             of = "an earlier eval" if row["val_loss_step"] == EARLIER_EVAL else f"step {row['val_loss_step']:,}"
             marks.append(f"val loss of {of}, carried on")
+        if row["newer_format_version"] is not None:  # every reader here refuses it: said before one is tried
+            marks.append(f"format version {row['newer_format_version']}, newer than this code reads: git pull")
         lines.append(f"  {row['step']:>9,}  {loss:>8}  {row['format'] or '?':<7}  {size:>9}"
                      + (f"  ({', '.join(marks)})" if marks else ""))
     best = next((row for row in rows if row["best"]), None)

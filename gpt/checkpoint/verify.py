@@ -140,14 +140,22 @@ def check_format_version(ckpt_dir: Path, *, strict: bool = True) -> None:
     `strict`, a state.json that does not match the manifest is an error here; otherwise (a reader
     of another file alone) it is passed over. A manifest or state.json that cannot be read, or that
     is not a plain file, is left to the checks that say so."""
+    version = newer_format_version(ckpt_dir, strict=strict)
+    if version is not None:
+        raise _newer_format_error(Path(ckpt_dir) / STATE_FILE, version)
+
+
+def newer_format_version(ckpt_dir: Path, *, strict: bool = False) -> int | None:
+    """The format version of a checkpoint written in a newer format than this code reads, else
+    None: `check_format_version`'s reading, for a caller that only reports it (the listing)."""
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / STATE_FILE
     try:
         entry = read_manifest(ckpt_dir).get(STATE_FILE)
     except CheckpointError:
-        return
+        return None
     if entry is None or not path.is_file():
-        return
+        return None
     try:
         _check_size(ckpt_dir, STATE_FILE, entry)
         _check_sum(ckpt_dir, STATE_FILE, entry)
@@ -155,12 +163,10 @@ def check_format_version(ckpt_dir: Path, *, strict: bool = True) -> None:
     except CheckpointError:
         if strict:
             raise
-        return
+        return None
     except (OSError, ValueError):
-        return
-    version = _newer_version(state)
-    if version is not None:
-        raise _newer_format_error(path, version)
+        return None
+    return _newer_version(state)
 
 
 def _newer_version(state: Any) -> int | None:
