@@ -42,6 +42,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -54,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt import locks
+from gpt.held_signals import HeldSignals
 from gpt.config import ArgumentParser, add_option, path_arg
 from gpt.progress import progress_bar
 from gpt.dataset import PREP_LOCK_FILE, dataset_files, load_tokenizer, run_data_dir
@@ -654,13 +656,30 @@ def _publish(staging: Path, out_dir: Path, meta: dict) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    (out_dir / META_FILE).unlink(missing_ok=True)  # first: a half-replaced folder is never "complete"
-    for old in dataset_files(out_dir):
-        old.unlink()
-    for path in sorted(staging.iterdir()):
-        if path != pending:
-            os.replace(path, out_dir / path.name)
-    os.replace(pending, out_dir / META_FILE)
+    # Stopped between the first unlink and the last rename, neither the old dataset nor the new
+    # one would be whole (and the staging folder's removal would take the new one's files):
+    # Ctrl-C and SIGTERM wait for the last rename.
+    held = HeldSignals((signal.SIGINT, signal.SIGTERM))
+    try:
+        (out_dir / META_FILE).unlink(missing_ok=True)  # first: a half-replaced folder is never "complete"
+        for old in dataset_files(out_dir):
+            old.unlink()
+        for path in sorted(staging.iterdir()):
+            if path != pending:
+                os.replace(path, out_dir / path.name)
+        os.replace(pending, out_dir / META_FILE)
+    except BaseException:
+        held.release()
+        raise
+    try:
+        held.release()
+    except KeyboardInterrupt:  # a Ctrl-C held until now: the new dataset is in place
+        raise InterruptedAfterPublish from None
+
+
+class InterruptedAfterPublish(KeyboardInterrupt):
+    """Ctrl-C while the new dataset's files were being moved into place: held until they were,
+    so --out holds the new dataset, whole."""
 
 
 def _format_summary(s: dict) -> str:
@@ -855,6 +874,10 @@ def run_prep(out: str | Path, prep: Callable[[], object]) -> int:
     except (ValueError, OSError) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except InterruptedAfterPublish:
+        print(f"\ninterrupted as the new dataset was being moved into place: it was finished first, and "
+              f"{out} holds it, whole", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"\ninterrupted: nothing was written to {out}", file=sys.stderr)
         return 130

@@ -44,7 +44,6 @@ import os
 import re
 import signal
 import sys
-import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import chain, islice
@@ -54,6 +53,7 @@ import tokenizers
 from tokenizers import pre_tokenizers
 
 from gpt.crc import usable_cpus
+from gpt.held_signals import HeldSignals
 
 WHITESPACE = "\t\n\x0b\x0c\r "
 # The contractions share their apostrophe: the same matches (no contraction is a prefix of
@@ -447,29 +447,16 @@ def _pool(workers: int, tokenizer_json: str):
     method = "fork" if sys.platform == "linux" else "spawn"
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    in_main_thread = threading.current_thread() is threading.main_thread()  # signal() needs it
-    noted: list[int] = []
-    handler = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum)) if in_main_thread else None
+    held = HeldSignals((signal.SIGINT,))
     try:
         pool = multiprocessing.get_context(method).Pool(workers, _start_worker, (tokenizer_json,))
     except BaseException:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, handler)
+        held.release(deliver=False)
         raise
     finally:
         if previous is None:
             del os.environ["TOKENIZERS_PARALLELISM"]
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
-
-    restored = not in_main_thread
-
-    def release_ctrl_c() -> None:
-        nonlocal restored
-        if not restored:
-            restored = True
-            signal.signal(signal.SIGINT, handler)
-            if noted and callable(handler):
-                handler(signal.SIGINT, None)  # Python's raises KeyboardInterrupt; the trainer's notes it
-
+    release_ctrl_c = held.release  # Python's handler raises KeyboardInterrupt; the trainer's notes it
     return pool, release_ctrl_c

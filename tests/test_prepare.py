@@ -473,6 +473,55 @@ def test_ctrl_c_while_workers_encode_stops_everything_and_writes_nothing(shakesp
     assert not out.exists()
 
 
+# A prep whose os.replace sends it `signal` at the first shard it moves into place: the moment
+# the old dataset is partly gone and the new one not yet whole.
+_SIGNAL_MID_PUBLISH = """
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+from gpt.prepare import main
+real_replace = os.replace
+def replace(src, dst, **kwargs):
+    if str(src).endswith(".bin") and not replace.sent:
+        replace.sent = True
+        signal.raise_signal(getattr(signal, sys.argv[1]))
+    return real_replace(src, dst, **kwargs)
+replace.sent = False
+os.replace = replace
+raise SystemExit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_a_prep_replaces_a_dataset_waits_until_the_new_one_is_whole(shakespeare, tmp_path, sig):
+    """Ctrl-C or SIGTERM between removing the old dataset's files and moving the last new one in:
+    the old meta.json was gone, the staging folder's removal took the new files too, and the
+    message said "nothing was written". The signal now waits for the last rename."""
+    out = tmp_path / "out"
+    old, new = tmp_path / "old.txt", tmp_path / "new.txt"
+    old.write_text(shakespeare[:60_000])
+    new.write_text(shakespeare[200_000:230_000])
+    prep = ["--out", str(out), "--tokenizer", "char", "--val-rule", "tail", "--val-fraction", "0.1",
+            "--min-val-tokens", "100", "--no-progress"]
+    subprocess.run([sys.executable, "data_prep/prepare.py", "--input", str(old), "--shard-tokens", "5000", *prep],
+                   cwd=REPO, check=True, capture_output=True)
+    assert len(load_meta(out)["shards"]["train"]) == 11
+    done = subprocess.run([sys.executable, "-c", _SIGNAL_MID_PUBLISH, sig, "--input", str(new), "--overwrite",
+                           "--shard-tokens", "20000", *prep], cwd=REPO, capture_output=True, text=True, timeout=120)
+    if sig == "SIGINT":
+        assert done.returncode == 130, done.stderr
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"interrupted as the new dataset was being moved into place: it was finished first, and {out} holds "
+            f"it, whole"), done.stderr
+        check_folder(out)
+    else:  # SIGTERM's default: the process ends, once the dataset is whole
+        assert done.returncode == -signal.SIGTERM, done.stderr
+        assert list((out / STAGING).iterdir()) == []
+    meta = load_meta(out)
+    assert sorted(p.name for p in out.glob("*.bin")) == sorted(meta["shards"]["train"] + meta["shards"]["val"])
+    decoded = load_tokenizer(out).decode(np.concatenate([tokens(out, "train"), tokens(out, "val")]).tolist())
+    assert decoded == new.read_text()
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
