@@ -57,3 +57,21 @@ def has_fast_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return True
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes of memory free for new tensors on `device`, where it can be told: a CUDA GPU's free
+    memory, or on Linux the RAM the kernel reports as available (MemAvailable: free plus what
+    it can reclaim). None elsewhere (macOS, MPS)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

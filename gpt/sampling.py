@@ -27,7 +27,7 @@ from .checkpoint import CheckpointError
 from .cli import report_errors, say_error
 from .config import ArgumentParser, ConfigError, add_option, path_or_default_arg
 from .console import to_devnull
-from .device import pick_device, resolve_dtype
+from .device import free_memory, pick_device, resolve_dtype
 from .generate import generate
 from .linear import ROUTES
 from .hf import HFError
@@ -121,6 +121,43 @@ def run_sample(argv: Sequence[str]) -> int:
         return None
 
     return report_errors(main, interrupted="interrupted: stopped generating")
+
+
+def check_batch_fits(rows: int, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                     use_cache: bool) -> None:
+    """Refuse a --num_samples whose batch cannot fit in the memory free on `device`, before any of
+    it is allocated: its rows decode together, and a batch too large crashed with an allocator's
+    traceback (or, on Linux, could wake the out-of-memory killer). Counted per row: the KV cache
+    (keys and values of every layer for block_size positions, in `dtype`), the attention scores
+    of a full-context pass ([heads, block, block] fp32) and a row of logits, which is most of it."""
+    free = free_memory(device)
+    if free is None:
+        return
+    config = model.config
+    elem = torch.finfo(dtype).bits // 8
+    per_row = (2 * config.n_layer * config.block_size * config.n_embd * elem * use_cache
+               + 4 * config.n_head * config.block_size ** 2 + 4 * config.vocab_size)
+    if rows * per_row > free:
+        fit = free // per_row
+        raise ConfigError(
+            f"--num_samples {rows:,}: the samples decode as one batch, which needs about {rows * per_row / 1e9:,.1f} GB "
+            f"(its KV cache and attention), more than the {free / 1e9:,.1f} GB free on {device.type}; "
+            + (f"use --num_samples {fit:,} or fewer, and run sample.py again (another --seed) for more"
+               if fit else "free some memory"))
+
+
+@contextlib.contextmanager
+def batch_out_of_memory(rows: int, device: torch.device):
+    """Out of memory for the batch of samples, which check_batch_fits could not foresee (where the
+    free memory is not known, or other work took it meanwhile): one line naming --num_samples."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        # torch.OutOfMemoryError on a GPU; on a CPU, the allocator's RuntimeError
+        if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)):
+            raise
+        raise ConfigError(f"out of memory generating {rows:,} sample{'s' if rows > 1 else ''} on {device.type} "
+                          f"({type(e).__name__}); use a smaller --num_samples") from None
 
 
 def read_prompt(args) -> str:
@@ -258,13 +295,15 @@ def sample(args) -> None:
     # All samples are rows of one batch (a batch of 8 decodes ~4-5x the tokens/s of one row on a
     # CPU, more on a GPU); the first is printed as it is generated, the others once all are done.
     rows = args.num_samples
-    idx = torch.tensor([ids] * rows, dtype=torch.long, device=device)
+    check_batch_fits(rows, model, device, dtype, not args.no_kv_cache)
+    with batch_out_of_memory(rows, device):
+        idx = torch.tensor([ids] * rows, dtype=torch.long, device=device)
     continuations: list[list[int]] = [[] for _ in range(rows)]
     streamed = 0  # tokens of the first sample whose text is printed
     write_text(prompt)
     start = time.perf_counter()
     try:
-        with autocast:
+        with autocast, batch_out_of_memory(rows, device):
             for token in generate(
                 model, idx, args.max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,

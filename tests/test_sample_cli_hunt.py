@@ -4,6 +4,7 @@ while it is still starting, prompt files that are empty or were saved on Windows
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,3 +95,24 @@ def test_a_prompt_file_with_windows_line_endings_says_so(run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'\\r' (U+000D)" in err and "Windows line endings (CRLF)" in err, err
     assert err.count("\n") == 1, err
+
+
+def test_a_num_samples_too_large_for_memory_is_one_line_naming_it(run, capsys, monkeypatch):
+    # The rows decode as one batch: a huge --num_samples crashed with the allocator's traceback
+    # (or Python's MemoryError building the prompt batch).
+    from gpt import sampling
+
+    args = ["--out_dir", str(run), "--device", "cpu", "--prompt", "A", "--max_new_tokens", "5"]
+    assert run_sample([*args, "--num_samples", str(10**12)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --num_samples 1,000,000,000,000: the samples decode as one batch, which needs "
+                          "about "), err
+    fit = int(re.search(r"use --num_samples ([\d,]+) or fewer", err)[1].replace(",", ""))
+    assert 1 < fit < 10**12 and err.count("\n") == 1, err
+    # Where the free memory cannot be told (macOS), the allocation's own failure says the same.
+    monkeypatch.setattr(sampling, "free_memory", lambda device: None)
+    assert run_sample([*args, "--num_samples", str(10**12)]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: out of memory generating 1,000,000,000,000 samples on cpu \((MemoryError|"
+                        r"RuntimeError)\); use a smaller --num_samples\n", err), err
+    assert run_sample([*args, "--num_samples", "3"]) == 0  # a batch that fits is drawn as before
