@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from gpt.sampling import run_sample
 from gpt.trainer import train
@@ -116,3 +117,22 @@ def test_a_num_samples_too_large_for_memory_is_one_line_naming_it(run, capsys, m
     assert re.fullmatch(r"error: out of memory generating 1,000,000,000,000 samples on cpu \((MemoryError|"
                         r"RuntimeError)\); use a smaller --num_samples\n", err), err
     assert run_sample([*args, "--num_samples", "3"]) == 0  # a batch that fits is drawn as before
+
+
+def test_the_batch_memory_check_counts_the_widest_pass_a_sample_makes(monkeypatch):
+    # A short sample never runs a whole window: counting one anyway refused batches that fit.
+    from gpt import sampling
+    from gpt.config import ConfigError
+    from gpt.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=256, vocab_size=65))
+    monkeypatch.setattr(sampling, "free_memory", lambda device: 50_000_000)
+    fits = {}
+    for widest in (4, 256):
+        with pytest.raises(ConfigError, match="use --num_samples") as refused:
+            sampling.check_batch_fits(10**6, model, torch.device("cpu"), torch.float32, True, widest)
+        fits[widest] = int(re.search(r"use --num_samples ([\d,]+) or fewer", str(refused.value))[1].replace(",", ""))
+        sampling.check_batch_fits(fits[widest], model, torch.device("cpu"), torch.float32, True, widest)
+    assert fits[4] > 2 * fits[256] > 0, fits
+    # Without the KV cache, more rows fit in the same memory.
+    sampling.check_batch_fits(fits[4] + 1, model, torch.device("cpu"), torch.float32, False, 4)
