@@ -173,7 +173,8 @@ def prepare(
         shards = {split: [p.name for p in w.close()] for split, w in writers.items()}
         tokens = {split: w.tokens_written for split, w in writers.items()}
         _check_split_sizes(tokens, min_val_tokens, val_fraction, val_rule, val_chunk_tokens)
-        note = _val_share_note(tokens, val_fraction, val_rule, val_chunk_tokens)
+        notes = [note for note in (_val_share_note(tokens, val_fraction, val_rule, val_chunk_tokens),
+                                   _shard_count_note(shards, shard_tokens)) if note]
         with _writing(staging / TOKENIZER_FILE, out_dir):
             tok.save(staging / TOKENIZER_FILE)
         meta = {
@@ -202,7 +203,7 @@ def prepare(
                    mb_per_s=round(counts.text_bytes / 1e6 / max(seconds, 1e-9), 3),
                    tokens_per_s=round(total / max(seconds, 1e-9)))
     if log is not None:
-        if note:
+        for note in notes:
             log(note)
         log(_format_summary(summary))
     return summary
@@ -353,6 +354,21 @@ def _check_split_sizes(tokens: dict, min_val_tokens: int, val_fraction: float, v
                 f"{min_val_tokens:,} (one block plus its target); {hint}, or lower --min-val-tokens "
                 f"if your block_size is smaller"
             )
+
+
+MANY_SHARDS = 10_000
+
+
+def _shard_count_note(shards: dict, shard_tokens: int) -> str | None:
+    """A note when a small --shard-tokens made so many shards that training may not map them all:
+    each shard is a file, and one memory map while a run reads it, and Linux allows a process
+    65,530 maps unless raised (gpt/loader.py says so if a run meets the limit, which is later)."""
+    count = sum(len(names) for names in shards.values())
+    if count <= MANY_SHARDS:
+        return None
+    return (f"note: {count:,} shards of --shard-tokens {shard_tokens:,}: each is a file, and a memory map while a "
+            f"run trains on it (Linux allows a process 65,530 unless vm.max_map_count is raised); a larger "
+            f"--shard-tokens makes fewer (the default is 100,000,000)")
 
 
 def _val_share_note(tokens: dict, val_fraction: float, val_rule: str, val_chunk_tokens: int) -> str | None:

@@ -784,3 +784,24 @@ def test_concurrent_prep_into_one_folder_is_refused_and_spares_the_other(docs, t
     prepare(out, docs, tokenizer="char", val_chunk_tokens=256, **QUIET)  # once it is gone, a prep goes ahead
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json", "train_000000.bin",
                                                      "val_000000.bin"]
+
+
+def test_a_shard_size_that_makes_very_many_shards_is_noted(shakespeare, tmp_path, monkeypatch):
+    # Each shard is a memory map while training, and Linux allows 65,530 a process: a tiny
+    # --shard-tokens was said only once a run failed to map one.
+    from gpt import prepare as prepare_module
+
+    names = {"train": [f"train_{i:06d}.bin" for i in range(9_000)], "val": [f"val_{i:06d}.bin" for i in range(1_001)]}
+    assert prepare_module._shard_count_note(names, 5) == (
+        "note: 10,001 shards of --shard-tokens 5: each is a file, and a memory map while a run trains on it (Linux "
+        "allows a process 65,530 unless vm.max_map_count is raised); a larger --shard-tokens makes fewer (the "
+        "default is 100,000,000)")
+    names["val"].pop()
+    assert prepare_module._shard_count_note(names, 5) is None  # 10,000
+    # prepare() says it before its summary (the threshold lowered: 10,000 files take a minute here).
+    monkeypatch.setattr(prepare_module, "MANY_SHARDS", 10)
+    said: list[str] = []
+    summary = prepare(tmp_path / "many", Texts([shakespeare[:60_000]]), tokenizer="char", val_fraction=0.1,
+                      val_rule="tail", shard_tokens=5_000, progress=False, log=said.append)
+    assert len(summary["shards"]["train"]) + len(summary["shards"]["val"]) == 13
+    assert said[0].startswith("note: 13 shards of --shard-tokens 5,000: each is a file") and len(said) == 2, said
