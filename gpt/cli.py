@@ -76,7 +76,10 @@ def report_errors(main: Callable[[], int | None], interrupted: str = TRAIN_INTER
     try:
         return main() or 0
     except USER_ERRORS as e:
-        say_error(f"error: {e}")
+        # The OS's own words name the path alone: say what to look at, as the other errors do.
+        advice = (" (this user may not use it: check the permissions of it and of the folders above it, "
+                  "ls -ld, or run as the user who owns it)" if type(e) is PermissionError else "")
+        say_error(f"error: {e}{advice}")
         return 2
     except FollowOnFailure as e:  # not the run's error (another process's is): no delay, no "error:"
         say_on_stderr(f"stopped: {e}")

@@ -701,6 +701,19 @@ def test_second_ctrl_c_aborts_at_once(capsys):
     assert "interrupted: stopped at once, without saving; checkpoints already written are intact" in capsys.readouterr().err
 
 
+def test_a_permission_error_says_what_to_check(capsys):
+    # The OS's words alone ("[Errno 13] Permission denied: '…/manifest.json'") named the path but
+    # gave no way forward, unlike every other error. (Tests run as root, which no permission
+    # stops: the error is raised as a folder not readable to its user raises it.)
+    def unreadable():
+        raise PermissionError(13, "Permission denied", "/runs/x/checkpoints/step_0000010/manifest.json")
+
+    assert report_errors(unreadable) == 2
+    assert capsys.readouterr().err == (
+        "error: [Errno 13] Permission denied: '/runs/x/checkpoints/step_0000010/manifest.json' (this user may not "
+        "use it: check the permissions of it and of the folders above it, ls -ld, or run as the user who owns it)\n")
+
+
 def test_a_second_ctrl_c_during_the_first_ones_message_aborts(monkeypatch):
     # Two quick Ctrl-Cs: the second runs the handler again while the first is still writing its
     # message; it must see the first (it used to, only once the message was out: save and exit).

@@ -216,6 +216,41 @@ def test_keep_last_prunes_only_older_checkpoints(char_data, tmp_path):
     assert names == ["step_0000030", "step_0000040"]
 
 
+def test_a_file_where_a_checkpoint_folder_goes_is_replaced_and_leaves_nothing_behind(char_data, tmp_path):
+    """A step_N that is a file (the checkpoint replaced by hand, and `latest` set back to an earlier
+    step, as an error's advice says): the save of step N moved it aside but could not delete it
+    (rmtree removes no file), and the next save's prune, renaming the real step_N to the same
+    trash name, failed after the new checkpoint was complete: "could not write checkpoint"."""
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=20, eval_interval=10))  # saves steps 10 and 20
+    step_20 = run / "checkpoints" / "step_0000020"
+    shutil.rmtree(step_20)
+    step_20.write_text("hi\n")
+    (run / "latest").write_text("step_0000010\n")
+    (run / "checkpoints" / ".trash_step_0000007_1").write_text("a file, as a failed deletion left one")
+    train(tiny_config(char_data, run, max_steps=30, eval_interval=10, keep_last=1))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000030"]
+    assert ckpt.read_state(ckpt.latest_checkpoint(run))["step"] == 30
+
+
+def test_an_old_checkpoint_that_cannot_be_moved_aside_is_kept_with_a_warning(char_data, tmp_path, monkeypatch):
+    # After the new checkpoint is complete and `latest` names it, a prune that fails is no failed save.
+    real_rename = os.rename
+
+    def rename(src, dst, *args, **kwargs):
+        if Path(src).name == "step_0000010" and Path(dst).name.startswith(ckpt.TRASH_PREFIX):
+            raise PermissionError(13, "Permission denied", str(src))
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"could not move .*step_0000010 aside to delete it \(\[Errno 13\] "
+                                         r"Permission denied.*\); it is kept, and the next save tries again"):
+        train(tiny_config(char_data, run, max_steps=20, eval_interval=10, keep_last=1))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000010", "step_0000020"]
+    assert ckpt.latest_checkpoint(run).name == "step_0000020"
+
+
 def test_sigterm_saves_and_exits_then_resumes_exactly(char_data, tmp_path):
     """SIGTERM between log steps: the run saves at the end of its step and exits 75; run again,
     it resumes and its records equal an uninterrupted run's, the record whose log interval spans

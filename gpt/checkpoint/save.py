@@ -12,6 +12,7 @@ import os
 import shutil
 import threading
 import traceback
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -44,7 +45,7 @@ def _begin(out_dir: Path, step: int) -> Path | None:
     root = out_dir / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     for stale in [*root.glob(".tmp_*"), *root.glob(f"{TRASH_PREFIX}*")]:  # left by a killed save or prune
-        shutil.rmtree(stale, ignore_errors=True)
+        _discard(stale)
     for stale in out_dir.glob(f".{LATEST_FILE}.tmp*"):  # `latest` half-replaced by a killed process
         stale.unlink(missing_ok=True)
     final = root / step_dir_name(step)
@@ -81,12 +82,33 @@ def complete_folder(tmp: Path, final: Path, state: dict[str, Any], tokenizer_jso
     stale = None
     if final.exists():  # not ours (see _begin); moved aside at once, so a kill while deleting
         # it never leaves a half-deleted folder that still looks complete under the final name
-        stale = final.with_name(f"{TRASH_PREFIX}{final.name}_{os.getpid()}")
+        stale = _trash_path(final)
         os.rename(final, stale)
     os.rename(tmp, final)
     fsync_dir(final.parent)
     if stale is not None:
-        shutil.rmtree(stale, ignore_errors=True)
+        _discard(stale)
+
+
+def _trash_path(path: Path) -> Path:
+    """A free name to move `path` aside to before deleting it: one a failed deletion left (a
+    file: rmtree removes none) made the next rename to it fail, after the save was complete."""
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}_{os.getpid()}")
+    count = 0
+    while os.path.lexists(trash):
+        count += 1
+        trash = path.with_name(f"{TRASH_PREFIX}{path.name}_{os.getpid()}_{count}")
+    return trash
+
+
+def _discard(path: Path) -> None:
+    """Delete `path`, a folder or anything else (a file where a step_N folder belongs), as far
+    as it can be: what stays is tried again by the next save's `_begin`."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _publish(out_dir: Path, final: Path, keep_last: int,
@@ -167,8 +189,13 @@ def _prune(root: Path, keep_last: int, keep: str, keep_best: bool = False) -> li
             with _unread(old) as free:
                 if not free:  # a reader holds it: a later save prunes it once the reader is gone
                     continue
-                trash = root / f"{TRASH_PREFIX}{old.name}_{os.getpid()}"
-                os.rename(old, trash)
+                trash = _trash_path(old)
+                try:
+                    os.rename(old, trash)
+                except OSError as e:  # after the new checkpoint is complete: not a failed save
+                    warnings.warn(f"could not move {old} aside to delete it ({e}); it is kept, and the "
+                                  f"next save tries again", stacklevel=2)
+                    continue
             doomed.append(trash)
     return doomed
 
@@ -190,7 +217,7 @@ def _unread(ckpt_dir: Path):
 
 def _remove(folders: list[Path]) -> None:
     for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+        _discard(folder)
 
 
 def _save_full_folder(out_dir: Path, step: int, write_weights: Callable[[Path], None],
