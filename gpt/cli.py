@@ -78,7 +78,7 @@ def report_errors(main: Callable[[], int | None], interrupted: str = TRAIN_INTER
     except USER_ERRORS as e:
         # The OS's own words name the path alone: say what to look at, as the other errors do.
         advice = (" (this user may not use it: check the permissions of it and of the folders above it, "
-                  "ls -ld, or run as the user who owns it)" if type(e) is PermissionError else "")
+                  "ls -ld, or run as the user who owns it)" if type(e) is PermissionError and e.filename else "")
         say_error(f"error: {e}{advice}")
         return 2
     except FollowOnFailure as e:  # not the run's error (another process's is): no delay, no "error:"

@@ -124,18 +124,24 @@ def run_sample(argv: Sequence[str]) -> int:
 
 
 def check_batch_fits(rows: int, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
-                     use_cache: bool, widest: int) -> None:
+                     use_cache: bool, prompt_tokens: int, new_tokens: int) -> None:
     """Refuse a --num_samples whose batch cannot fit in the memory free on `device`, before any of
     it is allocated: its rows decode together, and a batch too large crashed with an allocator's
     traceback (or, on Linux, could wake the out-of-memory killer). Counted per row, which is most
     of it: the KV cache (keys and values of every layer for block_size positions, in `dtype`), and
-    for the widest forward pass (`widest` positions: the prompt, or a whole window once the sample
-    outgrows block_size) its attention scores and MLP activations in fp32, and a row of logits."""
+    for the widest forward pass its attention scores and MLP activations in fp32, and a row of
+    logits. The widest pass: with the cache, the prompt, or a whole window once the sample
+    outgrows block_size (the cache is rebuilt from it); without, the whole context at the last token."""
+    block = model.config.block_size
+    if use_cache:
+        widest = block if prompt_tokens + new_tokens > block else prompt_tokens
+    else:
+        widest = min(prompt_tokens + new_tokens, block)
     free = free_memory(device)
     if free is None:
         return
     config = model.config
-    cache = 2 * config.n_layer * config.block_size * config.n_embd * (torch.finfo(dtype).bits // 8) * use_cache
+    cache = 2 * config.n_layer * block * config.n_embd * (torch.finfo(dtype).bits // 8) * use_cache
     per_row = cache + 4 * (config.n_head * widest ** 2 + 4 * config.n_embd * widest + config.vocab_size)
     if rows * per_row > free:
         fit = free // per_row
@@ -295,9 +301,7 @@ def sample(args) -> None:
     # All samples are rows of one batch (a batch of 8 decodes ~4-5x the tokens/s of one row on a
     # CPU, more on a GPU); the first is printed as it is generated, the others once all are done.
     rows = args.num_samples
-    # The widest pass: the prompt, or a whole window, rebuilt once the sample outgrows it.
-    widest = block if len(ids) + args.max_new_tokens > block else len(ids)
-    check_batch_fits(rows, model, device, dtype, not args.no_kv_cache, widest)
+    check_batch_fits(rows, model, device, dtype, not args.no_kv_cache, len(ids), args.max_new_tokens)
     with batch_out_of_memory(rows, device):
         idx = torch.tensor([ids] * rows, dtype=torch.long, device=device)
     continuations: list[list[int]] = [[] for _ in range(rows)]

@@ -713,6 +713,12 @@ def test_a_permission_error_says_what_to_check(capsys):
         "error: [Errno 13] Permission denied: '/runs/x/checkpoints/step_0000010/manifest.json' (this user may not "
         "use it: check the permissions of it and of the folders above it, ls -ld, or run as the user who owns it)\n")
 
+    def no_path():  # nothing for "it" to point at
+        raise PermissionError(1, "Operation not permitted")
+
+    assert report_errors(no_path) == 2
+    assert capsys.readouterr().err == "error: [Errno 1] Operation not permitted\n"
+
 
 def test_a_second_ctrl_c_during_the_first_ones_message_aborts(monkeypatch):
     # Two quick Ctrl-Cs: the second runs the handler again while the first is still writing its

@@ -120,19 +120,24 @@ def test_a_num_samples_too_large_for_memory_is_one_line_naming_it(run, capsys, m
 
 
 def test_the_batch_memory_check_counts_the_widest_pass_a_sample_makes(monkeypatch):
-    # A short sample never runs a whole window: counting one anyway refused batches that fit.
+    # With the KV cache a short sample never runs a whole window (counting one refused batches
+    # that fit); without it, every token reruns the whole context so far (counting the prompt
+    # alone passed batches thousands of times too large).
     from gpt import sampling
     from gpt.config import ConfigError
     from gpt.model import GPT, GPTConfig
 
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=256, vocab_size=65))
     monkeypatch.setattr(sampling, "free_memory", lambda device: 50_000_000)
-    fits = {}
-    for widest in (4, 256):
+
+    def fit(use_cache: bool, prompt: int, new: int) -> int:
         with pytest.raises(ConfigError, match="use --num_samples") as refused:
-            sampling.check_batch_fits(10**6, model, torch.device("cpu"), torch.float32, True, widest)
-        fits[widest] = int(re.search(r"use --num_samples ([\d,]+) or fewer", str(refused.value))[1].replace(",", ""))
-        sampling.check_batch_fits(fits[widest], model, torch.device("cpu"), torch.float32, True, widest)
-    assert fits[4] > 2 * fits[256] > 0, fits
-    # Without the KV cache, more rows fit in the same memory.
-    sampling.check_batch_fits(fits[4] + 1, model, torch.device("cpu"), torch.float32, False, 4)
+            sampling.check_batch_fits(10**6, model, torch.device("cpu"), torch.float32, use_cache, prompt, new)
+        most = int(re.search(r"use --num_samples ([\d,]+) or fewer", str(refused.value))[1].replace(",", ""))
+        sampling.check_batch_fits(most, model, torch.device("cpu"), torch.float32, use_cache, prompt, new)
+        return most
+
+    cached_short, cached_long = fit(True, 4, 200), fit(True, 4, 300)  # 304 > 256: the window is rebuilt
+    assert cached_short > 2 * cached_long > 0
+    assert fit(False, 4, 200) < cached_short / 2  # the context grows to 204 positions
+    assert fit(False, 4, 10) > cached_short  # 14 positions, and no cache to keep
