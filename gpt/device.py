@@ -61,8 +61,8 @@ def has_fast_bf16(device: torch.device) -> bool:
 
 def free_memory(device: torch.device) -> int | None:
     """Bytes of memory free for new tensors on `device`, where it can be told: a CUDA GPU's free
-    memory (the caching allocator's unused blocks included), or on Linux the RAM the kernel reports as available (MemAvailable: free plus what
-    it can reclaim). None elsewhere (macOS, MPS)."""
+    memory (the caching allocator's unused blocks included), or on Linux the RAM the kernel
+    reports as available (MemAvailable: free plus what it can reclaim). None elsewhere (macOS, MPS)."""
     if device.type == "cuda":
         # What the driver has free, and what torch's caching allocator holds without using it.
         return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)

@@ -2,7 +2,7 @@
 
     held = HeldSignals((signal.SIGINT, signal.SIGTERM))
     ...                # replace a dataset's files: stopped between, neither dataset is whole
-    held.release()     # (or `with HeldSignals(...):`) each noted signal now goes to its handler
+    held.release()     # each noted signal now goes to its handler
 
 Python runs signal handlers in the main thread only, so in another thread nothing is held; nor
 is a signal whose handler was not set from Python (`signal.getsignal` gives None: it could not
@@ -38,9 +38,3 @@ class HeldSignals:
                 if sig in previous and previous[sig] != signal.SIG_IGN:
                     signal.raise_signal(sig)
         self.noted = []
-
-    def __enter__(self) -> HeldSignals:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
