@@ -130,13 +130,14 @@ def check_batch_fits(rows: int, model: torch.nn.Module, device: torch.device, dt
     traceback (or, on Linux, could wake the out-of-memory killer). Counted per row, which is most
     of it: the KV cache (keys and values of every layer for block_size positions, in `dtype`), and
     for the widest forward pass its attention scores and MLP activations in fp32, and a row of
-    logits. The widest pass: with the cache, the prompt, or a whole window once the sample
-    outgrows block_size (the cache is rebuilt from it); without, the whole context at the last token."""
+    logits. The widest pass: with the cache, the prompt, or a whole window once the tokens fed
+    outgrow block_size (the cache is rebuilt from it); without, the whole context at the last token."""
     block = model.config.block_size
+    fed = prompt_tokens + new_tokens - 1  # the last token drawn is never fed back
     if use_cache:
-        widest = block if prompt_tokens + new_tokens > block else prompt_tokens
+        widest = block if fed > block else prompt_tokens
     else:
-        widest = min(prompt_tokens + new_tokens, block)
+        widest = min(fed, block)
     free = free_memory(device)
     if free is None:
         return

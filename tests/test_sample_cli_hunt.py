@@ -139,7 +139,8 @@ def test_the_batch_memory_check_counts_the_widest_pass_a_sample_makes(monkeypatc
         sampling.check_batch_fits(most, model, torch.device("cpu"), torch.float32, use_cache, prompt, new)
         return most
 
-    cached_short, cached_long = fit(True, 4, 200), fit(True, 4, 300)  # 304 > 256: the window is rebuilt
+    cached_short, cached_long = fit(True, 4, 200), fit(True, 4, 300)  # 303 fed > 256: the window is rebuilt
     assert cached_short > 2 * cached_long > 0
+    assert fit(True, 4, 253) == cached_short  # 256 fed (the last token drawn is not): no rebuild
     assert fit(False, 4, 200) < cached_short / 2  # the context grows to 204 positions
     assert fit(False, 4, 10) > cached_short  # 14 positions, and no cache to keep
