@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt import locks
-from gpt.run_layout import CHECKPOINTS_DIR, LATEST_FILE, MANIFEST_FILE, training_output, typo_of
+from gpt.run_layout import CHECKPOINTS_DIR, CONFIG_FILE, LATEST_FILE, MANIFEST_FILE, STATE_FILE, training_output, typo_of
 from gpt.shards import (GPT2_EOS_ID, GPT2_VOCAB_SIZE, MAX_VOCAB, SPLITS, ShardError, list_shards,
                         open_shard, read_header)
 from gpt.tokenizer import KINDS, TOKENIZER_FILE, Tokenizer, TokenizerError, gpt2_tokenizer, same_vocab
@@ -156,7 +156,7 @@ def run_data_dir(folder: Path) -> str | None:
     config.json or a checkpoint's state.json; None when there is none to read."""
     folder = Path(os.path.realpath(folder))  # (the parents of a relative "run" are ".", the current folder)
     for place in (folder, folder.parent, folder.parent.parent):
-        for name, keys in (("config.json", ("data_dir",)), ("state.json", ("train_config", "data_dir"))):
+        for name, keys in ((CONFIG_FILE, ("data_dir",)), (STATE_FILE, ("train_config", "data_dir"))):
             value: object = _read_json_quietly(place / name)
             for key in keys:
                 value = value.get(key) if isinstance(value, dict) else None

@@ -59,6 +59,15 @@ def has_fast_bf16(device: torch.device) -> bool:
     return True
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    # The CPU allocator and MPS raise a plain RuntimeError (not a subclass such as CheckpointError,
+    # whose message may quote an allocation failure but says more).
+    text = str(error)
+    return type(error) is RuntimeError and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
 def free_memory(device: torch.device) -> int | None:
     """Bytes of memory free for new tensors on `device`, where it can be told: a CUDA GPU's free
     memory (the caching allocator's unused blocks included), or on Linux the RAM the kernel

@@ -27,7 +27,7 @@ from .checkpoint import CheckpointError
 from .cli import report_errors, say_error
 from .config import ArgumentParser, ConfigError, add_option, path_or_default_arg
 from .console import to_devnull
-from .device import free_memory, pick_device, resolve_dtype
+from .device import free_memory, is_out_of_memory, pick_device, resolve_dtype
 from .generate import generate
 from .linear import ROUTES
 from .hf import HFError
@@ -160,8 +160,7 @@ def batch_out_of_memory(rows: int, device: torch.device):
     try:
         yield
     except (MemoryError, RuntimeError) as e:
-        # torch.OutOfMemoryError on a GPU; on a CPU, the allocator's RuntimeError
-        if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)):
+        if not is_out_of_memory(e):
             raise
         raise ConfigError(f"out of memory generating {rows:,} sample{'s' if rows > 1 else ''} on {device.type} "
                           f"({type(e).__name__}); use a smaller --num_samples") from None

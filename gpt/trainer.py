@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from . import hf
 from . import parallel
 from .config import ConfigError, TrainConfig, expand_home, grad_accum_steps, tokens_per_optimizer_step
-from .device import has_fast_bf16, pick_device, resolve_dtype
+from .device import has_fast_bf16, is_out_of_memory, pick_device, resolve_dtype
 from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed, log, lost_peer,
                           shutdown)
 from .errors import FollowOnFailure, TrainingError
@@ -39,6 +39,7 @@ from .run_data import ensure_dataset, open_loaders
 from .resume import (check_checkpoint_fits_data, check_resumed_model, note_changed_batch, note_changed_settings,
                      note_changed_threads, note_changed_val_set)
 from .run_folder import claim_out_dir, record_config
+from .run_layout import CONFIG_FILE
 from .shards import ShardError
 from .stop import StopFlag
 from .training_log import (Clock, LogInterval, carried_interval, format_duration, interval_step_time, log_record,
@@ -271,15 +272,6 @@ def evaluate(model: torch.nn.Module, config: TrainConfig, info: DistInfo, autoca
 
 # ----------------------------------------------------------------------------------------
 # Out of memory
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    # The CPU allocator and MPS raise a plain RuntimeError (not a subclass such as CheckpointError,
-    # whose message may quote an allocation failure but says more).
-    text = str(error)
-    return type(error) is RuntimeError and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
 def out_of_memory_message(config: TrainConfig, error: BaseException) -> str:
@@ -600,7 +592,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
     # with (a sweep's rerun with other values must not relabel the run).
     nothing_to_train = resume_from is not None and step >= config.max_steps
     if info.is_main and not nothing_to_train:  # once the weights are in: a refused start leaves the record
-        record_config(out_dir / "config.json", config)
+        record_config(out_dir / CONFIG_FILE, config)
     interval = carried_interval(state, info, accum)
 
     # Counted at the windows trained on: a model started from a Hugging Face folder keeps that
