@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from gpt import locks
-from gpt.run_layout import CHECKPOINTS_DIR, CONFIG_FILE, LATEST_FILE, MANIFEST_FILE, STATE_FILE, training_output, typo_of
+from gpt.run_layout import (CHECKPOINTS_DIR, CONFIG_FILE, LATEST_FILE, MANIFEST_FILE, STATE_FILE, training_output,
+                            typo_of)
 from gpt.shards import (GPT2_EOS_ID, GPT2_VOCAB_SIZE, MAX_VOCAB, SPLITS, ShardError, list_shards,
                         open_shard, read_header)
 from gpt.tokenizer import KINDS, TOKENIZER_FILE, Tokenizer, TokenizerError, gpt2_tokenizer, same_vocab

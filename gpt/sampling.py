@@ -147,7 +147,8 @@ def check_batch_fits(rows: int, model: torch.nn.Module, device: torch.device, dt
     if rows * per_row > free:
         fit = free // per_row
         raise ConfigError(
-            f"--num_samples {rows:,}: the samples decode as one batch, which needs about {rows * per_row / 1e9:,.1f} GB "
+            f"--num_samples {rows:,}: the samples decode as one batch, which needs about "
+            f"{rows * per_row / 1e9:,.1f} GB "
             f"(its KV cache and activations), more than the {free / 1e9:,.1f} GB free on {device.type}; "
             + (f"use --num_samples {fit:,} or fewer, and run sample.py again (another --seed) for more"
                if fit else "free some memory"))
