@@ -4,6 +4,7 @@ the full and sharded formats, async saves and consolidation, in one process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -15,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zipfile
@@ -565,6 +567,53 @@ def test_a_checkpoint_of_a_newer_format_is_refused_by_every_reader(char_data, fu
                              cwd=REPO, capture_output=True, text=True, timeout=120)
     assert checked.returncode == 1 and "CheckpointError" in checked.stderr, checked.stderr  # not a hang
     assert "missing from the checkpoint" in checked.stderr, checked.stderr  # (the renamed weights, first)
+
+
+@contextlib.contextmanager
+def unreadable_to_this_user(folder: Path):
+    """`folder` chmod 000 while the code inside runs. Root, whom no permission stops (the tests'
+    user in CI), runs it as nobody: the folders above must then be open to all."""
+    folder.chmod(0)
+    try:
+        if os.geteuid() != 0:
+            yield
+            return
+        os.setegid(65534)
+        os.seteuid(65534)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+    finally:
+        folder.chmod(0o755)
+
+
+def test_the_listing_shows_a_checkpoint_this_user_may_not_read_and_lists_the_others():
+    # One step folder another user made private (or chmod 000) stopped `gpt.checkpoint list` with
+    # the PermissionError: no row of the run's readable checkpoints was shown.
+    from gpt.checkpoint.listing import format_listing, list_checkpoints
+
+    with tempfile.TemporaryDirectory() as top:
+        run = Path(top) / "run"
+        for step, loss in ((10, 4.0), (20, 3.5), (30, 3.0)):
+            folder = run / ckpt.CHECKPOINTS_DIR / ckpt.step_dir_name(step)
+            folder.mkdir(parents=True)
+            (folder / ckpt.STATE_FILE).write_text(json.dumps({"step": step, "val_loss": loss, "val_loss_step": step}))
+            (folder / ckpt.MANIFEST_FILE).write_text("{}")
+        for path in (Path(top), run, run / ckpt.CHECKPOINTS_DIR):
+            path.chmod(0o755)
+        private = run / ckpt.CHECKPOINTS_DIR / ckpt.step_dir_name(20)
+        (run / ckpt.LATEST_FILE).write_text(private.name)
+        with unreadable_to_this_user(private):
+            with pytest.raises(PermissionError):  # a resume or a save: this user cannot use the run
+                ckpt.complete_checkpoints(run)
+            rows = list_checkpoints(run)
+            listing = format_listing(run, rows)
+        assert [(row["step"], row["val_loss"], row["unreadable"], row["latest"]) for row in rows] == [
+            (10, 4.0, False, False), (20, None, True, True), (30, 3.0, False, False)]
+        assert f"(latest, this user may not read it: ls -ld {private})" in listing, listing
+        assert rows[2]["best"] and "the best is not the latest" in listing, listing
 
 
 def test_the_manifest_must_list_every_file_that_is_read(full_sync_run, tmp_path, capsys):

@@ -251,6 +251,28 @@ def test_an_old_checkpoint_that_cannot_be_moved_aside_is_kept_with_a_warning(cha
     assert ckpt.latest_checkpoint(run).name == "step_0000020"
 
 
+def test_an_old_checkpoint_this_user_may_not_read_is_kept_with_a_warning(char_data, tmp_path, monkeypatch):
+    # A step folder made private (chmod 000): the prune's look for its manifest raised
+    # PermissionError after the new checkpoint was complete, reported as "could not write
+    # checkpoint". (Root, the tests' user in CI, passes every permission check: it is injected.)
+    run = tmp_path / "run"
+    train(tiny_config(char_data, run, max_steps=20, eval_interval=10))  # saves steps 10 and 20
+    private = run / "checkpoints" / "step_0000010" / ckpt.MANIFEST_FILE
+    real_exists = Path.exists
+
+    def exists(path, *args, **kwargs):
+        if path == private:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_exists(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    with pytest.warns(UserWarning, match=r"could not look into .*step_0000010 \(this user may not read it: "
+                                         r"ls -ld\); it is kept, and the next save tries again"):
+        train(tiny_config(char_data, run, max_steps=30, eval_interval=10, keep_last=1))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000010", "step_0000030"]
+    assert ckpt.latest_checkpoint(run).name == "step_0000030"
+
+
 def test_sigterm_saves_and_exits_then_resumes_exactly(char_data, tmp_path):
     """SIGTERM between log steps: the run saves at the end of its step and exits 75; run again,
     it resumes and its records equal an uninterrupted run's, the record whose log interval spans

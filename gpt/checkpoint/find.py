@@ -31,13 +31,27 @@ def latest_name(out_dir: Path) -> str | None:
         return None
 
 
-def complete_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    """The run's complete checkpoint folders (those with a manifest), oldest first."""
-    found = []
+def complete_checkpoints(out_dir: str | os.PathLike, *, unreadable: list[Path] | None = None) -> list[Path]:
+    """The run's complete checkpoint folders (those with a manifest), oldest first.
+
+    A step folder this user may not look into (another user's, chmod 000) raises PermissionError,
+    unless `unreadable` is given: it is then appended there, oldest first, and left out."""
+    found, refused = [], []
     for folder in (Path(out_dir) / CHECKPOINTS_DIR).glob("step_*"):
         step = step_of(folder.name)
-        if step is not None and (folder / MANIFEST_FILE).exists():
+        if step is None:
+            continue
+        try:
+            complete = (folder / MANIFEST_FILE).exists()
+        except PermissionError:
+            if unreadable is None:
+                raise
+            refused.append((step, folder))
+            continue
+        if complete:
             found.append((step, folder))
+    if unreadable is not None:
+        unreadable.extend(folder for _, folder in sorted(refused))
     return [folder for _, folder in sorted(found)]
 
 

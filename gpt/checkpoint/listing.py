@@ -12,9 +12,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from .find import EARLIER_EVAL, complete_checkpoints, latest_checkpoint, lowest_loss, own_loss, saved_eval
+from .find import EARLIER_EVAL, complete_checkpoints, latest_checkpoint, latest_name, lowest_loss, own_loss, saved_eval
 from ..run_layout import nearby_runs, training_output
-from .layout import CheckpointError, step_of
+from .layout import CHECKPOINTS_DIR, CheckpointError, step_of
 from .verify import checkpoint_format, newer_format_version, read_manifest
 
 
@@ -23,21 +23,25 @@ def list_checkpoints(run: str | os.PathLike) -> list[dict[str, Any]]:
     the run had not evaluated yet), val_loss_step (the step it was measured at: an earlier one for
     a stop signal's save between evals; None where state.json predates it), format, bytes, latest
     (what a resume or `sample.py --out_dir` reads) and best (the lowest val loss measured on the
-    checkpoint's own weights; what keep_best keeps)."""
+    checkpoint's own weights; what keep_best keeps). A step folder this user may not look into is
+    listed too, with `unreadable` true and nothing else known of it."""
     run = Path(run)
     if not run.is_dir():
         raise CheckpointError(f"{run} is not a folder; give a run folder (out_dir){nearby_runs(run)}")
     inside = training_output(run)
     if inside is not None and inside != "is a training run folder":  # a checkpoint, or checkpoints/
         raise CheckpointError(f"{run} {inside}: list the run itself (its out_dir)")
-    found = complete_checkpoints(run)
-    if not found:
+    unreadable: list[Path] = []
+    found = complete_checkpoints(run, unreadable=unreadable)
+    if not found and not unreadable:
         raise CheckpointError(f"{run} holds no complete checkpoint (checkpoints/step_*/ with a manifest.json): "
                               f"give a run folder (out_dir) that has saved one")
     try:
         latest = latest_checkpoint(run)
     except CheckpointError:
         latest = None  # `latest` names a missing folder: every row still lists
+    except PermissionError:  # it names a folder this user may not look into (listed below)
+        latest = run / CHECKPOINTS_DIR / str(latest_name(run))
     evals = [saved_eval(ckpt_dir) for ckpt_dir in found]  # each state.json read once
     best = lowest_loss(own_loss(ckpt_dir, evaluated) for ckpt_dir, evaluated in zip(found, evals))
     rows = []
@@ -49,8 +53,13 @@ def list_checkpoints(run: str | os.PathLike) -> list[dict[str, Any]]:
             size = fmt = None
         rows.append({"path": str(ckpt_dir), "step": step_of(ckpt_dir.name), "val_loss": loss,
                      "val_loss_step": measured_at, "format": fmt, "bytes": size, "latest": ckpt_dir == latest,
-                     "best": index == best, "newer_format_version": newer_format_version(ckpt_dir)})
-    return rows
+                     "best": index == best, "newer_format_version": newer_format_version(ckpt_dir),
+                     "unreadable": False})
+    for ckpt_dir in unreadable:
+        rows.append({"path": str(ckpt_dir), "step": step_of(ckpt_dir.name), "val_loss": None, "val_loss_step": None,
+                     "format": None, "bytes": None, "latest": ckpt_dir == latest, "best": False,
+                     "newer_format_version": None, "unreadable": True})
+    return sorted(rows, key=lambda row: row["step"])
 
 
 def format_listing(run: str | os.PathLike, rows: list[dict[str, Any]]) -> str:
@@ -64,6 +73,8 @@ def format_listing(run: str | os.PathLike, rows: list[dict[str, Any]]) -> str:
             # a stop between evals
             of = "an earlier eval" if row["val_loss_step"] == EARLIER_EVAL else f"step {row['val_loss_step']:,}"
             marks.append(f"val loss of {of}, carried on")
+        if row["unreadable"]:
+            marks.append(f"this user may not read it: ls -ld {shlex.quote(row['path'])}")
         if row["newer_format_version"] is not None:  # every reader here refuses it: said before one is tried
             marks.append(f"format version {row['newer_format_version']}, newer than this code reads: git pull")
         lines.append(f"  {row['step']:>9,}  {loss:>8}  {row['format'] or '?':<7}  {size:>9}"

@@ -181,7 +181,11 @@ def _prune(root: Path, keep_last: int, keep: str, keep_best: bool = False) -> li
     checkpoints (the one just resumed from included) and kept that one, which a lost `latest`
     would then resume from; it is left alone, and replaced if the run reaches its step."""
     newest = step_of(keep)
-    complete = [p for p in complete_checkpoints(root.parent) if step_of(p.name) <= newest]
+    unreadable: list[Path] = []
+    complete = [p for p in complete_checkpoints(root.parent, unreadable=unreadable) if step_of(p.name) <= newest]
+    for folder in unreadable:  # after the new checkpoint is complete: not a failed save
+        warnings.warn(f"could not look into {folder} (this user may not read it: ls -ld); it is kept, "
+                      f"and the next save tries again", stacklevel=2)
     best = best_checkpoint(complete) if keep_best else None
     doomed = []
     for old in complete[:-keep_last] if keep_last > 0 else []:
