@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out-prefix", "--out_prefix", type=results_prefix, default=None, metavar="NAME",
                    help="write benchmarks/results/NAME_train.json, NAME_generate.json and "
                         "NAME_suite[_PARTS].json instead of the committed train.json, generate.json "
-                        "and suite[_PARTS].json (default: those)")
+                        "and suite[_PARTS].json (default: those); a NAME that committed results start "
+                        "with (gpu, s26) is refused")
     args = p.parse_args(argv)
     check_malloc_env()
     threads = choose_threads(args.threads)

@@ -27,10 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 # `python benchmarks/bench_data.py` puts benchmarks/, not the repository, on sys.path.
 sys.path.insert(0, str(REPO))
 
-from benchmarks.cli import positive_float, positive_int, results_name, text_file_problem  # noqa: E402
+from benchmarks.cli import RESULTS_DIR, positive_float, positive_int, results_name, text_file_problem  # noqa: E402
+from benchmarks.cli import write_results  # noqa: E402
 
 SHAKESPEARE = REPO.parent / "shared/data/tinyshakespeare.txt"
-RESULTS_DIR = Path(__file__).parent / "results"
 
 
 def write_corpus(path: Path, source: Path, mb: float) -> int:
@@ -149,8 +149,6 @@ def main(argv: list[str] | None = None) -> None:
                   f"  {r['bytes_per_token']:.2f} bytes/token  peak RSS {r['peak_rss_mb']:,.0f} MB"
                   f" ({r['peak_rss_all_processes_mb']:,.0f} MB with its workers)")
 
-    path = RESULTS_DIR / f"{args.out}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": "data prep end to end (python data_prep/prepare.py)",
         "corpus_mb": round(size / 1e6, 1),
@@ -159,9 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         "python": platform.python_version(),
         "results": results,
     }
-    tmp_path = path.with_name(path.name + ".tmp")
-    tmp_path.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp_path, path)
+    path = write_results(args.out, json.dumps(record, indent=2) + "\n", RESULTS_DIR)
     print(f"wrote {path}")
 
 

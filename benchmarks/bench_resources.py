@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_data, bench_loader  # noqa: E402
-from benchmarks.cli import positive_float, positive_int, results_name  # noqa: E402
+from benchmarks.cli import device as device_name, positive_float, positive_int, results_name  # noqa: E402
 from benchmarks.common import REPO, load_average, write_json  # noqa: E402
 from benchmarks.scaleout_summary import median_or_none  # noqa: E402
 from gpt.mfu import gpu_peak_flops, measure_matmul_flops  # noqa: E402
@@ -185,7 +185,8 @@ def _rounded(value: float | None, digits: int) -> float | None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the peak FLOP/s are measured")
+    p.add_argument("--device", type=device_name, default="cpu",
+                   help="cpu (default) or cuda: where the peak FLOP/s are measured")
     p.add_argument("--loader-tokens", "--loader_tokens", type=positive_int, default=5_000_000,
                    help="tokens in the loader's synthetic shard (default: 5,000,000)")
     p.add_argument("--loader-batches", "--loader_batches", type=positive_int, default=200,
@@ -209,12 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"(one window of the largest block, {least - 1}, plus its target)")
     if "data" in args.parts and "bpe" in args.tokenizers and not MIN_BPE_VOCAB <= args.vocab_size <= MAX_VOCAB:
         p.error(f"--vocab-size {args.vocab_size}: byte-level BPE needs {MIN_BPE_VOCAB} to {MAX_VOCAB} ids")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        p.error(f"--device {args.device}: {e}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA device here")
+    device = torch.device(args.device)
 
     record: dict[str, Any] = {"benchmark": "resources: peak FLOP/s, loader, data prep, training RSS",
                               "load_avg_start": load_average(), "args": vars(args)}

@@ -103,7 +103,7 @@ def run_and_report(text: Path, overrides: list[str], results: str, work: Path) -
         raise SystemExit(f"error: train.py exited with status {code} (its output is above); "
                          f"the prepared data and run are in {work}")
     wall = time.perf_counter() - start
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e6  # Linux: KiB
 
     records = read_metrics(out)
     evals = [r for r in records if "val_loss" in r]

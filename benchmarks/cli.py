@@ -4,8 +4,14 @@ its children's peak RSS with wait4, which counts the parent's memory at fork tim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
+import subprocess
+import tempfile
 from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def whole_number(text: str, least: int) -> int:
@@ -39,24 +45,78 @@ def positive_float(text: str) -> float:
 def results_name(text: str) -> str:
     """A file name in benchmarks/results/, given with or without its .json ending (gpu.sh once
     passed one kind to --out and the other to --results): 'gpu_train' and 'gpu_train.json' are
-    the same file, never gpu_train.json.json."""
-    name = text[:-len(".json")] if text.endswith(".json") else text
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
+    the same file, never gpu_train.json.json. The folder must take a file: said before minutes of
+    timing (argparse checks a default too), not by a traceback after them."""
+    name = _bare_name(text)
+    if name is None:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a file name: give a bare name such as 'gpu_train' (the file is "
             "benchmarks/results/NAME.json)")
+    _check_writable()
     return name
 
 
 def results_prefix(text: str) -> str:
     """The suite's --out-prefix: the start of file names in benchmarks/results/ (NAME_train.json,
-    NAME_suite.json ...), so a bare name as --out's ('trial.json' is 'trial')."""
-    try:
-        return results_name(text)
-    except argparse.ArgumentTypeError:
+    NAME_suite.json ...), so a bare name as --out's ('trial.json' is 'trial'). A trial must not
+    replace a committed result: a name that starts one (gpu: gpu_train.json) is refused."""
+    name = _bare_name(text)
+    if name is None:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a name: give a bare one such as 'trial' (the files are "
-            "benchmarks/results/trial_train.json, trial_suite.json ...)") from None
+            "benchmarks/results/trial_train.json, trial_suite.json ...)")
+    taken = [file for file in committed_results() if file.startswith(f"{name}_")]
+    if taken:
+        more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: benchmarks/results/{taken[0]}{more} are committed results, which a trial must not "
+            "replace: give another name, such as 'trial'")
+    _check_writable()
+    return name
+
+
+def _bare_name(text: str) -> str | None:
+    name = text[:-len(".json")] if text.endswith(".json") else text
+    return None if not name or "/" in name or "\\" in name or name in (".", "..") else name
+
+
+def committed_results() -> list[str]:
+    """The names of the files git tracks in benchmarks/results/ (none outside a git checkout)."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--", "."], cwd=RESULTS_DIR, capture_output=True,
+                                timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if listed.returncode != 0:
+        return []
+    return sorted(Path(path).name for path in listed.stdout.decode(errors="replace").split("\0") if path)
+
+
+def _check_writable() -> None:
+    try:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=RESULTS_DIR):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write into {RESULTS_DIR} ({e.strerror or e}): make it "
+                                         "writable, or run from a checkout you may write to") from None
+
+
+def write_results(name: str, text: str, folder: Path = RESULTS_DIR) -> Path:
+    """Write FOLDER/NAME.json atomically; returns the path. A failure (a full disk, the folder
+    made read-only since the start) is one line, not a traceback."""
+    path = folder / f"{name}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise SystemExit(f"error: cannot write the results {path} ({e.strerror or e}); the figures are "
+                         "printed above") from None
+    return path
 
 
 def device(text: str) -> str:

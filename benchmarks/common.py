@@ -22,11 +22,11 @@ from typing import Any, Callable
 
 import torch
 
+from benchmarks.cli import RESULTS_DIR, write_results
 from gpt import allocator
 from gpt.metrics import finite_or_null
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def load_average() -> float:
@@ -209,14 +209,10 @@ def count_params(model: torch.nn.Module) -> int:
 
 def write_json(name: str, record: dict[str, Any]) -> Path:
     """Write benchmarks/results/NAME.json atomically; returns the path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
-    tmp = path.with_name(path.name + ".tmp")
     # Strict JSON, as metrics.jsonl is: a NaN or Inf figure (a diverged loss, a zero-time
     # division) is written as null, not as the bare NaN that JSON readers other than Python's reject.
-    tmp.write_text(json.dumps(finite_or_null(record), indent=1, default=str, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(finite_or_null(record), indent=1, default=str, allow_nan=False) + "\n"
+    return write_results(name, text, RESULTS_DIR)
 
 
 def log(message: str) -> None:

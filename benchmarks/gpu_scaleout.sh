@@ -86,4 +86,4 @@ done
 
 # 3. Summary from metrics.jsonl (a figure logged as null, such as MFU on a GPU without a
 #    datasheet peak, prints as n/a).
-"$PYTHON" benchmarks/scaleout_summary.py "$RUNS" "$SKIP" "$RESULTS" "$NPROC" "$BATCH" "$COMPILE" $STRATEGIES
+"$PYTHON" benchmarks/scaleout_summary.py "$RUNS" "$SKIP" "$RESULTS" "$NPROC" "$BATCH" $STRATEGIES

@@ -1,9 +1,10 @@
 """The summary of benchmarks/gpu_scaleout.sh: median figures of each strategy's run, printed as a
 table and written to a results JSON.
 
-    python benchmarks/scaleout_summary.py RUNS SKIP RESULTS NPROC BATCH COMPILE STRATEGY...
+    python benchmarks/scaleout_summary.py RUNS SKIP RESULTS NPROC BATCH STRATEGY...
 
 RUNS holds one run folder per strategy (metrics.jsonl, config.json), as the script leaves them.
+The settings recorded (compile, device, dtype...) are those config.json says train.py ran with.
 A figure that a run logged as null (MFU where the device has no datasheet peak, a loss that was
 not finite) is left out of its median; a figure null at every step is null in the JSON and
 'n/a' in the table, never a failure after the GPU time was spent; so is a strategy whose
@@ -20,6 +21,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 # `python benchmarks/scaleout_summary.py` puts benchmarks/, not the repository, on sys.path.
@@ -28,13 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402  (for the GPU's name and the version in the results)
 
 from benchmarks.cli import whole_number  # noqa: E402
+from gpt import parallel  # noqa: E402
 from gpt.metrics import MetricsError, read_metrics  # noqa: E402
 
 
 # The figures summarize() takes the median of (and the loss it reports), as metrics.jsonl names them.
 FIGURES = ("tokens_per_s", "tokens_per_s_per_device", "mfu", "step_ms", "loss")
 # What the header line and the results need from a run's config.json.
-CONFIG_KEYS = ("data_dir", "n_layer", "n_head", "n_embd", "block_size", "device", "dtype", "optimizer")
+CONFIG_KEYS = ("data_dir", "n_layer", "n_head", "n_embd", "block_size", "device", "dtype", "optimizer", "compile")
 
 
 class SummaryError(Exception):
@@ -82,6 +85,15 @@ def read_config(path: Path) -> dict[str, Any]:
     if missing:
         raise SummaryError(f"{path}: no {', '.join(missing)} (not a train.py config.json?)")
     return c
+
+
+def compiled(c: dict[str, Any]) -> bool:
+    """Whether train.py compiled the model, from its config.json: compile 'auto' (or 'true', as
+    --compile=1 and yes are stored) resolved as the trainer resolves it, on this machine's devices."""
+    device = c["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # (auto's mps is never compiled)
+    return parallel.compile_enabled(SimpleNamespace(compile=c["compile"]), torch.device(device))
 
 
 def read_vocab(data_dir: Any) -> int | None:
@@ -147,7 +159,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         return 0
-    if len(argv) < 7:
+    if len(argv) < 6:
         print(usage, file=sys.stderr)
         return 2
     try:
@@ -156,8 +168,8 @@ def main(argv: list[str]) -> int:
     except SummaryError as e:
         print(f"error: {e}\n{usage}", file=sys.stderr)
         return 2
-    runs, results, compile_ = Path(argv[0]), Path(argv[2]), argv[5]
-    strategies = argv[6:]
+    runs, results = Path(argv[0]), Path(argv[2])
+    strategies = argv[5:]
     try:
         if not runs.is_dir():
             raise SummaryError(f"{runs}: {'not a folder' if runs.exists() else 'no such folder'} "
@@ -176,7 +188,7 @@ def main(argv: list[str]) -> int:
         results.write_text(json.dumps({
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__, "nproc": nproc, "batch_per_process": batch, "block": c["block_size"],
-            "compile": compile_ == "true", "device": c["device"], "dtype": c["dtype"], "optimizer": c["optimizer"],
+            "compile": compiled(c), "device": c["device"], "dtype": c["dtype"], "optimizer": c["optimizer"],
             "model": f"{c['n_layer']} x {c['n_head']} x {c['n_embd']}, vocab {'n/a' if vocab is None else vocab}",
             "results": rows,
         }, indent=1))

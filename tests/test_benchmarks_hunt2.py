@@ -193,7 +193,7 @@ def _runs(tmp_path: Path, metrics: dict[str, str | None], config: str | None = "
         if config is not None:
             (runs / strategy / "config.json").write_text(config if config != "default" else json.dumps(
                 {"data_dir": str(data), "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 64,
-                 "device": "cpu", "dtype": "float32", "optimizer": "adamw"}))
+                 "device": "cpu", "dtype": "float32", "optimizer": "adamw", "compile": "false"}))
         if text is not None:
             (runs / strategy / "metrics.jsonl").write_text(text)
     return runs
@@ -206,7 +206,7 @@ GOOD = "".join(json.dumps({"step": i, "loss": 5.0 - i, "tokens_per_s": 100.0 * i
 def _summary(capsys, runs: Path, results: Path, *, skip="1", nproc="2", batch="4", strategies=("ddp",)):
     from benchmarks import scaleout_summary
 
-    code = scaleout_summary.main([str(runs), skip, str(results), nproc, batch, "false", *strategies])
+    code = scaleout_summary.main([str(runs), skip, str(results), nproc, batch, *strategies])
     out, err = capsys.readouterr()
     assert "Traceback" not in err
     return code, out, err
@@ -267,7 +267,7 @@ def test_scaleout_summary_bad_inputs_are_one_error_line(tmp_path, capsys, case, 
 def test_scaleout_summary_bad_counts_are_usage_errors(tmp_path, capsys, argv_at, value, name):
     from benchmarks import scaleout_summary
 
-    argv = [str(_runs(tmp_path, {"ddp": GOOD})), "1", str(tmp_path / "r.json"), "2", "4", "false", "ddp"]
+    argv = [str(_runs(tmp_path, {"ddp": GOOD})), "1", str(tmp_path / "r.json"), "2", "4", "ddp"]
     argv[argv_at] = value
     code = scaleout_summary.main(argv)
     err = capsys.readouterr().err
@@ -287,6 +287,19 @@ def test_scaleout_summary_empty_metrics_torn_last_line_and_lost_meta_are_n_a(tmp
     written = json.loads(results.read_text())
     assert written["model"] == "1 x 2 x 32, vocab n/a" and "meta.json" in err
     assert written["results"]["fsdp"]["steps_timed"] == 2 and written["results"]["fsdp"]["final_loss"] == 2.0
+
+
+@pytest.mark.parametrize("stored, device, compiled", [("true", "cpu", True), ("false", "cuda", False),
+                                                     ("auto", "cuda", True), ("auto", "cpu", False)])
+def test_scaleout_summary_records_the_compile_setting_train_py_ran_with(tmp_path, capsys, stored, device, compiled):
+    # It recorded its own COMPILE argument == "true": gpu_scaleout.sh's COMPILE=1 (or auto, on a
+    # GPU) compiled the model, stored as "true" (or "auto") in config.json, and was recorded false.
+    runs = _runs(tmp_path, {"ddp": GOOD})
+    config = json.loads((runs / "ddp" / "config.json").read_text())
+    (runs / "ddp" / "config.json").write_text(json.dumps(dict(config, compile=stored, device=device)))
+    code, out, err = _summary(capsys, runs, tmp_path / "results.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "results.json").read_text())["compile"] is compiled
 
 
 def test_scaleout_summary_results_that_cannot_be_written_are_one_line(tmp_path, capsys):
@@ -396,3 +409,73 @@ def test_out_prefix_given_with_json_is_the_bare_name():
     from benchmarks.cli import results_prefix
 
     assert results_prefix("trial.json") == results_prefix("trial") == "trial"
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Third hunt: results that must not or cannot be written, and odd options
+
+
+def test_out_prefix_that_names_committed_results_is_refused(capsys, keep_threads):
+    # --out-prefix gpu wrote gpu_train.json and gpu_generate.json: the committed H200 figures were
+    # replaced by a trial on a CPU, which the option promises never to do.
+    from benchmarks import __main__ as suite
+    from benchmarks.cli import committed_results
+
+    assert "gpu_train.json" in committed_results() and "s26_suite.json" in committed_results()
+    for prefix in ("gpu", "s26.json"):
+        with pytest.raises(SystemExit) as e:
+            suite.main(["--parts", "peak", "--out-prefix", prefix])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--out-prefix" in err and "committed results" in err, err
+        assert f"benchmarks/results/{prefix.removesuffix('.json')}_" in err, err
+
+
+def test_a_results_folder_that_cannot_be_written_is_said_before_any_timing(tmp_path, monkeypatch, capsys):
+    # The timing ran to its end, then write_json's PermissionError traceback lost its figures.
+    from benchmarks import bench_loader, cli
+
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(cli, "RESULTS_DIR", tmp_path / "a_file" / "results")
+    monkeypatch.setattr(bench_loader, "bench_loader", lambda *a, **k: pytest.fail("timed first"))
+    with pytest.raises(SystemExit) as e:
+        bench_loader.main(["--batches", "1", "--repeats", "1"])  # the default --out: loader
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --out: cannot write into" in err and "Traceback" not in err, err
+    # And where the folder fails only at the end (a full disk, made read-only meanwhile): one line.
+    with pytest.raises(SystemExit, match=r"^error: cannot write the results .*a_file/trial\.json \(.*\); the "
+                                         r"figures are printed above$"):
+        cli.write_results("trial", "{}\n", tmp_path / "a_file")
+
+
+def test_bench_resources_takes_only_the_devices_it_can_measure(capsys):
+    # --device meta "measured" 5 PFLOP/s on 2 cores (nothing is computed on the meta device), and
+    # mps ended in a traceback: the other scripts' device check now applies.
+    from benchmarks import bench_resources
+
+    for device in ("meta", "mps"):
+        with pytest.raises(SystemExit) as e:
+            bench_resources.main(["--parts", "peak", "--device", device, "--results", "trial"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument --device: '{device}'" in err and "Traceback" not in err, err
+
+
+def test_bench_loader_reads_a_dataset_of_more_ids_than_gpt2s(tmp_path, monkeypatch):
+    # The synthetic shard's vocabulary (GPT-2's 50,257) was applied to every --data-dir: a BPE
+    # dataset of 60,001 ids was refused as ids "outside the vocabulary".
+    import numpy as np
+
+    from benchmarks import bench_loader, common
+    from gpt.shards import shard_name, write_shard
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shard(data / shard_name("train", 0), np.full(5000, 60000, dtype=np.uint16))
+    (data / "meta.json").write_text(json.dumps({"tokenizer": "bpe", "vocab_size": 60001}))
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
+    bench_loader.main(["--data-dir", str(data), "--batches", "1", "--repeats", "1", "--out", "trial"])
+    report = json.loads((tmp_path / "results" / "trial.json").read_text())
+    assert len(report["results"]) == len(bench_loader.CASES) * len(bench_loader.ORDERS)
+    (data / "meta.json").write_text(json.dumps({"tokenizer": "bpe", "vocab_size": 60000}))
+    outside = r"token id 60000 at position [0-9,]+ is outside the vocabulary \(vocab_size 60,000\)"
+    with pytest.raises(SystemExit, match=outside):
+        bench_loader.main(["--data-dir", str(data), "--batches", "1", "--repeats", "1", "--out", "trial"])

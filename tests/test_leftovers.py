@@ -192,7 +192,7 @@ def _fake_runs(root: Path, mfus: dict[str, list]) -> Path:
     for strategy, values in mfus.items():
         (runs / strategy).mkdir(parents=True)
         config = {"data_dir": str(data), "n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024,
-                  "device": "cuda", "dtype": "bfloat16", "optimizer": "adamw"}
+                  "device": "cuda", "dtype": "bfloat16", "optimizer": "adamw", "compile": "true"}
         (runs / strategy / "config.json").write_text(json.dumps(config))
         lines = [json.dumps({"step": i + 1, "loss": 10.9 - i / 10, "tokens_per_s": 1000.0 + i,
                              "tokens_per_s_per_device": 500.0 + i, "mfu": mfu, "step_ms": 30.0})
@@ -207,7 +207,7 @@ def test_gpu_scaleout_summary_prints_n_a_for_a_null_mfu(tmp_path):
     runs = _fake_runs(tmp_path, {"ddp": [None] * 4, "fsdp": [None, 0.4, None, 0.5]})
     results = tmp_path / "results.json"
     r = subprocess.run([sys.executable, "benchmarks/scaleout_summary.py", str(runs), "1", str(results), "2", "16",
-                        "true", "ddp", "fsdp"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                        "ddp", "fsdp"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {line.split()[0]: line for line in r.stdout.splitlines() if line.split()[:1] in (["ddp"], ["fsdp"])}
     assert rows["ddp"].split()[3] == "n/a", r.stdout
