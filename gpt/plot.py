@@ -38,11 +38,21 @@ ROWS = (
 X_AXES = (("step", "step"), ("tokens", "tokens seen"))
 
 
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def load_runs(runs: Sequence[str | Path],
-              warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict[str, list[dict[str, Any]]]:
+              warn: Callable[[str], None] = _to_stderr) -> dict[str, list[dict[str, Any]]]:
     """{label: records} for each run folder (or metrics file). A run with nothing to plot yet (no
     metrics.jsonl, or an empty one: it has not logged a step) is an error alone, and left out
     with a warning among others (`gpt.plot out/sweep/*` while some runs still start)."""
+    loaded = _load(runs, warn)
+    return dict(zip(_labels(list(loaded)), loaded.values()))
+
+
+def _load(runs: Sequence[str | Path], warn: Callable[[str], None]) -> dict[Path, list[dict[str, Any]]]:
+    """`load_runs`' records by the path each run was given as."""
     paths = [Path(run) for run in runs]
     loaded: dict[Path, list[dict[str, Any]]] = {}
     not_yet: list[str] = []
@@ -69,7 +79,7 @@ def load_runs(runs: Sequence[str | Path],
         raise MetricsError(f"none of these runs has logged a step yet: {', '.join(not_yet)}")
     if not_yet:
         warn(f"warning: left out, nothing logged yet: {', '.join(not_yet)}")
-    return dict(zip(_labels(list(loaded)), loaded.values()))
+    return loaded
 
 
 def _check_is_a_run(path: Path) -> None:
@@ -123,17 +133,25 @@ def _series(records: list[dict[str, Any]], x_key: str, y_key: str) -> tuple[list
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
 
 
-def plot_runs(runs: Sequence[str | Path], out: str | Path, title: str | None = None) -> Path:
-    """Draw the runs' curves into the image `out` (.png, or .pdf / .svg; no suffix: .png);
-    return its path."""
-    out = Path(out)
+def _image_path(out: Path) -> Path:
+    """--out checked: an image file's name (no suffix: .png)."""
     if out.is_dir():
         raise MetricsError(f"--out {out} is a folder; name the image file to write, e.g. {out / 'metrics.png'}")
     if not out.suffix:
         out = out.with_suffix(".png")
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise MetricsError(f"--out {out}: write a {', '.join(IMAGE_SUFFIXES)} file, not {out.suffix}")
-    loaded = load_runs(runs)  # before matplotlib: a bad run folder is the first thing to hear of
+    return out
+
+
+def plot_runs(runs: Sequence[str | Path], out: str | Path | None = None, title: str | None = None) -> Path:
+    """Draw the runs' curves into the image `out` (.png, or .pdf / .svg; no suffix: .png;
+    None: `default_output` of the runs drawn, those left out not named in it); return its path."""
+    out = None if out is None else _image_path(Path(out))
+    # Before matplotlib: a bad run folder is the first thing to hear of.
+    found = _load(runs, _to_stderr)
+    out = default_output([str(path) for path in found]) if out is None else out
+    loaded = dict(zip(_labels(list(found)), found.values()))
     try:
         from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
     except ImportError:
@@ -222,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run() -> None:
         args = build_parser().parse_args(argv)
         runs = _without_images(args.runs)
-        out = plot_runs(runs, args.out or default_output(runs), args.title)
+        out = plot_runs(runs, args.out, args.title)
         print(f"wrote {out}")
 
     return report_errors(run, interrupted="interrupted: stopped plotting")

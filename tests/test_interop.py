@@ -819,6 +819,24 @@ def test_export_of_an_hf_folder_says_what_export_reads(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_plot_names_its_image_after_the_runs_it_draws(tmp_path, monkeypatch, capsys):
+    # The default name was made from the arguments: a run given twice (as its folder and its
+    # metrics file) was drawn once into ./metrics_run+run_HASH.png, not run/metrics.png, and a run
+    # left out (nothing logged yet) was still named in the image of the others.
+    a, b, empty = tmp_path / "a", tmp_path / "b", tmp_path / "empty"
+    for run in (a, b, empty):
+        run.mkdir()
+        if run != empty:
+            (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "tokens": 8}\n')
+    monkeypatch.chdir(tmp_path)
+    assert plot.main([str(a / "metrics.jsonl"), str(a)]) == 0
+    assert f"wrote {a / 'metrics.png'}" in capsys.readouterr().out
+    assert plot.main([str(a), str(b), str(empty)]) == 0
+    out, err = capsys.readouterr()
+    assert f"wrote {plot.default_output([str(a), str(b)])}" in out and "left out, nothing logged yet" in err
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [plot.default_output([str(a), str(b)]).name]
+
+
 def test_plot_of_several_runs_is_named_after_them_and_replaces_no_other_plot(tmp_path, monkeypatch, capsys):
     """Several runs went to ./metrics.png: run from a run's folder (or beside another plot of that
     name) it replaced that run's own plot. Now the image is named after the runs (and a hash of
