@@ -59,18 +59,20 @@ def results_name(text: str) -> str:
 def results_prefix(text: str) -> str:
     """The suite's --out-prefix: the start of file names in benchmarks/results/ (NAME_train.json,
     NAME_suite.json ...), so a bare name as --out's ('trial.json' is 'trial'). A trial must not
-    replace a committed result: a name that starts one (gpu: gpu_train.json) is refused."""
+    replace a committed result: a name whose files are committed (s26: s26_train.json) is refused."""
     name = _bare_name(text)
     if name is None:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a name: give a bare one such as 'trial' (the files are "
             "benchmarks/results/trial_train.json, trial_suite.json ...)")
-    taken = [file for file in committed_results() if file.startswith(f"{name}_")]
+    written = (f"{name}_train.json", f"{name}_generate.json", f"{name}_suite.json")
+    taken = [file for file in committed_results() if file in written or file.startswith(f"{name}_suite_")]
     if taken:
-        more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+        which = f"{taken[0]} is a committed result" if len(taken) == 1 else \
+            f"{taken[0]} and {len(taken) - 1} more are committed results"
         raise argparse.ArgumentTypeError(
-            f"{text!r}: benchmarks/results/{taken[0]}{more} are committed results, which a trial must not "
-            "replace: give another name, such as 'trial'")
+            f"{text!r}: benchmarks/results/{which}, which a trial must not replace: give another name, "
+            "such as 'trial'")
     _check_writable()
     return name
 
@@ -81,10 +83,12 @@ def _bare_name(text: str) -> str | None:
 
 
 def committed_results() -> list[str]:
-    """The names of the files git tracks in benchmarks/results/ (none outside a git checkout)."""
+    """The names of the files git tracks in benchmarks/results/ (none outside a git checkout). Also
+    in a checkout another user owns (a shared one, a container's bind mount), which git refuses to
+    read by default ("dubious ownership"): it is only read here."""
     try:
-        listed = subprocess.run(["git", "ls-files", "-z", "--", "."], cwd=RESULTS_DIR, capture_output=True,
-                                timeout=60)
+        listed = subprocess.run(["git", "-c", "safe.directory=*", "ls-files", "-z", "--", "."], cwd=RESULTS_DIR,
+                                capture_output=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return []
     if listed.returncode != 0:

@@ -2,6 +2,7 @@
 traceback (a folder for a file, an empty or unreadable file, a broken metrics.jsonl) now end in
 one line naming what is wrong. Nothing is timed; no benchmark really runs."""
 
+import argparse
 import importlib
 import json
 import os
@@ -428,6 +429,30 @@ def test_out_prefix_that_names_committed_results_is_refused(capsys, keep_threads
         err = capsys.readouterr().err
         assert e.value.code == 2 and "--out-prefix" in err and "committed results" in err, err
         assert f"benchmarks/results/{prefix.removesuffix('.json')}_" in err, err
+    # Names that only start committed files the suite never writes are free (--out-prefix train
+    # writes train_train.json, not train_compile.json).
+    from benchmarks.cli import results_prefix
+    assert results_prefix("train") == "train" and results_prefix("gpu_train_vs") == "gpu_train_vs"
+
+
+def test_committed_results_are_read_in_a_checkout_another_user_owns(tmp_path, monkeypatch):
+    # git refuses a repository of another owner ("dubious ownership": a shared checkout, a
+    # container's bind mount), and the check then found no committed results: s26 was let through.
+    from benchmarks import cli
+
+    results = tmp_path / "repo" / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "s26_train.json").write_text("{}\n")
+    subprocess.run(["git", "init", "-q", str(tmp_path / "repo")], check=True)
+    subprocess.run(["git", "-c", "safe.directory=*", "add", "benchmarks/results/s26_train.json"],
+                   cwd=tmp_path / "repo", check=True)
+    if os.geteuid() == 0:
+        for path in [tmp_path / "repo", *(tmp_path / "repo").rglob("*")]:
+            os.lchown(path, 65534, 65534)
+    monkeypatch.setattr(cli, "RESULTS_DIR", results)
+    assert cli.committed_results() == ["s26_train.json"]
+    with pytest.raises(argparse.ArgumentTypeError, match=r"s26_train\.json is a committed result, which a trial"):
+        cli.results_prefix("s26")
 
 
 def test_a_results_folder_that_cannot_be_written_is_said_before_any_timing(tmp_path, monkeypatch, capsys):
