@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from gpt.config import ArgumentParser, path_arg  # noqa: E402
+from gpt.console import report  # noqa: E402
 from gpt.prepare import PrepareError, add_shared_options, prepare, run_prep, tokenizer_options  # noqa: E402
 from gpt.sources import LocalFiles, Texts  # noqa: E402
 
@@ -57,13 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.input:
             corpus = LocalFiles([args.input], errors=args.encoding_errors)
         else:
-            print(f"downloading {URL}", flush=True)
+            report(f"downloading {URL}")
             corpus = Texts([download()], description=f"tiny Shakespeare from {URL}")
         prepare(out, corpus, **tokenizer,
                 val_fraction=args.val_fraction, val_rule="tail", min_val_tokens=args.min_val_tokens,
                 shard_tokens=args.shard_tokens,
                 encoding_errors=args.encoding_errors, overwrite=args.overwrite,
-                progress=not args.no_progress, log=lambda line: print(line, flush=True))
+                progress=not args.no_progress, log=report)
 
     return run_prep(out, prep)
 

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, parse_args
+from .console import BROKEN_PIPE_EXIT, OutputError, to_devnull
 from .early_signals import ImportInterrupted
 from .errors import FollowOnFailure, TrainingError
 from .hf import HFError
@@ -87,9 +88,26 @@ def report_errors(main: Callable[[], int | None], interrupted: str = TRAIN_INTER
     except RUN_ERRORS as e:
         say_error(f"error: {e}")
         return 1
+    except OutputError as e:  # the result could not be written out: one line
+        to_devnull(sys.stdout)  # (the interpreter's flush at exit would fail on it again)
+        say_error(f"error: {e}")
+        return 1
+    except BrokenPipeError:
+        # Whatever read the result stopped reading (`| head`): no error and no traceback, nor an
+        # "Exception ignored" from the interpreter's flush at exit.
+        to_devnull(sys.stdout)
+        return BROKEN_PIPE_EXIT
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr, flush=True)
         return 130
+
+
+def check_stdout(what: str, example: str) -> None:
+    """Refuse a closed standard output (`>&-`: Python's sys.stdout is then None) for a command
+    whose result is `what`: print() would drop every character and the command still exit 0."""
+    if sys.stdout is None:
+        raise ConfigError(f"standard output is closed: there is nowhere to write {what}; redirect it to a "
+                          f"file instead (> {example})")
 
 
 def run_train(argv: Sequence[str], default_config: Path | None = None) -> int:

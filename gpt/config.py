@@ -439,7 +439,8 @@ def apply_overrides(config: TrainConfig, values: dict[str, Any], where: str, *,
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    # '~' too: no shell expands it after '=' (--config=~/x.toml), as path_arg says for the others.
+    path = Path(os.path.expanduser(path))
     try:
         with open(path, "rb") as f:
             # utf-8-sig: a byte-order mark (Windows Notepad writes one) is not TOML, and tomllib
@@ -574,6 +575,7 @@ def build_parser(default_config: str | None = None, shown_config: str | None = N
     from_file: dict[str, Any] = {}
     problem = None  # why the shown file's values cannot be shown
     shown = default_config if shown_config is None else shown_config
+    shown = shown and os.path.expanduser(shown)  # as load_toml reads it
     if shown and Path(shown).is_file():
         try:
             # Keys spelled with '-' are the same keys, as apply_overrides reads them.

@@ -1,9 +1,15 @@
-"""The run's log lines on standard output, and what happens when they cannot be written there.
+"""Lines on standard output, and what happens when they cannot be written there.
 
-A training run must not die of its log: `train.py | head` closes the pipe after ten lines, a
-job's log file can sit on a disk that fills up. The steps since the last checkpoint would be
-lost, and metrics.jsonl records every log line anyway. So a line that cannot be written sends
-the log on to standard error, with one warning, and training goes on.
+A log line: a training run must not die of its log. `train.py | head` closes the pipe after ten
+lines, a job's log file can sit on a disk that fills up. The steps since the last checkpoint would
+be lost, and metrics.jsonl records every log line anyway. So a line that cannot be written sends
+the log on to standard error, with one warning, and training goes on (`say`). The same for the
+tools' lines about work they have done (data prep's summary, "wrote FILE"): the work stands
+(`report`).
+
+A result: what a command prints is what it was run for (sample.py's text, gpt.eval's figures, a
+checkpoint listing). A write that fails is an OutputError, one line and exit 1; a reader that
+stops reading (`| head`) is no error: exit 141 (gpt/cli.py report_errors).
 """
 
 from __future__ import annotations
@@ -12,27 +18,37 @@ import os
 import sys
 
 
-def say(message: str) -> None:
+TRAINING_GOES_ON = "training continues (Ctrl-C saves a checkpoint and stops)"
+
+
+def say(message: str, going_on: str = TRAINING_GOES_ON) -> None:
     """Print a line to standard output; if it cannot be written (its reader has stopped, as in
     `train.py | head`, or the file it goes to is on a full disk), go on on standard error instead.
     A training run must not die of its log: the steps since the last checkpoint would be lost,
-    and metrics.jsonl records every log line anyway."""
+    and metrics.jsonl records every log line anyway. `going_on`: what the warning says goes on."""
     try:
         print(message, flush=True)
     except OSError as e:  # the failed line is dropped from sys.stdout's buffer: print it again
         why = ("was closed (its reader stopped, as `| head` does)" if isinstance(e, BrokenPipeError)
                else f"cannot be written ({e.strerror or e})")
-        if _stdout_to_stderr(why):
+        if _stdout_to_stderr(why, going_on):
             print(message, flush=True)
 
 
-def _stdout_to_stderr(why: str) -> bool:
+def report(message: str) -> None:
+    """A tool's line about its work (data prep's progress and summary, "wrote FILE"): printed as
+    `say` prints, so that a dataset or file already written is not reported as a failure (exit 2
+    after a complete prep) because standard output failed."""
+    say(message, going_on="the command goes on")
+
+
+def _stdout_to_stderr(why: str, going_on: str) -> bool:
     """Point file descriptor 1 where 2 goes, so every later line reaches standard error (True);
     at /dev/null if that fails too (False)."""
     try:
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
         sys.stderr.write(f"warning: standard output {why}; the log goes on here, on standard error, and "
-                         f"training continues (Ctrl-C saves a checkpoint and stops)\n")
+                         f"{going_on}\n")
         sys.stderr.flush()
         return True
     except (OSError, ValueError, AttributeError):  # standard error is gone as well (`2>&1 | head`,
@@ -58,3 +74,25 @@ def to_devnull(*streams) -> None:
                 pass
     finally:
         os.close(devnull)
+
+
+# Exit status when whatever reads stdout stops reading (`sample.py ... | head`): 128 + SIGPIPE,
+# what a shell tool killed by SIGPIPE reports.
+BROKEN_PIPE_EXIT = 141
+
+
+class OutputError(Exception):
+    """Standard output refused a command's result (a full disk, an I/O error), not a closed pipe."""
+
+
+def write_result(text: str, end: str = "\n", what: str = "the result") -> None:
+    """Print `text`, the command's result (or part of it), to stdout at once. A failed write is
+    an OutputError naming `what`; a BrokenPipeError stays itself: a reader that stopped reading
+    is no error."""
+    try:
+        print(text, end=end, flush=True)
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise OutputError(f"cannot write {what} to standard output ({e.strerror or e}); the text there is "
+                          f"incomplete") from None

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .config import ArgumentParser, ConfigError, add_option, path_arg
+from .console import write_result
 from .hf import HF_PREFIX, load_hf_model, parse_init_from
 from .model import GPT
 from .progress import progress_bar
@@ -291,11 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .cli import report_errors
+    from .cli import check_stdout, report_errors
     from .device import pick_device, resolve_dtype
 
     def run() -> None:
         args = build_parser().parse_args(argv)
+        check_stdout("the figures", "eval.txt")  # before the minutes of evaluating
         device = pick_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         model, data_dir, tokenizer, origin = load_for_eval(args.run, args.data_dir, device)
@@ -304,12 +306,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 block_size=args.block_size, max_batches=args.max_batches,
                                 device=device, autocast=autocast, progress=not args.no_progress)
         if args.json:  # which model and step each line is, for a loop over a sweep's runs
-            print(json.dumps({"model": args.run, **origin, "data_dir": str(data_dir), **asdict(result)}))
+            write_result(json.dumps({"model": args.run, **origin, "data_dir": str(data_dir), **asdict(result)}),
+                         what="the figures")
         else:
             loaded = (f"checkpoint {origin['checkpoint']}, step {origin['step']}" if "checkpoint" in origin
                       else "Hugging Face folder")
-            print(f"model {args.run} ({loaded}) on {data_dir}")
-            print(result.format())
+            write_result(f"model {args.run} ({loaded}) on {data_dir}\n{result.format()}", what="the figures")
 
     return report_errors(run, interrupted="interrupted: stopped before the end of the split; no figures to report")
 

@@ -39,6 +39,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import ArgumentParser, path_arg
+from .console import report
 from .hf import HF_PREFIX, HFError, check_gpt2_shape, hf_config_dict, to_hf_state_dict
 from .model import GPT, GPTConfig
 from .run_layout import training_output
@@ -105,8 +106,9 @@ def _export(source: Path, out: Path, overwrite: bool, check: bool, log: Callable
             save_hf_tokenizer(tokenizer, tmp, config.block_size, transformers)
         else:
             log(f"warning: {source} has no {ckpt.TOKENIZER_FILE}; exported the model without a tokenizer")
-        if check:
-            log(check_export(tmp, model, tokenizer, transformers))
+        # Said once the export is in place: a log that fails (standard output on a full disk) is
+        # no failure to write --out, and removed the finished export with the temporary folder.
+        checked = check_export(tmp, model, tokenizer, transformers) if check else None
         _publish(tmp, target)
     except OSError as e:
         # A full disk, a read-only folder, a file where a folder of --out should be: one line,
@@ -118,6 +120,8 @@ def _export(source: Path, out: Path, overwrite: bool, check: bool, log: Callable
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if checked is not None:
+        log(checked)
     log(f"exported {source} to {out} (Hugging Face GPT-2: GPT2LMHeadModel.from_pretrained({str(out)!r}))")
     return out
 
@@ -276,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> None:
         args = build_parser().parse_args(argv)
-        export_hf(args.run, args.out, overwrite=args.overwrite, check=args.check)
+        export_hf(args.run, args.out, overwrite=args.overwrite, check=args.check, log=report)
 
     return report_errors(run, interrupted="interrupted: stopped exporting; the unfinished folder was removed")
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import ArgumentParser, path_arg, path_or_default_arg
+from .console import report
 from .metrics import METRICS_FILE, MetricsError, read_metrics
 from .run_layout import CHECKPOINTS_DIR, LATEST_FILE, nearby_runs
 
@@ -241,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         runs = _without_images(args.runs)
         out = plot_runs(runs, args.out, args.title)
-        print(f"wrote {out}")
+        report(f"wrote {out}")
 
     return report_errors(run, interrupted="interrupted: stopped plotting")
 

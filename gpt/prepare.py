@@ -57,6 +57,7 @@ import numpy as np
 from gpt import locks
 from gpt.held_signals import HeldSignals
 from gpt.config import ArgumentParser, add_option, path_arg
+from gpt.console import report
 from gpt.progress import progress_bar
 from gpt.dataset import PREP_LOCK_FILE, dataset_files, load_tokenizer, run_data_dir
 from gpt.run_layout import is_run_before_first_save, nearby_runs, training_output
@@ -917,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
             val_chunk_tokens=args.val_chunk_tokens, min_val_tokens=args.min_val_tokens,
             seed=args.seed, shard_tokens=args.shard_tokens,
             encoding_errors=args.encoding_errors, overwrite=args.overwrite,
-            progress=not args.no_progress, log=lambda line: print(line, flush=True),
+            progress=not args.no_progress, log=report,
         )
 
     return run_prep(args.out, prep)

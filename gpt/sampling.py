@@ -24,9 +24,9 @@ import torch
 from . import checkpoint as ckpt
 from . import hf
 from .checkpoint import CheckpointError
-from .cli import report_errors, say_error
+from .cli import check_stdout, report_errors
 from .config import ArgumentParser, ConfigError, add_option, path_or_default_arg
-from .console import to_devnull
+from .console import write_result
 from .device import free_memory, is_out_of_memory, pick_device, resolve_dtype
 from .generate import generate
 from .linear import ROUTES
@@ -74,51 +74,22 @@ def _sample_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Exit status when whatever reads stdout stops reading (`sample.py ... | head`): 128 + SIGPIPE,
-# what a shell tool killed by SIGPIPE reports.
-BROKEN_PIPE_EXIT = 141
-
-
-class OutputError(Exception):
-    """Standard output refused the sample's text (a full disk, an I/O error), not a closed pipe."""
-
-
 def write_text(text: str, end: str = "") -> None:
-    """Print `text` to stdout at once; a failed write is an OutputError (a BrokenPipeError stays
-    itself: a reader that stopped reading is no error)."""
-    try:
-        print(text, end=end, flush=True)
-    except BrokenPipeError:
-        raise
-    except OSError as e:
-        raise OutputError(e.strerror or str(e)) from None
+    """Print the sample's `text` to stdout at once (`write_result`: a failed write is one line,
+    a reader that stops reading, `| head`, ends sampling quietly with exit 141)."""
+    write_result(text, end, what="the sample")
 
 
 def run_sample(argv: Sequence[str]) -> int:
-    def main() -> int | None:
+    def main() -> None:
         args = _sample_parser().parse_args(argv)
-        if sys.stdout is None:
-            # Python's stdout when file descriptor 1 was closed (`sample.py >&-`): print() would
-            # drop every character and the run would still exit 0.
-            raise ConfigError("standard output is closed: there is nowhere to write the sample; "
-                              "redirect it to a file instead (> sample.txt)")
+        check_stdout("the sample", "sample.txt")
         # Text the terminal or file encoding cannot hold (a generated CJK character or U+FFFD
         # on a Windows code page, `PYTHONIOENCODING=ascii`) is shown replaced, not a
         # UnicodeEncodeError traceback halfway through the sample.
         with contextlib.suppress(AttributeError, ValueError):
             sys.stdout.reconfigure(errors="replace")
-        try:
-            sample(args)
-        except BrokenPipeError:
-            # The reader has gone: stop without a traceback, or an "Exception ignored" message
-            # from the interpreter's own flush at exit.
-            to_devnull(sys.stdout)
-            return BROKEN_PIPE_EXIT
-        except OutputError as e:
-            to_devnull(sys.stdout)
-            say_error(f"error: cannot write the sample to standard output ({e}); the text there is incomplete")
-            return 1
-        return None
+        sample(args)
 
     return report_errors(main, interrupted="interrupted: stopped generating")
 

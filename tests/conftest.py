@@ -134,6 +134,17 @@ def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
     return replace(base, **overrides).validate()
 
 
+@pytest.fixture(scope="module")
+def trained(char_data, tmp_path_factory) -> Path:
+    """A finished 10-step tiny run (checkpoints at steps 5 and 10) to resume, fine-tune, sample
+    and read with the tools; one per test module."""
+    from gpt.trainer import train
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    train(tiny_config(char_data, run, max_steps=10, eval_interval=5))
+    return run
+
+
 def tiny_args(data_dir: Path, out_dir: Path, **overrides) -> list[str]:
     """The same tiny run as `train.py` command-line arguments: every key that differs from what
     `train.py` alone would use (configs/default.toml over the dataclass defaults)."""

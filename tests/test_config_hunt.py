@@ -262,3 +262,11 @@ def test_a_key_given_twice_takes_the_last_value_as_help_says(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"], default_config=None)
     assert "a key given twice takes the last value" in " ".join(capsys.readouterr().out.split())
+
+
+def test_config_file_named_with_a_tilde_after_the_equals_sign(tmp_path, monkeypatch):
+    # No shell expands `~` in `--config=~/x.toml`: "config file ~/x.toml does not exist", while
+    # --out_dir=~/... and every other path option expanded it.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mine.toml").write_text("n_layer = 3\n")
+    assert parse_args(["--config=~/mine.toml", "--device=cpu"]).n_layer == 3

@@ -95,14 +95,6 @@ def make_dataset(folder: Path, train_tokens: np.ndarray, val_tokens: np.ndarray,
     return folder
 
 
-@pytest.fixture(scope="module")
-def trained(char_data, tmp_path_factory) -> Path:
-    """A finished 10-step tiny run (checkpoints at steps 5 and 10) to resume, fine-tune and sample."""
-    run = tmp_path_factory.mktemp("trained") / "run"
-    train(tiny_config(char_data, run, max_steps=10, eval_interval=5))
-    return run
-
-
 @pytest.fixture
 def run_copy(trained, tmp_path) -> Path:
     """A private copy of `trained`, for tests that resume it."""

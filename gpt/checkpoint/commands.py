@@ -8,6 +8,7 @@ import sys
 import threading
 
 from ..config import ArgumentParser, path_arg
+from ..console import report, write_result
 from .consolidation import consolidate
 from .layout import CheckpointError
 from .listing import format_listing, list_checkpoints
@@ -34,13 +35,15 @@ def main(argv: list[str] | None = None) -> int:
                            "a checkpoint folder outside a run)")
     cons.add_argument("--optimizer", action="store_true",
                       help="include the optimizer state (optimizer.pt), so training can resume from the copy")
-    from ..cli import report_errors  # (gpt/cli.py imports this package: at the top, a cycle)
+    from ..cli import check_stdout, report_errors  # (gpt/cli.py imports this package: at the top, a cycle)
 
     def run() -> None:
         args = parser.parse_args(argv)
         if args.command == "list":
+            check_stdout("the listing", "checkpoints.txt")
             rows = list_checkpoints(args.run)
-            print("\n".join(json.dumps(row) for row in rows) if args.json else format_listing(args.run, rows))
+            listing = "\n".join(json.dumps(row) for row in rows) if args.json else format_listing(args.run, rows)
+            write_result(listing, what="the listing")
             return
         # SIGTERM (kill, timeout, the end of a job) stops it as Ctrl-C does, removing the
         # unfinished copy on the way out (a kill -9 leaves it to the next consolidate).
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-        print(f"wrote {out}")
+        report(f"wrote {out}")
 
     # `consolidate` removes its unfinished copy on the way out (KeyboardInterrupt included), and
     # never writes into the source checkpoint; `list` writes nothing.

@@ -1,0 +1,100 @@
+"""The tools' standard output failing: on a full disk (`> /dev/full`), closed (`>&-`), or read by
+a reader that stops (`| head`). A result (gpt.eval's figures, a checkpoint listing) that cannot
+be written is one line, exit 1 (closed: exit 2, before any work; `| head`: exit 141, quietly);
+a line about work done (data prep's summary, "wrote FILE", an export's check) goes on to
+standard error with a warning, and the work stands. Each ran in-process, with sys.stdout
+replaced as the shell would have opened it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+
+
+@pytest.fixture
+def stdout_to(monkeypatch):
+    """Make sys.stdout "full" (/dev/full), "broken" (a pipe whose reader has gone) or "closed"."""
+    opened = []
+
+    def use(kind: str) -> None:
+        if kind == "closed":
+            monkeypatch.setattr(sys, "stdout", None)
+            return
+        if kind == "full":
+            stream = open("/dev/full", "w")
+        else:
+            reader, writer = os.pipe()
+            os.close(reader)
+            stream = os.fdopen(writer, "w")
+        opened.append(stream)
+        monkeypatch.setattr(sys, "stdout", stream)
+
+    yield use
+    for stream in opened:
+        with contextlib.suppress(OSError):
+            stream.close()
+
+
+def _tools(run: Path) -> dict:
+    from gpt import eval as gpt_eval
+    from gpt.checkpoint.commands import main as checkpoint_main
+
+    return {
+        "listing": lambda: checkpoint_main(["list", str(run)]),
+        "figures": lambda: gpt_eval.main([str(run), "--max_batches", "1", "--no-progress", "--json"]),
+    }
+
+
+@pytest.mark.parametrize("tool", ["listing", "figures"])
+def test_a_result_that_cannot_be_written_is_one_line_not_a_traceback_or_a_silent_success(
+        trained, stdout_to, capfd, tool):
+    # Before: `> /dev/full` and `| head` ended in an OSError or BrokenPipeError traceback (exit 1),
+    # and `>&-` exited 0 with the figures lost.
+    main = _tools(trained)[tool]
+    stdout_to("full")
+    assert main() == 1
+    err = capfd.readouterr().err
+    assert err == (f"error: cannot write the {tool} to standard output (No space left on device); the text "
+                   f"there is incomplete\n"), err
+    stdout_to("broken")
+    assert main() == 141
+    assert capfd.readouterr().err == ""
+    stdout_to("closed")
+    assert main() == 2
+    err = capfd.readouterr().err
+    assert err.startswith(f"error: standard output is closed: there is nowhere to write the {tool}; "
+                          f"redirect it to a file instead"), err
+
+
+def test_work_done_stands_when_its_closing_lines_cannot_be_written(trained, tmp_path, stdout_to, capfd):
+    # Data prep exited 2 ("error: [Errno 28] No space left on device") after writing a complete
+    # dataset; an export was deleted whole, and the disk it went to blamed, when its check line
+    # failed; plot and consolidate wrote their file, then ended in a traceback.
+    from gpt import export, plot, prepare
+
+    warned = "warning: standard output cannot be written (No space left on device)"
+    text = tmp_path / "corpus.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 400)
+    stdout_to("full")
+    assert prepare.main(["--input", str(text), "--out", str(tmp_path / "data"), "--tokenizer", "char",
+                         "--no-progress", "--val-rule", "tail", "--min-val-tokens", "64"]) == 0
+    err = capfd.readouterr().err
+    assert warned in err and f"prepared {tmp_path / 'data'}" in err, err
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["vocab_size"] > 0
+
+    stdout_to("full")
+    assert export.main([str(trained), "--out", str(tmp_path / "hf")]) == 0
+    err = capfd.readouterr().err
+    assert warned in err and "checked: Hugging Face logits equal ours" in err, err
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+    stdout_to("full")
+    assert plot.main([str(trained), "--out", str(tmp_path / "curves.png")]) == 0
+    assert f"wrote {tmp_path / 'curves.png'}" in capfd.readouterr().err
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
