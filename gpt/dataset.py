@@ -89,7 +89,7 @@ def missing_dataset(data_dir: Path, what: str, split: str | None = None,
         meant = typo_of(data_dir, ("meta.json",))
         make = (f"; did you mean {meant}, the dataset beside it? Or make one with" if meant is not None
                 else ". Make one with")
-        return ShardError(f"{data_dir}: {what}{where}{make}: python data_prep/prepare.py --input YOUR_TEXT "
+        return ShardError(f"{data_dir}: {what}{where}{make}: {prep_command()} --input YOUR_TEXT "
                           f"--out {quote(str(data_dir))}{tokenizer_flag(tokenizer)} (or --source stdlib in place of "
                           f"--input YOUR_TEXT: the Python standard library's own source, no download)")
     meta = _read_meta_quietly(data_dir)
@@ -257,7 +257,22 @@ def _is_stdlib(meta: dict) -> bool:
 def _prep_command(meta: dict, tokenizer_options: str, out: str | os.PathLike) -> str:
     """prepare.py's command line for the corpus `meta` (meta.json) names, with its split options."""
     corpus = "--source stdlib" if _is_stdlib(meta) else "--input YOUR_TEXT"
-    return f"python data_prep/prepare.py {corpus}{tokenizer_options}{_split_options(meta)} --out {quote(str(out))}"
+    return f"{prep_command()} {corpus}{tokenizer_options}{_split_options(meta)} --out {quote(str(out))}"
+
+
+PREP_SCRIPT = Path(__file__).resolve().parents[1] / "data_prep" / "prepare.py"
+
+
+def prep_command() -> str:
+    """How to run data prep from the current folder, for the commands errors give: `python
+    data_prep/prepare.py` in the repository, its whole path elsewhere (a job script run from
+    another folder: the short form would not be found there)."""
+    here = Path("data_prep/prepare.py")
+    try:
+        short = here.is_file() and here.resolve() == PREP_SCRIPT
+    except OSError:
+        short = False
+    return f"python {here if short else quote(str(PREP_SCRIPT))}"
 
 
 def _split_options(meta: dict) -> str:
@@ -326,7 +341,7 @@ def check_is_folder(data_dir: Path, tokenizer: str | os.PathLike | None = None) 
     if data_dir.exists() and not data_dir.is_dir():
         raise ShardError(f"data_dir {data_dir} is a file, not a dataset folder (meta.json, tokenizer.json, "
                          f"train_*.bin, val_*.bin): give the folder, or make one from this file with "
-                         f"python data_prep/prepare.py --input {quote(str(data_dir))} --out DIR{tokenizer_flag(tokenizer)}")
+                         f"{prep_command()} --input {quote(str(data_dir))} --out DIR{tokenizer_flag(tokenizer)}")
 
 
 def load_meta(data_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> dict:

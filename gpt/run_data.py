@@ -19,8 +19,8 @@ from . import checkpoint as ckpt
 from . import hf
 from .config import TrainConfig
 from .console import say
-from .dataset import (beside, check_is_folder, check_token_ids, dataset_files, load_meta, prepare_again,
-                      tokenizer_flag, wait_for_prep)
+from .dataset import (beside, check_is_folder, check_token_ids, dataset_files, load_meta, prep_command,
+                      prepare_again, tokenizer_flag, wait_for_prep)
 from .distributed import DistInfo, barrier, log
 from .loader import TokenLoader
 from .run_layout import training_output, typo_of
@@ -69,7 +69,7 @@ def check_no_other_files(data_dir: Path, config: TrainConfig, tokenizer: str | P
         raise ShardError(
             f"{data_dir} holds no dataset but other files ({shown}); the '{config.prepare_source}' corpus is "
             f"prepared only into a new or empty folder. To train on your own text there, prepare it first: "
-            f"python data_prep/prepare.py --input {shlex.quote(str(data_dir))}{tokenizer_flag(tokenizer)}{split} --out "
+            f"{prep_command()} --input {shlex.quote(str(data_dir))}{tokenizer_flag(tokenizer)}{split} --out "
             f"{shlex.quote(str(made))}, then train with --data_dir {shlex.quote(str(made))}")
 
 

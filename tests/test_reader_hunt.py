@@ -95,6 +95,7 @@ def test_a_missing_dataset_names_the_current_folder_and_a_dataset_of_nearly_its_
     new dataset there."""
     import shutil
 
+    from conftest import REPO
     from gpt.dataset import load_meta
 
     shutil.copytree(char_data, tmp_path / "data" / "shakespeare_char")
@@ -103,9 +104,15 @@ def test_a_missing_dataset_names_the_current_folder_and_a_dataset_of_nearly_its_
         load_meta("data/shakespear_char")
     assert (f"data/shakespear_char: dataset folder does not exist (from the current folder, {tmp_path}); did you "
             f"mean data/shakespeare_char, the dataset beside it? Or make one with:") in str(e.value)
+    # The command to make one runs from there too: data_prep/prepare.py is not in this folder.
+    script = REPO / "data_prep" / "prepare.py"
+    assert f"make one with: python {script} --input YOUR_TEXT --out data/shakespear_char" in str(e.value)
     with pytest.raises(ShardError) as e:
         load_meta(tmp_path / "elsewhere")
     assert "current folder" not in str(e.value) and "did you mean" not in str(e.value)
+    monkeypatch.chdir(REPO)  # in the repository: the short form
+    with pytest.raises(ShardError, match="Make one with: python data_prep/prepare.py --input YOUR_TEXT"):
+        load_meta(tmp_path / "elsewhere")
 
 
 def test_keep_best_keeps_the_lowest_val_loss_and_list_shows_it(char_data, tmp_path, capsys, monkeypatch):
