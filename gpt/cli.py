@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, parse_args
-from .console import BROKEN_PIPE_EXIT, OutputError, to_devnull
+from .console import BROKEN_PIPE_EXIT, OutputError, ReaderGone, to_devnull
 from .early_signals import ImportInterrupted
 from .errors import FollowOnFailure, TrainingError
 from .hf import HFError
@@ -92,7 +92,7 @@ def report_errors(main: Callable[[], int | None], interrupted: str = TRAIN_INTER
         to_devnull(sys.stdout)  # (the interpreter's flush at exit would fail on it again)
         say_error(f"error: {e}")
         return 1
-    except BrokenPipeError:
+    except ReaderGone:
         # Whatever read the result stopped reading (`| head`): no error and no traceback, nor an
         # "Exception ignored" from the interpreter's flush at exit.
         to_devnull(sys.stdout)

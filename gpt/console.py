@@ -85,14 +85,18 @@ class OutputError(Exception):
     """Standard output refused a command's result (a full disk, an I/O error), not a closed pipe."""
 
 
+class ReaderGone(Exception):
+    """Whatever read a command's result stopped reading (`| head`): no error. (Its own class: a
+    BrokenPipeError from anywhere else, a library's pipe, is a failure to show, not to hush.)"""
+
+
 def write_result(text: str, end: str = "\n", what: str = "the result") -> None:
     """Print `text`, the command's result (or part of it), to stdout at once. A failed write is
-    an OutputError naming `what`; a BrokenPipeError stays itself: a reader that stopped reading
-    is no error."""
+    an OutputError naming `what`; a closed pipe is ReaderGone."""
     try:
         print(text, end=end, flush=True)
     except BrokenPipeError:
-        raise
+        raise ReaderGone from None
     except OSError as e:
         raise OutputError(f"cannot write {what} to standard output ({e.strerror or e}); the text there is "
                           f"incomplete") from None

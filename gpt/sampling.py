@@ -26,7 +26,7 @@ from . import hf
 from .checkpoint import CheckpointError
 from .cli import check_stdout, report_errors
 from .config import ArgumentParser, ConfigError, add_option, path_or_default_arg
-from .console import write_result
+from .console import BROKEN_PIPE_EXIT, to_devnull, write_result
 from .device import free_memory, is_out_of_memory, pick_device, resolve_dtype
 from .generate import generate
 from .linear import ROUTES
@@ -81,7 +81,7 @@ def write_text(text: str, end: str = "") -> None:
 
 
 def run_sample(argv: Sequence[str]) -> int:
-    def main() -> None:
+    def main() -> int | None:
         args = _sample_parser().parse_args(argv)
         check_stdout("the sample", "sample.txt")
         # Text the terminal or file encoding cannot hold (a generated CJK character or U+FFFD
@@ -89,7 +89,14 @@ def run_sample(argv: Sequence[str]) -> int:
         # UnicodeEncodeError traceback halfway through the sample.
         with contextlib.suppress(AttributeError, ValueError):
             sys.stdout.reconfigure(errors="replace")
-        sample(args)
+        try:
+            sample(args)
+        except BrokenPipeError:
+            # Standard error's reader gone (`2>&1 >/dev/null | head`: the speed line): as quiet
+            # as standard output's (ReaderGone, in report_errors); sampling has no other pipe.
+            to_devnull(sys.stdout, sys.stderr)
+            return BROKEN_PIPE_EXIT
+        return None
 
     return report_errors(main, interrupted="interrupted: stopped generating")
 

@@ -98,3 +98,28 @@ def test_work_done_stands_when_its_closing_lines_cannot_be_written(trained, tmp_
     assert plot.main([str(trained), "--out", str(tmp_path / "curves.png")]) == 0
     assert f"wrote {tmp_path / 'curves.png'}" in capfd.readouterr().err
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sample_whose_standard_error_reader_stops_ends_quietly(trained, monkeypatch):
+    # `sample.py 2>&1 >/dev/null | head`: the speed line's BrokenPipeError on standard error ends
+    # sampling as quietly as standard output's (exit 141, no traceback on a stream that is gone).
+    from gpt.sampling import run_sample
+
+    reader, writer = os.pipe()
+    os.close(reader)
+    with open(os.devnull, "w") as out, os.fdopen(writer, "w") as err:
+        monkeypatch.setattr(sys, "stdout", out)
+        monkeypatch.setattr(sys, "stderr", err)
+        assert run_sample(["--out_dir", str(trained), "--max_new_tokens", "5", "--device", "cpu"]) == 141
+
+
+def test_a_broken_pipe_other_than_the_results_reader_is_no_quiet_exit():
+    # Only a result whose reader stopped is hushed (exit 141): a library's own pipe breaking (a
+    # logger's service gone) is a failure, and keeps its traceback.
+    from gpt.cli import report_errors
+
+    def fails() -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        report_errors(fails)
