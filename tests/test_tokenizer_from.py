@@ -48,7 +48,8 @@ def _decoded(data_dir: Path) -> str:
 
 def _command(message: str) -> list[str]:
     """The prep command an error gives, as argv for prepare.py's main()."""
-    found = re.search(r"python data_prep/prepare\.py (.*?)(?:,| \(meta\.json| then|$)", message)
+    # (data_prep/prepare.py's whole path where the current folder is not the repository)
+    found = re.search(r"python (?:\S*/)?data_prep/prepare\.py (.*?)(?:,| \(meta\.json| then|$)", message)
     assert found, message
     return shlex.split(found.group(1))
 

@@ -123,3 +123,20 @@ def test_a_broken_pipe_other_than_the_results_reader_is_no_quiet_exit():
 
     with pytest.raises(BrokenPipeError):
         report_errors(fails)
+
+
+def test_a_prep_whose_progress_bar_cannot_be_written_finishes_its_dataset(tmp_path, monkeypatch):
+    # `prepare.py 2>&1 | head`: the bar's write to the broken standard error was an OSError that
+    # abandoned the prep (no dataset), and its one-line error failed on the same stream (exit 1).
+    from gpt import prepare
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 400)
+    reader, writer = os.pipe()
+    os.close(reader)
+    with open(os.devnull, "w") as out, os.fdopen(writer, "w") as err:
+        monkeypatch.setattr(sys, "stdout", out)
+        monkeypatch.setattr(sys, "stderr", err)
+        assert prepare.main(["--input", str(text), "--out", str(tmp_path / "data"), "--tokenizer", "char",
+                             "--val-rule", "tail", "--min-val-tokens", "64"]) == 0
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["vocab_size"] > 0
