@@ -21,7 +21,6 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 # `python benchmarks/scaleout_summary.py` puts benchmarks/, not the repository, on sys.path.
@@ -93,7 +92,7 @@ def compiled(c: dict[str, Any]) -> bool:
     device = c["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"  # (auto's mps is never compiled)
-    return parallel.compile_enabled(SimpleNamespace(compile=c["compile"]), torch.device(device))
+    return parallel.compile_enabled(c["compile"], torch.device(device))
 
 
 def read_vocab(data_dir: Any) -> int | None:

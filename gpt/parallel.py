@@ -70,10 +70,10 @@ def autocast_dtype(strategy: str, dtype: torch.dtype) -> torch.dtype | None:
     return dtype
 
 
-def compile_enabled(config: TrainConfig, device: torch.device) -> bool:
-    """config.compile resolved: 'auto' compiles on CUDA, where fused kernels pay for the compile
-    time many times over; on CPU inductor's kernels were no faster than eager (benchmarks/)."""
-    return config.compile == "true" or (config.compile == "auto" and device.type == "cuda")
+def compile_enabled(setting: str, device: torch.device) -> bool:
+    """The `compile` setting resolved: 'auto' compiles on CUDA, where fused kernels pay for the
+    compile time many times over; on CPU inductor's kernels were no faster than eager (benchmarks/)."""
+    return setting == "true" or (setting == "auto" and device.type == "cuda")
 
 
 def chunked_loss_enabled(config: TrainConfig, strategy: str, device: torch.device) -> bool:
@@ -85,7 +85,7 @@ def chunked_loss_enabled(config: TrainConfig, strategy: str, device: torch.devic
     weight gradient and saved input gradient are gone)."""
     if config.loss != "auto":
         return config.loss == "chunked"
-    return not (compile_enabled(config, device) and device.type == "cuda" and strategy != "fsdp")
+    return not (compile_enabled(config.compile, device) and device.type == "cuda" and strategy != "fsdp")
 
 
 def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, dtype: torch.dtype,
@@ -100,7 +100,7 @@ def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, dtype: to
     `log` receives one line saying what was applied.
     """
     strategy = resolve_strategy(config, info)
-    compiled = compile_enabled(config, info.device)
+    compiled = compile_enabled(config.compile, info.device)
     model.chunked_loss = chunked_loss_enabled(config, strategy, info.device)
     log(describe(strategy, config, info, dtype))
     if config.activation_checkpointing:
@@ -151,7 +151,7 @@ def settle_ddp_buckets(wrapped: torch.nn.Module, info: DistInfo) -> None:
 def describe(strategy: str, config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> str:
     """One line for the log: which strategy, and why when it is not the one asked for."""
     extras = [name for name, on in (("activation checkpointing", config.activation_checkpointing),
-                                    ("compile", compile_enabled(config, info.device))) if on]
+                                    ("compile", compile_enabled(config.compile, info.device))) if on]
     if strategy == "fsdp":
         precision = f"{str(dtype).removeprefix('torch.')} compute, {config.fsdp_reduce_dtype} reduce-scatter"
         line = (f"parallel: fsdp (FSDP2) over {info.world_size} process(es); {precision}; reshard after "

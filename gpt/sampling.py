@@ -110,7 +110,8 @@ def check_batch_fits(rows: int, model: torch.nn.Module, device: torch.device, dt
     for the widest forward pass its attention scores and MLP activations in fp32, and a row of
     logits. The widest pass: with the cache, the prompt, or a whole window once the tokens fed
     outgrow block_size (the cache is rebuilt from it); without, the whole context at the last token."""
-    block = model.config.block_size
+    config = model.config
+    block = config.block_size
     fed = prompt_tokens + new_tokens - 1  # the last token drawn is never fed back
     if use_cache:
         widest = block if fed > block else prompt_tokens
@@ -119,7 +120,6 @@ def check_batch_fits(rows: int, model: torch.nn.Module, device: torch.device, dt
     free = free_memory(device)
     if free is None:
         return
-    config = model.config
     cache = 2 * config.n_layer * block * config.n_embd * (torch.finfo(dtype).bits // 8) * use_cache
     per_row = cache + 4 * (config.n_head * widest ** 2 + 4 * config.n_embd * widest + config.vocab_size)
     if rows * per_row > free:

@@ -627,7 +627,7 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
 
     clock = Clock(elapsed_before=state.get("elapsed_s", 0.0), timed_from=step,
                   interval_start=time.perf_counter(), run_start=time.perf_counter(),
-                  compiled=parallel.compile_enabled(config, info.device))
+                  compiled=parallel.compile_enabled(config.compile, info.device))
 
     def save(at_step: int, val_loss: tuple[float | None, int | None]) -> Path:
         # A collective: every rank takes part (gathering to rank 0, or writing its own shard).

@@ -158,13 +158,13 @@ def test_compile_auto_means_cuda_only(tmp_path):
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     auto = TrainConfig().validate()
-    assert auto.compile == "auto" and not compile_enabled(auto, cpu) and compile_enabled(auto, cuda)
+    assert auto.compile == "auto" and not compile_enabled(auto.compile, cpu) and compile_enabled(auto.compile, cuda)
     # TOML booleans (configs/gpt2_124m.toml: compile = true) and CLI words both work.
     (tmp_path / "c.toml").write_text("compile = true\n")
     on = apply_overrides(TrainConfig(), load_toml(tmp_path / "c.toml"), "c.toml").validate()
-    assert on.compile == "true" and compile_enabled(on, cpu)
+    assert on.compile == "true" and compile_enabled(on.compile, cpu)
     off = apply_overrides(TrainConfig(), {"compile": "false"}, "command line").validate()
-    assert not compile_enabled(off, cuda)
+    assert not compile_enabled(off.compile, cuda)
     with pytest.raises(ConfigError, match="compile = 'maybe' is not allowed; choose one of auto, true, false"):
         apply_overrides(TrainConfig(), {"compile": "maybe"}, "command line").validate()
 
