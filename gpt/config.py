@@ -556,6 +556,15 @@ class _TrainParser(argparse.ArgumentParser):
         raise ConfigError(f"command line: {message} (python train.py --help lists every key)")
 
 
+def _as_run_takes(f, value: Any, path: str) -> Any:
+    """A config file's value as a run takes it (`compile = true` runs as 'true'), for the help;
+    as written where the run would refuse it (it says why then)."""
+    try:
+        return _coerce(f.name, value, str(f.type), str(path), typed=True)
+    except ConfigError:
+        return value
+
+
 def build_parser(default_config: str | None = None, shown_config: str | None = None) -> argparse.ArgumentParser:
     """train.py's parser. Each key's help gives the value a run would start from: the config
     file's (`shown_config`, the --config given with --help, else `default_config`) where it sets
@@ -610,7 +619,8 @@ def build_parser(default_config: str | None = None, shown_config: str | None = N
             # argparse %-formats help texts: a '%' in a value of the default config file
             # (wandb_run_name = "lr 50%") made --help fail with a ValueError traceback.
             help=(f"{help_text} (default: " + (
-                f"{from_file[f.name]!r} from {Path(shown).name}, built in {getattr(defaults, f.name)!r})"
+                f"{_as_run_takes(f, from_file[f.name], shown)!r} from {Path(shown).name}, "
+                f"built in {getattr(defaults, f.name)!r})"
                 if f.name in from_file else f"{getattr(defaults, f.name)!r})")).replace("%", "%%"),
         )
     return parser

@@ -26,6 +26,17 @@ def test_help_survives_a_percent_sign_in_the_default_config(tmp_path):
     assert e.value.code == 0
 
 
+def test_help_shows_a_config_files_value_as_the_run_takes_it(tmp_path):
+    """configs/gpt2_124m.toml's `compile = true` was shown as "default: True", not a choice of
+    {auto, true, false}; the run takes it as 'true'. A value the run refuses is shown as written."""
+    default = tmp_path / "default.toml"
+    default.write_text('compile = true\nmin_lr = 0\nn_layer = "2"\n')
+    text = " ".join(build_parser(str(default)).format_help().split())
+    assert "(default: 'true' from default.toml, built in 'auto')" in text
+    assert "(default: 0.0 from default.toml" in text  # a float key given an integer
+    assert "(default: '2' from default.toml, built in 4)" in text
+
+
 def test_help_after_config_shows_that_files_values(tmp_path, capsys):
     """`train.py --config mine.toml --help` showed the default file's values ("0.008 from
     default.toml"): argparse answers --help before it has read --config. A sweep user reading
