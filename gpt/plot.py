@@ -71,8 +71,7 @@ def _load(runs: Sequence[str | Path], warn: Callable[[str], None]) -> dict[Path,
             records = read_metrics(path)
         if not records:
             if len(paths) == 1:
-                raise MetricsError(f"{file} is empty: the run has not logged a step yet" if file.exists()
-                                   else f"{file} does not exist: the run has not logged a step yet")
+                raise MetricsError(f"{file} {_nothing_in(file)}: the run has not logged a step yet")
             not_yet.append(str(path))
             continue
         loaded[path] = records
@@ -81,6 +80,14 @@ def _load(runs: Sequence[str | Path], warn: Callable[[str], None]) -> dict[Path,
     if not_yet:
         warn(f"warning: left out, nothing logged yet: {', '.join(not_yet)}")
     return loaded
+
+
+def _nothing_in(file: Path) -> str:
+    """How a metrics file that gives no record stands: a run killed while writing its first line
+    leaves that line cut short, which is not an empty file."""
+    if not file.exists():
+        return "does not exist"
+    return "holds only a line cut short" if file.read_text(errors="replace").strip() else "is empty"
 
 
 def _check_is_a_run(path: Path) -> None:

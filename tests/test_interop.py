@@ -638,6 +638,10 @@ def test_plot_refuses_empty_or_malformed_metrics(tmp_path, capsys):
     (run / "metrics.jsonl").write_text("")
     assert plot.main([str(run)]) == 2
     assert "is empty" in capsys.readouterr().err
+    # A first line cut short by a kill mid-write is not "empty".
+    (run / "metrics.jsonl").write_text('{"step": 1, "lo')
+    assert plot.main([str(run)]) == 2
+    assert "metrics.jsonl holds only a line cut short: the run has not logged a step yet" in capsys.readouterr().err
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2, "loss": 1.0}\n')
     assert plot.main([str(run)]) == 2
     assert "metrics.jsonl:2: not valid JSON" in capsys.readouterr().err
