@@ -38,9 +38,11 @@ def format_duration(seconds: float) -> str:
 
 
 def eta_seconds(step_time: float, steps_left: int, evals_left: int, eval_s: float | None, save_s: float,
-                eval_iters: int, accum: int, eval_compile_s: float = 0.0) -> float:
+                eval_iters: int, accum: int, eval_compile_s: float = 0.0, saving_now: bool = False) -> float:
     """Seconds to the end of the run: the steps left at `step_time` each, plus each eval (and
-    the save after it) to come, priced at the latest ones (`eval_s`, `save_s`).
+    the save after it) to come, priced at the latest ones (`eval_s`, `save_s`). An eval step's
+    line is written before its own save (`saving_now`), which is counted too: the last line of
+    a run said "ETA 0s" while its final checkpoint was still being written.
 
     Before this process has timed an eval (the first log lines of a run, and of a resumed one),
     `eval_s` is None and an eval is priced as what it does: `eval_iters` forward passes over one
@@ -49,15 +51,16 @@ def eta_seconds(step_time: float, steps_left: int, evals_left: int, eval_s: floa
     A compiled model also compiles its eval-mode graph at that first eval: `eval_compile_s`,
     added once.
     """
+    now = save_s if saving_now else 0.0
     if steps_left == 0 and evals_left == 0:
-        return 0.0
+        return now
     if not math.isfinite(step_time):  # no steady step time yet (interval_step_time)
         return math.nan
     first_eval = 0.0
     if eval_s is None:
         eval_s = step_time / accum * eval_iters / 3
         first_eval = eval_compile_s if evals_left else 0.0
-    return max(0.0, step_time * steps_left + evals_left * (eval_s + save_s) + first_eval)
+    return max(0.0, step_time * steps_left + evals_left * (eval_s + save_s) + first_eval + now)
 
 
 def eval_compile_estimate(clock: Clock, steady: float) -> float:
@@ -159,7 +162,8 @@ def log_record(step: int, config: TrainConfig, info: DistInfo, *, lr: float, tok
     `step_time` and `steady` as `interval_step_time` gives them."""
     # Each eval step to come also evaluates and saves: priced at the latest ones.
     eta = eta_seconds(steady, config.max_steps - step, evals_left(step, config), clock.eval_s,
-                      clock.save_s, config.eval_iters, accum, eval_compile_estimate(clock, steady))
+                      clock.save_s, config.eval_iters, accum, eval_compile_estimate(clock, steady),
+                      saving_now=val_loss is not None)
     tok_s = tokens_per_step / step_time
     mfu = flops_per_token * tok_s / (peak * info.world_size)
     record = {
