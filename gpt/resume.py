@@ -150,8 +150,12 @@ def check_resumed_model(resume_from: Path, saved: dict[str, Any], current: dict[
         message = str(e)
         started = (saved.get("train_config") or {}).get("init_from") or ""
         if not config.init_from and started.startswith(hf.HF_PREFIX):  # (the folder may be gone since)
-            message += (f". This run took its model's shape from init_from = {started!r}: resume it "
-                        f"with --init_from={shlex.quote(started)} as it started")
+            # Not the differences from this config's shape: named again, init_from gives the run
+            # the checkpoint's shape whatever the config says, and "block_size: checkpoint 64 vs
+            # config 32" read as advice to change the windows' length, which the resume refuses.
+            message = (f"cannot resume {resume_from}: this run took its model's shape from init_from = "
+                       f"{started!r}, which this command does not name: resume it with "
+                       f"--init_from={shlex.quote(started)} as it started")
         if optimizer:
             message += f". Also, {optimizer}"
         raise ckpt.CheckpointError(message) from None
