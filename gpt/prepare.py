@@ -562,7 +562,12 @@ def _encoded(tok: Tokenizer, labelled: Iterator[tuple[Piece, str | None]], unkno
     Byte-level BPE goes through the word cache in worker processes (gpt/wordcache.py: ~10x the
     tokenizers pipeline on ASCII text, the same ids); anything else through `encode_batch`,
     which runs the Rust pipeline on all cores. A character a char vocabulary lacks is a
-    PrepareError that starts with `unknown`."""
+    PrepareError that starts with `unknown`.
+
+    The pieces' cuts are exact for GPT-2's pre-tokenizer and for characters alone
+    (gpt/sources.py). Any other tokenizer (one reused with --tokenizer-from: a Metaspace BPE
+    merged "US:\n" across a cut, and put a "▁" at the start of every piece) encodes each
+    document whole (`_whole_documents`): its text is held in memory at once."""
     if word_cache_applies(tok.inner):
         pending: deque[tuple[Piece, str | None]] = deque()  # pieces handed out, not yet encoded
 
@@ -575,6 +580,8 @@ def _encoded(tok: Tokenizer, labelled: Iterator[tuple[Piece, str | None]], unkno
             piece, split = pending.popleft()
             yield piece, split, ids
         return
+    if tok.kind != "char":
+        labelled = _whole_documents(labelled)
     for batch in _batches(labelled, BATCH_CHARS):
         try:
             arrays = tok.encode_batch_arrays([piece.text for piece, _ in batch])
@@ -582,6 +589,21 @@ def _encoded(tok: Tokenizer, labelled: Iterator[tuple[Piece, str | None]], unkno
             raise PrepareError(f"{unknown}: {e}") from None
         for (piece, split), ids in zip(batch, arrays):
             yield piece, split, ids
+
+
+def _whole_documents(labelled: Iterator[tuple[Piece, str | None]]) -> Iterator[tuple[Piece, str | None]]:
+    """The pieces of each document joined back into one, as long as they go to one split (the
+    tail rule's cut between train and val stays a cut, as in nanoGPT's split)."""
+    parts: list[Piece] = []
+    split = None
+    for piece, label in labelled:
+        if parts and (piece.starts_document or label != split):
+            yield parts[0]._replace(text="".join(p.text for p in parts)), split
+            parts = []
+        parts.append(piece)
+        split = label
+    if parts:
+        yield parts[0]._replace(text="".join(p.text for p in parts)), split
 
 
 def _utf8_len(text: str) -> int:

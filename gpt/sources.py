@@ -8,7 +8,8 @@ text file) streams in bounded memory too. Pieces are cut only just before a spac
 or carriage return that follows a non-whitespace character. GPT-2's pre-tokenizer regex (used by
 the byte-level BPE) always ends a pre-token there and has no look-behind, so encoding the pieces
 one by one gives exactly the ids of encoding the whole document (tests check this); a
-character vocabulary is indifferent to cuts anyway. Only a stretch of 16 × `piece_chars`
+character vocabulary is indifferent to cuts anyway (any other tokenizer, reused with
+--tokenizer-from, gets each document joined whole again: gpt/prepare.py `_encoded`). Only a stretch of 16 × `piece_chars`
 characters (1M) without such a place is cut anywhere, which may change a few BPE ids there.
 
 Empty documents are skipped: they hold nothing to learn. So are, in an input folder, files that

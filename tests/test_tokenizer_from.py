@@ -365,3 +365,33 @@ def test_paths_of_no_name_and_runs_with_a_broken_latest_in_the_advice(char_data,
     from gpt.dataset import model_folder
 
     assert model_folder(checkpoint) == checkpoint and model_folder(ckpt.latest_checkpoint(run)) == run
+
+
+@pytest.mark.parametrize("val_rule", ["tail", "chunks"])
+def test_a_reused_tokenizer_of_another_kind_gets_the_ids_of_each_whole_document(tmp_path, val_rule):
+    """Prep cuts documents into 64K-character pieces just before whitespace, a cut exact for
+    GPT-2's pre-tokenizer. A reused Metaspace BPE (Llama's kind) merged "US:\\n" across a cut
+    and put a "▁" at the start of every piece: 9 ids more than the tokenizer's own encoding of
+    the text, and text that did not decode back. Such a tokenizer now encodes each document whole."""
+    from tokenizers import Tokenizer as Inner
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    text = SHAKESPEARE.read_text()[:400_000]  # one document of ~6 pieces
+    inner = Inner(models.BPE())
+    inner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    inner.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    inner.train_from_iterator([text[:100_000]], trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                                    show_progress=False))
+    inner.save(str(tmp_path / "metaspace.json"))
+    (tmp_path / "in.txt").write_text(text)
+    prepare(tmp_path / "out", tmp_path / "in.txt", tokenizer=tmp_path / "metaspace.json", val_rule=val_rule,
+            val_fraction=0.1, min_val_tokens=65, progress=False, log=None)
+    eot = inner.token_to_id("<|endoftext|>")
+    shards = {split: np.concatenate([np.asarray(open_shard(p)) for p in list_shards(tmp_path / "out", split)])
+              for split in ("train", "val")}
+    if val_rule == "tail":  # nanoGPT's split: train and val are each encoded as one text
+        cut = int(len(text) * 0.9)
+        assert shards["train"].tolist() == [eot] + inner.encode(text[:cut]).ids
+        assert shards["val"].tolist() == inner.encode(text[cut:]).ids
+    else:  # the chunks of one stream
+        assert sorted(np.concatenate(list(shards.values())).tolist()) == sorted([eot] + inner.encode(text).ids)
