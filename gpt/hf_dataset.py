@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ class HFDataset(DocumentsFromPieces):
     _stamps: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _files: list | None = field(default=None, init=False, repr=False, compare=False)
     _module: str | None = field(default=None, init=False, repr=False, compare=False)
+    _warned: set = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.description:
@@ -168,11 +170,22 @@ class HFDataset(DocumentsFromPieces):
                     # datasets' text builder turns \r\n and \r into \n (text mode), and reads a
                     # folder's files line by line (one document per line, newlines dropped):
                     # the same file gave another corpus than --input. Read them as --input does.
-                    return [Path(f) for f in self._files]
+                    return self._each_file_once([Path(f) for f in self._files])
                 if builder.name == "text" and "sample_by" not in kwargs:
                     kwargs.update(sample_by="document", encoding="utf-8-sig")  # a folder of .txt, sliced
             return datasets.load_dataset(path, self.config, split=self.split, streaming=self.streaming,
                                          **kwargs)
+
+    def _each_file_once(self, files: list[Path]) -> list[Path]:
+        """`files` less those reached again (a link to another of them), as --input reads a folder:
+        twice, a file would sit in both splits and weigh double in training."""
+        read: dict[str, Path] = {}
+        for path in files:
+            first = read.setdefault(os.path.realpath(path), path)
+            if first != path and path not in self._warned:
+                self._warned.add(path)  # (data prep reads the corpus twice: said once)
+                warnings.warn(f"skipping {path}: the same file as {first}, read already", stacklevel=3)
+        return list(read.values())
 
     def _blame(self, datasets) -> str | None:
         """Which of several local data files makes loading fail, and why ("FILE: reason"), or None

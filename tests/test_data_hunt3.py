@@ -49,6 +49,20 @@ def test_hf_text_file_and_folder_give_the_same_corpus_as_input(tmp_path, monkeyp
     assert load_meta(tmp_path / "in")["tokens"] == load_meta(tmp_path / "hf")["tokens"]
 
 
+def test_hf_text_folder_reads_a_linked_file_once_as_input_does(tmp_path):
+    """A link in the folder to another of its files: --input read it once, with a warning;
+    --hf-dataset read it twice (in both splits, weighing double in training)."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_text("the first file\n")
+    (folder / "c.txt").write_text("another one\n")
+    (folder / "b.txt").symlink_to("a.txt")
+    for streaming in (False, True):
+        with pytest.warns(UserWarning, match=r"skipping .*b\.txt: the same file as .*a\.txt, read already"):
+            assert list(_hf(folder, tmp_path, streaming=streaming)) == list(LocalFiles([folder])) == [
+                "the first file\n", "another one\n"]
+
+
 def test_hf_text_files_other_field_or_split_are_named(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("some text\n")
