@@ -110,10 +110,12 @@ def _export(source: Path, out: Path, overwrite: bool, check: bool, log: Callable
         # no failure to write --out, and removed the finished export with the temporary folder.
         checked = check_export(tmp, model, tokenizer, transformers) if check else None
         _publish(tmp, target)
-    except OSError as e:
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not ckpt.failed_write(e):
+            raise
         # A full disk, a read-only folder, a file where a folder of --out should be: one line,
         # not a traceback; the checkpoint was only read.
-        shutil.rmtree(tmp, ignore_errors=True)
         raise HFError(f"could not write {out} ({type(e).__name__}: {e}); {source} is unchanged. Is "
                       f"the disk full or {target.parent} not a writable folder? Fix that, or choose "
                       f"another --out") from e

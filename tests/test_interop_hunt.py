@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import resource
+import signal
 from dataclasses import asdict
 from pathlib import Path
 
@@ -80,6 +83,44 @@ def test_a_write_error_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, cap
     assert err.startswith(f"error: could not write {tmp_path / 'hf'} (OSError: [Errno 28]"), err
     assert "is unchanged" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@contextlib.contextmanager
+def files_limited_to(size: int):
+    """No file over `size` bytes can be written, as on a disk that fills up mid-write."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_a_real_full_disk_is_one_line_for_export_and_consolidate(trained, tmp_path, capsys):
+    """The writers' own errors on a full disk are no OSError: safetensors' SafetensorError ("I/O
+    error: File too large (os error 27)"), torch.save's RuntimeError ("unexpected pos ..."). Export
+    and consolidate ended in their tracebacks."""
+    source = ckpt.latest_checkpoint(trained)
+    weights = (source / ckpt.MODEL_FILE).stat().st_size
+    assert (source / ckpt.OPTIMIZER_FILE).stat().st_size > 1.5 * weights
+    cases = [  # (the command, the file limit, the file that cannot be written)
+        (lambda out: export.main([str(trained), "--out", str(out), "--no-check"]), weights // 2, "model.safetensors"),
+        (lambda out: ckpt.main(["consolidate", str(source), "--out", str(out)]), weights // 2, "model.safetensors"),
+        (lambda out: ckpt.main(["consolidate", str(source), "--out", str(out), "--optimizer"]), int(1.5 * weights),
+         "optimizer.pt"),
+    ]
+    for number, (command, limit, what) in enumerate(cases):
+        out = tmp_path / f"out{number}"
+        with files_limited_to(limit):
+            code = command(out)
+        err = capsys.readouterr().err
+        assert code == 2, (what, err)
+        assert err.startswith(f"error: could not write {out} (") and "is unchanged" in err, err
+        assert "Traceback" not in err and err.count("\n") == 1, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], what  # nothing left behind
+    ckpt.verify_checkpoint(source)
 
 
 @pytest.mark.parametrize("eps", [None, "1e-5"])

@@ -57,7 +57,7 @@ if sys.argv[:1] == ["-m"]:
 from .commands import main
 from .consolidation import consolidate, default_consolidated_path
 from .dcp_read import read_dcp_metadata, read_sharded_state
-from .files import give_ordinary_permissions, write_text_atomic
+from .files import failed_write, give_ordinary_permissions, write_text_atomic
 from .find import best_checkpoint, complete_checkpoints, latest_checkpoint, reading, resolve_checkpoint
 from .listing import list_checkpoints
 from .layout import (CHECKPOINTS_DIR, DCP_DIR, DCP_METADATA, FORMATS, LATEST_FILE, MANIFEST_FILE, MODEL_FILE,
@@ -74,7 +74,7 @@ __all__ = [
     "MODEL_FILE", "NOT_OURS", "OPTIMIZER_FILE", "RESUME_NEEDS", "STATE_FILE", "STATE_VERSION", "TOKENIZER_FILE",
     "TRASH_PREFIX",
     "CheckpointError", "Checkpointer", "best_checkpoint", "capture_rng_state", "check_model_config", "checkpoint_format",
-    "complete_checkpoints", "consolidate", "default_consolidated_path", "gather_rng_states", "list_checkpoints",
+    "complete_checkpoints", "consolidate", "default_consolidated_path", "failed_write", "gather_rng_states", "list_checkpoints",
     "give_ordinary_permissions", "latest_checkpoint", "load_checkpoint", "load_model", "load_model_weights", "main",
     "read_dcp_metadata", "read_manifest", "read_model_state", "read_optimizer_state", "read_sharded_state",
     "read_state", "reading", "resolve_checkpoint", "resolve_format", "restore_rank_rng", "restore_rng_state",

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 
 from ..hf import HF_PREFIX
-from .files import seal_all
+from .files import failed_write, seal_all
 from .find import reading
 from .layout import CHECKPOINTS_DIR, TOKENIZER_FILE, CheckpointError
 from .load import read_model_state, read_optimizer_state
@@ -73,10 +73,12 @@ def _consolidate(ckpt_dir: Path, out: str | os.PathLike | None, optimizer: bool)
         tmp.mkdir()
         written = list(write_weight_files(tmp, full_writer(model_state, optimizer_state)))
         complete_folder(tmp, out, state, read_tokenizer_json(ckpt_dir / TOKENIZER_FILE), seal_all(written, tmp))
-    except OSError as e:
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not failed_write(e):
+            raise
         # A full disk, a read-only folder, or a file where a folder of --out should be: nothing
         # of the source was changed, so only this copy failed.
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
             f"could not write {out} ({type(e).__name__}: {e}); {ckpt_dir} is unchanged. Is the disk "
             f"full or {out.parent} not a writable folder? Fix that, or choose another --out"
