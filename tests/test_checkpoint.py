@@ -308,6 +308,11 @@ def test_unsafe_or_corrupt_sharded_checkpoints_are_refused(char_data, tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="manifest.json: lists no size and checksum for dcp/__0_0.distcp"):
         ckpt.verify_checkpoint(saved)
     (saved / ckpt.MANIFEST_FILE).write_text(json.dumps(listed))
+    # A file that no reader reads, left in dcp/ by a file system or a copy (NFS's .nfs*, macOS's
+    # ._*): not a damaged checkpoint. It was refused as "edited", to be restored from a copy.
+    (saved / ckpt.DCP_DIR / ".nfs0001").write_text("x")
+    (saved / ckpt.DCP_DIR / "._.metadata").write_text("x")
+    ckpt.verify_checkpoint(saved)
     result = train(tiny_config(char_data, run, max_steps=10, eval_interval=5, checkpoint_format="sharded"))
     assert result.step == 10
 

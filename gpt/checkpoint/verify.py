@@ -15,7 +15,7 @@ from .files import crc32, files_under, sha256
 from ..run_layout import is_run_folder
 from .find import complete_checkpoints
 from .layout import (CHECKPOINTS_DIR, DCP_DIR, FORMATS, LATEST_FILE, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE,
-                     STATE_FILE, STATE_VERSION, TOKENIZER_FILE, CheckpointError, step_of)
+                     STATE_FILE, STATE_VERSION, TOKENIZER_FILE, DCP_METADATA, CheckpointError, step_of)
 
 
 # The end of every error about a manifest.json or state.json that is valid JSON of the wrong
@@ -122,7 +122,7 @@ def _files_readers_load(ckpt_dir: Path) -> list[str]:
     optimizer.pt; a run without a tokenizer file, no tokenizer.json)."""
     names = [STATE_FILE]
     if checkpoint_format(ckpt_dir) == "sharded":
-        names += [p.relative_to(ckpt_dir).as_posix() for p in files_under(ckpt_dir / DCP_DIR)]
+        names += _dcp_files(ckpt_dir)
     else:
         names.append(MODEL_FILE)
         if (ckpt_dir / OPTIMIZER_FILE).exists():
@@ -130,6 +130,21 @@ def _files_readers_load(ckpt_dir: Path) -> list[str]:
     if (ckpt_dir / TOKENIZER_FILE).exists():
         names.append(TOKENIZER_FILE)
     return names
+
+
+def _dcp_files(ckpt_dir: Path) -> list[str]:
+    """The files of dcp/ that loading reads: .metadata and the shard files it names. Not every
+    file there: one a file system or a copy leaves beside them (.nfs0001, macOS's ._.metadata)
+    is never read, and had the whole checkpoint refused as "edited", to be restored from a copy.
+    Where .metadata cannot be read, every file (the checks that follow say what is wrong)."""
+    from .dcp_read import read_dcp_metadata
+
+    try:
+        metadata = read_dcp_metadata(ckpt_dir)
+        read = {info.relative_path for info in metadata.storage_data.values()}
+    except (CheckpointError, AttributeError, TypeError):
+        return [p.relative_to(ckpt_dir).as_posix() for p in files_under(ckpt_dir / DCP_DIR)]
+    return [f"{DCP_DIR}/{DCP_METADATA}", *(f"{DCP_DIR}/{name}" for name in sorted(read))]
 
 
 def check_format_version(ckpt_dir: Path, *, strict: bool = True) -> None:
