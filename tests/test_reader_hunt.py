@@ -153,6 +153,15 @@ def test_keep_best_keeps_the_lowest_val_loss_and_list_shows_it(char_data, tmp_pa
     for inside in (run / "checkpoints", run / "checkpoints" / "step_0000004"):
         assert ckpt.main(["list", str(inside)]) == 2
         assert "list the run itself (its out_dir)" in capsys.readouterr().err
+    # A `latest` naming a folder that is gone, which a resume and sample.py refuse: the listing
+    # marked no row latest and said nothing of it. It still lists, and says so, with the fix.
+    (run / "latest").write_text("step_0000099\n")
+    for json_rows in ([], ["--json"]):
+        assert ckpt.main(["list", str(run), *json_rows]) == 0
+        captured = capsys.readouterr()
+        assert "step_0000099" not in captured.out and "12" in captured.out
+        assert captured.err.startswith(f"warning: {run / 'latest'} names checkpoint 'step_0000099', but "), captured.err
+        assert "the newest is step_0000012: write 'step_0000012' into it" in captured.err
 
 
 def test_a_mistyped_data_dir_that_gets_the_default_corpus_names_the_dataset_meant(char_data, tmp_path, capsys,

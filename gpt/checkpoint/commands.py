@@ -10,6 +10,7 @@ import threading
 from ..config import ArgumentParser, path_arg
 from ..console import report, write_result
 from .consolidation import consolidate
+from .find import latest_checkpoint
 from .layout import CheckpointError
 from .listing import format_listing, list_checkpoints
 
@@ -43,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
             check_stdout("the listing", "checkpoints.txt")
             rows = list_checkpoints(args.run)
             listing = "\n".join(json.dumps(row) for row in rows) if args.json else format_listing(args.run, rows)
+            if not any(row["latest"] for row in rows):
+                # `latest` names a missing or broken folder, which a resume and sample.py refuse:
+                # said, with its fix, not only left unmarked in the listing.
+                try:
+                    latest_checkpoint(args.run)
+                except (CheckpointError, OSError) as e:
+                    print(f"warning: {e}", file=sys.stderr)
             write_result(listing, what="the listing")
             return
         # SIGTERM (kill, timeout, the end of a job) stops it as Ctrl-C does, removing the
