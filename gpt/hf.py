@@ -40,13 +40,14 @@ import torch
 
 from .dataset import prepare_with_tokenizer_of
 from .model import GPT, GPTConfig
+from .run_layout import HF_WEIGHTS_FILES, is_checkpoint_folder, is_hf_model_folder, is_run_folder
 from .tokenizer import same_vocab
 
 HF_PREFIX = "hf:"
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # a model saved in several shards
-TORCH_WEIGHTS_FILE = "pytorch_model.bin"  # older uploads
+# model.safetensors; model.safetensors.index.json, a model saved in several shards;
+# pytorch_model.bin, older uploads
+WEIGHTS_FILE, WEIGHTS_INDEX_FILE, TORCH_WEIGHTS_FILE = HF_WEIGHTS_FILES
 # Activations whose formula is GELU: "gelu" is ours exactly (so is "gelu_python", the same erf
 # formula in Python); the others approximate it (each within 5e-4 of it).
 EXACT_GELU = "gelu"
@@ -206,8 +207,6 @@ def parse_init_from(init_from: str) -> Path | None:
 def project_folder_kind(path: str | os.PathLike) -> str | None:
     """'a run folder of this project' or 'a checkpoint folder of this project' when `path` is
     one (gpt/run_layout.py's rules: is_checkpoint_folder, is_run_folder), else None."""
-    from .run_layout import is_checkpoint_folder, is_run_folder
-
     path = Path(path)
     if is_checkpoint_folder(path):
         return "a checkpoint folder of this project"
@@ -223,8 +222,7 @@ def hf_folder_hint(path: str | os.PathLike) -> str | None:
     path = Path(path)
     if not path.is_dir() or (path / "manifest.json").exists() or (path / "latest").exists():
         return None
-    if (path / CONFIG_FILE).is_file() and any(
-            (path / name).is_file() for name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE, TORCH_WEIGHTS_FILE)):
+    if is_hf_model_folder(path):
         return f"{path} is a Hugging Face model folder, not a run or checkpoint of this project"
     return None
 

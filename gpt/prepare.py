@@ -60,7 +60,7 @@ from gpt.config import ArgumentParser, add_option, path_arg
 from gpt.console import report
 from gpt.progress import progress_bar
 from gpt.dataset import PREP_LOCK_FILE, dataset_files, load_tokenizer, run_data_dir
-from gpt.run_layout import is_run_before_first_save, nearby_runs, training_output
+from gpt.run_layout import is_hf_model_folder, is_run_before_first_save, nearby_runs, training_output
 from gpt.shards import MAX_SHARD_TOKENS, MAX_VOCAB, SPLITS, ShardError, ShardWriter
 from gpt.hf_dataset import HFDataset
 from gpt.sources import ENCODING_ERRORS, Corpus, LocalFiles, Piece, resolve_source
@@ -310,6 +310,16 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if what is not None:  # even with --overwrite: that replaces datasets, never checkpoints
         raise PrepareError(f"--out {out_dir}: {what}; data prep never writes into a training run "
                            f"(it would break its checkpoints); choose another --out")
+    # Nor, even with --overwrite, into a model's folder (--overwrite replaced an export's
+    # tokenizer.json: its weights then went with another vocabulary), or a run's before its
+    # first checkpoint.
+    if out_dir.is_dir() and is_hf_model_folder(out_dir):
+        raise PrepareError(f"--out {out_dir}: holds a Hugging Face model (config.json and its weights); data prep "
+                           f"never writes into a model's folder (its tokenizer.json is the model's); choose "
+                           f"another --out")
+    if out_dir.is_dir() and is_run_before_first_save(out_dir):
+        raise PrepareError(f"--out {out_dir}: is a training run's folder (its config.json or metrics.jsonl); data "
+                           f"prep never writes into a training run; choose another --out")
     if out_dir.is_dir() and not overwrite:
         found = dataset_files(out_dir)
         if found:

@@ -71,6 +71,17 @@ def is_run_before_first_save(path: Path) -> bool:
     return isinstance(config, dict) and "data_dir" in config and "out_dir" in config
 
 
+HF_WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def is_hf_model_folder(path: Path) -> bool:
+    """Whether `path` holds a Hugging Face model (what gpt.export writes, or a hub download): its
+    config.json beside weights. Not a run of this project, but no place to write a dataset either
+    (its tokenizer.json is the model's)."""
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and any((path / name).is_file() for name in HF_WEIGHTS_FILES)
+
+
 def is_run_folder(path: Path) -> bool:
     """Whether `path` is a training run's folder: it holds `latest`, or (a run killed in its first
     save, or its `latest` deleted) a checkpoints/ folder holding a checkpoint. checkpoints/ alone

@@ -282,6 +282,29 @@ def test_prep_never_writes_into_a_training_run(tmp_path):
     ckpt.verify_checkpoint(step)
 
 
+def test_prep_never_writes_into_a_model_folder_or_a_run_before_its_first_save(tmp_path):
+    """A Hugging Face export's folder was "a dataset", and --overwrite, as advised, replaced the
+    model's tokenizer.json with the new vocabulary's; a folder of weights without one took a
+    dataset beside them without a word. So did a run stopped before its first checkpoint."""
+    text = Texts(["abc " * 500])
+    opts = dict(tokenizer="char", val_fraction=0.1, val_rule="tail", min_val_tokens=10, **QUIET)
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "gpt2"}')
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / "tokenizer.json").write_text("the model's")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"data_dir": "data", "out_dir": "run"}')
+    for out, what in [(model, "holds a Hugging Face model"), (run, "is a training run's folder")]:
+        before = sorted(p.name for p in out.iterdir())
+        for overwrite in (False, True):
+            with pytest.raises(PrepareError, match=f"--out {out}: {what}.*choose another --out"):
+                prepare(out, text, overwrite=overwrite, **opts)
+        assert sorted(p.name for p in out.iterdir()) == before
+    assert (model / "tokenizer.json").read_text() == "the model's"
+
+
 def test_files_that_are_not_regular_files_are_skipped_or_refused(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in/a.txt").write_text("hello world\n" * 100)
