@@ -15,6 +15,7 @@ imports numpy and `tokenizers`, never torch.
 from __future__ import annotations
 
 import json
+import math
 import os
 from shlex import quote  # a path in a command to paste: 'my texts' is one argument, not two
 from collections.abc import Callable
@@ -188,7 +189,7 @@ def prepare_again(data_dir: Path, meta: dict | None = None) -> str:
     elif kind == "char":
         options = " --tokenizer char"
     elif kind == "bpe" and isinstance(vocab_size, int):
-        options = f" --tokenizer bpe --vocab-size {vocab_size}"
+        options = f" --tokenizer bpe --vocab-size {vocab_size}" + _train_text_option(meta)
     unknown = (" (add the split options it was made with, --val-rule, --val-fraction, --seed...: meta.json "
                "alone recorded them)" if "val_rule" not in meta else "")
     return (f"from the same input and options{_came_from(meta)}, which give the same files{unknown}: "
@@ -257,7 +258,8 @@ def _is_stdlib(meta: dict) -> bool:
 def _prep_command(meta: dict, tokenizer_options: str, out: str | os.PathLike) -> str:
     """prepare.py's command line for the corpus `meta` (meta.json) names, with its split options."""
     corpus = "--source stdlib" if _is_stdlib(meta) else "--input YOUR_TEXT"
-    return f"{prep_command()} {corpus}{tokenizer_options}{_split_options(meta)} --out {quote(str(out))}"
+    return (f"{prep_command()} {corpus}{tokenizer_options}{_split_options(meta)}{_encoding_option(meta)} "
+            f"--out {quote(str(out))}")
 
 
 PREP_SCRIPT = Path(__file__).resolve().parents[1] / "data_prep" / "prepare.py"
@@ -289,6 +291,26 @@ def _split_options(meta: dict) -> str:
              "--shard-tokens": meta.get("shard_tokens")}
     return "".join(f" {option} {value}" for option, value in given.items()  # str(float) round-trips
                    if value is not None and value != parser.get_default(option[2:].replace("-", "_")))
+
+
+def _train_text_option(meta: dict) -> str:
+    """--tokenizer-train-mb as meta.json records the BPE was trained (another share of the text
+    gives other merges), where it differs from prepare.py's default."""
+    from gpt.prepare import build_parser
+
+    if "tokenizer_train_bytes" not in meta:  # (a dataset prepared before it was recorded)
+        return ""
+    nbytes = meta["tokenizer_train_bytes"]
+    mb = math.inf if nbytes is None else nbytes / 1e6
+    while nbytes is not None and math.ceil(mb * 1e6) > nbytes:  # the MB that prepare.py turns into those bytes
+        mb = math.nextafter(mb, 0)
+    return "" if mb == build_parser().get_default("default_tokenizer_train_mb") else f" --tokenizer-train-mb {mb!r}"
+
+
+def _encoding_option(meta: dict) -> str:
+    """--encoding-errors as meta.json records it, where not the default (strict)."""
+    errors = meta.get("encoding_errors")
+    return f" --encoding-errors {errors}" if errors not in (None, "strict") else ""
 
 
 def dataset_files(data_dir: Path) -> list[Path]:

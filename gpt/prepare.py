@@ -194,8 +194,13 @@ def prepare(
             "val_chunk_tokens": val_chunk_tokens if val_rule == "chunks" else None,
             "shard_tokens": shard_tokens,
         }
-        if tokenizer_from is not None:  # for the command that remakes this dataset (prepare_again)
+        # For the command that remakes this dataset (gpt/dataset.py prepare_again): the options
+        # that decide its ids, besides the split's above.
+        if tokenizer_from is not None:
             meta["tokenizer_from"] = os.path.abspath(tokenizer_from)
+        elif tok.kind == "bpe":
+            meta["tokenizer_train_bytes"] = tokenizer_train_bytes  # null: all of the corpus
+        meta["encoding_errors"] = encoding_errors
         _publish(staging, out_dir, meta)
     seconds = time.perf_counter() - started
     total = sum(tokens.values())

@@ -223,6 +223,29 @@ def test_remaking_a_dataset_prepared_with_a_reused_tokenizer_reuses_it_again(cha
     assert {p.name: p.read_bytes() for p in data.iterdir()} == before
 
 
+@pytest.mark.parametrize("train_mb", ["0.05", "inf"])
+def test_remaking_a_dataset_keeps_the_bpe_training_share_and_the_encoding_rule(tmp_path, train_mb):
+    """The remake command ("make it again ... which give the same files") left out
+    --tokenizer-train-mb and --encoding-errors: another share of the text trained other merges,
+    and other ids (2,132,205 train tokens instead of 2,764,099 in a review's case)."""
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(SHAKESPEARE.read_text()[:200_000])
+    (corpus / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
+    data = tmp_path / "data"
+    assert prep_main(["--input", str(corpus), "--vocab-size", "300", "--tokenizer-train-mb", train_mb,
+                      "--encoding-errors", "replace", "--out", str(data), *SPLIT]) == 0
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    (data / "val_000000.bin").unlink()
+    with pytest.raises(ShardError) as e:
+        train(tiny_config(data, tmp_path / "r", max_steps=2))
+    argv = _command(str(e.value))
+    assert argv[argv.index("--tokenizer-train-mb") + 1] == train_mb and "replace" in argv, str(e.value)
+    argv[argv.index("YOUR_TEXT")] = str(corpus)
+    assert prep_main([*argv, "--no-progress"]) == 0
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+
+
 def test_shakespeare_script_reuses_a_tokenizer_into_the_folder_it_is_given(char_data, tmp_path, monkeypatch, capsys):
     import importlib.util
 
