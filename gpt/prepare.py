@@ -893,7 +893,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_hf_options(args: argparse.Namespace) -> None:
     """The --hf-* options, --text-field and --streaming only with --hf-dataset: with --input they were
-    ignored without a word (--input rows.jsonl --text-field body trained on the JSON syntax)."""
+    ignored without a word (--input rows.jsonl --text-field body trained on the JSON syntax).
+    And --encoding-errors only with --input, the files this prep decodes itself: with --hf-dataset
+    it was ignored, and the error for a file not in UTF-8 then said to pass it."""
+    if args.encoding_errors != "strict" and not args.input:
+        instead = ("datasets decodes --hf-dataset's files itself; for text files that are not all UTF-8 use "
+                   "--input FOLDER" if args.hf_dataset is not None else "--source stdlib is read as it is")
+        raise PrepareError(f"--encoding-errors applies to --input only (the text files this prep decodes); {instead}")
     if args.hf_dataset is not None:
         return
     given = [name for name, value, default in (

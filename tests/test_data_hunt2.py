@@ -171,6 +171,23 @@ def test_hf_options_without_hf_dataset_are_refused(tmp_path, capsys):
     assert load_meta(tmp_path / "b")["vocab_size"] == len(set("hello there"))
 
 
+def test_encoding_errors_without_input_is_refused(tmp_path, capsys):
+    """--encoding-errors replace with --hf-dataset was ignored, and the error for the file not in
+    UTF-8 then said to pass it; with --source stdlib it was ignored too."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("hello there\n" * 100)
+    (folder / "b.txt").write_bytes(b"caf\xe9\n")
+    for source in (["--hf-dataset", str(folder)], ["--source", "stdlib"]):
+        assert main([*source, "--encoding-errors", "replace", "--out", str(tmp_path / "a"), *SMALL]) == 2
+        assert _last_error_line(capsys).startswith("error: --encoding-errors applies to --input only")
+    assert not (tmp_path / "a").exists()
+    # With --input it does what it says.
+    assert main(["--input", str(folder), "--encoding-errors", "replace", "--out", str(tmp_path / "a"),
+                 "--tokenizer", "char", *SMALL]) == 0
+    assert load_meta(tmp_path / "a")["encoding_errors"] == "replace"
+
+
 def test_a_split_the_data_lacks_names_hf_split(tmp_path):
     """A local file has only the split "train": --hf-split validation failed with an error naming
     --hf-dataset alone (its file exists and is fine), not the option to change."""
