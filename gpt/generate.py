@@ -92,9 +92,12 @@ def sample_next(
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = F.softmax(sorted_logits, dim=-1)
         mass_before = torch.cumsum(probs, dim=-1) - probs
-        # A token is dropped when the more likely tokens already reach top_p; the first token
-        # has mass_before 0 < top_p, so at least one survives.
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        # A token is dropped when the more likely tokens already reach top_p; never the first
+        # (its mass_before is 0, but a top_p below fp32's range, 1e-300, compares as 0 too: every
+        # token was dropped, and multinomial refused the row of NaNs).
+        drop = mass_before >= top_p
+        drop[..., 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter(-1, order, sorted_logits)
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)

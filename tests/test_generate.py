@@ -195,6 +195,10 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert set(draws.flatten().tolist()) == {1, 3}
     draws = sample_next(logits, top_p=0.85, generator=torch.Generator().manual_seed(2))
     assert set(draws.flatten().tolist()) == {1, 2, 3}
+    # A top_p below fp32's smallest number compared as 0 with every token's mass before it, the
+    # most likely one's too: all were dropped, and multinomial raised on the NaNs.
+    for tiny in (1e-46, 1e-300):
+        assert set(sample_next(logits, top_p=tiny).flatten().tolist()) == {1}
 
 
 def test_seeded_sampling_is_reproducible():
