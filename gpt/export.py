@@ -40,6 +40,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import ArgumentParser, path_arg
 from .console import report
+from .held_signals import terminate_as_interrupt
 from .hf import HF_PREFIX, HFError, check_gpt2_shape, hf_config_dict, to_hf_state_dict
 from .model import GPT, GPTConfig
 from .run_layout import training_output
@@ -93,10 +94,12 @@ def _export(source: Path, out: Path, overwrite: bool, check: bool, log: Callable
     # The absolute, normalized path: "--out ." (or "x/..") has no name of its own to put the
     # temporary folder beside, and would put it inside the target instead.
     target = Path(os.path.abspath(out))
-    tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
+    tmp = ckpt.unfinished_copy(target)
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_abandoned(target)  # an export killed outright left a whole model's copy
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp.mkdir()
         transformers.GPT2Config(**hf_config_dict(config, eos_id)).save_pretrained(tmp)
         # "format": "pt" is the metadata transformers itself writes and checks for.
         safetensors.torch.save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"),
@@ -282,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> None:
         args = build_parser().parse_args(argv)
-        export_hf(args.run, args.out, overwrite=args.overwrite, check=args.check, log=report)
+        with terminate_as_interrupt():  # SIGTERM, as Ctrl-C: the unfinished folder is removed
+            export_hf(args.run, args.out, overwrite=args.overwrite, check=args.check, log=report)
 
     return report_errors(run, interrupted="interrupted: stopped exporting; the unfinished folder was removed")
 

@@ -7,10 +7,14 @@
 Python runs signal handlers in the main thread only, so in another thread nothing is held; nor
 is a signal whose handler was not set from Python (`signal.getsignal` gives None: it could not
 be put back). No torch here: data prep uses this without it.
+
+`terminate_as_interrupt` is the tools' other need: SIGTERM stopping them as Ctrl-C does, so that
+their clean-up runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from typing import Any
@@ -38,3 +42,23 @@ class HeldSignals:
                 if sig in previous and previous[sig] != signal.SIG_IGN:
                     signal.raise_signal(sig)
         self.noted = []
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """Within it, SIGTERM (kill, timeout, the end of a job) stops a tool as Ctrl-C does, by a
+    KeyboardInterrupt, so that its clean-up runs on the way out (an unfinished copy or staging
+    folder removed, a lock released): SIGTERM's default action ended the process on the spot and
+    left them. Only in the main thread, where a handler can be set; the previous one is put back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt import locks
-from gpt.held_signals import HeldSignals
+from gpt.held_signals import HeldSignals, terminate_as_interrupt
 from gpt.config import ArgumentParser, add_option, path_arg
 from gpt.console import report
 from gpt.progress import progress_bar
@@ -66,7 +66,7 @@ from gpt.hf_dataset import HFDataset
 from gpt.sources import ENCODING_ERRORS, Corpus, LocalFiles, Piece, resolve_source
 from gpt.tokenizer import (MIN_BPE_VOCAB, TOKENIZER_FILE, Tokenizer, TokenizerError, char_tokenizer,
                            check_vocab_size, train_bpe)
-from gpt.wordcache import encode_pieces, word_cache_applies
+from gpt.wordcache import WorkerDied, encode_pieces, word_cache_applies
 
 STAGING = ".prepare-staging"
 LOCK_FILE = PREP_LOCK_FILE  # held (flock) by the prep writing the folder
@@ -591,9 +591,13 @@ def _encoded(tok: Tokenizer, labelled: Iterator[tuple[Piece, str | None]], unkno
                 pending.append(item)
                 yield item[0].text
 
-        for ids in encode_pieces(tok.inner, texts()):
-            piece, split = pending.popleft()
-            yield piece, split, ids
+        try:
+            for ids in encode_pieces(tok.inner, texts()):
+                piece, split = pending.popleft()
+                yield piece, split, ids
+        except WorkerDied as e:
+            raise PrepareError(f"{e}; nothing was written. Run the prep again, with more memory if the "
+                               f"system log (dmesg) says the out-of-memory killer ended it") from None
         return
     if tok.kind != "char":
         labelled = _whole_documents(labelled)
@@ -924,11 +928,12 @@ def corpus_from_args(args: argparse.Namespace) -> Corpus:
 
 def run_prep(out: str | Path, prep: Callable[[], object]) -> int:
     """A data_prep command's exit status for prep(), which writes the dataset `out`: 0 once done;
-    bad input (2), Ctrl-C (130) and running out of memory (1) are one line on stderr, no traceback.
-    prepare() removes its staging folder on every failure, so `out` is as it was. Warnings (a file
-    skipped) are one `warning:` line each, not Python's two lines with the source line."""
+    bad input (2), Ctrl-C or SIGTERM (130) and running out of memory (1) are one line on stderr, no
+    traceback. prepare() removes its staging folder and lock on every failure, so `out` is as it
+    was (SIGTERM's default action left them). Warnings (a file skipped) are one `warning:` line
+    each, not Python's two lines with the source line."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), terminate_as_interrupt():
             warnings.showwarning = _show_warning
             prep()
     except (ValueError, OSError) as e:  # bad input: one line, no traceback

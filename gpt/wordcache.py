@@ -45,6 +45,8 @@ import re
 import signal
 import sys
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Iterable, Iterator
 from itertools import chain, islice
 
@@ -352,22 +354,47 @@ def _grow(array: np.ndarray, needed: int) -> np.ndarray:
 
 
 # ---- worker processes -----------------------------------------------------------------------
-# One WordCacheEncoder per worker process: a Pool initializer can only hand it over through a
+# One WordCacheEncoder per worker process: a pool's initializer can only hand it over through a
 # module-level name, which exists in the workers alone.
 _worker_encoder: WordCacheEncoder | None = None
 
 
-def _start_worker(tokenizer_json: str) -> None:
+class WorkerDied(RuntimeError):
+    """An encoding worker process ended in the middle of its work: killed (by the out-of-memory
+    killer, or a signal sent to it alone)."""
+
+
+PARENTS_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # noted while the workers are forked
+
+
+def _start_worker(tokenizer_json: str, parent: int, parent_handles: tuple[int, ...]) -> None:
     global _worker_encoder
-    # Ctrl-C is the parent's to handle (it stops the pool); workers would only print tracebacks.
-    # Forked while the parent only noted SIGINT (see _pool), so nothing was raised before this.
+    _die_with(parent)
+    # Forked while the parent only noted these signals (see _pool), so nothing was raised before
+    # this. Ctrl-C is the parent's to handle (it stops the pool); workers would only print
+    # tracebacks. So is SIGTERM or SIGUSR1 where the parent has a handler for it (train.py's
+    # notes it: the run stops after its next step and saves; a tool's stops as Ctrl-C does): a
+    # signal sent to every process of the job (scancel's) killed the workers under a prep the
+    # run meant to finish. Where the parent has none (the signal ends it), it ends them too.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A fork keeps the parent's Python handlers: train.py's SIGTERM/SIGUSR1 handler only notes
-    # the signal, so Pool.terminate() (SIGTERM) would not stop a worker waiting on the pool's
-    # queue lock, and the parent's join() would wait forever (seen at the end of a prep).
     for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_DFL)
+        signal.signal(sig, signal.SIG_IGN if sig in parent_handles else signal.SIG_DFL)
     _worker_encoder = WordCacheEncoder(tokenizer_json)
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when its parent ends, however it ends (kill -9 included): left behind,
+    a worker waits for work forever. Linux's PR_SET_PDEATHSIG; elsewhere nothing."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before that took effect
+        os._exit(1)
 
 
 def _encode_in_worker(texts: list[str]) -> list[np.ndarray]:
@@ -400,28 +427,31 @@ def encode_pieces(inner: tokenizers.Tokenizer, texts: Iterable[str], *, workers:
         return
     texts = chain([first], texts)
     workers = workers or usable_cpus()
-    pool, release_ctrl_c = _pool(workers, tokenizer_json)
+    pool, release_signals = _pool(workers, tokenizer_json)
     try:
-        release_ctrl_c()  # a Ctrl-C held back during the forks is raised here, with `pool` bound
-        in_flight: deque = deque()
+        release_signals()  # a signal held back during the forks is delivered here, with `pool` bound
+        in_flight: deque = deque()  # each batch's futures, one per part
         exhausted = False
         while True:
             while not exhausted and len(in_flight) < 2:
                 batch = list(islice(texts, WINDOW_PIECES))
                 exhausted = not batch
                 if batch:
-                    in_flight.append(pool.map_async(_encode_in_worker, _split(batch, workers)))
+                    in_flight.append([pool.submit(_encode_in_worker, part) for part in _split(batch, workers)])
             if not in_flight:
                 return
-            for part in in_flight.popleft().get():
+            for future in in_flight.popleft():
+                try:
+                    part = future.result()
+                except BrokenProcessPool:
+                    raise WorkerDied("an encoding worker process was killed in the middle of its work (by "
+                                     "the out-of-memory killer, or a signal sent to it)") from None
                 yield from part
     finally:
-        release_ctrl_c()
-        # Explicitly, before the interpreter exits: left to multiprocessing's exit handler, the
-        # pool's maintenance thread can fork a replacement for a worker being terminated, and
-        # that orphan then waits forever on a queue lock the dead worker held.
-        pool.terminate()
-        pool.join()
+        release_signals()
+        # Work not started is dropped; a worker's batch under way (a second or two) is awaited,
+        # so that no worker outlives this call.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _split(batch: list[str], parts: int) -> list[list[str]]:
@@ -431,32 +461,39 @@ def _split(batch: list[str], parts: int) -> list[list[str]]:
 
 
 def _pool(workers: int, tokenizer_json: str):
-    """(a started Pool, a function that lets Ctrl-C through again).
+    """(a started ProcessPoolExecutor, a function that lets the signals held meanwhile through).
 
     fork on Linux: no re-import of the parent's modules (torch in train.py) in each worker.
     The workers never use OpenMP or the tokenizers thread pool (a forked child of a process
     that used threads must not); TOKENIZERS_PARALLELISM=false at the fork tells the library so,
     which also spares a warning per worker. Elsewhere (macOS, Windows) spawn.
 
-    While the workers are forked, Ctrl-C is only noted: a KeyboardInterrupt raised in a child
-    just after fork would unwind through a copy of the parent's stack (running its clean-up
-    code) instead of becoming a worker, and the pool would fork a replacement that could be
-    orphaned. The caller calls the returned function once it holds the pool (so that it can
-    always terminate it): that restores the handler and hands it a noted Ctrl-C.
+    While the workers are forked, Ctrl-C (and SIGTERM and SIGUSR1) is only noted: a
+    KeyboardInterrupt raised in a child just after fork would unwind through a copy of the
+    parent's stack (running its clean-up code) instead of becoming a worker. The caller calls
+    the returned function once it holds the pool (so that it can always shut it down): that
+    restores the handlers and hands them a noted signal. Not multiprocessing.Pool: where a worker dies (the out-of-memory killer), it forks a
+    replacement and waits forever for the dead one's work; this executor says it is broken.
     """
     method = "fork" if sys.platform == "linux" else "spawn"
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    held = HeldSignals((signal.SIGINT,))
+    handles = tuple(sig for sig in PARENTS_SIGNALS if callable(signal.getsignal(sig)))
+    held = HeldSignals(PARENTS_SIGNALS)
+    pool = None
     try:
-        pool = multiprocessing.get_context(method).Pool(workers, _start_worker, (tokenizer_json,))
+        pool = ProcessPoolExecutor(workers, multiprocessing.get_context(method), initializer=_start_worker,
+                                   initargs=(tokenizer_json, os.getpid(), handles))
+        pool.submit(os.getpid).result()  # with fork, every worker starts at the first submit: here
     except BaseException:
         held.release(deliver=False)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         raise
     finally:
         if previous is None:
             del os.environ["TOKENIZERS_PARALLELISM"]
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
-    release_ctrl_c = held.release  # Python's handler raises KeyboardInterrupt; the trainer's notes it
-    return pool, release_ctrl_c
+    release_signals = held.release  # Python's handler raises KeyboardInterrupt; the trainer's notes it
+    return pool, release_signals

@@ -174,25 +174,36 @@ def test_ctrl_c_while_plotting_says_so(run, monkeypatch, capsys):
     assert capsys.readouterr().err == "interrupted: stopped plotting\n"
 
 
-def test_a_consolidate_killed_outright_leaves_no_copy_behind_for_good(run, tmp_path):
-    """A consolidate killed by SIGTERM (kill, timeout, a job's end) left its whole unfinished
-    copy in a hidden folder beside --out that nothing removed; so does kill -9, which no handler
-    sees: the next consolidate into the same place removes those of processes no longer running."""
+@pytest.mark.parametrize("tool", ["consolidate", "export"])
+def test_a_copy_killed_outright_leaves_none_behind_for_good(run, tmp_path, tool):
+    """A consolidate or export killed by SIGTERM (kill, timeout, a job's end) left its whole
+    unfinished copy in a hidden folder beside --out that nothing removed; so does kill -9, which
+    no handler sees: the next one into the same place removes those of processes no longer running."""
     import signal
     import socket
     import subprocess
     import sys
 
     from conftest import REPO
+    from gpt import export
 
     out = tmp_path / "copy"
+    if tool == "consolidate":
+        slow = ("from gpt.checkpoint import consolidation as module\n"
+                "module.complete_folder = slow\n"
+                "from gpt.checkpoint.commands import main\n"
+                f"sys.exit(main(['consolidate', {str(run)!r}, '--out', {str(out)!r}]))\n")
+        command = lambda: ckpt.main(["consolidate", str(run), "--out", str(out)])  # noqa: E731
+        said = "no unfinished copy was left behind\n"
+    else:
+        slow = ("from gpt import export as module\n"
+                "module._publish = slow\n"
+                f"sys.exit(module.main([{str(run)!r}, '--out', {str(out)!r}, '--no-check']))\n")
+        command = lambda: export.main([str(run), "--out", str(out), "--no-check"])  # noqa: E731
+        said = "the unfinished folder was removed\n"
     slow = ("import sys, time\n"
-            "from gpt.checkpoint import consolidation\n"
             "def slow(*args, **kwargs):\n"
-            "    print('writing', flush=True); time.sleep(60)\n"
-            "consolidation.complete_folder = slow\n"
-            "from gpt.checkpoint.commands import main\n"
-            f"sys.exit(main(['consolidate', {str(run)!r}, '--out', {str(out)!r}]))\n")
+            "    print('writing', flush=True); time.sleep(60)\n") + slow
     proc = subprocess.Popen([sys.executable, "-c", slow], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     assert proc.stdout.readline() == "writing\n"
@@ -200,10 +211,10 @@ def test_a_consolidate_killed_outright_leaves_no_copy_behind_for_good(run, tmp_p
     assert len(unfinished) == 1 and (unfinished[0] / "model.safetensors").is_file()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and err.endswith("no unfinished copy was left behind\n"), err
+    assert proc.returncode == 130 and err.endswith(said), err
     assert list(tmp_path.iterdir()) == []
 
-    # What kill -9 leaves (a process gone), and one another consolidate is still writing.
+    # What kill -9 leaves (a process gone), and one another copy is still writing.
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     host = socket.gethostname()
     abandoned = tmp_path / f".tmp_copy_{host}_{int(gone.stdout)}"
@@ -213,7 +224,7 @@ def test_a_consolidate_killed_outright_leaves_no_copy_behind_for_good(run, tmp_p
         for folder in (abandoned, being_written):
             folder.mkdir()
             (folder / "model.safetensors").write_bytes(b"x" * 1000)
-        assert ckpt.main(["consolidate", str(run), "--out", str(out)]) == 0
+        assert command() == 0
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["copy", being_written.name])
     finally:
         live.kill()

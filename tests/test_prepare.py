@@ -15,7 +15,7 @@ import pytest
 
 from gpt import shards as shards_module
 from gpt.prepare import STAGING, PrepareError, prepare
-from gpt.dataset import load_meta
+from gpt.dataset import PREP_LOCK_FILE, load_meta
 from gpt.shards import list_shards, open_shard, read_header
 from gpt.hf_dataset import HFDataset
 from gpt.sources import LocalFiles, SourceError, Texts, stdlib_corpus
@@ -514,6 +514,33 @@ raise SystemExit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_sigterm_to_a_prep_and_its_encoding_workers_stops_it_cleanly(shakespeare, tmp_path):
+    """SIGTERM to the whole process group (a job's end, scancel) while worker processes encode:
+    the prep ended on the spot, its staging folder and lock left behind, and the workers, ended
+    mid-task, printed screenfuls of BrokenPipeError tracebacks. Now SIGTERM stops it as Ctrl-C
+    does: the workers leave the signal to their parent, which removes its staging folder."""
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(shakespeare * 3)  # past the 2M characters encoded before workers start
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "data_prep/prepare.py", "--input", str(corpus), "--out", str(out),
+                             "--vocab-size", "300", "--tokenizer-train-mb", "0.2", "--no-progress"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not child_pids(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = child_pids(proc.pid)
+    assert workers, "the prep ended before its workers started"
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == f"interrupted: nothing was written to {out}", err
+    assert not out.exists()  # made by this prep: removed with its staging folder and lock
+    time.sleep(0.5)
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")
+                and "\nState:\tZ" not in open(f"/proc/{pid}/status").read()], "workers outlived the prep"
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_signal_while_a_prep_replaces_a_dataset_waits_until_the_new_one_is_whole(shakespeare, tmp_path, sig):
     """Ctrl-C or SIGTERM between removing the old dataset's files and moving the last new one in:
@@ -530,15 +557,13 @@ def test_a_signal_while_a_prep_replaces_a_dataset_waits_until_the_new_one_is_who
     assert len(load_meta(out)["shards"]["train"]) == 11
     done = subprocess.run([sys.executable, "-c", _SIGNAL_MID_PUBLISH, sig, "--input", str(new), "--overwrite",
                            "--shard-tokens", "20000", *prep], cwd=REPO, capture_output=True, text=True, timeout=120)
-    if sig == "SIGINT":
-        assert done.returncode == 130, done.stderr
-        assert done.stderr.strip().splitlines()[-1] == (
-            f"interrupted as the new dataset was being moved into place: it was finished first, and {out} holds "
-            f"it, whole"), done.stderr
-        check_folder(out)
-    else:  # SIGTERM's default: the process ends, once the dataset is whole
-        assert done.returncode == -signal.SIGTERM, done.stderr
-        assert list((out / STAGING).iterdir()) == []
+    # (SIGTERM as Ctrl-C: its default action ended the process, staging folder and lock left behind)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"interrupted as the new dataset was being moved into place: it was finished first, and {out} holds "
+        f"it, whole"), done.stderr
+    check_folder(out)
+    assert not (out / STAGING).exists() and not (out / PREP_LOCK_FILE).exists()
     meta = load_meta(out)
     assert sorted(p.name for p in out.glob("*.bin")) == sorted(meta["shards"]["train"] + meta["shards"]["val"])
     decoded = load_tokenizer(out).decode(np.concatenate([tokens(out, "train"), tokens(out, "val")]).tolist())

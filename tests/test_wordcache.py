@@ -2,6 +2,9 @@
 
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -124,20 +127,25 @@ def test_key_table_probes_past_shared_home_slots(monkeypatch):
         assert table.lookup(keys).tolist() == list(range(3000)) + [-1] * 2000
 
 
-def caught_signals(pid: int) -> int:
-    """The bit mask of signals `pid` has a handler for (SigCgt in /proc/PID/status)."""
+def signal_masks(pid: int) -> dict[str, int]:
+    """The bit masks of signals `pid` catches (SigCgt) and ignores (SigIgn), from /proc/PID/status."""
+    masks = {}
     for line in open(f"/proc/{pid}/status"):
-        if line.startswith("SigCgt:"):
-            return int(line.split()[1], 16)
-    raise AssertionError(f"no SigCgt for {pid}")
+        if line.startswith(("SigCgt:", "SigIgn:")):
+            masks[line[:6]] = int(line.split()[1], 16)
+    return masks
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
-def test_workers_die_on_sigterm_under_a_parent_that_only_notes_it(bpe, shakespeare):
-    """train.py's SIGTERM handler only notes the signal; forked workers must not inherit that, or
-    Pool.terminate() cannot stop one stuck on the queue lock and the prep hangs at its end."""
-    noted = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
+@pytest.mark.parametrize("parent_notes_sigterm", [True, False])
+def test_workers_leave_sigterm_to_a_parent_that_handles_it(bpe, shakespeare, parent_notes_sigterm):
+    """train.py's SIGTERM handler only notes the signal (the run saves after its next step): a
+    SIGTERM to every process of the job (scancel) killed the workers under its data prep. They
+    now ignore it under such a parent, and, under a plain prep that the signal ends, die of it too.
+    Neither kind catches it: forked with the parent's Python handler, a worker would only note it."""
+    bit = 1 << (signal.SIGTERM - 1)
+    handler = (lambda signum, frame: None) if parent_notes_sigterm else signal.SIG_DFL
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
         texts = [shakespeare[i : i + 7000] for i in range(0, 140_000, 7000)]
         others = set(child_pids(os.getpid()))  # earlier tests' helpers (torch.compile's workers, say)
@@ -146,12 +154,59 @@ def test_workers_die_on_sigterm_under_a_parent_that_only_notes_it(bpe, shakespea
         workers = set(child_pids(os.getpid())) - others
         assert len(workers) == 2
         for pid in workers:
-            assert not caught_signals(pid) & (1 << (signal.SIGTERM - 1)), "a worker catches SIGTERM"
+            masks = signal_masks(pid)
+            assert not masks["SigCgt"] & bit, "a worker catches SIGTERM"
+            assert bool(masks["SigIgn"] & bit) == parent_notes_sigterm
         got += list(pieces)
         assert [a.tolist() for a in got] == [reference(bpe, t) for t in texts]
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert noted == []
+
+
+KILLED = """
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+from gpt.tokenizer import train_bpe
+from gpt.wordcache import encode_pieces, WorkerDied
+text = open({text!r}).read()[:300_000]
+bpe = train_bpe([text[:50_000]], 400)
+texts = [text[i : i + 5000] for i in range(0, len(text), 5000)]
+pieces = encode_pieces(bpe.inner, iter(texts), workers=2, pool_after_chars=5000)
+next(pieces), next(pieces)
+workers = [int(c) for c in open(f"/proc/{{os.getpid()}}/task/{{os.getpid()}}/children").read().split()]
+print(*workers, flush=True)
+if sys.argv[1] == "worker":
+    os.kill(workers[0], signal.SIGKILL)
+    try:
+        list(pieces)
+    except WorkerDied as e:
+        print("WorkerDied:", e, flush=True)
+else:
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_worker_ends_the_encoding_and_workers_never_outlive_their_parent(tmp_path):
+    """A worker killed (the out-of-memory killer's SIGKILL) left multiprocessing.Pool waiting
+    forever for its work, and Ctrl-C could not end the wait: now an error. And a parent killed
+    outright left its workers waiting for work forever."""
+    from conftest import REPO, SHAKESPEARE
+
+    script = KILLED.format(repo=str(REPO), text=str(SHAKESPEARE))
+    died = subprocess.run([sys.executable, "-c", script, "worker"], capture_output=True, text=True, timeout=120)
+    assert "WorkerDied: an encoding worker process was killed" in died.stdout, died.stdout + died.stderr
+    orphaned = subprocess.run([sys.executable, "-c", script, "parent"], capture_output=True, text=True, timeout=120)
+    assert orphaned.returncode == -signal.SIGKILL, orphaned.stderr
+    workers = [int(pid) for pid in orphaned.stdout.split()]
+    assert len(workers) == 2
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # (a zombie, reaped by init, holds no memory and runs nothing: State Z)
+    alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}")
+             and "\nState:\tZ" not in open(f"/proc/{pid}/status").read()]
+    assert alive == [], "workers outlived their parent"
 
 
 def test_worker_processes_keep_the_order(bpe, shakespeare):

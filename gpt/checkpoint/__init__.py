@@ -57,7 +57,7 @@ if sys.argv[:1] == ["-m"]:
 from .commands import main
 from .consolidation import consolidate, default_consolidated_path
 from .dcp_read import read_dcp_metadata, read_sharded_state
-from .files import failed_write, give_ordinary_permissions, write_text_atomic
+from .files import failed_write, give_ordinary_permissions, remove_abandoned, unfinished_copy, write_text_atomic
 from .find import best_checkpoint, complete_checkpoints, latest_checkpoint, reading, resolve_checkpoint
 from .listing import list_checkpoints
 from .layout import (CHECKPOINTS_DIR, DCP_DIR, DCP_METADATA, FORMATS, LATEST_FILE, MANIFEST_FILE, MODEL_FILE,
@@ -78,6 +78,6 @@ __all__ = [
     "give_ordinary_permissions", "latest_checkpoint", "load_checkpoint", "load_model", "load_model_weights", "main",
     "read_dcp_metadata", "read_manifest", "read_model_state", "read_optimizer_state", "read_sharded_state",
     "read_state", "reading", "resolve_checkpoint", "resolve_format", "restore_rank_rng", "restore_rng_state",
-    "read_tokenizer_json", "rng_state_for", "save_checkpoint", "step_dir_name", "step_of", "verify_checkpoint",
-    "write_text_atomic",
+    "read_tokenizer_json", "remove_abandoned", "rng_state_for", "save_checkpoint", "step_dir_name", "step_of",
+    "unfinished_copy", "verify_checkpoint", "write_text_atomic",
 ]

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import threading
 
 from ..config import ArgumentParser, path_arg
 from ..console import report, write_result
+from ..held_signals import terminate_as_interrupt
 from .consolidation import consolidate
 from .find import latest_checkpoint
 from .layout import CheckpointError
@@ -53,19 +52,16 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"warning: {e}", file=sys.stderr)
             write_result(listing, what="the listing")
             return
-        # SIGTERM (kill, timeout, the end of a job) stops it as Ctrl-C does, removing the
-        # unfinished copy on the way out (a kill -9 leaves it to the next consolidate).
-        previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
+        # SIGTERM stops it as Ctrl-C does, removing the unfinished copy on the way out (a kill -9
+        # leaves it to the next consolidate).
         try:
-            out = consolidate(args.source, args.out, optimizer=args.optimizer)
+            with terminate_as_interrupt():
+                out = consolidate(args.source, args.out, optimizer=args.optimizer)
         except OSError as e:
             # Reading the source (a write error is a CheckpointError already): one line, not a
             # traceback. Nothing was written.
             raise CheckpointError(f"could not consolidate {args.source} ({type(e).__name__}: {e}); "
                                   f"nothing was written") from e
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
         report(f"wrote {out}")
 
     # `consolidate` removes its unfinished copy on the way out (KeyboardInterrupt included), and
@@ -74,11 +70,3 @@ def main(argv: list[str] | None = None) -> int:
     return report_errors(run, interrupted="interrupted: stopped consolidating; the checkpoint is unchanged "
                                           "and no unfinished copy was left behind" if consolidating
                                           else "interrupted: stopped listing")
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()  # only there can a handler be set
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt

@@ -3,14 +3,12 @@ is `python -m gpt.checkpoint consolidate`, gpt/checkpoint/commands.py)."""
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
-import socket
 from pathlib import Path
 
 from ..hf import HF_PREFIX
-from .files import failed_write, seal_all
+from .files import failed_write, remove_abandoned, seal_all, unfinished_copy
 from .find import reading
 from .layout import CHECKPOINTS_DIR, TOKENIZER_FILE, CheckpointError
 from .load import read_model_state, read_optimizer_state
@@ -65,10 +63,10 @@ def _consolidate(ckpt_dir: Path, out: str | os.PathLike | None, optimizer: bool)
     state = {k: v for k, v in state.items() if k != "optimizer_param_groups"}
     state.update(format="full", consolidated_from=str(ckpt_dir))
 
-    tmp = out.parent / f".tmp_{out.name}_{socket.gethostname()}_{os.getpid()}"
+    tmp = unfinished_copy(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned(out)
+        remove_abandoned(out)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         written = list(write_weight_files(tmp, full_writer(model_state, optimizer_state)))
@@ -87,23 +85,3 @@ def _consolidate(ckpt_dir: Path, out: str | os.PathLike | None, optimizer: bool)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _remove_abandoned(out: Path) -> None:
-    """Remove the unfinished copies into `out` that consolidates on this host left when killed
-    outright (kill -9, the OOM killer: a whole model's copy, in a hidden folder nothing else
-    cleans); one whose process still runs is being written."""
-    for tmp in out.parent.glob(f"{glob.escape(f'.tmp_{out.name}_{socket.gethostname()}')}_*"):
-        pid = tmp.name.rsplit("_", 1)[-1]
-        if pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True

@@ -7,8 +7,11 @@ whole or not at all (`write_text_atomic`)."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
+import shutil
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +32,33 @@ def failed_write(error: BaseException) -> bool:
         return "I/O error" in text or "os error" in text
     return isinstance(error, RuntimeError) and any(
         sign in text for sign in ("unexpected pos", "PytorchStreamWriter failed", "file write failed"))
+
+
+def unfinished_copy(target: Path) -> Path:
+    """The hidden folder beside `target` that a copy into it (consolidate, export) is written in
+    and then renamed from: named for this host and process, so that `remove_abandoned` knows
+    whose it is."""
+    return target.parent / f".tmp_{target.name}_{socket.gethostname()}_{os.getpid()}"
+
+
+def remove_abandoned(target: Path) -> None:
+    """Remove the unfinished copies into `target` that processes on this host left when killed
+    outright (kill -9, the out-of-memory killer: a whole model's copy, in a hidden folder nothing
+    else cleans); one whose process still runs is being written."""
+    for tmp in target.parent.glob(f"{glob.escape(f'.tmp_{target.name}_{socket.gethostname()}')}_*"):
+        pid = tmp.name.rsplit("_", 1)[-1]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def fsync_dir(path: Path) -> None:
