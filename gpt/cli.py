@@ -20,7 +20,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, parse_args
 from .console import BROKEN_PIPE_EXIT, OutputError, ReaderGone, to_devnull
 from .early_signals import ImportInterrupted
-from .errors import FollowOnFailure, TrainingError
+from .errors import FollowOnFailure, InterruptedAfterSave, TrainingError
 from .hf import HFError
 from .metrics import MetricsError
 from .prepare import PrepareError
@@ -97,8 +97,8 @@ def report_errors(main: Callable[[], int | None], interrupted: str = TRAIN_INTER
         # "Exception ignored" from the interpreter's flush at exit.
         to_devnull(sys.stdout)
         return BROKEN_PIPE_EXIT
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr, flush=True)
+    except KeyboardInterrupt as e:
+        print(e.args[0] if isinstance(e, InterruptedAfterSave) else interrupted, file=sys.stderr, flush=True)
         return 130
 
 

@@ -17,3 +17,9 @@ class FollowOnFailure(TrainingError):
     been told to stop (SIGTERM: torchrun stops the other workers when one fails) and then lost its
     connection to that process. The other process's error is the run's; this one is a note,
     printed at once as `stopped: ...`, so a job refused by rank 0 reads as refused once."""
+
+
+class InterruptedAfterSave(KeyboardInterrupt):
+    """A second Ctrl-C while the stop's own checkpoint was being finished (an async save in
+    flight): the save completed all the same (the process waits for its thread), so the usual
+    "stopped at once, without saving" would be untrue. The message says which step was saved."""

@@ -28,7 +28,7 @@ from .config import ConfigError, TrainConfig, expand_home, grad_accum_steps, tok
 from .device import has_fast_bf16, is_out_of_memory, pick_device, resolve_dtype
 from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed, log, lost_peer,
                           shutdown)
-from .errors import FollowOnFailure, TrainingError
+from .errors import FollowOnFailure, InterruptedAfterSave, TrainingError
 from .loader import TokenLoader
 from .metrics import MetricsLog, Sinks, WandbSink, wandb_tags
 from .mfu import peak_flops
@@ -458,6 +458,15 @@ def interval_loss(interval: LogInterval, guard: NonFiniteGuard, step: int, accum
             else float("nan"))
 
 
+def _latest_if_step(out_dir: str, step: int) -> Path | None:
+    """The run's latest checkpoint where it is that of `step`, else None."""
+    try:
+        latest = ckpt.latest_checkpoint(out_dir)
+    except (ckpt.CheckpointError, OSError):
+        return None
+    return latest if latest is not None and ckpt.step_of(latest.name) == step else None
+
+
 def timed_evaluate(wrapped: torch.nn.Module, config: TrainConfig, info: DistInfo, autocast,
                    val_loader: TokenLoader, guard: NonFiniteGuard, clock: Clock, step: int) -> float:
     """The val loss at `step`, its seconds kept in `clock` for the ETA."""
@@ -691,11 +700,18 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
             interval.skipped += guard.review()  # never save a model gone non-finite since the last log
             log(info, f"received a stop signal ({stop.name}): saving a checkpoint at step {step} and "
                       f"exiting with code {stop.exit_code} (run again to resume)")
-            # An eval step has just saved this very state: writing it again would only spend the
-            # time a preempted job has left before it is killed (twice as long for a large model).
-            if not do_eval:
-                save(step, (val_loss, val_loss_step))
-            checkpointer.close()  # an async save completes before the exit code says it is saved
+            try:
+                # An eval step has just saved this very state: writing it again would only spend the
+                # time a preempted job has left before it is killed (twice as long for a large model).
+                if not do_eval:
+                    save(step, (val_loss, val_loss_step))
+                checkpointer.close()  # an async save completes before the exit code says it is saved
+            except KeyboardInterrupt:  # a second Ctrl-C: an async save in flight completes all the same
+                saved = _latest_if_step(config.out_dir, step)
+                if saved is None:
+                    raise
+                raise InterruptedAfterSave(f"interrupted: stopped at once; the checkpoint of step {step} was "
+                                           f"complete by then ({saved}): run again to resume from it") from None
             metrics.close()  # wandb's run finished too (else a caller's next train() logged into it)
             raise SystemExit(stop.exit_code)
 

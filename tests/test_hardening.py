@@ -753,6 +753,53 @@ def test_a_signal_during_set_up_is_not_fatal(char_data, tmp_path, monkeypatch):
     assert {s: signal.getsignal(s) for s in StopFlag.SIGNALS} == handlers  # put back afterwards
 
 
+@pytest.mark.parametrize("second_ctrl_c", ["while the async save finishes", "during the save itself"])
+def test_a_second_ctrl_c_says_whether_the_stops_checkpoint_was_saved(char_data, tmp_path, monkeypatch, capsys,
+                                                                      second_ctrl_c):
+    """A second Ctrl-C while the stop's async save was finishing said "stopped at once, without
+    saving", though the save completed (the process waits for its thread) and the next run
+    resumed from it. It now says which step was saved; a save itself cut short says as before."""
+    import gpt.trainer as trainer
+
+    real_ensure, real_close = trainer.ensure_dataset, ckpt.Checkpointer.close
+    pressed = []
+
+    def ensure_dataset_then_ctrl_c(config, info):
+        os.kill(os.getpid(), signal.SIGINT)  # the first: stop after the first step, saving it
+        time.sleep(0.01)
+        return real_ensure(config, info)
+
+    def close_then_ctrl_c(self):
+        real_close(self)  # as Checkpointer.close's own finally does: waits for the save in flight
+        if not pressed:  # once: the run's clean-up closes it again
+            pressed.append(True)
+            raise KeyboardInterrupt
+
+    def save_cut_short(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "ensure_dataset", ensure_dataset_then_ctrl_c)
+    if second_ctrl_c == "while the async save finishes":
+        monkeypatch.setattr(ckpt.Checkpointer, "close", close_then_ctrl_c)
+    else:
+        monkeypatch.setattr(ckpt.Checkpointer, "save", save_cut_short)
+    run = tmp_path / "run"
+
+    def main():
+        train(tiny_config(char_data, run, async_checkpoint=True))
+
+    assert report_errors(main) == 130
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    if second_ctrl_c == "while the async save finishes":
+        step = run / ckpt.CHECKPOINTS_DIR / ckpt.step_dir_name(1)
+        assert said == (f"interrupted: stopped at once; the checkpoint of step 1 was complete by then ({step}): "
+                        f"run again to resume from it"), said
+        assert ckpt.latest_checkpoint(run) == step
+    else:
+        assert said.startswith("interrupted: stopped at once, without saving"), said
+        assert not (run / ckpt.CHECKPOINTS_DIR).exists() or not list((run / ckpt.CHECKPOINTS_DIR).glob("step_*"))
+
+
 # ----------------------------------------------------------------------------------------
 # Disk
 
