@@ -150,12 +150,19 @@ def check_resumed_model(resume_from: Path, saved: dict[str, Any], current: dict[
         message = str(e)
         started = (saved.get("train_config") or {}).get("init_from") or ""
         if not config.init_from and started.startswith(hf.HF_PREFIX):  # (the folder may be gone since)
-            # Not the differences from this config's shape: named again, init_from gives the run
-            # the checkpoint's shape whatever the config says, and "block_size: checkpoint 64 vs
-            # config 32" read as advice to change the windows' length, which the resume refuses.
+            # Not the differences init_from settles: named again, it gives the run the
+            # checkpoint's architecture and context whatever the config says ("block_size:
+            # checkpoint 64 vs config 32" read as advice to change the windows' length, which the
+            # resume refuses). Those it does not settle (vocab_multiple) are said with it: one try.
             message = (f"cannot resume {resume_from}: this run took its model's shape from init_from = "
                        f"{started!r}, which this command does not name: resume it with "
                        f"--init_from={shlex.quote(started)} as it started")
+            settled = {k: saved["model_config"][k] for k in (*hf.ARCHITECTURE_KEYS, "block_size")
+                       if k in saved["model_config"]}
+            try:
+                ckpt.check_model_config(resume_from, saved["model_config"], dict(current, **settled))
+            except ckpt.CheckpointError as rest:
+                message += f". Also, {rest}"
         if optimizer:
             message += f". Also, {optimizer}"
         raise ckpt.CheckpointError(message) from None

@@ -707,6 +707,9 @@ def _train(config: TrainConfig, info: DistInfo, stop: StopFlag, held: contextlib
                     save(step, (val_loss, val_loss_step))
                 checkpointer.close()  # an async save completes before the exit code says it is saved
             except KeyboardInterrupt:  # a second Ctrl-C: an async save in flight completes all the same
+                if not info.is_main:  # (another rank's part may be done before rank 0 writes `latest`)
+                    raise InterruptedAfterSave(f"interrupted: stopped at once (rank 0 says whether the checkpoint "
+                                               f"of step {step} was complete)") from None
                 saved = _latest_if_step(config.out_dir, step)
                 if saved is None:
                     raise

@@ -454,6 +454,21 @@ def encode_pieces(inner: tokenizers.Tokenizer, texts: Iterable[str], *, workers:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _killing_context(method: str) -> multiprocessing.context.BaseContext:
+    """A multiprocessing context of `method` whose processes' terminate() is SIGKILL. The pool
+    terminates its other workers when one dies, and waits for them: with SIGTERM, which the
+    workers ignore under a parent that handles it (`_start_worker`), that wait never ended."""
+    base = multiprocessing.get_context(method)
+
+    class Worker(base.Process):
+        def terminate(self) -> None:
+            self.kill()
+
+    context = type(base)()  # a context of its own: the shared one keeps its Process
+    context.Process = Worker
+    return context
+
+
 def _split(batch: list[str], parts: int) -> list[list[str]]:
     """`batch` cut into `parts` consecutive runs (order kept when the results are chained)."""
     size = -(-len(batch) // parts)
@@ -482,7 +497,7 @@ def _pool(workers: int, tokenizer_json: str):
     held = HeldSignals(PARENTS_SIGNALS)
     pool = None
     try:
-        pool = ProcessPoolExecutor(workers, multiprocessing.get_context(method), initializer=_start_worker,
+        pool = ProcessPoolExecutor(workers, _killing_context(method), initializer=_start_worker,
                                    initargs=(tokenizer_json, os.getpid(), handles))
         pool.submit(os.getpid).result()  # with fork, every worker starts at the first submit: here
     except BaseException:

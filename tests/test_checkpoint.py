@@ -285,6 +285,16 @@ def test_unsafe_or_corrupt_sharded_checkpoints_are_refused(char_data, tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="truncated or corrupt"):
         train(tiny_config(char_data, run, max_steps=10, checkpoint_format="sharded"))
     shard.write_bytes(data)
+    # A bit flipped in .metadata: the manifest's checksum says so before it is unpickled (a
+    # review's flip at byte 10 made the unpickler ask for a huge buffer: MemoryError, called
+    # "out of memory" by the resume).
+    original = metadata.read_bytes()
+    flipped = bytearray(original)
+    flipped[10] ^= 0x40
+    metadata.write_bytes(bytes(flipped))
+    with pytest.raises(ckpt.CheckpointError, match=r"\.metadata: checksum does not match the manifest"):
+        ckpt.verify_checkpoint(saved)
+    metadata.write_bytes(original)
 
     # DCP itself would pickle.load this metadata file and run the code in it.
     class Evil:

@@ -426,6 +426,9 @@ def test_init_from_hf_trains_and_resumes(data, tmp_path, capsys):
     # Only that: the differences from the config's own shape (block_size 64 vs 32 among them)
     # read as advice to change the windows' length, which the resume refuses.
     assert "block_size" not in str(e.value) and "different model" not in str(e.value)
+    # What init_from does not settle is said with it, so that following the advice takes one try.
+    with pytest.raises(ckpt.CheckpointError, match=r"resume it with --init_from=hf:.*Also, .*set --vocab_multiple="):
+        train(replace(config, init_from="", max_steps=8, vocab_multiple=1))
     # With a data setting changed too, the shape is not judged against this config's own (it is
     # the folder's): that named block_size 128 and n_embd 32, which the resume then refused.
     with pytest.raises(ckpt.CheckpointError) as e:

@@ -123,6 +123,28 @@ def test_a_real_full_disk_is_one_line_for_export_and_consolidate(trained, tmp_pa
     ckpt.verify_checkpoint(source)
 
 
+def test_failed_write_knows_each_writers_own_error_for_a_full_disk(tmp_path):
+    """The errors torch.save, safetensors and tokenizers raise (none an OSError) when a file
+    cannot grow: each is a failed write, one line. tokenizers' bare Exception, from writing an
+    export's tokenizer.json, still ended in a traceback (a review found it)."""
+    import safetensors.torch
+    import tokenizers
+    import torch
+
+    writers = {
+        "torch.save": lambda path: torch.save({"w": torch.zeros(10_000)}, path),
+        "safetensors": lambda path: safetensors.torch.save_file({"w": torch.zeros(10_000)}, str(path)),
+        "tokenizers": lambda path: tokenizers.Tokenizer(tokenizers.models.BPE()).save(str(path)),
+    }
+    for name, write in writers.items():
+        with files_limited_to(10):
+            with pytest.raises(BaseException) as e:
+                write(tmp_path / name)
+        assert ckpt.failed_write(e.value), (name, type(e.value), e.value)
+    for bug in (RuntimeError("shape mismatch"), Exception("some other failure"), ValueError("os error")):
+        assert not ckpt.failed_write(bug)
+
+
 @pytest.mark.parametrize("eps", [None, "1e-5"])
 def test_hf_config_with_a_non_number_epsilon_is_an_hf_error(eps):
     # Was a TypeError traceback from math.isclose (sample, eval and train alike).

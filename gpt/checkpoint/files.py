@@ -24,12 +24,13 @@ def failed_write(error: BaseException) -> bool:
     """Whether `error` is a writer's failure to put bytes on the disk (full, read-only, over a
     size limit): an OSError, or what the writers raise instead of one. torch.save's zip writer
     raises RuntimeError ("unexpected pos 4096 vs 3988", "PytorchStreamWriter failed writing
-    file"), safetensors a SafetensorError ("I/O error: No space left on device (os error 28)")."""
+    file"), safetensors a SafetensorError ("I/O error: No space left on device (os error 28)"),
+    tokenizers' save a bare Exception ("No space left on device (os error 28)")."""
     if isinstance(error, OSError):
         return True
     text = str(error)
-    if type(error).__name__ == "SafetensorError":
-        return "I/O error" in text or "os error" in text
+    if type(error).__name__ == "SafetensorError" or type(error) is Exception:  # (the Rust libraries')
+        return "I/O error" in text or "(os error " in text
     return isinstance(error, RuntimeError) and any(
         sign in text for sign in ("unexpected pos", "PytorchStreamWriter failed", "file write failed"))
 

@@ -115,14 +115,14 @@ def checkpoint_format(ckpt_dir: Path) -> str:
     return "full"
 
 
-def _files_readers_load(ckpt_dir: Path) -> list[str]:
+def _files_readers_load(ckpt_dir: Path, manifest: dict[str, Any]) -> list[str]:
     """The files of a checkpoint that resuming or sampling reads, so the manifest must vouch for
     each: state.json and the weights of its format (dcp/ holds the optimizer state too), and
     optimizer.pt and tokenizer.json where the folder has them (a weights-only copy has no
     optimizer.pt; a run without a tokenizer file, no tokenizer.json)."""
     names = [STATE_FILE]
     if checkpoint_format(ckpt_dir) == "sharded":
-        names += _dcp_files(ckpt_dir)
+        names += _dcp_files(ckpt_dir, manifest)
     else:
         names.append(MODEL_FILE)
         if (ckpt_dir / OPTIMIZER_FILE).exists():
@@ -132,19 +132,22 @@ def _files_readers_load(ckpt_dir: Path) -> list[str]:
     return names
 
 
-def _dcp_files(ckpt_dir: Path) -> list[str]:
+def _dcp_files(ckpt_dir: Path, manifest: dict[str, Any]) -> list[str]:
     """The files of dcp/ that loading reads: .metadata and the shard files it names. Not every
     file there: one a file system or a copy leaves beside them (.nfs0001, macOS's ._.metadata)
     is never read, and had the whole checkpoint refused as "edited", to be restored from a copy.
-    Where .metadata cannot be read, every file (the checks that follow say what is wrong)."""
+    .metadata is read only once the manifest vouches for it (a damaged one, unpickled, raised
+    MemoryError); where it cannot be, every file (the checks that follow say what is wrong)."""
     from .dcp_read import read_dcp_metadata
 
+    name = f"{DCP_DIR}/{DCP_METADATA}"
     try:
-        metadata = read_dcp_metadata(ckpt_dir)
-        read = {info.relative_path for info in metadata.storage_data.values()}
-    except (CheckpointError, AttributeError, TypeError):
+        _check_size(ckpt_dir, name, manifest[name])
+        _check_sum(ckpt_dir, name, manifest[name])
+        read = {info.relative_path for info in read_dcp_metadata(ckpt_dir).storage_data.values()}
+    except (KeyError, CheckpointError, AttributeError, TypeError):
         return [p.relative_to(ckpt_dir).as_posix() for p in files_under(ckpt_dir / DCP_DIR)]
-    return [f"{DCP_DIR}/{DCP_METADATA}", *(f"{DCP_DIR}/{name}" for name in sorted(read))]
+    return [name, *(f"{DCP_DIR}/{shard}" for shard in sorted(read))]
 
 
 def check_format_version(ckpt_dir: Path, *, strict: bool = True) -> None:
@@ -203,7 +206,7 @@ def verify_checkpoint(ckpt_dir: Path, part: tuple[int, int] = (0, 1)) -> dict[st
     ckpt_dir = Path(ckpt_dir)
     check_format_version(ckpt_dir)
     manifest = read_manifest(ckpt_dir)
-    for name in _files_readers_load(ckpt_dir):
+    for name in _files_readers_load(ckpt_dir, manifest):
         if name not in manifest:
             if not (ckpt_dir / name).is_file():
                 raise CheckpointError(
