@@ -454,18 +454,29 @@ def encode_pieces(inner: tokenizers.Tokenizer, texts: Iterable[str], *, workers:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _killing_context(method: str) -> multiprocessing.context.BaseContext:
-    """A multiprocessing context of `method` whose processes' terminate() is SIGKILL. The pool
-    terminates its other workers when one dies, and waits for them: with SIGTERM, which the
-    workers ignore under a parent that handles it (`_start_worker`), that wait never ended."""
-    base = multiprocessing.get_context(method)
+# The pool's processes, whose terminate() is SIGKILL (`_killing_context`). At module level: a
+# spawned worker's process object is pickled, which takes a class found by its name.
+class _KillingSpawnProcess(multiprocessing.context.SpawnProcess):
+    def terminate(self) -> None:
+        self.kill()
 
-    class Worker(base.Process):
+
+_KILLING_PROCESSES = {"spawn": _KillingSpawnProcess}
+if sys.platform != "win32":  # (fork exists only there)
+    class _KillingForkProcess(multiprocessing.context.ForkProcess):
         def terminate(self) -> None:
             self.kill()
 
-    context = type(base)()  # a context of its own: the shared one keeps its Process
-    context.Process = Worker
+    _KILLING_PROCESSES["fork"] = _KillingForkProcess
+
+
+def _killing_context(method: str) -> multiprocessing.context.BaseContext:
+    """A multiprocessing context of `method` ("fork" or "spawn") whose processes' terminate() is
+    SIGKILL. The pool terminates its other workers when one dies, and waits for them: with
+    SIGTERM, which the workers ignore under a parent that handles it (`_start_worker`), that wait
+    never ended."""
+    context = type(multiprocessing.get_context(method))()  # one of its own: the shared one keeps its Process
+    context.Process = _KILLING_PROCESSES[method]
     return context
 
 

@@ -294,6 +294,10 @@ def test_unsafe_or_corrupt_sharded_checkpoints_are_refused(char_data, tmp_path):
     metadata.write_bytes(bytes(flipped))
     with pytest.raises(ckpt.CheckpointError, match=r"\.metadata: checksum does not match the manifest"):
         ckpt.verify_checkpoint(saved)
+    (saved / ckpt.DCP_DIR / "._.metadata").write_text("x")  # beside it, a stray file was blamed instead
+    with pytest.raises(ckpt.CheckpointError, match=r"\.metadata: checksum does not match the manifest"):
+        ckpt.verify_checkpoint(saved)
+    (saved / ckpt.DCP_DIR / "._.metadata").unlink()
     metadata.write_bytes(original)
 
     # DCP itself would pickle.load this metadata file and run the code in it.

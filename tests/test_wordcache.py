@@ -188,6 +188,16 @@ else:
 """
 
 
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_the_pools_processes_start_under_each_start_method(method):
+    """The processes whose terminate() is SIGKILL are pickled to a spawned worker (macOS,
+    Windows): defined inside a function, they could not be, and no pool started there."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, wordcache._killing_context(method)) as pool:
+        assert pool.submit(os.getpid).result() != os.getpid()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; PR_SET_PDEATHSIG is Linux's")
 def test_a_killed_worker_ends_the_encoding_and_workers_never_outlive_their_parent(tmp_path):
     """A worker killed (the out-of-memory killer's SIGKILL) left multiprocessing.Pool waiting

@@ -141,12 +141,17 @@ def _dcp_files(ckpt_dir: Path, manifest: dict[str, Any]) -> list[str]:
     from .dcp_read import read_dcp_metadata
 
     name = f"{DCP_DIR}/{DCP_METADATA}"
+    every_file = [p.relative_to(ckpt_dir).as_posix() for p in files_under(ckpt_dir / DCP_DIR)]
+    entry = manifest.get(name)
+    if not isinstance(entry, dict):
+        return every_file
+    # Damage to .metadata is said as such (not as a stray file beside it the fallback would name).
+    _check_size(ckpt_dir, name, entry)
+    _check_sum(ckpt_dir, name, entry)
     try:
-        _check_size(ckpt_dir, name, manifest[name])
-        _check_sum(ckpt_dir, name, manifest[name])
         read = {info.relative_path for info in read_dcp_metadata(ckpt_dir).storage_data.values()}
-    except (KeyError, CheckpointError, AttributeError, TypeError):
-        return [p.relative_to(ckpt_dir).as_posix() for p in files_under(ckpt_dir / DCP_DIR)]
+    except (CheckpointError, AttributeError, TypeError):
+        return every_file
     return [name, *(f"{DCP_DIR}/{shard}" for shard in sorted(read))]
 
 
