@@ -45,9 +45,9 @@ import re
 import signal
 import sys
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from collections.abc import Iterable, Iterator
 from itertools import chain, islice
 
 import numpy as np
