@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpt.sources import (PIECE_CHARS, DocumentsFromPieces, NotUTF8Error, Piece, SourceError,
+from gpt.sources import (PIECE_CHARS, DocumentsFromPieces, NotUTF8Error, Piece, SourceError, reached_again,
                          document_pieces, first_decode_error, read_chunks)
 
 # Extensions the `datasets` library reads with a packaged builder, for local paths.
@@ -179,13 +179,16 @@ class HFDataset(DocumentsFromPieces):
     def _each_file_once(self, files: list[Path]) -> list[Path]:
         """`files` less those reached again (a link to another of them), as --input reads a folder:
         twice, a file would sit in both splits and weigh double in training."""
-        read: dict[str, Path] = {}
+        read: dict[str, str] = {}
+        kept = []
         for path in files:
-            first = read.setdefault(os.path.realpath(path), path)
-            if first != path and path not in self._warned:
+            again = reached_again(read, path)
+            if again is None:
+                kept.append(path)
+            elif path not in self._warned:
                 self._warned.add(path)  # (data prep reads the corpus twice: said once)
-                warnings.warn(f"skipping {path}: the same file as {first}, read already", stacklevel=3)
-        return list(read.values())
+                warnings.warn(f"skipping {path}: {again}", stacklevel=3)
+        return kept
 
     def _blame(self, datasets) -> str | None:
         """Which of several local data files makes loading fail, and why ("FILE: reason"), or None

@@ -123,6 +123,18 @@ def split_pieces(chunks: Iterable[str], piece_chars: int = PIECE_CHARS,
         yield buf[start:]
 
 
+def reached_again(read: dict[str, str], path: Path) -> str | None:
+    """Why `path` is left out where it is a file read already (through a link to it, named
+    besides its folder, given twice): read twice, it would sit in both splits (val then measures
+    recall of train text) and weigh double in training. None the first time, which `read` (resolved
+    file -> the path it was read under) then records."""
+    real = os.path.realpath(path)
+    if real not in read:
+        read[real] = str(path)
+        return None
+    return "given twice, read once" if read[real] == str(path) else f"the same file as {read[real]}, read already"
+
+
 def document_pieces(chunks: Iterable[str], piece_chars: int, document: str = "") -> Iterator[Piece]:
     first = True
     for text in split_pieces(chunks, piece_chars):
@@ -340,10 +352,7 @@ class LocalFiles(DocumentsFromPieces):
             self.description = "files: " + ", ".join(str(p) for p in self.paths)
 
     def files(self) -> Iterator[Path]:
-        # A file reached twice (a link to a file of the corpus, a file named besides its folder,
-        # a path given twice) is read once: twice, it would sit in both splits (val then measures
-        # recall of train text) and weigh double in training.
-        read: dict[str, str] = {}  # resolved file -> the path it was read under (str: compact)
+        read: dict[str, str] = {}  # for reached_again
         for root in self.paths:
             found = False
             for path, skip_reason in _walk_files(root, self.skip_dirs, self.exclude):
@@ -351,12 +360,7 @@ class LocalFiles(DocumentsFromPieces):
                     if self.suffixes is not None and path.suffix not in self.suffixes:
                         continue  # another kind of file: not part of the corpus, so no warning
                     found = True
-                    real = os.path.realpath(path)
-                    if real in read:
-                        skip_reason = ("given twice, read once" if read[real] == str(path)
-                                       else f"the same file as {read[real]}, read already")
-                    else:
-                        read[real] = str(path)
+                    skip_reason = reached_again(read, path)
                 if skip_reason is not None:
                     if self.warn_skips:
                         self._warn_once(path, f"skipping {path}: {skip_reason}")
