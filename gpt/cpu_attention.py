@@ -20,7 +20,8 @@ bf16 at several times the fp32 rate), and the two softmax passes are one kernel 
 mask pass in the backward. Measured fwd+bwd, bf16, on an Intel Xeon with AMX (2 cores),
 SDPA vs this: T 64 2.0 vs 1.4 ms, T 128 4.3 vs 2.6 ms (B 8, H 6, D 64), T 256 21.2 vs 6.8 ms,
 T 512 28.3 vs 14.3 ms, T 1024 31.1 vs 29.1 ms (the [T, T] scores, kept for the backward, then
-cost more memory than they save time). In fp32 the gain is smaller (T 256: 22.2 vs 20.1 ms),
+cost more memory than they save time); on an AMD EPYC with AVX512-BF16 but no AMX, T 128 3.5
+vs 15 ms, T 256 11.6 vs 26 ms, T 512 21 vs 39 ms (benchmarks/results/attention_amd.json). In fp32 the gain is smaller (T 256: 22.2 vs 20.1 ms),
 and none in a training step. Only first derivatives: a double backward through it raises.
 
 Numerically it is the formula the `attention = "explicit"` path spells out with autograd: bf16
@@ -36,11 +37,11 @@ import math
 import torch
 
 # Longest context this path takes: its [T, T] scores and probabilities are kept for the
-# backward (B * H * T * T values, twice), and past ~512 positions SDPA's tiles are as fast. On a
-# CPU with native bf16 but no AMX it was measured only as far as the autograd formula, which was
-# faster than SDPA at 256 positions there and 1.8x slower at 512 (AMD EPYC, AVX512-BF16): 256.
+# backward (B * H * T * T values, twice). At 512 positions it still runs ~1.9x SDPA's speed (Intel
+# Xeon with AMX and AMD EPYC with AVX512-BF16 alike; on the AMD kind a 6 x 384 bf16 training step
+# took 703 vs 861 ms, for 14% more peak RSS: 1,195 vs 1,048 MB at batch 8); at 1,024 SDPA's tiles
+# come within 1.07-1.21x, not worth those scores' memory.
 MAX_POSITIONS = 512
-MAX_POSITIONS_WITHOUT_AMX = 256
 
 
 def use_cpu_attention(q: torch.Tensor, q_start: int, S: int) -> bool:
@@ -52,10 +53,7 @@ def use_cpu_attention(q: torch.Tensor, q_start: int, S: int) -> bool:
 def max_positions() -> int:
     """The longest context this path takes on this CPU: 0 where the CPU has no native bf16
     (oneDNN then emulates bf16 matmuls at ~1 GFLOP/s: SDPA keeps every length)."""
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return 0
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent from some torch builds
-    return MAX_POSITIONS if amx is not None and amx() else MAX_POSITIONS_WITHOUT_AMX
+    return MAX_POSITIONS if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 0
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:

@@ -41,7 +41,7 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2 has them)
     tie_weights: bool = True  # lm_head.weight is the token embedding (GPT-2, Press & Wolf 2017)
     # "sdpa": F.scaled_dot_product_attention (fused kernels), except training and prefill in
-    # bf16 on a CPU with native bf16, up to 512 positions (256 without AMX), where
+    # bf16 on a CPU with native bf16, up to 512 positions, where
     # gpt/cpu_attention.py is faster (`attend`) | "explicit": the formula.
     attention: str = "sdpa"
     # The embedding and output tables get rows up to a multiple of this (GPT-2's 50257 -> 50304

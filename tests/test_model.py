@@ -46,10 +46,9 @@ def test_sdpa_equals_explicit_formula(dropout):
 
 def test_bf16_on_cpu_trains_with_cpu_attention_up_to_its_longest_context():
     # Where SDPA's CPU flash kernel is the slower one (bf16, training and prefill: gpt.model.attend):
-    # up to 512 positions on a CPU with AMX, 256 with other native bf16, none without.
+    # up to 512 positions on a CPU with native bf16, none without.
     longest = max_positions()
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert longest == (0 if not native else 512 if torch.cpu._is_amx_tile_supported() else 256)
+    assert longest == (512 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 0)
     g = torch.Generator().manual_seed(0)
     flash = "aten::_scaled_dot_product_flash_attention_for_cpu"
     for S, ours in ([(16, True), (longest, True), (longest + 1, False)] if longest else [(16, False)]):
