@@ -38,6 +38,7 @@ def _opt(default: Any, help: str, choices: Sequence[str] | None = None):
 
 
 WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # as wandb.init's check of a project name
+WANDB_TAG_MAX = 64  # characters in one wandb tag
 
 
 def _of_type(value: Any, kind: type) -> bool:
@@ -242,6 +243,7 @@ class TrainConfig:
                     f"wandb_project = {self.wandb_project!r}: a wandb project name cannot hold "
                     f"{', '.join(repr(c) for c in bad)}"
                     + (" (the team goes in WANDB_ENTITY, not before the project's name)" if "/" in bad else ""))
+            check_wandb_tags(wandb_tags(self.wandb_tags))
         if os.path.realpath(os.path.expanduser(self.out_dir)) == os.path.realpath(os.path.expanduser(self.data_dir)):
             # The run's checkpoints beside the shards: the folder is then neither (data prep
             # refuses it as a run, and every listing of runs shows the dataset).
@@ -305,6 +307,20 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------------------
 # The batch: what one optimizer step trains on
+
+
+def wandb_tags(text: str) -> list[str]:
+    """'a, b,c' -> ['a', 'b', 'c'] (the config keeps tags as one comma-separated string)."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def check_wandb_tags(tags: Sequence[str]) -> None:
+    """wandb refuses a tag over 64 characters only in wandb.init, after the model is built, and
+    that was reported as a failed start with a hint to log in."""
+    for tag in tags:
+        if not 1 <= len(tag) <= WANDB_TAG_MAX:
+            raise ConfigError(f"wandb_tags: the tag {tag[:70]!r} is {len(tag)} characters; wandb takes "
+                              f"tags of 1 to {WANDB_TAG_MAX} characters")
 
 
 def grad_accum_steps(config: TrainConfig, world_size: int) -> int:
@@ -669,6 +685,9 @@ def parse_args(argv: Sequence[str] | None = None, default_config: str | None = N
             raise ConfigError(f"{args.config}: {e}") from None
         raise
     check_launch_environment(os.environ)
+    # tokens_per_step against the processes torchrun starts, before data prep and loading rather
+    # than after them (the trainer checks it again against its process group).
+    grad_accum_steps(config, int(os.environ.get("WORLD_SIZE", "1")))
     return config
 
 

@@ -17,10 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import ConfigError
+from .config import ConfigError, check_wandb_tags
 from .run_layout import LATEST_FILE, METRICS_FILE
 WANDB_RUN_ID_FILE = "wandb_run_id"
-WANDB_TAG_MAX = 64  # characters in one wandb tag
 
 
 class MetricsError(ValueError):
@@ -158,12 +157,7 @@ class WandbSink:
                 f"pip install 'gpt-from-scratch[wandb]' (or pip install wandb), or set "
                 f"wandb_mode = 'disabled'"
             ) from None
-        for tag in tags:
-            # wandb refuses these only in wandb.init, whose error was reported as a failed start
-            # with a hint to log in.
-            if not 1 <= len(tag) <= WANDB_TAG_MAX:
-                raise ConfigError(f"wandb_tags: the tag {tag[:70]!r} is {len(tag)} characters; wandb takes "
-                                  f"tags of 1 to {WANDB_TAG_MAX} characters")
+        check_wandb_tags(tags)
         out_dir = Path(out_dir)
         id_file = out_dir / WANDB_RUN_ID_FILE
         # An empty file (a run killed, or a disk full, while writing it) holds no run to continue:
@@ -326,11 +320,6 @@ def wandb_last_step(wandb_dir: Path, run_id: str) -> int:
                     except (ValueError, TypeError):
                         pass
     return last
-
-
-def wandb_tags(text: str) -> list[str]:
-    """'a, b,c' -> ['a', 'b', 'c'] (the config keeps tags as one comma-separated string)."""
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 class Sinks:

@@ -154,8 +154,8 @@ def _image_path(out: Path) -> Path:
 
 def plot_runs(runs: Sequence[str | Path], out: str | Path | None = None, title: str | None = None) -> Path:
     """Draw the runs' curves into the image `out` (.png, or .pdf / .svg; no suffix: .png;
-    None: `default_output` of the runs drawn, those left out not named in it); return its path."""
-    out = None if out is None else _image_path(Path(out))
+    None or "": `default_output` of the runs drawn, those left out not named in it); return its path."""
+    out = _image_path(Path(out)) if out else None  # "" (--out=$UNSET) too: Path("") is "."
     # Before matplotlib: a bad run folder is the first thing to hear of.
     found = _load(runs, _to_stderr)
     out = default_output([str(path) for path in found]) if out is None else out

@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from . import hf
 from .checkpoint import CheckpointError
 from .cli import check_stdout, report_errors
-from .config import ArgumentParser, ConfigError, add_option, path_or_default_arg
+from .config import ArgumentParser, ConfigError, add_option, path_arg, path_or_default_arg
 from .console import BROKEN_PIPE_EXIT, to_devnull, write_result
 from .device import free_memory, is_out_of_memory, pick_device, resolve_dtype
 from .generate import generate
@@ -45,9 +45,10 @@ def _sample_parser() -> argparse.ArgumentParser:
         add_option(parser, name, **kwargs)
 
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--out_dir", "--out-dir", dest="out_dir", help="run folder (its latest checkpoint is used)")
-    source.add_argument("--ckpt", help="a checkpoint folder (out_dir/checkpoints/step_NNNNNNN)")
-    source.add_argument("--init_from", "--init-from", dest="init_from",
+    source.add_argument("--out_dir", "--out-dir", dest="out_dir", type=path_arg,
+                        help="run folder (its latest checkpoint is used)")
+    source.add_argument("--ckpt", type=path_arg, help="a checkpoint folder (out_dir/checkpoints/step_NNNNNNN)")
+    source.add_argument("--init_from", "--init-from", dest="init_from", type=path_arg,
                         help="hf:DIR, a local Hugging Face GPT-2 folder with its tokenizer.json")
     add("prompt", default="", help="text to continue (default: empty, an unconditional sample)")
     add("prompt_file", default=None, type=path_or_default_arg, help="read the prompt from this file instead ('-': standard input)")

@@ -24,13 +24,13 @@ from . import allocator
 from . import checkpoint as ckpt
 from . import hf
 from . import parallel
-from .config import ConfigError, TrainConfig, expand_home, grad_accum_steps, tokens_per_optimizer_step
+from .config import ConfigError, TrainConfig, expand_home, grad_accum_steps, tokens_per_optimizer_step, wandb_tags
 from .device import has_fast_bf16, is_out_of_memory, pick_device, resolve_dtype
 from .distributed import (DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed, log, lost_peer,
                           shutdown)
 from .errors import FollowOnFailure, InterruptedAfterSave, TrainingError
 from .loader import TokenLoader
-from .metrics import MetricsLog, Sinks, WandbSink, wandb_tags
+from .metrics import MetricsLog, Sinks, WandbSink
 from .mfu import peak_flops
 from .model import GPT, GPTConfig, closed_form_num_params
 from .nonfinite import NonFiniteGuard

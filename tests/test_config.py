@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from gpt.config import ConfigError, parse_args
+
+from conftest import REPO
 
 
 @pytest.mark.parametrize(("line", "message"), [
@@ -85,3 +90,28 @@ def test_home_in_folders_is_expanded_as_a_shell_would(tmp_path, monkeypatch):
         str(tmp_path / "runs" / "a"), str(tmp_path / "data"), f"hf:{tmp_path / 'gpt2'}")
     assert parse_args(["--init_from=~/run"]).init_from == str(tmp_path / "run")
     assert parse_args(["--out_dir=out/~x"]).out_dir == "out/~x"  # only a leading ~ is home
+
+
+def test_tokens_per_step_and_wandb_tags_are_refused_before_any_work(tmp_path, monkeypatch):
+    # Both were refused only after the dataset was prepared and loaded (and, for the tags, the
+    # model built): a first run on the default corpus prepared 31 MB for nothing.
+    with pytest.raises(ConfigError, match=r"tokens_per_step \(100\) must be a multiple of .* = 4 x 32 x 1 = 128"):
+        parse_args(["--batch_size=4", "--block_size=32", "--tokens_per_step=100"])
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert parse_args(["--batch_size=4", "--block_size=32", "--tokens_per_step=256"]).tokens_per_step == 256
+    with pytest.raises(ConfigError, match=r"= 4 x 32 x 2 = 256; for example 256 or 512"):
+        parse_args(["--batch_size=4", "--block_size=32", "--tokens_per_step=128"])
+    with pytest.raises(ConfigError, match="wandb_tags: the tag 'xxx.*' is 65 characters; wandb takes tags of 1 to 64"):
+        parse_args(["--wandb_mode=offline", "--wandb_tags=ok, " + "x" * 65])
+    assert parse_args(["--wandb_tags=ok, " + "x" * 65]).wandb_mode == "disabled"  # unused: left alone
+
+
+def test_train_py_refuses_a_bad_tokens_per_step_before_preparing_data(tmp_path):
+    data = tmp_path / "data"
+    proc = subprocess.run([sys.executable, "train.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}",
+                           "--prepare_source=stdlib", "--batch_size=4", "--block_size=32", "--tokens_per_step=100"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "tokens_per_step (100) must be a multiple" in proc.stderr and "Traceback" not in proc.stderr
+    assert not data.exists() and not (tmp_path / "run").exists()

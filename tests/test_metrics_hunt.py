@@ -184,3 +184,15 @@ def test_a_resume_keeps_the_measured_peak_so_mfu_compares(char_data, tmp_path, c
     monkeypatch.setattr(mfu, "measure_matmul_flops", lambda device, dtype: 456.0e9)
     assert mfu.peak_flops(torch.device("cpu"), torch.bfloat16, earlier=state["peak_flops"]) == (
         456.0e9, "measured cpu bfloat16 matmul")
+
+
+def test_plot_with_an_empty_out_writes_the_default_image(tmp_path, capsys):
+    """`--out=$UNSET` means the default, as path_or_default_arg says: plot_runs took "" for the
+    current folder and refused it ('--out . is a folder')."""
+    pytest.importorskip("matplotlib")
+    from gpt.plot import main
+
+    MetricsLog(tmp_path).write(record(2))
+    assert main([str(tmp_path), "--out="]) == 0
+    assert (tmp_path / "metrics.png").stat().st_size > 0
+    assert f"wrote {tmp_path / 'metrics.png'}" in capsys.readouterr().out

@@ -144,3 +144,15 @@ def test_the_batch_memory_check_counts_the_widest_pass_a_sample_makes(monkeypatc
     assert fit(True, 4, 253) == cached_short  # 256 fed (the last token drawn is not): no rebuild
     assert fit(False, 4, 200) < cached_short / 2  # the context grows to 204 positions
     assert fit(False, 4, 10) > cached_short  # 14 positions, and no cache to keep
+
+
+@pytest.mark.parametrize("option", ["--out_dir", "--ckpt", "--init_from"])
+def test_an_empty_model_option_is_refused_naming_it(option, capsys):
+    # `--out_dir=$UNSET`: --out_dir and --init_from raised a TypeError traceback, and --ckpt
+    # looked for a checkpoint in the current folder.
+    with pytest.raises(SystemExit) as exit_:
+        run_sample([f"{option}=", "--device", "cpu"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "must name a file or folder, got an empty string" in err
+    assert "Traceback" not in err
