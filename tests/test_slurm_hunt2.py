@@ -113,6 +113,25 @@ def test_sbatch_scripts_name_a_missing_venv_or_python(tmp_path):
         (tmp_path / "srun.args").unlink()
 
 
+def test_train_sbatch_names_a_bad_nproc_per_node_or_rdzv_port(tmp_path):
+    # Both went to torchrun as given: NPROC_PER_NODE=0 ended in a bare AssertionError traceback,
+    # "two" and RDZV_PORT=70000 in ValueError tracebacks, on every node.
+    for env, named in [({"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE=0 is not a positive whole number"),
+                       ({"NPROC_PER_NODE": "two"}, "NPROC_PER_NODE=two is not a positive whole number"),
+                       ({"RDZV_PORT": "70000"}, "RDZV_PORT=70000 is not a port number (1-65535)"),
+                       ({"RDZV_PORT": "99999999999999999999"}, "RDZV_PORT=99999999999999999999 is not a port number"),
+                       ({"RDZV_PORT": "0"}, "RDZV_PORT=0 is not a port number")]:
+        r = _run_script(tmp_path, "slurm/train.sbatch", PYTHON=sys.executable, **env)
+        assert r.returncode == 2 and f"error: {named}" in r.stderr, (env, r.stderr)
+        assert not (tmp_path / "srun.args").exists()
+    for env, arg in [({"NPROC_PER_NODE": "4", "RDZV_PORT": "29600"}, "--nproc-per-node=4"),
+                     ({"NPROC_PER_NODE": "gpu"}, "--nproc-per-node=gpu")]:
+        r = _run_script(tmp_path, "slurm/train.sbatch", PYTHON=sys.executable, **env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert arg in (tmp_path / "srun.args").read_text().split()
+        (tmp_path / "srun.args").unlink()
+
+
 def test_the_head_node_of_a_long_node_list_is_read_without_a_broken_pipe(tmp_path):
     """`scontrol show hostnames | head -n 1` under `set -euo pipefail`: with a node list longer
     than the pipe's buffer, scontrol died of SIGPIPE once head had its line, and the batch script
