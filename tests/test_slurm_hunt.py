@@ -61,6 +61,31 @@ def test_debug_sbatch_checkpoints_on_usr1_to_the_batch_shell(cluster, char_data,
 
 
 @pytest.mark.slurm
+def test_debug_sbatch_keeps_a_usr1_that_comes_as_the_step_starts(cluster, char_data, tmp_path):
+    """The batch shell passed SIGUSR1 on to the step at once: sent as the step appeared, it reached
+    train.py in the moment before its handler was in place, whose default action killed the run
+    (exit 138, job FAILED, no checkpoint; 3 of 3 in a review). The step now starts train.py with it
+    ignored, and the shell repeats it every 30 s."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    out_dir = tmp_path / "run"
+    env = cluster.env(PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    job_id = cluster.sbatch("--partition=debug", "--cpus-per-task=1", "--gpus-per-node=1", "--time=10",
+                            f"--output={logs}/%x-%j.out", "slurm/debug.sbatch",
+                            *tiny_args(char_data, out_dir, 100_000), env=env, cwd=REPO)
+    deadline = time.monotonic() + 60
+    while f"{job_id}.0" not in cluster.run("squeue", "-h", "-s", "-j", str(job_id), check=False).stdout:
+        assert time.monotonic() < deadline, cluster.job(job_id)
+        time.sleep(0.02)
+    cluster.run("scancel", "--signal=USR1", "--batch", str(job_id))
+    info = wait_state(cluster, job_id, timeout=120)
+    text = (logs / f"gpt-debug-{job_id}.out").read_text()
+    assert "stopped with a checkpoint (exit 75" in text and info["ExitCode"] == "75:0", (info, text)
+    assert re.search(r"received a stop signal \(SIGUSR1\): saving a checkpoint at step \d+", text), text
+    assert (out_dir / "latest").exists()
+
+
+@pytest.mark.slurm
 def test_train_sbatch_warns_when_the_time_limit_is_shorter_than_the_signal_lead(cluster, char_data, tmp_path):
     """`sbatch --time=2 slurm/train.sbatch ...` (a quick try) gets --signal=B:USR1@300 at once: each
     run trained a step or so, checkpointed and requeued, over and over, and the log never said why."""
