@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log("peak RSS of training ...")
         # MFU in the trainer's own log against the suite's measured fp32 peak (not its own
         # start-up measurement, which a busy moment can make too low).
-        extra = (f"--peak_tflops={peak['measured_float32_gflops'] / 1e3}",) if peak else ()
+        # (training_rss runs train.py on the CPU: a GPU's peak is not its peak.)
+        extra = (f"--peak_tflops={peak['measured_float32_gflops'] / 1e3}",) if peak and device.type == "cpu" else ()
         suite["rss"] = bench_resources.training_rss(extra=extra)
 
     suite["wall_s"] = round(time.perf_counter() - started, 1)

@@ -8,22 +8,26 @@ is measured: the FLOP/s of a large matmul on all the device's cores.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
 import torch
 
 # Dense (no sparsity) datasheet peaks in TFLOP/s by dtype. Matched against
-# torch.cuda.get_device_name(); the first matching entry wins, so more specific names first.
+# torch.cuda.get_device_name() as whole words ("A100" is not in "RTX A1000", nor "T4" in "T400");
+# the first matching entry wins, so more specific names first.
 # float32 is the TF32 tensor-core rate where the GPU has one: the trainer enables TF32 on CUDA.
 GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
     ("B200", {"bfloat16": 2250.0, "float16": 2250.0, "float32": 1100.0}),
     # "NVIDIA H200 NVL" (PCIe, 600 W): 1,671 TFLOP/s bf16 with sparsity, so 835.5 dense, not the SXM's.
     ("H200 NVL", {"bfloat16": 835.5, "float16": 835.5, "float32": 417.5}),
-    ("H200", {"bfloat16": 989.5, "float16": 989.5, "float32": 494.7}),  # SXM (GH200 matches too: same GPU)
+    ("H200", {"bfloat16": 989.5, "float16": 989.5, "float32": 494.7}),  # SXM
+    ("GH200", {"bfloat16": 989.5, "float16": 989.5, "float32": 494.7}),  # the H200's GPU (or H100's: the same rate)
     ("H100 NVL", {"bfloat16": 835.5, "float16": 835.5, "float32": 417.5}),
     ("H100 PCIe", {"bfloat16": 756.5, "float16": 756.5, "float32": 378.0}),
     ("H100", {"bfloat16": 989.5, "float16": 989.5, "float32": 494.7}),  # SXM
+    ("H800 PCIe", {"bfloat16": 756.5, "float16": 756.5, "float32": 378.0}),
     ("H800", {"bfloat16": 989.5, "float16": 989.5, "float32": 494.7}),
     ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
     ("L40S", {"bfloat16": 362.1, "float16": 362.1, "float32": 183.0}),
@@ -39,9 +43,14 @@ GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 
 
 def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
+    """The datasheet peak of the GPU `device_name` for `dtype`, or None where the table has none
+    (the caller then measures). A laptop part has its own clocks and power limit, not the desktop
+    card's datasheet: measured too."""
+    if "Laptop" in device_name:
+        return None
     key = str(dtype).removeprefix("torch.")
     for pattern, peaks in GPU_PEAK_TFLOPS:
-        if pattern in device_name and key in peaks:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(pattern)}(?![A-Za-z0-9])", device_name) and key in peaks:
             return peaks[key] * 1e12
     return None
 

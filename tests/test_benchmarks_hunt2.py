@@ -504,3 +504,55 @@ def test_bench_loader_reads_a_dataset_of_more_ids_than_gpt2s(tmp_path, monkeypat
     outside = r"token id 60000 at position [0-9,]+ is outside the vocabulary \(vocab_size 60,000\)"
     with pytest.raises(SystemExit, match=outside):
         bench_loader.main(["--data-dir", str(data), "--batches", "1", "--repeats", "1", "--out", "trial"])
+
+
+def test_bench_train_scores_both_contenders_on_the_same_targets():
+    # The peer was given labels=x, which HF shifts itself: it scored B x (T - 1) targets x[:, 1:]
+    # where ours scored B x T targets y, so the two steps did not compute the same function.
+    pytest.importorskip("transformers")
+    from benchmarks.bench_train import build_pair, loss_of
+
+    shape = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=3, vocab_size=512)
+    ours, peer, _ = build_pair(shape, torch.device("cpu"))
+    window = torch.randint(0, 512, (3, 17), generator=torch.Generator().manual_seed(1))
+    x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()
+    with torch.no_grad():
+        ours.eval(), peer.eval()
+        mine, theirs = loss_of(ours, x, y, peer=False), loss_of(peer, x, y, peer=True)
+        by_hand = torch.nn.functional.cross_entropy(ours(x)[0].reshape(-1, 512), y.reshape(-1))
+    torch.testing.assert_close(theirs, mine, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mine, by_hand, rtol=1e-6, atol=1e-6)
+
+
+def test_bench_train_measures_the_peak_as_the_suite_does_and_records_it(monkeypatch):
+    # Standalone bench_train measured with train.py's quick start-up budget (up to 2048 x 2048,
+    # 0.25 s): on a busy moment 67 GFLOP/s, and it printed an MFU of 132% without the peak.
+    from benchmarks import bench_train
+
+    asked = {}
+    monkeypatch.setattr(bench_train, "measure_matmul_flops",
+                        lambda device, dtype, **kw: asked.update(kw, dtype=dtype) or 50e9)
+    assert bench_train.case_peak(torch.device("cpu"), "bfloat16") == {"measured": 50e9}
+    assert asked == {"max_seconds": 1.5, "dtype": torch.bfloat16}
+    r = {"dtype": "float32", "peak_gflops": {"measured": 50.0}, "ratio_ours_over_peer": 1.0,
+         "ratio_ours_over_peer_per_round": {"median": 1.0, "q1": 1.0, "q3": 1.0}, "load_avg_before": 1,
+         "load_avg_after": 1, "rounds": 3,
+         "results": {"ours": {"step_ms": 1.0, "tokens_per_s": 1.0, "mfu_vs_measured": 1.32}}}
+    assert "note: MFU over 100% of the measured peak ({'measured': 50.0})" in bench_train.format_case(r)
+
+
+def test_suite_rss_part_on_a_gpu_gives_train_py_no_gpu_peak(monkeypatch, tmp_path, keep_threads):
+    # training_rss runs train.py on the CPU; on --device cuda it was given the GPU's measured peak
+    # as --peak_tflops, so the trainer's MFU there was a CPU's FLOP/s over an H200's.
+    suite = importlib.import_module("benchmarks.__main__")
+    from benchmarks import bench_resources
+
+    given = []
+    monkeypatch.setattr(bench_resources, "peaks", lambda device: {"measured_float32_gflops": 380000.0, "measured_bfloat16_gflops": 1.0})
+    monkeypatch.setattr(bench_resources, "training_rss", lambda extra=(): given.append(extra) or {})
+    monkeypatch.setattr(suite, "table", lambda s: "")
+    monkeypatch.setattr(suite, "write_json", lambda name, data: tmp_path / f"{name}.json")
+    monkeypatch.setattr(suite, "device_name", lambda value: value)
+    suite.main(["--device", "cuda", "--parts", "rss", "--out-prefix", "trial_rss"])
+    suite.main(["--device", "cpu", "--parts", "rss", "--out-prefix", "trial_rss"])
+    assert given == [(), ("--peak_tflops=380.0",)]

@@ -27,9 +27,20 @@ from conftest import REPO
     ("NVIDIA H100 PCIe", 756.5),
     ("NVIDIA H100 NVL", 835.5),
     ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA H800 PCIe", 756.5),
+    ("NVIDIA A10G", 70.0),
+    ("NVIDIA L4", 121.0),
 ])
 def test_bf16_datasheet_peak_is_the_dense_figure(name, tflops):
     assert mfu.gpu_peak_flops(name, torch.bfloat16) == tflops * 1e12
+
+
+@pytest.mark.parametrize("name", ["NVIDIA RTX A1000", "NVIDIA RTX A1000 6GB Laptop GPU", "NVIDIA T400 4GB",
+                                  "NVIDIA GeForce RTX 4090 Laptop GPU", "NVIDIA L40X"])
+def test_a_gpu_the_table_lacks_gets_no_other_gpus_datasheet(name):
+    # The names were matched as substrings: an RTX A1000 read the A100's 312 TFLOP/s, a T400 the
+    # T4's, a laptop RTX 4090 the desktop card's; each is measured instead.
+    assert mfu.gpu_peak_flops(name, torch.bfloat16) is None and mfu.gpu_peak_flops(name, torch.float32) is None
 
 
 def test_peak_flops_on_cuda_reads_the_datasheet_of_the_named_gpu(monkeypatch):
