@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # MFU in the trainer's own log against the suite's measured fp32 peak (not its own
         # start-up measurement, which a busy moment can make too low).
         # (training_rss runs train.py on the CPU: a GPU's peak is not its peak.)
-        extra = (f"--peak_tflops={peak['measured_float32_gflops'] / 1e3}",) if peak and device.type == "cpu" else ()
+        cpu_peak = peak["measured_float32_gflops"] if peak and device.type == "cpu" else None
+        extra = (f"--peak_tflops={cpu_peak / 1e3}",) if cpu_peak else ()
         suite["rss"] = bench_resources.training_rss(extra=extra)
 
     suite["wall_s"] = round(time.perf_counter() - started, 1)

@@ -7,11 +7,11 @@ One step = forward + backward + AdamW step (torch.optim.AdamW(fused=True) for bo
 same learning rate, no weight decay groups, no clipping), on one fixed random batch, dropout 0,
 both models in train mode, each scored on the same B x T next tokens (`loss_of`; until 2026-12-02
 the peer shifted x itself and scored B x (T - 1) of them: one small label copy more per step,
-within the noise of the committed figures). The peer is a GPT2Config of the same shape (layers, heads, width,
-n_positions = block, vocabulary) with exact GELU and SDPA attention, so both compute the same
-function: the script copies our weights into it and checks that the logits agree, and that
-the two parameter counts are equal. bf16 means torch.autocast(bfloat16) around the forward, for
-both. Prints tokens/s, the ratio and MFU; writes benchmarks/results/train.json.
+within the noise of the committed figures). The peer is a GPT2Config of the same shape (layers,
+heads, width, n_positions = block, vocabulary) with exact GELU and SDPA attention, so both
+compute the same function: the script copies our weights into it and checks that the logits
+agree, and that the two parameter counts are equal. bf16 means torch.autocast(bfloat16) around
+the forward, for both. Prints tokens/s, the ratio and MFU; writes benchmarks/results/train.json.
 
 --vocab-multiple N also times ours (eager) with its vocabulary tables padded to a multiple of N,
 as train.py builds the model (vocab_multiple, default 64): the same weights and logits, matmul

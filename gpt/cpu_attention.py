@@ -22,7 +22,8 @@ SDPA vs this: T 64 2.0 vs 1.4 ms, T 128 4.3 vs 2.6 ms (B 8, H 6, D 64), T 256 21
 T 512 28.3 vs 14.3 ms, T 1024 31.1 vs 29.1 ms (the [T, T] scores, kept for the backward, then
 cost more memory than they save time); on an AMD EPYC with AVX512-BF16 but no AMX, T 128 15.1
 vs 3.5 ms, T 256 24.2 vs 11.7 ms, T 512 40.2 vs 21.7 ms (benchmarks/results/attention_amd.json).
-In fp32 the gain is smaller (T 256: 22.2 vs 20.1 ms), and none in a training step. Only first derivatives: a double backward through it raises.
+In fp32 the gain is smaller (T 256: 22.2 vs 20.1 ms), and none in a training step. Only first
+derivatives: a double backward through it raises.
 
 Numerically it is the formula the `attention = "explicit"` path spells out with autograd: bf16
 scores from the matmul, softmax computed in fp32 inside the kernel and rounded to bf16 for the
