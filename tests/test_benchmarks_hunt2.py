@@ -548,7 +548,8 @@ def test_suite_rss_part_on_a_gpu_gives_train_py_no_gpu_peak(monkeypatch, tmp_pat
     from benchmarks import bench_resources
 
     given = []
-    monkeypatch.setattr(bench_resources, "peaks", lambda device: {"measured_float32_gflops": 380000.0, "measured_bfloat16_gflops": 1.0})
+    monkeypatch.setattr(bench_resources, "peaks",
+                        lambda device: {"measured_float32_gflops": 380000.0, "measured_bfloat16_gflops": 1.0})
     monkeypatch.setattr(bench_resources, "training_rss", lambda extra=(): given.append(extra) or {})
     monkeypatch.setattr(suite, "table", lambda s: "")
     monkeypatch.setattr(suite, "write_json", lambda name, data: tmp_path / f"{name}.json")
