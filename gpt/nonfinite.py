@@ -26,7 +26,8 @@ class NonFiniteGuard:
     non-finite is never saved. A step is bad when its loss is not finite (the interval's running
     loss sum turns non-finite at the first bad step) or, except under float16, its global
     gradient norm is not: the norm clipping computes anyway (computed for the check alone when
-    grad_clip = 0 and nan_policy = 'skip'). Under float16 GradScaler skips overflowing steps
+    grad_clip = 0: a finite loss over NaN gradients, an overflow in the backward, turned every
+    weight NaN, and under 'stop' a stop signal then saved that model). Under float16 GradScaler skips overflowing steps
     itself as a matter of course, so there only the loss counts, and `check_loss_scale` stops
     a run whose loss scale has collapsed (every step skipped, with a finite loss).
 
@@ -62,7 +63,7 @@ class NonFiniteGuard:
         """After backward and clipping, before the optimizer step; `step` as it will be logged."""
         bad = ~torch.isfinite(loss_sum)
         if not self.scaler_enabled:
-            if grad_norm is None and self.policy == "skip":
+            if grad_norm is None:
                 grad_norm = torch.nn.utils.get_total_norm(
                     [p.grad for p in self.parameters if p.grad is not None])
             if grad_norm is not None:
@@ -94,9 +95,14 @@ class NonFiniteGuard:
         if self.info.is_distributed:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         bad_steps = [self._first_step + i for i in flags.nonzero().flatten().tolist()]
-        if not bad_steps:
-            return 0
         config = self.config
+        if not bad_steps:
+            if self.skipped > config.max_skipped_steps:  # max_skipped_steps lowered at a resume
+                raise TrainingError(
+                    f"{self.skipped} steps of this run were skipped (non-finite loss or gradient norm), more "
+                    f"than max_skipped_steps = {config.max_skipped_steps}, lowered since they were: set "
+                    f"max_skipped_steps to {self.skipped} or more to go on")
+            return 0
         advice = self._advice()
         if self.policy == "stop":
             raise TrainingError(

@@ -925,3 +925,44 @@ def test_every_test_in_docs_errors_exists():
             if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
     listed = {name for file, name in named if file == "tests/test_hardening.py"}
     assert here - listed == set()
+
+
+def _guard(config, model):
+    optimizer = build_optimizer(model, config, torch.device("cpu"))
+    info = type("Info", (), {"is_distributed": False, "is_main": True})()
+    return NonFiniteGuard(config, model, optimizer, scaler_enabled=False, info=info, out_dir=Path("/nonexistent"))
+
+
+def test_nan_gradients_under_a_finite_loss_stop_the_run_without_grad_clip(char_data, tmp_path):
+    """With grad_clip = 0 the gradient norm was computed for the check only under
+    nan_policy = 'skip': under 'stop' a step with a finite loss and NaN gradients (an overflow in
+    the backward) went unseen, its update made every weight NaN, and a stop signal then saved
+    that model as the last good checkpoint (review finding)."""
+    config = tiny_config(char_data, tmp_path, nan_policy="stop", grad_clip=0.0)
+    torch.manual_seed(0)
+    model = GPT(gpt_config_for(config, 62))
+    guard = _guard(config, model)
+    x = torch.randint(0, 62, (4, 64))
+    loss_sum = torch.zeros(())
+    guard.begin_step(loss_sum)
+    _, loss = model(x, x)
+    (loss * float("nan")).backward()
+    loss_sum += loss.detach()  # finite
+    guard.end_step(7, loss_sum, None)  # grad_clip = 0: no norm from clipping
+    with pytest.raises(TrainingError, match=r"not finite \(NaN/Inf\) at step 7 \(nan_policy = 'stop'\)"):
+        guard.review()
+
+
+def test_max_skipped_steps_lowered_at_a_resume_below_those_skipped_ends_the_run(char_data, tmp_path):
+    """The limit was checked only when a new step was skipped: a run resumed with
+    max_skipped_steps = 1 after 3 skips trained to the end (review finding)."""
+    config = tiny_config(char_data, tmp_path, nan_policy="skip", max_skipped_steps=1)
+    model = GPT(gpt_config_for(config, 62))
+    guard = _guard(config, model)
+    guard.skipped = 3  # as the checkpoint restores it
+    loss_sum = torch.ones(())
+    guard.begin_step(loss_sum)
+    guard.end_step(9, loss_sum, torch.tensor(1.0))
+    with pytest.raises(TrainingError, match=r"3 steps of this run were skipped .* more than max_skipped_steps = 1, "
+                                            r"lowered since they were: set max_skipped_steps to 3 or more"):
+        guard.review()
