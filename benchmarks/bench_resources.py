@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_data, bench_loader  # noqa: E402
 from benchmarks.cli import device as device_name, positive_float, positive_int, results_name  # noqa: E402
-from benchmarks.common import REPO, load_average, write_json  # noqa: E402
+from benchmarks.common import PEAK_MAX_SECONDS, REPO, load_average, write_json  # noqa: E402
 from benchmarks.scaleout_summary import median_or_none  # noqa: E402
 from gpt.mfu import gpu_peak_flops, measure_matmul_flops  # noqa: E402
 from gpt.shards import MAX_VOCAB  # noqa: E402
@@ -89,7 +89,7 @@ def peaks(device: torch.device) -> dict[str, Any]:
     datasheet figures for the device's name."""
     out: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(), "load_avg": load_average()}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        out[f"measured_{name}_gflops"] = round(measure_matmul_flops(device, dtype, max_seconds=1.5) / 1e9, 1)
+        out[f"measured_{name}_gflops"] = round(measure_matmul_flops(device, dtype, max_seconds=PEAK_MAX_SECONDS) / 1e9, 1)
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
         out["gpu"] = gpu

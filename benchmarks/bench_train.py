@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.cli import device as device_name, non_negative_int, positive_float, positive_int, results_name  # noqa: E402
 from benchmarks.common import (MALLOC_CHOICES, MALLOC_HELP, check_malloc_env, build_peer, count_params,  # noqa: E402
                                format_per_round, interleave, load_average, log, machine, median, peer_available,
-                               per_round_ratio, use_malloc, write_json)
+                               PEAK_MAX_SECONDS, per_round_ratio, use_malloc, write_json)
 from gpt.hf import from_hf_state_dict, to_hf_state_dict  # noqa: E402
-from gpt.mfu import gpu_peak_flops, measure_matmul_flops  # noqa: E402
+from gpt.mfu import peak_flops  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402
 from gpt.trainer import use_tf32  # noqa: E402
 
@@ -194,14 +194,9 @@ def run_case(shape_name: str, dtype_name: str, *, device: torch.device, compile_
 
 def case_peak(device: torch.device, dtype_name: str) -> dict[str, float]:
     """MFU's denominator for one case: the GPU's datasheet figure, else a matmul measured as the
-    suite measures it (`bench_resources.peaks`: up to 4096 x 4096, 1.5 s a product), not with
-    train.py's quick start-up budget, whose 2048 x 2048 on a busy moment read 67 GFLOP/s where
-    the CPU does 180 (an MFU of 132%)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    found = gpu_peak_flops(name, DTYPES[dtype_name]) if name else None
-    if found:
-        return {"datasheet": found}
-    return {"measured": measure_matmul_flops(device, DTYPES[dtype_name], max_seconds=1.5)}
+    suite measures it (PEAK_MAX_SECONDS), not with train.py's quick start-up budget."""
+    peak, source = peak_flops(device, DTYPES[dtype_name], max_seconds=PEAK_MAX_SECONDS)
+    return {"datasheet" if "datasheet" in source else "measured": peak}
 
 
 def format_case(r: dict[str, Any]) -> str:

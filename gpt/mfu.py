@@ -103,11 +103,12 @@ KEPT = ", kept from the run's earlier start"  # peak_flops' `earlier`
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float = 0.0,
-               earlier: Any = None) -> tuple[float, str]:
+               earlier: Any = None, max_seconds: float = 0.25) -> tuple[float, str]:
     """The FLOP/s figure MFU is measured against, and where it came from. `earlier`: the
     (FLOP/s, source) a resumed run's checkpoint recorded; where this start would measure again
     on the same kind of device and dtype, that figure is kept instead, so that MFU compares across
-    the resume (measured afresh on a busier or quieter machine, it moved 2x within one run)."""
+    the resume (measured afresh on a busier or quieter machine, it moved 2x within one run).
+    `max_seconds`: the measurement's budget per product (`measure_matmul_flops`)."""
     if override_tflops > 0:
         return override_tflops * 1e12, "config peak_tflops"
     if device.type == "cuda":
@@ -119,5 +120,5 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float 
     if (isinstance(earlier, (list, tuple)) and len(earlier) == 2 and isinstance(earlier[1], str)
             and earlier[1].startswith(source) and isinstance(earlier[0], (int, float)) and earlier[0] > 0):
         return float(earlier[0]), earlier[1].removesuffix(KEPT) + KEPT
-    return measure_matmul_flops(device, dtype), source
+    return measure_matmul_flops(device, dtype, max_seconds=max_seconds), source
 

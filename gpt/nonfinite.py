@@ -27,9 +27,10 @@ class NonFiniteGuard:
     loss sum turns non-finite at the first bad step) or, except under float16, its global
     gradient norm is not: the norm clipping computes anyway (computed for the check alone when
     grad_clip = 0: a finite loss over NaN gradients, an overflow in the backward, turned every
-    weight NaN, and under 'stop' a stop signal then saved that model). Under float16 GradScaler skips overflowing steps
-    itself as a matter of course, so there only the loss counts, and `check_loss_scale` stops
-    a run whose loss scale has collapsed (every step skipped, with a finite loss).
+    weight NaN, and under 'stop' a stop signal then saved that model). Under float16 GradScaler
+    skips overflowing steps itself as a matter of course, so there only the loss counts, and
+    `check_loss_scale` stops a run whose loss scale has collapsed (every step skipped, with a
+    finite loss).
 
     nan_policy 'stop': `review` raises TrainingError naming the first bad step.
     nan_policy 'skip': the bad step's optimizer update is dropped on the device (fused AdamW, and

@@ -528,9 +528,10 @@ def test_bench_train_measures_the_peak_as_the_suite_does_and_records_it(monkeypa
     # Standalone bench_train measured with train.py's quick start-up budget (up to 2048 x 2048,
     # 0.25 s): on a busy moment 67 GFLOP/s, and it printed an MFU of 132% without the peak.
     from benchmarks import bench_train
+    from gpt import mfu
 
     asked = {}
-    monkeypatch.setattr(bench_train, "measure_matmul_flops",
+    monkeypatch.setattr(mfu, "measure_matmul_flops",
                         lambda device, dtype, **kw: asked.update(kw, dtype=dtype) or 50e9)
     assert bench_train.case_peak(torch.device("cpu"), "bfloat16") == {"measured": 50e9}
     assert asked == {"max_seconds": 1.5, "dtype": torch.bfloat16}

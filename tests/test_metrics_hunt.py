@@ -166,14 +166,14 @@ def test_a_resume_keeps_the_measured_peak_so_mfu_compares(char_data, tmp_path, c
     from gpt.trainer import train
 
     config = tiny_config(char_data, tmp_path / "run", peak_tflops=0.0, max_steps=4, eval_interval=4)
-    monkeypatch.setattr(mfu, "measure_matmul_flops", lambda device, dtype: 123.0e9)
+    monkeypatch.setattr(mfu, "measure_matmul_flops", lambda device, dtype, **kw: 123.0e9)
     train(config)
     state = json.loads((ckpt.latest_checkpoint(tmp_path / "run") / "state.json").read_text())
     flops, source = state["peak_flops"]
     assert source.startswith("measured cpu float32 matmul") and flops >= 123.0e9
     capsys.readouterr()
 
-    def measured_again(device, dtype):
+    def measured_again(device, dtype, **kw):
         raise AssertionError("a resume measured the peak again")
 
     monkeypatch.setattr(mfu, "measure_matmul_flops", measured_again)
@@ -181,7 +181,7 @@ def test_a_resume_keeps_the_measured_peak_so_mfu_compares(char_data, tmp_path, c
     out = capsys.readouterr().out
     assert f"peak {flops / 1e12:.2f} TFLOP/s per device ({source}, kept from the run's earlier start)" in out, out
     # Another dtype is another peak: measured for it.
-    monkeypatch.setattr(mfu, "measure_matmul_flops", lambda device, dtype: 456.0e9)
+    monkeypatch.setattr(mfu, "measure_matmul_flops", lambda device, dtype, **kw: 456.0e9)
     assert mfu.peak_flops(torch.device("cpu"), torch.bfloat16, earlier=state["peak_flops"]) == (
         456.0e9, "measured cpu bfloat16 matmul")
 
